@@ -1,0 +1,148 @@
+"""Pieces shared by every model of the zoo: BatchNorm, conv+BN, initialisers, stems.
+
+Every model takes ``folded: bool``. With ``folded=False`` a conv followed by BatchNorm
+holds ``{"kernel", "bn": {"scale", "bias"}}`` (running statistics in ``batch_stats``);
+with ``folded=True`` the same module holds ``{"kernel", "bias"}``: the BN has been folded
+into the conv by :func:`qlhs_jax.models.fold.fold_batchnorm`. One code path describes
+the data flow of both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# PyTorch's kaiming_normal_(mode="fan_out"), as timm initialises its ConvNets.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1
+
+
+def torch_linear_init(fan_in: int):
+  """PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, PyTorch conventions (eps 1e-5, momentum 0.1,
+  unbiased running variance).
+
+  ``groups`` > 1 computes statistics separately on each of ``groups`` equal slices of the
+  batch ("per-replica" BN, as timm's DDP training does: with the batch sharded over
+  ``groups`` devices each slice stays on its device). The running averages are updated
+  with the mean over groups of the group statistics; since the exponential moving average
+  is linear, that equals keeping one running average per replica and averaging them
+  across replicas (timm's ``--dist-bn reduce``), which the recipe does once per epoch.
+  ``groups == 1`` over a sharded batch is cross-replica (sync) BN.
+  """
+  use_running_average: bool
+  groups: int = 1
+  scale_init: Any = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    sdt = jnp.promote_types(self.param_dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), sdt))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), sdt))
+    stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
+    else:
+      b = x.shape[0]
+      if b % self.groups:
+        raise ValueError(f"batch {b} does not split into {self.groups} BatchNorm groups")
+      xg = x.reshape((self.groups, b // self.groups) + x.shape[1:]).astype(stat_dtype)
+      axes = tuple(range(1, xg.ndim - 1))
+      # One pass over the data: E[x] and E[x^2] in float32.
+      mean = jnp.mean(xg, axes, keepdims=True)
+      var = jnp.maximum(jnp.mean(xg * xg, axes, keepdims=True) - mean * mean, 0.0)
+      if not self.is_initializing():
+        n = xg.size // (self.groups * c)
+        unbiased = var * (n / max(n - 1, 1))
+        red = tuple(range(xg.ndim - 1))
+        m = BN_MOMENTUM
+        ra_mean.value = (m * ra_mean.value + (1 - m) * jnp.mean(mean, red)).astype(sdt)
+        ra_var.value = (m * ra_var.value + (1 - m) * jnp.mean(unbiased, red)).astype(sdt)
+      shape = (self.groups,) + (1,) * (x.ndim - 1) + (c,)
+      mean, var = mean.reshape(shape), var.reshape(shape)
+      mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
+      add = bias.astype(stat_dtype) - mean * mul
+      y = xg * mul + add
+      return y.reshape(x.shape).astype(self.dtype)
+    mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
+    add = bias.astype(stat_dtype) - mean * mul
+    return (x.astype(stat_dtype) * mul + add).astype(self.dtype)
+
+
+def batchnorm_affine(bn_params, bn_stats):
+  """The eval-mode BatchNorm as ``y = a * x + b``: returns ``(a, b)``."""
+  a = bn_params["scale"] * lax.rsqrt(bn_stats["var"].astype(bn_params["scale"].dtype) + BN_EPS)
+  b = bn_params["bias"] - bn_stats["mean"].astype(a.dtype) * a
+  return a, b
+
+
+class ConvNorm(nn.Module):
+  """Convolution (bias-free) followed by BatchNorm; with ``folded`` a convolution with bias.
+
+  ``padding`` defaults to PyTorch's ``k // 2`` on every side.
+  """
+  features: int
+  kernel_size: Sequence[int] = (1, 1)
+  strides: int = 1
+  groups: int = 1
+  bn_scale_init: Any = nn.initializers.ones
+  folded: bool = False
+  train: bool = False
+  bn_groups: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = tuple(self.kernel_size)
+    in_ch = x.shape[-1]
+    # timm's fan_out for grouped convs counts the outputs of one group.
+    fan_scale = 2.0 * self.groups if self.groups > 1 else 2.0
+    init = nn.initializers.variance_scaling(fan_scale, "fan_out", "normal")
+    kernel = self.param("kernel", init, k + (in_ch // self.groups, self.features),
+                        self.param_dtype)
+    pad = tuple((kk // 2, kk // 2) for kk in k)
+    if k == (1, 1):
+      if self.strides > 1:
+        x = x[:, ::self.strides, ::self.strides, :]
+      y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    else:
+      y = lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2, pad,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    if self.folded:
+      return y + self.param("bias", nn.initializers.zeros, (self.features,),
+                            self.param_dtype).astype(self.dtype)
+    return BatchNorm(use_running_average=not self.train, groups=self.bn_groups,
+                     scale_init=self.bn_scale_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="bn")(y)
+
+
+def global_pool(x):
+  """Global average pooling, in float32 (the head computes float32 logits)."""
+  return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+
+
+def max_pool_3x3_s2(x):
+  """ResNet's stem max-pool: 3x3, stride 2, padding 1 (PyTorch padding pads with -inf)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

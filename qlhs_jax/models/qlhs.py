@@ -1,0 +1,208 @@
+"""The QLHS network: ResNet50's skeleton with blocks from quasi-linear hyperbolic PDEs.
+
+Specification: ``shared/design/architecture.md`` (copied in spirit into README.md). The
+residual stream ``u`` has ``n`` channels; a block expands to ``h = e * n_in`` hidden
+channels ``(j, s)`` ordered ``j*e + s``; ``D`` is the 3x3 "derivative" of
+:func:`qlhs_jax.models.layers.derivative`. Block forms (output before ``BN_out``):
+
+====== ================================================  =====================================
+form   block                                             1x1 maps
+====== ================================================  =====================================
+eq3    ``A( BN(D u) * (C u) )``                          ``C: n_in->h``, ``A: h->n_out``
+eq4    ``(C u) * A( BN(D u) )``                          ``C: n_in->n_out``, ``A: h->n_out``
+eq5    ``sum_g BN(D u) * (C u)`` (g = h/n_out copies)    ``C: n_in->h``
+eq6    ``A( BN( D( u * BN(C u) ) ) )``                   ``C: n_in->n_in``, ``A: h->n_out``
+eq7    ``A( BN( D( u_rep * BN(C u) ) ) )``               ``C: n_in->h``, ``A: h->n_out``
+eq3w   ``A( BN(D(W u)) * (C u) )``                       ``W: n_in->n_in`` plus eq3's
+====== ================================================  =====================================
+
+``eq3w`` is not in the paper: a 1x1 mixing projection in front of ``D`` makes the block
+closed under every invertible change of basis of the stream, so the paper's claimed
+``prod_k GL(n_k)`` (``O(n_k)`` with softball/hardball) holds exactly (symmetry.md, 2b).
+
+Stride (first block of stages 2-4): in eq3/eq4/eq5 both factors live on the strided grid
+(``D`` strides, the 1x1 maps read ``u[:, ::2, ::2]``); in eq6/eq7/eq3w the product (or
+``W u``) is formed at full resolution and ``D`` carries the stride.
+
+Then ``y = BN_out(block) + shortcut(u)`` (``BN_out`` scale starts at 0, so every block
+starts as the identity), followed by the activation where the placement puts one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qlhs_jax.models import layers
+from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, conv_init, global_pool,
+                                    max_pool_3x3_s2, torch_linear_init)
+
+FORMS = ("eq3", "eq4", "eq5", "eq6", "eq7", "eq3w")
+PLACEMENTS = ("ds", "all")
+STEMS = ("imagenet", "small")
+
+
+def d_kernel_init(expansion: int):
+  """He-normal with fan_out = 9 * e: the paper's ws kernel is ``Conv2d(1, e, 3)``.
+
+  For per-channel kernels we keep the same per-group fan-out (PyTorch would count all
+  ``h`` outputs of the depthwise conv, a 1/sqrt(n) smaller start); a deliberate choice,
+  so that ws and no-ws start from kernels of one scale."""
+  return nn.initializers.normal(stddev=(2.0 / (9 * expansion)) ** 0.5)
+
+
+class QLHSBlock(nn.Module):
+  """One residual block of the given ``form`` (see the module docstring)."""
+  n_out: int
+  stride: int = 1
+  form: str = "eq3"
+  expansion: int = 4
+  weight_sharing: bool = True
+  eq6_c_norm: bool = True
+  post_activation: str = "none"
+  d_impl: str = "shifted"
+  train: bool = False
+  folded: bool = False
+  bn_groups: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _dense(self, x, name, n_out):
+    """A bias-free 1x1 map ``x @ W``, ``W`` of shape (in, out)."""
+    w = self.param(name, conv_init, (x.shape[-1], n_out), self.param_dtype)
+    return jnp.dot(x, w.astype(self.dtype))
+
+  def _norm(self, x, name, zero_init=False):
+    """BatchNorm in training form; a bias ``{name}_bias`` once folded (the BN's scale
+    then lives in the neighbouring map, see fold.py)."""
+    if self.folded:
+      return x + self.param(f"{name}_bias", nn.initializers.zeros, (x.shape[-1],),
+                            self.param_dtype).astype(self.dtype)
+    init = nn.initializers.zeros if zero_init else nn.initializers.ones
+    return BatchNorm(use_running_average=not self.train, groups=self.bn_groups,
+                     scale_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=f"bn_{name}")(x)
+
+  def _d(self, x5, stride):
+    """D on ``x5`` (B, H, W, J, S); kernel (3, 3, 1 or J, e). Folded: always per channel."""
+    j, e = x5.shape[3], self.expansion
+    kj = 1 if (self.weight_sharing and not self.folded) else j
+    kernel = self.param("d_kernel", d_kernel_init(e), (3, 3, kj, e), self.param_dtype)
+    return layers.derivative(x5, kernel, stride, self.d_impl)
+
+  @nn.compact
+  def __call__(self, u):
+    n_in, e, s = u.shape[-1], self.expansion, self.stride
+    h = e * n_in
+    form = self.form
+    us = layers.subsample(u, s)
+    if form == "eq3":
+      f1 = self._norm(self._d(u[..., None], s), "d")
+      y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
+    elif form == "eq3w":
+      f1 = self._norm(self._d(self._dense(u, "w", n_in)[..., None], s), "d")
+      y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
+    elif form == "eq4":
+      f1 = self._norm(self._d(u[..., None], s), "d")
+      y = self._dense(us, "c", self.n_out) * self._dense(f1, "a", self.n_out)
+    elif form == "eq5":
+      if h % self.n_out:
+        raise ValueError(f"eq5 needs h = e*n_in = {h} to divide by n_out = {self.n_out}")
+      p = self._norm(self._d(u[..., None], s), "d") * self._dense(us, "c", h)
+      # Group g of output o is hidden channel o*g + t, i.e. (j, s) with j = o*g//e: the
+      # non-strided block sums exactly the e derivatives of u_o, as Eq.(5) says.
+      y = p.reshape(p.shape[:-1] + (self.n_out, h // self.n_out)).sum(-1)
+    elif form == "eq6":
+      c = self._dense(u, "c", n_in)
+      if self.eq6_c_norm:
+        c = self._norm(c, "c")
+      f = self._norm(self._d((u * c)[..., None], s), "d")
+      y = self._dense(f, "a", self.n_out)
+    elif form == "eq7":
+      c = self._norm(self._dense(u, "c", h), "c")
+      p = u[..., None] * c.reshape(c.shape[:-1] + (n_in, e))  # u repeated e times
+      f = self._norm(self._d(p, s), "d")
+      y = self._dense(f, "a", self.n_out)
+    else:
+      raise ValueError(f"unknown block form {form!r}; choose one of {FORMS}")
+    y = self._norm(y, "out", zero_init=True)
+    if s != 1 or n_in != self.n_out:
+      shortcut = ConvNorm(self.n_out, (1, 1), s, folded=self.folded, train=self.train,
+                          bn_groups=self.bn_groups, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="shortcut")(u)
+    else:
+      shortcut = u
+    return layers.activation(y + shortcut.astype(y.dtype), self.post_activation)
+
+
+class QLHSNet(nn.Module):
+  """ResNet50-shaped QLHS network (architecture.md). NHWC input, float32 logits.
+
+  ``placement="ds"``: the activation follows the residual add of the first block of
+  stages 2-4 and once more before the global pool. ``"all"``: after every block; the
+  last block's activation is the one before the pool (it is not applied twice; the
+  paper's only @all row uses ReLU, for which the two readings agree). The block list
+  with each block's activation is :meth:`block_layout`.
+  ``stem="small"`` (3x3 stride-1 conv, no max-pool) is for tiny images (quickstart,
+  tests); the paper's stem is ``"imagenet"``.
+  """
+  form: str = "eq3"
+  expansion: int = 4
+  weight_sharing: bool = True
+  activation: str = "softball"
+  placement: str = "ds"
+  widths: Sequence[int] = (64, 128, 256, 512)
+  depths: Sequence[int] = (3, 4, 6, 3)
+  num_classes: int = 100
+  stem: str = "imagenet"
+  eq6_c_norm: bool = True
+  d_impl: str = "shifted"
+  folded: bool = False
+  bn_groups: int = 1
+  dtype: Dtype = jnp.bfloat16
+  param_dtype: Dtype = jnp.float32
+
+  def block_layout(self):
+    """``[(stage, index, n_in, n_out, stride, post_activation)]`` for every block."""
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
+    if self.activation not in layers.ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; "
+                       f"choose one of {layers.ACTIVATIONS}")
+    if len(self.widths) != len(self.depths):
+      raise ValueError(f"widths {self.widths} and depths {self.depths} differ in length")
+    out, n_in = [], self.widths[0]
+    for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
+      for i in range(depth):
+        stride = 2 if (k > 0 and i == 0) else 1
+        act = self.activation if (self.placement == "all" or (k > 0 and i == 0)) else "none"
+        out.append((k, i, n_in, width, stride, act))
+        n_in = width
+    return out
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = ConvNorm(self.widths[0], (7, 7), 2, name="stem", **common)(x)
+      x = max_pool_3x3_s2(nn.relu(x))
+    elif self.stem == "small":
+      x = nn.relu(ConvNorm(self.widths[0], (3, 3), 1, name="stem", **common)(x))
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
+    layout = self.block_layout()
+    for k, i, _, n_out, stride, act in layout:
+      x = QLHSBlock(n_out, stride, self.form, self.expansion, self.weight_sharing,
+                    self.eq6_c_norm, act, self.d_impl, name=f"stage{k + 1}_block{i}",
+                    **common)(x)
+    if self.placement == "ds":  # the fourth activation, before pooling
+      x = layers.activation(x, self.activation)
+    x = global_pool(x)
+    head_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
+                    kernel_init=torch_linear_init(x.shape[-1]),
+                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)
