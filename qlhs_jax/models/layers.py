@@ -87,7 +87,8 @@ def activation(x: jax.Array, name: str) -> jax.Array:
     if name == "softball":
       scale = lax.rsqrt(1 + sq / r2)
     else:
-      # x * min(1, R/|x|); the maximum keeps the gradient finite at x = 0.
-      scale = jnp.minimum(1.0, jnp.sqrt(r2) * lax.rsqrt(jnp.maximum(sq, 1e-30)))
+      # x * min(1, R/|x|), written so that inside the ball the scale is exactly 1 and
+      # no branch divides by |x| (finite gradients at x = 0).
+      scale = jnp.sqrt(r2 / jnp.maximum(sq, r2))
     return (xf * scale).astype(x.dtype)
   raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")

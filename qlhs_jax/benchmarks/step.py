@@ -1,0 +1,160 @@
+"""Throughput harness: the real training step and the BN-folded eval forward, in img/s.
+
+  python -m qlhs_jax.benchmarks.step --model eq3_softball_ds --batch 256 --size 224 \
+      --vs resnet50 [--record benchmarks/results.jsonl]
+
+Times the training step that ``qlhs_jax.train`` runs (``qlhs_jax.steps``: forward,
+backward, label smoothing, masked weight decay, SGD-Nesterov update, non-finite guard,
+jitted over the device mesh) on synthetic inputs already on the device, and the eval
+forward pass of the BN-folded model. Each step is timed to completion; the figure is the
+median over ``--steps`` after ``--warmup`` steps. Every model runs in its own process so
+that the peak device memory belongs to it. On CPU only the ratio between models measured
+in the same run means anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
+            dtype: str, overrides: dict) -> dict:
+  """Times one model in this process; returns a record."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from qlhs_jax import steps as S
+  from qlhs_jax.models import apply_folded, create, fold_batchnorm
+
+  mesh = S.make_mesh()
+  S.check_batch_divides(batch, mesh)
+  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=mesh.size, **overrides)
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
+  state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                           (size, size, 3)), mesh)
+  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
+                                            steps_per_epoch=1000), mesh)
+  rng = np.random.default_rng(0)
+  data = S.shard_batch({"image": rng.standard_normal((batch, size, size, 3), np.float32),
+                        "label": rng.integers(0, 100, batch).astype(np.int32)}, mesh)
+
+  def timed(fn, n):
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+  box = {"state": state}
+
+  def train_once():
+    box["state"], metrics = step(box["state"], data)
+    return metrics["loss"]
+  timed(train_once, warmup)
+  train_s = timed(train_once, steps)
+
+  st = box["state"]
+  folded = fold_batchnorm(model, st.params, st.batch_stats)
+  folded = jax.tree.map(lambda x: x.astype(jnp.float32), folded)
+  fwd = jax.jit(lambda f, x: apply_folded(model, f, x))
+  timed(lambda: fwd(folded, data["image"]), warmup)
+  eval_s = timed(lambda: fwd(folded, data["image"]), steps)
+
+  dev = jax.devices()[0]
+  mem = dev.memory_stats() or {}
+  return {
+      "model": model_name, "batch": batch, "size": size, "dtype": dtype,
+      "overrides": overrides, "device": f"{dev.platform}:{dev.device_kind}",
+      "devices": mesh.size, "jax": jax.__version__,
+      "date": datetime.date.today().isoformat(),
+      "train_img_s": batch / train_s, "eval_img_s": batch / eval_s,
+      "train_step_ms": 1e3 * train_s, "eval_step_ms": 1e3 * eval_s,
+      "peak_mem_gb": (mem["peak_bytes_in_use"] / 2**30
+                      if "peak_bytes_in_use" in mem else None),
+  }
+
+
+def _child(args, model_name, overrides) -> dict:
+  cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", model_name,
+         "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
+         "--warmup", str(args.warmup), "--dtype", args.dtype, "--json-only"]
+  for kv in overrides:
+    cmd += ["--set", kv]
+  out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _parse_overrides(items):
+  out = {}
+  for kv in items:
+    if "=" not in kv:
+      raise SystemExit(f"--set expects key=value, got {kv!r}")
+    k, v = kv.split("=", 1)
+    try:
+      out[k] = json.loads(v)
+    except json.JSONDecodeError:
+      out[k] = v
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", required=True)
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--vs", default=None, help="a second model timed in the same run")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="model field override for --model, e.g. --set d_impl=grouped")
+  p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",
+                 help="model field override for the --vs model")
+  p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
+  p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  from qlhs_jax.models import registry
+  for name in filter(None, [args.model, args.vs]):
+    registry.info(name)  # unknown names fail before any compilation
+
+  if args.json_only:
+    print(json.dumps(measure(args.model, args.batch, args.size, args.steps, args.warmup,
+                             args.dtype, _parse_overrides(args.set))))
+    return
+  if args.vs:
+    records = [_child(args, args.model, args.set), _child(args, args.vs, args.vs_set)]
+    for r in records:
+      r["train_ratio_vs"] = {args.vs: records[0]["train_img_s"] / records[1]["train_img_s"]}
+      r["eval_ratio_vs"] = {args.vs: records[0]["eval_img_s"] / records[1]["eval_img_s"]}
+  else:
+    records = [measure(args.model, args.batch, args.size, args.steps, args.warmup,
+                       args.dtype, _parse_overrides(args.set))]
+  print(f"{'model':28s} {'device':22s} {'train img/s':>12s} {'eval img/s':>11s} "
+        f"{'peak GB':>8s}")
+  for r in records:
+    mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+    print(f"{r['model']:28s} {r['device']:22s} {r['train_img_s']:12.1f} "
+          f"{r['eval_img_s']:11.1f} {mem:>8s}")
+  if args.vs:
+    print(f"ratio {args.model} / {args.vs}: train {records[0]['train_ratio_vs'][args.vs]:.3f}"
+          f"  eval {records[0]['eval_ratio_vs'][args.vs]:.3f}  (batch {args.batch}, "
+          f"{args.size}px, {args.dtype})")
+  if args.record:
+    os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
+    with open(args.record, "a") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,70 @@
+"""ResNet50, the Table 1 baseline, as timm's ``resnet50`` (stride on the 3x3 conv,
+zero-initialised last BN of every bottleneck, ReLU)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qlhs_jax.models.common import (ConvNorm, Dtype, global_pool, max_pool_3x3_s2,
+                                    torch_linear_init)
+
+
+class Bottleneck(nn.Module):
+  width: int
+  stride: int = 1
+  expansion: int = 4
+  train: bool = False
+  folded: bool = False
+  bn_groups: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    common = dict(folded=self.folded, train=self.train, bn_groups=self.bn_groups,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    out_ch = self.width * self.expansion
+    y = nn.relu(ConvNorm(self.width, (1, 1), name="conv1", **common)(x))
+    y = nn.relu(ConvNorm(self.width, (3, 3), self.stride, name="conv2", **common)(y))
+    y = ConvNorm(out_ch, (1, 1), bn_scale_init=nn.initializers.zeros, name="conv3",
+                 **common)(y)
+    if self.stride != 1 or x.shape[-1] != out_ch:
+      x = ConvNorm(out_ch, (1, 1), self.stride, name="shortcut", **common)(x)
+    return nn.relu(y + x.astype(y.dtype))
+
+
+class ResNet(nn.Module):
+  """ResNet with bottleneck blocks; ``ResNet()`` is ResNet50."""
+  widths: Sequence[int] = (64, 128, 256, 512)
+  depths: Sequence[int] = (3, 4, 6, 3)
+  num_classes: int = 100
+  stem: str = "imagenet"
+  folded: bool = False
+  bn_groups: int = 1
+  dtype: Dtype = jnp.bfloat16
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = max_pool_3x3_s2(nn.relu(ConvNorm(self.widths[0], (7, 7), 2, name="stem",
+                                           **common)(x)))
+    elif self.stem == "small":
+      x = nn.relu(ConvNorm(self.widths[0], (3, 3), 1, name="stem", **common)(x))
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'small'")
+    for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
+      for i in range(depth):
+        x = Bottleneck(width, 2 if (k > 0 and i == 0) else 1,
+                       name=f"stage{k + 1}_block{i}", **common)(x)
+    x = global_pool(x)
+    head_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
+                    kernel_init=torch_linear_init(x.shape[-1]),
+                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)

@@ -1,0 +1,197 @@
+"""The jitted training and evaluation steps, the optimizer and the learning-rate schedule.
+
+Pure JAX (no data-loading imports), so the throughput harness and the training loop use
+this very code. The recipe (design/recipe.md, timm's ResNeXt-50 script as the paper
+adapts it): SGD with Nesterov momentum 0.9 and coupled L2 weight decay 1e-4 off biases
+and 1-D parameters, label smoothing 0.1, a per-epoch cosine schedule with linear warmup
+from 1e-5 that overlaps the cosine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------------------------------
+# Schedule and optimizer
+
+
+def timm_cosine_lr(epoch, *, base_lr: float, epochs: int, warmup_epochs: int = 5,
+                   warmup_lr: float = 1e-5, min_lr: float = 0.0):
+  """timm's ``CosineLRScheduler`` stepped per epoch (t_in_epochs, warmup_prefix=False):
+
+  ``epoch < warmup``: ``warmup_lr + epoch * (base_lr - warmup_lr) / warmup``;
+  otherwise ``min_lr + (base_lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``, and
+  ``min_lr`` once ``epoch >= epochs``. ``epoch`` is an integer (array or Python).
+  """
+  e = jnp.asarray(epoch, jnp.float32)
+  warm = warmup_lr + e * (base_lr - warmup_lr) / max(warmup_epochs, 1)
+  cos = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(math.pi * e / epochs))
+  lr = jnp.where(e < warmup_epochs, warm, cos)
+  return jnp.where(e >= epochs, min_lr, lr)
+
+
+def weight_decay_mask(params):
+  """timm's rule: no weight decay on biases and on 1-D parameters (BN scales/offsets)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(weight_decay: float = 1e-4, momentum: float = 0.9,
+                   nesterov: bool = True) -> optax.GradientTransformation:
+  """PyTorch SGD: ``g + wd * p`` into a Nesterov momentum buffer. The learning rate is
+  applied by the step (``p -= lr * update``), outside the optimizer state, so the
+  schedule and the NaN-recovery scale stay plain numbers in the train state."""
+  return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                     optax.trace(decay=momentum, nesterov=nesterov))
+
+
+def smoothed_cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.1):
+  """Per-example cross-entropy against ``(1 - s) * onehot + s / K`` (timm's
+  LabelSmoothingCrossEntropy), in float32."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+# ---------------------------------------------------------------------------------------
+# State
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint needs to continue bit-exactly (with the data iterator)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array          # raw uint32 key data (checkpoints as a plain array)
+  lr_scale: jax.Array     # NaN recovery multiplies it by config.nan_lr_factor
+  skipped: jax.Array      # steps whose loss or gradients were not finite (update skipped)
+
+
+def create_train_state(model, tx, rng, image_shape) -> TrainState:
+  """Initialises parameters (He-normal, BN_out scale 0) and the optimizer state."""
+  init_rng, state_rng = jax.random.split(rng)
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                    lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# Steps
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
+                    label_smoothing: float = 0.1, steps_per_epoch: int = 1):
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  ``lr_fn(epoch)`` gives the learning rate of an epoch; the step reads the epoch off
+  ``state.step``, so the schedule needs no host. Non-finite loss or gradients skip the
+  update inside the step (params, BN statistics and momentum stay as they were) and
+  count it in ``state.skipped``: no host synchronisation per step.
+  """
+
+  def train_step(state: TrainState, batch):
+    def loss_fn(params):
+      logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                     batch["image"], train=True, mutable=["batch_stats"])
+      loss = jnp.mean(smoothed_cross_entropy(logits, batch["label"], num_classes,
+                                             label_smoothing))
+      return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    lr = lr_fn(state.step // steps_per_epoch) * state.lr_scale
+    new_params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), state.params,
+                              updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params),
+        batch_stats=keep(new_stats, state.batch_stats),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+               "lr": lr, "finite": finite.astype(jnp.float32)}
+    return state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, *, num_classes: int, label_smoothing: float = 0.1):
+  """Returns ``eval_step(variables, batch) -> sums`` of loss, top-1, top-5 and count
+  over the real (``mask``) examples of the batch."""
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+    loss = smoothed_cross_entropy(logits, labels, num_classes, label_smoothing)
+    k = min(5, num_classes)
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    top1 = jnp.argmax(logits, -1) == labels
+    return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(top1 * mask),
+            "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------
+# Sharding: data parallel over every device of every process.
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh):
+  n = mesh.size
+  if global_batch % n:
+    raise ValueError(
+        f"the global batch size {global_batch} does not divide by the {n} devices of the "
+        f"mesh; choose a multiple of {n} (e.g. --config.batch_size={max(n, global_batch // n * n)})")
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places this process's slice of the global batch: leading axis over the mesh."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  """jit with the state replicated and the batch split over the data axis."""
+  repl = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl),
+                 donate_argnums=0)
+
+
+def jit_eval_step(eval_step, mesh: Mesh):
+  repl = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(eval_step, in_shardings=(repl, data), out_shardings=repl)
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))

@@ -1,0 +1,38 @@
+"""The throughput harness runs the real train step and reports a ratio."""
+
+import json
+import subprocess
+import sys
+
+from qlhs_jax.benchmarks import step
+
+TINY = ["widths=[8,16]", "depths=[1,1]", "stem=\"small\""]
+
+
+def test_harness_vs_baseline(tmp_path):
+  record = tmp_path / "results.jsonl"
+  cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", "eq3_softball_ds",
+         "--vs", "resnet50", "--batch", "8", "--size", "16", "--steps", "2", "--warmup", "1",
+         "--dtype", "float32", "--record", str(record)]
+  for kv in TINY:
+    cmd += ["--set", kv, "--vs-set", kv]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  assert "ratio eq3_softball_ds / resnet50" in out
+  rows = [json.loads(l) for l in record.read_text().splitlines()]
+  assert [r["model"] for r in rows] == ["eq3_softball_ds", "resnet50"]
+  assert rows[0]["train_img_s"] > 0 and rows[0]["eval_img_s"] > 0
+  ratio = rows[0]["train_ratio_vs"]["resnet50"]
+  assert abs(ratio - rows[0]["train_img_s"] / rows[1]["train_img_s"]) < 1e-9
+
+
+def test_measure_in_process_on_8_devices():
+  # conftest gives 8 CPU devices: the step runs data-parallel with per-replica BN.
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"})
+  assert r["devices"] == 8 and r["train_img_s"] > 0
+
+
+def test_unknown_model_fails_before_compiling():
+  p = subprocess.run([sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", "eq9"],
+                     capture_output=True, text=True)
+  assert p.returncode != 0 and "unknown model 'eq9'" in p.stderr

@@ -1,0 +1,114 @@
+"""D (both implementations) and the activations against plain NumPy references."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax.models import layers
+
+
+def numpy_derivative(x, kernel, stride):
+  """Loops over pixels: out[b, y, x, j, s] = sum K[dy, dx, j|0, s] * x_pad[b, y*st+dy,
+  x*st+dx, j, s|0] with zero padding 1, in float64."""
+  b, h, w, j, s_in = x.shape
+  e = kernel.shape[-1]
+  xp = np.zeros((b, h + 2, w + 2, j, s_in))
+  xp[:, 1:-1, 1:-1] = x
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  k = np.broadcast_to(kernel, (3, 3, j, e))
+  out = np.zeros((b, ho, wo, j, e))
+  for yy, xx, dy, dx in itertools.product(range(ho), range(wo), range(3), range(3)):
+    out[:, yy, xx] += k[dy, dx] * xp[:, yy * stride + dy, xx * stride + dx]
+  return out.reshape(b, ho, wo, j * e)
+
+
+@pytest.mark.parametrize("impl", layers.D_IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(7, 7), (8, 6), (5, 9)])
+@pytest.mark.parametrize("shared,s_in", [(True, 1), (False, 1), (True, 4), (False, 4)])
+def test_derivative_matches_numpy(impl, stride, hw, shared, s_in):
+  rng = np.random.default_rng(hash((impl, stride, hw, shared, s_in)) % 2**32)
+  j, e = 3, 4
+  x = rng.standard_normal((2,) + hw + (j, s_in))
+  kernel = rng.standard_normal((3, 3, 1 if shared else j, e))
+  got = layers.derivative(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                          stride, impl)
+  want = numpy_derivative(x, kernel, stride)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_both_impls_agree_in_float64():
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((2, 10, 11, 5, 1)))
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 6)))
+    for stride in (1, 2):
+      a = layers.derivative(x, k, stride, "shifted")
+      b = layers.derivative(x, k, stride, "grouped")
+      assert a.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_stride_two_samples_the_subsampled_grid():
+  # A kernel that is 1 at the centre tap copies u onto the strided grid u[::2, ::2].
+  x = jnp.arange(2 * 7 * 6 * 3, dtype=jnp.float32).reshape(2, 7, 6, 3, 1)
+  k = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
+  for impl in layers.D_IMPLS:
+    out = layers.derivative(x, k, 2, impl)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(layers.subsample(x[..., 0], 2)))
+
+
+def test_derivative_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="rank 5"):
+    layers.derivative(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 1, 2)))
+  with pytest.raises(ValueError, match="does not fit"):
+    layers.derivative(jnp.zeros((1, 4, 4, 3, 1)), jnp.zeros((3, 3, 2, 2)))
+  with pytest.raises(ValueError, match="unknown D implementation"):
+    layers.derivative(jnp.zeros((1, 4, 4, 3, 1)), jnp.zeros((3, 3, 1, 2)), impl="fft")
+
+
+def test_activations_match_formulas():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((4, 3, 16)) * 3
+  r = np.sqrt(16)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  want = {
+      "relu": np.maximum(x, 0),
+      "hardtanh": np.clip(x, -1, 1),
+      "hardball": np.where(norm < r, x, r * x / norm),
+      "softball": x / np.sqrt(1 + norm**2 / r**2),
+      "none": x,
+  }
+  for name, ref in want.items():
+    got = layers.activation(jnp.asarray(x, jnp.float32), name)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6, err_msg=name)
+  # hardball/softball keep every output inside the ball of radius sqrt(n).
+  for name in ("hardball", "softball"):
+    out = np.asarray(layers.activation(jnp.asarray(x * 100, jnp.float32), name))
+    assert np.all(np.linalg.norm(out, axis=-1) <= r * (1 + 1e-5))
+
+
+def test_ball_activations_have_finite_gradients_at_zero():
+  for name in ("hardball", "softball"):
+    g = jax.grad(lambda v: jnp.sum(layers.activation(v, name)))(jnp.zeros((2, 8)))
+    np.testing.assert_allclose(np.asarray(g), 1.0)
+
+
+def test_ball_activations_keep_bfloat16_and_rotate():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((5, 8))
+  q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+  for name in ("hardball", "softball"):
+    assert layers.activation(jnp.asarray(x, jnp.bfloat16), name).dtype == jnp.bfloat16
+    a = np.asarray(layers.activation(jnp.asarray(x @ q.T, jnp.float32), name))
+    b = np.asarray(layers.activation(jnp.asarray(x, jnp.float32), name)) @ q.T
+    np.testing.assert_allclose(a, b, atol=1e-5)  # equivariant under rotations
+
+
+def test_unknown_activation():
+  with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+    layers.activation(jnp.zeros(3), "gelu")
