@@ -1,0 +1,1 @@
+"""Benchmarks: training-step throughput (step.py) and the input pipeline (input.py)."""
