@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qlhs_jax.models import layers
@@ -40,6 +41,15 @@ from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, conv_init, globa
                                     max_pool_3x3_s2, torch_linear_init)
 
 FORMS = ("eq3", "eq4", "eq5", "eq6", "eq7", "eq3w")
+# Rematerialisation of each block in the backward pass (performance only; same numbers):
+# "none" keeps what XLA saves; "dots" keeps only the 1x1 (matmul) outputs and recomputes
+# D, BN and the products, which are cheap element-wise work on a memory-bound model;
+# "full" keeps only the block input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 PLACEMENTS = ("ds", "all")
 STEMS = ("imagenet", "small")
 
@@ -159,6 +169,7 @@ class QLHSNet(nn.Module):
   stem: str = "imagenet"
   eq6_c_norm: bool = True
   d_impl: str = "shifted"
+  remat: str = "none"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -195,8 +206,13 @@ class QLHSNet(nn.Module):
     else:
       raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
     layout = self.block_layout()
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")
+    block_cls = QLHSBlock
+    if self.remat != "none" and train and not self.folded:
+      block_cls = nn.remat(QLHSBlock, policy=REMAT_POLICIES[self.remat])
     for k, i, _, n_out, stride, act in layout:
-      x = QLHSBlock(n_out, stride, self.form, self.expansion, self.weight_sharing,
+      x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
                     self.eq6_c_norm, act, self.d_impl, name=f"stage{k + 1}_block{i}",
                     **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
