@@ -9,9 +9,10 @@ Every random decision is drawn from the ``numpy.random.Generator`` passed in; th
 pipeline seeds it from (seed, epoch, record index), so an image's augmentation does not
 depend on the worker that computes it.
 
-Crop-and-resize is one ``Image.resize(size, box=...)`` call: Pillow reads the filter
-support from the whole image, not just the box, so the result equals crop-then-resize
-of a resize-then-crop, without materialising the intermediate image.
+Crop-and-resize is one ``Image.resize(size, box=...)`` call: Pillow takes the filter
+support from the whole image, not just the box, so the eval crop equals resizing the
+whole image and then cropping (up to the rounding of Pillow's 8-bit intermediate
+pass), without computing the pixels that the crop throws away.
 """
 
 from __future__ import annotations
