@@ -148,8 +148,9 @@ class FolderSource:
     if not os.path.isdir(train_dir):
       raise DatasetNotFoundError(f"No train/ folder in {root!r}; expected "
                                  "train/<class>/<image> (the class list comes from it).")
-    names = _select_classes(self._class_dirs(train_dir), wnids, train_dir)
-    present = set(self._class_dirs(split_dir))
+    train_classes = self._class_dirs(train_dir)
+    names = _select_classes(train_classes, wnids, train_dir)
+    present = set(train_classes if split == "train" else self._class_dirs(split_dir))
     absent = [n for n in names if n not in present]
     if absent:
       raise InvalidDataError(f"{split_dir} lacks class folder(s) {absent[:10]}"
