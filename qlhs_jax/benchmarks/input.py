@@ -10,10 +10,12 @@ shapes and grain, ~100 KB at quality 90, like the ~108 KB of performance.md), th
   normalise + random erasing (the recipe's transform);
 * the same from the pre-resized variant (short side 256, ``qlhs_jax.data.prepare``),
   and from full-size JPEGs with reduced-size DCT decoding (``jpeg_draft``);
-* the whole grain pipeline (folder source, batching) in-process, and with one worker
-  process per core, over the same images written to a temporary folder.
+* the whole grain pipeline (folder source, train transform, batches of 32) over the
+  same images written to a temporary folder, in-process and with ``--workers`` worker
+  processes (default: one per core).
 
-Prints img/s per core and how many cores feed ``--target`` img/s.
+Prints img/s (per core, or in total for the worker rows) and how many cores feed
+``--target`` img/s at that rate per core.
 """
 
 from __future__ import annotations
@@ -79,18 +81,31 @@ def _rate(fn, payloads, seconds: float) -> float:
 
 
 def _pipeline_rate(root: str, workers: int, seconds: float, batch: int = 32) -> float:
+  """Images per second out of ``build_input`` (train, folder source)."""
   config = data.default_config()
   config.name, config.folder, config.workers = "folder", root, workers
   config.read_threads, config.prefetch = 0, 2
   inp = data.build_input(config, split="train", global_batch_size=batch, seed=0)
   it = inp.iterator()
-  next(it)  # Worker start-up and warm-up.
+  for _ in range(2 * workers + 1):  # Worker start-up, and every worker's first batch.
+    next(it)
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
     n += len(next(it)["label"])
   rate = n / (time.perf_counter() - t0)
   it.close()
   return rate
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
@@ -100,8 +115,8 @@ def main(argv=None) -> None:
   parser.add_argument("--seconds", type=float, default=4.0)
   parser.add_argument("--target", type=float, default=6500.0)
   parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--no_pipeline", action="store_true",
-                      help="skip the grain pipeline rows")
+  parser.add_argument("--workers", default="0,{cores}",
+                      help="worker counts of the grain pipeline rows ('' for none)")
   parser.add_argument("--json", default="", help="also write the results here")
   args = parser.parse_args(argv)
 
@@ -136,28 +151,33 @@ def main(argv=None) -> None:
     results[name] = _rate(fn, payloads, args.seconds)
 
   cores = os.cpu_count() or 1
-  if not args.no_pipeline:
+  worker_counts = [int(w) for w in args.workers.format(cores=cores).split(",") if w]
+  workers_of = {}
+  if worker_counts:
     with tempfile.TemporaryDirectory() as root:
-      for k, p in enumerate(full):
-        d = os.path.join(root, "train", f"c{k % 4}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{k}.JPEG"), "wb") as f:
-          f.write(p)
-      results["train, grain pipeline, in-process"] = _pipeline_rate(
-          root, 0, args.seconds)
-      results[f"train, grain pipeline, {cores} workers (total)"] = _pipeline_rate(
-          root, cores, args.seconds)
+      for kind, payloads in (("full size", full), ("pre-resized", small)):
+        folder = os.path.join(root, kind.replace(" ", "_"))
+        for k in range(max(128, len(payloads))):  # at least 4 batches of 32
+          d = os.path.join(folder, "train", f"c{k % 4}")
+          os.makedirs(d, exist_ok=True)
+          with open(os.path.join(d, f"{k}.JPEG"), "wb") as f:
+            f.write(payloads[k % len(payloads)])
+        for w in worker_counts:
+          name = f"train, {kind}, grain, " + (
+              "in-process" if w == 0 else f"{w} workers (total)")
+          results[name] = _pipeline_rate(folder, w, args.seconds)
+          workers_of[name] = max(w, 1)
 
-  print(f"machine: {platform.machine()}, {cores} cores, {platform.processor() or ''}"
-        f" Pillow {Image.__version__}")
+  print(f"machine: {_cpu_name()}, {cores} cores, Pillow {Image.__version__}")
   print(f"images: {args.num_images} synthetic 500x375 JPEGs, mean {kb:.0f} KB; "
         f"pre-resized {w_small}x{h_small}, mean {kb_small:.0f} KB; crop "
         f"{args.image_size}")
-  print(f"\n| {'transform (one core)':<44} | img/s | cores for {args.target:,.0f} img/s |")
-  print(f"|{'-' * 46}|------:|{'-' * 23}:|")
+  print(f"\n| {'measurement':<45} | img/s | cores for {args.target:,.0f} img/s |")
+  print(f"|{'-' * 47}|------:|{'-' * 23}:|")
   for name, rate in results.items():
-    need = "" if "workers" in name else f"{math.ceil(args.target / rate)}"
-    print(f"| {name:<44} | {rate:5.0f} | {need:>22} |")
+    # A row of w workers: the cores at its rate per worker.
+    per_core = rate / workers_of.get(name, 1)
+    print(f"| {name:<45} | {rate:5.0f} | {math.ceil(args.target / per_core):>22} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"cores": cores, "target": args.target, "img_per_s": results}, f,

@@ -216,6 +216,10 @@ def build_input(data_config, *, split: str, global_batch_size: int, seed: int,
   train = split == "train"
   source = sources.make_source(data_config, split)
   n = len(source)
+  if n == 0:
+    raise errors.InvalidDataError(
+        f"The {split} split of {data_config.name!r} has no examples of the classes "
+        f"{list(source.class_names)[:5]}{' ...' if len(source.class_names) > 5 else ''}")
   if train:
     steps = n // global_batch_size
     if steps == 0:

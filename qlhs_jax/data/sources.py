@@ -148,8 +148,9 @@ class FolderSource:
     if not os.path.isdir(train_dir):
       raise DatasetNotFoundError(f"No train/ folder in {root!r}; expected "
                                  "train/<class>/<image> (the class list comes from it).")
-    names = _select_classes(self._class_dirs(train_dir), wnids, train_dir)
-    present = set(self._class_dirs(split_dir))
+    train_classes = self._class_dirs(train_dir)
+    names = _select_classes(train_classes, wnids, train_dir)
+    present = set(train_classes if split == "train" else self._class_dirs(split_dir))
     absent = [n for n in names if n not in present]
     if absent:
       raise InvalidDataError(f"{split_dir} lacks class folder(s) {absent[:10]}"
@@ -219,8 +220,8 @@ class TfdsImagenetSource:
 
   The labels of all records of the split are read once (a full pass over the split:
   minutes for the 1.28M training images) and cached in ``cache_dir`` as a .npy file
-  keyed by the dataset's location, version, split and size; every later run selects
-  its subset from that cache instantly. ``cache_dir=''`` disables the cache.
+  keyed by the dataset's location, version, split, size and build time; every later run
+  selects its subset from that cache instantly. ``cache_dir=''`` disables the cache.
   """
 
   name = "imagenet2012"
@@ -261,7 +262,11 @@ class TfdsImagenetSource:
 
   def _all_labels(self, builder, data_dir: str, split: str, cache_dir: str):
     n = len(self.ds)
-    key = hashlib.sha1(json.dumps([data_dir, str(builder.version), split, n]).encode())
+    # Rebuilding the dataset in place rewrites dataset_info.json: a new cache key.
+    info = os.path.join(builder.data_dir, "dataset_info.json")
+    stamp = os.path.getmtime(info) if os.path.isfile(info) else None
+    key = hashlib.sha1(
+        json.dumps([data_dir, str(builder.version), split, n, stamp]).encode())
     path = os.path.join(os.path.expanduser(cache_dir),
                         f"{self.name}-{builder.version}-{split}-{n}-"
                         f"{key.hexdigest()[:12]}.labels.npy") if cache_dir else None

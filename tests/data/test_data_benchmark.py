@@ -18,7 +18,7 @@ def test_synthetic_jpeg_is_imagenet_like():
 
 def test_benchmark_prints_the_table(capsys, tmp_path):
   out = tmp_path / "r.json"
-  bench.main(["--num_images", "2", "--seconds", "0.05", "--no_pipeline",
+  bench.main(["--num_images", "2", "--seconds", "0.05", "--workers", "",
               "--image_size", "64", "--json", str(out)])
   text = capsys.readouterr().out
   assert "train, full size" in text and "cores for 6,500 img/s" in text

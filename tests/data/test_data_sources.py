@@ -190,6 +190,9 @@ def test_tfds_mock_data_subset_and_remap(tmp_path):
                               as_data_source_fn=as_data_source):
     inp = data.build_input(config, split="validation", global_batch_size=4, seed=0)
     check_subset(inp, [7, 2, 999])
+    config.wnids = [names[1]]  # a real class, but none of the records
+    with pytest.raises(InvalidDataError, match="no examples"):
+      data.build_input(config, split="validation", global_batch_size=4, seed=0)
   assert inp.class_names == (names[7], names[2], names[999])
   assert calls[0][0] == "validation"
   assert isinstance(calls[0][1]["image"], tfds.decode.SkipDecoding)
@@ -246,6 +249,12 @@ def test_tfds_real_array_record_subset_and_label_cache(tiny_imagenet, tmp_path):
   with mock.patch.object(sources, "read_labels", side_effect=AssertionError("rescan")):
     inp = data.build_input(config, split="validation", global_batch_size=4, seed=0)
   assert inp.num_examples == 7 and inp.class_names == tuple(config.wnids)
+  # Rebuilding the dataset in place (a new dataset_info.json) invalidates the cache.
+  info = os.path.join(tiny_imagenet, "imagenet2012", "5.1.0", "dataset_info.json")
+  os.utime(info, (os.path.getmtime(info) + 10,) * 2)
+  with mock.patch.object(sources, "read_labels", side_effect=AssertionError("rescan")):
+    with pytest.raises(AssertionError, match="rescan"):
+      data.build_input(config, split="validation", global_batch_size=4, seed=0)
   for batch in inp.iterator():
     for img, label, m in zip(batch["image"], batch["label"], batch["mask"]):
       if m:
