@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
-            dtype: str, overrides: dict) -> dict:
+            dtype: str, overrides: dict, hlo_dir: str | None = None) -> dict:
   """Times one model in this process; returns a record."""
   import jax
   import jax.numpy as jnp
@@ -54,20 +56,31 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
+  # Compile ahead of time: one compilation serves the timing and XLA's cost analysis.
+  t0 = time.perf_counter()
+  train_c = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - t0
   box = {"state": state}
 
   def train_once():
-    box["state"], metrics = step(box["state"], data)
+    box["state"], metrics = train_c(box["state"], data)
     return metrics["loss"]
   timed(train_once, warmup)
   train_s = timed(train_once, steps)
+  loss = float(train_once())
 
   st = box["state"]
   folded = fold_batchnorm(model, st.params, st.batch_stats)
   folded = jax.tree.map(lambda x: x.astype(jnp.float32), folded)
-  fwd = jax.jit(lambda f, x: apply_folded(model, f, x))
+  fwd = jax.jit(lambda f, x: apply_folded(model, f, x)).lower(folded, data["image"]).compile()
   timed(lambda: fwd(folded, data["image"]), warmup)
   eval_s = timed(lambda: fwd(folded, data["image"]), steps)
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
+        [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
+    with gzip.open(os.path.join(hlo_dir, f"{tag}.train.hlo.txt.gz"), "wt") as f:
+      f.write(train_c.as_text())
 
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
@@ -80,13 +93,28 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "train_step_ms": 1e3 * train_s, "eval_step_ms": 1e3 * eval_s,
       "peak_mem_gb": (mem["peak_bytes_in_use"] / 2**30
                       if "peak_bytes_in_use" in mem else None),
+      "compile_s": compile_s, "final_loss": loss,
+      **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
+
+
+def _cost(compiled, prefix) -> dict:
+  """XLA's own estimate of FLOPs and bytes accessed per call (None where unavailable)."""
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return {prefix + "gflop": ca.get("flops", float("nan")) / 1e9,
+            prefix + "gbytes": ca.get("bytes accessed", float("nan")) / 1e9}
+  except Exception:  # cost analysis is best effort across backends and versions
+    return {}
 
 
 def _child(args, model_name, overrides) -> dict:
   cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", model_name,
          "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--dtype", args.dtype, "--json-only"]
+  if args.hlo_dir:
+    cmd += ["--hlo-dir", args.hlo_dir]
   for kv in overrides:
     cmd += ["--set", kv]
   out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
@@ -121,6 +149,7 @@ def main(argv=None):
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for the --vs model")
   p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
+  p.add_argument("--hlo-dir", default=None, help="write the compiled train-step HLO here")
   p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   from qlhs_jax.models import registry
@@ -129,7 +158,7 @@ def main(argv=None):
 
   if args.json_only:
     print(json.dumps(measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                             args.dtype, _parse_overrides(args.set))))
+                             args.dtype, _parse_overrides(args.set), args.hlo_dir)))
     return
   if args.vs:
     records = [_child(args, args.model, args.set), _child(args, args.vs, args.vs_set)]
@@ -138,7 +167,7 @@ def main(argv=None):
       r["eval_ratio_vs"] = {args.vs: records[0]["eval_img_s"] / records[1]["eval_img_s"]}
   else:
     records = [measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                       args.dtype, _parse_overrides(args.set))]
+                       args.dtype, _parse_overrides(args.set), args.hlo_dir)]
   print(f"{'model':28s} {'device':22s} {'train img/s':>12s} {'eval img/s':>11s} "
         f"{'peak GB':>8s}")
   for r in records:

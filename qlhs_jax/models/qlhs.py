@@ -33,15 +33,24 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qlhs_jax.models import layers
-from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, conv_init, global_pool,
-                                    max_pool_3x3_s2, torch_linear_init)
+from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, classifier_head,
+                                    conv_init, global_pool, resnet_stem)
 
 FORMS = ("eq3", "eq4", "eq5", "eq6", "eq7", "eq3w")
+# Rematerialisation of each block in the backward pass (performance only; same numbers):
+# "none" keeps what XLA saves; "dots" keeps only the 1x1 (matmul) outputs and recomputes
+# D, BN and the products, which are cheap element-wise work on a memory-bound model;
+# "full" keeps only the block input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 PLACEMENTS = ("ds", "all")
-STEMS = ("imagenet", "small")
 
 
 def d_kernel_init(expansion: int):
@@ -159,6 +168,7 @@ class QLHSNet(nn.Module):
   stem: str = "imagenet"
   eq6_c_norm: bool = True
   d_impl: str = "shifted"
+  remat: str = "none"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -186,23 +196,17 @@ class QLHSNet(nn.Module):
   def __call__(self, x, train: bool = False):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = ConvNorm(self.widths[0], (7, 7), 2, name="stem", **common)(x)
-      x = max_pool_3x3_s2(nn.relu(x))
-    elif self.stem == "small":
-      x = nn.relu(ConvNorm(self.widths[0], (3, 3), 1, name="stem", **common)(x))
-    else:
-      raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
+    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common)
     layout = self.block_layout()
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")
+    block_cls = QLHSBlock
+    if self.remat != "none" and train and not self.folded:
+      block_cls = nn.remat(QLHSBlock, policy=REMAT_POLICIES[self.remat])
     for k, i, _, n_out, stride, act in layout:
-      x = QLHSBlock(n_out, stride, self.form, self.expansion, self.weight_sharing,
+      x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
                     self.eq6_c_norm, act, self.d_impl, name=f"stage{k + 1}_block{i}",
                     **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)
-    x = global_pool(x)
-    head_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
-    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
-                    kernel_init=torch_linear_init(x.shape[-1]),
-                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)
+    return classifier_head(global_pool(x), self.num_classes, self.param_dtype)

@@ -77,14 +77,34 @@ def summary(name: str, size: int = 224, depth: int = 1, **overrides) -> str:
   return "\n".join(lines)
 
 
+def zoo_table(size: int = 224) -> str:
+  """One line per registered model: parameters, Table 1 figures, MACs."""
+  rows = ["| model | parameters | Table 1 params | Table 1 top-1 | GMACs at "
+          f"{size} |", "|---|---:|---:|---:|---:|"]
+  for name in registry.names():
+    m, meta = registry.create(name), registry.info(name)
+    paper = f"{meta.paper_params}M" if meta.paper_params else "-"
+    top1 = f"{meta.paper_top1}" if meta.paper_top1 else "-"
+    rows.append(f"| {name} | {count_params(m):,} | {paper} | {top1} | "
+                f"{count_macs(m, size) / 1e9:.3f} |")
+  return "\n".join(rows)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("name", choices=registry.names(), metavar="NAME",
+  parser.add_argument("name", nargs="?", choices=registry.names(), metavar="NAME",
                       help="one of: " + ", ".join(registry.names()))
+  parser.add_argument("--all", action="store_true",
+                      help="a Markdown table of every registered model instead")
   parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
   parser.add_argument("--depth", type=int, default=1, help="module depth of the table")
   args = parser.parse_args(argv)
-  print(summary(args.name, args.size, args.depth))
+  if args.all:
+    print(zoo_table(args.size))
+  elif args.name:
+    print(summary(args.name, args.size, args.depth))
+  else:
+    parser.error("give a model NAME or --all")
 
 
 if __name__ == "__main__":

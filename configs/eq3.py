@@ -1,0 +1,32 @@
+r"""Eq.(3) rows of Table 1: ``A( BN(D u) * (C u) )``, ImageNet-100, 50 epochs, 224 px.
+
+  python -m qlhs_jax.main --config=configs/eq3.py:VARIANT --workdir=$HOME/runs/eq3_VARIANT
+
+VARIANT (default softball_ds) and the paper's top-1 (Table 1, 50 epochs):
+  relu_all             82.06   8.61M params
+  hardtanh_ds          82.34   8.61M
+  hardball_ds          83.50   8.61M
+  softball_ds          83.66   8.61M
+  nows_softball_ds     84.24   8.73M   (per-channel 3x3 kernels)
+  nows_x6_softball_ds  84.58   13.0M   (expansion 6)
+Append ``,quickstart`` (e.g. ``configs/eq3.py:hardball_ds,quickstart``) for the
+embedded-digits laptop version.
+
+Hardware: one H100 80GB, batch 256, bfloat16. Expected time: ImageNet-100 has ~126.7k
+training images, so 50 epochs are 6.3M images: ~20 minutes of GPU compute at the
+harness's 5.3k img/s for softball_ds (README, Speed; H200), if the host keeps up; one
+16-core host decodes ~2k img/s with the recipe's augmentation (README, Data), which
+makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 above.
+"""
+
+from qlhs_jax import config as qconfig
+
+VARIANTS = {v: f"eq3_{v}" for v in ("relu_all", "hardtanh_ds", "hardball_ds",
+                                      "softball_ds", "nows_softball_ds",
+                                      "nows_x6_softball_ds")}
+
+
+def get_config(arg=None):
+  model, quick = qconfig.parse_arg(arg, VARIANTS, "softball_ds")
+  c = qconfig.base_config(model)
+  return qconfig.apply_quickstart(c) if quick else c

@@ -1,0 +1,20 @@
+r"""Not in the paper: Eq.(3) with a 1x1 mixing ``W`` in front of ``D``,
+``A( BN(D(W u)) * (C u) )``: the block form for which the claimed stream symmetry holds
+exactly (O(n) per stage with softball, GL(n) with no activation; README, Symmetry).
+
+  python -m qlhs_jax.main --config=configs/eq3w.py:softball_ds --workdir=$HOME/runs/eq3w
+
+VARIANT: softball_ds (default) or none. 9.61M parameters (W adds n^2 per block).
+Append ``,quickstart`` for the embedded-digits version. Hardware: one H100, batch 256,
+bfloat16. Expected time: that of configs/eq3.py plus ~13% (1.84 vs 1.64 GMACs); no paper
+figure to compare with (README, Symmetry, gives the quickstart accuracy).
+"""
+
+from qlhs_jax import config as qconfig
+
+
+def get_config(arg=None):
+  model, quick = qconfig.parse_arg(arg, {"softball_ds": "eq3w_softball_ds",
+                                         "none": "eq3w_none"}, "softball_ds")
+  c = qconfig.base_config(model)
+  return qconfig.apply_quickstart(c) if quick else c

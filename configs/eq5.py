@@ -1,0 +1,20 @@
+r"""Eq.(5): each channel times its own derivatives, no ``A``; ImageNet-100, 50 epochs, 224 px.
+
+  python -m qlhs_jax.main --config=configs/eq5.py --workdir=$HOME/runs/eq5
+
+Paper (Table 1): top-1 78.64, 4.26M parameters.
+``configs/eq5.py:quickstart`` is the embedded-digits laptop version.
+
+Hardware: one H100 80GB, batch 256, bfloat16; about the time of Eq.(3) (configs/eq3.py),
+scaled by the harness's step rate of this model (python -m qlhs_jax.benchmarks.step
+--model eq5_softball_ds); not yet run end to end here.
+Expected: the paper's top-1 above.
+"""
+
+from qlhs_jax import config as qconfig
+
+
+def get_config(arg=None):
+  model, quick = qconfig.parse_arg(arg, {"softball_ds": "eq5_softball_ds"}, "softball_ds")
+  c = qconfig.base_config(model)
+  return qconfig.apply_quickstart(c) if quick else c

@@ -1,0 +1,159 @@
+"""The training configuration: the paper's recipe as an ml_collections ConfigDict.
+
+``base_config(model)`` holds the recipe (design/recipe.md); the files in ``configs/``
+pick the model and document the command, hardware, time and expected result.
+``apply_quickstart(config)`` shrinks any of them to the embedded digits dataset and a
+tiny network that trains on a 2-core CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections
+
+from qlhs_jax import data as data_lib
+from qlhs_jax.data import config as data_config
+from qlhs_jax.models import registry
+
+# Keys that may change when a run resumes in the same workdir: how it runs, not what it
+# computes. Every other difference needs --config.allow_config_change=True.
+RUNTIME_KEYS = frozenset({
+    "stop_after_steps", "progress_bar", "log_every_steps", "eval_only", "eval_checkpoint",
+    "allow_config_change", "distributed", "nan_max_retries", "data.workers",
+    "data.read_threads", "data.prefetch", "data.data_dir", "data.folder",
+    "data.resized_dir", "data.index_cache_dir", "checkpoint_async",
+})
+
+
+def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
+  """The paper's recipe (section 5.2; timm's ResNeXt-50 script, peak lr 0.3, 50 epochs)
+  on ImageNet-100 at 224 px."""
+  c = ml_collections.ConfigDict()
+  c.model = model                 # a name from qlhs_jax.models.names()
+  # Module fields of the model; None keeps the registry's value. ResNet50 and
+  # MobileNetV3 take only widths/depths/stem (ResNet) or none of them.
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      d_impl=None, remat=None, widths=None, depths=None, stem=None, expansion=None,
+      weight_sharing=None, activation=None, placement=None, eq6_c_norm=None))
+  c.dtype = "bfloat16"            # compute dtype; parameters and logits stay float32
+  c.data = data_lib.default_config()
+
+  c.batch_size = 256              # global batch (all devices, all hosts)
+  c.eval_batch_size = 256
+  # The paper does not state its single-GPU batch. Peak lr 0.3 is taken to hold at
+  # batch 256 and scales linearly: lr = learning_rate * batch_size / lr_reference_batch.
+  c.learning_rate = 0.3
+  c.lr_reference_batch = 256
+  c.epochs = 50
+  c.warmup_epochs = 5
+  c.warmup_lr = 1e-5
+  c.min_lr = 0.0
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 1e-4           # coupled L2, not on biases and 1-D parameters
+  c.label_smoothing = 0.1
+  c.seed = 0
+  # BatchNorm: statistics per data-parallel replica (timm's DDP), running averages
+  # averaged across replicas; True = statistics over the whole global batch (sync BN).
+  c.sync_bn = False
+
+  c.log_every_steps = 50
+  c.progress_bar = True
+  c.checkpoint_every_steps = 0    # 0: at the end of every epoch only
+  c.keep_checkpoints = 3          # the last N, plus the best by validation top-1
+  c.checkpoint_async = True
+  c.init_from = ""                # a workdir or checkpoint step dir: weights only
+  c.eval_only = False             # evaluate a checkpoint of this workdir and exit
+  c.eval_checkpoint = "latest"    # 'latest' or 'best'
+  c.allow_config_change = False   # resume a workdir whose saved config differs
+  c.stop_after_steps = 0          # >0: save and stop after this many steps in all
+  # The paper's failure mode: non-finite loss or gradients. The step skips such
+  # updates; the loop then restores the last checkpoint and scales the lr.
+  c.nan_lr_factor = 0.5
+  c.nan_max_retries = 3
+  c.distributed = False           # call jax.distributed.initialize() (multi-host)
+  c.lock()  # a misspelled key fails where it is set
+  return c
+
+
+def apply_quickstart(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks ``c`` for a 2-core CPU: embedded digits at 32 px, widths (16, 32, 64, 128),
+  one block per stage, the small stem, float32, a few epochs. Keeps c.model's form."""
+  c.data = data_lib.digits_config(image_size=32)
+  if c.model != "mobilenetv3_large_100":  # MobileNetV3 has no width/depth/stem knobs
+    c.model_overrides.widths = (16, 32, 64, 128)
+    c.model_overrides.depths = (1, 1, 1, 1)
+    c.model_overrides.stem = "small"
+  c.dtype = "float32"             # bfloat16 is emulated, hence slow, on CPUs
+  c.batch_size = 64
+  c.eval_batch_size = 120
+  c.learning_rate = 0.3           # peak lr 0.3 at batch 64: the linear scaling rule's
+  c.lr_reference_batch = 64       # 0.075 learns far slower on this small dataset
+  c.epochs = 12
+  c.warmup_epochs = 1
+  c.log_every_steps = 10
+  c.keep_checkpoints = 2
+  return c
+
+
+def parse_arg(arg: str | None, variants: dict, default: str):
+  """``"variant[,quickstart]"`` -> (variant value, quickstart flag), with a clear error."""
+  parts = [p for p in (arg or "").split(",") if p]
+  quick = "quickstart" in parts
+  parts = [p for p in parts if p != "quickstart"]
+  if len(parts) > 1:
+    raise ValueError(f"config argument {arg!r}: one variant at most, plus 'quickstart'")
+  name = parts[0] if parts else default
+  if name not in variants:
+    raise ValueError(f"unknown variant {name!r}; choose one of {sorted(variants)} "
+                     "(optionally followed by ',quickstart')")
+  return variants[name], quick
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the problem and the fix."""
+  data_config.reject_unknown_keys(c, base_config(), "config")
+  if c.model not in registry.names():
+    hint = difflib.get_close_matches(c.model, registry.names(), 1)
+    raise ValueError(f"config.model={c.model!r} is not a registered model"
+                     + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                     + f"; choose one of {registry.names()}")
+  if c.dtype not in ("bfloat16", "float32", "float16", "float64"):
+    raise ValueError(f"config.dtype={c.dtype!r}; use 'bfloat16' or 'float32'")
+  if c.eval_checkpoint not in ("latest", "best"):
+    raise ValueError(f"config.eval_checkpoint={c.eval_checkpoint!r}; use 'latest' or 'best'")
+  for key in ("batch_size", "eval_batch_size", "epochs", "lr_reference_batch"):
+    if c[key] <= 0:
+      raise ValueError(f"config.{key}={c[key]} must be positive")
+  if not 0 < c.nan_lr_factor < 1:
+    raise ValueError(f"config.nan_lr_factor={c.nan_lr_factor} must lie in (0, 1)")
+  data_config.validate(c.data)
+
+
+def model_overrides(c) -> dict:
+  """The overrides that are set (not None), as plain Python values."""
+  return {k: (tuple(v) if isinstance(v, list) else v)
+          for k, v in flatten(c.model_overrides).items() if v is not None}
+
+
+def flatten(c) -> dict:
+  """``{"a.b": value}`` with JSON-comparable values (tuples become lists)."""
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(key + ".", v)
+      else:
+        out[key] = json.loads(json.dumps(v))
+  walk("", c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c)
+  return out
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+  """Keys whose values differ between two flattened configs, runtime keys excluded."""
+  keys = (set(saved) | set(current)) - RUNTIME_KEYS
+  return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))

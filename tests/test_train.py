@@ -1,0 +1,211 @@
+"""train_and_evaluate end to end on the embedded digits, with a tiny Eq.(3) network."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax import checkpoint as ckpt_lib
+from qlhs_jax import config as qconfig
+from qlhs_jax import data as data_lib
+from qlhs_jax import steps as S
+from qlhs_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(model="eq3_softball_ds", **overrides):
+  c = qconfig.apply_quickstart(qconfig.base_config(model))
+  c.data.image_size = 16
+  c.model_overrides.widths = (4, 8)
+  c.model_overrides.depths = (1, 1)
+  c.batch_size = 32           # 44 steps per epoch on the 1,437 training digits
+  c.eval_batch_size = 120
+  c.epochs = 2
+  c.progress_bar = False
+  c.log_every_steps = 3
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(la, lb))
+
+
+def test_resume_refuse_and_init_from(tmp_path):
+  """6 steps, stop, resume to 12 in the same workdir: bit-identical to 12 steps straight.
+  Then the same workdir refuses another config, and serves as init_from."""
+  wd = str(tmp_path / "resumed")
+  r1 = train.train_and_evaluate(tiny_config(stop_after_steps=6), wd)
+  r2 = train.train_and_evaluate(tiny_config(stop_after_steps=12), wd)
+  assert (r1["status"], r1["step"], r2["status"], r2["step"]) == (
+      "stopped", 6, "stopped", 12)
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(tiny_config(stop_after_steps=12), straight)
+  a, b = ckpt_lib.load_run(wd), ckpt_lib.load_run(straight)
+  assert a.step == b.step == 12
+  assert leaves_equal(a.variables, b.variables)
+  abstract = train.abstract_train_state(tiny_config(), 10, jax.device_count())[2]
+  sa, _ = ckpt_lib.RunCheckpoints(wd, read_only=True).restore(12, abstract)
+  sb, _ = ckpt_lib.RunCheckpoints(straight, read_only=True).restore(12, abstract)
+  assert leaves_equal(sa, sb)  # optimizer state, rng, counters too
+  events = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any(e.get("event") == "resume" and e["step"] == 6 for e in events)
+  # the weights moved since step 0: the comparison above is not vacuous
+  assert not leaves_equal(a.variables, ckpt_lib.load_run(straight, which="0").variables)
+
+  # The workdir refuses a different config and keeps its own.
+  with pytest.raises(ValueError, match=r"(?s)different config:\n  learning_rate: saved "
+                     r"0.3, now 0.1.*allow_config_change"):
+    train.train_and_evaluate(tiny_config(stop_after_steps=12, learning_rate=0.1), wd)
+  assert json.load(open(os.path.join(wd, "config.json")))["learning_rate"] == 0.3
+
+  # init_from: weights only, and a clear error for another shape.
+  out = str(tmp_path / "finetune")
+  r = train.train_and_evaluate(tiny_config(stop_after_steps=1, init_from=wd), out)
+  assert r["step"] == 1  # the step counter starts again
+  events = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+  assert any(e.get("event") == "init_from" for e in events)
+  bad = tiny_config(stop_after_steps=1, init_from=wd)
+  bad.model_overrides.widths = (4, 16)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"shape of params/stage2_block0/a: checkpoint \(16, 8\), "
+                           r"model \(16, 16\)"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_full_epochs_evaluate_and_keep_best(tmp_path):
+  wd = str(tmp_path / "run")
+  result = train.train_and_evaluate(tiny_config(epochs=2), wd)
+  assert result["status"] == "finished" and result["step"] == 88
+  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["count"] == 360
+  recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  val = [r for r in recs if r["split"] == "validation"]
+  assert [r["epoch"] for r in val] == [1, 2]
+  assert any(r["split"] == "train" and r["img_per_s"] > 0 for r in recs)
+  assert os.listdir(os.path.join(wd, "tb"))
+  cfg = json.load(open(os.path.join(wd, "config.json")))
+  assert cfg["model"] == "eq3_softball_ds" and cfg["batch_size"] == 32
+  ckpts = ckpt_lib.RunCheckpoints(wd, read_only=True)
+  assert ckpts.latest_step() == 88
+  best = max(val, key=lambda r: r["top1"])["step"]
+  assert ckpts.best_step() == best
+  # eval-only mode reproduces the final validation numbers from the checkpoint
+  again = train.train_and_evaluate(tiny_config(epochs=2, eval_only=True), wd)
+  assert again["status"] == "evaluated"
+  assert again["top1"] == pytest.approx(result["top1"]) and again["count"] == 360
+  # evaluate() on a plain logits function gives the same numbers
+  run = ckpt_lib.load_run(wd)
+  direct = train.evaluate(run.config, lambda x: run.model.apply(run.variables, x))
+  assert direct["top1"] == pytest.approx(result["top1"])
+  # a finished run does nothing more on a rerun
+  assert train.train_and_evaluate(tiny_config(epochs=2), wd)["step"] == 88
+
+
+def test_nan_is_skipped_restored_and_lr_scaled(tmp_path, monkeypatch):
+  """A NaN injected into the batch at step 5 of the first attempt: the step skips it,
+  the loop restores the last good checkpoint (step 3) and halves the lr."""
+  make = S.make_train_step
+
+  def poisoned(model, tx, lr_fn, **kw):
+    step = make(model, tx, lr_fn, **kw)
+
+    def wrapped(state, batch):
+      bad = (state.step == 5) & (state.lr_scale == 1.0)
+      img = batch["image"] * jnp.where(bad, jnp.nan, 1.0)
+      return step(state, {**batch, "image": img})
+    return wrapped
+  monkeypatch.setattr(S, "make_train_step", poisoned)
+  wd = str(tmp_path / "nan")
+  r = train.train_and_evaluate(
+      tiny_config(stop_after_steps=9, checkpoint_every_steps=3), wd)
+  assert r["nan_retries"] == 1 and r["step"] == 9
+  events = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  nan = [e for e in events if e.get("event") == "non_finite"]
+  assert len(nan) == 1 and "restored step 3" in nan[0]["message"]
+  run = ckpt_lib.load_run(wd)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run.variables))
+  state, _ = ckpt_lib.RunCheckpoints(wd, read_only=True).restore(
+      9, train.abstract_train_state(tiny_config(), 10, jax.device_count())[2])
+  assert float(state.lr_scale) == 0.5
+
+
+def test_nan_every_time_fails_clearly(tmp_path, monkeypatch):
+  make = S.make_train_step
+
+  def always_nan(model, tx, lr_fn, **kw):
+    step = make(model, tx, lr_fn, **kw)
+    return lambda state, batch: step(state, {**batch, "image": batch["image"] * jnp.nan})
+  monkeypatch.setattr(S, "make_train_step", always_nan)
+  with pytest.raises(train.NonFiniteTrainingError, match="still after 2 restarts"):
+    train.train_and_evaluate(tiny_config(stop_after_steps=20, nan_max_retries=2),
+                             str(tmp_path / "nan"))
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+  c = tiny_config()
+  with pytest.raises(AttributeError, match="learning_rte"):
+    c.learning_rte = 0.1  # the config is locked: typos fail where they are made
+  c = tiny_config()
+  c.model = "eq3_softbal_ds"
+  with pytest.raises(ValueError, match="did you mean 'eq3_softball_ds'"):
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="does not divide by the 8 devices"):
+    train.train_and_evaluate(tiny_config(batch_size=36), str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "b" / "config.json")
+
+
+def test_imagenet_config_without_data_gives_the_preparation_command(tmp_path):
+  sys.path.insert(0, REPO)
+  try:
+    from configs import eq3
+  finally:
+    sys.path.remove(REPO)
+  c = eq3.get_config("hardball_ds")
+  c.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(data_lib.DatasetNotFoundError, match="tfds build imagenet2012"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_main_cli_and_sigterm(tmp_path):
+  """The CLI trains; SIGTERM saves at the next step boundary and exits 0; a rerun
+  resumes from there."""
+  wd = str(tmp_path / "cli")
+  cmd = [sys.executable, "-m", "qlhs_jax.main", f"--config={REPO}/configs/quickstart.py",
+         f"--workdir={wd}", "--config.data.image_size=16", "--config.epochs=3",
+         "--config.model_overrides.widths=(4,8)", "--config.model_overrides.depths=(1,1)",
+         "--config.progress_bar=False", "--config.log_every_steps=1"]
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and '"train"' in open(metrics).read():
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.stdout.read()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert "'status': 'preempted'" in out
+  events = [json.loads(l) for l in open(metrics)]
+  stopped = [e for e in events if e.get("event") == "sigterm"]
+  assert len(stopped) == 1
+  step = stopped[0]["step"]
+  assert ckpt_lib.RunCheckpoints(wd, read_only=True).latest_step() == step
+  rerun = subprocess.run(cmd + [f"--config.stop_after_steps={step + 2}"], cwd=str(tmp_path),
+                         env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert f"'step': {step + 2}" in rerun.stdout and "'status': 'stopped'" in rerun.stdout
