@@ -104,6 +104,9 @@ class Slot:
       stream (each channel repeated ``multiplicity`` times, ``j*m + s``) relabels it.
     tied: for a stream, ``(stage, ratio)`` when its permutation is forced to be that
       stage's, inflated by ``ratio`` (Eq.(5): output ``o`` sums fixed hidden channels).
+    allows: for a stream, what the activations (and the stem) alone would allow; it is
+      larger than ``kind`` where the block form restricts the group (symmetry.md 2b),
+      and that gap is where weak (data) symmetries are searched for.
   """
   name: str
   size: int
@@ -111,6 +114,7 @@ class Slot:
   why: str = ""
   induced: tuple[int, int] | None = None
   tied: tuple[int, int] | None = None
+  allows: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +154,10 @@ class Group:
              f"(continuous dimension {self.dimension}):", "Streams:"]
     for s in self.stages:
       tie = f"; permutation tied to stage{s.tied[0] + 1}'s" if s.tied else ""
+      gap = (f" [the activations alone would allow {s.allows}]"
+             if s.allows not in (None, s.kind) else "")
       lines.append(f"  {s.name} ({s.size} ch): {_DESCRIPTION[s.kind]}"
-                   f"{' - ' + s.why if s.why else ''}{tie}")
+                   f"{' - ' + s.why if s.why else ''}{tie}{gap}")
     lines.append("Hidden layers:")
     for b in self.blocks:
       parts = [f"{s.name}[{s.size}] {s.kind}" for s in b.hidden]
@@ -182,11 +188,14 @@ def _qlhs_group(model: QLHSNet) -> Group:
   form, e = model.form, model.expansion
   n_stages = len(model.widths)
   kinds = [GL] * n_stages
+  allows = [GL] * n_stages    # the same, from activations and the stem only
   # Per stage: reason -> blocks that cause it (one line per reason in describe()).
   why = [dict() for _ in range(n_stages)]
 
-  def restrict(k, kind, reason, where=None):
+  def restrict(k, kind, reason, where=None, by_form=False):
     kinds[k] = meet(kinds[k], kind)
+    if not by_form:
+      allows[k] = meet(allows[k], kind)
     if kind != GL:
       why[k].setdefault(reason, [])
       if where:
@@ -199,9 +208,9 @@ def _qlhs_group(model: QLHSNet) -> Group:
     if act != "none":
       restrict(k, ACTIVATION_KIND[act], f"{act} after block", where)
     if form in LITERAL_FORMS:
-      restrict(k_in, MONO, f"{form}'s D reads it directly in block", where)
+      restrict(k_in, MONO, f"{form}'s D reads it directly in block", where, True)
     if form in PRODUCT_WRITE_FORMS:
-      restrict(k, MONO, f"{form}'s product writes it in block", where)
+      restrict(k, MONO, f"{form}'s product writes it in block", where, True)
   if model.placement == "ds" and model.activation != "none":
     restrict(n_stages - 1, ACTIVATION_KIND[model.activation],
              f"{model.activation} before pooling")
@@ -239,7 +248,7 @@ def _qlhs_group(model: QLHSNet) -> Group:
   stages = tuple(
       Slot(f"stage{k + 1}", w, kinds[k],
            "; ".join(r + (" " + ", ".join(b) if b else "") for r, b in why[k].items()),
-           tied=tied[k])
+           tied=tied[k], allows=allows[k])
       for k, w in enumerate(model.widths))
   notes = ["Hidden tori: non-zero scalings (any sign) of one factor, compensated in the "
            "other or in the consumer (symmetry.md 1).",

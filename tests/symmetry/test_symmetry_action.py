@@ -81,6 +81,15 @@ def test_targeted_elements_outside_and_inside(model, outside, inside):
     assert ok < INSIDE64, ok
 
 
+def test_imagenet_stem_with_max_pool():
+  """Stage 1's positive monomials commute with the stem's ReLU and max-pool; mixing
+  does not."""
+  m = QLHSNet(form="eq3w", activation="none", **{**TINY, "stem": "imagenet"})
+  inside, outside = inside_and_outside(m, random_variables(m, size=16),
+                                       override={"stage1": "GL"}, size=16)
+  assert inside < INSIDE64 and outside > OUTSIDE, (inside, outside)
+
+
 def test_mobilenetv3():
   """Declared group: float64 and float32; outside: generic matrices everywhere, and
   scalings of a hard-swish block's hidden layer (only permutations commute with
