@@ -53,11 +53,11 @@ def _load(args):
   from qlhs_jax import checkpoint as ckpt_lib
   run = ckpt_lib.load_run(args.workdir, args.which)
   print(f"run {args.workdir}: model {run.config.model}, step {run.step}")
-  return run
+  return run, run.variables
 
 
 def cmd_check(args) -> dict:
-  run = _load(args)
+  run, variables = _load(args)
   group = group_for(run.model)
   print(group.describe())
   x = validation_images(run.config, args.images)
@@ -66,10 +66,10 @@ def cmd_check(args) -> dict:
   result = {
       "model": run.config.model, "step": run.step, "elements": args.n,
       "images": int(len(x)), "group_dimension": group.dimension,
-      "float64": check(run.model, run.variables, args.seed, args.n, float64=True, **kw),
-      "float32": check(run.model, run.variables, args.seed, args.n, **kw),
+      "float64": check(run.model, variables, args.seed, args.n, float64=True, **kw),
+      "float32": check(run.model, variables, args.seed, args.n, **kw),
       # A check that cannot fail proves nothing: elements outside the group must fail.
-      "outside_float64": check(run.model, run.variables, args.seed + 1,
+      "outside_float64": check(run.model, variables, args.seed + 1,
                                max(args.n // 8, 2), float64=True, override="GL", **kw),
   }
   result["seconds"] = time.time() - t0
@@ -88,8 +88,8 @@ def _accuracy(config, model, folded) -> float:
 
 
 def cmd_sparsify(args) -> dict:
-  run = _load(args)
-  model, folded = prepare(run.model, run.variables, jnp.float32)
+  run, variables = _load(args)
+  model, folded = prepare(run.model, variables, jnp.float32)
   group = group_for(model)
   print(f"group: continuous dimension {group.dimension}; "
         f"{sp.count_1x1(folded)} 1x1 weights")
@@ -103,7 +103,7 @@ def cmd_sparsify(args) -> dict:
   x = validation_images(run.config, args.images)
   dev32 = float(weak_lib.rel_error(model, folded, new, jnp.asarray(x))[0])
   with jax.enable_x64(True):
-    m64, f64 = prepare(run.model, run.variables, jnp.float64)
+    m64, f64 = prepare(run.model, variables, jnp.float64)
     theta64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), theta)
     g64 = sp.exp_element(group_for(m64), theta64, jnp.float64)
     dev64 = float(weak_lib.rel_error(m64, f64, act(g64, f64),
@@ -132,8 +132,8 @@ def cmd_sparsify(args) -> dict:
 
 
 def cmd_weak(args) -> dict:
-  run = _load(args)
-  model, folded = prepare(run.model, run.variables, jnp.float32)
+  run, variables = _load(args)
+  model, folded = prepare(run.model, variables, jnp.float32)
   x_fit = jnp.asarray(validation_images(run.config, args.images))
   x_eval = jnp.asarray(validation_images(run.config, args.images, offset=args.images))
   rows = weak_lib.search(model, folded, x_fit, x_eval, args.radii, args.steps, args.lr,

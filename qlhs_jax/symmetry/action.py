@@ -35,9 +35,7 @@ def act(g: Element, folded):
 
 def _frames(g):
   """Per stream slot: (read matrix T^-T, write matrix T^T)."""
-  reads = [jnp.linalg.inv(t).T for t in g.stream]
-  writes = [t.T for t in g.stream]
-  return reads, writes
+  return [t.T for t in g.stream_inv], [t.T for t in g.stream]
 
 
 def _conv(p, read=None, write=None):
@@ -125,10 +123,10 @@ def _act_resnet(g, p):
   for spec in g.group.blocks:
     b = p[spec.name]
     m1, m2 = g.hidden[spec.name]["h1"], g.hidden[spec.name]["h2"]
+    i1, i2 = g.hidden_inv[spec.name]["h1"], g.hidden_inv[spec.name]["h2"]
     q = {"conv1": _conv(b["conv1"], read=reads[spec.stage_in], write=m1.T),
-         "conv2": _conv(b["conv2"], read=jnp.linalg.inv(m1).T, write=m2.T),
-         "conv3": _conv(b["conv3"], read=jnp.linalg.inv(m2).T,
-                        write=writes[spec.stage_out])}
+         "conv2": _conv(b["conv2"], read=i1.T, write=m2.T),
+         "conv3": _conv(b["conv3"], read=i2.T, write=writes[spec.stage_out])}
     if "shortcut" in b:
       q["shortcut"] = _conv(b["shortcut"], read=reads[spec.stage_in],
                             write=writes[spec.stage_out])
@@ -144,8 +142,11 @@ def _act_mobilenet(g, p):
   for spec in g.group.blocks:
     b = p[spec.name]
     # Block 0 has no expansion: its depthwise conv runs in segment 0's frame.
-    mid = g.hidden[spec.name].get("mid", g.stream[spec.stage_in])
-    mid_read, mid_write = jnp.linalg.inv(mid).T, mid.T
+    if "mid" in g.hidden[spec.name]:
+      mid, mid_inv = g.hidden[spec.name]["mid"], g.hidden_inv[spec.name]["mid"]
+    else:
+      mid, mid_inv = g.stream[spec.stage_in], g.stream_inv[spec.stage_in]
+    mid_read, mid_write = mid_inv.T, mid.T
     sigma, _ = monomial_parts(mid)
     q = {}
     if "expand" in b:
@@ -158,9 +159,9 @@ def _act_mobilenet(g, p):
       s = g.hidden[spec.name]["se"]
       # The gate multiplies y channel by channel: it is permuted, never scaled.
       perm = _monomial_matrix(sigma, jnp.ones(sigma.shape, mid.dtype))
+      s_inv = g.hidden_inv[spec.name]["se"]
       q["se"] = {"reduce": _conv(b["se"]["reduce"], read=mid_read, write=s.T),
-                 "expand": _conv(b["se"]["expand"], read=jnp.linalg.inv(s).T,
-                                 write=perm.T)}
+                 "expand": _conv(b["se"]["expand"], read=s_inv.T, write=perm.T)}
     q["project"] = _conv(b["project"], read=mid_read, write=writes[spec.stage_out])
     out[spec.name] = q
   out["final_conv"] = _conv(p["final_conv"], read=reads[-1])

@@ -5,6 +5,12 @@ An :class:`Element` holds one ``(n, n)`` matrix per stream slot (column conventi
 and monomial parts are read back with ``argmax``), and per block a dict of hidden
 entries: a vector for a TORUS slot, a matrix for a matrix slot. The :class:`Group` rides
 along as static data, so ``jax.jit`` and ``jax.vmap`` see only the arrays.
+
+Every matrix travels with its inverse (``stream_inv``, ``hidden_inv``), computed where
+it is exact or cheap: on the host when sampling, ``expm(-X)`` for ``expm(X)``, products
+in reverse order when composing. ``act`` then never inverts. (It used to call
+``jnp.linalg.inv``; batched under ``vmap`` on the 2-core CPU, jaxlib's LU kernel
+deadlocked now and then: two LU thunks waiting on one exhausted thread pool.)
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ from qlhs_jax.symmetry import groups as G
 
 @struct.dataclass
 class Element:
-  """One group element: ``stream`` (tuple of matrices), ``hidden`` ({block: {slot:
-  array}}) and the static ``group``."""
+  """One group element: ``stream`` (tuple of matrices) and ``stream_inv`` (their
+  inverses), ``hidden`` ({block: {slot: vector or matrix}}) and ``hidden_inv`` (the
+  inverses of its matrices), and the static ``group``."""
   stream: tuple
+  stream_inv: tuple
   hidden: dict
+  hidden_inv: dict
   group: G.Group = struct.field(pytree_node=False)
 
 
@@ -138,18 +147,21 @@ def sample(group: G.Group, key, n: int | None = None, spread: float = 0.5,
     t = _np_matrix(rng, kind, slot.size, spread, sigma)
     stream.append(t)
     sigmas.append(np.argmax(np.abs(t), axis=0))
-  hidden = {}
+  hidden, hidden_inv = {}, {}
   for spec in group.blocks:
-    entries = {}
+    entries, inverses = {}, {}
     for slot in spec.hidden:
       if slot.kind == G.TORUS:
         entries[slot.name] = _np_scales(rng, slot.size, "nonzero", spread)
       else:
         kind = kind_of(slot, f"{spec.name}/{slot.name}")
         entries[slot.name] = _np_matrix(rng, kind, slot.size, spread)
-    hidden[spec.name] = entries
-  cast = lambda a: jnp.asarray(a, dtype)
-  return Element(tuple(map(cast, stream)), jax.tree.map(cast, hidden), group)
+        inverses[slot.name] = np.linalg.inv(entries[slot.name])
+    hidden[spec.name], hidden_inv[spec.name] = entries, inverses
+  cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+  # Host float64 inverses (NumPy's LAPACK): exact for monomials, ~1e-16 otherwise.
+  return Element(cast(tuple(stream)), cast(tuple(np.linalg.inv(t) for t in stream)),
+                 cast(hidden), cast(hidden_inv), group)
 
 
 def identity(group: G.Group, dtype=None) -> Element:
@@ -158,21 +170,25 @@ def identity(group: G.Group, dtype=None) -> Element:
   hidden = {b.name: {s.name: (jnp.ones((s.size,), dtype) if s.kind == G.TORUS
                               else jnp.eye(s.size, dtype=dtype)) for s in b.hidden}
             for b in group.blocks}
-  return Element(stream, hidden, group)
+  hidden_inv = {b.name: {s.name: jnp.eye(s.size, dtype=dtype) for s in b.hidden
+                         if s.kind != G.TORUS} for b in group.blocks}
+  return Element(stream, stream, hidden, hidden_inv, group)
 
 
 def compose(g2: Element, g1: Element) -> Element:
   """The product ``g2 g1`` (first ``g1``, then ``g2``): ``act(g2, act(g1, p)) ==
   act(compose(g2, g1), p)``.
 
-  Streams and hidden matrices multiply. A torus ``l`` is read in the frame after its
-  stream's permutation, so ``g2``'s permutation first moves ``g1``'s torus along."""
+  Streams and hidden matrices multiply (inverses in reverse order). A torus ``l`` is
+  read in the frame after its stream's permutation, so ``g2``'s permutation first moves
+  ``g1``'s torus along."""
   if g1.group != g2.group:
     raise ValueError("compose: elements of different groups")
   stream = tuple(t2 @ t1 for t2, t1 in zip(g2.stream, g1.stream))
-  hidden = {}
+  stream_inv = tuple(i1 @ i2 for i2, i1 in zip(g2.stream_inv, g1.stream_inv))
+  hidden, hidden_inv = {}, {}
   for spec in g1.group.blocks:
-    entries = {}
+    entries, inverses = {}, {}
     for slot in spec.hidden:
       a2, a1 = g2.hidden[spec.name][slot.name], g1.hidden[spec.name][slot.name]
       if slot.kind == G.TORUS:
@@ -180,24 +196,27 @@ def compose(g2: Element, g1: Element) -> Element:
         entries[slot.name] = (a1 if idx is None else a1[idx]) * a2
       else:
         entries[slot.name] = a2 @ a1
-    hidden[spec.name] = entries
-  return Element(stream, hidden, g1.group)
+        inverses[slot.name] = (g1.hidden_inv[spec.name][slot.name] @
+                               g2.hidden_inv[spec.name][slot.name])
+    hidden[spec.name], hidden_inv[spec.name] = entries, inverses
+  return Element(stream, stream_inv, hidden, hidden_inv, g1.group)
 
 
 def inverse(g: Element) -> Element:
   """``g^-1``: ``compose(inverse(g), g)`` is the identity."""
-  stream = tuple(jnp.linalg.inv(t) for t in g.stream)
-  ginv = Element(stream, g.hidden, g.group)  # its stream induces the inverse relabeling
-  hidden = {}
+  # With the matrices swapped, the stream induces the inverse relabeling.
+  swapped = Element(g.stream_inv, g.stream, g.hidden, g.hidden_inv, g.group)
+  hidden, hidden_inv = {}, {}
   for spec in g.group.blocks:
-    entries = {}
+    entries, inverses = {}, {}
     for slot in spec.hidden:
       a = g.hidden[spec.name][slot.name]
       if slot.kind == G.TORUS:
-        # compose(ginv, g) has torus a[idx_inv] * l' = 1.
-        idx = induced_gather(ginv, slot)
+        # compose(g^-1, g) has torus a[idx_inv] * l' = 1.
+        idx = induced_gather(swapped, slot)
         entries[slot.name] = 1.0 / (a if idx is None else a[idx])
       else:
-        entries[slot.name] = jnp.linalg.inv(a)
-    hidden[spec.name] = entries
-  return Element(stream, hidden, g.group)
+        entries[slot.name] = g.hidden_inv[spec.name][slot.name]
+        inverses[slot.name] = a
+    hidden[spec.name], hidden_inv[spec.name] = entries, inverses
+  return Element(g.stream_inv, g.stream, hidden, hidden_inv, g.group)

@@ -72,24 +72,31 @@ def algebra_zeros(group: G.Group, dtype=jnp.float32):
 
 
 def _exp(kind, x, n, dtype):
+  """``(exp(x), exp(-x))`` of a slot: matrices, or vectors for a torus."""
   if x is None:
-    return jnp.eye(n, dtype=dtype) if kind != G.TORUS else jnp.ones((n,), dtype)
+    one = jnp.eye(n, dtype=dtype) if kind != G.TORUS else jnp.ones((n,), dtype)
+    return one, one
   if kind == G.GL:
-    return expm(x)
+    return expm(x), expm(-x)
   if kind == G.O:
-    return expm(x - x.T)
+    return expm(x - x.T), expm(x.T - x)
   if kind == G.TORUS:
-    return jnp.exp(x)
-  return jnp.diag(jnp.exp(x))   # the positive diagonal of a monomial kind
+    return jnp.exp(x), jnp.exp(-x)
+  return jnp.diag(jnp.exp(x)), jnp.diag(jnp.exp(-x))  # a monomial kind's diagonal
 
 
 def exp_element(group: G.Group, theta, dtype=jnp.float32) -> Element:
   """The group element ``exp(theta)`` (identity component, no permutations)."""
-  stream = tuple(_exp(s.kind, theta["stream"].get(s.name), s.size, dtype)
-                 for s in group.stages)
-  hidden = {b.name: {s.name: _exp(s.kind, theta["hidden"][b.name].get(s.name), s.size,
-                                  dtype) for s in b.hidden} for b in group.blocks}
-  return Element(stream, hidden, group)
+  stream = [_exp(s.kind, theta["stream"].get(s.name), s.size, dtype) for s in group.stages]
+  hidden, hidden_inv = {}, {}
+  for b in group.blocks:
+    pairs = {s.name: _exp(s.kind, theta["hidden"][b.name].get(s.name), s.size, dtype)
+             for s in b.hidden}
+    hidden[b.name] = {k: v[0] for k, v in pairs.items()}
+    hidden_inv[b.name] = {s.name: pairs[s.name][1] for s in b.hidden
+                          if s.kind != G.TORUS}
+  return Element(tuple(t for t, _ in stream), tuple(i for _, i in stream), hidden,
+                 hidden_inv, group)
 
 
 def weights(folded) -> dict[str, jax.Array]:

@@ -56,7 +56,9 @@ def _element(group, stages, direction, free, radius, dtype):
   base = exp_element(group, free, dtype)
   gens = _generators(group, stages, direction, radius)
   stream = tuple(expm(gens[k]) @ t if k in gens else t for k, t in enumerate(base.stream))
-  return Element(stream, base.hidden, group)
+  stream_inv = tuple(t @ expm(-gens[k]) if k in gens else t
+                     for k, t in enumerate(base.stream_inv))
+  return Element(stream, stream_inv, base.hidden, base.hidden_inv, group)
 
 
 def rel_error(model, folded, new, x):
