@@ -246,7 +246,8 @@ def _eval_only(config, ckpts, eval_input, mesh, writer) -> dict:
     raise FileNotFoundError(f"eval_only: no {config.eval_checkpoint} checkpoint in "
                             f"{ckpts.directory}; train first")
   model, _, abstract = abstract_train_state(config, eval_input.num_classes, mesh.size)
-  state, _ = ckpts.restore(step, abstract)
+  # Restored straight onto the global mesh (any process count, any saved topology).
+  state, _ = ckpts.restore(step, ckpt_lib.replicated_target(abstract, mesh))
   eval_step = S.jit_eval_step(S.make_eval_step(
       model, num_classes=eval_input.num_classes,
       label_smoothing=config.label_smoothing), mesh)
@@ -266,8 +267,10 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
 
-  state = S.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
-                               train_input.image_shape)
+  # Replicated over the global mesh before any save or restore: in a multi-process run
+  # orbax writes and reads global arrays only (it refuses process-local ones).
+  state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
+                                           train_input.image_shape), mesh)
   train_iter = train_input.iterator()
   latest = ckpts.latest_step()
   if latest is not None:
@@ -345,7 +348,9 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
                 "(--config.nan_max_retries).")
           good = ckpts.latest_step()
           ckpts.wait()
-          restored, _ = ckpts.restore(good, jax.device_get(state), train_iter)
+          # The restore target is the global state itself (device_get of it would fail
+          # in a multi-process run).
+          restored, _ = ckpts.restore(good, state, train_iter)
           factor = config.nan_lr_factor ** retries
           state = S.replicate(restored.replace(
               lr_scale=jnp.asarray(factor, jnp.float32),
