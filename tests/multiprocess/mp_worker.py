@@ -3,10 +3,11 @@
   python mp_worker.py OUT_PREFIX [qlhs_jax.main flags ...]
 
 Runs ``qlhs_jax.main`` (which calls ``jax.distributed.initialize()`` for
-``--config.distributed=True``) with two test-only wrappers around ``qlhs_jax.steps``:
-one records a fingerprint of every training example the step consumes, the other keeps
-the train state that goes into the first step and the one that comes out of the last.
-Writes ``OUT_PREFIX.p<process>.json`` (fingerprints per step) and ``.npz`` (parameters).
+``--config.distributed=True`` or QLHS_DISTRIBUTED=1) with test-only wrappers: one
+records a fingerprint of every training example the train step consumes, one keeps the
+parameters that go into the first step and come out of the last, one keeps the result
+of ``train_and_evaluate``. Writes ``OUT_PREFIX.p<process>.json`` (result, fingerprints
+per step) and ``.npz`` (parameters).
 """
 
 import hashlib
@@ -67,8 +68,16 @@ def main():
       return state, metrics
     return step
 
+  from qlhs_jax import train
+  train_and_evaluate = train.train_and_evaluate
+
+  def recording_train_and_evaluate(config, workdir):
+    states["result"] = train_and_evaluate(config, workdir)
+    return states["result"]
+
   S.shard_batch = recording_shard_batch
   S.jit_train_step = recording_jit_train_step
+  train.train_and_evaluate = recording_train_and_evaluate
 
   from qlhs_jax import main as qmain
   qmain.FLAGS(argv)
@@ -76,13 +85,14 @@ def main():
 
   pid = jax.process_index()
   arrays = {}
-  if states:
+  if "first" in states:
     arrays.update({"first" + k: v for k, v in flat(states["first"]).items()})
     arrays.update({"last" + k: v for k, v in flat(local_copy(states["last"])).items()})
   np.savez(f"{out_prefix}.p{pid}.npz", **arrays)
   with open(f"{out_prefix}.p{pid}.json", "w") as f:
     json.dump({"process_index": pid, "process_count": jax.process_count(),
                "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+               "status": states["result"]["status"], "step": states["result"]["step"],
                "consumed": consumed}, f)
 
 

@@ -1,10 +1,14 @@
 """A real multi-process run: two JAX processes on localhost, two CPU devices each.
 
-Both run ``python -m qlhs_jax.main``'s code with ``--config.distributed=True``
-(``jax.distributed.initialize`` from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID; gloo collectives between the processes) on the embedded digits with
-per-process data sharding. The run stops at step 10, then resumes in the same workdir
-across the end of the first epoch (22 steps of 64) into the second. Checked: both
+Both run ``python -m qlhs_jax.main``'s code (``jax.distributed.initialize``, gloo
+collectives between the processes) on the embedded digits with per-process data
+sharding. The first run is started as ``--config.distributed=True`` with
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, and stopped early by a
+SIGTERM to process 1 only (a preemption notice that reaches one host): both processes
+must save the same step and exit. The second resumes in the same workdir across the end
+of the first epoch (22 steps of 64) into the second, started as srun would start it
+(QLHS_DISTRIBUTED=1 and the SLURM_* variables of two tasks on one node, which JAX's
+cluster detection reads). Checked: both
 processes hold identical parameters; the batches they consumed are the pipeline's
 (the p-th slice of every global batch of the epoch's permutation), so together they
 consumed each example of the epoch exactly once; the resumed run starts from exactly
@@ -15,6 +19,7 @@ the state the first one saved; the checkpoint loads on another topology (this pr
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,34 +48,50 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(tmp_path, workdir: str, tag: str, stop_after: int) -> list[dict]:
-  """Starts both processes, waits for both; returns what each recorded."""
+def _run_processes(tmp_path, workdir: str, tag: str, stop_after: int, slurm: bool,
+                   sigterm_to: int | None = None) -> list[dict]:
+  """Starts both processes, waits for both; returns what each recorded. With
+  ``sigterm_to``, sends that process a SIGTERM once the run has logged a train step."""
   port = _free_port()
   procs, logs = [], []
+  base = {k: v for k, v in os.environ.items()
+          if not k.startswith(("SLURM_", "JAX_", "QLHS_"))}
   for pid in range(PROCESSES):
-    env = {**os.environ,
+    env = {**base,
            "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get(
                "PYTHONPATH")] if p]),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
            "JAX_PLATFORMS": "cpu",
            # Cross-process collectives on CPUs need gloo (the default has none).
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(pid)}
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    flags = [f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}",
+             f"--config.stop_after_steps={stop_after}", *FLAGS]
+    if slurm:  # what srun gives task `pid` of a 2-task step on one node
+      env.update(QLHS_DISTRIBUTED="1", SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
+                 SLURM_NTASKS=str(PROCESSES), SLURM_PROCID=str(pid),
+                 SLURM_LOCALID=str(pid), SLURM_STEP_NUM_NODES="1",
+                 JAX_COORDINATOR_PORT=str(port))
+    else:
+      env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                 JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(pid))
+      flags.append("--config.distributed=True")
     log = open(tmp_path / f"{tag}.p{pid}.log", "w")
     logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, WORKER, str(tmp_path / tag),
-         f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}",
-         "--config.distributed=True", f"--config.stop_after_steps={stop_after}", *FLAGS],
-        cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT))
+    procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / tag), *flags],
+                                  cwd=str(tmp_path), env=env, stdout=log,
+                                  stderr=subprocess.STDOUT))
   deadline = time.time() + 240
+  metrics = os.path.join(workdir, "metrics.jsonl")
   try:
     # A process that fails leaves its peer waiting in a collective: stop both then.
     while time.time() < deadline and any(p.poll() is None for p in procs):
       if any(p.poll() not in (None, 0) for p in procs):
         break
-      time.sleep(0.5)
+      if (sigterm_to is not None and os.path.exists(metrics) and
+          '"train"' in open(metrics).read()):
+        procs[sigterm_to].send_signal(signal.SIGTERM)
+        sigterm_to = None
+      time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
@@ -114,13 +135,22 @@ def _example_index(inp, epoch: int) -> dict:
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
-  first = _run_processes(tmp_path, workdir, "first", stop_after=10)
-  second = _run_processes(tmp_path, workdir, "second", stop_after=24)
+  first = _run_processes(tmp_path, workdir, "first", stop_after=200, slurm=False,
+                         sigterm_to=1)
+  events = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  stopped = [e["step"] for e in events if e.get("event") == "sigterm"]
+  assert len(stopped) == 1, events
+  k = stopped[0]  # the log point (every 5 steps) where both agreed to stop
+  assert k % 5 == 0 and ckpt_lib.RunCheckpoints(workdir, read_only=True).latest_step() == k
+  end = max(24, k + 4)  # across the end of the first epoch (22 steps)
+  second = _run_processes(tmp_path, workdir, "second", stop_after=end, slurm=True)
 
   for rec in first + second:
     assert (rec["process_count"], rec["local_devices"], rec["devices"]) == (
         PROCESSES, LOCAL_DEVICES, PROCESSES * LOCAL_DEVICES)
-  assert [len(r["consumed"]) for r in first + second] == [10, 10, 14, 14]
+  assert [len(r["consumed"]) for r in first + second] == [k, k, end - k, end - k]
+  assert all(r["status"] == "preempted" and r["step"] == k for r in first)
+  assert all(r["status"] == "stopped" and r["step"] == end for r in second)
 
   # Identical parameters in both processes, after the first run and after the resume;
   # training moved them (the comparisons are not vacuous).
@@ -138,7 +168,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   inp = data_lib.build_input(config.data, split="train", global_batch_size=BATCH, seed=SEED)
   spe, local = inp.steps_per_epoch, BATCH // PROCESSES
   assert spe == 22
-  tables = [_example_index(inp, 0), _example_index(inp, 1)]
+  tables = [_example_index(inp, e) for e in range((end - 1) // spe + 1)]
   seen = collections.Counter()
   for pid in range(PROCESSES):
     steps = first[pid]["consumed"] + second[pid]["consumed"]
@@ -154,17 +184,18 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   # examples of the permutation are dropped, as documented).
   assert len(seen) == spe * BATCH and set(seen.values()) == {1}
 
-  # The workdir: one config, metrics from process 0 only, the resume, a validation
-  # pass over all 360 digits split across the processes.
+  # The workdir: metrics from process 0 only, the resume, one validation pass per epoch
+  # over all 360 digits split across the processes.
   events = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [e["step"] for e in events if e.get("event") == "resume"] == [10]
+  assert [e["step"] for e in events if e.get("event") == "resume"] == [k]
   val = [e for e in events if e["split"] == "validation"]
-  assert [(e["step"], e["count"]) for e in val] == [(22, 360)]
-  assert [e["step"] for e in events if e["split"] == "train"] == [5, 10, 15, 20, 22, 24]
+  assert [(e["step"], e["count"]) for e in val] == [(s, 360) for s in range(spe, end + 1, spe)]
+  train_steps = [e["step"] for e in events if e["split"] == "train"]
+  assert train_steps == sorted(set(train_steps)) and train_steps[-1] == end
 
   # The checkpoint of the two-process run loads in this single process (8 devices).
   run = ckpt_lib.load_run(workdir)
-  assert run.step == 24 and jax.device_count() == 8
+  assert run.step == end and jax.device_count() == 8
   params = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
             jax.tree_util.tree_flatten_with_path(run.variables["params"])[0]}
   assert _same(params, second[0]["last"])
