@@ -13,10 +13,10 @@ Append ``,quickstart`` (e.g. ``configs/eq3.py:hardball_ds,quickstart``) for the
 embedded-digits laptop version.
 
 Hardware: one H100 80GB, batch 256, bfloat16. Expected time: ImageNet-100 has ~126.7k
-training images, so 50 epochs are 6.3M images: about 22 minutes of GPU time at the
-harness's measured Eq.(3) step rate (README, Speed), if the host feeds the GPU (the
-pre-resized dataset and about 16 cores, README, Data); not yet run end to end here, so
-the accuracy to expect is the paper's figure above.
+training images, so 50 epochs are 6.3M images: ~20 minutes of GPU compute at the
+harness's 5.3k img/s for softball_ds (README, Speed; H200), if the host keeps up; one
+16-core host decodes ~2k img/s with the recipe's augmentation (README, Data), which
+makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 above.
 """
 
 from qlhs_jax import config as qconfig

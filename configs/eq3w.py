@@ -5,8 +5,9 @@ exactly (O(n) per stage with softball, GL(n) with no activation; README, Symmetr
   python -m qlhs_jax.main --config=configs/eq3w.py:softball_ds --workdir=$HOME/runs/eq3w
 
 VARIANT: softball_ds (default) or none. 9.61M parameters (W adds n^2 per block).
-Append ``,quickstart`` for the embedded-digits version. Hardware and time as
-configs/eq3.py; no paper figure to compare with.
+Append ``,quickstart`` for the embedded-digits version. Hardware: one H100, batch 256,
+bfloat16. Expected time: that of configs/eq3.py plus ~13% (1.84 vs 1.64 GMACs); no paper
+figure to compare with (README, Symmetry, gives the quickstart accuracy).
 """
 
 from qlhs_jax import config as qconfig

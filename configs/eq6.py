@@ -7,7 +7,8 @@ Paper (Table 1): top-1 82.52, 5.61M parameters (activation blank in Table 1; sof
 
 Hardware: one H100 80GB, batch 256, bfloat16; about the time of Eq.(3) (configs/eq3.py),
 scaled by the harness's step rate of this model (python -m qlhs_jax.benchmarks.step
---model eq6_softball_ds); not yet run end to end here, so expect the paper's figure.
+--model eq6_softball_ds); not yet run end to end here.
+Expected: the paper's top-1 above.
 """
 
 from qlhs_jax import config as qconfig

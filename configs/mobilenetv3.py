@@ -6,7 +6,9 @@ Paper (Table 1): top-1 82.91, 4.33M parameters, trained with the same recipe as 
 row (the paper's "identical training strategy"; timm's own MobileNetV3 recipe differs).
 ``configs/mobilenetv3.py:quickstart`` is the embedded-digits laptop version (full
 width: the architecture has no width knob here). Hardware: one H100 80GB, batch 256,
-bfloat16; not yet run end to end here.
+bfloat16. Expected time: bounded by the host's decoding (~55 minutes on one 16-core
+host, README, Data); the GPU step was not measured yet. Not yet run end to end here:
+expect the paper's top-1 above.
 """
 
 from qlhs_jax import config as qconfig

@@ -114,12 +114,7 @@ def parse_arg(arg: str | None, variants: dict, default: str):
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the problem and the fix."""
-  known = base_config()
-  unknown = sorted(set(c.keys()) - set(known.keys()))
-  if unknown:
-    hints = {k: difflib.get_close_matches(k, known.keys(), 1) for k in unknown}
-    raise ValueError("unknown config key(s): " + ", ".join(
-        f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+  data_config.reject_unknown_keys(c, base_config(), "config")
   if c.model not in registry.names():
     hint = difflib.get_close_matches(c.model, registry.names(), 1)
     raise ValueError(f"config.model={c.model!r} is not a registered model"

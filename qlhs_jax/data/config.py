@@ -105,14 +105,20 @@ _CHOICES = {
 }
 
 
-def validate(config) -> None:
-  """Raises ValueError on an unknown key or a value the pipeline cannot honour."""
-  known = default_config()
+def reject_unknown_keys(config, known, what: str) -> None:
+  """Raises ValueError naming every key of ``config`` not in ``known``, with the
+  closest known key as a hint (shared by the data and the training config)."""
   unknown = sorted(set(config.keys()) - set(known.keys()))
   if unknown:
     hints = {k: difflib.get_close_matches(k, known.keys(), 1) for k in unknown}
-    raise ValueError("Unknown data config key(s): " + ", ".join(
+    raise ValueError(f"Unknown {what} key(s): " + ", ".join(
         f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+
+
+def validate(config) -> None:
+  """Raises ValueError on an unknown key or a value the pipeline cannot honour."""
+  known = default_config()
+  reject_unknown_keys(config, known, "data config")
   missing = sorted(set(known.keys()) - set(config.keys()))
   if missing:
     raise ValueError(f"Data config lacks key(s) {missing}; start from default_config()")

@@ -138,6 +138,25 @@ class ConvNorm(nn.Module):
                      param_dtype=self.param_dtype, name="bn")(y)
 
 
+def resnet_stem(x, width: int, stem: str, common: dict):
+  """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
+  a 3x3 stride-1 conv, BN, ReLU and no pooling."""
+  if stem == "imagenet":
+    return max_pool_3x3_s2(nn.relu(ConvNorm(width, (7, 7), 2, name="stem", **common)(x)))
+  if stem == "small":
+    return nn.relu(ConvNorm(width, (3, 3), 1, name="stem", **common)(x))
+  raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'small'")
+
+
+def classifier_head(x, num_classes: int, param_dtype, name: str = "head"):
+  """The float32 classifier (PyTorch nn.Linear initialisation) on pooled features."""
+  head_dtype = jnp.promote_types(param_dtype, jnp.float32)
+  fan_in = x.shape[-1]
+  return nn.Dense(num_classes, dtype=head_dtype, param_dtype=param_dtype,
+                  kernel_init=torch_linear_init(fan_in),
+                  bias_init=torch_linear_init(fan_in), name=name)(x.astype(head_dtype))
+
+
 def global_pool(x):
   """Global average pooling, in float32 (the head computes float32 logits)."""
   return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qlhs_jax.models.common import ConvNorm, Dtype, global_pool, torch_linear_init
+from qlhs_jax.models.common import ConvNorm, Dtype, classifier_head, global_pool
 
 # timm's arch_def for mobilenetv3_large_100, one row per block:
 # (kernel, stride, expanded channels, out channels, squeeze-excite, activation).
@@ -106,6 +106,4 @@ class MobileNetV3Large(nn.Module):
                                    param_dtype=self.param_dtype,
                                    kernel_init=nn.initializers.variance_scaling(
                                        2.0, "fan_out", "normal"), name="head_conv")(x))
-    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
-                    kernel_init=torch_linear_init(x.shape[-1]),
-                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)
+    return classifier_head(x, self.num_classes, self.param_dtype)

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from qlhs_jax.models import layers
-from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, conv_init, global_pool,
-                                    max_pool_3x3_s2, torch_linear_init)
+from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, classifier_head,
+                                    conv_init, global_pool, resnet_stem)
 
 FORMS = ("eq3", "eq4", "eq5", "eq6", "eq7", "eq3w")
 # Rematerialisation of each block in the backward pass (performance only; same numbers):
@@ -51,7 +51,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 PLACEMENTS = ("ds", "all")
-STEMS = ("imagenet", "small")
 
 
 def d_kernel_init(expansion: int):
@@ -197,14 +196,7 @@ class QLHSNet(nn.Module):
   def __call__(self, x, train: bool = False):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = ConvNorm(self.widths[0], (7, 7), 2, name="stem", **common)(x)
-      x = max_pool_3x3_s2(nn.relu(x))
-    elif self.stem == "small":
-      x = nn.relu(ConvNorm(self.widths[0], (3, 3), 1, name="stem", **common)(x))
-    else:
-      raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
+    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common)
     layout = self.block_layout()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")
@@ -217,8 +209,4 @@ class QLHSNet(nn.Module):
                     **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)
-    x = global_pool(x)
-    head_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
-    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
-                    kernel_init=torch_linear_init(x.shape[-1]),
-                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)
+    return classifier_head(global_pool(x), self.num_classes, self.param_dtype)

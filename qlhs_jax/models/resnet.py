@@ -8,8 +8,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qlhs_jax.models.common import (ConvNorm, Dtype, global_pool, max_pool_3x3_s2,
-                                    torch_linear_init)
+from qlhs_jax.models.common import (ConvNorm, Dtype, classifier_head, global_pool,
+                                    resnet_stem)
 
 
 class Bottleneck(nn.Module):
@@ -51,20 +51,9 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = max_pool_3x3_s2(nn.relu(ConvNorm(self.widths[0], (7, 7), 2, name="stem",
-                                           **common)(x)))
-    elif self.stem == "small":
-      x = nn.relu(ConvNorm(self.widths[0], (3, 3), 1, name="stem", **common)(x))
-    else:
-      raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'small'")
+    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common)
     for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
       for i in range(depth):
         x = Bottleneck(width, 2 if (k > 0 and i == 0) else 1,
                        name=f"stage{k + 1}_block{i}", **common)(x)
-    x = global_pool(x)
-    head_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
-    return nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=self.param_dtype,
-                    kernel_init=torch_linear_init(x.shape[-1]),
-                    bias_init=torch_linear_init(x.shape[-1]), name="head")(x)
+    return classifier_head(global_pool(x), self.num_classes, self.param_dtype)

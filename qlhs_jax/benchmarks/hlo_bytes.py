@@ -1,0 +1,139 @@
+"""``python -m qlhs_jax.benchmarks.hlo_bytes STEP.hlo.txt[.gz] [--top 25]``: where the
+bytes of a compiled step go.
+
+Reads the optimized HLO that ``python -m qlhs_jax.benchmarks.step --hlo-dir DIR`` writes,
+and for every top-level instruction of the entry computation (each is one kernel launch
+or library call: fusions, cuBLAS/cuDNN custom calls, copies) counts the bytes of its
+operands plus its results: what the kernel must at least move through device memory.
+Prints the total, the split by kind (matmuls, convolutions, reductions, element-wise
+loops) and by model part (the block named in the op metadata), and the largest
+kernels. It is the offline half of the speed analysis: it needs no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import re
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+_SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in ``text`` (a result or operand list)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def _entry_lines(text: str):
+  lines = text.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("ENTRY"))
+  for line in lines[start + 1:]:
+    if line.startswith("}"):
+      return
+    yield line
+
+
+def _kind(op: str, rest: str) -> str:
+  if op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    t = target.group(1) if target else "?"
+    if "gemm" in t or "matmul" in t:
+      return "matmul (cuBLAS)"
+    if "conv" in t:
+      return "convolution (cuDNN)"
+    return f"custom-call {t}"
+  if op == "fusion":
+    kind = re.search(r"kind=(k\w+)", rest)
+    calls = re.search(r"calls=%?([\w.\-]+)", rest)
+    k = kind.group(1) if kind else "?"
+    name = calls.group(1) if calls else ""
+    if "gemm" in name or "dot" in name or "triton" in name:
+      return "matmul (fused)"
+    if re.search(r"convolution|conv\b|cudnn", name):
+      return "convolution (fused)"
+    return {"kLoop": "element-wise loop", "kInput": "reduction",
+            "kOutput": "output fusion", "kCustom": "custom fusion"}.get(k, k)
+  return op
+
+
+def _part(rest: str) -> str:
+  m = re.search(r'op_name="([^"]+)"', rest)
+  if not m:
+    return "-"
+  name = m.group(1)
+  for pat in (r"(stage\d+_block\d+)", r"\b(stem)\b", r"\b(head)\b"):
+    hit = re.search(pat, name)
+    if hit:
+      return hit.group(1)
+  return "other"
+
+
+def analyse(text: str):
+  """``[(bytes, kind, part, name)]`` for every top-level instruction."""
+  shapes: dict[str, str] = {}
+  out = []
+  for line in _entry_lines(text):
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    _, name, result, op, rest = m.groups()
+    shapes[name] = result
+    if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+              "after-all", "partition-id", "replica-id"):
+      continue
+    # Operands are written with their shapes in optimized HLO; fall back to lookups.
+    args = rest.split("),", 1)[0]
+    operand_bytes = shape_bytes(args)
+    if operand_bytes == 0:
+      operand_bytes = sum(shape_bytes(shapes.get(a.strip().lstrip("%"), ""))
+                          for a in args.split(","))
+    out.append((operand_bytes + shape_bytes(result), _kind(op, rest), _part(rest), name))
+  return out
+
+
+def report(path: str, top: int = 25) -> str:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    rows = analyse(f.read())
+  total = sum(r[0] for r in rows)
+  lines = [f"{path}: {len(rows)} kernels, {total / 1e9:.2f} GB moved per step "
+           "(operands + results of each top-level instruction)", "", "by kind:"]
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  for b, kind, part, _ in rows:
+    by_kind[kind] += b
+    by_part[part] += b
+  for k, b in by_kind.most_common():
+    lines.append(f"  {k:28s} {b / 1e9:8.2f} GB  {100 * b / total:5.1f}%")
+  lines += ["", "by model part:"]
+  for k, b in by_part.most_common(12):
+    lines.append(f"  {k:28s} {b / 1e9:8.2f} GB  {100 * b / total:5.1f}%")
+  lines += ["", f"largest {top} kernels:"]
+  for b, kind, part, name in sorted(rows, reverse=True)[:top]:
+    lines.append(f"  {b / 1e9:7.3f} GB  {kind:24s} {part:16s} {name}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("path")
+  p.add_argument("--top", type=int, default=25)
+  args = p.parse_args(argv)
+  try:
+    print(report(args.path, args.top))
+  except BrokenPipeError:  # `| head` closed the pipe
+    pass
+
+
+if __name__ == "__main__":
+  main()

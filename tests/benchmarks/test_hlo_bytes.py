@@ -1,0 +1,34 @@
+"""The HLO byte counter against hand-computed sizes."""
+
+import textwrap
+
+from qlhs_jax.benchmarks import hlo_bytes
+
+HLO = textwrap.dedent("""\
+    HloModule m
+    %fused_computation (p: bf16[8,4]) -> f32[8] {
+      ROOT %r = f32[8]{0} parameter(0)
+    }
+    ENTRY %main (a: bf16[8,4], b: f32[4,4]) -> f32[8] {
+      %a = bf16[8,4]{1,0} parameter(0)
+      %b = f32[4,4]{1,0} parameter(1)
+      %gemm = (bf16[8,4]{1,0}, s8[16]{0}) custom-call(bf16[8,4]{1,0} %a, f32[4,4]{1,0} %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/stage1_block0/dot"}
+      %gte = bf16[8,4]{1,0} get-tuple-element((bf16[8,4]{1,0}, s8[16]{0}) %gemm), index=0
+      ROOT %input_reduce_fusion = f32[8]{0} fusion(bf16[8,4]{1,0} %gte), kind=kInput, calls=%fused_computation, metadata={op_name="jit(f)/head/reduce"}
+    }
+    """)
+
+
+def test_counts_operands_and_results():
+  rows = sorted(hlo_bytes.analyse(HLO))
+  # matmul: operands 8*4*2 + 4*4*4 = 128, results 8*4*2 + 16 = 80
+  # reduction: operand 64, result 8*4 = 32
+  assert rows == [(96, "reduction", "head", "input_reduce_fusion"),
+                  (208, "matmul (cuBLAS)", "stage1_block0", "gemm")]
+
+
+def test_report_runs(tmp_path):
+  p = tmp_path / "m.hlo.txt"
+  p.write_text(HLO)
+  out = hlo_bytes.report(str(p), top=2)
+  assert "2 kernels" in out and "matmul (cuBLAS)" in out and "68.4%" in out
