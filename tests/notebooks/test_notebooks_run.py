@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
-EXPECTED = ["01_quickstart.ipynb", "02_checkpoints.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_checkpoints.ipynb", "03_symmetry.ipynb"]
 
 
 def test_the_notebooks_are_there_without_outputs():
