@@ -92,8 +92,7 @@ def main():
   with open(f"{out_prefix}.p{pid}.json", "w") as f:
     json.dump({"process_index": pid, "process_count": jax.process_count(),
                "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-               "status": states["result"]["status"], "step": states["result"]["step"],
-               "consumed": consumed}, f)
+               "result": states["result"], "consumed": consumed}, f)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ SIGTERM to process 1 only (a preemption notice that reaches one host): both proc
 must save the same step and exit. The second resumes in the same workdir across the end
 of the first epoch (22 steps of 64) into the second, started as srun would start it
 (QLHS_DISTRIBUTED=1 and the SLURM_* variables of two tasks on one node, which JAX's
-cluster detection reads). Checked: both
-processes hold identical parameters; the batches they consumed are the pipeline's
-(the p-th slice of every global batch of the epoch's permutation), so together they
-consumed each example of the epoch exactly once; the resumed run starts from exactly
-the state the first one saved; the checkpoint loads on another topology (this process,
-8 devices) with the same parameters.
+cluster detection reads). Last, both evaluate the best checkpoint (eval_only).
+
+Checked: both processes hold identical parameters; the batches they consumed are the
+pipeline's (the p-th slice of every global batch of the epoch's permutation), so
+together they consumed each example of the epoch exactly once; the resumed run starts
+from exactly the state the first one saved; eval_only reproduces the saved validation
+numbers; the checkpoint loads on another topology (this process, 8 devices) with the
+same parameters.
 """
 
 import collections
@@ -49,7 +51,7 @@ def _free_port() -> int:
 
 
 def _run_processes(tmp_path, workdir: str, tag: str, stop_after: int, slurm: bool,
-                   sigterm_to: int | None = None) -> list[dict]:
+                   sigterm_to: int | None = None, extra=()) -> list[dict]:
   """Starts both processes, waits for both; returns what each recorded. With
   ``sigterm_to``, sends that process a SIGTERM once the run has logged a train step."""
   port = _free_port()
@@ -65,7 +67,7 @@ def _run_processes(tmp_path, workdir: str, tag: str, stop_after: int, slurm: boo
            # Cross-process collectives on CPUs need gloo (the default has none).
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     flags = [f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}",
-             f"--config.stop_after_steps={stop_after}", *FLAGS]
+             f"--config.stop_after_steps={stop_after}", *FLAGS, *extra]
     if slurm:  # what srun gives task `pid` of a 2-task step on one node
       env.update(QLHS_DISTRIBUTED="1", SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
                  SLURM_NTASKS=str(PROCESSES), SLURM_PROCID=str(pid),
@@ -149,8 +151,10 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert (rec["process_count"], rec["local_devices"], rec["devices"]) == (
         PROCESSES, LOCAL_DEVICES, PROCESSES * LOCAL_DEVICES)
   assert [len(r["consumed"]) for r in first + second] == [k, k, end - k, end - k]
-  assert all(r["status"] == "preempted" and r["step"] == k for r in first)
-  assert all(r["status"] == "stopped" and r["step"] == end for r in second)
+  assert all(r["result"]["status"] == "preempted" and r["result"]["step"] == k
+             for r in first)
+  assert all(r["result"]["status"] == "stopped" and r["result"]["step"] == end
+             for r in second)
 
   # Identical parameters in both processes, after the first run and after the resume;
   # training moved them (the comparisons are not vacuous).
@@ -192,6 +196,16 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert [(e["step"], e["count"]) for e in val] == [(s, 360) for s in range(spe, end + 1, spe)]
   train_steps = [e["step"] for e in events if e["split"] == "train"]
   assert train_steps == sorted(set(train_steps)) and train_steps[-1] == end
+
+  # eval_only on both processes: the best checkpoint (an end of epoch) restored onto the
+  # global mesh gives the validation numbers recorded when it was saved.
+  best = max(val, key=lambda e: e["top1"])
+  evals = _run_processes(tmp_path, workdir, "eval", stop_after=end, slurm=False,
+                         extra=["--config.eval_only=True", "--config.eval_checkpoint=best"])
+  for rec in evals:
+    r = rec["result"]
+    assert (r["status"], r["step"], r["count"]) == ("evaluated", best["step"], 360)
+    assert abs(r["top1"] - best["top1"]) < 1e-9 and abs(r["loss"] - best["loss"]) < 1e-5
 
   # The checkpoint of the two-process run loads in this single process (8 devices).
   run = ckpt_lib.load_run(workdir)
