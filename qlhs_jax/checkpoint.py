@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from qlhs_jax import config as config_lib
+from qlhs_jax import steps
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -132,6 +133,19 @@ class RunCheckpoints:
     self.manager.close()
 
 
+def replicated_target(abstract, mesh=None):
+  """``abstract`` with every leaf replicated over ``mesh`` (default: all devices).
+
+  orbax restores a leaf without a sharding onto the devices it was saved from, and
+  refuses when they differ (a checkpoint of a pod slice or of another process count);
+  an explicit target sharding restores it onto this topology.
+  """
+  sharding = jax.sharding.NamedSharding(mesh or steps.make_mesh(),
+                                        jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract)
+
+
 def _shapes(tree) -> dict[str, tuple]:
   """``{"params/stage1_block0/c": shape}`` for every array leaf of a (metadata) tree."""
   if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
@@ -224,7 +238,7 @@ def load_run(workdir: str, which: str = "latest", dtype: str | None = None) -> R
   if step is None:
     raise FileNotFoundError(f"no {which} checkpoint in {ckpts.directory}")
   model, _, abstract = train.abstract_train_state(config, dtype=dtype)
-  state, meta = ckpts.restore(step, abstract)
+  state, meta = ckpts.restore(step, replicated_target(abstract))
   return Run(config, model, {"params": state.params, "batch_stats": state.batch_stats},
              step, meta)
 

@@ -21,15 +21,25 @@ config_flags.DEFINE_config_file("config", None, "A config file from configs/, e.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def initialize_distributed():
+  """``jax.distributed.initialize()``: Cloud TPU VMs, SLURM, Open MPI and Kubernetes
+  are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+  import jax
+  # JAX reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
+  kwargs = {}
+  for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(env):
+      kwargs[arg] = int(os.environ[env])
+  jax.distributed.initialize(**kwargs)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   if config.distributed or os.environ.get("QLHS_DISTRIBUTED") == "1":
-    import jax
-    # Reads the coordinator, process count and id from the environment (TPU VMs,
-    # SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-    jax.distributed.initialize()
+    initialize_distributed()
   # orbax and grain log every checkpoint step at INFO through absl; keep ours only.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("qlhs_jax").setLevel(logging.INFO)

@@ -189,6 +189,14 @@ class _Progress:
       self.bar = None
 
 
+def _any_process(flag: bool) -> bool:
+  """``flag`` of any process, on every process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 @contextlib.contextmanager
 def _sigterm_flag():
   """Sets ``flag.is_set()`` on SIGTERM (main thread only); restores the old handler."""
@@ -246,7 +254,8 @@ def _eval_only(config, ckpts, eval_input, mesh, writer) -> dict:
     raise FileNotFoundError(f"eval_only: no {config.eval_checkpoint} checkpoint in "
                             f"{ckpts.directory}; train first")
   model, _, abstract = abstract_train_state(config, eval_input.num_classes, mesh.size)
-  state, _ = ckpts.restore(step, abstract)
+  # Restored straight onto the global mesh (any process count, any saved topology).
+  state, _ = ckpts.restore(step, ckpt_lib.replicated_target(abstract, mesh))
   eval_step = S.jit_eval_step(S.make_eval_step(
       model, num_classes=eval_input.num_classes,
       label_smoothing=config.label_smoothing), mesh)
@@ -266,8 +275,10 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
 
-  state = S.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
-                               train_input.image_shape)
+  # Replicated over the global mesh before any save or restore: in a multi-process run
+  # orbax writes and reads global arrays only (it refuses process-local ones).
+  state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
+                                           train_input.image_shape), mesh)
   train_iter = train_input.iterator()
   latest = ckpts.latest_step()
   if latest is not None:
@@ -304,6 +315,10 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
             "metrics": metrics, "model": config.model}
     ckpts.save(step, state, train_iter, meta, metrics=metrics)
 
+  # A SIGTERM reaches the processes of a multi-process run at different steps (or only
+  # some of them): they agree on it at log points, so that all save and stop together
+  # (one that stopped alone would wait forever in the save's barrier).
+  single_process = jax.process_count() == 1
   with _sigterm_flag() as sigterm:
     if host_step < stop_at:
       progress.start(host_step // spe, host_step % spe)
@@ -318,7 +333,7 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
                       host_step % config.checkpoint_every_steps == 0)
       # Every save is preceded by a non-finite check, so a saved state is a good one.
       log_now = (host_step % config.log_every_steps == 0 or end_of_epoch or save_now or
-                 host_step == stop_at or sigterm.is_set())
+                 host_step == stop_at or (single_process and sigterm.is_set()))
       progress.update()
       if log_now:
         # The only host synchronisation of the step loop.
@@ -345,7 +360,9 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
                 "(--config.nan_max_retries).")
           good = ckpts.latest_step()
           ckpts.wait()
-          restored, _ = ckpts.restore(good, jax.device_get(state), train_iter)
+          # The restore target is the global state itself (device_get of it would fail
+          # in a multi-process run).
+          restored, _ = ckpts.restore(good, state, train_iter)
           factor = config.nan_lr_factor ** retries
           state = S.replicate(restored.replace(
               lr_scale=jnp.asarray(factor, jnp.float32),
@@ -370,7 +387,9 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
           progress.start(host_step // spe, 0)
       elif save_now:
         save(host_step)
-      if sigterm.is_set() and host_step < stop_at:
+      stop = sigterm.is_set() if single_process else (
+          log_now and _any_process(sigterm.is_set()))
+      if stop and host_step < stop_at:
         if not (end_of_epoch or save_now):
           save(host_step)
         writer.event(host_step, "sigterm", "saved at the step boundary; rerun to resume")
