@@ -95,7 +95,8 @@ def cmd_sparsify(args) -> dict:
         f"{sp.count_1x1(folded)} 1x1 weights")
   t0 = time.time()
   theta, history = sp.optimize(group, folded, args.steps, args.lr,
-                               log=lambda i, l: print(f"  step {i}: L1 measure {l:.4f}"))
+                               log=lambda i, l: print(f"  step {i}: L1 measure {l:.4f}"),
+                               mixing=args.mixing)
   new = act(sp.exp_element(group, theta), folded)
   # Verify: the transformed weights compute the same logits, in float32 and (the same
   # Lie-algebra element, exponentiated in float64) in float64, where only the
@@ -120,14 +121,16 @@ def cmd_sparsify(args) -> dict:
           f"transformed {rows[-1]['top1_transformed']:.4f}")
   result = {
       "model": run.config.model, "step": run.step, "steps": args.steps,
+      "mixing": args.mixing,
       "learning_rate": args.lr, "weights_1x1": sp.count_1x1(folded),
       "l1_measure": [history[0], float(jax.jit(sp.l1_measure)(new, folded))],
       "l1_1x1_ratio": float(sp.l1_1x1(new, folded)),
       "logit_deviation_float32": dev32, "logit_deviation_float64": dev64,
       "rows": rows, "seconds": time.time() - t0}
-  _write_json(args.workdir, "sparsify.json", result)
-  _write_table(args.workdir, result)
-  _plot(args.workdir, result)
+  stem = "sparsify" if args.mixing else "sparsify_nomixing"
+  _write_json(args.workdir, f"{stem}.json", result)
+  _write_table(args.workdir, result, f"{stem}.md")
+  _plot(args.workdir, result, f"{stem}.png")
   return result
 
 
@@ -165,9 +168,10 @@ def _write_json(workdir, name, obj):
     json.dump(obj, f, indent=1)
 
 
-def _write_table(workdir, r):
-  lines = [f"Sparsification of {r['model']} (step {r['step']}): {r['weights_1x1']} 1x1 "
-           f"weights; L1 measure {r['l1_measure'][0]:.3f} -> {r['l1_measure'][1]:.3f} "
+def _write_table(workdir, r, name):
+  over = "" if r["mixing"] else " (diagonal part of the group only)"
+  lines = [f"Sparsification{over} of {r['model']} (step {r['step']}): "
+           f"{r['weights_1x1']} 1x1 weights; L1 measure {r['l1_measure'][0]:.3f} -> {r['l1_measure'][1]:.3f} "
            f"after {r['steps']} steps (1x1 L1 ratio {r['l1_1x1_ratio']:.3f}); "
            f"transformed logits deviate by {r['logit_deviation_float32']:.1e} (float32), "
            f"{r['logit_deviation_float64']:.1e} (float64).", "",
@@ -176,11 +180,11 @@ def _write_table(workdir, r):
   for row in r["rows"]:
     lines.append(f"| {row['kept']:.3f} | {row['top1_original']:.4f} | "
                  f"{row['top1_transformed']:.4f} |")
-  with open(os.path.join(workdir, "sparsify.md"), "w") as f:
+  with open(os.path.join(workdir, name), "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
-def _plot(workdir, r):
+def _plot(workdir, r, name):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -196,7 +200,7 @@ def _plot(workdir, r):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "sparsify.png"), dpi=120)
+  fig.savefig(os.path.join(workdir, name), dpi=120)
   plt.close(fig)
 
 
@@ -223,6 +227,9 @@ def parse_args(argv):
   s.add_argument("--lr", type=float, default=0.02)
   s.add_argument("--fractions", type=_floats, default=DEFAULT_FRACTIONS,
                  help="comma-separated fractions of 1x1 weights to keep")
+  s.add_argument("--mixing", action=argparse.BooleanOptionalAction, default=True,
+                 help="--no-mixing: optimise the diagonal part only (no GL/O), an "
+                 "ablation; writes sparsify_nomixing.*")
   w = sub.add_parser("weak", parents=[common], help="weak (data) symmetry search")
   w.add_argument("--steps", type=int, default=300)
   w.add_argument("--lr", type=float, default=0.02)

@@ -60,13 +60,16 @@ def _continuous(kind: str, n: int):
   return None
 
 
-def algebra_zeros(group: G.Group, dtype=jnp.float32):
+def algebra_zeros(group: G.Group, dtype=jnp.float32, mixing: bool = True):
   """Lie-algebra coordinates of the identity: ``{"stream": {slot: X}, "hidden":
-  {block: {slot: x}}}`` for the slots with a continuous part."""
-  stream = {s.name: jnp.zeros(_continuous(s.kind, s.size), dtype)
-            for s in group.stages if _continuous(s.kind, s.size)}
-  hidden = {b.name: {s.name: jnp.zeros(_continuous(s.kind, s.size), dtype)
-                     for s in b.hidden if _continuous(s.kind, s.size)}
+  {block: {slot: x}}}`` for the slots with a continuous part (without the GL and O
+  slots when ``mixing`` is False: the diagonal subgroup, for ablations)."""
+  def shape(s):
+    if not mixing and s.kind in (G.GL, G.O):
+      return None
+    return _continuous(s.kind, s.size)
+  stream = {s.name: jnp.zeros(shape(s), dtype) for s in group.stages if shape(s)}
+  hidden = {b.name: {s.name: jnp.zeros(shape(s), dtype) for s in b.hidden if shape(s)}
             for b in group.blocks}
   return {"stream": stream, "hidden": hidden}
 
@@ -124,15 +127,16 @@ def l1_1x1(folded, reference) -> jax.Array:
 
 
 def optimize(group: G.Group, folded, steps: int = 500, learning_rate: float = 0.02,
-             log: Callable[[int, float], None] | None = None):
-  """Minimises :func:`l1_measure` of ``act(exp(theta), folded)`` over ``theta`` (Adam).
+             log: Callable[[int, float], None] | None = None, mixing: bool = True):
+  """Minimises :func:`l1_measure` of ``act(exp(theta), folded)`` over ``theta`` (Adam;
+  ``mixing=False``: over the diagonal part only, no GL or O).
 
   Returns ``(theta, history)``: the Lie-algebra coordinates of the best element found
   (``exp_element(group, theta)``; in float64 too, for an exact verification) and the
   measure at every step.
   """
   dtype = jax.tree.leaves(folded)[0].dtype
-  theta = algebra_zeros(group, dtype)
+  theta = algebra_zeros(group, dtype, mixing)
   opt = optax.adam(learning_rate)
   state = opt.init(theta)
 
