@@ -2,7 +2,8 @@
 # The symmetry measurements of README "Symmetry": train the quickstart Eq.(3) and the
 # GL-closed Eq.(3)w (embedded digits, 2-core CPU: ~3-6 minutes each), then on each run
 # check the group, sparsify with the whole group and with its diagonal part only, and
-# (literal Eq.(3)) search for weak symmetries. About 15 minutes on a 2-core CPU.
+# (literal Eq.(3)) search for weak symmetries (~10 minutes). About 25-30 minutes on a
+# 2-core CPU.
 #   OUT=/tmp/qlhs_symmetry bash benchmarks/symmetry_quickstart.sh
 # Tables, JSON and plots land in each run's workdir ($OUT/<model>/sparsify*.md|png,
 # symmetry_check.json, weak.md); copy the .md and .png to benchmarks/symmetry/.
