@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,11 +44,19 @@ def _form_and_e(model) -> tuple[str, int]:
   return model.form, model.expansion
 
 
+def _take(w, perm, axis):
+  """``w`` permuted along ``axis``: a gather under tracing, else in NumPy (a checkpoint
+  converts without compiling one gather per shape)."""
+  if isinstance(w, jax.core.Tracer):
+    return jnp.take(w, perm, axis=axis)
+  return jnp.asarray(np.take(np.asarray(w), perm, axis=axis))
+
+
 def _block(tree: Mapping, form: str, e: int, h: int, to: str) -> dict:
   """Permutes the hidden-indexed leaves of one block's collection (params, batch_stats
   or a folded tree)."""
   perm = permutation(h // e, e, to)
-  cols = lambda w: jnp.take(jnp.asarray(w), perm, axis=-1)
+  cols = lambda w: _take(w, perm, -1)
   out = dict(tree)
   for name in ("bn_d", "d_bias") + (("bn_c", "c_bias") if form == "eq7" else ()):
     if name in out:
@@ -56,7 +65,7 @@ def _block(tree: Mapping, form: str, e: int, h: int, to: str) -> dict:
   if "c" in out and form in _C_HIDDEN:
     out["c"] = cols(out["c"])
   if "a" in out and form in _A_HIDDEN:
-    out["a"] = jnp.take(jnp.asarray(out["a"]), perm, axis=0)
+    out["a"] = _take(out["a"], perm, 0)
   return out
 
 
