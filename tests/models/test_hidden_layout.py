@@ -188,3 +188,35 @@ def test_config_and_errors():
     convert_hidden_layout("eq3_softball_ds", {"params": {}}, to="x")
   with pytest.raises(NotImplementedError, match=r"convert_hidden_layout\(.*j_major"):
     group_for(QLHSNet(hidden_layout="s_major", **TINY))
+
+
+def test_init_from_converts_and_resume_refuses(tmp_path):
+  """init_from a j-major run into an s-major model converts the weights (equal shapes
+  would load silently otherwise); resuming a run with another layout is refused."""
+  from qlhs_jax import checkpoint as ckpt_lib
+  from qlhs_jax import config as config_lib
+  x = jnp.zeros((1, 8, 8, 3))
+  mj = QLHSNet(dtype=jnp.float32, **TINY)
+  ms = mj.clone(hidden_layout="s_major")
+  vj = random_variables(mj, x)
+  tx = S.make_optimizer()
+  state = S.TrainState(
+      step=jnp.zeros((), jnp.int32), params=vj["params"], batch_stats=vj["batch_stats"],
+      opt_state=tx.init(vj["params"]), rng=jax.random.key_data(jax.random.PRNGKey(0)),
+      lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
+  wd = str(tmp_path / "run")
+  c = config_lib.base_config("eq3_softball_ds")
+  ckpt_lib.save_or_check_config(wd, c)  # hidden_layout None: j-major
+  ckpts = ckpt_lib.RunCheckpoints(wd, async_save=False)
+  ckpts.save(0, state, None, {"epoch": 0})
+  ckpts.close()
+  abstract = jax.eval_shape(lambda: state)
+  params, stats = ckpt_lib.load_weights(wd, abstract, ms)
+  want = convert_hidden_layout(mj, vj, to="s_major")
+  assert_trees_close({"params": params, "batch_stats": stats}, want, 0, 0)
+  params, _ = ckpt_lib.load_weights(wd, abstract, mj)  # same layout: as saved
+  assert_trees_close(params, vj["params"], 0, 0)
+  c.model_overrides.hidden_layout = "s_major"
+  c.allow_config_change = True
+  with pytest.raises(ValueError, match="hidden_layout='j_major'.*init_from"):
+    ckpt_lib.save_or_check_config(wd, c)
