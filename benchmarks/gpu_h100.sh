@@ -3,7 +3,8 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), the
-# compiled HLO of the first two models to $OUT. Each model runs in its own process.
+# compiled HLO of the first two models and of the s-major variant to $OUT. Each model runs
+# in its own process.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
@@ -19,6 +20,7 @@ bench() {  # bench SECONDS ARGS...: one harness call under a time limit
 }
 # In priority order: the headline row first.
 bench 300 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
+bench 150 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$OUT"
 bench 150 --model eq3_softball_ds --set 'remat="dots"'
 bench 150 --model eq3_softball_ds --set 'd_impl="grouped"'
 bench 150 --model eq3_softball_ds --set 'remat="full"'

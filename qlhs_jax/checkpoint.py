@@ -175,6 +175,15 @@ def save_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     with open(path) as f:
       saved = json.load(f)
     diff = config_lib.differences(saved, current)
+    key = "model_overrides.hidden_layout"
+    layouts = [d.get(key) or "j_major" for d in (saved, current)]
+    if layouts[0] != layouts[1]:
+      # Same shapes, permuted meaning: a resumed state would load silently and wrongly.
+      raise ValueError(
+          f"workdir {workdir} holds a run with hidden_layout={layouts[0]!r}, this config "
+          f"has {layouts[1]!r}; a run cannot change it (not even with "
+          "allow_config_change). Start a new --workdir with "
+          f"--config.init_from={workdir}: init_from converts the weights.")
     if diff and not config.allow_config_change:
       lines = "\n  ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now "
                           f"{current.get(k, '<absent>')!r}" for k in diff)
@@ -243,9 +252,13 @@ def load_run(workdir: str, which: str = "latest", dtype: str | None = None) -> R
              step, meta)
 
 
-def load_weights(path: str, abstract_state):
+def load_weights(path: str, abstract_state, model=None):
   """``init_from``: params and batch_stats from a workdir (latest step) or a checkpoint
-  step directory; errors name every mismatch with ``abstract_state``."""
+  step directory; errors name every mismatch with ``abstract_state``.
+
+  With ``model``, a QLHS model whose ``hidden_layout`` differs from the source run's
+  (read from its config.json; j-major when absent) gets converted weights: the two
+  layouts have equal shapes, so nothing else would notice."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
     ckpts, step = RunCheckpoints(path, read_only=True), None
@@ -263,4 +276,17 @@ def load_weights(path: str, abstract_state):
   ckpts.check_compatible(step, abstract_state, subtrees=("params", "batch_stats"))
   restored = ckpts.manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
-  return restored.state.params, restored.state.batch_stats
+  params, stats = restored.state.params, restored.state.batch_stats
+  want = getattr(model, "hidden_layout", None)
+  if want is not None:
+    src_dir = os.path.dirname(ckpts.directory)
+    src = "j_major"
+    if os.path.exists(os.path.join(src_dir, CONFIG_FILE)):
+      src = load_config(src_dir).model_overrides.hidden_layout or "j_major"
+    if src != want:
+      from qlhs_jax.models.layout import convert_hidden_layout
+      # Under jit: the restored arrays are global (multi-process) and stay so.
+      conv = jax.jit(lambda v: convert_hidden_layout(model, v, to=want))(
+          {"params": params, "batch_stats": stats})
+      params, stats = conv["params"], conv["batch_stats"]
+  return params, stats

@@ -288,7 +288,7 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
   else:
     retries = 0
     if config.init_from:
-      params, stats = ckpt_lib.load_weights(config.init_from, state)
+      params, stats = ckpt_lib.load_weights(config.init_from, state, model)
       state = state.replace(params=params, batch_stats=stats)
       writer.event(0, "init_from", f"weights from {config.init_from}")
     # Step 0 is the last good checkpoint should the first epoch go non-finite.

@@ -12,6 +12,12 @@ shared by every j ("ws", the paper's default). Two implementations give the same
 
 Padding is 1 on every side (PyTorch's ``padding=1``), so a stride-2 D samples the input
 at even coordinates, the same grid as ``u[:, ::2, ::2]``.
+
+``layout="s_major"`` computes the same numbers with the hidden channels ordered
+``s*J + j`` instead: input (B, H, W, S, J), output (B, Ho, Wo, E*J). The shifted form
+builds the (E, J) products directly (no transpose), so the reductions that need the
+hidden tensor per kernel ``s`` (the shared kernels' gradient) read ``j`` contiguously.
+The grouped form with S = 1 can only produce j-major groups; it transposes its output.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 D_IMPLS = ("shifted", "grouped")
+HIDDEN_LAYOUTS = ("j_major", "s_major")
 ACTIVATIONS = ("relu", "hardtanh", "hardball", "softball", "none")
 
 
@@ -29,40 +36,58 @@ def _out_size(n: int, stride: int) -> int:
 
 
 def derivative(x: jax.Array, kernel: jax.Array, stride: int = 1,
-               impl: str = "shifted") -> jax.Array:
+               impl: str = "shifted", layout: str = "j_major") -> jax.Array:
   """Applies D: ``x`` (B, H, W, J, S) times ``kernel`` (3, 3, J or 1, E).
 
   ``S`` is 1 (every input channel j yields E outputs: Eq.(3)-(6)) or E (hidden channel
   (j, s) is filtered by its own kernel (j, s): Eq.(7)). Returns (B, Ho, Wo, J*E).
+  ``layout="s_major"``: ``x`` is (B, H, W, S, J) and the result (B, Ho, Wo, E*J), channel
+  ``s*J + j``; the kernel keeps its shape (3, 3, J or 1, E).
   """
+  if layout not in HIDDEN_LAYOUTS:
+    raise ValueError(f"unknown hidden layout {layout!r}; choose one of {HIDDEN_LAYOUTS}")
   if x.ndim != 5:
-    raise ValueError(f"derivative expects x of rank 5 (B, H, W, J, S), got {x.shape}")
-  b, h, w, j, s = x.shape
+    raise ValueError(f"derivative expects x of rank 5 (B, H, W, J, S) or, s_major, "
+                     f"(B, H, W, S, J), got {x.shape}")
+  smaj = layout == "s_major"
+  if smaj:
+    b, h, w, s, j = x.shape
+  else:
+    b, h, w, j, s = x.shape
   kh, kw, kj, e = kernel.shape
   if (kh, kw) != (3, 3) or kj not in (1, j) or s not in (1, e):
-    raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape}")
+    raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape} ({layout})")
   kernel = kernel.astype(x.dtype)
   ho, wo = _out_size(h, stride), _out_size(w, stride)
   if impl == "shifted":
+    # s_major: each tap is (.., S, J) times the kernel as (E, J or 1), so the products
+    # come out as (.., E, J) with no transpose.
+    kt = jnp.swapaxes(kernel, 2, 3) if smaj else kernel
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
     out = None
     for dy in range(3):
       for dx in range(3):
         tap = lax.slice(xp, (0, dy, dx, 0, 0),
-                        (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, j, s),
-                        (1, stride, stride, 1, 1))
-        term = tap * kernel[dy, dx]
+                        (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1)
+                        + x.shape[3:], (1, stride, stride, 1, 1))
+        term = tap * kt[dy, dx]
         out = term if out is None else out + term
     return out.reshape(b, ho, wo, j * e)
   if impl == "grouped":
-    full = jnp.broadcast_to(kernel, (3, 3, j, e)).reshape(3, 3, 1, j * e)
+    full = jnp.broadcast_to(kernel, (3, 3, j, e))
     if s == 1:
       inp, groups = x.reshape(b, h, w, j), j
-    else:  # one kernel per input channel: channel multiplier 1
+      full = full.reshape(3, 3, 1, j * e)
+    else:  # one kernel per input channel: channel multiplier 1, in the input's order
       inp, groups = x.reshape(b, h, w, j * e), j * e
-    return lax.conv_general_dilated(
+      full = (jnp.swapaxes(full, 2, 3) if smaj else full).reshape(3, 3, 1, j * e)
+    out = lax.conv_general_dilated(
         inp, full, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    if smaj and s == 1:
+      # A grouped conv writes each group's E outputs together (j-major): transpose.
+      out = jnp.swapaxes(out.reshape(b, ho, wo, j, e), 3, 4).reshape(b, ho, wo, e * j)
+    return out
   raise ValueError(f"unknown D implementation {impl!r}; choose one of {D_IMPLS}")
 
 

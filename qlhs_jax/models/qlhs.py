@@ -24,6 +24,12 @@ Stride (first block of stages 2-4): in eq3/eq4/eq5 both factors live on the stri
 (``D`` strides, the 1x1 maps read ``u[:, ::2, ::2]``); in eq6/eq7/eq3w the product (or
 ``W u``) is formed at full resolution and ``D`` carries the stride.
 
+``hidden_layout="s_major"`` orders the hidden channels ``s*n_in + j`` instead (D's output
+as (..., e, n_in)): the same function with C's output columns, A's input rows and the
+hidden BatchNorms permuted (:func:`qlhs_jax.models.layout.convert_hidden_layout` maps
+the variables). It is a speed variant: reductions per kernel ``s`` then run over a
+contiguous ``j`` axis (benchmarks/NOTES.md, experiment 1).
+
 Then ``y = BN_out(block) + shortcut(u)`` (``BN_out`` scale starts at 0, so every block
 starts as the identity), followed by the activation where the placement puts one.
 """
@@ -51,6 +57,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 PLACEMENTS = ("ds", "all")
+HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
 
 
 def d_kernel_init(expansion: int):
@@ -73,6 +80,7 @@ class QLHSBlock(nn.Module):
   post_activation: str = "none"
   d_impl: str = "shifted"
   train: bool = False
+  hidden_layout: str = "j_major"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.float32
@@ -94,44 +102,80 @@ class QLHSBlock(nn.Module):
                      scale_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
                      name=f"bn_{name}")(x)
 
+  @property
+  def _smaj(self):
+    return self.hidden_layout == "s_major"
+
+  def _split(self, x):
+    """``x`` (..., n) as D's rank-5 input: (..., n, 1), or (..., 1, n) in s_major."""
+    return x[..., None, :] if self._smaj else x[..., None]
+
   def _d(self, x5, stride):
-    """D on ``x5`` (B, H, W, J, S); kernel (3, 3, 1 or J, e). Folded: always per channel."""
-    j, e = x5.shape[3], self.expansion
+    """D on ``x5`` (B, H, W, J, S) (s_major: (B, H, W, S, J)); kernel (3, 3, 1 or J, e).
+    Folded: always per channel."""
+    j, e = x5.shape[4 if self._smaj else 3], self.expansion
     kj = 1 if (self.weight_sharing and not self.folded) else j
     kernel = self.param("d_kernel", d_kernel_init(e), (3, 3, kj, e), self.param_dtype)
-    return layers.derivative(x5, kernel, stride, self.d_impl)
+    return layers.derivative(x5, kernel, stride, self.d_impl, self.hidden_layout)
+
+  def _group_sum(self, p, n_in):
+    """Eq.(5): output o sums the hidden channels (j, s) with (j*e + s) // g == o,
+    g = h / n_out, in either layout (the j-major layout's contiguous groups)."""
+    e, n_out = self.expansion, self.n_out
+    h = e * n_in
+    g = h // n_out
+    lead = p.shape[:-1]
+    if not self._smaj:
+      return p.reshape(lead + (n_out, g)).sum(-1)
+    pe = p.reshape(lead + (e, n_in))  # (s, j)
+    if e % g == 0:  # each group: g consecutive s of one j; o = j*(e//g) + s//g
+      r = e // g
+      y = pe.reshape(lead + (r, g, n_in)).sum(-2)  # (s//g, j)
+      return jnp.swapaxes(y, -1, -2).reshape(lead + (n_out,))  # small: n_out channels
+    if g % e == 0:  # each group: all s of g//e consecutive j; o = j // (g//e)
+      return pe.reshape(lead + (e, n_out, g // e)).sum((-3, -1))
+    # Groups that split a j's kernels unevenly: back to j-major (a full transpose).
+    pj = jnp.swapaxes(pe, -1, -2).reshape(lead + (h,))
+    return pj.reshape(lead + (n_out, g)).sum(-1)
 
   @nn.compact
   def __call__(self, u):
     n_in, e, s = u.shape[-1], self.expansion, self.stride
     h = e * n_in
     form = self.form
+    if self.hidden_layout not in HIDDEN_LAYOUTS:
+      raise ValueError(f"unknown hidden_layout {self.hidden_layout!r}; "
+                       f"choose one of {HIDDEN_LAYOUTS}")
     us = layers.subsample(u, s)
     if form == "eq3":
-      f1 = self._norm(self._d(u[..., None], s), "d")
+      f1 = self._norm(self._d(self._split(u), s), "d")
       y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
     elif form == "eq3w":
-      f1 = self._norm(self._d(self._dense(u, "w", n_in)[..., None], s), "d")
+      f1 = self._norm(self._d(self._split(self._dense(u, "w", n_in)), s), "d")
       y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
     elif form == "eq4":
-      f1 = self._norm(self._d(u[..., None], s), "d")
+      f1 = self._norm(self._d(self._split(u), s), "d")
       y = self._dense(us, "c", self.n_out) * self._dense(f1, "a", self.n_out)
     elif form == "eq5":
       if h % self.n_out:
         raise ValueError(f"eq5 needs h = e*n_in = {h} to divide by n_out = {self.n_out}")
-      p = self._norm(self._d(u[..., None], s), "d") * self._dense(us, "c", h)
-      # Group g of output o is hidden channel o*g + t, i.e. (j, s) with j = o*g//e: the
-      # non-strided block sums exactly the e derivatives of u_o, as Eq.(5) says.
-      y = p.reshape(p.shape[:-1] + (self.n_out, h // self.n_out)).sum(-1)
+      p = self._norm(self._d(self._split(u), s), "d") * self._dense(us, "c", h)
+      # Group g of output o is hidden channel o*g + t (j-major), i.e. (j, s) with
+      # j = o*g//e: the non-strided block sums exactly the e derivatives of u_o, as
+      # Eq.(5) says. s_major sums the same (j, s) sets.
+      y = self._group_sum(p, n_in)
     elif form == "eq6":
       c = self._dense(u, "c", n_in)
       if self.eq6_c_norm:
         c = self._norm(c, "c")
-      f = self._norm(self._d((u * c)[..., None], s), "d")
+      f = self._norm(self._d(self._split(u * c), s), "d")
       y = self._dense(f, "a", self.n_out)
     elif form == "eq7":
       c = self._norm(self._dense(u, "c", h), "c")
-      p = u[..., None] * c.reshape(c.shape[:-1] + (n_in, e))  # u repeated e times
+      if self._smaj:  # c's channels are s*n_in + j
+        p = u[..., None, :] * c.reshape(c.shape[:-1] + (e, n_in))
+      else:  # u repeated e times
+        p = u[..., None] * c.reshape(c.shape[:-1] + (n_in, e))
       f = self._norm(self._d(p, s), "d")
       y = self._dense(f, "a", self.n_out)
     else:
@@ -169,6 +213,7 @@ class QLHSNet(nn.Module):
   eq6_c_norm: bool = True
   d_impl: str = "shifted"
   remat: str = "none"
+  hidden_layout: str = "j_major"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -205,8 +250,8 @@ class QLHSNet(nn.Module):
       block_cls = nn.remat(QLHSBlock, policy=REMAT_POLICIES[self.remat])
     for k, i, _, n_out, stride, act in layout:
       x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
-                    self.eq6_c_norm, act, self.d_impl, name=f"stage{k + 1}_block{i}",
-                    **common)(x)
+                    self.eq6_c_norm, act, self.d_impl, hidden_layout=self.hidden_layout,
+                    name=f"stage{k + 1}_block{i}", **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)
     return classifier_head(global_pool(x), self.num_classes, self.param_dtype)

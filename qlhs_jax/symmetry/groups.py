@@ -170,10 +170,18 @@ def group_for(model) -> Group:
   """The symmetry group of a zoo model (a Flax module of qlhs_jax.models).
 
   Raises:
-    NotImplementedError: for a module this package does not know, or an Eq.(5) layout
-      whose output groups do not follow the stream's channels.
+    NotImplementedError: for a module this package does not know, an Eq.(5) layout
+      whose output groups do not follow the stream's channels, or an s-major QLHSNet
+      (convert it to j-major first).
   """
   if isinstance(model, QLHSNet):
+    if model.hidden_layout != "j_major":
+      # The slots and the action index hidden channels as j*e + s.
+      raise NotImplementedError(
+          f"the symmetry tools expect hidden_layout='j_major', not "
+          f"{model.hidden_layout!r}: convert the variables with qlhs_jax.models."
+          "convert_hidden_layout(model, variables, to='j_major') and use "
+          "model.clone(hidden_layout='j_major')")
     return _qlhs_group(model)
   if isinstance(model, ResNet):
     return _resnet_group(model)
