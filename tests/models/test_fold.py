@@ -9,15 +9,14 @@ from qlhs_jax.models import (MobileNetV3Large, QLHSNet, ResNet, apply_folded,
                              fold_batchnorm)
 from qlhs_jax.models.qlhs import FORMS
 
-from tests.models.test_qlhs import randomize
+from tests.models.test_qlhs import random_variables
 
 TINY = dict(widths=(8, 16), depths=(1, 2), num_classes=5, stem="small")
 
 
 def _check(model, x, tol):
-  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)  # shapes only: no compile
-  params = randomize(v["params"], jax.random.PRNGKey(1))  # BN scales far from 0 and 1
-  stats = randomize(v["batch_stats"], jax.random.PRNGKey(2), 0.5, 1.5)
+  v = random_variables(model, x)
+  params, stats = v["params"], v["batch_stats"]
   ref = jax.jit(model.apply)({"params": params, "batch_stats": stats}, x)
   folded = fold_batchnorm(model, params, stats)
   assert not any("bn" in str(path) for path, _ in

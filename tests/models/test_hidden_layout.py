@@ -11,20 +11,12 @@ from qlhs_jax.models import (QLHSBlock, QLHSNet, apply_folded, convert_hidden_la
                              fold_batchnorm, layers)
 from qlhs_jax.models.layout import permutation
 
-from tests.models.test_qlhs import randomize
+from tests.models.test_qlhs import random_variables
 
 # Stage 1 keeps its width (n_in = n_out), stage 2 strides and doubles it: both Eq.(5)
 # group shapes and both stride paths of every form.
 TINY = dict(widths=(4, 8), depths=(1, 1), num_classes=5, stem="small")
 FORMS = ("eq3", "eq3w", "eq4", "eq5", "eq6", "eq7")
-
-
-def random_variables(model, x, seed=0):
-  """Random params (BN scales far from 1) and non-trivial running statistics."""
-  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  return {"params": randomize(v["params"], jax.random.PRNGKey(seed + 1), -0.7, 0.7),
-          "batch_stats": randomize(v["batch_stats"], jax.random.PRNGKey(seed + 2), 0.5,
-                                   1.5)}
 
 
 def assert_trees_close(a, b, rtol, atol):
@@ -44,7 +36,7 @@ def _check_same_network(form, ws, dtype, tol, grads=True):
   mj = QLHSNet(form=form, weight_sharing=ws, activation="softball", dtype=dtype,
                param_dtype=dtype, **TINY)
   ms = mj.clone(hidden_layout="s_major")
-  vj = random_variables(mj, x)
+  vj = random_variables(mj, x, lo=-0.7, hi=0.7)
   vs = convert_hidden_layout(mj, vj, to="s_major")
   # Same shapes: parameter counts and checkpoint structure do not depend on the layout.
   assert jax.tree.map(jnp.shape, vs) == jax.tree.map(jnp.shape, vj)
@@ -109,7 +101,7 @@ def test_eq5_group_sums_in_s_major(n_in, n_out):
   u = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, n_in))
   bj = QLHSBlock(n_out, 1, "eq5", 4, post_activation="none")
   bs = bj.clone(hidden_layout="s_major")
-  v = random_variables(bj, u)
+  v = random_variables(bj, u, lo=-0.7, hi=0.7)
   want = bj.apply(v, u)
   got = bs.apply(convert_hidden_layout(bj, v, to="s_major"), u)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -149,7 +141,7 @@ def test_train_step_with_s_major():
   ms = mj.clone(hidden_layout="s_major")
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
-  vj = random_variables(mj, x)
+  vj = random_variables(mj, x, lo=-0.7, hi=0.7)
   vs = convert_hidden_layout(mj, vj, to="s_major")
 
   def run(m, v):
@@ -198,7 +190,7 @@ def test_init_from_converts_and_resume_refuses(tmp_path):
   x = jnp.zeros((1, 8, 8, 3))
   mj = QLHSNet(dtype=jnp.float32, **TINY)
   ms = mj.clone(hidden_layout="s_major")
-  vj = random_variables(mj, x)
+  vj = random_variables(mj, x, lo=-0.7, hi=0.7)
   tx = S.make_optimizer()
   state = S.TrainState(
       step=jnp.zeros((), jnp.int32), params=vj["params"], batch_stats=vj["batch_stats"],

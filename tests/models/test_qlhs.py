@@ -17,6 +17,15 @@ def randomize(tree, key, lo=-1.0, hi=1.0):
   return jax.tree.map(lambda l: jnp.asarray(rng.uniform(lo, hi, l.shape), l.dtype), tree)
 
 
+def random_variables(model, x, seed=0, lo=-1.0, hi=1.0):
+  """Random params in [lo, hi] (BN scales far from 0 and 1) and running statistics in
+  [0.5, 1.5], of ``model``'s shapes for input ``x`` (``jax.eval_shape``: no compile)."""
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  return {"params": randomize(v["params"], jax.random.PRNGKey(seed + 1), lo, hi),
+          "batch_stats": randomize(v["batch_stats"], jax.random.PRNGKey(seed + 2), 0.5,
+                                   1.5)}
+
+
 def np_bn(z, p, st):
   return (z - st["mean"]) / np.sqrt(st["var"] + 1e-5) * p["scale"] + p["bias"]
 
