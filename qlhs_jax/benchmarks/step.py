@@ -172,8 +172,9 @@ def main(argv=None):
         f"{'peak GB':>8s}")
   for r in records:
     mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+    over = " ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items()))
     print(f"{r['model']:28s} {r['device']:22s} {r['train_img_s']:12.1f} "
-          f"{r['eval_img_s']:11.1f} {mem:>8s}")
+          f"{r['eval_img_s']:11.1f} {mem:>8s}  {over}")
   if args.vs:
     print(f"ratio {args.model} / {args.vs}: train {records[0]['train_ratio_vs'][args.vs]:.3f}"
           f"  eval {records[0]['eval_ratio_vs'][args.vs]:.3f}  (batch {args.batch}, "

@@ -1,5 +1,6 @@
-"""``python -m qlhs_jax.benchmarks.table benchmarks/results.jsonl``: the harness records
-as the Markdown table of README "Speed" (one row per record, newest last)."""
+"""``python -m qlhs_jax.benchmarks.table benchmarks/results.jsonl``: the records as the
+Markdown tables of README "Speed" (newest last): one row per train-step record of
+``benchmarks.step``, then one per ``benchmarks.fused`` record (kind "fused_op")."""
 
 import json
 import sys
@@ -9,9 +10,18 @@ def table(path: str) -> str:
   rows = ["| date | device | jax | model | overrides | batch | size | train img/s | "
           "eval img/s (BN folded) | peak GB | train ratio |",
           "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+  fused = ["| date | device | jax | batch | Pallas tiling | none ms | xla ms | pallas ms | "
+           "pallas / none |",
+           "|---|---|---|---:|---|---:|---:|---:|---:|"]
   with open(path) as f:
     for line in f:
       r = json.loads(line)
+      if r.get("kind") == "fused_op":
+        ms = r["network_ms"]
+        fused.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['batch']} | "
+                     f"{r.get('tiling') or 'default'} | {ms['none']:.2f} | {ms['xla']:.2f} | "
+                     f"{ms['pallas']:.2f} | {ms['pallas'] / ms['none']:.2f} |")
+        continue
       over = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
       ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("train_ratio_vs", {}).items()
                         if k != r["model"]) or "-"
@@ -19,7 +29,11 @@ def table(path: str) -> str:
       rows.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['model']} | {over} | "
                   f"{r['batch']} | {r['size']} | {r['train_img_s']:,.0f} | "
                   f"{r['eval_img_s']:,.0f} | {mem} | {ratio} |")
-  return "\n".join(rows)
+  out = "\n".join(rows)
+  if len(fused) > 2:
+    out += ("\n\nBN(D u) * c alone, forward + backward summed over Eq.(3)'s 16 blocks "
+            "(`benchmarks.fused`):\n\n" + "\n".join(fused))
+  return out
 
 
 if __name__ == "__main__":

@@ -72,12 +72,8 @@ class BatchNorm(nn.Module):
       mean = jnp.mean(xg, axes, keepdims=True)
       var = jnp.maximum(jnp.mean(xg * xg, axes, keepdims=True) - mean * mean, 0.0)
       if not self.is_initializing():
-        n = xg.size // (self.groups * c)
-        unbiased = var * (n / max(n - 1, 1))
-        red = tuple(range(xg.ndim - 1))
-        m = BN_MOMENTUM
-        ra_mean.value = (m * ra_mean.value + (1 - m) * jnp.mean(mean, red)).astype(sdt)
-        ra_var.value = (m * ra_var.value + (1 - m) * jnp.mean(unbiased, red)).astype(sdt)
+        update_running_stats(ra_mean, ra_var, mean.reshape(self.groups, c),
+                             var.reshape(self.groups, c), xg.size // (self.groups * c))
       shape = (self.groups,) + (1,) * (x.ndim - 1) + (c,)
       mean, var = mean.reshape(shape), var.reshape(shape)
       mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
@@ -87,6 +83,17 @@ class BatchNorm(nn.Module):
     mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
     add = bias.astype(stat_dtype) - mean * mul
     return (x.astype(stat_dtype) * mul + add).astype(self.dtype)
+
+
+def update_running_stats(ra_mean, ra_var, mean, var, count: int):
+  """PyTorch's running averages from per-group batch statistics ``mean``, ``var``
+  (groups, c), biased, over ``count`` values per group: the group mean of each (see
+  :class:`BatchNorm`), the variance made unbiased."""
+  sdt = ra_mean.value.dtype
+  unbiased = var * (count / max(count - 1, 1))
+  m = BN_MOMENTUM
+  ra_mean.value = (m * ra_mean.value + (1 - m) * jnp.mean(mean, 0)).astype(sdt)
+  ra_var.value = (m * ra_var.value + (1 - m) * jnp.mean(unbiased, 0)).astype(sdt)
 
 
 def batchnorm_affine(bn_params, bn_stats):

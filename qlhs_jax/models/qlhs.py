@@ -30,6 +30,11 @@ hidden BatchNorms permuted (:func:`qlhs_jax.models.layout.convert_hidden_layout`
 the variables). It is a speed variant: reductions per kernel ``s`` then run over a
 contiguous ``j`` axis (benchmarks/NOTES.md, experiment 1).
 
+``fuse_d_bn="xla"`` or ``"pallas"`` computes the training-mode ``BN(D u) * (C u)`` of
+eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written backward,
+D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
+autodiff. Evaluation and folded models always take the plain path.
+
 Then ``y = BN_out(block) + shortcut(u)`` (``BN_out`` scale starts at 0, so every block
 starts as the identity), followed by the activation where the placement puts one.
 """
@@ -42,9 +47,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.models import layers
-from qlhs_jax.models.common import (BatchNorm, ConvNorm, Dtype, classifier_head,
-                                    conv_init, global_pool, resnet_stem)
+from qlhs_jax.models.common import (BN_EPS, BatchNorm, ConvNorm, Dtype, classifier_head,
+                                    conv_init, global_pool, resnet_stem,
+                                    update_running_stats)
 
 FORMS = ("eq3", "eq4", "eq5", "eq6", "eq7", "eq3w")
 # Rematerialisation of each block in the backward pass (performance only; same numbers):
@@ -58,6 +65,8 @@ REMAT_POLICIES = {
 }
 PLACEMENTS = ("ds", "all")
 HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
+FUSE_D_BN = dbn.FUSE_IMPLS
+FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
 def d_kernel_init(expansion: int):
@@ -67,6 +76,35 @@ def d_kernel_init(expansion: int):
   ``h`` outputs of the depthwise conv, a 1/sqrt(n) smaller start); a deliberate choice,
   so that ws and no-ws start from kernels of one scale."""
   return nn.initializers.normal(stddev=(2.0 / (9 * expansion)) ** 0.5)
+
+
+class FusedDBNProduct(nn.Module):
+  """Training-mode ``BN(D u) * c`` as one operation (qlhs_jax.kernels.d_bn_product).
+
+  Holds the variables of the plain path's ``bn_d`` :class:`BatchNorm` (``scale``,
+  ``bias``; running ``mean`` and ``var``), so checkpoints do not depend on ``impl``. On
+  a CPU backend the Pallas kernels run in interpret mode (correct, slow: for tests).
+  """
+  impl: str
+  stride: int = 1
+  groups: int = 1
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u, kernel, c):
+    h = c.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (h,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (h,), self.param_dtype)
+    sdt = jnp.promote_types(self.param_dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((h,), sdt))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((h,), sdt))
+    p, mean, var = dbn.d_bn_product(
+        u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
+        impl=self.impl, interpret=jax.default_backend() == "cpu")
+    if not self.is_initializing():
+      count = (u.shape[0] // self.groups) * c.shape[1] * c.shape[2]
+      update_running_stats(ra_mean, ra_var, mean, var, count)
+    return p
 
 
 class QLHSBlock(nn.Module):
@@ -81,6 +119,7 @@ class QLHSBlock(nn.Module):
   d_impl: str = "shifted"
   train: bool = False
   hidden_layout: str = "j_major"
+  fuse_d_bn: str = "none"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.float32
@@ -110,13 +149,41 @@ class QLHSBlock(nn.Module):
     """``x`` (..., n) as D's rank-5 input: (..., n, 1), or (..., 1, n) in s_major."""
     return x[..., None, :] if self._smaj else x[..., None]
 
-  def _d(self, x5, stride):
-    """D on ``x5`` (B, H, W, J, S) (s_major: (B, H, W, S, J)); kernel (3, 3, 1 or J, e).
-    Folded: always per channel."""
-    j, e = x5.shape[4 if self._smaj else 3], self.expansion
+  def _d_kernel(self, j):
+    """D's kernel (3, 3, 1 or j, e). Folded: always per channel."""
+    e = self.expansion
     kj = 1 if (self.weight_sharing and not self.folded) else j
-    kernel = self.param("d_kernel", d_kernel_init(e), (3, 3, kj, e), self.param_dtype)
+    return self.param("d_kernel", d_kernel_init(e), (3, 3, kj, e), self.param_dtype)
+
+  def _d(self, x5, stride):
+    """D on ``x5`` (B, H, W, J, S) (s_major: (B, H, W, S, J))."""
+    kernel = self._d_kernel(x5.shape[4 if self._smaj else 3])
     return layers.derivative(x5, kernel, stride, self.d_impl, self.hidden_layout)
+
+  def _d_bn_times(self, x, make_c, stride):
+    """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
+    configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
+    order (and so the initial values) of the plain path."""
+    if self.fuse_d_bn != "none" and self.train and not self.folded:
+      kernel = self._d_kernel(x.shape[-1])
+      return FusedDBNProduct(self.fuse_d_bn, stride, self.bn_groups, self.param_dtype,
+                             name="bn_d")(x, kernel, make_c())
+    return self._norm(self._d(self._split(x), stride), "d") * make_c()
+
+  def _check_fuse(self):
+    if self.fuse_d_bn not in FUSE_D_BN:
+      raise ValueError(f"unknown fuse_d_bn {self.fuse_d_bn!r}; choose one of {FUSE_D_BN}")
+    if self.fuse_d_bn == "none":
+      return
+    if self.form not in FUSED_FORMS:
+      raise ValueError(f"fuse_d_bn={self.fuse_d_bn!r} applies to the forms {FUSED_FORMS} "
+                       f"(BN(D u) * (C u)), not {self.form!r}; use fuse_d_bn='none'")
+    if self._smaj:
+      raise ValueError(f"fuse_d_bn={self.fuse_d_bn!r} works on the j_major hidden "
+                       "layout; use hidden_layout='j_major' (the default)")
+    if self.fuse_d_bn == "pallas" and self.expansion & (self.expansion - 1):
+      raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
+                       f"shapes), got {self.expansion}; use fuse_d_bn='xla'")
 
   def _group_sum(self, p, n_in):
     """Eq.(5): output o sums the hidden channels (j, s) with (j*e + s) // g == o,
@@ -146,20 +213,22 @@ class QLHSBlock(nn.Module):
     if self.hidden_layout not in HIDDEN_LAYOUTS:
       raise ValueError(f"unknown hidden_layout {self.hidden_layout!r}; "
                        f"choose one of {HIDDEN_LAYOUTS}")
+    self._check_fuse()
     us = layers.subsample(u, s)
     if form == "eq3":
-      f1 = self._norm(self._d(self._split(u), s), "d")
-      y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
+      y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s), "a",
+                      self.n_out)
     elif form == "eq3w":
-      f1 = self._norm(self._d(self._split(self._dense(u, "w", n_in)), s), "d")
-      y = self._dense(f1 * self._dense(us, "c", h), "a", self.n_out)
+      wu = self._dense(u, "w", n_in)
+      y = self._dense(self._d_bn_times(wu, lambda: self._dense(us, "c", h), s), "a",
+                      self.n_out)
     elif form == "eq4":
       f1 = self._norm(self._d(self._split(u), s), "d")
       y = self._dense(us, "c", self.n_out) * self._dense(f1, "a", self.n_out)
     elif form == "eq5":
       if h % self.n_out:
         raise ValueError(f"eq5 needs h = e*n_in = {h} to divide by n_out = {self.n_out}")
-      p = self._norm(self._d(self._split(u), s), "d") * self._dense(us, "c", h)
+      p = self._d_bn_times(u, lambda: self._dense(us, "c", h), s)
       # Group g of output o is hidden channel o*g + t (j-major), i.e. (j, s) with
       # j = o*g//e: the non-strided block sums exactly the e derivatives of u_o, as
       # Eq.(5) says. s_major sums the same (j, s) sets.
@@ -214,6 +283,7 @@ class QLHSNet(nn.Module):
   d_impl: str = "shifted"
   remat: str = "none"
   hidden_layout: str = "j_major"
+  fuse_d_bn: str = "none"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -251,6 +321,7 @@ class QLHSNet(nn.Module):
     for k, i, _, n_out, stride, act in layout:
       x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
                     self.eq6_c_norm, act, self.d_impl, hidden_layout=self.hidden_layout,
+                    fuse_d_bn=self.fuse_d_bn,
                     name=f"stage{k + 1}_block{i}", **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)

@@ -1,0 +1,478 @@
+"""``BN(D u) * c`` in training mode as one operation with a hand-written backward.
+
+The Eq.(3), Eq.(5) and eq3w blocks compute ``p = BN(D u) * (C u)`` on the hidden tensor
+(h = n*e channels, the tensor that costs the bytes: 411 MB per stage-1 block at batch 256
+in bfloat16). Autodiff through ``derivative``, ``BatchNorm`` and the product stores D u,
+re-reads the hidden tensors for every reduction and moves ~30 hidden tensors per block
+(benchmarks/NOTES.md). Here the same function is written as five passes, D u is never
+stored (it is recomputed from the n-channel ``u``, 9 taps, in registers), and each
+hidden tensor is read or written once per pass:
+
+=========  ==============================================  ===========================
+pass       work                                            hidden tensors moved
+=========  ==============================================  ===========================
+forward 1  per-channel sums of D u and (D u)^2             none (reads u)
+forward 2  p = (D u * mul + add) * c                       c in, p out
+backward 3 dc = dp * BN(D u); sums of g = dp*c, g*xhat     c, dp in, dc out
+backward 4 dx = dL/d(D u); partial sums of dL/dkernel      c, dp in, dx out
+backward 5 du = D^T dx (XLA)                               dx in
+=========  ==============================================  ===========================
+
+``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
+runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
+them on any backend, which is how the CPU tests check them against the XLA passes).
+``impl="none"`` is not handled here: it is the model's plain autodiff path, the
+reference both are tested against (tests/kernels).
+
+Statistics follow :class:`qlhs_jax.models.common.BatchNorm`: float32, one pass
+(E[x^2] - E[x]^2, clipped at 0), biased variance returned (the caller keeps the running
+averages), ``groups`` equal slices of the batch with separate statistics. Unlike the
+plain path, D u is accumulated in float32 from the (bfloat16) ``u``; in float32 runs the
+two agree to rounding.
+
+Layouts: j-major hidden channels (``j*e + s``), one input channel per D group (S = 1),
+``kernel`` (3, 3, 1, e) (shared, "ws") or (3, 3, n, e). Pallas needs ``e`` a power of
+two (Triton's block shapes); the model refuses other combinations with a message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FUSE_IMPLS = ("none", "xla", "pallas")
+F32 = jnp.float32
+# Pallas tiling: one program handles `rows` output rows of one image, all (padded-to-a-
+# power-of-two) columns, and bj input channels (bj*e hidden channels); `elems` bounds one
+# (columns, bj, e) float32 tile: 4096 values = 32 per thread at 4 warps. Untuned (no GPU
+# run yet): QLHS_PALLAS_TILING="rows,elems,warps" overrides it at trace time, so that one
+# GPU session can try several without editing code.
+DEFAULT_TILING = (4, 4096, 4)
+
+
+def tiling() -> tuple[int, int, int]:
+  """(rows, elems, warps) from QLHS_PALLAS_TILING, else :data:`DEFAULT_TILING`."""
+  raw = os.environ.get("QLHS_PALLAS_TILING", "")
+  if not raw:
+    return DEFAULT_TILING
+  try:
+    rows, elems, warps = (int(v) for v in raw.split(","))
+  except ValueError:
+    rows = elems = warps = 0
+  if rows < 1 or elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"QLHS_PALLAS_TILING={raw!r}: want 'rows,elems,warps', e.g. "
+                     f"'4,4096,4' (rows >= 1, elems a power of two, warps 1-16)")
+  return rows, elems, warps
+
+
+def _out_size(n: int, stride: int) -> int:
+  return (n - 1) // stride + 1
+
+
+def _kernel9(kernel: jax.Array, n: int) -> jax.Array:
+  """D's kernel (3, 3, 1 or n, e) as (9, n, e) float32, tap t = 3*dy + dx."""
+  e = kernel.shape[-1]
+  return jnp.broadcast_to(kernel.astype(F32), (3, 3, n, e)).reshape(9, n, e)
+
+
+def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
+  """D u in float32 as (B, Ho, Wo, n, e); zero padding 1 (layers.derivative)."""
+  b, h, w, n = u.shape
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
+  up = jnp.pad(u.astype(F32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = None
+  for t in range(9):
+    dy, dx = divmod(t, 3)
+    tap = lax.slice(up, (0, dy, dx, 0),
+                    (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, n),
+                    (1, stride, stride, 1))
+    term = tap[..., None] * k9[t]
+    out = term if out is None else out + term
+  return out
+
+
+def _per_group(v: jax.Array, groups: int, b: int) -> jax.Array:
+  """(G, n, e) per-group vector broadcast against (B, Ho, Wo, n, e)."""
+  return jnp.repeat(v, b // groups, axis=0)[:, None, None]
+
+
+def _group_sum(x: jax.Array, groups: int) -> jax.Array:
+  """Sums (B, ...rows..., n, e) over everything but (n, e), per batch group."""
+  xg = x.reshape((groups, -1) + x.shape[-2:])
+  return xg.sum(1)
+
+
+def reference(u, c, kernel, scale, bias, *, stride=1, groups=1, eps=1e-5):
+  """The plain path's formula, differentiated by autodiff: ``layers.derivative`` in the
+  input dtype, then :class:`qlhs_jax.models.common.BatchNorm`'s one-pass float32
+  statistics and affine map, cast back, times ``c``. Returns ``(p, mean, var)`` like
+  :func:`d_bn_product`; the reference of the tests and of ``benchmarks.fused``."""
+  from qlhs_jax.models.layers import derivative  # models imports this module
+  x = derivative(u[..., None], kernel, stride)
+  b = x.shape[0]
+  sdt = jnp.promote_types(x.dtype, F32)
+  xg = x.reshape((groups, b // groups) + x.shape[1:]).astype(sdt)
+  mean = xg.mean((1, 2, 3), keepdims=True)
+  var = jnp.maximum((xg * xg).mean((1, 2, 3), keepdims=True) - mean * mean, 0.0)
+  mul = lax.rsqrt(var + eps) * scale.astype(xg.dtype)
+  y = (xg * mul + (bias.astype(xg.dtype) - mean * mul)).astype(x.dtype)
+  return y.reshape(x.shape) * c, mean.reshape(groups, -1), var.reshape(groups, -1)
+
+
+# ------------------------------------------------------------------------------------
+# The passes in jax.numpy (impl="xla").
+
+def _xla_stats(u, k9, stride, groups):
+  x = _d_xla(u, k9, stride)
+  return _group_sum(x, groups), _group_sum(x * x, groups)
+
+
+def _xla_apply(u, c5, k9, mul, add, stride, groups):
+  x = _d_xla(u, k9, stride)
+  b = u.shape[0]
+  f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
+  return (f1 * c5.astype(F32)).astype(c5.dtype)
+
+
+def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
+  x = _d_xla(u, k9, stride)
+  b = u.shape[0]
+  f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
+  dpf = dp5.astype(F32)
+  g = dpf * c5.astype(F32)
+  xhat = (x - _per_group(mean, groups, b)) * _per_group(rstd, groups, b)
+  return (dpf * f1).astype(c5.dtype), _group_sum(g, groups), _group_sum(g * xhat, groups)
+
+
+def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype):
+  x = _d_xla(u, k9, stride)
+  b = u.shape[0]
+  g = dp5.astype(F32) * c5.astype(F32)
+  dx = (g * _per_group(mul, groups, b)
+        + (x - _per_group(mean, groups, b)) * _per_group(cx, groups, b)
+        + _per_group(c0, groups, b))
+  _, vjp = jax.vjp(lambda k: _d_xla(u, k, stride), k9)
+  return dx.astype(dx_dtype), vjp(dx)[0]
+
+
+# ------------------------------------------------------------------------------------
+# The same passes as Pallas kernels (impl="pallas").
+
+def _plan(u_shape, e, stride):
+  """Static tiling for the Pallas passes (see ROWS, TILE_ELEMS)."""
+  from jax.experimental import pallas as pl
+  b, h, w, n = u_shape
+  rows, elems, warps = tiling()
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
+  tw = pl.next_power_of_2(wo)
+  bj = 1
+  while n % (2 * bj) == 0 and 2 * bj * e * tw <= elems:
+    bj *= 2
+  rows = min(rows, ho)
+  # u is zero-padded by one pixel, plus enough columns on the right that the tw-wide
+  # strided tap loads stay inside the array (the extra columns are masked out).
+  extra = max(0, (tw - 1) * stride + 3 - (w + 2))
+  return dict(b=b, h=h, w=w, n=n, e=e, ho=ho, wo=wo, tw=tw, bj=bj, rows=rows,
+              nrb=-(-ho // rows), stride=stride, pad_right=1 + extra, warps=warps)
+
+
+def _pad_u(u, plan):
+  return jnp.pad(u, ((0, 0), (1, 1), (1, plan["pad_right"]), (0, 0)))
+
+
+def _tap(up_ref, b, oy, j0, t, plan):
+  """Input tap t = 3*dy + dx of output row ``oy``: (tw, bj) float32."""
+  from jax.experimental import pallas as pl
+  dy, dx = divmod(t, 3)
+  st = plan["stride"]
+  return up_ref[b, oy * st + dy, pl.ds(dx, plan["tw"], st),
+                pl.ds(j0, plan["bj"])].astype(F32)
+
+
+def _tile_d(up_ref, k_ref, b, oy, j0, plan):
+  """D u for output row ``oy`` of image ``b``, channels j0..j0+bj: (tw, bj, e) float32."""
+  from jax.experimental import pallas as pl
+  acc = None
+  for t in range(9):
+    k = k_ref[t, pl.ds(j0, plan["bj"]), :]
+    term = _tap(up_ref, b, oy, j0, t, plan)[:, :, None] * k[None]
+    acc = term if acc is None else acc + term
+  return acc
+
+
+def _row_loop(plan, body, init):
+  """Runs ``body(oy, ok, carry)`` over this program's rows; ``ok`` (tw, 1, 1) masks the
+  columns and rows outside the image (rows past the end are clamped and masked)."""
+  from jax.experimental import pallas as pl
+  rb = pl.program_id(1)
+  ok_cols = (jnp.arange(plan["tw"]) < plan["wo"])[:, None, None]
+
+  def step(r, carry):
+    oy = rb * plan["rows"] + r
+    ok = ok_cols & (oy < plan["ho"])
+    return body(jnp.minimum(oy, plan["ho"] - 1), ok, carry)
+  return lax.fori_loop(jnp.int32(0), jnp.int32(plan["rows"]), step, init)
+
+
+def _hidden_at(ref, b, oy, j0, plan):
+  from jax.experimental import pallas as pl
+  return ref.at[b, oy, pl.ds(0, plan["tw"]), pl.ds(j0, plan["bj"]), :]
+
+
+def _group_vec(ref, b, j0, plan, per_group):
+  from jax.experimental import pallas as pl
+  return ref[b // per_group, pl.ds(j0, plan["bj"]), :]
+
+
+def _full(mask, plan):
+  return jnp.broadcast_to(mask, (plan["tw"], plan["bj"], plan["e"]))
+
+
+def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
+  from jax.experimental import pallas as pl
+  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+
+  def body(oy, ok, carry):
+    x = jnp.where(ok, _tile_d(up_ref, k_ref, b, oy, j0, plan), 0.0)
+    return carry[0] + x.sum(0), carry[1] + (x * x).sum(0)
+  z = jnp.zeros((plan["bj"], plan["e"]), F32)
+  s1, s2 = _row_loop(plan, body, (z, z))
+  s1_ref[b, rb, pl.ds(j0, plan["bj"]), :] = s1
+  s2_ref[b, rb, pl.ds(j0, plan["bj"]), :] = s2
+
+
+def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_group):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  b, j0 = pl.program_id(0), pl.program_id(2) * plan["bj"]
+  mul = _group_vec(mul_ref, b, j0, plan, per_group)
+  add = _group_vec(add_ref, b, j0, plan, per_group)
+
+  def body(oy, ok, carry):
+    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    m = _full(ok, plan)
+    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    plt.store(_hidden_at(p_ref, b, oy, j0, plan),
+              ((x * mul + add) * c).astype(p_ref.dtype), mask=m)
+    return carry
+  _row_loop(plan, body, 0)
+
+
+def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_ref,
+                 dc_ref, sg_ref, sgx_ref, *, plan, per_group):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+  mul = _group_vec(mul_ref, b, j0, plan, per_group)
+  add = _group_vec(add_ref, b, j0, plan, per_group)
+  mean = _group_vec(mean_ref, b, j0, plan, per_group)
+  rstd = _group_vec(rstd_ref, b, j0, plan, per_group)
+
+  def body(oy, ok, carry):
+    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    m = _full(ok, plan)
+    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    dp = plt.load(_hidden_at(dp_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    plt.store(_hidden_at(dc_ref, b, oy, j0, plan),
+              (dp * (x * mul + add)).astype(dc_ref.dtype), mask=m)
+    g = dp * c  # zero outside the image: dp and c loaded as 0 there
+    return carry[0] + g.sum(0), carry[1] + (g * ((x - mean) * rstd)).sum(0)
+  z = jnp.zeros((plan["bj"], plan["e"]), F32)
+  sg, sgx = _row_loop(plan, body, (z, z))
+  sg_ref[b, rb, pl.ds(j0, plan["bj"]), :] = sg
+  sgx_ref[b, rb, pl.ds(j0, plan["bj"]), :] = sgx
+
+
+def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
+               dx_ref, dk_ref, *, plan, per_group):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+  mul = _group_vec(mul_ref, b, j0, plan, per_group)
+  cx = _group_vec(cx_ref, b, j0, plan, per_group)
+  c0 = _group_vec(c0_ref, b, j0, plan, per_group)
+  mean = _group_vec(mean_ref, b, j0, plan, per_group)
+
+  def body(oy, ok, dk):
+    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    m = _full(ok, plan)
+    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    dp = plt.load(_hidden_at(dp_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    dx = jnp.where(ok, dp * c * mul + (x - mean) * cx + c0, 0.0)
+    plt.store(_hidden_at(dx_ref, b, oy, j0, plan), dx.astype(dx_ref.dtype), mask=m)
+    # dL/dkernel[t] = sum over pixels of dx * (input tap t). The taps are loaded again
+    # (cache hits) rather than kept live from D's loop: nine fewer tiles in registers.
+    return tuple(dk[t] + (dx * _tap(up_ref, b, oy, j0, t, plan)[:, :, None]).sum(0)
+                 for t in range(9))
+  z = jnp.zeros((plan["bj"], plan["e"]), F32)
+  dk = _row_loop(plan, body, (z,) * 9)
+  for t in range(9):
+    dk_ref[b, rb, t, pl.ds(j0, plan["bj"]), :] = dk[t]
+
+
+def _call(kernel, plan, out_shape, args, interpret, **kw):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  return pl.pallas_call(
+      functools.partial(kernel, plan=plan, **kw), out_shape=out_shape,
+      grid=(plan["b"], plan["nrb"], plan["n"] // plan["bj"]),
+      compiler_params=plt.CompilerParams(num_warps=plan["warps"], num_stages=1),
+      interpret=interpret, name=f"qlhs_{kernel.__name__.strip('_')}")(*args)
+
+
+def _partials(plan, *extra):
+  return jax.ShapeDtypeStruct((plan["b"], plan["nrb"]) + extra + (plan["n"], plan["e"]),
+                              F32)
+
+
+def _pallas_stats(u, k9, stride, groups, interpret):
+  plan = _plan(u.shape, k9.shape[-1], stride)
+  s1, s2 = _call(_stats_kernel, plan, (_partials(plan), _partials(plan)),
+                 (_pad_u(u, plan), k9), interpret)
+  return _group_sum(s1, groups), _group_sum(s2, groups)
+
+
+def _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret):
+  plan = _plan(u.shape, k9.shape[-1], stride)
+  return _call(_apply_kernel, plan, jax.ShapeDtypeStruct(c5.shape, c5.dtype),
+               (_pad_u(u, plan), c5, k9, mul, add), interpret,
+               per_group=u.shape[0] // groups)
+
+
+def _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
+                          interpret):
+  plan = _plan(u.shape, k9.shape[-1], stride)
+  dc, sg, sgx = _call(
+      _sums_kernel, plan,
+      (jax.ShapeDtypeStruct(c5.shape, c5.dtype), _partials(plan), _partials(plan)),
+      (_pad_u(u, plan), c5, dp5, k9, mul, add, mean, rstd), interpret,
+      per_group=u.shape[0] // groups)
+  return dc, _group_sum(sg, groups), _group_sum(sgx, groups)
+
+
+def _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype,
+                        interpret):
+  plan = _plan(u.shape, k9.shape[-1], stride)
+  dx, dk = _call(
+      _dx_kernel, plan,
+      (jax.ShapeDtypeStruct(c5.shape, dx_dtype), _partials(plan, 9)),
+      (_pad_u(u, plan), c5, dp5, k9, mul, cx, c0, mean), interpret,
+      per_group=u.shape[0] // groups)
+  return dx, dk.sum((0, 1))
+
+
+# ------------------------------------------------------------------------------------
+# The operation.
+
+def _check(u, c, kernel, scale, stride, groups, impl):
+  if impl not in FUSE_IMPLS[1:]:
+    raise ValueError(f"unknown d_bn_product impl {impl!r}; choose one of {FUSE_IMPLS[1:]} "
+                     f"(the model's fuse_d_bn='none' is the plain autodiff path)")
+  if u.ndim != 4 or c.ndim != 4:
+    raise ValueError(f"d_bn_product expects u (B, H, W, n) and c (B, Ho, Wo, h), got "
+                     f"{u.shape} and {c.shape}")
+  b, h, w, n = u.shape
+  kh, kw, kj, e = kernel.shape
+  want = (b, _out_size(h, stride), _out_size(w, stride), n * e)
+  if (kh, kw) != (3, 3) or kj not in (1, n) or c.shape != want or scale.shape != (n * e,):
+    raise ValueError(f"d_bn_product: kernel {kernel.shape}, c {c.shape}, scale "
+                     f"{scale.shape} do not fit u {u.shape} (want c {want})")
+  if b % groups:
+    raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
+  if impl == "pallas" and e & (e - 1):
+    raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
+                     f"shapes), got e={e}; use fuse_d_bn='xla' for this model")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)[0]
+
+
+def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+  b, _, _, n = u.shape
+  e = kernel.shape[-1]
+  k9 = _kernel9(kernel, n)
+  c5 = c.reshape(c.shape[:3] + (n, e))
+  if impl == "pallas":
+    s1, s2 = _pallas_stats(u, k9, stride, groups, interpret)
+  else:
+    s1, s2 = _xla_stats(u, k9, stride, groups)
+  count = (b // groups) * c.shape[1] * c.shape[2]
+  mean = s1 / count
+  var = jnp.maximum(s2 / count - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + eps)
+  mul = scale.astype(F32).reshape(n, e) * rstd
+  add = bias.astype(F32).reshape(n, e) - mean * mul
+  if impl == "pallas":
+    p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
+  else:
+    p5 = _xla_apply(u, c5, k9, mul, add, stride, groups)
+  h = n * e
+  out = (p5.reshape(c.shape), mean.reshape(groups, h), var.reshape(groups, h))
+  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add)
+
+
+def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
+
+
+def _bwd(stride, groups, eps, impl, interpret, res, cts):
+  del eps
+  u, c5, kernel, scale, bias, mean, rstd, mul, add = res
+  dp, dmean, dvar = cts
+  b, _, _, n = u.shape
+  e = kernel.shape[-1]
+  k9 = _kernel9(kernel, n)
+  dp5 = dp.reshape(c5.shape)
+  if impl == "pallas":
+    dc5, sg, sgx = _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
+                                         groups, interpret)
+  else:
+    dc5, sg, sgx = _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
+                                      groups)
+  count = (b // groups) * c5.shape[1] * c5.shape[2]
+  dmean = dmean.astype(F32).reshape(groups, n, e)
+  dvar = dvar.astype(F32).reshape(groups, n, e)
+  # BatchNorm's backward: dL/dx = mul * (g - mean(g) - xhat * mean(g * xhat)) plus the
+  # direct terms of the mean and variance outputs, written as
+  # mul * g + cx * (x - mean) + c0 (x centred, to keep float32 cancellation small).
+  cx = -mul * rstd * sgx / count + 2.0 * dvar / count
+  c0 = -mul * sg / count + dmean / count
+  if impl == "pallas":
+    dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+                                  dp.dtype, interpret)
+  else:
+    dx, dk9 = _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+                               dp.dtype)
+  _, d_transpose = jax.vjp(lambda v: _d_xla(v, k9, stride), u.astype(F32))
+  du = d_transpose(dx.astype(F32))[0].astype(u.dtype)
+  dk = dk9.reshape(3, 3, n, e)
+  if kernel.shape[2] == 1:
+    dk = dk.sum(2, keepdims=True)
+  h = n * e
+  dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
+  dbias = sg.sum(0).reshape(h).astype(bias.dtype)
+  return du, dc5.reshape(dp.shape), dk.astype(kernel.dtype), dscale, dbias
+
+
+_op.defvjp(_fwd, _bwd)
+
+
+def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array,
+                 bias: jax.Array, *, stride: int = 1, groups: int = 1, eps: float = 1e-5,
+                 impl: str = "xla", interpret: bool = False):
+  """``p = BN(D u) * c`` with training-mode batch statistics.
+
+  ``u`` (B, H, W, n); ``c`` (B, Ho, Wo, n*e) in the hidden (j-major) order; ``kernel``
+  (3, 3, 1 or n, e); ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns
+  ``(p, mean, var)``: p like ``c``; mean and biased variance of D u per BatchNorm group,
+  (groups, n*e) float32. Differentiable in every array argument (the backward is the
+  hand-written passes of the module docstring).
+  """
+  _check(u, c, kernel, scale, stride, groups, impl)
+  return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)

@@ -1,0 +1,176 @@
+"""``BN(D u) * c`` with the hand-written backward (qlhs_jax.kernels.d_bn_product).
+
+The reference is the plain formula, ``layers.derivative`` + BatchNorm + product,
+differentiated by JAX in float64; the operation runs in float32 (its passes accumulate in
+float32, as on the GPU). The Pallas kernels run in interpret mode here; that they lower
+to Triton for a CUDA device is checked on this CPU too (the compile to PTX is not).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax.kernels import d_bn_product as dbn
+
+EPS = 1e-5
+
+
+def plain(u, c, kernel, scale, bias, stride, groups):
+  """The plain path's formula (``reference``: derivative, BatchNorm, product)."""
+  return dbn.reference(u, c, kernel, scale, bias, stride=stride, groups=groups, eps=EPS)
+
+
+def numpy_forward(u, c, kernel, scale, bias, stride, groups):
+  """Independent float64 NumPy loops for p, mean and var."""
+  b, h, w, n = u.shape
+  e = kernel.shape[-1]
+  k = np.broadcast_to(kernel, (3, 3, n, e))
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  up = np.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  x = np.zeros((b, ho, wo, n, e))
+  for oy in range(ho):
+    for ox in range(wo):
+      for dy in range(3):
+        for dx in range(3):
+          x[:, oy, ox] += up[:, oy * stride + dy, ox * stride + dx, :, None] * k[dy, dx]
+  x = x.reshape(b, ho, wo, n * e)
+  xg = x.reshape((groups, -1, n * e))
+  mean = xg.mean(1)
+  var = xg.var(1)
+  y = (xg - mean[:, None]) / np.sqrt(var[:, None] + EPS) * scale + bias
+  return y.reshape(x.shape) * c, mean, var
+
+
+def make_inputs(seed, shape, stride, e, kj, groups, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  u = rng.normal(size=shape) + 0.3  # a mean far from 0: the centred backward matters
+  c = rng.normal(size=(b, ho, wo, n * e))
+  kernel = rng.normal(size=(3, 3, kj, e))
+  scale = rng.uniform(0.5, 1.5, n * e) * rng.choice([-1, 1], n * e)
+  bias = rng.normal(size=n * e)
+  weights = (rng.normal(size=c.shape), rng.normal(size=(groups, n * e)),
+             rng.normal(size=(groups, n * e)))
+  return tuple(a.astype(dtype) for a in (u, c, kernel, scale, bias)), weights
+
+
+def loss_of(fn, weights):
+  """A loss that reads all three outputs, so every cotangent path is exercised."""
+  w1, w2, w3 = weights
+
+  def loss(*args):
+    p, mean, var = fn(*args)
+    return ((p * w1).sum() + (mean * w2).sum() + (var * w3).sum()).astype(jnp.float32)
+  return loss
+
+
+CASES = [  # (B, H, W, n), stride, e, kernel's j axis (1 = shared "ws"), groups
+    ((2, 6, 5, 4), 1, 4, 1, 1),
+    ((4, 7, 6, 4), 2, 4, 4, 2),      # per-channel kernel, two BN groups, odd height
+    ((2, 8, 8, 6), 2, 4, 1, 1),      # n = 6: channel blocks of 2
+    ((2, 5, 9, 3), 1, 2, 3, 1),      # 9 columns: 16-wide tiles, 7 masked
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("shape,stride,e,kj,groups", CASES)
+def test_forward_matches_numpy(impl, shape, stride, e, kj, groups):
+  args, _ = make_inputs(0, shape, stride, e, kj, groups)
+  want = numpy_forward(*args, stride, groups)
+  got = dbn.d_bn_product(*(jnp.asarray(a, jnp.float32) for a in args), stride=stride,
+                         groups=groups, impl=impl, interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("shape,stride,e,kj,groups", CASES)
+def test_gradients_match_float64_autodiff(impl, shape, stride, e, kj, groups):
+  args, weights = make_inputs(1, shape, stride, e, kj, groups)
+  with jax.enable_x64(True):
+    ref = jax.grad(loss_of(functools.partial(plain, stride=stride, groups=groups),
+                           [jnp.asarray(w) for w in weights]), argnums=range(5))(
+                               *(jnp.asarray(a) for a in args))
+    ref = [np.asarray(r) for r in ref]
+  op = functools.partial(dbn.d_bn_product, stride=stride, groups=groups, impl=impl,
+                         interpret=True)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*(jnp.asarray(a, jnp.float32) for a in args))
+  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
+    assert g.shape == r.shape and g.dtype == jnp.float32, name
+    err = np.abs(np.asarray(g) - r).max() / np.abs(r).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+
+
+def test_pallas_equals_xla_in_bfloat16():
+  """The two implementations run the same float32 passes: in bfloat16 (the training
+  dtype) they agree to bfloat16 rounding of the stored tensors."""
+  args, weights = make_inputs(2, (2, 8, 8, 8), 2, 4, 1, 1)
+  dtypes = (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32)
+  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
+  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  outs = {}
+  for impl in ("xla", "pallas"):
+    op = functools.partial(dbn.d_bn_product, stride=2, impl=impl, interpret=True)
+    outs[impl] = (op(*args), jax.grad(loss_of(op, ws), argnums=range(5))(*args))
+  for a, b in zip(jax.tree.leaves(outs["xla"]), jax.tree.leaves(outs["pallas"])):
+    assert a.dtype == b.dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
+
+
+def test_wrong_arguments_are_refused():
+  args, _ = make_inputs(0, (2, 6, 6, 4), 1, 4, 1, 1, np.float32)
+  u, c, kernel, scale, bias = (jnp.asarray(a) for a in args)
+  with pytest.raises(ValueError, match="unknown d_bn_product impl"):
+    dbn.d_bn_product(u, c, kernel, scale, bias, impl="triton")
+  with pytest.raises(ValueError, match="do not fit"):
+    dbn.d_bn_product(u, c[:, :3], kernel, scale, bias)
+  with pytest.raises(ValueError, match="BatchNorm groups"):
+    dbn.d_bn_product(u, c, kernel, scale, bias, groups=3)
+  args6, _ = make_inputs(0, (2, 6, 6, 4), 1, 6, 1, 1, np.float32)
+  with pytest.raises(ValueError, match="power-of-two expansion"):
+    dbn.d_bn_product(*(jnp.asarray(a) for a in args6), impl="pallas", interpret=True)
+
+
+@pytest.mark.parametrize("b,h,n,stride", [(256, 56, 64, 1), (256, 56, 128, 2),
+                                          (256, 7, 512, 1)])
+def test_pallas_kernels_lower_to_triton_for_cuda(b, h, n, stride):
+  """The forward and backward lower for a CUDA device (cross-platform lowering, no GPU
+  needed) at the shapes of Eq.(3) at batch 256, 224 px: stage 1, the stage-2 stride, and
+  stage 4; each of the four passes is one Triton kernel."""
+  e, ho = 4, (h - 1) // stride + 1
+  s = jax.ShapeDtypeStruct
+  args = (s((b, h, h, n), jnp.bfloat16), s((b, ho, ho, n * e), jnp.bfloat16),
+          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
+
+  def loss(*a):
+    p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
+    return p.astype(jnp.float32).sum() + mean.sum()
+  text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 4
+  for name in ("stats_kernel", "apply_kernel", "sums_kernel", "dx_kernel"):
+    assert f"qlhs_{name}" in text, name
+
+
+def test_tiling_override(monkeypatch):
+  """QLHS_PALLAS_TILING changes the tiles, not the numbers; a bad value is refused."""
+  args, _ = make_inputs(3, (2, 9, 7, 8), 2, 4, 1, 1, np.float32)
+  args = [jnp.asarray(a) for a in args]
+  run = lambda: np.asarray(dbn.d_bn_product(*args, stride=2, impl="pallas",
+                                             interpret=True)[0])
+  base = run()
+  plan = dbn._plan((2, 9, 7, 8), 4, 2)
+  assert (plan["rows"], plan["bj"], plan["warps"]) == (4, 8, 4)  # the defaults
+  monkeypatch.setenv("QLHS_PALLAS_TILING", "2,16,2")  # 4-wide tiles: one channel each
+  plan = dbn._plan((2, 9, 7, 8), 4, 2)
+  assert (plan["rows"], plan["bj"], plan["warps"]) == (2, 1, 2)
+  np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
+  monkeypatch.setenv("QLHS_PALLAS_TILING", "4,1000,4")
+  with pytest.raises(ValueError, match="QLHS_PALLAS_TILING='4,1000,4'.*rows,elems,warps"):
+    run()

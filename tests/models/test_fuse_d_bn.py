@@ -1,0 +1,110 @@
+"""fuse_d_bn="xla" / "pallas": the model computes the same network as the plain autodiff
+path (train-mode logits, running statistics, gradients, the train step), with the same
+variables; unsupported combinations are refused. The Pallas kernels run in interpret mode
+on the CPU; the operation itself is tested against float64 in tests/kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax import steps as S
+from qlhs_jax.models import QLHSNet
+
+from tests.models.test_hidden_layout import assert_trees_close
+from tests.models.test_qlhs import random_variables
+
+# Stage 1 keeps its width, stage 2 strides and doubles it (both Eq.(5) group shapes).
+TINY = dict(widths=(4, 8), depths=(1, 1), num_classes=5, stem="small")
+X = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
+LABELS = jnp.arange(4) % 5
+
+
+def train_outputs(model, v):
+  def loss_fn(params):
+    logits, new = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
+                              train=True, mutable=["batch_stats"])
+    loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), LABELS])
+    return loss, (logits, new["batch_stats"])
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+  return loss, logits, stats, grads
+
+
+@pytest.mark.parametrize("fuse", ["xla", "pallas"])
+@pytest.mark.parametrize("form,ws,bn_groups", [("eq3", True, 1), ("eq3", False, 2),
+                                               ("eq3w", True, 1), ("eq5", True, 2)])
+def test_fused_is_the_same_network(fuse, form, ws, bn_groups):
+  plain = QLHSNet(form=form, weight_sharing=ws, activation="softball", dtype=jnp.float32,
+                  bn_groups=bn_groups, **TINY)
+  fused = plain.clone(fuse_d_bn=fuse)
+  # Same variables, same initial values: checkpoints do not depend on fuse_d_bn.
+  key = jax.random.PRNGKey(0)
+  assert_trees_close(fused.init(key, X, train=True), plain.init(key, X, train=True), 0, 0)
+  v = random_variables(plain, X, lo=-0.7, hi=0.7)
+  lp, zp, sp, gp = train_outputs(plain, v)
+  lf, zf, sf, gf = train_outputs(fused, v)
+  np.testing.assert_allclose(float(lf), float(lp), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(zf), np.asarray(zp), rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(zp))))
+  assert_trees_close(sf, sp, 1e-5, 1e-5)
+  gscale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(gp))
+  assert_trees_close(gf, gp, 1e-4, 1e-5 * gscale)
+  # Eval mode and the folded model do not use the fused operation: identical.
+  np.testing.assert_array_equal(fused.apply(v, X), plain.apply(v, X))
+
+
+@pytest.mark.parametrize("fuse", ["xla", "pallas"])
+def test_train_step_with_fused_d_bn(fuse):
+  """Two jitted train steps of the harness (SGD-Nesterov, weight decay, label
+  smoothing, running statistics) give the plain path's losses and parameters."""
+  batch = {"image": X, "label": LABELS}
+  plain = QLHSNet(dtype=jnp.float32, **TINY)
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
+  v = random_variables(plain, X, lo=-0.7, hi=0.7)
+
+  def run(m):
+    state = S.TrainState(
+        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
+        opt_state=tx.init(v["params"]), rng=jax.random.key_data(jax.random.PRNGKey(0)),
+        lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
+    step = jax.jit(S.make_train_step(m, tx, lr_fn, num_classes=5))
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+    return state, losses
+  sp, lp = run(plain)
+  sf, lf = run(plain.clone(fuse_d_bn=fuse))
+  np.testing.assert_allclose(lf, lp, rtol=1e-5)
+  assert_trees_close(sf.params, sp.params, 1e-4, 1e-5)
+  assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)
+
+
+def test_config_and_errors(tmp_path):
+  from qlhs_jax import config as config_lib
+  from qlhs_jax import train
+  c = config_lib.base_config("eq3_softball_ds")
+  assert train.build_model(c, 5).fuse_d_bn == "none"  # the default
+  c.model_overrides.fuse_d_bn = "pallas"
+  assert train.build_model(c, 5).fuse_d_bn == "pallas"
+  x = jnp.zeros((2, 8, 8, 3))
+  init = lambda **kw: QLHSNet(**TINY, **kw).init(jax.random.PRNGKey(0), x, train=True)
+  with pytest.raises(ValueError, match=r"unknown fuse_d_bn 'triton'.*pallas"):
+    init(fuse_d_bn="triton")
+  with pytest.raises(ValueError, match=r"applies to the forms .*not 'eq4'"):
+    init(fuse_d_bn="xla", form="eq4")
+  with pytest.raises(ValueError, match="j_major hidden layout"):
+    init(fuse_d_bn="xla", hidden_layout="s_major")
+  with pytest.raises(ValueError, match="power-of-two expansion.*fuse_d_bn='xla'"):
+    init(fuse_d_bn="pallas", expansion=6, weight_sharing=False)
+  init(fuse_d_bn="xla", expansion=6, weight_sharing=False)  # the XLA passes take any e
+
+  # A pallas_call cannot be split over a sharded batch: refused before anything is
+  # written (the tests run with 8 CPU devices, conftest.py).
+  from tests.test_train import tiny_config
+  cfg = tiny_config()
+  cfg.model_overrides.fuse_d_bn = "pallas"
+  with pytest.raises(ValueError, match="runs on one device; this mesh has 8"):
+    train.train_and_evaluate(cfg, str(tmp_path / "p"))
+  assert not (tmp_path / "p").exists()
