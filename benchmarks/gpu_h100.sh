@@ -39,8 +39,9 @@ if [ "$PART" != variants ]; then  # in priority order: the issue's headline rows
 fi
 if [ "$PART" != fused ]; then
   bench 100 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$OUT"
-  QLHS_PALLAS_TILING=8,4096,4 fused_op 100
-  QLHS_PALLAS_TILING=4,2048,4 fused_op 100
+  QLHS_PALLAS_TILING=4,4096,4 fused_op 100
+  QLHS_PALLAS_TILING=4,1024,4 fused_op 100
+  QLHS_PALLAS_TILING=8,2048,8 fused_op 100
   bench 100 --model eq3_softball_ds --set 'remat="dots"'
   bench 100 --model eq3_softball_ds --set 'd_impl="grouped"'
   bench 100 --model mobilenetv3_large_100

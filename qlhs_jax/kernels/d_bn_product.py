@@ -48,10 +48,12 @@ FUSE_IMPLS = ("none", "xla", "pallas")
 F32 = jnp.float32
 # Pallas tiling: one program handles `rows` output rows of one image, all (padded-to-a-
 # power-of-two) columns, and bj input channels (bj*e hidden channels); `elems` bounds one
-# (columns, bj, e) float32 tile: 4096 values = 32 per thread at 4 warps. Untuned (no GPU
-# run yet): QLHS_PALLAS_TILING="rows,elems,warps" overrides it at trace time, so that one
-# GPU session can try several without editing code.
-DEFAULT_TILING = (4, 4096, 4)
+# (columns, bj, e) float32 tile: 2048 values = 16 per thread at 4 warps. Not yet timed on
+# a GPU; chosen from ptxas's register counts for sm_90a (benchmarks.triton_compile,
+# NOTES.md): 56-168 registers per thread and no spills, against 80-168 at 4096.
+# QLHS_PALLAS_TILING="rows,elems,warps" overrides it at trace time, so that one GPU
+# session can try several without editing code.
+DEFAULT_TILING = (4, 2048, 4)
 
 
 def tiling() -> tuple[int, int, int]:
@@ -65,7 +67,7 @@ def tiling() -> tuple[int, int, int]:
     rows = elems = warps = 0
   if rows < 1 or elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"QLHS_PALLAS_TILING={raw!r}: want 'rows,elems,warps', e.g. "
-                     f"'4,4096,4' (rows >= 1, elems a power of two, warps 1-16)")
+                     f"'4,2048,4' (rows >= 1, elems a power of two, warps 1-16)")
   return rows, elems, warps
 
 

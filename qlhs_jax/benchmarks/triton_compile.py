@@ -1,0 +1,134 @@
+"""Compiles the Pallas kernels of ``fuse_d_bn="pallas"`` for an H100, without a GPU.
+
+  pip install triton==3.9.0        # Triton's compiler and ptxas (~650 MB), not a dependency
+  python -m qlhs_jax.benchmarks.triton_compile [--batch 256] [--arch 90a]
+
+For each block shape of Eq.(3) at 224 px (``benchmarks.fused.EQ3_SHAPES``) it lowers the
+forward and backward of ``d_bn_product(impl="pallas")`` for CUDA on this machine,
+captures the Triton IR of the four kernels that JAX's Pallas lowering emits, compiles it
+with the ``triton`` package to PTX and a cubin for ``sm_<arch>``, and prints what ptxas
+reports: registers per thread, spill bytes, and Triton's shared memory. On a GPU, XLA
+compiles the same IR with the Triton build inside jaxlib; this check catches kernels
+that do not compile, spill, or need too many registers before a GPU session is spent on
+them. Exit status 1 if a kernel fails to compile. Uses a private JAX function
+(``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``) to see the IR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def triton_ir(batch: int, side: int, n: int, stride: int, e: int = 4) -> list[tuple[str, str]]:
+  """``[(kernel name, Triton IR text)]`` of the four passes at one shape."""
+  import jax
+  import jax.numpy as jnp
+  from jax._src.pallas.triton import lowering
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  from qlhs_jax.kernels import d_bn_product as dbn
+  captured = []
+  original = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = original(*args, **kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    captured.append((re.search(r"module @(\w+)", text).group(1), text))
+    return result
+  ho = (side - 1) // stride + 1
+  s = jax.ShapeDtypeStruct
+  args = (s((batch, side, side, n), jnp.bfloat16), s((batch, ho, ho, n * e), jnp.bfloat16),
+          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
+
+  def loss(*a):
+    p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
+    return p.astype(jnp.float32).sum() + mean.sum()
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+        lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
+  return captured
+
+
+def _ptxas_report(ptx: str, arch: str) -> str:
+  """Registers and spills from ptxas -v (the bundled ptxas that accepts this PTX)."""
+  import triton
+  bins = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
+                                       "nvidia", "bin", "ptxas*")), reverse=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "k.ptx")
+    with open(path, "w") as f:
+      f.write(ptx)
+    for ptxas in bins:
+      r = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", path, "-o", os.devnull],
+                         capture_output=True, text=True)
+      if r.returncode == 0:
+        return r.stderr
+  raise RuntimeError(f"no ptxas in {bins} assembled the PTX: {r.stderr[-500:]}")
+
+
+def compile_ir(name: str, text: str, arch: str, num_warps: int) -> dict:
+  """Compiles one kernel's IR; ``{"kernel", "ok", "registers", "spill_bytes",
+  "shared_bytes"}`` or ``{"kernel", "ok": False, "error"}``."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  cc = int(re.match(r"\d+", arch).group(0))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, f"{name}.ttir")
+    with open(path, "w") as f:
+      f.write(text)
+    try:
+      k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
+                         options={"num_warps": num_warps, "num_stages": 1})
+      report = _ptxas_report(k.asm["ptx"], arch)
+    except Exception as ex:  # compile errors come from several layers
+      return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}
+  regs = re.search(r"Used (\d+) registers", report)
+  spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+  return {"kernel": name, "ok": True, "registers": int(regs.group(1)) if regs else None,
+          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--arch", default="90a", help="sm_ architecture (H100: 90a)")
+  p.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
+  args = p.parse_args(argv)
+  try:
+    import triton
+  except ImportError:
+    print("this check needs Triton's compiler: pip install triton==3.9.0", file=sys.stderr)
+    return 2
+  os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, quietly
+  from qlhs_jax.benchmarks.fused import EQ3_SHAPES
+  from qlhs_jax.kernels.d_bn_product import tiling
+  warps = tiling()[2]
+  wanted = set(filter(None, args.shapes.split(",")))
+  print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, tiling "
+        f"(rows, elems, warps) = {tiling()}")
+  ok = True
+  for name, side, n, stride, _ in EQ3_SHAPES:
+    if wanted and name not in wanted:
+      continue
+    for kernel, text in triton_ir(args.batch, side, n, stride):
+      r = compile_ir(kernel, text, args.arch, warps)
+      ok &= r["ok"]
+      if r["ok"]:
+        print(f"  {name:14s} {kernel:20s} {r['registers']:4d} registers  "
+              f"{r['spill_bytes']:5d} B spilled  {r['shared_bytes']:6d} B shared")
+      else:
+        print(f"  {name:14s} {kernel:20s} FAILED: {r['error']}")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
