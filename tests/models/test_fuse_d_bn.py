@@ -31,11 +31,12 @@ def train_outputs(model, v):
 
 
 @pytest.mark.parametrize("fuse", ["xla", "pallas"])
-@pytest.mark.parametrize("form,ws,bn_groups", [("eq3", True, 1), ("eq3", False, 2),
-                                               ("eq3w", True, 1), ("eq5", True, 2)])
-def test_fused_is_the_same_network(fuse, form, ws, bn_groups):
+@pytest.mark.parametrize("form,ws,bn_groups,remat", [
+    ("eq3", True, 1, "none"), ("eq3", False, 2, "none"), ("eq3w", True, 1, "none"),
+    ("eq5", True, 2, "none"), ("eq3", True, 1, "dots")])  # custom_vjp inside nn.remat
+def test_fused_is_the_same_network(fuse, form, ws, bn_groups, remat):
   plain = QLHSNet(form=form, weight_sharing=ws, activation="softball", dtype=jnp.float32,
-                  bn_groups=bn_groups, **TINY)
+                  bn_groups=bn_groups, remat=remat, **TINY)
   fused = plain.clone(fuse_d_bn=fuse)
   # Same variables, same initial values: checkpoints do not depend on fuse_d_bn.
   key = jax.random.PRNGKey(0)
