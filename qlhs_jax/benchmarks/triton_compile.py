@@ -25,14 +25,34 @@ import sys
 import tempfile
 
 
-def triton_ir(batch: int, side: int, n: int, stride: int, e: int = 4) -> list[tuple[str, str]]:
-  """``[(kernel name, Triton IR text)]`` of the four passes at one shape."""
+def abstract_inputs(batch: int, side: int, n: int, stride: int, e: int = 4):
+  """``(u, c, kernel, scale, bias)`` of d_bn_product as bfloat16/float32 shapes only."""
   import jax
   import jax.numpy as jnp
-  from jax._src.pallas.triton import lowering
-  from jax._src.pallas.triton import pallas_call_registration as registration
+  ho = (side - 1) // stride + 1
+  s = jax.ShapeDtypeStruct
+  return (s((batch, side, side, n), jnp.bfloat16), s((batch, ho, ho, n * e), jnp.bfloat16),
+          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
+
+
+def lower_for_cuda(batch: int, side: int, n: int, stride: int):
+  """Forward and backward of ``d_bn_product(impl="pallas")``, lowered for CUDA here."""
+  import jax
+  import jax.numpy as jnp
 
   from qlhs_jax.kernels import d_bn_product as dbn
+
+  def loss(*a):
+    p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
+    return p.astype(jnp.float32).sum() + mean.sum()
+  return jax.jit(jax.grad(loss, argnums=range(5))).trace(
+      *abstract_inputs(batch, side, n, stride)).lower(lowering_platforms=("cuda",))
+
+
+def triton_ir(batch: int, side: int, n: int, stride: int) -> list[tuple[str, str]]:
+  """``[(kernel name, Triton IR text)]`` of the four passes at one shape."""
+  from jax._src.pallas.triton import lowering
+  from jax._src.pallas.triton import pallas_call_registration as registration
   captured = []
   original = lowering.lower_jaxpr_to_triton_module
 
@@ -41,18 +61,9 @@ def triton_ir(batch: int, side: int, n: int, stride: int, e: int = 4) -> list[tu
     text = result.module.operation.get_asm(enable_debug_info=False)
     captured.append((re.search(r"module @(\w+)", text).group(1), text))
     return result
-  ho = (side - 1) // stride + 1
-  s = jax.ShapeDtypeStruct
-  args = (s((batch, side, side, n), jnp.bfloat16), s((batch, ho, ho, n * e), jnp.bfloat16),
-          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
-
-  def loss(*a):
-    p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
-    return p.astype(jnp.float32).sum() + mean.sum()
   registration.lowering.lower_jaxpr_to_triton_module = capture
   try:
-    jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
-        lowering_platforms=("cuda",))
+    lower_for_cuda(batch, side, n, stride)
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = original
   return captured

@@ -225,9 +225,21 @@ def _hidden_at(ref, b, oy, j0, plan):
   return ref.at[b, oy, pl.ds(0, plan["tw"]), pl.ds(j0, plan["bj"]), :]
 
 
-def _group_vec(ref, b, j0, plan, per_group):
+def _group_vecs(refs, b, j0, plan, per_group):
+  """This program's (bj, e) slices of per-group vectors (G, n, e)."""
   from jax.experimental import pallas as pl
-  return ref[b // per_group, pl.ds(j0, plan["bj"]), :]
+  return [ref[b // per_group, pl.ds(j0, plan["bj"]), :] for ref in refs]
+
+
+def _load(ref, b, oy, j0, plan, mask):
+  """A (tw, bj, e) tile of a hidden tensor in float32, 0 where ``mask`` is off."""
+  from jax.experimental.pallas import triton as plt
+  return plt.load(_hidden_at(ref, b, oy, j0, plan), mask=mask, other=0.0).astype(F32)
+
+
+def _store(ref, b, oy, j0, plan, value, mask):
+  from jax.experimental.pallas import triton as plt
+  plt.store(_hidden_at(ref, b, oy, j0, plan), value.astype(ref.dtype), mask=mask)
 
 
 def _full(mask, plan):
@@ -249,17 +261,14 @@ def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
 
 def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_group):
   from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plt
   b, j0 = pl.program_id(0), pl.program_id(2) * plan["bj"]
-  mul = _group_vec(mul_ref, b, j0, plan, per_group)
-  add = _group_vec(add_ref, b, j0, plan, per_group)
+  mul, add = _group_vecs((mul_ref, add_ref), b, j0, plan, per_group)
 
   def body(oy, ok, carry):
     x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
     m = _full(ok, plan)
-    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
-    plt.store(_hidden_at(p_ref, b, oy, j0, plan),
-              ((x * mul + add) * c).astype(p_ref.dtype), mask=m)
+    c = _load(c_ref, b, oy, j0, plan, m)
+    _store(p_ref, b, oy, j0, plan, (x * mul + add) * c, m)
     return carry
   _row_loop(plan, body, 0)
 
@@ -267,20 +276,15 @@ def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_gr
 def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_ref,
                  dc_ref, sg_ref, sgx_ref, *, plan, per_group):
   from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plt
   b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
-  mul = _group_vec(mul_ref, b, j0, plan, per_group)
-  add = _group_vec(add_ref, b, j0, plan, per_group)
-  mean = _group_vec(mean_ref, b, j0, plan, per_group)
-  rstd = _group_vec(rstd_ref, b, j0, plan, per_group)
+  mul, add, mean, rstd = _group_vecs((mul_ref, add_ref, mean_ref, rstd_ref), b, j0, plan,
+                                     per_group)
 
   def body(oy, ok, carry):
     x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
     m = _full(ok, plan)
-    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
-    dp = plt.load(_hidden_at(dp_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
-    plt.store(_hidden_at(dc_ref, b, oy, j0, plan),
-              (dp * (x * mul + add)).astype(dc_ref.dtype), mask=m)
+    c, dp = _load(c_ref, b, oy, j0, plan, m), _load(dp_ref, b, oy, j0, plan, m)
+    _store(dc_ref, b, oy, j0, plan, dp * (x * mul + add), m)
     g = dp * c  # zero outside the image: dp and c loaded as 0 there
     return carry[0] + g.sum(0), carry[1] + (g * ((x - mean) * rstd)).sum(0)
   z = jnp.zeros((plan["bj"], plan["e"]), F32)
@@ -292,20 +296,16 @@ def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_
 def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
                dx_ref, dk_ref, *, plan, per_group):
   from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plt
   b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
-  mul = _group_vec(mul_ref, b, j0, plan, per_group)
-  cx = _group_vec(cx_ref, b, j0, plan, per_group)
-  c0 = _group_vec(c0_ref, b, j0, plan, per_group)
-  mean = _group_vec(mean_ref, b, j0, plan, per_group)
+  mul, cx, c0, mean = _group_vecs((mul_ref, cx_ref, c0_ref, mean_ref), b, j0, plan,
+                                  per_group)
 
   def body(oy, ok, dk):
     x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
     m = _full(ok, plan)
-    c = plt.load(_hidden_at(c_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
-    dp = plt.load(_hidden_at(dp_ref, b, oy, j0, plan), mask=m, other=0.0).astype(F32)
+    c, dp = _load(c_ref, b, oy, j0, plan, m), _load(dp_ref, b, oy, j0, plan, m)
     dx = jnp.where(ok, dp * c * mul + (x - mean) * cx + c0, 0.0)
-    plt.store(_hidden_at(dx_ref, b, oy, j0, plan), dx.astype(dx_ref.dtype), mask=m)
+    _store(dx_ref, b, oy, j0, plan, dx, m)
     # dL/dkernel[t] = sum over pixels of dx * (input tap t). The taps are loaded again
     # (cache hits) rather than kept live from D's loop: nine fewer tiles in registers.
     return tuple(dk[t] + (dx * _tap(up_ref, b, oy, j0, t, plan)[:, :, None]).sum(0)

@@ -143,16 +143,8 @@ def test_pallas_kernels_lower_to_triton_for_cuda(b, h, n, stride):
   """The forward and backward lower for a CUDA device (cross-platform lowering, no GPU
   needed) at the shapes of Eq.(3) at batch 256, 224 px: stage 1, the stage-2 stride, and
   stage 4; each of the four passes is one Triton kernel."""
-  e, ho = 4, (h - 1) // stride + 1
-  s = jax.ShapeDtypeStruct
-  args = (s((b, h, h, n), jnp.bfloat16), s((b, ho, ho, n * e), jnp.bfloat16),
-          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
-
-  def loss(*a):
-    p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
-    return p.astype(jnp.float32).sum() + mean.sum()
-  text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
-      lowering_platforms=("cuda",)).as_text()
+  from qlhs_jax.benchmarks.triton_compile import lower_for_cuda
+  text = lower_for_cuda(b, h, n, stride).as_text()
   assert text.count("xla.gpu.triton") == 4
   for name in ("stats_kernel", "apply_kernel", "sums_kernel", "dx_kernel"):
     assert f"qlhs_{name}" in text, name

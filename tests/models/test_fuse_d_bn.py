@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlhs_jax import steps as S
 from qlhs_jax.models import QLHSNet
 
-from tests.models.test_hidden_layout import assert_trees_close
+from tests.models.test_hidden_layout import assert_trees_close, run_train_steps
 from tests.models.test_qlhs import random_variables
 
 # Stage 1 keeps its width, stage 2 strides and doubles it (both Eq.(5) group shapes).
@@ -60,23 +59,9 @@ def test_train_step_with_fused_d_bn(fuse):
   smoothing, running statistics) give the plain path's losses and parameters."""
   batch = {"image": X, "label": LABELS}
   plain = QLHSNet(dtype=jnp.float32, **TINY)
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
   v = random_variables(plain, X, lo=-0.7, hi=0.7)
-
-  def run(m):
-    state = S.TrainState(
-        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-        opt_state=tx.init(v["params"]), rng=jax.random.key_data(jax.random.PRNGKey(0)),
-        lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
-    step = jax.jit(S.make_train_step(m, tx, lr_fn, num_classes=5))
-    losses = []
-    for _ in range(2):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-    return state, losses
-  sp, lp = run(plain)
-  sf, lf = run(plain.clone(fuse_d_bn=fuse))
+  sp, lp = run_train_steps(plain, v, batch)
+  sf, lf = run_train_steps(plain.clone(fuse_d_bn=fuse), v, batch)
   np.testing.assert_allclose(lf, lp, rtol=1e-5)
   assert_trees_close(sf.params, sp.params, 1e-4, 1e-5)
   assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)

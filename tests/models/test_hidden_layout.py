@@ -132,6 +132,25 @@ def test_permutation():
   np.testing.assert_array_equal(p[permutation(3, 2, "j_major")], np.arange(6))
 
 
+def run_train_steps(model, variables, batch, steps=2):
+  """``steps`` jitted train steps of the harness (qlhs_jax.steps: SGD-Nesterov, weight
+  decay, label smoothing, running statistics) from ``variables``; (state, losses)."""
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
+  # create_train_state's fields, with our variables (its jitted init is not needed).
+  state = S.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+      rng=jax.random.key_data(jax.random.PRNGKey(0)), lr_scale=jnp.ones((), jnp.float32),
+      skipped=jnp.zeros((), jnp.int32))
+  step = jax.jit(S.make_train_step(model, tx, lr_fn, num_classes=5))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
 def test_train_step_with_s_major():
   """The harness's train step (qlhs_jax.steps) gives the same losses and parameters for
   converted variables, over two steps (momentum and running statistics included)."""
@@ -139,25 +158,10 @@ def test_train_step_with_s_major():
   batch = {"image": x, "label": jnp.arange(4) % 5}
   mj = QLHSNet(dtype=jnp.float32, **TINY)
   ms = mj.clone(hidden_layout="s_major")
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
   vj = random_variables(mj, x, lo=-0.7, hi=0.7)
   vs = convert_hidden_layout(mj, vj, to="s_major")
-
-  def run(m, v):
-    # create_train_state's fields, with our variables (its jitted init is not needed).
-    state = S.TrainState(
-        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-        opt_state=tx.init(v["params"]), rng=jax.random.key_data(jax.random.PRNGKey(0)),
-        lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
-    step = jax.jit(S.make_train_step(m, tx, lr_fn, num_classes=5))
-    losses = []
-    for _ in range(2):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-    return state, losses
-  sj, lj = run(mj, vj)
-  ss, ls = run(ms, vs)
+  sj, lj = run_train_steps(mj, vj, batch)
+  ss, ls = run_train_steps(ms, vs, batch)
   np.testing.assert_allclose(ls, lj, rtol=1e-5)
   back = convert_hidden_layout(ms, {"params": ss.params, "batch_stats": ss.batch_stats},
                                to="j_major")
