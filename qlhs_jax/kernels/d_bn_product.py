@@ -82,19 +82,12 @@ def _kernel9(kernel: jax.Array, n: int) -> jax.Array:
 
 
 def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
-  """D u in float32 as (B, Ho, Wo, n, e); zero padding 1 (layers.derivative)."""
-  b, h, w, n = u.shape
-  ho, wo = _out_size(h, stride), _out_size(w, stride)
-  up = jnp.pad(u.astype(F32), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out = None
-  for t in range(9):
-    dy, dx = divmod(t, 3)
-    tap = lax.slice(up, (0, dy, dx, 0),
-                    (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, n),
-                    (1, stride, stride, 1))
-    term = tap[..., None] * k9[t]
-    out = term if out is None else out + term
-  return out
+  """D u in float32 as (B, Ho, Wo, n, e): ``layers.derivative`` (shifted form) on the
+  float32 stream with the (3, 3, n, e) kernel."""
+  from qlhs_jax.models.layers import derivative  # imported here: models imports us
+  n, e = k9.shape[1:]
+  x = derivative(u.astype(F32)[..., None], k9.reshape(3, 3, n, e), stride)
+  return x.reshape(x.shape[:3] + (n, e))
 
 
 def _per_group(v: jax.Array, groups: int, b: int) -> jax.Array:

@@ -98,9 +98,13 @@ class FusedDBNProduct(nn.Module):
     sdt = jnp.promote_types(self.param_dtype, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((h,), sdt))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((h,), sdt))
+    backend = jax.default_backend()
+    if self.impl == "pallas" and backend not in ("gpu", "cuda", "cpu"):
+      raise ValueError(f"fuse_d_bn='pallas' runs Triton kernels on an NVIDIA GPU (or "
+                       f"interpreted on a CPU), not on {backend!r}; use fuse_d_bn='xla'")
     p, mean, var = dbn.d_bn_product(
         u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
-        impl=self.impl, interpret=jax.default_backend() == "cpu")
+        impl=self.impl, interpret=backend == "cpu")
     if not self.is_initializing():
       count = (u.shape[0] // self.groups) * c.shape[1] * c.shape[2]
       update_running_stats(ra_mean, ra_var, mean, var, count)

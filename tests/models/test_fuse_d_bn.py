@@ -67,7 +67,7 @@ def test_train_step_with_fused_d_bn(fuse):
   assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)
 
 
-def test_config_and_errors(tmp_path):
+def test_config_and_errors(tmp_path, monkeypatch):
   from qlhs_jax import config as config_lib
   from qlhs_jax import train
   c = config_lib.base_config("eq3_softball_ds")
@@ -85,6 +85,10 @@ def test_config_and_errors(tmp_path):
   with pytest.raises(ValueError, match="power-of-two expansion.*fuse_d_bn='xla'"):
     init(fuse_d_bn="pallas", expansion=6, weight_sharing=False)
   init(fuse_d_bn="xla", expansion=6, weight_sharing=False)  # the XLA passes take any e
+  with monkeypatch.context() as mp:  # a TPU host: the Triton kernels cannot run there
+    mp.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="NVIDIA GPU .*not on 'tpu'; use fuse_d_bn='xla'"):
+      init(fuse_d_bn="pallas")
 
   # A pallas_call cannot be split over a sharded batch: refused before anything is
   # written (the tests run with 8 CPU devices, conftest.py).
