@@ -32,8 +32,8 @@ fused_op() {  # fused_op SECONDS: the operation alone (exit 1 = the implementati
   echo "exit ${PIPESTATUS[0]}"
 }
 if [ "$PART" != variants ]; then  # in priority order: the headline rows first
-  fused_op 150
-  bench 150 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
+  fused_op 130
+  bench 170 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' --hlo-dir "$OUT"
   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="xla"'
 fi
