@@ -2,7 +2,8 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [fused|variants|all]
-# "fused" (the default; ~6 minutes on an H200, fits one 10-minute device call): the
+# "fused" (the default; its time limits add up to 500 s, so it fits one 10-minute device
+# call; not yet run on a GPU): the
 # BN(D u)*c operation alone per implementation (agreement check, then times), Eq.(3) vs
 # ResNet50, and Eq.(3) with fuse_d_bn="pallas" and "xla". "variants": the s-major layout,
 # remat, grouped D, MobileNetV3, and two other Pallas tilings. Records go to
