@@ -6,7 +6,7 @@
 # call; not yet run on a GPU): the
 # BN(D u)*c operation alone per implementation (agreement check, then times), Eq.(3) vs
 # ResNet50, and Eq.(3) with fuse_d_bn="pallas" and "xla". "variants": the s-major layout,
-# remat, grouped D, MobileNetV3, and two other Pallas tilings. Records go to
+# remat, grouped D, MobileNetV3, and three other Pallas tilings. Records go to
 # $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled HLO to $OUT. Each
 # model runs in its own process; a step that fails or runs over its limit is reported and
 # the script goes on.
