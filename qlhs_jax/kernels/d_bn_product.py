@@ -43,6 +43,12 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+
+try:
+  from jax.experimental.pallas import triton as plt
+except ImportError:  # Pallas's Triton backend is deprecated since JAX 0.11.0
+  plt = None
 
 FUSE_IMPLS = ("none", "xla", "pallas")
 F32 = jnp.float32
@@ -159,7 +165,6 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
 
 def _plan(u_shape, e, stride):
   """Static tiling for the Pallas passes (see ROWS, TILE_ELEMS)."""
-  from jax.experimental import pallas as pl
   b, h, w, n = u_shape
   rows, elems, warps = tiling()
   ho, wo = _out_size(h, stride), _out_size(w, stride)
@@ -181,7 +186,6 @@ def _pad_u(u, plan):
 
 def _tap(up_ref, b, oy, j0, t, plan):
   """Input tap t = 3*dy + dx of output row ``oy``: (tw, bj) float32."""
-  from jax.experimental import pallas as pl
   dy, dx = divmod(t, 3)
   st = plan["stride"]
   return up_ref[b, oy * st + dy, pl.ds(dx, plan["tw"], st),
@@ -190,7 +194,6 @@ def _tap(up_ref, b, oy, j0, t, plan):
 
 def _tile_d(up_ref, k_ref, b, oy, j0, plan):
   """D u for output row ``oy`` of image ``b``, channels j0..j0+bj: (tw, bj, e) float32."""
-  from jax.experimental import pallas as pl
   acc = None
   for t in range(9):
     k = k_ref[t, pl.ds(j0, plan["bj"]), :]
@@ -202,7 +205,6 @@ def _tile_d(up_ref, k_ref, b, oy, j0, plan):
 def _row_loop(plan, body, init):
   """Runs ``body(oy, ok, carry)`` over this program's rows; ``ok`` (tw, 1, 1) masks the
   columns and rows outside the image (rows past the end are clamped and masked)."""
-  from jax.experimental import pallas as pl
   rb = pl.program_id(1)
   ok_cols = (jnp.arange(plan["tw"]) < plan["wo"])[:, None, None]
 
@@ -214,24 +216,20 @@ def _row_loop(plan, body, init):
 
 
 def _hidden_at(ref, b, oy, j0, plan):
-  from jax.experimental import pallas as pl
   return ref.at[b, oy, pl.ds(0, plan["tw"]), pl.ds(j0, plan["bj"]), :]
 
 
 def _group_vecs(refs, b, j0, plan, per_group):
   """This program's (bj, e) slices of per-group vectors (G, n, e)."""
-  from jax.experimental import pallas as pl
   return [ref[b // per_group, pl.ds(j0, plan["bj"]), :] for ref in refs]
 
 
 def _load(ref, b, oy, j0, plan, mask):
   """A (tw, bj, e) tile of a hidden tensor in float32, 0 where ``mask`` is off."""
-  from jax.experimental.pallas import triton as plt
   return plt.load(_hidden_at(ref, b, oy, j0, plan), mask=mask, other=0.0).astype(F32)
 
 
 def _store(ref, b, oy, j0, plan, value, mask):
-  from jax.experimental.pallas import triton as plt
   plt.store(_hidden_at(ref, b, oy, j0, plan), value.astype(ref.dtype), mask=mask)
 
 
@@ -240,7 +238,6 @@ def _full(mask, plan):
 
 
 def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
-  from jax.experimental import pallas as pl
   b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
 
   def body(oy, ok, carry):
@@ -253,7 +250,6 @@ def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
 
 
 def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_group):
-  from jax.experimental import pallas as pl
   b, j0 = pl.program_id(0), pl.program_id(2) * plan["bj"]
   mul, add = _group_vecs((mul_ref, add_ref), b, j0, plan, per_group)
 
@@ -268,7 +264,6 @@ def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_gr
 
 def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_ref,
                  dc_ref, sg_ref, sgx_ref, *, plan, per_group):
-  from jax.experimental import pallas as pl
   b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
   mul, add, mean, rstd = _group_vecs((mul_ref, add_ref, mean_ref, rstd_ref), b, j0, plan,
                                      per_group)
@@ -288,7 +283,6 @@ def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_
 
 def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
                dx_ref, dk_ref, *, plan, per_group):
-  from jax.experimental import pallas as pl
   b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
   mul, cx, c0, mean = _group_vecs((mul_ref, cx_ref, c0_ref, mean_ref), b, j0, plan,
                                   per_group)
@@ -310,8 +304,6 @@ def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
 
 
 def _call(kernel, plan, out_shape, args, interpret, **kw):
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plt
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, **kw), out_shape=out_shape,
       grid=(plan["b"], plan["nrb"], plan["n"] // plan["bj"]),
@@ -378,6 +370,10 @@ def _check(u, c, kernel, scale, stride, groups, impl):
                      f"{scale.shape} do not fit u {u.shape} (want c {want})")
   if b % groups:
     raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
+  if impl == "pallas" and plt is None:
+    raise ValueError(f"fuse_d_bn='pallas' needs Pallas's Triton backend "
+                     f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does "
+                     f"not have; use fuse_d_bn='xla'")
   if impl == "pallas" and e & (e - 1):
     raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
                      f"shapes), got e={e}; use fuse_d_bn='xla' for this model")

@@ -123,7 +123,7 @@ def test_pallas_equals_xla_in_bfloat16():
     assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
 
 
-def test_wrong_arguments_are_refused():
+def test_wrong_arguments_are_refused(monkeypatch):
   args, _ = make_inputs(0, (2, 6, 6, 4), 1, 4, 1, 1, np.float32)
   u, c, kernel, scale, bias = (jnp.asarray(a) for a in args)
   with pytest.raises(ValueError, match="unknown d_bn_product impl"):
@@ -135,6 +135,9 @@ def test_wrong_arguments_are_refused():
   args6, _ = make_inputs(0, (2, 6, 6, 4), 1, 6, 1, 1, np.float32)
   with pytest.raises(ValueError, match="power-of-two expansion"):
     dbn.d_bn_product(*(jnp.asarray(a) for a in args6), impl="pallas", interpret=True)
+  monkeypatch.setattr(dbn, "plt", None)  # a JAX without Pallas's Triton backend
+  with pytest.raises(ValueError, match="needs Pallas's Triton backend.*fuse_d_bn='xla'"):
+    dbn.d_bn_product(u, c, kernel, scale, bias, impl="pallas", interpret=True)
 
 
 @pytest.mark.parametrize("b,h,n,stride", [(256, 56, 64, 1), (256, 56, 128, 2),
