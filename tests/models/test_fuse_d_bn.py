@@ -98,3 +98,18 @@ def test_config_and_errors(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="runs on one device; this mesh has 8"):
     train.train_and_evaluate(cfg, str(tmp_path / "p"))
   assert not (tmp_path / "p").exists()
+
+
+def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
+  """train_and_evaluate on the 8-device mesh (per-replica BN groups, sharded batch):
+  fuse_d_bn='xla' trains the plain path's network, 6 steps to close weights."""
+  from qlhs_jax import checkpoint as ckpt_lib
+  from qlhs_jax import train
+  from tests.test_train import tiny_config
+  runs = {}
+  for fuse in ("none", "xla"):
+    cfg = tiny_config(stop_after_steps=6)
+    cfg.model_overrides.fuse_d_bn = fuse
+    assert train.train_and_evaluate(cfg, str(tmp_path / fuse))["step"] == 6
+    runs[fuse] = ckpt_lib.load_run(str(tmp_path / fuse)).variables
+  assert_trees_close(runs["xla"], runs["none"], 1e-3, 1e-5)
