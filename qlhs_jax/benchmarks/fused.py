@@ -7,7 +7,7 @@ blocks, stages 2-4), runs forward + backward of ``qlhs_jax.kernels.d_bn_product`
 ``impl`` "none" (autodiff of ``reference``: what the model does with fuse_d_bn="none"),
 "xla" and "pallas". First it checks, in float32 at ``--check-batch``, that "xla" and
 "pallas" give the reference's outputs and gradients (relative error < 1e-4; exit code 1
-otherwise). Then it times each in bfloat16 at ``--batch`` (median of ``--steps``) and
+otherwise, also when one fails to compile: the others are still checked and timed). Then it times each in bfloat16 at ``--batch`` (median of ``--steps``) and
 sums the per-block times over the network's 16 blocks: the part of a train step that
 fusing changes. On a CPU the Pallas kernels run in interpret mode (implied there; use a
 ``--size-scale`` of 8 or so; CPU times are meaningful only as ratios within one run).
@@ -78,7 +78,11 @@ def check(batch, size_scale, interpret, e=4) -> list[dict]:
       ref = [np.asarray(r) for r in jax.tree.leaves(ref)]
     rec = {"shape": name}
     for impl in IMPLS[1:]:
-      got = jax.tree.leaves(_fwd_bwd(impl, stride, interpret)(args, dp))
+      try:
+        got = jax.tree.leaves(_fwd_bwd(impl, stride, interpret)(args, dp))
+      except Exception as ex:  # e.g. a kernel that does not compile on this device
+        rec[impl], rec[f"{impl}_error"] = float("inf"), f"{type(ex).__name__}: {ex}"[:500]
+        continue
       rec[impl] = max(float(np.abs(np.asarray(g, np.float64) - r).max()
                             / max(float(np.abs(r).max()), 1e-30))
                       for g, r in zip(got, ref))
@@ -98,7 +102,12 @@ def timing(batch, size_scale, steps, warmup, interpret, impls=IMPLS, e=4) -> lis
                        stride, e, jnp.bfloat16)
     rec = {"shape": name, "blocks": count, "ms": {}}
     for impl in impls:
-      fn = _fwd_bwd(impl, stride, interpret).lower(args, dp).compile()
+      try:
+        fn = _fwd_bwd(impl, stride, interpret).lower(args, dp).compile()
+      except Exception as ex:  # reported by check(); the other impls are still timed
+        rec["ms"][impl] = float("nan")
+        rec.setdefault("errors", {})[impl] = f"{type(ex).__name__}: {ex}"[:500]
+        continue
       for _ in range(warmup):
         jax.block_until_ready(fn(args, dp))
       times = []
@@ -134,6 +143,9 @@ def main(argv=None) -> int:
         f"float32, batch {args.check_batch}):")
   for r in checks:
     print(f"  {r['shape']:14s} " + "  ".join(f"{i} {r[i]:.1e}" for i in IMPLS[1:]))
+    for i in IMPLS[1:]:
+      if f"{i}_error" in r:
+        print(f"    {i} failed: {r[f'{i}_error']}")
   if not ok:
     print("MISMATCH: an implementation disagrees with the reference", file=sys.stderr)
   times = timing(args.batch, args.size_scale, args.steps, args.warmup, args.interpret)

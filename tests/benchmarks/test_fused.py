@@ -38,3 +38,20 @@ def test_disagreement_fails(monkeypatch):
   apply = dbn._pallas_apply
   monkeypatch.setattr(dbn, "_pallas_apply", lambda *a: apply(*a) * 1.001)
   assert fused.main(ARGS) == 1
+
+
+def test_a_failing_implementation_is_reported_and_the_others_timed(monkeypatch, capsys):
+  """A kernel that fails (as one that does not compile on a GPU would) makes the run
+  exit with 1, names the error, and still times "none" and "xla"."""
+  monkeypatch.setattr(fused, "EQ3_SHAPES", SHAPES[:1])
+
+  def broken(*a):
+    raise RuntimeError("Triton compile failed")
+  monkeypatch.setattr(dbn, "_pallas_stats", broken)
+  assert fused.main(ARGS) == 1
+  out = capsys.readouterr().out
+  assert "pallas failed: RuntimeError: Triton compile failed" in out
+  timing_rows = out.split("forward + backward, ms")[1].splitlines()
+  row = next(l for l in timing_rows if l.strip().startswith("stage1 "))
+  none_ms, xla_ms, pallas_ms = (float(v) for v in row.split()[2:5])
+  assert none_ms > 0 and xla_ms > 0 and pallas_ms != pallas_ms  # nan
