@@ -31,6 +31,19 @@ EQ3_SHAPES = [("stage1", 56, 64, 1, 3), ("stage2_block0", 56, 64, 2, 1),
 IMPLS = ("none", "xla", "pallas")
 
 
+def pass_gbytes(batch, side, n, stride, e=4, itemsize=2) -> float:
+  """GB the five passes of impl "pallas" must move for forward + backward at one shape
+  (d_bn_product's table; partial sums and per-channel vectors left out): one pad of u,
+  the padded u read by passes 1-4, nine hidden tensors (c, p; c, dp, dc; c, dp, dx; dx)
+  and du written. Bytes / time is the bandwidth a pass structure reaches."""
+  from qlhs_jax.kernels.d_bn_product import _plan
+  plan = _plan((batch, side, side, n), e, stride)
+  u = batch * side * side * n * itemsize
+  u_pad = batch * (side + 2) * (side + 1 + plan["pad_right"]) * n * itemsize
+  hidden = batch * plan["ho"] * plan["wo"] * n * e * itemsize
+  return (2 * u + 5 * u_pad + 9 * hidden) / 1e9
+
+
 def _inputs(key, batch, side, n, stride, e, dtype):
   import jax
   import jax.numpy as jnp
@@ -100,7 +113,8 @@ def timing(batch, size_scale, steps, warmup, interpret, impls=IMPLS, e=4) -> lis
     side = max(4, side // size_scale)
     args, dp = _inputs(jax.random.PRNGKey(1), batch, side, max(1, n // size_scale),
                        stride, e, jnp.bfloat16)
-    rec = {"shape": name, "blocks": count, "ms": {}}
+    rec = {"shape": name, "blocks": count, "ms": {},
+           "pass_gbytes": pass_gbytes(batch, side, max(1, n // size_scale), stride, e)}
     for impl in impls:
       try:
         fn = _fwd_bwd(impl, stride, interpret).lower(args, dp).compile()
@@ -150,12 +164,16 @@ def main(argv=None) -> int:
     print("MISMATCH: an implementation disagrees with the reference", file=sys.stderr)
   times = timing(args.batch, args.size_scale, args.steps, args.warmup, args.interpret)
   dev = jax.devices()[0]
-  print(f"forward + backward, ms (batch {args.batch}, bfloat16, {dev.device_kind}):")
-  print(f"  {'shape':14s} {'blocks':>6s} " + " ".join(f"{i:>9s}" for i in IMPLS))
+  print(f"forward + backward, ms (batch {args.batch}, bfloat16, {dev.device_kind}); "
+        "GB/s = the Pallas passes' bytes (pass_gbytes) / pallas ms:")
+  print(f"  {'shape':14s} {'blocks':>6s} " + " ".join(f"{i:>9s}" for i in IMPLS)
+        + f" {'GB':>7s} {'GB/s':>7s}")
   total = {i: 0.0 for i in IMPLS}
   for r in times:
+    gbps = r["pass_gbytes"] / (r["ms"]["pallas"] / 1e3)
     print(f"  {r['shape']:14s} {r['blocks']:6d} "
-          + " ".join(f"{r['ms'][i]:9.3f}" for i in IMPLS))
+          + " ".join(f"{r['ms'][i]:9.3f}" for i in IMPLS)
+          + f" {r['pass_gbytes']:7.3f} {gbps:7.0f}")
     for i in IMPLS:
       total[i] += r["blocks"] * r["ms"][i]
   print(f"  {'network (sum)':14s} {'16':>6s} " + " ".join(f"{total[i]:9.3f}" for i in IMPLS))

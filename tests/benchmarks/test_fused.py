@@ -21,6 +21,11 @@ def test_check_time_and_record(tmp_path, monkeypatch):
   assert all(a[i] < 1e-4 for a in r["agreement"] for i in ("xla", "pallas"))
   assert r["network_ms"]["pallas"] == sum(s["blocks"] * s["ms"]["pallas"]
                                           for s in r["shapes"])
+  # The byte count of the stage-1 shape at batch 256, by hand (NOTES.md): u 102.8 MB,
+  # padded u 256*58*66*64*2 = 125.4 MB, hidden 411.0 MB: 2u + 5 u_pad + 9 hidden.
+  want = (2 * 256 * 56 * 56 * 64 + 5 * 256 * 58 * 66 * 64 + 9 * 256 * 56 * 56 * 256) * 2
+  assert abs(fused.pass_gbytes(256, 56, 64, 1) - want / 1e9) < 1e-9
+  assert abs(fused.pass_gbytes(256, 56, 64, 1) - 4.53) < 0.01
   # The README table shows it beside a train-step record.
   step_record = {"date": "2026-11-27", "device": "gpu:X", "jax": "0", "model": "m",
                  "batch": 256, "size": 224, "train_img_s": 1.0, "eval_img_s": 2.0,
