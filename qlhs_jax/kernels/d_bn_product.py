@@ -164,7 +164,7 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
 # The same passes as Pallas kernels (impl="pallas").
 
 def _plan(u_shape, e, stride):
-  """Static tiling for the Pallas passes (see ROWS, TILE_ELEMS)."""
+  """Static tiling for the Pallas passes (DEFAULT_TILING or QLHS_PALLAS_TILING)."""
   b, h, w, n = u_shape
   rows, elems, warps = tiling()
   ho, wo = _out_size(h, stride), _out_size(w, stride)
