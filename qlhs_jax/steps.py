@@ -170,6 +170,15 @@ def check_batch_divides(global_batch: int, mesh: Mesh):
         f"mesh; choose a multiple of {n} (e.g. --config.batch_size={max(n, global_batch // n * n)})")
 
 
+def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
+  """fuse_d_bn='pallas' is one device's kernel: XLA cannot split a pallas_call over a
+  sharded batch, so a larger mesh is refused (training and the throughput harness)."""
+  if fuse_d_bn == "pallas" and mesh.size > 1:
+    raise ValueError(f"model_overrides.fuse_d_bn='pallas' runs on one device; this mesh "
+                     f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
+                     f"mesh) or run on one device")
+
+
 def shard_batch(batch, mesh: Mesh):
   """Places this process's slice of the global batch: leading axis over the mesh."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))

@@ -223,11 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = S.make_mesh()
   S.check_batch_divides(config.batch_size, mesh)
   S.check_batch_divides(config.eval_batch_size, mesh)
-  if config.model_overrides.fuse_d_bn == "pallas" and mesh.size > 1:
-    # A pallas_call is one device's kernel: XLA cannot split it over a sharded batch.
-    raise ValueError(f"model_overrides.fuse_d_bn='pallas' runs on one device; this mesh "
-                     f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
-                     f"mesh) or run on one device")
+  S.check_fuse_fits_mesh(config.model_overrides.fuse_d_bn, mesh)
   pidx, pcount = jax.process_index(), jax.process_count()
 
   # The data first: a missing dataset fails before any compilation or writing.

@@ -37,6 +37,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
 
   mesh = S.make_mesh()
   S.check_batch_divides(batch, mesh)
+  S.check_fuse_fits_mesh(overrides.get("fuse_d_bn"), mesh)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=mesh.size, **overrides)
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from qlhs_jax.benchmarks import step
 
 TINY = ["widths=[8,16]", "depths=[1,1]", "stem=\"small\""]
@@ -30,6 +32,14 @@ def test_measure_in_process_on_8_devices():
   r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
                    {"widths": [8, 16], "depths": [1, 1], "stem": "small"})
   assert r["devices"] == 8 and r["train_img_s"] > 0
+
+
+def test_pallas_fusion_on_8_devices_is_refused():
+  # A pallas_call cannot be split over the sharded batch of the 8-device mesh.
+  with pytest.raises(ValueError, match="runs on one device; this mesh has 8.*'xla'"):
+    step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                 {"widths": [8, 16], "depths": [1, 1], "stem": "small",
+                  "fuse_d_bn": "pallas"})
 
 
 def test_unknown_model_fails_before_compiling():
