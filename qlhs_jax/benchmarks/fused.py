@@ -1,6 +1,6 @@
 """The operation ``BN(D u) * c`` alone, per implementation: agreement, then time.
 
-  python -m qlhs_jax.benchmarks.fused [--batch 256] [--steps 20] [--record FILE]
+  python -m qlhs_jax.benchmarks.fused [--batch 256] [--steps 20] [--passes] [--record FILE]
 
 For each hidden-tensor shape of Eq.(3) (ws, x4) at 224 px (stage 1, the stride-2 first
 blocks, stages 2-4), runs forward + backward of ``qlhs_jax.kernels.d_bn_product`` with
@@ -11,6 +11,9 @@ otherwise, also when one fails to compile: the others are still checked and time
 sums the per-block times over the network's 16 blocks: the part of a train step that
 fusing changes. On a CPU the Pallas kernels run in interpret mode (implied there; use a
 ``--size-scale`` of 8 or so; CPU times are meaningful only as ratios within one run).
+``--passes`` also times each pass alone (the pad of u, statistics, apply, backward sums,
+dx, du = D^T dx in both forms) with the bytes it must move, to show which one misses the
+bandwidth.
 """
 
 from __future__ import annotations
@@ -122,16 +125,147 @@ def timing(batch, size_scale, steps, warmup, interpret, impls=IMPLS, e=4) -> lis
         rec["ms"][impl] = float("nan")
         rec.setdefault("errors", {})[impl] = f"{type(ex).__name__}: {ex}"[:500]
         continue
-      for _ in range(warmup):
-        jax.block_until_ready(fn(args, dp))
-      times = []
-      for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(args, dp))
-        times.append(time.perf_counter() - t0)
-      rec["ms"][impl] = 1e3 * float(np.median(times))
+      rec["ms"][impl] = _median_ms(fn, (args, dp), steps, warmup)
     out.append(rec)
   return out
+
+
+def _median_ms(fn, args, steps, warmup) -> float:
+  import jax
+  import numpy as np
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+PASSES = ("pad", "stats", "apply", "sums", "dx", "du", "du_ad")
+
+
+def pass_gbytes_each(batch, side, n, stride, e=4, itemsize=2) -> dict:
+  """GB each pass moves when it runs alone: "pad" (u in, padded u out), then the five
+  passes of d_bn_product's table, each with its own pad of u (as each is timed alone),
+  "du" the XLA pass (dx in, du out) in its "gather" form and "du_ad" in its "autodiff"
+  form (QLHS_DU_FORM)."""
+  from qlhs_jax.kernels.d_bn_product import _plan
+  plan = _plan((batch, side, side, n), e, stride)
+  u = batch * side * side * n * itemsize
+  u_pad = batch * (side + 2) * (side + 1 + plan["pad_right"]) * n * itemsize
+  hidden = batch * plan["ho"] * plan["wo"] * n * e * itemsize
+  pad = u + u_pad
+  return {k: v / 1e9 for k, v in dict(
+      pad=pad, stats=pad + u_pad, apply=pad + u_pad + 2 * hidden,
+      sums=pad + u_pad + 3 * hidden, dx=pad + u_pad + 3 * hidden, du=hidden + u,
+      du_ad=hidden + u).items()}
+
+
+def pass_timing(batch, size_scale, steps, warmup, interpret, e=4,
+                verbose=False) -> list[dict]:
+  """Median ms of each pass of "xla" and "pallas" run alone (bfloat16 tensors, float32
+  per-channel vectors), per shape: which pass falls short of the bandwidth."""
+  import jax
+  import jax.numpy as jnp
+  from qlhs_jax.kernels import d_bn_product as dbn
+  F32 = jnp.float32
+  out = []
+  for name, side, n, stride, count in EQ3_SHAPES:
+    side, n = max(4, side // size_scale), max(1, n // size_scale)
+    (u, c, kernel, _, _), dp = _inputs(jax.random.PRNGKey(2), batch, side, n, stride, e,
+                                       jnp.bfloat16)
+    k9 = dbn._kernel9(kernel, n)
+    c5, dp5 = c.reshape(c.shape[:3] + (n, e)), dp.reshape(c.shape[:3] + (n, e))
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
+    mul, add, mean, rstd, cx, c0 = (jax.random.uniform(k, (1, n, e), F32, 0.5, 1.5)
+                                    for k in keys)
+    dx = dp5
+    plan = dbn._plan(u.shape, e, stride)
+
+    def du(form):
+      return lambda k9, dx: dbn._d_transpose(dx, k9, stride, (side, side), form).astype(
+          u.dtype)
+    calls = {  # pass: (xla function, pallas function, arguments)
+        "pad": (lambda u: dbn._pad_u(u, plan), None, (u,)),
+        "stats": (lambda u, k9: dbn._xla_stats(u, k9, stride, 1),
+                  lambda u, k9: dbn._pallas_stats(u, k9, stride, 1, interpret), (u, k9)),
+        "apply": (lambda *a: dbn._xla_apply(*a, stride, 1),
+                  lambda *a: dbn._pallas_apply(*a, stride, 1, interpret),
+                  (u, c5, k9, mul, add)),
+        "sums": (lambda *a: dbn._xla_backward_sums(*a, stride, 1),
+                 lambda *a: dbn._pallas_backward_sums(*a, stride, 1, interpret),
+                 (u, c5, dp5, k9, mul, add, mean, rstd)),
+        "dx": (lambda *a: dbn._xla_backward_dx(*a, stride, 1, dp.dtype),
+               lambda *a: dbn._pallas_backward_dx(*a, stride, 1, dp.dtype, interpret),
+               (u, c5, dp5, k9, mul, cx, c0, mean)),
+        "du": (du("gather"), None, (k9, dx)),
+        "du_ad": (du("autodiff"), None, (k9, dx)),
+    }
+    gbytes = pass_gbytes_each(batch, side, n, stride, e)
+    for p in PASSES:
+      xla_fn, pallas_fn, args = calls[p]
+      rec = {"shape": name, "blocks": count, "pass": p, "gbytes": gbytes[p], "ms": {}}
+      for impl, fn in (("xla", xla_fn), ("pallas", pallas_fn)):
+        if fn is None:  # an XLA pass in both: timed once
+          rec["ms"][impl] = rec["ms"]["xla"]
+          continue
+        try:
+          rec["ms"][impl] = _median_ms(jax.jit(fn).lower(*args).compile(), args, steps,
+                                       warmup)
+        except Exception as ex:  # reported; the other passes are still timed
+          rec["ms"][impl] = float("nan")
+          rec.setdefault("errors", {})[impl] = f"{type(ex).__name__}: {ex}"[:500]
+      out.append(rec)
+      if verbose:  # as it goes: a run cut short by its time limit still shows these
+        print(pass_row(rec), flush=True)
+  return out
+
+
+PASS_HEADER = (f"  {'shape':14s} {'pass':6s} {'xla':>8s} {'pallas':>8s} {'GB':>7s} "
+               f"{'GB/s':>7s}")
+
+
+def pass_row(r: dict) -> str:
+  """One shape and pass: ms of "xla" and "pallas" alone, the pass's hand-counted GB and
+  the bandwidth "pallas" reaches on it (failures named below)."""
+  ms = r["ms"]["pallas"]
+  line = (f"  {r['shape']:14s} {r['pass']:6s} {r['ms']['xla']:8.3f} {ms:8.3f} "
+          f"{r['gbytes']:7.3f} {r['gbytes'] / (ms / 1e3):7.0f}")
+  return "\n".join([line] + [f"    {i} failed: {err}"
+                             for i, err in r.get("errors", {}).items()])
+
+
+def pass_totals(passes: list[dict]) -> str:
+  """The network sum per pass (x blocks) for "xla" and "pallas"."""
+  total = {}
+  for r in passes:
+    for i in ("xla", "pallas"):
+      total[(r["pass"], i)] = total.get((r["pass"], i), 0.0) + r["blocks"] * r["ms"][i]
+  return "\n".join(f"  {'network (sum)':14s} {p:6s} {total[(p, 'xla')]:8.3f} "
+                   f"{total[(p, 'pallas')]:8.3f}" for p in PASSES)
+
+
+def best_tiling(path: str) -> str | None:
+  """The Pallas tiling ("rows,elems,warps,cols,stages") of the fused_op record in
+  ``path`` with the smallest network time for "pallas" (records without one skipped),
+  or None. Compares records of one device only: the newest record's."""
+  recs = []
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("kind") == "fused_op" and "tiling_values" in r:
+        recs.append(r)
+  if not recs:
+    return None
+  device = recs[-1]["device"]
+  timed = [r for r in recs if r["device"] == device
+           and r["network_ms"].get("pallas", float("nan")) == r["network_ms"].get("pallas")]
+  if not timed:
+    return None
+  best = min(timed, key=lambda r: r["network_ms"]["pallas"])
+  return ",".join(map(str, best["tiling_values"]))
 
 
 def main(argv=None) -> int:
@@ -144,9 +278,23 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--interpret", action="store_true",
                  help="run the Pallas kernels in interpret mode (any backend, slow)")
+  p.add_argument("--impls", default=",".join(IMPLS),
+                 help="comma-separated implementations to time (the check runs all)")
+  p.add_argument("--passes", action="store_true",
+                 help="also time each pass alone (pad, stats, apply, sums, dx, du)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
+  p.add_argument("--best-of", default=None, metavar="FILE",
+                 help="only print the fastest Pallas tiling recorded in FILE and exit")
   args = p.parse_args(argv)
+  if args.best_of:
+    best = best_tiling(args.best_of)
+    print(best or "")
+    return 0 if best else 1
+  impls = tuple(i for i in IMPLS if i in args.impls.split(","))
+  if not impls or set(args.impls.split(",")) - set(IMPLS):
+    p.error(f"--impls {args.impls!r}: choose from {','.join(IMPLS)}")
   import jax
+  from qlhs_jax.kernels.d_bn_product import tiling
   if jax.default_backend() == "cpu" and not args.interpret:
     print("CPU backend: the Pallas kernels run in interpret mode (slow; use --size-scale)")
     args.interpret = True
@@ -162,21 +310,30 @@ def main(argv=None) -> int:
         print(f"    {i} failed: {r[f'{i}_error']}")
   if not ok:
     print("MISMATCH: an implementation disagrees with the reference", file=sys.stderr)
-  times = timing(args.batch, args.size_scale, args.steps, args.warmup, args.interpret)
+  times = timing(args.batch, args.size_scale, args.steps, args.warmup, args.interpret,
+                 impls)
   dev = jax.devices()[0]
   print(f"forward + backward, ms (batch {args.batch}, bfloat16, {dev.device_kind}); "
         "GB/s = the Pallas passes' bytes (pass_gbytes) / pallas ms:")
-  print(f"  {'shape':14s} {'blocks':>6s} " + " ".join(f"{i:>9s}" for i in IMPLS)
+  print(f"  {'shape':14s} {'blocks':>6s} " + " ".join(f"{i:>9s}" for i in impls)
         + f" {'GB':>7s} {'GB/s':>7s}")
-  total = {i: 0.0 for i in IMPLS}
+  total = {i: 0.0 for i in impls}
   for r in times:
-    gbps = r["pass_gbytes"] / (r["ms"]["pallas"] / 1e3)
+    gbps = r["pass_gbytes"] / (r["ms"].get("pallas", float("nan")) / 1e3)
     print(f"  {r['shape']:14s} {r['blocks']:6d} "
-          + " ".join(f"{r['ms'][i]:9.3f}" for i in IMPLS)
+          + " ".join(f"{r['ms'][i]:9.3f}" for i in impls)
           + f" {r['pass_gbytes']:7.3f} {gbps:7.0f}")
-    for i in IMPLS:
+    for i in impls:
       total[i] += r["blocks"] * r["ms"][i]
-  print(f"  {'network (sum)':14s} {'16':>6s} " + " ".join(f"{total[i]:9.3f}" for i in IMPLS))
+  print(f"  {'network (sum)':14s} {'16':>6s} " + " ".join(f"{total[i]:9.3f}" for i in impls))
+  passes = None
+  if args.passes:
+    print("each pass alone, ms (pad, du and du_ad are XLA in both; each pass includes its "
+          "own pad of u; du_ad = du in QLHS_DU_FORM=autodiff); GB/s = GB / pallas ms:")
+    print(PASS_HEADER, flush=True)
+    passes = pass_timing(args.batch, args.size_scale, args.steps, args.warmup,
+                         args.interpret, verbose=True)
+    print(pass_totals(passes))
   if args.record:
     os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
     with open(args.record, "a") as f:
@@ -185,7 +342,9 @@ def main(argv=None) -> int:
           "dtype": "bfloat16", "device": f"{dev.platform}:{dev.device_kind}",
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
           "interpret": args.interpret, "tiling": os.environ.get("QLHS_PALLAS_TILING", ""),
-          "agreement": checks, "shapes": times, "network_ms": total}) + "\n")
+          "tiling_values": list(tiling()),
+          "agreement": checks, "shapes": times, "network_ms": total,
+          **({"passes": passes} if passes else {})}) + "\n")
   return 0 if ok else 1
 
 

@@ -17,10 +17,14 @@ def table(path: str) -> str:
     for line in f:
       r = json.loads(line)
       if r.get("kind") == "fused_op":
-        ms = r["network_ms"]
+        ms = {i: r["network_ms"].get(i, float("nan")) for i in ("none", "xla", "pallas")}
+        cell = lambda v, fmt: "-" if v != v else format(v, fmt)  # NaN: not timed
+        tiling = ",".join(map(str, r["tiling_values"])) if "tiling_values" in r else (
+            r.get("tiling") or "default")
         fused.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['batch']} | "
-                     f"{r.get('tiling') or 'default'} | {ms['none']:.2f} | {ms['xla']:.2f} | "
-                     f"{ms['pallas']:.2f} | {ms['pallas'] / ms['none']:.2f} |")
+                     f"{tiling} | {cell(ms['none'], '.2f')} | {cell(ms['xla'], '.2f')} | "
+                     f"{cell(ms['pallas'], '.2f')} | "
+                     f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
         continue
       over = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
       ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("train_ratio_vs", {}).items()

@@ -86,7 +86,8 @@ def _ptxas_report(ptx: str, arch: str) -> str:
   raise RuntimeError(f"no ptxas in {bins} assembled the PTX: {r.stderr[-500:]}")
 
 
-def compile_ir(name: str, text: str, arch: str, num_warps: int) -> dict:
+def compile_ir(name: str, text: str, arch: str, num_warps: int,
+               num_stages: int = 1) -> dict:
   """Compiles one kernel's IR; ``{"kernel", "ok", "registers", "spill_bytes",
   "shared_bytes"}`` or ``{"kernel", "ok": False, "error"}``."""
   import triton
@@ -98,7 +99,7 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int) -> dict:
       f.write(text)
     try:
       k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
-                         options={"num_warps": num_warps, "num_stages": 1})
+                         options={"num_warps": num_warps, "num_stages": num_stages})
       report = _ptxas_report(k.asm["ptx"], arch)
     except Exception as ex:  # compile errors come from several layers
       return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}
@@ -122,16 +123,16 @@ def main(argv=None) -> int:
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, quietly
   from qlhs_jax.benchmarks.fused import EQ3_SHAPES
   from qlhs_jax.kernels.d_bn_product import tiling
-  warps = tiling()[2]
+  warps, stages = tiling()[2], tiling()[4]
   wanted = set(filter(None, args.shapes.split(",")))
   print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, tiling "
-        f"(rows, elems, warps) = {tiling()}")
+        f"(rows, elems, warps, cols, stages) = {tiling()}")
   ok = True
   for name, side, n, stride, _ in EQ3_SHAPES:
     if wanted and name not in wanted:
       continue
     for kernel, text in triton_ir(args.batch, side, n, stride):
-      r = compile_ir(kernel, text, args.arch, warps)
+      r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:
         print(f"  {name:14s} {kernel:20s} {r['registers']:4d} registers  "

@@ -15,7 +15,7 @@ forward 1  per-channel sums of D u and (D u)^2             none (reads u)
 forward 2  p = (D u * mul + add) * c                       c in, p out
 backward 3 dc = dp * BN(D u); sums of g = dp*c, g*xhat     c, dp in, dc out
 backward 4 dx = dL/d(D u); partial sums of dL/dkernel      c, dp in, dx out
-backward 5 du = D^T dx (XLA)                               dx in
+backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 =========  ==============================================  ===========================
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
@@ -52,29 +52,40 @@ except ImportError:  # Pallas's Triton backend is deprecated since JAX 0.11.0
 
 FUSE_IMPLS = ("none", "xla", "pallas")
 F32 = jnp.float32
-# Pallas tiling: one program handles `rows` output rows of one image, all (padded-to-a-
-# power-of-two) columns, and bj input channels (bj*e hidden channels); `elems` bounds one
-# (columns, bj, e) float32 tile: 2048 values = 16 per thread at 4 warps. Not yet timed on
-# a GPU; chosen from ptxas's register counts for sm_90a (benchmarks.triton_compile,
-# NOTES.md): 56-168 registers per thread and no spills, against 80-168 at 4096.
-# QLHS_PALLAS_TILING="rows,elems,warps" overrides it at trace time, so that one GPU
-# session can try several without editing code.
-DEFAULT_TILING = (4, 2048, 4)
+# Pallas tiling: one program handles `rows` output rows of one image, `cols` columns
+# (0: all of them, padded to a power of two) and bj input channels (bj*e hidden channels,
+# as many as fit): `elems` bounds one (columns, bj, e) float32 tile. The default is the
+# fastest of six tilings timed on an H100 (2026-11-27, benchmarks/results.jsonl, kind
+# "fused_op"): whole rows of 8,192 values at 4 warps, 36.8 ms for the 16 blocks against
+# 48.9 ms at 2,048 values; longer contiguous runs of channels were what helped, although
+# ptxas then needs up to 255 registers and spills up to 272 bytes in the backward
+# kernels (benchmarks.triton_compile). `cols` > 0 keeps all channels in one tile (one
+# contiguous run per pixel) and splits the columns instead; `stages` > 1 asks Triton to
+# software-pipeline the row loop's loads. QLHS_PALLAS_TILING="rows,elems,warps[,cols[,
+# stages]]" overrides the default at trace time, so that one GPU session can try several
+# without editing code.
+DEFAULT_TILING = (4, 8192, 4, 0, 1)
 
 
-def tiling() -> tuple[int, int, int]:
-  """(rows, elems, warps) from QLHS_PALLAS_TILING, else :data:`DEFAULT_TILING`."""
+def tiling() -> tuple[int, int, int, int, int]:
+  """(rows, elems, warps, cols, stages) from QLHS_PALLAS_TILING, else
+  :data:`DEFAULT_TILING` (cols 0 and stages 1 where the variable leaves them out)."""
   raw = os.environ.get("QLHS_PALLAS_TILING", "")
   if not raw:
     return DEFAULT_TILING
   try:
-    rows, elems, warps = (int(v) for v in raw.split(","))
+    vals = [int(v) for v in raw.split(",")]
+    if not 3 <= len(vals) <= 5:
+      raise ValueError
+    rows, elems, warps, cols, stages = vals + [0, 1][len(vals) - 3:]
   except ValueError:
-    rows = elems = warps = 0
-  if rows < 1 or elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"QLHS_PALLAS_TILING={raw!r}: want 'rows,elems,warps', e.g. "
-                     f"'4,2048,4' (rows >= 1, elems a power of two, warps 1-16)")
-  return rows, elems, warps
+    rows = elems = warps = cols = stages = 0
+  if (rows < 1 or elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16)
+      or cols < 0 or cols & (cols - 1) or not 1 <= stages <= 4):
+    raise ValueError(f"QLHS_PALLAS_TILING={raw!r}: want 'rows,elems,warps[,cols[,stages]]'"
+                     f", e.g. '4,8192,4' or '4,8192,8,16,2' (rows >= 1, elems a power of "
+                     f"two, warps 1-16, cols 0 = whole rows or a power of two, stages 1-4)")
+  return rows, elems, warps, cols, stages
 
 
 def _out_size(n: int, stride: int) -> int:
@@ -94,6 +105,51 @@ def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
   n, e = k9.shape[1:]
   x = derivative(u.astype(F32)[..., None], k9.reshape(3, 3, n, e), stride)
   return x.reshape(x.shape[:3] + (n, e))
+
+
+DU_FORMS = ("gather", "autodiff")
+
+
+def du_form() -> str:
+  """How pass 5 computes du = D^T dx: QLHS_DU_FORM, else "gather"."""
+  form = os.environ.get("QLHS_DU_FORM", "") or "gather"
+  if form not in DU_FORMS:
+    raise ValueError(f"QLHS_DU_FORM={form!r}: choose one of {DU_FORMS}")
+  return form
+
+
+def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
+                 form: str | None = None) -> jax.Array:
+  """du = D^T dx in float32: ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e), ``hw`` = u's
+  (H, W); returns (B, H, W, n).
+
+  "autodiff" is JAX's transpose of ``_d_xla``: per tap a reduction over e, then the nine
+  shifted (padded) results added. On an H100 XLA wrote that as one 8-output float32
+  reduction plus an add, ~4.4 GB per stage-1 block at batch 256 where the tensors are
+  0.5 GB (benchmarks/NOTES.md). "gather" writes the same sum the other way round, as
+  the stencil of the transposed convolution: dx dilated by the stride (zeros between
+  rows and columns) and padded, then for every output pixel the nine shifted slices
+  times the kernel, summed over taps and e in one reduction, so that dx is read once
+  (the slices overlap in cache) and du written once.
+  """
+  form = form or du_form()
+  h, w = hw
+  if form == "autodiff":
+    u0 = jnp.zeros(dx.shape[:1] + (h, w) + dx.shape[3:4], F32)
+    return jax.vjp(lambda v: _d_xla(v, k9, stride), u0)[1](dx.astype(F32))[0]
+  ho, wo = dx.shape[1:3]
+  s = stride
+  # zp[i] = z[i - 1] with z the dilated dx: du[y, x] = sum_t zp[y + 2 - dy, x + 2 - dx] k_t.
+  zp = lax.pad(dx.astype(F32), jnp.zeros((), F32),
+               ((0, 0, 0), (1, h - s * (ho - 1), s - 1), (1, w - s * (wo - 1), s - 1),
+                (0, 0, 0), (0, 0, 0)))
+  acc = None
+  for t in range(9):
+    dy, dxx = divmod(t, 3)
+    term = lax.slice_in_dim(lax.slice_in_dim(zp, 2 - dy, 2 - dy + h, axis=1),
+                            2 - dxx, 2 - dxx + w, axis=2) * k9[t]
+    acc = term if acc is None else acc + term
+  return acc.sum(-1)
 
 
 def _per_group(v: jax.Array, groups: int, b: int) -> jax.Array:
@@ -166,47 +222,61 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
 def _plan(u_shape, e, stride):
   """Static tiling for the Pallas passes (DEFAULT_TILING or QLHS_PALLAS_TILING)."""
   b, h, w, n = u_shape
-  rows, elems, warps = tiling()
+  rows, elems, warps, cols, stages = tiling()
   ho, wo = _out_size(h, stride), _out_size(w, stride)
   tw = pl.next_power_of_2(wo)
+  tc = tw if cols == 0 else min(cols, tw)  # columns per tile
   bj = 1
-  while n % (2 * bj) == 0 and 2 * bj * e * tw <= elems:
+  while n % (2 * bj) == 0 and 2 * bj * e * tc <= elems:
     bj *= 2
+  ncb = -(-wo // tc)  # column blocks
   rows = min(rows, ho)
-  # u is zero-padded by one pixel, plus enough columns on the right that the tw-wide
-  # strided tap loads stay inside the array (the extra columns are masked out).
-  extra = max(0, (tw - 1) * stride + 3 - (w + 2))
-  return dict(b=b, h=h, w=w, n=n, e=e, ho=ho, wo=wo, tw=tw, bj=bj, rows=rows,
-              nrb=-(-ho // rows), stride=stride, pad_right=1 + extra, warps=warps)
+  # u is zero-padded by one pixel, plus enough columns on the right that the tc-wide
+  # strided tap loads of the last column block stay inside the array (the extra columns
+  # are masked out).
+  extra = max(0, (ncb * tc - 1) * stride + 3 - (w + 2))
+  return dict(b=b, h=h, w=w, n=n, e=e, ho=ho, wo=wo, tc=tc, ncb=ncb, bj=bj, nj=n // bj,
+              rows=rows, nrb=-(-ho // rows), stride=stride, pad_right=1 + extra,
+              warps=warps, stages=stages)
 
 
 def _pad_u(u, plan):
   return jnp.pad(u, ((0, 0), (1, 1), (1, plan["pad_right"]), (0, 0)))
 
 
-def _tap(up_ref, b, oy, j0, t, plan):
-  """Input tap t = 3*dy + dx of output row ``oy``: (tw, bj) float32."""
+def _block(plan):
+  """This program's (image, slot of its partial sums, first column, first input
+  channel); the slot numbers the (row block, column block) pairs of one image."""
+  pid = pl.program_id(2)  # column blocks and channel blocks share the grid's last axis
+  cb = pid // plan["nj"]
+  return (pl.program_id(0), pl.program_id(1) * plan["ncb"] + cb, cb * plan["tc"],
+          (pid % plan["nj"]) * plan["bj"])
+
+
+def _tap(up_ref, b, oy, x0, j0, t, plan):
+  """Input tap t = 3*dy + dx of output row ``oy``, columns x0..: (tc, bj) float32."""
   dy, dx = divmod(t, 3)
   st = plan["stride"]
-  return up_ref[b, oy * st + dy, pl.ds(dx, plan["tw"], st),
+  return up_ref[b, oy * st + dy, pl.ds(x0 * st + dx, plan["tc"], st),
                 pl.ds(j0, plan["bj"])].astype(F32)
 
 
-def _tile_d(up_ref, k_ref, b, oy, j0, plan):
-  """D u for output row ``oy`` of image ``b``, channels j0..j0+bj: (tw, bj, e) float32."""
+def _tile_d(up_ref, k_ref, b, oy, x0, j0, plan):
+  """D u for output row ``oy`` of image ``b``, columns x0.., channels j0..j0+bj:
+  (tc, bj, e) float32."""
   acc = None
   for t in range(9):
     k = k_ref[t, pl.ds(j0, plan["bj"]), :]
-    term = _tap(up_ref, b, oy, j0, t, plan)[:, :, None] * k[None]
+    term = _tap(up_ref, b, oy, x0, j0, t, plan)[:, :, None] * k[None]
     acc = term if acc is None else acc + term
   return acc
 
 
-def _row_loop(plan, body, init):
-  """Runs ``body(oy, ok, carry)`` over this program's rows; ``ok`` (tw, 1, 1) masks the
+def _row_loop(plan, x0, body, init):
+  """Runs ``body(oy, ok, carry)`` over this program's rows; ``ok`` (tc, 1, 1) masks the
   columns and rows outside the image (rows past the end are clamped and masked)."""
   rb = pl.program_id(1)
-  ok_cols = (jnp.arange(plan["tw"]) < plan["wo"])[:, None, None]
+  ok_cols = ((x0 + jnp.arange(plan["tc"])) < plan["wo"])[:, None, None]
 
   def step(r, carry):
     oy = rb * plan["rows"] + r
@@ -215,8 +285,8 @@ def _row_loop(plan, body, init):
   return lax.fori_loop(jnp.int32(0), jnp.int32(plan["rows"]), step, init)
 
 
-def _hidden_at(ref, b, oy, j0, plan):
-  return ref.at[b, oy, pl.ds(0, plan["tw"]), pl.ds(j0, plan["bj"]), :]
+def _hidden_at(ref, b, oy, x0, j0, plan):
+  return ref.at[b, oy, pl.ds(x0, plan["tc"]), pl.ds(j0, plan["bj"]), :]
 
 
 def _group_vecs(refs, b, j0, plan, per_group):
@@ -224,96 +294,97 @@ def _group_vecs(refs, b, j0, plan, per_group):
   return [ref[b // per_group, pl.ds(j0, plan["bj"]), :] for ref in refs]
 
 
-def _load(ref, b, oy, j0, plan, mask):
-  """A (tw, bj, e) tile of a hidden tensor in float32, 0 where ``mask`` is off."""
-  return plt.load(_hidden_at(ref, b, oy, j0, plan), mask=mask, other=0.0).astype(F32)
+def _load(ref, b, oy, x0, j0, plan, mask):
+  """A (tc, bj, e) tile of a hidden tensor in float32, 0 where ``mask`` is off."""
+  return plt.load(_hidden_at(ref, b, oy, x0, j0, plan), mask=mask, other=0.0).astype(F32)
 
 
-def _store(ref, b, oy, j0, plan, value, mask):
-  plt.store(_hidden_at(ref, b, oy, j0, plan), value.astype(ref.dtype), mask=mask)
+def _store(ref, b, oy, x0, j0, plan, value, mask):
+  plt.store(_hidden_at(ref, b, oy, x0, j0, plan), value.astype(ref.dtype), mask=mask)
 
 
 def _full(mask, plan):
-  return jnp.broadcast_to(mask, (plan["tw"], plan["bj"], plan["e"]))
+  return jnp.broadcast_to(mask, (plan["tc"], plan["bj"], plan["e"]))
 
 
 def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
-  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+  b, part, x0, j0 = _block(plan)
 
   def body(oy, ok, carry):
-    x = jnp.where(ok, _tile_d(up_ref, k_ref, b, oy, j0, plan), 0.0)
+    x = jnp.where(ok, _tile_d(up_ref, k_ref, b, oy, x0, j0, plan), 0.0)
     return carry[0] + x.sum(0), carry[1] + (x * x).sum(0)
   z = jnp.zeros((plan["bj"], plan["e"]), F32)
-  s1, s2 = _row_loop(plan, body, (z, z))
-  s1_ref[b, rb, pl.ds(j0, plan["bj"]), :] = s1
-  s2_ref[b, rb, pl.ds(j0, plan["bj"]), :] = s2
+  s1, s2 = _row_loop(plan, x0, body, (z, z))
+  s1_ref[b, part, pl.ds(j0, plan["bj"]), :] = s1
+  s2_ref[b, part, pl.ds(j0, plan["bj"]), :] = s2
 
 
 def _apply_kernel(up_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan, per_group):
-  b, j0 = pl.program_id(0), pl.program_id(2) * plan["bj"]
+  b, _, x0, j0 = _block(plan)
   mul, add = _group_vecs((mul_ref, add_ref), b, j0, plan, per_group)
 
   def body(oy, ok, carry):
-    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    x = _tile_d(up_ref, k_ref, b, oy, x0, j0, plan)
     m = _full(ok, plan)
-    c = _load(c_ref, b, oy, j0, plan, m)
-    _store(p_ref, b, oy, j0, plan, (x * mul + add) * c, m)
+    c = _load(c_ref, b, oy, x0, j0, plan, m)
+    _store(p_ref, b, oy, x0, j0, plan, (x * mul + add) * c, m)
     return carry
-  _row_loop(plan, body, 0)
+  _row_loop(plan, x0, body, 0)
 
 
 def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_ref,
                  dc_ref, sg_ref, sgx_ref, *, plan, per_group):
-  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+  b, part, x0, j0 = _block(plan)
   mul, add, mean, rstd = _group_vecs((mul_ref, add_ref, mean_ref, rstd_ref), b, j0, plan,
                                      per_group)
 
   def body(oy, ok, carry):
-    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    x = _tile_d(up_ref, k_ref, b, oy, x0, j0, plan)
     m = _full(ok, plan)
-    c, dp = _load(c_ref, b, oy, j0, plan, m), _load(dp_ref, b, oy, j0, plan, m)
-    _store(dc_ref, b, oy, j0, plan, dp * (x * mul + add), m)
+    c, dp = _load(c_ref, b, oy, x0, j0, plan, m), _load(dp_ref, b, oy, x0, j0, plan, m)
+    _store(dc_ref, b, oy, x0, j0, plan, dp * (x * mul + add), m)
     g = dp * c  # zero outside the image: dp and c loaded as 0 there
     return carry[0] + g.sum(0), carry[1] + (g * ((x - mean) * rstd)).sum(0)
   z = jnp.zeros((plan["bj"], plan["e"]), F32)
-  sg, sgx = _row_loop(plan, body, (z, z))
-  sg_ref[b, rb, pl.ds(j0, plan["bj"]), :] = sg
-  sgx_ref[b, rb, pl.ds(j0, plan["bj"]), :] = sgx
+  sg, sgx = _row_loop(plan, x0, body, (z, z))
+  sg_ref[b, part, pl.ds(j0, plan["bj"]), :] = sg
+  sgx_ref[b, part, pl.ds(j0, plan["bj"]), :] = sgx
 
 
 def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
                dx_ref, dk_ref, *, plan, per_group):
-  b, rb, j0 = pl.program_id(0), pl.program_id(1), pl.program_id(2) * plan["bj"]
+  b, part, x0, j0 = _block(plan)
   mul, cx, c0, mean = _group_vecs((mul_ref, cx_ref, c0_ref, mean_ref), b, j0, plan,
                                   per_group)
 
   def body(oy, ok, dk):
-    x = _tile_d(up_ref, k_ref, b, oy, j0, plan)
+    x = _tile_d(up_ref, k_ref, b, oy, x0, j0, plan)
     m = _full(ok, plan)
-    c, dp = _load(c_ref, b, oy, j0, plan, m), _load(dp_ref, b, oy, j0, plan, m)
+    c, dp = _load(c_ref, b, oy, x0, j0, plan, m), _load(dp_ref, b, oy, x0, j0, plan, m)
     dx = jnp.where(ok, dp * c * mul + (x - mean) * cx + c0, 0.0)
-    _store(dx_ref, b, oy, j0, plan, dx, m)
+    _store(dx_ref, b, oy, x0, j0, plan, dx, m)
     # dL/dkernel[t] = sum over pixels of dx * (input tap t). The taps are loaded again
     # (cache hits) rather than kept live from D's loop: nine fewer tiles in registers.
-    return tuple(dk[t] + (dx * _tap(up_ref, b, oy, j0, t, plan)[:, :, None]).sum(0)
+    return tuple(dk[t] + (dx * _tap(up_ref, b, oy, x0, j0, t, plan)[:, :, None]).sum(0)
                  for t in range(9))
   z = jnp.zeros((plan["bj"], plan["e"]), F32)
-  dk = _row_loop(plan, body, (z,) * 9)
+  dk = _row_loop(plan, x0, body, (z,) * 9)
   for t in range(9):
-    dk_ref[b, rb, t, pl.ds(j0, plan["bj"]), :] = dk[t]
+    dk_ref[b, part, t, pl.ds(j0, plan["bj"]), :] = dk[t]
 
 
 def _call(kernel, plan, out_shape, args, interpret, **kw):
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, **kw), out_shape=out_shape,
-      grid=(plan["b"], plan["nrb"], plan["n"] // plan["bj"]),
-      compiler_params=plt.CompilerParams(num_warps=plan["warps"], num_stages=1),
+      grid=(plan["b"], plan["nrb"], plan["ncb"] * plan["nj"]),
+      compiler_params=plt.CompilerParams(num_warps=plan["warps"],
+                                         num_stages=plan["stages"]),
       interpret=interpret, name=f"qlhs_{kernel.__name__.strip('_')}")(*args)
 
 
 def _partials(plan, *extra):
-  return jax.ShapeDtypeStruct((plan["b"], plan["nrb"]) + extra + (plan["n"], plan["e"]),
-                              F32)
+  return jax.ShapeDtypeStruct(
+      (plan["b"], plan["nrb"] * plan["ncb"]) + extra + (plan["n"], plan["e"]), F32)
 
 
 def _pallas_stats(u, k9, stride, groups, interpret):
@@ -440,8 +511,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   else:
     dx, dk9 = _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                dp.dtype)
-  _, d_transpose = jax.vjp(lambda v: _d_xla(v, k9, stride), u.astype(F32))
-  du = d_transpose(dx.astype(F32))[0].astype(u.dtype)
+  du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   dk = dk9.reshape(3, 3, n, e)
   if kernel.shape[2] == 1:
     dk = dk.sum(2, keepdims=True)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from qlhs_jax.benchmarks import fused, table
 from qlhs_jax.kernels import d_bn_product as dbn
 
@@ -34,7 +36,7 @@ def test_check_time_and_record(tmp_path, monkeypatch):
     f.write(json.dumps(step_record) + "\n")
   text = table.table(str(record))
   assert "| 2026-11-27 | gpu:X | 0 | m | - | 256 | 224 |" in text
-  assert "| default |" in text and "BN(D u) * c alone" in text
+  assert "| 4,8192,4,0,1 |" in text and "BN(D u) * c alone" in text  # the default tiling
 
 
 def test_disagreement_fails(monkeypatch):
@@ -60,3 +62,49 @@ def test_a_failing_implementation_is_reported_and_the_others_timed(monkeypatch, 
   row = next(l for l in timing_rows if l.strip().startswith("stage1 "))
   none_ms, xla_ms, pallas_ms = (float(v) for v in row.split()[2:5])
   assert none_ms > 0 and xla_ms > 0 and pallas_ms != pallas_ms  # nan
+
+
+def test_each_pass_alone_and_only_pallas(tmp_path, monkeypatch, capsys):
+  """--passes times the six passes; --impls pallas leaves "none" and "xla" untimed (the
+  table shows '-'); the per-pass byte counts follow the hand count."""
+  monkeypatch.setattr(fused, "EQ3_SHAPES", SHAPES[:1])
+  record = tmp_path / "results.jsonl"
+  assert fused.main(ARGS + ["--passes", "--impls", "pallas", "--record", str(record)]) == 0
+  r = json.loads(record.read_text())
+  assert set(r["network_ms"]) == {"pallas"}
+  assert [p["pass"] for p in r["passes"]] == list(fused.PASSES)
+  for p in r["passes"]:
+    assert p["ms"]["xla"] > 0 and p["ms"]["pallas"] > 0, p
+    if p["pass"] in ("pad", "du", "du_ad"):  # XLA in both: timed once
+      assert p["ms"]["xla"] == p["ms"]["pallas"]
+  assert "each pass alone" in capsys.readouterr().out
+  assert "| - | - |" in table.table(str(record))
+  # Stage 1 at batch 256 by hand: u 256*56*56*64*2, the padded u 256*58*66*64*2 (one
+  # pixel each side, the right side widened to the 64-wide tap loads), hidden x4.
+  u, u_pad, hidden = 256 * 56 * 56 * 64 * 2, 256 * 58 * 66 * 64 * 2, 256 * 56 * 56 * 256 * 2
+  want = {"pad": u + u_pad, "stats": u + 2 * u_pad, "apply": u + 2 * u_pad + 2 * hidden,
+          "sums": u + 2 * u_pad + 3 * hidden, "dx": u + 2 * u_pad + 3 * hidden,
+          "du": hidden + u, "du_ad": hidden + u}
+  got = fused.pass_gbytes_each(256, 56, 64, 1)
+  assert got == pytest.approx({k: v / 1e9 for k, v in want.items()}, rel=1e-12)
+  with pytest.raises(SystemExit):
+    fused.main(ARGS + ["--impls", "pallas,cuda"])
+
+
+def test_best_tiling(tmp_path):
+  """The fastest "pallas" network time among the newest device's records; records of
+  other devices and untimed (NaN) ones do not count."""
+  path = tmp_path / "r.jsonl"
+  recs = [("gpu:A", [4, 2048, 4, 0, 1], 10.0), ("gpu:B", [4, 4096, 4, 0, 1], 30.0),
+          ("gpu:B", [4, 8192, 4, 16, 1], float("nan")), ("gpu:B", [2, 1024, 4, 0, 1], 20.0),
+          ("gpu:B", [4, 8192, 8, 32, 2], 25.0)]
+  with open(path, "w") as f:
+    f.write(json.dumps({"model": "m"}) + "\n")  # a train-step record: skipped
+    for dev, t, ms in recs:
+      f.write(json.dumps({"kind": "fused_op", "device": dev, "tiling_values": t,
+                          "network_ms": {"pallas": ms}}) + "\n")
+  assert fused.best_tiling(str(path)) == "2,1024,4,0,1"
+  assert fused.main(["--best-of", str(path)]) == 0
+  empty = tmp_path / "e.jsonl"
+  empty.write_text(json.dumps({"model": "m"}) + "\n")
+  assert fused.best_tiling(str(empty)) is None and fused.main(["--best-of", str(empty)]) == 1

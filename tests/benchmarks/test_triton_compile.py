@@ -10,14 +10,20 @@ from qlhs_jax.benchmarks import triton_compile
 triton = pytest.importorskip("triton")
 
 
-def test_stage1_kernels_compile_without_spills(capsys):
+@pytest.mark.parametrize("tiling,spills", [("", None), ("4,4096,4,16", 0)])
+def test_stage1_kernels_compile(monkeypatch, capsys, tiling, spills):
+  """The default tiling (8,192-value whole-row tiles, the fastest on an H100) compiles;
+  ptxas spills a few bytes in its backward kernels, which is reported. Whole-channel
+  tiles of 16 columns compile without spills."""
+  monkeypatch.setenv("QLHS_PALLAS_TILING", tiling)
   assert triton_compile.main(["--shapes", "stage1,stage2_block0"]) == 0
   out = capsys.readouterr().out
   for kernel in ("stats", "apply", "sums", "dx"):
     assert out.count(f"qlhs_{kernel}_kernel") == 2, kernel
   rows = [l for l in out.splitlines() if "registers" in l]
-  assert len(rows) == 8 and all(" 0 B spilled" in l for l in rows), out
-  assert "FAILED" not in out
+  assert len(rows) == 8 and "FAILED" not in out, out
+  if spills is not None:
+    assert all(f" {spills} B spilled" in l for l in rows), out
 
 
 def test_broken_ir_is_reported():

@@ -161,11 +161,96 @@ def test_tiling_override(monkeypatch):
                                              interpret=True)[0])
   base = run()
   plan = dbn._plan((2, 9, 7, 8), 4, 2)
-  assert (plan["rows"], plan["bj"], plan["warps"]) == (4, 8, 4)  # the defaults
+  assert (plan["rows"], plan["bj"], plan["warps"], plan["tc"], plan["ncb"],
+          plan["stages"]) == (4, 8, 4, 4, 1, 1)  # the defaults: whole 4-wide rows
   monkeypatch.setenv("QLHS_PALLAS_TILING", "2,16,2")  # 4-wide tiles: one channel each
   plan = dbn._plan((2, 9, 7, 8), 4, 2)
   assert (plan["rows"], plan["bj"], plan["warps"]) == (2, 1, 2)
   np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
-  monkeypatch.setenv("QLHS_PALLAS_TILING", "4,1000,4")
-  with pytest.raises(ValueError, match="QLHS_PALLAS_TILING='4,1000,4'.*rows,elems,warps"):
-    run()
+  monkeypatch.setenv("QLHS_PALLAS_TILING", "4,64,4,2,3")  # 2 columns x all 8 channels
+  plan = dbn._plan((2, 9, 7, 8), 4, 2)
+  assert (plan["tc"], plan["ncb"], plan["bj"], plan["nj"], plan["stages"]) == (2, 2, 8, 1, 3)
+  np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
+  for bad in ("4,1000,4", "4,2048", "4,2048,4,3", "4,2048,4,0,9", "4,2048,4,0,1,1"):
+    monkeypatch.setenv("QLHS_PALLAS_TILING", bad)
+    with pytest.raises(ValueError, match=f"QLHS_PALLAS_TILING='{bad}'.*rows,elems,warps"):
+      run()
+
+
+@pytest.mark.parametrize("tiling", ["2,16,2", "3,32,4,2", "1,8192,4,2,2"])
+@pytest.mark.parametrize("shape,stride,e,kj,groups", [CASES[1], CASES[3]])
+def test_column_and_channel_blocks_match_float64_autodiff(monkeypatch, tiling, shape,
+                                                           stride, e, kj, groups):
+  """Tiles that split the columns (the last column block partly outside the image), the
+  channels, or both give the reference's values and gradients: the partial sums of every
+  (row block, column block) pair are kept apart and the masks cover the edges."""
+  monkeypatch.setenv("QLHS_PALLAS_TILING", tiling)
+  plan = dbn._plan(shape, e, stride)
+  assert plan["ncb"] > 1 or plan["nj"] > 1, plan  # the case splits something
+  args, weights = make_inputs(4, shape, stride, e, kj, groups)
+  want = numpy_forward(*args, stride, groups)
+  with jax.enable_x64(True):
+    ref = jax.grad(loss_of(functools.partial(plain, stride=stride, groups=groups),
+                           [jnp.asarray(w) for w in weights]), argnums=range(5))(
+                               *(jnp.asarray(a) for a in args))
+    ref = [np.asarray(r) for r in ref]
+  op = functools.partial(dbn.d_bn_product, stride=stride, groups=groups, impl="pallas",
+                         interpret=True)
+  args32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, w in zip(op(*args32), want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*args32)
+  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
+    err = np.abs(np.asarray(g) - r).max() / np.abs(r).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+
+
+def numpy_d_transpose(dx, k9, stride, h, w):
+  """D^T as a float64 scatter: every output pixel adds dx * kernel to its nine taps."""
+  b, ho, wo, n, e = dx.shape
+  up = np.zeros((b, h + 2 + 2 * stride, w + 2 + 2 * stride, n))
+  for oy in range(ho):
+    for ox in range(wo):
+      for t in range(9):
+        dy, dxx = divmod(t, 3)
+        up[:, oy * stride + dy, ox * stride + dxx] += (dx[:, oy, ox] * k9[t]).sum(-1)
+  return up[:, 1:h + 1, 1:w + 1]
+
+
+@pytest.mark.parametrize("form", dbn.DU_FORMS)
+@pytest.mark.parametrize("b,h,w,n,e,stride", [(2, 6, 5, 3, 4, 1), (2, 7, 6, 4, 2, 2),
+                                              (1, 8, 8, 2, 4, 2), (1, 1, 1, 2, 4, 1),
+                                              (1, 2, 3, 2, 4, 2)])
+def test_d_transpose_forms_match_numpy(form, b, h, w, n, e, stride):
+  """Both forms of pass 5 (du = D^T dx) give the float64 scatter, odd sizes and both
+  strides included."""
+  rng = np.random.default_rng(5)
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  dx, k9 = rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e))
+  got = dbn._d_transpose(jnp.asarray(dx, jnp.float32), jnp.asarray(k9, jnp.float32),
+                         stride, (h, w), form)
+  want = numpy_d_transpose(dx, k9, stride, h, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_du_form_override(monkeypatch):
+  """QLHS_DU_FORM selects pass 5's form: the gradients stay those of float64 autodiff;
+  a bad value is refused by name."""
+  shape, stride, e, kj, groups = CASES[1]
+  args, weights = make_inputs(6, shape, stride, e, kj, groups)
+  with jax.enable_x64(True):
+    ref = jax.grad(loss_of(functools.partial(plain, stride=stride, groups=groups),
+                           [jnp.asarray(w) for w in weights]))(*(jnp.asarray(a) for a in args))
+  for form in dbn.DU_FORMS:
+    monkeypatch.setenv("QLHS_DU_FORM", form)
+    op = functools.partial(dbn.d_bn_product, stride=stride, groups=groups, impl="xla")
+    got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]))(
+        *(jnp.asarray(a, jnp.float32) for a in args))
+    err = np.abs(np.asarray(got) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max()
+    assert err < 2e-5, (form, err)
+  monkeypatch.setenv("QLHS_DU_FORM", "scatter")
+  with pytest.raises(ValueError, match="QLHS_DU_FORM='scatter'.*gather"):
+    jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]))(
+        *(jnp.asarray(a, jnp.float32) for a in args))
