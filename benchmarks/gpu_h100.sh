@@ -6,12 +6,13 @@
 # (the machine stays warm): "op" prints the fastest tiling; pass it to "step" as
 # QLHS_PALLAS_TILING=... (without it, "step" takes the fastest recorded in $OUT, else the
 # default).
-# "op" (time limits add up to 440 s): the BN(D u)*c operation alone
+# "op" (time limits add up to 380 s): the BN(D u)*c operation alone
 #   (benchmarks.fused): agreement with the float64 reference, forward+backward of
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
-#   QLHS_DU_FORM forms), then the Pallas kernels alone with four other tilings (whole
-#   channel rows split by columns, 8 warps).
-# "step" (270 s): Eq.(3) vs ResNet50, then Eq.(3) with fuse_d_bn="pallas".
+#   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
+#   channels of a pixel in one tile, the columns split; 8 warps).
+# "step" (370 s): Eq.(3) vs ResNet50, Eq.(3) with d_impl="shifted_t" (D's hand-written
+#   transpose), then Eq.(3) with fuse_d_bn="pallas".
 # "variants" (400 s): fuse_d_bn="xla", the s-major layout, remat, grouped D, MobileNetV3.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT, everything printed to $OUT/log.txt. Each model runs in its own process; a
@@ -43,7 +44,7 @@ fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagree
 }
 if [ "$PART" = op ] || [ "$PART" = all ]; then
   TAIL=80 fused_op 200 --passes
-  for t in 4,4096,4,16 4,8192,8,32 4,2048,4,8 4,8192,8; do
+  for t in 4,4096,4,16 4,8192,8,32 4,2048,4,8; do
     TAIL=10 QLHS_PALLAS_TILING=$t fused_op 60 --impls pallas
   done
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
@@ -51,6 +52,7 @@ fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
   bench 170 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
+  bench 100 --model eq3_softball_ds --set 'd_impl="shifted_t"' --hlo-dir "$OUT"
   QLHS_PALLAS_TILING=$best bench 100 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
     --hlo-dir "$OUT"
 fi

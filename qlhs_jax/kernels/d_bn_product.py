@@ -126,30 +126,18 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   "autodiff" is JAX's transpose of ``_d_xla``: per tap a reduction over e, then the nine
   shifted (padded) results added. On an H100 XLA wrote that as one 8-output float32
   reduction plus an add, ~4.4 GB per stage-1 block at batch 256 where the tensors are
-  0.5 GB (benchmarks/NOTES.md). "gather" writes the same sum the other way round, as
-  the stencil of the transposed convolution: dx dilated by the stride (zeros between
-  rows and columns) and padded, then for every output pixel the nine shifted slices
-  times the kernel, summed over taps and e in one reduction, so that dx is read once
-  (the slices overlap in cache) and du written once.
+  0.5 GB (benchmarks/NOTES.md). "gather" is ``layers.shifted_transpose``: the same sum
+  the other way round, as the stencil of the transposed convolution, summed over taps
+  and e in one reduction, so that dx can be read once and du written once.
   """
   form = form or du_form()
   h, w = hw
   if form == "autodiff":
     u0 = jnp.zeros(dx.shape[:1] + (h, w) + dx.shape[3:4], F32)
     return jax.vjp(lambda v: _d_xla(v, k9, stride), u0)[1](dx.astype(F32))[0]
-  ho, wo = dx.shape[1:3]
-  s = stride
-  # zp[i] = z[i - 1] with z the dilated dx: du[y, x] = sum_t zp[y + 2 - dy, x + 2 - dx] k_t.
-  zp = lax.pad(dx.astype(F32), jnp.zeros((), F32),
-               ((0, 0, 0), (1, h - s * (ho - 1), s - 1), (1, w - s * (wo - 1), s - 1),
-                (0, 0, 0), (0, 0, 0)))
-  acc = None
-  for t in range(9):
-    dy, dxx = divmod(t, 3)
-    term = lax.slice_in_dim(lax.slice_in_dim(zp, 2 - dy, 2 - dy + h, axis=1),
-                            2 - dxx, 2 - dxx + w, axis=2) * k9[t]
-    acc = term if acc is None else acc + term
-  return acc.sum(-1)
+  from qlhs_jax.models.layers import shifted_transpose  # models imports this module
+  n, e = k9.shape[1:]
+  return shifted_transpose(dx, k9.reshape(3, 3, n, e), stride, (h, w))[..., 0]
 
 
 def _per_group(v: jax.Array, groups: int, b: int) -> jax.Array:

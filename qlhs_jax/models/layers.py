@@ -9,6 +9,11 @@ shared by every j ("ws", the paper's default). Two implementations give the same
 * ``"shifted"``: nine strided slices of the zero-padded input, each times a kernel tap,
   summed. XLA fuses this with the BN and the product around it; it is the fast path
   on GPU (performance.md).
+* ``"shifted_t"``: the same forward with a hand-written backward
+  (:func:`shifted_transpose`): autodiff transposes the nine slices into nine padded
+  partial sums that XLA writes out and adds (benchmarks/NOTES.md); the hand-written
+  transpose gathers the nine taps of every input pixel in one reduction instead. Its
+  gradients accumulate in float32 (autodiff's in the compute dtype).
 
 Padding is 1 on every side (PyTorch's ``padding=1``), so a stride-2 D samples the input
 at even coordinates, the same grid as ``u[:, ::2, ::2]``.
@@ -22,11 +27,13 @@ The grouped form with S = 1 can only produce j-major groups; it transposes its o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-D_IMPLS = ("shifted", "grouped")
+D_IMPLS = ("shifted", "grouped", "shifted_t")
 HIDDEN_LAYOUTS = ("j_major", "s_major")
 ACTIVATIONS = ("relu", "hardtanh", "hardball", "softball", "none")
 
@@ -60,19 +67,9 @@ def derivative(x: jax.Array, kernel: jax.Array, stride: int = 1,
   kernel = kernel.astype(x.dtype)
   ho, wo = _out_size(h, stride), _out_size(w, stride)
   if impl == "shifted":
-    # s_major: each tap is (.., S, J) times the kernel as (E, J or 1), so the products
-    # come out as (.., E, J) with no transpose.
-    kt = jnp.swapaxes(kernel, 2, 3) if smaj else kernel
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
-    out = None
-    for dy in range(3):
-      for dx in range(3):
-        tap = lax.slice(xp, (0, dy, dx, 0, 0),
-                        (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1)
-                        + x.shape[3:], (1, stride, stride, 1, 1))
-        term = tap * kt[dy, dx]
-        out = term if out is None else out + term
-    return out.reshape(b, ho, wo, j * e)
+    return _shifted(x, kernel, stride, smaj).reshape(b, ho, wo, j * e)
+  if impl == "shifted_t":
+    return _shifted_t(x, kernel, stride, smaj).reshape(b, ho, wo, j * e)
   if impl == "grouped":
     full = jnp.broadcast_to(kernel, (3, 3, j, e))
     if s == 1:
@@ -89,6 +86,86 @@ def derivative(x: jax.Array, kernel: jax.Array, stride: int = 1,
       out = jnp.swapaxes(out.reshape(b, ho, wo, j, e), 3, 4).reshape(b, ho, wo, e * j)
     return out
   raise ValueError(f"unknown D implementation {impl!r}; choose one of {D_IMPLS}")
+
+
+def _taps(x: jax.Array, stride: int):
+  """The nine strided slices of the zero-padded ``x`` (B, H, W, ., .), tap t = 3*dy + dx."""
+  b, h, w = x.shape[:3]
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  return [lax.slice(xp, (0, dy, dx, 0, 0),
+                    (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1)
+                    + x.shape[3:], (1, stride, stride, 1, 1))
+          for dy in range(3) for dx in range(3)]
+
+
+def _shifted(x: jax.Array, kernel: jax.Array, stride: int, smaj: bool) -> jax.Array:
+  """D in the shifted form, (B, Ho, Wo, J, E) or, s_major, (B, Ho, Wo, E, J)."""
+  # s_major: each tap is (.., S, J) times the kernel as (E, J or 1), so the products
+  # come out as (.., E, J) with no transpose.
+  kt = jnp.swapaxes(kernel, 2, 3) if smaj else kernel
+  out = None
+  for t, tap in enumerate(_taps(x, stride)):
+    term = tap * kt[t // 3, t % 3]
+    out = term if out is None else out + term
+  return out
+
+
+def shifted_transpose(g: jax.Array, kt: jax.Array, stride: int, hw: tuple[int, int],
+                      e_axis: int = -1, sum_e: bool = True) -> jax.Array:
+  """D^T: the gradient of D's input from ``g``, the gradient of its (B, Ho, Wo, ., .)
+  output, as a gather. ``kt`` (3, 3, ., .) is the kernel laid out like g's last two
+  axes, ``hw`` the input's (H, W); e_axis is g's E axis, summed (keepdims) when the
+  input has one channel per D group (``sum_e``). In float32 (float64 stays float64).
+
+  A stride-s D reads padded input (s*oy + dy, s*ox + dx); its transpose is g dilated
+  by s (s - 1 zeros between rows and columns), padded by one, then the correlation
+  with the kernel: grad[y, x] = sum_t zp[y + 2 - dy, x + 2 - dx] * k_t. Written so,
+  XLA can read every g element once and write the gradient once, where autodiff
+  writes nine shifted partial results and adds them.
+  """
+  h, w = hw
+  ho, wo = g.shape[1:3]
+  dt = jnp.promote_types(g.dtype, jnp.float32)
+  zp = lax.pad(g.astype(dt), jnp.zeros((), dt),
+               ((0, 0, 0), (1, h - stride * (ho - 1), stride - 1),
+                (1, w - stride * (wo - 1), stride - 1), (0, 0, 0), (0, 0, 0)))
+  acc = None
+  for dy in range(3):
+    for dx in range(3):
+      term = zp[:, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w] * kt[dy, dx].astype(dt)
+      acc = term if acc is None else acc + term
+  return acc.sum(e_axis, keepdims=True) if sum_e else acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_t(x, kernel, stride, smaj):
+  """D in the shifted form with the hand-written transpose (impl "shifted_t")."""
+  return _shifted(x, kernel, stride, smaj)
+
+
+def _shifted_t_fwd(x, kernel, stride, smaj):
+  return _shifted(x, kernel, stride, smaj), (x, kernel)
+
+
+def _shifted_t_bwd(stride, smaj, res, g):
+  x, kernel = res
+  kt = jnp.swapaxes(kernel, 2, 3) if smaj else kernel  # laid out like g: (.., E, J)
+  e_axis = -2 if smaj else -1
+  j_axis = -1 if smaj else -2
+  sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
+  dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
+  # dL/dkernel[t] = sum over pixels of g * tap t; a shared kernel also sums over J.
+  dt = jnp.promote_types(g.dtype, jnp.float32)
+  gf = g.astype(dt)
+  dk = jnp.stack([(tap.astype(dt) * gf).sum((0, 1, 2)) for tap in _taps(x, stride)])
+  if kernel.shape[2] == 1:
+    dk = dk.sum(j_axis, keepdims=True)
+  dk = jnp.swapaxes(dk, 1, 2) if smaj else dk
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_shifted_t.defvjp(_shifted_t_fwd, _shifted_t_bwd)
 
 
 def subsample(x: jax.Array, stride: int) -> jax.Array:

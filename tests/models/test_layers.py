@@ -53,6 +53,34 @@ def test_both_impls_agree_in_float64():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["j_major", "s_major"])
+@pytest.mark.parametrize("stride,kj,s_in", list(itertools.product((1, 2), (1, 3), (1, 4))))
+def test_shifted_t_gradients_are_autodiffs_in_float64(layout, stride, kj, s_in):
+  """"shifted_t" has the forward of "shifted" (bit for bit) and its hand-written
+  backward gives autodiff's gradients of "shifted" for the input and the kernel."""
+  rng = np.random.default_rng(stride * 100 + kj * 10 + s_in)
+  j, e = 3, 4
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, j, s_in)))
+    if layout == "s_major":
+      x = jnp.swapaxes(x, 3, 4)
+    k = jnp.asarray(rng.standard_normal((3, 3, kj, e)))
+    w = jnp.asarray(rng.standard_normal((2, (7 - 1) // stride + 1, (6 - 1) // stride + 1,
+                                         j * e)))
+
+    def loss(x, k, impl):
+      return (layers.derivative(x, k, stride, impl, layout) * w).sum()
+    want = jax.grad(loss, (0, 1))(x, k, "shifted")
+    got = jax.grad(loss, (0, 1))(x, k, "shifted_t")
+    np.testing.assert_array_equal(np.asarray(layers.derivative(x, k, stride, "shifted_t",
+                                                               layout)),
+                                  np.asarray(layers.derivative(x, k, stride, "shifted",
+                                                               layout)))
+    for g, r in zip(got, want):
+      assert g.dtype == jnp.float64 and g.shape == r.shape
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
+
+
 def test_stride_two_samples_the_subsampled_grid():
   # A kernel that is 1 at the centre tap copies u onto the strided grid u[::2, ::2].
   x = jnp.arange(2 * 7 * 6 * 3, dtype=jnp.float32).reshape(2, 7, 6, 3, 1)

@@ -137,6 +137,19 @@ def test_d_implementations_give_the_same_network(form):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
   for la, lb in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
     np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=1e-4, atol=1e-5)
+  # "shifted_t" (the hand-written transpose): the same loss gradient as "shifted".
+  y = jax.random.normal(jax.random.PRNGKey(3), a.shape)
+
+  def grads(model):
+    def loss(p):
+      out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"])
+      return (out * y).sum()
+    return jax.grad(loss)(v["params"])
+  for ga, gt in zip(jax.tree.leaves(grads(m)), jax.tree.leaves(grads(m.clone(
+      d_impl="shifted_t")))):
+    np.testing.assert_allclose(np.asarray(gt), np.asarray(ga), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(ga)).max()) + 1e-7)
 
 
 def test_train_mode_batch_statistics_and_groups():
