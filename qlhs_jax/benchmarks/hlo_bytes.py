@@ -1,5 +1,5 @@
-"""``python -m qlhs_jax.benchmarks.hlo_bytes STEP.hlo.txt[.gz] [--top 25]``: where the
-bytes of a compiled step go.
+"""``python -m qlhs_jax.benchmarks.hlo_bytes STEP.hlo.txt[.gz] [--top 25] [--part
+stage1_block1]``: where the bytes of a compiled step go.
 
 Reads the optimized HLO that ``python -m qlhs_jax.benchmarks.step --hlo-dir DIR`` writes,
 and for every top-level instruction of the entry computation (each is one kernel launch
@@ -7,7 +7,9 @@ or library call: fusions, cuBLAS/cuDNN custom calls, copies) counts the bytes of
 operands plus its results: what the kernel must at least move through device memory.
 Prints the total, the split by kind (matmuls, convolutions, reductions, element-wise
 loops) and by model part (the block named in the op metadata), and the largest
-kernels. It is the offline half of the speed analysis: it needs no GPU.
+kernels; ``--part`` lists one block's kernels in program order with their op names
+(benchmarks/NOTES.md's per-block table). It is the offline half of the speed analysis:
+it needs no GPU.
 """
 
 from __future__ import annotations
@@ -102,6 +104,37 @@ def analyse(text: str):
   return out
 
 
+def op_names(text: str) -> dict[str, str]:
+  """The ``op_name`` metadata of every top-level instruction ("" where it has none)."""
+  out = {}
+  for line in _entry_lines(text):
+    m = _INSTR.match(line)
+    if m:
+      on = re.search(r'op_name="([^"]+)"', m.group(5))
+      out[m.group(2)] = on.group(1) if on else ""
+  return out
+
+
+def part_report(path: str, part: str, min_gb: float = 0.0) -> str:
+  """Every kernel of one model part (e.g. ``stage1_block1``) in program order, with its
+  bytes, kind and the end of its op name: which operation of a block moves what."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    text = f.read()
+  names = op_names(text)
+  rows = [r for r in analyse(text) if r[2] == part]
+  if not rows:
+    raise SystemExit(f"no kernel of part {part!r} in {path}; parts are the block names "
+                     f"the full report lists (stem, stage1_block0, ..., head, other, -)")
+  total = sum(r[0] for r in rows)
+  lines = [f"{path}, {part}: {len(rows)} kernels, {total / 1e9:.2f} GB"]
+  for b, kind, _, name in rows:
+    if b >= min_gb * 1e9:
+      op = names.get(name, "").split(f"{part}/", 1)[-1]
+      lines.append(f"  {b / 1e9:7.3f} GB  {kind:24s} {name[:36]:36s} {op[-90:]}")
+  return "\n".join(lines)
+
+
 def report(path: str, top: int = 25) -> str:
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
@@ -128,9 +161,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("path")
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--part", default=None,
+                 help="list every kernel of this model part instead (e.g. stage1_block1)")
+  p.add_argument("--min-gb", type=float, default=0.05,
+                 help="with --part: leave out kernels that move less than this")
   args = p.parse_args(argv)
   try:
-    print(report(args.path, args.top))
+    print(part_report(args.path, args.part, args.min_gb) if args.part
+          else report(args.path, args.top))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

@@ -2,6 +2,8 @@
 
 import textwrap
 
+import pytest
+
 from qlhs_jax.benchmarks import hlo_bytes
 
 HLO = textwrap.dedent("""\
@@ -32,3 +34,13 @@ def test_report_runs(tmp_path):
   p.write_text(HLO)
   out = hlo_bytes.report(str(p), top=2)
   assert "2 kernels" in out and "matmul (cuBLAS)" in out and "68.4%" in out
+
+
+def test_part_report_lists_one_block(tmp_path):
+  p = tmp_path / "m.hlo.txt"
+  p.write_text(HLO)
+  out = hlo_bytes.part_report(str(p), "stage1_block0")
+  assert "1 kernels, 0.00 GB" in out and "gemm" in out and "dot" in out
+  assert "input_reduce_fusion" not in out  # the head's kernel
+  with pytest.raises(SystemExit, match="no kernel of part 'stage9_block0'"):
+    hlo_bytes.part_report(str(p), "stage9_block0")
