@@ -39,12 +39,17 @@ def pass_gbytes(batch, side, n, stride, e=4, itemsize=2) -> float:
   (d_bn_product's table; partial sums and per-channel vectors left out): one pad of u,
   the padded u read by passes 1-4, nine hidden tensors (c, p; c, dp, dc; c, dp, dx; dx)
   and du written. Bytes / time is the bandwidth a pass structure reaches."""
+  u, u_pad, hidden = _tensor_bytes(batch, side, n, stride, e, itemsize)
+  return (2 * u + 5 * u_pad + 9 * hidden) / 1e9
+
+
+def _tensor_bytes(batch, side, n, stride, e, itemsize):
+  """Bytes of u, of u padded as the Pallas passes pad it, and of one hidden tensor."""
   from qlhs_jax.kernels.d_bn_product import _plan
   plan = _plan((batch, side, side, n), e, stride)
-  u = batch * side * side * n * itemsize
-  u_pad = batch * (side + 2) * (side + 1 + plan["pad_right"]) * n * itemsize
-  hidden = batch * plan["ho"] * plan["wo"] * n * e * itemsize
-  return (2 * u + 5 * u_pad + 9 * hidden) / 1e9
+  return (batch * side * side * n * itemsize,
+          batch * (side + 2) * (side + 1 + plan["pad_right"]) * n * itemsize,
+          batch * plan["ho"] * plan["wo"] * n * e * itemsize)
 
 
 def _inputs(key, batch, side, n, stride, e, dtype):
@@ -151,11 +156,7 @@ def pass_gbytes_each(batch, side, n, stride, e=4, itemsize=2) -> dict:
   passes of d_bn_product's table, each with its own pad of u (as each is timed alone),
   "du" the XLA pass (dx in, du out) in its "gather" form and "du_ad" in its "autodiff"
   form (QLHS_DU_FORM)."""
-  from qlhs_jax.kernels.d_bn_product import _plan
-  plan = _plan((batch, side, side, n), e, stride)
-  u = batch * side * side * n * itemsize
-  u_pad = batch * (side + 2) * (side + 1 + plan["pad_right"]) * n * itemsize
-  hidden = batch * plan["ho"] * plan["wo"] * n * e * itemsize
+  u, u_pad, hidden = _tensor_bytes(batch, side, n, stride, e, itemsize)
   pad = u + u_pad
   return {k: v / 1e9 for k, v in dict(
       pad=pad, stats=pad + u_pad, apply=pad + u_pad + 2 * hidden,
@@ -260,8 +261,10 @@ def best_tiling(path: str) -> str | None:
   if not recs:
     return None
   device = recs[-1]["device"]
-  timed = [r for r in recs if r["device"] == device
-           and r["network_ms"].get("pallas", float("nan")) == r["network_ms"].get("pallas")]
+  def pallas_ms(r):  # None where "pallas" was not timed or failed (NaN)
+    ms = r["network_ms"].get("pallas")
+    return ms if ms is not None and ms == ms else None
+  timed = [r for r in recs if r["device"] == device and pallas_ms(r) is not None]
   if not timed:
     return None
   best = min(timed, key=lambda r: r["network_ms"]["pallas"])
