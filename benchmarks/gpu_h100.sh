@@ -16,7 +16,9 @@
 # "variants" (400 s): fuse_d_bn="xla", the s-major layout, remat, grouped D, MobileNetV3.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT, everything printed to $OUT/log.txt. Each model runs in its own process; a
-# step that fails or runs over its limit is reported and the script goes on.
+# step that fails or runs over its limit is reported and the script goes on. A CPU smoke
+# run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 FUSED_ARGS="--size-scale
+# 8 --check-batch 2 --steps 1 --warmup 0" bash benchmarks/gpu_h100.sh all
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
@@ -39,7 +41,8 @@ fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagree
   echo "== benchmarks.fused $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.fused --batch "${BATCH:-256}" \
-    --record "$R" "$@" 2>&1 | quiet | tee -a "$OUT/log.txt" | tail -n "${TAIL:-20}"
+    --record "$R" ${FUSED_ARGS:-} "$@" 2>&1 | quiet | tee -a "$OUT/log.txt" \
+    | tail -n "${TAIL:-20}"
   echo "exit ${PIPESTATUS[0]}"
 }
 if [ "$PART" = op ] || [ "$PART" = all ]; then
