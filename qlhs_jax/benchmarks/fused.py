@@ -267,7 +267,7 @@ def best_tiling(path: str) -> str | None:
   timed = [r for r in recs if r["device"] == device and pallas_ms(r) is not None]
   if not timed:
     return None
-  best = min(timed, key=lambda r: r["network_ms"]["pallas"])
+  best = min(timed, key=pallas_ms)
   return ",".join(map(str, best["tiling_values"]))
 
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
   p.add_argument("--impls", default=",".join(IMPLS),
                  help="comma-separated implementations to time (the check runs all)")
   p.add_argument("--passes", action="store_true",
-                 help="also time each pass alone (pad, stats, apply, sums, dx, du)")
+                 help="also time each pass alone (pad, stats, apply, sums, dx, du, du_ad)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   p.add_argument("--best-of", default=None, metavar="FILE",
                  help="only print the fastest Pallas tiling recorded in FILE and exit")

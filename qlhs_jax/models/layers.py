@@ -3,7 +3,8 @@
 D is the paper's trainable "derivative": a depthwise 3x3 convolution in which every
 input channel j yields E output channels (j, s), ordered j*E + s. Its kernel has shape
 (3, 3, J, E) for per-channel kernels ("no ws") or (3, 3, 1, E) when the E kernels are
-shared by every j ("ws", the paper's default). Two implementations give the same numbers:
+shared by every j ("ws", the paper's default). Three implementations give the same
+numbers:
 
 * ``"grouped"``: one ``lax.conv_general_dilated`` with ``feature_group_count = J``.
 * ``"shifted"``: nine strided slices of the zero-padded input, each times a kernel tap,
