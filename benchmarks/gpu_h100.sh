@@ -11,10 +11,11 @@
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (370 s): Eq.(3) vs ResNet50, Eq.(3) with d_impl="shifted_t" (D's hand-written
-#   transpose), then Eq.(3) with fuse_d_bn="pallas".
-# "variants" (320 s): the s-major layout (alone and with d_impl="shifted_t"), remat,
-#   MobileNetV3. (Measured before, so left out: fuse_d_bn="xla", 0.59x the plain step on the
+# "step" (370 s): Eq.(3) vs ResNet50; Eq.(3) with d_impl="shifted_t" (D's hand-written
+#   transpose) and pin_hidden_layout (the fewest bytes of the deviceless compiles,
+#   benchmarks/NOTES.md experiment 4); then Eq.(3) with fuse_d_bn="pallas".
+# "variants" (400 s): the s-major layout (alone and with shifted_t + pinned layout),
+#   the pinned layout alone, remat, MobileNetV3. (Measured before, so left out: fuse_d_bn="xla", 0.59x the plain step on the
 #   H100; d_impl="grouped", 0.59x on the H200.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT, everything printed to $OUT/log.txt. Each model runs in its own process; a
@@ -57,13 +58,16 @@ fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
   bench 170 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
-  bench 100 --model eq3_softball_ds --set 'd_impl="shifted_t"' --hlo-dir "$OUT"
+  bench 100 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
+    --hlo-dir "$OUT"
   QLHS_PALLAS_TILING=$best bench 100 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
     --hlo-dir "$OUT"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$OUT"
-  bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --set 'd_impl="shifted_t"'
+  bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --set 'd_impl="shifted_t"' \
+    --set pin_hidden_layout=true
+  bench 80 --model eq3_softball_ds --set pin_hidden_layout=true
   bench 80 --model eq3_softball_ds --set 'remat="dots"'
   bench 80 --model mobilenetv3_large_100
 fi

@@ -35,7 +35,8 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   # Module fields of the model; None keeps the registry's value. ResNet50 and
   # MobileNetV3 take only widths/depths/stem (ResNet) or none of them.
   c.model_overrides = ml_collections.ConfigDict(dict(
-      d_impl=None, remat=None, hidden_layout=None, fuse_d_bn=None, widths=None,
+      d_impl=None, remat=None, hidden_layout=None, fuse_d_bn=None,
+      pin_hidden_layout=None, widths=None,
       depths=None, stem=None,
       expansion=None, weight_sharing=None, activation=None, placement=None,
       eq6_c_norm=None))

@@ -1,6 +1,7 @@
 """``python -m qlhs_jax.benchmarks.table benchmarks/results.jsonl``: the records as the
 Markdown tables of README "Speed" (newest last): one row per train-step record of
-``benchmarks.step``, then one per ``benchmarks.fused`` record (kind "fused_op")."""
+``benchmarks.step``, then one per ``benchmarks.fused`` record (kind "fused_op"), then
+one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no times)."""
 
 import json
 import sys
@@ -13,6 +14,8 @@ def table(path: str) -> str:
   fused = ["| date | device | jax | batch | Pallas tiling | none ms | xla ms | pallas ms | "
            "pallas / none |",
            "|---|---|---|---:|---|---:|---:|---:|---:|"]
+  aot = ["| date | compiled for | jax | model | overrides | batch | size | GB per step | "
+         "kernels |", "|---|---|---|---|---|---:|---:|---:|---:|"]
   with open(path) as f:
     for line in f:
       r = json.loads(line)
@@ -26,6 +29,12 @@ def table(path: str) -> str:
                      f"{cell(ms['pallas'], '.2f')} | "
                      f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
         continue
+      if r.get("kind") == "aot_bytes":
+        over = ", ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) or "-"
+        aot.append(f"| {r['date']} | {r['target']} (deviceless) | {r['jax']} | {r['model']} | "
+                   f"{over} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
+                   f"{r['kernels']} |")
+        continue
       over = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
       ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("train_ratio_vs", {}).items()
                         if k != r["model"]) or "-"
@@ -37,6 +46,9 @@ def table(path: str) -> str:
   if len(fused) > 2:
     out += ("\n\nBN(D u) * c alone, forward + backward summed over Eq.(3)'s 16 blocks "
             "(`benchmarks.fused`):\n\n" + "\n".join(fused))
+  if len(aot) > 2:
+    out += ("\n\nBytes the compiled train step moves, from compiling for the GPU on a CPU "
+            "host (`benchmarks.aot`, counted by `benchmarks.hlo_bytes`):\n\n" + "\n".join(aot))
   return out
 
 

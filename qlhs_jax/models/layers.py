@@ -24,6 +24,13 @@ at even coordinates, the same grid as ``u[:, ::2, ::2]``.
 builds the (E, J) products directly (no transpose), so the reductions that need the
 hidden tensor per kernel ``s`` (the shared kernels' gradient) read ``j`` contiguously.
 The grouped form with S = 1 can only produce j-major groups; it transposes its output.
+
+``pin=True`` stores D's output in the row-major (channel-minor) physical layout, the one
+its NHWC shape names, with ``jax.experimental.layout.with_layout_constraint``. Left
+free, XLA's GPU layout assignment stores the hidden tensors of every block after the
+first channel-major, (J, E, B, H, W), to suit the BatchNorm and kernel-gradient
+reductions, and pays for it with transposed copies of the nine taps (benchmarks/NOTES.md,
+"Experiment 4"). The numbers do not change: a layout is not a value.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 D_IMPLS = ("shifted", "grouped", "shifted_t")
 HIDDEN_LAYOUTS = ("j_major", "s_major")
@@ -44,14 +52,26 @@ def _out_size(n: int, stride: int) -> int:
 
 
 def derivative(x: jax.Array, kernel: jax.Array, stride: int = 1,
-               impl: str = "shifted", layout: str = "j_major") -> jax.Array:
+               impl: str = "shifted", layout: str = "j_major",
+               pin: bool = False) -> jax.Array:
   """Applies D: ``x`` (B, H, W, J, S) times ``kernel`` (3, 3, J or 1, E).
 
   ``S`` is 1 (every input channel j yields E outputs: Eq.(3)-(6)) or E (hidden channel
   (j, s) is filtered by its own kernel (j, s): Eq.(7)). Returns (B, Ho, Wo, J*E).
   ``layout="s_major"``: ``x`` is (B, H, W, S, J) and the result (B, Ho, Wo, E*J), channel
-  ``s*J + j``; the kernel keeps its shape (3, 3, J or 1, E).
+  ``s*J + j``; the kernel keeps its shape (3, 3, J or 1, E). ``pin``: store the result
+  row-major (see the module docstring).
   """
+  out = _derivative(x, kernel, stride, impl, layout)
+  return pin_row_major(out) if pin else out
+
+
+def pin_row_major(x: jax.Array) -> jax.Array:
+  """``x`` with its physical layout fixed to row-major (last axis minor)."""
+  return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+def _derivative(x, kernel, stride, impl, layout):
   if layout not in HIDDEN_LAYOUTS:
     raise ValueError(f"unknown hidden layout {layout!r}; choose one of {HIDDEN_LAYOUTS}")
   if x.ndim != 5:
@@ -157,9 +177,13 @@ def _shifted_t_bwd(stride, smaj, res, g):
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
   dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
   # dL/dkernel[t] = sum over pixels of g * tap t; a shared kernel also sums over J.
+  # The nine products are concatenated along the last axis and summed in one reduction:
+  # XLA then reads g once, where nine separate sums became five fusions that each read
+  # it again (benchmarks/NOTES.md, "Experiment 4").
   dt = jnp.promote_types(g.dtype, jnp.float32)
   gf = g.astype(dt)
-  dk = jnp.stack([(tap.astype(dt) * gf).sum((0, 1, 2)) for tap in _taps(x, stride)])
+  cat = jnp.concatenate([tap.astype(dt) * gf for tap in _taps(x, stride)], axis=-1)
+  dk = jnp.moveaxis(cat.sum((0, 1, 2)).reshape(g.shape[3], 9, g.shape[4]), 1, 0)
   if kernel.shape[2] == 1:
     dk = dk.sum(j_axis, keepdims=True)
   dk = jnp.swapaxes(dk, 1, 2) if smaj else dk

@@ -35,6 +35,10 @@ eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written ba
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
 autodiff. Evaluation and folded models always take the plain path.
 
+``pin_hidden_layout=True`` keeps D's output in the row-major layout its shape names
+(:func:`qlhs_jax.models.layers.pin_row_major`): a speed variant for XLA on GPU, same
+numbers, same variables.
+
 Then ``y = BN_out(block) + shortcut(u)`` (``BN_out`` scale starts at 0, so every block
 starts as the identity), followed by the activation where the placement puts one.
 """
@@ -124,6 +128,7 @@ class QLHSBlock(nn.Module):
   train: bool = False
   hidden_layout: str = "j_major"
   fuse_d_bn: str = "none"
+  pin_hidden_layout: bool = False
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.float32
@@ -162,7 +167,8 @@ class QLHSBlock(nn.Module):
   def _d(self, x5, stride):
     """D on ``x5`` (B, H, W, J, S) (s_major: (B, H, W, S, J))."""
     kernel = self._d_kernel(x5.shape[4 if self._smaj else 3])
-    return layers.derivative(x5, kernel, stride, self.d_impl, self.hidden_layout)
+    return layers.derivative(x5, kernel, stride, self.d_impl, self.hidden_layout,
+                             pin=self.pin_hidden_layout)
 
   def _d_bn_times(self, x, make_c, stride):
     """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
@@ -288,6 +294,7 @@ class QLHSNet(nn.Module):
   remat: str = "none"
   hidden_layout: str = "j_major"
   fuse_d_bn: str = "none"
+  pin_hidden_layout: bool = False
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -325,7 +332,7 @@ class QLHSNet(nn.Module):
     for k, i, _, n_out, stride, act in layout:
       x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
                     self.eq6_c_norm, act, self.d_impl, hidden_layout=self.hidden_layout,
-                    fuse_d_bn=self.fuse_d_bn,
+                    fuse_d_bn=self.fuse_d_bn, pin_hidden_layout=self.pin_hidden_layout,
                     name=f"stage{k + 1}_block{i}", **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)

@@ -41,6 +41,26 @@ def test_derivative_matches_numpy(impl, stride, hw, shared, s_in):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", layers.D_IMPLS)
+def test_pinned_derivative_keeps_its_values_and_asks_for_row_major(impl):
+  """pin=True changes only the physical layout XLA may choose: the values (and the
+  gradients) stay, and the lowered program carries a row-major LayoutConstraint."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6, 3, 1)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
+  got = layers.derivative(x, k, 2, impl, pin=True)
+  np.testing.assert_allclose(np.asarray(got), numpy_derivative(np.asarray(x), np.asarray(k), 2),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda x, k, pin: (layers.derivative(x, k, 1, impl, pin=pin) ** 2).sum()
+  for a, b in zip(jax.grad(loss, (0, 1))(x, k, True), jax.grad(loss, (0, 1))(x, k, False)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  text = lambda pin: jax.jit(lambda x, k: layers.derivative(x, k, 1, impl, pin=pin)).lower(
+      x, k).as_text()
+  pinned = [l for l in text(True).splitlines() if "@LayoutConstraint" in l]
+  assert len(pinned) == 1 and "result_layouts = [dense<[3, 2, 1, 0]>" in pinned[0]
+  assert "@LayoutConstraint" not in text(False)
+
+
 def test_both_impls_agree_in_float64():
   rng = np.random.default_rng(0)
   with jax.enable_x64(True):

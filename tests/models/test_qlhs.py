@@ -146,10 +146,22 @@ def test_d_implementations_give_the_same_network(form):
                            mutable=["batch_stats"])
       return (out * y).sum()
     return jax.grad(loss)(v["params"])
-  for ga, gt in zip(jax.tree.leaves(grads(m)), jax.tree.leaves(grads(m.clone(
-      d_impl="shifted_t")))):
-    np.testing.assert_allclose(np.asarray(gt), np.asarray(ga), rtol=1e-4,
-                               atol=1e-5 * float(np.abs(np.asarray(ga)).max()) + 1e-7)
+  # pin_hidden_layout (a physical layout, not a value): the same gradient too.
+  for variant in (dict(d_impl="shifted_t"), dict(pin_hidden_layout=True)):
+    for ga, gt in zip(jax.tree.leaves(grads(m)), jax.tree.leaves(grads(m.clone(**variant)))):
+      np.testing.assert_allclose(np.asarray(gt), np.asarray(ga), rtol=1e-4,
+                                 atol=1e-5 * float(np.abs(np.asarray(ga)).max()) + 1e-7)
+
+
+def test_pin_hidden_layout_reaches_every_block():
+  m = QLHSNet(pin_hidden_layout=True, **TINY)
+  x = jnp.zeros((2, 16, 16, 3))
+  v = m.init(jax.random.PRNGKey(1), x)
+  text = jax.jit(lambda v: m.apply(v, x, train=True, mutable=["batch_stats"])).lower(
+      v).as_text()
+  assert text.count("@LayoutConstraint") == len(m.block_layout())
+  assert "@LayoutConstraint" not in jax.jit(lambda v: m.clone(pin_hidden_layout=False).apply(
+      v, x)).lower(v).as_text()
 
 
 def test_train_mode_batch_statistics_and_groups():

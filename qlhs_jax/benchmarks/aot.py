@@ -1,0 +1,195 @@
+"""Compile the real train step for an H100 on a machine without a GPU; count its bytes.
+
+  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
+  python -m qlhs_jax.benchmarks.aot --model eq3_softball_ds --vs resnet50 \
+      [--set pin_hidden_layout=true] [--hlo-dir DIR] [--record FILE]
+
+XLA's GPU compiler runs "deviceless" (ahead of time) when it is given the target GPU's
+description instead of a device: this module builds a compile-only H100 from
+:data:`H100_SXM` (the figures NVIDIA publishes for the H100 SXM 80GB, in XLA's
+GpuTargetConfigProto text format), lowers the same train step that
+``benchmarks.step`` times (``qlhs_jax.steps``: forward, backward, label smoothing,
+weight decay, SGD-Nesterov, non-finite guard) and compiles it. Nothing runs. The
+compiled program's HLO is the one the GPU would execute, so
+:mod:`qlhs_jax.benchmarks.hlo_bytes` can count the bytes every kernel moves: on a
+memory-bound model the first-order estimate of speed, and the way to try layouts and
+formulations between GPU sessions.
+
+Two differences from the device's own compilation, both measured (benchmarks/NOTES.md,
+"Experiment 4"): a deviceless compile cannot autotune, so Triton GEMM fusions are
+turned off and cuBLAS does every matmul; and the JAX here may be older than the GPU
+machine's. Against the HLO dumped on the H100 (jax 0.11.2) the totals agreed within
+6% (eq3_softball_ds 96.5 vs 101.9 GB per step, resnet50 98.7 vs 103.7 GB).
+``fuse_d_bn="pallas"`` is refused: on a CPU host the model runs its kernels in
+interpret mode, which is not what a GPU would compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import gzip
+import json
+import os
+import re
+import time
+
+# NVIDIA H100 SXM5 80GB (sm_90): 132 SMs, 50 MiB L2, 3.35 TB/s HBM3, 228 KiB shared
+# memory per SM (227 KiB per block opt-in), 64K registers per SM, 1.98 GHz boost.
+H100_SXM = """\
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+TARGETS = {"h100": H100_SXM}
+
+
+def _setup_host():
+  """Keep JAX on the CPU and let the CUDA plugin load without a GPU to check."""
+  import jax
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  jax.config.update("jax_platforms", "cpu")
+
+
+def compile_only_device(target: str = "h100"):
+  """One compile-only GPU device described by ``TARGETS[target]``."""
+  _setup_host()
+  import jax
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc("", platform="cuda",
+                                        target_config=TARGETS[target], topology="1x1x1")
+  except (NotImplementedError, RuntimeError) as e:
+    raise SystemExit(
+        f"compiling for a GPU without one needs JAX's CUDA plugin ({e}); install it "
+        f"with: pip install \"jax[cuda12]=={jax.__version__}\" (it brings the CUDA "
+        f"libraries and ptxas; no GPU or driver is needed)") from e
+  return topo.devices[0]
+
+
+def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
+                       size: int = 224, dtype: str = "bfloat16", target: str = "h100"):
+  """The compiled train step of ``benchmarks.step`` for ``target``; returns its
+  optimized HLO text and the compile time in seconds."""
+  if overrides.get("fuse_d_bn") == "pallas":
+    raise SystemExit("fuse_d_bn='pallas' cannot be compiled ahead of time here: on a CPU "
+                     "host the model runs its kernels in interpret mode. Time it on a GPU "
+                     "(benchmarks/gpu_h100.sh)")
+  device = compile_only_device(target)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from qlhs_jax import steps as S
+  from qlhs_jax.models import create
+
+  mesh = Mesh(np.asarray([device]), (S.DATA_AXIS,))
+  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
+  state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                                      (size, size, 3)))
+  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                       state)
+  data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
+  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
+                                            steps_per_epoch=1000), mesh)
+  t0 = time.perf_counter()
+  # No autotuning without a device: XLA cannot pick Triton GEMM tilings, so cuBLAS it is.
+  compiled = step.lower(state, data).compile({"xla_gpu_enable_triton_gemm": False})
+  return compiled.as_text(), time.perf_counter() - t0
+
+
+def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
+            target: str, hlo_dir: str | None = None) -> dict:
+  """Compiles one model and returns a record of the bytes its train step moves."""
+  import jax
+
+  from qlhs_jax.benchmarks import hlo_bytes
+  text, compile_s = compile_train_step(model_name, overrides, batch, size, dtype, target)
+  rows = hlo_bytes.analyse(text)
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  for b, kind, part, _ in rows:
+    by_kind[kind] += b
+    by_part[part] += b
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
+        [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
+    with gzip.open(os.path.join(hlo_dir, f"{tag}.aot.hlo.txt.gz"), "wt") as f:
+      f.write(text)
+  return {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
+          "batch": batch, "size": size, "dtype": dtype, "target": target,
+          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+          "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
+          "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
+          "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
+          "compile_s": compile_s}
+
+
+def main(argv=None):
+  from qlhs_jax.benchmarks.step import _parse_overrides
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", required=True)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="model field override for --model, e.g. --set pin_hidden_layout=true")
+  p.add_argument("--vs", default=None, help="a second model compiled in the same run")
+  p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--target", default="h100", choices=sorted(TARGETS))
+  p.add_argument("--hlo-dir", default=None, help="write each compiled HLO here (gzip)")
+  p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
+  args = p.parse_args(argv)
+  from qlhs_jax.models import registry
+  for name in filter(None, [args.model, args.vs]):
+    registry.info(name)  # unknown names fail before the plugin loads
+  runs = [(args.model, _parse_overrides(args.set))]
+  if args.vs:
+    runs.append((args.vs, _parse_overrides(args.vs_set)))
+  records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir)
+             for m, o in runs]
+  print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s}  (train step compiled for "
+        f"{args.target}, batch {args.batch}, {args.size}px, {args.dtype}; jax "
+        f"{records[0]['jax']})")
+  for r in records:
+    over = " ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items()))
+    print(f"{r['model']:28s} {r['train_gbytes']:12.2f} {r['kernels']:8d}  {over}")
+  if args.vs:
+    ratio = records[0]["train_gbytes"] / records[1]["train_gbytes"]
+    records[0]["gbytes_ratio_vs"] = {args.vs: ratio}
+    print(f"bytes {args.model} / {args.vs}: {ratio:.3f}")
+  if args.record:
+    os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
+    with open(args.record, "a") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()

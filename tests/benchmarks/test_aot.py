@@ -1,0 +1,71 @@
+"""Deviceless compilation of the train step for an H100 (needs JAX's CUDA plugin; the
+tests that compile are skipped without it, the error paths run everywhere)."""
+
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qlhs_jax.benchmarks import aot
+
+HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+TINY = ["widths=[8,16]", "depths=[1,1]", "stem=\"small\""]
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "qlhs_jax.benchmarks.aot", *args],
+                        capture_output=True, text=True)
+
+
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed here")
+def test_without_the_cuda_plugin_it_names_the_install_command():
+  p = _run("--model", "eq3_softball_ds", "--batch", "2", "--size", "16")
+  assert p.returncode != 0
+  assert 'pip install "jax[cuda12]==' in p.stderr, p.stderr[-2000:]
+
+
+def test_pallas_and_unknown_models_are_refused_before_compiling():
+  with pytest.raises(SystemExit, match="interpret mode"):
+    aot.compile_train_step("eq3_softball_ds", {"fuse_d_bn": "pallas"}, batch=2, size=16)
+  p = _run("--model", "eq9")
+  assert p.returncode != 0 and "eq9" in p.stderr
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
+  record = tmp_path / "aot.jsonl"
+  args = ["--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--record",
+          str(record), "--hlo-dir", str(tmp_path), "--vs", "eq3_softball_ds",
+          "--vs-set", "pin_hidden_layout=true"]
+  for kv in TINY:
+    args += ["--set", kv, "--vs-set", kv]
+  p = _run(*args)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(l) for l in record.read_text().splitlines()]
+  assert [r["overrides"].get("pin_hidden_layout", False) for r in rows] == [False, True]
+  for r in rows:
+    assert r["kind"] == "aot_bytes" and r["train_gbytes"] > 0
+    assert abs(sum(r["gbytes_by_kind"].values()) - r["train_gbytes"]) < 1e-9
+    assert {"stage1_block0", "stage2_block0"} <= set(r["gbytes_by_part"])
+  hlos = sorted(tmp_path.glob("*.aot.hlo.txt.gz"))
+  assert len(hlos) == 2
+  text = gzip.open(hlos[0], "rt").read()
+  # GPU code: cuBLAS/cuDNN library calls and GPU fusion kinds, not the CPU backend's.
+  assert "__cublas$" in text or "__cudnn$" in text
+  assert "kind=kInput" in text
+
+
+def test_records_get_their_own_table(tmp_path):
+  from qlhs_jax.benchmarks import table
+  rec = {"kind": "aot_bytes", "model": "eq3_softball_ds", "overrides": {"d_impl": "shifted_t"},
+         "batch": 256, "size": 224, "target": "h100", "jax": "0.10.2", "date": "2026-11-27",
+         "kernels": 798, "train_gbytes": 78.846}
+  path = tmp_path / "r.jsonl"
+  path.write_text(json.dumps(rec) + "\n")
+  out = table.table(str(path))
+  assert ("| 2026-11-27 | h100 (deviceless) | 0.10.2 | eq3_softball_ds | d_impl=shifted_t | "
+          "256 | 224 | 78.8 | 798 |") in out
