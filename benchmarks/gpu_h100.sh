@@ -2,21 +2,22 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|variants|all]
-# A 15-minute device session fits "op" and "step" as two calls, one right after the other
-# (the machine stays warm): "op" prints the fastest tiling; pass it to "step" as
-# QLHS_PALLAS_TILING=... (without it, "step" takes the fastest recorded in $OUT, else the
-# default).
+# Start with "step" (the variants with the fewest bytes in the deviceless compiles of
+# benchmarks/NOTES.md experiment 4); a 15-minute device session then has room for
+# "variants" or "op" as a second call (the machine stays warm). "op" prints the fastest
+# Pallas tiling; "step" uses QLHS_PALLAS_TILING=... if set, else the fastest recorded
+# in $OUT, else the default.
 # "op" (time limits add up to 380 s): the BN(D u)*c operation alone
 #   (benchmarks.fused): agreement with the float64 reference, forward+backward of
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (370 s): Eq.(3) vs ResNet50; Eq.(3) with d_impl="shifted_t" (D's hand-written
-#   transpose) and pin_hidden_layout (the fewest bytes of the deviceless compiles,
-#   benchmarks/NOTES.md experiment 4); then Eq.(3) with fuse_d_bn="pallas".
+# "step" (470 s): Eq.(3) vs ResNet50; Eq.(3) with fuse_d_bn="xla" (73 GB per step in the
+#   deviceless compile against 101 GB plain); with d_impl="shifted_t" and
+#   pin_hidden_layout (82 GB); then with fuse_d_bn="pallas".
 # "variants" (400 s): the s-major layout (alone and with shifted_t + pinned layout),
-#   the pinned layout alone, remat, MobileNetV3. (Measured before, so left out: fuse_d_bn="xla", 0.59x the plain step on the
-#   H100; d_impl="grouped", 0.59x on the H200.)
+#   the pinned layout alone, remat, MobileNetV3. (Measured before, so left out:
+#   d_impl="grouped", 0.59x the plain step on the H200.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT, everything printed to $OUT/log.txt. Each model runs in its own process; a
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
@@ -25,7 +26,7 @@
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
-PART=${1:-op}
+PART=${1:-step}
 case "$PART" in op|step|variants|all) ;; *) echo "usage: $0 [op|step|variants|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
@@ -58,6 +59,7 @@ fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
   bench 170 --model eq3_softball_ds --vs resnet50 --hlo-dir "$OUT"
+  bench 100 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --hlo-dir "$OUT"
   bench 100 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
     --hlo-dir "$OUT"
   QLHS_PALLAS_TILING=$best bench 100 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \

@@ -95,7 +95,8 @@ def analyse(text: str):
               "after-all", "partition-id", "replica-id"):
       continue
     # Operands are written with their shapes in optimized HLO; fall back to lookups.
-    args = rest.split("),", 1)[0]
+    # Long operand lists carry /*index=5*/-style comments; they are not part of a name.
+    args = re.sub(r"/\*.*?\*/", "", rest.split("),", 1)[0])
     operand_bytes = shape_bytes(args)
     if operand_bytes == 0:
       operand_bytes = sum(shape_bytes(shapes.get(a.strip().lstrip("%"), ""))

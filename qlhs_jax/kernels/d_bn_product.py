@@ -21,6 +21,15 @@ backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
 them on any backend, which is how the CPU tests check them against the XLA passes).
+What it takes for XLA to fuse the passes as the table says (benchmarks/NOTES.md,
+experiment 4, from compiling for an H100 with ``benchmarks.aot``): the statistics come
+from the 9x9 Gram matrix of u's taps, not from D u (:func:`_xla_stats`); each pass
+recomputes D u from its own copy of u (optimization barriers, else XLA merges them into
+one float32 D u that it stores); dc is computed apart from the sums; dx is stored in
+the input dtype behind a barrier; the hidden outputs are pinned row-major; dL/dkernel
+is one reduction (``layers.tap_products_sum``). Compiled so, a stage-1 block (in a
+chain of three) moves 9.3 GB per step where the plain path moves 14.9 (impl "xla" used
+to move 27.7).
 ``impl="none"`` is not handled here: it is the model's plain autodiff path, the
 reference both are tested against (tests/kernels).
 
@@ -171,37 +180,69 @@ def reference(u, c, kernel, scale, bias, *, stride=1, groups=1, eps=1e-5):
 # ------------------------------------------------------------------------------------
 # The passes in jax.numpy (impl="xla").
 
+# The 45 tap pairs (t <= t2) of the Gram matrix of u's taps, and where each (t, t2) lands.
+_PAIRS = [(t, t2) for t in range(9) for t2 in range(t, 9)]
+_PAIR_OF = [[_PAIRS.index((min(a, b), max(a, b))) for b in range(9)] for a in range(9)]
+
+
 def _xla_stats(u, k9, stride, groups):
-  x = _d_xla(u, k9, stride)
-  return _group_sum(x, groups), _group_sum(x * x, groups)
+  """Per-group sums of D u and (D u)^2, (G, n, e), from u alone: D u = sum_t k_t tap_t,
+  so sum(D u) = sum_t k_t sum(tap_t) and sum((D u)^2) = k^T M k with M the 9x9 Gram
+  matrix of the taps of each input channel. One reduction over (9 + 45) products of the
+  n-channel u instead of one over the (n*e)-channel D u, which XLA would then store.
+  Float32 cancellation: k^T M k loses relative precision by about
+  sum|k_a k_b M_ab| / (k^T M k), large only where D u is much smaller than u's taps (a
+  kernel that nearly sums to zero on smooth input); the tests bound the result against
+  float64 at the other passes' tolerance."""
+  from qlhs_jax.models.layers import _taps  # models imports this module
+  taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
+  cat = jnp.stack(taps + [taps[a] * taps[b] for a, b in _PAIRS], axis=-1)
+  sums = _group_sum(cat, groups)  # (G, n, 54)
+  s1 = jnp.einsum("gnt,tne->gne", sums[..., :9], k9)
+  gram = sums[..., 9:][..., jnp.asarray(_PAIR_OF)]  # (G, n, 9, 9)
+  s2 = jnp.einsum("gnab,ane,bne->gne", gram, k9, k9)
+  return s1, s2
 
 
 def _xla_apply(u, c5, k9, mul, add, stride, groups):
   x = _d_xla(u, k9, stride)
   b = u.shape[0]
   f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
-  return (f1 * c5.astype(F32)).astype(c5.dtype)
+  return _pin((f1 * c5.astype(F32)).astype(c5.dtype))
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
-  x = _d_xla(u, k9, stride)
   b = u.shape[0]
-  f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
-  dpf = dp5.astype(F32)
-  g = dpf * c5.astype(F32)
-  xhat = (x - _per_group(mean, groups, b)) * _per_group(rstd, groups, b)
-  return (dpf * f1).astype(c5.dtype), _group_sum(g, groups), _group_sum(g * xhat, groups)
+  g = dp5.astype(F32) * c5.astype(F32)
+  xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
+          * _per_group(rstd, groups, b))
+  sg, sgx = _group_sum(g, groups), _group_sum(g * xhat, groups)
+  # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
+  # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
+  # 0.93 + 0.92).
+  u_dc, _ = lax.optimization_barrier((u, sg))
+  f1 = (_d_xla(u_dc, k9, stride) * _per_group(mul, groups, b)
+        + _per_group(add, groups, b))
+  return _pin((dp5.astype(F32) * f1).astype(c5.dtype)), sg, sgx
 
 
 def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype):
+  from qlhs_jax.models.layers import tap_products_sum  # models imports this module
   x = _d_xla(u, k9, stride)
   b = u.shape[0]
   g = dp5.astype(F32) * c5.astype(F32)
-  dx = (g * _per_group(mul, groups, b)
-        + (x - _per_group(mean, groups, b)) * _per_group(cx, groups, b)
-        + _per_group(c0, groups, b))
-  _, vjp = jax.vjp(lambda k: _d_xla(u, k, stride), k9)
-  return dx.astype(dx_dtype), vjp(dx)[0]
+  dx = _pin((g * _per_group(mul, groups, b)
+             + (x - _per_group(mean, groups, b)) * _per_group(cx, groups, b)
+             + _per_group(c0, groups, b)).astype(dx_dtype))
+  # Store dx in dx_dtype: without the barrier XLA drops the round trip through bfloat16
+  # (excess precision) and keeps a float32 dx for dk and du, twice the bytes.
+  dx = lax.optimization_barrier(dx)
+  return dx, tap_products_sum(u[..., None], dx, stride)
+
+
+def _pin(x):
+  from qlhs_jax.models.layers import pin_row_major  # models imports this module
+  return pin_row_major(x)
 
 
 # ------------------------------------------------------------------------------------
@@ -483,7 +524,11 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dc5, sg, sgx = _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
                                          groups, interpret)
   else:
-    dc5, sg, sgx = _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
+    # Each XLA pass recomputes D u from u. The barriers give each pass its own copy of u,
+    # so that XLA cannot merge the three D u (forward and two backward passes) into one
+    # float32 tensor stored in the forward and read back twice.
+    u_sums, dp5 = lax.optimization_barrier((u, dp5))
+    dc5, sg, sgx = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd, stride,
                                       groups)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
@@ -497,7 +542,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
   else:
-    dx, dk9 = _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+    u_dx, _ = lax.optimization_barrier((u, sg))
+    dx, dk9 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                dp.dtype)
   du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   dk = dk9.reshape(3, 3, n, e)

@@ -159,6 +159,21 @@ def shifted_transpose(g: jax.Array, kt: jax.Array, stride: int, hw: tuple[int, i
   return acc.sum(e_axis, keepdims=True) if sum_e else acc
 
 
+def tap_products_sum(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
+  """``[sum over (B, Ho, Wo) of tap_t(x) * g for t in 0..8]``, (9, ., .) in float32 (or
+  wider): D's kernel gradient before any sum over J. ``x`` (B, H, W, ., .) is D's input,
+  ``g`` (B, Ho, Wo, ., .) the gradient of its output (the taps broadcast against it).
+
+  The nine products are concatenated along the last axis and summed in one reduction,
+  so XLA reads g once. Written as nine sums, XLA fused them in pairs: five reductions,
+  each reading g again (benchmarks/NOTES.md, "Experiment 4").
+  """
+  dt = jnp.promote_types(g.dtype, jnp.float32)
+  gf = g.astype(dt)
+  cat = jnp.concatenate([tap.astype(dt) * gf for tap in _taps(x, stride)], axis=-1)
+  return jnp.moveaxis(cat.sum((0, 1, 2)).reshape(g.shape[3], 9, g.shape[4]), 1, 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_t(x, kernel, stride, smaj):
   """D in the shifted form with the hand-written transpose (impl "shifted_t")."""
@@ -177,13 +192,7 @@ def _shifted_t_bwd(stride, smaj, res, g):
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
   dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
   # dL/dkernel[t] = sum over pixels of g * tap t; a shared kernel also sums over J.
-  # The nine products are concatenated along the last axis and summed in one reduction:
-  # XLA then reads g once, where nine separate sums became five fusions that each read
-  # it again (benchmarks/NOTES.md, "Experiment 4").
-  dt = jnp.promote_types(g.dtype, jnp.float32)
-  gf = g.astype(dt)
-  cat = jnp.concatenate([tap.astype(dt) * gf for tap in _taps(x, stride)], axis=-1)
-  dk = jnp.moveaxis(cat.sum((0, 1, 2)).reshape(g.shape[3], 9, g.shape[4]), 1, 0)
+  dk = tap_products_sum(x, g, stride)
   if kernel.shape[2] == 1:
     dk = dk.sum(j_axis, keepdims=True)
   dk = jnp.swapaxes(dk, 1, 2) if smaj else dk

@@ -29,6 +29,15 @@ def test_counts_operands_and_results():
                   (208, "matmul (cuBLAS)", "stage1_block0", "gemm")]
 
 
+def test_operands_written_without_shapes_are_looked_up_past_index_comments():
+  """XLA prints a long operand list by name only, with /*index=5*/ before the sixth."""
+  params = "\n".join(f"  %p{i} = f32[10]{{0}} parameter({i})" for i in range(7))
+  text = ("HloModule m\nENTRY %main () -> f32[10] {\n" + params + "\n"
+          "  ROOT %loop_add_fusion = f32[10]{0} fusion(%p0, %p1, %p2, %p3, %p4, "
+          "/*index=5*/%p5, %p6), kind=kLoop, calls=%f\n}\n")
+  assert hlo_bytes.analyse(text) == [(8 * 40, "element-wise loop", "-", "loop_add_fusion")]
+
+
 def test_report_runs(tmp_path):
   p = tmp_path / "m.hlo.txt"
   p.write_text(HLO)
