@@ -90,8 +90,8 @@ def compile_only_device(target: str = "h100"):
 
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        size: int = 224, dtype: str = "bfloat16", target: str = "h100"):
-  """The compiled train step of ``benchmarks.step`` for ``target``; returns its
-  optimized HLO text and the compile time in seconds."""
+  """The compiled train step of ``benchmarks.step`` for ``target`` (a
+  ``jax.stages.Compiled``) and the compile time in seconds."""
   if overrides.get("fuse_d_bn") == "pallas":
     raise SystemExit("fuse_d_bn='pallas' cannot be compiled ahead of time here: on a CPU "
                      "host the model runs its kernels in interpret mode. Time it on a GPU "
@@ -121,7 +121,7 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   t0 = time.perf_counter()
   # No autotuning without a device: XLA cannot pick Triton GEMM tilings, so cuBLAS it is.
   compiled = step.lower(state, data).compile({"xla_gpu_enable_triton_gemm": False})
-  return compiled.as_text(), time.perf_counter() - t0
+  return compiled, time.perf_counter() - t0
 
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
@@ -130,8 +130,11 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   import jax
 
   from qlhs_jax.benchmarks import hlo_bytes
-  text, compile_s = compile_train_step(model_name, overrides, batch, size, dtype, target)
+  compiled, compile_s = compile_train_step(model_name, overrides, batch, size, dtype, target)
+  text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
+  # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
+  peak = getattr(compiled.memory_analysis(), "peak_memory_in_bytes", None)
   by_kind, by_part = collections.Counter(), collections.Counter()
   for b, kind, part, _ in rows:
     by_kind[kind] += b
@@ -148,7 +151,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
           "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
           "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
           "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
-          "compile_s": compile_s}
+          "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
 
 
 def main(argv=None):
@@ -174,12 +177,14 @@ def main(argv=None):
     runs.append((args.vs, _parse_overrides(args.vs_set)))
   records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir)
              for m, o in runs]
-  print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s}  (train step compiled for "
+  print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s}  (train step "
+        f"compiled for "
         f"{args.target}, batch {args.batch}, {args.size}px, {args.dtype}; jax "
         f"{records[0]['jax']})")
   for r in records:
     over = " ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items()))
-    print(f"{r['model']:28s} {r['train_gbytes']:12.2f} {r['kernels']:8d}  {over}")
+    mem = f"{r['peak_mem_gb_est']:.1f}" if r["peak_mem_gb_est"] else "-"
+    print(f"{r['model']:28s} {r['train_gbytes']:12.2f} {r['kernels']:8d} {mem:>8s}  {over}")
   if args.vs:
     ratio = records[0]["train_gbytes"] / records[1]["train_gbytes"]
     records[0]["gbytes_ratio_vs"] = {args.vs: ratio}

@@ -15,7 +15,8 @@ def table(path: str) -> str:
            "pallas / none |",
            "|---|---|---|---:|---|---:|---:|---:|---:|"]
   aot = ["| date | compiled for | jax | model | overrides | batch | size | GB per step | "
-         "kernels |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+         "kernels | peak GB (XLA's estimate) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+  gb = lambda v: "-" if v is None else f"{v:.1f}"
   with open(path) as f:
     for line in f:
       r = json.loads(line)
@@ -33,7 +34,7 @@ def table(path: str) -> str:
         over = ", ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) or "-"
         aot.append(f"| {r['date']} | {r['target']} (deviceless) | {r['jax']} | {r['model']} | "
                    f"{over} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
-                   f"{r['kernels']} |")
+                   f"{r['kernels']} | {gb(r.get('peak_mem_gb_est'))} |")
         continue
       over = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
       ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("train_ratio_vs", {}).items()

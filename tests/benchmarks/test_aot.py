@@ -48,7 +48,7 @@ def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
   rows = [json.loads(l) for l in record.read_text().splitlines()]
   assert [r["overrides"].get("pin_hidden_layout", False) for r in rows] == [False, True]
   for r in rows:
-    assert r["kind"] == "aot_bytes" and r["train_gbytes"] > 0
+    assert r["kind"] == "aot_bytes" and r["train_gbytes"] > 0 and r["peak_mem_gb_est"] > 0
     assert abs(sum(r["gbytes_by_kind"].values()) - r["train_gbytes"]) < 1e-9
     assert {"stage1_block0", "stage2_block0"} <= set(r["gbytes_by_part"])
   hlos = sorted(tmp_path.glob("*.aot.hlo.txt.gz"))
@@ -68,4 +68,4 @@ def test_records_get_their_own_table(tmp_path):
   path.write_text(json.dumps(rec) + "\n")
   out = table.table(str(path))
   assert ("| 2026-11-27 | h100 (deviceless) | 0.10.2 | eq3_softball_ds | d_impl=shifted_t | "
-          "256 | 224 | 78.8 | 798 |") in out
+          "256 | 224 | 78.8 | 798 | - |") in out

@@ -113,3 +113,29 @@ def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
     assert train.train_and_evaluate(cfg, str(tmp_path / fuse))["step"] == 6
     runs[fuse] = ckpt_lib.load_run(str(tmp_path / fuse)).variables
   assert_trees_close(runs["xla"], runs["none"], 1e-3, 1e-5)
+
+
+def test_xla_train_step_on_a_sharded_mesh():
+  """fuse_d_bn="xla" (optimization barriers, layout constraints) partitions over the
+  8-device data mesh like the plain path: same losses and parameters."""
+  from qlhs_jax import steps as S
+  mesh = S.make_mesh()
+  assert mesh.size == 8
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
+  batch = S.shard_batch({"image": np.asarray(x), "label": np.arange(8) % 5}, mesh)
+  plain = QLHSNet(dtype=jnp.float32, bn_groups=8, **TINY)
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
+  out = {}
+  for fuse in ("none", "xla"):
+    model = plain.clone(fuse_d_bn=fuse)
+    state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3)),
+                        mesh)
+    step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=5), mesh)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+    out[fuse] = (state, losses)
+  np.testing.assert_allclose(out["xla"][1], out["none"][1], rtol=1e-5)
+  assert_trees_close(out["xla"][0].params, out["none"][0].params, 1e-4, 1e-5)
