@@ -30,7 +30,6 @@ import argparse
 import collections
 import datetime
 import gzip
-import json
 import os
 import re
 import time
@@ -155,7 +154,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
 
 
 def main(argv=None):
-  from qlhs_jax.benchmarks.step import _parse_overrides
+  from qlhs_jax.benchmarks.step import _parse_overrides, append_records
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", required=True)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -190,10 +189,7 @@ def main(argv=None):
     records[0]["gbytes_ratio_vs"] = {args.vs: ratio}
     print(f"bytes {args.model} / {args.vs}: {ratio:.3f}")
   if args.record:
-    os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
-    with open(args.record, "a") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
+    append_records(args.record, records)
 
 
 if __name__ == "__main__":

@@ -181,10 +181,15 @@ def main(argv=None):
           f"  eval {records[0]['eval_ratio_vs'][args.vs]:.3f}  (batch {args.batch}, "
           f"{args.size}px, {args.dtype})")
   if args.record:
-    os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
-    with open(args.record, "a") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
+    append_records(args.record, records)
+
+
+def append_records(path: str, records) -> None:
+  """Appends ``records`` to the JSON-lines file ``path`` (made with its folder if new)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
