@@ -178,6 +178,28 @@ def test_imagenet_config_without_data_gives_the_preparation_command(tmp_path):
   assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
+def test_every_model_override_can_be_set_on_the_command_line():
+  """The config's model_overrides start unset (None); each is a typed placeholder, so
+  that --config.model_overrides.KEY=VALUE works for every key, as the configs'
+  docstrings and the README tell users (the flags of qlhs_jax.main, parsed in a
+  subprocess: ml_collections registers the override flags on absl's global FLAGS)."""
+  values = {"d_impl": "shifted_t", "remat": "dots", "hidden_layout": "s_major",
+            "fuse_d_bn": "xla", "pin_hidden_layout": True, "widths": [8, 16],
+            "depths": [1, 1], "stem": "small", "expansion": 6, "weight_sharing": False,
+            "activation": "relu", "placement": "all", "eq6_c_norm": False}
+  assert set(values) == set(qconfig.base_config().model_overrides)
+  code = ("import json, sys; from absl import flags; import qlhs_jax.main; "
+          "flags.FLAGS(sys.argv); from qlhs_jax import config as q; "
+          "print(json.dumps(q.model_overrides(flags.FLAGS.config)))")
+  args = [f"--config={REPO}/configs/eq3.py", "--workdir=unused"] + [
+      f"--config.model_overrides.{k}={tuple(v) if isinstance(v, list) else v}".replace(
+          " ", "") for k, v in values.items()]
+  out = subprocess.run([sys.executable, "-c", code] + args, capture_output=True,
+                       text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == values
+
+
 def test_main_cli_and_sigterm(tmp_path):
   """The CLI trains; SIGTERM saves at the next step boundary and exits 0; a rerun
   resumes from there."""
