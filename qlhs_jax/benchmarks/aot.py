@@ -18,8 +18,10 @@ formulations between GPU sessions.
 Two differences from the device's own compilation, both measured (benchmarks/NOTES.md,
 "Experiment 4"): a deviceless compile cannot autotune, so Triton GEMM fusions are
 turned off and cuBLAS does every matmul; and the JAX here may be older than the GPU
-machine's. Against the HLO dumped on the H100 (jax 0.11.2) the totals agreed within
-6% (eq3_softball_ds 96.5 vs 101.9 GB per step, resnet50 98.7 vs 103.7 GB).
+machine's. Against the HLO dumped on the H100 (jax 0.11.2) the totals agree within
+6% (eq3_softball_ds 101.0 vs 106.5 GB per step, resnet50 100.5 vs 104.6 GB), and XLA's
+peak-memory estimate within 8% of the measured peak (13.2 vs 12.8 GB, 11.5 vs 10.7).
+Run it in a fresh process: it keeps JAX on the CPU platform.
 ``fuse_d_bn="pallas"`` is refused: on a CPU host the model runs its kernels in
 interpret mode, which is not what a GPU would compile.
 """

@@ -192,8 +192,9 @@ def _xla_stats(u, k9, stride, groups):
   n-channel u instead of one over the (n*e)-channel D u, which XLA would then store.
   Float32 cancellation: k^T M k loses relative precision by about
   sum|k_a k_b M_ab| / (k^T M k), large only where D u is much smaller than u's taps (a
-  kernel that nearly sums to zero on smooth input); the tests bound the result against
-  float64 at the other passes' tolerance."""
+  kernel that nearly sums to zero on a channel with a large offset). tests/kernels
+  checks that case against float64: a zero-sum kernel on u offset by 100 standard
+  deviations gives the variance to 3.6e-6 (the bound there is 1e-4)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
   cat = jnp.stack(taps + [taps[a] * taps[b] for a, b in _PAIRS], axis=-1)
