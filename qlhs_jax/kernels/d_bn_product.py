@@ -337,6 +337,14 @@ def _full(mask, plan):
   return jnp.broadcast_to(mask, (plan["tc"], plan["bj"], plan["e"]))
 
 
+def _backward_tiles(up_ref, k_ref, c_ref, dp_ref, b, oy, ok, x0, j0, plan):
+  """What both backward kernels read for one output row: D u, the mask as a tile, and
+  the c and dp tiles: ``(x, m, c, dp)``."""
+  m = _full(ok, plan)
+  return (_tile_d(up_ref, k_ref, b, oy, x0, j0, plan), m,
+          _load(c_ref, b, oy, x0, j0, plan, m), _load(dp_ref, b, oy, x0, j0, plan, m))
+
+
 def _stats_kernel(up_ref, k_ref, s1_ref, s2_ref, *, plan):
   b, part, x0, j0 = _block(plan)
 
@@ -369,9 +377,7 @@ def _sums_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, mean_ref, rstd_
                                      per_group)
 
   def body(oy, ok, carry):
-    x = _tile_d(up_ref, k_ref, b, oy, x0, j0, plan)
-    m = _full(ok, plan)
-    c, dp = _load(c_ref, b, oy, x0, j0, plan, m), _load(dp_ref, b, oy, x0, j0, plan, m)
+    x, m, c, dp = _backward_tiles(up_ref, k_ref, c_ref, dp_ref, b, oy, ok, x0, j0, plan)
     _store(dc_ref, b, oy, x0, j0, plan, dp * (x * mul + add), m)
     g = dp * c  # zero outside the image: dp and c loaded as 0 there
     return carry[0] + g.sum(0), carry[1] + (g * ((x - mean) * rstd)).sum(0)
@@ -388,9 +394,7 @@ def _dx_kernel(up_ref, c_ref, dp_ref, k_ref, mul_ref, cx_ref, c0_ref, mean_ref,
                                   per_group)
 
   def body(oy, ok, dk):
-    x = _tile_d(up_ref, k_ref, b, oy, x0, j0, plan)
-    m = _full(ok, plan)
-    c, dp = _load(c_ref, b, oy, x0, j0, plan, m), _load(dp_ref, b, oy, x0, j0, plan, m)
+    x, m, c, dp = _backward_tiles(up_ref, k_ref, c_ref, dp_ref, b, oy, ok, x0, j0, plan)
     dx = jnp.where(ok, dp * c * mul + (x - mean) * cx + c0, 0.0)
     _store(dx_ref, b, oy, x0, j0, plan, dx, m)
     # dL/dkernel[t] = sum over pixels of dx * (input tap t). The taps are loaded again
