@@ -29,11 +29,8 @@ interpret mode, which is not what a GPU would compile.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
-import gzip
 import os
-import re
 import time
 
 # NVIDIA H100 SXM5 80GB (sm_90): 132 SMs, 50 MiB L2, 3.35 TB/s HBM3, 228 KiB shared
@@ -131,21 +128,15 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   import jax
 
   from qlhs_jax.benchmarks import hlo_bytes
+  from qlhs_jax.benchmarks.step import write_hlo
   compiled, compile_s = compile_train_step(model_name, overrides, batch, size, dtype, target)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
   peak = getattr(compiled.memory_analysis(), "peak_memory_in_bytes", None)
-  by_kind, by_part = collections.Counter(), collections.Counter()
-  for b, kind, part, _ in rows:
-    by_kind[kind] += b
-    by_part[part] += b
+  by_kind, by_part = hlo_bytes.totals(rows)
   if hlo_dir:
-    os.makedirs(hlo_dir, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
-        [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
-    with gzip.open(os.path.join(hlo_dir, f"{tag}.aot.hlo.txt.gz"), "wt") as f:
-      f.write(text)
+    write_hlo(hlo_dir, model_name, overrides, "aot", text)
   return {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
           "batch": batch, "size": size, "dtype": dtype, "target": target,
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),

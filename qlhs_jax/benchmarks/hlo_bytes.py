@@ -136,6 +136,15 @@ def part_report(path: str, part: str, min_gb: float = 0.0) -> str:
   return "\n".join(lines)
 
 
+def totals(rows):
+  """Bytes of ``analyse``'s rows summed by kind and by model part: two Counters."""
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  for b, kind, part, _ in rows:
+    by_kind[kind] += b
+    by_part[part] += b
+  return by_kind, by_part
+
+
 def report(path: str, top: int = 25) -> str:
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
@@ -143,10 +152,7 @@ def report(path: str, top: int = 25) -> str:
   total = sum(r[0] for r in rows)
   lines = [f"{path}: {len(rows)} kernels, {total / 1e9:.2f} GB moved per step "
            "(operands + results of each top-level instruction)", "", "by kind:"]
-  by_kind, by_part = collections.Counter(), collections.Counter()
-  for b, kind, part, _ in rows:
-    by_kind[kind] += b
-    by_part[part] += b
+  by_kind, by_part = totals(rows)
   for k, b in by_kind.most_common():
     lines.append(f"  {k:28s} {b / 1e9:8.2f} GB  {100 * b / total:5.1f}%")
   lines += ["", "by model part:"]

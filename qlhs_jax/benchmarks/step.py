@@ -77,11 +77,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(lambda: fwd(folded, data["image"]), warmup)
   eval_s = timed(lambda: fwd(folded, data["image"]), steps)
   if hlo_dir:
-    os.makedirs(hlo_dir, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
-        [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
-    with gzip.open(os.path.join(hlo_dir, f"{tag}.train.hlo.txt.gz"), "wt") as f:
-      f.write(train_c.as_text())
+    write_hlo(hlo_dir, model_name, overrides, "train", train_c.as_text())
 
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
@@ -97,6 +93,15 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "compile_s": compile_s, "final_loss": loss,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
+
+
+def write_hlo(hlo_dir: str, model_name: str, overrides: dict, kind: str, text: str):
+  """Writes ``text`` to ``hlo_dir/<model>_<key>-<value>...<kind>.hlo.txt.gz``."""
+  os.makedirs(hlo_dir, exist_ok=True)
+  tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
+      [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
+  with gzip.open(os.path.join(hlo_dir, f"{tag}.{kind}.hlo.txt.gz"), "wt") as f:
+    f.write(text)
 
 
 def _cost(compiled, prefix) -> dict:

@@ -17,6 +17,8 @@ def table(path: str) -> str:
   aot = ["| date | compiled for | jax | model | overrides | batch | size | GB per step | "
          "kernels | peak GB (XLA's estimate) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
+  overrides = lambda r: ", ".join(
+      f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
   with open(path) as f:
     for line in f:
       r = json.loads(line)
@@ -31,18 +33,15 @@ def table(path: str) -> str:
                      f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
         continue
       if r.get("kind") == "aot_bytes":
-        over = ", ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) or "-"
         aot.append(f"| {r['date']} | {r['target']} (deviceless) | {r['jax']} | {r['model']} | "
-                   f"{over} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
+                   f"{overrides(r)} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
                    f"{r['kernels']} | {gb(r.get('peak_mem_gb_est'))} |")
         continue
-      over = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
       ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("train_ratio_vs", {}).items()
                         if k != r["model"]) or "-"
-      mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
-      rows.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['model']} | {over} | "
-                  f"{r['batch']} | {r['size']} | {r['train_img_s']:,.0f} | "
-                  f"{r['eval_img_s']:,.0f} | {mem} | {ratio} |")
+      rows.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['model']} | "
+                  f"{overrides(r)} | {r['batch']} | {r['size']} | {r['train_img_s']:,.0f} | "
+                  f"{r['eval_img_s']:,.0f} | {gb(r.get('peak_mem_gb'))} | {ratio} |")
   out = "\n".join(rows)
   if len(fused) > 2:
     out += ("\n\nBN(D u) * c alone, forward + backward summed over Eq.(3)'s 16 blocks "
