@@ -475,13 +475,21 @@ def _check(u, c, kernel, scale, stride, groups, impl):
                      f"{scale.shape} do not fit u {u.shape} (want c {want})")
   if b % groups:
     raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
-  if impl == "pallas" and plt is None:
+  if impl == "pallas":
+    check_pallas(e)
+
+
+def check_pallas(e: int):
+  """impl "pallas" needs Pallas's Triton backend and a power-of-two expansion ``e``
+  (Triton's block shapes); the model calls this too, to refuse a config before any
+  training step."""
+  if plt is None:
     raise ValueError(f"fuse_d_bn='pallas' needs Pallas's Triton backend "
                      f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does "
                      f"not have; use fuse_d_bn='xla'")
-  if impl == "pallas" and e & (e - 1):
+  if e & (e - 1):
     raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
-                     f"shapes), got e={e}; use fuse_d_bn='xla' for this model")
+                     f"shapes), got {e}; use fuse_d_bn='xla'")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))

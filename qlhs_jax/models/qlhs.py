@@ -191,9 +191,8 @@ class QLHSBlock(nn.Module):
     if self._smaj:
       raise ValueError(f"fuse_d_bn={self.fuse_d_bn!r} works on the j_major hidden "
                        "layout; use hidden_layout='j_major' (the default)")
-    if self.fuse_d_bn == "pallas" and self.expansion & (self.expansion - 1):
-      raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
-                       f"shapes), got {self.expansion}; use fuse_d_bn='xla'")
+    if self.fuse_d_bn == "pallas":
+      dbn.check_pallas(self.expansion)
 
   def _group_sum(self, p, n_in):
     """Eq.(5): output o sums the hidden channels (j, s) with (j*e + s) // g == o,
