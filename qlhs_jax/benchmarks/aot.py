@@ -101,12 +101,12 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from qlhs_jax import steps as S
+  from qlhs_jax.benchmarks.step import harness_train_step
   from qlhs_jax.models import create
 
   mesh = Mesh(np.asarray([device]), (S.DATA_AXIS,))
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
+  tx, step = harness_train_step(model, mesh)
   state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
                                                       (size, size, 3)))
   repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
@@ -114,8 +114,6 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        state)
   data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
           "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
-  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
-                                            steps_per_epoch=1000), mesh)
   t0 = time.perf_counter()
   # No autotuning without a device: XLA cannot pick Triton GEMM tilings, so cuBLAS it is.
   compiled = step.lower(state, data).compile({"xla_gpu_enable_triton_gemm": False})
