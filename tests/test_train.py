@@ -185,8 +185,9 @@ def test_every_model_override_can_be_set_on_the_command_line():
   subprocess: ml_collections registers the override flags on absl's global FLAGS)."""
   values = {"d_impl": "shifted_t", "remat": "dots", "hidden_layout": "s_major",
             "fuse_d_bn": "xla", "pin_hidden_layout": True, "widths": [8, 16],
-            "depths": [1, 1], "stem": "small", "expansion": 6, "weight_sharing": False,
-            "activation": "relu", "placement": "all", "eq6_c_norm": False}
+            "depths": [1, 1], "stem": "small", "stem_pool": "autodiff", "expansion": 6,
+            "weight_sharing": False, "activation": "relu", "placement": "all",
+            "eq6_c_norm": False}
   assert set(values) == set(qconfig.base_config().model_overrides)
   code = ("import json, sys; from absl import flags; import qlhs_jax.main; "
           "flags.FLAGS(sys.argv); from qlhs_jax import config as q; "

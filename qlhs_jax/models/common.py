@@ -145,11 +145,19 @@ class ConvNorm(nn.Module):
                      param_dtype=self.param_dtype, name="bn")(y)
 
 
-def resnet_stem(x, width: int, stem: str, common: dict):
+STEM_POOLS = ("argmax", "autodiff")
+
+
+def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax"):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
-  a 3x3 stride-1 conv, BN, ReLU and no pooling."""
+  a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
+  :func:`relu_max_pool_3x3_s2` ("argmax") or as ``nn.relu`` + ``nn.max_pool``
+  differentiated by JAX ("autodiff"); the values and gradients are the same."""
+  if pool not in STEM_POOLS:
+    raise ValueError(f"unknown stem_pool {pool!r}; choose one of {STEM_POOLS}")
   if stem == "imagenet":
-    return max_pool_3x3_s2(nn.relu(ConvNorm(width, (7, 7), 2, name="stem", **common)(x)))
+    y = ConvNorm(width, (7, 7), 2, name="stem", **common)(x)
+    return relu_max_pool_3x3_s2(y) if pool == "argmax" else max_pool_3x3_s2(nn.relu(y))
   if stem == "small":
     return nn.relu(ConvNorm(width, (3, 3), 1, name="stem", **common)(x))
   raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'small'")
@@ -172,3 +180,62 @@ def global_pool(x):
 def max_pool_3x3_s2(x):
   """ResNet's stem max-pool: 3x3, stride 2, padding 1 (PyTorch padding pads with -inf)."""
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _pool_taps(x):
+  """The nine strided (stride 2) slices of ``x`` (B, H, W, C) padded by one with -inf,
+  tap t = 3*dy + dx: tap t at output (oy, ox) is input (2*oy + dy - 1, 2*ox + dx - 1)."""
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [lax.slice(xp, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c),
+                    (1, 2, 2, 1)) for dy in range(3) for dx in range(3)]
+
+
+@jax.custom_vjp
+def relu_max_pool_3x3_s2(x):
+  """``max_pool_3x3_s2(relu(x))`` as one operation that keeps, per output, the tap its
+  gradient goes to (int8; 9: none), so that the backward is a gather from the pooled
+  gradient instead of XLA's select-and-scatter.
+
+  Why: JAX differentiates the max-pool by recomputing the window maxima with four int32
+  index arrays, then scattering into a zeroed padded input. Compiled for an H100 at batch
+  256, the pool's forward and backward kernels move 4.4 GB per step that way and 1.1 GB
+  this way: a train step of Eq.(3) moves 3.5 GB less, ResNet50's 3.1 GB less
+  (benchmarks/NOTES.md, experiment 5).
+  Same values and gradients: the maximum starts at ReLU's 0 and a later tap replaces it
+  only when strictly larger, so the gradient goes to the first maximal tap in the
+  window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and to no tap
+  where the maximum is 0 (ReLU's gradient at x <= 0 is 0). NaN propagates as in
+  ``lax.max``. tests/models/test_common.py checks both against JAX's autodiff, ties
+  included.
+  """
+  return _relu_max_pool_fwd(x)[0]
+
+
+def _relu_max_pool_fwd(x):
+  taps = _pool_taps(x)
+  m, idx = jnp.zeros_like(taps[0]), jnp.full(taps[0].shape, 9, jnp.int8)
+  for t, tap in enumerate(taps):
+    take = (tap > m) | jnp.isnan(tap)
+    m, idx = jnp.where(take, tap, m), jnp.where(take, jnp.int8(t), idx)
+  return m, (idx, x.shape)
+
+
+def _relu_max_pool_bwd(res, g):
+  idx, (_, h, w, _) = res
+  ho, wo = g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  out = None
+  for t in range(9):
+    dy, dx = divmod(t, 3)
+    # The transpose of tap t's slice: g at input (2*oy + dy - 1, 2*ox + dx - 1), i.e. g
+    # dilated by 2 and shifted (negative padding crops). Summed in g's dtype, tap by tap.
+    part = lax.pad(jnp.where(idx == t, g, zero), zero,
+                   ((0, 0, 0), (dy - 1, h - dy - 2 * ho + 2, 1),
+                    (dx - 1, w - dx - 2 * wo + 2, 1), (0, 0, 0)))
+    out = part if out is None else out + part
+  return (out,)
+
+
+relu_max_pool_3x3_s2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)

@@ -288,6 +288,7 @@ class QLHSNet(nn.Module):
   depths: Sequence[int] = (3, 4, 6, 3)
   num_classes: int = 100
   stem: str = "imagenet"
+  stem_pool: str = "argmax"
   eq6_c_norm: bool = True
   d_impl: str = "shifted"
   remat: str = "none"
@@ -321,7 +322,8 @@ class QLHSNet(nn.Module):
   def __call__(self, x, train: bool = False):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common)
+    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common,
+                    self.stem_pool)
     layout = self.block_layout()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")

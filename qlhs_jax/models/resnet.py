@@ -42,6 +42,7 @@ class ResNet(nn.Module):
   depths: Sequence[int] = (3, 4, 6, 3)
   num_classes: int = 100
   stem: str = "imagenet"
+  stem_pool: str = "argmax"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -51,7 +52,8 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common)
+    x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common,
+                    self.stem_pool)
     for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
       for i in range(depth):
         x = Bottleneck(width, 2 if (k > 0 and i == 0) else 1,

@@ -1,0 +1,95 @@
+"""The stem's ReLU + max-pool (``common.relu_max_pool_3x3_s2``, ``stem_pool="argmax"``)
+against JAX's autodiff of ``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included;
+the two ``stem_pool`` choices give the same network."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax.models import QLHSNet, ResNet
+from qlhs_jax.models.common import relu_max_pool_3x3_s2
+
+
+def autodiff_pool(x):
+  return nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def numpy_pool(x, g):
+  """Float64 loops: the window maximum of relu(x) and its gradient, sent to the first
+  maximal tap in row-major window order, and nowhere when the maximum is 0."""
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  y, dx = np.zeros((b, ho, wo, c)), np.zeros(x.shape)
+  for n in range(b):
+    for oy in range(ho):
+      for ox in range(wo):
+        for k in range(c):
+          best, at = 0.0, None
+          for dy in range(3):
+            for dxx in range(3):
+              iy, ix = 2 * oy + dy - 1, 2 * ox + dxx - 1
+              if 0 <= iy < h and 0 <= ix < w and x[n, iy, ix, k] > best:
+                best, at = x[n, iy, ix, k], (iy, ix)
+          y[n, oy, ox, k] = best
+          if at is not None:
+            dx[(n,) + at + (k,)] += g[n, oy, ox, k]
+  return y, dx
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2), (1, 5, 4, 1), (1, 2, 2, 2)])
+def test_relu_max_pool_matches_autodiff_and_numpy_with_ties(shape):
+  rng = np.random.default_rng(0)
+  # Small integers: many ties, zeros and negatives; sums of the gradient stay exact.
+  x = rng.integers(-2, 3, shape).astype(np.float32)
+  g = rng.integers(-4, 5, (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2,
+                           shape[3])).astype(np.float32)
+  y_ref, vjp_ref = jax.vjp(autodiff_pool, jnp.asarray(x))
+  y, vjp = jax.vjp(relu_max_pool_3x3_s2, jnp.asarray(x))
+  y_np, dx_np = numpy_pool(x.astype(np.float64), g.astype(np.float64))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  np.testing.assert_array_equal(np.asarray(y), y_np)
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]),
+                                np.asarray(vjp_ref(jnp.asarray(g))[0]))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), dx_np)
+
+
+def test_relu_max_pool_in_bfloat16_and_nan():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 8)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
+  y_ref, vjp_ref = jax.vjp(autodiff_pool, x)
+  y, vjp = jax.vjp(relu_max_pool_3x3_s2, x)
+  assert y.dtype == jnp.bfloat16 and vjp(g)[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  # Continuous values: no ties, so every input gets at most one window's gradient, but
+  # an input can be the maximum of up to four windows (summed in bfloat16 either way).
+  np.testing.assert_allclose(np.asarray(vjp(g)[0], np.float32),
+                             np.asarray(vjp_ref(g)[0], np.float32), rtol=1e-2, atol=1e-2)
+  y_nan = relu_max_pool_3x3_s2(x.at[0, 3, 3, 0].set(jnp.nan))
+  assert bool(jnp.isnan(y_nan[0, 1, 1, 0])) and bool(jnp.isnan(y_nan[0, 2, 2, 0]))
+  assert int(jnp.isnan(y_nan).sum()) == int(jnp.isnan(autodiff_pool(
+      x.at[0, 3, 3, 0].set(jnp.nan))).sum())
+
+
+@pytest.mark.parametrize("model", [
+    ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, dtype=jnp.float32),
+    QLHSNet(widths=(4, 8), depths=(1, 1), num_classes=5, dtype=jnp.float32)])
+def test_stem_pools_give_the_same_network(model):
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  labels = jnp.arange(4) % 5
+  v = model.init(jax.random.PRNGKey(1), x)
+  out = {}
+  for pool in ("argmax", "autodiff"):
+    m = model.clone(stem_pool=pool)
+
+    def loss_fn(params):
+      logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
+    out[pool] = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+  for a, b in zip(jax.tree.leaves(out["argmax"]), jax.tree.leaves(out["autodiff"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="stem_pool"):
+    model.clone(stem_pool="scatter").init(jax.random.PRNGKey(1), x)
