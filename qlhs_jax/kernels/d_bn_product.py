@@ -18,6 +18,8 @@ backward 4 dx = dL/d(D u); partial sums of dL/dkernel      c, dp in, dx out
 backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 =========  ==============================================  ===========================
 
+(``impl="xla"`` takes dL/dkernel's sums in pass 3 instead, see :func:`_xla_kernel_grad`.)
+
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
 them on any backend, which is how the CPU tests check them against the XLA passes).
@@ -27,9 +29,10 @@ from the 9x9 Gram matrix of u's taps, not from D u (:func:`_xla_stats`); each pa
 recomputes D u from its own copy of u (optimization barriers, else XLA merges them into
 one float32 D u that it stores); dc is computed apart from the sums; dx is stored in
 the input dtype behind a barrier; the hidden outputs are pinned row-major; dL/dkernel
-is one reduction (``layers.tap_products_sum``). Compiled so, a stage-1 block (in a
-chain of three) moves 9.3 GB per step where the plain path moves 14.9 (impl "xla" used
-to move 27.7).
+comes from sums that pass 3 and the forward statistics take anyway
+(:func:`_xla_kernel_grad`), so nothing reads dx but du. Compiled so, a stage-1 block
+(in a chain of three) moves 8.6 GB per step where the plain path moves 14.9 (impl "xla"
+used to move 27.7; experiments 4 and 5 of the notes).
 ``impl="none"`` is not handled here: it is the model's plain autodiff path, the
 reference both are tested against (tests/kernels).
 
@@ -194,7 +197,9 @@ def _xla_stats(u, k9, stride, groups):
   sum|k_a k_b M_ab| / (k^T M k), large only where D u is much smaller than u's taps (a
   kernel that nearly sums to zero on a channel with a large offset). tests/kernels
   checks that case against float64: a zero-sum kernel on u offset by 100 standard
-  deviations gives the variance to 3.6e-6 (the bound there is 1e-4)."""
+  deviations gives the variance to 3.6e-6 (the bound there is 1e-4).
+  Also returns the per-group tap sums and Gram entries, (G, n, 9 + 45), that the
+  backward's dL/dkernel reuses (:func:`_xla_kernel_grad`)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
   cat = jnp.stack(taps + [taps[a] * taps[b] for a, b in _PAIRS], axis=-1)
@@ -202,7 +207,7 @@ def _xla_stats(u, k9, stride, groups):
   s1 = jnp.einsum("gnt,tne->gne", sums[..., :9], k9)
   gram = sums[..., 9:][..., jnp.asarray(_PAIR_OF)]  # (G, n, 9, 9)
   s2 = jnp.einsum("gnab,ane,bne->gne", gram, k9, k9)
-  return s1, s2
+  return s1, s2, sums
 
 
 def _xla_apply(u, c5, k9, mul, add, stride, groups):
@@ -213,22 +218,32 @@ def _xla_apply(u, c5, k9, mul, add, stride, groups):
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
+  """Pass 3: dc, and per group the sums of g = dp*c and g*xhat (BatchNorm's backward)
+  and of tap_t(u) * g, (G, n, 9, e) (dL/dkernel's share that needs g)."""
+  from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
   g = dp5.astype(F32) * c5.astype(F32)
   xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
           * _per_group(rstd, groups, b))
-  sg, sgx = _group_sum(g, groups), _group_sum(g * xhat, groups)
+  taps = _taps(u.astype(F32)[..., None], stride)  # 9 x (B, Ho, Wo, n, 1)
+  # One reduction of one concatenation, so that XLA reads dp and c once (as nine sums of
+  # their own, XLA split them over fusions that each read dp and c again).
+  cat = jnp.concatenate([g, g * xhat] + [t * g for t in taps], axis=-1)
+  sums = _group_sum(cat, groups)  # (G, n, 11 e)
+  e = k9.shape[-1]
+  sg, sgx = sums[..., :e], sums[..., e:2 * e]
+  tg = sums[..., 2 * e:11 * e].reshape(sums.shape[:2] + (9, e))
   # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
   # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
   # 0.93 + 0.92).
   u_dc, _ = lax.optimization_barrier((u, sg))
   f1 = (_d_xla(u_dc, k9, stride) * _per_group(mul, groups, b)
         + _per_group(add, groups, b))
-  return _pin((dp5.astype(F32) * f1).astype(c5.dtype)), sg, sgx
+  return _pin((dp5.astype(F32) * f1).astype(c5.dtype)), sg, sgx, tg
 
 
 def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype):
-  from qlhs_jax.models.layers import tap_products_sum  # models imports this module
+  """Pass 4: dx = dL/d(D u), stored in ``dx_dtype`` for du = D^T dx."""
   x = _d_xla(u, k9, stride)
   b = u.shape[0]
   g = dp5.astype(F32) * c5.astype(F32)
@@ -236,9 +251,24 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
              + (x - _per_group(mean, groups, b)) * _per_group(cx, groups, b)
              + _per_group(c0, groups, b)).astype(dx_dtype))
   # Store dx in dx_dtype: without the barrier XLA drops the round trip through bfloat16
-  # (excess precision) and keeps a float32 dx for dk and du, twice the bytes.
-  dx = lax.optimization_barrier(dx)
-  return dx, tap_products_sum(u[..., None], dx, stride)
+  # (excess precision) and keeps a float32 dx for du, twice the bytes.
+  return lax.optimization_barrier(dx)
+
+
+def _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0):
+  """dL/dkernel (9, n, e) without reading dx: the sum over pixels of tap_t(u) * dx, with
+  dx = mul*g + cx*(D u - mean) + c0 per group, is
+  mul * sum(tap_t g) + cx * (sum_t' k_t' M[t, t'] - mean * sum(tap_t)) + c0 * sum(tap_t):
+  the tap products of g from pass 3 (``tg``), the Gram matrix M and the tap sums from
+  the forward statistics (``tstats``). Pass 4 then writes dx for du alone, and nothing
+  reads it back for dL/dkernel (0.52 GB per stage-1 block at batch 256). The middle
+  term cancels like the variance of :func:`_xla_stats` where u has a large offset;
+  tests/kernels checks dL/dkernel at an offset of 100 standard deviations against
+  float64."""
+  tsum, gram = tstats[..., :9], tstats[..., 9:][..., jnp.asarray(_PAIR_OF)]
+  tx = jnp.einsum("gnab,bne->gnae", gram, k9) - tsum[..., None] * mean[:, :, None]
+  return (jnp.einsum("gnte,gne->tne", tg, mul) + jnp.einsum("gnte,gne->tne", tx, cx)
+          + jnp.einsum("gnt,gne->tne", tsum, c0))
 
 
 def _pin(x):
@@ -503,9 +533,9 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   k9 = _kernel9(kernel, n)
   c5 = c.reshape(c.shape[:3] + (n, e))
   if impl == "pallas":
-    s1, s2 = _pallas_stats(u, k9, stride, groups, interpret)
+    (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
-    s1, s2 = _xla_stats(u, k9, stride, groups)
+    s1, s2, tstats = _xla_stats(u, k9, stride, groups)
   count = (b // groups) * c.shape[1] * c.shape[2]
   mean = s1 / count
   var = jnp.maximum(s2 / count - mean * mean, 0.0)
@@ -518,7 +548,7 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups)
   h = n * e
   out = (p5.reshape(c.shape), mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add)
+  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats)
 
 
 def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
@@ -527,7 +557,7 @@ def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
 
 def _bwd(stride, groups, eps, impl, interpret, res, cts):
   del eps
-  u, c5, kernel, scale, bias, mean, rstd, mul, add = res
+  u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats = res
   dp, dmean, dvar = cts
   b, _, _, n = u.shape
   e = kernel.shape[-1]
@@ -541,8 +571,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # so that XLA cannot merge the three D u (forward and two backward passes) into one
     # float32 tensor stored in the forward and read back twice.
     u_sums, dp5 = lax.optimization_barrier((u, dp5))
-    dc5, sg, sgx = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd, stride,
-                                      groups)
+    dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
+                                          stride, groups)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
@@ -556,8 +586,9 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                                   dp.dtype, interpret)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))
-    dx, dk9 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                               dp.dtype)
+    dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+                          dp.dtype)
+    dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   dk = dk9.reshape(3, 3, n, e)
   if kernel.shape[2] == 1:

@@ -36,6 +36,7 @@ reductions, and pays for it with transposed copies of the nine taps (benchmarks/
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,14 @@ def shifted_transpose(g: jax.Array, kt: jax.Array, stride: int, hw: tuple[int, i
     for dx in range(3):
       term = zp[:, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w] * kt[dy, dx].astype(dt)
       acc = term if acc is None else acc + term
-  return acc.sum(e_axis, keepdims=True) if sum_e else acc
+  if not sum_e:
+    return acc
+  # The sum over E as explicit adds, not a reduction: then it is a loop fusion, and XLA
+  # fuses the add of the input's other gradient terms (the residual's) into it. As a
+  # reduction it wrote this gradient and added it in a kernel of its own: 0.2 GB more
+  # per stage-1 block of fuse_d_bn="xla" (benchmarks/NOTES.md, experiment 5).
+  parts = [lax.slice_in_dim(acc, i, i + 1, axis=e_axis) for i in range(acc.shape[e_axis])]
+  return functools.reduce(operator.add, parts)
 
 
 def tap_products_sum(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
