@@ -1,7 +1,9 @@
 """``python -m qlhs_jax.benchmarks.table benchmarks/results.jsonl``: the records as the
 Markdown tables of README "Speed" (newest last): one row per train-step record of
 ``benchmarks.step``, then one per ``benchmarks.fused`` record (kind "fused_op"), then
-one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no times)."""
+one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no times,
+with the commit they were compiled at: the same model and overrides move other bytes
+when the code changes)."""
 
 import json
 import sys
@@ -14,8 +16,9 @@ def table(path: str) -> str:
   fused = ["| date | device | jax | batch | Pallas tiling | none ms | xla ms | pallas ms | "
            "pallas / none |",
            "|---|---|---|---:|---|---:|---:|---:|---:|"]
-  aot = ["| date | compiled for | jax | model | overrides | batch | size | GB per step | "
-         "kernels | peak GB (XLA's estimate) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+  aot = ["| date | code | compiled for | jax | model | overrides | batch | size | "
+         "GB per step | kernels | peak GB (XLA's estimate) |",
+         "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   overrides = lambda r: ", ".join(
       f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
@@ -33,7 +36,8 @@ def table(path: str) -> str:
                      f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
         continue
       if r.get("kind") == "aot_bytes":
-        aot.append(f"| {r['date']} | {r['target']} (deviceless) | {r['jax']} | {r['model']} | "
+        aot.append(f"| {r['date']} | {r.get('commit') or '-'} | {r['target']} (deviceless) | "
+                   f"{r['jax']} | {r['model']} | "
                    f"{overrides(r)} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
                    f"{r['kernels']} | {gb(r.get('peak_mem_gb_est'))} |")
         continue

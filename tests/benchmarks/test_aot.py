@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,5 +68,26 @@ def test_records_get_their_own_table(tmp_path):
   path = tmp_path / "r.jsonl"
   path.write_text(json.dumps(rec) + "\n")
   out = table.table(str(path))
-  assert ("| 2026-11-27 | h100 (deviceless) | 0.10.2 | eq3_softball_ds | d_impl=shifted_t | "
-          "256 | 224 | 78.8 | 798 | - |") in out
+  assert ("| 2026-11-27 | - | h100 (deviceless) | 0.10.2 | eq3_softball_ds | "
+          "d_impl=shifted_t | 256 | 224 | 78.8 | 798 | - |") in out
+
+
+def test_records_carry_the_commit(tmp_path):
+  """append_records stamps each record with the checkout's commit, and the aot table
+  shows it: the same model and overrides move other bytes once the code changes."""
+  from qlhs_jax.benchmarks import step, table
+  repo = Path(__file__).resolve().parents[2]
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True, cwd=repo).stdout.strip()
+  rec = {"kind": "aot_bytes", "model": "resnet50", "overrides": {}, "batch": 256,
+         "size": 224, "target": "h100", "jax": "0.10.2", "date": "2026-11-27",
+         "kernels": 1016, "train_gbytes": 97.43}
+  path = tmp_path / "r.jsonl"
+  step.append_records(str(path), [rec, {**rec, "commit": "abc1234"}])
+  got = [json.loads(line)["commit"] for line in path.read_text().splitlines()]
+  if head:
+    assert got[0] in (head, head + "+changes")
+  else:  # not a git checkout (an sdist): no commit to record
+    assert got[0] is None
+  assert got[1] == "abc1234"  # a record that has one keeps it
+  assert f"| 2026-11-27 | {got[0] or '-'} | h100 (deviceless) |" in table.table(str(path))
