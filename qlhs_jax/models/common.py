@@ -200,15 +200,18 @@ def relu_max_pool_3x3_s2(x):
 
   Why: JAX differentiates the max-pool by recomputing the window maxima with four int32
   index arrays, then scattering into a zeroed padded input. Compiled for an H100 at batch
-  256, the pool's forward and backward kernels move 4.4 GB per step that way and 1.1 GB
-  this way: a train step of Eq.(3) moves 3.5 GB less, ResNet50's 3.1 GB less
-  (benchmarks/NOTES.md, experiment 5).
+  256, the pool's kernels move 4.4 GB per step that way. This way the forward moves
+  0.57 GB and XLA fuses the backward's gather into the stem BatchNorm's backward: a
+  train step of Eq.(3) moves 4.5 GB less, ResNet50's 4.1 GB less (benchmarks/NOTES.md,
+  experiment 5).
   Same values and gradients: the maximum starts at ReLU's 0 and a later tap replaces it
   only when strictly larger, so the gradient goes to the first maximal tap in the
   window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and to no tap
   where the maximum is 0 (ReLU's gradient at x <= 0 is 0). NaN propagates as in
   ``lax.max``. tests/models/test_common.py checks both against JAX's autodiff, ties
-  included.
+  included. One difference: an input that is the maximum of several windows (up to
+  four) gets their gradients summed in float32 and rounded once; JAX's scatter adds in
+  the input dtype, so in bfloat16 the two can differ by that rounding.
   """
   return _relu_max_pool_fwd(x)[0]
 
@@ -225,17 +228,19 @@ def _relu_max_pool_fwd(x):
 def _relu_max_pool_bwd(res, g):
   idx, (_, h, w, _) = res
   ho, wo = g.shape[1:3]
-  zero = jnp.zeros((), g.dtype)
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  gf, zero = g.astype(acc), jnp.zeros((), acc)
   out = None
   for t in range(9):
     dy, dx = divmod(t, 3)
     # The transpose of tap t's slice: g at input (2*oy + dy - 1, 2*ox + dx - 1), i.e. g
-    # dilated by 2 and shifted (negative padding crops). Summed in g's dtype, tap by tap.
-    part = lax.pad(jnp.where(idx == t, g, zero), zero,
+    # dilated by 2 and shifted (negative padding crops). An input can take the gradient
+    # of up to four windows: summed in float32 and rounded once.
+    part = lax.pad(jnp.where(idx == t, gf, zero), zero,
                    ((0, 0, 0), (dy - 1, h - dy - 2 * ho + 2, 1),
                     (dx - 1, w - dx - 2 * wo + 2, 1), (0, 0, 0)))
     out = part if out is None else out + part
-  return (out,)
+  return (out.astype(g.dtype),)
 
 
 relu_max_pool_3x3_s2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
