@@ -105,26 +105,11 @@ def test_argmax_pool_train_step_on_a_sharded_mesh():
   harness (per-replica BatchNorm) give the losses and parameters of JAX's own max-pool
   gradient. (In float32: in bfloat16 the two sum an input's gradient from up to four
   windows in different orders, and SGD at lr 0.3 amplifies that rounding.)"""
-  from qlhs_jax import steps as S
-  from tests.models.test_hidden_layout import assert_trees_close
-  mesh = S.make_mesh()
-  assert mesh.size == 8
+  from tests.models.test_hidden_layout import assert_trees_close, run_sharded_train_steps
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 32, 32, 3))
-  batch = S.shard_batch({"image": np.asarray(x), "label": np.arange(8) % 5}, mesh)
   base = ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, bn_groups=8,
                 dtype=jnp.float32)
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
-  out = {}
-  for pool in ("argmax", "autodiff"):
-    model = base.clone(stem_pool=pool)
-    state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0),
-                                             (32, 32, 3)), mesh)
-    step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=5), mesh)
-    losses = []
-    for _ in range(2):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-    out[pool] = (state, losses)
+  out = {pool: run_sharded_train_steps(base.clone(stem_pool=pool), x, np.arange(8) % 5)
+         for pool in ("argmax", "autodiff")}
   np.testing.assert_allclose(out["argmax"][1], out["autodiff"][1], rtol=1e-5)
   assert_trees_close(out["argmax"][0].params, out["autodiff"][0].params, 1e-4, 1e-5)

@@ -10,7 +10,8 @@ import pytest
 
 from qlhs_jax.models import QLHSNet
 
-from tests.models.test_hidden_layout import assert_trees_close, run_train_steps
+from tests.models.test_hidden_layout import (assert_trees_close, run_sharded_train_steps,
+                                             run_train_steps)
 from tests.models.test_qlhs import random_variables
 
 # Stage 1 keeps its width, stage 2 strides and doubles it (both Eq.(5) group shapes).
@@ -118,24 +119,9 @@ def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
 def test_xla_train_step_on_a_sharded_mesh():
   """fuse_d_bn="xla" (optimization barriers, layout constraints) partitions over the
   8-device data mesh like the plain path: same losses and parameters."""
-  from qlhs_jax import steps as S
-  mesh = S.make_mesh()
-  assert mesh.size == 8
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
-  batch = S.shard_batch({"image": np.asarray(x), "label": np.arange(8) % 5}, mesh)
   plain = QLHSNet(dtype=jnp.float32, bn_groups=8, **TINY)
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
-  out = {}
-  for fuse in ("none", "xla"):
-    model = plain.clone(fuse_d_bn=fuse)
-    state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3)),
-                        mesh)
-    step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=5), mesh)
-    losses = []
-    for _ in range(2):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-    out[fuse] = (state, losses)
+  out = {fuse: run_sharded_train_steps(plain.clone(fuse_d_bn=fuse), x, np.arange(8) % 5)
+         for fuse in ("none", "xla")}
   np.testing.assert_allclose(out["xla"][1], out["none"][1], rtol=1e-5)
   assert_trees_close(out["xla"][0].params, out["none"][0].params, 1e-4, 1e-5)

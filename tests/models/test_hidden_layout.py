@@ -151,6 +151,24 @@ def run_train_steps(model, variables, batch, steps=2):
   return state, losses
 
 
+def run_sharded_train_steps(model, x, labels, steps=2):
+  """``steps`` train steps of the harness jitted over the 8-device data mesh (conftest's
+  CPU devices), from ``create_train_state``'s initial state; (state, losses)."""
+  mesh = S.make_mesh()
+  assert mesh.size == 8
+  batch = S.shard_batch({"image": np.asarray(x), "label": np.asarray(labels)}, mesh)
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
+  state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0), x.shape[1:]),
+                      mesh)
+  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=5), mesh)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
 def test_train_step_with_s_major():
   """The harness's train step (qlhs_jax.steps) gives the same losses and parameters for
   converted variables, over two steps (momentum and running statistics included)."""
