@@ -152,7 +152,8 @@ def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax"):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
   a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
   :func:`relu_max_pool_3x3_s2` ("argmax") or as ``nn.relu`` + ``nn.max_pool``
-  differentiated by JAX ("autodiff"); the values and gradients are the same."""
+  differentiated by JAX ("autodiff"); the values and gradients are the same (in bfloat16,
+  to one rounding where an input is the maximum of several windows)."""
   if pool not in STEM_POOLS:
     raise ValueError(f"unknown stem_pool {pool!r}; choose one of {STEM_POOLS}")
   if stem == "imagenet":
@@ -204,10 +205,10 @@ def relu_max_pool_3x3_s2(x):
   0.57 GB and XLA fuses the backward's gather into the stem BatchNorm's backward: a
   train step of Eq.(3) moves 4.5 GB less, ResNet50's 4.1 GB less (benchmarks/NOTES.md,
   experiment 5).
-  Same values and gradients: the maximum starts at ReLU's 0 and a later tap replaces it
-  only when strictly larger, so the gradient goes to the first maximal tap in the
-  window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and to no tap
-  where the maximum is 0 (ReLU's gradient at x <= 0 is 0). NaN propagates as in
+  Same values and gradients as JAX's: the maximum starts at ReLU's 0, a later tap
+  replaces it only when strictly larger, so the gradient goes to the first maximal tap
+  in the window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and
+  to no tap where the maximum is 0 (ReLU's gradient at x <= 0 is 0). NaN propagates as in
   ``lax.max``. tests/models/test_common.py checks both against JAX's autodiff, ties
   included. One difference: an input that is the maximum of several windows (up to
   four) gets their gradients summed in float32 and rounded once; JAX's scatter adds in
