@@ -159,6 +159,8 @@ def flatten(c) -> dict:
 
 
 def differences(saved: dict, current: dict) -> list[str]:
-  """Keys whose values differ between two flattened configs, runtime keys excluded."""
+  """Keys whose values differ between two flattened configs, runtime keys excluded. A key
+  one side lacks counts as None (unset): a run saved before a config key existed (a new
+  ``model_overrides`` placeholder, say) resumes as long as the key stays unset."""
   keys = (set(saved) | set(current)) - RUNTIME_KEYS
-  return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+  return sorted(k for k in keys if saved.get(k) != current.get(k))

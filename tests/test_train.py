@@ -232,3 +232,22 @@ def test_main_cli_and_sigterm(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f"'step': {step + 2}" in rerun.stdout and "'status': 'stopped'" in rerun.stdout
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path):
+  """A workdir whose config.json predates a config key (here the model_overrides
+  placeholder stem_pool) is the same config while the key stays unset; setting it is a
+  change the guard names."""
+  c = tiny_config()
+  wd = str(tmp_path / "run")
+  ckpt_lib.save_or_check_config(wd, c)
+  path = os.path.join(wd, "config.json")
+  saved = json.load(open(path))
+  assert "model_overrides.stem_pool" in saved and saved["model_overrides.stem_pool"] is None
+  del saved["model_overrides.stem_pool"]  # as written before the key existed
+  json.dump(saved, open(path, "w"))
+  ckpt_lib.save_or_check_config(wd, c)  # no error: absent and unset agree
+  c.model_overrides.stem_pool = "autodiff"
+  with pytest.raises(ValueError, match="model_overrides.stem_pool: saved '<absent>', now "
+                                       "'autodiff'"):
+    ckpt_lib.save_or_check_config(wd, c)
