@@ -140,7 +140,8 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   reduction plus an add, ~4.4 GB per stage-1 block at batch 256 where the tensors are
   0.5 GB (benchmarks/NOTES.md). "gather" is ``layers.shifted_transpose``: the same sum
   the other way round, as the stencil of the transposed convolution, summed over taps
-  and e in one reduction, so that dx can be read once and du written once.
+  and e in one loop fusion, so that dx is read once and du written once (with the
+  residual's gradient added on the way, experiment 5).
   """
   form = form or du_form()
   h, w = hw
