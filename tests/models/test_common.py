@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from qlhs_jax.models import QLHSNet, ResNet
-from qlhs_jax.models.common import relu_max_pool_3x3_s2
+from qlhs_jax.models.common import max_pool_3x3_s2, relu_max_pool_3x3_s2
 
 
 def autodiff_pool(x):
-  return nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  """stem_pool="autodiff": flax's max-pool after nn.relu, differentiated by JAX."""
+  return max_pool_3x3_s2(nn.relu(x))
 
 
 def numpy_pool(x, g):
