@@ -21,7 +21,14 @@
 #   pinned layout), the pinned layout alone, remat, MobileNetV3. (Measured before, so
 #   left out: d_impl="grouped", 0.59x the plain step on the H200.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
-# HLO to $OUT, everything printed to $OUT/log.txt. Each model runs in its own process; a
+# HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
+# two rows (3 traced steps each): per-kernel device time, bytes and GB/s in log.txt, the
+# times in $OUT/kernels.jsonl (offline: python -m qlhs_jax.benchmarks.kernel_times
+# kernels.jsonl <model>.train.hlo.txt.gz, after tar xf hlo.tar). With BRING=DIR (the
+# device tool's $OUT: $OUT there starts empty on every call, and at most 8 files come
+# back) those five files are copied to DIR at the end:
+#   BRING=$OUT OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh step
+# Each model runs in its own process; a
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
 # run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 FUSED_ARGS="--size-scale
 # 8 --check-batch 2 --steps 1 --warmup 0" bash benchmarks/gpu_h100.sh all
@@ -32,6 +39,7 @@ PART=${1:-step}
 case "$PART" in op|step|variants|all) ;; *) echo "usage: $0 [op|step|variants|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
+H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 quiet() { grep -v "^W0000\|^I0000"; }
@@ -59,17 +67,18 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
 fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
-  bench 170 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$OUT"
-  bench 100 --model eq3_softball_ds --hlo-dir "$OUT"
-  bench 100 --model resnet50 --set 'stem_pool="autodiff"'
-  bench 100 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
-    --hlo-dir "$OUT"
+  bench 180 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
+    --profile-dir "$OUT"
+  bench 100 --model eq3_softball_ds --hlo-dir "$H" --profile-dir "$OUT"
+  bench 90 --model resnet50 --set 'stem_pool="autodiff"'
+  bench 90 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
+    --hlo-dir "$H"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
   QLHS_PALLAS_TILING=$best bench 80 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
-    --hlo-dir "$OUT"
-  bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$OUT"
+    --hlo-dir "$H"
+  bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$H"
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --set 'd_impl="shifted_t"' \
     --set pin_hidden_layout=true
   bench 80 --model eq3_softball_ds --set pin_hidden_layout=true
@@ -78,3 +87,9 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R"
+if [ -d "$H" ]; then tar rf "$OUT/hlo.tar" -C "$OUT" hlo && rm -r "$H"; fi
+if [ -n "${BRING:-}" ]; then
+  for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$BRING/"
+  done
+fi

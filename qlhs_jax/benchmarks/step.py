@@ -36,8 +36,11 @@ def harness_train_step(model, mesh):
 
 
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
-            dtype: str, overrides: dict, hlo_dir: str | None = None) -> dict:
-  """Times one model in this process; returns a record."""
+            dtype: str, overrides: dict, hlo_dir: str | None = None,
+            profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+  """Times one model in this process; returns a record. With ``profile_dir``, also traces
+  ``profile_steps`` more train steps, appends their per-kernel device times to
+  ``profile_dir/kernels.jsonl`` and prints ``benchmarks.kernel_times``'s report to stderr."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -76,6 +79,12 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(train_once, warmup)
   train_s = timed(train_once, steps)
   loss = float(train_once())
+  if profile_dir:
+    try:
+      _profile(profile_dir, profile_steps, lambda: jax.block_until_ready(train_once()),
+               train_c.as_text(), model_name, overrides, 1e3 * train_s)
+    except Exception as e:  # the profile is extra: the timing above must still come out
+      print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
 
   st = box["state"]
   folded = fold_batchnorm(model, st.params, st.batch_stats)
@@ -102,13 +111,35 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   }
 
 
+def hlo_tag(model_name: str, overrides: dict) -> str:
+  """``<model>_<key>-<value>...``: names a model's HLO file and its kernels.jsonl line."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
+      [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
+
+
 def write_hlo(hlo_dir: str, model_name: str, overrides: dict, kind: str, text: str):
   """Writes ``text`` to ``hlo_dir/<model>_<key>-<value>...<kind>.hlo.txt.gz``."""
   os.makedirs(hlo_dir, exist_ok=True)
-  tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(
-      [model_name] + [f"{k}-{v}" for k, v in sorted(overrides.items())])).strip("-")
-  with gzip.open(os.path.join(hlo_dir, f"{tag}.{kind}.hlo.txt.gz"), "wt") as f:
+  with gzip.open(os.path.join(hlo_dir, f"{hlo_tag(model_name, overrides)}.{kind}.hlo.txt.gz"),
+                 "wt") as f:
     f.write(text)
+
+
+def _profile(profile_dir, steps, run_once, hlo_text, model_name, overrides, step_ms):
+  """Traces ``steps`` train steps; appends the per-kernel times to kernels.jsonl."""
+  import jax
+  from qlhs_jax.benchmarks import kernel_times
+  record = kernel_times.trace_steps(run_once, steps, hlo_text)
+  dev = jax.devices()[0]
+  record = {"tag": hlo_tag(model_name, overrides), "model": model_name,
+            "overrides": overrides, "device": f"{dev.platform}:{dev.device_kind}",
+            "jax": jax.__version__, "commit": code_version(), "train_step_ms": step_ms,
+            **record}
+  os.makedirs(profile_dir, exist_ok=True)
+  with open(os.path.join(profile_dir, "kernels.jsonl"), "a") as f:
+    f.write(json.dumps(record) + "\n")
+  print(f"== profile of {record['tag']} ({record['device']})\n"
+        + kernel_times.report(record, hlo_text, step_ms), file=sys.stderr, flush=True)
 
 
 def _cost(compiled, prefix) -> dict:
@@ -128,6 +159,8 @@ def _child(args, model_name, overrides) -> dict:
          "--warmup", str(args.warmup), "--dtype", args.dtype, "--json-only"]
   if args.hlo_dir:
     cmd += ["--hlo-dir", args.hlo_dir]
+  if args.profile_dir:
+    cmd += ["--profile-dir", args.profile_dir]
   for kv in overrides:
     cmd += ["--set", kv]
   out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
@@ -163,6 +196,9 @@ def main(argv=None):
                  help="model field override for the --vs model")
   p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
   p.add_argument("--hlo-dir", default=None, help="write the compiled train-step HLO here")
+  p.add_argument("--profile-dir", default=None,
+                 help="trace 3 more train steps: per-kernel device time, bytes and GB/s "
+                      "(benchmarks.kernel_times), appended to DIR/kernels.jsonl")
   p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   from qlhs_jax.models import registry
@@ -171,7 +207,8 @@ def main(argv=None):
 
   if args.json_only:
     print(json.dumps(measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                             args.dtype, _parse_overrides(args.set), args.hlo_dir)))
+                             args.dtype, _parse_overrides(args.set), args.hlo_dir,
+                             args.profile_dir)))
     return
   if args.vs:
     records = [_child(args, args.model, args.set), _child(args, args.vs, args.vs_set)]
@@ -180,7 +217,8 @@ def main(argv=None):
       r["eval_ratio_vs"] = {args.vs: records[0]["eval_img_s"] / records[1]["eval_img_s"]}
   else:
     records = [measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                       args.dtype, _parse_overrides(args.set), args.hlo_dir)]
+                       args.dtype, _parse_overrides(args.set), args.hlo_dir,
+                       args.profile_dir)]
   print(f"{'model':28s} {'device':22s} {'train img/s':>12s} {'eval img/s':>11s} "
         f"{'peak GB':>8s}")
   for r in records:

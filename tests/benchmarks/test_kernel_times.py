@@ -1,0 +1,134 @@
+"""Per-kernel device time from a profiler trace: which events count, how they are named,
+and the bandwidth the report derives, against hand-computed figures."""
+
+import gzip
+import json
+import textwrap
+
+import pytest
+
+from qlhs_jax.benchmarks import kernel_times, step
+
+
+def _meta(pid, name, tid=None):
+  if tid is None:
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+  return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+
+
+def _ev(pid, tid, name, dur, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name, "args": args}
+
+
+def test_gpu_trace_counts_the_first_devices_stream_kernels_only():
+  trace = {"traceEvents": [
+      _meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"), _meta(3, "/device:GPU:1"),
+      _meta(2, "Stream #14(Compute)", 10), _meta(2, "XLA Ops", 11),
+      _meta(2, "XLA Modules", 12), _meta(3, "Stream #14(Compute)", 10),
+      # host-side launch annotations carry hlo_op too: not device time
+      _ev(1, 5, "loop_convert_fusion.1", 7, hlo_op="loop_convert_fusion.1"),
+      # two steps of each kernel; the first is named after its fusion, "." -> "_"
+      _ev(2, 10, "loop_convert_fusion_1", 100), _ev(2, 10, "loop_convert_fusion_1", 100),
+      _ev(2, 10, "sm90_xmma_gemm_bf16", 300, hlo_op="custom-call.129"),
+      _ev(2, 10, "sm90_xmma_gemm_bf16", 300, hlo_op="custom-call.129"),
+      _ev(2, 10, "k", 40, long_name="k:#hlo_op=input_reduce_fusion.48,hlo_module=m#"),
+      _ev(2, 10, "some_library_kernel", 50),
+      # a kernel inside a command buffer carries the buffer's hlo_op: its name decides
+      _ev(2, 10, "loop_convert_fusion_1", 5, hlo_op="command_buffer.3"),
+      _ev(2, 10, "other_kernel", 6, hlo_op="command_buffer.3"),
+      # the derived lines repeat the kernels; the second GPU runs the same program
+      _ev(2, 11, "loop_convert_fusion.1", 1000), _ev(2, 12, "jit_train_step", 5000),
+      _ev(3, 10, "loop_convert_fusion_1", 100),
+  ]}
+  times, lost, source = kernel_times.kernel_times(
+      trace, ["loop_convert_fusion.1", "custom-call.129", "input_reduce_fusion.48"])
+  assert source == "gpu streams"
+  assert times == {"loop_convert_fusion.1": 205, "custom-call.129": 600,
+                   "input_reduce_fusion.48": 40, "command_buffer.3": 6}
+  assert lost == {"some_library_kernel": 50}
+
+
+def test_device_without_stream_lines_skips_the_derived_lines():
+  trace = {"traceEvents": [
+      _meta(2, "/device:GPU:0"), _meta(2, "XLA Ops", 11), _meta(2, "kernels", 13),
+      _ev(2, 11, "fusion.1", 999, hlo_op="fusion.1"),
+      _ev(2, 13, "fusion_1", 10, hlo_op="fusion.1")]}
+  assert kernel_times.kernel_times(trace, ["fusion.1"]) == ({"fusion.1": 10}, {},
+                                                            "device lines")
+
+
+def test_cpu_trace_counts_the_first_devices_thunks():
+  trace = {"traceEvents": [
+      _meta(1, "/host:CPU"),
+      _ev(1, 1, "dot.1", 5, hlo_op="dot.1", device_ordinal="0"),
+      _ev(1, 2, "dot.1", 6, hlo_op="dot.1", device_ordinal="1"),
+      _ev(1, 1, "ThunkExecutor::Execute", 50, device_ordinal="0"),
+      _ev(1, 1, "end: dot.1", 0)]}
+  assert kernel_times.kernel_times(trace, ["dot.1"]) == ({"dot.1": 5}, {}, "host thunks")
+
+
+HLO = textwrap.dedent("""\
+    HloModule m
+    ENTRY %main (a: f32[250000000]) -> f32[1] {
+      %a = f32[250000000]{0} parameter(0)
+      %loop_add_fusion = f32[250000000]{0} fusion(f32[250000000]{0} %a), kind=kLoop, calls=%f, metadata={op_name="jit(f)/stage1_block0/add"}
+      ROOT %input_reduce_fusion = f32[1]{0} fusion(f32[250000000]{0} %loop_add_fusion), kind=kInput, calls=%g, metadata={op_name="jit(f)/head/reduce_sum"}
+    }
+    """)
+
+
+def test_report_divides_bytes_by_time():
+  # The loop reads and writes 1 GB in 1 ms: 2000 GB/s; the reduction reads 1 GB (+4 B)
+  # in 2 ms: 500 GB/s. 1 ms more is a kernel no instruction claims.
+  record = {"source": "gpu streams", "steps": 3,
+            "us_per_step": {"loop_add_fusion": 1000.0, "input_reduce_fusion": 2000.0,
+                            "fusion.9": 500.0},
+            "unattributed_us_per_step": {"library_kernel": 500.0}}
+  out = kernel_times.report(record, HLO, step_ms=5.0)
+  assert "kernel time 4.00 ms per step (step 5.00 ms: kernels fill 80%)" in out
+  assert "75% of it matched to 2 of the 2 top-level instructions" in out
+  assert "1.000 ms   2.000 GB   2000 GB/s  element-wise loop" in out
+  assert "2.000 ms   1.000 GB    500 GB/s  reduction" in out
+  lines = out.splitlines()
+  kind_rows = lines[lines.index("") + 2:lines.index("") + 4]
+  assert kind_rows[0].split() == ["reduction", "2.000", "50.0", "1.000", "500"]
+  assert kind_rows[1].split() == ["element-wise", "loop", "1.000", "25.0", "2.000", "2000"]
+  tail = out.split("not matched to a top-level instruction:")[1]
+  assert "0.500 ms  fusion.9" in tail and "0.500 ms  library_kernel" in tail
+
+
+def test_harness_profile_on_the_cpu_mesh(tmp_path, capsys):
+  # conftest's 8 CPU devices: the thunks of one device are counted, all of them named
+  # after top-level instructions of the HLO the harness writes; the command line finds
+  # the line by the HLO file's name.
+  overrides = {"widths": [8, 16], "depths": [1, 1], "stem": "small"}
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32", overrides,
+                   hlo_dir=str(tmp_path), profile_dir=str(tmp_path), profile_steps=2)
+  assert "kernel time" in capsys.readouterr().err
+  (line,) = [json.loads(l) for l in (tmp_path / "kernels.jsonl").read_text().splitlines()]
+  assert line["tag"] == step.hlo_tag("eq3_softball_ds", overrides) and line["steps"] == 2
+  assert line["source"] == "host thunks" and line["commit"] == step.code_version()
+  assert line["train_step_ms"] == pytest.approx(1e3 * 8 / r["train_img_s"])
+  (hlo,) = tmp_path.glob("*.train.hlo.txt.gz")
+  with gzip.open(hlo, "rt") as f:
+    names = {row[3] for row in kernel_times.hlo_bytes.analyse(f.read())}
+  us = line["us_per_step"]
+  assert us and all(v > 0 for v in us.values())
+  assert sum(v for k, v in us.items() if k in names) >= 0.9 * sum(us.values())
+  kernel_times.main([str(tmp_path / "kernels.jsonl"), str(hlo), "--top", "3"])
+  assert "slowest 3 kernels:" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="no line of .* has tag 'other'"):
+    kernel_times.main([str(tmp_path / "kernels.jsonl"), str(tmp_path / "other.train.hlo.txt")])
+
+
+def test_a_failing_profile_leaves_the_timing(tmp_path, capsys, monkeypatch):
+  def broken(*a, **k):
+    raise RuntimeError("no CUPTI")
+  monkeypatch.setattr(kernel_times, "trace_steps", broken)
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"},
+                   profile_dir=str(tmp_path))
+  assert r["train_img_s"] > 0
+  assert "profiling eq3_softball_ds failed, the timing stands: RuntimeError('no CUPTI')" \
+      in capsys.readouterr().err
+  assert not (tmp_path / "kernels.jsonl").exists()
