@@ -4,8 +4,9 @@ joined with the bytes each kernel moves (``hlo_bytes``).
   python -m qlhs_jax.benchmarks.step --model eq3_softball_ds --profile-dir DIR ...
   python -m qlhs_jax.benchmarks.kernel_times DIR/kernels.jsonl DIR/<model>.train.hlo.txt.gz
 
-The harness traces a few extra train steps with ``jax.profiler``, reduces the trace to
-the device time of each HLO instruction per step, appends that to ``DIR/kernels.jsonl``
+The harness traces a few extra train steps with ``jax.profiler``, reads the trace (the
+raw XSpace through ``jax.profiler.ProfileData``, else its ``trace.json.gz`` conversion),
+reduces it to the device time of each HLO instruction per step, appends that to ``DIR/kernels.jsonl``
 (one small line per model: the raw trace is not kept, the GPU machine returns few files)
 and prints the report. This module's command line prints the same report later, offline,
 from that line and the HLO the harness wrote with ``--hlo-dir``.
@@ -96,14 +97,45 @@ def kernel_times(trace: dict, hlo_names=()) -> tuple[dict, dict, str]:
   return dict(times), dict(unattributed), source
 
 
-def load_trace(log_dir: str) -> dict:
-  """The newest ``*.trace.json.gz`` under ``log_dir`` (what ``jax.profiler.trace`` wrote)."""
-  paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
-  if not paths:
-    raise FileNotFoundError(f"no *.trace.json.gz under {log_dir}: the profiler wrote no "
-                            "trace (is another profiler session running?)")
-  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
-    return json.load(f)
+def xspace_to_trace(xspace) -> dict:
+  """A ``jax.profiler.ProfileData`` (the raw XSpace) in the Chrome-trace form that
+  :func:`kernel_times` reads: a process per plane, a thread per line."""
+  events = []
+  for pid, plane in enumerate(xspace.planes):
+    events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": plane.name}})
+    for tid, line in enumerate(plane.lines):
+      events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
+                     "args": {"name": line.name}})
+      for e in line.events:
+        events.append({"ph": "X", "pid": pid, "tid": tid, "name": e.name,
+                       "dur": e.duration_ns / 1e3, "args": dict(e.stats)})
+  return {"traceEvents": events}
+
+
+def load_trace(log_dir: str, form: str = "any") -> dict:
+  """The newest trace ``jax.profiler.trace`` wrote under ``log_dir``: the raw
+  ``*.xplane.pb`` (``form="xplane"``) or its ``*.trace.json.gz`` conversion (``"json"``);
+  ``"any"`` takes the first of the two this JAX can read."""
+  def newest(pattern):
+    paths = glob.glob(os.path.join(log_dir, "**", pattern), recursive=True)
+    return max(paths, key=os.path.getmtime) if paths else None
+  errors = []
+  if form in ("any", "xplane"):
+    path = newest("*.xplane.pb")
+    try:
+      from jax.profiler import ProfileData
+      if path:
+        return xspace_to_trace(ProfileData.from_file(path))
+      errors.append("no *.xplane.pb")
+    except Exception as e:  # an older or newer JAX without ProfileData: try the JSON
+      errors.append(f"{path}: {e!r}")
+  if form in ("any", "json"):
+    path = newest("*.trace.json.gz")
+    if path:
+      with gzip.open(path, "rt") as f:
+        return json.load(f)
+    errors.append("no *.trace.json.gz")
+  raise FileNotFoundError(f"no readable profiler trace under {log_dir} ({'; '.join(errors)})")
 
 
 def trace_steps(run_once, steps: int, hlo_text: str) -> dict:

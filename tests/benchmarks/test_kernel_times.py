@@ -132,3 +132,24 @@ def test_a_failing_profile_leaves_the_timing(tmp_path, capsys, monkeypatch):
   assert "profiling eq3_softball_ds failed, the timing stands: RuntimeError('no CUPTI')" \
       in capsys.readouterr().err
   assert not (tmp_path / "kernels.jsonl").exists()
+
+
+def test_raw_xspace_and_its_json_conversion_give_the_same_times(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(0) + jnp.exp(x).mean())
+  x = jnp.ones((64, 64))
+  hlo = f.lower(x, x).compile().as_text()
+  names = [r[3] for r in kernel_times.hlo_bytes.analyse(hlo)]
+  f(x, x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(2):
+      f(x, x).block_until_ready()
+  raw = kernel_times.kernel_times(kernel_times.load_trace(str(tmp_path), "xplane"), names)
+  conv = kernel_times.kernel_times(kernel_times.load_trace(str(tmp_path), "json"), names)
+  assert raw[2] == conv[2] == "host thunks"
+  assert set(raw[0]) == set(conv[0]) and set(raw[0]) <= set(names) and raw[0]
+  for op, us in raw[0].items():
+    assert conv[0][op] == pytest.approx(us, abs=0.01)
+  with pytest.raises(FileNotFoundError, match="no readable profiler trace"):
+    kernel_times.load_trace(str(tmp_path / "empty"))
