@@ -60,7 +60,12 @@ def kernel_times(trace: dict, hlo_names=()) -> tuple[dict, dict, str]:
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
   complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-  devices = sorted((name, pid) for pid, name in procs.items() if name.startswith("/device:"))
+  def device_order(item):  # GPUs first, by ordinal: /device:GPU:2 before /device:GPU:10
+    name = item[0]
+    ordinal = re.search(r"(\d+)$", name)
+    return (not name.startswith("/device:GPU"), int(ordinal.group(1)) if ordinal else 0, name)
+  devices = sorted(((name, pid) for pid, name in procs.items() if name.startswith("/device:")),
+                   key=device_order)
   if devices:
     pid = devices[0][1]  # data-parallel: every device runs the same program
     mine = [e for e in complete if e["pid"] == pid]

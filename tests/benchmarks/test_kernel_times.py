@@ -22,7 +22,8 @@ def _ev(pid, tid, name, dur, **args):
 
 def test_gpu_trace_counts_the_first_devices_stream_kernels_only():
   trace = {"traceEvents": [
-      _meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"), _meta(3, "/device:GPU:1"),
+      _meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"), _meta(3, "/device:GPU:10"),
+      _meta(4, "/device:CUSTOM:0"),
       _meta(2, "Stream #14(Compute)", 10), _meta(2, "XLA Ops", 11),
       _meta(2, "XLA Modules", 12), _meta(3, "Stream #14(Compute)", 10),
       # host-side launch annotations carry hlo_op too: not device time
@@ -38,7 +39,7 @@ def test_gpu_trace_counts_the_first_devices_stream_kernels_only():
       _ev(2, 10, "other_kernel", 6, hlo_op="command_buffer.3"),
       # the derived lines repeat the kernels; the second GPU runs the same program
       _ev(2, 11, "loop_convert_fusion.1", 1000), _ev(2, 12, "jit_train_step", 5000),
-      _ev(3, 10, "loop_convert_fusion_1", 100),
+      _ev(3, 10, "loop_convert_fusion_1", 100), _ev(4, 10, "loop_convert_fusion_1", 100),
   ]}
   times, lost, source = kernel_times.kernel_times(
       trace, ["loop_convert_fusion.1", "custom-call.129", "input_reduce_fusion.48"])
