@@ -15,12 +15,17 @@ compiled program's HLO is the one the GPU would execute, so
 memory-bound model the first-order estimate of speed, and the way to try layouts and
 formulations between GPU sessions.
 
-Two differences from the device's own compilation, both measured (benchmarks/NOTES.md,
-"Experiment 4"): a deviceless compile cannot autotune, so Triton GEMM fusions are
-turned off and cuBLAS does every matmul; and the JAX here may be older than the GPU
-machine's. Against the HLO dumped on the H100 (jax 0.11.2) the totals agree within
-6% (eq3_softball_ds 101.0 vs 106.5 GB per step, resnet50 100.5 vs 104.6 GB), and XLA's
-peak-memory estimate within 8% of the measured peak (13.2 vs 12.8 GB, 11.5 vs 10.7).
+A deviceless compile cannot autotune. ``--gemm triton`` keeps XLA's Triton GEMM fusions
+with their default tilings (the device would also time cuBLAS for each and may pick
+it); ``--gemm cublas`` turns them off, so cuBLAS does every matmul; ``auto`` (the
+default) is "triton" where it compiles and "cublas" where it does not (JAX 0.10.2 fails
+on some dots with "Couldn't find output tile sizes"; 0.11.2 compiles them). Records say
+which. Calibration (benchmarks/NOTES.md, experiments 4 and 6): the HLO the GPU machine
+dumped (jax 0.11.2, commit 50d2d9d) moves 106.7 GB for eq3_softball_ds and 104.8 GB
+for resnet50; the same commit compiled here with jax 0.11.2 moves, with "triton", 103.7
+and 102.1 GB (kernel counts within 1%, the ratio 1.016 against the device's 1.017),
+with "cublas" 100.7 and 103.8 GB (ratio 0.971). XLA's peak-memory estimate was within
+8% of the measured peak (13.2 vs 12.8 GB, 11.5 vs 10.7).
 Run it in a fresh process: it keeps JAX on the CPU platform.
 ``fuse_d_bn="pallas"`` is refused: on a CPU host the model runs its kernels in
 interpret mode, which is not what a GPU would compile.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
 
 # NVIDIA H100 SXM5 80GB (sm_90): 132 SMs, 50 MiB L2, 3.35 TB/s HBM3, 228 KiB shared
@@ -86,10 +92,19 @@ def compile_only_device(target: str = "h100"):
   return topo.devices[0]
 
 
+# XLA options per --gemm. Autotuning needs a device: level 0 takes the default tilings.
+GEMM_OPTIONS = {"triton": {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0},
+                "cublas": {"xla_gpu_enable_triton_gemm": False}}
+
+
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
-                       size: int = 224, dtype: str = "bfloat16", target: str = "h100"):
+                       size: int = 224, dtype: str = "bfloat16", target: str = "h100",
+                       gemm: str = "auto"):
   """The compiled train step of ``benchmarks.step`` for ``target`` (a
-  ``jax.stages.Compiled``) and the compile time in seconds."""
+  ``jax.stages.Compiled``), the compile time in seconds and the ``gemm`` mode used
+  ("triton" or "cublas"; "auto" tries them in that order)."""
+  if gemm not in ("auto", *GEMM_OPTIONS):
+    raise SystemExit(f"--gemm {gemm!r}: choose auto, triton or cublas")
   if overrides.get("fuse_d_bn") == "pallas":
     raise SystemExit("fuse_d_bn='pallas' cannot be compiled ahead of time here: on a CPU "
                      "host the model runs its kernels in interpret mode. Time it on a GPU "
@@ -114,20 +129,30 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        state)
   data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
           "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
-  t0 = time.perf_counter()
-  # No autotuning without a device: XLA cannot pick Triton GEMM tilings, so cuBLAS it is.
-  compiled = step.lower(state, data).compile({"xla_gpu_enable_triton_gemm": False})
-  return compiled, time.perf_counter() - t0
+  lowered = step.lower(state, data)
+  modes = ["triton", "cublas"] if gemm == "auto" else [gemm]
+  for i, mode in enumerate(modes):
+    t0 = time.perf_counter()
+    try:
+      return lowered.compile(GEMM_OPTIONS[mode]), time.perf_counter() - t0, mode
+    except Exception as e:  # XLA's compile errors have no narrower common type
+      if i + 1 == len(modes):
+        raise
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      print(f"{model_name}: Triton GEMM fusions do not compile without a device on jax "
+            f"{jax.__version__} ({first}); compiling with cuBLAS for every matmul "
+            f"(--gemm cublas; jax 0.11.2 compiles them)", file=sys.stderr, flush=True)
 
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
-            target: str, hlo_dir: str | None = None) -> dict:
+            target: str, hlo_dir: str | None = None, gemm: str = "auto") -> dict:
   """Compiles one model and returns a record of the bytes its train step moves."""
   import jax
 
   from qlhs_jax.benchmarks import hlo_bytes
   from qlhs_jax.benchmarks.step import write_hlo
-  compiled, compile_s = compile_train_step(model_name, overrides, batch, size, dtype, target)
+  compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
+                                                 target, gemm)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
@@ -136,7 +161,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   if hlo_dir:
     write_hlo(hlo_dir, model_name, overrides, "aot", text)
   return {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
-          "batch": batch, "size": size, "dtype": dtype, "target": target,
+          "batch": batch, "size": size, "dtype": dtype, "target": target, "gemm": gemm,
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
           "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
           "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
@@ -156,6 +181,9 @@ def main(argv=None):
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
+  p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],
+                 help="matmuls as Triton GEMM fusions (XLA's default tilings) or all by "
+                      "cuBLAS; auto: triton where it compiles")
   p.add_argument("--hlo-dir", default=None, help="write each compiled HLO here (gzip)")
   p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
   args = p.parse_args(argv)
@@ -165,16 +193,18 @@ def main(argv=None):
   runs = [(args.model, _parse_overrides(args.set))]
   if args.vs:
     runs.append((args.vs, _parse_overrides(args.vs_set)))
-  records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir)
-             for m, o in runs]
-  print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s}  (train step "
-        f"compiled for "
-        f"{args.target}, batch {args.batch}, {args.size}px, {args.dtype}; jax "
-        f"{records[0]['jax']})")
+  records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir,
+                     args.gemm) for m, o in runs]
+  print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s} {'matmuls':>8s}"
+        f"  (train step compiled for {args.target}, batch {args.batch}, {args.size}px, "
+        f"{args.dtype}; jax {records[0]['jax']})")
   for r in records:
     over = " ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items()))
     mem = f"{r['peak_mem_gb_est']:.1f}" if r["peak_mem_gb_est"] else "-"
-    print(f"{r['model']:28s} {r['train_gbytes']:12.2f} {r['kernels']:8d} {mem:>8s}  {over}")
+    print(f"{r['model']:28s} {r['train_gbytes']:12.2f} {r['kernels']:8d} {mem:>8s} "
+          f"{r['gemm']:>8s}  {over}")
+  if len({r["gemm"] for r in records}) > 1:
+    print("the two models' matmuls compiled differently: compare with --gemm cublas")
   if args.vs:
     ratio = records[0]["train_gbytes"] / records[1]["train_gbytes"]
     records[0]["gbytes_ratio_vs"] = {args.vs: ratio}

@@ -36,7 +36,10 @@ def table(path: str) -> str:
                      f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
         continue
       if r.get("kind") == "aot_bytes":
-        aot.append(f"| {r['date']} | {r.get('commit') or '-'} | {r['target']} (deviceless) | "
+        # records from before --gemm were all compiled with cuBLAS for every matmul
+        gemm = {"triton": "Triton GEMM"}.get(r.get("gemm", "cublas"), "cuBLAS")
+        aot.append(f"| {r['date']} | {r.get('commit') or '-'} | {r['target']} (deviceless, "
+                   f"{gemm}) | "
                    f"{r['jax']} | {r['model']} | "
                    f"{overrides(r)} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "
                    f"{r['kernels']} | {gb(r.get('peak_mem_gb_est'))} |")

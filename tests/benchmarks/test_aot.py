@@ -50,6 +50,7 @@ def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
   assert [r["overrides"].get("pin_hidden_layout", False) for r in rows] == [False, True]
   for r in rows:
     assert r["kind"] == "aot_bytes" and r["train_gbytes"] > 0 and r["peak_mem_gb_est"] > 0
+    assert r["gemm"] in ("triton", "cublas")  # auto: triton where this JAX compiles it
     assert abs(sum(r["gbytes_by_kind"].values()) - r["train_gbytes"]) < 1e-9
     assert {"stage1_block0", "stage2_block0"} <= set(r["gbytes_by_part"])
   hlos = sorted(tmp_path.glob("*.aot.hlo.txt.gz"))
@@ -68,8 +69,10 @@ def test_records_get_their_own_table(tmp_path):
   path = tmp_path / "r.jsonl"
   path.write_text(json.dumps(rec) + "\n")
   out = table.table(str(path))
-  assert ("| 2026-11-27 | - | h100 (deviceless) | 0.10.2 | eq3_softball_ds | "
+  assert ("| 2026-11-27 | - | h100 (deviceless, cuBLAS) | 0.10.2 | eq3_softball_ds | "
           "d_impl=shifted_t | 256 | 224 | 78.8 | 798 | - |") in out
+  path.write_text(json.dumps({**rec, "gemm": "triton"}) + "\n")
+  assert "| h100 (deviceless, Triton GEMM) | 0.10.2 |" in table.table(str(path))
 
 
 def test_records_carry_the_commit(tmp_path):
@@ -90,4 +93,30 @@ def test_records_carry_the_commit(tmp_path):
   else:  # not a git checkout (an sdist): no commit to record
     assert got[0] is None
   assert got[1] == "abc1234"  # a record that has one keeps it
-  assert f"| 2026-11-27 | {got[0] or '-'} | h100 (deviceless) |" in table.table(str(path))
+  assert f"| 2026-11-27 | {got[0] or '-'} | h100 (deviceless, cuBLAS) |" in table.table(str(path))
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_gemm_mode_decides_who_does_the_matmuls(tmp_path, gemm):
+  args = ["--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--gemm", gemm,
+          "--hlo-dir", str(tmp_path), "--record", str(tmp_path / "r.jsonl")]
+  for kv in TINY:
+    args += ["--set", kv]
+  p = _run(*args)
+  if gemm == "triton" and "Couldn't find output tile sizes" in p.stderr:
+    pytest.skip("this JAX cannot compile Triton GEMM fusions without a device (0.10.2)")
+  assert p.returncode == 0, p.stderr[-3000:]
+  (r,) = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+  assert r["gemm"] == gemm
+  (hlo,) = tmp_path.glob("*.aot.hlo.txt.gz")
+  text = gzip.open(hlo, "rt").read()
+  if gemm == "cublas":
+    assert "__cublas$" in text and "__triton" not in text
+  else:
+    assert "__triton" in text and "__cublas$" not in text
+
+
+def test_unknown_gemm_mode_is_refused():
+  with pytest.raises(SystemExit, match="--gemm 'magma': choose auto, triton or cublas"):
+    aot.compile_train_step("eq3_softball_ds", {}, batch=2, size=16, gemm="magma")
