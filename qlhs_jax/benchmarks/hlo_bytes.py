@@ -4,7 +4,8 @@ stage1_block1]``: where the bytes of a compiled step go.
 Reads the optimized HLO that ``python -m qlhs_jax.benchmarks.step --hlo-dir DIR`` writes,
 and for every top-level instruction of the entry computation (each is one kernel launch
 or library call: fusions, cuBLAS/cuDNN custom calls, copies) counts the bytes of its
-operands plus its results: what the kernel must at least move through device memory.
+operands plus its results: what the kernel must at least move through device memory
+(a library call's scratch workspace is not counted).
 Prints the total, the split by kind (matmuls, convolutions, reductions, element-wise
 loops) and by model part (the block named in the op metadata), and the largest
 kernels; ``--part`` lists one block's kernels in program order with their op names
@@ -24,6 +25,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f8e4m3fn": 1, "f8e5m2": 1}
 _SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+# A cuBLAS or cuDNN call returns (result..., s8[N] workspace): scratch space sized by the
+# chosen algorithm (4 MiB untuned, up to ~33 MB autotuned), not data the kernel streams.
+_WORKSPACE = re.compile(r",\s*([su]8\[\d+\])(\{0\})?\)\s*$")
 
 
 def shape_bytes(text: str) -> int:
@@ -101,7 +105,11 @@ def analyse(text: str):
     if operand_bytes == 0:
       operand_bytes = sum(shape_bytes(shapes.get(a.strip().lstrip("%"), ""))
                           for a in args.split(","))
-    out.append((operand_bytes + shape_bytes(result), _kind(op, rest), _part(rest), name))
+    result_bytes = shape_bytes(result)
+    workspace = _WORKSPACE.search(result) if op == "custom-call" else None
+    if workspace and re.search(r'custom_call_target="__(cublas|cudnn)', rest):
+      result_bytes -= shape_bytes(workspace.group(1))
+    out.append((operand_bytes + result_bytes, _kind(op, rest), _part(rest), name))
   return out
 
 

@@ -23,10 +23,24 @@ HLO = textwrap.dedent("""\
 
 def test_counts_operands_and_results():
   rows = sorted(hlo_bytes.analyse(HLO))
-  # matmul: operands 8*4*2 + 4*4*4 = 128, results 8*4*2 + 16 = 80
-  # reduction: operand 64, result 8*4 = 32
+  # matmul: operands 8*4*2 + 4*4*4 = 128, result 8*4*2 = 64 (its s8[16] workspace is
+  # scratch, not counted); reduction: operand 64, result 8*4 = 32
   assert rows == [(96, "reduction", "head", "input_reduce_fusion"),
-                  (208, "matmul (cuBLAS)", "stage1_block0", "gemm")]
+                  (192, "matmul (cuBLAS)", "stage1_block0", "gemm")]
+
+
+def test_only_a_library_calls_workspace_is_left_out():
+  """The s8 tuple element of a cuBLAS/cuDNN call is scratch; another custom call's s8
+  result (e.g. an argmax index) is data."""
+  def row(target):
+    text = ("HloModule m\nENTRY %main (a: bf16[8,4]) -> bf16[8,4] {\n"
+            "  %a = bf16[8,4]{1,0} parameter(0)\n"
+            "  ROOT %c = (bf16[8,4]{1,0}, s8[1000]{0}) custom-call(bf16[8,4]{1,0} %a), "
+            f'custom_call_target="{target}"\n}}\n')
+    return hlo_bytes.analyse(text)[0][0]
+  assert row("__cublas$lt$matmul") == 64 + 64
+  assert row("__cudnn$convForward") == 64 + 64
+  assert row("my_kernel") == 64 + 64 + 1000
 
 
 def test_operands_written_without_shapes_are_looked_up_past_index_comments():
@@ -42,7 +56,7 @@ def test_report_runs(tmp_path):
   p = tmp_path / "m.hlo.txt"
   p.write_text(HLO)
   out = hlo_bytes.report(str(p), top=2)
-  assert "2 kernels" in out and "matmul (cuBLAS)" in out and "68.4%" in out
+  assert "2 kernels" in out and "matmul (cuBLAS)" in out and "66.7%" in out
 
 
 def test_part_report_lists_one_block(tmp_path):
