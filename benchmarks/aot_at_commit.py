@@ -1,0 +1,92 @@
+"""Compile the train step of an older commit for an H100 on a CPU, with today's tools.
+
+  python benchmarks/aot_at_commit.py 50d2d9d eq3_softball_ds resnet50 [--gemm triton]
+
+A GPU measurement belongs to the commit it ran at. To calibrate the deviceless compile
+(`qlhs_jax.benchmarks.aot`) against it, compile that commit's models, not today's: this
+makes a git worktree of COMMIT in a temporary folder, imports its `qlhs_jax` (models,
+steps), builds the harness's train step (the recipe's optimizer and schedule, 100
+classes, batch 256, 224 px, bfloat16) and compiles it for the H100 with today's `aot`
+target and `--gemm` options, counting bytes with today's `hlo_bytes` (older ones
+dropped operands past the fifth).
+
+Run with the GPU machine's JAX (0.11.2, Python 3.12, `pip install "jax[cuda12]==0.11.2"`).
+Calibration, 2026-11-27 (benchmarks/NOTES.md, experiment 6), commit 50d2d9d, whose HLO
+the GPU machine dumped (jax 0.11.2: eq3_softball_ds 106.7 GB in 1013 kernels, resnet50
+104.8 GB in 1085): "triton" 103.7 GB / 1009 kernels and 102.1 GB / 1073; "cublas" 100.7
+and 103.8 GB.
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _load(name):
+  """Today's module from this checkout, by file path (the worktree's own is older)."""
+  spec = importlib.util.spec_from_file_location(
+      f"today_{name}", os.path.join(REPO, "qlhs_jax", "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes) -> str:
+  device = aot.compile_only_device("h100")
+  sys.path.insert(0, tree)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  import qlhs_jax
+  if not os.path.abspath(qlhs_jax.__file__).startswith(os.path.abspath(tree)):
+    raise SystemExit(f"imported {qlhs_jax.__file__}, not the worktree's qlhs_jax")
+  from qlhs_jax import steps as S
+  from qlhs_jax.models import create
+  mesh = Mesh(np.asarray([device]), (S.DATA_AXIS,))
+  model = create(model_name, dtype=jnp.bfloat16, bn_groups=1)
+  # What benchmarks.step's harness_train_step builds (older commits inline it).
+  tx = S.make_optimizer()
+  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
+  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
+                                            steps_per_epoch=1000), mesh)
+  state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                                      (224, 224, 3)))
+  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                       state)
+  data = {"image": jax.ShapeDtypeStruct((256, 224, 224, 3), jnp.float32, sharding=split),
+          "label": jax.ShapeDtypeStruct((256,), jnp.int32, sharding=split)}
+  text = step.lower(state, data).compile(aot.GEMM_OPTIONS[gemm]).as_text()
+  rows = hlo_bytes.analyse(text)
+  return (f"{model_name:24s} {sum(r[0] for r in rows) / 1e9:8.2f} GB {len(rows):6d} kernels"
+          f"  (commit {os.path.basename(tree)}, --gemm {gemm}, jax {jax.__version__})")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("commit")
+  p.add_argument("models", nargs="+")
+  p.add_argument("--gemm", default="triton", choices=["triton", "cublas"])
+  args = p.parse_args(argv)
+  aot, hlo_bytes = _load("aot"), _load("hlo_bytes")
+  with tempfile.TemporaryDirectory() as d:
+    tree = os.path.join(d, args.commit)
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree,
+                    args.commit], check=True)
+    try:
+      for m in args.models:  # one process: the worktree's modules stay imported
+        print(compile_at(tree, m, args.gemm, aot, hlo_bytes), flush=True)
+    finally:
+      subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], check=True)
+
+
+if __name__ == "__main__":
+  main()
