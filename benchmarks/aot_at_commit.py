@@ -11,10 +11,12 @@ target and `--gemm` options, counting bytes with today's `hlo_bytes` (older ones
 dropped operands past the fifth).
 
 Run with the GPU machine's JAX (0.11.2, Python 3.12, `pip install "jax[cuda12]==0.11.2"`).
-Calibration, 2026-11-27 (benchmarks/NOTES.md, experiment 6), commit 50d2d9d, whose HLO
-the GPU machine dumped (jax 0.11.2: eq3_softball_ds 106.7 GB in 1013 kernels, resnet50
-104.8 GB in 1085): "triton" 103.7 GB / 1009 kernels and 102.1 GB / 1073; "cublas" 100.7
-and 103.8 GB.
+Calibration, 2026-11-27 (benchmarks/NOTES.md, experiment 6): the H100 run's code was
+committed as b94c9c1; the HLO it dumped is in benchmarks/device_hlo/ (`python -m
+qlhs_jax.benchmarks.hlo_bytes benchmarks/device_hlo/h100_b94c9c1_eq3_softball_ds...`:
+eq3_softball_ds 103.7 GB in 1012 kernels, resnet50 102.6 GB in 1085; the H200's, commit
+50d2d9d, the same bytes). This script gives, for either commit,
+"triton" 103.7 GB / 1009 kernels and 102.1 GB / 1073; "cublas" 97.3 and 100.0 GB.
 """
 
 import argparse

@@ -12,11 +12,12 @@
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (470 s): Eq.(3) with fuse_d_bn="xla" vs ResNet50 in one run (the goal's
-#   figures: 63.7 GB per step in the deviceless compile, ResNet50 96.4 GB); the plain
-#   Eq.(3) (98.7 GB); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
-#   100.5 GB: what the stem's argmax pool gives both models); Eq.(3) with
-#   d_impl="shifted_t" and pin_hidden_layout (76.8 GB).
+# "step" (460 s): Eq.(3) with fuse_d_bn="xla" vs ResNet50 in one run (the goal's
+#   figures: 64.9 GB per step in the deviceless compile, ResNet50 98.2 GB); the plain
+#   Eq.(3) (101.4 GB); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
+#   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
+#   d_impl="shifted_t" and pin_hidden_layout (83.6 GB). (benchmarks.aot, jax 0.11.2,
+#   --gemm triton; NOTES.md experiment 6.)
 # "variants" (480 s): fuse_d_bn="pallas"; the s-major layout (alone and with shifted_t +
 #   pinned layout), the pinned layout alone, remat, MobileNetV3. (Measured before, so
 #   left out: d_impl="grouped", 0.59x the plain step on the H200.)

@@ -20,9 +20,9 @@ makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 abov
 On one GPU, ``--config.model_overrides.fuse_d_bn=pallas`` trains the same network
 through the fused D+BN+product kernels in 0.68x the peak memory, at 0.94x the speed so
 far (README, Speed). ``--config.model_overrides.fuse_d_bn=xla`` (any device count)
-compiles to 0.65x the bytes per step and ~0.57x the peak memory of the default
-(deviceless H100 compile, benchmarks/NOTES.md experiments 4 and 5); not yet timed on a
-GPU.
+compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
+(deviceless H100 compile with jax 0.11.2, benchmarks/NOTES.md experiments 4-6) and
+matches its quickstart accuracy over five seeds; not yet timed on a GPU.
 """
 
 from qlhs_jax import config as qconfig

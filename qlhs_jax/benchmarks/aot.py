@@ -20,12 +20,12 @@ with their default tilings (the device would also time cuBLAS for each and may p
 it); ``--gemm cublas`` turns them off, so cuBLAS does every matmul; ``auto`` (the
 default) is "triton" where it compiles and "cublas" where it does not (JAX 0.10.2 fails
 on some dots with "Couldn't find output tile sizes"; 0.11.2 compiles them). Records say
-which. Calibration (benchmarks/NOTES.md, experiments 4 and 6): the HLO the GPU machine
-dumped (jax 0.11.2, commit 50d2d9d) moves 106.7 GB for eq3_softball_ds and 104.8 GB
-for resnet50; the same commit compiled here with jax 0.11.2 moves, with "triton", 103.7
-and 102.1 GB (kernel counts within 1%, the ratio 1.016 against the device's 1.017),
-with "cublas" 100.7 and 103.8 GB (ratio 0.971). XLA's peak-memory estimate was within
-8% of the measured peak (13.2 vs 12.8 GB, 11.5 vs 10.7).
+which. Calibration (benchmarks/NOTES.md, experiment 6; ``benchmarks/aot_at_commit.py``):
+the commit the H100 ran, compiled here with jax 0.11.2 and "triton", moves 103.7 GB for
+eq3_softball_ds and 102.1 GB for resnet50 (1009 and 1073 kernels); the HLO the H100
+dumped moves 103.7 and 102.6 GB (1012 and 1085 kernels). With "cublas": 97.3 and 100.0
+GB. XLA's peak-memory estimate was within 8% of the measured peak (13.2 vs 12.8 GB,
+11.5 vs 10.7).
 Run it in a fresh process: it keeps JAX on the CPU platform.
 ``fuse_d_bn="pallas"`` is refused: on a CPU host the model runs its kernels in
 interpret mode, which is not what a GPU would compile.

@@ -67,3 +67,26 @@ def test_part_report_lists_one_block(tmp_path):
   assert "input_reduce_fusion" not in out  # the head's kernel
   with pytest.raises(SystemExit, match="no kernel of part 'stage9_block0'"):
     hlo_bytes.part_report(str(p), "stage9_block0")
+
+
+def test_the_h100_steps_the_notes_quote(monkeypatch):
+  """The HLO the H100 dumped (benchmarks/device_hlo): the calibration figures of
+  benchmarks/NOTES.md, experiment 6; what they leave out is exactly the s8 workspace
+  (s8 or u8) each cuBLAS/cuDNN call returns."""
+  import gzip
+  import re
+  from pathlib import Path
+  folder = Path(__file__).resolve().parents[2] / "benchmarks" / "device_hlo"
+  for model, kernels, gbytes in (("eq3_softball_ds", 1012, 103.72),
+                                 ("resnet50", 1085, 102.55)):
+    text = gzip.open(folder / f"h100_b94c9c1_{model}.train.hlo.txt.gz", "rt").read()
+    counted = sum(r[0] for r in hlo_bytes.analyse(text))
+    assert (len(hlo_bytes.analyse(text)), round(counted / 1e9, 2)) == (kernels, gbytes)
+    calls = [l.split("custom-call(")[0] for l in text[text.index("\nENTRY"):].splitlines()
+             if re.search(r'custom_call_target="__(cublas|cudnn)', l)]
+    workspaces = [int(m) for c in calls for m in re.findall(r"[su]8\[(\d+)\]", c)]
+    assert calls and len(workspaces) == len(calls)  # one each
+    with monkeypatch.context() as m:
+      m.setattr(hlo_bytes, "_WORKSPACE", re.compile(r"(?!)"))  # matches nothing
+      everything = sum(r[0] for r in hlo_bytes.analyse(text))
+    assert everything - counted == sum(workspaces)
