@@ -44,28 +44,20 @@ def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes) -> str:
   sys.path.insert(0, tree)
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   import qlhs_jax
   if not os.path.abspath(qlhs_jax.__file__).startswith(os.path.abspath(tree)):
     raise SystemExit(f"imported {qlhs_jax.__file__}, not the worktree's qlhs_jax")
   from qlhs_jax import steps as S
   from qlhs_jax.models import create
-  mesh = Mesh(np.asarray([device]), (S.DATA_AXIS,))
+  mesh = aot.single_device_mesh(device)
   model = create(model_name, dtype=jnp.bfloat16, bn_groups=1)
   # What benchmarks.step's harness_train_step builds (older commits inline it).
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
   step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
                                             steps_per_epoch=1000), mesh)
-  state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
-                                                      (224, 224, 3)))
-  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                       state)
-  data = {"image": jax.ShapeDtypeStruct((256, 224, 224, 3), jnp.float32, sharding=split),
-          "label": jax.ShapeDtypeStruct((256,), jnp.int32, sharding=split)}
+  state, data = aot.abstract_step_inputs(model, tx, mesh, 256, 224)
   text = step.lower(state, data).compile(aot.GEMM_OPTIONS[gemm]).as_text()
   rows = hlo_bytes.analyse(text)
   return (f"{model_name:24s} {sum(r[0] for r in rows) / 1e9:8.2f} GB {len(rows):6d} kernels"

@@ -92,6 +92,32 @@ def compile_only_device(target: str = "h100"):
   return topo.devices[0]
 
 
+def single_device_mesh(device):
+  """The harness's data-parallel mesh over one (compile-only) device."""
+  import numpy as np
+  from jax.sharding import Mesh
+  from qlhs_jax import steps as S
+  return Mesh(np.asarray([device]), (S.DATA_AXIS,))
+
+
+def abstract_step_inputs(model, tx, mesh, batch: int, size: int):
+  """Shapes, dtypes and shardings of the train step's (state, batch): nothing is
+  allocated. ``qlhs_jax.steps`` is imported here, so a caller that put an older
+  checkout first on ``sys.path`` (benchmarks/aot_at_commit.py) gets that checkout's."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from qlhs_jax import steps as S
+  state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                                      (size, size, 3)))
+  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                       state)
+  data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
+  return state, data
+
+
 # XLA options per --gemm. Autotuning needs a device: level 0 takes the default tilings.
 GEMM_OPTIONS = {"triton": {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0},
                 "cublas": {"xla_gpu_enable_triton_gemm": False}}
@@ -112,24 +138,14 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   device = compile_only_device(target)
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from qlhs_jax import steps as S
   from qlhs_jax.benchmarks.step import harness_train_step
   from qlhs_jax.models import create
 
-  mesh = Mesh(np.asarray([device]), (S.DATA_AXIS,))
+  mesh = single_device_mesh(device)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)
-  state = jax.eval_shape(lambda: S.create_train_state(model, tx, jax.random.PRNGKey(0),
-                                                      (size, size, 3)))
-  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                       state)
-  data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
-          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
-  lowered = step.lower(state, data)
+  lowered = step.lower(*abstract_step_inputs(model, tx, mesh, batch, size))
   modes = ["triton", "cublas"] if gemm == "auto" else [gemm]
   for i, mode in enumerate(modes):
     t0 = time.perf_counter()
