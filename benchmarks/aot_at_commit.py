@@ -39,7 +39,7 @@ def _load(name):
   return module
 
 
-def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes) -> str:
+def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes, step) -> str:
   device = aot.compile_only_device("h100")
   sys.path.insert(0, tree)
   import jax
@@ -48,17 +48,13 @@ def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes) -> str:
   import qlhs_jax
   if not os.path.abspath(qlhs_jax.__file__).startswith(os.path.abspath(tree)):
     raise SystemExit(f"imported {qlhs_jax.__file__}, not the worktree's qlhs_jax")
-  from qlhs_jax import steps as S
   from qlhs_jax.models import create
   mesh = aot.single_device_mesh(device)
   model = create(model_name, dtype=jnp.bfloat16, bn_groups=1)
-  # What benchmarks.step's harness_train_step builds (older commits inline it).
-  tx = S.make_optimizer()
-  lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
-  step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
-                                            steps_per_epoch=1000), mesh)
+  # Today's harness_train_step imports qlhs_jax.steps when called: the worktree's.
+  tx, train_step = step.harness_train_step(model, mesh)
   state, data = aot.abstract_step_inputs(model, tx, mesh, 256, 224)
-  text = step.lower(state, data).compile(aot.GEMM_OPTIONS[gemm]).as_text()
+  text = train_step.lower(state, data).compile(aot.GEMM_OPTIONS[gemm]).as_text()
   rows = hlo_bytes.analyse(text)
   return (f"{model_name:24s} {sum(r[0] for r in rows) / 1e9:8.2f} GB {len(rows):6d} kernels"
           f"  (commit {os.path.basename(tree)}, --gemm {gemm}, jax {jax.__version__})")
@@ -70,14 +66,14 @@ def main(argv=None):
   p.add_argument("models", nargs="+")
   p.add_argument("--gemm", default="triton", choices=["triton", "cublas"])
   args = p.parse_args(argv)
-  aot, hlo_bytes = _load("aot"), _load("hlo_bytes")
+  aot, hlo_bytes, step = _load("aot"), _load("hlo_bytes"), _load("step")
   with tempfile.TemporaryDirectory() as d:
     tree = os.path.join(d, args.commit)
     subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree,
                     args.commit], check=True)
     try:
       for m in args.models:  # one process: the worktree's modules stay imported
-        print(compile_at(tree, m, args.gemm, aot, hlo_bytes), flush=True)
+        print(compile_at(tree, m, args.gemm, aot, hlo_bytes, step), flush=True)
     finally:
       subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], check=True)
 
