@@ -79,10 +79,11 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(train_once, warmup)
   train_s = timed(train_once, steps)
   loss = float(train_once())
+  hlo_text = train_c.as_text() if (hlo_dir or profile_dir) else None
   if profile_dir:
     try:
       _profile(profile_dir, profile_steps, lambda: jax.block_until_ready(train_once()),
-               train_c.as_text(), model_name, overrides, 1e3 * train_s)
+               hlo_text, model_name, overrides, 1e3 * train_s)
     except Exception as e:  # the profile is extra: the timing above must still come out
       print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
 
@@ -93,7 +94,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(lambda: fwd(folded, data["image"]), warmup)
   eval_s = timed(lambda: fwd(folded, data["image"]), steps)
   if hlo_dir:
-    write_hlo(hlo_dir, model_name, overrides, "train", train_c.as_text())
+    write_hlo(hlo_dir, model_name, overrides, "train", hlo_text)
 
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
@@ -133,11 +134,8 @@ def _profile(profile_dir, steps, run_once, hlo_text, model_name, overrides, step
   dev = jax.devices()[0]
   record = {"tag": hlo_tag(model_name, overrides), "model": model_name,
             "overrides": overrides, "device": f"{dev.platform}:{dev.device_kind}",
-            "jax": jax.__version__, "commit": code_version(), "train_step_ms": step_ms,
-            **record}
-  os.makedirs(profile_dir, exist_ok=True)
-  with open(os.path.join(profile_dir, "kernels.jsonl"), "a") as f:
-    f.write(json.dumps(record) + "\n")
+            "jax": jax.__version__, "train_step_ms": step_ms, **record}
+  append_records(os.path.join(profile_dir, "kernels.jsonl"), [record])  # adds "commit"
   print(f"== profile of {record['tag']} ({record['device']})\n"
         + kernel_times.report(record, hlo_text, step_ms), file=sys.stderr, flush=True)
 
