@@ -31,6 +31,13 @@ _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$"
 _WORKSPACE = re.compile(r",\s*([su]8\[\d+\])(\{0\})?\)\s*$")
 
 
+def read_hlo(path: str) -> str:
+  """An HLO text file, gzipped (``.gz``, as the harness writes it) or not."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return f.read()
+
+
 def shape_bytes(text: str) -> int:
   """Bytes of every array shape written in ``text`` (a result or operand list)."""
   total = 0
@@ -128,9 +135,7 @@ def op_names(text: str) -> dict[str, str]:
 def part_report(path: str, part: str, min_gb: float = 0.0) -> str:
   """Every kernel of one model part (e.g. ``stage1_block1``) in program order, with its
   bytes, kind and the end of its op name: which operation of a block moves what."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt") as f:
-    text = f.read()
+  text = read_hlo(path)
   names = op_names(text)
   rows = [r for r in analyse(text) if r[2] == part]
   if not rows:
@@ -155,9 +160,7 @@ def totals(rows):
 
 
 def report(path: str, top: int = 25) -> str:
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt") as f:
-    rows = analyse(f.read())
+  rows = analyse(read_hlo(path))
   total = sum(r[0] for r in rows)
   lines = [f"{path}: {len(rows)} kernels, {total / 1e9:.2f} GB moved per step "
            "(operands + results of each top-level instruction)", "", "by kind:"]

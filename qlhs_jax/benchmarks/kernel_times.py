@@ -225,10 +225,7 @@ def main(argv=None):
       raise SystemExit(f"no line of {args.kernels} has tag {base!r} (tags: "
                        f"{sorted({r.get('tag') for r in records})}); pass --line N")
     record = hits[-1]
-  opener = gzip.open if args.hlo.endswith(".gz") else open
-  with opener(args.hlo, "rt") as f:
-    text = f.read()
-  print(report(record, text, record.get("train_step_ms"), args.top))
+  print(report(record, hlo_bytes.read_hlo(args.hlo), record.get("train_step_ms"), args.top))
 
 
 if __name__ == "__main__":
