@@ -93,6 +93,38 @@ def _part(rest: str) -> str:
   return "other"
 
 
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape ``(a, (b, c), d)``; ``[shape]`` otherwise.
+  Commas inside layouts (``{4,3,2,1,0}``) and dimensions do not split."""
+  shape = shape.strip()
+  if not shape.startswith("("):
+    return [shape]
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+      if depth == 0:
+        parts.append(shape[start:i])
+        break
+    elif ch == "," and depth == 1:
+      parts.append(shape[start:i])
+      start = i + 1
+  return [p.strip() for p in parts if p.strip()]
+
+
+def _operand_shape(shapes: dict[str, str], operand: str) -> str:
+  """The shape of an operand written by name: ``%x``, or ``%x#1`` (element 1 of the tuple
+  ``x``: the form XLA's ``--xla_dump_to`` files use instead of get-tuple-element)."""
+  name = operand.strip().lstrip("%")
+  if "#" in name:
+    name, index = name.rsplit("#", 1)
+    elements = _tuple_elements(shapes.get(name, ""))
+    return elements[int(index)] if index.isdigit() and int(index) < len(elements) else ""
+  return shapes.get(name, "")
+
+
 def analyse(text: str):
   """``[(bytes, kind, part, name)]`` for every top-level instruction."""
   shapes: dict[str, str] = {}
@@ -111,8 +143,7 @@ def analyse(text: str):
     args = re.sub(r"/\*.*?\*/", "", rest.split("),", 1)[0])
     operand_bytes = shape_bytes(args)
     if operand_bytes == 0:
-      operand_bytes = sum(shape_bytes(shapes.get(a.strip().lstrip("%"), ""))
-                          for a in args.split(","))
+      operand_bytes = sum(shape_bytes(_operand_shape(shapes, a)) for a in args.split(","))
     result_bytes = shape_bytes(result)
     workspace = _WORKSPACE.search(result) if op == "custom-call" else None
     if workspace and re.search(r'custom_call_target="__(cublas|cudnn)', rest):

@@ -52,6 +52,27 @@ def test_operands_written_without_shapes_are_looked_up_past_index_comments():
   assert hlo_bytes.analyse(text) == [(8 * 40, "element-wise loop", "-", "loop_add_fusion")]
 
 
+def test_tuple_elements_written_as_name_hash_index_are_looked_up():
+  """``--xla_dump_to`` files write element k of a multi-output fusion as ``%x#k``
+  (``compiled.as_text()`` writes a get-tuple-element instead); both count the same."""
+  head = ("HloModule m\nENTRY %main () -> f32[10] {\n"
+          "  %p = bf16[2,5]{1,0} parameter(0)\n"
+          "  %multi = (f32[2,5]{1,0}, (bf16[3]{0}, s32[7]{0}), bf16[4,5]{1,0}) "
+          "fusion(%p), kind=kLoop, calls=%f\n")
+  dump = head + ("  ROOT %loop_add_fusion = f32[10]{0} fusion(%multi#0, %multi#2, %multi#1), "
+                 "kind=kLoop, calls=%g\n}\n")
+  gte = head + ("  %g0 = f32[2,5]{1,0} get-tuple-element(%multi), index=0\n"
+                "  %g2 = bf16[4,5]{1,0} get-tuple-element(%multi), index=2\n"
+                "  %g1 = (bf16[3]{0}, s32[7]{0}) get-tuple-element(%multi), index=1\n"
+                "  ROOT %loop_add_fusion = f32[10]{0} fusion(%g0, %g2, %g1), "
+                "kind=kLoop, calls=%g\n}\n")
+  # operands: f32[2,5] 40 + bf16[4,5] 40 + the nested tuple (bf16[3] 6 + s32[7] 28) = 114,
+  # result f32[10] 40
+  for text in (dump, gte):
+    assert hlo_bytes.analyse(text)[-1] == (154, "element-wise loop", "-", "loop_add_fusion")
+  assert hlo_bytes.analyse(dump)[0] == (20 + 40 + 34 + 40, "element-wise loop", "-", "multi")
+
+
 def test_report_runs(tmp_path):
   p = tmp_path / "m.hlo.txt"
   p.write_text(HLO)
