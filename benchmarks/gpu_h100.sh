@@ -27,7 +27,8 @@
 # times in $OUT/kernels.jsonl (offline: python -m qlhs_jax.benchmarks.kernel_times
 # kernels.jsonl <model>.train.hlo.txt.gz, after tar xf hlo.tar). With BRING=DIR (the
 # device tool's $OUT: $OUT there starts empty on every call, and at most 8 files come
-# back) those five files are copied to DIR at the end:
+# back) those five files are copied to DIR after every row (a run cut off keeps what
+# finished):
 #   BRING=$OUT OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh step
 # Each model runs in its own process; a
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
@@ -44,12 +45,24 @@ H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 quiet() { grep -v "^W0000\|^I0000"; }
+bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After every
+  # call, not only at the end: a session cut off by the device tool's limit keeps the rows
+  # that finished.
+  if [ -d "$H" ]; then tar rf "$OUT/hlo.tar" -C "$OUT" hlo && rm -r "$H"; fi
+  if [ -n "${BRING:-}" ]; then
+    for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar; do
+      [ -f "$OUT/$f" ] && cp "$OUT/$f" "$BRING/"
+    done
+  fi
+  return 0
+}
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
   echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}" | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" | tail -n 4
+  bring
 }
 fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagreement)
   local limit=$1; shift
@@ -59,6 +72,7 @@ fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagree
     --record "$R" ${FUSED_ARGS:-} "$@" 2>&1 | quiet | tee -a "$OUT/log.txt" \
     | tail -n "${TAIL:-20}"
   echo "exit ${PIPESTATUS[0]}"
+  bring
 }
 if [ "$PART" = op ] || [ "$PART" = all ]; then
   TAIL=80 fused_op 200 --passes
@@ -87,10 +101,5 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then
   bench 80 --model mobilenetv3_large_100
 fi
 echo "== table"
-python3 -m qlhs_jax.benchmarks.table "$R"
-if [ -d "$H" ]; then tar rf "$OUT/hlo.tar" -C "$OUT" hlo && rm -r "$H"; fi
-if [ -n "${BRING:-}" ]; then
-  for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar; do
-    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$BRING/"
-  done
-fi
+python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"
+bring
