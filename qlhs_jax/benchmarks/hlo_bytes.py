@@ -1,5 +1,5 @@
 """``python -m qlhs_jax.benchmarks.hlo_bytes STEP.hlo.txt[.gz] [--top 25] [--part
-stage1_block1]``: where the bytes of a compiled step go.
+stage1_block1] [--launch]``: where the bytes of a compiled step go.
 
 Reads the optimized HLO that ``python -m qlhs_jax.benchmarks.step --hlo-dir DIR`` writes,
 and for every top-level instruction of the entry computation (each is one kernel launch
@@ -9,7 +9,9 @@ operands plus its results: what the kernel must at least move through device mem
 Prints the total, the split by kind (matmuls, convolutions, reductions, element-wise
 loops) and by model part (the block named in the op metadata), and the largest
 kernels; ``--part`` lists one block's kernels in program order with their op names
-(benchmarks/NOTES.md's per-block table). It is the offline half of the speed analysis:
+(benchmarks/NOTES.md's per-block table); ``--launch``, on a file that XLA dumped
+(``XLA_FLAGS=--xla_dump_to=DIR``), adds each kernel's grid and block size and flags the
+kernels launched with fewer threads than an H100 keeps resident. It is the offline half of the speed analysis:
 it needs no GPU.
 """
 
@@ -190,8 +192,41 @@ def totals(rows):
   return by_kind, by_part
 
 
-def report(path: str, top: int = 25) -> str:
+# Threads an H100 keeps resident at once (132 SMs x 2,048): a kernel launched with fewer
+# leaves SMs idle however fast each thread streams.
+H100_RESIDENT_THREADS = 132 * 2048
+_THUNK_ID = re.compile(r'profile_annotation: "([^"]+)"\s*thunk_id: (\d+)')
+_THUNK_LAUNCH = re.compile(r"^\s*(\d+): kCustomKernel.*? grid: \[(\d+), (\d+), (\d+)\] "
+                           r"threads: \[(\d+), (\d+), (\d+)\]", re.M)
+
+
+def launch_dims(hlo_path: str) -> dict[str, tuple[int, int]]:
+  """``{instruction: (blocks, threads per block)}`` for the kernels of an HLO file that
+  XLA dumped (``XLA_FLAGS=--xla_dump_to=DIR``): read from the ``thunk_metadata.txt`` and
+  ``thunk_sequence.txt`` files it wrote beside ``...gpu_after_optimizations.txt``."""
+  prefix = re.sub(r"(sm_[\w.]+_)?gpu_after_optimizations\.txt(\.gz)?$", "", hlo_path)
+  if prefix == hlo_path:
+    raise SystemExit(f"--launch reads the thunk files XLA dumps beside "
+                     f"*gpu_after_optimizations.txt; {hlo_path} is not such a file (dump "
+                     f"with XLA_FLAGS=--xla_dump_to=DIR)")
+  try:
+    meta = read_hlo(prefix + "thunk_metadata.txt")
+    seq = read_hlo(prefix + "thunk_sequence.txt")
+  except FileNotFoundError as e:
+    raise SystemExit(f"--launch: {e.filename} is missing: XLA writes it with "
+                     f"--xla_dump_to (jax 0.11 or newer)") from e
+  names = {int(i): name for name, i in _THUNK_ID.findall(meta)}
+  out = {}
+  for m in _THUNK_LAUNCH.finditer(seq):
+    i, g = int(m.group(1)), [int(x) for x in m.group(2, 3, 4, 5, 6, 7)]
+    if i in names:
+      out[names[i]] = (g[0] * g[1] * g[2], g[3] * g[4] * g[5])
+  return out
+
+
+def report(path: str, top: int = 25, launch: bool = False) -> str:
   rows = analyse(read_hlo(path))
+  dims = launch_dims(path) if launch else {}
   total = sum(r[0] for r in rows)
   lines = [f"{path}: {len(rows)} kernels, {total / 1e9:.2f} GB moved per step "
            "(operands + results of each top-level instruction)", "", "by kind:"]
@@ -203,7 +238,19 @@ def report(path: str, top: int = 25) -> str:
     lines.append(f"  {k:28s} {b / 1e9:8.2f} GB  {100 * b / total:5.1f}%")
   lines += ["", f"largest {top} kernels:"]
   for b, kind, part, name in sorted(rows, reverse=True)[:top]:
-    lines.append(f"  {b / 1e9:7.3f} GB  {kind:24s} {part:16s} {name}")
+    line = f"  {b / 1e9:7.3f} GB  {kind:24s} {part:16s} {name}"
+    if name in dims:
+      blocks, threads = dims[name]
+      line = f"{line:90s} {blocks:>8d} x {threads:<4d}"
+      if blocks * threads < H100_RESIDENT_THREADS:
+        line += f" < one wave ({blocks * threads / H100_RESIDENT_THREADS:.0%})"
+    lines.append(line)
+  if launch:
+    small = [(b, n) for b, _, _, n in rows
+             if n in dims and dims[n][0] * dims[n][1] < H100_RESIDENT_THREADS]
+    lines += ["", f"launch dims (blocks x threads) of {len(dims)} kernels; "
+              f"{len(small)} launch fewer threads than an H100 keeps resident "
+              f"({H100_RESIDENT_THREADS:,}), moving {sum(b for b, _ in small) / 1e9:.2f} GB"]
   return "\n".join(lines)
 
 
@@ -215,10 +262,13 @@ def main(argv=None):
                  help="list every kernel of this model part instead (e.g. stage1_block1)")
   p.add_argument("--min-gb", type=float, default=0.05,
                  help="with --part: leave out kernels that move less than this")
+  p.add_argument("--launch", action="store_true",
+                 help="add each kernel's launch dimensions, from the thunk files XLA "
+                      "dumps beside PATH (XLA_FLAGS=--xla_dump_to=DIR)")
   args = p.parse_args(argv)
   try:
     print(part_report(args.path, args.part, args.min_gb) if args.part
-          else report(args.path, args.top))
+          else report(args.path, args.top, args.launch))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

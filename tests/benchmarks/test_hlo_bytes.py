@@ -73,6 +73,29 @@ def test_tuple_elements_written_as_name_hash_index_are_looked_up():
   assert hlo_bytes.analyse(dump)[0] == (20 + 40 + 34 + 40, "element-wise loop", "-", "multi")
 
 
+def test_launch_dims_join_the_thunk_files_xla_dumps(tmp_path):
+  """``--launch`` reads grid and block size from the thunk files beside an XLA dump, by
+  thunk id, and flags a kernel with fewer threads than an H100 keeps resident."""
+  prefix = tmp_path / "module_0001.jit_f."
+  (tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt").write_text(HLO)
+  prefix.with_name(prefix.name + "thunk_metadata.txt").write_text(
+      'thunk_metadata {\n  thunk_info {\n    profile_annotation: "command_buffer"\n  }\n}\n'
+      'thunk_metadata {\n  thunk_info {\n    profile_annotation: "input_reduce_fusion"\n'
+      '    thunk_id: 7\n  }\n  thunk_kind: "kCustomKernel"\n}\n')
+  prefix.with_name(prefix.name + "thunk_sequence.txt").write_text(
+      "003: kCustomKernel [source | sink] loop_x grid: [9, 9, 9] threads: [1, 1, 1]\n"
+      "007: kCustomKernel [source | sink] input_reduce_fusion_1 grid: [66, 2, 1] "
+      "threads: [512, 1, 1]  shared_memory: 0 bytes\n")
+  path = str(tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt")
+  assert hlo_bytes.launch_dims(path) == {"input_reduce_fusion": (132, 512)}
+  out = hlo_bytes.report(path, launch=True)
+  # 132 * 512 = 67,584 threads of 132 * 2,048 resident: a quarter of one wave
+  assert "132 x 512" in out and "< one wave (25%)" in out
+  assert "1 launch fewer threads" in out and "moving 0.00 GB" in out
+  with pytest.raises(SystemExit, match="xla_dump_to"):
+    hlo_bytes.launch_dims(str(tmp_path / "step.hlo.txt"))
+
+
 def test_report_runs(tmp_path):
   p = tmp_path / "m.hlo.txt"
   p.write_text(HLO)
