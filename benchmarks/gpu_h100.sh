@@ -12,7 +12,7 @@
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (460 s): Eq.(3) with fuse_d_bn="xla" vs ResNet50 in one run (the goal's
+# "step" (520 s): Eq.(3) with fuse_d_bn="xla" vs ResNet50 in one run (the goal's
 #   figures: 64.9 GB per step in the deviceless compile, ResNet50 98.2 GB); the plain
 #   Eq.(3) (101.4 GB); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
 #   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
@@ -23,7 +23,8 @@
 #   left out: d_impl="grouped", 0.59x the plain step on the H200.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
-# two rows (3 traced steps each): per-kernel device time, bytes and GB/s in log.txt, the
+# two rows (3 traced steps each, after the timing is printed and recorded; a profile still
+# going 60 s later is stopped): per-kernel device time, bytes and GB/s in log.txt, the
 # times in $OUT/kernels.jsonl (offline: python -m qlhs_jax.benchmarks.kernel_times
 # kernels.jsonl <model>.train.hlo.txt.gz, after tar xf hlo.tar). With BRING=DIR (the
 # device tool's $OUT: $OUT there starts empty on every call, and at most 8 files come
@@ -61,7 +62,9 @@ bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}" | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
-    | quiet | tee -a "$OUT/log.txt" | tail -n 4
+    | quiet | tee -a "$OUT/log.txt" \
+    | grep -E "^(model|ratio) |^[a-z][a-z0-9_]+ +[a-z]+:|stopped|failed|rror|Killed" \
+    | tail -n 8
   bring
 }
 fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagreement)
@@ -82,7 +85,7 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
 fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
-  bench 180 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
+  bench 240 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
     --profile-dir "$OUT"
   bench 100 --model eq3_softball_ds --hlo-dir "$H" --profile-dir "$OUT"
   bench 90 --model resnet50 --set 'stem_pool="autodiff"'

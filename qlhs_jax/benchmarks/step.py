@@ -37,10 +37,13 @@ def harness_train_step(model, mesh):
 
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
             dtype: str, overrides: dict, hlo_dir: str | None = None,
-            profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+            profile_dir: str | None = None, profile_steps: int = 3,
+            on_record=None) -> dict:
   """Times one model in this process; returns a record. With ``profile_dir``, also traces
   ``profile_steps`` more train steps, appends their per-kernel device times to
-  ``profile_dir/kernels.jsonl`` and prints ``benchmarks.kernel_times``'s report to stderr."""
+  ``profile_dir/kernels.jsonl`` and prints ``benchmarks.kernel_times``'s report to stderr.
+  The profile comes last, after ``on_record(record)``: a profile that fails, hangs or is
+  cut off by a time limit cannot cost the timing."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -80,12 +83,6 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   train_s = timed(train_once, steps)
   loss = float(train_once())
   hlo_text = train_c.as_text() if (hlo_dir or profile_dir) else None
-  if profile_dir:
-    try:
-      _profile(profile_dir, profile_steps, lambda: jax.block_until_ready(train_once()),
-               hlo_text, model_name, overrides, 1e3 * train_s)
-    except Exception as e:  # the profile is extra: the timing above must still come out
-      print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
 
   st = box["state"]
   folded = fold_batchnorm(model, st.params, st.batch_stats)
@@ -98,7 +95,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
 
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
-  return {
+  record = {
       "model": model_name, "batch": batch, "size": size, "dtype": dtype,
       "overrides": overrides, "device": f"{dev.platform}:{dev.device_kind}",
       "devices": mesh.size, "jax": jax.__version__,
@@ -110,6 +107,15 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "compile_s": compile_s, "final_loss": loss,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
+  if on_record is not None:
+    on_record(record)
+  if profile_dir:
+    try:
+      _profile(profile_dir, profile_steps, lambda: jax.block_until_ready(train_once()),
+               hlo_text, model_name, overrides, 1e3 * train_s)
+    except Exception as e:  # the profile is extra: the timing above must still come out
+      print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
+  return record
 
 
 def hlo_tag(model_name: str, overrides: dict) -> str:
@@ -151,6 +157,44 @@ def _cost(compiled, prefix) -> dict:
     return {}
 
 
+# How long a child that has sent its record may go on profiling before it is stopped.
+PROFILE_WAIT_S = 60
+
+
+def run_child(cmd, wait_s: float = PROFILE_WAIT_S) -> dict:
+  """Runs ``cmd`` (a ``--json-only`` harness process) and returns the record it prints.
+  The child prints the record before it profiles; if it then goes on past ``wait_s``
+  seconds it is stopped (the next model must not share the device with it) and the
+  record stands. A child that fails before its record raises CalledProcessError."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  record = None
+  for line in proc.stdout:
+    try:
+      parsed = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(parsed, dict) and "train_img_s" in parsed:
+      record = parsed
+      break
+  if record is None:
+    rc = proc.wait()
+    raise subprocess.CalledProcessError(rc, cmd)
+  try:
+    rc = proc.wait(timeout=wait_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    print(f"{record['model']}: its profile ran past {wait_s:.0f} s and was stopped; the "
+          f"timing stands", file=sys.stderr, flush=True)
+  else:
+    if rc != 0:
+      print(f"{record['model']}: exited with {rc} after its timing (in the profile); the "
+            f"timing stands", file=sys.stderr, flush=True)
+  proc.stdout.close()
+  return record
+
+
 def _child(args, model_name, overrides) -> dict:
   cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", model_name,
          "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
@@ -161,9 +205,7 @@ def _child(args, model_name, overrides) -> dict:
     cmd += ["--profile-dir", args.profile_dir]
   for kv in overrides:
     cmd += ["--set", kv]
-  out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return run_child(cmd)
 
 
 def _parse_overrides(items):
@@ -203,20 +245,25 @@ def main(argv=None):
   for name in filter(None, [args.model, args.vs]):
     registry.info(name)  # unknown names fail before any compilation
 
-  if args.json_only:
-    print(json.dumps(measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                             args.dtype, _parse_overrides(args.set), args.hlo_dir,
-                             args.profile_dir)))
+  if args.json_only:  # a child of --vs: the record goes out before any profile
+    measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
+            _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
+            on_record=lambda r: print(json.dumps(r), flush=True))
     return
   if args.vs:
     records = [_child(args, args.model, args.set), _child(args, args.vs, args.vs_set)]
     for r in records:
       r["train_ratio_vs"] = {args.vs: records[0]["train_img_s"] / records[1]["train_img_s"]}
       r["eval_ratio_vs"] = {args.vs: records[0]["eval_img_s"] / records[1]["eval_img_s"]}
-  else:
-    records = [measure(args.model, args.batch, args.size, args.steps, args.warmup,
-                       args.dtype, _parse_overrides(args.set), args.hlo_dir,
-                       args.profile_dir)]
+    _report(args, records)
+  else:  # printed and recorded before the profile starts
+    measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
+            _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
+            on_record=lambda r: _report(args, [r]))
+
+
+def _report(args, records):
+  """Prints the table (and the ratio of a --vs run) and appends the records."""
   print(f"{'model':28s} {'device':22s} {'train img/s':>12s} {'eval img/s':>11s} "
         f"{'peak GB':>8s}")
   for r in records:
@@ -228,6 +275,7 @@ def main(argv=None):
     print(f"ratio {args.model} / {args.vs}: train {records[0]['train_ratio_vs'][args.vs]:.3f}"
           f"  eval {records[0]['eval_ratio_vs'][args.vs]:.3f}  (batch {args.batch}, "
           f"{args.size}px, {args.dtype})")
+  sys.stdout.flush()
   if args.record:
     append_records(args.record, records)
 

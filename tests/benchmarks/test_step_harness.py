@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,3 +47,46 @@ def test_unknown_model_fails_before_compiling():
   p = subprocess.run([sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", "eq9"],
                      capture_output=True, text=True)
   assert p.returncode != 0 and "unknown model 'eq9'" in p.stderr
+
+
+def _fake_child(tmp_path, body):
+  script = tmp_path / "child.py"
+  script.write_text("import json, sys, time\n" + body)
+  return [sys.executable, str(script)]
+
+
+def test_a_child_that_hangs_after_its_record_is_stopped_and_the_record_kept(tmp_path,
+                                                                             capsys):
+  """The --vs parent takes the record a child prints before profiling; a profile that
+  then hangs is stopped after the wait, so the next model gets the device."""
+  cmd = _fake_child(tmp_path, 'print("compiling...")\n'
+                    'print(json.dumps({"model": "m", "train_img_s": 5.0}), flush=True)\n'
+                    'time.sleep(120)\n')
+  t0 = time.perf_counter()
+  assert step.run_child(cmd, wait_s=1) == {"model": "m", "train_img_s": 5.0}
+  assert time.perf_counter() - t0 < 30
+  assert "ran past 1 s and was stopped; the timing stands" in capsys.readouterr().err
+
+
+def test_a_child_that_crashes_after_its_record_keeps_it(tmp_path, capsys):
+  cmd = _fake_child(tmp_path, 'print(json.dumps({"model": "m", "train_img_s": 5.0}))\n'
+                    'sys.exit(3)\n')
+  assert step.run_child(cmd)["train_img_s"] == 5.0
+  assert "exited with 3 after its timing" in capsys.readouterr().err
+
+
+def test_a_child_that_fails_before_its_record_raises(tmp_path):
+  cmd = _fake_child(tmp_path, 'print("no record")\nsys.exit(2)\n')
+  with pytest.raises(subprocess.CalledProcessError):
+    step.run_child(cmd)
+
+
+def test_the_record_goes_out_before_the_profile(tmp_path, monkeypatch):
+  """measure() hands the record to on_record (the child's print, the parent's table and
+  results file) before it traces the profile steps."""
+  order = []
+  monkeypatch.setattr(step, "_profile", lambda *a, **k: order.append("profile"))
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"},
+                   profile_dir=str(tmp_path), on_record=lambda rec: order.append(rec))
+  assert order == [r, "profile"]
