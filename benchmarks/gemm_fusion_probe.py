@@ -18,7 +18,8 @@ Result, 2026-11-27 (jax 0.11.2, Python 3.12, this project's 2-core CPU): only th
 per-channel scale fuses (0.514 GB, one kernel). Every pattern with a second hidden-size
 tensor, a stencil of u or not, stays a separate element-wise kernel plus the matmul; so
 does A (q * q), an operand made from one stored tensor (1.336 GB: 0.822 for q*q, 0.514
-for the matmul). The same with the default options and with each of xla_gpu_experimental_all_fusions_with_triton,
+for the matmul). The same with the default options and with each of
+xla_gpu_experimental_all_fusions_with_triton,
 xla_gpu_experimental_enable_triton_heroless_priority_fusion,
 xla_gpu_unsupported_enable_triton_multi_output_fusion, xla_gpu_triton_gemm_any and
 xla_gpu_experimental_enable_fusion_block_level_rewriter. So 8.6 GB is the floor of a

@@ -11,8 +11,8 @@ loops) and by model part (the block named in the op metadata), and the largest
 kernels; ``--part`` lists one block's kernels in program order with their op names
 (benchmarks/NOTES.md's per-block table); ``--launch``, on a file that XLA dumped
 (``XLA_FLAGS=--xla_dump_to=DIR``), adds each kernel's grid and block size and flags the
-kernels launched with fewer threads than an H100 keeps resident. It is the offline half of the speed analysis:
-it needs no GPU.
+kernels launched with fewer threads than an H100 keeps resident. It is the offline half
+of the speed analysis: it needs no GPU.
 """
 
 from __future__ import annotations

@@ -181,17 +181,16 @@ def run_child(cmd, wait_s: float = PROFILE_WAIT_S) -> dict:
     rc = proc.wait()
     raise subprocess.CalledProcessError(rc, cmd)
   try:
-    rc = proc.wait(timeout=wait_s)
+    proc.communicate(timeout=wait_s)  # drains stdout, so the child never blocks on it
   except subprocess.TimeoutExpired:
     proc.kill()
-    proc.wait()
+    proc.communicate()
     print(f"{record['model']}: its profile ran past {wait_s:.0f} s and was stopped; the "
           f"timing stands", file=sys.stderr, flush=True)
   else:
-    if rc != 0:
-      print(f"{record['model']}: exited with {rc} after its timing (in the profile); the "
-            f"timing stands", file=sys.stderr, flush=True)
-  proc.stdout.close()
+    if proc.returncode != 0:
+      print(f"{record['model']}: exited with {proc.returncode} after its timing (in the "
+            f"profile); the timing stands", file=sys.stderr, flush=True)
   return record
 
 
