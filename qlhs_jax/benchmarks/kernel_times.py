@@ -14,6 +14,9 @@ from that line and the HLO the harness wrote with ``--hlo-dir``.
 Bytes say what a kernel must move; time says what it costs. Their ratio, a kernel's
 achieved bandwidth, shows which kernels run far below the device's (an H100 streams
 ~3 TB/s): there the byte count is the wrong proxy and the kernel itself is the problem.
+On an H100 or H200 the report ends with the time each kernel takes above a copy of its
+bytes (``--copy-tbps`` elsewhere): the kernels a better implementation would pay for,
+ranked by what they would give back.
 
 Which trace events count: on a GPU, the kernels on the first device's stream lines (the
 profiler's derived "XLA Ops"/"XLA Modules" lines repeat them and are skipped). A kernel is
@@ -159,8 +162,24 @@ def trace_steps(run_once, steps: int, hlo_text: str) -> dict:
           "unattributed_us_per_step": {k: v / steps for k, v in unattributed.items()}}
 
 
-def report(record: dict, hlo_text: str, step_ms: float | None = None, top: int = 25) -> str:
-  """Time, bytes and achieved bandwidth by kind, by model part and per kernel."""
+# Device-to-device copy rate (bytes read + written per second) measured on the GPU
+# machines this project borrows (2026-11): H100 80GB HBM3 ~3.0 TB/s, H200 ~4.3 TB/s. The
+# most a kernel that only streams memory can expect: the time a kernel takes above
+# bytes / this rate is what a better kernel could win back.
+COPY_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}
+
+
+def copy_rate(device: str) -> float | None:
+  """The copy rate of a record's ``device`` ("gpu:NVIDIA H100 80GB HBM3"); None if not
+  known (a CPU, another GPU)."""
+  return next((r for k, r in COPY_BYTES_PER_S.items() if k in device), None)
+
+
+def report(record: dict, hlo_text: str, step_ms: float | None = None, top: int = 25,
+           rate: float | None = None) -> str:
+  """Time, bytes and achieved bandwidth by kind, by model part and per kernel; and, on a
+  device whose copy rate is known (or with ``rate`` in bytes/s), the time each kernel
+  takes above a copy of its bytes: where a faster kernel would pay."""
   rows = {name: (b, kind, part) for b, kind, part, name in hlo_bytes.analyse(hlo_text)}
   us = record["us_per_step"]
   lost = record.get("unattributed_us_per_step", {})
@@ -198,6 +217,24 @@ def report(record: dict, hlo_text: str, step_ms: float | None = None, top: int =
     b, kind, part = rows[name]
     lines.append(f"  {t / 1e3:7.3f} ms {b / 1e9:7.3f} GB {b / (t * 1e-6) / 1e9:6.0f} GB/s  "
                  f"{kind:22s} {part:14s} {name}")
+  rate = rate or copy_rate(record.get("device", ""))
+  if rate:
+    excess = {name: t - rows[name][0] / rate * 1e6 for name, t in us.items() if name in rows}
+    over = sum(max(e, 0.0) for e in excess.values())
+    lines.extend(["", f"time above a copy at {rate / 1e12:.2f} TB/s: {over / 1e3:.3f} ms "
+                  f"per step of {total / 1e3:.3f} ms (with every matched kernel at that rate, "
+                  f"the kernels would take {(total - sum(excess.values())) / 1e3:.3f} ms)"])
+    by = collections.defaultdict(float)
+    for name, e in excess.items():
+      by[rows[name][1]] += max(e, 0.0)
+    lines.append("  by kind: " + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in
+                                           sorted(by.items(), key=lambda kv: -kv[1])))
+    lines.append("  most above it (ms above, ms, GB, GB/s):")
+    for name, e in sorted(excess.items(), key=lambda kv: -kv[1])[:top]:
+      b, kind, part = rows[name]
+      t = us[name]
+      lines.append(f"  {e / 1e3:7.3f} {t / 1e3:7.3f} {b / 1e9:7.3f} "
+                   f"{b / (t * 1e-6) / 1e9:6.0f}  {kind:22s} {part:14s} {name}")
   if outside or lost:
     lines.extend(["", "not matched to a top-level instruction:"])
     for name, t in sorted({**outside, **lost}.items(), key=lambda kv: -kv[1])[:10]:
@@ -213,6 +250,9 @@ def main(argv=None):
                  help="which line of KERNELS (0-based); default: the last one whose model "
                       "and overrides match the HLO file's name")
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--copy-tbps", type=float, default=None,
+                 help="the device's copy rate in TB/s for the 'time above a copy' table "
+                      "(default: known for H100 3.0 and H200 4.3)")
   args = p.parse_args(argv)
   with open(args.kernels) as f:
     records = [json.loads(l) for l in f if l.strip()]
@@ -225,7 +265,8 @@ def main(argv=None):
       raise SystemExit(f"no line of {args.kernels} has tag {base!r} (tags: "
                        f"{sorted({r.get('tag') for r in records})}); pass --line N")
     record = hits[-1]
-  print(report(record, hlo_bytes.read_hlo(args.hlo), record.get("train_step_ms"), args.top))
+  print(report(record, hlo_bytes.read_hlo(args.hlo), record.get("train_step_ms"), args.top,
+               args.copy_tbps * 1e12 if args.copy_tbps else None))
 
 
 if __name__ == "__main__":

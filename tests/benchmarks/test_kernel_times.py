@@ -96,6 +96,26 @@ def test_report_divides_bytes_by_time():
   assert kind_rows[1].split() == ["element-wise", "loop", "1.000", "25.0", "2.000", "2000"]
   tail = out.split("not matched to a top-level instruction:")[1]
   assert "0.500 ms  fusion.9" in tail and "0.500 ms  library_kernel" in tail
+  assert "time above a copy" not in out  # no device named: no copy rate to compare with
+
+
+def test_time_above_a_copy_on_an_h100():
+  """At the H100's 3.0 TB/s the loop's 2 GB take 0.667 ms (it ran 1 ms: 0.333 above) and
+  the reduction's 1 GB 0.333 ms (it ran 2 ms: 1.667 above)."""
+  record = {"source": "gpu streams", "steps": 3, "device": "gpu:NVIDIA H100 80GB HBM3",
+            "us_per_step": {"loop_add_fusion": 1000.0, "input_reduce_fusion": 2000.0}}
+  out = kernel_times.report(record, HLO)
+  section = out.split("time above a copy at 3.00 TB/s: ")[1].splitlines()
+  # 2.000 ms above of 3.000; at the copy rate the two kernels would take 1.000 ms
+  assert section[0] == ("2.000 ms per step of 3.000 ms (with every matched kernel at that "
+                        "rate, the kernels would take 1.000 ms)")
+  assert section[1] == "  by kind: reduction 1.667 ms, element-wise loop 0.333 ms"
+  assert section[3].split()[:5] == ["1.667", "2.000", "1.000", "500", "reduction"]
+  assert section[4].split()[:5] == ["0.333", "1.000", "2.000", "2000", "element-wise"]
+  h200 = kernel_times.report({**record, "device": "gpu:NVIDIA H200"}, HLO)
+  assert "time above a copy at 4.30 TB/s" in h200
+  forced = kernel_times.report({**record, "device": "cpu:cpu"}, HLO, rate=2e12)
+  assert "time above a copy at 2.00 TB/s: 1.500 ms" in forced
 
 
 def test_harness_profile_on_the_cpu_mesh(tmp_path, capsys):
