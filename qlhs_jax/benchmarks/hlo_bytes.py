@@ -227,6 +227,7 @@ def launch_dims(hlo_path: str) -> dict[str, tuple[int, int]]:
 def report(path: str, top: int = 25, launch: bool = False) -> str:
   rows = analyse(read_hlo(path))
   dims = launch_dims(path) if launch else {}
+  threads = {name: blocks * per_block for name, (blocks, per_block) in dims.items()}
   total = sum(r[0] for r in rows)
   lines = [f"{path}: {len(rows)} kernels, {total / 1e9:.2f} GB moved per step "
            "(operands + results of each top-level instruction)", "", "by kind:"]
@@ -240,14 +241,13 @@ def report(path: str, top: int = 25, launch: bool = False) -> str:
   for b, kind, part, name in sorted(rows, reverse=True)[:top]:
     line = f"  {b / 1e9:7.3f} GB  {kind:24s} {part:16s} {name}"
     if name in dims:
-      blocks, threads = dims[name]
-      line = f"{line:90s} {blocks:>8d} x {threads:<4d}"
-      if blocks * threads < H100_RESIDENT_THREADS:
-        line += f" < one wave ({blocks * threads / H100_RESIDENT_THREADS:.0%})"
+      line = f"{line:90s} {dims[name][0]:>8d} x {dims[name][1]:<4d}"
+      if threads[name] < H100_RESIDENT_THREADS:
+        line += f" < one wave ({threads[name] / H100_RESIDENT_THREADS:.0%})"
     lines.append(line)
   if launch:
     small = [(b, n) for b, _, _, n in rows
-             if n in dims and dims[n][0] * dims[n][1] < H100_RESIDENT_THREADS]
+             if n in threads and threads[n] < H100_RESIDENT_THREADS]
     lines += ["", f"launch dims (blocks x threads) of {len(dims)} kernels; "
               f"{len(small)} launch fewer threads than an H100 keeps resident "
               f"({H100_RESIDENT_THREADS:,}), moving {sum(b for b, _ in small) / 1e9:.2f} GB"]

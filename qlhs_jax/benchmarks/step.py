@@ -112,7 +112,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   if profile_dir:
     try:
       _profile(profile_dir, profile_steps, lambda: jax.block_until_ready(train_once()),
-               hlo_text, model_name, overrides, 1e3 * train_s)
+               hlo_text, record)
     except Exception as e:  # the profile is extra: the timing above must still come out
       print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
   return record
@@ -132,18 +132,18 @@ def write_hlo(hlo_dir: str, model_name: str, overrides: dict, kind: str, text: s
     f.write(text)
 
 
-def _profile(profile_dir, steps, run_once, hlo_text, model_name, overrides, step_ms):
-  """Traces ``steps`` train steps; appends the per-kernel times to kernels.jsonl."""
-  import jax
+def _profile(profile_dir, steps, run_once, hlo_text, timing):
+  """Traces ``steps`` train steps; appends the per-kernel times, labelled from the
+  ``timing`` record of :func:`measure`, to kernels.jsonl."""
   from qlhs_jax.benchmarks import kernel_times
-  record = kernel_times.trace_steps(run_once, steps, hlo_text)
-  dev = jax.devices()[0]
-  record = {"tag": hlo_tag(model_name, overrides), "model": model_name,
-            "overrides": overrides, "device": f"{dev.platform}:{dev.device_kind}",
-            "jax": jax.__version__, "train_step_ms": step_ms, **record}
+  record = {"tag": hlo_tag(timing["model"], timing["overrides"]),
+            **{k: timing[k] for k in ("model", "overrides", "device", "jax",
+                                      "train_step_ms")},
+            **kernel_times.trace_steps(run_once, steps, hlo_text)}
   append_records(os.path.join(profile_dir, "kernels.jsonl"), [record])  # adds "commit"
   print(f"== profile of {record['tag']} ({record['device']})\n"
-        + kernel_times.report(record, hlo_text, step_ms), file=sys.stderr, flush=True)
+        + kernel_times.report(record, hlo_text, record["train_step_ms"]), file=sys.stderr,
+        flush=True)
 
 
 def _cost(compiled, prefix) -> dict:
