@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qlhs_jax.models.layers import _taps
+
 Dtype = Any
 
 # PyTorch's kaiming_normal_(mode="fan_out"), as timm initialises its ConvNets.
@@ -183,16 +185,6 @@ def max_pool_3x3_s2(x):
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def _pool_taps(x):
-  """The nine strided (stride 2) slices of ``x`` (B, H, W, C) padded by one with -inf,
-  tap t = 3*dy + dx: tap t at output (oy, ox) is input (2*oy + dy - 1, 2*ox + dx - 1)."""
-  b, h, w, c = x.shape
-  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [lax.slice(xp, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c),
-                    (1, 2, 2, 1)) for dy in range(3) for dx in range(3)]
-
-
 @jax.custom_vjp
 def relu_max_pool_3x3_s2(x):
   """``max_pool_3x3_s2(relu(x))`` as one operation that keeps, per output, the tap its
@@ -203,8 +195,9 @@ def relu_max_pool_3x3_s2(x):
   index arrays, then scattering into a zeroed padded input. Compiled for an H100 at batch
   256, the pool's kernels move 4.4 GB per step that way. This way the forward moves
   0.57 GB and XLA fuses the backward's gather into the stem BatchNorm's backward: a
-  train step of Eq.(3) moves 4.5 GB less, ResNet50's 4.1 GB less (benchmarks/NOTES.md,
-  experiment 5).
+  train step of Eq.(3) moves 2.3 GB less, ResNet50's 3.9 GB less (deviceless H100
+  compile with Triton GEMM fusions; 4.5 and 4.1 GB with cuBLAS for every matmul;
+  benchmarks/NOTES.md, experiments 5 and 6).
   Same values and gradients as JAX's: the maximum starts at ReLU's 0, a later tap
   replaces it only when strictly larger, so the gradient goes to the first maximal tap
   in the window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and
@@ -218,7 +211,7 @@ def relu_max_pool_3x3_s2(x):
 
 
 def _relu_max_pool_fwd(x):
-  taps = _pool_taps(x)
+  taps = _taps(x, 2, -jnp.inf)  # the window's nine inputs, -inf outside the image
   m, idx = jnp.zeros_like(taps[0]), jnp.full(taps[0].shape, 9, jnp.int8)
   for t, tap in enumerate(taps):
     take = (tap > m) | jnp.isnan(tap)

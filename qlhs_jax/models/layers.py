@@ -110,14 +110,17 @@ def _derivative(x, kernel, stride, impl, layout):
   raise ValueError(f"unknown D implementation {impl!r}; choose one of {D_IMPLS}")
 
 
-def _taps(x: jax.Array, stride: int):
-  """The nine strided slices of the zero-padded ``x`` (B, H, W, ., .), tap t = 3*dy + dx."""
+def _taps(x: jax.Array, stride: int, pad_value: float = 0.0):
+  """The nine strided slices of ``x`` (B, H, W, ...) padded by one pixel with
+  ``pad_value`` (0 for D; -inf for the stem's max-pool), tap t = 3*dy + dx: tap t at
+  output (oy, ox) is input (stride*oy + dy - 1, stride*ox + dx - 1)."""
   b, h, w = x.shape[:3]
   ho, wo = _out_size(h, stride), _out_size(w, stride)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
-  return [lax.slice(xp, (0, dy, dx, 0, 0),
+  rest = x.ndim - 3
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * rest, constant_values=pad_value)
+  return [lax.slice(xp, (0, dy, dx) + (0,) * rest,
                     (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1)
-                    + x.shape[3:], (1, stride, stride, 1, 1))
+                    + x.shape[3:], (1, stride, stride) + (1,) * rest)
           for dy in range(3) for dx in range(3)]
 
 
