@@ -171,10 +171,11 @@ def check_batch_divides(global_batch: int, mesh: Mesh):
 
 
 def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
-  """fuse_d_bn='pallas' is one device's kernel: XLA cannot split a pallas_call over a
-  sharded batch, so a larger mesh is refused (training and the throughput harness)."""
-  if fuse_d_bn == "pallas" and mesh.size > 1:
-    raise ValueError(f"model_overrides.fuse_d_bn='pallas' runs on one device; this mesh "
+  """fuse_d_bn='pallas' and 'block' are one device's kernels: XLA cannot split a
+  pallas_call over a sharded batch, so a larger mesh is refused (training and the
+  throughput harness)."""
+  if fuse_d_bn in ("pallas", "block") and mesh.size > 1:
+    raise ValueError(f"model_overrides.fuse_d_bn={fuse_d_bn!r} runs on one device; this mesh "
                      f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
                      f"mesh) or run on one device")
 

@@ -1,7 +1,8 @@
-"""Compiles the Pallas kernels of ``fuse_d_bn="pallas"`` for an H100, without a GPU.
+"""Compiles the Pallas kernels of ``fuse_d_bn="pallas"`` (or ``"block"``) for an H100,
+without a GPU.
 
   pip install triton==3.9.0        # Triton's compiler and ptxas (~650 MB), not a dependency
-  python -m qlhs_jax.benchmarks.triton_compile [--batch 256] [--arch 90a]
+  python -m qlhs_jax.benchmarks.triton_compile [--batch 256] [--arch 90a] [--op eq3_block]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.fused.EQ3_SHAPES``) it lowers the
 forward and backward of ``d_bn_product(impl="pallas")`` for CUDA on this machine,
@@ -49,8 +50,31 @@ def lower_for_cuda(batch: int, side: int, n: int, stride: int):
       *abstract_inputs(batch, side, n, stride)).lower(lowering_platforms=("cuda",))
 
 
-def triton_ir(batch: int, side: int, n: int, stride: int) -> list[tuple[str, str]]:
-  """``[(kernel name, Triton IR text)]`` of the four passes at one shape."""
+def lower_block_for_cuda(batch: int, side: int, n: int, e: int = 4):
+  """Forward and backward of ``eq3_block.eq3_hidden`` (``fuse_d_bn="block"``, stride 1,
+  n_out = n) in bfloat16, lowered for CUDA here."""
+  import jax
+  import jax.numpy as jnp
+
+  from qlhs_jax.kernels import eq3_block
+  s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  args = (s((batch, side, side, n), bf), s((n, n * e), bf), s((n * e, n), bf),
+          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
+
+  def loss(*a):
+    y, mean, _ = eq3_block.eq3_hidden(*a)
+    return y.astype(jnp.float32).sum() + mean.sum()
+  return jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(
+      lowering_platforms=("cuda",))
+
+
+OPS = ("d_bn_product", "eq3_block")
+
+
+def triton_ir(batch: int, side: int, n: int, stride: int,
+              op: str = "d_bn_product") -> list[tuple[str, str]]:
+  """``[(kernel name, Triton IR text)]`` of the Pallas kernels of ``op`` at one shape:
+  d_bn_product's four passes, or eq3_block's three kernels (stride 1 only)."""
   from jax._src.pallas.triton import lowering
   from jax._src.pallas.triton import pallas_call_registration as registration
   captured = []
@@ -63,7 +87,10 @@ def triton_ir(batch: int, side: int, n: int, stride: int) -> list[tuple[str, str
     return result
   registration.lowering.lower_jaxpr_to_triton_module = capture
   try:
-    lower_for_cuda(batch, side, n, stride)
+    if op == "eq3_block":
+      lower_block_for_cuda(batch, side, n)
+    else:
+      lower_for_cuda(batch, side, n, stride)
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = original
   return captured
@@ -114,6 +141,9 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--arch", default="90a", help="sm_ architecture (H100: 90a)")
   p.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
+  p.add_argument("--op", default="d_bn_product", choices=OPS,
+                 help="whose kernels: fuse_d_bn='pallas' (d_bn_product) or 'block' "
+                      "(eq3_block, stride-1 shapes only)")
   args = p.parse_args(argv)
   try:
     import triton
@@ -122,16 +152,22 @@ def main(argv=None) -> int:
     return 2
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, quietly
   from qlhs_jax.benchmarks.fused import EQ3_SHAPES
+  from qlhs_jax.kernels import eq3_block
   from qlhs_jax.kernels.d_bn_product import tiling
-  warps, stages = tiling()[2], tiling()[4]
+  if args.op == "eq3_block":
+    warps, stages = eq3_block.tiling()[1], 1
+    print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, eq3_block "
+          f"tiling (pixels, warps) = {eq3_block.tiling()}")
+  else:
+    warps, stages = tiling()[2], tiling()[4]
+    print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, tiling "
+          f"(rows, elems, warps, cols, stages) = {tiling()}")
   wanted = set(filter(None, args.shapes.split(",")))
-  print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, tiling "
-        f"(rows, elems, warps, cols, stages) = {tiling()}")
   ok = True
   for name, side, n, stride, _ in EQ3_SHAPES:
-    if wanted and name not in wanted:
+    if (wanted and name not in wanted) or (args.op == "eq3_block" and stride != 1):
       continue
-    for kernel, text in triton_ir(args.batch, side, n, stride):
+    for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:

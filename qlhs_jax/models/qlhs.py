@@ -35,6 +35,10 @@ eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written ba
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
 autodiff. Evaluation and folded models always take the plain path.
 
+``fuse_d_bn="block"`` (eq3) goes further: in each stride-1 block the two 1x1 maps run
+inside the Pallas kernels too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor
+is stored in the forward; stride-2 blocks take "xla".
+
 ``pin_hidden_layout=True`` keeps D's output in the row-major layout its shape names
 (:func:`qlhs_jax.models.layers.pin_row_major`): a speed variant for XLA on GPU, same
 numbers, same variables.
@@ -45,6 +49,7 @@ starts as the identity), followed by the activation where the placement puts one
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -52,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from qlhs_jax.kernels import d_bn_product as dbn
+from qlhs_jax.kernels import eq3_block
 from qlhs_jax.models import layers
 from qlhs_jax.models.common import (BN_EPS, BatchNorm, ConvNorm, Dtype, classifier_head,
                                     conv_init, global_pool, resnet_stem,
@@ -69,7 +75,10 @@ REMAT_POLICIES = {
 }
 PLACEMENTS = ("ds", "all")
 HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
-FUSE_D_BN = dbn.FUSE_IMPLS
+# "block" (eq3 only): the whole hidden path of each stride-1 block, A(BN(D u) * (C u)),
+# as Pallas kernels with the 1x1 matmuls inside (kernels/eq3_block.py); its stride-2
+# blocks, and any block with BatchNorm groups, take "xla".
+FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
 FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
@@ -82,13 +91,33 @@ def d_kernel_init(expansion: int):
   return nn.initializers.normal(stddev=(2.0 / (9 * expansion)) ** 0.5)
 
 
-class FusedDBNProduct(nn.Module):
-  """Training-mode ``BN(D u) * c`` as one operation (qlhs_jax.kernels.d_bn_product).
+def _bn_d_variables(module: nn.Module, h: int):
+  """The plain path's ``bn_d`` BatchNorm variables (``scale``, ``bias``; running ``mean``
+  and ``var``), so that checkpoints do not depend on ``fuse_d_bn``."""
+  scale = module.param("scale", nn.initializers.ones, (h,), module.param_dtype)
+  bias = module.param("bias", nn.initializers.zeros, (h,), module.param_dtype)
+  sdt = jnp.promote_types(module.param_dtype, jnp.float32)
+  ra_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((h,), sdt))
+  ra_var = module.variable("batch_stats", "var", lambda: jnp.ones((h,), sdt))
+  return scale, bias, ra_mean, ra_var
 
-  Holds the variables of the plain path's ``bn_d`` :class:`BatchNorm` (``scale``,
-  ``bias``; running ``mean`` and ``var``), so checkpoints do not depend on ``impl``. On
-  a CPU backend the Pallas kernels run in interpret mode (correct, slow: for tests).
-  """
+
+def _pallas_interpret(impl: str) -> bool:
+  """Pallas kernels run on an NVIDIA GPU, or interpreted on a CPU (correct, slow: tests).
+  QLHS_PALLAS_INTERPRET=0 asks for the Triton kernels on any host: benchmarks.aot sets
+  it to compile the step for an H100 on a CPU machine."""
+  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
+    return False
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cuda", "cpu"):
+    raise ValueError(f"fuse_d_bn={impl!r} runs Triton kernels on an NVIDIA GPU (or "
+                     f"interpreted on a CPU), not on {backend!r}; use fuse_d_bn='xla'")
+  return backend == "cpu"
+
+
+class FusedDBNProduct(nn.Module):
+  """Training-mode ``BN(D u) * c`` as one operation (qlhs_jax.kernels.d_bn_product),
+  with the variables of the plain path's ``bn_d``."""
   impl: str
   stride: int = 1
   groups: int = 1
@@ -96,23 +125,31 @@ class FusedDBNProduct(nn.Module):
 
   @nn.compact
   def __call__(self, u, kernel, c):
-    h = c.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (h,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (h,), self.param_dtype)
-    sdt = jnp.promote_types(self.param_dtype, jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((h,), sdt))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((h,), sdt))
-    backend = jax.default_backend()
-    if self.impl == "pallas" and backend not in ("gpu", "cuda", "cpu"):
-      raise ValueError(f"fuse_d_bn='pallas' runs Triton kernels on an NVIDIA GPU (or "
-                       f"interpreted on a CPU), not on {backend!r}; use fuse_d_bn='xla'")
+    scale, bias, ra_mean, ra_var = _bn_d_variables(self, c.shape[-1])
+    interpret = _pallas_interpret(self.impl) if self.impl == "pallas" else False
     p, mean, var = dbn.d_bn_product(
         u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
-        impl=self.impl, interpret=backend == "cpu")
+        impl=self.impl, interpret=interpret)
     if not self.is_initializing():
       count = (u.shape[0] // self.groups) * c.shape[1] * c.shape[2]
       update_running_stats(ra_mean, ra_var, mean, var, count)
     return p
+
+
+class FusedEq3Hidden(nn.Module):
+  """Training-mode ``A(BN(D u) * (C u))`` of a stride-1 eq3 block as one operation
+  (qlhs_jax.kernels.eq3_block: the two 1x1 matmuls inside Pallas kernels), with the
+  variables of the plain path's ``bn_d``; C and A stay the block's parameters."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u, kernel, cw, aw):
+    scale, bias, ra_mean, ra_var = _bn_d_variables(self, cw.shape[-1])
+    y, mean, var = eq3_block.eq3_hidden(u, cw, aw, kernel, scale, bias, eps=BN_EPS,
+                                        interpret=_pallas_interpret("block"))
+    if not self.is_initializing():
+      update_running_stats(ra_mean, ra_var, mean, var, u.shape[0] * u.shape[1] * u.shape[2])
+    return y
 
 
 class QLHSBlock(nn.Module):
@@ -176,7 +213,8 @@ class QLHSBlock(nn.Module):
     order (and so the initial values) of the plain path."""
     if self.fuse_d_bn != "none" and self.train and not self.folded:
       kernel = self._d_kernel(x.shape[-1])
-      return FusedDBNProduct(self.fuse_d_bn, stride, self.bn_groups, self.param_dtype,
+      impl = "xla" if self.fuse_d_bn == "block" else self.fuse_d_bn
+      return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
                              name="bn_d")(x, kernel, make_c())
     return self._norm(self._d(self._split(x), stride), "d") * make_c()
 
@@ -193,6 +231,27 @@ class QLHSBlock(nn.Module):
                        "layout; use hidden_layout='j_major' (the default)")
     if self.fuse_d_bn == "pallas":
       dbn.check_pallas(self.expansion)
+    if self.fuse_d_bn == "block" and self.form != "eq3":
+      raise ValueError(f"fuse_d_bn='block' fuses eq3's two 1x1 maps into its kernels; "
+                       f"form {self.form!r} takes fuse_d_bn='xla' or 'pallas'")
+
+  def _fuses_block(self, u):
+    """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
+    training, stride 1, one BatchNorm group); the other blocks of such a model take
+    "xla"."""
+    return (self.fuse_d_bn == "block" and self.train and not self.folded
+            and self.stride == 1 and self.bn_groups == 1)
+
+  def _eq3_fused_hidden(self, u):
+    """``A(BN(D u) * (C u))`` through eq3_block, creating d_kernel, c and a in the plain
+    path's order (same initial values)."""
+    n_in, h = u.shape[-1], self.expansion * u.shape[-1]
+    kernel = self._d_kernel(n_in)
+    cw = self.param("c", conv_init, (n_in, h), self.param_dtype)
+    aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
+    eq3_block.check(u.shape, cw.shape, aw.shape, kernel.shape)
+    return FusedEq3Hidden(self.param_dtype, name="bn_d")(
+        u.astype(self.dtype), kernel, cw.astype(self.dtype), aw.astype(self.dtype))
 
   def _group_sum(self, p, n_in):
     """Eq.(5): output o sums the hidden channels (j, s) with (j*e + s) // g == o,
@@ -224,7 +283,9 @@ class QLHSBlock(nn.Module):
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
     us = layers.subsample(u, s)
-    if form == "eq3":
+    if form == "eq3" and self._fuses_block(u):
+      y = self._eq3_fused_hidden(u)
+    elif form == "eq3":
       y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s), "a",
                       self.n_out)
     elif form == "eq3w":

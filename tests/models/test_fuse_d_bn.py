@@ -68,6 +68,63 @@ def test_train_step_with_fused_d_bn(fuse):
   assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)
 
 
+# Widths of at least 16 (Triton's dot); stage 1 has two stride-1 blocks (eq3_block's
+# kernels), stage 2 a stride-2 block (the "xla" passes).
+TINY_BLOCK = dict(widths=(16, 32), depths=(2, 1), num_classes=5, stem="small")
+
+
+@pytest.mark.parametrize("ws", [True, False])
+def test_block_fused_is_the_same_network(ws):
+  """fuse_d_bn="block": the same variables and initial values, and the plain path's
+  train-mode loss, logits, running statistics and gradients."""
+  plain = QLHSNet(weight_sharing=ws, activation="softball", dtype=jnp.float32,
+                  **TINY_BLOCK)
+  fused = plain.clone(fuse_d_bn="block")
+  key = jax.random.PRNGKey(0)
+  assert_trees_close(fused.init(key, X, train=True), plain.init(key, X, train=True), 0, 0)
+  v = random_variables(plain, X, lo=-0.7, hi=0.7)
+  lp, zp, sp, gp = train_outputs(plain, v)
+  lf, zf, sf, gf = train_outputs(fused, v)
+  np.testing.assert_allclose(float(lf), float(lp), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(zf), np.asarray(zp), rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(zp))))
+  assert_trees_close(sf, sp, 1e-5, 1e-5)
+  gscale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(gp))
+  assert_trees_close(gf, gp, 1e-4, 1e-5 * gscale)
+  np.testing.assert_array_equal(fused.apply(v, X), plain.apply(v, X))
+
+
+def test_block_fused_runs_its_kernels_in_stride_1_blocks_only():
+  """The lowered train-mode forward holds eq3_block's forward kernel once per stride-1
+  block and d_bn_product's "xla" passes in the stride-2 block."""
+  model = QLHSNet(dtype=jnp.float32, fuse_d_bn="block", **TINY_BLOCK)
+  v = model.init(jax.random.PRNGKey(0), X, train=True)
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, X, train=True,
+                                                   mutable=["batch_stats"]))(v))
+  assert jaxpr.count("name=qlhs_eq3_forward_kernel\n") == 2
+  assert jaxpr.count("name=qlhs_eq3_") == 2  # the backward kernels run only under grad
+  assert jaxpr.count("custom_vjp_call") == 3  # + the stride-2 block's d_bn_product
+  bad = QLHSNet(dtype=jnp.float32, fuse_d_bn="block", widths=(8, 16), depths=(1, 1),
+                num_classes=5, stem="small")
+  with pytest.raises(ValueError, match="power-of-two n >= 16.*fuse_d_bn='xla'"):
+    bad.init(jax.random.PRNGKey(0), X, train=True)
+  with pytest.raises(ValueError, match="fuse_d_bn='block' fuses eq3's two 1x1 maps"):
+    QLHSNet(form="eq5", fuse_d_bn="block", **TINY_BLOCK).init(
+        jax.random.PRNGKey(0), X, train=True)
+
+
+def test_train_step_with_block_fused():
+  """Two jitted train steps of the harness: the plain path's losses and parameters."""
+  batch = {"image": X, "label": LABELS}
+  plain = QLHSNet(dtype=jnp.float32, **TINY_BLOCK)
+  v = random_variables(plain, X, lo=-0.7, hi=0.7)
+  sp, lp = run_train_steps(plain, v, batch)
+  sf, lf = run_train_steps(plain.clone(fuse_d_bn="block"), v, batch)
+  np.testing.assert_allclose(lf, lp, rtol=1e-5)
+  assert_trees_close(sf.params, sp.params, 1e-4, 1e-5)
+  assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)
+
+
 def test_config_and_errors(tmp_path, monkeypatch):
   from qlhs_jax import config as config_lib
   from qlhs_jax import train

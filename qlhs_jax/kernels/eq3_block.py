@@ -1,0 +1,402 @@
+"""Eq.(3)'s whole hidden path ``y = A( BN(D u) * (C u) )`` in three Pallas kernels.
+
+Why: ``fuse_d_bn="xla"`` brings a stage-1 block to 8.6 GB per step at batch 256, and
+that is XLA's floor (benchmarks/NOTES.md, experiment 7): XLA's GEMM fusions take no
+operand the size of the hidden tensor, so q = C u, p = BN(D u) * q and dq are each
+stored between a cuBLAS/Triton matmul and an element-wise kernel. Here the two 1x1
+matmuls run inside the kernels (Triton ``dot`` on the tensor cores), so no hidden
+tensor is stored in the forward and one (dx, for du = D^T dx) in the backward:
+
+=========  ====================================================  =====================
+pass       work (per tile of pixels, per (channel block, s))     HBM traffic
+=========  ====================================================  =====================
+stats      sums of D u, (D u)^2 from u's tap Gram matrix (XLA)   u
+forward    q = u C_s, D u, p = (D u * mul + add) * q; y += p A_s  u in, y out
+sums       recompute q, D u, p; dp = dy A_s^T; BatchNorm sums,   u, dy in
+           dL/dkernel's tap sums, dA_s += p^T dy, dC_s += u^T dq
+dx         recompute q, D u, dp; dx (stored); du1 += dq C_s^T    u, dy in; dx, du1 out
+du         du = D^T dx + du1 (XLA, ``d_bn_product._d_transpose``) dx, du1 in; du out
+=========  ====================================================  =====================
+
+By hand count a stage-1 block at batch 256 then moves ~2 GB here against 7.7 GB for the
+same passes of "xla" (the BatchNorm after A and the residual are the model's, as
+before). The price is arithmetic: the forward's two matmuls are done three times (each
+pass recomputes q and dp), ~1.5x the matmul FLOPs of the plain step, which has ~10x
+headroom on an H100 (NOTES, "Two numbers first").
+
+Scope: stride 1 (13 of Eq.(3)'s 16 blocks), one BatchNorm group, j-major hidden
+channels, a power-of-two ``e``, power-of-two ``n`` and ``n_out`` of at least 16
+(Triton's block shapes and ``dot``). The model sends the other blocks to
+``d_bn_product(impl="xla")`` (``qlhs.py``). Statistics, the kernel gradient's
+algebra and the BatchNorm backward are ``d_bn_product``'s ("xla" path), so the two
+paths differ only in where the matmuls run and in float32 rounding: q and dp are
+rounded to the compute dtype before use, as the model's matmul outputs are.
+
+Pixels are flattened to rows ``(B*H*W, n)``; a 3x3 tap is the same rows shifted by
+``dy*W + dx``, masked where the shift leaves the image (``u`` is zero-padded by ``W+1``
+rows at each end so every shifted load stays inside the array). Weights are permuted
+once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
+``A_s[j, o] = A[j*e + s, o]``), so each kernel works on 2-D tiles only.
+
+``interpret=True`` runs the kernels on any backend (the CPU tests check them against
+float64 autodiff of the plain formula). Tiling: ``QLHS_BLOCK_TILING="pixels,warps"``
+(default :data:`DEFAULT_TILING`); not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from qlhs_jax.kernels import d_bn_product as dbn
+
+F32 = jnp.float32
+# (pixels per tile, warps): of (64, 4), (64, 8), (32, 4) and (128, 8), compiled for an
+# H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (only the
+# sums kernel of stages 1-2, <= 0.8 KB a thread); not yet timed. Wider streams get fewer
+# pixels per tile (see _plan).
+DEFAULT_TILING = (64, 8)
+# Float32 values a program's accumulator tile may hold: (pixels, n_out) in the forward,
+# (pixels, n) in the dx pass; (bj, n + n_out) in the sums pass, SUMS_ACC_VALUES.
+ACC_VALUES = 8192
+SUMS_ACC_VALUES = 4096
+# Programs the sums pass aims for: ~8 per SM of an H100 (132 SMs).
+SUMS_PROGRAMS = 1056
+# Input channels per step of the forward's and the dx pass's channel loop.
+FORWARD_BJ = 64
+
+
+def tiling() -> tuple[int, int]:
+  """(pixels, warps) from QLHS_BLOCK_TILING, else :data:`DEFAULT_TILING`."""
+  raw = os.environ.get("QLHS_BLOCK_TILING", "")
+  if not raw:
+    return DEFAULT_TILING
+  try:
+    m, warps = (int(v) for v in raw.split(","))
+  except ValueError:
+    m = warps = 0
+  if m < 16 or m & (m - 1) or warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"QLHS_BLOCK_TILING={raw!r}: want 'pixels,warps', e.g. '64,4' "
+                     f"(pixels a power of two >= 16, warps 1-16)")
+  return m, warps
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(1, x).bit_length() - 1)
+
+
+def _plan(u_shape, n_out: int, e: int) -> dict:
+  """Static tiling. ``m`` pixels per tile (a power of two, >= 16, Triton's smallest dot),
+  ``bj`` input channels per slice of the sums pass; tiles are grouped into ``chunks``
+  of ``tpc`` consecutive tiles, one program of the sums pass per (slice, chunk)."""
+  b, h, w, n = u_shape
+  m0, warps = tiling()
+  rows = b * h * w
+  m = max(16, min(m0, _pow2_floor(ACC_VALUES // max(n, n_out)),
+                  pl.next_power_of_2(rows)))
+  bj = max(16, min(n, _pow2_floor(SUMS_ACC_VALUES // (n + n_out))))
+  tiles = -(-rows // m)
+  slices = (n // bj) * e
+  chunks = min(tiles, max(1, -(-SUMS_PROGRAMS // slices)))
+  tpc = -(-tiles // chunks)
+  chunks = -(-tiles // tpc)  # the last chunk's tiles past `tiles` count nothing
+  return dict(b=b, h=h, w=w, n=n, e=e, n_out=n_out, rows=rows, m=m, bj=bj,
+              bjf=min(n, FORWARD_BJ), tiles=tiles, tpc=tpc, chunks=chunks, warps=warps)
+
+
+def _pad_rows(x2, plan, front):
+  """(rows, c) -> padded rows: ``front`` zero rows first, then zeros up to the tiles'
+  end (plus ``front`` more when ``front`` > 0, for the taps of the last rows). At
+  batch 256 the tiles end where the rows do, so dy is not copied."""
+  end = plan["tiles"] * plan["m"] - plan["rows"] + front
+  return jnp.pad(x2, ((front, end), (0, 0))) if front or end else x2
+
+
+def _dot(a, b, ta=False, tb=False):
+  """a @ b with float32 accumulation; ``ta``/``tb`` transpose an operand."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  prec = lax.Precision.HIGHEST if a.dtype == F32 else None
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def _rnd(x, dt):
+  """Rounded to the compute dtype and back: a matmul output as the model stores it."""
+  return x.astype(dt).astype(F32)
+
+
+class _Tile:
+  """Row ``p0`` (a multiple of m) of the flattened pixels: tap masks and loads."""
+
+  def __init__(self, p0, plan):
+    self.p0, self.plan = p0, plan
+    pix = p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
+    self.x = pix % plan["w"]
+    self.y = (pix // plan["w"]) % plan["h"]
+
+  def tap(self, up_ref, t, j0, bj):
+    """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
+    (m, bj) float32, 0 where the shifted pixel is outside the image."""
+    plan = self.plan
+    dy, dx = t // 3 - 1, t % 3 - 1
+    ok = ((self.y + dy >= 0) & (self.y + dy < plan["h"])
+          & (self.x + dx >= 0) & (self.x + dx < plan["w"]))
+    start = self.p0 + plan["w"] + 1 + dy * plan["w"] + dx
+    v = up_ref[pl.ds(start, plan["m"]), pl.ds(j0, bj)].astype(F32)
+    return jnp.where(ok[:, None], v, 0.0)
+
+  def d(self, up_ref, k_ref, s, j0, bj):
+    """D u for hidden channels (j, s), j in j0..j0+bj: (m, bj) float32."""
+    acc = None
+    for t in range(9):
+      term = self.tap(up_ref, t, j0, bj) * k_ref[s, t, pl.ds(j0, bj)][None, :]
+      acc = term if acc is None else acc + term
+    return acc
+
+  def u(self, up_ref):
+    return up_ref[pl.ds(self.p0 + self.plan["w"] + 1, self.plan["m"]), :]
+
+
+def _vec(ref, s, j0, bj):
+  return ref[s, pl.ds(j0, bj)][None, :]
+
+
+def _slice_loop(plan, body, init):
+  """``body(s, j0, carry)`` over the (channel block, s) slices of the hidden channels,
+  as a loop (not unrolled: unrolled, Triton loads the nine taps once for all s and keeps
+  them live, and ptxas spills)."""
+  e, bj = jnp.int32(plan["e"]), jnp.int32(plan["bjf"])
+  return lax.fori_loop(jnp.int32(0), jnp.int32((plan["n"] // plan["bjf"]) * plan["e"]),
+                       lambda sl, carry: body(lax.rem(sl, e), lax.div(sl, e) * bj, carry),
+                       init)
+
+
+def _forward_kernel(up_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, y_ref, *, plan):
+  tile = _Tile(pl.program_id(0) * plan["m"], plan)
+  ut = tile.u(up_ref)
+  dt, bj = ut.dtype, plan["bjf"]
+
+  def body(s, j0, acc):
+    q = _rnd(_dot(ut, c_ref[s, :, pl.ds(j0, bj)]), dt)
+    f1 = tile.d(up_ref, k_ref, s, j0, bj) * _vec(mul_ref, s, j0, bj) + _vec(
+        add_ref, s, j0, bj)
+    return acc + _dot((f1 * q).astype(dt), a_ref[s, pl.ds(j0, bj), :])
+  acc = _slice_loop(plan, body, jnp.zeros((plan["m"], plan["n_out"]), F32))
+  y_ref[pl.ds(tile.p0, plan["m"]), :] = acc.astype(y_ref.dtype)
+
+
+def _sums_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref,
+                 rstd_ref, sg_ref, sgx_ref, tg_ref, da_ref, dc_ref, *, plan):
+  e, bj, n, n_out = plan["e"], plan["bj"], plan["n"], plan["n_out"]
+  sl, ch = pl.program_id(0), pl.program_id(1)
+  s, j0 = sl % e, (sl // e) * bj
+  cs = c_ref[s, :, pl.ds(j0, bj)]
+  as_ = a_ref[s, pl.ds(j0, bj), :]
+  mul, add, mean, rstd = (_vec(r, s, j0, bj) for r in (mul_ref, add_ref, mean_ref,
+                                                          rstd_ref))
+
+  def body(i, carry):
+    sg, sgx, tg, da, dc = carry
+    ti = ch * plan["tpc"] + i
+    tile = _Tile(jnp.minimum(ti, plan["tiles"] - 1) * plan["m"], plan)
+    ut = tile.u(up_ref)
+    dt = ut.dtype
+    # A tile past the end (the last chunk's) reads the last tile and counts nothing.
+    dyt = dy_ref[pl.ds(tile.p0, plan["m"]), :] * (ti < plan["tiles"]).astype(dt)
+    q = _rnd(_dot(ut, cs), dt)
+    dp = _rnd(_dot(dyt, as_, tb=True), dt)
+    g = dp * q  # 0 on the padding rows: dy is 0 there
+    # Each tap feeds D u and dL/dkernel's tap sum at once, then dies (kept for a second
+    # use, the nine taps would be live together: register spills).
+    x, tg_new = None, []
+    for t in range(9):
+      tap = tile.tap(up_ref, t, j0, bj)
+      term = tap * k_ref[s, t, pl.ds(j0, bj)][None, :]
+      x = term if x is None else x + term
+      tg_new.append(tg[t] + (tap * g).sum(0))
+    f1 = x * mul + add
+    return (sg + g.sum(0), sgx + (g * ((x - mean) * rstd)).sum(0), tuple(tg_new),
+            da + _dot((f1 * q).astype(dt), dyt, ta=True),
+            dc + _dot(ut, (dp * f1).astype(dt), ta=True))
+  z = jnp.zeros((bj,), F32)
+  init = (z, z, (z,) * 9, jnp.zeros((bj, n_out), F32), jnp.zeros((n, bj), F32))
+  sg, sgx, tg, da, dc = lax.fori_loop(0, plan["tpc"], body, init)
+  sg_ref[ch, s, pl.ds(j0, bj)] = sg
+  sgx_ref[ch, s, pl.ds(j0, bj)] = sgx
+  for t in range(9):
+    tg_ref[ch, s, t, pl.ds(j0, bj)] = tg[t]
+  da_ref[ch, s, pl.ds(j0, bj), :] = da
+  dc_ref[ch, s, :, pl.ds(j0, bj)] = dc
+
+
+def _dx_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref, cx_ref,
+               c0_ref, dx_ref, du_ref, *, plan):
+  tile = _Tile(pl.program_id(0) * plan["m"], plan)
+  ut = tile.u(up_ref)
+  dt, bj = ut.dtype, plan["bjf"]
+  dyt = dy_ref[pl.ds(tile.p0, plan["m"]), :]
+
+  def body(s, j0, acc):
+    cs = c_ref[s, :, pl.ds(j0, bj)]
+    q = _rnd(_dot(ut, cs), dt)
+    x = tile.d(up_ref, k_ref, s, j0, bj)
+    mul = _vec(mul_ref, s, j0, bj)
+    f1 = x * mul + _vec(add_ref, s, j0, bj)
+    dp = _rnd(_dot(dyt, a_ref[s, pl.ds(j0, bj), :], tb=True), dt)
+    dx = (dp * q * mul + (x - _vec(mean_ref, s, j0, bj)) * _vec(cx_ref, s, j0, bj)
+          + _vec(c0_ref, s, j0, bj))
+    dx_ref[pl.ds(tile.p0, plan["m"]), pl.ds(j0, bj), s] = dx.astype(dx_ref.dtype)
+    return acc + _dot((dp * f1).astype(dt), cs, tb=True)
+  acc = _slice_loop(plan, body, jnp.zeros((plan["m"], plan["n"]), F32))
+  du_ref[pl.ds(tile.p0, plan["m"]), :] = acc.astype(du_ref.dtype)
+
+
+def _call(kernel, plan, grid, out_shape, args, interpret):
+  params = {}
+  if not interpret:
+    params["compiler_params"] = dbn.plt.CompilerParams(num_warps=plan["warps"],
+                                                       num_stages=1)
+  return pl.pallas_call(functools.partial(kernel, plan=plan), out_shape=out_shape,
+                        grid=grid, interpret=interpret,
+                        name=f"qlhs_eq3_{kernel.__name__.strip('_')}", **params)(*args)
+
+
+def _slices(v):
+  """(1, n, e) per-channel vectors -> (e, n) rows per s."""
+  return v[0].T
+
+
+def _weights(cw, aw, k9, e):
+  """Per-s weight slices: C_s (e, n_in, n), A_s (e, n, n_out), D's kernel (e, 9, n)."""
+  n_in, hdim = cw.shape
+  n = hdim // e
+  return (cw.reshape(n_in, n, e).transpose(2, 0, 1),
+          aw.reshape(n, e, aw.shape[1]).transpose(1, 0, 2), k9.transpose(2, 0, 1))
+
+
+def check(u_shape, cw_shape, aw_shape, kernel_shape):
+  """Refuses what the kernels cannot do, naming the fix."""
+  if len(u_shape) != 4:
+    raise ValueError(f"eq3_hidden expects u (B, H, W, n), got shape {u_shape}")
+  n = u_shape[-1]
+  kh, kw, kj, e = kernel_shape
+  if (kh, kw) != (3, 3) or kj not in (1, n) or cw_shape != (n, n * e) or (
+      len(aw_shape) != 2 or aw_shape[0] != n * e):
+    raise ValueError(f"eq3_hidden: kernel {kernel_shape}, C {cw_shape}, A {aw_shape} do "
+                     f"not fit u {u_shape} (want C ({n}, {n * e}), A ({n * e}, n_out))")
+  for name, v, low in (("expansion e", e, 1), ("n", n, 16), ("n_out", aw_shape[1], 16)):
+    if v < low or v & (v - 1):
+      raise ValueError(f"fuse_d_bn='block' needs a power-of-two {name} >= {low} "
+                       f"(Triton block shapes and dot), got {v}; use fuse_d_bn='xla'")
+  if dbn.plt is None:
+    raise ValueError(f"fuse_d_bn='block' needs Pallas's Triton backend "
+                     f"(jax.experimental.pallas.triton), which JAX {jax.__version__} "
+                     f"does not have; use fuse_d_bn='xla'")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _op(u, cw, aw, kernel, scale, bias, eps, interpret):
+  return _forward(u, cw, aw, kernel, scale, bias, eps, interpret)[0]
+
+
+def _forward(u, cw, aw, kernel, scale, bias, eps, interpret):
+  b, h, w, n = u.shape
+  e, n_out = kernel.shape[-1], aw.shape[1]
+  k9 = dbn._kernel9(kernel, n)
+  s1, s2, tstats = dbn._xla_stats(u, k9, 1, 1)
+  count = b * h * w
+  mean = s1 / count
+  var = jnp.maximum(s2 / count - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + eps)
+  mul = scale.astype(F32).reshape(n, e) * rstd
+  add = bias.astype(F32).reshape(n, e) - mean * mul
+  plan = _plan(u.shape, n_out, e)
+  up = _pad_rows(u.reshape(-1, n), plan, w + 1)
+  cs, as_, ks = _weights(cw, aw, k9, e)
+  y = _call(_forward_kernel, plan, (plan["tiles"],),
+            jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n_out), u.dtype),
+            (up, cs, as_, ks, _slices(mul), _slices(add)), interpret)
+  y = y[:plan["rows"]].reshape(b, h, w, n_out)
+  hdim = n * e
+  # The padded u is the residual: the backward kernels read it as it is.
+  return ((y, mean.reshape(1, hdim), var.reshape(1, hdim)),
+          (up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats))
+
+
+def _fwd(u, cw, aw, kernel, scale, bias, eps, interpret):
+  return _forward(u, cw, aw, kernel, scale, bias, eps, interpret)
+
+
+def _bwd(eps, interpret, res, cts):
+  del eps
+  up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats = res
+  dy, dmean, dvar = cts
+  b, h, w, n_out = dy.shape
+  n, e = up.shape[1], kernel.shape[-1]
+  k9 = dbn._kernel9(kernel, n)
+  plan = _plan((b, h, w, n), n_out, e)
+  dyp = _pad_rows(dy.astype(up.dtype).reshape(-1, n_out), plan, 0)
+  cs, as_, ks = _weights(cw, aw, k9, e)
+  ch = plan["chunks"]
+  part = lambda *shape: jax.ShapeDtypeStruct((ch, e) + shape, F32)
+  sg, sgx, tg, da, dc = _call(
+      _sums_kernel, plan, ((n // plan["bj"]) * e, ch),
+      (part(n), part(n), part(9, n), part(n, n_out), part(n, n)),
+      (up, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(rstd)),
+      interpret)
+  sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
+  tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
+  count = b * h * w
+  dmean = dmean.astype(F32).reshape(1, n, e)
+  dvar = dvar.astype(F32).reshape(1, n, e)
+  # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
+  cx = -mul * rstd * sgx / count + 2.0 * dvar / count
+  c0 = -mul * sg / count + dmean / count
+  dk9 = dbn._xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
+  dx, du1 = _call(
+      _dx_kernel, plan, (plan["tiles"],),
+      (jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n, e), up.dtype),
+       jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n), up.dtype)),
+      (up, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(cx),
+       _slices(c0)), interpret)
+  rows = plan["rows"]
+  du = (dbn._d_transpose(dx[:rows].reshape(b, h, w, n, e), k9, 1, (h, w))
+        + du1[:rows].reshape(b, h, w, n).astype(F32))
+  dcw = dc.sum(0).transpose(1, 2, 0).reshape(n, n * e)  # C[i, j*e + s] = C_s[i, j]
+  daw = da.sum(0).transpose(1, 0, 2).reshape(n * e, n_out)
+  dk = dk9.reshape(3, 3, n, e)
+  if kernel.shape[2] == 1:
+    dk = dk.sum(2, keepdims=True)
+  hdim = n * e
+  return (du.astype(up.dtype), dcw.astype(cw.dtype), daw.astype(aw.dtype),
+          dk.astype(kernel.dtype), sgx[0].reshape(hdim).astype(scale.dtype),
+          sg[0].reshape(hdim).astype(bias.dtype))
+
+
+_op.defvjp(_fwd, _bwd)
+
+
+def eq3_hidden(u: jax.Array, cw: jax.Array, aw: jax.Array, kernel: jax.Array,
+               scale: jax.Array, bias: jax.Array, *, eps: float = 1e-5,
+               interpret: bool = False):
+  """``y = (BN(D u) * (u @ cw)) @ aw`` with training-mode batch statistics, stride 1.
+
+  ``u`` (B, H, W, n) in the compute dtype; ``cw`` (n, n*e) and ``aw`` (n*e, n_out) the
+  1x1 maps in the compute dtype (j-major hidden channels ``j*e + s``); ``kernel``
+  (3, 3, 1 or n, e); ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns
+  ``(y, mean, var)``: y (B, H, W, n_out) in u's dtype, mean and biased variance of D u,
+  (1, n*e) float32. Differentiable in every array argument.
+  """
+  check(u.shape, cw.shape, aw.shape, kernel.shape)
+  return _op(u, cw, aw, kernel, scale, bias, eps, interpret)
+
+
+def reference(u, cw, aw, kernel, scale, bias, *, eps=1e-5):
+  """The plain formula (``d_bn_product.reference`` between the two matmuls), for tests."""
+  c = jnp.dot(u, cw)
+  p, mean, var = dbn.reference(u, c, kernel, scale, bias, eps=eps)
+  return jnp.dot(p, aw), mean, var

@@ -1,0 +1,199 @@
+"""Eq.(3)'s hidden path ``A(BN(D u) * (C u))`` as Pallas kernels (qlhs_jax.kernels.eq3_block).
+
+References: float64 NumPy loops for the forward, float64 autodiff of the plain formula
+for the gradients; the kernels run in interpret mode in float32. That they lower to
+Triton for a CUDA device is checked here too (the compile to PTX is not).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax.kernels import eq3_block as eb
+
+from tests.kernels.test_d_bn_product import EPS, numpy_forward
+
+
+def make_inputs(seed, b, h, w, n, e, kj, n_out, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  u = rng.normal(size=(b, h, w, n)) + 0.3  # an offset: the centred backward matters
+  cw = rng.normal(size=(n, n * e)) / np.sqrt(n)
+  aw = rng.normal(size=(n * e, n_out)) / np.sqrt(n * e)
+  kernel = rng.normal(size=(3, 3, kj, e))
+  scale = rng.uniform(0.5, 1.5, n * e) * rng.choice([-1, 1], n * e)
+  bias = rng.normal(size=n * e)
+  weights = (rng.normal(size=(b, h, w, n_out)), rng.normal(size=(1, n * e)),
+             rng.normal(size=(1, n * e)))
+  return tuple(a.astype(dtype) for a in (u, cw, aw, kernel, scale, bias)), weights
+
+
+def loss_of(fn, weights):
+  """Reads all three outputs, so every cotangent path is exercised."""
+  w1, w2, w3 = weights
+
+  def loss(*args):
+    y, mean, var = fn(*args)
+    return ((y * w1).sum() + (mean * w2).sum() + (var * w3).sum()).astype(jnp.float32)
+  return loss
+
+
+CASES = [  # (B, H, W, n), e, kernel's j axis (1 = shared "ws"), n_out
+    ((2, 5, 6, 16), 4, 1, 16),    # 60 pixels: one 64-pixel tile, 4 rows of padding
+    ((2, 7, 5, 32), 2, 32, 16),   # per-channel kernel, n_out < n, two tiles
+    ((1, 4, 4, 16), 4, 1, 32),    # n_out > n, a 16-pixel tile
+]
+
+
+@pytest.mark.parametrize("shape,e,kj,n_out", CASES)
+def test_forward_matches_numpy(shape, e, kj, n_out):
+  args, _ = make_inputs(0, *shape, e, kj, n_out)
+  u, cw, aw, kernel, scale, bias = args
+  p, mean, var = numpy_forward(u, u @ cw, kernel, scale, bias, 1, 1)
+  want = (p @ aw, mean, var)
+  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
+                      interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5 * np.abs(w).max())
+
+
+def assert_gradients_match(args, weights):
+  with jax.enable_x64(True):
+    ref = jax.grad(loss_of(functools.partial(eb.reference, eps=EPS),
+                           [jnp.asarray(w) for w in weights]), argnums=range(6))(
+                               *(jnp.asarray(a) for a in args))
+    ref = [np.asarray(r) for r in ref]
+  op = functools.partial(eb.eq3_hidden, eps=EPS, interpret=True)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(6))(*(jnp.asarray(a, jnp.float32) for a in args))
+  for name, g, r in zip(("u", "C", "A", "kernel", "scale", "bias"), got, ref):
+    assert g.shape == r.shape and g.dtype == jnp.float32, name
+    err = np.abs(np.asarray(g) - r).max() / np.abs(r).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("shape,e,kj,n_out", CASES)
+def test_gradients_match_float64_autodiff(shape, e, kj, n_out):
+  assert_gradients_match(*make_inputs(1, *shape, e, kj, n_out))
+
+
+def test_channel_blocks_and_chunks_match_float64_autodiff(monkeypatch):
+  """Smaller accumulators than the GPU default: the forward and dx passes loop over two
+  channel blocks, the sums pass has two channel blocks per s and several tiles per
+  program, and the tiles are 32 pixels (the last one partly padding)."""
+  monkeypatch.setattr(eb, "ACC_VALUES", 1024)
+  monkeypatch.setattr(eb, "SUMS_ACC_VALUES", 1024)
+  monkeypatch.setattr(eb, "SUMS_PROGRAMS", 8)
+  monkeypatch.setattr(eb, "FORWARD_BJ", 16)
+  plan = eb._plan((2, 6, 7, 32), 32, 2)
+  assert (plan["m"], plan["bj"], plan["bjf"]) == (32, 16, 16)
+  # Several tiles per program; the last tile partly padding; one tile slot past the end.
+  assert plan["tpc"] > 1 and plan["tiles"] * plan["m"] > plan["rows"]
+  assert plan["chunks"] * plan["tpc"] > plan["tiles"]
+  args, weights = make_inputs(2, 2, 6, 7, 32, 2, 1, 32)
+  assert_gradients_match(args, weights)
+  u, cw, aw, kernel, scale, bias = args
+  p, _, _ = numpy_forward(u, u @ cw, kernel, scale, bias, 1, 1)
+  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
+                      interpret=True)[0]
+  np.testing.assert_allclose(np.asarray(got), p @ aw, rtol=2e-5,
+                             atol=2e-5 * np.abs(p @ aw).max())
+
+
+def test_bfloat16_is_as_close_to_float64_as_the_plain_path():
+  """In bfloat16 (the training dtype) the kernels are no further from the float64 values
+  than the plain formula in bfloat16 is (whose D u, BatchNorm output and kernel
+  gradient are rounded to bfloat16 where the kernels keep float32)."""
+  args, weights = make_inputs(3, 2, 8, 8, 32, 4, 1, 32)
+  with jax.enable_x64(True):
+    fn = functools.partial(eb.reference, eps=EPS)
+    a64 = [jnp.asarray(a) for a in args]
+    exact = jax.tree.leaves((fn(*a64), jax.grad(loss_of(fn, [jnp.asarray(w) for w in
+                                                             weights]),
+                                                argnums=range(6))(*a64)))
+    exact = [np.asarray(x) for x in exact]
+  dtypes = (jnp.bfloat16,) * 3 + (jnp.float32,) * 3
+  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
+  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  errs = {}
+  for name, fn in (("plain", functools.partial(eb.reference, eps=EPS)),
+                   ("kernels", functools.partial(eb.eq3_hidden, eps=EPS, interpret=True))):
+    got = jax.tree.leaves((fn(*args), jax.grad(loss_of(fn, ws), argnums=range(6))(*args)))
+    errs[name] = [np.abs(np.asarray(g, np.float64) - x).max() / np.abs(x).max()
+                  for g, x in zip(got, exact)]
+  for i, (k, p) in enumerate(zip(errs["kernels"], errs["plain"])):
+    assert k <= max(1.5 * p, 1e-2), (i, k, p)
+
+
+def test_wrong_arguments_are_refused(monkeypatch):
+  args, _ = make_inputs(0, 2, 6, 6, 16, 4, 1, 16, np.float32)
+  u, cw, aw, kernel, scale, bias = (jnp.asarray(a) for a in args)
+  with pytest.raises(ValueError, match="do not fit"):
+    eb.eq3_hidden(u, cw[:, :32], aw, kernel, scale, bias)
+  args8, _ = make_inputs(0, 2, 6, 6, 8, 4, 1, 16, np.float32)
+  with pytest.raises(ValueError, match="power-of-two n >= 16.*fuse_d_bn='xla'"):
+    eb.eq3_hidden(*(jnp.asarray(a) for a in args8), interpret=True)
+  args3, _ = make_inputs(0, 2, 6, 6, 16, 3, 1, 16, np.float32)
+  with pytest.raises(ValueError, match="power-of-two expansion e"):
+    eb.eq3_hidden(*(jnp.asarray(a) for a in args3), interpret=True)
+  monkeypatch.setattr(eb.dbn, "plt", None)  # a JAX without Pallas's Triton backend
+  with pytest.raises(ValueError, match="needs Pallas's Triton backend.*fuse_d_bn='xla'"):
+    eb.eq3_hidden(u, cw, aw, kernel, scale, bias, interpret=True)
+
+
+def test_tiling_override(monkeypatch):
+  """QLHS_BLOCK_TILING changes the tiles, not the numbers; a bad value is refused."""
+  args, _ = make_inputs(4, 2, 5, 7, 16, 4, 1, 16, np.float32)
+  args = [jnp.asarray(a) for a in args]
+  run = lambda: np.asarray(eb.eq3_hidden(*args, interpret=True)[0])
+  base = run()
+  monkeypatch.setenv("QLHS_BLOCK_TILING", "16,8")
+  assert eb._plan((2, 5, 7, 16), 16, 4)["m"] == 16 and eb.tiling() == (16, 8)
+  np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
+  for bad in ("24,4", "64", "64,3", "x,4"):
+    monkeypatch.setenv("QLHS_BLOCK_TILING", bad)
+    with pytest.raises(ValueError, match="want 'pixels,warps'"):
+      eb.tiling()
+
+
+def test_plan_at_the_network_shapes():
+  """At Eq.(3)'s stride-1 shapes (batch 256, 224 px) each program's float32 accumulator
+  stays within ACC_VALUES, tiles are powers of two, and the sums pass has about
+  SUMS_PROGRAMS programs."""
+  for side, n in ((56, 64), (28, 128), (14, 256), (7, 512)):
+    plan = eb._plan((256, side, side, n), n, 4)
+    assert plan["m"] * n <= eb.ACC_VALUES and plan["bj"] * 2 * n <= max(eb.SUMS_ACC_VALUES,
+                                                                      16 * 2 * n)
+    assert plan["m"] & (plan["m"] - 1) == 0 and plan["bj"] >= 16
+    assert plan["tiles"] * plan["m"] == plan["rows"]  # dy needs no padding
+    assert plan["chunks"] * plan["tpc"] >= plan["tiles"] > (plan["chunks"] - 1) * plan["tpc"]
+    programs = (n // plan["bj"]) * 4 * plan["chunks"]
+    assert 0.9 * eb.SUMS_PROGRAMS <= programs < 2 * eb.SUMS_PROGRAMS, (side, programs)
+
+
+def lower_for_cuda(b, side, n, e=4):
+  """Forward and backward of eq3_hidden in bfloat16, lowered for CUDA on this CPU."""
+  s = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = (s((b, side, side, n), bf), s((n, n * e), bf), s((n * e, n), bf),
+          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
+
+  def loss(*a):
+    y, mean, _ = eb.eq3_hidden(*a)
+    return y.astype(jnp.float32).sum() + mean.sum()
+  return jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(
+      lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("side,n", [(56, 64), (7, 512)])
+def test_kernels_lower_to_triton_for_cuda(side, n):
+  """Stage 1 and stage 4 at batch 256: three Triton kernels, forward, sums and dx."""
+  if jax.__version_info__ >= (0, 11):
+    pytest.skip("JAX >= 0.11 lowers Pallas for CUDA only with a GPU's description "
+                "(benchmarks.aot compiles the whole step for an H100 instead)")
+  text = lower_for_cuda(256, side, n).as_text()
+  assert text.count("xla.gpu.triton") == 3
+  for name in ("forward_kernel", "sums_kernel", "dx_kernel"):
+    assert f"qlhs_eq3_{name}" in text, name
