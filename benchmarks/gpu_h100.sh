@@ -12,15 +12,17 @@
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (520 s): Eq.(3) with fuse_d_bn="xla" vs ResNet50 in one run (the goal's
-#   figures: 64.9 GB per step in the deviceless compile, ResNet50 98.2 GB); the plain
-#   Eq.(3) (101.4 GB); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
-#   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
-#   d_impl="shifted_t" and pin_hidden_layout (83.6 GB). (benchmarks.aot, jax 0.11.2,
-#   --gemm triton; NOTES.md experiment 6.)
-# "variants" (480 s): fuse_d_bn="pallas"; the s-major layout (alone and with shifted_t +
-#   pinned layout), the pinned layout alone, remat, MobileNetV3. (Measured before, so
-#   left out: d_impl="grouped", 0.59x the plain step on the H200.)
+# "step" (520 s): the goal's figures for the two candidates, each against ResNet50 in
+#   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
+#   ResNet50 98.2 GB), then with fuse_d_bn="block" (32.1 GB: the 1x1 matmuls inside
+#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU); then the
+#   plain Eq.(3) (101.4 GB). (benchmarks.aot, jax 0.11.2, --gemm triton.)
+# "variants" (560 s): fuse_d_bn="pallas"; ResNet50 with JAX's own max-pool gradient
+#   (stem_pool="autodiff", 102.1 GB: what the stem's argmax pool gives both models);
+#   Eq.(3) with d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout
+#   (alone and with shifted_t + pinned layout), the pinned layout alone, MobileNetV3.
+#   (Measured before, so left out: d_impl="grouped", 0.59x the plain step on the H200;
+#   remat="dots", 0.88x.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
 # two rows (3 traced steps each, after the timing is printed and recorded; a profile still
@@ -87,20 +89,21 @@ fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   bench 240 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
     --profile-dir "$OUT"
-  bench 100 --model eq3_softball_ds --hlo-dir "$H" --profile-dir "$OUT"
-  bench 90 --model resnet50 --set 'stem_pool="autodiff"'
-  bench 90 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
-    --hlo-dir "$H"
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="block"' --vs resnet50 --hlo-dir "$H" \
+    --profile-dir "$OUT"
+  bench 80 --model eq3_softball_ds --hlo-dir "$H"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
   QLHS_PALLAS_TILING=$best bench 80 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
     --hlo-dir "$H"
+  bench 80 --model resnet50 --set 'stem_pool="autodiff"'
+  bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
+    --hlo-dir "$H"
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$H"
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --set 'd_impl="shifted_t"' \
     --set pin_hidden_layout=true
   bench 80 --model eq3_softball_ds --set pin_hidden_layout=true
-  bench 80 --model eq3_softball_ds --set 'remat="dots"'
   bench 80 --model mobilenetv3_large_100
 fi
 echo "== table"

@@ -26,6 +26,19 @@ def test_stage1_kernels_compile(monkeypatch, capsys, tiling, spills):
     assert all(f" {spills} B spilled" in l for l in rows), out
 
 
+def test_eq3_block_kernels_compile(capsys):
+  """fuse_d_bn="block"'s three kernels compile at stage 3 (batch 256, default tiling)
+  without spills; stride-2 shapes are not its kernels' and are left out."""
+  assert triton_compile.main(["--op", "eq3_block", "--shapes",
+                              "stage3,stage4_block0"]) == 0
+  out = capsys.readouterr().out
+  rows = [l for l in out.splitlines() if "registers" in l]
+  assert len(rows) == 3 and "FAILED" not in out, out
+  for kernel in ("forward", "sums", "dx"):
+    assert f"qlhs_eq3_{kernel}_kernel" in out, kernel
+  assert all(" 0 B spilled" in l for l in rows), out
+
+
 def test_broken_ir_is_reported():
   r = triton_compile.compile_ir("bad", "module @bad { tt.func @bad() { tt.bogus } }",
                                 "90a", 4)
