@@ -14,7 +14,7 @@ import pytest
 
 from qlhs_jax.kernels import eq3_block as eb
 
-from tests.kernels.test_d_bn_product import EPS, numpy_forward
+from tests.kernels.test_d_bn_product import EPS, loss_of, numpy_forward
 
 
 def make_inputs(seed, b, h, w, n, e, kj, n_out, dtype=np.float64):
@@ -28,16 +28,6 @@ def make_inputs(seed, b, h, w, n, e, kj, n_out, dtype=np.float64):
   weights = (rng.normal(size=(b, h, w, n_out)), rng.normal(size=(1, n * e)),
              rng.normal(size=(1, n * e)))
   return tuple(a.astype(dtype) for a in (u, cw, aw, kernel, scale, bias)), weights
-
-
-def loss_of(fn, weights):
-  """Reads all three outputs, so every cotangent path is exercised."""
-  w1, w2, w3 = weights
-
-  def loss(*args):
-    y, mean, var = fn(*args)
-    return ((y * w1).sum() + (mean * w2).sum() + (var * w3).sum()).astype(jnp.float32)
-  return loss
 
 
 CASES = [  # (B, H, W, n), e, kernel's j axis (1 = shared "ws"), n_out
@@ -173,27 +163,14 @@ def test_plan_at_the_network_shapes():
     assert 0.9 * eb.SUMS_PROGRAMS <= programs < 2 * eb.SUMS_PROGRAMS, (side, programs)
 
 
-def lower_for_cuda(b, side, n, e=4):
-  """Forward and backward of eq3_hidden in bfloat16, lowered for CUDA on this CPU."""
-  s = jax.ShapeDtypeStruct
-  bf = jnp.bfloat16
-  args = (s((b, side, side, n), bf), s((n, n * e), bf), s((n * e, n), bf),
-          s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
-
-  def loss(*a):
-    y, mean, _ = eb.eq3_hidden(*a)
-    return y.astype(jnp.float32).sum() + mean.sum()
-  return jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(
-      lowering_platforms=("cuda",))
-
-
 @pytest.mark.parametrize("side,n", [(56, 64), (7, 512)])
 def test_kernels_lower_to_triton_for_cuda(side, n):
   """Stage 1 and stage 4 at batch 256: three Triton kernels, forward, sums and dx."""
   if jax.__version_info__ >= (0, 11):
     pytest.skip("JAX >= 0.11 lowers Pallas for CUDA only with a GPU's description "
                 "(benchmarks.aot compiles the whole step for an H100 instead)")
-  text = lower_for_cuda(256, side, n).as_text()
+  from qlhs_jax.benchmarks.triton_compile import lower_block_for_cuda
+  text = lower_block_for_cuda(256, side, n).as_text()
   assert text.count("xla.gpu.triton") == 3
   for name in ("forward_kernel", "sums_kernel", "dx_kernel"):
     assert f"qlhs_eq3_{name}" in text, name
