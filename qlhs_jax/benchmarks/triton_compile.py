@@ -50,19 +50,20 @@ def lower_for_cuda(batch: int, side: int, n: int, stride: int):
       *abstract_inputs(batch, side, n, stride)).lower(lowering_platforms=("cuda",))
 
 
-def lower_block_for_cuda(batch: int, side: int, n: int, e: int = 4):
-  """Forward and backward of ``eq3_block.eq3_hidden`` (``fuse_d_bn="block"``, stride 1,
-  n_out = n) in bfloat16, lowered for CUDA here."""
+def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
+  """Forward and backward of ``eq3_block.eq3_hidden`` (``fuse_d_bn="block"``; n_out = n,
+  or 2n with a stride, as in Eq.(3)) in bfloat16, lowered for CUDA here."""
   import jax
   import jax.numpy as jnp
 
   from qlhs_jax.kernels import eq3_block
   s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-  args = (s((batch, side, side, n), bf), s((n, n * e), bf), s((n * e, n), bf),
+  n_out = n if stride == 1 else 2 * n
+  args = (s((batch, side, side, n), bf), s((n, n * e), bf), s((n * e, n_out), bf),
           s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
 
   def loss(*a):
-    y, mean, _ = eq3_block.eq3_hidden(*a)
+    y, mean, _ = eq3_block.eq3_hidden(*a, stride=stride)
     return y.astype(jnp.float32).sum() + mean.sum()
   return jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(
       lowering_platforms=("cuda",))
@@ -74,7 +75,7 @@ OPS = ("d_bn_product", "eq3_block")
 def triton_ir(batch: int, side: int, n: int, stride: int,
               op: str = "d_bn_product") -> list[tuple[str, str]]:
   """``[(kernel name, Triton IR text)]`` of the Pallas kernels of ``op`` at one shape:
-  d_bn_product's four passes, or eq3_block's three kernels (stride 1 only)."""
+  d_bn_product's four passes, or eq3_block's three kernels."""
   from jax._src.pallas.triton import lowering
   from jax._src.pallas.triton import pallas_call_registration as registration
   captured = []
@@ -88,7 +89,7 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   registration.lowering.lower_jaxpr_to_triton_module = capture
   try:
     if op == "eq3_block":
-      lower_block_for_cuda(batch, side, n)
+      lower_block_for_cuda(batch, side, n, stride)
     else:
       lower_for_cuda(batch, side, n, stride)
   finally:
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
   p.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
   p.add_argument("--op", default="d_bn_product", choices=OPS,
                  help="whose kernels: fuse_d_bn='pallas' (d_bn_product) or 'block' "
-                      "(eq3_block, stride-1 shapes only)")
+                      "(eq3_block)")
   args = p.parse_args(argv)
   try:
     import triton
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
   wanted = set(filter(None, args.shapes.split(",")))
   ok = True
   for name, side, n, stride, _ in EQ3_SHAPES:
-    if (wanted and name not in wanted) or (args.op == "eq3_block" and stride != 1):
+    if wanted and name not in wanted:
       continue
     for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
       r = compile_ir(kernel, text, args.arch, warps, stages)

@@ -90,13 +90,15 @@ def _pow2_floor(x: int) -> int:
   return 1 << (max(1, x).bit_length() - 1)
 
 
-def _plan(u_shape, n_out: int, e: int) -> dict:
-  """Static tiling. ``m`` pixels per tile (a power of two, >= 16, Triton's smallest dot),
-  ``bj`` input channels per slice of the sums pass; tiles are grouped into ``chunks``
-  of ``tpc`` consecutive tiles, one program of the sums pass per (slice, chunk)."""
+def _plan(u_shape, n_out: int, e: int, stride: int = 1) -> dict:
+  """Static tiling. ``m`` output pixels per tile (a power of two, >= 16, Triton's
+  smallest dot), ``bj`` input channels per slice of the sums pass; tiles are grouped
+  into ``chunks`` of ``tpc`` consecutive tiles, one program of the sums pass per
+  (slice, chunk)."""
   b, h, w, n = u_shape
   m0, warps = tiling()
-  rows = b * h * w
+  ho, wo = dbn._out_size(h, stride), dbn._out_size(w, stride)
+  rows = b * ho * wo
   m = max(16, min(m0, _pow2_floor(ACC_VALUES // max(n, n_out)),
                   pl.next_power_of_2(rows)))
   bj = max(16, min(n, _pow2_floor(SUMS_ACC_VALUES // (n + n_out))))
@@ -105,16 +107,25 @@ def _plan(u_shape, n_out: int, e: int) -> dict:
   chunks = min(tiles, max(1, -(-SUMS_PROGRAMS // slices)))
   tpc = -(-tiles // chunks)
   chunks = -(-tiles // tpc)  # the last chunk's tiles past `tiles` count nothing
-  return dict(b=b, h=h, w=w, n=n, e=e, n_out=n_out, rows=rows, m=m, bj=bj,
-              bjf=min(n, FORWARD_BJ), tiles=tiles, tpc=tpc, chunks=chunks, warps=warps)
+  return dict(b=b, h=h, w=w, ho=ho, wo=wo, stride=stride, n=n, e=e, n_out=n_out,
+              rows=rows, m=m, bj=bj, bjf=min(n, FORWARD_BJ), tiles=tiles, tpc=tpc,
+              chunks=chunks, warps=warps)
 
 
-def _pad_rows(x2, plan, front):
-  """(rows, c) -> padded rows: ``front`` zero rows first, then zeros up to the tiles'
-  end (plus ``front`` more when ``front`` > 0, for the taps of the last rows). At
-  batch 256 the tiles end where the rows do, so dy is not copied."""
-  end = plan["tiles"] * plan["m"] - plan["rows"] + front
-  return jnp.pad(x2, ((front, end), (0, 0))) if front or end else x2
+def _pad_rows(x2, plan):
+  """dy (output rows, c), zero-padded to the tiles' end. At batch 256 the tiles end
+  where the rows do, so dy is not copied."""
+  end = plan["tiles"] * plan["m"] - plan["rows"]
+  return jnp.pad(x2, ((0, end), (0, 0))) if end else x2
+
+
+def _pad_u(u, plan):
+  """u as zero-padded rows (B*H*W + 2W + 2, n): W+1 rows at each end, so that every
+  tap's shifted rows stay inside the array; with stride 1 also zeros up to the last
+  tile's end (with a stride the pixels past the end are clamped instead)."""
+  w = plan["w"]
+  end = w + 1 + (plan["tiles"] * plan["m"] - plan["rows"] if plan["stride"] == 1 else 0)
+  return jnp.pad(u.reshape(-1, plan["n"]), ((w + 1, end), (0, 0)))
 
 
 def _dot(a, b, ta=False, tb=False):
@@ -130,23 +141,37 @@ def _rnd(x, dt):
 
 
 class _Tile:
-  """Row ``p0`` (a multiple of m) of the flattened pixels: tap masks and loads."""
+  """Output row ``p0`` (a multiple of m) of the flattened pixels: tap masks and loads.
+  Stride 1: a tap is the tile's rows shifted by ``dy*W + dx``, one contiguous load.
+  Stride s: output pixel (y, x) reads input pixel (s*y + dy, s*x + dx), a gathered load
+  of whole rows of channels (pixels past the end clamped to the last one)."""
 
   def __init__(self, p0, plan):
     self.p0, self.plan = p0, plan
     pix = p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
-    self.x = pix % plan["w"]
-    self.y = (pix // plan["w"]) % plan["h"]
+    st = plan["stride"]
+    if st != 1:
+      pix = jnp.minimum(pix, plan["rows"] - 1)
+    self.x = pix % plan["wo"]
+    self.y = (pix // plan["wo"]) % plan["ho"]
+    if st != 1:  # the padded row of each output pixel's centre tap (s*y, s*x)
+      self.base = ((pix // (plan["ho"] * plan["wo"])) * (plan["h"] * plan["w"])
+                   + st * self.y * plan["w"] + st * self.x + plan["w"] + 1)
+
+  def _rows(self, ref, shift, cols):
+    plan = self.plan
+    if plan["stride"] == 1:
+      return ref[pl.ds(self.p0 + plan["w"] + 1 + shift, plan["m"]), cols]
+    return ref[self.base + shift, cols]
 
   def tap(self, up_ref, t, j0, bj):
     """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
-    (m, bj) float32, 0 where the shifted pixel is outside the image."""
+    (m, bj) float32, 0 where the tap is outside the image."""
     plan = self.plan
     dy, dx = t // 3 - 1, t % 3 - 1
-    ok = ((self.y + dy >= 0) & (self.y + dy < plan["h"])
-          & (self.x + dx >= 0) & (self.x + dx < plan["w"]))
-    start = self.p0 + plan["w"] + 1 + dy * plan["w"] + dx
-    v = up_ref[pl.ds(start, plan["m"]), pl.ds(j0, bj)].astype(F32)
+    yy, xx = plan["stride"] * self.y + dy, plan["stride"] * self.x + dx
+    ok = (yy >= 0) & (yy < plan["h"]) & (xx >= 0) & (xx < plan["w"])
+    v = self._rows(up_ref, dy * plan["w"] + dx, pl.ds(j0, bj)).astype(F32)
     return jnp.where(ok[:, None], v, 0.0)
 
   def d(self, up_ref, k_ref, s, j0, bj):
@@ -158,7 +183,8 @@ class _Tile:
     return acc
 
   def u(self, up_ref):
-    return up_ref[pl.ds(self.p0 + self.plan["w"] + 1, self.plan["m"]), :]
+    """u at the tiles' pixels (the strided grid's): the 1x1 maps' input, (m, n)."""
+    return self._rows(up_ref, 0, slice(None))
 
 
 def _vec(ref, s, j0, bj):
@@ -298,48 +324,49 @@ def check(u_shape, cw_shape, aw_shape, kernel_shape):
                      f"does not have; use fuse_d_bn='xla'")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _op(u, cw, aw, kernel, scale, bias, eps, interpret):
-  return _forward(u, cw, aw, kernel, scale, bias, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _op(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
+  return _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret)[0]
 
 
-def _forward(u, cw, aw, kernel, scale, bias, eps, interpret):
-  b, h, w, n = u.shape
+def _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
+  del hw  # u's (H, W), for the backward
+  b, _, _, n = u.shape
   e, n_out = kernel.shape[-1], aw.shape[1]
   k9 = dbn._kernel9(kernel, n)
-  s1, s2, tstats = dbn._xla_stats(u, k9, 1, 1)
-  count = b * h * w
+  s1, s2, tstats = dbn._xla_stats(u, k9, stride, 1)
+  plan = _plan(u.shape, n_out, e, stride)
+  count = plan["rows"]
   mean = s1 / count
   var = jnp.maximum(s2 / count - mean * mean, 0.0)
   rstd = lax.rsqrt(var + eps)
   mul = scale.astype(F32).reshape(n, e) * rstd
   add = bias.astype(F32).reshape(n, e) - mean * mul
-  plan = _plan(u.shape, n_out, e)
-  up = _pad_rows(u.reshape(-1, n), plan, w + 1)
+  up = _pad_u(u, plan)
   cs, as_, ks = _weights(cw, aw, k9, e)
   y = _call(_forward_kernel, plan, (plan["tiles"],),
             jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n_out), u.dtype),
             (up, cs, as_, ks, _slices(mul), _slices(add)), interpret)
-  y = y[:plan["rows"]].reshape(b, h, w, n_out)
+  y = y[:plan["rows"]].reshape(b, plan["ho"], plan["wo"], n_out)
   hdim = n * e
   # The padded u is the residual: the backward kernels read it as it is.
   return ((y, mean.reshape(1, hdim), var.reshape(1, hdim)),
           (up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats))
 
 
-def _fwd(u, cw, aw, kernel, scale, bias, eps, interpret):
-  return _forward(u, cw, aw, kernel, scale, bias, eps, interpret)
+def _fwd(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
+  return _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret)
 
 
-def _bwd(eps, interpret, res, cts):
+def _bwd(stride, hw, eps, interpret, res, cts):
   del eps
   up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats = res
   dy, dmean, dvar = cts
-  b, h, w, n_out = dy.shape
-  n, e = up.shape[1], kernel.shape[-1]
+  b, ho, wo, n_out = dy.shape
+  (h, w), n, e = hw, up.shape[1], kernel.shape[-1]
   k9 = dbn._kernel9(kernel, n)
-  plan = _plan((b, h, w, n), n_out, e)
-  dyp = _pad_rows(dy.astype(up.dtype).reshape(-1, n_out), plan, 0)
+  plan = _plan((b, h, w, n), n_out, e, stride)
+  dyp = _pad_rows(dy.astype(up.dtype).reshape(-1, n_out), plan)
   cs, as_, ks = _weights(cw, aw, k9, e)
   ch = plan["chunks"]
   part = lambda *shape: jax.ShapeDtypeStruct((ch, e) + shape, F32)
@@ -350,7 +377,7 @@ def _bwd(eps, interpret, res, cts):
       interpret)
   sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
   tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
-  count = b * h * w
+  count = plan["rows"]
   dmean = dmean.astype(F32).reshape(1, n, e)
   dvar = dvar.astype(F32).reshape(1, n, e)
   # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
@@ -364,8 +391,12 @@ def _bwd(eps, interpret, res, cts):
       (up, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(cx),
        _slices(c0)), interpret)
   rows = plan["rows"]
-  du = (dbn._d_transpose(dx[:rows].reshape(b, h, w, n, e), k9, 1, (h, w))
-        + du1[:rows].reshape(b, h, w, n).astype(F32))
+  du1 = du1[:rows].reshape(b, ho, wo, n).astype(F32)
+  if stride != 1:  # the 1x1 maps read u[:, ::s, ::s]: du1 goes back to those pixels
+    du1 = lax.pad(du1, jnp.zeros((), F32),
+                  [(0, 0, 0), (0, h - (ho - 1) * stride - 1, stride - 1),
+                   (0, w - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)])
+  du = dbn._d_transpose(dx[:rows].reshape(b, ho, wo, n, e), k9, stride, (h, w)) + du1
   dcw = dc.sum(0).transpose(1, 2, 0).reshape(n, n * e)  # C[i, j*e + s] = C_s[i, j]
   daw = da.sum(0).transpose(1, 0, 2).reshape(n * e, n_out)
   dk = dk9.reshape(3, 3, n, e)
@@ -381,22 +412,25 @@ _op.defvjp(_fwd, _bwd)
 
 
 def eq3_hidden(u: jax.Array, cw: jax.Array, aw: jax.Array, kernel: jax.Array,
-               scale: jax.Array, bias: jax.Array, *, eps: float = 1e-5,
+               scale: jax.Array, bias: jax.Array, *, stride: int = 1, eps: float = 1e-5,
                interpret: bool = False):
-  """``y = (BN(D u) * (u @ cw)) @ aw`` with training-mode batch statistics, stride 1.
+  """``y = (BN(D u) * (u_s @ cw)) @ aw`` with training-mode batch statistics, where D
+  strides by ``stride`` and ``u_s = u[:, ::stride, ::stride]`` (Eq.(3)'s strided block).
 
   ``u`` (B, H, W, n) in the compute dtype; ``cw`` (n, n*e) and ``aw`` (n*e, n_out) the
   1x1 maps in the compute dtype (j-major hidden channels ``j*e + s``); ``kernel``
   (3, 3, 1 or n, e); ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns
-  ``(y, mean, var)``: y (B, H, W, n_out) in u's dtype, mean and biased variance of D u,
-  (1, n*e) float32. Differentiable in every array argument.
+  ``(y, mean, var)``: y (B, Ho, Wo, n_out) in u's dtype, mean and biased variance of
+  D u, (1, n*e) float32. Differentiable in every array argument.
   """
   check(u.shape, cw.shape, aw.shape, kernel.shape)
-  return _op(u, cw, aw, kernel, scale, bias, eps, interpret)
+  if stride < 1:
+    raise ValueError(f"eq3_hidden: stride {stride} < 1")
+  return _op(u, cw, aw, kernel, scale, bias, stride, tuple(u.shape[1:3]), eps, interpret)
 
 
-def reference(u, cw, aw, kernel, scale, bias, *, eps=1e-5):
+def reference(u, cw, aw, kernel, scale, bias, *, stride=1, eps=1e-5):
   """The plain formula (``d_bn_product.reference`` between the two matmuls), for tests."""
-  c = jnp.dot(u, cw)
-  p, mean, var = dbn.reference(u, c, kernel, scale, bias, eps=eps)
+  c = jnp.dot(u[:, ::stride, ::stride], cw)
+  p, mean, var = dbn.reference(u, c, kernel, scale, bias, stride=stride, eps=eps)
   return jnp.dot(p, aw), mean, var

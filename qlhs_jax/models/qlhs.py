@@ -35,9 +35,9 @@ eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written ba
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
 autodiff. Evaluation and folded models always take the plain path.
 
-``fuse_d_bn="block"`` (eq3) goes further: in each stride-1 block the two 1x1 maps run
-inside the Pallas kernels too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor
-is stored in the forward; stride-2 blocks take "xla".
+``fuse_d_bn="block"`` (eq3) goes further: the two 1x1 maps run inside the Pallas kernels
+too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor is stored in the forward
+(with BatchNorm groups a block takes "xla").
 
 ``pin_hidden_layout=True`` keeps D's output in the row-major layout its shape names
 (:func:`qlhs_jax.models.layers.pin_row_major`): a speed variant for XLA on GPU, same
@@ -75,9 +75,9 @@ REMAT_POLICIES = {
 }
 PLACEMENTS = ("ds", "all")
 HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
-# "block" (eq3 only): the whole hidden path of each stride-1 block, A(BN(D u) * (C u)),
-# as Pallas kernels with the 1x1 matmuls inside (kernels/eq3_block.py); its stride-2
-# blocks, and any block with BatchNorm groups, take "xla".
+# "block" (eq3 only): the whole hidden path of each block, A(BN(D u) * (C u)), as Pallas
+# kernels with the 1x1 matmuls inside (kernels/eq3_block.py); a block with BatchNorm
+# groups takes "xla".
 FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
 FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
@@ -137,18 +137,19 @@ class FusedDBNProduct(nn.Module):
 
 
 class FusedEq3Hidden(nn.Module):
-  """Training-mode ``A(BN(D u) * (C u))`` of a stride-1 eq3 block as one operation
+  """Training-mode ``A(BN(D u) * (C u))`` of an eq3 block as one operation
   (qlhs_jax.kernels.eq3_block: the two 1x1 matmuls inside Pallas kernels), with the
   variables of the plain path's ``bn_d``; C and A stay the block's parameters."""
+  stride: int = 1
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, u, kernel, cw, aw):
     scale, bias, ra_mean, ra_var = _bn_d_variables(self, cw.shape[-1])
-    y, mean, var = eq3_block.eq3_hidden(u, cw, aw, kernel, scale, bias, eps=BN_EPS,
-                                        interpret=_pallas_interpret("block"))
+    y, mean, var = eq3_block.eq3_hidden(u, cw, aw, kernel, scale, bias, stride=self.stride,
+                                        eps=BN_EPS, interpret=_pallas_interpret("block"))
     if not self.is_initializing():
-      update_running_stats(ra_mean, ra_var, mean, var, u.shape[0] * u.shape[1] * u.shape[2])
+      update_running_stats(ra_mean, ra_var, mean, var, y.shape[0] * y.shape[1] * y.shape[2])
     return y
 
 
@@ -237,10 +238,9 @@ class QLHSBlock(nn.Module):
 
   def _fuses_block(self, u):
     """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
-    training, stride 1, one BatchNorm group); the other blocks of such a model take
-    "xla"."""
+    training, one BatchNorm group); with BatchNorm groups the block takes "xla"."""
     return (self.fuse_d_bn == "block" and self.train and not self.folded
-            and self.stride == 1 and self.bn_groups == 1)
+            and self.bn_groups == 1)
 
   def _eq3_fused_hidden(self, u):
     """``A(BN(D u) * (C u))`` through eq3_block, creating d_kernel, c and a in the plain
@@ -250,7 +250,7 @@ class QLHSBlock(nn.Module):
     cw = self.param("c", conv_init, (n_in, h), self.param_dtype)
     aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
     eq3_block.check(u.shape, cw.shape, aw.shape, kernel.shape)
-    return FusedEq3Hidden(self.param_dtype, name="bn_d")(
+    return FusedEq3Hidden(self.stride, self.param_dtype, name="bn_d")(
         u.astype(self.dtype), kernel, cw.astype(self.dtype), aw.astype(self.dtype))
 
   def _group_sum(self, p, n_in):

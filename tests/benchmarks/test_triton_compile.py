@@ -27,13 +27,13 @@ def test_stage1_kernels_compile(monkeypatch, capsys, tiling, spills):
 
 
 def test_eq3_block_kernels_compile(capsys):
-  """fuse_d_bn="block"'s three kernels compile at stage 3 (batch 256, default tiling)
-  without spills; stride-2 shapes are not its kernels' and are left out."""
+  """fuse_d_bn="block"'s three kernels compile at stage 3 and at stage 4's first
+  (strided, gathered taps) block (batch 256, default tiling) without spills."""
   assert triton_compile.main(["--op", "eq3_block", "--shapes",
                               "stage3,stage4_block0"]) == 0
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if "registers" in l]
-  assert len(rows) == 3 and "FAILED" not in out, out
+  assert len(rows) == 6 and "FAILED" not in out, out
   for kernel in ("forward", "sums", "dx"):
     assert f"qlhs_eq3_{kernel}_kernel" in out, kernel
   assert all(" 0 B spilled" in l for l in rows), out

@@ -17,45 +17,53 @@ from qlhs_jax.kernels import eq3_block as eb
 from tests.kernels.test_d_bn_product import EPS, loss_of, numpy_forward
 
 
-def make_inputs(seed, b, h, w, n, e, kj, n_out, dtype=np.float64):
+def make_inputs(seed, b, h, w, n, e, kj, n_out, dtype=np.float64, stride=1):
   rng = np.random.default_rng(seed)
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
   u = rng.normal(size=(b, h, w, n)) + 0.3  # an offset: the centred backward matters
   cw = rng.normal(size=(n, n * e)) / np.sqrt(n)
   aw = rng.normal(size=(n * e, n_out)) / np.sqrt(n * e)
   kernel = rng.normal(size=(3, 3, kj, e))
   scale = rng.uniform(0.5, 1.5, n * e) * rng.choice([-1, 1], n * e)
   bias = rng.normal(size=n * e)
-  weights = (rng.normal(size=(b, h, w, n_out)), rng.normal(size=(1, n * e)),
+  weights = (rng.normal(size=(b, ho, wo, n_out)), rng.normal(size=(1, n * e)),
              rng.normal(size=(1, n * e)))
   return tuple(a.astype(dtype) for a in (u, cw, aw, kernel, scale, bias)), weights
 
 
-CASES = [  # (B, H, W, n), e, kernel's j axis (1 = shared "ws"), n_out
-    ((2, 5, 6, 16), 4, 1, 16),    # 60 pixels: one 64-pixel tile, 4 rows of padding
-    ((2, 7, 5, 32), 2, 32, 16),   # per-channel kernel, n_out < n, two tiles
-    ((1, 4, 4, 16), 4, 1, 32),    # n_out > n, a 16-pixel tile
+CASES = [  # (B, H, W, n), e, kernel's j axis (1 = shared "ws"), n_out, stride
+    ((2, 5, 6, 16), 4, 1, 16, 1),    # 60 pixels: one 64-pixel tile, 4 rows of padding
+    ((2, 7, 5, 32), 2, 32, 16, 1),   # per-channel kernel, n_out < n, two tiles
+    ((1, 4, 4, 16), 4, 1, 32, 1),    # n_out > n, a 16-pixel tile
+    ((2, 7, 6, 16), 4, 1, 32, 2),    # strided (gathered taps), odd height: 4 x 3 out
+    ((3, 8, 8, 16), 2, 16, 32, 2),   # strided, per-channel kernel, 48 of 64 rows used
 ]
 
 
-@pytest.mark.parametrize("shape,e,kj,n_out", CASES)
-def test_forward_matches_numpy(shape, e, kj, n_out):
-  args, _ = make_inputs(0, *shape, e, kj, n_out)
-  u, cw, aw, kernel, scale, bias = args
-  p, mean, var = numpy_forward(u, u @ cw, kernel, scale, bias, 1, 1)
-  want = (p @ aw, mean, var)
-  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
-                      interpret=True)
+def numpy_block(u, cw, aw, kernel, scale, bias, stride):
+  """Float64 NumPy: the 1x1 maps around d_bn_product's NumPy loops."""
+  p, mean, var = numpy_forward(u, u[:, ::stride, ::stride] @ cw, kernel, scale, bias,
+                               stride, 1)
+  return p @ aw, mean, var
+
+
+@pytest.mark.parametrize("shape,e,kj,n_out,stride", CASES)
+def test_forward_matches_numpy(shape, e, kj, n_out, stride):
+  args, _ = make_inputs(0, *shape, e, kj, n_out, stride=stride)
+  want = numpy_block(*args, stride)
+  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), stride=stride,
+                      eps=EPS, interpret=True)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5 * np.abs(w).max())
 
 
-def assert_gradients_match(args, weights):
+def assert_gradients_match(args, weights, stride=1):
   with jax.enable_x64(True):
-    ref = jax.grad(loss_of(functools.partial(eb.reference, eps=EPS),
+    ref = jax.grad(loss_of(functools.partial(eb.reference, stride=stride, eps=EPS),
                            [jnp.asarray(w) for w in weights]), argnums=range(6))(
                                *(jnp.asarray(a) for a in args))
     ref = [np.asarray(r) for r in ref]
-  op = functools.partial(eb.eq3_hidden, eps=EPS, interpret=True)
+  op = functools.partial(eb.eq3_hidden, stride=stride, eps=EPS, interpret=True)
   got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
                  argnums=range(6))(*(jnp.asarray(a, jnp.float32) for a in args))
   for name, g, r in zip(("u", "C", "A", "kernel", "scale", "bias"), got, ref):
@@ -64,9 +72,9 @@ def assert_gradients_match(args, weights):
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
 
 
-@pytest.mark.parametrize("shape,e,kj,n_out", CASES)
-def test_gradients_match_float64_autodiff(shape, e, kj, n_out):
-  assert_gradients_match(*make_inputs(1, *shape, e, kj, n_out))
+@pytest.mark.parametrize("shape,e,kj,n_out,stride", CASES)
+def test_gradients_match_float64_autodiff(shape, e, kj, n_out, stride):
+  assert_gradients_match(*make_inputs(1, *shape, e, kj, n_out, stride=stride), stride)
 
 
 def test_channel_blocks_and_chunks_match_float64_autodiff(monkeypatch):
@@ -84,12 +92,10 @@ def test_channel_blocks_and_chunks_match_float64_autodiff(monkeypatch):
   assert plan["chunks"] * plan["tpc"] > plan["tiles"]
   args, weights = make_inputs(2, 2, 6, 7, 32, 2, 1, 32)
   assert_gradients_match(args, weights)
-  u, cw, aw, kernel, scale, bias = args
-  p, _, _ = numpy_forward(u, u @ cw, kernel, scale, bias, 1, 1)
+  want = numpy_block(*args, 1)[0]
   got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
                       interpret=True)[0]
-  np.testing.assert_allclose(np.asarray(got), p @ aw, rtol=2e-5,
-                             atol=2e-5 * np.abs(p @ aw).max())
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_bfloat16_is_as_close_to_float64_as_the_plain_path():
@@ -163,14 +169,15 @@ def test_plan_at_the_network_shapes():
     assert 0.9 * eb.SUMS_PROGRAMS <= programs < 2 * eb.SUMS_PROGRAMS, (side, programs)
 
 
-@pytest.mark.parametrize("side,n", [(56, 64), (7, 512)])
-def test_kernels_lower_to_triton_for_cuda(side, n):
-  """Stage 1 and stage 4 at batch 256: three Triton kernels, forward, sums and dx."""
+@pytest.mark.parametrize("side,n,stride", [(56, 64, 1), (14, 256, 2), (7, 512, 1)])
+def test_kernels_lower_to_triton_for_cuda(side, n, stride):
+  """Stage 1, stage 4's strided first block and stage 4 at batch 256: three Triton
+  kernels, forward, sums and dx."""
   if jax.__version_info__ >= (0, 11):
     pytest.skip("JAX >= 0.11 lowers Pallas for CUDA only with a GPU's description "
                 "(benchmarks.aot compiles the whole step for an H100 instead)")
   from qlhs_jax.benchmarks.triton_compile import lower_block_for_cuda
-  text = lower_block_for_cuda(256, side, n).as_text()
+  text = lower_block_for_cuda(256, side, n, stride).as_text()
   assert text.count("xla.gpu.triton") == 3
   for name in ("forward_kernel", "sums_kernel", "dx_kernel"):
     assert f"qlhs_eq3_{name}" in text, name

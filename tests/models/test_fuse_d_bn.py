@@ -73,8 +73,8 @@ def test_train_step_with_fused_d_bn(fuse):
   assert_trees_close(sf.batch_stats, sp.batch_stats, 1e-4, 1e-5)
 
 
-# Widths of at least 16 (Triton's dot); stage 1 has two stride-1 blocks (eq3_block's
-# kernels), stage 2 a stride-2 block (the "xla" passes).
+# Widths of at least 16 (Triton's dot); stage 1 has two stride-1 blocks, stage 2 a
+# stride-2 block (gathered taps in the kernels).
 TINY_BLOCK = dict(widths=(16, 32), depths=(2, 1), num_classes=5, stem="small")
 
 
@@ -86,16 +86,22 @@ def test_block_fused_is_the_same_network(ws):
   assert_same_network(plain, plain.clone(fuse_d_bn="block"))
 
 
-def test_block_fused_runs_its_kernels_in_stride_1_blocks_only():
-  """The lowered train-mode forward holds eq3_block's forward kernel once per stride-1
-  block and d_bn_product's "xla" passes in the stride-2 block."""
-  model = QLHSNet(dtype=jnp.float32, fuse_d_bn="block", **TINY_BLOCK)
+def forward_jaxpr(model):
   v = model.init(jax.random.PRNGKey(0), X, train=True)
-  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, X, train=True,
-                                                   mutable=["batch_stats"]))(v))
-  assert jaxpr.count("name=qlhs_eq3_forward_kernel\n") == 2
-  assert jaxpr.count("name=qlhs_eq3_") == 2  # the backward kernels run only under grad
-  assert jaxpr.count("custom_vjp_call") == 3  # + the stride-2 block's d_bn_product
+  return str(jax.make_jaxpr(lambda v: model.apply(v, X, train=True,
+                                                  mutable=["batch_stats"]))(v))
+
+
+def test_block_fused_runs_its_kernels_in_every_block_without_bn_groups():
+  """The lowered train-mode forward holds eq3_block's forward kernel once per block
+  (the backward kernels run only under grad); with BatchNorm groups every block takes
+  d_bn_product's "xla" passes instead."""
+  jaxpr = forward_jaxpr(QLHSNet(dtype=jnp.float32, fuse_d_bn="block", **TINY_BLOCK))
+  assert jaxpr.count("name=qlhs_eq3_forward_kernel\n") == 3
+  assert jaxpr.count("name=qlhs_eq3_") == 3 and jaxpr.count("custom_vjp_call") == 3
+  grouped = forward_jaxpr(QLHSNet(dtype=jnp.float32, fuse_d_bn="block", bn_groups=2,
+                                  **TINY_BLOCK))
+  assert "qlhs_eq3_" not in grouped and grouped.count("custom_vjp_call") == 3
   bad = QLHSNet(dtype=jnp.float32, fuse_d_bn="block", widths=(8, 16), depths=(1, 1),
                 num_classes=5, stem="small")
   with pytest.raises(ValueError, match="power-of-two n >= 16.*fuse_d_bn='xla'"):
