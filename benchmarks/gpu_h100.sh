@@ -14,15 +14,16 @@
 #   channels of a pixel in one tile, the columns split; 8 warps).
 # "step" (520 s): the goal's figures for the two candidates, each against ResNet50 in
 #   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
-#   ResNet50 98.2 GB), then with fuse_d_bn="block" (32.1 GB: the 1x1 matmuls inside
+#   ResNet50 98.2 GB), then with fuse_d_bn="block" (28.7 GB: the 1x1 matmuls inside
 #   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU); then the
 #   plain Eq.(3) (101.4 GB). (benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "variants" (560 s): fuse_d_bn="pallas"; ResNet50 with JAX's own max-pool gradient
+# "variants" (560 s): fuse_d_bn="block" with two other tilings (QLHS_BLOCK_TILING 32,4
+#   and 128,8); fuse_d_bn="pallas"; ResNet50 with JAX's own max-pool gradient
 #   (stem_pool="autodiff", 102.1 GB: what the stem's argmax pool gives both models);
-#   Eq.(3) with d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout
-#   (alone and with shifted_t + pinned layout), the pinned layout alone, MobileNetV3.
-#   (Measured before, so left out: d_impl="grouped", 0.59x the plain step on the H200;
-#   remat="dots", 0.88x.)
+#   Eq.(3) with d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout;
+#   MobileNetV3. (Measured before, so left out: d_impl="grouped", 0.59x the plain step
+#   on the H200; remat="dots", 0.88x. Dropped for time: s-major with shifted_t + pinned,
+#   and the pinned layout alone.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
 # two rows (3 traced steps each, after the timing is printed and recorded; a profile still
@@ -61,7 +62,8 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}" | tee -a "$OUT/log.txt"
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}" \
+    | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" \
@@ -95,15 +97,15 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
+  for t in 32,4 128,8; do
+    QLHS_BLOCK_TILING=$t bench 80 --model eq3_softball_ds --set 'fuse_d_bn="block"'
+  done
   QLHS_PALLAS_TILING=$best bench 80 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
     --hlo-dir "$H"
   bench 80 --model resnet50 --set 'stem_pool="autodiff"'
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
     --hlo-dir "$H"
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$H"
-  bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --set 'd_impl="shifted_t"' \
-    --set pin_hidden_layout=true
-  bench 80 --model eq3_softball_ds --set pin_hidden_layout=true
   bench 80 --model mobilenetv3_large_100
 fi
 echo "== table"

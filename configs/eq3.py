@@ -23,9 +23,9 @@ far (README, Speed). ``--config.model_overrides.fuse_d_bn=xla`` (any device coun
 compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
 (deviceless H100 compile with jax 0.11.2, benchmarks/NOTES.md experiments 4-6) and
 matches its quickstart accuracy over five seeds; not yet timed on a GPU.
-``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of each
-stride-1 block inside Pallas kernels: 0.33x ResNet50's bytes per step and ~2.8 GB peak
-in the same deviceless compile (NOTES.md experiment 8); never run on a GPU yet.
+``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of every
+block inside Pallas kernels: 0.29x ResNet50's bytes per step and ~2.4 GB peak in the
+same deviceless compile (NOTES.md experiment 8); never run on a GPU yet.
 """
 
 from qlhs_jax import config as qconfig

@@ -107,6 +107,9 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "compile_s": compile_s, "final_loss": loss,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
+  env = {k: os.environ[k] for k in KERNEL_ENV if os.environ.get(k)}
+  if env:  # the Pallas tilings and du form this run used: rows of one model differ by them
+    record["env"] = env
   if on_record is not None:
     on_record(record)
   if profile_dir:
@@ -116,6 +119,10 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
     except Exception as e:  # the profile is extra: the timing above must still come out
       print(f"profiling {model_name} failed, the timing stands: {e!r}", file=sys.stderr)
   return record
+
+
+# Environment variables that change the kernels of fuse_d_bn "pallas", "xla" and "block".
+KERNEL_ENV = ("QLHS_PALLAS_TILING", "QLHS_BLOCK_TILING", "QLHS_DU_FORM")
 
 
 def hlo_tag(model_name: str, overrides: dict) -> str:

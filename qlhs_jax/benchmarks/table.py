@@ -20,8 +20,10 @@ def table(path: str) -> str:
          "GB per step | kernels | peak GB (XLA's estimate) |",
          "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
+  # Model overrides, then the kernels' environment settings (tilings) of step records.
   overrides = lambda r: ", ".join(
-      f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "-"
+      [f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())]
+      + [f"{k}={v}" for k, v in sorted(r.get("env", {}).items())]) or "-"
   with open(path) as f:
     for line in f:
       r = json.loads(line)

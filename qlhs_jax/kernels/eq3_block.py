@@ -18,24 +18,26 @@ dx         recompute q, D u, dp; dx (stored); du1 += dq C_s^T    u, dy in; dx, d
 du         du = D^T dx + du1 (XLA, ``d_bn_product._d_transpose``) dx, du1 in; du out
 =========  ====================================================  =====================
 
-By hand count a stage-1 block at batch 256 then moves ~2 GB here against 7.7 GB for the
-same passes of "xla" (the BatchNorm after A and the residual are the model's, as
-before). The price is arithmetic: the forward's two matmuls are done three times (each
-pass recomputes q and dp), ~1.5x the matmul FLOPs of the plain step, which has ~10x
-headroom on an H100 (NOTES, "Two numbers first").
+Compiled for an H100 (``benchmarks.aot``, deviceless), a stage-1 block at batch 256 moves
+3.1 GB per step here against 8.6 GB with "xla", the BatchNorm after A and the residual
+included (benchmarks/NOTES.md, experiment 8). The price is arithmetic: the forward's two
+matmuls are done three times (each kernel recomputes q and dp), ~1.5x the blocks' matmul
+FLOPs, on a step with ~10x headroom on an H100 (NOTES, "Two numbers first").
 
-Scope: stride 1 (13 of Eq.(3)'s 16 blocks), one BatchNorm group, j-major hidden
-channels, a power-of-two ``e``, power-of-two ``n`` and ``n_out`` of at least 16
-(Triton's block shapes and ``dot``). The model sends the other blocks to
-``d_bn_product(impl="xla")`` (``qlhs.py``). Statistics, the kernel gradient's
-algebra and the BatchNorm backward are ``d_bn_product``'s ("xla" path), so the two
-paths differ only in where the matmuls run and in float32 rounding: q and dp are
-rounded to the compute dtype before use, as the model's matmul outputs are.
+Scope: any stride (Eq.(3)'s strided blocks: D strides and the 1x1 maps read
+``u[:, ::s, ::s]``), one BatchNorm group (the model sends blocks with groups to
+``d_bn_product(impl="xla")``), j-major hidden channels, a power-of-two ``e``,
+power-of-two ``n`` and ``n_out`` of at least 16 (Triton's block shapes and ``dot``).
+Statistics, the kernel gradient's algebra and the BatchNorm backward are
+``d_bn_product``'s ("xla" path), so the two paths differ only in where the matmuls run
+and in float32 rounding: q and dp are rounded to the compute dtype before use, as the
+model's matmul outputs are.
 
-Pixels are flattened to rows ``(B*H*W, n)``; a 3x3 tap is the same rows shifted by
-``dy*W + dx``, masked where the shift leaves the image (``u`` is zero-padded by ``W+1``
-rows at each end so every shifted load stays inside the array). Weights are permuted
-once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
+Pixels are flattened to rows ``(B*H*W, n)``. With stride 1 a 3x3 tap is the tile's rows
+shifted by ``dy*W + dx``, one contiguous load, masked where the shift leaves the image
+(``u`` is zero-padded by ``W+1`` rows at each end so every shifted load stays inside
+the array). With a stride each output pixel gathers its taps' rows. Weights are
+permuted once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
 ``A_s[j, o] = A[j*e + s, o]``), so each kernel works on 2-D tiles only.
 
 ``interpret=True`` runs the kernels on any backend (the CPU tests check them against

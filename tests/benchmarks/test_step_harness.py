@@ -28,19 +28,28 @@ def test_harness_vs_baseline(tmp_path):
   assert abs(ratio - rows[0]["train_img_s"] / rows[1]["train_img_s"]) < 1e-9
 
 
-def test_measure_in_process_on_8_devices():
+def test_measure_in_process_on_8_devices(tmp_path, monkeypatch):
   # conftest gives 8 CPU devices: the step runs data-parallel with per-replica BN.
+  # The kernels' environment settings (here the du form) are recorded and tabled.
+  monkeypatch.setenv("QLHS_DU_FORM", "gather")
+  monkeypatch.delenv("QLHS_BLOCK_TILING", raising=False)
   r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
                    {"widths": [8, 16], "depths": [1, 1], "stem": "small"})
   assert r["devices"] == 8 and r["train_img_s"] > 0
+  assert r["env"] == {"QLHS_DU_FORM": "gather"}
+  from qlhs_jax.benchmarks import table
+  path = tmp_path / "r.jsonl"
+  path.write_text(json.dumps(r) + "\n")
+  assert "stem=small, widths=[8, 16], QLHS_DU_FORM=gather |" in table.table(str(path))
 
 
-def test_pallas_fusion_on_8_devices_is_refused():
+@pytest.mark.parametrize("fuse", ["pallas", "block"])
+def test_pallas_fusion_on_8_devices_is_refused(fuse):
   # A pallas_call cannot be split over the sharded batch of the 8-device mesh.
   with pytest.raises(ValueError, match="runs on one device; this mesh has 8.*'xla'"):
     step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
-                 {"widths": [8, 16], "depths": [1, 1], "stem": "small",
-                  "fuse_d_bn": "pallas"})
+                 {"widths": [16, 32], "depths": [1, 1], "stem": "small",
+                  "fuse_d_bn": fuse})
 
 
 def test_unknown_model_fails_before_compiling():
