@@ -33,10 +33,10 @@ Statistics, the kernel gradient's algebra and the BatchNorm backward are
 and in float32 rounding: q and dp are rounded to the compute dtype before use, as the
 model's matmul outputs are.
 
-Pixels are flattened to rows ``(B*H*W, n)``. With stride 1 a 3x3 tap is the tile's rows
-shifted by ``dy*W + dx``, one contiguous load, masked where the shift leaves the image
-(``u`` is zero-padded by ``W+1`` rows at each end so every shifted load stays inside
-the array). With a stride each output pixel gathers its taps' rows. Weights are
+Pixels are flattened to rows ``(B*H*W, n)``. Each output pixel of a tile loads its
+nine taps as rows of channels at computed row indices (with stride 1 the tile's rows
+shifted by ``dy*W + dx``), clamped into u and masked where the tap leaves the image, so
+u is read as it is (no padded copy). Weights are
 permuted once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
 ``A_s[j, o] = A[j*e + s, o]``), so each kernel works on 2-D tiles only.
 
@@ -121,15 +121,6 @@ def _pad_rows(x2, plan):
   return jnp.pad(x2, ((0, end), (0, 0))) if end else x2
 
 
-def _pad_u(u, plan):
-  """u as zero-padded rows (B*H*W + 2W + 2, n): W+1 rows at each end, so that every
-  tap's shifted rows stay inside the array; with stride 1 also zeros up to the last
-  tile's end (with a stride the pixels past the end are clamped instead)."""
-  w = plan["w"]
-  end = w + 1 + (plan["tiles"] * plan["m"] - plan["rows"] if plan["stride"] == 1 else 0)
-  return jnp.pad(u.reshape(-1, plan["n"]), ((w + 1, end), (0, 0)))
-
-
 def _dot(a, b, ta=False, tb=False):
   """a @ b with float32 accumulation; ``ta``/``tb`` transpose an operand."""
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
@@ -144,49 +135,42 @@ def _rnd(x, dt):
 
 class _Tile:
   """Output row ``p0`` (a multiple of m) of the flattened pixels: tap masks and loads.
-  Stride 1: a tap is the tile's rows shifted by ``dy*W + dx``, one contiguous load.
-  Stride s: output pixel (y, x) reads input pixel (s*y + dy, s*x + dx), a gathered load
-  of whole rows of channels (pixels past the end clamped to the last one)."""
+  Output pixel (y, x) of the tile reads input pixel (s*y + dy, s*x + dx) for its taps,
+  a load of whole rows of channels at computed row indices; indices are clamped into u
+  (where the tap is outside the image, or past the last pixel), so u needs no padding,
+  and masked. Rows past the last pixel repeat it (their dy is zero, their y dropped)."""
 
   def __init__(self, p0, plan):
     self.p0, self.plan = p0, plan
-    pix = p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
-    st = plan["stride"]
-    if st != 1:
-      pix = jnp.minimum(pix, plan["rows"] - 1)
+    pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0),
+                      plan["rows"] - 1)
+    st, h, w = plan["stride"], plan["h"], plan["w"]
     self.x = pix % plan["wo"]
     self.y = (pix // plan["wo"]) % plan["ho"]
-    if st != 1:  # the padded row of each output pixel's centre tap (s*y, s*x)
-      self.base = ((pix // (plan["ho"] * plan["wo"])) * (plan["h"] * plan["w"])
-                   + st * self.y * plan["w"] + st * self.x + plan["w"] + 1)
+    # u's row of each output pixel's centre tap (s*y, s*x).
+    self.base = (pix // (plan["ho"] * plan["wo"])) * (h * w) + st * (self.y * w + self.x)
 
-  def _rows(self, ref, shift, cols):
-    plan = self.plan
-    if plan["stride"] == 1:
-      return ref[pl.ds(self.p0 + plan["w"] + 1 + shift, plan["m"]), cols]
-    return ref[self.base + shift, cols]
-
-  def tap(self, up_ref, t, j0, bj):
+  def tap(self, u_ref, t, j0, bj):
     """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
     (m, bj) float32, 0 where the tap is outside the image."""
     plan = self.plan
     dy, dx = t // 3 - 1, t % 3 - 1
     yy, xx = plan["stride"] * self.y + dy, plan["stride"] * self.x + dx
     ok = (yy >= 0) & (yy < plan["h"]) & (xx >= 0) & (xx < plan["w"])
-    v = self._rows(up_ref, dy * plan["w"] + dx, pl.ds(j0, bj)).astype(F32)
-    return jnp.where(ok[:, None], v, 0.0)
+    row = jnp.clip(self.base + dy * plan["w"] + dx, 0, plan["b"] * plan["h"] * plan["w"] - 1)
+    return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
 
-  def d(self, up_ref, k_ref, s, j0, bj):
+  def d(self, u_ref, k_ref, s, j0, bj):
     """D u for hidden channels (j, s), j in j0..j0+bj: (m, bj) float32."""
     acc = None
     for t in range(9):
-      term = self.tap(up_ref, t, j0, bj) * k_ref[s, t, pl.ds(j0, bj)][None, :]
+      term = self.tap(u_ref, t, j0, bj) * k_ref[s, t, pl.ds(j0, bj)][None, :]
       acc = term if acc is None else acc + term
     return acc
 
-  def u(self, up_ref):
-    """u at the tiles' pixels (the strided grid's): the 1x1 maps' input, (m, n)."""
-    return self._rows(up_ref, 0, slice(None))
+  def u(self, u_ref):
+    """u at the tile's pixels (the strided grid's): the 1x1 maps' input, (m, n)."""
+    return u_ref[self.base, :]
 
 
 def _vec(ref, s, j0, bj):
@@ -203,21 +187,21 @@ def _slice_loop(plan, body, init):
                        init)
 
 
-def _forward_kernel(up_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, y_ref, *, plan):
+def _forward_kernel(u_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, y_ref, *, plan):
   tile = _Tile(pl.program_id(0) * plan["m"], plan)
-  ut = tile.u(up_ref)
+  ut = tile.u(u_ref)
   dt, bj = ut.dtype, plan["bjf"]
 
   def body(s, j0, acc):
     q = _rnd(_dot(ut, c_ref[s, :, pl.ds(j0, bj)]), dt)
-    f1 = tile.d(up_ref, k_ref, s, j0, bj) * _vec(mul_ref, s, j0, bj) + _vec(
+    f1 = tile.d(u_ref, k_ref, s, j0, bj) * _vec(mul_ref, s, j0, bj) + _vec(
         add_ref, s, j0, bj)
     return acc + _dot((f1 * q).astype(dt), a_ref[s, pl.ds(j0, bj), :])
   acc = _slice_loop(plan, body, jnp.zeros((plan["m"], plan["n_out"]), F32))
   y_ref[pl.ds(tile.p0, plan["m"]), :] = acc.astype(y_ref.dtype)
 
 
-def _sums_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref,
+def _sums_kernel(u_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref,
                  rstd_ref, sg_ref, sgx_ref, tg_ref, da_ref, dc_ref, *, plan):
   e, bj, n, n_out = plan["e"], plan["bj"], plan["n"], plan["n_out"]
   sl, ch = pl.program_id(0), pl.program_id(1)
@@ -231,18 +215,18 @@ def _sums_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref
     sg, sgx, tg, da, dc = carry
     ti = ch * plan["tpc"] + i
     tile = _Tile(jnp.minimum(ti, plan["tiles"] - 1) * plan["m"], plan)
-    ut = tile.u(up_ref)
+    ut = tile.u(u_ref)
     dt = ut.dtype
     # A tile past the end (the last chunk's) reads the last tile and counts nothing.
     dyt = dy_ref[pl.ds(tile.p0, plan["m"]), :] * (ti < plan["tiles"]).astype(dt)
     q = _rnd(_dot(ut, cs), dt)
     dp = _rnd(_dot(dyt, as_, tb=True), dt)
-    g = dp * q  # 0 on the padding rows: dy is 0 there
+    g = dp * q  # 0 on the rows past the last pixel: dy is 0 there
     # Each tap feeds D u and dL/dkernel's tap sum at once, then dies (kept for a second
     # use, the nine taps would be live together: register spills).
     x, tg_new = None, []
     for t in range(9):
-      tap = tile.tap(up_ref, t, j0, bj)
+      tap = tile.tap(u_ref, t, j0, bj)
       term = tap * k_ref[s, t, pl.ds(j0, bj)][None, :]
       x = term if x is None else x + term
       tg_new.append(tg[t] + (tap * g).sum(0))
@@ -261,17 +245,17 @@ def _sums_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref
   dc_ref[ch, s, :, pl.ds(j0, bj)] = dc
 
 
-def _dx_kernel(up_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref, cx_ref,
+def _dx_kernel(u_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref, cx_ref,
                c0_ref, dx_ref, du_ref, *, plan):
   tile = _Tile(pl.program_id(0) * plan["m"], plan)
-  ut = tile.u(up_ref)
+  ut = tile.u(u_ref)
   dt, bj = ut.dtype, plan["bjf"]
   dyt = dy_ref[pl.ds(tile.p0, plan["m"]), :]
 
   def body(s, j0, acc):
     cs = c_ref[s, :, pl.ds(j0, bj)]
     q = _rnd(_dot(ut, cs), dt)
-    x = tile.d(up_ref, k_ref, s, j0, bj)
+    x = tile.d(u_ref, k_ref, s, j0, bj)
     mul = _vec(mul_ref, s, j0, bj)
     f1 = x * mul + _vec(add_ref, s, j0, bj)
     dp = _rnd(_dot(dyt, a_ref[s, pl.ds(j0, bj), :], tb=True), dt)
@@ -344,16 +328,15 @@ def _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
   rstd = lax.rsqrt(var + eps)
   mul = scale.astype(F32).reshape(n, e) * rstd
   add = bias.astype(F32).reshape(n, e) - mean * mul
-  up = _pad_u(u, plan)
+  u2 = u.reshape(-1, n)  # rows of pixels; the kernels clamp and mask their taps
   cs, as_, ks = _weights(cw, aw, k9, e)
   y = _call(_forward_kernel, plan, (plan["tiles"],),
             jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n_out), u.dtype),
-            (up, cs, as_, ks, _slices(mul), _slices(add)), interpret)
+            (u2, cs, as_, ks, _slices(mul), _slices(add)), interpret)
   y = y[:plan["rows"]].reshape(b, plan["ho"], plan["wo"], n_out)
   hdim = n * e
-  # The padded u is the residual: the backward kernels read it as it is.
   return ((y, mean.reshape(1, hdim), var.reshape(1, hdim)),
-          (up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats))
+          (u2, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats))
 
 
 def _fwd(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
@@ -362,20 +345,20 @@ def _fwd(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
 
 def _bwd(stride, hw, eps, interpret, res, cts):
   del eps
-  up, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats = res
+  u2, cw, aw, kernel, scale, bias, mean, rstd, mul, add, tstats = res
   dy, dmean, dvar = cts
   b, ho, wo, n_out = dy.shape
-  (h, w), n, e = hw, up.shape[1], kernel.shape[-1]
+  (h, w), n, e = hw, u2.shape[1], kernel.shape[-1]
   k9 = dbn._kernel9(kernel, n)
   plan = _plan((b, h, w, n), n_out, e, stride)
-  dyp = _pad_rows(dy.astype(up.dtype).reshape(-1, n_out), plan)
+  dyp = _pad_rows(dy.astype(u2.dtype).reshape(-1, n_out), plan)
   cs, as_, ks = _weights(cw, aw, k9, e)
   ch = plan["chunks"]
   part = lambda *shape: jax.ShapeDtypeStruct((ch, e) + shape, F32)
   sg, sgx, tg, da, dc = _call(
       _sums_kernel, plan, ((n // plan["bj"]) * e, ch),
       (part(n), part(n), part(9, n), part(n, n_out), part(n, n)),
-      (up, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(rstd)),
+      (u2, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(rstd)),
       interpret)
   sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
   tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
@@ -388,9 +371,9 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   dk9 = dbn._xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   dx, du1 = _call(
       _dx_kernel, plan, (plan["tiles"],),
-      (jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n, e), up.dtype),
-       jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n), up.dtype)),
-      (up, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(cx),
+      (jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n, e), u2.dtype),
+       jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n), u2.dtype)),
+      (u2, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(cx),
        _slices(c0)), interpret)
   rows = plan["rows"]
   du1 = du1[:rows].reshape(b, ho, wo, n).astype(F32)
@@ -405,7 +388,7 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   if kernel.shape[2] == 1:
     dk = dk.sum(2, keepdims=True)
   hdim = n * e
-  return (du.astype(up.dtype), dcw.astype(cw.dtype), daw.astype(aw.dtype),
+  return (du.astype(u2.dtype), dcw.astype(cw.dtype), daw.astype(aw.dtype),
           dk.astype(kernel.dtype), sgx[0].reshape(hdim).astype(scale.dtype),
           sg[0].reshape(hdim).astype(bias.dtype))
 
