@@ -14,7 +14,7 @@
 #   channels of a pixel in one tile, the columns split; 8 warps).
 # "step" (520 s): the goal's figures for the two candidates, each against ResNet50 in
 #   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
-#   ResNet50 98.2 GB), then with fuse_d_bn="block" (28.7 GB: the 1x1 matmuls inside
+#   ResNet50 98.2 GB), then with fuse_d_bn="block" (27.2 GB: the 1x1 matmuls inside
 #   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU); then the
 #   plain Eq.(3) (101.4 GB). (benchmarks.aot, jax 0.11.2, --gemm triton.)
 # "variants" (560 s): fuse_d_bn="block" with two other tilings (QLHS_BLOCK_TILING 32,4

@@ -24,7 +24,7 @@ compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
 (deviceless H100 compile with jax 0.11.2, benchmarks/NOTES.md experiments 4-6) and
 matches its quickstart accuracy over five seeds; not yet timed on a GPU.
 ``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of every
-block inside Pallas kernels: 0.29x ResNet50's bytes per step and ~2.4 GB peak in the
+block inside Pallas kernels: 0.28x ResNet50's bytes per step and ~2.4 GB peak in the
 same deviceless compile (NOTES.md experiment 8); never run on a GPU yet.
 """
 

@@ -19,7 +19,7 @@ du         du = D^T dx + du1 (XLA, ``d_bn_product._d_transpose``) dx, du1 in; du
 =========  ====================================================  =====================
 
 Compiled for an H100 (``benchmarks.aot``, deviceless), a stage-1 block at batch 256 moves
-3.1 GB per step here against 8.6 GB with "xla", the BatchNorm after A and the residual
+2.9 GB per step here against 8.6 GB with "xla", the BatchNorm after A and the residual
 included (benchmarks/NOTES.md, experiment 8). The price is arithmetic: the forward's two
 matmuls are done three times (each kernel recomputes q and dp), ~1.5x the blocks' matmul
 FLOPs, on a step with ~10x headroom on an H100 (NOTES, "Two numbers first").
