@@ -12,11 +12,13 @@
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (520 s): the goal's figures for the two candidates, each against ResNet50 in
+# "step" (570 s): the goal's figures for the two candidates, each against ResNet50 in
 #   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
 #   ResNet50 98.2 GB), then with fuse_d_bn="block" (27.2 GB: the 1x1 matmuls inside
-#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU); then the
-#   plain Eq.(3) (101.4 GB). (benchmarks.aot, jax 0.11.2, --gemm triton.)
+#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU), after
+#   benchmarks.block_check has compared its kernels with float64 on the device (exit 1:
+#   do not trust its timing); then the plain Eq.(3) (101.4 GB). (benchmarks.aot, jax
+#   0.11.2, --gemm triton.)
 # "variants" (560 s): fuse_d_bn="block" with two other tilings (QLHS_BLOCK_TILING 32,4
 #   and 128,8); fuse_d_bn="pallas"; ResNet50 with JAX's own max-pool gradient
 #   (stem_pool="autodiff", 102.1 GB: what the stem's argmax pool gives both models);
@@ -36,8 +38,9 @@
 #   BRING=$OUT OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh step
 # Each model runs in its own process; a
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
-# run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 FUSED_ARGS="--size-scale
-# 8 --check-batch 2 --steps 1 --warmup 0" bash benchmarks/gpu_h100.sh all
+# run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 CHECK_BATCH=1
+# FUSED_ARGS="--size-scale 8 --check-batch 2 --steps 1 --warmup 0" bash
+# benchmarks/gpu_h100.sh all
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
@@ -91,9 +94,14 @@ fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   bench 240 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
     --profile-dir "$OUT"
+  echo "== benchmarks.block_check" | tee -a "$OUT/log.txt"
+  timeout 60 python3 -m qlhs_jax.benchmarks.block_check --batch "${CHECK_BATCH:-4}" 2>&1 \
+    | quiet | tee -a "$OUT/log.txt" | grep -E "WRONG|agree|DISAGREE|rror" | tail -n 6
+  echo "exit ${PIPESTATUS[0]}"
+  bring
   bench 200 --model eq3_softball_ds --set 'fuse_d_bn="block"' --vs resnet50 --hlo-dir "$H" \
     --profile-dir "$OUT"
-  bench 80 --model eq3_softball_ds --hlo-dir "$H"
+  bench 70 --model eq3_softball_ds --hlo-dir "$H"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
