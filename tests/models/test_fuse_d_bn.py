@@ -149,11 +149,12 @@ def test_config_and_errors(tmp_path, monkeypatch):
   # A pallas_call cannot be split over a sharded batch: refused before anything is
   # written (the tests run with 8 CPU devices, conftest.py).
   from tests.test_train import tiny_config
-  cfg = tiny_config()
-  cfg.model_overrides.fuse_d_bn = "pallas"
-  with pytest.raises(ValueError, match="runs on one device; this mesh has 8"):
-    train.train_and_evaluate(cfg, str(tmp_path / "p"))
-  assert not (tmp_path / "p").exists()
+  for fuse in ("pallas", "block"):
+    cfg = tiny_config()
+    cfg.model_overrides.fuse_d_bn = fuse
+    with pytest.raises(ValueError, match=f"'{fuse}' runs on one device; this mesh has 8"):
+      train.train_and_evaluate(cfg, str(tmp_path / fuse))
+    assert not (tmp_path / fuse).exists()
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
