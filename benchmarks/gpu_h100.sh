@@ -70,8 +70,8 @@ bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" \
-    | grep -E "^(model|ratio) |^[a-z][a-z0-9_]+ +[a-z]+:|stopped|failed|rror|Killed" \
-    | tail -n 8
+    | grep -E "^(model|ratio|timed) |^[a-z][a-z0-9_]+ +[a-z]+:|stopped|failed|rror|Killed" \
+    | tail -n 10
   bring
 }
 fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagreement)

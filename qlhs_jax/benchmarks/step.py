@@ -257,7 +257,10 @@ def main(argv=None):
             on_record=lambda r: print(json.dumps(r), flush=True))
     return
   if args.vs:
-    records = [_child(args, args.model, args.set), _child(args, args.vs, args.vs_set)]
+    records = []
+    for name, sets in ((args.model, args.set), (args.vs, args.vs_set)):
+      records.append(_child(args, name, sets))
+      _announce(records[-1])
     for r in records:
       r["train_ratio_vs"] = {args.vs: records[0]["train_img_s"] / records[1]["train_img_s"]}
       r["eval_ratio_vs"] = {args.vs: records[0]["eval_img_s"] / records[1]["eval_img_s"]}
@@ -266,6 +269,17 @@ def main(argv=None):
     measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
             _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
             on_record=lambda r: _report(args, [r]))
+
+
+def _announce(record):
+  """One model of a --vs row, printed as soon as it is timed: a row stopped by its time
+  limit while the other model runs (gpu_h100.sh's `timeout`) still leaves the figures
+  and the whole record in the log; the table and the results file come at the end."""
+  peak = record.get("peak_mem_gb")
+  print(f"timed {record['model']}: train {record['train_img_s']:.1f} img/s, eval "
+        f"{record['eval_img_s']:.1f} img/s, peak {'-' if peak is None else f'{peak:.2f}'} GB",
+        flush=True)
+  print(f"record {json.dumps(record)}", flush=True)
 
 
 def _report(args, records):

@@ -77,6 +77,29 @@ def test_a_child_that_hangs_after_its_record_is_stopped_and_the_record_kept(tmp_
   assert "ran past 1 s and was stopped; the timing stands" in capsys.readouterr().err
 
 
+def test_a_vs_row_prints_each_model_as_soon_as_it_is_timed(tmp_path, monkeypatch,
+                                                         capsys):
+  """The first model's figures and record reach the log before the second model runs,
+  so a row stopped while the second runs loses neither; the results file and the ratio
+  come when both are done."""
+  seen = []
+
+  def child(args, name, sets):
+    seen.append(capsys.readouterr().out)  # what was printed before this child ran
+    return {"model": name, "train_img_s": 8.0 if name == "a" else 4.0, "eval_img_s": 2.0,
+            "peak_mem_gb": None, "overrides": {}, "device": "cpu:cpu"}
+  monkeypatch.setattr(step, "_child", child)
+  monkeypatch.setattr("qlhs_jax.models.registry.info", lambda name: None)
+  record = tmp_path / "r.jsonl"
+  step.main(["--model", "a", "--vs", "b", "--record", str(record)])
+  assert seen[0] == "" and "timed a: train 8.0 img/s, eval 2.0 img/s, peak - GB" in seen[1]
+  assert json.loads(seen[1].split("record ", 1)[1])["train_img_s"] == 8.0
+  out = capsys.readouterr().out
+  assert "timed b: train 4.0" in out and "ratio a / b: train 2.000" in out
+  rows = [json.loads(l) for l in record.read_text().splitlines()]
+  assert [r["model"] for r in rows] == ["a", "b"] and rows[0]["train_ratio_vs"] == {"b": 2.0}
+
+
 def test_a_child_that_crashes_after_its_record_keeps_it(tmp_path, capsys):
   cmd = _fake_child(tmp_path, 'print(json.dumps({"model": "m", "train_img_s": 5.0}))\n'
                     'sys.exit(3)\n')
