@@ -59,9 +59,9 @@ from qlhs_jax.kernels import d_bn_product as dbn
 
 F32 = jnp.float32
 # (pixels per tile, warps): of (64, 4), (64, 8), (32, 4) and (128, 8), compiled for an
-# H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (only the
-# sums kernel of stages 1-2, <= 0.8 KB a thread); not yet timed. Wider streams get fewer
-# pixels per tile (see _plan).
+# H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (0.9 KB a
+# thread in stage 1's sums kernel, <= 40 B elsewhere); not yet timed. Wider streams get
+# fewer pixels per tile (see _plan).
 DEFAULT_TILING = (64, 8)
 # Float32 values a program's accumulator tile may hold: (pixels, n_out) in the forward,
 # (pixels, n) in the dx pass; (bj, n + n_out) in the sums pass, SUMS_ACC_VALUES.
