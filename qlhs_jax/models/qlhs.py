@@ -236,7 +236,7 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"fuse_d_bn='block' fuses eq3's two 1x1 maps into its kernels; "
                        f"form {self.form!r} takes fuse_d_bn='xla' or 'pallas'")
 
-  def _fuses_block(self, u):
+  def _fuses_block(self):
     """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
     training, one BatchNorm group); with BatchNorm groups the block takes "xla"."""
     return (self.fuse_d_bn == "block" and self.train and not self.folded
@@ -283,7 +283,7 @@ class QLHSBlock(nn.Module):
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
     us = layers.subsample(u, s)
-    if form == "eq3" and self._fuses_block(u):
+    if form == "eq3" and self._fuses_block():
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
       y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s), "a",
