@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
+
 DATA_AXIS = "data"
 
 
@@ -174,7 +176,7 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
   """fuse_d_bn='pallas' and 'block' are one device's kernels: XLA cannot split a
   pallas_call over a sharded batch, so a larger mesh is refused (training and the
   throughput harness)."""
-  if fuse_d_bn in ("pallas", "block") and mesh.size > 1:
+  if fuse_d_bn in PALLAS_FUSES and mesh.size > 1:
     raise ValueError(f"model_overrides.fuse_d_bn={fuse_d_bn!r} runs on one device; this mesh "
                      f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
                      f"mesh) or run on one device")

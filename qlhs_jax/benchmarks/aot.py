@@ -150,14 +150,15 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   ("triton" or "cublas"; "auto" tries them in that order)."""
   if gemm not in ("auto", *GEMM_OPTIONS):
     raise SystemExit(f"--gemm {gemm!r}: choose auto, triton or cublas")
-  pallas = overrides.get("fuse_d_bn") in ("pallas", "block")
   device = compile_only_device(target)
   import jax
   import jax.numpy as jnp
 
   from qlhs_jax.benchmarks.step import harness_train_step
+  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
   from qlhs_jax.models import create
 
+  pallas = overrides.get("fuse_d_bn") in PALLAS_FUSES
   mesh = single_device_mesh(device)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)

@@ -63,6 +63,9 @@ except ImportError:  # Pallas's Triton backend is deprecated since JAX 0.11.0
   plt = None
 
 FUSE_IMPLS = ("none", "xla", "pallas")
+# The model's fuse_d_bn settings that run Pallas kernels ("block": kernels/eq3_block.py):
+# one device only, interpreted on a CPU, lowered for the GPU by benchmarks.aot.
+PALLAS_FUSES = ("pallas", "block")
 F32 = jnp.float32
 # Pallas tiling: one program handles `rows` output rows of one image, `cols` columns
 # (0: all of them, padded to a power of two) and bj input channels (bj*e hidden channels,
@@ -510,17 +513,47 @@ def _check(u, c, kernel, scale, stride, groups, impl):
     check_pallas(e)
 
 
-def check_pallas(e: int):
-  """impl "pallas" needs Pallas's Triton backend and a power-of-two expansion ``e``
-  (Triton's block shapes); the model calls this too, to refuse a config before any
-  training step."""
+def check_pallas(e: int, fuse: str = "pallas"):
+  """fuse_d_bn ``fuse`` ("pallas" here, "block" in eq3_block) needs Pallas's Triton
+  backend and a power-of-two expansion ``e`` (Triton's block shapes); the model calls
+  this too, to refuse a config before any training step."""
   if plt is None:
-    raise ValueError(f"fuse_d_bn='pallas' needs Pallas's Triton backend "
+    raise ValueError(f"fuse_d_bn={fuse!r} needs Pallas's Triton backend "
                      f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does "
                      f"not have; use fuse_d_bn='xla'")
-  if e & (e - 1):
-    raise ValueError(f"fuse_d_bn='pallas' needs a power-of-two expansion (Triton block "
+  if e < 1 or e & (e - 1):
+    raise ValueError(f"fuse_d_bn={fuse!r} needs a power-of-two expansion e (Triton block "
                      f"shapes), got {e}; use fuse_d_bn='xla'")
+
+
+def bn_affine(s1, s2, count, scale, bias, eps):
+  """Training-mode BatchNorm of D u from its sums ``s1``, ``s2`` (G, n, e) over ``count``
+  values: ``(mean, var, rstd, mul, add)``, BN(x) = x * mul + add (biased variance)."""
+  n, e = s1.shape[-2:]
+  mean = s1 / count
+  var = jnp.maximum(s2 / count - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + eps)
+  mul = scale.astype(F32).reshape(n, e) * rstd
+  return mean, var, rstd, mul, bias.astype(F32).reshape(n, e) - mean * mul
+
+
+def bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count):
+  """BatchNorm's backward: dL/dx = mul * (g - mean(g) - xhat * mean(g * xhat)) plus the
+  direct terms of the mean and variance outputs, written as
+  mul * g + cx * (x - mean) + c0 (x centred, to keep float32 cancellation small);
+  ``sg``, ``sgx`` the sums of g and g * xhat. Returns ``(cx, c0)``."""
+  cx = -mul * rstd * sgx / count + 2.0 * dvar / count
+  c0 = -mul * sg / count + dmean / count
+  return cx, c0
+
+
+def kernel_grad_like(dk9, kernel):
+  """dL/dkernel (9, n, e) in the shape and dtype of D's ``kernel`` (3, 3, 1 or n, e):
+  summed over the channels where the kernel is shared ("ws")."""
+  dk = dk9.reshape((3, 3) + dk9.shape[1:])
+  if kernel.shape[2] == 1:
+    dk = dk.sum(2, keepdims=True)
+  return dk.astype(kernel.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -538,11 +571,7 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   else:
     s1, s2, tstats = _xla_stats(u, k9, stride, groups)
   count = (b // groups) * c.shape[1] * c.shape[2]
-  mean = s1 / count
-  var = jnp.maximum(s2 / count - mean * mean, 0.0)
-  rstd = lax.rsqrt(var + eps)
-  mul = scale.astype(F32).reshape(n, e) * rstd
-  add = bias.astype(F32).reshape(n, e) - mean * mul
+  mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
   else:
@@ -577,11 +606,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
-  # BatchNorm's backward: dL/dx = mul * (g - mean(g) - xhat * mean(g * xhat)) plus the
-  # direct terms of the mean and variance outputs, written as
-  # mul * g + cx * (x - mean) + c0 (x centred, to keep float32 cancellation small).
-  cx = -mul * rstd * sgx / count + 2.0 * dvar / count
-  c0 = -mul * sg / count + dmean / count
+  cx, c0 = bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
   if impl == "pallas":
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
@@ -591,13 +616,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                           dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
-  dk = dk9.reshape(3, 3, n, e)
-  if kernel.shape[2] == 1:
-    dk = dk.sum(2, keepdims=True)
   h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)
-  return du, dc5.reshape(dp.shape), dk.astype(kernel.dtype), dscale, dbias
+  return du, dc5.reshape(dp.shape), kernel_grad_like(dk9, kernel), dscale, dbias
 
 
 _op.defvjp(_fwd, _bwd)

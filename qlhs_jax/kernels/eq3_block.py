@@ -59,8 +59,8 @@ from qlhs_jax.kernels import d_bn_product as dbn
 
 F32 = jnp.float32
 # (pixels per tile, warps): of (64, 4), (64, 8), (32, 4) and (128, 8), compiled for an
-# H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (0.9 KB a
-# thread in stage 1's sums kernel, <= 40 B elsewhere); not yet timed. Wider streams get
+# H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (0.8 KB a
+# thread in stage 1's sums kernel, <= 32 B elsewhere); not yet timed. Wider streams get
 # fewer pixels per tile (see _plan).
 DEFAULT_TILING = (64, 8)
 # Float32 values a program's accumulator tile may hold: (pixels, n_out) in the forward,
@@ -160,11 +160,16 @@ class _Tile:
     row = jnp.clip(self.base + dy * plan["w"] + dx, 0, plan["b"] * plan["h"] * plan["w"] - 1)
     return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
 
-  def d(self, u_ref, k_ref, s, j0, bj):
-    """D u for hidden channels (j, s), j in j0..j0+bj: (m, bj) float32."""
+  def d(self, u_ref, k_ref, s, j0, bj, on_tap=None):
+    """D u for hidden channels (j, s), j in j0..j0+bj: (m, bj) float32. ``on_tap(t, tap)``
+    sees each tap as it is added, so that a second use of it needs no second load (kept
+    for later, the nine taps would be live together: register spills)."""
     acc = None
     for t in range(9):
-      term = self.tap(u_ref, t, j0, bj) * k_ref[s, t, pl.ds(j0, bj)][None, :]
+      tap = self.tap(u_ref, t, j0, bj)
+      if on_tap is not None:
+        on_tap(t, tap)
+      term = tap * k_ref[s, t, pl.ds(j0, bj)][None, :]
       acc = term if acc is None else acc + term
     return acc
 
@@ -222,14 +227,10 @@ def _sums_kernel(u_ref, dy_ref, c_ref, a_ref, k_ref, mul_ref, add_ref, mean_ref,
     q = _rnd(_dot(ut, cs), dt)
     dp = _rnd(_dot(dyt, as_, tb=True), dt)
     g = dp * q  # 0 on the rows past the last pixel: dy is 0 there
-    # Each tap feeds D u and dL/dkernel's tap sum at once, then dies (kept for a second
-    # use, the nine taps would be live together: register spills).
-    x, tg_new = None, []
-    for t in range(9):
-      tap = tile.tap(u_ref, t, j0, bj)
-      term = tap * k_ref[s, t, pl.ds(j0, bj)][None, :]
-      x = term if x is None else x + term
-      tg_new.append(tg[t] + (tap * g).sum(0))
+    # Each tap feeds D u and dL/dkernel's tap sum at once.
+    tg_new = []
+    x = tile.d(u_ref, k_ref, s, j0, bj,
+               on_tap=lambda t, tap: tg_new.append(tg[t] + (tap * g).sum(0)))
     f1 = x * mul + add
     return (sg + g.sum(0), sgx + (g * ((x - mean) * rstd)).sum(0), tuple(tg_new),
             da + _dot((f1 * q).astype(dt), dyt, ta=True),
@@ -300,14 +301,11 @@ def check(u_shape, cw_shape, aw_shape, kernel_shape):
       len(aw_shape) != 2 or aw_shape[0] != n * e):
     raise ValueError(f"eq3_hidden: kernel {kernel_shape}, C {cw_shape}, A {aw_shape} do "
                      f"not fit u {u_shape} (want C ({n}, {n * e}), A ({n * e}, n_out))")
-  for name, v, low in (("expansion e", e, 1), ("n", n, 16), ("n_out", aw_shape[1], 16)):
-    if v < low or v & (v - 1):
-      raise ValueError(f"fuse_d_bn='block' needs a power-of-two {name} >= {low} "
+  for name, v in (("n", n), ("n_out", aw_shape[1])):
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"fuse_d_bn='block' needs a power-of-two {name} >= 16 "
                        f"(Triton block shapes and dot), got {v}; use fuse_d_bn='xla'")
-  if dbn.plt is None:
-    raise ValueError(f"fuse_d_bn='block' needs Pallas's Triton backend "
-                     f"(jax.experimental.pallas.triton), which JAX {jax.__version__} "
-                     f"does not have; use fuse_d_bn='xla'")
+  dbn.check_pallas(e, "block")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -322,12 +320,7 @@ def _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
   k9 = dbn._kernel9(kernel, n)
   s1, s2, tstats = dbn._xla_stats(u, k9, stride, 1)
   plan = _plan(u.shape, n_out, e, stride)
-  count = plan["rows"]
-  mean = s1 / count
-  var = jnp.maximum(s2 / count - mean * mean, 0.0)
-  rstd = lax.rsqrt(var + eps)
-  mul = scale.astype(F32).reshape(n, e) * rstd
-  add = bias.astype(F32).reshape(n, e) - mean * mul
+  mean, var, rstd, mul, add = dbn.bn_affine(s1, s2, plan["rows"], scale, bias, eps)
   u2 = u.reshape(-1, n)  # rows of pixels; the kernels clamp and mask their taps
   cs, as_, ks = _weights(cw, aw, k9, e)
   y = _call(_forward_kernel, plan, (plan["tiles"],),
@@ -366,8 +359,7 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   dmean = dmean.astype(F32).reshape(1, n, e)
   dvar = dvar.astype(F32).reshape(1, n, e)
   # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
-  cx = -mul * rstd * sgx / count + 2.0 * dvar / count
-  c0 = -mul * sg / count + dmean / count
+  cx, c0 = dbn.bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
   dk9 = dbn._xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   dx, du1 = _call(
       _dx_kernel, plan, (plan["tiles"],),
@@ -384,12 +376,9 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   du = dbn._d_transpose(dx[:rows].reshape(b, ho, wo, n, e), k9, stride, (h, w)) + du1
   dcw = dc.sum(0).transpose(1, 2, 0).reshape(n, n * e)  # C[i, j*e + s] = C_s[i, j]
   daw = da.sum(0).transpose(1, 0, 2).reshape(n * e, n_out)
-  dk = dk9.reshape(3, 3, n, e)
-  if kernel.shape[2] == 1:
-    dk = dk.sum(2, keepdims=True)
   hdim = n * e
   return (du.astype(u2.dtype), dcw.astype(cw.dtype), daw.astype(aw.dtype),
-          dk.astype(kernel.dtype), sgx[0].reshape(hdim).astype(scale.dtype),
+          dbn.kernel_grad_like(dk9, kernel), sgx[0].reshape(hdim).astype(scale.dtype),
           sg[0].reshape(hdim).astype(bias.dtype))
 
 

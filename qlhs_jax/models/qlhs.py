@@ -249,7 +249,6 @@ class QLHSBlock(nn.Module):
     kernel = self._d_kernel(n_in)
     cw = self.param("c", conv_init, (n_in, h), self.param_dtype)
     aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
-    eq3_block.check(u.shape, cw.shape, aw.shape, kernel.shape)
     return FusedEq3Hidden(self.stride, self.param_dtype, name="bn_d")(
         u.astype(self.dtype), kernel, cw.astype(self.dtype), aw.astype(self.dtype))
 
