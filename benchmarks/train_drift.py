@@ -40,15 +40,13 @@ def trajectories(fuses, steps: int) -> dict:
   data = list(batches(steps))
   plain = QLHSNet(widths=(16, 32, 64, 128), depths=(1, 1, 1, 1), stem="small",
                   num_classes=5, dtype=jnp.float32)
-  v = plain.init(jax.random.PRNGKey(0), data[0]["image"], train=True)
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
+  # One initial state for all: every fuse_d_bn has the plain path's variables.
+  start = S.create_train_state(plain, tx, jax.random.PRNGKey(0), data[0]["image"].shape[1:])
   out = {}
   for fuse in fuses:
-    state = S.TrainState(
-        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-        opt_state=tx.init(v["params"]), rng=jax.random.key_data(jax.random.PRNGKey(0)),
-        lr_scale=jnp.ones((), jnp.float32), skipped=jnp.zeros((), jnp.int32))
+    state = start
     step = jax.jit(S.make_train_step(plain.clone(fuse_d_bn=fuse), tx, lr_fn, num_classes=5))
     out[fuse] = []
     for b in data:
