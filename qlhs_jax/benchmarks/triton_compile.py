@@ -72,6 +72,15 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 OPS = ("d_bn_product", "eq3_block")
 
 
+def block_warps(kernel_name: str, side: int, n: int, stride: int) -> int:
+  """The warps QLHS_BLOCK_TILING gives an eq3_block kernel (``qlhs_eq3_<kernel>_kernel``)
+  at one of Eq.(3)'s block shapes (n_out = n, or 2n with a stride)."""
+  from qlhs_jax.kernels import eq3_block
+  kernel = next(k for k in eq3_block.KERNELS if f"_{k}_" in kernel_name)
+  n_out = n if stride == 1 else 2 * n
+  return eq3_block.tiling(kernel, eq3_block.shape_key(side, side, n, n_out, stride))[1]
+
+
 def triton_ir(batch: int, side: int, n: int, stride: int,
               op: str = "d_bn_product") -> list[tuple[str, str]]:
   """``[(kernel name, Triton IR text)]`` of the Pallas kernels of ``op`` at one shape:
@@ -156,9 +165,10 @@ def main(argv=None) -> int:
   from qlhs_jax.kernels import eq3_block
   from qlhs_jax.kernels.d_bn_product import tiling
   if args.op == "eq3_block":
-    warps, stages = eq3_block.tiling()[1], 1
+    stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, eq3_block "
-          f"tiling (pixels, warps) = {eq3_block.tiling()}")
+          f"QLHS_BLOCK_TILING={os.environ.get('QLHS_BLOCK_TILING', '')!r} (default "
+          f"pixels, warps = {eq3_block.DEFAULT_TILING})")
   else:
     warps, stages = tiling()[2], tiling()[4]
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, tiling "
@@ -169,11 +179,14 @@ def main(argv=None) -> int:
     if wanted and name not in wanted:
       continue
     for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
+      if args.op == "eq3_block":  # each kernel's own warps at this shape
+        warps = block_warps(kernel, side, n, stride)
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:
         print(f"  {name:14s} {kernel:20s} {r['registers']:4d} registers  "
-              f"{r['spill_bytes']:5d} B spilled  {r['shared_bytes']:6d} B shared")
+              f"{r['spill_bytes']:5d} B spilled  {r['shared_bytes']:6d} B shared  "
+              f"{warps} warps")
       else:
         print(f"  {name:14s} {kernel:20s} FAILED: {r['error']}")
   return 0 if ok else 1

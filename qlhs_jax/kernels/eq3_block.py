@@ -42,13 +42,16 @@ permuted once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
 
 ``interpret=True`` runs the kernels on any backend (the CPU tests check them against
 float64 autodiff of the plain formula). Tiling: ``QLHS_BLOCK_TILING="pixels,warps"``
-(default :data:`DEFAULT_TILING`); not yet timed on a GPU.
+for every kernel, with entries per kernel and block shape after it (see ``tiling``;
+``benchmarks.block_tune`` times them on the GPU and prints the fastest); default
+:data:`DEFAULT_TILING`. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -73,32 +76,68 @@ SUMS_PROGRAMS = 1056
 FORWARD_BJ = 64
 
 
-def tiling() -> tuple[int, int]:
-  """(pixels, warps) from QLHS_BLOCK_TILING, else :data:`DEFAULT_TILING`."""
-  raw = os.environ.get("QLHS_BLOCK_TILING", "")
-  if not raw:
-    return DEFAULT_TILING
-  try:
-    m, warps = (int(v) for v in raw.split(","))
-  except ValueError:
-    m = warps = 0
-  if m < 16 or m & (m - 1) or warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"QLHS_BLOCK_TILING={raw!r}: want 'pixels,warps', e.g. '64,4' "
-                     f"(pixels a power of two >= 16, warps 1-16)")
-  return m, warps
+KERNELS = ("forward", "sums", "dx")
+_SHAPE_KEY = re.compile(r"\d+x\d+x\d+x\d+s\d+$")
+_TILING_HELP = ("want whitespace-separated '[SCOPE=]pixels,warps' entries, e.g. '64,8' or "
+                "'64,8 sums=32,4 dx@56x56x64x64s1=128,8' (pixels a power of two >= 16, "
+                "warps 1-16; SCOPE a kernel (forward, sums, dx), a block shape "
+                "HxWxNxN_OUTsSTRIDE, or kernel@shape)")
+
+
+def shape_key(h: int, w: int, n: int, n_out: int, stride: int) -> str:
+  """A block shape as QLHS_BLOCK_TILING names it: u's (H, W, n), n_out and the stride."""
+  return f"{h}x{w}x{n}x{n_out}s{stride}"
+
+
+def parse_tiling(raw: str) -> dict[str, tuple[int, int]]:
+  """QLHS_BLOCK_TILING's entries: ``{scope: (pixels, warps)}``, scope "" for the bare
+  ``pixels,warps`` that applies everywhere."""
+  spec = {}
+  for entry in raw.split():
+    scope, _, value = entry.rpartition("=")
+    try:
+      m, warps = (int(v) for v in value.split(","))
+    except ValueError:
+      m = warps = 0
+    if "@" in scope:
+      kernel, key = scope.split("@", 1)
+      scope_ok = kernel in KERNELS and bool(_SHAPE_KEY.match(key))
+    else:
+      scope_ok = not scope or scope in KERNELS or bool(_SHAPE_KEY.match(scope))
+    if (m < 16 or m & (m - 1) or warps not in (1, 2, 4, 8, 16) or not scope_ok
+        or scope in spec):
+      raise ValueError(f"QLHS_BLOCK_TILING={raw!r}: entry {entry!r} is not valid "
+                       f"(or repeats a scope); {_TILING_HELP}")
+    spec[scope] = (m, warps)
+  return spec
+
+
+def tiling(kernel: str | None = None, key: str | None = None) -> tuple[int, int]:
+  """(pixels, warps) of one kernel at one block shape (``shape_key``) from
+  QLHS_BLOCK_TILING, the most specific entry first (kernel@shape, shape, kernel, the
+  bare default), else :data:`DEFAULT_TILING`. Each kernel has its own registers and
+  traffic, and the best tile differs by channel count (benchmarks.block_tune finds it
+  on the GPU)."""
+  spec = parse_tiling(os.environ.get("QLHS_BLOCK_TILING", ""))
+  for scope in (f"{kernel}@{key}", key, kernel, ""):
+    if scope is not None and scope in spec:
+      return spec[scope]
+  return DEFAULT_TILING
 
 
 def _pow2_floor(x: int) -> int:
   return 1 << (max(1, x).bit_length() - 1)
 
 
-def _plan(u_shape, n_out: int, e: int, stride: int = 1) -> dict:
-  """Static tiling. ``m`` output pixels per tile (a power of two, >= 16, Triton's
-  smallest dot), ``bj`` input channels per slice of the sums pass; tiles are grouped
-  into ``chunks`` of ``tpc`` consecutive tiles, one program of the sums pass per
-  (slice, chunk)."""
+def _plan(u_shape, n_out: int, e: int, stride: int = 1, kernel: str | None = None,
+          tile: tuple[int, int] | None = None) -> dict:
+  """Static tiling of ``kernel`` (one of KERNELS; None: the bare default). ``m`` output
+  pixels per tile (a power of two, >= 16, Triton's smallest dot), ``bj`` input channels
+  per slice of the sums pass; tiles are grouped into ``chunks`` of ``tpc`` consecutive
+  tiles, one program of the sums pass per (slice, chunk). ``tile`` (pixels, warps)
+  overrides QLHS_BLOCK_TILING (benchmarks.block_tune)."""
   b, h, w, n = u_shape
-  m0, warps = tiling()
+  m0, warps = tile or tiling(kernel, shape_key(h, w, n, n_out, stride))
   ho, wo = dbn._out_size(h, stride), dbn._out_size(w, stride)
   rows = b * ho * wo
   m = max(16, min(m0, _pow2_floor(ACC_VALUES // max(n, n_out)),
@@ -278,6 +317,36 @@ def _call(kernel, plan, grid, out_shape, args, interpret):
                         name=f"qlhs_eq3_{kernel.__name__.strip('_')}", **params)(*args)
 
 
+def forward_call(plan, args, interpret=False):
+  """The forward kernel: ``args = (u2, C_s, A_s, D_s, mul, add)`` -> y rows, padded to
+  the tiles' end."""
+  return _call(_forward_kernel, plan, (plan["tiles"],),
+               jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], plan["n_out"]),
+                                    args[0].dtype), args, interpret)
+
+
+def sums_call(plan, args, interpret=False):
+  """The sums kernel: ``args = (u2, dy rows, C_s, A_s, D_s, mul, add, mean, rstd)`` ->
+  per-chunk partial sums (BatchNorm's two, the nine tap sums, dA_s, dC_s)."""
+  n, e, ch = plan["n"], plan["e"], plan["chunks"]
+  part = lambda *shape: jax.ShapeDtypeStruct((ch, e) + shape, F32)
+  return _call(_sums_kernel, plan, ((n // plan["bj"]) * e, ch),
+               (part(n), part(n), part(9, n), part(n, plan["n_out"]), part(n, n)), args,
+               interpret)
+
+
+def dx_call(plan, args, interpret=False):
+  """The dx kernel: ``args = (u2, dy rows, C_s, A_s, D_s, mul, add, mean, cx, c0)`` ->
+  (dx rows (pixels, n, e), du1 rows), padded to the tiles' end."""
+  rows, dt = plan["tiles"] * plan["m"], args[0].dtype
+  return _call(_dx_kernel, plan, (plan["tiles"],),
+               (jax.ShapeDtypeStruct((rows, plan["n"], plan["e"]), dt),
+                jax.ShapeDtypeStruct((rows, plan["n"]), dt)), args, interpret)
+
+
+CALLS = {"forward": forward_call, "sums": sums_call, "dx": dx_call}
+
+
 def _slices(v):
   """(1, n, e) per-channel vectors -> (e, n) rows per s."""
   return v[0].T
@@ -319,13 +388,11 @@ def _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
   e, n_out = kernel.shape[-1], aw.shape[1]
   k9 = dbn._kernel9(kernel, n)
   s1, s2, tstats = dbn._xla_stats(u, k9, stride, 1)
-  plan = _plan(u.shape, n_out, e, stride)
+  plan = _plan(u.shape, n_out, e, stride, "forward")
   mean, var, rstd, mul, add = dbn.bn_affine(s1, s2, plan["rows"], scale, bias, eps)
   u2 = u.reshape(-1, n)  # rows of pixels; the kernels clamp and mask their taps
   cs, as_, ks = _weights(cw, aw, k9, e)
-  y = _call(_forward_kernel, plan, (plan["tiles"],),
-            jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n_out), u.dtype),
-            (u2, cs, as_, ks, _slices(mul), _slices(add)), interpret)
+  y = forward_call(plan, (u2, cs, as_, ks, _slices(mul), _slices(add)), interpret)
   y = y[:plan["rows"]].reshape(b, plan["ho"], plan["wo"], n_out)
   hdim = n * e
   return ((y, mean.reshape(1, hdim), var.reshape(1, hdim)),
@@ -343,16 +410,13 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   b, ho, wo, n_out = dy.shape
   (h, w), n, e = hw, u2.shape[1], kernel.shape[-1]
   k9 = dbn._kernel9(kernel, n)
-  plan = _plan((b, h, w, n), n_out, e, stride)
-  dyp = _pad_rows(dy.astype(u2.dtype).reshape(-1, n_out), plan)
+  plan = _plan((b, h, w, n), n_out, e, stride, "sums")
+  plan_dx = _plan((b, h, w, n), n_out, e, stride, "dx")
+  dy2 = dy.astype(u2.dtype).reshape(-1, n_out)
   cs, as_, ks = _weights(cw, aw, k9, e)
-  ch = plan["chunks"]
-  part = lambda *shape: jax.ShapeDtypeStruct((ch, e) + shape, F32)
-  sg, sgx, tg, da, dc = _call(
-      _sums_kernel, plan, ((n // plan["bj"]) * e, ch),
-      (part(n), part(n), part(9, n), part(n, n_out), part(n, n)),
-      (u2, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(rstd)),
-      interpret)
+  sg, sgx, tg, da, dc = sums_call(
+      plan, (u2, _pad_rows(dy2, plan), cs, as_, ks, _slices(mul), _slices(add),
+             _slices(mean), _slices(rstd)), interpret)
   sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
   tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
   count = plan["rows"]
@@ -361,12 +425,9 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
   cx, c0 = dbn.bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
   dk9 = dbn._xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  dx, du1 = _call(
-      _dx_kernel, plan, (plan["tiles"],),
-      (jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n, e), u2.dtype),
-       jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n), u2.dtype)),
-      (u2, dyp, cs, as_, ks, _slices(mul), _slices(add), _slices(mean), _slices(cx),
-       _slices(c0)), interpret)
+  dx, du1 = dx_call(
+      plan_dx, (u2, _pad_rows(dy2, plan_dx), cs, as_, ks, _slices(mul), _slices(add),
+                _slices(mean), _slices(cx), _slices(c0)), interpret)
   rows = plan["rows"]
   du1 = du1[:rows].reshape(b, ho, wo, n).astype(F32)
   if stride != 1:  # the 1x1 maps read u[:, ::s, ::s]: du1 goes back to those pixels

@@ -135,10 +135,38 @@ def test_tiling_override(monkeypatch):
   monkeypatch.setenv("QLHS_BLOCK_TILING", "16,8")
   assert eb._plan((2, 5, 7, 16), 16, 4)["m"] == 16 and eb.tiling() == (16, 8)
   np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
-  for bad in ("24,4", "64", "64,3", "x,4"):
+  for bad in ("24,4", "64", "64,3", "x,4", "sumz=32,4", "forward@5x7=32,4",
+              "@5x7x16x16s1=32,4", "sums@=32,4", "sums=32,4 sums=64,4", "5x7x16=32,4"):
     monkeypatch.setenv("QLHS_BLOCK_TILING", bad)
-    with pytest.raises(ValueError, match="want 'pixels,warps'"):
+    with pytest.raises(ValueError, match="want whitespace-separated"):
       eb.tiling()
+
+
+def test_tiling_per_kernel_and_shape(monkeypatch):
+  """The most specific entry wins (kernel@shape, shape, kernel, bare); with a different
+  tile size in each of the three kernels (so dy is padded differently for the sums and
+  dx passes), outputs and all gradients still match float64 autodiff."""
+  key = eb.shape_key(6, 7, 32, 32, 1)
+  assert key == "6x7x32x32s1"
+  monkeypatch.setenv("QLHS_BLOCK_TILING",
+                     f"16,8 sums=32,4 {key}=64,8 sums@{key}=128,4")
+  assert eb.tiling("sums", key) == (128, 4) and eb.tiling("dx", key) == (64, 8)
+  assert eb.tiling("sums", "1x1x16x16s1") == (32, 4) and eb.tiling("dx", "1x1x16x16s1") == (
+      16, 8)
+  assert eb.tiling() == (16, 8)
+  monkeypatch.setenv("QLHS_BLOCK_TILING", f"16,8 sums=32,4 dx@{key}=16,2 forward=64,4")
+  plans = {k: eb._plan((2, 6, 7, 32), 32, 2, 1, k) for k in eb.KERNELS}
+  assert [(plans[k]["m"], plans[k]["warps"]) for k in eb.KERNELS] == [(64, 4), (32, 4),
+                                                                      (16, 2)]
+  monkeypatch.delenv("QLHS_BLOCK_TILING")
+  assert eb._plan((2, 6, 7, 32), 32, 2, 1, "sums", tile=(16, 4))["m"] == 16
+  monkeypatch.setenv("QLHS_BLOCK_TILING", f"16,8 sums=32,4 dx@{key}=16,2 forward=64,4")
+  args, weights = make_inputs(5, 2, 6, 7, 32, 2, 1, 32)
+  assert_gradients_match(args, weights)
+  want = numpy_block(*args, 1)[0]
+  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
+                      interpret=True)[0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_plan_at_the_network_shapes():
