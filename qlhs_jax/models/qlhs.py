@@ -37,7 +37,11 @@ autodiff. Evaluation and folded models always take the plain path.
 
 ``fuse_d_bn="block"`` (eq3) goes further: the two 1x1 maps run inside the Pallas kernels
 too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor is stored in the forward
-(with BatchNorm groups a block takes "xla").
+(with BatchNorm groups a block takes "xla"). ``block_max_width=N`` (0: no limit) keeps
+the kernels to blocks whose input stream has at most N channels; wider blocks take
+"xla". Why: each tile of the kernels re-reads both 1x1 weight matrices (16 n^2 bytes)
+for at most 8,192/n pixels, so that on-chip traffic grows as n^3 per pixel
+(``python -m qlhs_jax.benchmarks.block_tune --l2``; benchmarks/NOTES.md, experiment 9).
 
 ``pin_hidden_layout=True`` keeps D's output in the row-major layout its shape names
 (:func:`qlhs_jax.models.layers.pin_row_major`): a speed variant for XLA on GPU, same
@@ -79,6 +83,17 @@ HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
 # kernels with the 1x1 matmuls inside (kernels/eq3_block.py); a block with BatchNorm
 # groups takes "xla".
 FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
+
+
+def check_block_max_width(width: int, fuse_d_bn: str):
+  """block_max_width is a limit on fuse_d_bn="block" only; refused elsewhere, so that a
+  run does not silently take another path than the one asked for."""
+  if not isinstance(width, int) or width < 0:
+    raise ValueError(f"block_max_width={width!r}: want an input width in channels, or 0 "
+                     f"for no limit")
+  if width and fuse_d_bn != "block":
+    raise ValueError(f"block_max_width={width} limits fuse_d_bn='block', but fuse_d_bn is "
+                     f"{fuse_d_bn!r}; set fuse_d_bn=block or leave block_max_width at 0")
 FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
@@ -166,6 +181,7 @@ class QLHSBlock(nn.Module):
   train: bool = False
   hidden_layout: str = "j_major"
   fuse_d_bn: str = "none"
+  block_max_width: int = 0
   pin_hidden_layout: bool = False
   folded: bool = False
   bn_groups: int = 1
@@ -236,11 +252,13 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"fuse_d_bn='block' fuses eq3's two 1x1 maps into its kernels; "
                        f"form {self.form!r} takes fuse_d_bn='xla' or 'pallas'")
 
-  def _fuses_block(self):
+  def _fuses_block(self, n_in):
     """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
-    training, one BatchNorm group); with BatchNorm groups the block takes "xla"."""
+    training, one BatchNorm group, input width within block_max_width); otherwise a
+    "block" model's block takes "xla"."""
     return (self.fuse_d_bn == "block" and self.train and not self.folded
-            and self.bn_groups == 1)
+            and self.bn_groups == 1
+            and (self.block_max_width == 0 or n_in <= self.block_max_width))
 
   def _eq3_fused_hidden(self, u):
     """``A(BN(D u) * (C u))`` through eq3_block, creating d_kernel, c and a in the plain
@@ -281,8 +299,9 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"unknown hidden_layout {self.hidden_layout!r}; "
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
+    check_block_max_width(self.block_max_width, self.fuse_d_bn)
     us = layers.subsample(u, s)
-    if form == "eq3" and self._fuses_block():
+    if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
       y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s), "a",
@@ -354,6 +373,7 @@ class QLHSNet(nn.Module):
   remat: str = "none"
   hidden_layout: str = "j_major"
   fuse_d_bn: str = "none"
+  block_max_width: int = 0
   pin_hidden_layout: bool = False
   folded: bool = False
   bn_groups: int = 1
@@ -393,7 +413,8 @@ class QLHSNet(nn.Module):
     for k, i, _, n_out, stride, act in layout:
       x = block_cls(n_out, stride, self.form, self.expansion, self.weight_sharing,
                     self.eq6_c_norm, act, self.d_impl, hidden_layout=self.hidden_layout,
-                    fuse_d_bn=self.fuse_d_bn, pin_hidden_layout=self.pin_hidden_layout,
+                    fuse_d_bn=self.fuse_d_bn, block_max_width=self.block_max_width,
+                    pin_hidden_layout=self.pin_hidden_layout,
                     name=f"stage{k + 1}_block{i}", **common)(x)
     if self.placement == "ds":  # the fourth activation, before pooling
       x = layers.activation(x, self.activation)

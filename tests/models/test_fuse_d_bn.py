@@ -111,6 +111,25 @@ def test_block_fused_runs_its_kernels_in_every_block_without_bn_groups():
         jax.random.PRNGKey(0), X, train=True)
 
 
+def test_block_max_width_sends_wider_blocks_to_xla():
+  """block_max_width=16: the two blocks with 16 input channels run eq3_block's kernels,
+  the 32-channel one d_bn_product's "xla" passes; the same network as the plain path.
+  A negative width, or a width without fuse_d_bn="block", is refused."""
+  three = dict(TINY_BLOCK, widths=(16, 32, 64), depths=(1, 1, 1))
+  mixed = QLHSNet(dtype=jnp.float32, fuse_d_bn="block", block_max_width=16, **three)
+  jaxpr = forward_jaxpr(mixed)
+  assert jaxpr.count("name=qlhs_eq3_forward_kernel\n") == 2
+  assert jaxpr.count("custom_vjp_call") == 3
+  assert forward_jaxpr(mixed.clone(block_max_width=32)).count(
+      "name=qlhs_eq3_forward_kernel\n") == 3
+  plain = QLHSNet(activation="softball", dtype=jnp.float32, **three)
+  assert_same_network(plain, plain.clone(fuse_d_bn="block", block_max_width=16))
+  for kw, msg in ((dict(fuse_d_bn="block", block_max_width=-1), "want an input width"),
+                  (dict(fuse_d_bn="xla", block_max_width=16), "but fuse_d_bn is 'xla'")):
+    with pytest.raises(ValueError, match=msg):
+      QLHSNet(dtype=jnp.float32, **kw, **three).init(jax.random.PRNGKey(0), X, train=True)
+
+
 def test_train_step_with_block_fused():
   """Two jitted train steps of the harness: the plain path's losses and parameters."""
   batch = {"image": X, "label": LABELS}
@@ -130,6 +149,9 @@ def test_config_and_errors(tmp_path, monkeypatch):
   assert train.build_model(c, 5).fuse_d_bn == "none"  # the default
   c.model_overrides.fuse_d_bn = "pallas"
   assert train.build_model(c, 5).fuse_d_bn == "pallas"
+  c.model_overrides.fuse_d_bn = "block"
+  c.model_overrides.block_max_width = 128  # settable from the command line
+  assert train.build_model(c, 5).block_max_width == 128
   x = jnp.zeros((2, 8, 8, 3))
   init = lambda **kw: QLHSNet(**TINY, **kw).init(jax.random.PRNGKey(0), x, train=True)
   with pytest.raises(ValueError, match=r"unknown fuse_d_bn 'triton'.*pallas"):
