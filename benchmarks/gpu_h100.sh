@@ -5,27 +5,31 @@
 # Start with "step" (the variants with the fewest bytes in the deviceless compiles of
 # benchmarks/NOTES.md experiments 4 and 5); a 15-minute device session then has room for
 # "variants" or "op" as a second call (the machine stays warm). "op" prints the fastest
-# Pallas tiling; "variants" uses QLHS_PALLAS_TILING=... if set, else the fastest
-# recorded in $OUT, else the default.
+# Pallas tiling.
 # "op" (time limits add up to 380 s): the BN(D u)*c operation alone
 #   (benchmarks.fused): agreement with the float64 reference, forward+backward of
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (570 s): the goal's figures for the two candidates, each against ResNet50 in
+# "step" (560 s): the goal's figures for the two candidates, each against ResNet50 in
 #   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
 #   ResNet50 98.2 GB), then with fuse_d_bn="block" (27.2 GB: the 1x1 matmuls inside
-#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU), after
-#   benchmarks.block_check has compared its kernels with float64 on the device (exit 1:
-#   do not trust its timing); then the plain Eq.(3) (101.4 GB). (benchmarks.aot, jax
-#   0.11.2, --gemm triton.)
-# "variants" (560 s): fuse_d_bn="block" with two other tilings (QLHS_BLOCK_TILING 32,4
-#   and 128,8); fuse_d_bn="pallas"; ResNet50 with JAX's own max-pool gradient
-#   (stem_pool="autodiff", 102.1 GB: what the stem's argmax pool gives both models);
-#   Eq.(3) with d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout;
-#   MobileNetV3. (Measured before, so left out: d_impl="grouped", 0.59x the plain step
-#   on the H200; remat="dots", 0.88x. Dropped for time: s-major with shifted_t + pinned,
-#   and the pinned layout alone.)
+#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU). Before
+#   "block": benchmarks.block_tune (NOTES.md experiment 9) times each of its three
+#   kernels alone at up to five tiles per block shape, the fastest becoming
+#   QLHS_BLOCK_TILING, and the hidden path against "xla" per shape, which gives
+#   block_max_width (blocks wider than it take "xla": the kernels' on-chip re-reads
+#   grow as n^3); benchmarks.block_check then compares the kernels at that tiling with
+#   float64 on the device (exit 1: do not trust the timing). (Bytes: benchmarks.aot,
+#   jax 0.11.2, --gemm triton.)
+# "variants" (550 s): fuse_d_bn="block" at block_max_width 0 (every block) and 64,
+#   at QLHS_BLOCK_TILING (after "step" in the same call: the tuned tiles); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
+#   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
+#   d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout;
+#   MobileNetV3; the plain Eq.(3) (101.4 GB; 4,489 img/s on an H100 before). (Measured
+#   before, so left out: fuse_d_bn="pallas", 0.94x the plain step on the H100;
+#   d_impl="grouped", 0.59x on the H200; remat="dots", 0.88x. Dropped for time: s-major
+#   with shifted_t + pinned, and the pinned layout alone.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
 # two rows (3 traced steps each, after the timing is printed and recorded; a profile still
@@ -39,8 +43,8 @@
 # Each model runs in its own process; a
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
 # run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 CHECK_BATCH=1
-# FUSED_ARGS="--size-scale 8 --check-batch 2 --steps 1 --warmup 0" bash
-# benchmarks/gpu_h100.sh all
+# FUSED_ARGS="--size-scale 8 --check-batch 2 --steps 1 --warmup 0" TUNE_ARGS="--size-scale 7
+# --tilings 16,4 --calls 1 --repeats 1" bash benchmarks/gpu_h100.sh all
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
@@ -92,29 +96,46 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
 fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
-  bench 240 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
+  bench 230 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
     --profile-dir "$OUT"
+  # Each "block" kernel's fastest tile per block shape, timed alone; its last "tiling:"
+  # line (complete after every shape, so a cut-off run still leaves one) is the
+  # QLHS_BLOCK_TILING of the check and the step below.
+  echo "== benchmarks.block_tune" | tee -a "$OUT/log.txt"
+  timeout 80 python3 -m qlhs_jax.benchmarks.block_tune --batch "${BATCH:-256}" --budget 55 \
+    --record "$R" ${TUNE_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" > "$OUT/tune.txt"
+  echo "exit ${PIPESTATUS[0]}"
+  grep -E "^[a-z][a-z0-9_]* \(|^  (forward|sums|dx) |^the kernels|rror" "$OUT/tune.txt" \
+    | cut -c1-150
+  tuned=$(sed -n 's/^tiling: //p' "$OUT/tune.txt" | tail -n 1)
+  if [ -n "$tuned" ]; then export QLHS_BLOCK_TILING="$tuned"; fi
+  # Blocks wider than this take "xla". None timed: 128, the pick of the on-chip traffic
+  # estimate (block_tune --l2, NOTES.md experiment 9). 1 ("xla" everywhere, timed above
+  # already): the kernels everywhere instead, for the record.
+  width=$(sed -n 's/^block_max_width: //p' "$OUT/tune.txt" | tail -n 1)
+  width=${width:-128}
+  if [ "$width" = 1 ]; then width=0; fi
+  echo "QLHS_BLOCK_TILING=${QLHS_BLOCK_TILING:-(unset: the default tiling)}" \
+    "block_max_width=$width" | tee -a "$OUT/log.txt"
+  bring
   echo "== benchmarks.block_check" | tee -a "$OUT/log.txt"
-  timeout 60 python3 -m qlhs_jax.benchmarks.block_check --batch "${CHECK_BATCH:-4}" 2>&1 \
+  timeout 50 python3 -m qlhs_jax.benchmarks.block_check --batch "${CHECK_BATCH:-4}" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" | grep -E "WRONG|agree|DISAGREE|rror" | tail -n 6
   echo "exit ${PIPESTATUS[0]}"
   bring
-  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="block"' --vs resnet50 --hlo-dir "$H" \
-    --profile-dir "$OUT"
-  bench 70 --model eq3_softball_ds --hlo-dir "$H"
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set "block_max_width=$width" \
+    --vs resnet50 --hlo-dir "$H" --profile-dir "$OUT"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
-  best=${QLHS_PALLAS_TILING:-$( [ -f "$R" ] && python3 -m qlhs_jax.benchmarks.fused --best-of "$R")}
-  for t in 32,4 128,8; do
-    QLHS_BLOCK_TILING=$t bench 80 --model eq3_softball_ds --set 'fuse_d_bn="block"'
+  for w in 0 64; do
+    bench 80 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set "block_max_width=$w"
   done
-  QLHS_PALLAS_TILING=$best bench 80 --model eq3_softball_ds --set 'fuse_d_bn="pallas"' \
-    --hlo-dir "$H"
   bench 80 --model resnet50 --set 'stem_pool="autodiff"'
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true \
     --hlo-dir "$H"
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$H"
   bench 80 --model mobilenetv3_large_100
+  bench 70 --model eq3_softball_ds --hlo-dir "$H"
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 import jax
@@ -90,8 +91,9 @@ def main(argv=None) -> int:
   wanted = set(filter(None, args.shapes.split(",")))
   dev = jax.devices()[0]
   print(f"eq3_block kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
-        f"batch {args.batch}, bfloat16; relative error against float64 (kernels | plain "
-        f"path)")
+        f"batch {args.batch}, bfloat16, QLHS_BLOCK_TILING="
+        f"{os.environ.get('QLHS_BLOCK_TILING', '')!r}; relative error against float64 "
+        f"(kernels | plain path)")
   ok = True
   for name, side, n, n_out, stride in SHAPES:
     if wanted and name not in wanted:

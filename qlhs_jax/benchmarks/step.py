@@ -107,8 +107,12 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "compile_s": compile_s, "final_loss": loss,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
-  env = {k: os.environ[k] for k in KERNEL_ENV if os.environ.get(k)}
-  if env:  # the Pallas tilings and du form this run used: rows of one model differ by them
+  # The Pallas tilings and du form this run used, where they change this model's kernels:
+  # rows of one model differ by them.
+  fuse = overrides.get("fuse_d_bn", "none")
+  env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
+         if os.environ.get(k) and fuse in fuses}
+  if env:
     record["env"] = env
   if on_record is not None:
     on_record(record)
@@ -121,8 +125,9 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   return record
 
 
-# Environment variables that change the kernels of fuse_d_bn "pallas", "xla" and "block".
-KERNEL_ENV = ("QLHS_PALLAS_TILING", "QLHS_BLOCK_TILING", "QLHS_DU_FORM")
+# Environment variables that change the kernels, and the fuse_d_bn settings they change.
+KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
+              "QLHS_DU_FORM": ("pallas", "xla", "block")}
 
 
 def hlo_tag(model_name: str, overrides: dict) -> str:

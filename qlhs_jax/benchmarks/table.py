@@ -3,7 +3,8 @@ Markdown tables of README "Speed" (newest last): one row per train-step record o
 ``benchmarks.step``, then one per ``benchmarks.fused`` record (kind "fused_op"), then
 one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no times,
 with the commit they were compiled at: the same model and overrides move other bytes
-when the code changes)."""
+when the code changes), then one per ``benchmarks.block_tune`` run (kind "block_tune":
+fuse_d_bn="block"'s kernels alone, their current and their fastest tilings)."""
 
 import json
 import sys
@@ -19,6 +20,9 @@ def table(path: str) -> str:
   aot = ["| date | code | compiled for | jax | model | overrides | batch | size | "
          "GB per step | kernels | peak GB (XLA's estimate) |",
          "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+  tune = ["| date | device | jax | batch | shapes timed | kernels' ms, current tiling | "
+          "kernels' ms, tuned | QLHS_BLOCK_TILING (tuned) | block_max_width |",
+          "|---|---|---|---:|---|---:|---:|---|---:|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records.
   overrides = lambda r: ", ".join(
@@ -36,6 +40,13 @@ def table(path: str) -> str:
                      f"{tiling} | {cell(ms['none'], '.2f')} | {cell(ms['xla'], '.2f')} | "
                      f"{cell(ms['pallas'], '.2f')} | "
                      f"{cell(ms['pallas'] / ms['none'], '.2f')} |")
+        continue
+      if r.get("kind") == "block_tune":
+        ms = r["network_ms"]
+        tune.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['batch']} | "
+                    f"{', '.join(s['name'] for s in r['shapes'])} | {ms['current']:.2f} | "
+                    f"{ms['tuned']:.2f} | `{r['spec']}` | "
+                    f"{'-' if r.get('block_max_width') is None else r['block_max_width']} |")
         continue
       if r.get("kind") == "aot_bytes":
         # records from before --gemm were all compiled with cuBLAS for every matmul
@@ -58,6 +69,9 @@ def table(path: str) -> str:
   if len(aot) > 2:
     out += ("\n\nBytes the compiled train step moves, from compiling for the GPU on a CPU "
             "host (`benchmarks.aot`, counted by `benchmarks.hlo_bytes`):\n\n" + "\n".join(aot))
+  if len(tune) > 2:
+    out += ("\n\nfuse_d_bn=\"block\"'s three kernels alone, summed over the blocks of the "
+            "shapes timed (`benchmarks.block_tune`):\n\n" + "\n".join(tune))
   return out
 
 

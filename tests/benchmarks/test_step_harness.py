@@ -30,11 +30,13 @@ def test_harness_vs_baseline(tmp_path):
 
 def test_measure_in_process_on_8_devices(tmp_path, monkeypatch):
   # conftest gives 8 CPU devices: the step runs data-parallel with per-replica BN.
-  # The kernels' environment settings (here the du form) are recorded and tabled.
+  # The kernels' environment settings that change this model's kernels (here the du
+  # form of fuse_d_bn="xla", not the tiling of "block") are recorded and tabled.
   monkeypatch.setenv("QLHS_DU_FORM", "gather")
-  monkeypatch.delenv("QLHS_BLOCK_TILING", raising=False)
+  monkeypatch.setenv("QLHS_BLOCK_TILING", "32,4")
   r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
-                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"})
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small",
+                    "fuse_d_bn": "xla"})
   assert r["devices"] == 8 and r["train_img_s"] > 0
   assert r["env"] == {"QLHS_DU_FORM": "gather"}
   from qlhs_jax.benchmarks import table
