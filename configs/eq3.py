@@ -25,7 +25,11 @@ compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
 matches its quickstart accuracy over five seeds; not yet timed on a GPU.
 ``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of every
 block inside Pallas kernels: 0.28x ResNet50's bytes per step and ~2.4 GB peak in the
-same deviceless compile (NOTES.md experiment 8); never run on a GPU yet.
+same deviceless compile (NOTES.md experiment 8); never run on a GPU yet. Add
+``--config.model_overrides.block_max_width=128`` to keep the kernels to stages 1-2
+(0.37x ResNet50's bytes). The kernels' on-chip weight re-reads grow as n^3, and
+``python -m qlhs_jax.benchmarks.block_tune`` picks the width on the GPU (NOTES.md
+experiment 9).
 """
 
 from qlhs_jax import config as qconfig

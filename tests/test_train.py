@@ -184,7 +184,8 @@ def test_every_model_override_can_be_set_on_the_command_line():
   docstrings and the README tell users (the flags of qlhs_jax.main, parsed in a
   subprocess: ml_collections registers the override flags on absl's global FLAGS)."""
   values = {"d_impl": "shifted_t", "remat": "dots", "hidden_layout": "s_major",
-            "fuse_d_bn": "xla", "pin_hidden_layout": True, "widths": [8, 16],
+            "fuse_d_bn": "xla", "block_max_width": 64, "pin_hidden_layout": True,
+            "widths": [8, 16],
             "depths": [1, 1], "stem": "small", "stem_pool": "autodiff", "expansion": 6,
             "weight_sharing": False, "activation": "relu", "placement": "all",
             "eq6_c_norm": False}

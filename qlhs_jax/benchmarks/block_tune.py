@@ -54,8 +54,9 @@ import sys
 import time
 
 KERNEL_NAMES = ("forward", "sums", "dx")
-# Compiled for an H100 (benchmarks.triton_compile --op eq3_block), 32,4 spills least in
-# stage 1's sums kernel (72 B a thread, 808 B at the default 64,8) and most at stage 4.
+# Compiled for an H100 (benchmarks.triton_compile --op eq3_block): 32,8 spills nothing at
+# stages 1-2 (the default 64,8: 808 B a thread in stage 1's sums kernel), 4 warps spill
+# up to 1.6 KB at stages 3-4; which is fastest is the GPU's question (NOTES, exp. 9).
 DEFAULT_TILINGS = ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
 
 
@@ -345,7 +346,7 @@ def l2_table(shapes, batch: int, e: int = 4, log=print) -> float:
   log(f"eq3_block kernels at batch {batch}, bfloat16, QLHS_BLOCK_TILING="
       f"{os.environ.get('QLHS_BLOCK_TILING', '')!r}: GB per block (device memory | on-chip "
       f"re-reads, estimate)")
-  total = {"hbm": 0.0, "l2": 0.0}
+  total, by_width = {"hbm": 0.0, "l2": 0.0}, {}
   for name, side, n, n_out, stride, count in shapes:
     key = eq3_block.shape_key(side, side, n, n_out, stride)
     cells = []
@@ -357,10 +358,15 @@ def l2_table(shapes, batch: int, e: int = 4, log=print) -> float:
       l2 = l2_gbytes(k, plan)
       total["hbm"] += count * hbm
       total["l2"] += count * l2
+      by_width[n] = by_width.get(n, 0.0) + count * l2
       cells.append(f"{k} {plan['m']},{plan['warps']}: {hbm:.3f} | {l2:.2f}")
     log(f"  {name:14s} {key:17s} x{count}  " + "   ".join(cells))
   log(f"network (the blocks' kernels): {total['hbm']:.1f} GB through device memory, "
       f"~{total['l2']:.1f} GB of on-chip re-reads")
+  widths = sorted(by_width)
+  log("on-chip re-reads by block_max_width: " + ", ".join(
+      f"{w if w < widths[-1] else 0}: {sum(by_width[v] for v in widths if v <= w):.1f} GB"
+      for w in widths))
   return total["l2"]
 
 
