@@ -72,6 +72,16 @@ def assert_gradients_match(args, weights, stride=1):
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
 
 
+def assert_matches_float64(args, weights):
+  """Stride 1, float32 kernels: all gradients against float64 autodiff, y against the
+  NumPy loops."""
+  assert_gradients_match(args, weights)
+  want = numpy_block(*args, 1)[0]
+  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
+                      interpret=True)[0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("shape,e,kj,n_out,stride", CASES)
 def test_gradients_match_float64_autodiff(shape, e, kj, n_out, stride):
   assert_gradients_match(*make_inputs(1, *shape, e, kj, n_out, stride=stride), stride)
@@ -91,11 +101,7 @@ def test_channel_blocks_and_chunks_match_float64_autodiff(monkeypatch):
   assert plan["tpc"] > 1 and plan["tiles"] * plan["m"] > plan["rows"]
   assert plan["chunks"] * plan["tpc"] > plan["tiles"]
   args, weights = make_inputs(2, 2, 6, 7, 32, 2, 1, 32)
-  assert_gradients_match(args, weights)
-  want = numpy_block(*args, 1)[0]
-  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
-                      interpret=True)[0]
-  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+  assert_matches_float64(args, weights)
 
 
 def test_bfloat16_is_as_close_to_float64_as_the_plain_path():
@@ -162,11 +168,7 @@ def test_tiling_per_kernel_and_shape(monkeypatch):
   assert eb._plan((2, 6, 7, 32), 32, 2, 1, "sums", tile=(16, 4))["m"] == 16
   monkeypatch.setenv("QLHS_BLOCK_TILING", f"16,8 sums=32,4 dx@{key}=16,2 forward=64,4")
   args, weights = make_inputs(5, 2, 6, 7, 32, 2, 1, 32)
-  assert_gradients_match(args, weights)
-  want = numpy_block(*args, 1)[0]
-  got = eb.eq3_hidden(*(jnp.asarray(a, jnp.float32) for a in args), eps=EPS,
-                      interpret=True)[0]
-  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+  assert_matches_float64(args, weights)
 
 
 def test_plan_at_the_network_shapes():
