@@ -148,15 +148,29 @@ def median_ms(run, args, calls: int, repeats: int) -> float:
   return 1e3 * times[len(times) // 2]
 
 
-def spec_of(best: dict, default=None) -> str:
-  """QLHS_BLOCK_TILING of ``best`` ({(kernel, shape key): (pixels, warps)}): one
-  ``kernel@key=pixels,warps`` entry per choice that differs from ``default``
-  (eq3_block.DEFAULT_TILING), or the default alone when none does."""
+def spec_of(best: dict, defaults: dict | None = None) -> str:
+  """QLHS_BLOCK_TILING of ``best`` ({(kernel, shape key): tiling}): one
+  ``kernel@key=pixels,warps[,channels]`` entry per choice that differs from what the
+  default gives there (``defaults``, same keys; else eq3_block.DEFAULT_TILING), or
+  the default alone when none does."""
   from qlhs_jax.kernels import eq3_block
-  default = default or eq3_block.DEFAULT_TILING
-  entries = [f"{k}@{key}={m},{w}" for (k, key), (m, w) in sorted(best.items())
-             if (m, w) != tuple(default)]
-  return " ".join(entries) or f"{default[0]},{default[1]}"
+  default = tuple(eq3_block.DEFAULT_TILING)
+  defaults = defaults or {}
+  entries = [f"{k}@{key}=" + ",".join(map(str, t)) for (k, key), t in sorted(best.items())
+             if tuple(t) != tuple(defaults.get((k, key), default))]
+  return " ".join(entries) or ",".join(map(str, default))
+
+
+def candidates(kernel: str, current, tilings, auto_channels: int, n: int):
+  """Tilings to time: the current one first, then ``tilings``; for the sums kernel each
+  also at 2x and 4x its automatic channels per slice (at most n): fewer slices, so
+  fewer re-reads of u and dy, for more registers."""
+  out = []
+  for t in [tuple(current), *tilings]:
+    out.append(t)
+    if kernel == "sums":
+      out += [t[:2] + (c,) for c in (2 * auto_channels, 4 * auto_channels) if c <= n]
+  return out
 
 
 def best_max_width(paths) -> int | None:
@@ -184,7 +198,7 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
   "block_max_width": int or None, "network_ms": {"current": .., "tuned": ..}}``;
   prints ``tiling: SPEC`` and ``block_max_width: N`` after every shape."""
   from qlhs_jax.kernels import eq3_block
-  start, best, rows, paths = time.perf_counter(), {}, [], []
+  start, best, defaults, rows, paths = time.perf_counter(), {}, {}, [], []
   total = {"current": 0.0, "tuned": 0.0}
   for name, side, n, n_out, stride, count in shapes:
     if rows and time.perf_counter() - start > budget_s:  # the first shape always runs
@@ -195,11 +209,15 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
     # Tilings as the plan has them: the tile is capped by the accumulator's size and
     # the rows (at stage 4, 16 pixels whatever is asked), so candidates that give the
     # same kernel are compiled and timed once.
-    effective = lambda k, t: (lambda p: (p["m"], p["warps"]))(
-        eq3_block._plan(u_shape, n_out, e, stride, k, tile=t))
+    def effective(k, t):
+      p = eq3_block._plan(u_shape, n_out, e, stride, k, tile=t)
+      return (p["m"], p["warps"]) + ((p["bj"],) if k == "sums" else ())
+    auto = eq3_block._plan(u_shape, n_out, e, stride, "sums",
+                           tile=eq3_block.DEFAULT_TILING)["bj"]
     todo = {}
     for k in KERNEL_NAMES:
-      for t in [eq3_block.tiling(k, key), *tilings]:  # the current tiling first
+      defaults[(k, key)] = effective(k, eq3_block.DEFAULT_TILING)
+      for t in candidates(k, eq3_block.tiling(k, key), tilings, auto, n):
         t = effective(k, t)
         todo[(k, t)] = eq3_block._plan(u_shape, n_out, e, stride, k, tile=t)
     timed = time_kernel(todo)
@@ -209,23 +227,24 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
       current = effective(k, eq3_block.tiling(k, key))
       got = {t: timed[(kk, t)] for (kk, t) in todo if kk == k}
       ok = {t: v for t, v in got.items() if v is not None}
+      name_of = lambda t: ",".join(map(str, t))
       cells = "  ".join(
-          f"{t[0]},{t[1]}: " + ("failed" if v is None else
-                                f"{v[0]:.3f} ({v[1] / v[0] / 1e6:.0f})")
+          f"{name_of(t)}: " + ("failed" if v is None else
+                               f"{v[0]:.3f} ({v[1] / v[0] / 1e6:.0f})")
           for t, v in got.items())
       if not ok:
         log(f"  {k:8s} {cells}  -> every tiling failed; the kernel keeps {current}")
         continue
       pick = min(ok, key=lambda t: ok[t][0])
       best[(k, key)] = pick
-      log(f"  {k:8s} {cells}  -> {pick[0]},{pick[1]} "
+      log(f"  {k:8s} {cells}  -> {name_of(pick)} "
           f"(L2 ~{l2_gbytes(k, todo[(k, pick)]):.2f})")
-      row["kernels"][k] = {f"{t[0]},{t[1]}": (None if v is None else v[0])
+      row["kernels"][k] = {name_of(t): (None if v is None else v[0])
                            for t, v in got.items()}
       if current in ok:
         total["current"] += count * ok[current][0]
         total["tuned"] += count * ok[pick][0]
-    spec = spec_of(best)
+    spec = spec_of(best, defaults)
     if time_paths is not None:
       ms = time_paths(u_shape, n_out, stride, spec)
       row["hidden_path_ms"] = ms
@@ -251,7 +270,7 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
     log(f"hidden paths over the blocks timed: every block on the kernels "
         f"{path_ms['block']:.2f} ms, every block on 'xla' {path_ms['xla']:.2f} ms, "
         f"block_max_width={width}: {path_ms['chosen']:.2f} ms")
-  return {"shapes": rows, "spec": spec_of(best), "block_max_width": width,
+  return {"shapes": rows, "spec": spec_of(best, defaults), "block_max_width": width,
           "network_ms": total}
 
 

@@ -78,10 +78,12 @@ FORWARD_BJ = 64
 
 KERNELS = ("forward", "sums", "dx")
 _SHAPE_KEY = re.compile(r"\d+x\d+x\d+x\d+s\d+$")
-_TILING_HELP = ("want whitespace-separated '[SCOPE=]pixels,warps' entries, e.g. '64,8' or "
-                "'64,8 sums=32,4 dx@56x56x64x64s1=128,8' (pixels a power of two >= 16, "
-                "warps 1-16; SCOPE a kernel (forward, sums, dx), a block shape "
-                "HxWxNxN_OUTsSTRIDE, or kernel@shape)")
+_TILING_HELP = ("want whitespace-separated '[SCOPE=]pixels,warps[,channels]' entries, e.g. "
+                "'64,8' or '64,8 sums=32,8,32 dx@56x56x64x64s1=128,8' (pixels a power of "
+                "two >= 16, warps 1-16; channels, the sums kernel's hidden channels per "
+                "slice, a power of two >= 16, not in a forward or dx entry; SCOPE a "
+                "kernel (forward, sums, dx), a block shape HxWxNxN_OUTsSTRIDE, or "
+                "kernel@shape)")
 
 
 def shape_key(h: int, w: int, n: int, n_out: int, stride: int) -> str:
@@ -89,35 +91,39 @@ def shape_key(h: int, w: int, n: int, n_out: int, stride: int) -> str:
   return f"{h}x{w}x{n}x{n_out}s{stride}"
 
 
-def parse_tiling(raw: str) -> dict[str, tuple[int, int]]:
-  """QLHS_BLOCK_TILING's entries: ``{scope: (pixels, warps)}``, scope "" for the bare
-  ``pixels,warps`` that applies everywhere."""
+def parse_tiling(raw: str) -> dict[str, tuple[int, ...]]:
+  """QLHS_BLOCK_TILING's entries: ``{scope: (pixels, warps[, channels])}``, scope "" for
+  the bare entry that applies everywhere."""
   spec = {}
+  pow2 = lambda v: v >= 16 and not v & (v - 1)
   for entry in raw.split():
     scope, _, value = entry.rpartition("=")
     try:
-      m, warps = (int(v) for v in value.split(","))
+      fields = tuple(int(v) for v in value.split(","))
     except ValueError:
-      m = warps = 0
+      fields = ()
+    kernel = scope.split("@", 1)[0] if "@" in scope else (scope if scope in KERNELS else "")
     if "@" in scope:
-      kernel, key = scope.split("@", 1)
-      scope_ok = kernel in KERNELS and bool(_SHAPE_KEY.match(key))
+      scope_ok = kernel in KERNELS and bool(_SHAPE_KEY.match(scope.split("@", 1)[1]))
     else:
       scope_ok = not scope or scope in KERNELS or bool(_SHAPE_KEY.match(scope))
-    if (m < 16 or m & (m - 1) or warps not in (1, 2, 4, 8, 16) or not scope_ok
-        or scope in spec):
+    fields_ok = len(fields) in (2, 3) and pow2(fields[0]) and fields[1] in (1, 2, 4, 8, 16)
+    if len(fields) == 3:  # the sums kernel's channels per slice
+      fields_ok = fields_ok and pow2(fields[2]) and kernel in ("", "sums")
+    if not (scope_ok and fields_ok) or scope in spec:
       raise ValueError(f"QLHS_BLOCK_TILING={raw!r}: entry {entry!r} is not valid "
                        f"(or repeats a scope); {_TILING_HELP}")
-    spec[scope] = (m, warps)
+    spec[scope] = fields
   return spec
 
 
-def tiling(kernel: str | None = None, key: str | None = None) -> tuple[int, int]:
-  """(pixels, warps) of one kernel at one block shape (``shape_key``) from
+def tiling(kernel: str | None = None, key: str | None = None) -> tuple[int, ...]:
+  """(pixels, warps[, channels]) of one kernel at one block shape (``shape_key``) from
   QLHS_BLOCK_TILING, the most specific entry first (kernel@shape, shape, kernel, the
   bare default), else :data:`DEFAULT_TILING`. Each kernel has its own registers and
   traffic, and the best tile differs by channel count (benchmarks.block_tune finds it
-  on the GPU)."""
+  on the GPU). ``channels`` sets the sums kernel's hidden channels per slice (each
+  slice re-reads u and dy); without it, as many as SUMS_ACC_VALUES allows."""
   spec = parse_tiling(os.environ.get("QLHS_BLOCK_TILING", ""))
   for scope in (f"{kernel}@{key}", key, kernel, ""):
     if scope is not None and scope in spec:
@@ -130,19 +136,20 @@ def _pow2_floor(x: int) -> int:
 
 
 def _plan(u_shape, n_out: int, e: int, stride: int = 1, kernel: str | None = None,
-          tile: tuple[int, int] | None = None) -> dict:
+          tile: tuple[int, ...] | None = None) -> dict:
   """Static tiling of ``kernel`` (one of KERNELS; None: the bare default). ``m`` output
   pixels per tile (a power of two, >= 16, Triton's smallest dot), ``bj`` input channels
-  per slice of the sums pass; tiles are grouped into ``chunks`` of ``tpc`` consecutive
-  tiles, one program of the sums pass per (slice, chunk). ``tile`` (pixels, warps)
-  overrides QLHS_BLOCK_TILING (benchmarks.block_tune)."""
+  per slice of the sums pass (at most n); tiles are grouped into ``chunks`` of ``tpc``
+  consecutive tiles, one program of the sums pass per (slice, chunk). ``tile`` (pixels,
+  warps[, channels]) overrides QLHS_BLOCK_TILING (benchmarks.block_tune)."""
   b, h, w, n = u_shape
-  m0, warps = tile or tiling(kernel, shape_key(h, w, n, n_out, stride))
+  m0, warps, *channels = tile or tiling(kernel, shape_key(h, w, n, n_out, stride))
   ho, wo = dbn._out_size(h, stride), dbn._out_size(w, stride)
   rows = b * ho * wo
   m = max(16, min(m0, _pow2_floor(ACC_VALUES // max(n, n_out)),
                   pl.next_power_of_2(rows)))
-  bj = max(16, min(n, _pow2_floor(SUMS_ACC_VALUES // (n + n_out))))
+  bj = min(n, channels[0] if channels else
+           max(16, _pow2_floor(SUMS_ACC_VALUES // (n + n_out))))
   tiles = -(-rows // m)
   slices = (n // bj) * e
   chunks = min(tiles, max(1, -(-SUMS_PROGRAMS // slices)))

@@ -22,11 +22,12 @@ def fake_times(todo):
   for (k, t), plan in todo.items():
     key = eq3_block.shape_key(plan["h"], plan["w"], plan["n"], plan["n_out"],
                               plan["stride"])
-    assert (plan["m"], plan["warps"]) == t
+    # The sums kernel's tilings carry its channels per slice (all 16 here).
+    assert t == (plan["m"], plan["warps"]) + ((plan["bj"],) if k == "sums" else ())
     if k == "dx" and t == (128, 8) and key.endswith("s2"):
       out[(k, t)] = None
     else:
-      out[(k, t)] = (1.0 if t == fastest[k] else 2.0 + t[0] / 1000, 1e6)
+      out[(k, t)] = (1.0 if t[:2] == fastest[k] else 2.0 + t[0] / 1000, 1e6)
   return out
 
 
@@ -62,10 +63,11 @@ def test_tilings_that_give_the_same_kernel_are_timed_once():
     seen.extend(todo)
     return {kt: (1.0, 1e6) for kt in todo}
   r = block_tune.tune([("small", 4, 16, 16, 1, 1)], 2, TILINGS, times, log=lambda _: None)
-  assert sorted(seen) == sorted((k, t) for k in block_tune.KERNEL_NAMES
-                                for t in ((32, 8), (32, 4)))
-  # Ties keep the first timed, the current tiling, as 32,8: 64,8 capped at 32 rows.
-  assert r["spec"] == " ".join(f"{k}@4x4x16x16s1=32,8" for k in ("dx", "forward", "sums"))
+  assert sorted(seen) == sorted((k, t + ((16,) if k == "sums" else ()))
+                                for k in block_tune.KERNEL_NAMES for t in ((32, 8), (32, 4)))
+  # Ties keep the first timed, the current tiling (64,8, capped at 32 rows): the default
+  # in effect, so no entry.
+  assert r["spec"] == "64,8"
 
 
 def test_the_budget_stops_before_the_next_shape():
@@ -99,6 +101,27 @@ def test_tune_prints_block_max_width_after_each_shape(monkeypatch):
       "block_max_width: 0", "block_max_width: 16"]
   assert r["block_max_width"] == 16 and specs[0] == "dx@8x8x16x16s1=128,8 forward@8x8x16x16s1=32,4"
   assert r["network_ms"]["hidden_path_chosen"] == pytest.approx(3 * 1.0 + 2 * 1.0)
+
+
+def test_sums_candidates_widen_the_slices(monkeypatch):
+  """At stage 2 (n 128, automatic 16 channels per slice) the sums kernel is also timed
+  at 32 and 64 channels; the pick goes into the spec with its channels."""
+  monkeypatch.delenv("QLHS_BLOCK_TILING", raising=False)
+  assert block_tune.candidates("sums", (64, 8), [(32, 8)], 16, 128) == [
+      (64, 8), (64, 8, 32), (64, 8, 64), (32, 8), (32, 8, 32), (32, 8, 64)]
+  assert block_tune.candidates("sums", (64, 8), [], 64, 64) == [(64, 8)]  # at most n
+  assert block_tune.candidates("dx", (64, 8), [(32, 8)], 16, 128) == [(64, 8), (32, 8)]
+
+  def times(todo):
+    return {(k, t): (1.0 if (k, t) == ("sums", (32, 8, 32)) else 2.0, 1e6) for k, t in todo}
+  r = block_tune.tune([("stage2", 28, 128, 128, 1, 3)], 256, [(32, 8)], times,
+                      log=lambda _: None)
+  assert r["spec"] == "sums@28x28x128x128s1=32,8,32"
+  monkeypatch.setenv("QLHS_BLOCK_TILING", r["spec"])
+  plan = eq3_block._plan((256, 28, 28, 128), 128, 4, 1, "sums")
+  assert (plan["m"], plan["warps"], plan["bj"]) == (32, 8, 32)
+  assert block_tune.l2_gbytes("sums", plan) == pytest.approx(
+      16 * 2 * 256 * 28 * 28 * 128 * 2 / 1e9)  # 16 slices, half of the automatic 32
 
 
 def test_l2_estimate_against_a_hand_count():

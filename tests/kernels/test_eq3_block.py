@@ -142,7 +142,9 @@ def test_tiling_override(monkeypatch):
   assert eb._plan((2, 5, 7, 16), 16, 4)["m"] == 16 and eb.tiling() == (16, 8)
   np.testing.assert_allclose(run(), base, rtol=1e-6, atol=1e-6)
   for bad in ("24,4", "64", "64,3", "x,4", "sumz=32,4", "forward@5x7=32,4",
-              "@5x7x16x16s1=32,4", "sums@=32,4", "sums=32,4 sums=64,4", "5x7x16=32,4"):
+              "@5x7x16x16s1=32,4", "sums@=32,4", "sums=32,4 sums=64,4", "5x7x16=32,4",
+              "sums=32,4,24", "forward=32,4,32", "dx@5x7x16x16s1=32,4,32", "32,4,8",
+              "32,4,32,1"):
     monkeypatch.setenv("QLHS_BLOCK_TILING", bad)
     with pytest.raises(ValueError, match="want whitespace-separated"):
       eb.tiling()
@@ -151,7 +153,8 @@ def test_tiling_override(monkeypatch):
 def test_tiling_per_kernel_and_shape(monkeypatch):
   """The most specific entry wins (kernel@shape, shape, kernel, bare); with a different
   tile size in each of the three kernels (so dy is padded differently for the sums and
-  dx passes), outputs and all gradients still match float64 autodiff."""
+  dx passes) and the sums kernel at half its channels per slice, outputs and all
+  gradients still match float64 autodiff."""
   key = eb.shape_key(6, 7, 32, 32, 1)
   assert key == "6x7x32x32s1"
   monkeypatch.setenv("QLHS_BLOCK_TILING",
@@ -160,13 +163,18 @@ def test_tiling_per_kernel_and_shape(monkeypatch):
   assert eb.tiling("sums", "1x1x16x16s1") == (32, 4) and eb.tiling("dx", "1x1x16x16s1") == (
       16, 8)
   assert eb.tiling() == (16, 8)
-  monkeypatch.setenv("QLHS_BLOCK_TILING", f"16,8 sums=32,4 dx@{key}=16,2 forward=64,4")
+  # The sums kernel at 16 channels per slice (its automatic width here: all 32).
+  spec = f"16,8 sums=32,4,16 dx@{key}=16,2 forward=64,4"
+  monkeypatch.setenv("QLHS_BLOCK_TILING", spec)
   plans = {k: eb._plan((2, 6, 7, 32), 32, 2, 1, k) for k in eb.KERNELS}
   assert [(plans[k]["m"], plans[k]["warps"]) for k in eb.KERNELS] == [(64, 4), (32, 4),
                                                                       (16, 2)]
+  assert plans["sums"]["bj"] == 16 and eb.tiling("sums", key) == (32, 4, 16)
   monkeypatch.delenv("QLHS_BLOCK_TILING")
+  assert eb._plan((2, 6, 7, 32), 32, 2, 1, "sums")["bj"] == 32
   assert eb._plan((2, 6, 7, 32), 32, 2, 1, "sums", tile=(16, 4))["m"] == 16
-  monkeypatch.setenv("QLHS_BLOCK_TILING", f"16,8 sums=32,4 dx@{key}=16,2 forward=64,4")
+  assert eb._plan((2, 6, 7, 32), 32, 2, 1, "sums", tile=(16, 4, 64))["bj"] == 32  # <= n
+  monkeypatch.setenv("QLHS_BLOCK_TILING", spec)
   args, weights = make_inputs(5, 2, 6, 7, 32, 2, 1, 32)
   assert_matches_float64(args, weights)
 
