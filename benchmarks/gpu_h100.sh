@@ -106,8 +106,9 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   timeout 80 python3 -m qlhs_jax.benchmarks.block_tune --batch "${BATCH:-256}" --budget 55 \
     --record "$R" ${TUNE_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" > "$OUT/tune.txt"
   echo "exit ${PIPESTATUS[0]}"
+  # The picks (each kernel's row of times is in log.txt).
   grep -E "^[a-z][a-z0-9_]* \(|^  (forward|sums|dx|hidden path)|^(the kernels|hidden paths|budget)|rror" \
-    "$OUT/tune.txt" | cut -c1-150
+    "$OUT/tune.txt" | sed -E 's/^  (forward|sums|dx) .* -> /  \1 -> /' | cut -c1-150
   tuned=$(sed -n 's/^tiling: //p' "$OUT/tune.txt" | tail -n 1)
   if [ -n "$tuned" ]; then export QLHS_BLOCK_TILING="$tuned"; fi
   # Blocks wider than this take "xla". None timed: 128, the pick of the on-chip traffic
