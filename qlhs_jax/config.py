@@ -39,9 +39,10 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   ph = ml_collections.config_dict.placeholder
   c.model_overrides = ml_collections.ConfigDict(dict(
       d_impl=ph(str), remat=ph(str), hidden_layout=ph(str), fuse_d_bn=ph(str),
-      block_max_width=ph(int), pin_hidden_layout=ph(bool), widths=ph(tuple), depths=ph(tuple), stem=ph(str),
-      stem_pool=ph(str), expansion=ph(int), weight_sharing=ph(bool), activation=ph(str),
-      placement=ph(str), eq6_c_norm=ph(bool)))
+      block_max_width=ph(int), pin_hidden_layout=ph(bool), widths=ph(tuple),
+      depths=ph(tuple), stem=ph(str), stem_pool=ph(str), expansion=ph(int),
+      weight_sharing=ph(bool), activation=ph(str), placement=ph(str),
+      eq6_c_norm=ph(bool)))
   c.dtype = "bfloat16"            # compute dtype; parameters and logits stay float32
   c.data = data_lib.default_config()
 

@@ -175,11 +175,13 @@ def candidates(kernel: str, current, tilings, auto_channels: int, n: int):
 
 def best_max_width(paths) -> int | None:
   """``block_max_width`` from ``[(n, blocks, block_ms, xla_ms)]`` (hidden path times of
-  the shapes timed, None where one failed): the threshold t with the smallest
-  sum of blocks x (block_ms if n <= t else xla_ms), larger t first on a tie. 0 (no
-  limit) where every width timed is best on the kernels; 1 where none is (every block
-  takes "xla"). None before any shape has both times."""
-  rows = [r for r in paths if r[2] is not None and r[3] is not None]
+  the shapes timed; None where one failed, which then counts as infinitely slow): the
+  threshold t with the smallest sum of blocks x (block_ms if n <= t else xla_ms), larger
+  t first on a tie. 0 (no limit) where every width timed is best on the kernels; 1 where
+  none is (every block takes "xla"). None before any shape has a time."""
+  inf = float("inf")
+  rows = [(n, b, inf if bl is None else bl, inf if xl is None else xl)
+          for n, b, bl, xl in paths if bl is not None or xl is not None]
   if not rows:
     return None
   widths = sorted({r[0] for r in rows})
@@ -233,7 +235,7 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
                                f"{v[0]:.3f} ({v[1] / v[0] / 1e6:.0f})")
           for t, v in got.items())
       if not ok:
-        log(f"  {k:8s} {cells}  -> every tiling failed; the kernel keeps {current}")
+        log(f"  {k:8s} {cells}  -> every tiling failed; left at the default")
         continue
       pick = min(ok, key=lambda t: ok[t][0])
       best[(k, key)] = pick

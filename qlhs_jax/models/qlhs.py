@@ -83,6 +83,7 @@ HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
 # kernels with the 1x1 matmuls inside (kernels/eq3_block.py); a block with BatchNorm
 # groups takes "xla".
 FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
+FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
 def check_block_max_width(width: int, fuse_d_bn: str):
@@ -94,7 +95,6 @@ def check_block_max_width(width: int, fuse_d_bn: str):
   if width and fuse_d_bn != "block":
     raise ValueError(f"block_max_width={width} limits fuse_d_bn='block', but fuse_d_bn is "
                      f"{fuse_d_bn!r}; set fuse_d_bn=block or leave block_max_width at 0")
-FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
 def d_kernel_init(expansion: int):

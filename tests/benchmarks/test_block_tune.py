@@ -85,7 +85,11 @@ def test_block_max_width_minimises_the_hidden_path_time():
   assert block_tune.best_max_width([(64, 3, 2.0, 1.0)]) == 1  # every block on "xla"
   # 256 wins at 256 alone but loses more at 512 than it gains: 128.
   assert block_tune.best_max_width(rows[:2] + [(256, 1, 0.9, 1.0), (512, 2, 3.0, 1.0)]) == 256
-  assert block_tune.best_max_width([(64, 3, None, 1.0)]) is None
+  # A path that failed counts as infinitely slow: "xla" at 256, where "block" failed.
+  assert block_tune.best_max_width(rows[:2] + [(256, 5, None, 1.0)]) == 128
+  assert block_tune.best_max_width([(64, 3, None, 1.0)]) == 1
+  assert block_tune.best_max_width([(64, 3, 1.0, None)]) == 0
+  assert block_tune.best_max_width([(64, 3, None, None)]) is None
 
 
 def test_tune_prints_block_max_width_after_each_shape(monkeypatch):
