@@ -127,19 +127,11 @@ GEMM_OPTIONS = {"triton": {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune
                 "cublas": {"xla_gpu_enable_triton_gemm": False}}
 
 
-@contextlib.contextmanager
 def pallas_for_gpu():
   """QLHS_PALLAS_INTERPRET=0 while the step is traced, restored after (the tests call
   this module in their own process)."""
-  old = os.environ.get("QLHS_PALLAS_INTERPRET")
-  os.environ["QLHS_PALLAS_INTERPRET"] = "0"
-  try:
-    yield
-  finally:
-    if old is None:
-      del os.environ["QLHS_PALLAS_INTERPRET"]
-    else:
-      os.environ["QLHS_PALLAS_INTERPRET"] = old
+  from qlhs_jax.benchmarks.step import kernel_env
+  return kernel_env("QLHS_PALLAS_INTERPRET", "0")
 
 
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,

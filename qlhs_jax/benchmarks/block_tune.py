@@ -64,9 +64,9 @@ def block_shapes(size_scale: int = 1):
   """``[(name, side, n, n_out, stride, blocks)]`` of Eq.(3) ws x4 at 224 px (sides
   divided by ``size_scale``): for each input width n the shape with the most traffic
   (output pixels x n_out x blocks), widths in increasing order, then the others."""
-  from qlhs_jax.benchmarks.fused import EQ3_SHAPES
-  shapes = [(name, max(1, side // size_scale), n, n if stride == 1 else 2 * n, stride,
-             count) for name, side, n, stride, count in EQ3_SHAPES]
+  from qlhs_jax.benchmarks.fused import EQ3_SHAPES, eq3_n_out
+  shapes = [(name, max(1, side // size_scale), n, eq3_n_out(n, stride), stride, count)
+            for name, side, n, stride, count in EQ3_SHAPES]
   traffic = lambda s: (s[1] // s[4]) ** 2 * s[3] * s[5]
   rank = {s[0]: sum(1 for o in shapes if o[2] == s[2] and traffic(o) > traffic(s))
           for s in shapes}
@@ -211,17 +211,16 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
     # Tilings as the plan has them: the tile is capped by the accumulator's size and
     # the rows (at stage 4, 16 pixels whatever is asked), so candidates that give the
     # same kernel are compiled and timed once.
-    def effective(k, t):
-      p = eq3_block._plan(u_shape, n_out, e, stride, k, tile=t)
-      return (p["m"], p["warps"]) + ((p["bj"],) if k == "sums" else ())
-    auto = eq3_block._plan(u_shape, n_out, e, stride, "sums",
-                           tile=eq3_block.DEFAULT_TILING)["bj"]
+    plan = lambda k, t: eq3_block._plan(u_shape, n_out, e, stride, k, tile=t)
+    tile_of = lambda k, p: (p["m"], p["warps"]) + ((p["bj"],) if k == "sums" else ())
+    effective = lambda k, t: tile_of(k, plan(k, t))
+    auto = plan("sums", eq3_block.DEFAULT_TILING)["bj"]
     todo = {}
     for k in KERNEL_NAMES:
       defaults[(k, key)] = effective(k, eq3_block.DEFAULT_TILING)
       for t in candidates(k, eq3_block.tiling(k, key), tilings, auto, n):
-        t = effective(k, t)
-        todo[(k, t)] = eq3_block._plan(u_shape, n_out, e, stride, k, tile=t)
+        p = plan(k, t)
+        todo.setdefault((k, tile_of(k, p)), p)
     timed = time_kernel(todo)
     log(f"{name} ({key}, {count} blocks, batch {batch}): ms (GB/s), L2 GB (estimate)")
     row = {"name": name, "key": key, "n": n, "blocks": count, "kernels": {}}
@@ -324,20 +323,15 @@ def time_paths_on_device(u_shape, n_out, stride, spec, interpret, calls, repeats
   """``{"block": ms, "xla": ms}`` of ``hidden_path`` (None where one fails), "block"
   traced under QLHS_BLOCK_TILING=spec; the two compile in parallel."""
   import jax
+  from qlhs_jax.benchmarks.step import kernel_env
   args = path_args(u_shape, n_out, stride)
-  saved, out, lowered = os.environ.get("QLHS_BLOCK_TILING"), {}, {}
-  os.environ["QLHS_BLOCK_TILING"] = spec  # read while tracing
-  try:
+  out, lowered = {}, {}
+  with kernel_env("QLHS_BLOCK_TILING", spec):  # read while tracing
     for impl in ("block", "xla"):
       try:
         lowered[impl] = jax.jit(hidden_path(impl, stride, interpret)).lower(*args)
       except Exception as ex:  # reported; the other path still counts
         print(f"  hidden path {impl}: {type(ex).__name__}: {str(ex)[:300]}")
-  finally:
-    if saved is None:
-      del os.environ["QLHS_BLOCK_TILING"]
-    else:
-      os.environ["QLHS_BLOCK_TILING"] = saved
 
   def compile_(impl):
     try:

@@ -34,6 +34,11 @@ EQ3_SHAPES = [("stage1", 56, 64, 1, 3), ("stage2_block0", 56, 64, 2, 1),
 IMPLS = ("none", "xla", "pallas")
 
 
+def eq3_n_out(n: int, stride: int) -> int:
+  """The output width of an EQ3_SHAPES block: n, or 2n where the stage begins (stride)."""
+  return n if stride == 1 else 2 * n
+
+
 def pass_gbytes(batch, side, n, stride, e=4, itemsize=2) -> float:
   """GB the five passes of impl "pallas" must move for forward + backward at one shape
   (d_bn_product's table; partial sums and per-channel vectors left out): one pad of u,

@@ -15,6 +15,7 @@ in the same run means anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -128,6 +129,21 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
 # Environment variables that change the kernels, and the fuse_d_bn settings they change.
 KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
               "QLHS_DU_FORM": ("pallas", "xla", "block")}
+
+
+@contextlib.contextmanager
+def kernel_env(name: str, value: str):
+  """``name=value`` in the environment while a step is traced (the kernels read their
+  settings then), restored after: one process may trace several settings."""
+  old = os.environ.get(name)
+  os.environ[name] = value
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = old
 
 
 def hlo_tag(model_name: str, overrides: dict) -> str:

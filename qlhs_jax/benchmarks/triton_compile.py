@@ -56,9 +56,10 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
   import jax
   import jax.numpy as jnp
 
+  from qlhs_jax.benchmarks.fused import eq3_n_out
   from qlhs_jax.kernels import eq3_block
   s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-  n_out = n if stride == 1 else 2 * n
+  n_out = eq3_n_out(n, stride)
   args = (s((batch, side, side, n), bf), s((n, n * e), bf), s((n * e, n_out), bf),
           s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
 
@@ -75,10 +76,11 @@ OPS = ("d_bn_product", "eq3_block")
 def block_warps(kernel_name: str, side: int, n: int, stride: int) -> int:
   """The warps QLHS_BLOCK_TILING gives an eq3_block kernel (``qlhs_eq3_<kernel>_kernel``)
   at one of Eq.(3)'s block shapes (n_out = n, or 2n with a stride)."""
+  from qlhs_jax.benchmarks.fused import eq3_n_out
   from qlhs_jax.kernels import eq3_block
   kernel = next(k for k in eq3_block.KERNELS if f"_{k}_" in kernel_name)
-  n_out = n if stride == 1 else 2 * n
-  return eq3_block.tiling(kernel, eq3_block.shape_key(side, side, n, n_out, stride))[1]
+  key = eq3_block.shape_key(side, side, n, eq3_n_out(n, stride), stride)
+  return eq3_block.tiling(kernel, key)[1]
 
 
 def triton_ir(batch: int, side: int, n: int, stride: int,

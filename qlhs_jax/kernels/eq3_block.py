@@ -63,8 +63,10 @@ from qlhs_jax.kernels import d_bn_product as dbn
 F32 = jnp.float32
 # (pixels per tile, warps): of (64, 4), (64, 8), (32, 4) and (128, 8), compiled for an
 # H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (0.8 KB a
-# thread in stage 1's sums kernel, <= 32 B elsewhere); not yet timed. Wider streams get
-# fewer pixels per tile (see _plan).
+# thread in stage 1's sums kernel, <= 32 B elsewhere). (32, 8) spills nothing at stages
+# 1-2 but doubles the forward and dx kernels' weight reloads (one per tile; NOTES,
+# experiment 9). Not yet timed: benchmarks.block_tune picks per kernel and shape on the
+# GPU. Wider streams get fewer pixels per tile (see _plan).
 DEFAULT_TILING = (64, 8)
 # Float32 values a program's accumulator tile may hold: (pixels, n_out) in the forward,
 # (pixels, n) in the dx pass; (bj, n + n_out) in the sums pass, SUMS_ACC_VALUES.
@@ -102,10 +104,11 @@ def parse_tiling(raw: str) -> dict[str, tuple[int, ...]]:
       fields = tuple(int(v) for v in value.split(","))
     except ValueError:
       fields = ()
-    kernel = scope.split("@", 1)[0] if "@" in scope else (scope if scope in KERNELS else "")
     if "@" in scope:
-      scope_ok = kernel in KERNELS and bool(_SHAPE_KEY.match(scope.split("@", 1)[1]))
+      kernel, key = scope.split("@", 1)
+      scope_ok = kernel in KERNELS and bool(_SHAPE_KEY.match(key))
     else:
+      kernel = scope if scope in KERNELS else ""
       scope_ok = not scope or scope in KERNELS or bool(_SHAPE_KEY.match(scope))
     fields_ok = len(fields) in (2, 3) and pow2(fields[0]) and fields[1] in (1, 2, 4, 8, 16)
     if len(fields) == 3:  # the sums kernel's channels per slice
@@ -417,16 +420,16 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   b, ho, wo, n_out = dy.shape
   (h, w), n, e = hw, u2.shape[1], kernel.shape[-1]
   k9 = dbn._kernel9(kernel, n)
-  plan = _plan((b, h, w, n), n_out, e, stride, "sums")
+  plan_sums = _plan((b, h, w, n), n_out, e, stride, "sums")
   plan_dx = _plan((b, h, w, n), n_out, e, stride, "dx")
   dy2 = dy.astype(u2.dtype).reshape(-1, n_out)
   cs, as_, ks = _weights(cw, aw, k9, e)
   sg, sgx, tg, da, dc = sums_call(
-      plan, (u2, _pad_rows(dy2, plan), cs, as_, ks, _slices(mul), _slices(add),
-             _slices(mean), _slices(rstd)), interpret)
+      plan_sums, (u2, _pad_rows(dy2, plan_sums), cs, as_, ks, _slices(mul), _slices(add),
+                  _slices(mean), _slices(rstd)), interpret)
   sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
   tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
-  count = plan["rows"]
+  count = rows = plan_sums["rows"]  # output pixels, as in every kernel's plan
   dmean = dmean.astype(F32).reshape(1, n, e)
   dvar = dvar.astype(F32).reshape(1, n, e)
   # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
@@ -435,7 +438,6 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   dx, du1 = dx_call(
       plan_dx, (u2, _pad_rows(dy2, plan_dx), cs, as_, ks, _slices(mul), _slices(add),
                 _slices(mean), _slices(cx), _slices(c0)), interpret)
-  rows = plan["rows"]
   du1 = du1[:rows].reshape(b, ho, wo, n).astype(F32)
   if stride != 1:  # the 1x1 maps read u[:, ::s, ::s]: du1 goes back to those pixels
     du1 = lax.pad(du1, jnp.zeros((), F32),

@@ -86,17 +86,6 @@ FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
 FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
-def check_block_max_width(width: int, fuse_d_bn: str):
-  """block_max_width is a limit on fuse_d_bn="block" only; refused elsewhere, so that a
-  run does not silently take another path than the one asked for."""
-  if not isinstance(width, int) or width < 0:
-    raise ValueError(f"block_max_width={width!r}: want an input width in channels, or 0 "
-                     f"for no limit")
-  if width and fuse_d_bn != "block":
-    raise ValueError(f"block_max_width={width} limits fuse_d_bn='block', but fuse_d_bn is "
-                     f"{fuse_d_bn!r}; set fuse_d_bn=block or leave block_max_width at 0")
-
-
 def d_kernel_init(expansion: int):
   """He-normal with fan_out = 9 * e: the paper's ws kernel is ``Conv2d(1, e, 3)``.
 
@@ -238,6 +227,16 @@ class QLHSBlock(nn.Module):
   def _check_fuse(self):
     if self.fuse_d_bn not in FUSE_D_BN:
       raise ValueError(f"unknown fuse_d_bn {self.fuse_d_bn!r}; choose one of {FUSE_D_BN}")
+    # block_max_width limits "block" only; refused elsewhere, so that a run does not
+    # silently take another path than the one asked for.
+    width = self.block_max_width
+    if not isinstance(width, int) or width < 0:
+      raise ValueError(f"block_max_width={width!r}: want an input width in channels, or 0 "
+                       f"for no limit")
+    if width and self.fuse_d_bn != "block":
+      raise ValueError(f"block_max_width={width} limits fuse_d_bn='block', but fuse_d_bn is "
+                       f"{self.fuse_d_bn!r}; set fuse_d_bn=block or leave block_max_width "
+                       f"at 0")
     if self.fuse_d_bn == "none":
       return
     if self.form not in FUSED_FORMS:
@@ -299,7 +298,6 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"unknown hidden_layout {self.hidden_layout!r}; "
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
-    check_block_max_width(self.block_max_width, self.fuse_d_bn)
     us = layers.subsample(u, s)
     if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
