@@ -36,6 +36,22 @@ def abstract_inputs(batch: int, side: int, n: int, stride: int, e: int = 4):
           s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
 
 
+# The GPU Pallas lowers for where no GPU is attached: JAX >= 0.11 reads its compute
+# capability from an abstract mesh's device (before, the lowering did not ask).
+TARGET_KIND = "NVIDIA H100 80GB HBM3"
+
+
+def lower_on_cuda(fn, *args):
+  """``jax.jit(fn)`` traced at ``args`` (shapes) and lowered for CUDA on this machine,
+  under an abstract one-device mesh whose device is an H100 (``TARGET_KIND``)."""
+  import jax
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+  device = AbstractDevice(device_kind=TARGET_KIND, num_cores=132, platform="gpu")
+  mesh = AbstractMesh((1,), ("data",), (AxisType.Explicit,), abstract_device=device)
+  with use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
 def lower_for_cuda(batch: int, side: int, n: int, stride: int):
   """Forward and backward of ``d_bn_product(impl="pallas")``, lowered for CUDA here."""
   import jax
@@ -46,8 +62,8 @@ def lower_for_cuda(batch: int, side: int, n: int, stride: int):
   def loss(*a):
     p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
     return p.astype(jnp.float32).sum() + mean.sum()
-  return jax.jit(jax.grad(loss, argnums=range(5))).trace(
-      *abstract_inputs(batch, side, n, stride)).lower(lowering_platforms=("cuda",))
+  return lower_on_cuda(jax.grad(loss, argnums=range(5)),
+                       *abstract_inputs(batch, side, n, stride))
 
 
 def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
@@ -66,8 +82,7 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
   def loss(*a):
     y, mean, _ = eq3_block.eq3_hidden(*a, stride=stride)
     return y.astype(jnp.float32).sum() + mean.sum()
-  return jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(
-      lowering_platforms=("cuda",))
+  return lower_on_cuda(jax.grad(loss, argnums=range(6)), *args)
 
 
 OPS = ("d_bn_product", "eq3_block")
@@ -163,6 +178,9 @@ def main(argv=None) -> int:
     print("this check needs Triton's compiler: pip install triton==3.9.0", file=sys.stderr)
     return 2
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, quietly
+  # JAX on the CPU (read when jax is first imported): with the CUDA plugin installed and
+  # no GPU, it would try CUDA first and log the failure.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from qlhs_jax.benchmarks.fused import EQ3_SHAPES
   from qlhs_jax.kernels import eq3_block
   from qlhs_jax.kernels.d_bn_product import tiling
