@@ -16,8 +16,9 @@
 #   ResNet50 98.2 GB), then with fuse_d_bn="block" (27.2 GB: the 1x1 matmuls inside
 #   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU). Before
 #   "block": benchmarks.block_tune (NOTES.md experiment 9) times each of its three
-#   kernels alone at up to five tiles per block shape (the sums kernel also at wider
-#   slices of hidden channels: fewer re-reads of u and dy), the fastest becoming
+#   kernels alone at up to five tiles per block shape (six at widths >= 256: 16 warps
+#   too; the sums kernel also at wider slices of hidden channels: fewer re-reads of u
+#   and dy), the fastest becoming
 #   QLHS_BLOCK_TILING, and the hidden path against "xla" per shape, which gives
 #   block_max_width (blocks wider than it take "xla": the kernels' on-chip re-reads
 #   grow as n^3); benchmarks.block_check then compares the kernels at that tiling with

@@ -10,7 +10,8 @@ bfloat16 at ``--batch``:
 
 1. It times each of the three kernels of ``kernels.eq3_block`` (forward, sums, dx)
    alone at every tiling (pixels per tile, warps) of ``--tilings`` (default
-   :data:`DEFAULT_TILINGS`) plus the one QLHS_BLOCK_TILING gives now; tilings that the
+   :data:`DEFAULT_TILINGS`; at input widths of at least 256 also ``--wide-tilings``,
+   :data:`WIDE_TILINGS`) plus the one QLHS_BLOCK_TILING gives now; tilings that the
    plan caps to the same tile (at most 8,192 accumulator values, at most the rows) are
    timed once. Each time is a median over ``--repeats`` runs of ``--calls``
    back-to-back calls; the kernels of one shape compile in parallel threads.
@@ -58,6 +59,13 @@ KERNEL_NAMES = ("forward", "sums", "dx")
 # stages 1-2 (the default 64,8: 808 B a thread in stage 1's sums kernel), 4 warps spill
 # up to 1.6 KB at stages 3-4; which is fastest is the GPU's question (NOTES, exp. 9).
 DEFAULT_TILINGS = ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
+# 16 warps, tried only where the input has at least WIDE_MIN_N channels: ptxas caps a
+# 16-warp program at 128 registers a thread. At the tiles the plan allows there (32
+# pixels at stage 3, 16 at stage 4) the kernels spill at most 16 B at stage 3 and 152 B
+# in stage 4's dx kernel, with twice the resident warps per SM of 8 warps to hide the
+# weights' L2 re-reads; at stages 1-2 they spill up to 1-2 KB (NOTES, experiment 10).
+WIDE_TILINGS = ((64, 16),)
+WIDE_MIN_N = 256
 
 
 def block_shapes(size_scale: int = 1):
@@ -191,8 +199,9 @@ def best_max_width(paths) -> int | None:
 
 
 def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"),
-         e: int = 4, log=print, time_paths=None) -> dict:
-  """For each shape (``block_shapes``' rows), ``time_kernel({(kernel, tiling): plan})``
+         e: int = 4, log=print, time_paths=None, wide_tilings=()) -> dict:
+  """For each shape (``block_shapes``' rows; ``wide_tilings`` join ``tilings`` where
+  n >= WIDE_MIN_N), ``time_kernel({(kernel, tiling): plan})``
   -> ``{(kernel, tiling): (ms, bytes) or None}`` (None: it failed); picks each kernel's
   fastest tiling. Then, if given, ``time_paths(u_shape, n_out, stride, spec)`` ->
   ``{"block": ms, "xla": ms}`` (None where one failed), the hidden path forward and
@@ -215,10 +224,11 @@ def tune(shapes, batch: int, tilings, time_kernel, budget_s: float = float("inf"
     tile_of = lambda k, p: (p["m"], p["warps"]) + ((p["bj"],) if k == "sums" else ())
     effective = lambda k, t: tile_of(k, plan(k, t))
     auto = plan("sums", eq3_block.DEFAULT_TILING)["bj"]
+    tried = [*tilings, *(wide_tilings if n >= WIDE_MIN_N else ())]
     todo = {}
     for k in KERNEL_NAMES:
       defaults[(k, key)] = effective(k, eq3_block.DEFAULT_TILING)
-      for t in candidates(k, eq3_block.tiling(k, key), tilings, auto, n):
+      for t in candidates(k, eq3_block.tiling(k, key), tried, auto, n):
         p = plan(k, t)
         todo.setdefault((k, tile_of(k, p)), p)
     timed = time_kernel(todo)
@@ -412,13 +422,17 @@ def time_on_device(todo: dict, interpret: bool, calls: int, repeats: int,
   return out
 
 
-def parse_tilings(items) -> list[tuple[int, int]]:
+def parse_tilings(items, flag: str = "--tilings") -> list[tuple[int, int]]:
+  """``["64,8", ...]`` as ``[(64, 8), ...]``; refused as QLHS_BLOCK_TILING would refuse
+  them (pixels a power of two >= 16, warps 1-16)."""
+  from qlhs_jax.kernels import eq3_block
   out = []
   for item in items:
     try:
-      m, w = (int(v) for v in item.split(","))
-    except ValueError:
-      raise SystemExit(f"--tilings {item!r}: want pixels,warps, e.g. 64,8") from None
+      m, w = eq3_block.parse_tiling(item)[""]
+    except (ValueError, KeyError):
+      raise SystemExit(f"{flag} {item!r}: want pixels,warps, e.g. 64,8 (pixels a power "
+                       f"of two >= 16, warps 1, 2, 4, 8 or 16)") from None
     out.append((m, w))
   return out
 
@@ -428,6 +442,10 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--size-scale", type=int, default=1, help="divide the 224-px sides")
   p.add_argument("--tilings", nargs="+", default=[f"{m},{w}" for m, w in DEFAULT_TILINGS])
+  p.add_argument("--wide-tilings", nargs="*",
+                 default=[f"{m},{w}" for m, w in WIDE_TILINGS],
+                 help=f"tried as well where the input has >= {WIDE_MIN_N} channels "
+                      f"(none: give the flag alone)")
   p.add_argument("--shapes", default="", help="comma-separated names (default all)")
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
@@ -444,6 +462,7 @@ def main(argv=None) -> int:
 
   from qlhs_jax.kernels import eq3_block
   tilings = parse_tilings(args.tilings)
+  wide_tilings = parse_tilings(args.wide_tilings, "--wide-tilings")
   wanted = set(filter(None, args.shapes.split(",")))
   shapes = [s for s in block_shapes(args.size_scale) if not wanted or s[0] in wanted]
   eq3_block.tiling()  # a malformed QLHS_BLOCK_TILING fails here, not per kernel
@@ -459,7 +478,7 @@ def main(argv=None) -> int:
           u_shape, n_out, stride, spec, interpret, args.calls, args.repeats))
   result = tune(shapes, args.batch, tilings,
                 lambda todo: time_on_device(todo, interpret, args.calls, args.repeats),
-                args.budget, time_paths=time_paths)
+                args.budget, time_paths=time_paths, wide_tilings=wide_tilings)
   if args.record:
     from qlhs_jax.benchmarks.step import append_records
     append_records(args.record, [{

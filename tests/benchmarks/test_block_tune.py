@@ -188,3 +188,32 @@ def test_interpreted_run_records(tmp_path, capsys, monkeypatch):
   assert "block_tune" in table.table(str(rec))
   assert block_tune.main(["--l2", "--shapes", "stage1"]) == 0
   assert "stage1" in capsys.readouterr().out
+
+
+def test_wide_tilings_are_tried_only_on_wide_blocks(monkeypatch):
+  """16 warps are compiled and timed at input widths >= WIDE_MIN_N (where they do not
+  spill), not at stage 2; a 16-warp pick lands in the spec."""
+  monkeypatch.delenv("QLHS_BLOCK_TILING", raising=False)
+  seen = []
+
+  def times(todo):
+    seen.extend(todo)
+    return {(k, t): (1.0 if t[1] == 16 else 2.0, 1e6) for k, t in todo}
+  shapes = [("stage2", 28, 128, 128, 1, 3), ("stage3", 14, 256, 256, 1, 5)]
+  r = block_tune.tune(shapes, 256, [(64, 8)], times, log=lambda _: None,
+                      wide_tilings=block_tune.WIDE_TILINGS)
+  assert block_tune.WIDE_MIN_N == 256
+  sixteen = sorted((k, t) for k, t in seen if t[1] == 16)
+  # at stage 3 the plan caps the tile at 8,192/256 = 32 pixels
+  assert sixteen == [("dx", (32, 16)), ("forward", (32, 16)), ("sums", (32, 16, 16)),
+                     ("sums", (32, 16, 32)), ("sums", (32, 16, 64))]
+  assert eq3_block.parse_tiling(r["spec"]) == {
+      f"{k}@14x14x256x256s1": t for k, t in
+      [("dx", (32, 16)), ("forward", (32, 16)), ("sums", (32, 16, 16))]}
+
+
+@pytest.mark.parametrize("flag,value", [("--tilings", "64,3"), ("--wide-tilings", "48,8"),
+                                        ("--tilings", "64")])
+def test_bad_tilings_are_refused(flag, value):
+  with pytest.raises(SystemExit, match=f"{flag} '{value}': want pixels,warps"):
+    block_tune.main(["--l2", flag, value])
