@@ -63,7 +63,7 @@ DEFAULT_TILINGS = ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
 # 16-warp program at 128 registers a thread. At the tiles the plan allows there (32
 # pixels at stage 3, 16 at stage 4) the kernels spill at most 16 B at stage 3 and 152 B
 # in stage 4's dx kernel, with twice the resident warps per SM of 8 warps to hide the
-# weights' L2 re-reads; at stages 1-2 they spill up to 1-2 KB (NOTES, experiment 10).
+# weights' L2 re-reads; at stages 1-2 they spill up to 2 KB (NOTES, experiment 10).
 WIDE_TILINGS = ((64, 16),)
 WIDE_MIN_N = 256
 
@@ -316,8 +316,10 @@ def path_args(u_shape, n_out: int, stride: int, e: int = 4, seed: int = 1):
   and matmul weights, float32 D kernel and BatchNorm parameters."""
   import jax
   import jax.numpy as jnp
+
+  from qlhs_jax.kernels.d_bn_product import _out_size
   b, h, w, n = u_shape
-  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
   ks = jax.random.split(jax.random.PRNGKey(seed), 7)
   bf, f32 = jnp.bfloat16, jnp.float32
   return (jax.random.normal(ks[0], u_shape, bf),
