@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlhs_jax.kernels import eq3_block
+from qlhs_jax.kernels.d_bn_product import _out_size
 from qlhs_jax.models.common import BN_EPS
 
 # (name, side, n, n_out, stride): Eq.(3) ws x4 at 224 px.
@@ -36,7 +37,7 @@ NAMES = ("y", "mean", "var", "du", "dC", "dA", "dkernel", "dscale", "dbias")
 def inputs(seed: int, batch: int, side: int, n: int, n_out: int, stride: int, e: int = 4):
   """float64 (u, C, A, kernel, scale, bias) and the loss weights of the three outputs."""
   rng = np.random.default_rng(seed)
-  so = (side - 1) // stride + 1
+  so = _out_size(side, stride)
   args = (rng.normal(size=(batch, side, side, n)) + 0.3,
           rng.normal(size=(n, n * e)) / np.sqrt(n),
           rng.normal(size=(n * e, n_out)) / np.sqrt(n * e),

@@ -30,7 +30,9 @@ def abstract_inputs(batch: int, side: int, n: int, stride: int, e: int = 4):
   """``(u, c, kernel, scale, bias)`` of d_bn_product as bfloat16/float32 shapes only."""
   import jax
   import jax.numpy as jnp
-  ho = (side - 1) // stride + 1
+
+  from qlhs_jax.kernels.d_bn_product import _out_size
+  ho = _out_size(side, stride)
   s = jax.ShapeDtypeStruct
   return (s((batch, side, side, n), jnp.bfloat16), s((batch, ho, ho, n * e), jnp.bfloat16),
           s((3, 3, 1, e), jnp.float32), s((n * e,), jnp.float32), s((n * e,), jnp.float32))
