@@ -127,6 +127,21 @@ def _nbytes(tree) -> int:
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def io_bytes(kernel: str, plan: dict, args) -> int:
+  """Bytes of a kernel's operands ``args`` (arrays or shapes) and of its results: what
+  it must move through device memory, as ``benchmarks.hlo_bytes`` counts it."""
+  import jax
+
+  from qlhs_jax.kernels import eq3_block
+  out = jax.eval_shape(lambda *a: eq3_block.CALLS[kernel](plan, a, True), *args)
+  return _nbytes(args) + _nbytes(out)
+
+
+def _failure(ex: Exception) -> str:
+  """An exception's type and the first 300 characters of its message, for the log."""
+  return f"{type(ex).__name__}: {str(ex)[:300]}"
+
+
 def compile_kernel(kernel: str, plan: dict, interpret: bool):
   """``(run, args, bytes)``: the kernel alone, compiled for ``plan``, its arguments and
   the bytes of its operands and results."""
@@ -137,7 +152,7 @@ def compile_kernel(kernel: str, plan: dict, interpret: bool):
   args = kernel_args(kernel, plan)
   fn = jax.jit(lambda *a: call(plan, a, interpret))
   run = fn.lower(*args).compile()
-  return run, args, _nbytes(args) + _nbytes(jax.eval_shape(fn, *args))
+  return run, args, io_bytes(kernel, plan, args)
 
 
 def median_ms(run, args, calls: int, repeats: int) -> float:
@@ -343,13 +358,13 @@ def time_paths_on_device(u_shape, n_out, stride, spec, interpret, calls, repeats
       try:
         lowered[impl] = jax.jit(hidden_path(impl, stride, interpret)).lower(*args)
       except Exception as ex:  # reported; the other path still counts
-        print(f"  hidden path {impl}: {type(ex).__name__}: {str(ex)[:300]}")
+        print(f"  hidden path {impl}: {_failure(ex)}")
 
   def compile_(impl):
     try:
       return lowered[impl].compile()
     except Exception as ex:
-      print(f"  hidden path {impl}: {type(ex).__name__}: {str(ex)[:300]}")
+      print(f"  hidden path {impl}: {_failure(ex)}")
       return None
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     compiled = dict(zip(lowered, pool.map(compile_, lowered)))
@@ -359,7 +374,7 @@ def time_paths_on_device(u_shape, n_out, stride, spec, interpret, calls, repeats
       try:
         out[impl] = median_ms(compiled[impl], args, calls, repeats)
       except Exception as ex:
-        print(f"  hidden path {impl}: {type(ex).__name__}: {str(ex)[:300]}")
+        print(f"  hidden path {impl}: {_failure(ex)}")
   return out
 
 
@@ -367,8 +382,6 @@ def l2_table(shapes, batch: int, e: int = 4, log=print) -> float:
   """Per shape and kernel at the current tiling: the bytes the kernel moves through
   device memory (operands and results) and the on-chip re-reads of ``l2_gbytes``,
   summed over the shape's blocks; returns the re-reads' total over the network (GB)."""
-  import jax
-
   from qlhs_jax.kernels import eq3_block
   log(f"eq3_block kernels at batch {batch}, bfloat16, QLHS_BLOCK_TILING="
       f"{os.environ.get('QLHS_BLOCK_TILING', '')!r}: GB per block (device memory | on-chip "
@@ -380,8 +393,7 @@ def l2_table(shapes, batch: int, e: int = 4, log=print) -> float:
     for k in KERNEL_NAMES:
       plan = eq3_block._plan((batch, side, side, n), n_out, e, stride, k)
       args = arg_shapes(k, plan)
-      hbm = (_nbytes(args) + _nbytes(jax.eval_shape(
-          lambda *a: eq3_block.CALLS[k](plan, a, True), *args))) / 1e9
+      hbm = io_bytes(k, plan, args) / 1e9
       l2 = l2_gbytes(k, plan)
       total["hbm"] += count * hbm
       total["l2"] += count * l2
@@ -406,7 +418,7 @@ def time_on_device(todo: dict, interpret: bool, calls: int, repeats: int,
     try:
       return compile_kernel(k, plan, interpret)
     except Exception as ex:  # a tiling Triton cannot compile (shared memory, ...)
-      print(f"  {k} {plan['m']},{plan['warps']}: {type(ex).__name__}: {str(ex)[:300]}")
+      print(f"  {k} {plan['m']},{plan['warps']}: {_failure(ex)}")
       return None
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     built = dict(zip(todo, pool.map(build, todo.items())))
@@ -419,7 +431,7 @@ def time_on_device(todo: dict, interpret: bool, calls: int, repeats: int,
     try:
       out[kt] = (median_ms(run, args, calls, repeats), nbytes)
     except Exception as ex:  # a launch failure: reported, not chosen
-      print(f"  {kt}: {type(ex).__name__}: {str(ex)[:300]}")
+      print(f"  {kt}: {_failure(ex)}")
       out[kt] = None
   return out
 

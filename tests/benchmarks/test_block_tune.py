@@ -139,6 +139,17 @@ def test_l2_estimate_against_a_hand_count():
       8 * 2 * 802816 * 64 * 2 / 1e9)
 
 
+def test_device_bytes_against_a_hand_count():
+  """Stage 1's forward kernel at batch 256 (tile 64, so 802,816 output rows exactly):
+  u and y rows (802,816 x 64, bfloat16), C_s and A_s (4 x 64 x 64, bfloat16), D_s
+  (4 x 9 x 64) and mul, add (4 x 64) in float32."""
+  plan = eq3_block._plan((256, 56, 56, 64), 64, 4, 1, "forward", tile=(64, 8))
+  args = block_tune.arg_shapes("forward", plan)
+  rows = 256 * 56 * 56
+  want = 2 * rows * 64 * 2 + 2 * 4 * 64 * 64 * 2 + (4 * 9 * 64 + 2 * 4 * 64) * 4
+  assert block_tune.io_bytes("forward", plan, args) == want
+
+
 def test_arg_shapes_are_what_the_op_passes(monkeypatch):
   """The shapes block_tune times the kernels with are those eq3_hidden hands them."""
   import jax
