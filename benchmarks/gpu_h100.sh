@@ -47,6 +47,9 @@
 # run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 CHECK_BATCH=1
 # FUSED_ARGS="--size-scale 8 --check-batch 2 --steps 1 --warmup 0" TUNE_ARGS="--size-scale 7
 # --tilings 16,4 --calls 1 --repeats 1" bash benchmarks/gpu_h100.sh all
+# (~14 minutes on 2 cores). In seconds, tests/benchmarks/test_gpu_h100_script.py checks
+# every flag it passes against its module's parser and builds every model and override it
+# times, so a renamed flag or model field fails on the CPU, not in the GPU session.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}

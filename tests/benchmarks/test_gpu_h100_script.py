@@ -1,0 +1,131 @@
+"""benchmarks/gpu_h100.sh, the script of the GPU session, checked on the CPU in seconds.
+
+A GPU session is drawn by chance and lasts 15 minutes, so a flag renamed in a benchmark
+module or a model field the script sets that no longer exists would only show there, and
+cost the run. Its whole CPU smoke run (the command in its header) takes ~14 minutes on 2
+cores, too long for the suite; these tests check what it calls instead: the bash syntax,
+every flag it passes to each ``python3 -m qlhs_jax.benchmarks.X`` (also through the
+``bench``/``fused_op`` helpers and the smoke run's FUSED_ARGS/TUNE_ARGS) against that
+module's own parser, and each model and ``--set`` override it times against the models.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qlhs_jax.benchmarks import block_check, block_tune, fused, step
+from qlhs_jax.models import registry
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_h100.sh")
+MAINS = {"step": step.main, "block_tune": block_tune.main, "block_check": block_check.main,
+         "fused": fused.main}  # benchmarks.table takes no flags: one results file
+HELPERS = {"bench": "step", "fused_op": "fused"}  # shell functions: NAME SECONDS ARGS...
+# Values the script computes on the GPU; stand-ins of the right kind.
+SHELL_VALUES = {"width": "128", "w": "64", "t": "4,4096,4,16", "H": "/tmp/hlo",
+                "OUT": "/tmp/out", "R": "/tmp/r.jsonl"}
+
+
+def _text():
+  with open(SCRIPT) as f:
+    return f.read()
+
+
+def _commands():
+  """``(module, [argument, ...])`` for each call of a benchmark module in the script."""
+  out = []
+  lines = [ln for ln in _text().replace("\\\n", " ").splitlines()
+           if not ln.lstrip().startswith("#")]
+  for line in lines:
+    for m in re.finditer(r"python3 -m qlhs_jax\.benchmarks\.(\w+)(.*)", line):
+      out.append((m.group(1), _args(m.group(2))))
+    words = line.split()
+    at = 0
+    while at < len(words) and re.fullmatch(r"[A-Z_]+=\S*", words[at]):  # VAR=... helper
+      at += 1
+    if at < len(words) and words[at] in HELPERS:
+      out.append((HELPERS[words[at]], _args(" ".join(words[at + 2:]))))
+  # The CPU smoke run in the header passes these to fused and block_tune.
+  header = re.sub(r"\n#\s*", " ", _text())  # the comment's lines joined
+  for var, module in (("FUSED_ARGS", "fused"), ("TUNE_ARGS", "block_tune")):
+    for m in re.finditer(var + r'="([^"]*)"', header):
+      out.append((module, _args(m.group(1))))
+  return out
+
+
+def _args(rest):
+  """The module's own arguments: up to the redirection or pipe, shell variables given
+  stand-in values, "$@" and ${VAR:-default} expansions left out (they are checked where
+  they are set)."""
+  rest = re.split(r"2>&1|[|>)]", rest)[0]
+  rest = re.sub(r"\$(\w+)\b", lambda m: SHELL_VALUES.get(m.group(1), m.group(0)), rest)
+  words = shlex.split(rest)
+  return [w for w in words if w != "$@" and not w.startswith("${") and not w.startswith("$(")]
+
+
+def _option_strings(module, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    MAINS[module](["--help"])
+  assert exit_.value.code == 0
+  return set(re.findall(r"(--[a-z][a-z0-9-]*)", capsys.readouterr().out))
+
+
+def test_the_script_is_valid_bash():
+  result = subprocess.run(["bash", "-n", SCRIPT], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def test_every_flag_the_script_passes_is_one_its_module_takes(capsys):
+  commands = _commands()
+  # All five modules and both helpers are found: a parser that missed them would pass.
+  assert {m for m, _ in commands} == {*MAINS, "table"}, commands
+  assert sum(m == "step" for m, _ in commands) >= 9, commands
+  for module, args in commands:
+    known = _option_strings(module, capsys) if module in MAINS else set()
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    assert flags <= known, f"gpu_h100.sh passes {sorted(flags - known)} to {module}: {args}"
+
+
+def test_the_flag_check_catches_a_renamed_flag(capsys):
+  assert "--budget" in _option_strings("block_tune", capsys)
+  assert "--budget-s" not in _option_strings("block_tune", capsys)
+
+
+def _step_rows():
+  """``(model, overrides)`` for each train step the script times, --vs models included."""
+  rows = []
+  for module, args in _commands():
+    if module != "step" or "--model" not in args:  # bench's own call: "$@" left out
+      continue
+    parsed = {"--set": []}
+    for flag, value in zip(args, args[1:]):
+      if flag == "--set":
+        parsed["--set"].append(value)
+      elif flag in ("--model", "--vs"):
+        parsed[flag] = value
+    rows.append((parsed["--model"], step._parse_overrides(parsed["--set"])))
+    if "--vs" in parsed:
+      rows.append((parsed["--vs"], {}))
+  return rows
+
+
+def test_every_model_and_override_the_script_times_builds():
+  """Each model with its --set fields traced at 32 px (shapes only, no compilation): an
+  unknown model, a field the model lost or a value it no longer takes fails here."""
+  rows = _step_rows()
+  assert ("eq3_softball_ds", {"fuse_d_bn": "block", "block_max_width": 128}) in rows, rows
+  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  for name, overrides in rows:
+    model = registry.create(name, **overrides)
+    jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), x, train=True))
+
+
+def test_a_bad_override_fails_the_build_check():
+  model = registry.create("eq3_softball_ds", fuse_d_bn="blok")
+  with pytest.raises(ValueError, match="blok"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                      train=True))
