@@ -248,7 +248,8 @@ def _parse_overrides(items):
   return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+  """The command line of ``main`` (tests read gpu_h100.sh's rows with it)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", required=True)
   p.add_argument("--batch", type=int, default=256)
@@ -267,7 +268,11 @@ def main(argv=None):
                  help="trace 3 more train steps: per-kernel device time, bytes and GB/s "
                       "(benchmarks.kernel_times), appended to DIR/kernels.jsonl")
   p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
   from qlhs_jax.models import registry
   for name in filter(None, [args.model, args.vs]):
     registry.info(name)  # unknown names fail before any compilation

@@ -96,20 +96,16 @@ def test_the_flag_check_catches_a_renamed_flag(capsys):
 
 
 def _step_rows():
-  """``(model, overrides)`` for each train step the script times, --vs models included."""
+  """``(model, overrides)`` for each train step the script times, --vs models included,
+  read with benchmarks.step's own parser."""
   rows = []
   for module, args in _commands():
     if module != "step" or "--model" not in args:  # bench's own call: "$@" left out
       continue
-    parsed = {"--set": []}
-    for flag, value in zip(args, args[1:]):
-      if flag == "--set":
-        parsed["--set"].append(value)
-      elif flag in ("--model", "--vs"):
-        parsed[flag] = value
-    rows.append((parsed["--model"], step._parse_overrides(parsed["--set"])))
-    if "--vs" in parsed:
-      rows.append((parsed["--vs"], {}))
+    a = step.parser().parse_args(args)
+    rows.append((a.model, step._parse_overrides(a.set)))
+    if a.vs:
+      rows.append((a.vs, step._parse_overrides(a.vs_set)))
   return rows
 
 
