@@ -177,11 +177,16 @@ class QLHSBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  # The helpers below run inside __call__'s scope and are marked nn.nowrap: wrapped as
+  # module methods, each call would be recorded by nn.tabulate, which tries to read
+  # their arguments (a lambda, parameter names) as arrays and warns.
+  @nn.nowrap
   def _dense(self, x, name, n_out):
     """A bias-free 1x1 map ``x @ W``, ``W`` of shape (in, out)."""
     w = self.param(name, conv_init, (x.shape[-1], n_out), self.param_dtype)
     return jnp.dot(x, w.astype(self.dtype))
 
+  @nn.nowrap
   def _norm(self, x, name, zero_init=False):
     """BatchNorm in training form; a bias ``{name}_bias`` once folded (the BN's scale
     then lives in the neighbouring map, see fold.py)."""
@@ -197,22 +202,26 @@ class QLHSBlock(nn.Module):
   def _smaj(self):
     return self.hidden_layout == "s_major"
 
+  @nn.nowrap
   def _split(self, x):
     """``x`` (..., n) as D's rank-5 input: (..., n, 1), or (..., 1, n) in s_major."""
     return x[..., None, :] if self._smaj else x[..., None]
 
+  @nn.nowrap
   def _d_kernel(self, j):
     """D's kernel (3, 3, 1 or j, e). Folded: always per channel."""
     e = self.expansion
     kj = 1 if (self.weight_sharing and not self.folded) else j
     return self.param("d_kernel", d_kernel_init(e), (3, 3, kj, e), self.param_dtype)
 
+  @nn.nowrap
   def _d(self, x5, stride):
     """D on ``x5`` (B, H, W, J, S) (s_major: (B, H, W, S, J))."""
     kernel = self._d_kernel(x5.shape[4 if self._smaj else 3])
     return layers.derivative(x5, kernel, stride, self.d_impl, self.hidden_layout,
                              pin=self.pin_hidden_layout)
 
+  @nn.nowrap
   def _d_bn_times(self, x, make_c, stride):
     """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
@@ -224,6 +233,7 @@ class QLHSBlock(nn.Module):
                              name="bn_d")(x, kernel, make_c())
     return self._norm(self._d(self._split(x), stride), "d") * make_c()
 
+  @nn.nowrap
   def _check_fuse(self):
     if self.fuse_d_bn not in FUSE_D_BN:
       raise ValueError(f"unknown fuse_d_bn {self.fuse_d_bn!r}; choose one of {FUSE_D_BN}")
@@ -251,6 +261,7 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"fuse_d_bn='block' fuses eq3's two 1x1 maps into its kernels; "
                        f"form {self.form!r} takes fuse_d_bn='xla' or 'pallas'")
 
+  @nn.nowrap
   def _fuses_block(self, n_in):
     """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
     training, one BatchNorm group, input width within block_max_width); otherwise a
@@ -259,6 +270,7 @@ class QLHSBlock(nn.Module):
             and self.bn_groups == 1
             and (self.block_max_width == 0 or n_in <= self.block_max_width))
 
+  @nn.nowrap
   def _eq3_fused_hidden(self, u):
     """``A(BN(D u) * (C u))`` through eq3_block, creating d_kernel, c and a in the plain
     path's order (same initial values)."""
@@ -269,6 +281,7 @@ class QLHSBlock(nn.Module):
     return FusedEq3Hidden(self.stride, self.param_dtype, name="bn_d")(
         u.astype(self.dtype), kernel, cw.astype(self.dtype), aw.astype(self.dtype))
 
+  @nn.nowrap
   def _group_sum(self, p, n_in):
     """Eq.(5): output o sums the hidden channels (j, s) with (j*e + s) // g == o,
     g = h / n_out, in either layout (the j-major layout's contiguous groups)."""

@@ -33,3 +33,18 @@ def test_summary_text(capsys):
   summary.main(["eq3_softball_ds", "--size", "64"])
   out = capsys.readouterr().out
   assert "8,608,868 trainable" in out and "stage4_block2" in out and "83.66" in out
+
+
+def test_summary_raises_no_array_warnings():
+  """nn.tabulate reads every recorded module-method call's arguments as arrays; the
+  block's helpers (a lambda, parameter names such as "a" and "d") made it warn (NumPy's
+  dtype alias 'a', float64 for 'd', jnp.shape of a function: an error in a later JAX)."""
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    summary.summary("eq3_softball_ds", size=32)
+    summary.summary("eq5_softball_ds", size=32)
+  bad = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+         if "flax/linen/summary" in w.filename or "jax/_src/dtypes" in w.filename
+         or "jax/_src/numpy" in w.filename]
+  assert not bad, "\n".join(bad)
