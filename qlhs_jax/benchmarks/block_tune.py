@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import math
 import os
 import sys

@@ -59,7 +59,6 @@ def _tensor_bytes(batch, side, n, stride, e, itemsize):
 
 def _inputs(key, batch, side, n, stride, e, dtype):
   import jax
-  import jax.numpy as jnp
 
   from qlhs_jax.kernels.d_bn_product import _out_size
   ho = _out_size(side, stride)
@@ -122,7 +121,6 @@ def timing(batch, size_scale, steps, warmup, interpret, impls=IMPLS, e=4) -> lis
   """Median ms of forward + backward, bfloat16, per shape and impl."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   out = []
   for name, side, n, stride, count in EQ3_SHAPES:
     side = max(4, side // size_scale)

@@ -429,11 +429,11 @@ def _bwd(stride, hw, eps, interpret, res, cts):
                   _slices(mean), _slices(rstd)), interpret)
   sg, sgx = sg.sum(0).T[None], sgx.sum(0).T[None]  # (1, n, e), like d_bn_product's
   tg = tg.sum(0).transpose(2, 1, 0)[None]  # (1, n, 9, e)
-  count = rows = plan_sums["rows"]  # output pixels, as in every kernel's plan
+  rows = plan_sums["rows"]  # output pixels, as in every kernel's plan
   dmean = dmean.astype(F32).reshape(1, n, e)
   dvar = dvar.astype(F32).reshape(1, n, e)
   # BatchNorm's backward, as in d_bn_product._bwd: dL/d(D u) = mul*g + cx*(x - mean) + c0.
-  cx, c0 = dbn.bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
+  cx, c0 = dbn.bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, rows)
   dk9 = dbn._xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   dx, du1 = dx_call(
       plan_dx, (u2, _pad_rows(dy2, plan_dx), cs, as_, ks, _slices(mul), _slices(add),

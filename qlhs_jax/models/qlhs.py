@@ -54,7 +54,7 @@ starts as the identity), followed by the activation where the placement puts one
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
