@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlhs_jax.kernels import eq3_block
-from qlhs_jax.kernels.d_bn_product import _out_size
 from qlhs_jax.models.common import BN_EPS
+from qlhs_jax.models.layers import _out_size
 
 # (name, side, n, n_out, stride): Eq.(3) ws x4 at 224 px.
 SHAPES = [("stage1", 56, 64, 64, 1), ("stage2_block0", 56, 64, 128, 2),

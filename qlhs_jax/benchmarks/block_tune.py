@@ -331,7 +331,7 @@ def path_args(u_shape, n_out: int, stride: int, e: int = 4, seed: int = 1):
   import jax
   import jax.numpy as jnp
 
-  from qlhs_jax.kernels.d_bn_product import _out_size
+  from qlhs_jax.models.layers import _out_size
   b, h, w, n = u_shape
   ho, wo = _out_size(h, stride), _out_size(w, stride)
   ks = jax.random.split(jax.random.PRNGKey(seed), 7)

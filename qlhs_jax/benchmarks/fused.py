@@ -60,7 +60,7 @@ def _tensor_bytes(batch, side, n, stride, e, itemsize):
 def _inputs(key, batch, side, n, stride, e, dtype):
   import jax
 
-  from qlhs_jax.kernels.d_bn_product import _out_size
+  from qlhs_jax.models.layers import _out_size
   ho = _out_size(side, stride)
   ks = jax.random.split(key, 6)
   u = jax.random.normal(ks[0], (batch, side, side, n), dtype) + 0.2

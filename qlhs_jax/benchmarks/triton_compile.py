@@ -31,7 +31,7 @@ def abstract_inputs(batch: int, side: int, n: int, stride: int, e: int = 4):
   import jax
   import jax.numpy as jnp
 
-  from qlhs_jax.kernels.d_bn_product import _out_size
+  from qlhs_jax.models.layers import _out_size
   ho = _out_size(side, stride)
   s = jax.ShapeDtypeStruct
   return (s((batch, side, side, n), jnp.bfloat16), s((batch, ho, ho, n * e), jnp.bfloat16),

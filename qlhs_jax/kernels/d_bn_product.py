@@ -103,10 +103,6 @@ def tiling() -> tuple[int, int, int, int, int]:
   return rows, elems, warps, cols, stages
 
 
-def _out_size(n: int, stride: int) -> int:
-  return (n - 1) // stride + 1
-
-
 def _kernel9(kernel: jax.Array, n: int) -> jax.Array:
   """D's kernel (3, 3, 1 or n, e) as (9, n, e) float32, tap t = 3*dy + dx."""
   e = kernel.shape[-1]
@@ -286,6 +282,7 @@ def _pin(x):
 def _plan(u_shape, e, stride):
   """Static tiling for the Pallas passes (DEFAULT_TILING or QLHS_PALLAS_TILING)."""
   b, h, w, n = u_shape
+  from qlhs_jax.models.layers import _out_size  # models imports this module
   rows, elems, warps, cols, stages = tiling()
   ho, wo = _out_size(h, stride), _out_size(w, stride)
   tw = pl.next_power_of_2(wo)
@@ -495,6 +492,7 @@ def _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dt
 # The operation.
 
 def _check(u, c, kernel, scale, stride, groups, impl):
+  from qlhs_jax.models.layers import _out_size  # models imports this module
   if impl not in FUSE_IMPLS[1:]:
     raise ValueError(f"unknown d_bn_product impl {impl!r}; choose one of {FUSE_IMPLS[1:]} "
                      f"(the model's fuse_d_bn='none' is the plain autodiff path)")

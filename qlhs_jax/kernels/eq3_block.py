@@ -147,7 +147,8 @@ def _plan(u_shape, n_out: int, e: int, stride: int = 1, kernel: str | None = Non
   warps[, channels]) overrides QLHS_BLOCK_TILING (benchmarks.block_tune)."""
   b, h, w, n = u_shape
   m0, warps, *channels = tile or tiling(kernel, shape_key(h, w, n, n_out, stride))
-  ho, wo = dbn._out_size(h, stride), dbn._out_size(w, stride)
+  from qlhs_jax.models.layers import _out_size  # models imports this module
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
   rows = b * ho * wo
   m = max(16, min(m0, _pow2_floor(ACC_VALUES // max(n, n_out)),
                   pl.next_power_of_2(rows)))
