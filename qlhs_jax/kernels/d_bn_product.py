@@ -163,6 +163,20 @@ def _group_sum(x: jax.Array, groups: int) -> jax.Array:
   return xg.sum(1)
 
 
+def _stacked_group_sums(pieces, groups: int, keep: int) -> jax.Array:
+  """Per-group sums of K pieces of one shape (B, Ho, Wo, *kept) over (Ho, Wo) and the
+  batch group, as one reduction of one stack: (K, G, *kept), with ``keep`` = len(kept).
+  The stack's axis is the major one on purpose: stacked along the minor axis (next to
+  the channels), XLA's GPU reduction gives neighbouring threads of a warp different
+  pieces of the concatenation to compute, and the warp runs the pieces' branches one
+  after the other. On the H100 that made the 54-piece statistics of a stage-1 block take
+  89 ms for 0.11 GB (benchmarks/NOTES.md, experiment 11); stacked major, a thread block
+  works on one piece."""
+  x = jnp.stack(pieces, axis=0)
+  kept = x.shape[x.ndim - keep:]
+  return x.reshape((x.shape[0], groups, -1) + kept).sum(2)
+
+
 def reference(u, c, kernel, scale, bias, *, stride=1, groups=1, eps=1e-5):
   """The plain path's formula, differentiated by autodiff: ``layers.derivative`` in the
   input dtype, then :class:`qlhs_jax.models.common.BatchNorm`'s one-pass float32
@@ -198,15 +212,14 @@ def _xla_stats(u, k9, stride, groups):
   kernel that nearly sums to zero on a channel with a large offset). tests/kernels
   checks that case against float64: a zero-sum kernel on u offset by 100 standard
   deviations gives the variance to 3.6e-6 (the bound there is 1e-4).
-  Also returns the per-group tap sums and Gram entries, (G, n, 9 + 45), that the
+  Also returns the per-group tap sums and Gram entries, (9 + 45, G, n), that the
   backward's dL/dkernel reuses (:func:`_xla_kernel_grad`)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
-  cat = jnp.stack(taps + [taps[a] * taps[b] for a, b in _PAIRS], axis=-1)
-  sums = _group_sum(cat, groups)  # (G, n, 54)
-  s1 = jnp.einsum("gnt,tne->gne", sums[..., :9], k9)
-  gram = sums[..., 9:][..., jnp.asarray(_PAIR_OF)]  # (G, n, 9, 9)
-  s2 = jnp.einsum("gnab,ane,bne->gne", gram, k9, k9)
+  sums = _stacked_group_sums(taps + [taps[a] * taps[b] for a, b in _PAIRS], groups, 1)
+  s1 = jnp.einsum("tgn,tne->gne", sums[:9], k9)
+  gram = sums[9:][jnp.asarray(_PAIR_OF)]  # (9, 9, G, n)
+  s2 = jnp.einsum("abgn,ane,bne->gne", gram, k9, k9)
   return s1, s2, sums
 
 
@@ -226,13 +239,11 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
   xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
           * _per_group(rstd, groups, b))
   taps = _taps(u.astype(F32)[..., None], stride)  # 9 x (B, Ho, Wo, n, 1)
-  # One reduction of one concatenation, so that XLA reads dp and c once (as nine sums of
-  # their own, XLA split them over fusions that each read dp and c again).
-  cat = jnp.concatenate([g, g * xhat] + [t * g for t in taps], axis=-1)
-  sums = _group_sum(cat, groups)  # (G, n, 11 e)
-  e = k9.shape[-1]
-  sg, sgx = sums[..., :e], sums[..., e:2 * e]
-  tg = sums[..., 2 * e:11 * e].reshape(sums.shape[:2] + (9, e))
+  # One reduction of one stack, so that XLA reads dp and c once (as nine sums of their
+  # own, XLA split them over fusions that each read dp and c again).
+  sums = _stacked_group_sums([g, g * xhat] + [t * g for t in taps], groups, 2)
+  sg, sgx = sums[0], sums[1]  # (G, n, e)
+  tg = jnp.moveaxis(sums[2:], 0, 2)  # (G, n, 9, e)
   # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
   # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
   # 0.93 + 0.92).
@@ -265,10 +276,11 @@ def _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0):
   term cancels like the variance of :func:`_xla_stats` where u has a large offset;
   tests/kernels checks dL/dkernel at an offset of 100 standard deviations against
   float64."""
-  tsum, gram = tstats[..., :9], tstats[..., 9:][..., jnp.asarray(_PAIR_OF)]
-  tx = jnp.einsum("gnab,bne->gnae", gram, k9) - tsum[..., None] * mean[:, :, None]
+  tsum, gram = tstats[:9], tstats[9:][jnp.asarray(_PAIR_OF)]  # (9, G, n), (9, 9, G, n)
+  tx = (jnp.einsum("abgn,bne->gnae", gram, k9)
+        - jnp.einsum("agn,gne->gnae", tsum, mean))
   return (jnp.einsum("gnte,gne->tne", tg, mul) + jnp.einsum("gnte,gne->tne", tx, cx)
-          + jnp.einsum("gnt,gne->tne", tsum, c0))
+          + jnp.einsum("tgn,gne->tne", tsum, c0))
 
 
 def _pin(x):
