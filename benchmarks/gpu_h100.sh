@@ -2,28 +2,27 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|variants|all]
-# Start with "step" (the variants with the fewest bytes in the deviceless compiles of
-# benchmarks/NOTES.md experiments 4 and 5); a 15-minute device session then has room for
-# "variants" or "op" as a second call (the machine stays warm). "op" prints the fastest
-# Pallas tiling.
+# Start with "step" (the fused candidates; the second device session of 2026-11-27 ran
+# it in 220 s after fixing their statistics reduction, NOTES.md experiment 11); a
+# 15-minute device session then has room for "variants" or "op" as a second call (the
+# machine stays warm). "op" prints the fastest Pallas tiling.
 # "op" (time limits add up to 380 s): the BN(D u)*c operation alone
 #   (benchmarks.fused): agreement with the float64 reference, forward+backward of
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (560 s): the goal's figures for the two candidates, each against ResNet50 in
-#   one run: Eq.(3) with fuse_d_bn="xla" (64.9 GB per step in the deviceless compile,
-#   ResNet50 98.2 GB), then with fuse_d_bn="block" (27.2 GB: the 1x1 matmuls inside
-#   Pallas kernels, NOTES.md experiment 8; its kernels not yet run on a GPU). Before
-#   "block": benchmarks.block_tune (NOTES.md experiment 9) times each of its three
-#   kernels alone at up to five tiles per block shape (six at widths >= 256: 16 warps
-#   too; the sums kernel also at wider slices of hidden channels: fewer re-reads of u
-#   and dy), the fastest becoming
-#   QLHS_BLOCK_TILING, and the hidden path against "xla" per shape, which gives
-#   block_max_width (blocks wider than it take "xla": the kernels' on-chip re-reads
-#   grow as n^3); benchmarks.block_check then compares the kernels at that tiling with
-#   float64 on the device (exit 1: do not trust the timing). (Bytes: benchmarks.aot,
-#   jax 0.11.2, --gemm triton.)
+# "step" (570 s): benchmarks.block_tune (NOTES.md experiment 9) times each of
+#   fuse_d_bn="block"'s three kernels alone at up to five tiles per block shape (six at
+#   widths >= 256: 16 warps too; the sums kernel also at wider slices of hidden channels:
+#   fewer re-reads of u and dy), the fastest becoming QLHS_BLOCK_TILING, and the hidden
+#   path against "xla" per shape, which gives block_max_width (blocks wider than it take
+#   "xla": the kernels' on-chip re-reads grow as n^3); then Eq.(3) with
+#   fuse_d_bn="block" (27.2 GB per step in the deviceless compile, ResNet50 98.2 GB: the
+#   1x1 matmuls inside Pallas kernels, NOTES.md experiment 8; 1,605 img/s on the H100,
+#   0.30x ResNet50) against ResNet50, with a profile of the Eq.(3) step;
+#   benchmarks.block_check then compares the kernels at that tiling with float64 on the
+#   device (exit 1: do not trust the row); last, fuse_d_bn="xla" alone (64.9 GB; 2,074
+#   img/s). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
 # "variants" (550 s): fuse_d_bn="block" at block_max_width 0 (every block) and 64,
 #   at QLHS_BLOCK_TILING (after "step" in the same call: the tuned tiles); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
 #   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
@@ -33,9 +32,10 @@
 #   d_impl="grouped", 0.59x on the H200; remat="dots", 0.88x. Dropped for time: s-major
 #   with shifted_t + pinned, and the pinned layout alone.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
-# HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its first
-# two rows (3 traced steps each, after the timing is printed and recorded; a profile still
-# going 60 s later is stopped): per-kernel device time, bytes and GB/s in log.txt, the
+# HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its
+# "block" row's Eq.(3) step (3 traced steps of a second compile without XLA's command
+# buffers, after the timing is printed and recorded; a profile still going 120 s later is
+# stopped): per-kernel device time, bytes and GB/s in log.txt, the
 # times in $OUT/kernels.jsonl (offline: python -m qlhs_jax.benchmarks.kernel_times
 # kernels.jsonl <model>.train.hlo.txt.gz, after tar xf hlo.tar). With BRING=DIR (the
 # device tool's $OUT: $OUT there starts empty on every call, and at most 8 files come
@@ -101,13 +101,12 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
 fi
 if [ "$PART" = step ] || [ "$PART" = all ]; then
-  bench 230 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
-    --profile-dir "$OUT"
   # Each "block" kernel's fastest tile per block shape, timed alone; its last "tiling:"
   # line (complete after every shape, so a cut-off run still leaves one) is the
-  # QLHS_BLOCK_TILING of the check and the step below.
+  # QLHS_BLOCK_TILING of the step and the check below. A budget of 55 s covered stages
+  # 1-2 only on 2026-11-27 (the sums kernel's tile made 3x at stage 1): 140 s for all.
   echo "== benchmarks.block_tune" | tee -a "$OUT/log.txt"
-  timeout 80 python3 -m qlhs_jax.benchmarks.block_tune --batch "${BATCH:-256}" --budget 55 \
+  timeout 170 python3 -m qlhs_jax.benchmarks.block_tune --batch "${BATCH:-256}" --budget 140 \
     --record "$R" ${TUNE_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" > "$OUT/tune.txt"
   echo "exit ${PIPESTATUS[0]}"
   # The picks (each kernel's row of times is in log.txt).
@@ -116,21 +115,27 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   tuned=$(sed -n 's/^tiling: //p' "$OUT/tune.txt" | tail -n 1)
   if [ -n "$tuned" ]; then export QLHS_BLOCK_TILING="$tuned"; fi
   # Blocks wider than this take "xla". None timed: 128, the pick of the on-chip traffic
-  # estimate (block_tune --l2, NOTES.md experiment 9). 1 ("xla" everywhere, timed above
-  # already): the kernels everywhere instead, for the record.
+  # estimate (block_tune --l2, NOTES.md experiment 9). 1 ("xla" everywhere, timed below
+  # anyway): the kernels everywhere instead, for the record.
   width=$(sed -n 's/^block_max_width: //p' "$OUT/tune.txt" | tail -n 1)
   width=${width:-128}
   if [ "$width" = 1 ]; then width=0; fi
   echo "QLHS_BLOCK_TILING=${QLHS_BLOCK_TILING:-(unset: the default tiling)}" \
     "block_max_width=$width" | tee -a "$OUT/log.txt"
   bring
+  # The candidate against ResNet50, with a profile of the candidate (compiled without
+  # command buffers, so that the backward kernels are seen one by one).
+  bench 230 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set "block_max_width=$width" \
+    --vs resnet50 --hlo-dir "$H" --profile-dir "$OUT"
+  # After the timing, so that it cannot crowd it out (50 s covered stage 1 alone): the
+  # kernels at these tiles against float64 on the device (exit 1: do not trust the row).
   echo "== benchmarks.block_check" | tee -a "$OUT/log.txt"
-  timeout 50 python3 -m qlhs_jax.benchmarks.block_check --batch "${CHECK_BATCH:-4}" 2>&1 \
+  timeout 90 python3 -m qlhs_jax.benchmarks.block_check --batch "${CHECK_BATCH:-4}" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" | grep -E "WRONG|agree|DISAGREE|rror" | tail -n 6
   echo "exit ${PIPESTATUS[0]}"
   bring
-  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set "block_max_width=$width" \
-    --vs resnet50 --hlo-dir "$H" --profile-dir "$OUT"
+  # "xla" alone (its ratio: the ResNet50 above, same machine and session).
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --hlo-dir "$H"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   for w in 0 64; do

@@ -22,10 +22,12 @@ through the fused D+BN+product kernels in 0.68x the peak memory, at 0.94x the sp
 far (README, Speed). ``--config.model_overrides.fuse_d_bn=xla`` (any device count)
 compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
 (deviceless H100 compile with jax 0.11.2, benchmarks/NOTES.md experiments 4-6) and
-matches its quickstart accuracy over five seeds; not yet timed on a GPU.
+matches its quickstart accuracy over five seeds, but trains at 2,074 img/s on the H100
+(0.46x the default's 4,489 img/s from an earlier H100 run; NOTES.md experiment 11).
 ``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of every
 block inside Pallas kernels: 0.28x ResNet50's bytes per step and ~2.4 GB peak in the
-same deviceless compile (NOTES.md experiment 8); never run on a GPU yet. Add
+same deviceless compile (NOTES.md experiment 8), 2.4 GB measured, but 1,605 img/s on
+the H100 (0.36x the default; experiment 11). Add
 ``--config.model_overrides.block_max_width=128`` to keep the kernels to stages 1-2
 (0.37x ResNet50's bytes). The kernels' on-chip weight re-reads grow as n^3, and
 ``python -m qlhs_jax.benchmarks.block_tune`` picks the width on the GPU (NOTES.md

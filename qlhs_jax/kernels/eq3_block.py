@@ -44,7 +44,9 @@ permuted once per step into per-``s`` slices (``C_s[i, j] = C[i, j*e + s]``,
 float64 autodiff of the plain formula). Tiling: ``QLHS_BLOCK_TILING="pixels,warps"``
 for every kernel, with entries per kernel and block shape after it (see ``tiling``;
 ``benchmarks.block_tune`` times them on the GPU and prints the fastest); default
-:data:`DEFAULT_TILING`. Not yet timed on a GPU.
+:data:`DEFAULT_TILING`. On the H100 the model with these kernels trains at 1,605
+img/s, 0.36x the plain path's 4,489 from an earlier H100 run (benchmarks/NOTES.md,
+experiment 11).
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ F32 = jnp.float32
 # H100 with `benchmarks.triton_compile --op eq3_block`, (64, 8) spills least (0.8 KB a
 # thread in stage 1's sums kernel, <= 32 B elsewhere). (32, 8) spills nothing at stages
 # 1-2 but doubles the forward and dx kernels' weight reloads (one per tile; NOTES,
-# experiment 9). Not yet timed: benchmarks.block_tune picks per kernel and shape on the
-# GPU. Wider streams get fewer pixels per tile (see _plan).
+# experiment 9). Timed on the H100 at stages 1-2 only (NOTES, experiment 11): 4 warps
+# beat 8 for every kernel there (the sums kernel 3x at stage 1 with 32,4,64); the
+# default stays until stages 3-4, where 4 warps spill more, are timed too.
+# benchmarks.block_tune picks per kernel and shape on the GPU. Wider streams get fewer
+# pixels per tile (see _plan).
 DEFAULT_TILING = (64, 8)
 # Float32 values a program's accumulator tile may hold: (pixels, n_out) in the forward,
 # (pixels, n) in the dx pass; (bj, n + n_out) in the sums pass, SUMS_ACC_VALUES.

@@ -147,3 +147,34 @@ def test_compiles_the_block_kernels_for_the_gpu(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   r = json.loads(record.read_text().splitlines()[0])
   assert r["gbytes_by_kind"].get("custom-call __gpu$xla.gpu.triton", 0) > 0, r
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_the_profile_options_compile_without_command_buffers(tmp_path):
+  """For the H100, XLA puts a run of kernels into a command buffer (one CUDA graph: one
+  event in a profile); benchmarks.step's PROFILE_COMPILER_OPTIONS compile the same
+  function with none (thunks named in XLA's dump, one dump folder per compile)."""
+  code = """
+import glob, sys
+from qlhs_jax.benchmarks import aot, step
+dev = aot.compile_only_device()
+import jax, jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
+
+def f(x):
+  for _ in range(4):
+    x = jnp.tanh(x @ x) + x.sum(0)
+  return x
+
+x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=SingleDeviceSharding(dev))
+for i, opts in enumerate(({}, step.PROFILE_COMPILER_OPTIONS)):
+  d = f"{sys.argv[1]}/{i}"
+  jax.jit(f).lower(x).compile({**opts, "xla_dump_to": d})
+  print(sum(open(p).read().count('profile_annotation: "command_buffer')
+            for p in glob.glob(d + "/*thunk_metadata.txt")))
+"""
+  p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                     text=True)
+  assert p.returncode == 0, p.stderr[-3000:]
+  default, with_options = map(int, p.stdout.split()[-2:])
+  assert default >= 1 and with_options == 0, (default, with_options)

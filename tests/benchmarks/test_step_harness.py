@@ -86,7 +86,7 @@ def test_a_vs_row_prints_each_model_as_soon_as_it_is_timed(tmp_path, monkeypatch
   come when both are done."""
   seen = []
 
-  def child(args, name, sets):
+  def child(args, name, sets, profile=False):
     seen.append(capsys.readouterr().out)  # what was printed before this child ran
     return {"model": name, "train_img_s": 8.0 if name == "a" else 4.0, "eval_img_s": 2.0,
             "peak_mem_gb": None, "overrides": {}, "device": "cpu:cpu"}
@@ -124,3 +124,42 @@ def test_the_record_goes_out_before_the_profile(tmp_path, monkeypatch):
                    {"widths": [8, 16], "depths": [1, 1], "stem": "small"},
                    profile_dir=str(tmp_path), on_record=lambda rec: order.append(rec))
   assert order == [r, "profile"]
+
+
+def test_the_profile_compiles_the_step_again_without_command_buffers(tmp_path,
+                                                                     monkeypatch):
+  """The timing compiles with XLA's defaults; the profile compiles the step again with
+  PROFILE_COMPILER_OPTIONS (command buffers off) and attributes its kernels from that
+  executable's HLO."""
+  import jax
+  calls, seen = [], {}
+  real = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None, **kw):
+    calls.append(compiler_options)
+    return real(self, compiler_options, **kw)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  monkeypatch.setattr(step, "_profile", lambda d, n, run, hlo, rec: seen.update(
+      loss=float(run()), hlo=hlo))
+  step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+               {"widths": [8, 16], "depths": [1, 1], "stem": "small"},
+               profile_dir=str(tmp_path))
+  # train step, eval forward, then the profiled train step
+  assert calls == [None, None, step.PROFILE_COMPILER_OPTIONS]
+  assert step.PROFILE_COMPILER_OPTIONS == {"xla_gpu_enable_command_buffer": ""}
+  assert seen["loss"] > 0 and "ENTRY" in seen["hlo"]
+
+
+def test_only_the_model_is_profiled_in_a_vs_row(monkeypatch):
+  cmds = []
+
+  def child(cmd):
+    cmds.append(cmd)
+    return {"model": cmd[cmd.index("--model") + 1], "train_img_s": 2.0, "eval_img_s": 1.0,
+            "peak_mem_gb": None, "overrides": {}, "device": "cpu:cpu"}
+  monkeypatch.setattr(step, "run_child", child)
+  monkeypatch.setattr("qlhs_jax.models.registry.info", lambda name: None)
+  step.main(["--model", "a", "--vs", "b", "--profile-dir", "/tmp/p", "--hlo-dir", "/tmp/h"])
+  assert [c[c.index("--model") + 1] for c in cmds] == ["a", "b"]
+  assert "--profile-dir" in cmds[0] and "--profile-dir" not in cmds[1]
+  assert all("--hlo-dir" in c for c in cmds)

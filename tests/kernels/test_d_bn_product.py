@@ -282,3 +282,26 @@ def test_xla_statistics_from_the_tap_gram_matrix_survive_an_offset():
   assert rel(var, var64) < 1e-4 and rel(mean, mean64) < 1e-4
   for name, g, g64 in zip(("u", "c", "kernel", "scale", "bias"), grads, grads64):
     assert rel(g, g64) < 1e-4, f"d{name}: relative error {rel(g, g64):.1e}"
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_xla_sums_reduce_one_stack_with_the_pieces_on_the_major_axis(groups):
+  """The statistics' 54 pieces (9 taps, 45 tap products) and pass 3's 11 sums are each
+  one reduction of one stack whose piece axis is the major one and is not reduced. With
+  the pieces next to the channels, XLA's GPU reduction ran the statistics of a stage-1
+  block 14x slower on the H100 (benchmarks/NOTES.md, experiment 11)."""
+  b, h, n, e = 4, 8, 4, 2
+  u = jnp.zeros((b, h, h, n), jnp.bfloat16)
+  c5 = jnp.zeros((b, h, h, n, e), jnp.bfloat16)
+  k9, g = jnp.zeros((9, n, e)), jnp.zeros((groups, n, e))
+
+  def largest_reduction(f, *args):
+    eqns = [q for q in jax.make_jaxpr(f)(*args).eqns if q.primitive.name == "reduce_sum"]
+    q = max(eqns, key=lambda q: q.invars[0].aval.size)
+    return q.invars[0].aval.shape, q.params["axes"]
+
+  shape, axes = largest_reduction(lambda u, k9: dbn._xla_stats(u, k9, 1, groups), u, k9)
+  assert shape[:2] == (54, groups) and 0 not in axes and 1 not in axes
+  shape, axes = largest_reduction(
+      lambda *a: dbn._xla_backward_sums(*a, 1, groups), u, c5, c5, k9, g, g, g, g)
+  assert shape[:2] == (11, groups) and 0 not in axes and 1 not in axes
