@@ -84,7 +84,6 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(train_once, warmup)
   train_s = timed(train_once, steps)
   loss = float(train_once())
-  hlo_text = train_c.as_text() if (hlo_dir or profile_dir) else None
 
   st = box["state"]
   folded = fold_batchnorm(model, st.params, st.batch_stats)
@@ -93,7 +92,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   timed(lambda: fwd(folded, data["image"]), warmup)
   eval_s = timed(lambda: fwd(folded, data["image"]), steps)
   if hlo_dir:
-    write_hlo(hlo_dir, model_name, overrides, "train", hlo_text)
+    write_hlo(hlo_dir, model_name, overrides, "train", train_c.as_text())
 
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
