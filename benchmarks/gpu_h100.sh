@@ -1,39 +1,44 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|variants|all]
-# Start with "step" (the fused candidates; the second device session of 2026-11-27 ran
-# it in 220 s after fixing their statistics reduction, NOTES.md experiment 11); a
-# 15-minute device session then has room for "variants" or "op" as a second call (the
-# machine stays warm). "op" prints the fastest Pallas tiling.
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|block|variants|all]
+# Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
+# session has room for one such call. "block", "variants" and "op" are for later
+# sessions (the machine stays warm between calls, but each is ~500 s).
+# "step" (time limits add up to 540 s): benchmarks.stencil_times times the statistics and
+#   du = D^T dx alone, the XLA forms (17 and 136 GB/s on the H100 in the "block"
+#   profile) against the Pallas kernels of kernels.stencil at four tilings each, and
+#   picks QLHS_STATS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows after it:
+#   fuse_d_bn="xla" (64.9 GB per step in the deviceless compile, ResNet50 98.2 GB; 2,074
+#   img/s with the XLA forms) against ResNet50, with a profile of the Eq.(3) step;
+#   "block" at every block (27.2 GB; 1,605 img/s), at the tiles block_tune chose in
+#   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
+#   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
+#   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
+# "block" (490 s), the "step" of experiment 11: benchmarks.block_tune (NOTES.md
+#   experiment 9) times each of fuse_d_bn="block"'s three kernels alone at up to five
+#   tiles per block shape (six at widths >= 256: 16 warps too; the sums kernel also at
+#   wider slices of hidden channels), the fastest becoming QLHS_BLOCK_TILING, and the
+#   hidden path against "xla" per shape, which gives block_max_width (blocks wider than
+#   it take "xla"); then Eq.(3) with fuse_d_bn="block" against ResNet50, profiled;
+#   benchmarks.block_check then compares the kernels at that tiling with float64 on the
+#   device (exit 1: do not trust the row).
 # "op" (time limits add up to 380 s): the BN(D u)*c operation alone
 #   (benchmarks.fused): agreement with the float64 reference, forward+backward of
 #   none/xla/pallas with the default tiling and every pass alone (--passes; du in both
 #   QLHS_DU_FORM forms), then the Pallas kernels alone with three other tilings (all
 #   channels of a pixel in one tile, the columns split; 8 warps).
-# "step" (570 s): benchmarks.block_tune (NOTES.md experiment 9) times each of
-#   fuse_d_bn="block"'s three kernels alone at up to five tiles per block shape (six at
-#   widths >= 256: 16 warps too; the sums kernel also at wider slices of hidden channels:
-#   fewer re-reads of u and dy), the fastest becoming QLHS_BLOCK_TILING, and the hidden
-#   path against "xla" per shape, which gives block_max_width (blocks wider than it take
-#   "xla": the kernels' on-chip re-reads grow as n^3); then Eq.(3) with
-#   fuse_d_bn="block" (27.2 GB per step in the deviceless compile, ResNet50 98.2 GB: the
-#   1x1 matmuls inside Pallas kernels, NOTES.md experiment 8; 1,605 img/s on the H100,
-#   0.30x ResNet50) against ResNet50, with a profile of the Eq.(3) step;
-#   benchmarks.block_check then compares the kernels at that tiling with float64 on the
-#   device (exit 1: do not trust the row); last, fuse_d_bn="xla" alone (64.9 GB; 2,074
-#   img/s). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
 # "variants" (550 s): fuse_d_bn="block" at block_max_width 0 (every block) and 64,
-#   at QLHS_BLOCK_TILING (after "step" in the same call: the tuned tiles); ResNet50 with JAX's own max-pool gradient (stem_pool="autodiff",
-#   102.1 GB: what the stem's argmax pool gives both models); Eq.(3) with
-#   d_impl="shifted_t" and pin_hidden_layout (83.6 GB); the s-major layout;
-#   MobileNetV3; the plain Eq.(3) (101.4 GB; 4,489 img/s on an H100 before). (Measured
-#   before, so left out: fuse_d_bn="pallas", 0.94x the plain step on the H100;
-#   d_impl="grouped", 0.59x on the H200; remat="dots", 0.88x. Dropped for time: s-major
-#   with shifted_t + pinned, and the pinned layout alone.)
+#   at QLHS_BLOCK_TILING (after "block" in the same call: the tuned tiles); ResNet50 with
+#   JAX's own max-pool gradient (stem_pool="autodiff", 102.1 GB: what the stem's argmax
+#   pool gives both models); Eq.(3) with d_impl="shifted_t" and pin_hidden_layout (83.6
+#   GB); the s-major layout; MobileNetV3; the plain Eq.(3) (101.4 GB; 4,489 img/s on an
+#   H100 before). (Measured before, so left out: d_impl="grouped", 0.59x on the H200;
+#   remat="dots", 0.88x. Dropped for time: s-major with shifted_t + pinned, and the
+#   pinned layout alone.)
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
-# HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" also profiles its
-# "block" row's Eq.(3) step (3 traced steps of a second compile without XLA's command
+# HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
+# profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
 # buffers, after the timing is printed and recorded; a profile still going 120 s later is
 # stopped): per-kernel device time, bytes and GB/s in log.txt, the
 # times in $OUT/kernels.jsonl (offline: python -m qlhs_jax.benchmarks.kernel_times
@@ -46,7 +51,8 @@
 # step that fails or runs over its limit is reported and the script goes on. A CPU smoke
 # run of the script itself: OUT=/tmp/smoke BATCH=2 SIZE=32 STEPS=1 CHECK_BATCH=1
 # FUSED_ARGS="--size-scale 8 --check-batch 2 --steps 1 --warmup 0" TUNE_ARGS="--size-scale 7
-# --tilings 16,4 --calls 1 --repeats 1" bash benchmarks/gpu_h100.sh all
+# --tilings 16,4 --calls 1 --repeats 1" STENCIL_ARGS="--size-scale 8 --calls 1 --repeats 1
+# --shapes stage1,stage2_block0" bash benchmarks/gpu_h100.sh all
 # (~14 minutes on 2 cores). In seconds, tests/benchmarks/test_gpu_h100_script.py checks
 # every flag it passes against its module's parser and builds every model and override it
 # times, so a renamed flag or model field fails on the CPU, not in the GPU session.
@@ -54,7 +60,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|variants|all) ;; *) echo "usage: $0 [op|step|variants|all]" >&2; exit 2;; esac
+case "$PART" in op|step|block|variants|all) ;; *) echo "usage: $0 [op|step|block|variants|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -74,7 +80,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -100,7 +106,46 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   done
   echo "best tiling: $(python3 -m qlhs_jax.benchmarks.fused --best-of "$R")"
 fi
+# The tiles block_tune chose for "block" at stages 1-2 on the H100 (2026-11-27, NOTES.md
+# experiment 11), for its rows where block_tune has not run in this call.
+RUN1_BLOCK_TILING="dx@28x28x128x128s1=64,4 dx@56x56x64x64s1=64,4 forward@28x28x128x128s1=64,4 forward@56x56x64x64s1=64,4 sums@28x28x128x128s1=32,4,32 sums@56x56x64x64s1=32,4,64"
 if [ "$PART" = step ] || [ "$PART" = all ]; then
+  # The statistics and du = D^T dx alone, XLA's forms against the Pallas kernels of
+  # kernels.stencil (NOTES.md experiment 12: on the H100 the XLA forms ran at 17 and 136
+  # GB/s). Its last "stencil_forms:" and "stencil_tiling:" lines (complete after every
+  # shape) set QLHS_STATS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows below.
+  echo "== benchmarks.stencil_times" | tee -a "$OUT/log.txt"
+  timeout 100 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --budget 70 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
+    > "$OUT/stencil.txt"
+  echo "exit ${PIPESTATUS[0]}"
+  grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
+    | cut -c1-150
+  forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
+  # Not timed (the run failed): the Pallas forms, which the rows below then measure.
+  forms=${forms:-QLHS_STATS_FORM=pallas QLHS_DU_FORM=pallas}
+  spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
+  export $forms
+  if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi
+  export QLHS_BLOCK_TILING="${QLHS_BLOCK_TILING:-$RUN1_BLOCK_TILING}"
+  echo "$forms QLHS_STENCIL_TILING=${QLHS_STENCIL_TILING:-(default)}" | tee -a "$OUT/log.txt"
+  bring
+  # "xla" (64.9 GB a step, the fewest bytes; 2,074 img/s with the XLA forms) against
+  # ResNet50, profiled without command buffers: what is slow once the two are fixed.
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
+    --profile-dir "$OUT"
+  # "block" at every block (1,605 img/s before), at run 1's tiles.
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set block_max_width=0
+  # "pallas" (4,202 img/s at the old tiling 4,2048,4 and the old du form; its operation
+  # alone is 12 ms faster at 4,8192,4, the default since).
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="pallas"'
+  # The plain path with the hand-written transpose and the pinned layout (83.6 GB; never
+  # timed on a GPU), du from QLHS_DU_FORM.
+  bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
+fi
+if [ "$PART" = block ] || [ "$PART" = all ]; then
+  # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the
+  # row with a profile, the check against float64.
   # Each "block" kernel's fastest tile per block shape, timed alone; its last "tiling:"
   # line (complete after every shape, so a cut-off run still leaves one) is the
   # QLHS_BLOCK_TILING of the step and the check below. A budget of 55 s covered stages
@@ -123,8 +168,8 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   echo "QLHS_BLOCK_TILING=${QLHS_BLOCK_TILING:-(unset: the default tiling)}" \
     "block_max_width=$width" | tee -a "$OUT/log.txt"
   bring
-  # The candidate against ResNet50, with a profile of the candidate (compiled without
-  # command buffers, so that the backward kernels are seen one by one).
+  # "block" against ResNet50, with a profile (compiled without command buffers, so that
+  # the backward kernels are seen one by one).
   bench 230 --model eq3_softball_ds --set 'fuse_d_bn="block"' --set "block_max_width=$width" \
     --vs resnet50 --hlo-dir "$H" --profile-dir "$OUT"
   # After the timing, so that it cannot crowd it out (50 s covered stage 1 alone): the
@@ -134,8 +179,6 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
     | quiet | tee -a "$OUT/log.txt" | grep -E "WRONG|agree|DISAGREE|rror" | tail -n 6
   echo "exit ${PIPESTATUS[0]}"
   bring
-  # "xla" alone (its ratio: the ResNet50 above, same machine and session).
-  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --hlo-dir "$H"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then
   for w in 0 64; do

@@ -27,7 +27,8 @@ dumped moves 103.7 and 102.6 GB (1012 and 1085 kernels). With "cublas": 97.3 and
 GB. XLA's peak-memory estimate was within 8% of the measured peak (13.2 vs 12.8 GB,
 11.5 vs 10.7).
 Run it in a fresh process: it keeps JAX on the CPU platform.
-With ``fuse_d_bn="pallas"`` or ``"block"`` the model's Pallas kernels are lowered for
+With ``fuse_d_bn="pallas"`` or ``"block"``, or ``QLHS_STATS_FORM=pallas`` /
+``QLHS_DU_FORM=pallas`` (kernels.stencil), the model's Pallas kernels are lowered for
 the GPU (``QLHS_PALLAS_INTERPRET=0``; on a CPU host they would otherwise be interpreted)
 under the compile-only device's mesh, and XLA compiles their Triton IR for the target:
 a check that they compile, and their bytes (operands and results of each kernel; what
@@ -147,10 +148,13 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   import jax.numpy as jnp
 
   from qlhs_jax.benchmarks.step import harness_train_step
-  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
+  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES, du_form, stats_form
   from qlhs_jax.models import create
 
-  pallas = overrides.get("fuse_d_bn") in PALLAS_FUSES
+  # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where QLHS_STATS_FORM
+  # or QLHS_DU_FORM asks for them.
+  pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
+            or "pallas" in (stats_form(), du_form()))
   mesh = single_device_mesh(device)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)
@@ -179,7 +183,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   import jax
 
   from qlhs_jax.benchmarks import hlo_bytes
-  from qlhs_jax.benchmarks.step import write_hlo
+  from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
                                                  target, gemm)
   text = compiled.as_text()
@@ -189,13 +193,17 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   by_kind, by_part = hlo_bytes.totals(rows)
   if hlo_dir:
     write_hlo(hlo_dir, model_name, overrides, "aot", text)
-  return {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
-          "batch": batch, "size": size, "dtype": dtype, "target": target, "gemm": gemm,
-          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
-          "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
-          "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
-          "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
+  record = {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
+            "batch": batch, "size": size, "dtype": dtype, "target": target, "gemm": gemm,
+            "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+            "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
+            "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
+            "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
+            "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
+  env = kernel_env_of(overrides)  # the tilings and forms, as the step's records carry
+  if env:
+    record["env"] = env
+  return record
 
 
 def main(argv=None):

@@ -108,11 +108,9 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "compile_s": compile_s, "final_loss": loss,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
-  # The Pallas tilings and du form this run used, where they change this model's kernels:
+  # The Pallas tilings and forms this run used, where they change this model's kernels:
   # rows of one model differ by them.
-  fuse = overrides.get("fuse_d_bn", "none")
-  env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
-         if os.environ.get(k) and fuse in fuses}
+  env = kernel_env_of(overrides)
   if env:
     record["env"] = env
   if on_record is not None:
@@ -138,9 +136,20 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
 PROFILE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
-# Environment variables that change the kernels, and the fuse_d_bn settings they change.
+# Environment variables that change the kernels, and the fuse_d_bn settings they change
+# (the du form also changes "none" with d_impl="shifted_t").
 KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
-              "QLHS_DU_FORM": ("pallas", "xla", "block")}
+              "QLHS_DU_FORM": ("none", "pallas", "xla", "block"),
+              "QLHS_STATS_FORM": ("xla", "block"),
+              "QLHS_STENCIL_TILING": ("none", "pallas", "xla", "block")}
+
+
+def kernel_env_of(overrides: dict) -> dict:
+  """The KERNEL_ENV variables set now that change the kernels of a model with these
+  ``overrides``: what its record must carry besides them."""
+  fuse = overrides.get("fuse_d_bn", "none")
+  return {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
+          if os.environ.get(k) and fuse in fuses}
 
 
 @contextlib.contextmanager

@@ -87,7 +87,26 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
   return lower_on_cuda(jax.grad(loss, argnums=range(6)), *args)
 
 
-OPS = ("d_bn_product", "eq3_block")
+def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
+  """``stencil.tap_stats`` of u and ``stencil.d_transpose`` of dx (with an addend, as
+  eq3_block calls it) in bfloat16, lowered for CUDA here."""
+  import jax
+  import jax.numpy as jnp
+
+  from qlhs_jax.kernels import stencil
+  from qlhs_jax.models.layers import _out_size
+  s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  ho = _out_size(side, stride)
+
+  def both(u, dx, k9, add):
+    return (stencil.tap_stats(u, stride, interpret=False),
+            stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
+                                interpret=False))
+  return lower_on_cuda(both, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
+                       s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32))
+
+
+OPS = ("d_bn_product", "eq3_block", "stencil")
 
 
 def block_warps(kernel_name: str, side: int, n: int, stride: int) -> int:
@@ -118,6 +137,8 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   try:
     if op == "eq3_block":
       lower_block_for_cuda(batch, side, n, stride)
+    elif op == "stencil":
+      lower_stencil_for_cuda(batch, side, n, stride)
     else:
       lower_for_cuda(batch, side, n, stride)
   finally:
@@ -171,8 +192,8 @@ def main(argv=None) -> int:
   p.add_argument("--arch", default="90a", help="sm_ architecture (H100: 90a)")
   p.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
   p.add_argument("--op", default="d_bn_product", choices=OPS,
-                 help="whose kernels: fuse_d_bn='pallas' (d_bn_product) or 'block' "
-                      "(eq3_block)")
+                 help="whose kernels: fuse_d_bn='pallas' (d_bn_product), 'block' "
+                      "(eq3_block), or QLHS_STATS_FORM/QLHS_DU_FORM=pallas (stencil)")
   args = p.parse_args(argv)
   try:
     import triton
@@ -186,7 +207,13 @@ def main(argv=None) -> int:
   from qlhs_jax.benchmarks.fused import EQ3_SHAPES
   from qlhs_jax.kernels import eq3_block
   from qlhs_jax.kernels.d_bn_product import tiling
-  if args.op == "eq3_block":
+  if args.op == "stencil":
+    from qlhs_jax.kernels import stencil
+    stages = 1
+    print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, stencil "
+          f"tilings (pixels, channels, warps[, splits]) stats {stencil.tiling('stats')}, "
+          f"du {stencil.tiling('du')} (QLHS_STENCIL_TILING)")
+  elif args.op == "eq3_block":
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, eq3_block "
           f"QLHS_BLOCK_TILING={os.environ.get('QLHS_BLOCK_TILING', '')!r} (default "
@@ -203,6 +230,8 @@ def main(argv=None) -> int:
     for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
       if args.op == "eq3_block":  # each kernel's own warps at this shape
         warps = block_warps(kernel, side, n, stride)
+      elif args.op == "stencil":
+        warps = stencil.tiling("stats" if "stats" in kernel else "du")[2]
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:

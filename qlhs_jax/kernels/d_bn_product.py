@@ -118,7 +118,7 @@ def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
   return x.reshape(x.shape[:3] + (n, e))
 
 
-DU_FORMS = ("gather", "autodiff")
+DU_FORMS = ("gather", "autodiff", "pallas")
 
 
 def du_form() -> str:
@@ -126,6 +126,19 @@ def du_form() -> str:
   form = os.environ.get("QLHS_DU_FORM", "") or "gather"
   if form not in DU_FORMS:
     raise ValueError(f"QLHS_DU_FORM={form!r}: choose one of {DU_FORMS}")
+  return form
+
+
+STATS_FORMS = ("xla", "pallas")
+
+
+def stats_form() -> str:
+  """How the statistics' tap sums and Gram matrix are summed: QLHS_STATS_FORM, else
+  "xla" (:func:`_xla_stats`'s one stacked reduction); "pallas" is
+  ``stencil.tap_stats``."""
+  form = os.environ.get("QLHS_STATS_FORM", "") or "xla"
+  if form not in STATS_FORMS:
+    raise ValueError(f"QLHS_STATS_FORM={form!r}: choose one of {STATS_FORMS}")
   return form
 
 
@@ -140,10 +153,15 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   0.5 GB (benchmarks/NOTES.md). "gather" is ``layers.shifted_transpose``: the same sum
   the other way round, as the stencil of the transposed convolution, summed over taps
   and e in one loop fusion, so that dx is read once and du written once (with the
-  residual's gradient added on the way, experiment 5).
+  residual's gradient added on the way, experiment 5); on the H100 that fusion ran at
+  136 GB/s, 5.3 ms per stage-1 block (experiment 12): it evaluates the nine-tap sum once
+  per s. "pallas" is ``stencil.d_transpose``, the same gather as a Pallas kernel.
   """
   form = form or du_form()
   h, w = hw
+  if form == "pallas":
+    from qlhs_jax.kernels import stencil  # imports this module
+    return stencil.d_transpose(dx, k9, stride, hw)
   if form == "autodiff":
     u0 = jnp.zeros(dx.shape[:1] + (h, w) + dx.shape[3:4], F32)
     return jax.vjp(lambda v: _d_xla(v, k9, stride), u0)[1](dx.astype(F32))[0]
@@ -217,6 +235,22 @@ def _xla_stats(u, k9, stride, groups):
   from qlhs_jax.models.layers import _taps  # models imports this module
   taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
   sums = _stacked_group_sums(taps + [taps[a] * taps[b] for a, b in _PAIRS], groups, 1)
+  return _stats_from_sums(sums, k9)
+
+
+def _stats(u, k9, stride, groups):
+  """:func:`_xla_stats`, with its tap sums and Gram entries from ``stencil.tap_stats``
+  where QLHS_STATS_FORM=pallas (the same (54, G, n) sums; s1 and s2 from them alike)."""
+  if stats_form() == "xla":
+    return _xla_stats(u, k9, stride, groups)
+  from qlhs_jax.kernels import stencil  # imports this module
+  if groups != 1:
+    stencil.check(u.shape[-1], "QLHS_STATS_FORM", groups)
+  return _stats_from_sums(stencil.tap_stats(u, stride), k9)
+
+
+def _stats_from_sums(sums, k9):
+  """s1, s2 (G, n, e) of D u from the (54, G, n) tap sums and Gram entries."""
   s1 = jnp.einsum("tgn,tne->gne", sums[:9], k9)
   gram = sums[9:][jnp.asarray(_PAIR_OF)]  # (9, 9, G, n)
   s2 = jnp.einsum("abgn,ane,bne->gne", gram, k9, k9)
@@ -579,7 +613,7 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   if impl == "pallas":
     (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
-    s1, s2, tstats = _xla_stats(u, k9, stride, groups)
+    s1, s2, tstats = _stats(u, k9, stride, groups)
   count = (b // groups) * c.shape[1] * c.shape[2]
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
@@ -625,7 +659,11 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                           dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
+  if du_form() == "pallas":  # stored in u's dtype by the kernel, not cast after
+    from qlhs_jax.kernels import stencil  # imports this module
+    du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
+  else:
+    du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)

@@ -10,12 +10,14 @@ tensor is stored in the forward and one (dx, for du = D^T dx) in the backward:
 =========  ====================================================  =====================
 pass       work (per tile of pixels, per (channel block, s))     HBM traffic
 =========  ====================================================  =====================
-stats      sums of D u, (D u)^2 from u's tap Gram matrix (XLA)   u
+stats      sums of D u, (D u)^2 from u's tap Gram matrix (XLA;   u
+           ``stencil.tap_stats`` with QLHS_STATS_FORM=pallas)
 forward    q = u C_s, D u, p = (D u * mul + add) * q; y += p A_s  u in, y out
 sums       recompute q, D u, p; dp = dy A_s^T; BatchNorm sums,   u, dy in
            dL/dkernel's tap sums, dA_s += p^T dy, dC_s += u^T dq
 dx         recompute q, D u, dp; dx (stored); du1 += dq C_s^T    u, dy in; dx, du1 out
-du         du = D^T dx + du1 (XLA, ``d_bn_product._d_transpose``) dx, du1 in; du out
+du         du = D^T dx + du1 (XLA, ``d_bn_product._d_transpose``;  dx, du1 in; du out
+           ``stencil.d_transpose`` with QLHS_DU_FORM=pallas)
 =========  ====================================================  =====================
 
 Compiled for an H100 (``benchmarks.aot``, deviceless), a stage-1 block at batch 256 moves
@@ -403,7 +405,7 @@ def _forward(u, cw, aw, kernel, scale, bias, stride, hw, eps, interpret):
   b, _, _, n = u.shape
   e, n_out = kernel.shape[-1], aw.shape[1]
   k9 = dbn._kernel9(kernel, n)
-  s1, s2, tstats = dbn._xla_stats(u, k9, stride, 1)
+  s1, s2, tstats = dbn._stats(u, k9, stride, 1)
   plan = _plan(u.shape, n_out, e, stride, "forward")
   mean, var, rstd, mul, add = dbn.bn_affine(s1, s2, plan["rows"], scale, bias, eps)
   u2 = u.reshape(-1, n)  # rows of pixels; the kernels clamp and mask their taps
@@ -444,12 +446,20 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   dx, du1 = dx_call(
       plan_dx, (u2, _pad_rows(dy2, plan_dx), cs, as_, ks, _slices(mul), _slices(add),
                 _slices(mean), _slices(cx), _slices(c0)), interpret)
-  du1 = du1[:rows].reshape(b, ho, wo, n).astype(F32)
+  # du1 in the dx kernel's dtype: the Pallas du kernel adds it in float32 itself (a
+  # float32 copy made here was one more 0.3 GB pass per stage-1 block).
+  du1 = du1[:rows].reshape(b, ho, wo, n)
   if stride != 1:  # the 1x1 maps read u[:, ::s, ::s]: du1 goes back to those pixels
-    du1 = lax.pad(du1, jnp.zeros((), F32),
+    du1 = lax.pad(du1, jnp.zeros((), du1.dtype),
                   [(0, 0, 0), (0, h - (ho - 1) * stride - 1, stride - 1),
                    (0, w - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)])
-  du = dbn._d_transpose(dx[:rows].reshape(b, ho, wo, n, e), k9, stride, (h, w)) + du1
+  dx = dx[:rows].reshape(b, ho, wo, n, e)
+  if dbn.du_form() == "pallas":  # du1 added in the kernel, du stored in u's dtype
+    from qlhs_jax.kernels import stencil  # stencil imports d_bn_product, not us
+    du = stencil.d_transpose(dx, k9, stride, (h, w), addend=du1, out_dtype=u2.dtype,
+                             interpret=interpret)
+  else:
+    du = dbn._d_transpose(dx, k9, stride, (h, w)) + du1.astype(F32)
   dcw = dc.sum(0).transpose(1, 2, 0).reshape(n, n * e)  # C[i, j*e + s] = C_s[i, j]
   daw = da.sum(0).transpose(1, 0, 2).reshape(n * e, n_out)
   hdim = n * e

@@ -175,14 +175,17 @@ def tap_products_sum(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
   wider): D's kernel gradient before any sum over J. ``x`` (B, H, W, ., .) is D's input,
   ``g`` (B, Ho, Wo, ., .) the gradient of its output (the taps broadcast against it).
 
-  The nine products are concatenated along the last axis and summed in one reduction,
-  so XLA reads g once. Written as nine sums, XLA fused them in pairs: five reductions,
-  each reading g again (benchmarks/NOTES.md, "Experiment 4").
+  The nine products are stacked and summed in one reduction, so XLA reads g once.
+  Written as nine sums, XLA fused them in pairs: five reductions, each reading g again
+  (benchmarks/NOTES.md, "Experiment 4"). The stack's axis is the major one, as in
+  ``d_bn_product._stacked_group_sums``: concatenated along the last axis, neighbouring
+  threads of XLA's GPU reduction take different products, and a warp runs their
+  branches one after the other (14x slower for the statistics on the H100, experiment
+  11).
   """
   dt = jnp.promote_types(g.dtype, jnp.float32)
   gf = g.astype(dt)
-  cat = jnp.concatenate([tap.astype(dt) * gf for tap in _taps(x, stride)], axis=-1)
-  return jnp.moveaxis(cat.sum((0, 1, 2)).reshape(g.shape[3], 9, g.shape[4]), 1, 0)
+  return jnp.stack([tap.astype(dt) * gf for tap in _taps(x, stride)]).sum((1, 2, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -201,7 +204,15 @@ def _shifted_t_bwd(stride, smaj, res, g):
   e_axis = -2 if smaj else -1
   j_axis = -1 if smaj else -2
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
-  dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
+  from qlhs_jax.kernels import d_bn_product as dbn  # the kernels import this module
+  if sum_e and not smaj and dbn.du_form() == "pallas":
+    # The gather as a Pallas kernel (kernels.stencil): XLA's loop fusion of it ran at
+    # 136 GB/s on the H100 (benchmarks/NOTES.md, experiment 12).
+    from qlhs_jax.kernels import stencil
+    k9 = dbn._kernel9(kernel, x.shape[-2])
+    dx = stencil.d_transpose(g, k9, stride, x.shape[1:3], out_dtype=x.dtype)[..., None]
+  else:
+    dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
   # dL/dkernel[t] = sum over pixels of g * tap t; a shared kernel also sums over J.
   dk = tap_products_sum(x, g, stride)
   if kernel.shape[2] == 1:

@@ -5,8 +5,9 @@ module or a model field the script sets that no longer exists would only show th
 cost the run. Its whole CPU smoke run (the command in its header) takes ~14 minutes on 2
 cores, too long for the suite; these tests check what it calls instead: the bash syntax,
 every flag it passes to each ``python3 -m qlhs_jax.benchmarks.X`` (also through the
-``bench``/``fused_op`` helpers and the smoke run's FUSED_ARGS/TUNE_ARGS) against that
-module's own parser, and each model and ``--set`` override it times against the models.
+``bench``/``fused_op`` helpers and the smoke run's FUSED_ARGS/TUNE_ARGS/STENCIL_ARGS)
+against that module's own parser, and each model and ``--set`` override it times against
+the models.
 """
 
 import os
@@ -18,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qlhs_jax.benchmarks import block_check, block_tune, fused, step
+from qlhs_jax.benchmarks import block_check, block_tune, fused, stencil_times, step
 from qlhs_jax.models import registry
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_h100.sh")
 MAINS = {"step": step.main, "block_tune": block_tune.main, "block_check": block_check.main,
-         "fused": fused.main}  # benchmarks.table takes no flags: one results file
+         "fused": fused.main, "stencil_times": stencil_times.main}
+# (benchmarks.table takes no flags: one results file)
 HELPERS = {"bench": "step", "fused_op": "fused"}  # shell functions: NAME SECONDS ARGS...
 # Values the script computes on the GPU; stand-ins of the right kind.
 SHELL_VALUES = {"width": "128", "w": "64", "t": "4,4096,4,16", "H": "/tmp/hlo",
@@ -49,9 +51,10 @@ def _commands():
       at += 1
     if at < len(words) and words[at] in HELPERS:
       out.append((HELPERS[words[at]], _args(" ".join(words[at + 2:]))))
-  # The CPU smoke run in the header passes these to fused and block_tune.
+  # The CPU smoke run in the header passes these to fused, block_tune and stencil_times.
   header = re.sub(r"\n#\s*", " ", _text())  # the comment's lines joined
-  for var, module in (("FUSED_ARGS", "fused"), ("TUNE_ARGS", "block_tune")):
+  for var, module in (("FUSED_ARGS", "fused"), ("TUNE_ARGS", "block_tune"),
+                      ("STENCIL_ARGS", "stencil_times")):
     for m in re.finditer(var + r'="([^"]*)"', header):
       out.append((module, _args(m.group(1))))
   return out
@@ -81,7 +84,7 @@ def test_the_script_is_valid_bash():
 
 def test_every_flag_the_script_passes_is_one_its_module_takes(capsys):
   commands = _commands()
-  # All five modules and both helpers are found: a parser that missed them would pass.
+  # All six modules and both helpers are found: a parser that missed them would pass.
   assert {m for m, _ in commands} == {*MAINS, "table"}, commands
   assert sum(m == "step" for m, _ in commands) >= 9, commands
   for module, args in commands:

@@ -160,3 +160,23 @@ def test_ball_activations_keep_bfloat16_and_rotate():
 def test_unknown_activation():
   with pytest.raises(ValueError, match="unknown activation 'gelu'"):
     layers.activation(jnp.zeros(3), "gelu")
+
+
+def test_tap_products_sum_reduces_one_stack_with_the_taps_on_the_major_axis():
+  """shifted_t's kernel gradient sums the nine tap products as one stack whose tap axis
+  is the major one and is not reduced (next to the channels, XLA's GPU reduction runs
+  the pieces' branches one after another: benchmarks/NOTES.md, experiment 11); the
+  values are those of nine separate float64 sums."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 7, 6, 3, 1))
+  g = rng.standard_normal((2, 4, 3, 3, 4))
+  eqns = [q for q in jax.make_jaxpr(lambda x, g: layers.tap_products_sum(x, g, 2))(
+      jnp.zeros(x.shape), jnp.zeros(g.shape)).eqns if q.primitive.name == "reduce_sum"]
+  q = max(eqns, key=lambda q: q.invars[0].aval.size)
+  assert q.invars[0].aval.shape[0] == 9 and 0 not in q.params["axes"]
+  with jax.enable_x64(True):
+    got = layers.tap_products_sum(jnp.asarray(x), jnp.asarray(g), 2)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  want = np.stack([(xp[:, dy:dy + 7:2, dx:dx + 6:2] * g).sum((0, 1, 2))
+                   for dy in range(3) for dx in range(3)])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)

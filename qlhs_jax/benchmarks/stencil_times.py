@@ -1,0 +1,201 @@
+"""The stencil's statistics and du = D^T dx, XLA's forms against the Pallas kernels of
+``kernels.stencil``, each timed alone on the GPU.
+
+  python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
+
+For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
+width's largest shape first), on random bfloat16 inputs at ``--batch``:
+
+- ``stats``: the 9 tap sums and 45 Gram entries of u, as ``d_bn_product._xla_stats``
+  reduces them ("xla", the default form) and as ``stencil.tap_stats`` at each of
+  ``--stats-tilings`` (pixels, channels, warps, splits);
+- ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
+  ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
+  (pixels, channels, warps).
+
+Each time is the median of ``--repeats`` runs of ``--calls`` back-to-back calls. Each
+Pallas result is checked against the XLA form (relative max difference; above
+:data:`WRONG` it is marked WRONG and not chosen). After each shape it prints two lines,
+each complete on its own, so that a run its time limit stops still leaves usable values:
+- ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
+  shapes timed so far (times weighted by each shape's blocks);
+- ``stencil_forms: VARS``: QLHS_STATS_FORM and QLHS_DU_FORM, each the Pallas form where
+  it is faster than the default XLA form over those shapes (empty otherwise).
+
+``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
+interpreted: a smoke test, no timing worth reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,32,4,6", "64,16,8,3")
+DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
+# Largest relative difference to the XLA form that passes: the statistics are float32
+# sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
+WRONG = {"stats": 1e-3, "du": 1e-2}
+
+
+def _inputs(batch, side, n, stride, e=4, seed=0):
+  import jax
+  import jax.numpy as jnp
+
+  from qlhs_jax.models.layers import _out_size
+  ho = _out_size(side, stride)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  u = (jax.random.normal(k1, (batch, side, side, n)) + 0.3).astype(jnp.bfloat16)
+  dx = jax.random.normal(k2, (batch, ho, ho, n, e)).astype(jnp.bfloat16)
+  k9 = jax.random.normal(k3, (9, n, e), jnp.float32)
+  return u, dx, k9
+
+
+def _functions(stride, side, interpret):
+  """{(kernel, form): (fn(u, dx, k9), tilings-env or None)} for one shape."""
+  import jax.numpy as jnp
+
+  from qlhs_jax.kernels import d_bn_product as dbn
+  from qlhs_jax.kernels import stencil
+  hw = (side, side)
+  return {
+      ("stats", "xla"): lambda u, dx, k9: dbn._xla_stats(u, k9, stride, 1)[2],
+      ("stats", "pallas"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
+      ("du", "gather"): lambda u, dx, k9: dbn._d_transpose(
+          dx, k9, stride, hw, "gather").astype(u.dtype),
+      ("du", "autodiff"): lambda u, dx, k9: dbn._d_transpose(
+          dx, k9, stride, hw, "autodiff").astype(u.dtype),
+      ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
+          dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
+  }
+
+
+def _rel(a, b) -> float:
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def time_shape(batch, side, n, stride, stats_tilings, du_tilings, interpret, calls,
+               repeats) -> dict:
+  """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form)."""
+  import jax
+
+  from qlhs_jax.benchmarks.block_tune import median_ms
+  from qlhs_jax.benchmarks.step import kernel_env
+  u, dx, k9 = _inputs(batch, side, n, stride)
+  out, ref = {}, {}
+  fns = _functions(stride, side, interpret)
+  todo = [("stats", "xla", None), ("du", "gather", None), ("du", "autodiff", None)]
+  todo += [("stats", "pallas", t) for t in stats_tilings]
+  todo += [("du", "pallas", t) for t in du_tilings]
+  for kernel, form, tiling in todo:
+    name = f"{kernel} {form}" + (f"@{tiling}" if tiling else "")
+    try:
+      with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""):
+        run = jax.jit(fns[kernel, form]).lower(u, dx, k9).compile()
+      got = run(u, dx, k9)
+      if form in ("xla", "gather"):
+        ref[kernel] = got
+      err = _rel(got, ref[kernel])
+      out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err}
+    except Exception as ex:  # a tiling that does not compile is reported, not fatal
+      out[name] = {"error": f"{type(ex).__name__}: {ex}"[:300]}
+  return out
+
+
+def best(results: dict, blocks: dict, kernel: str):
+  """(fastest form@tiling over the shapes timed, its network ms, each form's) for one
+  kernel: times weighted by each shape's blocks; a WRONG or failed entry never wins."""
+  totals = {}
+  for shape, times in results.items():
+    for name, r in times.items():
+      if not name.startswith(kernel + " "):
+        continue
+      ok = "ms" in r and r["err"] <= WRONG[kernel]
+      totals.setdefault(name, 0.0)
+      totals[name] = totals[name] + (r["ms"] * blocks[shape] if ok else float("inf"))
+  name = min(totals, key=totals.get)
+  return name, totals[name], totals
+
+
+def spec_and_forms(results, blocks) -> tuple[str, str]:
+  """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables (the
+  Pallas form where it is faster than each kernel's default XLA form)."""
+  spec, forms = [], []
+  for kernel, var, default in (("stats", "QLHS_STATS_FORM", "xla"),
+                               ("du", "QLHS_DU_FORM", "gather")):
+    name, _, totals = best(results, blocks, kernel)
+    pallas = {k: v for k, v in totals.items() if "@" in k}
+    if pallas and min(pallas.values()) < float("inf"):
+      spec.append(f"{kernel}={min(pallas, key=pallas.get).split('@')[1]}")
+    form = name.split()[1].split("@")[0]
+    forms.append(f"{var}={form}" if form != default else f"{var}=")
+  return " ".join(spec), " ".join(forms)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--size-scale", type=int, default=1, help="divide the 224-px sides")
+  p.add_argument("--shapes", default="", help="comma-separated names (default all)")
+  p.add_argument("--stats-tilings", nargs="+", default=list(STATS_TILINGS))
+  p.add_argument("--du-tilings", nargs="+", default=list(DU_TILINGS))
+  p.add_argument("--budget", type=float, default=float("inf"),
+                 help="seconds after which no new shape is started")
+  p.add_argument("--calls", type=int, default=10)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
+  args = p.parse_args(argv)
+  import jax
+
+  from qlhs_jax.benchmarks.block_tune import block_shapes
+  from qlhs_jax.benchmarks.step import kernel_env
+  from qlhs_jax.kernels import stencil
+  for kernel, items in (("stats", args.stats_tilings), ("du", args.du_tilings)):
+    for t in items:  # a malformed tiling fails here, before any timing
+      with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
+        stencil.tiling(kernel)
+  wanted = set(filter(None, args.shapes.split(",")))
+  shapes = [s for s in block_shapes(args.size_scale) if not wanted or s[0] in wanted]
+  dev = jax.devices()[0]
+  interpret = dev.platform == "cpu"
+  print(f"stencil kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
+        f"batch {args.batch}, bfloat16{' (interpreted)' if interpret else ''}")
+  start, results, blocks = time.perf_counter(), {}, {}
+  for name, side, n, _, stride, count in shapes:
+    if time.perf_counter() - start > args.budget:
+      print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
+      break
+    times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.du_tilings,
+                       interpret, args.calls, args.repeats)
+    results[name], blocks[name] = times, count
+    print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):")
+    for key, r in times.items():
+      if "ms" in r:
+        flag = "  WRONG" if r["err"] > WRONG[key.split()[0]] else ""
+        print(f"  {key:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}){flag}")
+      else:
+        print(f"  {key:24s} failed: {r['error']}")
+    spec, forms = spec_and_forms(results, blocks)
+    for kernel in ("stats", "du"):
+      choice, ms, totals = best(results, blocks, kernel)
+      xla = totals[f"{kernel} {'xla' if kernel == 'stats' else 'gather'}"]
+      print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")
+    print(f"stencil_tiling: {spec}")
+    print(f"stencil_forms: {forms}", flush=True)
+  if args.record and results:
+    from qlhs_jax.benchmarks.step import append_records
+    spec, forms = spec_and_forms(results, blocks)
+    append_records(args.record, [{
+        "kind": "stencil_times", "date": datetime.date.today().isoformat(),
+        "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__,
+        "batch": args.batch, "size_scale": args.size_scale, "blocks": blocks,
+        "shapes": results, "spec": spec, "forms": forms}])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,267 @@
+"""The 3x3 stencil's two per-pixel reductions as Pallas kernels: the sums and Gram matrix
+of u's taps (BatchNorm's statistics of D u, read from u), and du = D^T dx.
+
+Why: XLA writes both as fusions of padded slices, and on the H100 they ran far below the
+memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
+``fuse_d_bn="block"`` at e921571:
+
+- the statistics, one reduction of 54 stacked pieces (9 taps, 45 tap products): 6.5 ms
+  per stage-1 block for 0.11 GB (17 GB/s). Every piece re-derives its two taps from a
+  5-D index, through the pad and the 54-way concatenation, ~100 instructions an element;
+- du = D^T dx in the "gather" form: 5.3 ms for 0.72 GB (136 GB/s). The sum over e is
+  four slices of the nine-tap sum, and a loop fusion evaluates each slice on its own:
+  36 padded loads an output, each with its own index arithmetic.
+
+Here a program works on a tile of pixels (rows of the flattened ``(B*H*W, n)``) and a
+block of channels: each tap is one load of whole rows of channels at computed row
+indices, masked where the tap leaves the image (the row arithmetic is per pixel, not per
+element), and every product is formed from taps held in registers.
+
+- :func:`tap_stats`: ``(54, 1, n)`` float32, the 9 tap sums and the 45 Gram entries
+  ``(a, b), a <= b`` (``d_bn_product._PAIRS``), the layout of ``d_bn_product._xla_stats``.
+  The pieces are split over ``splits`` launches (each loads only the taps its pieces
+  use, and keeps fewer sums in registers); every launch's programs each sum a chunk of
+  tiles into one partial row, summed over chunks by XLA.
+- :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
+  e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
+  pixels whose taps read it, for every s in e.
+
+Selected by ``QLHS_STATS_FORM=pallas`` and ``QLHS_DU_FORM=pallas`` (d_bn_product's
+``_stats`` and ``_d_transpose``, used by ``fuse_d_bn="xla"`` and ``"block"``); the XLA
+forms stay the default and the reference. They need a power-of-two ``n`` (Triton block
+shapes) and, for the statistics, one BatchNorm group. Tiling: ``QLHS_STENCIL_TILING``,
+e.g. ``"stats=32,32,4,3 du=64,32,4"`` (pixels, channels, warps[, splits]); defaults
+:data:`DEFAULT_TILING`. On a CPU the kernels run interpreted (tests); timed on no GPU
+yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+KERNELS = ("stats", "du")
+# (pixels per tile, channels per program, warps[, splits]). Chosen on the CPU by ptxas's
+# register report for an H100 (benchmarks.triton_compile --op stencil): a thread holds
+# pixels*channels/(32*warps) values of each tap and of each sum it keeps, and the
+# statistics keep 54/splits sums across the tile loop. Not timed on a GPU yet.
+DEFAULT_TILING = {"stats": (32, 16, 4, 3), "du": (32, 16, 4)}
+# Programs a statistics launch aims for: ~8 per SM of an H100 (132 SMs).
+STATS_PROGRAMS = 1056
+_HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
+         "'stats=32,32,4,3 du=64,32,4' (KERNEL stats or du; pixels and channels powers of "
+         "two, warps 1-16; splits, the statistics' launches, 1-54, stats only)")
+
+
+def tiling(kernel: str) -> tuple[int, ...]:
+  """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
+  :data:`DEFAULT_TILING`."""
+  raw = os.environ.get("QLHS_STENCIL_TILING", "")
+  spec = {}
+  pow2 = lambda v: v >= 1 and not v & (v - 1)
+  for entry in raw.split():
+    name, _, value = entry.partition("=")
+    try:
+      fields = tuple(int(v) for v in value.split(","))
+    except ValueError:
+      fields = ()
+    want = 4 if name == "stats" else 3
+    ok = (name in KERNELS and name not in spec and len(fields) == want
+          and pow2(fields[0]) and pow2(fields[1]) and fields[2] in (1, 2, 4, 8, 16)
+          and (name != "stats" or 1 <= fields[3] <= 54))
+    if not ok:
+      raise ValueError(f"QLHS_STENCIL_TILING={raw!r}: entry {entry!r} is not valid (or "
+                       f"repeats a kernel); {_HELP}")
+    spec[name] = fields
+  return spec.get(kernel, DEFAULT_TILING[kernel])
+
+
+def interpret_default() -> bool:
+  """Interpreted on a CPU (tests), Triton elsewhere; QLHS_PALLAS_INTERPRET=0 asks for
+  Triton on any host (benchmarks.aot and triton_compile compile for an H100 here)."""
+  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
+    return False
+  return jax.default_backend() == "cpu"
+
+
+def check(n: int, form: str, groups: int = 1, interpret: bool = False):
+  """Refuses what the kernels cannot do, naming the fix (``form``: the variable set).
+  Interpreted, any channel count works (one block of all channels where the tiling's
+  does not divide it)."""
+  from qlhs_jax.kernels.d_bn_product import plt
+  if plt is None:
+    raise ValueError(f"{form}=pallas needs Pallas's Triton backend "
+                     f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does "
+                     f"not have; unset {form}")
+  if not interpret and (n < 1 or n & (n - 1)):
+    raise ValueError(f"{form}=pallas needs a power-of-two channel count (Triton block "
+                     f"shapes), got {n}; unset {form}")
+  if groups != 1:
+    raise ValueError(f"{form}=pallas sums over one BatchNorm group, got {groups}; "
+                     f"unset {form}")
+
+
+def _geometry(b, h, w, stride):
+  from qlhs_jax.models.layers import _out_size  # models imports this module
+  ho, wo = _out_size(h, stride), _out_size(w, stride)
+  return dict(b=b, h=h, w=w, ho=ho, wo=wo, stride=stride)
+
+
+def _params(warps, interpret):
+  from qlhs_jax.kernels.d_bn_product import plt
+  if interpret:
+    return {}
+  return {"compiler_params": plt.CompilerParams(num_warps=warps, num_stages=1)}
+
+
+# ------------------------------------------------------------------------------------
+# The statistics: sums of the taps and of their pairwise products.
+
+def _stats_pieces():
+  """The 54 pieces in d_bn_product's order: ``("tap", t)`` then ``("pair", a, b)``."""
+  from qlhs_jax.kernels.d_bn_product import _PAIRS
+  return [("tap", t) for t in range(9)] + [("pair", a, b) for a, b in _PAIRS]
+
+
+def _split(pieces, splits):
+  """``splits`` contiguous groups of pieces, sizes as even as they go."""
+  k, r = divmod(len(pieces), splits)
+  out, i = [], 0
+  for s in range(splits):
+    size = k + (s < r)
+    out.append(pieces[i:i + size])
+    i += size
+  return [g for g in out if g]
+
+
+def _stats_kernel(u_ref, out_ref, *, g, m, bj, tiles, tpc, pieces):
+  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  rows = g["b"] * g["ho"] * g["wo"]
+  need = sorted({t for p in pieces for t in p[1:]})
+
+  def body(i, acc):
+    p0 = (ch * tpc + i) * m
+    pix = p0 + iota
+    live = pix < rows  # rows past the last pixel (and tiles past the end) count nothing
+    pix = jnp.minimum(pix, rows - 1)
+    x = pix % g["wo"]
+    y = (pix // g["wo"]) % g["ho"]
+    base = (pix // (g["ho"] * g["wo"])) * (g["h"] * g["w"]) + g["stride"] * (y * g["w"] + x)
+    taps = {}
+    for t in need:
+      dy, dx = t // 3 - 1, t % 3 - 1
+      yy, xx = g["stride"] * y + dy, g["stride"] * x + dx
+      ok = live & (yy >= 0) & (yy < g["h"]) & (xx >= 0) & (xx < g["w"])
+      row = jnp.clip(base + dy * g["w"] + dx, 0, g["b"] * g["h"] * g["w"] - 1)
+      taps[t] = jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+    return tuple(a + (taps[p[1]] if p[0] == "tap" else taps[p[1]] * taps[p[2]]).sum(0)
+                 for a, p in zip(acc, pieces))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((bj,), F32) for _ in pieces))
+  for k, a in enumerate(acc):
+    out_ref[ch, k, pl.ds(j0, bj)] = a
+
+
+def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.Array:
+  """``(54, 1, n)`` float32: over the output pixels of a stride-``stride`` 3x3 stencil
+  on u (B, H, W, n) with zero padding, the sums of the nine taps and of the 45 tap
+  products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel."""
+  interpret = interpret_default() if interpret is None else interpret
+  b, h, w, n = u.shape
+  check(n, "QLHS_STATS_FORM", interpret=interpret)
+  m0, bj0, warps, splits = tiling("stats")
+  g = _geometry(b, h, w, stride)
+  rows = b * g["ho"] * g["wo"]
+  m = min(m0, pl.next_power_of_2(rows))
+  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
+  tiles = -(-rows // m)
+  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
+  tpc = -(-tiles // chunks)
+  chunks = -(-tiles // tpc)
+  u2 = u.reshape(-1, n)
+  parts = []
+  for group in _split(_stats_pieces(), splits):
+    kernel = functools.partial(_stats_kernel, g=g, m=m, bj=bj, tiles=tiles, tpc=tpc,
+                               pieces=group)
+    part = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),
+        grid=(chunks, n // bj), interpret=interpret, name="qlhs_tap_stats",
+        **_params(warps, interpret))(u2)
+    parts.append(part.sum(0))
+  return jnp.concatenate(parts, 0)[:, None, :]
+
+
+# ------------------------------------------------------------------------------------
+# du = D^T dx.
+
+def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
+  if with_addend:
+    add_ref, du_ref = rest
+  else:
+    (du_ref,) = rest
+  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  rows_in = g["b"] * g["h"] * g["w"]
+  pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (m,), 0), rows_in - 1)
+  x = pix % g["w"]
+  y = (pix // g["w"]) % g["h"]
+  img = pix // (g["h"] * g["w"])
+  st = g["stride"]
+  acc = jnp.zeros((m, bj), F32)
+  for t in range(9):
+    # Output pixel (oy, ox) reads input (st*oy + dy, st*ox + dx) for tap t: input pixel
+    # (y, x) receives from oy = (y - dy) / st where that divides and lands in range.
+    dy, dx = t // 3 - 1, t % 3 - 1
+    ny, nx = y - dy, x - dx
+    nyc, nxc = jnp.maximum(ny, 0), jnp.maximum(nx, 0)
+    oy, ox = (nyc, nxc) if st == 1 else (nyc // st, nxc // st)
+    ok = (ny >= 0) & (nx >= 0) & (oy < g["ho"]) & (ox < g["wo"])
+    if st != 1:
+      ok = ok & (nyc % st == 0) & (nxc % st == 0)
+    row = jnp.clip(img * (g["ho"] * g["wo"]) + oy * g["wo"] + ox, 0,
+                   g["b"] * g["ho"] * g["wo"] - 1)
+    for s in range(e):
+      v = dx_ref[row, pl.ds(j0, bj), s].astype(F32)
+      acc += jnp.where(ok[:, None], v, 0.0) * k_ref[s, t, pl.ds(j0, bj)][None, :]
+  if with_addend:
+    acc += add_ref[pl.ds(p0, m), pl.ds(j0, bj)].astype(F32)
+  du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = acc.astype(du_ref.dtype)
+
+
+def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
+                addend: jax.Array | None = None, out_dtype=F32,
+                interpret: bool | None = None) -> jax.Array:
+  """du = D^T dx (+ ``addend``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's kernel
+  (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addend`` (B, H, W, n) or None. Returns
+  (B, H, W, n) in ``out_dtype``, summed in float32."""
+  interpret = interpret_default() if interpret is None else interpret
+  b, ho, wo, n, e = dx.shape
+  check(n, "QLHS_DU_FORM", interpret=interpret)
+  h, w = hw
+  m0, bj0, warps = tiling("du")
+  g = _geometry(b, h, w, stride)
+  if (g["ho"], g["wo"]) != (ho, wo):
+    raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
+                     f"an input of {hw}")
+  rows_in = b * h * w
+  m = min(m0, pl.next_power_of_2(rows_in))
+  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
+  tiles = -(-rows_in // m)
+  ks = k9.astype(F32).transpose(2, 0, 1)  # (e, 9, n): rows of channels per (s, t)
+  args = [dx.reshape(b * ho * wo, n, e), ks]
+  if addend is not None:
+    add2 = addend.reshape(rows_in, n)
+    end = tiles * m - rows_in
+    args.append(jnp.pad(add2, ((0, end), (0, 0))) if end else add2)
+  kernel = functools.partial(_du_kernel, g=g, m=m, bj=bj, e=e,
+                             with_addend=addend is not None)
+  du = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((tiles * m, n), out_dtype),
+      grid=(tiles, n // bj), interpret=interpret, name="qlhs_d_transpose",
+      **_params(warps, interpret))(*args)
+  return du[:rows_in].reshape(b, h, w, n)

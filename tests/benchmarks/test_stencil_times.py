@@ -1,0 +1,45 @@
+"""benchmarks.stencil_times: its choice of forms and tilings, and a CPU smoke run."""
+
+import json
+
+from qlhs_jax.benchmarks import stencil_times
+
+
+def test_the_choice_weights_blocks_and_skips_wrong_results():
+  """The network time weights each shape by its blocks; a Pallas result that disagrees
+  with the XLA form never wins; a form is chosen only where it beats the default."""
+  ok = lambda ms: {"ms": ms, "err": 0.0}
+  results = {
+      "a": {"stats xla": ok(4.0), "stats pallas@32,16,4,3": ok(1.0),
+            "stats pallas@16,16,4,1": {"ms": 0.1, "err": 0.5},  # WRONG
+            "du gather": ok(1.0), "du autodiff": ok(2.0), "du pallas@32,16,4": ok(3.0)},
+      "b": {"stats xla": ok(1.0), "stats pallas@32,16,4,3": ok(2.0),
+            "stats pallas@16,16,4,1": ok(0.1),
+            "du gather": ok(1.0), "du autodiff": ok(0.5), "du pallas@32,16,4": ok(0.1),
+            "du pallas@16,32,4": {"error": "did not compile"}},
+  }
+  blocks = {"a": 3, "b": 1}
+  name, ms, _ = stencil_times.best(results, blocks, "stats")
+  assert (name, ms) == ("stats pallas@32,16,4,3", 5.0)  # 3*1 + 2 < xla's 3*4 + 1
+  assert stencil_times.best(results, blocks, "du")[0] == "du gather"  # 4.0 < 9.1, 6.5
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert spec == "stats=32,16,4,3 du=32,16,4"
+  assert forms == "QLHS_STATS_FORM=pallas QLHS_DU_FORM="
+
+
+def test_cpu_smoke_run(tmp_path, capsys):
+  """Interpreted on the CPU at a small size: every form runs, agrees with the XLA form,
+  and the two lines gpu_h100.sh reads come out and are recorded."""
+  rec = tmp_path / "r.jsonl"
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2_block0",
+                             "--stats-tilings", "8,16,4,3", "--du-tilings", "8,16,4",
+                             "--record", str(rec)]) == 0
+  out = capsys.readouterr().out
+  assert "WRONG" not in out and "failed" not in out, out
+  assert "stencil_tiling: stats=8,16,4,3 du=8,16,4" in out, out
+  assert "stencil_forms: QLHS_STATS_FORM=" in out, out
+  r = json.loads(rec.read_text().splitlines()[-1])
+  assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
+      "stats xla", "stats pallas@8,16,4,3", "du gather", "du autodiff",
+      "du pallas@8,16,4"}

@@ -1,0 +1,233 @@
+"""The stencil's Pallas kernels (qlhs_jax.kernels.stencil), interpreted on the CPU, against
+float64 NumPy loops written here; and wired into d_bn_product and eq3_block by
+QLHS_STATS_FORM / QLHS_DU_FORM, against float64 autodiff of the plain formula."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlhs_jax.kernels import d_bn_product as dbn
+from qlhs_jax.kernels import eq3_block, stencil
+from qlhs_jax.models import layers
+
+pytestmark = pytest.mark.skipif(dbn.plt is None, reason="needs jax.experimental.pallas.triton")
+
+
+def numpy_taps(u, stride):
+  """The nine taps of a zero-padded 3x3 stencil, (9, B, Ho, Wo, n) float64."""
+  b, h, w, n = u.shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  up = np.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return np.stack([up[:, dy:dy + stride * (ho - 1) + 1:stride,
+                      dx:dx + stride * (wo - 1) + 1:stride]
+                   for dy in range(3) for dx in range(3)])
+
+
+def numpy_stats(u, stride):
+  taps = numpy_taps(u, stride)
+  sums = [taps[t].sum((0, 1, 2)) for t in range(9)]
+  sums += [(taps[a] * taps[b]).sum((0, 1, 2)) for a in range(9) for b in range(a, 9)]
+  return np.stack(sums)[:, None, :]
+
+
+def numpy_d_transpose(dx, k9, stride, h, w):
+  """D^T as a float64 scatter: every output pixel adds dx * kernel to its nine taps."""
+  b, ho, wo, n, e = dx.shape
+  up = np.zeros((b, h + 2 + 2 * stride, w + 2 + 2 * stride, n))
+  for oy in range(ho):
+    for ox in range(wo):
+      for t in range(9):
+        dy, dxx = divmod(t, 3)
+        up[:, oy * stride + dy, ox * stride + dxx] += (dx[:, oy, ox] * k9[t]).sum(-1)
+  return up[:, 1:h + 1, 1:w + 1]
+
+
+SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel blocks
+    ((2, 6, 5, 4), 1, "stats=16,4,4,1 du=16,4,4"),
+    ((3, 7, 6, 8), 2, "stats=8,4,2,3 du=8,4,2"),     # two channel blocks, 3 launches
+    ((2, 9, 9, 16), 1, "stats=32,16,4,54 du=64,8,4"),  # one piece per launch
+    ((1, 5, 8, 4), 2, ""),                             # the defaults
+]
+
+
+@pytest.mark.parametrize("shape,stride,spec", SHAPES)
+def test_tap_stats_match_numpy(monkeypatch, shape, stride, spec):
+  """The 9 tap sums and 45 Gram entries equal float64 sums, in d_bn_product's order, and
+  equal what the XLA statistics reduce."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  u = np.random.default_rng(0).normal(size=shape) + 0.5
+  got = stencil.tap_stats(jnp.asarray(u, jnp.float32), stride, interpret=True)
+  want = numpy_stats(u, stride)
+  assert got.shape == want.shape == (54, 1, shape[-1])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-4)
+  _, _, xla = dbn._xla_stats(jnp.asarray(u, jnp.float32), jnp.zeros((9, shape[-1], 1)),
+                             stride, 1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape,stride,spec", SHAPES)
+@pytest.mark.parametrize("e", [1, 4])
+def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
+  """du = D^T dx (+ an addend) equals the float64 scatter, both strides, odd sizes."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(1)
+  dx, k9, add = (rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e)),
+                 rng.normal(size=shape))
+  want = numpy_d_transpose(dx, k9, stride, h, w)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = stencil.d_transpose(f32(dx), f32(k9), stride, (h, w), interpret=True)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  got = stencil.d_transpose(f32(dx).astype(jnp.bfloat16), f32(k9), stride, (h, w),
+                            addend=f32(add), out_dtype=jnp.bfloat16, interpret=True)
+  want = numpy_d_transpose(np.asarray(f32(dx).astype(jnp.bfloat16), np.float64), k9,
+                           stride, h, w) + add
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=2e-2)
+
+
+def test_bad_settings_are_refused(monkeypatch):
+  for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
+               "du=32,32,4 du=16,16,4"):
+    monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+    with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
+      stencil.tiling("du")
+  monkeypatch.delenv("QLHS_STENCIL_TILING")
+  with pytest.raises(ValueError, match="power-of-two channel count.*unset QLHS_STATS_FORM"):
+    stencil.tap_stats(jnp.zeros((1, 4, 4, 3)), 1, interpret=False)
+  # Interpreted, any channel count: one block of all channels.
+  u = np.random.default_rng(2).normal(size=(1, 4, 5, 6))
+  np.testing.assert_allclose(
+      np.asarray(stencil.tap_stats(jnp.asarray(u, jnp.float32), 1, interpret=True)),
+      numpy_stats(u, 1), rtol=2e-5, atol=2e-4)
+  with pytest.raises(ValueError, match="one BatchNorm group"):
+    stencil.check(4, "QLHS_STATS_FORM", groups=2)
+  monkeypatch.setenv("QLHS_STATS_FORM", "gram")
+  with pytest.raises(ValueError, match="QLHS_STATS_FORM='gram'.*pallas"):
+    dbn.stats_form()
+
+
+def spy_on_kernels(monkeypatch):
+  """Counts the calls of the two kernels' entry points: the variables must reach them."""
+  calls = {"tap_stats": 0, "d_transpose": 0}
+  for name in calls:
+    real = getattr(stencil, name)
+
+    def spy(*a, _real=real, _name=name, **k):
+      calls[_name] += 1
+      return _real(*a, **k)
+    monkeypatch.setattr(stencil, name, spy)
+  return calls
+
+
+def make_inputs(seed, shape, stride, e):
+  rng = np.random.default_rng(seed)
+  b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  u = rng.normal(size=shape) + 0.3
+  c = rng.normal(size=(b, ho, wo, n * e))
+  kernel = rng.normal(size=(3, 3, 1, e))
+  scale = rng.uniform(0.5, 1.5, n * e)
+  bias = rng.normal(size=n * e)
+  weights = (rng.normal(size=c.shape), rng.normal(size=(1, n * e)),
+             rng.normal(size=(1, n * e)))
+  return (u, c, kernel, scale, bias), weights
+
+
+def loss_of(fn, weights):
+  w1, w2, w3 = weights
+
+  def loss(*args):
+    p, mean, var = fn(*args)
+    return (p * w1).sum() + (mean * w2).sum() + (var * w3).sum()
+  return loss
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
+  """fuse_d_bn="xla" with both Pallas forms: outputs and all five gradients as float64
+  autodiff of the plain formula."""
+  monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 du=16,4,4")
+  args, weights = make_inputs(3, (2, 7, 6, 8), stride, 4)
+  with jax.enable_x64(True):
+    ref_fn = functools.partial(dbn.reference, stride=stride)
+    a64 = [jnp.asarray(a) for a in args]
+    want = ref_fn(*a64)
+    ref = jax.grad(loss_of(ref_fn, [jnp.asarray(w) for w in weights]), argnums=range(5))(*a64)
+  calls = spy_on_kernels(monkeypatch)
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*a32)
+  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  assert calls["tap_stats"] and calls["d_transpose"], calls
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
+  """fuse_d_bn="block" with both Pallas forms (du with the 1x1 path's du1 as the
+  addend): y, the statistics and all six gradients as float64 autodiff."""
+  monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,16,4,3 du=16,16,4")
+  monkeypatch.setenv("QLHS_BLOCK_TILING", "16,4")
+  rng = np.random.default_rng(4)
+  b, h, n, e, n_out = 2, 6, 16, 2, 16
+  ho = (h - 1) // stride + 1
+  args = (rng.normal(size=(b, h, h, n)) + 0.3, rng.normal(size=(n, n * e)) / 4,
+          rng.normal(size=(n * e, n_out)) / 4, rng.normal(size=(3, 3, 1, e)),
+          rng.uniform(0.5, 1.5, n * e), rng.normal(size=n * e))
+  weights = (rng.normal(size=(b, ho, ho, n_out)), rng.normal(size=(1, n * e)),
+             rng.normal(size=(1, n * e)))
+  with jax.enable_x64(True):
+    ref_fn = functools.partial(eq3_block.reference, stride=stride)
+    a64 = [jnp.asarray(a) for a in args]
+    want = ref_fn(*a64)
+    ref = jax.grad(loss_of(ref_fn, [jnp.asarray(w) for w in weights]), argnums=range(6))(*a64)
+  calls = spy_on_kernels(monkeypatch)
+  op = functools.partial(eq3_block.eq3_hidden, stride=stride, interpret=True)
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, r in zip(op(*a32), want):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 1e-4, err
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(6))(*a32)
+  for name, g, r in zip(("u", "cw", "aw", "kernel", "scale", "bias"), got, ref):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 1e-4, f"d{name}: relative error {err:.1e}"
+  assert calls["tap_stats"] and calls["d_transpose"], calls
+
+
+@pytest.mark.parametrize("stride,kj", [(1, 1), (2, 4)])
+def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stride, kj):
+  """d_impl="shifted_t" (j-major, one input channel per group) takes its input gradient
+  from stencil.d_transpose under QLHS_DU_FORM=pallas: autodiff's in float64."""
+  rng = np.random.default_rng(7)
+  j, e = 4, 4
+  x = rng.standard_normal((2, 7, 6, j, 1))
+  k = rng.standard_normal((3, 3, kj, e))
+  w = rng.standard_normal((2, (7 - 1) // stride + 1, (6 - 1) // stride + 1, j * e))
+
+  def loss(x, k, impl, w):
+    return (layers.derivative(x, k, stride, impl) * w).sum()
+  with jax.enable_x64(True):
+    want = jax.grad(loss, (0, 1))(jnp.asarray(x), jnp.asarray(k), "shifted", jnp.asarray(w))
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  calls = spy_on_kernels(monkeypatch)
+  got = jax.grad(loss, (0, 1))(f32(x), f32(k), "shifted_t", f32(w))
+  assert calls["d_transpose"], "QLHS_DU_FORM=pallas did not reach stencil.d_transpose"
+  for g, r in zip(got, want):
+    assert g.shape == r.shape and g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
