@@ -4,7 +4,9 @@ Markdown tables of README "Speed" (newest last): one row per train-step record o
 one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no times,
 with the commit they were compiled at: the same model and overrides move other bytes
 when the code changes), then one per ``benchmarks.block_tune`` run (kind "block_tune":
-fuse_d_bn="block"'s kernels alone, their current and their fastest tilings)."""
+fuse_d_bn="block"'s kernels alone, their current and their fastest tilings), then one per
+``benchmarks.stencil_times`` run (kind "stencil_times": the statistics and du alone, the
+XLA forms against the fastest Pallas tilings)."""
 
 import json
 import sys
@@ -23,6 +25,9 @@ def table(path: str) -> str:
   tune = ["| date | device | jax | batch | shapes timed | kernels' ms, current tiling | "
           "kernels' ms, tuned | QLHS_BLOCK_TILING (tuned) | block_max_width |",
           "|---|---|---|---:|---|---:|---:|---|---:|"]
+  stencil = ["| date | device | jax | batch | shapes timed | stats: XLA ms | stats: Pallas "
+             "ms | du: gather ms | du: Pallas ms | chosen |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records.
   overrides = lambda r: ", ".join(
@@ -48,6 +53,17 @@ def table(path: str) -> str:
                     f"{ms['tuned']:.2f} | `{r['spec']}` | "
                     f"{'-' if r.get('block_max_width') is None else r['block_max_width']} |")
         continue
+      if r.get("kind") == "stencil_times":
+        from qlhs_jax.benchmarks.stencil_times import best
+        cells = []
+        for kernel, xla in (("stats", "stats xla"), ("du", "du gather")):
+          _, _, totals = best(r["shapes"], r["blocks"], kernel)
+          pallas = min((v for k, v in totals.items() if "@" in k), default=float("inf"))
+          cells += [f"{totals.get(xla, float('inf')):.2f}", f"{pallas:.2f}"]
+        stencil.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['batch']} | "
+                       f"{', '.join(r['shapes'])} | {' | '.join(cells)} | "
+                       f"`{r['forms']} QLHS_STENCIL_TILING={r['spec']}` |")
+        continue
       if r.get("kind") == "aot_bytes":
         # records from before --gemm were all compiled with cuBLAS for every matmul
         gemm = {"triton": "Triton GEMM"}.get(r.get("gemm", "cublas"), "cuBLAS")
@@ -72,6 +88,10 @@ def table(path: str) -> str:
   if len(tune) > 2:
     out += ("\n\nfuse_d_bn=\"block\"'s three kernels alone, summed over the blocks of the "
             "shapes timed (`benchmarks.block_tune`):\n\n" + "\n".join(tune))
+  if len(stencil) > 2:
+    out += ("\n\nThe stencil's statistics and du alone, summed over the blocks of the shapes "
+            "timed, in ms (`benchmarks.stencil_times`; inf: none passed):\n\n"
+            + "\n".join(stencil))
   return out
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from qlhs_jax.benchmarks import stencil_times
+from qlhs_jax.benchmarks import stencil_times, table
 
 
 def test_the_choice_weights_blocks_and_skips_wrong_results():
@@ -29,7 +29,7 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
 
 def test_cpu_smoke_run(tmp_path, capsys):
   """Interpreted on the CPU at a small size: every form runs, agrees with the XLA form,
-  and the two lines gpu_h100.sh reads come out and are recorded."""
+  the two lines gpu_h100.sh reads come out, and the record reaches the results table."""
   rec = tmp_path / "r.jsonl"
   assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
                              "--repeats", "1", "--shapes", "stage2_block0",
@@ -43,3 +43,4 @@ def test_cpu_smoke_run(tmp_path, capsys):
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
       "stats xla", "stats pallas@8,16,4,3", "du gather", "du autodiff",
       "du pallas@8,16,4"}
+  assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
