@@ -140,27 +140,19 @@ def _split(pieces, splits):
   return [g for g in out if g]
 
 
-def _stats_kernel(u_ref, out_ref, *, g, m, bj, tiles, tpc, pieces):
+def _stats_kernel(u_ref, out_ref, *, plan, tiles, tpc, pieces):
+  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
+  m, bj = plan["m"], plan["bj"]
   ch, j0 = pl.program_id(0), pl.program_id(1) * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-  rows = g["b"] * g["ho"] * g["wo"]
   need = sorted({t for p in pieces for t in p[1:]})
 
   def body(i, acc):
-    p0 = (ch * tpc + i) * m
-    pix = p0 + iota
-    live = pix < rows  # rows past the last pixel (and tiles past the end) count nothing
-    pix = jnp.minimum(pix, rows - 1)
-    x = pix % g["wo"]
-    y = (pix // g["wo"]) % g["ho"]
-    base = (pix // (g["ho"] * g["wo"])) * (g["h"] * g["w"]) + g["stride"] * (y * g["w"] + x)
-    taps = {}
-    for t in need:
-      dy, dx = t // 3 - 1, t % 3 - 1
-      yy, xx = g["stride"] * y + dy, g["stride"] * x + dx
-      ok = live & (yy >= 0) & (yy < g["h"]) & (xx >= 0) & (xx < g["w"])
-      row = jnp.clip(base + dy * g["w"] + dx, 0, g["b"] * g["h"] * g["w"] - 1)
-      taps[t] = jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+    ti = ch * tpc + i
+    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)
+    # Rows past the last pixel (and tiles past the end: the last chunk's) count nothing.
+    live = (ti * m + iota < plan["rows"])[:, None]
+    taps = {t: jnp.where(live, tile.tap(u_ref, t, j0, bj), 0.0) for t in need}
     return tuple(a + (taps[p[1]] if p[0] == "tap" else taps[p[1]] * taps[p[2]]).sum(0)
                  for a, p in zip(acc, pieces))
   acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((bj,), F32) for _ in pieces))
@@ -186,8 +178,9 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
   chunks = -(-tiles // tpc)
   u2 = u.reshape(-1, n)
   parts = []
+  plan = dict(g, m=m, bj=bj, rows=rows)  # what eq3_block._Tile reads
   for group in _split(_stats_pieces(), splits):
-    kernel = functools.partial(_stats_kernel, g=g, m=m, bj=bj, tiles=tiles, tpc=tpc,
+    kernel = functools.partial(_stats_kernel, plan=plan, tiles=tiles, tpc=tpc,
                                pieces=group)
     part = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),

@@ -12,6 +12,7 @@ import pytest
 from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.kernels import eq3_block, stencil
 from qlhs_jax.models import layers
+from tests.kernels.test_d_bn_product import numpy_d_transpose
 
 pytestmark = pytest.mark.skipif(dbn.plt is None, reason="needs jax.experimental.pallas.triton")
 
@@ -31,18 +32,6 @@ def numpy_stats(u, stride):
   sums = [taps[t].sum((0, 1, 2)) for t in range(9)]
   sums += [(taps[a] * taps[b]).sum((0, 1, 2)) for a in range(9) for b in range(a, 9)]
   return np.stack(sums)[:, None, :]
-
-
-def numpy_d_transpose(dx, k9, stride, h, w):
-  """D^T as a float64 scatter: every output pixel adds dx * kernel to its nine taps."""
-  b, ho, wo, n, e = dx.shape
-  up = np.zeros((b, h + 2 + 2 * stride, w + 2 + 2 * stride, n))
-  for oy in range(ho):
-    for ox in range(wo):
-      for t in range(9):
-        dy, dxx = divmod(t, 3)
-        up[:, oy * stride + dy, ox * stride + dxx] += (dx[:, oy, ox] * k9[t]).sum(-1)
-  return up[:, 1:h + 1, 1:w + 1]
 
 
 SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel blocks
@@ -148,6 +137,15 @@ def loss_of(fn, weights):
   return loss
 
 
+def float64_reference(fn, args, weights):
+  """``fn``'s outputs and the gradients of ``loss_of`` in every argument, in float64."""
+  with jax.enable_x64(True):
+    a64 = [jnp.asarray(a) for a in args]
+    grads = jax.grad(loss_of(fn, [jnp.asarray(w) for w in weights]),
+                     argnums=range(len(args)))(*a64)
+    return fn(*a64), grads
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
   """fuse_d_bn="xla" with both Pallas forms: outputs and all five gradients as float64
@@ -156,11 +154,8 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 du=16,4,4")
   args, weights = make_inputs(3, (2, 7, 6, 8), stride, 4)
-  with jax.enable_x64(True):
-    ref_fn = functools.partial(dbn.reference, stride=stride)
-    a64 = [jnp.asarray(a) for a in args]
-    want = ref_fn(*a64)
-    ref = jax.grad(loss_of(ref_fn, [jnp.asarray(w) for w in weights]), argnums=range(5))(*a64)
+  want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
+                                weights)
   calls = spy_on_kernels(monkeypatch)
   op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
   a32 = [jnp.asarray(a, jnp.float32) for a in args]
@@ -190,11 +185,8 @@ def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, s
           rng.uniform(0.5, 1.5, n * e), rng.normal(size=n * e))
   weights = (rng.normal(size=(b, ho, ho, n_out)), rng.normal(size=(1, n * e)),
              rng.normal(size=(1, n * e)))
-  with jax.enable_x64(True):
-    ref_fn = functools.partial(eq3_block.reference, stride=stride)
-    a64 = [jnp.asarray(a) for a in args]
-    want = ref_fn(*a64)
-    ref = jax.grad(loss_of(ref_fn, [jnp.asarray(w) for w in weights]), argnums=range(6))(*a64)
+  want, ref = float64_reference(functools.partial(eq3_block.reference, stride=stride), args,
+                                weights)
   calls = spy_on_kernels(monkeypatch)
   op = functools.partial(eq3_block.eq3_hidden, stride=stride, interpret=True)
   a32 = [jnp.asarray(a, jnp.float32) for a in args]
