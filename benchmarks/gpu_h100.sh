@@ -5,10 +5,11 @@
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
-# "step" (time limits add up to 540 s): benchmarks.stencil_times times the statistics and
-#   du = D^T dx alone, the XLA forms (17 and 136 GB/s on the H100 in the "block"
-#   profile) against the Pallas kernels of kernels.stencil at four tilings each, and
-#   picks QLHS_STATS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows after it:
+# "step" (time limits add up to 560 s): benchmarks.stencil_times times the statistics,
+#   pass 3's sums of "xla" and du = D^T dx alone, the XLA forms (the statistics and du
+#   ran at 17 and 136 GB/s on the H100 in the "block" profile) against the Pallas
+#   kernels of kernels.stencil at four tilings each, and picks QLHS_STATS_FORM,
+#   QLHS_SUMS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows after it:
 #   fuse_d_bn="xla" (64.9 GB per step in the deviceless compile, ResNet50 98.2 GB; 2,074
 #   img/s with the XLA forms) against ResNet50, with a profile of the Eq.(3) step;
 #   "block" at every block (27.2 GB; 1,605 img/s), at the tiles block_tune chose in
@@ -80,7 +81,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -110,13 +111,14 @@ fi
 # experiment 11), for its rows where block_tune has not run in this call.
 RUN1_BLOCK_TILING="dx@28x28x128x128s1=64,4 dx@56x56x64x64s1=64,4 forward@28x28x128x128s1=64,4 forward@56x56x64x64s1=64,4 sums@28x28x128x128s1=32,4,32 sums@56x56x64x64s1=32,4,64"
 if [ "$PART" = step ] || [ "$PART" = all ]; then
-  # The statistics and du = D^T dx alone, XLA's forms against the Pallas kernels of
-  # kernels.stencil (NOTES.md experiment 12: on the H100 the XLA forms ran at 17 and 136
-  # GB/s). Its last "stencil_forms:" and "stencil_tiling:" lines (complete after every
-  # shape) set QLHS_STATS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows below.
+  # The statistics, pass 3's sums and du = D^T dx alone, XLA's forms against the Pallas
+  # kernels of kernels.stencil (NOTES.md experiment 12: on the H100 the XLA statistics
+  # and du ran at 17 and 136 GB/s). Its last "stencil_forms:" and "stencil_tiling:"
+  # lines (complete after every shape) set QLHS_STATS_FORM, QLHS_SUMS_FORM, QLHS_DU_FORM
+  # and QLHS_STENCIL_TILING for the rows below.
   echo "== benchmarks.stencil_times" | tee -a "$OUT/log.txt"
-  timeout 100 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --budget 70 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
+  timeout 120 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --budget 85 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
     > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
@@ -124,7 +126,7 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
   # No choice printed (the run failed before its first shape ended): the XLA forms, so
   # that kernels never run on the device cannot fail every row below.
-  forms=${forms:-QLHS_STATS_FORM= QLHS_DU_FORM=}
+  forms=${forms:-QLHS_STATS_FORM= QLHS_SUMS_FORM= QLHS_DU_FORM=}
   spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
   export $forms
   if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi

@@ -27,8 +27,8 @@ dumped moves 103.7 and 102.6 GB (1012 and 1085 kernels). With "cublas": 97.3 and
 GB. XLA's peak-memory estimate was within 8% of the measured peak (13.2 vs 12.8 GB,
 11.5 vs 10.7).
 Run it in a fresh process: it keeps JAX on the CPU platform.
-With ``fuse_d_bn="pallas"`` or ``"block"``, or ``QLHS_STATS_FORM=pallas`` /
-``QLHS_DU_FORM=pallas`` (kernels.stencil), the model's Pallas kernels are lowered for
+With ``fuse_d_bn="pallas"`` or ``"block"``, or ``QLHS_STATS_FORM``, ``QLHS_SUMS_FORM``
+or ``QLHS_DU_FORM=pallas`` (kernels.stencil), the model's Pallas kernels are lowered for
 the GPU (``QLHS_PALLAS_INTERPRET=0``; on a CPU host they would otherwise be interpreted)
 under the compile-only device's mesh, and XLA compiles their Triton IR for the target:
 a check that they compile, and their bytes (operands and results of each kernel; what
@@ -148,13 +148,13 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   import jax.numpy as jnp
 
   from qlhs_jax.benchmarks.step import harness_train_step
-  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES, du_form, stats_form
+  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES, du_form, stats_form, sums_form
   from qlhs_jax.models import create
 
-  # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where QLHS_STATS_FORM
-  # or QLHS_DU_FORM asks for them.
+  # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where QLHS_STATS_FORM,
+  # QLHS_SUMS_FORM or QLHS_DU_FORM asks for them.
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
-            or "pallas" in (stats_form(), du_form()))
+            or "pallas" in (stats_form(), sums_form(), du_form()))
   mesh = single_device_mesh(device)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)

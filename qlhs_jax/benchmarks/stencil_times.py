@@ -1,5 +1,5 @@
-"""The stencil's statistics and du = D^T dx, XLA's forms against the Pallas kernels of
-``kernels.stencil``, each timed alone on the GPU.
+"""The stencil's statistics, pass 3's sums and du = D^T dx, XLA's forms against the
+Pallas kernels of ``kernels.stencil``, each timed alone on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
 
@@ -9,6 +9,9 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 - ``stats``: the 9 tap sums and 45 Gram entries of u, as ``d_bn_product._xla_stats``
   reduces them ("xla", the default form) and as ``stencil.tap_stats`` at each of
   ``--stats-tilings`` (pixels, channels, warps, splits);
+- ``sums``: pass 3's sums of ``fuse_d_bn="xla"`` (g, g * xhat and the nine tap products
+  of g), as ``d_bn_product._xla_backward_sums`` reduces them ("xla") and as
+  ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps);
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
@@ -19,8 +22,8 @@ Pallas result is checked against the XLA form (relative max difference; above
 each complete on its own, so that a run its time limit stops still leaves usable values:
 - ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
   shapes timed so far (times weighted by each shape's blocks);
-- ``stencil_forms: VARS``: QLHS_STATS_FORM and QLHS_DU_FORM, each the Pallas form where
-  it is faster than the default XLA form over those shapes (empty otherwise).
+- ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
+  fastest form over those shapes (empty where that is the default XLA form).
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -33,11 +36,12 @@ import datetime
 import sys
 import time
 
-STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,32,4,6", "64,16,8,3")
+STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
+SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
-WRONG = {"stats": 1e-3, "du": 1e-2}
+WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2}
 
 
 def _inputs(batch, side, n, stride, e=4, seed=0):
@@ -60,9 +64,16 @@ def _functions(stride, side, interpret):
   from qlhs_jax.kernels import d_bn_product as dbn
   from qlhs_jax.kernels import stencil
   hw = (side, side)
+
+  def moments(k9):  # BatchNorm's mean and rstd as the model has them, (1, n, e)
+    return jnp.full((1,) + k9.shape[1:], 0.1), jnp.full((1,) + k9.shape[1:], 2.0)
   return {
       ("stats", "xla"): lambda u, dx, k9: dbn._xla_stats(u, k9, stride, 1)[2],
       ("stats", "pallas"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
+      ("sums", "xla"): lambda u, dx, k9: dbn._xla_backward_sums(
+          u, dx, dx, k9, *moments(k9), *moments(k9), stride, 1)[1:],
+      ("sums", "pallas"): lambda u, dx, k9: stencil.bn_sums(
+          u, dx, dx, k9, *moments(k9), stride, interpret),
       ("du", "gather"): lambda u, dx, k9: dbn._d_transpose(
           dx, k9, stride, hw, "gather").astype(u.dtype),
       ("du", "autodiff"): lambda u, dx, k9: dbn._d_transpose(
@@ -73,13 +84,17 @@ def _functions(stride, side, interpret):
 
 
 def _rel(a, b) -> float:
+  """Largest difference relative to b's largest value, over all arrays of a and b."""
+  import jax
   import numpy as np
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                   for x in jax.tree.leaves(t)])
+  a, b = flat(a), flat(b)
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def time_shape(batch, side, n, stride, stats_tilings, du_tilings, interpret, calls,
-               repeats) -> dict:
+def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
+               calls, repeats) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form)."""
   import jax
 
@@ -88,16 +103,20 @@ def time_shape(batch, side, n, stride, stats_tilings, du_tilings, interpret, cal
   u, dx, k9 = _inputs(batch, side, n, stride)
   out, ref = {}, {}
   fns = _functions(stride, side, interpret)
-  todo = [("stats", "xla", None), ("du", "gather", None), ("du", "autodiff", None)]
+  todo = [("stats", "xla", None), ("sums", "xla", None), ("du", "gather", None),
+          ("du", "autodiff", None)]
   todo += [("stats", "pallas", t) for t in stats_tilings]
+  todo += [("sums", "pallas", t) for t in sums_tilings]
   todo += [("du", "pallas", t) for t in du_tilings]
   for kernel, form, tiling in todo:
     name = f"{kernel} {form}" + (f"@{tiling}" if tiling else "")
     try:
-      with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""):
+      # The XLA sums as XLA reduces them, whatever QLHS_SUMS_FORM the shell has.
+      with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
+          kernel_env("QLHS_SUMS_FORM", ""):
         run = jax.jit(fns[kernel, form]).lower(u, dx, k9).compile()
       got = run(u, dx, k9)
-      if form in ("xla", "gather"):
+      if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
         ref[kernel] = got
       err = _rel(got, ref[kernel])
       out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err}
@@ -117,6 +136,8 @@ def best(results: dict, blocks: dict, kernel: str):
       ok = "ms" in r and r["err"] <= WRONG[kernel]
       totals.setdefault(name, 0.0)
       totals[name] = totals[name] + (r["ms"] * blocks[shape] if ok else float("inf"))
+  if not totals:  # a kernel not timed (a record from before it existed)
+    return None, float("inf"), totals
   name = min(totals, key=totals.get)
   return name, totals[name], totals
 
@@ -126,12 +147,13 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
   Pallas form where it is faster than each kernel's default XLA form)."""
   spec, forms = [], []
   for kernel, var, default in (("stats", "QLHS_STATS_FORM", "xla"),
+                               ("sums", "QLHS_SUMS_FORM", "xla"),
                                ("du", "QLHS_DU_FORM", "gather")):
     name, _, totals = best(results, blocks, kernel)
     pallas = {k: v for k, v in totals.items() if "@" in k}
     if pallas and min(pallas.values()) < float("inf"):
       spec.append(f"{kernel}={min(pallas, key=pallas.get).split('@')[1]}")
-    form = name.split()[1].split("@")[0]
+    form = name.split()[1].split("@")[0] if name else default
     forms.append(f"{var}={form}" if form != default else f"{var}=")
   return " ".join(spec), " ".join(forms)
 
@@ -142,6 +164,7 @@ def main(argv=None) -> int:
   p.add_argument("--size-scale", type=int, default=1, help="divide the 224-px sides")
   p.add_argument("--shapes", default="", help="comma-separated names (default all)")
   p.add_argument("--stats-tilings", nargs="+", default=list(STATS_TILINGS))
+  p.add_argument("--sums-tilings", nargs="+", default=list(SUMS_TILINGS))
   p.add_argument("--du-tilings", nargs="+", default=list(DU_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
@@ -154,7 +177,8 @@ def main(argv=None) -> int:
   from qlhs_jax.benchmarks.block_tune import block_shapes
   from qlhs_jax.benchmarks.step import kernel_env
   from qlhs_jax.kernels import stencil
-  for kernel, items in (("stats", args.stats_tilings), ("du", args.du_tilings)):
+  for kernel, items in (("stats", args.stats_tilings), ("sums", args.sums_tilings),
+                        ("du", args.du_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -169,8 +193,8 @@ def main(argv=None) -> int:
     if time.perf_counter() - start > args.budget:
       print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
       break
-    times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.du_tilings,
-                       interpret, args.calls, args.repeats)
+    times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
+                       args.du_tilings, interpret, args.calls, args.repeats)
     results[name], blocks[name] = times, count
     print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):")
     for key, r in times.items():
@@ -180,9 +204,9 @@ def main(argv=None) -> int:
       else:
         print(f"  {key:24s} failed: {r['error']}")
     spec, forms = spec_and_forms(results, blocks)
-    for kernel in ("stats", "du"):
+    for kernel in ("stats", "sums", "du"):
       choice, ms, totals = best(results, blocks, kernel)
-      xla = totals[f"{kernel} {'xla' if kernel == 'stats' else 'gather'}"]
+      xla = totals.get(f"{kernel} {'gather' if kernel == 'du' else 'xla'}", float("inf"))
       print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")
     print(f"stencil_tiling: {spec}")
     print(f"stencil_forms: {forms}", flush=True)

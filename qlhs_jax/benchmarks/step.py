@@ -140,7 +140,7 @@ PROFILE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 # (the du form also changes "none" with d_impl="shifted_t").
 KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
               "QLHS_DU_FORM": ("none", "pallas", "xla", "block"),
-              "QLHS_STATS_FORM": ("xla", "block"),
+              "QLHS_STATS_FORM": ("xla", "block"), "QLHS_SUMS_FORM": ("xla",),
               "QLHS_STENCIL_TILING": ("none", "pallas", "xla", "block")}
 
 

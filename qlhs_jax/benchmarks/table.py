@@ -5,8 +5,8 @@ one per deviceless compile of ``benchmarks.aot`` (kind "aot_bytes": bytes, no ti
 with the commit they were compiled at: the same model and overrides move other bytes
 when the code changes), then one per ``benchmarks.block_tune`` run (kind "block_tune":
 fuse_d_bn="block"'s kernels alone, their current and their fastest tilings), then one per
-``benchmarks.stencil_times`` run (kind "stencil_times": the statistics and du alone, the
-XLA forms against the fastest Pallas tilings)."""
+``benchmarks.stencil_times`` run (kind "stencil_times": the statistics, pass 3's sums and
+du alone, the XLA forms against the fastest Pallas tilings)."""
 
 import json
 import sys
@@ -26,8 +26,8 @@ def table(path: str) -> str:
           "kernels' ms, tuned | QLHS_BLOCK_TILING (tuned) | block_max_width |",
           "|---|---|---|---:|---|---:|---:|---|---:|"]
   stencil = ["| date | device | jax | batch | shapes timed | stats: XLA ms | stats: Pallas "
-             "ms | du: gather ms | du: Pallas ms | chosen |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+             "ms | sums: XLA ms | sums: Pallas ms | du: gather ms | du: Pallas ms | chosen |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records.
   overrides = lambda r: ", ".join(
@@ -56,7 +56,8 @@ def table(path: str) -> str:
       if r.get("kind") == "stencil_times":
         from qlhs_jax.benchmarks.stencil_times import best
         cells = []
-        for kernel, xla in (("stats", "stats xla"), ("du", "du gather")):
+        for kernel, xla in (("stats", "stats xla"), ("sums", "sums xla"),
+                            ("du", "du gather")):
           _, _, totals = best(r["shapes"], r["blocks"], kernel)
           pallas = min((v for k, v in totals.items() if "@" in k), default=float("inf"))
           cells += [f"{totals.get(xla, float('inf')):.2f}", f"{pallas:.2f}"]
@@ -89,7 +90,8 @@ def table(path: str) -> str:
     out += ("\n\nfuse_d_bn=\"block\"'s three kernels alone, summed over the blocks of the "
             "shapes timed (`benchmarks.block_tune`):\n\n" + "\n".join(tune))
   if len(stencil) > 2:
-    out += ("\n\nThe stencil's statistics and du alone, summed over the blocks of the shapes "
+    out += ("\n\nThe stencil's statistics, pass 3's sums and du alone, summed over the blocks "
+            "of the shapes "
             "timed, in ms (`benchmarks.stencil_times`; inf: none passed):\n\n"
             + "\n".join(stencil))
   return out

@@ -88,8 +88,8 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 
 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
-  """``stencil.tap_stats`` of u and ``stencil.d_transpose`` of dx (with an addend, as
-  eq3_block calls it) in bfloat16, lowered for CUDA here."""
+  """``stencil.tap_stats`` of u, ``stencil.bn_sums`` and ``stencil.d_transpose`` of dx
+  (with an addend, as eq3_block calls it) in bfloat16, lowered for CUDA here."""
   import jax
   import jax.numpy as jnp
 
@@ -98,12 +98,14 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
   s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   ho = _out_size(side, stride)
 
-  def both(u, dx, k9, add):
+  def kernels(u, dx, k9, add, vec):
     return (stencil.tap_stats(u, stride, interpret=False),
+            stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
             stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
                                 interpret=False))
-  return lower_on_cuda(both, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
-                       s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32))
+  return lower_on_cuda(kernels, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
+                       s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32),
+                       s((1, n, e), jnp.float32))
 
 
 OPS = ("d_bn_product", "eq3_block", "stencil")
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, stencil "
           f"tilings (pixels, channels, warps[, splits]) stats {stencil.tiling('stats')}, "
-          f"du {stencil.tiling('du')} (QLHS_STENCIL_TILING)")
+          f"sums {stencil.tiling('sums')}, du {stencil.tiling('du')} "
+          f"(QLHS_STENCIL_TILING)")
   elif args.op == "eq3_block":
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, eq3_block "
@@ -231,7 +234,8 @@ def main(argv=None) -> int:
       if args.op == "eq3_block":  # each kernel's own warps at this shape
         warps = block_warps(kernel, side, n, stride)
       elif args.op == "stencil":
-        warps = stencil.tiling("stats" if "stats" in kernel else "du")[2]
+        warps = stencil.tiling(next(k for k in ("stats", "sums", "du")
+                                    if k in kernel.replace("transpose", "du")))[2]
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:

@@ -130,6 +130,16 @@ def du_form() -> str:
 
 
 STATS_FORMS = ("xla", "pallas")
+SUMS_FORMS = ("xla", "pallas")
+
+
+def sums_form() -> str:
+  """How pass 3 of impl "xla" sums g, g * xhat and the tap products of g:
+  QLHS_SUMS_FORM, else "xla" (one stacked reduction); "pallas" is ``stencil.bn_sums``."""
+  form = os.environ.get("QLHS_SUMS_FORM", "") or "xla"
+  if form not in SUMS_FORMS:
+    raise ValueError(f"QLHS_SUMS_FORM={form!r}: choose one of {SUMS_FORMS}")
+  return form
 
 
 def stats_form() -> str:
@@ -269,15 +279,22 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
   and of tap_t(u) * g, (G, n, 9, e) (dL/dkernel's share that needs g)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
-  g = dp5.astype(F32) * c5.astype(F32)
-  xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
-          * _per_group(rstd, groups, b))
-  taps = _taps(u.astype(F32)[..., None], stride)  # 9 x (B, Ho, Wo, n, 1)
-  # One reduction of one stack, so that XLA reads dp and c once (as nine sums of their
-  # own, XLA split them over fusions that each read dp and c again).
-  sums = _stacked_group_sums([g, g * xhat] + [t * g for t in taps], groups, 2)
-  sg, sgx = sums[0], sums[1]  # (G, n, e)
-  tg = jnp.moveaxis(sums[2:], 0, 2)  # (G, n, 9, e)
+  if sums_form() == "pallas":  # the same sums as one Pallas kernel (kernels.stencil)
+    from qlhs_jax.kernels import stencil  # imports this module
+    stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups, interpret=True)
+    sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride)
+  else:
+    g = dp5.astype(F32) * c5.astype(F32)
+    xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
+            * _per_group(rstd, groups, b))
+    taps = _taps(u.astype(F32)[..., None], stride)  # 9 x (B, Ho, Wo, n, 1)
+    # One reduction of one stack, so that XLA reads dp and c once (as nine sums of their
+    # own, XLA split them over fusions that each read dp and c again). On the H100 its
+    # PTX loads each piece's operands as scalars behind a branch per piece, like the
+    # statistics' (benchmarks/NOTES.md, experiment 12).
+    sums = _stacked_group_sums([g, g * xhat] + [t * g for t in taps], groups, 2)
+    sg, sgx = sums[0], sums[1]  # (G, n, e)
+    tg = jnp.moveaxis(sums[2:], 0, 2)  # (G, n, 9, e)
   # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
   # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
   # 0.93 + 0.92).

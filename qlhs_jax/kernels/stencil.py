@@ -6,33 +6,36 @@ memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
 ``fuse_d_bn="block"`` at e921571:
 
 - the statistics, one reduction of 54 stacked pieces (9 taps, 45 tap products): 6.5 ms
-  per stage-1 block for 0.11 GB (17 GB/s). Every piece re-derives its two taps from a
-  5-D index, through the pad and the 54-way concatenation, ~100 instructions an element;
+  per stage-1 block for 0.11 GB (17 GB/s). Its PTX (deviceless, sm_90a) finds each
+  element's piece by a binary tree of branches over the 54-way concatenation, then
+  loads its two taps as scalar 16-bit loads behind the pad's bounds checks;
 - du = D^T dx in the "gather" form: 5.3 ms for 0.72 GB (136 GB/s). The sum over e is
   four slices of the nine-tap sum, and a loop fusion evaluates each slice on its own:
   36 padded loads an output, each with its own index arithmetic.
 
 Here a program works on a tile of pixels (rows of the flattened ``(B*H*W, n)``) and a
-block of channels: each tap is one load of whole rows of channels at computed row
-indices, masked where the tap leaves the image (the row arithmetic is per pixel, not per
-element), and every product is formed from taps held in registers.
+block of channels: each tap is one vector load of whole rows of channels at computed
+row indices, masked where the tap leaves the image (the index arithmetic is per pixel,
+not per element), and every product is formed from taps held in registers.
 
 - :func:`tap_stats`: ``(54, 1, n)`` float32, the 9 tap sums and the 45 Gram entries
   ``(a, b), a <= b`` (``d_bn_product._PAIRS``), the layout of ``d_bn_product._xla_stats``.
   The pieces are split over ``splits`` launches (each loads only the taps its pieces
-  use, and keeps fewer sums in registers); every launch's programs each sum a chunk of
-  tiles into one partial row, summed over chunks by XLA.
+  use). A program keeps one running (pixels, channels) tile per piece over a chunk of
+  tiles and sums it over the pixels once, at the end; XLA sums the chunks.
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
   e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
-  pixels whose taps read it, for every s in e.
+  pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
+  summed over e once at the end.
 
 Selected by ``QLHS_STATS_FORM=pallas`` and ``QLHS_DU_FORM=pallas`` (d_bn_product's
-``_stats`` and ``_d_transpose``, used by ``fuse_d_bn="xla"`` and ``"block"``); the XLA
-forms stay the default and the reference. They need a power-of-two ``n`` (Triton block
-shapes) and, for the statistics, one BatchNorm group. Tiling: ``QLHS_STENCIL_TILING``,
-e.g. ``"stats=32,32,4,3 du=64,32,4"`` (pixels, channels, warps[, splits]); defaults
-:data:`DEFAULT_TILING`. On a CPU the kernels run interpreted (tests); timed on no GPU
-yet.
+``_stats`` and ``_d_transpose``, used by ``fuse_d_bn="xla"`` and ``"block"``; the du
+form also by "pallas" and ``d_impl="shifted_t"``); the XLA forms stay the default and
+the reference. They need a power-of-two ``n`` (Triton block shapes) and, for the
+statistics, one BatchNorm group. Tiling: ``QLHS_STENCIL_TILING``, e.g.
+``"stats=32,16,4,3 du=32,16,4"`` (pixels, channels, warps[, splits]); defaults
+:data:`DEFAULT_TILING`. On a CPU the kernels run interpreted (tests). Not timed on a GPU
+yet: ``benchmarks.stencil_times`` does.
 """
 
 from __future__ import annotations
@@ -46,17 +49,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 F32 = jnp.float32
-KERNELS = ("stats", "du")
+KERNELS = ("stats", "du", "sums")
 # (pixels per tile, channels per program, warps[, splits]). Chosen on the CPU by ptxas's
-# register report for an H100 (benchmarks.triton_compile --op stencil): a thread holds
-# pixels*channels/(32*warps) values of each tap and of each sum it keeps, and the
-# statistics keep 54/splits sums across the tile loop. Not timed on a GPU yet.
-DEFAULT_TILING = {"stats": (32, 16, 4, 3), "du": (32, 16, 4)}
+# register report for an H100 (benchmarks.triton_compile --op stencil; 96-107 and 106
+# registers, no spills): a thread holds pixels*channels/(32*warps) values of each tap
+# and of each of the 54/splits running sums (du: times e). Not timed on a GPU yet.
+DEFAULT_TILING = {"stats": (32, 16, 4, 3), "du": (32, 16, 4), "sums": (16, 8, 4)}
 # Programs a statistics launch aims for: ~8 per SM of an H100 (132 SMs).
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,32,4,3 du=64,32,4' (KERNEL stats or du; pixels and channels powers of "
-         "two, warps 1-16; splits, the statistics' launches, 1-54, stats only)")
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du or sums; pixels and "
+         "channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
+         "stats only)")
 
 
 def tiling(kernel: str) -> tuple[int, ...]:
@@ -153,11 +157,14 @@ def _stats_kernel(u_ref, out_ref, *, plan, tiles, tpc, pieces):
     # Rows past the last pixel (and tiles past the end: the last chunk's) count nothing.
     live = (ti * m + iota < plan["rows"])[:, None]
     taps = {t: jnp.where(live, tile.tap(u_ref, t, j0, bj), 0.0) for t in need}
-    return tuple(a + (taps[p[1]] if p[0] == "tap" else taps[p[1]] * taps[p[2]]).sum(0)
+    return tuple(a + (taps[p[1]] if p[0] == "tap" else taps[p[1]] * taps[p[2]])
                  for a, p in zip(acc, pieces))
-  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((bj,), F32) for _ in pieces))
+  # Whole (m, bj) tiles as running sums, summed over the pixels once at the end: summed
+  # per tile, each piece cost shuffles and barriers in every iteration (360 shuffles and
+  # 72 barriers per tile in the PTX, against 9 loads and 18 products).
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32) for _ in pieces))
   for k, a in enumerate(acc):
-    out_ref[ch, k, pl.ds(j0, bj)] = a
+    out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
 
 
 def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.Array:
@@ -191,6 +198,73 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
 
 
 # ------------------------------------------------------------------------------------
+# Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
+
+def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *, plan,
+                    tiles, tpc):
+  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
+  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  mean, rstd = mean_ref[cols][None, :], rstd_ref[cols][None, :]
+  wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
+
+  def body(i, acc):
+    ti = ch * tpc + i
+    p0 = jnp.minimum(ti, tiles - 1) * m
+    tile = _Tile(p0, plan)
+    # Rows past the last pixel (and tiles past the end) count nothing: g is 0 there.
+    live = (ti * m + iota < plan["rows"])[:, None]
+    pix = pl.ds(p0, m)
+    g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
+    taps = [wide(tile.tap(u_ref, t, j0, bj)) for t in range(9)]  # (m, bj*e) each
+    x = taps[0] * k_ref[0, cols][None, :]
+    for t in range(1, 9):
+      x += taps[t] * k_ref[t, cols][None, :]
+    return (acc[0] + g, acc[1] + g * ((x - mean) * rstd),
+            *(a + tap * g for a, tap in zip(acc[2:], taps)))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(11)))
+  for k, a in enumerate(acc):
+    out_ref[ch, k, cols] = a.sum(0)
+
+
+def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
+            rstd: jax.Array, stride: int, interpret: bool | None = None):
+  """Pass 3's sums of ``d_bn_product``'s "xla" path with g = dp * c over the output
+  pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
+  and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
+  ``d_bn_product._xla_backward_sums``'s. ``u`` (B, H, W, n), ``c5``/``dp5`` (B, Ho, Wo,
+  n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e)."""
+  interpret = interpret_default() if interpret is None else interpret
+  b, h, w, n = u.shape
+  e = c5.shape[-1]
+  check(n, "QLHS_SUMS_FORM", interpret=interpret)
+  m0, bj0, warps = tiling("sums")
+  g = _geometry(b, h, w, stride)
+  rows = b * g["ho"] * g["wo"]
+  m = min(m0, pl.next_power_of_2(rows))
+  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
+  tiles = -(-rows // m)
+  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
+  tpc = -(-tiles // chunks)
+  chunks = -(-tiles // tpc)
+  end = tiles * m - rows  # c and dp padded to the tiles' end (none at batch 256)
+  flat = lambda v: jnp.pad(v.reshape(rows, n * e), ((0, end), (0, 0))) if end else (
+      v.reshape(rows, n * e))
+  plan = dict(g, m=m, bj=bj, e=e, rows=rows)  # eq3_block._Tile reads the geometry
+  kernel = functools.partial(_bn_sums_kernel, plan=plan, tiles=tiles, tpc=tpc)
+  part = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
+      grid=(chunks, n // bj), interpret=interpret, name="qlhs_bn_sums",
+      **_params(warps, interpret))(
+          u.reshape(-1, n), flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
+          mean.astype(F32).reshape(n * e), rstd.astype(F32).reshape(n * e))
+  sums = part.sum(0).reshape(11, n, e)
+  return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
+
+
+# ------------------------------------------------------------------------------------
 # du = D^T dx.
 
 def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
@@ -205,7 +279,7 @@ def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
   y = (pix // g["w"]) % g["h"]
   img = pix // (g["h"] * g["w"])
   st = g["stride"]
-  acc = jnp.zeros((m, bj), F32)
+  acc = jnp.zeros((m, bj * e), F32)  # hidden channels j*e + s of the block, contiguous
   for t in range(9):
     # Output pixel (oy, ox) reads input (st*oy + dy, st*ox + dx) for tap t: input pixel
     # (y, x) receives from oy = (y - dy) / st where that divides and lands in range.
@@ -218,12 +292,12 @@ def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
       ok = ok & (nyc % st == 0) & (nxc % st == 0)
     row = jnp.clip(img * (g["ho"] * g["wo"]) + oy * g["wo"] + ox, 0,
                    g["b"] * g["ho"] * g["wo"] - 1)
-    for s in range(e):
-      v = dx_ref[row, pl.ds(j0, bj), s].astype(F32)
-      acc += jnp.where(ok[:, None], v, 0.0) * k_ref[s, t, pl.ds(j0, bj)][None, :]
+    v = dx_ref[row, pl.ds(j0 * e, bj * e)].astype(F32)
+    acc += jnp.where(ok[:, None], v, 0.0) * k_ref[t, pl.ds(j0 * e, bj * e)][None, :]
+  du = acc.reshape(m, bj, e).sum(2)
   if with_addend:
-    acc += add_ref[pl.ds(p0, m), pl.ds(j0, bj)].astype(F32)
-  du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = acc.astype(du_ref.dtype)
+    du += add_ref[pl.ds(p0, m), pl.ds(j0, bj)].astype(F32)
+  du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = du.astype(du_ref.dtype)
 
 
 def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
@@ -245,8 +319,9 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   m = min(m0, pl.next_power_of_2(rows_in))
   bj = min(bj0, n) if n % min(bj0, n) == 0 else n
   tiles = -(-rows_in // m)
-  ks = k9.astype(F32).transpose(2, 0, 1)  # (e, 9, n): rows of channels per (s, t)
-  args = [dx.reshape(b * ho * wo, n, e), ks]
+  # dx as rows of n*e hidden channels (j*e + s) and the kernel likewise: each tap is one
+  # contiguous load of a block's bj*e channels.
+  args = [dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)]
   if addend is not None:
     add2 = addend.reshape(rows_in, n)
     end = tiles * m - rows_in

@@ -23,8 +23,8 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert (name, ms) == ("stats pallas@32,16,4,3", 5.0)  # 3*1 + 2 < xla's 3*4 + 1
   assert stencil_times.best(results, blocks, "du")[0] == "du gather"  # 4.0 < 9.1, 6.5
   spec, forms = stencil_times.spec_and_forms(results, blocks)
-  assert spec == "stats=32,16,4,3 du=32,16,4"
-  assert forms == "QLHS_STATS_FORM=pallas QLHS_DU_FORM="
+  assert spec == "stats=32,16,4,3 du=32,16,4"  # no sums timed: no entry, the XLA form
+  assert forms == "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM= QLHS_DU_FORM="
 
 
 def test_cpu_smoke_run(tmp_path, capsys):
@@ -33,14 +33,15 @@ def test_cpu_smoke_run(tmp_path, capsys):
   rec = tmp_path / "r.jsonl"
   assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
                              "--repeats", "1", "--shapes", "stage2_block0",
-                             "--stats-tilings", "8,16,4,3", "--du-tilings", "8,16,4",
+                             "--stats-tilings", "8,16,4,3", "--sums-tilings", "8,8,4",
+                             "--du-tilings", "8,16,4",
                              "--record", str(rec)]) == 0
   out = capsys.readouterr().out
   assert "WRONG" not in out and "failed" not in out, out
-  assert "stencil_tiling: stats=8,16,4,3 du=8,16,4" in out, out
+  assert "stencil_tiling: stats=8,16,4,3 sums=8,8,4 du=8,16,4" in out, out
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
-      "stats xla", "stats pallas@8,16,4,3", "du gather", "du autodiff",
-      "du pallas@8,16,4"}
+      "stats xla", "stats pallas@8,16,4,3", "sums xla", "sums pallas@8,8,4", "du gather",
+      "du autodiff", "du pallas@8,16,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]

@@ -1,6 +1,7 @@
 """The stencil's Pallas kernels (qlhs_jax.kernels.stencil), interpreted on the CPU, against
-float64 NumPy loops written here; and wired into d_bn_product and eq3_block by
-QLHS_STATS_FORM / QLHS_DU_FORM, against float64 autodiff of the plain formula."""
+float64 NumPy loops; and wired into d_bn_product, eq3_block and shifted_t by
+QLHS_STATS_FORM / QLHS_SUMS_FORM / QLHS_DU_FORM, against float64 autodiff of the plain
+formula."""
 
 import functools
 
@@ -57,6 +58,44 @@ def test_tap_stats_match_numpy(monkeypatch, shape, stride, spec):
   np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=2e-5, atol=2e-4)
 
 
+def numpy_bn_sums(u, c5, dp5, k9, mean, rstd, stride):
+  """Pass 3's sums in float64: of g = dp * c, g * xhat and tap_t(u) * g over the pixels."""
+  taps = numpy_taps(u, stride)[..., None]  # (9, B, Ho, Wo, n, 1)
+  g = dp5 * c5
+  xhat = ((taps * k9[:, None, None, None]).sum(0) - mean[0]) * rstd[0]
+  return (g.sum((0, 1, 2))[None], (g * xhat).sum((0, 1, 2))[None],
+          np.moveaxis((taps * g).sum((1, 2, 3)), 0, 1)[None])
+
+
+SUMS_SHAPES = [  # (B, H, W, n), stride, e, tiling
+    ((2, 6, 5, 4), 1, 4, "sums=16,4,4"),
+    ((3, 7, 6, 8), 2, 2, "sums=8,4,2"),    # two channel blocks, partial tiles
+    ((2, 9, 9, 16), 1, 4, ""),               # the default
+    ((1, 5, 8, 4), 2, 1, "sums=4,4,1"),
+]
+
+
+@pytest.mark.parametrize("shape,stride,e,spec", SUMS_SHAPES)
+def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec):
+  """Pass 3's three sums equal float64 NumPy sums, and what the XLA pass reduces."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(8)
+  args = (rng.normal(size=shape) + 0.3, rng.normal(size=(b, ho, wo, n, e)),
+          rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e)),
+          rng.normal(size=(1, n, e)), rng.uniform(0.5, 2.0, size=(1, n, e)))
+  want = numpy_bn_sums(*args, stride)
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  got = stencil.bn_sums(*a32, stride, interpret=True)
+  zero = jnp.zeros((1, n, e))
+  xla = dbn._xla_backward_sums(*a32[:4], zero, zero, *a32[4:], stride, 1)[1:]
+  for g, x, w_ in zip(got, xla, want):
+    assert g.shape == w_.shape == x.shape
+    np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=2e-5, atol=2e-4)
+
+
 @pytest.mark.parametrize("shape,stride,spec", SHAPES)
 @pytest.mark.parametrize("e", [1, 4])
 def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
@@ -82,7 +121,7 @@ def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
 
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
-               "du=32,32,4 du=16,16,4"):
+               "du=32,32,4 du=16,16,4", "sums=16,8,4,2"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -99,11 +138,14 @@ def test_bad_settings_are_refused(monkeypatch):
   monkeypatch.setenv("QLHS_STATS_FORM", "gram")
   with pytest.raises(ValueError, match="QLHS_STATS_FORM='gram'.*pallas"):
     dbn.stats_form()
+  monkeypatch.setenv("QLHS_SUMS_FORM", "triton")
+  with pytest.raises(ValueError, match="QLHS_SUMS_FORM='triton'.*pallas"):
+    dbn.sums_form()
 
 
 def spy_on_kernels(monkeypatch):
   """Counts the calls of the two kernels' entry points: the variables must reach them."""
-  calls = {"tap_stats": 0, "d_transpose": 0}
+  calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0}
   for name in calls:
     real = getattr(stencil, name)
 
@@ -148,11 +190,12 @@ def float64_reference(fn, args, weights):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
-  """fuse_d_bn="xla" with both Pallas forms: outputs and all five gradients as float64
-  autodiff of the plain formula."""
+  """fuse_d_bn="xla" with the three Pallas forms: outputs and all five gradients as
+  float64 autodiff of the plain formula."""
   monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 du=16,4,4")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4")
   args, weights = make_inputs(3, (2, 7, 6, 8), stride, 4)
   want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
                                 weights)
@@ -166,7 +209,7 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
     err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
-  assert calls["tap_stats"] and calls["d_transpose"], calls
+  assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -223,3 +266,21 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
   for g, r in zip(got, want):
     assert g.shape == r.shape and g.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+
+
+def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch):
+  """With few programs each sums a chunk of several tiles, and the last chunk runs past
+  the last tile (here 3 chunks of 4 for 10 tiles): those tiles count nothing, in the
+  statistics and in pass 3's sums."""
+  monkeypatch.setattr(stencil, "STATS_PROGRAMS", 3)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=8,4,4,2 sums=8,4,4")
+  rng = np.random.default_rng(9)
+  b, h, w, n, e = 2, 5, 8, 4, 2  # 80 pixels: 10 tiles of 8
+  args = (rng.normal(size=(b, h, w, n)) + 0.3, rng.normal(size=(b, h, w, n, e)),
+          rng.normal(size=(b, h, w, n, e)), rng.normal(size=(9, n, e)),
+          rng.normal(size=(1, n, e)), rng.uniform(0.5, 2.0, size=(1, n, e)))
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  np.testing.assert_allclose(np.asarray(stencil.tap_stats(a32[0], 1, interpret=True)),
+                             numpy_stats(args[0], 1), rtol=2e-5, atol=2e-4)
+  for g, w_ in zip(stencil.bn_sums(*a32, 1, interpret=True), numpy_bn_sums(*args, 1)):
+    np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
