@@ -1,8 +1,9 @@
-"""The 3x3 stencil's two per-pixel reductions as Pallas kernels: the sums and Gram matrix
-of u's taps (BatchNorm's statistics of D u, read from u), and du = D^T dx.
+"""The 3x3 stencil's per-pixel reductions as Pallas kernels: the sums and Gram matrix of
+u's taps (BatchNorm's statistics of D u, read from u), pass 3's sums of
+``fuse_d_bn="xla"``, and du = D^T dx.
 
-Why: XLA writes both as fusions of padded slices, and on the H100 they ran far below the
-memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
+Why: XLA writes them as fusions of padded slices, and on the H100 two of them ran far
+below the memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
 ``fuse_d_bn="block"`` at e921571:
 
 - the statistics, one reduction of 54 stacked pieces (9 taps, 45 tap products): 6.5 ms
@@ -11,7 +12,9 @@ memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
   loads its two taps as scalar 16-bit loads behind the pad's bounds checks;
 - du = D^T dx in the "gather" form: 5.3 ms for 0.72 GB (136 GB/s). The sum over e is
   four slices of the nine-tap sum, and a loop fusion evaluates each slice on its own:
-  36 padded loads an output, each with its own index arithmetic.
+  36 padded loads an output, each with its own index arithmetic;
+- pass 3's sums (g, g * xhat, tap_t(u) * g; not in that profile) compile like the
+  statistics: a branch per piece, scalar loads.
 
 Here a program works on a tile of pixels (rows of the flattened ``(B*H*W, n)``) and a
 block of channels: each tap is one vector load of whole rows of channels at computed
@@ -23,19 +26,22 @@ not per element), and every product is formed from taps held in registers.
   The pieces are split over ``splits`` launches (each loads only the taps its pieces
   use). A program keeps one running (pixels, channels) tile per piece over a chunk of
   tiles and sums it over the pixels once, at the end; XLA sums the chunks.
+- :func:`bn_sums`: pass 3's 2 + 9 sums over the pixels, per hidden channel, from u, c
+  and dp, with one running tile per sum like the statistics;
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
   e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
   pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
   summed over e once at the end.
 
-Selected by ``QLHS_STATS_FORM=pallas`` and ``QLHS_DU_FORM=pallas`` (d_bn_product's
-``_stats`` and ``_d_transpose``, used by ``fuse_d_bn="xla"`` and ``"block"``; the du
-form also by "pallas" and ``d_impl="shifted_t"``); the XLA forms stay the default and
-the reference. They need a power-of-two ``n`` (Triton block shapes) and, for the
-statistics, one BatchNorm group. Tiling: ``QLHS_STENCIL_TILING``, e.g.
-``"stats=32,16,4,3 du=32,16,4"`` (pixels, channels, warps[, splits]); defaults
-:data:`DEFAULT_TILING`. On a CPU the kernels run interpreted (tests). Not timed on a GPU
-yet: ``benchmarks.stencil_times`` does.
+Selected by ``QLHS_STATS_FORM=pallas`` (d_bn_product's ``_stats``: ``fuse_d_bn="xla"``
+and ``"block"``), ``QLHS_SUMS_FORM=pallas`` (``_xla_backward_sums``: "xla") and
+``QLHS_DU_FORM=pallas`` (``_d_transpose``: "xla", "block", "pallas" and
+``d_impl="shifted_t"``); the XLA forms stay the default and the reference. They need a
+power-of-two ``n`` (Triton block shapes) and, for the sums, one BatchNorm group.
+Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
+(pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`. On a CPU the
+kernels run interpreted (tests). Not timed on a GPU yet: ``benchmarks.stencil_times``
+does.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ from jax.experimental import pallas as pl
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums")
 # (pixels per tile, channels per program, warps[, splits]). Chosen on the CPU by ptxas's
-# register report for an H100 (benchmarks.triton_compile --op stencil; 96-107 and 106
-# registers, no spills): a thread holds pixels*channels/(32*warps) values of each tap
-# and of each of the 54/splits running sums (du: times e). Not timed on a GPU yet.
+# register report for an H100 (benchmarks.triton_compile --op stencil; 96-107, 122 and
+# 106 registers, no spills): a thread holds pixels*channels/(32*warps) values of each
+# tap and of each of the 54/splits running sums (sums and du: times e). Not timed on a
+# GPU yet.
 DEFAULT_TILING = {"stats": (32, 16, 4, 3), "du": (32, 16, 4), "sums": (16, 8, 4)}
 # Programs a statistics launch aims for: ~8 per SM of an H100 (132 SMs).
 STATS_PROGRAMS = 1056
