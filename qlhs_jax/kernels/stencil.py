@@ -124,6 +124,23 @@ def _geometry(b, h, w, stride):
   return dict(b=b, h=h, w=w, ho=ho, wo=wo, stride=stride)
 
 
+def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
+  """The geometry (what eq3_block._Tile reads) and the chunks of a summing kernel: ``m``
+  output pixels per tile, ``bj`` channels per program (all where bj0 does not divide
+  n: interpreted only), ``tiles``, and ``chunks`` of ``tpc`` tiles, one program per
+  (chunk, channel block), about STATS_PROGRAMS in all."""
+  b, h, w, n = u_shape
+  g = _geometry(b, h, w, stride)
+  rows = b * g["ho"] * g["wo"]
+  m = min(m0, pl.next_power_of_2(rows))
+  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
+  tiles = -(-rows // m)
+  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
+  tpc = -(-tiles // chunks)
+  return dict(g, n=n, m=m, bj=bj, rows=rows, tiles=tiles, tpc=tpc,
+              chunks=-(-tiles // tpc))
+
+
 def _params(warps, interpret):
   from qlhs_jax.kernels.d_bn_product import plt
   if interpret:
@@ -151,9 +168,9 @@ def _split(pieces, splits):
   return [g for g in out if g]
 
 
-def _stats_kernel(u_ref, out_ref, *, plan, tiles, tpc, pieces):
+def _stats_kernel(u_ref, out_ref, *, plan, pieces):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
-  m, bj = plan["m"], plan["bj"]
+  m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   ch, j0 = pl.program_id(0), pl.program_id(1) * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   need = sorted({t for p in pieces for t in p[1:]})
@@ -179,23 +196,15 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
   on u (B, H, W, n) with zero padding, the sums of the nine taps and of the 45 tap
   products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel."""
   interpret = interpret_default() if interpret is None else interpret
-  b, h, w, n = u.shape
+  n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, splits = tiling("stats")
-  g = _geometry(b, h, w, stride)
-  rows = b * g["ho"] * g["wo"]
-  m = min(m0, pl.next_power_of_2(rows))
-  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
-  tiles = -(-rows // m)
-  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
-  tpc = -(-tiles // chunks)
-  chunks = -(-tiles // tpc)
+  plan = _chunked_plan(u.shape, stride, m0, bj0)
+  chunks, bj = plan["chunks"], plan["bj"]
   u2 = u.reshape(-1, n)
   parts = []
-  plan = dict(g, m=m, bj=bj, rows=rows)  # what eq3_block._Tile reads
   for group in _split(_stats_pieces(), splits):
-    kernel = functools.partial(_stats_kernel, plan=plan, tiles=tiles, tpc=tpc,
-                               pieces=group)
+    kernel = functools.partial(_stats_kernel, plan=plan, pieces=group)
     part = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),
         grid=(chunks, n // bj), interpret=interpret, name="qlhs_tap_stats",
@@ -207,10 +216,9 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *, plan,
-                    tiles, tpc):
+def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
-  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
   ch, j0 = pl.program_id(0), pl.program_id(1) * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
@@ -244,23 +252,16 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   ``d_bn_product._xla_backward_sums``'s. ``u`` (B, H, W, n), ``c5``/``dp5`` (B, Ho, Wo,
   n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e)."""
   interpret = interpret_default() if interpret is None else interpret
-  b, h, w, n = u.shape
-  e = c5.shape[-1]
+  n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret)
   m0, bj0, warps = tiling("sums")
-  g = _geometry(b, h, w, stride)
-  rows = b * g["ho"] * g["wo"]
-  m = min(m0, pl.next_power_of_2(rows))
-  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
-  tiles = -(-rows // m)
-  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
-  tpc = -(-tiles // chunks)
-  chunks = -(-tiles // tpc)
-  end = tiles * m - rows  # c and dp padded to the tiles' end (none at batch 256)
+  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
+  rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
+  # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
+  end = plan["tiles"] * plan["m"] - rows
   flat = lambda v: jnp.pad(v.reshape(rows, n * e), ((0, end), (0, 0))) if end else (
       v.reshape(rows, n * e))
-  plan = dict(g, m=m, bj=bj, e=e, rows=rows)  # eq3_block._Tile reads the geometry
-  kernel = functools.partial(_bn_sums_kernel, plan=plan, tiles=tiles, tpc=tpc)
+  kernel = functools.partial(_bn_sums_kernel, plan=plan)
   part = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
       grid=(chunks, n // bj), interpret=interpret, name="qlhs_bn_sums",
