@@ -137,17 +137,19 @@ PROFILE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 # Environment variables that change the kernels, and the fuse_d_bn settings they change
-# (the du form also changes "none" with d_impl="shifted_t").
+# ("shifted_t": fuse_d_bn="none" with d_impl="shifted_t", whose du takes QLHS_DU_FORM).
 KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
-              "QLHS_DU_FORM": ("none", "pallas", "xla", "block"),
+              "QLHS_DU_FORM": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STATS_FORM": ("xla", "block"), "QLHS_SUMS_FORM": ("xla",),
-              "QLHS_STENCIL_TILING": ("none", "pallas", "xla", "block")}
+              "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block")}
 
 
 def kernel_env_of(overrides: dict) -> dict:
   """The KERNEL_ENV variables set now that change the kernels of a model with these
   ``overrides``: what its record must carry besides them."""
   fuse = overrides.get("fuse_d_bn", "none")
+  if fuse == "none" and overrides.get("d_impl") == "shifted_t":
+    fuse = "shifted_t"
   return {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
           if os.environ.get(k) and fuse in fuses}
 

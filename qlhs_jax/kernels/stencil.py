@@ -62,7 +62,7 @@ KERNELS = ("stats", "du", "sums")
 # tap and of each of the 54/splits running sums (sums and du: times e). Not timed on a
 # GPU yet.
 DEFAULT_TILING = {"stats": (32, 16, 4, 3), "du": (32, 16, 4), "sums": (16, 8, 4)}
-# Programs a statistics launch aims for: ~8 per SM of an H100 (132 SMs).
+# Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
          "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du or sums; pixels and "

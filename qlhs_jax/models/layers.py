@@ -207,7 +207,8 @@ def _shifted_t_bwd(stride, smaj, res, g):
   from qlhs_jax.kernels import d_bn_product as dbn  # the kernels import this module
   if sum_e and not smaj and dbn.du_form() == "pallas":
     # The gather as a Pallas kernel (kernels.stencil): XLA's loop fusion of it ran at
-    # 136 GB/s on the H100 (benchmarks/NOTES.md, experiment 12).
+    # 136 GB/s on the H100 (benchmarks/NOTES.md, experiment 12). The kernel takes the
+    # j-major layout with one input channel per group; other inputs keep XLA's gather.
     from qlhs_jax.kernels import stencil
     k9 = dbn._kernel9(kernel, x.shape[-2])
     dx = stencil.d_transpose(g, k9, stride, x.shape[1:3], out_dtype=x.dtype)[..., None]

@@ -163,3 +163,20 @@ def test_only_the_model_is_profiled_in_a_vs_row(monkeypatch):
   assert [c[c.index("--model") + 1] for c in cmds] == ["a", "b"]
   assert "--profile-dir" in cmds[0] and "--profile-dir" not in cmds[1]
   assert all("--hlo-dir" in c for c in cmds)
+
+
+def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch):
+  """A record names the tilings and forms that change its model's kernels, and no other:
+  the statistics' form changes "xla" and "block", the du form also "pallas" and
+  shifted_t, neither the plain path."""
+  from qlhs_jax.benchmarks.step import kernel_env_of
+  monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  monkeypatch.delenv("QLHS_SUMS_FORM", raising=False)
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  both = {"QLHS_STATS_FORM": "pallas", "QLHS_DU_FORM": "pallas"}
+  assert kernel_env_of({"fuse_d_bn": "xla"}) == both
+  assert kernel_env_of({"fuse_d_bn": "block", "block_max_width": 0}) == both
+  assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": "pallas"}
+  assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "pallas"}
+  assert kernel_env_of({}) == {} and kernel_env_of({"d_impl": "grouped"}) == {}
