@@ -233,9 +233,8 @@ def main(argv=None) -> int:
     for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
       if args.op == "eq3_block":  # each kernel's own warps at this shape
         warps = block_warps(kernel, side, n, stride)
-      elif args.op == "stencil":
-        warps = stencil.tiling(next(k for k in ("stats", "sums", "du")
-                                    if k in kernel.replace("transpose", "du")))[2]
+      elif args.op == "stencil":  # each kernel's own warps
+        warps = stencil.tiling(next(k for k, v in stencil.NAMES.items() if v == kernel))[2]
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:

@@ -575,6 +575,20 @@ def _check(u, c, kernel, scale, stride, groups, impl):
     check_pallas(e)
 
 
+def pallas_interpret(setting: str, fix: str) -> bool:
+  """Whether Pallas kernels run interpreted: on a CPU (correct, slow: tests), not on an
+  NVIDIA GPU. QLHS_PALLAS_INTERPRET=0 asks for the Triton kernels on any host:
+  benchmarks.aot sets it to compile the step for an H100 on a CPU machine. Any other
+  backend is refused, naming the ``setting`` that asked for the kernels and the ``fix``."""
+  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
+    return False
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cuda", "cpu"):
+    raise ValueError(f"{setting} runs Triton kernels on an NVIDIA GPU (or interpreted on "
+                     f"a CPU), not on {backend!r}; {fix}")
+  return backend == "cpu"
+
+
 def check_pallas(e: int, fuse: str = "pallas"):
   """fuse_d_bn ``fuse`` ("pallas" here, "block" in eq3_block) needs Pallas's Triton
   backend and a power-of-two expansion ``e`` (Triton's block shapes); the model calls

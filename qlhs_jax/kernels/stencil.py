@@ -56,6 +56,8 @@ from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums")
+# Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
+NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose"}
 # (pixels per tile, channels per program, warps[, splits]). Chosen on the CPU by ptxas's
 # register report for an H100 (benchmarks.triton_compile --op stencil; 96-107, 122 and
 # 106 registers, no spills): a thread holds pixels*channels/(32*warps) values of each
@@ -93,12 +95,13 @@ def tiling(kernel: str) -> tuple[int, ...]:
   return spec.get(kernel, DEFAULT_TILING[kernel])
 
 
-def interpret_default() -> bool:
-  """Interpreted on a CPU (tests), Triton elsewhere; QLHS_PALLAS_INTERPRET=0 asks for
-  Triton on any host (benchmarks.aot and triton_compile compile for an H100 here)."""
-  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
-    return False
-  return jax.default_backend() == "cpu"
+def _interpret(interpret: bool | None, form: str) -> bool:
+  """``interpret`` as given, else the model's rule (``d_bn_product.pallas_interpret``):
+  interpreted on a CPU, Triton on an NVIDIA GPU, refused elsewhere naming ``form``."""
+  if interpret is not None:
+    return interpret
+  from qlhs_jax.kernels.d_bn_product import pallas_interpret
+  return pallas_interpret(f"{form}=pallas", f"unset {form}")
 
 
 def check(n: int, form: str, groups: int = 1, interpret: bool = False):
@@ -124,21 +127,26 @@ def _geometry(b, h, w, stride):
   return dict(b=b, h=h, w=w, ho=ho, wo=wo, stride=stride)
 
 
-def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
-  """The geometry (what eq3_block._Tile reads) and the chunks of a summing kernel: ``m``
-  output pixels per tile, ``bj`` channels per program (all where bj0 does not divide
-  n: interpreted only), ``tiles``, and ``chunks`` of ``tpc`` tiles, one program per
-  (chunk, channel block), about STATS_PROGRAMS in all."""
-  b, h, w, n = u_shape
-  g = _geometry(b, h, w, stride)
-  rows = b * g["ho"] * g["wo"]
+def _tiles(rows: int, n: int, m0: int, bj0: int) -> dict:
+  """``m`` rows per tile (at most the rows, rounded up to a power of two), ``bj``
+  channels per program (all n where bj0 does not divide it: interpreted only), and the
+  ``tiles`` that cover ``rows`` (the last may run past them: eq3_block._pad_rows)."""
   m = min(m0, pl.next_power_of_2(rows))
   bj = min(bj0, n) if n % min(bj0, n) == 0 else n
-  tiles = -(-rows // m)
-  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // bj))))
+  return dict(n=n, m=m, bj=bj, rows=rows, tiles=-(-rows // m))
+
+
+def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
+  """The geometry (what eq3_block._Tile reads), the tiles of the output pixels
+  (:func:`_tiles`) and the chunks of a summing kernel: ``chunks`` of ``tpc`` tiles, one
+  program per (chunk, channel block), about STATS_PROGRAMS in all."""
+  b, h, w, n = u_shape
+  g = _geometry(b, h, w, stride)
+  plan = dict(g, **_tiles(b * g["ho"] * g["wo"], n, m0, bj0))
+  tiles = plan["tiles"]
+  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // plan["bj"]))))
   tpc = -(-tiles // chunks)
-  return dict(g, n=n, m=m, bj=bj, rows=rows, tiles=tiles, tpc=tpc,
-              chunks=-(-tiles // tpc))
+  return dict(plan, tpc=tpc, chunks=-(-tiles // tpc))
 
 
 def _params(warps, interpret):
@@ -195,7 +203,7 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
   """``(54, 1, n)`` float32: over the output pixels of a stride-``stride`` 3x3 stencil
   on u (B, H, W, n) with zero padding, the sums of the nine taps and of the 45 tap
   products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel."""
-  interpret = interpret_default() if interpret is None else interpret
+  interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, splits = tiling("stats")
@@ -207,7 +215,7 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
     kernel = functools.partial(_stats_kernel, plan=plan, pieces=group)
     part = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),
-        grid=(chunks, n // bj), interpret=interpret, name="qlhs_tap_stats",
+        grid=(chunks, n // bj), interpret=interpret, name=NAMES["stats"],
         **_params(warps, interpret))(u2)
     parts.append(part.sum(0))
   return jnp.concatenate(parts, 0)[:, None, :]
@@ -251,20 +259,19 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
   ``d_bn_product._xla_backward_sums``'s. ``u`` (B, H, W, n), ``c5``/``dp5`` (B, Ho, Wo,
   n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e)."""
-  interpret = interpret_default() if interpret is None else interpret
+  interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret)
   m0, bj0, warps = tiling("sums")
   plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
+  from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
   # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
-  end = plan["tiles"] * plan["m"] - rows
-  flat = lambda v: jnp.pad(v.reshape(rows, n * e), ((0, end), (0, 0))) if end else (
-      v.reshape(rows, n * e))
+  flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
   kernel = functools.partial(_bn_sums_kernel, plan=plan)
   part = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
-      grid=(chunks, n // bj), interpret=interpret, name="qlhs_bn_sums",
+      grid=(chunks, n // bj), interpret=interpret, name=NAMES["sums"],
       **_params(warps, interpret))(
           u.reshape(-1, n), flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
           mean.astype(F32).reshape(n * e), rstd.astype(F32).reshape(n * e))
@@ -275,18 +282,17 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
 # ------------------------------------------------------------------------------------
 # du = D^T dx.
 
-def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
+def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   if with_addend:
     add_ref, du_ref = rest
   else:
     (du_ref,) = rest
+  m, bj, e, st = plan["m"], plan["bj"], plan["e"], plan["stride"]
   p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
-  rows_in = g["b"] * g["h"] * g["w"]
-  pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (m,), 0), rows_in - 1)
-  x = pix % g["w"]
-  y = (pix // g["w"]) % g["h"]
-  img = pix // (g["h"] * g["w"])
-  st = g["stride"]
+  pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (m,), 0), plan["rows"] - 1)
+  x = pix % plan["w"]
+  y = (pix // plan["w"]) % plan["h"]
+  img = pix // (plan["h"] * plan["w"])
   acc = jnp.zeros((m, bj * e), F32)  # hidden channels j*e + s of the block, contiguous
   for t in range(9):
     # Output pixel (oy, ox) reads input (st*oy + dy, st*ox + dx) for tap t: input pixel
@@ -295,11 +301,11 @@ def _du_kernel(dx_ref, k_ref, *rest, g, m, bj, e, with_addend):
     ny, nx = y - dy, x - dx
     nyc, nxc = jnp.maximum(ny, 0), jnp.maximum(nx, 0)
     oy, ox = (nyc, nxc) if st == 1 else (nyc // st, nxc // st)
-    ok = (ny >= 0) & (nx >= 0) & (oy < g["ho"]) & (ox < g["wo"])
+    ok = (ny >= 0) & (nx >= 0) & (oy < plan["ho"]) & (ox < plan["wo"])
     if st != 1:
       ok = ok & (nyc % st == 0) & (nxc % st == 0)
-    row = jnp.clip(img * (g["ho"] * g["wo"]) + oy * g["wo"] + ox, 0,
-                   g["b"] * g["ho"] * g["wo"] - 1)
+    row = jnp.clip(img * (plan["ho"] * plan["wo"]) + oy * plan["wo"] + ox, 0,
+                   plan["b"] * plan["ho"] * plan["wo"] - 1)
     v = dx_ref[row, pl.ds(j0 * e, bj * e)].astype(F32)
     acc += jnp.where(ok[:, None], v, 0.0) * k_ref[t, pl.ds(j0 * e, bj * e)][None, :]
   du = acc.reshape(m, bj, e).sum(2)
@@ -314,7 +320,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   """du = D^T dx (+ ``addend``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's kernel
   (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addend`` (B, H, W, n) or None. Returns
   (B, H, W, n) in ``out_dtype``, summed in float32."""
-  interpret = interpret_default() if interpret is None else interpret
+  interpret = _interpret(interpret, "QLHS_DU_FORM")
   b, ho, wo, n, e = dx.shape
   check(n, "QLHS_DU_FORM", interpret=interpret)
   h, w = hw
@@ -323,21 +329,17 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   if (g["ho"], g["wo"]) != (ho, wo):
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
                      f"an input of {hw}")
-  rows_in = b * h * w
-  m = min(m0, pl.next_power_of_2(rows_in))
-  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
-  tiles = -(-rows_in // m)
+  plan = dict(g, **_tiles(b * h * w, n, m0, bj0), e=e)  # tiles of the input pixels
+  rows, m, tiles = plan["rows"], plan["m"], plan["tiles"]
   # dx as rows of n*e hidden channels (j*e + s) and the kernel likewise: each tap is one
   # contiguous load of a block's bj*e channels.
   args = [dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)]
   if addend is not None:
-    add2 = addend.reshape(rows_in, n)
-    end = tiles * m - rows_in
-    args.append(jnp.pad(add2, ((0, end), (0, 0))) if end else add2)
-  kernel = functools.partial(_du_kernel, g=g, m=m, bj=bj, e=e,
-                             with_addend=addend is not None)
+    from qlhs_jax.kernels.eq3_block import _pad_rows
+    args.append(_pad_rows(addend.reshape(rows, n), plan))
+  kernel = functools.partial(_du_kernel, plan=plan, with_addend=addend is not None)
   du = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((tiles * m, n), out_dtype),
-      grid=(tiles, n // bj), interpret=interpret, name="qlhs_d_transpose",
+      grid=(tiles, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
       **_params(warps, interpret))(*args)
-  return du[:rows_in].reshape(b, h, w, n)
+  return du[:rows].reshape(b, h, w, n)

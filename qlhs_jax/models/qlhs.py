@@ -53,7 +53,6 @@ starts as the identity), followed by the activation where the placement puts one
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -107,16 +106,9 @@ def _bn_d_variables(module: nn.Module, h: int):
 
 
 def _pallas_interpret(impl: str) -> bool:
-  """Pallas kernels run on an NVIDIA GPU, or interpreted on a CPU (correct, slow: tests).
-  QLHS_PALLAS_INTERPRET=0 asks for the Triton kernels on any host: benchmarks.aot sets
-  it to compile the step for an H100 on a CPU machine."""
-  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
-    return False
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cuda", "cpu"):
-    raise ValueError(f"fuse_d_bn={impl!r} runs Triton kernels on an NVIDIA GPU (or "
-                     f"interpreted on a CPU), not on {backend!r}; use fuse_d_bn='xla'")
-  return backend == "cpu"
+  """Whether fuse_d_bn ``impl``'s Pallas kernels run interpreted (on a CPU):
+  ``d_bn_product.pallas_interpret``."""
+  return dbn.pallas_interpret(f"fuse_d_bn={impl!r}", "use fuse_d_bn='xla'")
 
 
 class FusedDBNProduct(nn.Module):

@@ -135,6 +135,12 @@ def test_bad_settings_are_refused(monkeypatch):
       numpy_stats(u, 1), rtol=2e-5, atol=2e-4)
   with pytest.raises(ValueError, match="one BatchNorm group"):
     stencil.check(4, "QLHS_STATS_FORM", groups=2)
+  # On a backend that runs neither Triton nor the interpreter: the variable named.
+  with monkeypatch.context() as mp:
+    mp.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="QLHS_DU_FORM=pallas runs Triton kernels on an "
+                                         "NVIDIA GPU .*not on 'tpu'; unset QLHS_DU_FORM"):
+      stencil.d_transpose(jnp.zeros((1, 4, 4, 4, 2)), jnp.zeros((9, 4, 2)), 1, (4, 4))
   monkeypatch.setenv("QLHS_STATS_FORM", "gram")
   with pytest.raises(ValueError, match="QLHS_STATS_FORM='gram'.*pallas"):
     dbn.stats_form()
