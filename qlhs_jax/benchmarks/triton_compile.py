@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     from qlhs_jax.kernels import stencil
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, stencil "
-          f"tilings (pixels, channels, warps[, splits]) stats {stencil.tiling('stats')}, "
+          f"tilings (pixels, channels, warps[, splits][, prefetch]) stats {stencil.tiling('stats')}, "
           f"sums {stencil.tiling('sums')}, du {stencil.tiling('du')} "
           f"(QLHS_STENCIL_TILING)")
   elif args.op == "eq3_block":

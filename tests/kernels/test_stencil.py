@@ -38,6 +38,8 @@ def numpy_stats(u, stride):
 SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel blocks
     ((2, 6, 5, 4), 1, "stats=16,4,4,1 du=16,4,4"),
     ((3, 7, 6, 8), 2, "stats=8,4,2,3 du=8,4,2"),     # two channel blocks, 3 launches
+    ((3, 7, 6, 8), 2, "stats=8,4,2,3,1 du=8,4,2"),   # the same, prefetching
+    ((2, 6, 5, 4), 1, "stats=8,4,4,1,1 du=16,4,4"),  # prefetching, one launch
     ((2, 9, 9, 16), 1, "stats=32,16,4,54 du=64,8,4"),  # one piece per launch
     ((1, 5, 8, 4), 2, ""),                             # the defaults
 ]
@@ -70,6 +72,8 @@ def numpy_bn_sums(u, c5, dp5, k9, mean, rstd, stride):
 SUMS_SHAPES = [  # (B, H, W, n), stride, e, tiling
     ((2, 6, 5, 4), 1, 4, "sums=16,4,4"),
     ((3, 7, 6, 8), 2, 2, "sums=8,4,2"),    # two channel blocks, partial tiles
+    ((3, 7, 6, 8), 2, 2, "sums=8,4,2,1"),  # the same, prefetching
+    ((2, 6, 5, 4), 1, 4, "sums=8,4,4,1"),  # prefetching
     ((2, 9, 9, 16), 1, 4, ""),               # the default
     ((1, 5, 8, 4), 2, 1, "sums=4,4,1"),
 ]
@@ -121,7 +125,8 @@ def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
 
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
-               "du=32,32,4 du=16,16,4", "sums=16,8,4,2"):
+               "du=32,32,4 du=16,16,4", "sums=16,8,4,2", "stats=16,16,4,1,2",
+               "du=32,16,4,1", "sums=16,8,4,1,1"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -274,12 +279,24 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
 
 
-def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch):
+def test_tilings_read_with_prefetch_off_unless_given(monkeypatch):
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=8,4,4,2 sums=8,4,4,1 du=8,4,2")
+  assert stencil.tiling("stats") == (8, 4, 4, 2, 0)
+  assert stencil.tiling("sums") == (8, 4, 4, 1)
+  assert stencil.tiling("du") == (8, 4, 2)
+  monkeypatch.delenv("QLHS_STENCIL_TILING")
+  assert [len(stencil.tiling(k)) for k in ("stats", "sums", "du")] == [5, 4, 3]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch, prefetch):
   """With few programs each sums a chunk of several tiles, and the last chunk runs past
   the last tile (here 3 chunks of 4 for 10 tiles): those tiles count nothing, in the
-  statistics and in pass 3's sums."""
+  statistics and in pass 3's sums; prefetching too (it loads one tile ahead, and the
+  last iteration reloads its own)."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", 3)
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=8,4,4,2 sums=8,4,4")
+  monkeypatch.setenv("QLHS_STENCIL_TILING",
+                     f"stats=8,4,4,2,{prefetch} sums=8,4,4,{prefetch}")
   rng = np.random.default_rng(9)
   b, h, w, n, e = 2, 5, 8, 4, 2  # 80 pixels: 10 tiles of 8
   args = (rng.normal(size=(b, h, w, n)) + 0.3, rng.normal(size=(b, h, w, n, e)),
