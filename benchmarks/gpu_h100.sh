@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|stencil|block|variants|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|block|variants|all]
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
@@ -16,10 +16,6 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "stencil" (time limits add up to 245 s, for the ~6 minutes a session has after a
-#   "step"): benchmarks.stencil_times on fewer calls, its candidate tilings of the
-#   statistics and pass-3 sums with and without prefetching the next tile (NOTES.md
-#   experiment 13), then fuse_d_bn="xla" at its choice against ResNet50, unprofiled.
 # "block" (490 s), the "step" of experiment 11: benchmarks.block_tune (NOTES.md
 #   experiment 9) times each of fuse_d_bn="block"'s three kernels alone at up to five
 #   tiles per block shape (six at widths >= 256: 16 warps too; the sums kernel also at
@@ -65,7 +61,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|stencil|block|variants|all) ;; *) echo "usage: $0 [op|step|stencil|block|variants|all]" >&2; exit 2;; esac
+case "$PART" in op|step|block|variants|all) ;; *) echo "usage: $0 [op|step|block|variants|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -104,30 +100,6 @@ fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagree
   echo "exit ${PIPESTATUS[0]}"
   bring
 }
-stencil_pick() {  # stencil_pick SECONDS ARGS...: benchmarks.stencil_times, whose last
-  # "stencil_forms:" and "stencil_tiling:" lines (complete after every shape) set
-  # QLHS_STATS_FORM, QLHS_SUMS_FORM, QLHS_DU_FORM and QLHS_STENCIL_TILING for the rows
-  # after it.
-  local limit=$1; shift
-  echo "== benchmarks.stencil_times $*" | tee -a "$OUT/log.txt"
-  timeout "$limit" python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --record "$R" "$@" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
-    > "$OUT/stencil.txt"
-  echo "exit ${PIPESTATUS[0]}"
-  grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
-    | cut -c1-150
-  local forms spec
-  forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
-  # No choice printed (the run failed before its first shape ended): the XLA forms, so
-  # that kernels never run on the device cannot fail every row below.
-  forms=${forms:-QLHS_STATS_FORM= QLHS_SUMS_FORM= QLHS_DU_FORM=}
-  spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
-  export $forms
-  if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi
-  export QLHS_BLOCK_TILING="${QLHS_BLOCK_TILING:-$RUN1_BLOCK_TILING}"
-  echo "$forms QLHS_STENCIL_TILING=${QLHS_STENCIL_TILING:-(default)}" | tee -a "$OUT/log.txt"
-  bring
-}
 if [ "$PART" = op ] || [ "$PART" = all ]; then
   TAIL=80 fused_op 200 --passes
   for t in 4,4096,4,16 4,8192,8,32 4,2048,4,8; do
@@ -144,7 +116,23 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   # and du ran at 17 and 136 GB/s). Its last "stencil_forms:" and "stencil_tiling:"
   # lines (complete after every shape) set QLHS_STATS_FORM, QLHS_SUMS_FORM, QLHS_DU_FORM
   # and QLHS_STENCIL_TILING for the rows below.
-  stencil_pick 120 --budget 85
+  echo "== benchmarks.stencil_times" | tee -a "$OUT/log.txt"
+  timeout 120 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --budget 85 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
+    > "$OUT/stencil.txt"
+  echo "exit ${PIPESTATUS[0]}"
+  grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
+    | cut -c1-150
+  forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
+  # No choice printed (the run failed before its first shape ended): the XLA forms, so
+  # that kernels never run on the device cannot fail every row below.
+  forms=${forms:-QLHS_STATS_FORM= QLHS_SUMS_FORM= QLHS_DU_FORM=}
+  spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
+  export $forms
+  if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi
+  export QLHS_BLOCK_TILING="${QLHS_BLOCK_TILING:-$RUN1_BLOCK_TILING}"
+  echo "$forms QLHS_STENCIL_TILING=${QLHS_STENCIL_TILING:-(default)}" | tee -a "$OUT/log.txt"
+  bring
   # "xla" (64.9 GB a step, the fewest bytes; 2,074 img/s with the XLA forms) against
   # ResNet50, profiled without command buffers: what is slow once the two are fixed.
   bench 200 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50 --hlo-dir "$H" \
@@ -157,12 +145,6 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   # The plain path with the hand-written transpose and the pinned layout (83.6 GB; never
   # timed on a GPU), du from QLHS_DU_FORM.
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
-fi
-if [ "$PART" = stencil ]; then
-  # Prefetching the next tile in the statistics and pass-3 sums (NOTES.md experiment 13:
-  # few tiles fit an SM, so each program waits out its loads), with fewer timed calls.
-  stencil_pick 95 --budget 60 --calls 5 --repeats 3
-  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="xla"' --vs resnet50
 fi
 if [ "$PART" = block ] || [ "$PART" = all ]; then
   # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the

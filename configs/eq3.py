@@ -13,21 +13,24 @@ Append ``,quickstart`` (e.g. ``configs/eq3.py:hardball_ds,quickstart``) for the
 embedded-digits laptop version.
 
 Hardware: one H100 80GB, batch 256, bfloat16. Expected time: ImageNet-100 has ~126.7k
-training images, so 50 epochs are 6.3M images: ~23 minutes of GPU compute at the
-harness's 4.5k img/s for softball_ds (README, Speed; H100), if the host keeps up; one
+training images, so 50 epochs are 6.3M images: ~18 minutes of GPU compute at the
+harness's 5.7k img/s for softball_ds (README, Speed; H100), if the host keeps up; one
 16-core host decodes ~2k img/s with the recipe's augmentation (README, Data), which
 makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 above.
+
+``model_overrides.fuse_d_bn="auto"`` (set here): on one NVIDIA GPU each block's
+``BN(D u) * (C u)`` runs as fuse_d_bn="xla" with its reductions as Pallas kernels
+(qlhs_jax.kernels.stencil): 5,771 img/s on the H100 against the plain path's 4,489 and
+ResNet50's 5,493, at 7.6 GB peak against 12.8 (benchmarks/NOTES.md experiment 13).
+Elsewhere (several devices, TPUs, CPUs; nows_x6, whose expansion 6 the kernels' block
+shapes cannot take) it is the plain autodiff path,
+``fuse_d_bn=none``, which ``--config.model_overrides.fuse_d_bn=none`` also forces. The
+same network and variables either way (tests/models/test_fuse_d_bn.py).
 On one GPU, ``--config.model_overrides.fuse_d_bn=pallas`` trains the same network
-through the fused D+BN+product kernels in 0.68x the peak memory, at 0.94x the speed so
-far (README, Speed). ``--config.model_overrides.fuse_d_bn=xla`` (any device count)
-compiles to 0.64x the bytes per step and ~0.59x the peak memory of the default
-(deviceless H100 compile with jax 0.11.2, benchmarks/NOTES.md experiments 4-6) and
-matches its quickstart accuracy over five seeds, but trains at 2,074 img/s on the H100
-(0.46x the default's 4,489 img/s from an earlier H100 run; NOTES.md experiment 11).
+through fused D+BN+product kernels: 5,555 img/s on the H100 (README, Speed).
 ``--config.model_overrides.fuse_d_bn=block`` (one GPU) also runs both 1x1 maps of every
-block inside Pallas kernels: 0.28x ResNet50's bytes per step and ~2.4 GB peak in the
-same deviceless compile (NOTES.md experiment 8), 2.4 GB measured, but 1,605 img/s on
-the H100 (0.36x the default; experiment 11). Add
+block inside Pallas kernels: 0.28x ResNet50's bytes per step and 2.4 GB peak, but 2,109
+img/s on the H100 (NOTES.md experiments 8-13). Add
 ``--config.model_overrides.block_max_width=128`` to keep the kernels to stages 1-2
 (0.37x ResNet50's bytes). The kernels' on-chip weight re-reads grow as n^3, and
 ``python -m qlhs_jax.benchmarks.block_tune`` picks the width on the GPU (NOTES.md
@@ -44,4 +47,6 @@ VARIANTS = {v: f"eq3_{v}" for v in ("relu_all", "hardtanh_ds", "hardball_ds",
 def get_config(arg=None):
   model, quick = qconfig.parse_arg(arg, VARIANTS, "softball_ds")
   c = qconfig.base_config(model)
+  # The fastest path where it runs (one NVIDIA GPU), the plain path elsewhere: see above.
+  c.model_overrides.fuse_d_bn = "auto"
   return qconfig.apply_quickstart(c) if quick else c

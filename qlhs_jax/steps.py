@@ -10,6 +10,7 @@ from 1e-5 that overlaps the cosine.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import flax
@@ -180,6 +181,12 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
     raise ValueError(f"model_overrides.fuse_d_bn={fuse_d_bn!r} runs on one device; this mesh "
                      f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
                      f"mesh) or run on one device")
+  # The stencil forms' Pallas kernels likewise ("auto" picks them on one device only).
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
+    if os.environ.get(var) == "pallas" and mesh.size > 1:
+      raise ValueError(f"{var}=pallas runs Triton kernels on one device; this mesh has "
+                       f"{mesh.size}. Unset {var} (auto: XLA's form on several devices) "
+                       f"or run on one device")
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -147,14 +147,18 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   import jax
   import jax.numpy as jnp
 
-  from qlhs_jax.benchmarks.step import harness_train_step
-  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES, du_form, stats_form, sums_form
+  from qlhs_jax.benchmarks.step import harness_train_step, kernel_env_of
+  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
   from qlhs_jax.models import create
 
-  # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where QLHS_STATS_FORM,
-  # QLHS_SUMS_FORM or QLHS_DU_FORM asks for them.
+  # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where the model uses a
+  # form that QLHS_STATS_FORM, QLHS_SUMS_FORM or QLHS_DU_FORM sets to "pallas", or leaves
+  # to its default, which picks them on the GPU (resolved as there).
+  with pallas_for_gpu():
+    forms = kernel_env_of(overrides)
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
-            or "pallas" in (stats_form(), sums_form(), du_form()))
+            or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
+                   if k.endswith("_FORM")))
   mesh = single_device_mesh(device)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)
@@ -200,7 +204,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
             "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
-  env = kernel_env_of(overrides)  # the tilings and forms, as the step's records carry
+  with pallas_for_gpu():  # the forms as they resolve for the GPU
+    env = kernel_env_of(overrides)  # the tilings and forms, as the step's records carry
   if env:
     record["env"] = env
   return record

@@ -8,10 +8,10 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 
 - ``stats``: the 9 tap sums and 45 Gram entries of u, as ``d_bn_product._xla_stats``
   reduces them ("xla", the default form) and as ``stencil.tap_stats`` at each of
-  ``--stats-tilings`` (pixels, channels, warps, splits[, prefetch]);
+  ``--stats-tilings`` (pixels, channels, warps, splits);
 - ``sums``: pass 3's sums of ``fuse_d_bn="xla"`` (g, g * xhat and the nine tap products
   of g), as ``d_bn_product._xla_backward_sums`` reduces them ("xla") and as
-  ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps[, prefetch]);
+  ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps);
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
@@ -36,12 +36,9 @@ import datetime
 import sys
 import time
 
-# The H100's picks of 2026-11-27 (kernels.stencil.DEFAULT_TILING; NOTES.md experiment 13,
-# where every tiling tried ran within 3% of the others at stage 1) first, then the same
-# and smaller register budgets with the next tile prefetched (the trailing 1).
-STATS_TILINGS = ("16,16,4,1", "16,16,4,1,1", "16,16,4,2,1", "16,16,4,3,1", "32,16,4,3,1")
-SUMS_TILINGS = ("32,8,4", "32,8,4,1", "16,8,4,1", "16,8,8,1", "32,8,8,1")
-DU_TILINGS = ("32,16,4", "64,16,8")
+STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
+SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
+DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2}

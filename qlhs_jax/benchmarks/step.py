@@ -144,14 +144,40 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block")}
 
 
-def kernel_env_of(overrides: dict) -> dict:
-  """The KERNEL_ENV variables set now that change the kernels of a model with these
-  ``overrides``: what its record must carry besides them."""
+def _fuse_of(overrides: dict) -> str:
+  """The KERNEL_ENV key of a model with these ``overrides`` ("auto" resolved as the
+  model resolves it for an Eq.(3) block)."""
   fuse = overrides.get("fuse_d_bn", "none")
+  if fuse == "auto":
+    from qlhs_jax.kernels import d_bn_product as dbn
+    fuse = "xla" if dbn.stencil_on_gpu(64) else "none"
   if fuse == "none" and overrides.get("d_impl") == "shifted_t":
     fuse = "shifted_t"
-  return {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
-          if os.environ.get(k) and fuse in fuses}
+  return fuse
+
+
+def auto_pallas_forms(overrides: dict) -> list[str]:
+  """The stencil form variables, unset, that this model uses and whose default ("auto",
+  ``d_bn_product.stencil_on_gpu``) picks the Pallas kernels here: on one NVIDIA GPU, or
+  while benchmarks.aot compiles for one."""
+  from qlhs_jax.kernels import d_bn_product as dbn
+  fuse = _fuse_of(overrides)
+  resolve = {"QLHS_STATS_FORM": dbn.stats_form, "QLHS_SUMS_FORM": dbn.sums_form,
+             "QLHS_DU_FORM": dbn.du_form}
+  return [k for k, form in resolve.items()
+          if fuse in KERNEL_ENV[k] and not os.environ.get(k) and form(64) == "pallas"]
+
+
+def kernel_env_of(overrides: dict) -> dict:
+  """The KERNEL_ENV variables set now that change the kernels of a model with these
+  ``overrides``: what its record must carry besides them. A form left to its default
+  that picks the Pallas kernels is recorded as "auto:pallas": records without it ran
+  XLA's forms (the default until 2026-11-27)."""
+  fuse = _fuse_of(overrides)
+  env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
+         if os.environ.get(k) and fuse in fuses}
+  env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides)})
+  return env
 
 
 @contextlib.contextmanager

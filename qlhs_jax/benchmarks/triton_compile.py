@@ -64,7 +64,9 @@ def lower_for_cuda(batch: int, side: int, n: int, stride: int):
   def loss(*a):
     p, mean, _ = dbn.d_bn_product(*a, stride=stride, impl="pallas")
     return p.astype(jnp.float32).sum() + mean.sum()
-  return lower_on_cuda(jax.grad(loss, argnums=range(5)),
+  # value_and_grad: the loss needs the forward kernel (JAX >= 0.12 drops it from a
+  # bare gradient whose formula does not use the product).
+  return lower_on_cuda(jax.value_and_grad(loss, argnums=range(5)),
                        *abstract_inputs(batch, side, n, stride))
 
 
@@ -84,7 +86,7 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
   def loss(*a):
     y, mean, _ = eq3_block.eq3_hidden(*a, stride=stride)
     return y.astype(jnp.float32).sum() + mean.sum()
-  return lower_on_cuda(jax.grad(loss, argnums=range(6)), *args)
+  return lower_on_cuda(jax.value_and_grad(loss, argnums=range(6)), *args)  # as above
 
 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     from qlhs_jax.kernels import stencil
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, stencil "
-          f"tilings (pixels, channels, warps[, splits][, prefetch]) stats {stencil.tiling('stats')}, "
+          f"tilings (pixels, channels, warps[, splits]) stats {stencil.tiling('stats')}, "
           f"sums {stencil.tiling('sums')}, du {stencil.tiling('du')} "
           f"(QLHS_STENCIL_TILING)")
   elif args.op == "eq3_block":

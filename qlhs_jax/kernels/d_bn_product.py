@@ -119,37 +119,58 @@ def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
 
 
 DU_FORMS = ("gather", "autodiff", "pallas")
-
-
-def du_form() -> str:
-  """How pass 5 computes du = D^T dx: QLHS_DU_FORM, else "gather"."""
-  form = os.environ.get("QLHS_DU_FORM", "") or "gather"
-  if form not in DU_FORMS:
-    raise ValueError(f"QLHS_DU_FORM={form!r}: choose one of {DU_FORMS}")
-  return form
-
-
 STATS_FORMS = ("xla", "pallas")
 SUMS_FORMS = ("xla", "pallas")
+# Unset, each form variable means "auto": stencil_on_gpu() picks.
+FORM_DEFAULT = "auto"
 
 
-def sums_form() -> str:
+def stencil_on_gpu(n: int | None, groups: int = 1, e: int = 1) -> bool:
+  """What the stencil forms' default, "auto", picks: kernels.stencil's Pallas kernels
+  on one NVIDIA GPU where they apply (power-of-two ``n`` and expansion ``e``; one
+  BatchNorm group for the sums), XLA's forms elsewhere. On an H100 the kernels made fuse_d_bn="xla" 2.8x faster
+  (benchmarks/NOTES.md, experiment 13). XLA's forms stay the reference: on a CPU (the
+  tests check the kernels, interpreted, against them), on a TPU, and over several
+  devices (a Triton call has no sharding rule, so XLA would gather its operands onto
+  every device). QLHS_PALLAS_INTERPRET=0 (benchmarks.aot, compiling for an H100 on a
+  CPU machine) counts as one GPU."""
+  if (plt is None or n is None or n < 1 or n & (n - 1) or e < 1 or e & (e - 1)
+      or groups != 1):
+    return False
+  if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
+    return True
+  return (jax.default_backend() == "gpu" and jax.device_count() == 1
+          and "NVIDIA" in jax.devices()[0].device_kind)
+
+
+def _form(var: str, forms: tuple, xla_form: str, n: int | None, groups: int,
+          e: int) -> str:
+  form = os.environ.get(var, "") or FORM_DEFAULT
+  if form == "auto":
+    return "pallas" if stencil_on_gpu(n, groups, e) else xla_form
+  if form not in forms:
+    raise ValueError(f"{var}={form!r}: choose one of {forms + ('auto',)} (unset: auto)")
+  return form
+
+
+def du_form(n: int | None = None, e: int = 1) -> str:
+  """How pass 5 computes du = D^T dx for ``n`` input channels and expansion ``e``:
+  QLHS_DU_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", else "gather")."""
+  return _form("QLHS_DU_FORM", DU_FORMS, "gather", n, 1, e)
+
+
+def sums_form(n: int | None = None, groups: int = 1, e: int = 1) -> str:
   """How pass 3 of impl "xla" sums g, g * xhat and the tap products of g:
-  QLHS_SUMS_FORM, else "xla" (one stacked reduction); "pallas" is ``stencil.bn_sums``."""
-  form = os.environ.get("QLHS_SUMS_FORM", "") or "xla"
-  if form not in SUMS_FORMS:
-    raise ValueError(f"QLHS_SUMS_FORM={form!r}: choose one of {SUMS_FORMS}")
-  return form
+  QLHS_SUMS_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.bn_sums``;
+  else "xla", one stacked reduction)."""
+  return _form("QLHS_SUMS_FORM", SUMS_FORMS, "xla", n, groups, e)
 
 
-def stats_form() -> str:
+def stats_form(n: int | None = None, groups: int = 1) -> str:
   """How the statistics' tap sums and Gram matrix are summed: QLHS_STATS_FORM, else
-  "xla" (:func:`_xla_stats`'s one stacked reduction); "pallas" is
-  ``stencil.tap_stats``."""
-  form = os.environ.get("QLHS_STATS_FORM", "") or "xla"
-  if form not in STATS_FORMS:
-    raise ValueError(f"QLHS_STATS_FORM={form!r}: choose one of {STATS_FORMS}")
-  return form
+  "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.tap_stats``; else "xla",
+  :func:`_xla_stats`'s one stacked reduction)."""
+  return _form("QLHS_STATS_FORM", STATS_FORMS, "xla", n, groups, 1)
 
 
 def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
@@ -167,7 +188,7 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   136 GB/s, 5.3 ms per stage-1 block (experiment 12): it evaluates the nine-tap sum once
   per s. "pallas" is ``stencil.d_transpose``, the same gather as a Pallas kernel.
   """
-  form = form or du_form()
+  form = form or du_form(*dx.shape[-2:])
   h, w = hw
   if form == "pallas":
     from qlhs_jax.kernels import stencil  # imports this module
@@ -251,7 +272,7 @@ def _xla_stats(u, k9, stride, groups):
 def _stats(u, k9, stride, groups):
   """:func:`_xla_stats`, with its tap sums and Gram entries from ``stencil.tap_stats``
   where QLHS_STATS_FORM=pallas (the same (54, G, n) sums; s1 and s2 from them alike)."""
-  if stats_form() == "xla":
+  if stats_form(u.shape[-1], groups) == "xla":
     return _xla_stats(u, k9, stride, groups)
   from qlhs_jax.kernels import stencil  # imports this module
   if groups != 1:
@@ -279,7 +300,7 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
   and of tap_t(u) * g, (G, n, 9, e) (dL/dkernel's share that needs g)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
-  if sums_form() == "pallas":  # the same sums as one Pallas kernel (kernels.stencil)
+  if sums_form(u.shape[-1], groups, c5.shape[-1]) == "pallas":  # as one Pallas kernel (kernels.stencil)
     from qlhs_jax.kernels import stencil  # imports this module
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
@@ -691,7 +712,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                           dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  if du_form() == "pallas":  # stored in u's dtype by the kernel, not cast after
+  if du_form(u.shape[-1], e) == "pallas":  # stored in u's dtype by the kernel, not cast after
     from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
   else:

@@ -207,20 +207,14 @@ class _Tile:
     # u's row of each output pixel's centre tap (s*y, s*x).
     self.base = (pix // (plan["ho"] * plan["wo"])) * (h * w) + st * (self.y * w + self.x)
 
-  def tap_index(self, t):
-    """(row, ok) of tap t = 3*(dy+1) + (dx+1): u's row each pixel reads (clamped into
-    u) and whether that tap is inside the image, each (m,)."""
+  def tap(self, u_ref, t, j0, bj):
+    """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
+    (m, bj) float32, 0 where the tap is outside the image."""
     plan = self.plan
     dy, dx = t // 3 - 1, t % 3 - 1
     yy, xx = plan["stride"] * self.y + dy, plan["stride"] * self.x + dx
     ok = (yy >= 0) & (yy < plan["h"]) & (xx >= 0) & (xx < plan["w"])
     row = jnp.clip(self.base + dy * plan["w"] + dx, 0, plan["b"] * plan["h"] * plan["w"] - 1)
-    return row, ok
-
-  def tap(self, u_ref, t, j0, bj):
-    """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
-    (m, bj) float32, 0 where the tap is outside the image."""
-    row, ok = self.tap_index(t)
     return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
 
   def d(self, u_ref, k_ref, s, j0, bj, on_tap=None):
@@ -460,7 +454,7 @@ def _bwd(stride, hw, eps, interpret, res, cts):
                   [(0, 0, 0), (0, h - (ho - 1) * stride - 1, stride - 1),
                    (0, w - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)])
   dx = dx[:rows].reshape(b, ho, wo, n, e)
-  if dbn.du_form() == "pallas":  # du1 added in the kernel, du stored in u's dtype
+  if dbn.du_form(n, e) == "pallas":  # du1 added in the kernel, du stored in u's dtype
     from qlhs_jax.kernels import stencil  # stencil imports d_bn_product, not us
     du = stencil.d_transpose(dx, k9, stride, (h, w), addend=du1, out_dtype=u2.dtype,
                              interpret=interpret)

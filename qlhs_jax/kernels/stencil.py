@@ -40,8 +40,8 @@ and ``"block"``), ``QLHS_SUMS_FORM=pallas`` (``_xla_backward_sums``: "xla") and
 power-of-two ``n`` (Triton block shapes) and, for the sums, one BatchNorm group.
 Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
 (pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`. On a CPU the
-kernels run interpreted (tests). Not timed on a GPU yet: ``benchmarks.stencil_times``
-does.
+kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
+(NOTES.md experiment 13; ``benchmarks.stencil_times`` times them alone).
 """
 
 from __future__ import annotations
@@ -58,27 +58,25 @@ F32 = jnp.float32
 KERNELS = ("stats", "du", "sums")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose"}
-# (pixels per tile, channels per program, warps[, splits][, prefetch]): the tilings
-# benchmarks.stencil_times chose over the whole network on an H100 (2026-11-27, NOTES.md
-# experiment 13; at stage 1 every tiling it tried ran within 3% of the others). A summing
-# program's running sums live in registers (pixels*channels/(32*warps) values of each of
-# the 54/splits sums a thread; the pass-3 sums: 11, times e), and ptxas gives these 140
-# (stats) and 215 (sums) registers, 106 for du (no spills; benchmarks.triton_compile
-# --op stencil): so few tiles fit an SM that each waits out its loads. "prefetch" loads
-# the next tile while the current one is summed (see _summed_tiles).
-DEFAULT_TILING = {"stats": (16, 16, 4, 1, 0), "du": (32, 16, 4), "sums": (32, 8, 4, 0)}
+# (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
+# chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
+# experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
+# At stage 1 every tiling it tried ran within 3% of the others, and ptxas gives these 140,
+# 215 and 106 registers, no spills (benchmarks.triton_compile --op stencil). One launch of
+# the statistics (splits 1): u is read once; a second pick, with 3 launches and the
+# pass-3 sums at 16,8,8, timed as fast alone but made the step 11% slower.
+DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
-_HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits][,prefetch]' "
-         "entries, e.g. 'stats=16,16,4,1,1 sums=32,8,4,1 du=32,16,4' (KERNEL stats, du or "
-         "sums; pixels and channels powers of two, warps 1-16; splits, the statistics' "
-         "launches, 1-54, stats only; prefetch 0 or 1, stats and sums only)")
+_HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du or sums; pixels and "
+         "channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
+         "stats only)")
 
 
 def tiling(kernel: str) -> tuple[int, ...]:
-  """``kernel``'s tiling from QLHS_STENCIL_TILING, else :data:`DEFAULT_TILING`:
-  (pixels, channels, warps, splits, prefetch) for "stats", (pixels, channels, warps,
-  prefetch) for "sums", (pixels, channels, warps) for "du". A missing prefetch is 0."""
+  """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
+  :data:`DEFAULT_TILING`."""
   raw = os.environ.get("QLHS_STENCIL_TILING", "")
   spec = {}
   pow2 = lambda v: v >= 1 and not v & (v - 1)
@@ -88,18 +86,15 @@ def tiling(kernel: str) -> tuple[int, ...]:
       fields = tuple(int(v) for v in value.split(","))
     except ValueError:
       fields = ()
-    lengths = {"stats": (4, 5), "sums": (3, 4), "du": (3,)}.get(name, ())
-    ok = (name in KERNELS and name not in spec and len(fields) in lengths
+    want = 4 if name == "stats" else 3
+    ok = (name in KERNELS and name not in spec and len(fields) == want
           and pow2(fields[0]) and pow2(fields[1]) and fields[2] in (1, 2, 4, 8, 16)
-          and (name != "stats" or 1 <= fields[3] <= 54)
-          and (len(fields) == lengths[0] or fields[-1] in (0, 1)))
+          and (name != "stats" or 1 <= fields[3] <= 54))
     if not ok:
       raise ValueError(f"QLHS_STENCIL_TILING={raw!r}: entry {entry!r} is not valid (or "
                        f"repeats a kernel); {_HELP}")
     spec[name] = fields
-  fields = spec.get(kernel, DEFAULT_TILING[kernel])
-  full = {"stats": 5, "sums": 4, "du": 3}[kernel]
-  return tuple(fields) + (0,) * (full - len(fields))
+  return spec.get(kernel, DEFAULT_TILING[kernel])
 
 
 def _interpret(interpret: bool | None, form: str) -> bool:
@@ -111,10 +106,11 @@ def _interpret(interpret: bool | None, form: str) -> bool:
   return pallas_interpret(f"{form}=pallas", f"unset {form}")
 
 
-def check(n: int, form: str, groups: int = 1, interpret: bool = False):
+def check(n: int, form: str, groups: int = 1, interpret: bool = False, e: int = 1):
   """Refuses what the kernels cannot do, naming the fix (``form``: the variable set).
   Interpreted, any channel count works (one block of all channels where the tiling's
-  does not divide it)."""
+  does not divide it). ``e``: the expansion, for the kernels that load hidden channels
+  (bj*e of them per program: a power of two too)."""
   from qlhs_jax.kernels.d_bn_product import plt
   if plt is None:
     raise ValueError(f"{form}=pallas needs Pallas's Triton backend "
@@ -123,6 +119,9 @@ def check(n: int, form: str, groups: int = 1, interpret: bool = False):
   if not interpret and (n < 1 or n & (n - 1)):
     raise ValueError(f"{form}=pallas needs a power-of-two channel count (Triton block "
                      f"shapes), got {n}; unset {form}")
+  if not interpret and (e < 1 or e & (e - 1)):
+    raise ValueError(f"{form}=pallas needs a power-of-two expansion (Triton block "
+                     f"shapes), got {e}; unset {form}")
   if groups != 1:
     raise ValueError(f"{form}=pallas sums over one BatchNorm group, got {groups}; "
                      f"unset {form}")
@@ -183,47 +182,25 @@ def _split(pieces, splits):
   return [g for g in out if g]
 
 
-def _summed_tiles(plan, load, add, zeros):
-  """The running sums ``zeros`` after ``add(acc, i, load(i))`` over a program's ``tpc``
-  tiles i. With ``plan["prefetch"]`` tile i+1's loads are issued before tile i is summed
-  and carried into the next iteration: the sums keep registers for few tiles (each
-  program waits out its loads), so each wait now overlaps a tile's arithmetic. ``load``
-  must not mask (a select on loaded values would wait for them): ``add`` masks."""
-  tpc = plan["tpc"]
-  if not plan["prefetch"]:
-    return lax.fori_loop(0, tpc, lambda i, acc: add(acc, i, load(i)), zeros)
-
-  def body(i, carry):
-    acc, raw = carry
-    nxt = load(jnp.minimum(i + 1, tpc - 1))  # the last iteration reloads its own tile
-    return add(acc, i, raw), nxt
-  return lax.fori_loop(0, tpc, body, (zeros, load(0)))[0]
-
-
 def _stats_kernel(u_ref, out_ref, *, plan, pieces):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   ch, j0 = pl.program_id(0), pl.program_id(1) * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   need = sorted({t for p in pieces for t in p[1:]})
-  tile = lambda i: _Tile(jnp.minimum(ch * tpc + i, tiles - 1) * m, plan)
 
-  def load(i):  # u's rows of each tap, unmasked (clamped into u), in u's dtype
-    at = tile(i)
-    return tuple(u_ref[at.tap_index(t)[0], pl.ds(j0, bj)] for t in need)
-
-  def add(acc, i, raw):
-    at = tile(i)
+  def body(i, acc):
+    ti = ch * tpc + i
+    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)
     # Rows past the last pixel (and tiles past the end: the last chunk's) count nothing.
-    live = (ch * tpc + i) * m + iota < plan["rows"]
-    taps = {t: jnp.where((at.tap_index(t)[1] & live)[:, None], v.astype(F32), 0.0)
-            for t, v in zip(need, raw)}
+    live = (ti * m + iota < plan["rows"])[:, None]
+    taps = {t: jnp.where(live, tile.tap(u_ref, t, j0, bj), 0.0) for t in need}
     return tuple(a + (taps[p[1]] if p[0] == "tap" else taps[p[1]] * taps[p[2]])
                  for a, p in zip(acc, pieces))
   # Whole (m, bj) tiles as running sums, summed over the pixels once at the end: summed
   # per tile, each piece cost shuffles and barriers in every iteration (360 shuffles and
   # 72 barriers per tile in the PTX, against 9 loads and 18 products).
-  acc = _summed_tiles(plan, load, add, tuple(jnp.zeros((m, bj), F32) for _ in pieces))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32) for _ in pieces))
   for k, a in enumerate(acc):
     out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
 
@@ -235,8 +212,8 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
-  m0, bj0, warps, splits, prefetch = tiling("stats")
-  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), prefetch=prefetch)
+  m0, bj0, warps, splits = tiling("stats")
+  plan = _chunked_plan(u.shape, stride, m0, bj0)
   chunks, bj = plan["chunks"], plan["bj"]
   u2 = u.reshape(-1, n)
   parts = []
@@ -261,28 +238,22 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *,
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   mean, rstd = mean_ref[cols][None, :], rstd_ref[cols][None, :]
   wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
-  p0 = lambda i: jnp.minimum(ch * tpc + i, tiles - 1) * m
 
-  def load(i):  # dp, c and u's rows of each tap, unmasked, in their dtypes
-    at, pix = _Tile(p0(i), plan), pl.ds(p0(i), m)
-    return (dp_ref[pix, cols], c_ref[pix, cols],
-            *(u_ref[at.tap_index(t)[0], pl.ds(j0, bj)] for t in range(9)))
-
-  def add(acc, i, raw):
-    at = _Tile(p0(i), plan)
-    dp, c, *u = raw
+  def body(i, acc):
+    ti = ch * tpc + i
+    p0 = jnp.minimum(ti, tiles - 1) * m
+    tile = _Tile(p0, plan)
     # Rows past the last pixel (and tiles past the end) count nothing: g is 0 there.
-    live = ((ch * tpc + i) * m + iota < plan["rows"])[:, None]
-    g = jnp.where(live, dp.astype(F32) * c.astype(F32), 0.0)
-    taps = [wide(jnp.where(at.tap_index(t)[1][:, None], v.astype(F32), 0.0))
-            for t, v in enumerate(u)]  # (m, bj*e) each
+    live = (ti * m + iota < plan["rows"])[:, None]
+    pix = pl.ds(p0, m)
+    g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
+    taps = [wide(tile.tap(u_ref, t, j0, bj)) for t in range(9)]  # (m, bj*e) each
     x = taps[0] * k_ref[0, cols][None, :]
     for t in range(1, 9):
       x += taps[t] * k_ref[t, cols][None, :]
     return (acc[0] + g, acc[1] + g * ((x - mean) * rstd),
             *(a + tap * g for a, tap in zip(acc[2:], taps)))
-  acc = _summed_tiles(plan, load, add,
-                      tuple(jnp.zeros((m, bj * e), F32) for _ in range(11)))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(11)))
   for k, a in enumerate(acc):
     out_ref[ch, k, cols] = a.sum(0)
 
@@ -296,9 +267,9 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e)."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
-  check(n, "QLHS_SUMS_FORM", interpret=interpret)
-  m0, bj0, warps, prefetch = tiling("sums")
-  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e, prefetch=prefetch)
+  check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
+  m0, bj0, warps = tiling("sums")
+  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
   # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
@@ -357,7 +328,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   (B, H, W, n) in ``out_dtype``, summed in float32."""
   interpret = _interpret(interpret, "QLHS_DU_FORM")
   b, ho, wo, n, e = dx.shape
-  check(n, "QLHS_DU_FORM", interpret=interpret)
+  check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
   h, w = hw
   m0, bj0, warps = tiling("du")
   g = _geometry(b, h, w, stride)

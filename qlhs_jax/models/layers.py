@@ -205,7 +205,7 @@ def _shifted_t_bwd(stride, smaj, res, g):
   j_axis = -1 if smaj else -2
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
   from qlhs_jax.kernels import d_bn_product as dbn  # the kernels import this module
-  if sum_e and not smaj and dbn.du_form() == "pallas":
+  if sum_e and not smaj and dbn.du_form(x.shape[-2], g.shape[-1]) == "pallas":
     # The gather as a Pallas kernel (kernels.stencil): XLA's loop fusion of it ran at
     # 136 GB/s on the H100 (benchmarks/NOTES.md, experiment 12). The kernel takes the
     # j-major layout with one input channel per group; other inputs keep XLA's gather.

@@ -33,7 +33,10 @@ contiguous ``j`` axis (benchmarks/NOTES.md, experiment 1).
 ``fuse_d_bn="xla"`` or ``"pallas"`` computes the training-mode ``BN(D u) * (C u)`` of
 eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written backward,
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
-autodiff. Evaluation and folded models always take the plain path.
+autodiff. Evaluation and folded models always take the plain path. ``"auto"`` is "xla"
+where its reductions run as Pallas kernels (one NVIDIA GPU: ``kernels.stencil``, 1.28x
+the plain path's training img/s on the H100) and "none" elsewhere; the ImageNet configs
+set it.
 
 ``fuse_d_bn="block"`` (eq3) goes further: the two 1x1 maps run inside the Pallas kernels
 too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor is stored in the forward
@@ -81,7 +84,7 @@ HIDDEN_LAYOUTS = layers.HIDDEN_LAYOUTS
 # "block" (eq3 only): the whole hidden path of each block, A(BN(D u) * (C u)), as Pallas
 # kernels with the 1x1 matmuls inside (kernels/eq3_block.py); a block with BatchNorm
 # groups takes "xla".
-FUSE_D_BN = dbn.FUSE_IMPLS + ("block",)
+FUSE_D_BN = dbn.FUSE_IMPLS + ("block", "auto")
 FUSED_FORMS = ("eq3", "eq5", "eq3w")  # the forms whose block holds BN(D u) * (C u)
 
 
@@ -218,12 +221,26 @@ class QLHSBlock(nn.Module):
     """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
     order (and so the initial values) of the plain path."""
-    if self.fuse_d_bn != "none" and self.train and not self.folded:
+    fuse = self._fuse(x.shape[-1])
+    if fuse != "none" and self.train and not self.folded:
       kernel = self._d_kernel(x.shape[-1])
-      impl = "xla" if self.fuse_d_bn == "block" else self.fuse_d_bn
+      impl = "xla" if fuse == "block" else fuse
       return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
                              name="bn_d")(x, kernel, make_c())
     return self._norm(self._d(self._split(x), stride), "d") * make_c()
+
+  @nn.nowrap
+  def _fuse(self, n_in):
+    """fuse_d_bn for a block of ``n_in`` input channels. "auto": "xla" where its
+    reductions run as Pallas kernels (``d_bn_product.stencil_on_gpu``: one NVIDIA GPU;
+    on the H100 1.28x the plain path's img/s, benchmarks/NOTES.md experiment 13), else
+    "none" (with XLA's reductions "xla" trains slower than the plain path: 0.46x on the
+    H100); "none" too where fusing does not apply (other forms, the s-major layout)."""
+    if self.fuse_d_bn != "auto":
+      return self.fuse_d_bn
+    applies = self.form in FUSED_FORMS and not self._smaj
+    return ("xla" if applies and dbn.stencil_on_gpu(n_in, self.bn_groups, self.expansion)
+            else "none")
 
   @nn.nowrap
   def _check_fuse(self):
@@ -239,7 +256,7 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"block_max_width={width} limits fuse_d_bn='block', but fuse_d_bn is "
                        f"{self.fuse_d_bn!r}; set fuse_d_bn=block or leave block_max_width "
                        f"at 0")
-    if self.fuse_d_bn == "none":
+    if self.fuse_d_bn in ("none", "auto"):  # auto never picks what does not apply
       return
     if self.form not in FUSED_FORMS:
       raise ValueError(f"fuse_d_bn={self.fuse_d_bn!r} applies to the forms {FUSED_FORMS} "

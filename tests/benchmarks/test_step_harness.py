@@ -180,3 +180,17 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": "pallas"}
   assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "pallas"}
   assert kernel_env_of({}) == {} and kernel_env_of({"d_impl": "grouped"}) == {}
+  # Left to "auto", on this CPU: XLA's forms, nothing to record (as in the records
+  # before auto). Where auto picks the kernels (one NVIDIA GPU; benchmarks.aot compiling
+  # for one: QLHS_PALLAS_INTERPRET=0), "auto:pallas", for the forms the model uses.
+  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM", "QLHS_PALLAS_INTERPRET"):
+    monkeypatch.delenv(var, raising=False)
+  assert kernel_env_of({"fuse_d_bn": "xla"}) == {}
+  monkeypatch.setenv("QLHS_PALLAS_INTERPRET", "0")
+  auto = "auto:pallas"
+  assert kernel_env_of({"fuse_d_bn": "xla"}) == {
+      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto}
+  assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
+  monkeypatch.setenv("QLHS_DU_FORM", "gather")
+  assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "gather"}
+  assert kernel_env_of({}) == {}

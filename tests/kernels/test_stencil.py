@@ -38,8 +38,6 @@ def numpy_stats(u, stride):
 SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel blocks
     ((2, 6, 5, 4), 1, "stats=16,4,4,1 du=16,4,4"),
     ((3, 7, 6, 8), 2, "stats=8,4,2,3 du=8,4,2"),     # two channel blocks, 3 launches
-    ((3, 7, 6, 8), 2, "stats=8,4,2,3,1 du=8,4,2"),   # the same, prefetching
-    ((2, 6, 5, 4), 1, "stats=8,4,4,1,1 du=16,4,4"),  # prefetching, one launch
     ((2, 9, 9, 16), 1, "stats=32,16,4,54 du=64,8,4"),  # one piece per launch
     ((1, 5, 8, 4), 2, ""),                             # the defaults
 ]
@@ -72,8 +70,6 @@ def numpy_bn_sums(u, c5, dp5, k9, mean, rstd, stride):
 SUMS_SHAPES = [  # (B, H, W, n), stride, e, tiling
     ((2, 6, 5, 4), 1, 4, "sums=16,4,4"),
     ((3, 7, 6, 8), 2, 2, "sums=8,4,2"),    # two channel blocks, partial tiles
-    ((3, 7, 6, 8), 2, 2, "sums=8,4,2,1"),  # the same, prefetching
-    ((2, 6, 5, 4), 1, 4, "sums=8,4,4,1"),  # prefetching
     ((2, 9, 9, 16), 1, 4, ""),               # the default
     ((1, 5, 8, 4), 2, 1, "sums=4,4,1"),
 ]
@@ -125,8 +121,7 @@ def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
 
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
-               "du=32,32,4 du=16,16,4", "sums=16,8,4,2", "stats=16,16,4,1,2",
-               "du=32,16,4,1", "sums=16,8,4,1,1"):
+               "du=32,32,4 du=16,16,4", "sums=16,8,4,2"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -279,24 +274,12 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
 
 
-def test_tilings_read_with_prefetch_off_unless_given(monkeypatch):
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=8,4,4,2 sums=8,4,4,1 du=8,4,2")
-  assert stencil.tiling("stats") == (8, 4, 4, 2, 0)
-  assert stencil.tiling("sums") == (8, 4, 4, 1)
-  assert stencil.tiling("du") == (8, 4, 2)
-  monkeypatch.delenv("QLHS_STENCIL_TILING")
-  assert [len(stencil.tiling(k)) for k in ("stats", "sums", "du")] == [5, 4, 3]
-
-
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch, prefetch):
+def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch):
   """With few programs each sums a chunk of several tiles, and the last chunk runs past
   the last tile (here 3 chunks of 4 for 10 tiles): those tiles count nothing, in the
-  statistics and in pass 3's sums; prefetching too (it loads one tile ahead, and the
-  last iteration reloads its own)."""
+  statistics and in pass 3's sums."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", 3)
-  monkeypatch.setenv("QLHS_STENCIL_TILING",
-                     f"stats=8,4,4,2,{prefetch} sums=8,4,4,{prefetch}")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=8,4,4,2 sums=8,4,4")
   rng = np.random.default_rng(9)
   b, h, w, n, e = 2, 5, 8, 4, 2  # 80 pixels: 10 tiles of 8
   args = (rng.normal(size=(b, h, w, n)) + 0.3, rng.normal(size=(b, h, w, n, e)),
@@ -307,3 +290,58 @@ def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch, prefet
                              numpy_stats(args[0], 1), rtol=2e-5, atol=2e-4)
   for g, w_ in zip(stencil.bn_sums(*a32, 1, interpret=True), numpy_bn_sums(*args, 1)):
     np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
+
+
+def test_auto_picks_the_kernels_on_one_nvidia_gpu_only(monkeypatch):
+  """Unset, each form is "auto": the Pallas kernels on one NVIDIA GPU (or while
+  benchmarks.aot compiles for one: QLHS_PALLAS_INTERPRET=0) where they apply, XLA's
+  forms elsewhere; a set form wins."""
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PALLAS_INTERPRET"):
+    monkeypatch.delenv(var, raising=False)
+  forms = lambda n, groups=1: (dbn.stats_form(n, groups), dbn.sums_form(n, groups),
+                               dbn.du_form(n))
+  assert forms(64) == ("xla", "xla", "gather")  # this CPU
+  with monkeypatch.context() as mp:  # one H100, as JAX reports it
+    mp.setattr(jax, "default_backend", lambda: "gpu")
+    mp.setattr(jax, "device_count", lambda: 1)
+    gpu = type("Device", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()
+    mp.setattr(jax, "devices", lambda: [gpu])
+    assert forms(64) == ("pallas", "pallas", "pallas")
+    assert forms(48) == ("xla", "xla", "gather")  # not a power of two
+    assert forms(64, groups=2) == ("xla", "xla", "pallas")  # du sums no BatchNorm group
+    mp.setattr(jax, "device_count", lambda: 8)  # no sharding rule for a Triton call
+    assert forms(64) == ("xla", "xla", "gather")
+    mp.setattr(jax, "device_count", lambda: 1)
+    mp.setattr(gpu, "device_kind", "AMD Instinct MI300X")
+    assert forms(64) == ("xla", "xla", "gather")
+  monkeypatch.setenv("QLHS_PALLAS_INTERPRET", "0")
+  assert forms(64) == ("pallas", "pallas", "pallas")
+  monkeypatch.setenv("QLHS_SUMS_FORM", "xla")
+  monkeypatch.setenv("QLHS_DU_FORM", "autodiff")
+  assert forms(64) == ("pallas", "xla", "autodiff")
+  monkeypatch.setenv("QLHS_STATS_FORM", "automatic")
+  with pytest.raises(ValueError, match="QLHS_STATS_FORM='automatic'.*'auto'"):
+    dbn.stats_form(64)
+
+
+def test_auto_reaches_the_kernels_where_it_picks_them(monkeypatch):
+  """fuse_d_bn="xla" with every form left to "auto", where auto picks the kernels (here
+  made to, on this CPU, where they run interpreted): all three kernels run, and the
+  outputs and gradients are float64 autodiff's."""
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,1 sums=8,4,2 du=16,4,4")
+  monkeypatch.setattr(dbn, "stencil_on_gpu", lambda n, groups=1: groups == 1)
+  args, weights = make_inputs(4, (2, 6, 7, 4), 1, 4)
+  want, ref = float64_reference(functools.partial(dbn.reference, stride=1), args, weights)
+  calls = spy_on_kernels(monkeypatch)
+  op = functools.partial(dbn.d_bn_product, stride=1, impl="xla")
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*a32)
+  for g, r in zip(got, ref):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, err
+  assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls

@@ -177,6 +177,14 @@ def test_config_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"'{fuse}' runs on one device; this mesh has 8"):
       train.train_and_evaluate(cfg, str(tmp_path / fuse))
     assert not (tmp_path / fuse).exists()
+  # Nor can the stencil forms' kernels, when a variable asks for them.
+  cfg = tiny_config()
+  cfg.model_overrides.fuse_d_bn = "xla"
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
+  with pytest.raises(ValueError, match="QLHS_SUMS_FORM=pallas runs Triton kernels on one "
+                                       "device; this mesh has 8. Unset QLHS_SUMS_FORM"):
+    train.train_and_evaluate(cfg, str(tmp_path / "sums"))
+  assert not (tmp_path / "sums").exists()
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
@@ -203,3 +211,30 @@ def test_xla_train_step_on_a_sharded_mesh():
          for fuse in ("none", "xla")}
   np.testing.assert_allclose(out["xla"][1], out["none"][1], rtol=1e-5)
   assert_trees_close(out["xla"][0].params, out["none"][0].params, 1e-4, 1e-5)
+
+
+def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
+  """fuse_d_bn="auto": where ``d_bn_product.stencil_on_gpu`` picks the Pallas kernels
+  (one NVIDIA GPU; here made to, the kernels interpreted) the "xla" operation with the
+  kernels computes the plain network; elsewhere (this CPU, other forms) the plain path
+  itself runs."""
+  from qlhs_jax.kernels import d_bn_product as dbn
+  from qlhs_jax.kernels import stencil
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.delenv(var, raising=False)
+  plain = QLHSNet(activation="softball", dtype=jnp.float32, **TINY)
+  auto = plain.clone(fuse_d_bn="auto")
+  v = random_variables(plain, X, lo=-0.7, hi=0.7)
+  calls = []
+  real = stencil.tap_stats
+  monkeypatch.setattr(stencil, "tap_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+  # Here (a CPU): the plain path, the same computation.
+  for got, want in zip(jax.tree.leaves(train_outputs(auto, v)),
+                       jax.tree.leaves(train_outputs(plain, v))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert not calls
+  eq7 = QLHSNet(form="eq7", fuse_d_bn="auto", dtype=jnp.float32, **TINY)
+  eq7.init(jax.random.PRNGKey(0), X, train=True)  # not a fused form: plain, no error
+  monkeypatch.setattr(dbn, "stencil_on_gpu", lambda n, groups=1, e=1: groups == 1)
+  assert_same_network(plain, auto)
+  assert calls, "fuse_d_bn='auto' did not reach the stencil kernels where they run"

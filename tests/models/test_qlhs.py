@@ -147,10 +147,16 @@ def test_d_implementations_give_the_same_network(form):
       return (out * y).sum()
     return jax.grad(loss)(v["params"])
   # pin_hidden_layout (a physical layout, not a value): the same gradient too.
+  # Absolute slack from the whole gradient's scale: bn_d's bias gradient is zero in exact
+  # arithmetic (a BatchNorm follows), so both sides are float32 rounding of cancelling
+  # terms, ~1e-7 (JAX 0.12 on a CPU: 1.2e-7 apart where the leaf's own scale gave 1e-7).
+  g_ref = grads(m)
+  scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g_ref))
   for variant in (dict(d_impl="shifted_t"), dict(pin_hidden_layout=True)):
-    for ga, gt in zip(jax.tree.leaves(grads(m)), jax.tree.leaves(grads(m.clone(**variant)))):
+    for ga, gt in zip(jax.tree.leaves(g_ref), jax.tree.leaves(grads(m.clone(**variant)))):
       np.testing.assert_allclose(np.asarray(gt), np.asarray(ga), rtol=1e-4,
-                                 atol=1e-5 * float(np.abs(np.asarray(ga)).max()) + 1e-7)
+                                 atol=1e-5 * float(np.abs(np.asarray(ga)).max())
+                                 + 1e-6 * scale)
 
 
 def test_pin_hidden_layout_reaches_every_block():
