@@ -124,9 +124,10 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
     | cut -c1-150
   forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
-  # No choice printed (the run failed before its first shape ended): the XLA forms, so
-  # that kernels never run on the device cannot fail every row below.
-  forms=${forms:-QLHS_STATS_FORM= QLHS_SUMS_FORM= QLHS_DU_FORM=}
+  # No choice printed (the run failed before its first shape ended): the XLA forms,
+  # named (unset, each is "auto": the kernels), so that kernels never run on the device
+  # cannot fail every row below.
+  forms=${forms:-QLHS_STATS_FORM=xla QLHS_SUMS_FORM=xla QLHS_DU_FORM=gather}
   spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
   export $forms
   if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi

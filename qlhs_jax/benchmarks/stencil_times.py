@@ -23,7 +23,7 @@ each complete on its own, so that a run its time limit stops still leaves usable
 - ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
   shapes timed so far (times weighted by each shape's blocks);
 - ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
-  fastest form over those shapes (empty where that is the default XLA form).
+  fastest form over those shapes, named (an XLA form too: unset, each is "auto").
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -111,9 +111,10 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   for kernel, form, tiling in todo:
     name = f"{kernel} {form}" + (f"@{tiling}" if tiling else "")
     try:
-      # The XLA sums as XLA reduces them, whatever QLHS_SUMS_FORM the shell has.
+      # The XLA sums as XLA reduces them, whatever QLHS_SUMS_FORM the shell has (unset,
+      # "auto" would take the Pallas kernel on the GPU).
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
-          kernel_env("QLHS_SUMS_FORM", ""):
+          kernel_env("QLHS_SUMS_FORM", "xla"):
         run = jax.jit(fns[kernel, form]).lower(u, dx, k9).compile()
       got = run(u, dx, k9)
       if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
@@ -143,8 +144,8 @@ def best(results: dict, blocks: dict, kernel: str):
 
 
 def spec_and_forms(results, blocks) -> tuple[str, str]:
-  """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables (the
-  Pallas form where it is faster than each kernel's default XLA form)."""
+  """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables, each
+  the fastest form, named explicitly (unset, a form is "auto": the kernels on a GPU)."""
   spec, forms = [], []
   for kernel, var, default in (("stats", "QLHS_STATS_FORM", "xla"),
                                ("sums", "QLHS_SUMS_FORM", "xla"),
@@ -154,7 +155,7 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
     if pallas and min(pallas.values()) < float("inf"):
       spec.append(f"{kernel}={min(pallas, key=pallas.get).split('@')[1]}")
     form = name.split()[1].split("@")[0] if name else default
-    forms.append(f"{var}={form}" if form != default else f"{var}=")
+    forms.append(f"{var}={form}")
   return " ".join(spec), " ".join(forms)
 
 

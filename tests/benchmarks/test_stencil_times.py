@@ -7,7 +7,7 @@ from qlhs_jax.benchmarks import stencil_times, table
 
 def test_the_choice_weights_blocks_and_skips_wrong_results():
   """The network time weights each shape by its blocks; a Pallas result that disagrees
-  with the XLA form never wins; a form is chosen only where it beats the default."""
+  with the XLA form never wins; a form is chosen only where it beats the others."""
   ok = lambda ms: {"ms": ms, "err": 0.0}
   results = {
       "a": {"stats xla": ok(4.0), "stats pallas@32,16,4,3": ok(1.0),
@@ -24,7 +24,8 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert stencil_times.best(results, blocks, "du")[0] == "du gather"  # 4.0 < 9.1, 6.5
   spec, forms = stencil_times.spec_and_forms(results, blocks)
   assert spec == "stats=32,16,4,3 du=32,16,4"  # no sums timed: no entry, the XLA form
-  assert forms == "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM= QLHS_DU_FORM="
+  # Named, XLA's forms too: unset, a form is "auto" (the kernels on a GPU).
+  assert forms == "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=xla QLHS_DU_FORM=gather"
 
 
 def test_cpu_smoke_run(tmp_path, capsys):

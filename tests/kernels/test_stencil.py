@@ -331,7 +331,7 @@ def test_auto_reaches_the_kernels_where_it_picks_them(monkeypatch):
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,1 sums=8,4,2 du=16,4,4")
-  monkeypatch.setattr(dbn, "stencil_on_gpu", lambda n, groups=1: groups == 1)
+  monkeypatch.setattr(dbn, "stencil_on_gpu", lambda n, groups=1, e=1: groups == 1)
   args, weights = make_inputs(4, (2, 6, 7, 4), 1, 4)
   want, ref = float64_reference(functools.partial(dbn.reference, stride=1), args, weights)
   calls = spy_on_kernels(monkeypatch)
