@@ -157,15 +157,16 @@ def _fuse_of(overrides: dict) -> str:
 
 
 def auto_pallas_forms(overrides: dict) -> list[str]:
-  """The stencil form variables, unset, that this model uses and whose default ("auto",
-  ``d_bn_product.stencil_on_gpu``) picks the Pallas kernels here: on one NVIDIA GPU, or
+  """The stencil form variables, unset or "auto", that this model uses and that pick
+  the Pallas kernels here (``d_bn_product.stencil_on_gpu``): on one NVIDIA GPU, or
   while benchmarks.aot compiles for one."""
   from qlhs_jax.kernels import d_bn_product as dbn
   fuse = _fuse_of(overrides)
   resolve = {"QLHS_STATS_FORM": dbn.stats_form, "QLHS_SUMS_FORM": dbn.sums_form,
              "QLHS_DU_FORM": dbn.du_form}
   return [k for k, form in resolve.items()
-          if fuse in KERNEL_ENV[k] and not os.environ.get(k) and form(64) == "pallas"]
+          if fuse in KERNEL_ENV[k] and os.environ.get(k, "") in ("", "auto")
+          and form(64) == "pallas"]
 
 
 def kernel_env_of(overrides: dict) -> dict:
@@ -175,7 +176,7 @@ def kernel_env_of(overrides: dict) -> dict:
   XLA's forms (the default until 2026-11-27)."""
   fuse = _fuse_of(overrides)
   env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
-         if os.environ.get(k) and fuse in fuses}
+         if os.environ.get(k, "") not in ("", "auto") and fuse in fuses}
   env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides)})
   return env
 

@@ -128,12 +128,12 @@ FORM_DEFAULT = "auto"
 def stencil_on_gpu(n: int | None, groups: int = 1, e: int = 1) -> bool:
   """What the stencil forms' default, "auto", picks: kernels.stencil's Pallas kernels
   on one NVIDIA GPU where they apply (power-of-two ``n`` and expansion ``e``; one
-  BatchNorm group for the sums), XLA's forms elsewhere. On an H100 the kernels made fuse_d_bn="xla" 2.8x faster
-  (benchmarks/NOTES.md, experiment 13). XLA's forms stay the reference: on a CPU (the
-  tests check the kernels, interpreted, against them), on a TPU, and over several
-  devices (a Triton call has no sharding rule, so XLA would gather its operands onto
-  every device). QLHS_PALLAS_INTERPRET=0 (benchmarks.aot, compiling for an H100 on a
-  CPU machine) counts as one GPU."""
+  BatchNorm group for the sums), XLA's forms elsewhere. On an H100 the kernels made
+  fuse_d_bn="xla" 2.8x faster (benchmarks/NOTES.md, experiment 13). XLA's forms stay
+  the reference: on a CPU (the tests check the kernels, interpreted, against them), on
+  a TPU, and over several devices (a Triton call has no sharding rule, so XLA would
+  gather its operands onto every device). QLHS_PALLAS_INTERPRET=0 (benchmarks.aot,
+  compiling for an H100 on a CPU machine) counts as one GPU."""
   if (plt is None or n is None or n < 1 or n & (n - 1) or e < 1 or e & (e - 1)
       or groups != 1):
     return False
@@ -300,7 +300,8 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
   and of tap_t(u) * g, (G, n, 9, e) (dL/dkernel's share that needs g)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
-  if sums_form(u.shape[-1], groups, c5.shape[-1]) == "pallas":  # as one Pallas kernel (kernels.stencil)
+  # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
+  if sums_form(u.shape[-1], groups, c5.shape[-1]) == "pallas":
     from qlhs_jax.kernels import stencil  # imports this module
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
@@ -712,7 +713,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                           dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  if du_form(u.shape[-1], e) == "pallas":  # stored in u's dtype by the kernel, not cast after
+  if du_form(u.shape[-1], e) == "pallas":  # stored in u's dtype by the kernel, not after
     from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
   else:

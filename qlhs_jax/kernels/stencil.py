@@ -33,11 +33,12 @@ not per element), and every product is formed from taps held in registers.
   pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
   summed over e once at the end.
 
-Selected by ``QLHS_STATS_FORM=pallas`` (d_bn_product's ``_stats``: ``fuse_d_bn="xla"``
-and ``"block"``), ``QLHS_SUMS_FORM=pallas`` (``_xla_backward_sums``: "xla") and
-``QLHS_DU_FORM=pallas`` (``_d_transpose``: "xla", "block", "pallas" and
-``d_impl="shifted_t"``); the XLA forms stay the default and the reference. They need a
-power-of-two ``n`` (Triton block shapes) and, for the sums, one BatchNorm group.
+Selected by ``QLHS_STATS_FORM`` (d_bn_product's ``_stats``: ``fuse_d_bn="xla"`` and
+``"block"``), ``QLHS_SUMS_FORM`` (``_xla_backward_sums``: "xla") and ``QLHS_DU_FORM``
+(``_d_transpose``: "xla", "block", "pallas" and ``d_impl="shifted_t"``): ``pallas``,
+or unset ("auto", ``d_bn_product.stencil_on_gpu``: on one NVIDIA GPU). XLA's forms stay
+the reference, and the default elsewhere. They need a power-of-two ``n`` and expansion
+(Triton block shapes) and, for the sums, one BatchNorm group.
 Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
 (pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`. On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster

@@ -35,8 +35,8 @@ eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written ba
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
 autodiff. Evaluation and folded models always take the plain path. ``"auto"`` is "xla"
 where its reductions run as Pallas kernels (one NVIDIA GPU: ``kernels.stencil``, 1.28x
-the plain path's training img/s on the H100) and "none" elsewhere; the ImageNet configs
-set it.
+the plain path's training img/s on the H100) and "none" elsewhere; configs/eq3.py sets
+it.
 
 ``fuse_d_bn="block"`` (eq3) goes further: the two 1x1 maps run inside the Pallas kernels
 too (:mod:`qlhs_jax.kernels.eq3_block`), so no hidden tensor is stored in the forward

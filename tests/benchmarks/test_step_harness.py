@@ -191,6 +191,8 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   assert kernel_env_of({"fuse_d_bn": "xla"}) == {
       "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto}
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
+  monkeypatch.setenv("QLHS_DU_FORM", "auto")  # named: the same as unset
+  assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": auto}
   monkeypatch.setenv("QLHS_DU_FORM", "gather")
   assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "gather"}
   assert kernel_env_of({}) == {}
