@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|block|variants|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|all]
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
@@ -16,6 +16,13 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
+# "ncu" (time limits add up to 300 s; NOTES.md experiment 13): what bounds the stencil
+#   kernels, which run at ~1.1 TB/s (the statistics at 0.2) at every tiling tried, with
+#   prefetching too. Nsight Compute (--clock-control none) reads throughput, memory,
+#   occupancy, warp-stall and scheduler sections for each kernel at stage 1 (the
+#   statistics, pass-3 sums and du, at the default tiles; benchmarks.stencil_times
+#   runs them), into $OUT/ncu.txt; then fuse_d_bn="auto" (the default of
+#   configs/eq3.py: "xla" with the kernels) against ResNet50, to confirm it.
 # "block" (490 s), the "step" of experiment 11: benchmarks.block_tune (NOTES.md
 #   experiment 9) times each of fuse_d_bn="block"'s three kernels alone at up to five
 #   tiles per block shape (six at widths >= 256: 16 warps too; the sums kernel also at
@@ -61,7 +68,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|block|variants|all) ;; *) echo "usage: $0 [op|step|block|variants|all]" >&2; exit 2;; esac
+case "$PART" in op|step|ncu|block|variants|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -73,7 +80,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
   # that finished.
   if [ -d "$H" ]; then tar rf "$OUT/hlo.tar" -C "$OUT" hlo && rm -r "$H"; fi
   if [ -n "${BRING:-}" ]; then
-    for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar; do
+    for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar ncu.txt; do
       [ -f "$OUT/$f" ] && cp "$OUT/$f" "$BRING/"
     done
   fi
@@ -146,6 +153,25 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   # The plain path with the hand-written transpose and the pinned layout (83.6 GB; never
   # timed on a GPU), du from QLHS_DU_FORM.
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
+fi
+if [ "$PART" = ncu ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
+    --section LaunchStats --section WarpStateStats --section SchedulerStats"
+  echo "== ncu ($NCU): the stencil kernels at stage 1" | tee -a "$OUT/log.txt"
+  # The first 12 launches of the Pallas kernels (XLA's forms run first, unprofiled):
+  # each kernel's compile check and timed calls. Their names in a launch are not known
+  # yet (Pallas's, or XLA's custom call's): the pattern takes either.
+  timeout 150 "$NCU" --clock-control none --kernel-name regex:"qlhs|pallas|triton" \
+    --launch-count 12 $SECTIONS \
+    python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" --shapes stage1 \
+      --calls 1 --repeats 1 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
+      --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu.txt"
+  echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/ncu.txt"
+  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration" \
+    "$OUT/ncu.txt" | head -n 80
+  bring
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
 fi
 if [ "$PART" = block ] || [ "$PART" = all ]; then
   # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the
