@@ -175,6 +175,8 @@ def pass_timing(batch, size_scale, steps, warmup, interpret, e=4,
   per-channel vectors), per shape: which pass falls short of the bandwidth."""
   import jax
   import jax.numpy as jnp
+
+  from qlhs_jax.benchmarks.step import kernel_env
   from qlhs_jax.kernels import d_bn_product as dbn
   F32 = jnp.float32
   out = []
@@ -220,7 +222,6 @@ def pass_timing(batch, size_scale, steps, warmup, interpret, e=4,
         try:
           # XLA's own passes: QLHS_SUMS_FORM left unset is "auto", which on a GPU would
           # time the stencil kernel as the "xla" sums.
-          from qlhs_jax.benchmarks.step import kernel_env
           with kernel_env("QLHS_SUMS_FORM", "xla"):
             compiled = jax.jit(fn).lower(*args).compile()
           rec["ms"][impl] = _median_ms(compiled, args, steps, warmup)
