@@ -18,7 +18,8 @@ backward 4 dx = dL/d(D u); partial sums of dL/dkernel      c, dp in, dx out
 backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 =========  ==============================================  ===========================
 
-(``impl="xla"`` takes dL/dkernel's sums in pass 3 instead, see :func:`_xla_kernel_grad`.)
+(``impl="xla"`` takes dL/dkernel's sums in pass 3 instead, see :func:`_xla_kernel_grad`,
+and writes dc in pass 4, next to dx, see :func:`dc_pass`.)
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
@@ -173,6 +174,22 @@ def stats_form(n: int | None = None, groups: int = 1) -> str:
   return _form("QLHS_STATS_FORM", STATS_FORMS, "xla", n, groups, 1)
 
 
+DC_PASSES = ("dx", "sums")
+
+
+def dc_pass() -> str:
+  """Where impl "xla" computes dc = dp * BN(D u): QLHS_DC_PASS, else "dx". "dx" (pass 4,
+  in the function that writes dx, from the same D u) or "sums" (after pass 3, from its
+  own copy of u behind a barrier, as before 2026-12-03). Compiled for the H100, XLA
+  puts dc in pass 4's fusion either way, but "sums" hands it u twice: "dx" moves 0.80
+  GB less per step (65.52 against 66.32 GB, 838 kernels against 840;
+  benchmarks/NOTES.md, experiment 14). The same dc either way (tests/kernels)."""
+  where = os.environ.get("QLHS_DC_PASS", "") or "dx"
+  if where not in DC_PASSES:
+    raise ValueError(f"QLHS_DC_PASS={where!r}: choose one of {DC_PASSES} (unset: dx)")
+  return where
+
+
 def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
                  form: str | None = None) -> jax.Array:
   """du = D^T dx in float32: ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e), ``hw`` = u's
@@ -295,9 +312,11 @@ def _xla_apply(u, c5, k9, mul, add, stride, groups):
   return _pin((f1 * c5.astype(F32)).astype(c5.dtype))
 
 
-def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
-  """Pass 3: dc, and per group the sums of g = dp*c and g*xhat (BatchNorm's backward)
-  and of tap_t(u) * g, (G, n, 9, e) (dL/dkernel's share that needs g)."""
+def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
+                       with_dc=True):
+  """Pass 3: dc (None unless ``with_dc``: :func:`dc_pass`), and per group the sums of
+  g = dp*c and g*xhat (BatchNorm's backward) and of tap_t(u) * g, (G, n, 9, e)
+  (dL/dkernel's share that needs g)."""
   from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
   # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
@@ -318,17 +337,28 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups):
     sums = _stacked_group_sums([g, g * xhat] + [t * g for t in taps], groups, 2)
     sg, sgx = sums[0], sums[1]  # (G, n, e)
     tg = jnp.moveaxis(sums[2:], 0, 2)  # (G, n, 9, e)
+  if not with_dc:
+    return None, sg, sgx, tg
   # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
   # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
   # 0.93 + 0.92).
   u_dc, _ = lax.optimization_barrier((u, sg))
-  f1 = (_d_xla(u_dc, k9, stride) * _per_group(mul, groups, b)
+  return _xla_dc(u_dc, dp5, k9, mul, add, stride, groups, c5.dtype), sg, sgx, tg
+
+
+def _xla_dc(u, dp5, k9, mul, add, stride, groups, dtype):
+  """dc = dp * BN(D u), in ``dtype``."""
+  b = u.shape[0]
+  f1 = (_d_xla(u, k9, stride) * _per_group(mul, groups, b)
         + _per_group(add, groups, b))
-  return _pin((dp5.astype(F32) * f1).astype(c5.dtype)), sg, sgx, tg
+  return _pin((dp5.astype(F32) * f1).astype(dtype))
 
 
-def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype):
-  """Pass 4: dx = dL/d(D u), stored in ``dx_dtype`` for du = D^T dx."""
+def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype,
+                     add=None):
+  """Pass 4: dx = dL/d(D u), stored in ``dx_dtype`` for du = D^T dx; with ``add`` (the
+  forward's BatchNorm shift, :func:`dc_pass` "dx") also dc = dp * BN(D u), returned as
+  ``(dx, dc)``: both from the same D u, read from the same c, dp and u."""
   x = _d_xla(u, k9, stride)
   b = u.shape[0]
   g = dp5.astype(F32) * c5.astype(F32)
@@ -337,7 +367,11 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
              + _per_group(c0, groups, b)).astype(dx_dtype))
   # Store dx in dx_dtype: without the barrier XLA drops the round trip through bfloat16
   # (excess precision) and keeps a float32 dx for du, twice the bytes.
-  return lax.optimization_barrier(dx)
+  if add is None:
+    return lax.optimization_barrier(dx)
+  f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
+  dc = _pin((dp5.astype(F32) * f1).astype(c5.dtype))
+  return lax.optimization_barrier((dx, dc))
 
 
 def _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0):
@@ -699,8 +733,9 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # so that XLA cannot merge the three D u (forward and two backward passes) into one
     # float32 tensor stored in the forward and read back twice.
     u_sums, dp5 = lax.optimization_barrier((u, dp5))
+    dc_with_dx = dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
-                                          stride, groups)
+                                          stride, groups, with_dc=not dc_with_dx)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
@@ -710,8 +745,12 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                                   dp.dtype, interpret)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))
-    dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                          dp.dtype)
+    if dc_with_dx:
+      dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+                                 dp.dtype, add=add)
+    else:
+      dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
+                            dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   if du_form(u.shape[-1], e) == "pallas":  # stored in u's dtype by the kernel, not after
     from qlhs_jax.kernels import stencil  # imports this module

@@ -106,6 +106,21 @@ def test_gradients_match_float64_autodiff(impl, shape, stride, e, kj, groups):
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
 
 
+@pytest.mark.parametrize("where", dbn.DC_PASSES)
+@pytest.mark.parametrize("shape,stride,e,kj,groups", CASES[:2])
+def test_dc_in_either_pass_matches_float64_autodiff(monkeypatch, where, shape, stride, e,
+                                                    kj, groups):
+  """QLHS_DC_PASS: impl "xla" writes dc next to dx in pass 4 ("dx", the default) or in a
+  fusion of its own after pass 3 ("sums"); every gradient matches float64 autodiff
+  either way, and dc is computed where the setting says (a spy on the own-fusion form)."""
+  monkeypatch.setenv("QLHS_DC_PASS", where)
+  own = []
+  real = dbn._xla_dc
+  monkeypatch.setattr(dbn, "_xla_dc", lambda *a: own.append(1) or real(*a))
+  test_gradients_match_float64_autodiff("xla", shape, stride, e, kj, groups)
+  assert bool(own) == (where == "sums")
+
+
 def test_pallas_equals_xla_in_bfloat16():
   """The two implementations run the same float32 passes: in bfloat16 (the training
   dtype) they agree to bfloat16 rounding of the stored tensors."""
@@ -135,6 +150,10 @@ def test_wrong_arguments_are_refused(monkeypatch):
   args6, _ = make_inputs(0, (2, 6, 6, 4), 1, 6, 1, 1, np.float32)
   with pytest.raises(ValueError, match="power-of-two expansion"):
     dbn.d_bn_product(*(jnp.asarray(a) for a in args6), impl="pallas", interpret=True)
+  monkeypatch.setenv("QLHS_DC_PASS", "du")
+  with pytest.raises(ValueError, match="QLHS_DC_PASS='du': choose one of"):
+    jax.grad(lambda c: dbn.d_bn_product(u, c, kernel, scale, bias)[0].sum())(c)
+  monkeypatch.delenv("QLHS_DC_PASS")
   monkeypatch.setattr(dbn, "plt", None)  # a JAX without Pallas's Triton backend
   with pytest.raises(ValueError, match="needs Pallas's Triton backend.*fuse_d_bn='xla'"):
     dbn.d_bn_product(u, c, kernel, scale, bias, impl="pallas", interpret=True)
