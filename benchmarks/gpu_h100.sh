@@ -159,11 +159,12 @@ if [ "$PART" = ncu ]; then
   SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
     --section LaunchStats --section WarpStateStats --section SchedulerStats"
   echo "== ncu ($NCU): the stencil kernels at stage 1" | tee -a "$OUT/log.txt"
-  # The first 12 launches of the Pallas kernels (XLA's forms run first, unprofiled):
-  # each kernel's compile check and timed calls. Their names in a launch are not known
+  # The first 16 launches of the Pallas kernels (XLA's forms run first, unprofiled): the
+  # statistics from lags and from all 54 products, the sums and du, each kernel's compile
+  # check and timed calls. Their names in a launch are not known
   # yet (Pallas's, or XLA's custom call's): the pattern takes either.
   timeout 150 "$NCU" --clock-control none --kernel-name regex:"qlhs|pallas|triton" \
-    --launch-count 12 $SECTIONS \
+    --launch-count 16 $SECTIONS \
     python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" --shapes stage1 \
       --calls 1 --repeats 1 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
       --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu.txt"

@@ -183,8 +183,8 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
                      f"mesh) or run on one device")
   # The stencil forms' Pallas kernels likewise ("auto" picks them on one device only).
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
-    if os.environ.get(var) == "pallas" and mesh.size > 1:
-      raise ValueError(f"{var}=pallas runs Triton kernels on one device; this mesh has "
+    if os.environ.get(var, "").startswith("pallas") and mesh.size > 1:
+      raise ValueError(f"{var}={os.environ[var]} runs Triton kernels on one device; this mesh has "
                        f"{mesh.size}. Unset {var} (auto: XLA's form on several devices) "
                        f"or run on one device")
 

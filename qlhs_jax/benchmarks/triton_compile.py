@@ -90,8 +90,9 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 
 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
-  """``stencil.tap_stats`` of u, ``stencil.bn_sums`` and ``stencil.d_transpose`` of dx
-  (with an addend, as eq3_block calls it) in bfloat16, lowered for CUDA here."""
+  """``stencil.tap_stats`` of u (the 54-product kernel, and at stride 1 the lag kernel),
+  ``stencil.bn_sums`` and ``stencil.d_transpose`` of dx (with an addend, as eq3_block
+  calls it) in bfloat16, lowered for CUDA here."""
   import jax
   import jax.numpy as jnp
 
@@ -101,7 +102,8 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
   ho = _out_size(side, stride)
 
   def kernels(u, dx, k9, add, vec):
-    return (stencil.tap_stats(u, stride, interpret=False),
+    lags = (stencil.lag_sums(u, interpret=False),) if stride == 1 else ()
+    return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
             stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
                                 interpret=False))

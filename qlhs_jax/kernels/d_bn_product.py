@@ -120,7 +120,7 @@ def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
 
 
 DU_FORMS = ("gather", "autodiff", "pallas")
-STATS_FORMS = ("xla", "pallas")
+STATS_FORMS = ("xla", "pallas", "pallas_gram")
 SUMS_FORMS = ("xla", "pallas")
 # Unset, each form variable means "auto": stencil_on_gpu() picks.
 FORM_DEFAULT = "auto"
@@ -169,8 +169,10 @@ def sums_form(n: int | None = None, groups: int = 1, e: int = 1) -> str:
 
 def stats_form(n: int | None = None, groups: int = 1) -> str:
   """How the statistics' tap sums and Gram matrix are summed: QLHS_STATS_FORM, else
-  "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.tap_stats``; else "xla",
-  :func:`_xla_stats`'s one stacked reduction)."""
+  "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.tap_stats``, from 13 lag products
+  at stride 1; else "xla", :func:`_xla_stats`'s one stacked reduction). "pallas_gram" is
+  the kernel that forms all 54 products at every stride (experiment 13's), kept to time
+  against the lags on the GPU."""
   return _form("QLHS_STATS_FORM", STATS_FORMS, "xla", n, groups, 1)
 
 
@@ -288,13 +290,15 @@ def _xla_stats(u, k9, stride, groups):
 
 def _stats(u, k9, stride, groups):
   """:func:`_xla_stats`, with its tap sums and Gram entries from ``stencil.tap_stats``
-  where QLHS_STATS_FORM=pallas (the same (54, G, n) sums; s1 and s2 from them alike)."""
-  if stats_form(u.shape[-1], groups) == "xla":
+  where QLHS_STATS_FORM=pallas or pallas_gram (the same (54, G, n) sums; s1 and s2 from
+  them alike)."""
+  form = stats_form(u.shape[-1], groups)
+  if form == "xla":
     return _xla_stats(u, k9, stride, groups)
   from qlhs_jax.kernels import stencil  # imports this module
   if groups != 1:
     stencil.check(u.shape[-1], "QLHS_STATS_FORM", groups)
-  return _stats_from_sums(stencil.tap_stats(u, stride), k9)
+  return _stats_from_sums(stencil.tap_stats(u, stride, lags=form == "pallas"), k9)
 
 
 def _stats_from_sums(sums, k9):

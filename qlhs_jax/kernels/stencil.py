@@ -58,7 +58,8 @@ from jax.experimental import pallas as pl
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
-NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose"}
+NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
+         "lags": "qlhs_lag_sums"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
 # chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
 # experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
@@ -77,7 +78,8 @@ _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entr
 
 def tiling(kernel: str) -> tuple[int, ...]:
   """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
-  :data:`DEFAULT_TILING`."""
+  :data:`DEFAULT_TILING`. "lags" (:func:`lag_sums`) takes the statistics' entry."""
+  kernel = "stats" if kernel == "lags" else kernel
   raw = os.environ.get("QLHS_STENCIL_TILING", "")
   spec = {}
   pow2 = lambda v: v >= 1 and not v & (v - 1)
@@ -206,13 +208,19 @@ def _stats_kernel(u_ref, out_ref, *, plan, pieces):
     out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
 
 
-def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.Array:
+def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
+              lags: bool = True) -> jax.Array:
   """``(54, 1, n)`` float32: over the output pixels of a stride-``stride`` 3x3 stencil
   on u (B, H, W, n) with zero padding, the sums of the nine taps and of the 45 tap
-  products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel."""
+  products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel. At stride
+  1 with ``lags`` (QLHS_STATS_FORM=pallas; "pallas_gram" turns it off) they come from
+  :func:`lag_sums` and the border terms (:func:`stats_from_lags`); otherwise each
+  product is formed per pixel (54 running sums)."""
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
+  if lags and stride == 1:
+    return stats_from_lags(lag_sums(u, interpret))[:, None, :]
   m0, bj0, warps, splits = tiling("stats")
   plan = _chunked_plan(u.shape, stride, m0, bj0)
   chunks, bj = plan["chunks"], plan["bj"]
@@ -226,6 +234,163 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None) -> jax.A
         **_params(warps, interpret))(u2)
     parts.append(part.sum(0))
   return jnp.concatenate(parts, 0)[:, None, :]
+
+
+# ------------------------------------------------------------------------------------
+# The statistics at stride 1 from lag products.
+#
+# At stride 1 a tap product's sum depends only on the offset d = b - a between the two
+# taps, up to the image border: sum_p u(p+a) u(p+b) over the output pixels p is
+# S_d = sum_q u(q) u(q+d) over the whole image (zero outside), less the same product
+# over the ring of pixels just outside the image (where a tap can still land inside).
+# d and -d give the same S_d, so 13 lags cover the 45 pairs, and the ring's terms are
+# sums along the border rows and columns. The kernel forms 13 products (and u itself)
+# per pixel instead of 54, with 14 running sums instead of 54; on the H100 the
+# 54-product kernel ran the statistics of a stage-1 block at 213 GB/s, by its
+# arithmetic rather than its bytes (benchmarks/NOTES.md, experiments 13 and 14).
+
+# The lags (dy, dx) of one orientation each: dy > 0, or dy = 0 and dx >= 0.
+LAGS = ((0, 0), (0, 1), (0, 2)) + tuple((dy, dx) for dy in (1, 2) for dx in range(-2, 3))
+
+
+def _offset(t):
+  return t // 3 - 1, t % 3 - 1
+
+
+def _lags_kernel(u_ref, out_ref, *, plan):
+  from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
+  m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
+  h, w, last = plan["h"], plan["w"], plan["b"] * plan["h"] * plan["w"] - 1
+  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
+
+  def body(i, acc):
+    ti = ch * tpc + i
+    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)  # stride 1: output = input pixels
+    # Rows past the last pixel (and tiles past the end) count nothing: u(q) is 0 there.
+    live = (ti * m + iota < plan["rows"])[:, None]
+    u0 = jnp.where(live, u_ref[tile.base, pl.ds(j0, bj)].astype(F32), 0.0)
+    out = [acc[0] + u0]
+    for k, (dy, dx) in enumerate(LAGS):
+      if (dy, dx) == (0, 0):
+        v = u0
+      else:  # u(q + d), 0 where q + d leaves the image (dy >= 0: never above it)
+        ok = (tile.y + dy < h) & (tile.x + dx >= 0) & (tile.x + dx < w)
+        row = jnp.clip(tile.base + dy * w + dx, 0, last)
+        v = jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+      out.append(acc[1 + k] + u0 * v)
+    return tuple(out)
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
+                                          for _ in range(1 + len(LAGS))))
+  for k, a in enumerate(acc):
+    out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
+
+  # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
+  # same launch (as XLA slices and sums they were 12 more kernels per block: aot). One
+  # side of one image per iteration, summed into the output rows as it goes: unrolled
+  # over the sides with running sums, the kernel took 223 registers instead of 48.
+  rows, length = 1 + len(LAGS), pl.next_power_of_2(max(h, w))
+  i = lax.broadcasted_iota(jnp.int32, (length,), 0)
+  cols = pl.ds(j0, bj)
+  for r in range(BORDER_ROWS):
+    out_ref[ch, rows + r, cols] = jnp.zeros((bj,), F32)
+
+  def border(k, carry):
+    # lax.div and lax.rem (k >= 0): Python's // and % lower to selects that Triton's
+    # lowering refuses for scalars.
+    img = ch + lax.div(k, 4) * plan["chunks"]
+    side = lax.rem(k, 4)  # BORDER_SIDES[side]
+    # (first pixel, step, length) of the side within its image
+    col, end = lax.div(side, 2), lax.rem(side, 2)  # a column; the last row or column
+    first = end * ((1 - col) * (h - 1) * w + col * (w - 1))
+    step, size = 1 + col * (w - 1), w + col * (h - w)
+    base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
+
+    def strip(shift):  # u at strip positions i + shift, 0 past the strip (or the batch)
+      ok = (i + shift < size) & (img < plan["b"])
+      row = base + jnp.minimum(i + shift, size - 1) * step
+      return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+    v = strip(0)
+    head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
+    terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
+    terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
+    for r, term in enumerate(terms):
+      row = rows + side * 8 + r
+      out_ref[ch, row, cols] = out_ref[ch, row, cols] + term
+    return carry
+  lax.fori_loop(0, 4 * -(-plan["b"] // plan["chunks"]), border, 0)
+
+
+# The border terms after lag_sums' 14 rows, 8 per side: u's sum and its lag-0, 1 and 2
+# products along the side, then its first and last pixel's value and square (the
+# corners; used for the columns only).
+BORDER_SIDES = ("top", "bottom", "left", "right")
+BORDER_ROWS = 8 * len(BORDER_SIDES)
+
+
+def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
+  """``(14 + 32, n)`` float32 over the whole image (B, H, W, n): the sum of u, then the
+  sums of u(q) u(q + d) for d in :data:`LAGS` (zero outside the image), then the border
+  terms (:data:`BORDER_SIDES`: along row 0, row H-1, column 0 and column W-1, u's sum,
+  its lag-0, 1, 2 products, its first and last value and square), summed over the
+  batch. One launch; its tiling is QLHS_STENCIL_TILING's
+  ``stats`` entry (its splits unused)."""
+  interpret = _interpret(interpret, "QLHS_STATS_FORM")
+  n = u.shape[-1]
+  check(n, "QLHS_STATS_FORM", interpret=interpret)
+  m0, bj0, warps, _ = tiling("stats")
+  plan = _chunked_plan(u.shape, 1, m0, bj0)
+  part = pl.pallas_call(
+      functools.partial(_lags_kernel, plan=plan),
+      out_shape=jax.ShapeDtypeStruct((plan["chunks"], 1 + len(LAGS) + BORDER_ROWS, n),
+                                     F32),
+      grid=(plan["chunks"], n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
+      **_params(warps, interpret))(u.reshape(-1, n))
+  return part.sum(0)
+
+
+def stats_from_lags(full: jax.Array) -> jax.Array:
+  """The (54, n) tap sums and Gram entries of :func:`tap_stats` at stride 1 from
+  :func:`lag_sums`' (38, n) sums.
+
+  Over the output pixels p, sum_p u(p+a) u(p+b) = S_d - sum over the ring R (the pixels
+  just outside the image) of u(p+a) u(p+b). On R's top row (y = -1, x = -1..W) only taps
+  with dy = +1 land inside, on u's row 0, and x runs over the whole row: the term is
+  row 0's sum of u(x) u(x + |bx - ax|). Likewise the bottom row (row H-1, dy = -1). On
+  R's left column (x = -1, y = 0..H-1; the corners belong to the rows) taps with dx = +1
+  read u's column 0 at y + ay and y + by: the column's lag-|by - ay| sum, less its last
+  square where both dy are -1 (y + ay never reaches H-1) and its first where both are
+  +1. The right column likewise. The tap sums: sum of u less the border rows and
+  columns that the tap's pixels never reach, the corners counted once."""
+  from qlhs_jax.kernels.d_bn_product import _PAIRS
+  rows = iter(full[1 + len(LAGS):])
+  total, lagged, end = {}, {}, {}
+  for side in BORDER_SIDES:
+    total[side], *lagged[side] = (next(rows) for _ in range(4))
+    for y in (1, -1):  # the first (a column's y = 0) and last (y = H-1) pixel
+      end[side, y] = (next(rows), next(rows))
+  s, sd = full[0], full[1:1 + len(LAGS)]
+  out = []
+  for t in range(9):
+    ay, ax = _offset(t)
+    v = s
+    if ay != 0:
+      v = v - total["top" if ay == 1 else "bottom"]
+    if ax != 0:
+      side = "left" if ax == 1 else "right"
+      v = v - total[side] + (end[side, ay][0] if ay != 0 else 0.0)
+    out.append(v)
+  for a, b in _PAIRS:
+    (ay, ax), (by, bx) = _offset(a), _offset(b)
+    d = (by - ay, bx - ax)
+    v = sd[LAGS.index(d if d in LAGS else (-d[0], -d[1]))]
+    if ay == by != 0:
+      v = v - lagged["top" if ay == 1 else "bottom"][abs(bx - ax)]
+    if ax == bx != 0:
+      side = "left" if ax == 1 else "right"
+      v = v - lagged[side][abs(by - ay)] + (end[side, ay][1] if ay == by != 0 else 0.0)
+    out.append(v)
+  return jnp.stack(out)
 
 
 # ------------------------------------------------------------------------------------

@@ -43,19 +43,68 @@ SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel bl
 ]
 
 
+@pytest.mark.parametrize("lags", [True, False])
 @pytest.mark.parametrize("shape,stride,spec", SHAPES)
-def test_tap_stats_match_numpy(monkeypatch, shape, stride, spec):
+def test_tap_stats_match_numpy(monkeypatch, shape, stride, spec, lags):
   """The 9 tap sums and 45 Gram entries equal float64 sums, in d_bn_product's order, and
-  equal what the XLA statistics reduce."""
+  equal what the XLA statistics reduce: from lag products at stride 1 (``lags``) and
+  from all 54 products."""
   monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
   u = np.random.default_rng(0).normal(size=shape) + 0.5
-  got = stencil.tap_stats(jnp.asarray(u, jnp.float32), stride, interpret=True)
+  got = stencil.tap_stats(jnp.asarray(u, jnp.float32), stride, interpret=True, lags=lags)
   want = numpy_stats(u, stride)
   assert got.shape == want.shape == (54, 1, shape[-1])
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-4)
   _, _, xla = dbn._xla_stats(jnp.asarray(u, jnp.float32), jnp.zeros((9, shape[-1], 1)),
                              stride, 1)
   np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=2e-5, atol=2e-4)
+
+
+def numpy_lag_sums(u):
+  """Float64 loops: the sum of u, then of u(y, x) u(y + dy, x + dx) for each of
+  stencil.LAGS, 0 outside the image; then the border terms in stencil.lag_sums' order."""
+  b, h, w, n = u.shape
+  out = [u.sum((0, 1, 2))]
+  for dy, dx in stencil.LAGS:
+    acc = np.zeros(n)
+    for y in range(h):
+      for x in range(w):
+        if 0 <= y + dy < h and 0 <= x + dx < w:
+          acc += (u[:, y, x] * u[:, y + dy, x + dx]).sum(0)
+    out.append(acc)
+  strips = {"top": u[:, 0], "bottom": u[:, h - 1], "left": u[:, :, 0],
+            "right": u[:, :, w - 1]}
+  for side in stencil.BORDER_SIDES:
+    v = strips[side]  # (B, L, n)
+    out.append(v.sum((0, 1)))
+    for k in range(3):
+      out.append(sum((v[:, i] * v[:, i + k]).sum(0) for i in range(v.shape[1] - k))
+                 if v.shape[1] > k else np.zeros(n))
+    for i in (0, v.shape[1] - 1):
+      out += [v[:, i].sum(0), (v[:, i] ** 2).sum(0)]
+  return np.stack(out)
+
+
+# Border cases of the lag form: one row, one column, two of each, an image narrower
+# than the longest lag; tiles that straddle images.
+LAG_SHAPES = [((2, 1, 5, 4), "stats=4,4,1,1"), ((3, 4, 1, 2), "stats=2,2,1,1"),
+              ((2, 2, 2, 4), "stats=8,2,2,1"), ((1, 3, 7, 8), ""),
+              ((4, 5, 3, 4), "stats=16,4,4,1")]
+
+
+@pytest.mark.parametrize("shape,spec", LAG_SHAPES)
+def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec):
+  """The lag kernel's 14 sums equal float64 loops, and with the border terms they give
+  the 54 statistics of the direct float64 sums, at shapes whose border is most of the
+  image (the 7x7 of stage 4 is such a shape)."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  u = np.random.default_rng(3).normal(size=shape) - 0.7
+  u32 = jnp.asarray(u, jnp.float32)
+  full = stencil.lag_sums(u32, interpret=True)
+  np.testing.assert_allclose(np.asarray(full), numpy_lag_sums(u), rtol=2e-5, atol=2e-5)
+  got = stencil.stats_from_lags(full)
+  np.testing.assert_allclose(np.asarray(got), numpy_stats(u, 1)[:, 0], rtol=2e-5,
+                             atol=2e-5)
 
 
 def numpy_bn_sums(u, c5, dp5, k9, mean, rstd, stride):
@@ -151,7 +200,7 @@ def test_bad_settings_are_refused(monkeypatch):
 
 def spy_on_kernels(monkeypatch):
   """Counts the calls of the two kernels' entry points: the variables must reach them."""
-  calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0}
+  calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0, "lag_sums": 0}
   for name in calls:
     real = getattr(stencil, name)
 
@@ -194,11 +243,14 @@ def float64_reference(fn, args, weights):
     return fn(*a64), grads
 
 
+@pytest.mark.parametrize("stats", ["pallas", "pallas_gram"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
-  """fuse_d_bn="xla" with the three Pallas forms: outputs and all five gradients as
-  float64 autodiff of the plain formula."""
-  monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
+def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride,
+                                                                     stats):
+  """fuse_d_bn="xla" with the three Pallas forms (the statistics from lags at stride 1,
+  or from all products): outputs and all five gradients as float64 autodiff of the
+  plain formula."""
+  monkeypatch.setenv("QLHS_STATS_FORM", stats)
   monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4")
@@ -216,6 +268,7 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
     err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
+  assert bool(calls["lag_sums"]) == (stats == "pallas" and stride == 1), calls
 
 
 @pytest.mark.parametrize("stride", [1, 2])

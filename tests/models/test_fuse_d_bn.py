@@ -185,6 +185,11 @@ def test_config_and_errors(tmp_path, monkeypatch):
                                        "device; this mesh has 8. Unset QLHS_SUMS_FORM"):
     train.train_and_evaluate(cfg, str(tmp_path / "sums"))
   assert not (tmp_path / "sums").exists()
+  monkeypatch.delenv("QLHS_SUMS_FORM")
+  monkeypatch.setenv("QLHS_STATS_FORM", "pallas_gram")
+  with pytest.raises(ValueError, match="QLHS_STATS_FORM=pallas_gram runs Triton kernels"):
+    train.train_and_evaluate(cfg, str(tmp_path / "stats"))
+  assert not (tmp_path / "stats").exists()
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
