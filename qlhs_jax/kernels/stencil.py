@@ -257,7 +257,7 @@ def _offset(t):
   return t // 3 - 1, t % 3 - 1
 
 
-def _lags_kernel(u_ref, out_ref, *, plan):
+def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   h, w, last = plan["h"], plan["w"], plan["b"] * plan["h"] * plan["w"] - 1
@@ -286,39 +286,37 @@ def _lags_kernel(u_ref, out_ref, *, plan):
     out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
 
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
-  # same launch (as XLA slices and sums they were 12 more kernels per block: aot). One
-  # side of one image per iteration, summed into the output rows as it goes: unrolled
-  # over the sides with running sums, the kernel took 223 registers instead of 48.
-  rows, length = 1 + len(LAGS), pl.next_power_of_2(max(h, w))
+  # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
+  # a second output. One loop over the images per side, with that side's 8 running
+  # channel vectors: 80 registers in all (ptxas), against 48 for the lags alone, 223
+  # with the four sides in one loop and 255 with spills for 32 running vectors. (Summing
+  # into the output as it goes would read back what other threads stored, with no
+  # barrier between.)
+  length = pl.next_power_of_2(max(h, w))
   i = lax.broadcasted_iota(jnp.int32, (length,), 0)
-  cols = pl.ds(j0, bj)
-  for r in range(BORDER_ROWS):
-    out_ref[ch, rows + r, cols] = jnp.zeros((bj,), F32)
 
-  def border(k, carry):
-    # lax.div and lax.rem (k >= 0): Python's // and % lower to selects that Triton's
-    # lowering refuses for scalars.
-    img = ch + lax.div(k, 4) * plan["chunks"]
-    side = lax.rem(k, 4)  # BORDER_SIDES[side]
-    # (first pixel, step, length) of the side within its image
-    col, end = lax.div(side, 2), lax.rem(side, 2)  # a column; the last row or column
-    first = end * ((1 - col) * (h - 1) * w + col * (w - 1))
-    step, size = 1 + col * (w - 1), w + col * (h - w)
-    base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
+  def border(first, step, size):
+    def body(k, acc):
+      img = ch + k * plan["chunks"]
+      base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
 
-    def strip(shift):  # u at strip positions i + shift, 0 past the strip (or the batch)
-      ok = (i + shift < size) & (img < plan["b"])
-      row = base + jnp.minimum(i + shift, size - 1) * step
-      return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
-    v = strip(0)
-    head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
-    terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
-    terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
-    for r, term in enumerate(terms):
-      row = rows + side * 8 + r
-      out_ref[ch, row, cols] = out_ref[ch, row, cols] + term
-    return carry
-  lax.fori_loop(0, 4 * -(-plan["b"] // plan["chunks"]), border, 0)
+      def strip(shift):  # u at strip positions i + shift, 0 past the strip (or batch)
+        ok = (i + shift < size) & (img < plan["b"])
+        row = base + jnp.minimum(i + shift, size - 1) * step
+        return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+      v = strip(0)
+      head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
+      terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
+      terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
+      return tuple(a + t for a, t in zip(acc, terms))
+    return lax.fori_loop(0, -(-plan["b"] // plan["chunks"]), body,
+                         tuple(jnp.zeros((bj,), F32) for _ in range(8)))
+  # (first pixel, step, length) of each side within its image
+  sides = {"top": (0, 1, w), "bottom": ((h - 1) * w, 1, w), "left": (0, w, h),
+           "right": (w - 1, w, h)}
+  for s, side in enumerate(BORDER_SIDES):
+    for r, a in enumerate(border(*sides[side])):
+      border_ref[ch, s * 8 + r, pl.ds(j0, bj)] = a
 
 
 # The border terms after lag_sums' 14 rows, 8 per side: u's sum and its lag-0, 1 and 2
@@ -340,18 +338,19 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, _ = tiling("stats")
   plan = _chunked_plan(u.shape, 1, m0, bj0)
-  part = pl.pallas_call(
+  chunks = plan["chunks"]
+  part, border = pl.pallas_call(
       functools.partial(_lags_kernel, plan=plan),
-      out_shape=jax.ShapeDtypeStruct((plan["chunks"], 1 + len(LAGS) + BORDER_ROWS, n),
-                                     F32),
-      grid=(plan["chunks"], n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
+      out_shape=(jax.ShapeDtypeStruct((chunks, 1 + len(LAGS), n), F32),
+                 jax.ShapeDtypeStruct((chunks, BORDER_ROWS, n), F32)),
+      grid=(chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
       **_params(warps, interpret))(u.reshape(-1, n))
-  return part.sum(0)
+  return jnp.concatenate([part.sum(0), border.sum(0)])
 
 
 def stats_from_lags(full: jax.Array) -> jax.Array:
   """The (54, n) tap sums and Gram entries of :func:`tap_stats` at stride 1 from
-  :func:`lag_sums`' (38, n) sums.
+  :func:`lag_sums`' (46, n) sums.
 
   Over the output pixels p, sum_p u(p+a) u(p+b) = S_d - sum over the ring R (the pixels
   just outside the image) of u(p+a) u(p+b). On R's top row (y = -1, x = -1..W) only taps
