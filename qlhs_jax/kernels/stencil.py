@@ -25,7 +25,10 @@ not per element), and every product is formed from taps held in registers.
   ``(a, b), a <= b`` (``d_bn_product._PAIRS``), the layout of ``d_bn_product._xla_stats``.
   The pieces are split over ``splits`` launches (each loads only the taps its pieces
   use). A program keeps one running (pixels, channels) tile per piece over a chunk of
-  tiles and sums it over the pixels once, at the end; XLA sums the chunks.
+  tiles and sums it over the pixels once, at the end; XLA sums the chunks. At stride 1
+  (QLHS_STATS_FORM=pallas, auto's pick) they come instead from :func:`lag_sums`: 13
+  lag products per pixel and u's border terms (:func:`stats_from_lags`);
+  ``pallas_gram`` keeps the 54 products at every stride.
 - :func:`bn_sums`: pass 3's 2 + 9 sums over the pixels, per hidden channel, from u, c
   and dp, with one running tile per sum like the statistics;
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
