@@ -182,11 +182,11 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
                      f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
                      f"mesh) or run on one device")
   # The stencil forms' Pallas kernels likewise ("auto" picks them on one device only).
-  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
     if os.environ.get(var, "").startswith("pallas") and mesh.size > 1:
-      raise ValueError(f"{var}={os.environ[var]} runs Triton kernels on one device; this mesh has "
-                       f"{mesh.size}. Unset {var} (auto: XLA's form on several devices) "
-                       f"or run on one device")
+      raise ValueError(f"{var}={os.environ[var]} runs Triton kernels on one device; this "
+                       f"mesh has {mesh.size}. Unset {var} (auto: XLA's form on several "
+                       f"devices) or run on one device")
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -141,7 +141,7 @@ PROFILE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",),
               "QLHS_DU_FORM": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STATS_FORM": ("xla", "block"), "QLHS_SUMS_FORM": ("xla",),
-              "QLHS_DC_PASS": ("xla",),
+              "QLHS_DC_PASS": ("xla",), "QLHS_PRODUCT_FORM": ("xla",),
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block")}
 
 

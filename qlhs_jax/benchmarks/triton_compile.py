@@ -91,8 +91,9 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
   """``stencil.tap_stats`` of u (the 54-product kernel, and at stride 1 the lag kernel),
-  ``stencil.bn_sums`` and ``stencil.d_transpose`` of dx (with an addend, as eq3_block
-  calls it) in bfloat16, lowered for CUDA here."""
+  ``stencil.bn_sums``, ``stencil.d_transpose`` of dx (with an addend, as eq3_block
+  calls it), ``stencil.product`` and ``stencil.dx_dc`` in bfloat16, lowered for CUDA
+  here."""
   import jax
   import jax.numpy as jnp
 
@@ -106,7 +107,10 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
     return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
             stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
-                                interpret=False))
+                                interpret=False),
+            stencil.product(u, dx, k9, vec, vec, stride, interpret=False),
+            *stencil.dx_dc(u, dx, dx, k9, vec, vec, vec, vec, vec, stride, bf,
+                           interpret=False))
   return lower_on_cuda(kernels, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
                        s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32),
                        s((1, n, e), jnp.float32))

@@ -177,6 +177,24 @@ def stats_form(n: int | None = None, groups: int = 1) -> str:
 
 
 DC_PASSES = ("dx", "sums")
+PRODUCT_FORMS = ("xla", "pallas")
+
+
+def product_form(groups: int = 1) -> str:
+  """How impl "xla" runs the element-wise passes that recompute D u, the forward product
+  and pass 4 (dx, with dc): QLHS_PRODUCT_FORM, else "xla" (XLA's loop fusions, 1.5-1.8
+  TB/s on the H100 in experiment 13). "pallas": ``stencil.product`` and
+  ``stencil.dx_dc``, one GPU and one BatchNorm group; they write dc in pass 4 whatever
+  QLHS_DC_PASS says. Not yet timed, hence not the default (benchmarks/NOTES.md,
+  experiment 14)."""
+  form = os.environ.get("QLHS_PRODUCT_FORM", "") or "xla"
+  if form not in PRODUCT_FORMS:
+    raise ValueError(f"QLHS_PRODUCT_FORM={form!r}: choose one of {PRODUCT_FORMS} "
+                     f"(unset: xla)")
+  if form == "pallas" and groups != 1:
+    from qlhs_jax.kernels import stencil  # imports this module
+    stencil.check(1, "QLHS_PRODUCT_FORM", groups)
+  return form
 
 
 def dc_pass() -> str:
@@ -710,6 +728,9 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
+  elif product_form(groups) == "pallas":
+    from qlhs_jax.kernels import stencil  # imports this module
+    p5 = stencil.product(u, c5, k9, mul, add, stride)
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups)
   h = n * e
@@ -737,7 +758,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # so that XLA cannot merge the three D u (forward and two backward passes) into one
     # float32 tensor stored in the forward and read back twice.
     u_sums, dp5 = lax.optimization_barrier((u, dp5))
-    dc_with_dx = dc_pass() == "dx"
+    pallas_dx = product_form(groups) == "pallas"
+    dc_with_dx = pallas_dx or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
                                           stride, groups, with_dc=not dc_with_dx)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
@@ -749,7 +771,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                                   dp.dtype, interpret)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))
-    if dc_with_dx:
+    if pallas_dx:
+      from qlhs_jax.kernels import stencil  # imports this module
+      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype)
+    elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dp.dtype, add=add)
     else:

@@ -59,10 +59,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 F32 = jnp.float32
-KERNELS = ("stats", "du", "sums")
+KERNELS = ("stats", "du", "sums", "product")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
-         "lags": "qlhs_lag_sums"}
+         "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
 # chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
 # experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
@@ -70,19 +70,21 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 215 and 106 registers, no spills (benchmarks.triton_compile --op stencil). One launch of
 # the statistics (splits 1): u is read once; a second pick, with 3 launches and the
 # pass-3 sums at 16,8,8, timed as fast alone but made the step 11% slower.
-DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)}
+DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
+                  "product": (32, 16, 4)}  # product: du's shape of tile, never timed
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du or sums; pixels and "
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums or product; pixels and "
          "channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
          "stats only)")
 
 
 def tiling(kernel: str) -> tuple[int, ...]:
   """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
-  :data:`DEFAULT_TILING`. "lags" (:func:`lag_sums`) takes the statistics' entry."""
-  kernel = "stats" if kernel == "lags" else kernel
+  :data:`DEFAULT_TILING`. "lags" (:func:`lag_sums`) takes the statistics' entry, "dx"
+  (:func:`dx_dc`) the product's."""
+  kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
   raw = os.environ.get("QLHS_STENCIL_TILING", "")
   spec = {}
   pow2 = lambda v: v >= 1 and not v & (v - 1)
@@ -517,3 +519,94 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
       grid=(tiles, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
       **_params(warps, interpret))(*args)
   return du[:rows].reshape(b, h, w, n)
+
+
+# ------------------------------------------------------------------------------------
+# The element-wise passes of fuse_d_bn="xla" that recompute D u: the forward product and
+# pass 4 (dx and dc).
+#
+# XLA writes them as loop fusions that evaluate each element's nine taps from padded
+# slices of u; on the H100 pass 4 ran at 1.8 TB/s and the product at 1.5 (NOTES.md,
+# experiment 13). Here, as in :func:`bn_sums`, a program takes m output pixels and a
+# block of bj input channels (bj*e contiguous hidden channels): nine vector loads of u's
+# taps per tile, one load of c (and dp) and one store per output. QLHS_PRODUCT_FORM
+# selects them (d_bn_product.product_form; not yet timed, so "xla" stays the default).
+
+def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
+  """D u at the tile's pixels for hidden channels ``cols`` (the block's j*e + s):
+  (m, bj*e) float32."""
+  m = tile.plan["m"]
+  x = None
+  for t in range(9):
+    tap = tile.tap(u_ref, t, j0, bj)
+    tap = jnp.broadcast_to(tap[:, :, None], (m, bj, e)).reshape(m, bj * e)
+    term = tap * k_ref[t, cols][None, :]
+    x = term if x is None else x + term
+  return x
+
+
+def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
+  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
+  x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
+  f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
+  p_ref[pix, cols] = (f1 * c_ref[pix, cols].astype(F32)).astype(p_ref.dtype)
+
+
+def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref,
+                  dx_ref, dc_ref, *, plan):
+  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
+  vec = lambda ref: ref[cols][None, :]
+  x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
+  dp = dp_ref[pix, cols].astype(F32)
+  g = dp * c_ref[pix, cols].astype(F32)
+  dx = g * vec(mul_ref) + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
+  dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
+  dc_ref[pix, cols] = (dp * (x * vec(mul_ref) + vec(add_ref))).astype(dc_ref.dtype)
+
+
+def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
+                 interpret):
+  """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
+  tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
+  per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype."""
+  interpret = _interpret(interpret, form)
+  n, e = u.shape[-1], k9.shape[-1]
+  check(n, form, interpret=interpret, e=e)
+  m0, bj0, warps = tiling(name)
+  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
+  from qlhs_jax.kernels.eq3_block import _pad_rows
+  rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
+  shape5 = hidden[0].shape
+  args = ([u.reshape(-1, n)] + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
+          + [k9.astype(F32).reshape(9, n * e)]
+          + [v.astype(F32).reshape(n * e) for v in vectors])
+  outs = pl.pallas_call(
+      functools.partial(kernel, plan=plan),
+      out_shape=tuple(jax.ShapeDtypeStruct((tiles * m, n * e), d) for d in out_dtypes),
+      grid=(tiles, n // bj), interpret=interpret, name=NAMES[name],
+      **_params(warps, interpret))(*args)
+  return tuple(o[:rows].reshape(shape5) for o in outs)
+
+
+def product(u: jax.Array, c5: jax.Array, k9: jax.Array, mul: jax.Array, add: jax.Array,
+            stride: int, interpret: bool | None = None) -> jax.Array:
+  """The forward product of ``d_bn_product``'s "xla" path, p = (D u * mul + add) * c,
+  in c's dtype: ``u`` (B, H, W, n), ``c5`` (B, Ho, Wo, n, e), ``k9`` (9, n, e),
+  ``mul``/``add`` (1, n, e) (one BatchNorm group)."""
+  return _elementwise(_product_kernel, "product", u, [c5], [mul, add], k9, stride,
+                      [c5.dtype], "QLHS_PRODUCT_FORM", interpret)[0]
+
+
+def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
+          interpret: bool | None = None):
+  """Pass 4 of the "xla" path with dc: dx = dp*c*mul + (D u - mean)*cx + c0 in
+  ``dx_dtype`` and dc = dp * (D u * mul + add) in c's dtype, (B, Ho, Wo, n, e) each
+  (one BatchNorm group: the vectors are (1, n, e))."""
+  return _elementwise(_dx_dc_kernel, "dx", u, [c5, dp5], [mul, add, cx, c0, mean], k9,
+                      stride, [dx_dtype, c5.dtype], "QLHS_PRODUCT_FORM", interpret)

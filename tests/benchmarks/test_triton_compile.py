@@ -46,13 +46,15 @@ def test_broken_ir_is_reported():
 
 
 def test_stencil_kernels_compile_without_spills(capsys):
-  """kernels.stencil's statistics (one launch; from lags too at stride 1), pass-3 sums
-  and du kernels compile at the default tiling without spills, strides 1 and 2 (batch
-  256)."""
+  """kernels.stencil's statistics (one launch; from lags too at stride 1), pass-3 sums,
+  du, product and dx kernels compile at the default tiling without spills, strides 1
+  and 2 (batch 256)."""
   assert triton_compile.main(["--op", "stencil", "--shapes", "stage1,stage2_block0"]) == 0
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if "registers" in l]
-  assert len(rows) == 7 and "FAILED" not in out, out
+  assert len(rows) == 11 and "FAILED" not in out, out
+  assert sum("qlhs_product" in l for l in rows) == 2, out
+  assert sum("qlhs_dx_dc" in l for l in rows) == 2, out
   assert sum("qlhs_tap_stats" in l for l in rows) == 2, out
   assert sum("qlhs_lag_sums" in l for l in rows) == 1, out
   assert sum("qlhs_bn_sums" in l for l in rows) == 2, out

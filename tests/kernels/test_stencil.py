@@ -271,6 +271,43 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   assert bool(calls["lag_sums"]) == (stats == "pallas" and stride == 1), calls
 
 
+@pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2"), (2, "product=16,8,4")])
+def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec):
+  """QLHS_PRODUCT_FORM=pallas: the forward product and pass 4 (dx and dc) as
+  stencil.product and stencil.dx_dc, with the other Pallas forms: outputs and all five
+  gradients as float64 autodiff (partial last tiles, two channel blocks at stride 1);
+  a second BatchNorm group is refused by name."""
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
+    monkeypatch.setenv(var, "pallas")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  args, weights = make_inputs(5, (2, 7, 6, 8), stride, 4)
+  want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
+                                weights)
+  calls = {"product": 0, "dx_dc": 0}
+  for name in calls:
+    real = getattr(stencil, name)
+    monkeypatch.setattr(stencil, name, lambda *a, _r=real, _n=name: calls.__setitem__(
+        _n, calls[_n] + 1) or _r(*a))
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*a32)
+  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  assert calls == {"product": 2, "dx_dc": 1}, calls  # the forward, alone and in grad
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.delenv(var)  # auto: XLA's forms on the CPU, which take any groups
+  with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM=pallas sums over one BatchNorm "
+                                       "group, got 2"):
+    dbn.d_bn_product(*a32, stride=stride, groups=2, impl="xla")
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "triton")
+  with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM='triton': choose one of"):
+    dbn.d_bn_product(*a32, stride=stride, impl="xla")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
   """fuse_d_bn="block" with both Pallas forms (du with the 1x1 path's du1 as the

@@ -190,6 +190,11 @@ def test_config_and_errors(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="QLHS_STATS_FORM=pallas_gram runs Triton kernels"):
     train.train_and_evaluate(cfg, str(tmp_path / "stats"))
   assert not (tmp_path / "stats").exists()
+  monkeypatch.delenv("QLHS_STATS_FORM")
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas")
+  with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM=pallas runs Triton kernels"):
+    train.train_and_evaluate(cfg, str(tmp_path / "product"))
+  assert not (tmp_path / "product").exists()
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
