@@ -154,13 +154,13 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where the model uses a
   # form that QLHS_STATS_FORM, QLHS_SUMS_FORM or QLHS_DU_FORM sets to "pallas", or leaves
   # to its default, which picks them on the GPU (resolved as there).
+  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   with pallas_for_gpu():
-    forms = kernel_env_of(overrides)
+    forms = kernel_env_of(overrides, model)
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
             or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
                    if k.endswith("_FORM")))
   mesh = single_device_mesh(device)
-  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
   tx, step = harness_train_step(model, mesh)
   # Pallas kernels: the Triton kernels, not their interpretation on this CPU (qlhs.py),
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
@@ -188,6 +188,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
 
   from qlhs_jax.benchmarks import hlo_bytes
   from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
+  from qlhs_jax.models import create
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
                                                  target, gemm)
   text = compiled.as_text()
@@ -205,7 +206,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
             "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
   with pallas_for_gpu():  # the forms as they resolve for the GPU
-    env = kernel_env_of(overrides)  # the tilings and forms, as the step's records carry
+    # the tilings and forms, as the step's records carry (the model: its expansion)
+    env = kernel_env_of(overrides, create(model_name, **overrides))
   if env:
     record["env"] = env
   return record

@@ -110,7 +110,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   }
   # The Pallas tilings and forms this run used, where they change this model's kernels:
   # rows of one model differ by them.
-  env = kernel_env_of(overrides)
+  env = kernel_env_of(overrides, model)
   if env:
     record["env"] = env
   if on_record is not None:
@@ -145,40 +145,47 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block")}
 
 
-def _fuse_of(overrides: dict) -> str:
+def _expansion(model) -> int:
+  """The hidden tensors' expansion e of ``model`` (a QLHSNet's field; 1 for a model
+  without one, or none given: every power of two resolves alike)."""
+  return getattr(model, "expansion", 1)
+
+
+def _fuse_of(overrides: dict, model=None) -> str:
   """The KERNEL_ENV key of a model with these ``overrides`` ("auto" resolved as the
-  model resolves it for an Eq.(3) block)."""
+  model resolves it for an Eq.(3) block of 64 channels and ``model``'s expansion)."""
   fuse = overrides.get("fuse_d_bn", "none")
   if fuse == "auto":
     from qlhs_jax.kernels import d_bn_product as dbn
-    fuse = "xla" if dbn.stencil_on_gpu(64) else "none"
+    fuse = "xla" if dbn.stencil_on_gpu(64, 1, _expansion(model)) else "none"
   if fuse == "none" and overrides.get("d_impl") == "shifted_t":
     fuse = "shifted_t"
   return fuse
 
 
-def auto_pallas_forms(overrides: dict) -> list[str]:
+def auto_pallas_forms(overrides: dict, model=None) -> list[str]:
   """The stencil form variables, unset or "auto", that this model uses and that pick
   the Pallas kernels here (``d_bn_product.stencil_on_gpu``): on one NVIDIA GPU, or
   while benchmarks.aot compiles for one."""
   from qlhs_jax.kernels import d_bn_product as dbn
-  fuse = _fuse_of(overrides)
-  resolve = {"QLHS_STATS_FORM": dbn.stats_form, "QLHS_SUMS_FORM": dbn.sums_form,
-             "QLHS_DU_FORM": dbn.du_form}
+  fuse, e = _fuse_of(overrides, model), _expansion(model)
+  resolve = {"QLHS_STATS_FORM": lambda: dbn.stats_form(64),
+             "QLHS_SUMS_FORM": lambda: dbn.sums_form(64, 1, e),
+             "QLHS_DU_FORM": lambda: dbn.du_form(64, e)}
   return [k for k, form in resolve.items()
           if fuse in KERNEL_ENV[k] and os.environ.get(k, "") in ("", "auto")
-          and form(64) == "pallas"]
+          and form() == "pallas"]
 
 
-def kernel_env_of(overrides: dict) -> dict:
+def kernel_env_of(overrides: dict, model=None) -> dict:
   """The KERNEL_ENV variables set now that change the kernels of a model with these
   ``overrides``: what its record must carry besides them. A form left to its default
   that picks the Pallas kernels is recorded as "auto:pallas": records without it ran
   XLA's forms (the default until 2026-11-27)."""
-  fuse = _fuse_of(overrides)
+  fuse = _fuse_of(overrides, model)
   env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
          if os.environ.get(k, "") not in ("", "auto") and fuse in fuses}
-  env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides)})
+  env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides, model)})
   return env
 
 

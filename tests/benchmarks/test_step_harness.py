@@ -196,3 +196,14 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   monkeypatch.setenv("QLHS_DU_FORM", "gather")
   assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "gather"}
   assert kernel_env_of({}) == {}
+  # The model's expansion decides as it does in the model: nows_x6's 6 is not a power of
+  # two, so auto is the plain path there (nothing to record), and "xla" takes the
+  # kernels only for the statistics, which read u alone.
+  monkeypatch.delenv("QLHS_DU_FORM")
+  from qlhs_jax.models import create
+  x6, x4 = create("eq3_nows_x6_softball_ds"), create("eq3_softball_ds")
+  assert (x6.expansion, x4.expansion) == (6, 4)
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x6) == {}
+  assert kernel_env_of({"fuse_d_bn": "xla"}, x6) == {"QLHS_STATS_FORM": auto}
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x4) == {
+      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto}
