@@ -327,11 +327,16 @@ def _stats_from_sums(sums, k9):
   return s1, s2, sums
 
 
-def _xla_apply(u, c5, k9, mul, add, stride, groups):
-  x = _d_xla(u, k9, stride)
-  b = u.shape[0]
+def _bn_times(x, v, mul, add, groups, dtype):
+  """BN(x) * v = (x * mul + add) * v per BatchNorm group, pinned row-major, in
+  ``dtype``: the forward product (v = c) and dc (v = dp)."""
+  b = x.shape[0]
   f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
-  return _pin((f1 * c5.astype(F32)).astype(c5.dtype))
+  return _pin((f1 * v.astype(F32)).astype(dtype))
+
+
+def _xla_apply(u, c5, k9, mul, add, stride, groups):
+  return _bn_times(_d_xla(u, k9, stride), c5, mul, add, groups, c5.dtype)
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
@@ -370,10 +375,7 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
 
 def _xla_dc(u, dp5, k9, mul, add, stride, groups, dtype):
   """dc = dp * BN(D u), in ``dtype``."""
-  b = u.shape[0]
-  f1 = (_d_xla(u, k9, stride) * _per_group(mul, groups, b)
-        + _per_group(add, groups, b))
-  return _pin((dp5.astype(F32) * f1).astype(dtype))
+  return _bn_times(_d_xla(u, k9, stride), dp5, mul, add, groups, dtype)
 
 
 def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype,
@@ -391,8 +393,7 @@ def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype
   # (excess precision) and keeps a float32 dx for du, twice the bytes.
   if add is None:
     return lax.optimization_barrier(dx)
-  f1 = x * _per_group(mul, groups, b) + _per_group(add, groups, b)
-  dc = _pin((dp5.astype(F32) * f1).astype(c5.dtype))
+  dc = _bn_times(x, dp5, mul, add, groups, c5.dtype)
   return lax.optimization_barrier((dx, dc))
 
 
