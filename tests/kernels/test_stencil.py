@@ -199,8 +199,9 @@ def test_bad_settings_are_refused(monkeypatch):
 
 
 def spy_on_kernels(monkeypatch):
-  """Counts the calls of the two kernels' entry points: the variables must reach them."""
-  calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0, "lag_sums": 0}
+  """Counts the calls of the kernels' entry points: the variables must reach them."""
+  calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0, "lag_sums": 0, "product": 0,
+           "dx_dc": 0}
   for name in calls:
     real = getattr(stencil, name)
 
@@ -243,6 +244,25 @@ def float64_reference(fn, args, weights):
     return fn(*a64), grads
 
 
+def d_bn_product_matches_float64(seed, stride):
+  """d_bn_product's "xla" path with the forms the environment sets, on a (2, 7, 6, 8)
+  u with e = 4: its outputs and all five gradients as float64 autodiff of the plain
+  formula. Returns the float32 arguments."""
+  args, weights = make_inputs(seed, (2, 7, 6, 8), stride, 4)
+  want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
+                                weights)
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+  a32 = [jnp.asarray(a, jnp.float32) for a in args]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*a32)
+  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  return a32
+
+
 @pytest.mark.parametrize("stats", ["pallas", "pallas_gram"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride,
@@ -254,21 +274,11 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4")
-  args, weights = make_inputs(3, (2, 7, 6, 8), stride, 4)
-  want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
-                                weights)
   calls = spy_on_kernels(monkeypatch)
-  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
-  a32 = [jnp.asarray(a, jnp.float32) for a in args]
-  for g, r in zip(op(*a32), want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
-  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
-                 argnums=range(5))(*a32)
-  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
-    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
-    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  d_bn_product_matches_float64(3, stride)
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
   assert bool(calls["lag_sums"]) == (stats == "pallas" and stride == 1), calls
+  assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
 
 
 @pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2"), (2, "product=16,8,4")])
@@ -280,24 +290,10 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
     monkeypatch.setenv(var, "pallas")
   monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
-  args, weights = make_inputs(5, (2, 7, 6, 8), stride, 4)
-  want, ref = float64_reference(functools.partial(dbn.reference, stride=stride), args,
-                                weights)
-  calls = {"product": 0, "dx_dc": 0}
-  for name in calls:
-    real = getattr(stencil, name)
-    monkeypatch.setattr(stencil, name, lambda *a, _r=real, _n=name: calls.__setitem__(
-        _n, calls[_n] + 1) or _r(*a))
-  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
-  a32 = [jnp.asarray(a, jnp.float32) for a in args]
-  for g, r in zip(op(*a32), want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
-  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
-                 argnums=range(5))(*a32)
-  for name, g, r in zip(("u", "c", "kernel", "scale", "bias"), got, ref):
-    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
-    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
-  assert calls == {"product": 2, "dx_dc": 1}, calls  # the forward, alone and in grad
+  calls = spy_on_kernels(monkeypatch)
+  a32 = d_bn_product_matches_float64(5, stride)
+  # the forward alone and inside grad; pass 4 once
+  assert (calls["product"], calls["dx_dc"]) == (2, 1), calls
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
     monkeypatch.delenv(var)  # auto: XLA's forms on the CPU, which take any groups
   with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM=pallas sums over one BatchNorm "
