@@ -110,7 +110,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
           ("du", "autodiff", None)]
   # At stride 2 "pallas" is the gram kernel too: timed under both names all the same, so
   # that each form's network total covers every shape.
-  todo += [("stats", form, t) for form in ("pallas", "pallas_gram") for t in stats_tilings]
+  todo += [("stats", form, t) for form in ("pallas", "pallas_gram")
+           for t in stats_tilings]
   todo += [("sums", "pallas", t) for t in sums_tilings]
   todo += [("du", "pallas", t) for t in du_tilings]
   for kernel, form, tiling in todo:

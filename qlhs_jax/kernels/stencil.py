@@ -75,8 +75,8 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums or product; pixels and "
-         "channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums or product; "
+         "pixels and channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
          "stats only)")
 
 
@@ -221,11 +221,11 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
   1 with ``lags`` (QLHS_STATS_FORM=pallas; "pallas_gram" turns it off) they come from
   :func:`lag_sums` and the border terms (:func:`stats_from_lags`); otherwise each
   product is formed per pixel (54 running sums)."""
+  if lags and stride == 1:  # lag_sums checks u and the backend itself
+    return stats_from_lags(lag_sums(u, interpret))[:, None, :]
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
-  if lags and stride == 1:
-    return stats_from_lags(lag_sums(u, interpret))[:, None, :]
   m0, bj0, warps, splits = tiling("stats")
   plan = _chunked_plan(u.shape, stride, m0, bj0)
   chunks, bj = plan["chunks"], plan["bj"]
@@ -563,11 +563,11 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
   cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
   vec = lambda ref: ref[cols][None, :]
   x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
-  dp = dp_ref[pix, cols].astype(F32)
+  mul, dp = vec(mul_ref), dp_ref[pix, cols].astype(F32)
   g = dp * c_ref[pix, cols].astype(F32)
-  dx = g * vec(mul_ref) + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
+  dx = g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
   dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
-  dc_ref[pix, cols] = (dp * (x * vec(mul_ref) + vec(add_ref))).astype(dc_ref.dtype)
+  dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
@@ -579,7 +579,8 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
   m0, bj0, warps = tiling(name)
-  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
+  g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
+  plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
   shape5 = hidden[0].shape

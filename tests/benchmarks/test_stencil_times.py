@@ -43,6 +43,7 @@ def test_cpu_smoke_run(tmp_path, capsys):
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
-      "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3", "sums xla", "sums pallas@8,8,4", "du gather",
+      "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3", "sums xla",
+      "sums pallas@8,8,4", "du gather",
       "du autodiff", "du pallas@8,16,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
