@@ -18,12 +18,15 @@ harness's 5.7k img/s for softball_ds (README, Speed; H100), if the host keeps up
 16-core host decodes ~2k img/s with the recipe's augmentation (README, Data), which
 makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 above.
 
-``model_overrides.fuse_d_bn="auto"`` (set here): on one NVIDIA GPU each block's
+``model_overrides.fuse_d_bn="auto"`` (set here): on NVIDIA GPUs each block's
 ``BN(D u) * (C u)`` runs as fuse_d_bn="xla" with its reductions as Pallas kernels
 (qlhs_jax.kernels.stencil): 5,771 img/s on the H100 against the plain path's 4,489 and
 ResNet50's 5,493, at 7.6 GB peak against 12.8 (benchmarks/NOTES.md experiment 13).
-Elsewhere (several devices, TPUs, CPUs; nows_x6, whose expansion 6 the kernels' block
-shapes cannot take) it is the plain autodiff path,
+On several GPUs the kernels run on each GPU's slice of the batch (per-replica
+BatchNorm, the default; with ``--config.sync_bn=True`` the plain path runs); not yet
+timed there (README, Speed, "Several GPUs").
+Elsewhere (TPUs, CPUs; nows_x6, whose expansion 6 the kernels' block shapes cannot
+take) it is the plain autodiff path,
 ``fuse_d_bn=none``, which ``--config.model_overrides.fuse_d_bn=none`` also forces. The
 same network and variables either way (tests/models/test_fuse_d_bn.py).
 On one GPU, ``--config.model_overrides.fuse_d_bn=pallas`` trains the same network
@@ -47,6 +50,6 @@ VARIANTS = {v: f"eq3_{v}" for v in ("relu_all", "hardtanh_ds", "hardball_ds",
 def get_config(arg=None):
   model, quick = qconfig.parse_arg(arg, VARIANTS, "softball_ds")
   c = qconfig.base_config(model)
-  # The fastest path where it runs (one NVIDIA GPU), the plain path elsewhere: see above.
+  # The fastest path where it runs (NVIDIA GPUs), the plain path elsewhere: see above.
   c.model_overrides.fuse_d_bn = "auto"
   return qconfig.apply_quickstart(c) if quick else c

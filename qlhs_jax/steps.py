@@ -9,6 +9,8 @@ from 1e-5 that overlaps the cosine.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from typing import Any, Callable
@@ -20,9 +22,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
+from qlhs_jax.kernels.d_bn_product import BATCH_AXIS
 
-DATA_AXIS = "data"
+DATA_AXIS = BATCH_AXIS  # the kernels split the batch along it too (d_bn_product)
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,20 +175,45 @@ def check_batch_divides(global_batch: int, mesh: Mesh):
         f"mesh; choose a multiple of {n} (e.g. --config.batch_size={max(n, global_batch // n * n)})")
 
 
-def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh):
-  """fuse_d_bn='pallas' and 'block' are one device's kernels: XLA cannot split a
-  pallas_call over a sharded batch, so a larger mesh is refused (training and the
-  throughput harness)."""
-  if fuse_d_bn in PALLAS_FUSES and mesh.size > 1:
-    raise ValueError(f"model_overrides.fuse_d_bn={fuse_d_bn!r} runs on one device; this mesh "
-                     f"has {mesh.size}. Use fuse_d_bn='xla' (same passes in XLA, any "
-                     f"mesh) or run on one device")
-  # The stencil forms' Pallas kernels likewise ("auto" picks them on one device only).
-  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
-    if os.environ.get(var, "").startswith("pallas") and mesh.size > 1:
-      raise ValueError(f"{var}={os.environ[var]} runs Triton kernels on one device; this "
-                       f"mesh has {mesh.size}. Unset {var} (auto: XLA's form on several "
-                       f"devices) or run on one device")
+def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh, bn_groups: int | None = None):
+  """Refuses, before any step, kernels that cannot run on this mesh (training and the
+  throughput harness). fuse_d_bn='block' is one device's kernels. fuse_d_bn='pallas'
+  and the stencil forms' Pallas kernels (QLHS_*_FORM=pallas...) run on several devices
+  on each device's slice of the batch (``d_bn_product``'s shard_map), which needs
+  ``bn_groups`` (None: per-replica BatchNorm, one group per device) a multiple of the
+  devices."""
+  if mesh.size == 1:
+    return
+  if fuse_d_bn == "block":
+    raise ValueError(f"model_overrides.fuse_d_bn='block' runs on one device; this mesh "
+                     f"has {mesh.size}. Use fuse_d_bn='xla' or 'auto' (any mesh) or run "
+                     f"on one device")
+  groups = mesh.size if bn_groups is None else bn_groups
+  asked = [f"{var}={os.environ[var]}" for var in
+           ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
+           if os.environ.get(var, "").startswith("pallas")]
+  if fuse_d_bn == "pallas":
+    asked.insert(0, "model_overrides.fuse_d_bn='pallas'")
+  if asked and groups % mesh.size:
+    raise ValueError(f"{', '.join(asked)} runs Pallas kernels on each device's slice of "
+                     f"the batch, but {groups} BatchNorm group(s) do not split over the "
+                     f"{mesh.size} devices of this mesh. Use per-replica BatchNorm "
+                     f"(config.sync_bn=False, the default), or XLA's forms (unset those "
+                     f"variables; fuse_d_bn='xla' or 'auto')")
+
+
+@contextlib.contextmanager
+def batch_mesh(mesh: Mesh):
+  """``mesh`` as the abstract mesh of what is traced inside: the model's fused blocks
+  read it to run their Pallas kernels on each device's slice of the batch
+  (``d_bn_product.batch_shards``). Nothing where JAX lacks ``use_abstract_mesh`` or
+  ``shard_map`` (the kernels then stay off on several devices)."""
+  use = getattr(jax.sharding, "use_abstract_mesh", None)
+  if use is None or not hasattr(jax, "shard_map"):
+    yield
+    return
+  with use(mesh.abstract_mesh):
+    yield
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -202,7 +229,12 @@ def jit_train_step(train_step, mesh: Mesh):
   """jit with the state replicated and the batch split over the data axis."""
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P(DATA_AXIS))
-  return jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl),
+
+  @functools.wraps(train_step)  # keeps the name: profiles show "jit_train_step"
+  def on_mesh(state, batch):
+    with batch_mesh(mesh):
+      return train_step(state, batch)
+  return jax.jit(on_mesh, in_shardings=(repl, data), out_shardings=(repl, repl),
                  donate_argnums=0)
 
 

@@ -223,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = S.make_mesh()
   S.check_batch_divides(config.batch_size, mesh)
   S.check_batch_divides(config.eval_batch_size, mesh)
-  S.check_fuse_fits_mesh(config.model_overrides.fuse_d_bn, mesh)
+  S.check_fuse_fits_mesh(config.model_overrides.fuse_d_bn, mesh,
+                        1 if config.sync_bn else mesh.size)
   pidx, pcount = jax.process_index(), jax.process_count()
 
   # The data first: a missing dataset fails before any compilation or writing.

@@ -81,20 +81,26 @@ def _setup_host():
   jax.config.update("jax_platforms", "cpu")
 
 
-def compile_only_device(target: str = "h100"):
-  """One compile-only GPU device described by ``TARGETS[target]``."""
+def compile_only_devices(target: str = "h100", devices: int = 1):
+  """``devices`` compile-only GPUs of one host, each described by ``TARGETS[target]``."""
   _setup_host()
   import jax
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc("", platform="cuda",
-                                        target_config=TARGETS[target], topology="1x1x1")
+                                        target_config=TARGETS[target],
+                                        topology=f"1x1x{devices}")
   except (NotImplementedError, RuntimeError) as e:
     raise SystemExit(
         f"compiling for a GPU without one needs JAX's CUDA plugin ({e}); install it "
         f"with: pip install \"jax[cuda12]=={jax.__version__}\" (it brings the CUDA "
         f"libraries and ptxas; no GPU or driver is needed)") from e
-  return topo.devices[0]
+  return topo.devices
+
+
+def compile_only_device(target: str = "h100"):
+  """One compile-only GPU device described by ``TARGETS[target]``."""
+  return compile_only_devices(target)[0]
 
 
 def single_device_mesh(device):
@@ -137,16 +143,22 @@ def pallas_for_gpu():
 
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        size: int = 224, dtype: str = "bfloat16", target: str = "h100",
-                       gemm: str = "auto"):
+                       gemm: str = "auto", devices: int = 1):
   """The compiled train step of ``benchmarks.step`` for ``target`` (a
   ``jax.stages.Compiled``), the compile time in seconds and the ``gemm`` mode used
-  ("triton" or "cublas"; "auto" tries them in that order)."""
+  ("triton" or "cublas"; "auto" tries them in that order). ``devices`` > 1: the step of
+  one host with that many GPUs, ``batch`` the global batch split over them, per-replica
+  BatchNorm as in training (the program XLA compiles is one device's)."""
   if gemm not in ("auto", *GEMM_OPTIONS):
     raise SystemExit(f"--gemm {gemm!r}: choose auto, triton or cublas")
-  device = compile_only_device(target)
+  if devices < 1 or batch % devices:
+    raise SystemExit(f"--devices {devices}: want a count of GPUs that divides the batch "
+                     f"({batch})")
+  device_list = compile_only_devices(target, devices)
   import jax
   import jax.numpy as jnp
 
+  from qlhs_jax import steps as S
   from qlhs_jax.benchmarks.step import harness_train_step, kernel_env_of
   from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
   from qlhs_jax.models import create
@@ -154,13 +166,14 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where the model uses a
   # form that QLHS_STATS_FORM, QLHS_SUMS_FORM or QLHS_DU_FORM sets to "pallas", or leaves
   # to its default, which picks them on the GPU (resolved as there).
-  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=1, **overrides)
-  with pallas_for_gpu():
+  model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=devices, **overrides)
+  mesh = S.make_mesh(device_list)
+  S.check_fuse_fits_mesh(overrides.get("fuse_d_bn"), mesh)
+  with pallas_for_gpu(), S.batch_mesh(mesh):
     forms = kernel_env_of(overrides, model)
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
             or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
                    if k.endswith("_FORM")))
-  mesh = single_device_mesh(device)
   tx, step = harness_train_step(model, mesh)
   # Pallas kernels: the Triton kernels, not their interpretation on this CPU (qlhs.py),
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
@@ -182,15 +195,18 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
 
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
-            target: str, hlo_dir: str | None = None, gemm: str = "auto") -> dict:
-  """Compiles one model and returns a record of the bytes its train step moves."""
+            target: str, hlo_dir: str | None = None, gemm: str = "auto",
+            devices: int = 1) -> dict:
+  """Compiles one model and returns a record of the bytes its train step moves (on
+  one device of ``devices``)."""
   import jax
 
+  from qlhs_jax import steps as S
   from qlhs_jax.benchmarks import hlo_bytes
   from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
   from qlhs_jax.models import create
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
-                                                 target, gemm)
+                                                 target, gemm, devices)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
@@ -200,13 +216,15 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
     write_hlo(hlo_dir, model_name, overrides, "aot", text)
   record = {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
             "batch": batch, "size": size, "dtype": dtype, "target": target, "gemm": gemm,
-            "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-            "kernels": len(rows), "train_gbytes": sum(by_kind.values()) / 1e9,
+            "devices": devices, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "kernels": len(rows),
+            "train_gbytes": sum(by_kind.values()) / 1e9,
             "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
             "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
-  with pallas_for_gpu():  # the forms as they resolve for the GPU
-    # the tilings and forms, as the step's records carry (the model: its expansion)
+  # the tilings and forms as they resolve for the GPUs, as the step's records carry
+  # (the model: its expansion)
+  with pallas_for_gpu(), S.batch_mesh(S.make_mesh(compile_only_devices(target, devices))):
     env = kernel_env_of(overrides, create(model_name, **overrides))
   if env:
     record["env"] = env
@@ -221,7 +239,10 @@ def main(argv=None):
                  help="model field override for --model, e.g. --set pin_hidden_layout=true")
   p.add_argument("--vs", default=None, help="a second model compiled in the same run")
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE")
-  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--batch", type=int, default=256, help="the global batch")
+  p.add_argument("--devices", type=int, default=1,
+                 help="GPUs of one host splitting the batch (per-replica BatchNorm); the "
+                      "bytes are one device's")
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
@@ -238,9 +259,10 @@ def main(argv=None):
   if args.vs:
     runs.append((args.vs, _parse_overrides(args.vs_set)))
   records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir,
-                     args.gemm) for m, o in runs]
+                     args.gemm, args.devices) for m, o in runs]
   print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s} {'matmuls':>8s}"
-        f"  (train step compiled for {args.target}, batch {args.batch}, {args.size}px, "
+        f"  (train step compiled for {args.devices} x {args.target}, batch {args.batch}, "
+        f"{args.size}px, "
         f"{args.dtype}; jax {records[0]['jax']})")
   for r in records:
     over = " ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items()))

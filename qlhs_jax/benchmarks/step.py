@@ -110,7 +110,8 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   }
   # The Pallas tilings and forms this run used, where they change this model's kernels:
   # rows of one model differ by them.
-  env = kernel_env_of(overrides, model)
+  with S.batch_mesh(mesh):  # as the step resolved "auto"
+    env = kernel_env_of(overrides, model)
   if env:
     record["env"] = env
   if on_record is not None:
@@ -153,11 +154,13 @@ def _expansion(model) -> int:
 
 def _fuse_of(overrides: dict, model=None) -> str:
   """The KERNEL_ENV key of a model with these ``overrides`` ("auto" resolved as the
-  model resolves it for an Eq.(3) block of 64 channels and ``model``'s expansion)."""
+  model resolves it for an Eq.(3) block of 64 channels, ``model``'s expansion and
+  per-replica BatchNorm on the mesh set by ``steps.batch_mesh``, if any)."""
   fuse = overrides.get("fuse_d_bn", "none")
   if fuse == "auto":
     from qlhs_jax.kernels import d_bn_product as dbn
-    fuse = "xla" if dbn.stencil_on_gpu(64, 1, _expansion(model)) else "none"
+    fuse = ("xla" if dbn.stencil_on_gpu(64, dbn.batch_shards(), _expansion(model))
+            else "none")
   if fuse == "none" and overrides.get("d_impl") == "shifted_t":
     fuse = "shifted_t"
   return fuse
@@ -165,13 +168,16 @@ def _fuse_of(overrides: dict, model=None) -> str:
 
 def auto_pallas_forms(overrides: dict, model=None) -> list[str]:
   """The stencil form variables, unset or "auto", that this model uses and that pick
-  the Pallas kernels here (``d_bn_product.stencil_on_gpu``): on one NVIDIA GPU, or
-  while benchmarks.aot compiles for one."""
+  the Pallas kernels here (``d_bn_product.stencil_on_gpu``): on NVIDIA GPUs (one, or
+  the mesh set by ``steps.batch_mesh``, with per-replica BatchNorm), or while
+  benchmarks.aot compiles for one."""
   from qlhs_jax.kernels import d_bn_product as dbn
-  fuse, e = _fuse_of(overrides, model), _expansion(model)
-  resolve = {"QLHS_STATS_FORM": lambda: dbn.stats_form(64),
-             "QLHS_SUMS_FORM": lambda: dbn.sums_form(64, 1, e),
-             "QLHS_DU_FORM": lambda: dbn.du_form(64, e)}
+  fuse, e, groups = _fuse_of(overrides, model), _expansion(model), dbn.batch_shards()
+  # du has no groups; on a mesh it runs on each device's slice, as the others do.
+  resolve = {"QLHS_STATS_FORM": lambda: dbn.stats_form(64, groups),
+             "QLHS_SUMS_FORM": lambda: dbn.sums_form(64, groups, e),
+             "QLHS_DU_FORM": lambda: ("pallas" if dbn.stencil_on_gpu(64, groups, e)
+                                      else "gather")}
   return [k for k, form in resolve.items()
           if fuse in KERNEL_ENV[k] and os.environ.get(k, "") in ("", "auto")
           and form() == "pallas"]

@@ -64,8 +64,8 @@ except ImportError:  # Pallas's Triton backend is deprecated since JAX 0.11.0
   plt = None
 
 FUSE_IMPLS = ("none", "xla", "pallas")
-# The model's fuse_d_bn settings that run Pallas kernels ("block": kernels/eq3_block.py):
-# one device only, interpreted on a CPU, lowered for the GPU by benchmarks.aot.
+# The model's fuse_d_bn settings that run Pallas kernels ("block": kernels/eq3_block.py,
+# one device only), interpreted on a CPU, lowered for the GPU by benchmarks.aot.
 PALLAS_FUSES = ("pallas", "block")
 F32 = jnp.float32
 # Pallas tiling: one program handles `rows` output rows of one image, `cols` columns
@@ -126,22 +126,63 @@ SUMS_FORMS = ("xla", "pallas")
 FORM_DEFAULT = "auto"
 
 
+# The mesh axis that splits the batch over devices (steps.DATA_AXIS is this one).
+BATCH_AXIS = "data"
+
+
+def _context_mesh():
+  """The abstract mesh of the step being traced (``steps.jit_train_step`` sets it), or
+  None: none set, or a JAX without ``jax.sharding.get_abstract_mesh``."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get is not None else None
+  return mesh if mesh is not None and getattr(mesh, "shape", None) else None
+
+
+def batch_shards() -> int:
+  """How many devices split the batch that the code being traced sees: the size of the
+  "data" axis of the step's mesh; 1 without a mesh, and inside :func:`d_bn_product`'s
+  shard_map (the axis is manual there: each device sees its own slice)."""
+  mesh = _context_mesh()
+  if mesh is None or BATCH_AXIS in getattr(mesh, "manual_axes", ()):
+    return 1
+  return dict(mesh.shape).get(BATCH_AXIS, 1)
+
+
+def _batch_split_only() -> bool:
+  """Whether each device can run the kernels on its own slice of the batch: one device,
+  or a step whose mesh has no axis but the batch's (there :func:`d_bn_product` runs
+  them under shard_map)."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return jax.device_count() == 1
+  return dict(mesh.shape).get(BATCH_AXIS, 0) == mesh.size
+
+
 def stencil_on_gpu(n: int | None, groups: int = 1, e: int = 1) -> bool:
   """What the stencil forms' default, "auto", picks: kernels.stencil's Pallas kernels
-  on one NVIDIA GPU where they apply (power-of-two ``n`` and expansion ``e``; one
-  BatchNorm group for the sums), XLA's forms elsewhere. On an H100 the kernels made
-  fuse_d_bn="xla" 2.8x faster (benchmarks/NOTES.md, experiment 13). XLA's forms stay
-  the reference: on a CPU (the tests check the kernels, interpreted, against them), on
-  a TPU, and over several devices (a Triton call has no sharding rule, so XLA would
-  gather its operands onto every device). QLHS_PALLAS_INTERPRET=0 (benchmarks.aot,
-  compiling for an H100 on a CPU machine) counts as one GPU."""
+  on NVIDIA GPUs where they apply (power-of-two ``n`` and expansion ``e``; one
+  BatchNorm group per device for the sums), XLA's forms elsewhere. On an H100 the
+  kernels made fuse_d_bn="xla" 2.8x faster (benchmarks/NOTES.md, experiment 13). XLA's
+  forms stay the reference: on a CPU (the tests check the kernels, interpreted, against
+  them), on a TPU, and where a mesh has other axes than the batch's or no mesh is set
+  on several devices (a Triton call has no sharding rule, so XLA would gather its
+  operands onto every device). On several GPUs, ``steps.jit_train_step`` sets the
+  mesh and :func:`d_bn_product` runs the kernels on each device's slice of the batch
+  (shard_map); ``groups`` counts the BatchNorm groups of the batch the traced code
+  sees (the whole batch in the model: per-replica BatchNorm has one per device).
+  QLHS_PALLAS_INTERPRET=0 (benchmarks.aot, compiling for an H100 on a CPU machine)
+  counts as one GPU."""
+  shards = batch_shards()
   if (plt is None or n is None or n < 1 or n & (n - 1) or e < 1 or e & (e - 1)
-      or groups != 1):
+      or groups != shards):
     return False
   if os.environ.get("QLHS_PALLAS_INTERPRET") == "0":
     return True
-  return (jax.default_backend() == "gpu" and jax.device_count() == 1
-          and "NVIDIA" in jax.devices()[0].device_kind)
+  return _nvidia_gpu() and _batch_split_only()
+
+
+def _nvidia_gpu() -> bool:
+  return jax.default_backend() == "gpu" and "NVIDIA" in jax.devices()[0].device_kind
 
 
 def _form(var: str, forms: tuple, xla_form: str, n: int | None, groups: int,
@@ -184,7 +225,7 @@ def product_form(groups: int = 1) -> str:
   """How impl "xla" runs the element-wise passes that recompute D u, the forward product
   and pass 4 (dx, with dc): QLHS_PRODUCT_FORM, else "xla" (XLA's loop fusions, 1.5-1.8
   TB/s on the H100 in experiment 13). "pallas": ``stencil.product`` and
-  ``stencil.dx_dc``, one GPU and one BatchNorm group; they write dc in pass 4 whatever
+  ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
   QLHS_DC_PASS says. Not yet timed, hence not the default (benchmarks/NOTES.md,
   experiment 14)."""
   form = os.environ.get("QLHS_PRODUCT_FORM", "") or "xla"
@@ -808,4 +849,51 @@ def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array
   hand-written passes of the module docstring).
   """
   _check(u, c, kernel, scale, stride, groups, impl)
+  if _kernels_per_device(u.shape[-1], kernel.shape[-1], groups, impl):
+    return _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
   return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
+
+
+def _kernels_per_device(n, e, groups, impl) -> bool:
+  """Whether a call on a batch split over several devices (:func:`batch_shards`) runs
+  Pallas kernels, which then run on each device's slice (:func:`_per_device_op`):
+  impl "pallas", or a stencil form that picks its kernels. The slices must hold whole
+  BatchNorm groups, as per-replica BatchNorm (the default) has them; refused otherwise,
+  naming the fix."""
+  shards = batch_shards()
+  if shards == 1:
+    return False
+  local = groups // shards if groups % shards == 0 else 0
+  forms = {"QLHS_STATS_FORM": stats_form(n, groups),
+           "QLHS_SUMS_FORM": sums_form(n, groups, e), "QLHS_DU_FORM": du_form(n, e),
+           "QLHS_PRODUCT_FORM": os.environ.get("QLHS_PRODUCT_FORM", "") or "xla"}
+  asked = [f"{k}={v}" for k, v in forms.items() if v.startswith("pallas")]
+  if impl == "pallas":
+    asked.insert(0, "fuse_d_bn='pallas'")
+  if not asked:
+    return False
+  if not local:
+    raise ValueError(f"{', '.join(asked)} runs Pallas kernels on each device's slice of "
+                     f"the batch, split over {shards} devices here, but the batch's "
+                     f"{groups} BatchNorm group(s) do not split with it; use per-replica "
+                     f"BatchNorm (config.sync_bn=False, the default: bn_groups = devices)"
+                     f", or XLA's forms (unset those variables; fuse_d_bn='xla')")
+  return True
+
+
+def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+  """:func:`_op` on each device's slice of the batch: shard_map over the step's mesh,
+  the batch (u, c, p and the per-group statistics) split along its "data" axis, the
+  parameters whole. Each device's BatchNorm groups are its own, so the forward needs
+  nothing from the other devices; shard_map's transpose sums the parameters' gradients
+  over the devices (a psum, as the plain path's gradients get). check_vma=False: the
+  Pallas calls and the custom VJP carry no replication types; unchecked, the transpose
+  sums the gradients of every input given whole, which is what is wanted here."""
+  shards = batch_shards()
+  split, whole = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
+
+  def body(u, c, kernel, scale, bias):
+    return _op(u, c, kernel, scale, bias, stride, groups // shards, eps, impl, interpret)
+
+  return jax.shard_map(body, mesh=_context_mesh(), in_specs=(split, split) + (whole,) * 3,
+                       out_specs=(split,) * 3, check_vma=False)(u, c, kernel, scale, bias)

@@ -39,9 +39,10 @@ not per element), and every product is formed from taps held in registers.
 Selected by ``QLHS_STATS_FORM`` (d_bn_product's ``_stats``: ``fuse_d_bn="xla"`` and
 ``"block"``), ``QLHS_SUMS_FORM`` (``_xla_backward_sums``: "xla") and ``QLHS_DU_FORM``
 (``_d_transpose``: "xla", "block", "pallas" and ``d_impl="shifted_t"``): ``pallas``,
-or unset ("auto", ``d_bn_product.stencil_on_gpu``: on one NVIDIA GPU). XLA's forms stay
-the reference, and the default elsewhere. They need a power-of-two ``n`` and expansion
-(Triton block shapes) and, for the sums, one BatchNorm group.
+or unset ("auto", ``d_bn_product.stencil_on_gpu``: on NVIDIA GPUs; on a mesh, inside
+``d_bn_product`` on each GPU's slice of the batch). XLA's forms stay the reference,
+and the default elsewhere. They need a power-of-two ``n`` and expansion (Triton block
+shapes) and, for the sums, one BatchNorm group (per device).
 Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
 (pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`. On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster

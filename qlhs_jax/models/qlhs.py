@@ -34,7 +34,7 @@ contiguous ``j`` axis (benchmarks/NOTES.md, experiment 1).
 eq3, eq5 and eq3w through :func:`qlhs_jax.kernels.d_bn_product` (hand-written backward,
 D u never stored; Pallas kernels on GPU), with the same variables; ``"none"`` is plain
 autodiff. Evaluation and folded models always take the plain path. ``"auto"`` is "xla"
-where its reductions run as Pallas kernels (one NVIDIA GPU: ``kernels.stencil``, 1.29x
+where its reductions run as Pallas kernels (NVIDIA GPUs: ``kernels.stencil``, 1.29x
 the plain path's training img/s on the H100) and "none" elsewhere; configs/eq3.py sets
 it.
 
@@ -232,8 +232,9 @@ class QLHSBlock(nn.Module):
   @nn.nowrap
   def _fuse(self, n_in):
     """fuse_d_bn for a block of ``n_in`` input channels. "auto": "xla" where its
-    reductions run as Pallas kernels (``d_bn_product.stencil_on_gpu``: one NVIDIA GPU;
-    on the H100 1.29x the plain path's img/s, benchmarks/NOTES.md experiment 13), else
+    reductions run as Pallas kernels (``d_bn_product.stencil_on_gpu``: NVIDIA GPUs, one
+    or, in ``steps.jit_train_step``, several with per-replica BatchNorm; on the H100
+    1.29x the plain path's img/s, benchmarks/NOTES.md experiment 13), else
     "none" (with XLA's reductions "xla" trains slower than the plain path: 0.46x on the
     H100); "none" too where fusing does not apply (other forms, the s-major layout)."""
     if self.fuse_d_bn != "auto":

@@ -149,6 +149,29 @@ def test_compiles_the_block_kernels_for_the_gpu(tmp_path):
   assert r["gbytes_by_kind"].get("custom-call __gpu$xla.gpu.triton", 0) > 0, r
 
 
+def test_a_device_count_that_does_not_divide_the_batch_is_refused():
+  p = _run("--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--devices", "3")
+  want = "--devices 3: want a count of GPUs that divides the batch (8)"
+  assert p.returncode != 0 and want in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_compiles_the_stencil_kernels_for_gpus_splitting_the_batch(tmp_path):
+  """--devices 2: fuse_d_bn="auto" resolves to the stencil kernels on each GPU's half of
+  the batch (d_bn_product's shard_map), XLA compiles their Triton IR, and the gradients
+  are summed across the GPUs (all-reduce in one device's program)."""
+  record = tmp_path / "aot.jsonl"
+  p = _run("--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--devices", "2",
+           "--set", 'fuse_d_bn="auto"', *[a for kv in TINY for a in ("--set", kv)],
+           "--record", str(record), "--hlo-dir", str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(record.read_text().splitlines()[0])
+  assert r["devices"] == 2 and r["env"]["QLHS_STATS_FORM"] == "auto:pallas", r
+  assert r["gbytes_by_kind"].get("custom-call __gpu$xla.gpu.triton", 0) > 0, r
+  text = gzip.open(next(tmp_path.glob("*.aot.hlo.txt.gz")), "rt").read()
+  assert "all-reduce-start(" in text or "all-reduce(" in text
+
+
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
 def test_the_profile_options_compile_without_command_buffers(tmp_path):
   """For the H100, XLA puts a run of kernels into a command buffer (one CUDA graph: one

@@ -168,33 +168,32 @@ def test_config_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="NVIDIA GPU .*not on 'tpu'; use fuse_d_bn='xla'"):
       init(fuse_d_bn="pallas")
 
-  # A pallas_call cannot be split over a sharded batch: refused before anything is
-  # written (the tests run with 8 CPU devices, conftest.py).
+  # On the 8-device mesh (conftest.py): "block" is one device's kernels, and the other
+  # kernels run on each device's slice of the batch, which needs whole BatchNorm groups
+  # there; both refused before anything is written.
   from tests.test_train import tiny_config
-  for fuse in ("pallas", "block"):
-    cfg = tiny_config()
-    cfg.model_overrides.fuse_d_bn = fuse
-    with pytest.raises(ValueError, match=f"'{fuse}' runs on one device; this mesh has 8"):
-      train.train_and_evaluate(cfg, str(tmp_path / fuse))
-    assert not (tmp_path / fuse).exists()
-  # Nor can the stencil forms' kernels, when a variable asks for them.
   cfg = tiny_config()
+  cfg.model_overrides.fuse_d_bn = "block"
+  with pytest.raises(ValueError, match="'block' runs on one device; this mesh has 8"):
+    train.train_and_evaluate(cfg, str(tmp_path / "block"))
+  assert not (tmp_path / "block").exists()
+  cfg = tiny_config()
+  cfg.sync_bn = True
+  cfg.model_overrides.fuse_d_bn = "pallas"
+  with pytest.raises(ValueError, match="fuse_d_bn='pallas' runs Pallas kernels on each "
+                                       "device's slice.*1 BatchNorm group.*8 devices.*"
+                                       "sync_bn=False"):
+    train.train_and_evaluate(cfg, str(tmp_path / "pallas"))
+  assert not (tmp_path / "pallas").exists()
   cfg.model_overrides.fuse_d_bn = "xla"
-  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
-  with pytest.raises(ValueError, match="QLHS_SUMS_FORM=pallas runs Triton kernels on one "
-                                       "device; this mesh has 8. Unset QLHS_SUMS_FORM"):
-    train.train_and_evaluate(cfg, str(tmp_path / "sums"))
-  assert not (tmp_path / "sums").exists()
-  monkeypatch.delenv("QLHS_SUMS_FORM")
-  monkeypatch.setenv("QLHS_STATS_FORM", "pallas_gram")
-  with pytest.raises(ValueError, match="QLHS_STATS_FORM=pallas_gram runs Triton kernels"):
-    train.train_and_evaluate(cfg, str(tmp_path / "stats"))
-  assert not (tmp_path / "stats").exists()
-  monkeypatch.delenv("QLHS_STATS_FORM")
-  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas")
-  with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM=pallas runs Triton kernels"):
-    train.train_and_evaluate(cfg, str(tmp_path / "product"))
-  assert not (tmp_path / "product").exists()
+  for var, form in [("QLHS_SUMS_FORM", "pallas"), ("QLHS_STATS_FORM", "pallas_gram"),
+                    ("QLHS_PRODUCT_FORM", "pallas")]:
+    monkeypatch.setenv(var, form)
+    with pytest.raises(ValueError, match=f"{var}={form} runs Pallas kernels on each "
+                                         "device's slice"):
+      train.train_and_evaluate(cfg, str(tmp_path / var))
+    assert not (tmp_path / var).exists()
+    monkeypatch.delenv(var)
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):
@@ -248,3 +247,104 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
   monkeypatch.setattr(dbn, "stencil_on_gpu", lambda n, groups=1, e=1: groups == 1)
   assert_same_network(plain, auto)
   assert calls, "fuse_d_bn='auto' did not reach the stencil kernels where they run"
+
+
+FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
+
+
+def spy(monkeypatch, module, name):
+  """Counts the calls of ``module.name`` (at trace time)."""
+  calls = []
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+  return calls
+
+
+@pytest.mark.parametrize("fuse", ["xla", "pallas"])
+def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, monkeypatch):
+  """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
+  stencil form asked for, or fuse_d_bn="pallas"; interpreted) run on each device's
+  slice of the batch under shard_map: the plain path's losses and parameters after two
+  steps, the gradients of D's kernel and of BN's scale and offset summed over the
+  devices."""
+  from qlhs_jax.kernels import d_bn_product as dbn
+  from qlhs_jax.kernels import stencil
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
+  plain = QLHSNet(dtype=jnp.float32, bn_groups=8, **TINY)
+  v = random_variables(plain, x, lo=-0.7, hi=0.7)  # BN_out's scale not 0 as at init
+  ref = run_sharded_train_steps(plain, x, np.arange(8) % 5, variables=v)
+  for var in FORM_VARS:
+    monkeypatch.setenv(var, "pallas")
+  per_device = spy(monkeypatch, dbn, "_per_device_op")
+  kernels = (spy(monkeypatch, stencil, "tap_stats") if fuse == "xla"
+             else spy(monkeypatch, dbn, "_pallas_stats"))
+  out = run_sharded_train_steps(plain.clone(fuse_d_bn=fuse), x, np.arange(8) % 5,
+                                variables=v)
+  assert per_device and kernels
+  np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
+  assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)
+  assert_trees_close(out[0].batch_stats, ref[0].batch_stats, 1e-4, 1e-5)
+
+
+def test_kernels_on_a_mesh_need_whole_batchnorm_groups_per_device(monkeypatch):
+  """Synchronised BatchNorm (one group over the 8 devices) with a kernel asked for: the
+  step is refused at trace time, naming the fix (train_and_evaluate refuses it before
+  that, test_config_and_errors)."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  with pytest.raises(ValueError, match="QLHS_DU_FORM=pallas runs Pallas kernels on each "
+                                       "device's slice.*1 BatchNorm group.*per-replica"):
+    run_sharded_train_steps(QLHSNet(dtype=jnp.float32, bn_groups=1, fuse_d_bn="xla",
+                                    **TINY), x, np.arange(8) % 5)
+  # The plain path's shifted_t backward calls the du kernel outside d_bn_product: one
+  # device's only.
+  with pytest.raises(ValueError, match="QLHS_DU_FORM=pallas with d_impl='shifted_t' "
+                                       "runs on one device; this step splits the batch "
+                                       "over 8"):
+    run_sharded_train_steps(QLHSNet(dtype=jnp.float32, bn_groups=8, d_impl="shifted_t",
+                                    **TINY), x, np.arange(8) % 5)
+
+
+def test_batch_shards_follow_the_steps_mesh(monkeypatch):
+  """Outside a step: no mesh, one shard. In ``steps.batch_mesh``: the data axis's 8;
+  inside d_bn_product's shard_map: 1 again (each device sees its slice). auto's
+  kernels need one BatchNorm group per device and the batch axis alone on the mesh."""
+  from qlhs_jax import steps as S
+  from qlhs_jax.kernels import d_bn_product as dbn
+  mesh = S.make_mesh()
+  monkeypatch.setattr(dbn, "_nvidia_gpu", lambda: True)
+  assert dbn.batch_shards() == 1
+  assert not dbn.stencil_on_gpu(64, 1)  # 8 devices, no mesh: XLA would gather
+  with S.batch_mesh(mesh):
+    assert dbn.batch_shards() == 8
+    assert dbn.stencil_on_gpu(64, 8) and dbn.stencil_on_gpu(64, 8, 4)
+    assert not dbn.stencil_on_gpu(64, 1) and not dbn.stencil_on_gpu(64, 16)
+    assert not dbn.stencil_on_gpu(48, 8)
+    seen = jax.shard_map(lambda v: v * dbn.batch_shards(), mesh=mesh,
+                         in_specs=jax.sharding.PartitionSpec("data"),
+                         out_specs=jax.sharding.PartitionSpec("data"))(jnp.ones(8))
+    np.testing.assert_array_equal(seen, np.ones(8))
+  with S.batch_mesh(S.make_mesh(jax.devices()[:1])):  # a one-device step on 8 devices
+    assert dbn.batch_shards() == 1 and dbn.stencil_on_gpu(64, 1)
+
+
+def test_auto_runs_the_kernels_per_device_on_a_gpu_mesh(monkeypatch):
+  """fuse_d_bn="auto" on a mesh of NVIDIA GPUs (here the CPU mesh, made to count as
+  one; the kernels interpreted) with per-replica BatchNorm: the "xla" operation with
+  the stencil kernels on each device, the plain path's training steps."""
+  from qlhs_jax.kernels import d_bn_product as dbn
+  from qlhs_jax.kernels import stencil
+  for var in FORM_VARS:
+    monkeypatch.delenv(var, raising=False)
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
+  plain = QLHSNet(dtype=jnp.float32, bn_groups=8, **TINY)
+  v = random_variables(plain, x, lo=-0.7, hi=0.7)
+  ref = run_sharded_train_steps(plain, x, np.arange(8) % 5, variables=v)
+  monkeypatch.setattr(dbn, "_nvidia_gpu", lambda: True)
+  kernels = {name: spy(monkeypatch, stencil, name)
+             for name in ("tap_stats", "bn_sums", "d_transpose")}
+  out = run_sharded_train_steps(plain.clone(fuse_d_bn="auto"), x, np.arange(8) % 5,
+                                variables=v)
+  assert all(kernels.values()), {k: len(v) for k, v in kernels.items()}
+  np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
+  assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)

@@ -151,16 +151,22 @@ def run_train_steps(model, variables, batch, steps=2):
   return state, losses
 
 
-def run_sharded_train_steps(model, x, labels, steps=2):
+def run_sharded_train_steps(model, x, labels, steps=2, variables=None):
   """``steps`` train steps of the harness jitted over the 8-device data mesh (conftest's
-  CPU devices), from ``create_train_state``'s initial state; (state, losses)."""
+  CPU devices), from ``create_train_state``'s initial state, or from ``variables`` with
+  its other fields; (state, losses)."""
   mesh = S.make_mesh()
   assert mesh.size == 8
   batch = S.shard_batch({"image": np.asarray(x), "label": np.asarray(labels)}, mesh)
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50, warmup_epochs=0)
-  state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0), x.shape[1:]),
-                      mesh)
+  state = S.create_train_state(model, tx, jax.random.PRNGKey(0), x.shape[1:])
+  if variables is not None:  # copied: the step donates the state, shards and all
+    variables = jax.tree.map(jnp.copy, variables)
+    state = state.replace(params=variables["params"],
+                          batch_stats=variables["batch_stats"],
+                          opt_state=tx.init(variables["params"]))
+  state = S.replicate(state, mesh)
   step = S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=5), mesh)
   losses = []
   for _ in range(steps):
