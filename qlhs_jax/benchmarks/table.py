@@ -20,7 +20,7 @@ def table(path: str) -> str:
            "pallas / none |",
            "|---|---|---|---:|---|---:|---:|---:|---:|"]
   aot = ["| date | code | compiled for | jax | model | overrides | batch | size | "
-         "GB per step | kernels | peak GB (XLA's estimate) |",
+         "GB per step (per device) | kernels | peak GB (XLA's estimate) |",
          "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
   tune = ["| date | device | jax | batch | shapes timed | kernels' ms, current tiling | "
           "kernels' ms, tuned | QLHS_BLOCK_TILING (tuned) | block_max_width |",
@@ -68,7 +68,9 @@ def table(path: str) -> str:
       if r.get("kind") == "aot_bytes":
         # records from before --gemm were all compiled with cuBLAS for every matmul
         gemm = {"triton": "Triton GEMM"}.get(r.get("gemm", "cublas"), "cuBLAS")
-        aot.append(f"| {r['date']} | {r.get('commit') or '-'} | {r['target']} (deviceless, "
+        n = r.get("devices", 1)  # the bytes of one device's program
+        target = f"{n} x {r['target']}" if n > 1 else r["target"]
+        aot.append(f"| {r['date']} | {r.get('commit') or '-'} | {target} (deviceless, "
                    f"{gemm}) | "
                    f"{r['jax']} | {r['model']} | "
                    f"{overrides(r)} | {r['batch']} | {r['size']} | {r['train_gbytes']:.1f} | "

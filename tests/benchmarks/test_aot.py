@@ -87,6 +87,8 @@ def test_records_get_their_own_table(tmp_path):
           "d_impl=shifted_t | 256 | 224 | 78.8 | 798 | - |") in out
   path.write_text(json.dumps({**rec, "gemm": "triton"}) + "\n")
   assert "| h100 (deviceless, Triton GEMM) | 0.10.2 |" in table.table(str(path))
+  path.write_text(json.dumps({**rec, "devices": 8}) + "\n")  # one device's bytes of 8
+  assert "| 8 x h100 (deviceless, cuBLAS) | 0.10.2 |" in table.table(str(path))
 
 
 def test_records_carry_the_commit(tmp_path):
