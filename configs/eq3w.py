@@ -8,6 +8,13 @@ VARIANT: softball_ds (default) or none. 9.61M parameters (W adds n^2 per block).
 Append ``,quickstart`` for the embedded-digits version. Hardware: one H100, batch 256,
 bfloat16. Expected time: that of configs/eq3.py plus ~13% (1.84 vs 1.64 GMACs); no paper
 figure to compare with (README, Symmetry, gives the quickstart accuracy).
+
+``model_overrides.fuse_d_bn="auto"`` (set here), as in configs/eq3.py: on NVIDIA GPUs
+``BN(D(W u)) * (C u)`` runs as fuse_d_bn="xla" with the stencil kernels, the plain path
+elsewhere; the same network and variables (tests/models/test_fuse_d_bn.py). Not yet
+timed: compiled for one H100 without one (benchmarks.aot, 2026-12-03), softball_ds's
+step moves 75.4 GB against the plain path's 105.0, peak 8.8 GB against 11.0
+(benchmarks/NOTES.md, experiment 15).
 """
 
 from qlhs_jax import config as qconfig
@@ -17,4 +24,5 @@ def get_config(arg=None):
   model, quick = qconfig.parse_arg(arg, {"softball_ds": "eq3w_softball_ds",
                                          "none": "eq3w_none"}, "softball_ds")
   c = qconfig.base_config(model)
+  c.model_overrides.fuse_d_bn = "auto"  # the kernels where they run: see above
   return qconfig.apply_quickstart(c) if quick else c

@@ -9,6 +9,13 @@ Hardware: one H100 80GB, batch 256, bfloat16; about the time of Eq.(3) (configs/
 scaled by the harness's step rate of this model (python -m qlhs_jax.benchmarks.step
 --model eq5_softball_ds); not yet run end to end here.
 Expected: the paper's top-1 above.
+
+``model_overrides.fuse_d_bn="auto"`` (set here), as in configs/eq3.py: on NVIDIA GPUs
+each block's ``BN(D u) * (C u)`` runs as fuse_d_bn="xla" with the stencil kernels, the
+plain path elsewhere; the same network and variables (tests/models/test_fuse_d_bn.py).
+Not yet timed for Eq.(5): compiled for one H100 without one (benchmarks.aot, 2026-12-03),
+its step moves 59.3 GB against the plain path's 81.7, peak 5.5 GB against 10.4
+(benchmarks/NOTES.md, experiment 15).
 """
 
 from qlhs_jax import config as qconfig
@@ -17,4 +24,5 @@ from qlhs_jax import config as qconfig
 def get_config(arg=None):
   model, quick = qconfig.parse_arg(arg, {"softball_ds": "eq5_softball_ds"}, "softball_ds")
   c = qconfig.base_config(model)
+  c.model_overrides.fuse_d_bn = "auto"  # the kernels where they run: see above
   return qconfig.apply_quickstart(c) if quick else c
