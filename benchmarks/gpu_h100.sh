@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|all]
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
@@ -45,6 +45,10 @@
 #   H100 before). (Measured before, so left out: d_impl="grouped", 0.59x on the H200;
 #   remat="dots", 0.88x. Dropped for time: s-major with shifted_t + pinned, and the
 #   pinned layout alone.)
+# "configs" (time limits add up to 360 s; NOTES.md experiment 15): configs/eq5.py and
+#   configs/eq3w.py set fuse_d_bn="auto" since 2026-12-03 on their deviceless bytes alone
+#   (0.73x and 0.72x the plain path's): each with "auto" and with the plain path, to
+#   confirm the default or take it back.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
 # profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
@@ -69,7 +73,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|ncu|block|variants|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|all]" >&2; exit 2;; esac
+case "$PART" in op|step|ncu|block|variants|configs|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -225,6 +229,12 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then
   bench 80 --model eq3_softball_ds --set 'hidden_layout="s_major"' --hlo-dir "$H"
   bench 80 --model mobilenetv3_large_100
   bench 70 --model eq3_softball_ds --hlo-dir "$H"
+fi
+if [ "$PART" = configs ] || [ "$PART" = all ]; then
+  bench 100 --model eq5_softball_ds --set 'fuse_d_bn="auto"'
+  bench 80 --model eq5_softball_ds
+  bench 100 --model eq3w_softball_ds --set 'fuse_d_bn="auto"'
+  bench 80 --model eq3w_softball_ds
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"
