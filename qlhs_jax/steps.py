@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qlhs_jax.kernels.d_bn_product import BATCH_AXIS
+from qlhs_jax.kernels.d_bn_product import BATCH_AXIS, FORM_VARIABLES
 
 DATA_AXIS = BATCH_AXIS  # the kernels split the batch along it too (d_bn_product)
 
@@ -175,7 +175,8 @@ def check_batch_divides(global_batch: int, mesh: Mesh):
         f"mesh; choose a multiple of {n} (e.g. --config.batch_size={max(n, global_batch // n * n)})")
 
 
-def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh, bn_groups: int | None = None):
+def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh,
+                         bn_groups: int | None = None):
   """Refuses, before any step, kernels that cannot run on this mesh (training and the
   throughput harness). fuse_d_bn='block' is one device's kernels. fuse_d_bn='pallas'
   and the stencil forms' Pallas kernels (QLHS_*_FORM=pallas...) run on several devices
@@ -189,8 +190,7 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh, bn_groups: int | Non
                      f"has {mesh.size}. Use fuse_d_bn='xla' or 'auto' (any mesh) or run "
                      f"on one device")
   groups = mesh.size if bn_groups is None else bn_groups
-  asked = [f"{var}={os.environ[var]}" for var in
-           ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
+  asked = [f"{var}={os.environ[var]}" for var in FORM_VARIABLES
            if os.environ.get(var, "").startswith("pallas")]
   if fuse_d_bn == "pallas":
     asked.insert(0, "model_overrides.fuse_d_bn='pallas'")

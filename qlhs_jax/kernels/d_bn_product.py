@@ -128,6 +128,8 @@ FORM_DEFAULT = "auto"
 
 # The mesh axis that splits the batch over devices (steps.DATA_AXIS is this one).
 BATCH_AXIS = "data"
+# The variables that can ask for the stencil kernels (each pass's form).
+FORM_VARIABLES = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
 
 
 def _context_mesh():
@@ -864,10 +866,9 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
   if shards == 1:
     return False
   local = groups // shards if groups % shards == 0 else 0
-  forms = {"QLHS_STATS_FORM": stats_form(n, groups),
-           "QLHS_SUMS_FORM": sums_form(n, groups, e), "QLHS_DU_FORM": du_form(n, e),
-           "QLHS_PRODUCT_FORM": os.environ.get("QLHS_PRODUCT_FORM", "") or "xla"}
-  asked = [f"{k}={v}" for k, v in forms.items() if v.startswith("pallas")]
+  forms = (stats_form(n, groups), sums_form(n, groups, e), du_form(n, e),
+           os.environ.get("QLHS_PRODUCT_FORM", "") or "xla")
+  asked = [f"{k}={v}" for k, v in zip(FORM_VARIABLES, forms) if v.startswith("pallas")]
   if impl == "pallas":
     asked.insert(0, "fuse_d_bn='pallas'")
   if not asked:
