@@ -45,10 +45,13 @@
 #   H100 before). (Measured before, so left out: d_impl="grouped", 0.59x on the H200;
 #   remat="dots", 0.88x. Dropped for time: s-major with shifted_t + pinned, and the
 #   pinned layout alone.)
-# "configs" (time limits add up to 360 s; NOTES.md experiment 15): configs/eq5.py and
-#   configs/eq3w.py set fuse_d_bn="auto" since 2026-12-03 on their deviceless bytes alone
-#   (0.73x and 0.72x the plain path's): each with "auto" and with the plain path, to
-#   confirm the default or take it back.
+# "configs" (time limits add up to 510 s; NOTES.md experiment 15): first Eq.(3) "auto"
+#   against ResNet50 with QLHS_BN_STATS=two, BatchNorm's statistics from two reductions
+#   as before 2026-12-03 (the rows of "ncu" have the new default, one reduction: 0.97 and
+#   4.57 GB less per step in the deviceless compile); then configs/eq5.py and
+#   configs/eq3w.py, which set fuse_d_bn="auto" since 2026-12-03 on their deviceless
+#   bytes alone (0.73x and 0.72x the plain path's): each with "auto" and with the plain
+#   path, to confirm the default or take it back.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
 # profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
@@ -93,7 +96,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -231,6 +234,7 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then
   bench 70 --model eq3_softball_ds --hlo-dir "$H"
 fi
 if [ "$PART" = configs ] || [ "$PART" = all ]; then
+  QLHS_BN_STATS=two bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
   bench 100 --model eq5_softball_ds --set 'fuse_d_bn="auto"'
   bench 80 --model eq5_softball_ds
   bench 100 --model eq3w_softball_ds --set 'fuse_d_bn="auto"'

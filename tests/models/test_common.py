@@ -114,3 +114,66 @@ def test_argmax_pool_train_step_on_a_sharded_mesh():
          for pool in ("argmax", "autodiff")}
   np.testing.assert_allclose(out["argmax"][1], out["autodiff"][1], rtol=1e-5)
   assert_trees_close(out["argmax"][0].params, out["autodiff"][0].params, 1e-4, 1e-5)
+
+
+def test_sums_and_squares_is_one_reduction_with_the_formulas_derivatives():
+  """``common.sums_and_squares``: sum(x) and sum(x * x) from one variadic reduce (what
+  makes the compiled BatchNorm read x once), against NumPy in float64; its first and
+  second derivatives against JAX's of the two plain sums."""
+  from qlhs_jax.models.common import sums_and_squares
+  x = np.random.default_rng(1).standard_normal((2, 3, 4, 5))
+  with jax.enable_x64(True):
+    s, q = sums_and_squares(jnp.asarray(x), (1, 2))
+    np.testing.assert_allclose(s, x.sum((1, 2)), rtol=1e-13)
+    np.testing.assert_allclose(q, (x * x).sum((1, 2)), rtol=1e-13)
+    mix = lambda s, q: jnp.sum(jnp.sin(s) * jnp.cos(q))
+    f = lambda x: mix(*sums_and_squares(x, (1, 2)))
+    g = lambda x: mix(x.sum((1, 2)), (x * x).sum((1, 2)))
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(jax.hessian(f)(x[:1, :2]), jax.hessian(g)(x[:1, :2]),
+                               rtol=1e-12, atol=1e-13)
+  jaxpr = str(jax.make_jaxpr(lambda x: sums_and_squares(x, (0, 1, 2)))(x))
+  assert "reduce_sum" not in jaxpr and jaxpr.count(" reduce[") == 1, jaxpr
+
+
+@pytest.mark.parametrize("form", ["one", "two"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batchnorm_train_gradients_match_the_float64_formula(groups, form, monkeypatch):
+  """Training-mode BatchNorm, its statistics from one reduction (the default) or two
+  (QLHS_BN_STATS=two), against the textbook formula with two means, differentiated by
+  JAX in float64: output and input, scale and offset gradients."""
+  from qlhs_jax.models.common import BatchNorm
+  monkeypatch.setenv("QLHS_BN_STATS", form)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((4, 3, 3, 5)) * 2 + 1
+  w = rng.standard_normal(x.shape)  # a fixed readout, so that every gradient is nonzero
+  bn = BatchNorm(use_running_average=False, groups=groups)
+  v = bn.init(jax.random.PRNGKey(0), x.astype(np.float32))
+  p = {"scale": rng.uniform(0.5, 1.5, 5), "bias": rng.uniform(-1, 1, 5)}
+
+  def ours(x, p):
+    y, _ = bn.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                    mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(y) * w)
+
+  def formula(x, p):
+    xg = x.reshape((groups, -1) + x.shape[1:])
+    mean = jnp.mean(xg, (1, 2, 3), keepdims=True)
+    var = jnp.mean(xg * xg, (1, 2, 3), keepdims=True) - mean * mean
+    y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * p["scale"] + p["bias"]
+    return jnp.sum(jnp.tanh(y) * w)
+
+  with jax.enable_x64(True):
+    want = jax.value_and_grad(formula, argnums=(0, 1))(jnp.asarray(x), p)
+  x32, p32 = x.astype(np.float32), jax.tree.map(lambda a: a.astype(np.float32), p)
+  got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(x32, p32)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+def test_bn_stats_form_is_checked(monkeypatch):
+  from qlhs_jax.models.common import BatchNorm
+  monkeypatch.setenv("QLHS_BN_STATS", "three")
+  with pytest.raises(ValueError, match=r"QLHS_BN_STATS='three': choose one of \('one', "
+                                       r"'two'\)"):
+    BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), jnp.ones((2, 3)))
