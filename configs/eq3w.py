@@ -12,7 +12,7 @@ figure to compare with (README, Symmetry, gives the quickstart accuracy).
 ``model_overrides.fuse_d_bn="auto"`` (set here), as in configs/eq3.py: on NVIDIA GPUs
 ``BN(D(W u)) * (C u)`` runs as fuse_d_bn="xla" with the stencil kernels, the plain path
 elsewhere; the same network and variables (tests/models/test_fuse_d_bn.py). Not yet
-timed: compiled for one H100 without one (benchmarks.aot, 2026-12-03), softball_ds's
+timed: compiled for one H100 without one (benchmarks.aot, 2a74f85), softball_ds's
 step moves 75.4 GB against the plain path's 105.0, peak 8.8 GB against 11.0
 (benchmarks/NOTES.md, experiment 15).
 """

@@ -13,7 +13,7 @@ Expected: the paper's top-1 above.
 ``model_overrides.fuse_d_bn="auto"`` (set here), as in configs/eq3.py: on NVIDIA GPUs
 each block's ``BN(D u) * (C u)`` runs as fuse_d_bn="xla" with the stencil kernels, the
 plain path elsewhere; the same network and variables (tests/models/test_fuse_d_bn.py).
-Not yet timed for Eq.(5): compiled for one H100 without one (benchmarks.aot, 2026-12-03),
+Not yet timed for Eq.(5): compiled for one H100 without one (benchmarks.aot, 2a74f85),
 its step moves 59.3 GB against the plain path's 81.7, peak 5.5 GB against 10.4
 (benchmarks/NOTES.md, experiment 15).
 """

@@ -107,7 +107,8 @@ class BatchNorm(nn.Module):
         raise ValueError(f"batch {b} does not split into {self.groups} BatchNorm groups")
       xg = x.reshape((self.groups, b // self.groups) + x.shape[1:]).astype(stat_dtype)
       axes = tuple(range(1, xg.ndim - 1))
-      # One pass over the data: E[x] and E[x^2] in float32, from one reduction.
+      # One pass over the data: E[x] and E[x^2] in float32, their sums from one
+      # reduction (two with QLHS_BN_STATS=two).
       count = xg.size // (self.groups * c)
       if bn_stats_form() == "one":
         s1, s2 = sums_and_squares(xg, axes)
