@@ -866,8 +866,7 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
   if shards == 1:
     return False
   local = groups // shards if groups % shards == 0 else 0
-  forms = (stats_form(n, groups), sums_form(n, groups, e), du_form(n, e),
-           os.environ.get("QLHS_PRODUCT_FORM", "") or "xla")
+  forms = (stats_form(n, groups), sums_form(n, groups, e), du_form(n, e), product_form())
   asked = [f"{k}={v}" for k, v in zip(FORM_VARIABLES, forms) if v.startswith("pallas")]
   if impl == "pallas":
     asked.insert(0, "fuse_d_bn='pallas'")

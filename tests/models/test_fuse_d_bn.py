@@ -12,6 +12,7 @@ from qlhs_jax.models import QLHSNet
 
 from tests.models.test_hidden_layout import (assert_trees_close, run_sharded_train_steps,
                                              run_train_steps)
+from tests.kernels.test_stencil import spy_on_kernels
 from tests.models.test_qlhs import random_variables
 
 # Stage 1 keeps its width, stage 2 strides and doubles it (both Eq.(5) group shapes).
@@ -222,6 +223,14 @@ def test_xla_train_step_on_a_sharded_mesh():
   assert_trees_close(out["xla"][0].params, out["none"][0].params, 1e-4, 1e-5)
 
 
+def spy(monkeypatch, module, name):
+  """Counts the calls of ``module.name`` (at trace time)."""
+  calls = []
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+  return calls
+
+
 def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
   """fuse_d_bn="auto": where ``d_bn_product.stencil_on_gpu`` picks the Pallas kernels
   (one NVIDIA GPU; here made to, the kernels interpreted) the "xla" operation with the
@@ -234,9 +243,7 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
   plain = QLHSNet(activation="softball", dtype=jnp.float32, **TINY)
   auto = plain.clone(fuse_d_bn="auto")
   v = random_variables(plain, X, lo=-0.7, hi=0.7)
-  calls = []
-  real = stencil.tap_stats
-  monkeypatch.setattr(stencil, "tap_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+  calls = spy(monkeypatch, stencil, "tap_stats")
   # Here (a CPU): the plain path, the same computation.
   for got, want in zip(jax.tree.leaves(train_outputs(auto, v)),
                        jax.tree.leaves(train_outputs(plain, v))):
@@ -250,14 +257,6 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
 
 
 FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
-
-
-def spy(monkeypatch, module, name):
-  """Counts the calls of ``module.name`` (at trace time)."""
-  calls = []
-  real = getattr(module, name)
-  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-  return calls
 
 
 @pytest.mark.parametrize("fuse", ["xla", "pallas"])
@@ -333,7 +332,6 @@ def test_auto_runs_the_kernels_per_device_on_a_gpu_mesh(monkeypatch):
   one; the kernels interpreted) with per-replica BatchNorm: the "xla" operation with
   the stencil kernels on each device, the plain path's training steps."""
   from qlhs_jax.kernels import d_bn_product as dbn
-  from qlhs_jax.kernels import stencil
   for var in FORM_VARS:
     monkeypatch.delenv(var, raising=False)
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
@@ -341,10 +339,9 @@ def test_auto_runs_the_kernels_per_device_on_a_gpu_mesh(monkeypatch):
   v = random_variables(plain, x, lo=-0.7, hi=0.7)
   ref = run_sharded_train_steps(plain, x, np.arange(8) % 5, variables=v)
   monkeypatch.setattr(dbn, "_nvidia_gpu", lambda: True)
-  kernels = {name: spy(monkeypatch, stencil, name)
-             for name in ("tap_stats", "bn_sums", "d_transpose")}
+  calls = spy_on_kernels(monkeypatch)
   out = run_sharded_train_steps(plain.clone(fuse_d_bn="auto"), x, np.arange(8) % 5,
                                 variables=v)
-  assert all(kernels.values()), {k: len(v) for k, v in kernels.items()}
+  assert all(calls[k] for k in ("tap_stats", "bn_sums", "d_transpose")), calls
   np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
   assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)
