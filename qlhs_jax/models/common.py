@@ -57,8 +57,9 @@ def sums_and_squares(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, ja
   variadic ``lax.reduce``), so that the compiled program reads ``x`` once. Written as
   two ``jnp.sum`` (or ``jnp.mean``) calls, XLA's GPU compiler emitted two reductions
   that each read ``x``: in the deviceless H100 compile of a BatchNorm after a matmul at
-  stage 1, 0.617 GB against 0.514; over a train step, Eq.(3) moves 0.97 GB less and
-  ResNet50 4.57 GB less (benchmarks/NOTES.md, experiment 15). The derivative
+  stage 1, 0.617 GB against 0.514 (benchmarks/bn_stats_probe.py); over a train step,
+  Eq.(3) moves 0.97 GB less and ResNet50 4.57 GB less (benchmarks.aot;
+  benchmarks/NOTES.md, experiment 15). The derivative
   is written out (``custom_jvp``): JAX's own derivative of a variadic reduce is a pile
   of slices and adds that reads ``x`` more often than the two reductions did."""
   zero = jnp.zeros((), x.dtype)
