@@ -8,7 +8,13 @@ For each block shape of Eq.(3) at 224 px (``benchmarks.fused.EQ3_SHAPES``) it lo
 forward and backward of ``d_bn_product(impl="pallas")`` for CUDA on this machine,
 captures the Triton IR of the four kernels that JAX's Pallas lowering emits, compiles it
 with the ``triton`` package to PTX and a cubin for ``sm_<arch>``, and prints what ptxas
-reports: registers per thread, spill bytes, and Triton's shared memory. On a GPU, XLA
+reports: registers per thread, spill bytes, and Triton's shared memory. It also
+disassembles the cubin (the package's ``nvdisasm``) and counts each kernel's machine
+instructions: per warp, in its main loop's body, and (``--op stencil``, whose loops'
+trip counts follow from the plan) the issue floor, the time one H100 needs to issue
+every warp instruction of the launch at one instruction per cycle per scheduler
+(:func:`issue_floor_ms`). A kernel whose floor is near its measured time is bound by
+its instructions, not its bytes (benchmarks/NOTES.md, experiment 16). On a GPU, XLA
 compiles the same IR with the Triton build inside jaxlib; this check catches kernels
 that do not compile, spill, or need too many registers before a GPU session is spent on
 them. Exit status 1 if a kernel fails to compile. Uses a private JAX function
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import re
 import subprocess
@@ -130,9 +137,9 @@ def block_warps(kernel_name: str, side: int, n: int, stride: int) -> int:
 
 
 def triton_ir(batch: int, side: int, n: int, stride: int,
-              op: str = "d_bn_product") -> list[tuple[str, str]]:
-  """``[(kernel name, Triton IR text)]`` of the Pallas kernels of ``op`` at one shape:
-  d_bn_product's four passes, or eq3_block's three kernels."""
+              op: str = "d_bn_product") -> list[tuple[str, str, tuple[int, ...]]]:
+  """``[(kernel name, Triton IR text, grid)]`` of the Pallas kernels of ``op`` at one
+  shape: d_bn_product's four passes, eq3_block's three kernels, or kernels.stencil's."""
   from jax._src.pallas.triton import lowering
   from jax._src.pallas.triton import pallas_call_registration as registration
   captured = []
@@ -141,7 +148,8 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   def capture(*args, **kwargs):
     result = original(*args, **kwargs)
     text = result.module.operation.get_asm(enable_debug_info=False)
-    captured.append((re.search(r"module @(\w+)", text).group(1), text))
+    captured.append((re.search(r"module @(\w+)", text).group(1), text,
+                     tuple(args[1].grid)))
     return result
   registration.lowering.lower_jaxpr_to_triton_module = capture
   try:
@@ -173,10 +181,61 @@ def _ptxas_report(ptx: str, arch: str) -> str:
   raise RuntimeError(f"no ptxas in {bins} assembled the PTX: {r.stderr[-500:]}")
 
 
+# One H100 SXM: 132 SMs of 4 schedulers, each issuing at most one warp instruction a
+# cycle, at the 1,980 MHz that nvidia-smi gives as its maximum SM clock.
+H100_SCHEDULERS, H100_CLOCK_HZ = 132 * 4, 1.98e9
+_SASS_OP = re.compile(  # "/*0a30*/  [@!P0 ]OPCODE..." in nvdisasm's listing
+    r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-7T] )?([A-Z][A-Z0-9_.]*)", re.M)
+
+
+def sass_counts(sass: str) -> dict:
+  """``{"instructions", "loop"}`` of a kernel's disassembly (nvdisasm's text): every
+  machine instruction, and those of its first loop, from a label to the first
+  conditional branch back to it (0 without a loop; the trap loop after EXIT is
+  unconditional)."""
+  lines = sass.splitlines()
+  loop = 0
+  for i, line in enumerate(lines):
+    label = re.match(r"^(\.L_x_\d+):", line)
+    if not label:
+      continue
+    back = re.compile(r"@!?P[0-7] BRA `\(" + re.escape(label.group(1)) + r"\)")
+    end = next((j for j in range(i + 1, len(lines)) if back.search(lines[j])), None)
+    if end is not None:
+      loop = len(_SASS_OP.findall("\n".join(lines[i:end + 1])))
+      break
+  return {"instructions": len(_SASS_OP.findall(sass)), "loop": loop}
+
+
+def issue_floor_ms(instructions: int, loop: int, trips: int, warps: int,
+                   programs: int) -> float:
+  """The time in ms one H100 needs to issue a launch's warp instructions: per warp the
+  kernel's instructions plus its loop body ``trips - 1`` more times (the loop once is
+  in the count), times ``warps * programs``, over 528 schedulers at 1.98 GHz. A lower
+  bound: stalls, a lower clock and the tail of the last wave all add to it."""
+  per_warp = instructions + loop * max(trips - 1, 0)
+  return per_warp * warps * programs / (H100_SCHEDULERS * H100_CLOCK_HZ) * 1e3
+
+
+def _disassemble(cubin: bytes) -> str:
+  import triton
+  nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                          "nvdisasm")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "k.cubin")
+    with open(path, "wb") as f:
+      f.write(cubin)
+    r = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+  if r.returncode:
+    raise RuntimeError(f"nvdisasm failed: {r.stderr[-500:]}")
+  return r.stdout
+
+
 def compile_ir(name: str, text: str, arch: str, num_warps: int,
                num_stages: int = 1) -> dict:
   """Compiles one kernel's IR; ``{"kernel", "ok", "registers", "spill_bytes",
-  "shared_bytes"}`` or ``{"kernel", "ok": False, "error"}``."""
+  "shared_bytes", "instructions", "loop"}`` (:func:`sass_counts`) or ``{"kernel", "ok":
+  False, "error"}``."""
   import triton
   from triton.backends.compiler import GPUTarget
   cc = int(re.match(r"\d+", arch).group(0))
@@ -188,12 +247,24 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
       k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages})
       report = _ptxas_report(k.asm["ptx"], arch)
+      counts = sass_counts(_disassemble(k.asm["cubin"]))
     except Exception as ex:  # compile errors come from several layers
       return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}
   regs = re.search(r"Used (\d+) registers", report)
   spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
   return {"kernel": name, "ok": True, "registers": int(regs.group(1)) if regs else None,
-          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared}
+          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared, **counts}
+
+
+def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> int:
+  """How often a kernels.stencil kernel's main loop runs per program at this shape:
+  the summing kernels' tiles per chunk, 1 for the others (no loop)."""
+  from qlhs_jax.kernels import stencil
+  name = next(k for k, v in stencil.NAMES.items() if v == kernel)
+  if name not in ("stats", "lags", "sums"):
+    return 1
+  m0, bj0 = stencil.tiling(name)[:2]
+  return stencil._chunked_plan((batch, side, side, n), stride, m0, bj0)["tpc"]
 
 
 def main(argv=None) -> int:
@@ -238,7 +309,7 @@ def main(argv=None) -> int:
   for name, side, n, stride, _ in EQ3_SHAPES:
     if wanted and name not in wanted:
       continue
-    for kernel, text in triton_ir(args.batch, side, n, stride, args.op):
+    for kernel, text, grid in triton_ir(args.batch, side, n, stride, args.op):
       if args.op == "eq3_block":  # each kernel's own warps at this shape
         warps = block_warps(kernel, side, n, stride)
       elif args.op == "stencil":  # each kernel's own warps
@@ -246,9 +317,15 @@ def main(argv=None) -> int:
       r = compile_ir(kernel, text, args.arch, warps, stages)
       ok &= r["ok"]
       if r["ok"]:
+        floor = ""
+        if args.op == "stencil" or not r["loop"]:  # trip counts known
+          trips = stencil_trips(kernel, args.batch, side, n, stride) if r["loop"] else 1
+          ms = issue_floor_ms(r["instructions"], r["loop"], trips, warps, math.prod(grid))
+          floor = f"  issue floor {ms:.3f} ms"
         print(f"  {name:14s} {kernel:20s} {r['registers']:4d} registers  "
               f"{r['spill_bytes']:5d} B spilled  {r['shared_bytes']:6d} B shared  "
-              f"{warps} warps")
+              f"{warps} warps  {r['instructions']:5d} instructions, loop {r['loop']:4d}"
+              f"{floor}")
       else:
         print(f"  {name:14s} {kernel:20s} FAILED: {r['error']}")
   return 0 if ok else 1

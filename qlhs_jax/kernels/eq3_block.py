@@ -195,23 +195,57 @@ class _Tile:
   Output pixel (y, x) of the tile reads input pixel (s*y + dy, s*x + dx) for its taps,
   a load of whole rows of channels at computed row indices; indices are clamped into u
   (where the tap is outside the image, or past the last pixel), so u needs no padding,
-  and masked. Rows past the last pixel repeat it (their dy is zero, their y dropped)."""
+  and masked. Rows past the last pixel repeat it (their dy is zero, their y dropped).
+
+  A "lean" plan (``kernels.stencil``'s kernels at stride 1, ``stencil.lean_plan``)
+  loads a tap instead as the m contiguous rows that start a constant offset from p0,
+  with a masked load: no per-row index, clamp or select, and (y, x) come from a
+  truncating division of non-negative numbers, without floor division's sign
+  corrections. ptxas's count for du = D^T dx at stage 1 fell from 848 instructions a
+  warp to 616 that way (benchmarks/NOTES.md, experiment 16)."""
 
   def __init__(self, p0, plan):
     self.p0, self.plan = p0, plan
+    st, h, w = plan["stride"], plan["h"], plan["w"]
+    self.lean = plan.get("lean", False)
+    if self.lean:
+      pix = p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
+      self.live = pix < plan["rows"]  # rows past the last pixel load nothing
+      self.x, self.y = lax.rem(pix, w), lax.rem(lax.div(pix, w), h)
+      return
     pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0),
                       plan["rows"] - 1)
-    st, h, w = plan["stride"], plan["h"], plan["w"]
     self.x = pix % plan["wo"]
     self.y = (pix // plan["wo"]) % plan["ho"]
     # u's row of each output pixel's centre tap (s*y, s*x).
     self.base = (pix // (plan["ho"] * plan["wo"])) * (h * w) + st * (self.y * w + self.x)
+
+  def inside(self, dy, dx):
+    """Lean tiles: whether pixel (y + dy, x + dx) lies in the image, for each live row."""
+    h, w = self.plan["h"], self.plan["w"]
+    ok = self.live
+    ok = ok & (self.y >= -dy) if dy < 0 else ok & (self.y < h - dy) if dy > 0 else ok
+    ok = ok & (self.x >= -dx) if dx < 0 else ok & (self.x < w - dx) if dx > 0 else ok
+    return ok
+
+  def shifted(self, ref, dy, dx, cols, ok):
+    """Lean tiles: ``ref``'s channels ``cols`` at pixel (y + dy, x + dx) of each row,
+    (m, len(cols)) float32, 0 where ``ok`` is off. The start may lie before ref's first
+    row on a GPU (those rows are masked, so not read); interpreted, ``ref`` carries
+    ``plan["guard"]`` rows in front (``stencil.lean_plan``)."""
+    from qlhs_jax.kernels.d_bn_product import plt
+    plan = self.plan
+    start = self.p0 + dy * plan["w"] + dx + plan["guard"]
+    return plt.load(ref.at[pl.ds(start, plan["m"]), cols], mask=ok[:, None],
+                    other=0.0).astype(F32)
 
   def tap(self, u_ref, t, j0, bj):
     """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
     (m, bj) float32, 0 where the tap is outside the image."""
     plan = self.plan
     dy, dx = t // 3 - 1, t % 3 - 1
+    if self.lean:
+      return self.shifted(u_ref, dy, dx, pl.ds(j0, bj), self.inside(dy, dx))
     yy, xx = plan["stride"] * self.y + dy, plan["stride"] * self.x + dx
     ok = (yy >= 0) & (yy < plan["h"]) & (xx >= 0) & (xx < plan["w"])
     row = jnp.clip(self.base + dy * plan["w"] + dx, 0, plan["b"] * plan["h"] * plan["w"] - 1)

@@ -19,7 +19,13 @@ below the memory's speed (benchmarks/NOTES.md, experiment 12), in the profile of
 Here a program works on a tile of pixels (rows of the flattened ``(B*H*W, n)``) and a
 block of channels: each tap is one vector load of whole rows of channels at computed
 row indices, masked where the tap leaves the image (the index arithmetic is per pixel,
-not per element), and every product is formed from taps held in registers.
+not per element), and every product is formed from taps held in registers. At stride 1
+(:func:`lean_plan`) a tap is the m contiguous rows at a constant offset from the tile's
+first, one masked load with no per-row index, clamp or select; du at stride 2 runs per
+parity class of the input pixels, which needs four of the nine taps
+(:func:`_du_parity_kernel`). By ptxas's instruction counts, that took du's issue time
+at stage 1 from 0.326 to 0.237 ms and at stage 2's first block from 0.378 to 0.163
+(``benchmarks.triton_compile --op stencil``; benchmarks/NOTES.md, experiment 16).
 
 - :func:`tap_stats`: ``(54, 1, n)`` float32, the 9 tap sums and the 45 Gram entries
   ``(a, b), a <= b`` (``d_bn_product._PAIRS``), the layout of ``d_bn_product._xla_stats``.
@@ -164,6 +170,23 @@ def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
   return dict(plan, tpc=tpc, chunks=-(-tiles // tpc))
 
 
+def lean_plan(plan: dict, x2: jax.Array, interpret: bool) -> tuple[dict, jax.Array]:
+  """At stride 1, ``plan`` made lean (``eq3_block._Tile``): each tap of the stencil's
+  input ``x2`` (rows of channels: u, or dx for du) is one masked load of m contiguous
+  rows at a constant offset from the tile's first row. On a GPU a masked row is not
+  read, so a start before ``x2``'s first row is harmless. Interpreted, the load is a
+  ``dynamic_slice``, which would move such a start to row 0 and shift every row: there
+  ``x2`` gets ``guard`` zero rows in front (two image rows and two pixels, the farthest
+  any tap or lag reaches back), and the starts move by as many. Other strides keep the
+  per-row indices. Returns the plan and the input to pass."""
+  if plan["stride"] != 1:
+    return plan, x2
+  guard = 2 * plan["w"] + 2 if interpret else 0
+  if guard:
+    x2 = jnp.pad(x2, ((guard, 0), (0, 0)))
+  return dict(plan, lean=True, guard=guard), x2
+
+
 def _params(warps, interpret):
   from qlhs_jax.kernels.d_bn_product import plt
   if interpret:
@@ -228,9 +251,8 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, splits = tiling("stats")
-  plan = _chunked_plan(u.shape, stride, m0, bj0)
+  plan, u2 = lean_plan(_chunked_plan(u.shape, stride, m0, bj0), u.reshape(-1, n), interpret)
   chunks, bj = plan["chunks"], plan["bj"]
-  u2 = u.reshape(-1, n)
   parts = []
   for group in _split(_stats_pieces(), splits):
     kernel = functools.partial(_stats_kernel, plan=plan, pieces=group)
@@ -266,24 +288,22 @@ def _offset(t):
 def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
-  h, w, last = plan["h"], plan["w"], plan["b"] * plan["h"] * plan["w"] - 1
+  h, w = plan["h"], plan["w"]
   ch, j0 = pl.program_id(0), pl.program_id(1) * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
 
+  cols = pl.ds(j0, bj)
+
   def body(i, acc):
     ti = ch * tpc + i
-    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)  # stride 1: output = input pixels
+    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)  # lean: stride 1
     # Rows past the last pixel (and tiles past the end) count nothing: u(q) is 0 there.
-    live = (ti * m + iota < plan["rows"])[:, None]
-    u0 = jnp.where(live, u_ref[tile.base, pl.ds(j0, bj)].astype(F32), 0.0)
+    u0 = tile.shifted(u_ref, 0, 0, cols, ti * m + iota < plan["rows"])
     out = [acc[0] + u0]
     for k, (dy, dx) in enumerate(LAGS):
-      if (dy, dx) == (0, 0):
-        v = u0
-      else:  # u(q + d), 0 where q + d leaves the image (dy >= 0: never above it)
-        ok = (tile.y + dy < h) & (tile.x + dx >= 0) & (tile.x + dx < w)
-        row = jnp.clip(tile.base + dy * w + dx, 0, last)
-        v = jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+      # u(q + d), 0 where q + d leaves the image
+      v = u0 if (dy, dx) == (0, 0) else tile.shifted(u_ref, dy, dx, cols,
+                                                      tile.inside(dy, dx))
       out.append(acc[1 + k] + u0 * v)
     return tuple(out)
   acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
@@ -308,7 +328,7 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
 
       def strip(shift):  # u at strip positions i + shift, 0 past the strip (or batch)
         ok = (i + shift < size) & (img < plan["b"])
-        row = base + jnp.minimum(i + shift, size - 1) * step
+        row = base + jnp.minimum(i + shift, size - 1) * step + plan["guard"]
         return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
       v = strip(0)
       head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
@@ -343,14 +363,14 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, _ = tiling("stats")
-  plan = _chunked_plan(u.shape, 1, m0, bj0)
+  plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
   part, border = pl.pallas_call(
       functools.partial(_lags_kernel, plan=plan),
       out_shape=(jax.ShapeDtypeStruct((chunks, 1 + len(LAGS), n), F32),
                  jax.ShapeDtypeStruct((chunks, BORDER_ROWS, n), F32)),
       grid=(chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
-      **_params(warps, interpret))(u.reshape(-1, n))
+      **_params(warps, interpret))(u2)
   return jnp.concatenate([part.sum(0), border.sum(0)])
 
 
@@ -440,7 +460,8 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
   m0, bj0, warps = tiling("sums")
-  plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
+  plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
+                       u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
   # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
@@ -450,7 +471,7 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
       grid=(chunks, n // bj), interpret=interpret, name=NAMES["sums"],
       **_params(warps, interpret))(
-          u.reshape(-1, n), flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
+          u2, flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
           mean.astype(F32).reshape(n * e), rstd.astype(F32).reshape(n * e))
   sums = part.sum(0).reshape(11, n, e)
   return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
@@ -466,29 +487,79 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
     (du_ref,) = rest
   m, bj, e, st = plan["m"], plan["bj"], plan["e"], plan["stride"]
   p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
-  pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (m,), 0), plan["rows"] - 1)
-  x = pix % plan["w"]
-  y = (pix // plan["w"]) % plan["h"]
-  img = pix // (plan["h"] * plan["w"])
-  acc = jnp.zeros((m, bj * e), F32)  # hidden channels j*e + s of the block, contiguous
-  for t in range(9):
-    # Output pixel (oy, ox) reads input (st*oy + dy, st*ox + dx) for tap t: input pixel
-    # (y, x) receives from oy = (y - dy) / st where that divides and lands in range.
-    dy, dx = t // 3 - 1, t % 3 - 1
-    ny, nx = y - dy, x - dx
-    nyc, nxc = jnp.maximum(ny, 0), jnp.maximum(nx, 0)
-    oy, ox = (nyc, nxc) if st == 1 else (nyc // st, nxc // st)
-    ok = (ny >= 0) & (nx >= 0) & (oy < plan["ho"]) & (ox < plan["wo"])
-    if st != 1:
-      ok = ok & (nyc % st == 0) & (nxc % st == 0)
-    row = jnp.clip(img * (plan["ho"] * plan["wo"]) + oy * plan["wo"] + ox, 0,
-                   plan["b"] * plan["ho"] * plan["wo"] - 1)
-    v = dx_ref[row, pl.ds(j0 * e, bj * e)].astype(F32)
-    acc += jnp.where(ok[:, None], v, 0.0) * k_ref[t, pl.ds(j0 * e, bj * e)][None, :]
+  cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
+  acc = jnp.zeros((m, bj * e), F32)
+  if plan.get("lean"):
+    # Stride 1: input pixel p receives tap (dy, dx) from output pixel p - (dy, dx).
+    from qlhs_jax.kernels.eq3_block import _Tile
+    tile = _Tile(p0, plan)  # tiles of the input pixels, here also the output's
+    for t in range(9):
+      dy, dx = t // 3 - 1, t % 3 - 1
+      v = tile.shifted(dx_ref, -dy, -dx, cols, tile.inside(-dy, -dx))
+      acc += v * k_ref[t, cols][None, :]
+  else:
+    pix = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (m,), 0), plan["rows"] - 1)
+    x = pix % plan["w"]
+    y = (pix // plan["w"]) % plan["h"]
+    img = pix // (plan["h"] * plan["w"])
+    for t in range(9):
+      # Output pixel (oy, ox) reads input (st*oy + dy, st*ox + dx) for tap t: input pixel
+      # (y, x) receives from oy = (y - dy) / st where that divides and lands in range.
+      dy, dx = t // 3 - 1, t % 3 - 1
+      ny, nx = y - dy, x - dx
+      nyc, nxc = jnp.maximum(ny, 0), jnp.maximum(nx, 0)
+      oy, ox = nyc // st, nxc // st
+      ok = ((ny >= 0) & (nx >= 0) & (oy < plan["ho"]) & (ox < plan["wo"])
+            & (nyc % st == 0) & (nxc % st == 0))
+      row = jnp.clip(img * (plan["ho"] * plan["wo"]) + oy * plan["wo"] + ox, 0,
+                     plan["b"] * plan["ho"] * plan["wo"] - 1)
+      v = dx_ref[row, cols].astype(F32)
+      acc += jnp.where(ok[:, None], v, 0.0) * k_ref[t, cols][None, :]
   du = acc.reshape(m, bj, e).sum(2)
   if with_addend:
     du += add_ref[pl.ds(p0, m), pl.ds(j0, bj)].astype(F32)
   du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = du.astype(du_ref.dtype)
+
+
+def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
+  """du at stride 2 for one parity class (py, px) of the input pixels: (y, x) = (2a +
+  py, 2b + px). Along an axis an even pixel receives one tap (d = 0, from output a), an
+  odd one two (d = -1 from output a + 1, d = +1 from output a), so a class needs at most
+  four of the nine taps, which the general stride's kernel loads and masks for every
+  pixel. The class's pixels run over the output grid's (image, a, b), so each tap's rows
+  are m contiguous rows at a per-program offset (a masked load, as in lean tiles); du is
+  stored to the class's scattered rows, masked where 2a + py or 2b + px leaves the
+  image (odd sizes)."""
+  if with_addend:
+    add_ref, du_ref = rest
+  else:
+    (du_ref,) = rest
+  from qlhs_jax.kernels.d_bn_product import plt
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  h, w, ho, wo = plan["h"], plan["w"], plan["ho"], plan["wo"]
+  pid, j0 = pl.program_id(0), pl.program_id(1) * bj
+  cls, q0 = lax.div(pid, plan["ctiles"]), lax.rem(pid, plan["ctiles"]) * m
+  py, px = lax.div(cls, 2), lax.rem(cls, 2)
+  cols = pl.ds(j0 * e, bj * e)
+  q = q0 + lax.broadcasted_iota(jnp.int32, (m,), 0)
+  b_, a_ = lax.rem(q, wo), lax.rem(lax.div(q, wo), ho)
+  y, x = 2 * a_ + py, 2 * b_ + px
+  valid = (q < plan["q"]) & (y < h) & (x < w)
+  # Per axis, slot 0: tap d = -parity from output a + parity (in range below the last
+  # output row or column); slot 1: tap d = +1 from output a, odd parity only.
+  ys = ((-py, py, valid & (a_ + py < ho)), (1, 0, valid & (py == 1)))
+  acc = jnp.zeros((m, bj * e), F32)
+  for dy, oy, ok_y in ys:
+    for dx, ox, ok_x in ((-px, px, b_ + px < wo), (1, 0, px == 1)):
+      v = plt.load(dx_ref.at[pl.ds(q0 + oy * wo + ox, m), cols],
+                   mask=(ok_y & ok_x)[:, None], other=0.0)
+      acc += v.astype(F32) * k_ref[3 * (dy + 1) + dx + 1, cols][None, :]
+  du = acc.reshape(m, bj, e).sum(2)
+  rows = lax.div(q, ho * wo) * (h * w) + y * w + x
+  at = (rows[:, None], (j0 + lax.broadcasted_iota(jnp.int32, (bj,), 0))[None, :])
+  if with_addend:
+    du += plt.load(add_ref.at[at], mask=valid[:, None], other=0.0).astype(F32)
+  plt.store(du_ref.at[at], du.astype(du_ref.dtype), mask=valid[:, None])
 
 
 def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
@@ -506,11 +577,24 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   if (g["ho"], g["wo"]) != (ho, wo):
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
                      f"an input of {hw}")
-  plan = dict(g, **_tiles(b * h * w, n, m0, bj0), e=e)  # tiles of the input pixels
+  dx2, k2 = dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)
+  if stride == 2:  # four parity classes of tiles of the output grid (_du_parity_kernel)
+    plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
+    plan.update(q=plan["rows"], ctiles=plan["tiles"])
+    args = [dx2, k2] + ([] if addend is None else [addend.reshape(b * h * w, n)])
+    kernel = functools.partial(_du_parity_kernel, plan=plan,
+                               with_addend=addend is not None)
+    du = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((b * h * w, n), out_dtype),
+        grid=(4 * plan["ctiles"], n // plan["bj"]), interpret=interpret,
+        name=NAMES["du"], **_params(warps, interpret))(*args)
+    return du.reshape(b, h, w, n)
+  # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the kernel
+  # likewise: each tap is one contiguous load of a block's bj*e channels.
+  plan, dx2 = lean_plan(dict(g, **_tiles(b * h * w, n, m0, bj0), e=e),
+                        dx2, interpret)
   rows, m, tiles = plan["rows"], plan["m"], plan["tiles"]
-  # dx as rows of n*e hidden channels (j*e + s) and the kernel likewise: each tap is one
-  # contiguous load of a block's bj*e channels.
-  args = [dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)]
+  args = [dx2, k2]
   if addend is not None:
     from qlhs_jax.kernels.eq3_block import _pad_rows
     args.append(_pad_rows(addend.reshape(rows, n), plan))
@@ -581,11 +665,12 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   check(n, form, interpret=interpret, e=e)
   m0, bj0, warps = tiling(name)
   g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
-  plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
+  plan, u2 = lean_plan(dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e),
+                       u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
   shape5 = hidden[0].shape
-  args = ([u.reshape(-1, n)] + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
+  args = ([u2] + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in vectors])
   outs = pl.pallas_call(

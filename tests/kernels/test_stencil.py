@@ -39,7 +39,7 @@ SHAPES = [  # (B, H, W, n), stride, tiling: odd sizes, partial tiles, channel bl
     ((2, 6, 5, 4), 1, "stats=16,4,4,1 du=16,4,4"),
     ((3, 7, 6, 8), 2, "stats=8,4,2,3 du=8,4,2"),     # two channel blocks, 3 launches
     ((2, 9, 9, 16), 1, "stats=32,16,4,54 du=64,8,4"),  # one piece per launch
-    ((1, 5, 8, 4), 2, ""),                             # the defaults
+    ((1, 5, 7, 4), 2, ""),                             # the defaults; odd H and W
 ]
 
 
@@ -166,6 +166,21 @@ def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
                            stride, h, w) + add
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("stride,hw", [(3, (7, 8)), (2, (8, 6)), (2, (1, 1))])
+def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
+  """du's general path (strides above 2: per-row indices, nine masked taps) and the
+  parity classes at even sizes and at a one-pixel image, against the float64 scatter."""
+  h, w = hw
+  b, n, e = 2, 4, 2
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(2)
+  dx, k9 = rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e))
+  got = stencil.d_transpose(jnp.asarray(dx, jnp.float32), jnp.asarray(k9, jnp.float32),
+                            stride, (h, w), interpret=True)
+  np.testing.assert_allclose(np.asarray(got), numpy_d_transpose(dx, k9, stride, h, w),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_bad_settings_are_refused(monkeypatch):
@@ -358,6 +373,28 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
   for g, r in zip(got, want):
     assert g.shape == r.shape and g.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+
+
+def test_lean_taps_pad_only_the_interpreted_input():
+  """At stride 1 a tap's rows start at a constant offset from the tile's first row, which
+  can lie before the input's first row. On a GPU those rows are masked and nothing is
+  copied; interpreted (a dynamic_slice would move the start), the input gets 2W + 2 zero
+  rows in front and the starts move by as many. Stride 2 keeps per-row indices."""
+  plan = {"stride": 1, "w": 5}
+  x2 = jnp.arange(60 * 4, dtype=jnp.float32).reshape(60, 4)
+  gpu_plan, gpu_x2 = stencil.lean_plan(plan, x2, interpret=False)
+  assert gpu_x2 is x2 and gpu_plan == {"stride": 1, "w": 5, "lean": True, "guard": 0}
+  cpu_plan, cpu_x2 = stencil.lean_plan(plan, x2, interpret=True)
+  assert cpu_plan["lean"] and cpu_plan["guard"] == 12
+  np.testing.assert_array_equal(np.asarray(cpu_x2[:12]), 0)
+  np.testing.assert_array_equal(np.asarray(cpu_x2[12:]), np.asarray(x2))
+  assert stencil.lean_plan({"stride": 2, "w": 5}, x2, True) == ({"stride": 2, "w": 5}, x2)
+  # The program traced for the GPU pads nothing before its kernels.
+  dx, k9 = jnp.zeros((2, 6, 5, 4, 2), jnp.bfloat16), jnp.zeros((9, 4, 2))
+  u = jnp.zeros((2, 6, 5, 4), jnp.bfloat16)
+  for fn in (lambda: stencil.d_transpose(dx, k9, 1, (6, 5), interpret=False),
+             lambda: stencil.lag_sums(u, interpret=False)):
+    assert "pad" not in str(jax.make_jaxpr(fn)())
 
 
 def test_chunks_of_tiles_that_run_past_the_end_count_nothing(monkeypatch):
