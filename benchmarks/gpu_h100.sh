@@ -16,14 +16,15 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "ncu" (time limits add up to 380 s; NOTES.md experiments 13-14): what bounds the stencil
-#   kernels, which run at ~1.1 TB/s (the statistics at 0.2) at every tiling tried, with
-#   prefetching too. Nsight Compute (--clock-control none) reads throughput, memory,
-#   occupancy, warp-stall and scheduler sections for each kernel at stage 1 (the
-#   statistics, pass-3 sums and du, at the default tiles; benchmarks.stencil_times
-#   runs them), into $OUT/ncu.txt; then fuse_d_bn="auto" (the default of
-#   configs/eq3.py: "xla" with the kernels) against ResNet50, to confirm it, and again
-#   with QLHS_PRODUCT_FORM=pallas (the element-wise passes as Pallas kernels).
+# "ncu" (time limits add up to 460 s; NOTES.md experiments 13-16): first the step,
+#   fuse_d_bn="auto" (the default of configs/eq3.py: "xla" with the kernels) against
+#   ResNet50, to confirm it, then again with QLHS_STENCIL_GRID=channels (the grid's
+#   channel blocks fastest) and with QLHS_PRODUCT_FORM=pallas (the element-wise passes
+#   as Pallas kernels); then what bounds the stencil kernels, which ran at ~1.1 TB/s (the
+#   statistics at 0.2) at every tiling tried, with prefetching too: Nsight Compute
+#   (--clock-control none) reads throughput, memory, occupancy, warp-stall and
+#   scheduler sections for each kernel at stage 1 (the statistics, pass-3 sums and du,
+#   at the default tiles; benchmarks.stencil_times runs them), into $OUT/ncu.txt.
 # "block" (490 s), the "step" of experiment 11: benchmarks.block_tune (NOTES.md
 #   experiment 9) times each of fuse_d_bn="block"'s three kernels alone at up to five
 #   tiles per block shape (six at widths >= 256: 16 warps too; the sums kernel also at
@@ -96,7 +97,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -163,6 +164,16 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
 fi
 if [ "$PART" = ncu ]; then
+  # The step first (a session cut short keeps these rows): fuse_d_bn="auto" (the default
+  # of configs/eq3.py: "xla" with the kernels; since experiment 16 the kernels' lean
+  # taps and du's parity classes, 0.73x and 0.43x du's instructions at stages 1 and 2)
+  # against ResNet50, to confirm it; then with the grid's channel blocks fastest
+  # (QLHS_STENCIL_GRID=channels, experiment 16's guess at the kernels' 1.1 TB/s); then
+  # with the forward product and pass 4 as Pallas kernels (NOTES.md experiment 14;
+  # XLA's loop fusions ran them at 1.5-1.8 TB/s).
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
+  QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
+  QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
   SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
     --section LaunchStats --section WarpStateStats --section SchedulerStats"
@@ -180,10 +191,6 @@ if [ "$PART" = ncu ]; then
   grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration" \
     "$OUT/ncu.txt" | head -n 80
   bring
-  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
-  # The same with the forward product and pass 4 as Pallas kernels (NOTES.md experiment
-  # 14; XLA's loop fusions ran them at 1.5-1.8 TB/s).
-  QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
 fi
 if [ "$PART" = block ] || [ "$PART" = all ]; then
   # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the

@@ -112,6 +112,39 @@ def tiling(kernel: str) -> tuple[int, ...]:
   return spec.get(kernel, DEFAULT_TILING[kernel])
 
 
+GRID_ORDERS = ("pixels", "channels")
+
+
+def grid_order() -> str:
+  """Which axis of a kernel's grid varies fastest, QLHS_STENCIL_GRID. A GPU starts a
+  launch's programs in that order, so it decides what the programs resident at one time
+  read. "pixels" (the default, what the H100 ran in experiments 11-13): consecutive
+  tiles of one channel block, each reading a 64-128 B strip of every 512 B row of a
+  stage-1 hidden tensor, the other strips of those rows a wave later; every kernel ran
+  at ~1.1 TB/s at every tiling tried. "channels": the channel blocks of the same tiles
+  run side by side and read each row whole at about the same time, as XLA's loop
+  fusions (1.5-1.8 TB/s) do. The same sums either way; "channels" is not yet timed."""
+  order = os.environ.get("QLHS_STENCIL_GRID", "") or "pixels"
+  if order not in GRID_ORDERS:
+    raise ValueError(f"QLHS_STENCIL_GRID={order!r}: choose one of {GRID_ORDERS} (unset: "
+                     f"pixels)")
+  return order
+
+
+def _grid(plan: dict, pixel_programs: int, channel_blocks: int) -> tuple[int, int]:
+  """The launch grid, its fastest axis first (:func:`grid_order`)."""
+  if plan["order"] == "channels":
+    return channel_blocks, pixel_programs
+  return pixel_programs, channel_blocks
+
+
+def _ids(plan: dict):
+  """(pixel program, channel block) of this program, whichever grid axis each is."""
+  if plan["order"] == "channels":
+    return pl.program_id(1), pl.program_id(0)
+  return pl.program_id(0), pl.program_id(1)
+
+
 def _interpret(interpret: bool | None, form: str) -> bool:
   """``interpret`` as given, else the model's rule (``d_bn_product.pallas_interpret``):
   interpreted on a CPU, Triton on an NVIDIA GPU, refused elsewhere naming ``form``."""
@@ -154,7 +187,7 @@ def _tiles(rows: int, n: int, m0: int, bj0: int) -> dict:
   ``tiles`` that cover ``rows`` (the last may run past them: eq3_block._pad_rows)."""
   m = min(m0, pl.next_power_of_2(rows))
   bj = min(bj0, n) if n % min(bj0, n) == 0 else n
-  return dict(n=n, m=m, bj=bj, rows=rows, tiles=-(-rows // m))
+  return dict(n=n, m=m, bj=bj, rows=rows, tiles=-(-rows // m), order=grid_order())
 
 
 def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
@@ -217,7 +250,8 @@ def _split(pieces, splits):
 def _stats_kernel(u_ref, out_ref, *, plan, pieces):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
-  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  ch, cb = _ids(plan)
+  j0 = cb * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   need = sorted({t for p in pieces for t in p[1:]})
 
@@ -258,7 +292,7 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
     kernel = functools.partial(_stats_kernel, plan=plan, pieces=group)
     part = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),
-        grid=(chunks, n // bj), interpret=interpret, name=NAMES["stats"],
+        grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["stats"],
         **_params(warps, interpret))(u2)
     parts.append(part.sum(0))
   return jnp.concatenate(parts, 0)[:, None, :]
@@ -289,7 +323,8 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   h, w = plan["h"], plan["w"]
-  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  ch, cb = _ids(plan)
+  j0 = cb * bj
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
 
   cols = pl.ds(j0, bj)
@@ -369,7 +404,7 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
       functools.partial(_lags_kernel, plan=plan),
       out_shape=(jax.ShapeDtypeStruct((chunks, 1 + len(LAGS), n), F32),
                  jax.ShapeDtypeStruct((chunks, BORDER_ROWS, n), F32)),
-      grid=(chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
+      grid=_grid(plan, chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
       **_params(warps, interpret))(u2)
   return jnp.concatenate([part.sum(0), border.sum(0)])
 
@@ -424,7 +459,8 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
-  ch, j0 = pl.program_id(0), pl.program_id(1) * bj
+  ch, cb = _ids(plan)
+  j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   mean, rstd = mean_ref[cols][None, :], rstd_ref[cols][None, :]
@@ -469,7 +505,7 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   kernel = functools.partial(_bn_sums_kernel, plan=plan)
   part = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
-      grid=(chunks, n // bj), interpret=interpret, name=NAMES["sums"],
+      grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums"],
       **_params(warps, interpret))(
           u2, flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
           mean.astype(F32).reshape(n * e), rstd.astype(F32).reshape(n * e))
@@ -486,7 +522,8 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   else:
     (du_ref,) = rest
   m, bj, e, st = plan["m"], plan["bj"], plan["e"], plan["stride"]
-  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  ti, cb = _ids(plan)
+  p0, j0 = ti * m, cb * bj
   cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
   acc = jnp.zeros((m, bj * e), F32)
   if plan.get("lean"):
@@ -537,7 +574,8 @@ def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   from qlhs_jax.kernels.d_bn_product import plt
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   h, w, ho, wo = plan["h"], plan["w"], plan["ho"], plan["wo"]
-  pid, j0 = pl.program_id(0), pl.program_id(1) * bj
+  pid, cb = _ids(plan)
+  j0 = cb * bj
   cls, q0 = lax.div(pid, plan["ctiles"]), lax.rem(pid, plan["ctiles"]) * m
   py, px = lax.div(cls, 2), lax.rem(cls, 2)
   cols = pl.ds(j0 * e, bj * e)
@@ -586,7 +624,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
                                with_addend=addend is not None)
     du = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((b * h * w, n), out_dtype),
-        grid=(4 * plan["ctiles"], n // plan["bj"]), interpret=interpret,
+        grid=_grid(plan, 4 * plan["ctiles"], n // plan["bj"]), interpret=interpret,
         name=NAMES["du"], **_params(warps, interpret))(*args)
     return du.reshape(b, h, w, n)
   # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the kernel
@@ -601,7 +639,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   kernel = functools.partial(_du_kernel, plan=plan, with_addend=addend is not None)
   du = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((tiles * m, n), out_dtype),
-      grid=(tiles, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
+      grid=_grid(plan, tiles, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
       **_params(warps, interpret))(*args)
   return du[:rows].reshape(b, h, w, n)
 
@@ -633,7 +671,8 @@ def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
-  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  ti, cb = _ids(plan)
+  p0, j0 = ti * m, cb * bj
   cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
   x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
   f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
@@ -644,7 +683,8 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
                   dx_ref, dc_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
-  p0, j0 = pl.program_id(0) * m, pl.program_id(1) * bj
+  ti, cb = _ids(plan)
+  p0, j0 = ti * m, cb * bj
   cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
   vec = lambda ref: ref[cols][None, :]
   x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
@@ -676,7 +716,7 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   outs = pl.pallas_call(
       functools.partial(kernel, plan=plan),
       out_shape=tuple(jax.ShapeDtypeStruct((tiles * m, n * e), d) for d in out_dtypes),
-      grid=(tiles, n // bj), interpret=interpret, name=NAMES[name],
+      grid=_grid(plan, tiles, n // bj), interpret=interpret, name=NAMES[name],
       **_params(warps, interpret))(*args)
   return tuple(o[:rows].reshape(shape5) for o in outs)
 

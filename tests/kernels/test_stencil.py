@@ -213,6 +213,50 @@ def test_bad_settings_are_refused(monkeypatch):
     dbn.sums_form()
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grid_orders_give_the_same_results(monkeypatch, stride):
+  """QLHS_STENCIL_GRID=channels swaps the grid's axes (each launch's grid is the other
+  way round) and changes no result: every kernel, bit for bit, at a shape with two
+  channel blocks, several tiles and chunks, and partial tiles. A bad order is refused."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING",
+                     "stats=8,4,2,1 sums=8,4,2 du=8,4,2 product=8,4,2")
+  (b, h, w, n), e = (3, 7, 6, 8), 2
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(5)
+  f32 = lambda *size: jnp.asarray(rng.normal(size=size), jnp.float32)
+  u, c5, dp5, k9, vec = (f32(b, h, w, n), f32(b, ho, wo, n, e), f32(b, ho, wo, n, e),
+                         f32(9, n, e), f32(1, n, e))
+  grids = []
+  real = stencil.pl.pallas_call
+
+  def spy(*a, **k):
+    grids.append(k["grid"])
+    return real(*a, **k)
+  monkeypatch.setattr(stencil.pl, "pallas_call", spy)
+
+  def run_all():
+    outs = [stencil.tap_stats(u, stride, interpret=True, lags=False),
+            stencil.bn_sums(u, c5, dp5, k9, vec, vec, stride, interpret=True),
+            stencil.d_transpose(dp5, k9, stride, (h, w), interpret=True),
+            stencil.product(u, c5, k9, vec, vec, stride, interpret=True),
+            *stencil.dx_dc(u, c5, dp5, k9, vec, vec, vec, vec, vec, stride, jnp.float32,
+                           interpret=True)]
+    if stride == 1:
+      outs.append(stencil.lag_sums(u, interpret=True))
+    return jax.tree.leaves(outs)
+  monkeypatch.setenv("QLHS_STENCIL_GRID", "pixels")
+  want = run_all()
+  pixel_grids, grids[:] = list(grids), []
+  monkeypatch.setenv("QLHS_STENCIL_GRID", "channels")
+  got = run_all()
+  assert grids == [g[::-1] for g in pixel_grids] and all(g[0] != g[1] for g in grids)
+  for x, y in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  monkeypatch.setenv("QLHS_STENCIL_GRID", "rows")
+  with pytest.raises(ValueError, match="QLHS_STENCIL_GRID='rows'.*pixels"):
+    stencil.d_transpose(dp5, k9, stride, (h, w), interpret=True)
+
+
 def spy_on_kernels(monkeypatch):
   """Counts the calls of the kernels' entry points: the variables must reach them."""
   calls = {"tap_stats": 0, "bn_sums": 0, "d_transpose": 0, "lag_sums": 0, "product": 0,
