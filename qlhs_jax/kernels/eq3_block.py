@@ -224,13 +224,15 @@ class _Tile:
     """Lean tiles: whether pixel (y + dy, x + dx) lies in the image, for each live row."""
     h, w = self.plan["h"], self.plan["w"]
     ok = self.live
-    ok = ok & (self.y >= -dy) if dy < 0 else ok & (self.y < h - dy) if dy > 0 else ok
-    ok = ok & (self.x >= -dx) if dx < 0 else ok & (self.x < w - dx) if dx > 0 else ok
+    if dy:
+      ok = ok & ((self.y >= -dy) if dy < 0 else (self.y < h - dy))
+    if dx:
+      ok = ok & ((self.x >= -dx) if dx < 0 else (self.x < w - dx))
     return ok
 
   def shifted(self, ref, dy, dx, cols, ok):
-    """Lean tiles: ``ref``'s channels ``cols`` at pixel (y + dy, x + dx) of each row,
-    (m, len(cols)) float32, 0 where ``ok`` is off. The start may lie before ref's first
+    """Lean tiles: ``ref``'s channels ``cols`` (a ``pl.ds``) at pixel (y + dy, x + dx)
+    of each row, (m, channels) float32, 0 where ``ok`` (m,) is off. The start may lie before ref's first
     row on a GPU (those rows are masked, so not read); interpreted, ``ref`` carries
     ``plan["guard"]`` rows in front (``stencil.lean_plan``)."""
     from qlhs_jax.kernels.d_bn_product import plt

@@ -209,12 +209,13 @@ def lean_plan(plan: dict, x2: jax.Array, interpret: bool) -> tuple[dict, jax.Arr
   rows at a constant offset from the tile's first row. On a GPU a masked row is not
   read, so a start before ``x2``'s first row is harmless. Interpreted, the load is a
   ``dynamic_slice``, which would move such a start to row 0 and shift every row: there
-  ``x2`` gets ``guard`` zero rows in front (two image rows and two pixels, the farthest
-  any tap or lag reaches back), and the starts move by as many. Other strides keep the
-  per-row indices. Returns the plan and the input to pass."""
+  ``x2`` gets ``guard`` zero rows in front (an image row and a pixel: the tap (-1, -1),
+  and du's transposed (1, 1), reach back W + 1 rows; the lags only forward), and the
+  starts move by as many. Other strides keep the per-row indices. Returns the plan and
+  the input to pass."""
   if plan["stride"] != 1:
     return plan, x2
-  guard = 2 * plan["w"] + 2 if interpret else 0
+  guard = plan["w"] + 1 if interpret else 0
   if guard:
     x2 = jnp.pad(x2, ((guard, 0), (0, 0)))
   return dict(plan, lean=True, guard=guard), x2

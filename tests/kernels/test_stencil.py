@@ -422,16 +422,17 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
 def test_lean_taps_pad_only_the_interpreted_input():
   """At stride 1 a tap's rows start at a constant offset from the tile's first row, which
   can lie before the input's first row. On a GPU those rows are masked and nothing is
-  copied; interpreted (a dynamic_slice would move the start), the input gets 2W + 2 zero
-  rows in front and the starts move by as many. Stride 2 keeps per-row indices."""
+  copied; interpreted (a dynamic_slice would move the start), the input gets W + 1 zero
+  rows in front, as far as a tap reaches back, and the starts move by as many. Stride 2
+  keeps per-row indices."""
   plan = {"stride": 1, "w": 5}
   x2 = jnp.arange(60 * 4, dtype=jnp.float32).reshape(60, 4)
   gpu_plan, gpu_x2 = stencil.lean_plan(plan, x2, interpret=False)
   assert gpu_x2 is x2 and gpu_plan == {"stride": 1, "w": 5, "lean": True, "guard": 0}
   cpu_plan, cpu_x2 = stencil.lean_plan(plan, x2, interpret=True)
-  assert cpu_plan["lean"] and cpu_plan["guard"] == 12
-  np.testing.assert_array_equal(np.asarray(cpu_x2[:12]), 0)
-  np.testing.assert_array_equal(np.asarray(cpu_x2[12:]), np.asarray(x2))
+  assert cpu_plan["lean"] and cpu_plan["guard"] == 6
+  np.testing.assert_array_equal(np.asarray(cpu_x2[:6]), 0)
+  np.testing.assert_array_equal(np.asarray(cpu_x2[6:]), np.asarray(x2))
   assert stencil.lean_plan({"stride": 2, "w": 5}, x2, True) == ({"stride": 2, "w": 5}, x2)
   # The program traced for the GPU pads nothing before its kernels.
   dx, k9 = jnp.zeros((2, 6, 5, 4, 2), jnp.bfloat16), jnp.zeros((9, 4, 2))
