@@ -586,12 +586,13 @@ def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   valid = (q < plan["q"]) & (y < h) & (x < w)
   # Per axis, slot 0: tap d = -parity from output a + parity (in range below the last
   # output row or column); slot 1: tap d = +1 from output a, odd parity only.
-  ys = ((-py, py, valid & (a_ + py < ho)), (1, 0, valid & (py == 1)))
+  ys = ((-py, py, a_ + py < ho), (1, 0, py == 1))
+  xs = ((-px, px, b_ + px < wo), (1, 0, px == 1))
   acc = jnp.zeros((m, bj * e), F32)
   for dy, oy, ok_y in ys:
-    for dx, ox, ok_x in ((-px, px, b_ + px < wo), (1, 0, px == 1)):
+    for dx, ox, ok_x in xs:
       v = plt.load(dx_ref.at[pl.ds(q0 + oy * wo + ox, m), cols],
-                   mask=(ok_y & ok_x)[:, None], other=0.0)
+                   mask=(valid & ok_y & ok_x)[:, None], other=0.0)
       acc += v.astype(F32) * k_ref[3 * (dy + 1) + dx + 1, cols][None, :]
   du = acc.reshape(m, bj, e).sum(2)
   rows = lax.div(q, ho * wo) * (h * w) + y * w + x
@@ -617,32 +618,25 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
                      f"an input of {hw}")
   dx2, k2 = dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)
+  add = None if addend is None else addend.reshape(b * h * w, n)
   if stride == 2:  # four parity classes of tiles of the output grid (_du_parity_kernel)
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
     plan.update(q=plan["rows"], ctiles=plan["tiles"])
-    args = [dx2, k2] + ([] if addend is None else [addend.reshape(b * h * w, n)])
-    kernel = functools.partial(_du_parity_kernel, plan=plan,
-                               with_addend=addend is not None)
-    du = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((b * h * w, n), out_dtype),
-        grid=_grid(plan, 4 * plan["ctiles"], n // plan["bj"]), interpret=interpret,
-        name=NAMES["du"], **_params(warps, interpret))(*args)
-    return du.reshape(b, h, w, n)
-  # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the kernel
-  # likewise: each tap is one contiguous load of a block's bj*e channels.
-  plan, dx2 = lean_plan(dict(g, **_tiles(b * h * w, n, m0, bj0), e=e),
-                        dx2, interpret)
-  rows, m, tiles = plan["rows"], plan["m"], plan["tiles"]
-  args = [dx2, k2]
-  if addend is not None:
-    from qlhs_jax.kernels.eq3_block import _pad_rows
-    args.append(_pad_rows(addend.reshape(rows, n), plan))
-  kernel = functools.partial(_du_kernel, plan=plan, with_addend=addend is not None)
+    body, programs, out_rows = _du_parity_kernel, 4 * plan["ctiles"], b * h * w
+  else:
+    # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the
+    # kernel likewise: each tap is one contiguous load of a block's bj*e channels.
+    plan, dx2 = lean_plan(dict(g, **_tiles(b * h * w, n, m0, bj0), e=e), dx2, interpret)
+    body, programs, out_rows = _du_kernel, plan["tiles"], plan["tiles"] * plan["m"]
+    if add is not None:
+      from qlhs_jax.kernels.eq3_block import _pad_rows
+      add = _pad_rows(add, plan)
   du = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((tiles * m, n), out_dtype),
-      grid=_grid(plan, tiles, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
-      **_params(warps, interpret))(*args)
-  return du[:rows].reshape(b, h, w, n)
+      functools.partial(body, plan=plan, with_addend=add is not None),
+      out_shape=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
+      grid=_grid(plan, programs, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
+      **_params(warps, interpret))(dx2, k2, *([] if add is None else [add]))
+  return du[:b * h * w].reshape(b, h, w, n)
 
 
 # ------------------------------------------------------------------------------------
