@@ -33,16 +33,17 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model                 # a name from qlhs_jax.models.names()
   # Module fields of the model; None keeps the registry's value. ResNet50 and
-  # MobileNetV3 take only widths/depths/stem/stem_pool (ResNet) or none of them.
+  # MobileNetV3 take only widths/depths/stem/stem_pool/stem_pad_channels (ResNet) or
+  # none of them.
   # Typed placeholders, so that the command line can set them
   # (--config.model_overrides.fuse_d_bn=xla); a plain None cannot be overridden.
   ph = ml_collections.config_dict.placeholder
   c.model_overrides = ml_collections.ConfigDict(dict(
       d_impl=ph(str), remat=ph(str), hidden_layout=ph(str), fuse_d_bn=ph(str),
       block_max_width=ph(int), pin_hidden_layout=ph(bool), widths=ph(tuple),
-      depths=ph(tuple), stem=ph(str), stem_pool=ph(str), expansion=ph(int),
-      weight_sharing=ph(bool), activation=ph(str), placement=ph(str),
-      eq6_c_norm=ph(bool)))
+      depths=ph(tuple), stem=ph(str), stem_pool=ph(str), stem_pad_channels=ph(int),
+      expansion=ph(int), weight_sharing=ph(bool), activation=ph(str),
+      placement=ph(str), eq6_c_norm=ph(bool)))
   c.dtype = "bfloat16"            # compute dtype; parameters and logits stay float32
   c.data = data_lib.default_config()
 

@@ -152,7 +152,11 @@ def batchnorm_affine(bn_params, bn_stats):
 class ConvNorm(nn.Module):
   """Convolution (bias-free) followed by BatchNorm; with ``folded`` a convolution with bias.
 
-  ``padding`` defaults to PyTorch's ``k // 2`` on every side.
+  ``padding`` defaults to PyTorch's ``k // 2`` on every side. ``pad_in_channels``: the
+  input's channels are zero-padded up to this many before the (ungrouped) convolution,
+  and the kernel's input channels with zeros that are not parameters, so the values,
+  parameters and gradients are those of the unpadded convolution (ResNet's stem, see
+  :func:`resnet_stem`).
   """
   features: int
   kernel_size: Sequence[int] = (1, 1)
@@ -162,6 +166,7 @@ class ConvNorm(nn.Module):
   folded: bool = False
   train: bool = False
   bn_groups: int = 1
+  pad_in_channels: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -175,6 +180,13 @@ class ConvNorm(nn.Module):
     kernel = self.param("kernel", init, k + (in_ch // self.groups, self.features),
                         self.param_dtype)
     pad = tuple((kk // 2, kk // 2) for kk in k)
+    extra = self.pad_in_channels - in_ch
+    if extra > 0:
+      if self.groups != 1:
+        raise ValueError(f"pad_in_channels={self.pad_in_channels} needs an ungrouped "
+                         f"convolution (groups={self.groups})")
+      x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
+      kernel = jnp.pad(kernel, ((0, 0),) * (kernel.ndim - 2) + ((0, extra), (0, 0)))
     if k == (1, 1):
       if self.strides > 1:
         x = x[:, ::self.strides, ::self.strides, :]
@@ -194,16 +206,26 @@ class ConvNorm(nn.Module):
 STEM_POOLS = ("argmax", "autodiff")
 
 
-def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax"):
+def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
+                pad_channels: int = 0):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
   a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
   :func:`relu_max_pool_3x3_s2` ("argmax") or as ``nn.relu`` + ``nn.max_pool``
   differentiated by JAX ("autodiff"); the values and gradients are the same (in bfloat16,
-  to one rounding where an input is the maximum of several windows)."""
+  to one rounding where an input is the maximum of several windows).
+
+  ``pad_channels``: the 7x7 convolution's input is zero-padded to this many channels
+  (``ConvNorm.pad_in_channels``; the same values, parameters and gradients). Why: XLA
+  hands the 3-channel image to cuDNN as it is, and cuDNN's tensor-core kernels want
+  channels in multiples of 4 or 8; NVIDIA's convolution guide says that for a first
+  layer of stride 2, padding 3 channels to 4 is enough. On the H100 the unpadded stem
+  convolution ran at 17 TFLOP/s, 1.8 ms forward and 1.2 ms for its weight gradient a
+  step (benchmarks/NOTES.md, experiments 13 and 17)."""
   if pool not in STEM_POOLS:
     raise ValueError(f"unknown stem_pool {pool!r}; choose one of {STEM_POOLS}")
   if stem == "imagenet":
-    y = ConvNorm(width, (7, 7), 2, name="stem", **common)(x)
+    y = ConvNorm(width, (7, 7), 2, name="stem", pad_in_channels=pad_channels,
+                 **common)(x)
     return relu_max_pool_3x3_s2(y) if pool == "argmax" else max_pool_3x3_s2(nn.relu(y))
   if stem == "small":
     return nn.relu(ConvNorm(width, (3, 3), 1, name="stem", **common)(x))

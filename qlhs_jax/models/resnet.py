@@ -43,6 +43,7 @@ class ResNet(nn.Module):
   num_classes: int = 100
   stem: str = "imagenet"
   stem_pool: str = "argmax"
+  stem_pad_channels: int = 4
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -53,7 +54,7 @@ class ResNet(nn.Module):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
     x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common,
-                    self.stem_pool)
+                    self.stem_pool, self.stem_pad_channels)
     for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
       for i in range(depth):
         x = Bottleneck(width, 2 if (k > 0 and i == 0) else 1,

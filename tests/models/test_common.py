@@ -101,6 +101,42 @@ def test_stem_pools_give_the_same_network(model):
     model.clone(stem_pool="scatter").init(jax.random.PRNGKey(1), x)
 
 
+@pytest.mark.parametrize("model", [
+    ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, dtype=jnp.float32),
+    QLHSNet(widths=(4, 8), depths=(1, 1), num_classes=5, dtype=jnp.float32)])
+def test_stem_pad_channels_gives_the_same_network(model):
+  """stem_pad_channels=4 (the default) feeds the 7x7 convolution 4 channels, the fourth
+  zero, and keeps the (7, 7, 3, width) kernel as the parameter: the same parameters,
+  loss, gradients and BatchNorm statistics as the unpadded stem (0), train and eval."""
+  from qlhs_jax.models.common import ConvNorm
+  assert model.stem_pad_channels == 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  labels = jnp.arange(4) % 5
+  v = model.init(jax.random.PRNGKey(1), x)
+  v0 = model.clone(stem_pad_channels=0).init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v0)
+  assert v["params"]["stem"]["kernel"].shape == (7, 7, 3, model.widths[0])
+  out = {}
+  for pad in (4, 0):
+    m = model.clone(stem_pad_channels=pad)
+
+    def loss_fn(params):
+      logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
+    out[pad] = (jax.value_and_grad(loss_fn, has_aux=True)(v["params"]), m.apply(v, x))
+    # What the convolution is handed: 4 input channels, or the image's 3.
+    text = jax.jit(lambda x: m.apply(v, x)).lower(x).as_text()
+    lhs = [l for l in text.splitlines() if "stablehlo.convolution" in l][0]
+    assert f"tensor<4x32x32x{max(pad, 3)}xf32>" in lhs, lhs
+  for a, b in zip(jax.tree.leaves(out[4]), jax.tree.leaves(out[0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  grad = out[4][0][1]["stem"]["kernel"]
+  assert grad.shape == (7, 7, 3, model.widths[0]) and float(jnp.abs(grad).max()) > 0
+  with pytest.raises(ValueError, match="pad_in_channels=4 needs an ungrouped"):
+    ConvNorm(4, (3, 3), groups=3, pad_in_channels=4).init(jax.random.PRNGKey(0), x)
+
+
 def test_argmax_pool_train_step_on_a_sharded_mesh():
   """The stem pool partitions over the 8-device data mesh: two train steps of the
   harness (per-replica BatchNorm) give the losses and parameters of JAX's own max-pool
