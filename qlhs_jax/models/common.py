@@ -203,16 +203,18 @@ class ConvNorm(nn.Module):
                      param_dtype=self.param_dtype, name="bn")(y)
 
 
-STEM_POOLS = ("argmax", "autodiff")
+STEM_POOLS = ("argmax", "argmax_fused", "autodiff")
 
 
 def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
                 pad_channels: int = 0):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
   a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
-  :func:`relu_max_pool_3x3_s2` ("argmax") or as ``nn.relu`` + ``nn.max_pool``
+  :func:`relu_max_pool_3x3_s2` ("argmax"), as :func:`relu_max_pool_3x3_s2_fused` (its
+  backward of before 2026-12-04, "argmax_fused") or as ``nn.relu`` + ``nn.max_pool``
   differentiated by JAX ("autodiff"); the values and gradients are the same (in bfloat16,
-  to one rounding where an input is the maximum of several windows).
+  to one rounding where an input is the maximum of several windows; the two "argmax"
+  forms bit for bit).
 
   ``pad_channels``: the 7x7 convolution's input is zero-padded to this many channels
   (``ConvNorm.pad_in_channels``; the same values, parameters and gradients). Why: XLA
@@ -226,7 +228,9 @@ def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
   if stem == "imagenet":
     y = ConvNorm(width, (7, 7), 2, name="stem", pad_in_channels=pad_channels,
                  **common)(x)
-    return relu_max_pool_3x3_s2(y) if pool == "argmax" else max_pool_3x3_s2(nn.relu(y))
+    if pool == "autodiff":
+      return max_pool_3x3_s2(nn.relu(y))
+    return (relu_max_pool_3x3_s2 if pool == "argmax" else relu_max_pool_3x3_s2_fused)(y)
   if stem == "small":
     return nn.relu(ConvNorm(width, (3, 3), 1, name="stem", **common)(x))
   raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'small'")
@@ -260,10 +264,14 @@ def relu_max_pool_3x3_s2(x):
   Why: JAX differentiates the max-pool by recomputing the window maxima with four int32
   index arrays, then scattering into a zeroed padded input. Compiled for an H100 at batch
   256, the pool's kernels move 4.4 GB per step that way. This way the forward moves
-  0.57 GB and XLA fuses the backward's gather into the stem BatchNorm's backward: a
-  train step of Eq.(3) moves 2.3 GB less, ResNet50's 3.9 GB less (deviceless H100
-  compile with Triton GEMM fusions; 4.5 and 4.1 GB with cuBLAS for every matmul;
-  benchmarks/NOTES.md, experiments 5 and 6).
+  0.57 GB (benchmarks/NOTES.md, experiment 5).
+  The backward works by parity class (:func:`_relu_max_pool_bwd`) and writes the input's
+  gradient once, in the input's dtype, for the stem BatchNorm's backward to read. Its
+  first form (:func:`relu_max_pool_3x3_s2_fused`) moved 0.95 GB less a step: XLA fused
+  it into both kernels of that backward. But there every input pixel evaluated all nine
+  taps' transposes, and the two kernels took 1.4 ms each on the H100 for 0.57 and
+  0.98 GB: the same time for different bytes, as if bound by that arithmetic
+  (experiments 13 and 17; the new form is not yet timed).
   Same values and gradients as JAX's: the maximum starts at ReLU's 0, a later tap
   replaces it only when strictly larger, so the gradient goes to the first maximal tap
   in the window's row-major order, as JAX's select-and-scatter (``ge``) picks it, and
@@ -286,6 +294,41 @@ def _relu_max_pool_fwd(x):
 
 
 def _relu_max_pool_bwd(res, g):
+  """The input's gradient by parity class. Window a covers input rows 2a-1, 2a, 2a+1
+  (taps dy = 0, 1, 2), so an even row 2a takes tap dy=1 of window a alone and an odd
+  row 2a+1 takes dy=2 of window a and dy=0 of window a+1; columns likewise. Each of the
+  four classes (py, px) sums at most four masked gradients on the pooled grid, in
+  ascending tap order, in float32, rounded once; a stack and a reshape interleave them."""
+  idx, (_, h, w, _) = res
+  ho, wo = g.shape[1:3]
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  gf, zero = g.astype(acc), jnp.zeros((), acc)
+
+  def next_window(x, axis):  # window a+1's value at a; zero past the last window
+    pads = [(0, 0, 0)] * 4
+    pads[axis] = (-1, 1, 0)
+    return lax.pad(x, zero, pads)
+  along = {0: ((1, False),), 1: ((0, True), (2, False))}  # parity: (tap, next window)
+  rows = []
+  for py in (0, 1):
+    cols = []
+    for px in (0, 1):
+      out = None
+      for dy, ny in along[py]:
+        for dx, nx in along[px]:
+          part = jnp.where(idx == 3 * dy + dx, gf, zero)
+          part = next_window(part, 1) if ny else part
+          part = next_window(part, 2) if nx else part
+          out = part if out is None else out + part
+      # Rounded per class: a stack of float32 classes was stored in float32 (0.82 GB).
+      cols.append(out.astype(g.dtype))
+    rows.append(jnp.stack(cols, axis=3))
+  b, c = g.shape[0], g.shape[3]
+  return (jnp.stack(rows, axis=2).reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w],)
+
+
+def _relu_max_pool_bwd_nine(res, g):
+  """The input's gradient as the nine taps' transposes, summed over the input grid."""
   idx, (_, h, w, _) = res
   ho, wo = g.shape[1:3]
   acc = jnp.promote_types(g.dtype, jnp.float32)
@@ -304,3 +347,15 @@ def _relu_max_pool_bwd(res, g):
 
 
 relu_max_pool_3x3_s2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
+
+
+@jax.custom_vjp
+def relu_max_pool_3x3_s2_fused(x):
+  """:func:`relu_max_pool_3x3_s2` with its first backward (``stem_pool="argmax_fused"``):
+  the nine taps' transposes summed over the input grid, which XLA fuses into the stem
+  BatchNorm's backward. The fewest bytes, but on the H100 the two kernels of that
+  backward took 1.4 ms each, likely for each input pixel's nine padding checks."""
+  return _relu_max_pool_fwd(x)[0]
+
+
+relu_max_pool_3x3_s2_fused.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd_nine)

@@ -1,6 +1,7 @@
-"""The stem's ReLU + max-pool (``common.relu_max_pool_3x3_s2``, ``stem_pool="argmax"``)
-against JAX's autodiff of ``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included;
-the two ``stem_pool`` choices give the same network."""
+"""The stem's ReLU + max-pool (``common.relu_max_pool_3x3_s2``, ``stem_pool="argmax"``,
+and its first backward, ``relu_max_pool_3x3_s2_fused``) against JAX's autodiff of
+``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included; the ``stem_pool`` choices
+give the same network; the stem's padded input channels change nothing."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,11 @@ import numpy as np
 import pytest
 
 from qlhs_jax.models import QLHSNet, ResNet
-from qlhs_jax.models.common import max_pool_3x3_s2, relu_max_pool_3x3_s2
+from qlhs_jax.models.common import (STEM_POOLS, max_pool_3x3_s2, relu_max_pool_3x3_s2,
+                                    relu_max_pool_3x3_s2_fused)
+
+ARGMAX_POOLS = pytest.mark.parametrize("pool", [relu_max_pool_3x3_s2,
+                                                relu_max_pool_3x3_s2_fused])
 
 
 def autodiff_pool(x):
@@ -39,15 +44,17 @@ def numpy_pool(x, g):
   return y, dx
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2), (1, 5, 4, 1), (1, 2, 2, 2)])
-def test_relu_max_pool_matches_autodiff_and_numpy_with_ties(shape):
+@ARGMAX_POOLS
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2), (1, 5, 4, 1), (1, 2, 2, 2),
+                                   (1, 1, 1, 1), (1, 3, 6, 2)])
+def test_relu_max_pool_matches_autodiff_and_numpy_with_ties(shape, pool):
   rng = np.random.default_rng(0)
   # Small integers: many ties, zeros and negatives; sums of the gradient stay exact.
   x = rng.integers(-2, 3, shape).astype(np.float32)
   g = rng.integers(-4, 5, (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2,
                            shape[3])).astype(np.float32)
   y_ref, vjp_ref = jax.vjp(autodiff_pool, jnp.asarray(x))
-  y, vjp = jax.vjp(relu_max_pool_3x3_s2, jnp.asarray(x))
+  y, vjp = jax.vjp(pool, jnp.asarray(x))
   y_np, dx_np = numpy_pool(x.astype(np.float64), g.astype(np.float64))
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
   np.testing.assert_array_equal(np.asarray(y), y_np)
@@ -56,12 +63,13 @@ def test_relu_max_pool_matches_autodiff_and_numpy_with_ties(shape):
   np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), dx_np)
 
 
-def test_relu_max_pool_in_bfloat16_and_nan():
+@ARGMAX_POOLS
+def test_relu_max_pool_in_bfloat16_and_nan(pool):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 16, 16, 8)), jnp.bfloat16)
   g = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
   y_ref, vjp_ref = jax.vjp(autodiff_pool, x)
-  y, vjp = jax.vjp(relu_max_pool_3x3_s2, x)
+  y, vjp = jax.vjp(pool, x)
   dx = vjp(g)[0]
   assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
@@ -73,10 +81,27 @@ def test_relu_max_pool_in_bfloat16_and_nan():
                                 np.asarray(jnp.asarray(dx_np, jnp.bfloat16), np.float32))
   np.testing.assert_allclose(np.asarray(dx, np.float32),
                              np.asarray(vjp_ref(g)[0], np.float32), rtol=1e-2, atol=4e-2)
-  y_nan = relu_max_pool_3x3_s2(x.at[0, 3, 3, 0].set(jnp.nan))
+  y_nan = pool(x.at[0, 3, 3, 0].set(jnp.nan))
   assert bool(jnp.isnan(y_nan[0, 1, 1, 0])) and bool(jnp.isnan(y_nan[0, 2, 2, 0]))
   assert int(jnp.isnan(y_nan).sum()) == int(jnp.isnan(autodiff_pool(
       x.at[0, 3, 3, 0].set(jnp.nan))).sum())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 8), (2, 15, 9, 4), (1, 6, 7, 3)])
+def test_argmax_pool_backwards_agree_bit_for_bit(shape, dtype):
+  """The parity classes' backward (default) and the nine taps' transposes give the same
+  bits on real-valued data: each input pixel sums the same windows' gradients in the
+  same (ascending tap) order in float32 and rounds once."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=shape), dtype)
+  g = jnp.asarray(rng.normal(size=(shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2,
+                                   shape[3])), dtype)
+  dx = jax.vjp(relu_max_pool_3x3_s2, x)[1](g)[0]
+  dx_nine = jax.vjp(relu_max_pool_3x3_s2_fused, x)[1](g)[0]
+  assert dx.dtype == dtype and dx.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_nine, np.float32))
+  assert float(jnp.abs(dx.astype(jnp.float32)).max()) > 0
 
 
 @pytest.mark.parametrize("model", [
@@ -87,7 +112,7 @@ def test_stem_pools_give_the_same_network(model):
   labels = jnp.arange(4) % 5
   v = model.init(jax.random.PRNGKey(1), x)
   out = {}
-  for pool in ("argmax", "autodiff"):
+  for pool in STEM_POOLS:
     m = model.clone(stem_pool=pool)
 
     def loss_fn(params):
@@ -95,8 +120,9 @@ def test_stem_pools_give_the_same_network(model):
                             train=True, mutable=["batch_stats"])
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
     out[pool] = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-  for a, b in zip(jax.tree.leaves(out["argmax"]), jax.tree.leaves(out["autodiff"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for pool in ("argmax_fused", "autodiff"):
+    for a, b in zip(jax.tree.leaves(out["argmax"]), jax.tree.leaves(out[pool])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="stem_pool"):
     model.clone(stem_pool="scatter").init(jax.random.PRNGKey(1), x)
 
