@@ -16,9 +16,11 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "ncu" (time limits add up to 460 s; NOTES.md experiments 13-16): first the step,
+# "ncu" (time limits add up to 540 s; NOTES.md experiments 13-17): first the step,
 #   fuse_d_bn="auto" (the default of configs/eq3.py: "xla" with the kernels) against
-#   ResNet50, to confirm it, then again with QLHS_STENCIL_GRID=channels (the grid's
+#   ResNet50, to confirm it; ResNet50 with the stem of before 2026-12-04 (3 input
+#   channels, stem_pool="argmax_fused"), which times experiment 17's two stem changes
+#   (both models have them); then Eq.(3) with QLHS_STENCIL_GRID=channels (the grid's
 #   channel blocks fastest) and with QLHS_PRODUCT_FORM=pallas (the element-wise passes
 #   as Pallas kernels); then what bounds the stencil kernels, which ran at ~1.1 TB/s (the
 #   statistics at 0.2) at every tiling tried, with prefetching too: Nsight Compute
@@ -172,6 +174,10 @@ if [ "$PART" = ncu ]; then
   # with the forward product and pass 4 as Pallas kernels (NOTES.md experiment 14;
   # XLA's loop fusions ran them at 1.5-1.8 TB/s).
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
+  # The stem as it was (NOTES.md experiment 17): cuDNN took 3.0 ms for the 3-channel
+  # convolution and its weight gradient, and the stem BatchNorm's backward 2.8 ms with
+  # the pool's backward fused in. Against the row above's ResNet50.
+  bench 80 --model resnet50 --set 'stem_pool="argmax_fused"' --set stem_pad_channels=0
   QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
   QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
