@@ -267,7 +267,7 @@ def relu_max_pool_3x3_s2(x):
   0.57 GB (benchmarks/NOTES.md, experiment 5).
   The backward works by parity class (:func:`_relu_max_pool_bwd`) and writes the input's
   gradient once, in the input's dtype, for the stem BatchNorm's backward to read. Its
-  first form (:func:`relu_max_pool_3x3_s2_fused`) moved 0.95 GB less a step: XLA fused
+  first form (:func:`relu_max_pool_3x3_s2_fused`) moved 0.87 GB less a step: XLA fused
   it into both kernels of that backward. But there every input pixel evaluated all nine
   taps' transposes, and the two kernels took 1.4 ms each on the H100 for 0.57 and
   0.98 GB: the same time for different bytes, as if bound by that arithmetic
