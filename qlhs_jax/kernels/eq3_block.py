@@ -232,9 +232,9 @@ class _Tile:
 
   def shifted(self, ref, dy, dx, cols, ok):
     """Lean tiles: ``ref``'s channels ``cols`` (a ``pl.ds``) at pixel (y + dy, x + dx)
-    of each row, (m, channels) float32, 0 where ``ok`` (m,) is off. The start may lie before ref's first
-    row on a GPU (those rows are masked, so not read); interpreted, ``ref`` carries
-    ``plan["guard"]`` rows in front (``stencil.lean_plan``)."""
+    of each row, (m, channels) float32, 0 where ``ok`` (m,) is off. The start may lie
+    before ref's first row on a GPU (those rows are masked, so not read); interpreted,
+    ``ref`` carries ``plan["guard"]`` rows in front (``stencil.lean_plan``)."""
     from qlhs_jax.kernels.d_bn_product import plt
     plan = self.plan
     start = self.p0 + dy * plan["w"] + dx + plan["guard"]

@@ -286,7 +286,8 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
   m0, bj0, warps, splits = tiling("stats")
-  plan, u2 = lean_plan(_chunked_plan(u.shape, stride, m0, bj0), u.reshape(-1, n), interpret)
+  plan, u2 = lean_plan(_chunked_plan(u.shape, stride, m0, bj0), u.reshape(-1, n),
+                       interpret)
   chunks, bj = plan["chunks"], plan["bj"]
   parts = []
   for group in _split(_stats_pieces(), splits):
@@ -326,9 +327,8 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   h, w = plan["h"], plan["w"]
   ch, cb = _ids(plan)
   j0 = cb * bj
-  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-
   cols = pl.ds(j0, bj)
+  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
 
   def body(i, acc):
     ti = ch * tpc + i
@@ -345,7 +345,7 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
                                           for _ in range(1 + len(LAGS))))
   for k, a in enumerate(acc):
-    out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
+    out_ref[ch, k, cols] = a.sum(0)
 
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
@@ -365,7 +365,7 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
       def strip(shift):  # u at strip positions i + shift, 0 past the strip (or batch)
         ok = (i + shift < size) & (img < plan["b"])
         row = base + jnp.minimum(i + shift, size - 1) * step + plan["guard"]
-        return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
+        return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
       v = strip(0)
       head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
       terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
@@ -378,7 +378,7 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
            "right": (w - 1, w, h)}
   for s, side in enumerate(BORDER_SIDES):
     for r, a in enumerate(border(*sides[side])):
-      border_ref[ch, s * 8 + r, pl.ds(j0, bj)] = a
+      border_ref[ch, s * 8 + r, cols] = a
 
 
 # The border terms after lag_sums' 14 rows, 8 per side: u's sum and its lag-0, 1 and 2
