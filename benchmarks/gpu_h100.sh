@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|input|all]
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
@@ -55,6 +55,10 @@
 #   configs/eq3w.py, which set fuse_d_bn="auto" since 2026-12-03 on their deviceless
 #   bytes alone (0.73x and 0.72x the plain path's): each with "auto" and with the plain
 #   path, to confirm the default or take it back.
+# "input" (150 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
+#   --input uint8, the batches training feeds since 2026-12-04 (uint8 images normalised
+#   and randomly erased inside the step; both models pay the same). Against the first
+#   row of "ncu" (float32 images): what moving that work off the host costs the GPU.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
 # profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
@@ -79,7 +83,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|ncu|block|variants|configs|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|all]" >&2; exit 2;; esac
+case "$PART" in op|step|ncu|block|variants|configs|input|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|input|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -252,6 +256,9 @@ if [ "$PART" = configs ] || [ "$PART" = all ]; then
   bench 80 --model eq5_softball_ds
   bench 100 --model eq3w_softball_ds --set 'fuse_d_bn="auto"'
   bench 80 --model eq3w_softball_ds
+fi
+if [ "$PART" = input ] || [ "$PART" = all ]; then
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"

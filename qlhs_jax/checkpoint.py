@@ -174,6 +174,9 @@ def save_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
+    # Runs from before the key normalised their train images on the host: resuming one
+    # bit-exactly needs --config.data.device_normalize=False, which the diff then names.
+    saved.setdefault("data.device_normalize", False)
     diff = config_lib.differences(saved, current)
     key = "model_overrides.hidden_layout"
     layouts = [d.get(key) or "j_major" for d in (saved, current)]
@@ -210,6 +213,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                             "(written by python -m qlhs_jax.main)?")
   with open(path) as f:
     flat = json.load(f)
+  flat.setdefault("data.device_normalize", False)  # as in save_or_check_config
   c = config_lib.base_config()
   for key, value in flat.items():
     node = c

@@ -103,8 +103,13 @@ def _all_finite(tree):
 
 
 def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
-                    label_smoothing: float = 0.1, steps_per_epoch: int = 1):
+                    label_smoothing: float = 0.1, steps_per_epoch: int = 1,
+                    images_fn: Callable | None = None):
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  ``images_fn(batch)`` gives the model's input (default ``batch["image"]``); the
+  training loop passes ``qlhs_jax.device_input.train_images_fn``, which normalises and
+  erases uint8 batches on the device.
 
   ``lr_fn(epoch)`` gives the learning rate of an epoch; the step reads the epoch off
   ``state.step``, so the schedule needs no host. Non-finite loss or gradients skip the
@@ -113,9 +118,11 @@ def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
   """
 
   def train_step(state: TrainState, batch):
+    images = batch["image"] if images_fn is None else images_fn(batch)
+
     def loss_fn(params):
       logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                     batch["image"], train=True, mutable=["batch_stats"])
+                                     images, train=True, mutable=["batch_stats"])
       loss = jnp.mean(smoothed_cross_entropy(logits, batch["label"], num_classes,
                                              label_smoothing))
       return loss, (logits, new_vars["batch_stats"])

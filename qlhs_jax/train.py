@@ -29,6 +29,7 @@ from qlhs_jax import checkpoint as ckpt_lib
 from qlhs_jax import config as config_lib
 from qlhs_jax import data as data_lib
 from qlhs_jax import steps as S
+from qlhs_jax import device_input
 from qlhs_jax.models import registry
 
 log = logging.getLogger("qlhs_jax")
@@ -301,7 +302,7 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
 
   train_step = S.jit_train_step(S.make_train_step(
       model, tx, lr_fn, num_classes=num_classes, label_smoothing=config.label_smoothing,
-      steps_per_epoch=spe), mesh)
+      steps_per_epoch=spe, images_fn=device_input.train_images_fn(config.data)), mesh)
   eval_step = S.jit_eval_step(S.make_eval_step(
       model, num_classes=num_classes, label_smoothing=config.label_smoothing), mesh)
   progress = _Progress(config.progress_bar and jax.process_index() == 0,

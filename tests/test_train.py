@@ -117,13 +117,14 @@ def test_nan_is_skipped_restored_and_lr_scaled(tmp_path, monkeypatch):
   the loop restores the last good checkpoint (step 3) and halves the lr."""
   make = S.make_train_step
 
-  def poisoned(model, tx, lr_fn, **kw):
-    step = make(model, tx, lr_fn, **kw)
+  def poisoned(model, tx, lr_fn, images_fn, **kw):
+    # The poison multiplies the model's input: the train batches are uint8.
+    step = make(model, tx, lr_fn, **kw,
+                images_fn=lambda batch: images_fn(batch) * batch["poison"])
 
     def wrapped(state, batch):
       bad = (state.step == 5) & (state.lr_scale == 1.0)
-      img = batch["image"] * jnp.where(bad, jnp.nan, 1.0)
-      return step(state, {**batch, "image": img})
+      return step(state, {**batch, "poison": jnp.where(bad, jnp.nan, 1.0)})
     return wrapped
   monkeypatch.setattr(S, "make_train_step", poisoned)
   wd = str(tmp_path / "nan")
@@ -143,9 +144,8 @@ def test_nan_is_skipped_restored_and_lr_scaled(tmp_path, monkeypatch):
 def test_nan_every_time_fails_clearly(tmp_path, monkeypatch):
   make = S.make_train_step
 
-  def always_nan(model, tx, lr_fn, **kw):
-    step = make(model, tx, lr_fn, **kw)
-    return lambda state, batch: step(state, {**batch, "image": batch["image"] * jnp.nan})
+  def always_nan(model, tx, lr_fn, images_fn, **kw):
+    return make(model, tx, lr_fn, **kw, images_fn=lambda b: images_fn(b) * jnp.nan)
   monkeypatch.setattr(S, "make_train_step", always_nan)
   with pytest.raises(train.NonFiniteTrainingError, match="still after 2 restarts"):
     train.train_and_evaluate(tiny_config(stop_after_steps=20, nan_max_retries=2),
@@ -253,3 +253,21 @@ def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path):
   with pytest.raises(ValueError, match="model_overrides.stem_pool: saved '<absent>', now "
                                        "'autodiff'"):
     ckpt_lib.save_or_check_config(wd, c)
+
+
+def test_a_run_saved_before_device_normalize_resumes_with_host_normalisation(tmp_path):
+  """Such a run normalised its train images on the host: it resumes bit-exactly with
+  device_normalize=False, and the guard names the key when it is left True."""
+  c = tiny_config()
+  assert c.data.device_normalize  # the training configs' default
+  wd = str(tmp_path / "run")
+  ckpt_lib.save_or_check_config(wd, c)
+  path = os.path.join(wd, "config.json")
+  saved = json.load(open(path))
+  del saved["data.device_normalize"]  # as written before the key existed
+  json.dump(saved, open(path, "w"))
+  with pytest.raises(ValueError, match="data.device_normalize: saved False, now True"):
+    ckpt_lib.save_or_check_config(wd, c)
+  assert ckpt_lib.load_config(wd).data.device_normalize is False
+  c.data.device_normalize = False
+  ckpt_lib.save_or_check_config(wd, c)

@@ -111,7 +111,7 @@ def single_device_mesh(device):
   return Mesh(np.asarray([device]), (S.DATA_AXIS,))
 
 
-def abstract_step_inputs(model, tx, mesh, batch: int, size: int):
+def abstract_step_inputs(model, tx, mesh, batch: int, size: int, input: str = "float32"):
   """Shapes, dtypes and shardings of the train step's (state, batch): nothing is
   allocated. ``qlhs_jax.steps`` is imported here, so a caller that put an older
   checkout first on ``sys.path`` (benchmarks/aot_at_commit.py) gets that checkout's."""
@@ -124,8 +124,16 @@ def abstract_step_inputs(model, tx, mesh, batch: int, size: int):
   repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(S.DATA_AXIS))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                        state)
-  data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
-          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
+  shapes = {"label": ((batch,), jnp.int32)}
+  if input == "uint8":  # benchmarks.step.synthetic_batch's
+    from qlhs_jax.benchmarks.step import RECIPE_INPUT
+    shapes.update(image=((batch, size, size, 3), jnp.uint8),
+                  erase=((batch, RECIPE_INPUT.recount, 4), jnp.int32),
+                  erase_seed=((batch,), jnp.uint32))
+  else:
+    shapes["image"] = ((batch, size, size, 3), jnp.float32)
+  data = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+          for k, (shape, dtype) in shapes.items()}
   return state, data
 
 
@@ -143,7 +151,7 @@ def pallas_for_gpu():
 
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        size: int = 224, dtype: str = "bfloat16", target: str = "h100",
-                       gemm: str = "auto", devices: int = 1):
+                       gemm: str = "auto", devices: int = 1, input: str = "float32"):
   """The compiled train step of ``benchmarks.step`` for ``target`` (a
   ``jax.stages.Compiled``), the compile time in seconds and the ``gemm`` mode used
   ("triton" or "cublas"; "auto" tries them in that order). ``devices`` > 1: the step of
@@ -174,12 +182,12 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
             or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
                    if k.endswith("_FORM")))
-  tx, step = harness_train_step(model, mesh)
+  tx, step = harness_train_step(model, mesh, input)
   # Pallas kernels: the Triton kernels, not their interpretation on this CPU (qlhs.py),
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
   with (pallas_for_gpu() if pallas else contextlib.nullcontext(),
         jax.set_mesh(mesh) if pallas else contextlib.nullcontext()):
-    lowered = step.lower(*abstract_step_inputs(model, tx, mesh, batch, size))
+    lowered = step.lower(*abstract_step_inputs(model, tx, mesh, batch, size, input))
   modes = ["triton", "cublas"] if gemm == "auto" else [gemm]
   for i, mode in enumerate(modes):
     t0 = time.perf_counter()
@@ -196,7 +204,7 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             target: str, hlo_dir: str | None = None, gemm: str = "auto",
-            devices: int = 1) -> dict:
+            devices: int = 1, input: str = "float32") -> dict:
   """Compiles one model and returns a record of the bytes its train step moves (on
   one device of ``devices``)."""
   import jax
@@ -206,7 +214,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
   from qlhs_jax.models import create
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
-                                                 target, gemm, devices)
+                                                 target, gemm, devices, input)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
@@ -221,7 +229,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             "train_gbytes": sum(by_kind.values()) / 1e9,
             "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
-            "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s}
+            "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s,
+            **({"input": input} if input != "float32" else {})}
   # the tilings and forms as they resolve for the GPUs, as the step's records carry
   # (the model: its expansion)
   with pallas_for_gpu(), S.batch_mesh(S.make_mesh(compile_only_devices(target, devices))):
@@ -245,6 +254,9 @@ def main(argv=None):
                       "bytes are one device's")
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--input", default="float32", choices=["float32", "uint8"],
+                 help="uint8: the step normalises and erases uint8 batches (training's "
+                      "config.data.device_normalize)")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
   p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],
                  help="matmuls as Triton GEMM fusions (XLA's default tilings) or all by "
@@ -259,7 +271,7 @@ def main(argv=None):
   if args.vs:
     runs.append((args.vs, _parse_overrides(args.vs_set)))
   records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir,
-                     args.gemm, args.devices) for m, o in runs]
+                     args.gemm, args.devices, args.input) for m, o in runs]
   print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s} {'matmuls':>8s}"
         f"  (train step compiled for {args.devices} x {args.target}, batch {args.batch}, "
         f"{args.size}px, "

@@ -8,11 +8,14 @@ shapes and grain, ~100 KB at quality 90, like the ~108 KB of performance.md), th
 * eval: decode + resize short side to 256 + centre crop 224 + normalise;
 * train: decode + RandomResizedCrop 224 + flip + RandAugment rand-m7-mstd0.5-inc1 +
   normalise + random erasing (the recipe's transform);
+* train with ``device_normalize``: the same up to the uint8 image, erasing's boxes
+  and seed (normalisation and the fills move to the train step on the device);
 * the same from the pre-resized variant (short side 256, ``qlhs_jax.data.prepare``),
   and from full-size JPEGs with reduced-size DCT decoding (``jpeg_draft``);
 * the whole grain pipeline (folder source, train transform, batches of 32) over the
   same images written to a temporary folder, in-process and with ``--workers`` worker
-  processes (default: one per core).
+  processes (default: one per core), with float32 and with uint8
+  (``device_normalize``) batches.
 
 Prints img/s (per core, or in total for the worker rows) and how many cores feed
 ``--target`` img/s at that rate per core.
@@ -80,10 +83,12 @@ def _rate(fn, payloads, seconds: float) -> float:
       return n / elapsed
 
 
-def _pipeline_rate(root: str, workers: int, seconds: float, batch: int = 32) -> float:
+def _pipeline_rate(root: str, workers: int, seconds: float, batch: int = 32,
+                   device_normalize: bool = False) -> float:
   """Images per second out of ``build_input`` (train, folder source)."""
   config = data.default_config()
   config.name, config.folder, config.workers = "folder", root, workers
+  config.device_normalize = device_normalize
   config.read_threads, config.prefetch = 0, 2
   inp = data.build_input(config, split="train", global_batch_size=batch, seed=0)
   it = inp.iterator()
@@ -140,11 +145,13 @@ def main(argv=None) -> None:
       ("decode only, full size", decode, full),
       ("eval, full size", evalt, full),
       ("train, full size", train, full),
+      ("train, full size, device_normalize", train.device_example, full),
       ("eval, full size, jpeg_draft", eval_draft, full),
       ("train, full size, jpeg_draft", train_draft, full),
       (f"decode only, pre-resized {w_small}x{h_small}", decode, small),
       ("eval, pre-resized", evalt, small),
       ("train, pre-resized", train, small),
+      ("train, pre-resized, device_normalize", train.device_example, small),
   ]
   results = {}
   for name, fn, payloads in rows:
@@ -163,21 +170,25 @@ def main(argv=None) -> None:
           with open(os.path.join(d, f"{k}.JPEG"), "wb") as f:
             f.write(payloads[k % len(payloads)])
         for w in worker_counts:
-          name = f"train, {kind}, grain, " + (
-              "in-process" if w == 0 else f"{w} workers (total)")
-          results[name] = _pipeline_rate(folder, w, args.seconds)
-          workers_of[name] = max(w, 1)
+          for on_device in (False, True):
+            name = f"train, {kind}, grain, " + (
+                "in-process" if w == 0 else f"{w} workers (total)") + (
+                    ", device_normalize" if on_device else "")
+            results[name] = _pipeline_rate(folder, w, args.seconds,
+                                           device_normalize=on_device)
+            workers_of[name] = max(w, 1)
 
   print(f"machine: {_cpu_name()}, {cores} cores, Pillow {Image.__version__}")
   print(f"images: {args.num_images} synthetic 500x375 JPEGs, mean {kb:.0f} KB; "
         f"pre-resized {w_small}x{h_small}, mean {kb_small:.0f} KB; crop "
         f"{args.image_size}")
-  print(f"\n| {'measurement':<45} | img/s | cores for {args.target:,.0f} img/s |")
-  print(f"|{'-' * 47}|------:|{'-' * 23}:|")
+  width = max(len(name) for name in results)
+  print(f"\n| {'measurement':<{width}} | img/s | cores for {args.target:,.0f} img/s |")
+  print(f"|{'-' * (width + 2)}|------:|{'-' * 23}:|")
   for name, rate in results.items():
     # A row of w workers: the cores at its rate per worker.
     per_core = rate / workers_of.get(name, 1)
-    print(f"| {name:<45} | {rate:5.0f} | {math.ceil(args.target / per_core):>22} |")
+    print(f"| {name:<{width}} | {rate:5.0f} | {math.ceil(args.target / per_core):>22} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"cores": cores, "target": args.target, "img_per_s": results}, f,

@@ -6,10 +6,13 @@
 Times the training step that ``qlhs_jax.train`` runs (``qlhs_jax.steps``: forward,
 backward, label smoothing, masked weight decay, SGD-Nesterov update, non-finite guard,
 jitted over the device mesh) on synthetic inputs already on the device, and the eval
-forward pass of the BN-folded model. Each step is timed to completion; the figure is the
-median over ``--steps`` after ``--warmup`` steps. Every model runs in its own process so
-that the peak device memory belongs to it. On CPU only the ratio between models measured
-in the same run means anything.
+forward pass of the BN-folded model. ``--input uint8`` feeds what training feeds since
+2026-12-04 (``config.data.device_normalize``): uint8 images and random erasing's boxes,
+normalised and erased inside the step (``qlhs_jax.device_input``); the default, float32
+images, is what every record without an ``input`` field timed. Each step is timed to
+completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
+model runs in its own process so that the peak device memory belongs to it. On CPU only
+the ratio between models measured in the same run means anything.
 """
 
 from __future__ import annotations
@@ -24,22 +27,58 @@ import re
 import subprocess
 import sys
 import time
+import types
 
 
-def harness_train_step(model, mesh):
+INPUTS = ("float32", "uint8")
+# The recipe's normalisation and erasing (qlhs_jax.data.default_config(); a test keeps
+# them equal). Spelled out here: the GPU machine has no grain, which qlhs_jax.data needs.
+RECIPE_INPUT = types.SimpleNamespace(device_normalize=True, mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225), reprob=0.4,
+                                     remode="pixel", recount=3)
+
+
+def harness_train_step(model, mesh, input: str = "float32"):
   """The optimizer and the jitted train step the harness times (the recipe's: lr 0.3
-  cosine over 50 epochs, 100 classes), also what ``benchmarks.aot`` compiles."""
+  cosine over 50 epochs, 100 classes), also what ``benchmarks.aot`` compiles. ``input``
+  "uint8": the step normalises and erases uint8 batches (:func:`synthetic_batch`)."""
+  from qlhs_jax import device_input
   from qlhs_jax import steps as S
+  if input not in INPUTS:
+    raise SystemExit(f"--input {input!r}: choose one of {INPUTS}")
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
+  images_fn = (device_input.train_images_fn(RECIPE_INPUT) if input == "uint8" else None)
   return tx, S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
-                                                steps_per_epoch=1000), mesh)
+                                                steps_per_epoch=1000,
+                                                images_fn=images_fn), mesh)
+
+
+def synthetic_batch(batch: int, size: int, input: str = "float32", seed: int = 0) -> dict:
+  """A host batch as the pipeline hands it over: float32 images, or uint8 images with
+  erasing boxes (40% of the images, as in the recipe, with 1-3 boxes of up to a quarter
+  of the image) and seeds. Only shapes and dtypes matter to the timing: the step fills
+  every image's boxes alike, so the boxes need not be drawn as the pipeline draws them."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  if input == "float32":  # drawn in this order since the first records
+    return {"image": rng.standard_normal((batch, size, size, 3), np.float32),
+            "label": rng.integers(0, 100, batch).astype(np.int32)}
+  image = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  labels = rng.integers(0, 100, batch).astype(np.int32)
+  erase = np.zeros((batch, RECIPE_INPUT.recount, 4), np.int32)
+  for i in np.flatnonzero(rng.random(batch) < RECIPE_INPUT.reprob):
+    for k in range(int(rng.integers(1, RECIPE_INPUT.recount + 1))):
+      h, w = (int(rng.integers(1, max(2, size // 2))) for _ in range(2))
+      erase[i, k] = (rng.integers(0, size - h + 1), rng.integers(0, size - w + 1), h, w)
+  return {"image": image, "label": labels, "erase": erase,
+          "erase_seed": rng.integers(0, 2**32, batch, dtype=np.uint32)}
 
 
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
             dtype: str, overrides: dict, hlo_dir: str | None = None,
             profile_dir: str | None = None, profile_steps: int = 3,
-            on_record=None) -> dict:
+            on_record=None, input: str = "float32") -> dict:
   """Times one model in this process; returns a record. With ``profile_dir``, also traces
   ``profile_steps`` more train steps (of a second compile without XLA's command buffers,
   :data:`PROFILE_COMPILER_OPTIONS`), appends their per-kernel device times to
@@ -57,12 +96,10 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   S.check_batch_divides(batch, mesh)
   S.check_fuse_fits_mesh(overrides.get("fuse_d_bn"), mesh)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=mesh.size, **overrides)
-  tx, step = harness_train_step(model, mesh)
+  tx, step = harness_train_step(model, mesh, input)
   state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0),
                                            (size, size, 3)), mesh)
-  rng = np.random.default_rng(0)
-  data = S.shard_batch({"image": rng.standard_normal((batch, size, size, 3), np.float32),
-                        "label": rng.integers(0, 100, batch).astype(np.int32)}, mesh)
+  data = S.shard_batch(synthetic_batch(batch, size, input), mesh)
 
   def timed(fn, n):
     times = []
@@ -88,9 +125,12 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   st = box["state"]
   folded = fold_batchnorm(model, st.params, st.batch_stats)
   folded = jax.tree.map(lambda x: x.astype(jnp.float32), folded)
-  fwd = jax.jit(lambda f, x: apply_folded(model, f, x)).lower(folded, data["image"]).compile()
-  timed(lambda: fwd(folded, data["image"]), warmup)
-  eval_s = timed(lambda: fwd(folded, data["image"]), steps)
+  # Evaluation batches are float32 either way (the pipeline normalises them on the host).
+  eval_x = data["image"] if input == "float32" else S.shard_batch(
+      synthetic_batch(batch, size), mesh)["image"]
+  fwd = jax.jit(lambda f, x: apply_folded(model, f, x)).lower(folded, eval_x).compile()
+  timed(lambda: fwd(folded, eval_x), warmup)
+  eval_s = timed(lambda: fwd(folded, eval_x), steps)
   if hlo_dir:
     write_hlo(hlo_dir, model_name, overrides, "train", train_c.as_text())
 
@@ -106,6 +146,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "peak_mem_gb": (mem["peak_bytes_in_use"] / 2**30
                       if "peak_bytes_in_use" in mem else None),
       "compile_s": compile_s, "final_loss": loss,
+      **({"input": input} if input != "float32" else {}),
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
   # The Pallas tilings and forms this run used, where they change this model's kernels:
@@ -293,7 +334,8 @@ def run_child(cmd, wait_s: float = PROFILE_WAIT_S) -> dict:
 def _child(args, model_name, overrides, profile: bool = False) -> dict:
   cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", model_name,
          "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
-         "--warmup", str(args.warmup), "--dtype", args.dtype, "--json-only"]
+         "--warmup", str(args.warmup), "--dtype", args.dtype, "--input", args.input,
+         "--json-only"]
   if args.hlo_dir:
     cmd += ["--hlo-dir", args.hlo_dir]
   if profile and args.profile_dir:
@@ -326,6 +368,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--input", default="float32", choices=INPUTS,
+                 help="uint8: the step normalises and erases uint8 batches, as training "
+                      "with config.data.device_normalize does (both models)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for --model, e.g. --set d_impl=grouped")
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",
@@ -349,7 +394,7 @@ def main(argv=None):
   if args.json_only:  # a child of --vs: the record goes out before any profile
     measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
             _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
-            on_record=lambda r: print(json.dumps(r), flush=True))
+            on_record=lambda r: print(json.dumps(r), flush=True), input=args.input)
     return
   if args.vs:
     records = []
@@ -364,7 +409,7 @@ def main(argv=None):
   else:  # printed and recorded before the profile starts
     measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
             _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
-            on_record=lambda r: _report(args, [r]))
+            on_record=lambda r: _report(args, [r]), input=args.input)
 
 
 def _announce(record):

@@ -29,10 +29,12 @@ def table(path: str) -> str:
              "ms | sums: XLA ms | sums: Pallas ms | du: gather ms | du: Pallas ms | chosen |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
-  # Model overrides, then the kernels' environment settings (tilings) of step records.
+  # Model overrides, then the kernels' environment settings (tilings) of step records,
+  # then the input where it is not float32 images.
   overrides = lambda r: ", ".join(
       [f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())]
-      + [f"{k}={v}" for k, v in sorted(r.get("env", {}).items())]) or "-"
+      + [f"{k}={v}" for k, v in sorted(r.get("env", {}).items())]
+      + ([f"input={r['input']}"] if "input" in r else [])) or "-"
   with open(path) as f:
     for line in f:
       r = json.loads(line)

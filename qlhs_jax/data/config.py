@@ -46,6 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
     mean, std: normalisation, per channel, on [0, 1] pixels (ImageNet's).
     jpeg_draft: decode JPEGs at 1/2, 1/4 or 1/8 size when the crop will be
       downscaled by at least that much (faster, slightly different pixels).
+    device_normalize: train batches carry the uint8 images (and erasing's boxes and
+      seeds); the train step normalises and erases on the device
+      (``qlhs_jax.device_input``). A quarter of the bytes per image through worker
+      processes and to the device, and no float work on the host. The erased boxes'
+      noise then comes from JAX's generator: the same distribution, other values.
+      Validation batches are float32 either way. The training configs set it.
   Loading:
     workers: grain worker processes (0 = in this process).
     read_threads: threads per process computing batches concurrently.
@@ -73,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
       mean=transforms.IMAGENET_MEAN,
       std=transforms.IMAGENET_STD,
       jpeg_draft=False,
+      device_normalize=False,
       workers=0,
       read_threads=2,
       prefetch=2,
@@ -143,6 +150,7 @@ def validate(config) -> None:
       ("workers", config.workers >= 0),
       ("read_threads", config.read_threads >= 0),
       ("prefetch", config.prefetch >= 1),
+      ("device_normalize", isinstance(config.device_normalize, bool)),
   ]
   bad = [k for k, ok in checks if not ok]
   if bad:

@@ -59,10 +59,12 @@ class _Examples:
   """Position in this process's example stream -> example dict (picklable)."""
 
   def __init__(self, source, transform, train: bool, seed: int, global_batch: int,
-               local_batch: int, process_index: int, steps_per_epoch: int):
+               local_batch: int, process_index: int, steps_per_epoch: int,
+               device_normalize: bool = False):
     self.source = source
     self.transform = transform
     self.train = train
+    self.device_normalize = device_normalize and train
     self.seed = seed
     self.global_batch = global_batch
     self.local_batch = local_batch
@@ -97,10 +99,13 @@ class _Examples:
         return {"image": np.zeros((size, size, 3), np.float32),
                 "label": np.int32(0), "mask": np.bool_(False)}
     try:
-      image = self.transform(self.source.read(index), rng)
+      if self.device_normalize:
+        example = self.transform.device_example(self.source.read(index), rng)
+      else:
+        example = {"image": self.transform(self.source.read(index), rng)}
     except errors.InvalidDataError as e:
       raise errors.InvalidDataError(f"{self.source.describe(index)}: {e}") from e
-    example = {"image": image, "label": np.int32(self.source.labels[index])}
+    example["label"] = np.int32(self.source.labels[index])
     if not self.train:
       example["mask"] = np.bool_(True)
     return example
@@ -190,7 +195,10 @@ class Input:
   def iterator(self, start_epoch: int = 0) -> InputIterator:
     """A checkpointable iterator of dicts of numpy arrays: ``image`` float32
     [local_batch, H, W, 3], ``label`` int32 [local_batch], and for validation ``mask``
-    bool [local_batch] (False on padding)."""
+    bool [local_batch] (False on padding). Train batches of a config with
+    ``device_normalize`` carry uint8 images instead, and with erasing on, ``erase``
+    int32 [local_batch, recount, 4] and ``erase_seed`` uint32 [local_batch]:
+    :func:`qlhs_jax.device_input.train_images_fn` turns them into the float32 images."""
     return InputIterator(lambda e: iter(self.dataset(e)), start_epoch)
 
 
@@ -229,7 +237,8 @@ def build_input(data_config, *, split: str, global_batch_size: int, seed: int,
     steps = math.ceil(n / global_batch_size)
   local = global_batch_size // process_count
   examples = _Examples(source, make_transform(data_config, train), train, int(seed),
-                       global_batch_size, local, process_index, steps)
+                       global_batch_size, local, process_index, steps,
+                       data_config.device_normalize)
   size = data_config.image_size
   return Input(
       split=split, num_examples=n, num_classes=len(source.class_names),

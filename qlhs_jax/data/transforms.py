@@ -149,20 +149,14 @@ def normalize(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarr
   return out
 
 
-def random_erasing(img: np.ndarray, rng: np.random.Generator, prob: float = 0.4,
-                   mode: str = "pixel", min_count: int = 1, max_count: int = 3,
-                   min_area: float = 0.02, max_area: float = 1 / 3,
-                   min_aspect: float = 0.3) -> np.ndarray:
-  """timm's RandomErasing on a normalised float (H, W, C) image, in place.
-
-  With probability ``prob``: ``U{min_count..max_count}`` boxes, each of area
-  ``U(min_area, max_area) * H * W / count`` and log-uniform aspect in
-  [min_aspect, 1 / min_aspect] (ten tries each), filled per ``mode``: 'pixel' N(0, 1)
-  per pixel and channel, 'rand' N(0, 1) per channel, 'const' zeros.
-  """
+def _erasing_boxes(rng: np.random.Generator, h_img: int, w_img: int, prob: float,
+                   min_count: int, max_count: int, min_area: float, max_area: float,
+                   min_aspect: float):
+  """timm's RandomErasing boxes ``(top, left, h, w)``, drawn lazily: a caller that
+  draws each box's fill from ``rng`` before taking the next box consumes the stream as
+  timm's loop does."""
   if rng.random() > prob:
-    return img
-  h_img, w_img, chans = img.shape
+    return
   area = h_img * w_img
   count = min_count if min_count == max_count else int(
       rng.integers(min_count, max_count + 1))
@@ -176,15 +170,45 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator, prob: float = 0.4,
       if w < w_img and h < h_img:
         top = int(rng.integers(0, h_img - h + 1))
         left = int(rng.integers(0, w_img - w + 1))
-        if mode == "pixel":
-          fill = rng.standard_normal((h, w, chans), dtype=np.float32)
-        elif mode == "rand":
-          fill = rng.standard_normal((1, 1, chans), dtype=np.float32)
-        else:
-          fill = 0.0
-        img[top:top + h, left:left + w] = fill
+        yield top, left, h, w
         break
+
+
+def random_erasing(img: np.ndarray, rng: np.random.Generator, prob: float = 0.4,
+                   mode: str = "pixel", min_count: int = 1, max_count: int = 3,
+                   min_area: float = 0.02, max_area: float = 1 / 3,
+                   min_aspect: float = 0.3) -> np.ndarray:
+  """timm's RandomErasing on a normalised float (H, W, C) image, in place.
+
+  With probability ``prob``: ``U{min_count..max_count}`` boxes, each of area
+  ``U(min_area, max_area) * H * W / count`` and log-uniform aspect in
+  [min_aspect, 1 / min_aspect] (ten tries each), filled per ``mode``: 'pixel' N(0, 1)
+  per pixel and channel, 'rand' N(0, 1) per channel, 'const' zeros.
+  """
+  h_img, w_img, chans = img.shape
+  for top, left, h, w in _erasing_boxes(rng, h_img, w_img, prob, min_count, max_count,
+                                        min_area, max_area, min_aspect):
+    if mode == "pixel":
+      fill = rng.standard_normal((h, w, chans), dtype=np.float32)
+    elif mode == "rand":
+      fill = rng.standard_normal((1, 1, chans), dtype=np.float32)
+    else:
+      fill = 0.0
+    img[top:top + h, left:left + w] = fill
   return img
+
+
+def erasing_boxes(rng: np.random.Generator, h_img: int, w_img: int, prob: float = 0.4,
+                  max_count: int = 3, min_count: int = 1) -> np.ndarray:
+  """The boxes of :func:`random_erasing` (same distribution, timm's default areas and
+  aspects) without their fills, for erasing on the device
+  (:func:`qlhs_jax.device_input.normalize_and_erase`): int32 ``[max_count, 4]`` rows of
+  ``(top, left, height, width)`` in drawing order, unused rows zero."""
+  boxes = np.zeros((max_count, 4), np.int32)
+  for k, box in enumerate(_erasing_boxes(rng, h_img, w_img, prob, min_count, max_count,
+                                         0.02, 1 / 3, 0.3)):
+    boxes[k] = box
+  return boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +251,18 @@ class TrainTransform:
     if self.reprob > 0:
       random_erasing(out, rng, self.reprob, self.remode, 1, self.recount)
     return out
+
+  def device_example(self, payload: Any, rng: np.random.Generator) -> dict[str, Any]:
+    """The host half of ``device_normalize``: the uint8 image (crop, flip,
+    RandAugment) and, where erasing is on, its boxes (:func:`erasing_boxes`) and a
+    uint32 seed for their fills. :func:`qlhs_jax.device_input.normalize_and_erase`
+    does the rest on the device."""
+    img = np.asarray(self.augment(payload, rng), np.uint8)
+    if self.reprob <= 0:
+      return {"image": img}
+    boxes = erasing_boxes(rng, img.shape[0], img.shape[1], self.reprob, self.recount)
+    return {"image": img, "erase": boxes,
+            "erase_seed": rng.integers(0, 2**32, dtype=np.uint32)}
 
 
 @dataclasses.dataclass(frozen=True)

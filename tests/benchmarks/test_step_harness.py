@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from qlhs_jax.benchmarks import step
@@ -43,6 +44,33 @@ def test_measure_in_process_on_8_devices(tmp_path, monkeypatch):
   path = tmp_path / "r.jsonl"
   path.write_text(json.dumps(r) + "\n")
   assert "stem=small, widths=[8, 16], QLHS_DU_FORM=gather |" in table.table(str(path))
+
+
+def test_uint8_input_is_normalised_and_erased_in_the_step(tmp_path):
+  """--input uint8 times the step training runs with device_normalize: its batch is
+  the pipeline's (uint8 images, boxes, seeds), the record and the table say so."""
+  batch = step.synthetic_batch(64, 16, "uint8")
+  assert batch["image"].dtype == np.uint8 and batch["erase"].shape == (64, 3, 4)
+  erased = batch["erase"][:, :, 2] > 0
+  assert 0.2 < erased.any(1).mean() < 0.6  # the recipe's 40% of the images
+  top, left, h, w = np.moveaxis(batch["erase"], -1, 0)
+  assert ((top + h <= 16) & (left + w <= 16)).all()
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"}, input="uint8")
+  assert r["input"] == "uint8" and r["train_img_s"] > 0 and np.isfinite(r["final_loss"])
+  from qlhs_jax.benchmarks import table
+  path = tmp_path / "r.jsonl"
+  path.write_text(json.dumps(r) + "\n")
+  assert "stem=small, widths=[8, 16], input=uint8 |" in table.table(str(path))
+
+
+def test_the_harness_erases_as_the_recipe():
+  """The harness spells the recipe's input out (no grain on the GPU machine)."""
+  from qlhs_jax import data
+  c = data.default_config()
+  for key in ("mean", "std", "reprob", "remode", "recount"):
+    assert tuple(np.atleast_1d(getattr(step.RECIPE_INPUT, key))) == tuple(
+        np.atleast_1d(c[key])), key
 
 
 def test_block_fusion_on_8_devices_is_refused():

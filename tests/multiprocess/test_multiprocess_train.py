@@ -127,10 +127,12 @@ def _example_index(inp, epoch: int) -> dict:
   Computed per example from the documented augmentation seed
   ``default_rng([2, seed, epoch, index])``, independently of any batching."""
   ex = inp.examples
+  assert ex.device_normalize  # the training configs': the batches carry uint8 images
   table = {}
   for i in range(inp.num_examples):
-    image = ex.transform(ex.source.read(i), np.random.default_rng([2, SEED, epoch, i]))
-    table[fingerprint(image, ex.source.labels[i])] = i
+    example = ex.transform.device_example(ex.source.read(i),
+                                          np.random.default_rng([2, SEED, epoch, i]))
+    table[fingerprint(example["image"], ex.source.labels[i])] = i
   assert len(table) == inp.num_examples  # fingerprints tell every example apart
   return table
 

@@ -1,0 +1,84 @@
+"""The device half of ``device_normalize``: uint8 train batches become normalised
+float32 images inside the jitted train step, with random erasing's fills drawn there.
+
+The host then does only the uint8 work (decode, crop, flip, RandAugment) and hands over
+a quarter of the bytes: no float32 normalisation and no normal draws for the erased
+boxes per image, and 150 KB instead of 602 KB per 224 px image through grain's worker
+processes and to the device (README, Data: "Host throughput"). On the device the
+conversion fuses into the first convolution's input, as the float32 one did.
+
+The fills differ from the host's in their random stream, not in their distribution:
+'pixel' draws N(0, 1) per pixel and channel from a key seeded by the example's own
+uint32 ``erase_seed`` (drawn from its host generator, so a batch depends only on
+(seed, position), as on the host), 'rand' N(0, 1) per box and channel, 'const' zeros.
+Boxes are the host's (:func:`qlhs_jax.data.transforms.erasing_boxes`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REMODES = ("pixel", "rand", "const")
+
+
+def normalize(image: jax.Array, mean, std) -> jax.Array:
+  """uint8 ``[..., 3]`` -> float32 ``x * (1 / (255 std)) - mean / std``: the host's
+  :func:`qlhs_jax.data.transforms.normalize`, with the same float32 constants."""
+  scale = np.asarray([1.0 / (255.0 * s) for s in std], np.float32)
+  offset = np.asarray([m / s for m, s in zip(mean, std)], np.float32)
+  return image.astype(jnp.float32) * scale - offset
+
+
+def normalize_and_erase(image: jax.Array, erase: jax.Array, erase_seed: jax.Array, *,
+                        mean, std, mode: str = "pixel") -> jax.Array:
+  """Normalises uint8 images ``[B, H, W, C]`` and fills each image's boxes ``erase``
+  (int32 ``[B, K, 4]`` rows of top, left, height, width; height 0 = no box) per
+  ``mode``; later boxes overwrite earlier ones where they overlap, as on the host."""
+  if mode not in REMODES:
+    raise ValueError(f"erasing mode {mode!r}; expected one of {REMODES}")
+  x = normalize(image, mean, std)
+  _, h, w, c = x.shape
+  top, left, bh, bw = (erase[:, :, i, None, None] for i in range(4))  # [B, K, 1, 1]
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+  inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+  if mode == "rand":
+    keys = jax.vmap(jax.random.key)(erase_seed)
+    colours = jax.vmap(lambda k: jax.random.normal(k, (erase.shape[1], c)))(keys)
+    for k in range(erase.shape[1]):
+      x = jnp.where(inside[:, k, :, :, None], colours[:, k, None, None, :], x)
+    return x
+  covered = jnp.any(inside, axis=1)[..., None]  # [B, H, W, 1]
+  if mode == "const":
+    return jnp.where(covered, 0.0, x)
+  keys = jax.vmap(jax.random.key)(erase_seed)
+  noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys)
+  return jnp.where(covered, noise, x)
+
+
+def train_images_fn(data_config) -> Callable[[dict], jax.Array]:
+  """``batch -> float32 images`` for the train step: the pipeline's own images where
+  the host normalised them (``device_normalize`` False), else :func:`normalize` and,
+  where erasing is on, :func:`normalize_and_erase` of the uint8 batch."""
+  if not data_config.device_normalize:
+    return lambda batch: batch["image"]
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+  mode, erasing = data_config.remode, data_config.reprob > 0
+
+  def images(batch):
+    image = batch["image"]
+    if image.dtype != jnp.uint8:
+      # Normalising a normalised batch again would train on garbage without a sound.
+      raise ValueError(
+          f"config.data.device_normalize=True expects the pipeline's uint8 train "
+          f"images, got {image.dtype}; build the input with the same data config, or "
+          "set config.data.device_normalize=False for float32 batches")
+    if not erasing:
+      return normalize(image, mean, std)
+    return normalize_and_erase(image, batch["erase"], batch["erase_seed"], mean=mean,
+                               std=std, mode=mode)
+  return images
