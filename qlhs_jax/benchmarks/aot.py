@@ -241,7 +241,7 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
 
 
 def main(argv=None):
-  from qlhs_jax.benchmarks.step import _parse_overrides, append_records
+  from qlhs_jax.benchmarks.step import INPUTS, _parse_overrides, append_records
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", required=True)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -254,7 +254,7 @@ def main(argv=None):
                       "bytes are one device's")
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--input", default="float32", choices=["float32", "uint8"],
+  p.add_argument("--input", default="float32", choices=INPUTS,
                  help="uint8: the step normalises and erases uint8 batches (training's "
                       "config.data.device_normalize)")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
