@@ -165,6 +165,19 @@ def _shapes(tree) -> dict[str, tuple]:
 # The workdir's config guard
 
 
+# What a key meant in runs saved before it existed, where that was not "unset" (None,
+# which config.differences assumes): such runs normalised their train images on the
+# host, so resuming one bit-exactly needs --config.data.device_normalize=False, which
+# the workdir guard then names.
+_ABSENT_MEANT = {"data.device_normalize": False}
+
+
+def _read_config_file(path: str) -> dict:
+  """A run's flattened config.json, with :data:`_ABSENT_MEANT` for keys it predates."""
+  with open(path) as f:
+    return {**_ABSENT_MEANT, **json.load(f)}
+
+
 def save_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """First run: writes WORKDIR/config.json. Later runs: refuses a different config
   (runtime keys such as stop_after_steps excepted) unless allow_config_change, in which
@@ -172,11 +185,7 @@ def save_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   path = os.path.join(workdir, CONFIG_FILE)
   current = config_lib.flatten(config)
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    # Runs from before the key normalised their train images on the host: resuming one
-    # bit-exactly needs --config.data.device_normalize=False, which the diff then names.
-    saved.setdefault("data.device_normalize", False)
+    saved = _read_config_file(path)
     diff = config_lib.differences(saved, current)
     key = "model_overrides.hidden_layout"
     layouts = [d.get(key) or "j_major" for d in (saved, current)]
@@ -211,9 +220,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a qlhs_jax workdir "
                             "(written by python -m qlhs_jax.main)?")
-  with open(path) as f:
-    flat = json.load(f)
-  flat.setdefault("data.device_normalize", False)  # as in save_or_check_config
+  flat = _read_config_file(path)
   c = config_lib.base_config()
   for key, value in flat.items():
     node = c

@@ -46,8 +46,8 @@ def normalize_and_erase(image: jax.Array, erase: jax.Array, erase_seed: jax.Arra
   rows = jnp.arange(h)[:, None]
   cols = jnp.arange(w)[None, :]
   inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+  keys = jax.vmap(jax.random.key)(erase_seed)  # unused, hence not computed, by 'const'
   if mode == "rand":
-    keys = jax.vmap(jax.random.key)(erase_seed)
     colours = jax.vmap(lambda k: jax.random.normal(k, (erase.shape[1], c)))(keys)
     for k in range(erase.shape[1]):
       x = jnp.where(inside[:, k, :, :, None], colours[:, k, None, None, :], x)
@@ -55,7 +55,6 @@ def normalize_and_erase(image: jax.Array, erase: jax.Array, erase_seed: jax.Arra
   covered = jnp.any(inside, axis=1)[..., None]  # [B, H, W, 1]
   if mode == "const":
     return jnp.where(covered, 0.0, x)
-  keys = jax.vmap(jax.random.key)(erase_seed)
   noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys)
   return jnp.where(covered, noise, x)
 

@@ -199,7 +199,7 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator, prob: float = 0.4,
 
 
 def erasing_boxes(rng: np.random.Generator, h_img: int, w_img: int, prob: float = 0.4,
-                  max_count: int = 3, min_count: int = 1) -> np.ndarray:
+                  min_count: int = 1, max_count: int = 3) -> np.ndarray:
   """The boxes of :func:`random_erasing` (same distribution, timm's default areas and
   aspects) without their fills, for erasing on the device
   (:func:`qlhs_jax.device_input.normalize_and_erase`): int32 ``[max_count, 4]`` rows of
@@ -260,7 +260,7 @@ class TrainTransform:
     img = np.asarray(self.augment(payload, rng), np.uint8)
     if self.reprob <= 0:
       return {"image": img}
-    boxes = erasing_boxes(rng, img.shape[0], img.shape[1], self.reprob, self.recount)
+    boxes = erasing_boxes(rng, img.shape[0], img.shape[1], self.reprob, 1, self.recount)
     return {"image": img, "erase": boxes,
             "erase_seed": rng.integers(0, 2**32, dtype=np.uint32)}
 
