@@ -55,10 +55,12 @@
 #   configs/eq3w.py, which set fuse_d_bn="auto" since 2026-12-03 on their deviceless
 #   bytes alone (0.73x and 0.72x the plain path's): each with "auto" and with the plain
 #   path, to confirm the default or take it back.
-# "input" (150 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
+# "input" (230 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
 #   --input uint8, the batches training feeds since 2026-12-04 (uint8 images normalised
 #   and randomly erased inside the step; both models pay the same). Against the first
 #   row of "ncu" (float32 images): what moving that work off the host costs the GPU.
+#   Then Eq.(3) with --input uint8_randaugment (config.data.device_randaugment, off by
+#   default): what RandAugment in the step costs, against the row before.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
 # profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
@@ -259,6 +261,7 @@ if [ "$PART" = configs ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = input ] || [ "$PART" = all ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_randaugment
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"

@@ -168,8 +168,9 @@ def _shapes(tree) -> dict[str, tuple]:
 # What a key meant in runs saved before it existed, where that was not "unset" (None,
 # which config.differences assumes): such runs normalised their train images on the
 # host, so resuming one bit-exactly needs --config.data.device_normalize=False, which
-# the workdir guard then names.
-_ABSENT_MEANT = {"data.device_normalize": False}
+# the workdir guard then names. RandAugment ran on the host before
+# data.device_randaugment existed, as it does with the key False.
+_ABSENT_MEANT = {"data.device_normalize": False, "data.device_randaugment": False}
 
 
 def _read_config_file(path: str) -> dict:

@@ -91,9 +91,9 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
 def apply_quickstart(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks ``c`` for a 2-core CPU: embedded digits at 32 px, widths (16, 32, 64, 128),
   one block per stage, the small stem, float32, a few epochs. Keeps c.model's form."""
-  device_normalize = c.data.device_normalize
+  on_device = c.data.device_normalize, c.data.device_randaugment
   c.data = data_lib.digits_config(image_size=32)
-  c.data.device_normalize = device_normalize
+  c.data.device_normalize, c.data.device_randaugment = on_device
   if c.model != "mobilenetv3_large_100":  # MobileNetV3 has no width/depth/stem knobs
     c.model_overrides.widths = (16, 32, 64, 128)
     c.model_overrides.depths = (1, 1, 1, 1)

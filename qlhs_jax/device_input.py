@@ -12,6 +12,9 @@ The fills differ from the host's in their random stream, not in their distributi
 uint32 ``erase_seed`` (drawn from its host generator, so a batch depends only on
 (seed, position), as on the host), 'rand' N(0, 1) per box and channel, 'const' zeros.
 Boxes are the host's (:func:`qlhs_jax.data.transforms.erasing_boxes`).
+
+With ``device_randaugment`` the images arrive before RandAugment, with the ops the host
+drew for each, and :func:`qlhs_jax.device_augment.randaugment` applies them first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qlhs_jax import device_augment
 
 REMODES = ("pixel", "rand", "const")
 
@@ -59,14 +64,22 @@ def normalize_and_erase(image: jax.Array, erase: jax.Array, erase_seed: jax.Arra
   return jnp.where(covered, noise, x)
 
 
+def randaugment_fill(mean) -> tuple[int, int, int]:
+  """The geometric ops' fill, timm's mean pixel: ``qlhs_jax.data.pipeline``'s."""
+  return tuple(min(255, round(255 * m)) for m in mean)
+
+
 def train_images_fn(data_config) -> Callable[[dict], jax.Array]:
   """``batch -> float32 images`` for the train step: the pipeline's own images where
-  the host normalised them (``device_normalize`` False), else :func:`normalize` and,
-  where erasing is on, :func:`normalize_and_erase` of the uint8 batch."""
+  the host normalised them (``device_normalize`` False), else (after RandAugment, with
+  ``device_randaugment``) :func:`normalize` and, where erasing is on,
+  :func:`normalize_and_erase` of the uint8 batch."""
   if not data_config.device_normalize:
     return lambda batch: batch["image"]
   mean, std = tuple(data_config.mean), tuple(data_config.std)
   mode, erasing = data_config.remode, data_config.reprob > 0
+  augment = data_config.device_randaugment and bool(data_config.randaugment)
+  fill = randaugment_fill(mean)
 
   def images(batch):
     image = batch["image"]
@@ -76,6 +89,13 @@ def train_images_fn(data_config) -> Callable[[dict], jax.Array]:
           f"config.data.device_normalize=True expects the pipeline's uint8 train "
           f"images, got {image.dtype}; build the input with the same data config, or "
           "set config.data.device_normalize=False for float32 batches")
+    if augment:
+      if "ra_op" not in batch:
+        raise ValueError(
+            "config.data.device_randaugment=True expects the ops the pipeline draws "
+            "(ra_op, ra_arg, ra_resample); build the input with the same data config")
+      image = device_augment.randaugment(image, batch["ra_op"], batch["ra_arg"],
+                                         batch["ra_resample"], fill)
     if not erasing:
       return normalize(image, mean, std)
     return normalize_and_erase(image, batch["erase"], batch["erase_seed"], mean=mean,

@@ -271,3 +271,21 @@ def test_a_run_saved_before_device_normalize_resumes_with_host_normalisation(tmp
   assert ckpt_lib.load_config(wd).data.device_normalize is False
   c.data.device_normalize = False
   ckpt_lib.save_or_check_config(wd, c)
+
+
+def test_a_run_saved_before_device_randaugment_resumes_as_it_was(tmp_path):
+  """RandAugment ran on the host then, as it does with the key's default, False: such a
+  run resumes unchanged, and the guard names the key when it is turned on."""
+  c = tiny_config()
+  assert c.data.device_randaugment is False
+  wd = str(tmp_path / "run")
+  ckpt_lib.save_or_check_config(wd, c)
+  path = os.path.join(wd, "config.json")
+  saved = json.load(open(path))
+  del saved["data.device_randaugment"]  # as written before the key existed
+  json.dump(saved, open(path, "w"))
+  ckpt_lib.save_or_check_config(wd, c)
+  assert ckpt_lib.load_config(wd).data.device_randaugment is False
+  c.data.device_randaugment = True
+  with pytest.raises(ValueError, match="data.device_randaugment: saved False, now True"):
+    ckpt_lib.save_or_check_config(wd, c)

@@ -125,11 +125,15 @@ def abstract_step_inputs(model, tx, mesh, batch: int, size: int, input: str = "f
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                        state)
   shapes = {"label": ((batch,), jnp.int32)}
-  if input == "uint8":  # benchmarks.step.synthetic_batch's
-    from qlhs_jax.benchmarks.step import RECIPE_INPUT
+  if input != "float32":  # benchmarks.step.synthetic_batch's
+    from qlhs_jax.benchmarks.step import RANDAUGMENT_SLOTS, RECIPE_INPUT
     shapes.update(image=((batch, size, size, 3), jnp.uint8),
                   erase=((batch, RECIPE_INPUT.recount, 4), jnp.int32),
                   erase_seed=((batch,), jnp.uint32))
+    if input == "uint8_randaugment":
+      slots = (batch, RANDAUGMENT_SLOTS)
+      shapes.update(ra_op=(slots, jnp.int32), ra_arg=(slots, jnp.float32),
+                    ra_resample=(slots, jnp.int32))
   else:
     shapes["image"] = ((batch, size, size, 3), jnp.float32)
   data = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
@@ -256,7 +260,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--input", default="float32", choices=INPUTS,
                  help="uint8: the step normalises and erases uint8 batches (training's "
-                      "config.data.device_normalize)")
+                      "config.data.device_normalize); uint8_randaugment: and applies "
+                      "RandAugment's ops first (config.data.device_randaugment)")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
   p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],
                  help="matmuls as Triton GEMM fusions (XLA's default tilings) or all by "

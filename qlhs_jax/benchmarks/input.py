@@ -10,12 +10,14 @@ shapes and grain, ~100 KB at quality 90, like the ~108 KB of performance.md), th
   normalise + random erasing (the recipe's transform);
 * train with ``device_normalize``: the same up to the uint8 image, erasing's boxes
   and seed (normalisation and the fills move to the train step on the device);
+* train with ``device_randaugment`` as well: RandAugment's ops are drawn, not applied
+  (``qlhs_jax.device_augment`` applies them in the train step);
 * the same from the pre-resized variant (short side 256, ``qlhs_jax.data.prepare``),
   and from full-size JPEGs with reduced-size DCT decoding (``jpeg_draft``);
 * the whole grain pipeline (folder source, train transform, batches of 32) over the
   same images written to a temporary folder, in-process and with ``--workers`` worker
   processes (default: one per core), with float32 and with uint8
-  (``device_normalize``) batches.
+  (``device_normalize``) batches, and with ``device_randaugment``.
 
 Prints img/s (per core, or in total for the worker rows) and how many cores feed
 ``--target`` img/s at that rate per core.
@@ -83,12 +85,19 @@ def _rate(fn, payloads, seconds: float) -> float:
       return n / elapsed
 
 
+# The host's share of the train transform: all of it, all but normalising and erasing,
+# and also not RandAugment.
+ON_DEVICE = {"": (), "device_normalize": ("device_normalize",),
+             "device_randaugment": ("device_normalize", "device_randaugment")}
+
+
 def _pipeline_rate(root: str, workers: int, seconds: float, batch: int = 32,
-                   device_normalize: bool = False) -> float:
+                   on_device: str = "") -> float:
   """Images per second out of ``build_input`` (train, folder source)."""
   config = data.default_config()
   config.name, config.folder, config.workers = "folder", root, workers
-  config.device_normalize = device_normalize
+  for key in ON_DEVICE[on_device]:
+    config[key] = True
   config.read_threads, config.prefetch = 0, 2
   inp = data.build_input(config, split="train", global_batch_size=batch, seed=0)
   it = inp.iterator()
@@ -139,6 +148,9 @@ def main(argv=None) -> None:
   config.jpeg_draft = True
   train_draft = pipeline.make_transform(config, train=True)
   eval_draft = pipeline.make_transform(config, train=False)
+  config.jpeg_draft = False
+  config.device_normalize = config.device_randaugment = True
+  train_ra = pipeline.make_transform(config, train=True)
   decode = lambda p, r: transforms.decode_rgb(transforms.open_image(p))
 
   rows = [
@@ -146,12 +158,14 @@ def main(argv=None) -> None:
       ("eval, full size", evalt, full),
       ("train, full size", train, full),
       ("train, full size, device_normalize", train.device_example, full),
+      ("train, full size, device_randaugment", train_ra.device_example, full),
       ("eval, full size, jpeg_draft", eval_draft, full),
       ("train, full size, jpeg_draft", train_draft, full),
       (f"decode only, pre-resized {w_small}x{h_small}", decode, small),
       ("eval, pre-resized", evalt, small),
       ("train, pre-resized", train, small),
       ("train, pre-resized, device_normalize", train.device_example, small),
+      ("train, pre-resized, device_randaugment", train_ra.device_example, small),
   ]
   results = {}
   for name, fn, payloads in rows:
@@ -170,12 +184,12 @@ def main(argv=None) -> None:
           with open(os.path.join(d, f"{k}.JPEG"), "wb") as f:
             f.write(payloads[k % len(payloads)])
         for w in worker_counts:
-          for on_device in (False, True):
+          for on_device in ON_DEVICE:
             name = f"train, {kind}, grain, " + (
                 "in-process" if w == 0 else f"{w} workers (total)") + (
-                    ", device_normalize" if on_device else "")
+                    f", {on_device}" if on_device else "")
             results[name] = _pipeline_rate(folder, w, args.seconds,
-                                           device_normalize=on_device)
+                                           on_device=on_device)
             workers_of[name] = max(w, 1)
 
   print(f"machine: {_cpu_name()}, {cores} cores, Pillow {Image.__version__}")

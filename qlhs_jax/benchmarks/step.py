@@ -8,7 +8,9 @@ backward, label smoothing, masked weight decay, SGD-Nesterov update, non-finite 
 jitted over the device mesh) on synthetic inputs already on the device, and the eval
 forward pass of the BN-folded model. ``--input uint8`` feeds what training feeds since
 2026-12-04 (``config.data.device_normalize``): uint8 images and random erasing's boxes,
-normalised and erased inside the step (``qlhs_jax.device_input``); the default, float32
+normalised and erased inside the step (``qlhs_jax.device_input``); ``--input
+uint8_randaugment`` adds RandAugment's ops to the batch, applied in the step too
+(``config.data.device_randaugment``, ``qlhs_jax.device_augment``); the default, float32
 images, is what every record without an ``input`` field timed. Each step is timed to
 completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
 model runs in its own process so that the peak device memory belongs to it. On CPU only
@@ -30,25 +32,37 @@ import time
 import types
 
 
-INPUTS = ("float32", "uint8")
-# The recipe's normalisation and erasing (qlhs_jax.data.default_config(); a test keeps
-# them equal). Spelled out here: the GPU machine has no grain, which qlhs_jax.data needs.
+INPUTS = ("float32", "uint8", "uint8_randaugment")
+# The recipe's normalisation, erasing and RandAugment (qlhs_jax.data.default_config(); a
+# test keeps them equal). Spelled out here: the GPU machine has no grain, which
+# qlhs_jax.data needs.
 RECIPE_INPUT = types.SimpleNamespace(device_normalize=True, mean=(0.485, 0.456, 0.406),
                                      std=(0.229, 0.224, 0.225), reprob=0.4,
-                                     remode="pixel", recount=3)
+                                     remode="pixel", recount=3,
+                                     randaugment="rand-m7-mstd0.5-inc1",
+                                     device_randaugment=False)
+# RandAugment's two ops per image, each applied with probability 0.5, and a typical
+# argument of each device op (qlhs_jax.device_augment.OPS: every op is computed for
+# every image, so the timing does not depend on the values).
+RANDAUGMENT_SLOTS = 2
+_TYPICAL_ARG = (0, 0, 0, 2, 128, 70, 1.3, 1.3, 1.3, 1.3, 14.0, 0.14, 0.14, 0.2, 0.2)
 
 
 def harness_train_step(model, mesh, input: str = "float32"):
   """The optimizer and the jitted train step the harness times (the recipe's: lr 0.3
   cosine over 50 epochs, 100 classes), also what ``benchmarks.aot`` compiles. ``input``
-  "uint8": the step normalises and erases uint8 batches (:func:`synthetic_batch`)."""
+  "uint8": the step normalises and erases uint8 batches (:func:`synthetic_batch`);
+  "uint8_randaugment": it applies their RandAugment ops first."""
   from qlhs_jax import device_input
   from qlhs_jax import steps as S
   if input not in INPUTS:
     raise SystemExit(f"--input {input!r}: choose one of {INPUTS}")
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
-  images_fn = (device_input.train_images_fn(RECIPE_INPUT) if input == "uint8" else None)
+  images_fn = None
+  if input != "float32":
+    images_fn = device_input.train_images_fn(types.SimpleNamespace(
+        **{**vars(RECIPE_INPUT), "device_randaugment": input == "uint8_randaugment"}))
   return tx, S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
                                                 steps_per_epoch=1000,
                                                 images_fn=images_fn), mesh)
@@ -57,8 +71,10 @@ def harness_train_step(model, mesh, input: str = "float32"):
 def synthetic_batch(batch: int, size: int, input: str = "float32", seed: int = 0) -> dict:
   """A host batch as the pipeline hands it over: float32 images, or uint8 images with
   erasing boxes (40% of the images, as in the recipe, with 1-3 boxes of up to a quarter
-  of the image) and seeds. Only shapes and dtypes matter to the timing: the step fills
-  every image's boxes alike, so the boxes need not be drawn as the pipeline draws them."""
+  of the image) and seeds, and with "uint8_randaugment" two RandAugment ops per image
+  (each skipped with probability 0.5). Only shapes and dtypes matter to the timing:
+  the step fills every image's boxes alike and computes every op for every image, so
+  neither need be drawn as the pipeline draws them."""
   import numpy as np
   rng = np.random.default_rng(seed)
   if input == "float32":  # drawn in this order since the first records
@@ -71,8 +87,16 @@ def synthetic_batch(batch: int, size: int, input: str = "float32", seed: int = 0
     for k in range(int(rng.integers(1, RECIPE_INPUT.recount + 1))):
       h, w = (int(rng.integers(1, max(2, size // 2))) for _ in range(2))
       erase[i, k] = (rng.integers(0, size - h + 1), rng.integers(0, size - w + 1), h, w)
-  return {"image": image, "label": labels, "erase": erase,
-          "erase_seed": rng.integers(0, 2**32, batch, dtype=np.uint32)}
+  out = {"image": image, "label": labels, "erase": erase,
+         "erase_seed": rng.integers(0, 2**32, batch, dtype=np.uint32)}
+  if input == "uint8_randaugment":
+    shape = (batch, RANDAUGMENT_SLOTS)
+    ops = rng.integers(0, len(_TYPICAL_ARG), shape).astype(np.int32)
+    sign = np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+    out.update(ra_op=np.where(rng.random(shape) < 0.5, ops, -1).astype(np.int32),
+               ra_arg=(np.take(_TYPICAL_ARG, ops) * sign).astype(np.float32),
+               ra_resample=rng.integers(0, 2, shape).astype(np.int32))
+  return out
 
 
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
@@ -370,7 +394,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--input", default="float32", choices=INPUTS,
                  help="uint8: the step normalises and erases uint8 batches, as training "
-                      "with config.data.device_normalize does (both models)")
+                      "with config.data.device_normalize does (both models); "
+                      "uint8_randaugment: and applies RandAugment's ops first "
+                      "(config.data.device_randaugment)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for --model, e.g. --set d_impl=grouped")
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",

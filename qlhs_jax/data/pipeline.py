@@ -52,7 +52,8 @@ def make_transform(config, train: bool):
       ratio=tuple(config.rrc_ratio), interpolation=resample, hflip=config.hflip,
       randaugment=ra.parse(config.randaugment, fill=fill, resample=resample),
       mean=mean, std=std, reprob=config.reprob, remode=config.remode,
-      recount=config.recount, jpeg_draft=config.jpeg_draft)
+      recount=config.recount, jpeg_draft=config.jpeg_draft,
+      device_randaugment=config.device_randaugment)
 
 
 class _Examples:
@@ -197,8 +198,11 @@ class Input:
     [local_batch, H, W, 3], ``label`` int32 [local_batch], and for validation ``mask``
     bool [local_batch] (False on padding). Train batches of a config with
     ``device_normalize`` carry uint8 images instead, and with erasing on, ``erase``
-    int32 [local_batch, recount, 4] and ``erase_seed`` uint32 [local_batch]:
-    :func:`qlhs_jax.device_input.train_images_fn` turns them into the float32 images."""
+    int32 [local_batch, recount, 4] and ``erase_seed`` uint32 [local_batch], and
+    with ``device_randaugment`` the images before RandAugment and the ops drawn for
+    them, ``ra_op`` int32, ``ra_arg`` float32 and ``ra_resample`` int32, each
+    [local_batch, ops per image]: :func:`qlhs_jax.device_input.train_images_fn`
+    turns them into the float32 images."""
     return InputIterator(lambda e: iter(self.dataset(e)), start_epoch)
 
 

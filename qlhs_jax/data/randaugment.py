@@ -174,6 +174,19 @@ def apply_op(img: Image.Image, name: str, magnitude: float, rng: np.random.Gener
   return _OPS[name](img, level(magnitude, rng), ctx)
 
 
+# The ops that resample (and draw their filter when it is random).
+GEOMETRIC = frozenset(("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawnOp:
+  """One op as drawn for one image: its argument (None for AutoContrast, Equalize and
+  Invert) and, for the geometric ops, the resampling filter."""
+  name: str
+  arg: Optional[float]
+  resample: Optional[Image.Resampling]
+
+
 @dataclasses.dataclass(frozen=True)
 class RandAugment:
   """timm's RandAugment; build it with :func:`parse`."""
@@ -186,10 +199,15 @@ class RandAugment:
   fill: tuple[int, int, int] = (128, 128, 128)
   resample: Optional[Image.Resampling] = None
 
-  def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+  def draw(self, rng: np.random.Generator) -> list[Optional[DrawnOp]]:
+    """The ops one image gets, None for a slot whose op was skipped: the same draws
+    from ``rng``, in the same order, as timm's RandAugment makes while it applies
+    them (the ops themselves draw nothing but a random filter)."""
     chosen = rng.choice(len(self.ops), self.num_ops, replace=True)
+    drawn = []
     for k in chosen:
       if self.prob < 1.0 and rng.random() > self.prob:
+        drawn.append(None)
         continue
       m = self.magnitude
       if self.magnitude_std == math.inf:
@@ -197,8 +215,58 @@ class RandAugment:
       elif self.magnitude_std > 0:
         m = rng.normal(m, self.magnitude_std)
       m = min(max(0.0, m), self.magnitude_max)
-      img = apply_op(img, self.ops[k], m, rng, self.fill, self.resample)
+      name = self.ops[k]
+      level = _LEVELS[name]
+      arg = None if level is None else level(m, rng)
+      resample = None
+      if name in GEOMETRIC:
+        resample = _Ctx(rng, self.fill, self.resample).pick_resample()
+      drawn.append(DrawnOp(name, arg, resample))
+    return drawn
+
+  def apply(self, img: Image.Image, drawn: Sequence[Optional[DrawnOp]]) -> Image.Image:
+    """Applies ops from :meth:`draw` with Pillow."""
+    for op in drawn:
+      if op is None:
+        continue
+      ctx = _Ctx(rng=None, fill=self.fill, resample=op.resample)
+      img = (_OPS[op.name](img, ctx) if op.arg is None
+             else _OPS[op.name](img, op.arg, ctx))
     return img
+
+  def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return self.apply(img, self.draw(rng))
+
+
+# The op codes of :mod:`qlhs_jax.device_augment` (its OPS, which cannot be imported
+# here: the host's workers do not import jax). "Increasing" ops send their argument
+# under the plain op's code; -1 marks a skipped slot.
+DEVICE_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd",
+              "Color", "Contrast", "Brightness", "Sharpness",
+              "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+DEVICE_RESAMPLES = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+
+
+def device_arrays(drawn: Sequence[Optional[DrawnOp]]) -> dict[str, np.ndarray]:
+  """Drawn ops -> the example's ``ra_op`` (int32 device op code, -1 skipped),
+  ``ra_arg`` (float32) and ``ra_resample`` (int32: 0 bilinear, 1 bicubic)."""
+  n = len(drawn)
+  ops, args, resamples = np.full(n, -1, np.int32), np.zeros(n, np.float32), np.zeros(
+      n, np.int32)
+  for i, op in enumerate(drawn):
+    if op is None:
+      continue
+    base = op.name[:-len("Increasing")] if op.name.endswith("Increasing") else op.name
+    ops[i] = DEVICE_OPS.index(base)
+    args[i] = 0.0 if op.arg is None else op.arg
+    if op.resample is not None:
+      if op.resample not in DEVICE_RESAMPLES:
+        raise ValueError(f"RandAugment on the device resamples bilinear or bicubic, "
+                         f"not {op.resample.name}; set config.data.train_interpolation "
+                         "to 'random', 'bilinear' or 'bicubic', or "
+                         "config.data.device_randaugment=False")
+      resamples[i] = DEVICE_RESAMPLES.index(op.resample)
+  return {"ra_op": ops, "ra_arg": args, "ra_resample": resamples}
 
 
 def parse(spec: str, fill: Sequence[int] = (128, 128, 128),

@@ -226,9 +226,12 @@ class TrainTransform:
   remode: str = "pixel"
   recount: int = 1
   jpeg_draft: bool = False
+  device_randaugment: bool = False
 
-  def augment(self, payload: Any, rng: np.random.Generator) -> Image.Image:
-    """The uint8 part: crop, flip, RandAugment. Returns an RGB (size, size) image."""
+  def augment(self, payload: Any, rng: np.random.Generator,
+              randaugment: bool = True) -> Image.Image:
+    """The uint8 part: crop, flip, RandAugment (unless ``randaugment`` is False).
+    Returns an RGB (size, size) image."""
     img = open_image(payload)
     left, top, w, h = rrc_params(rng, img.size[0], img.size[1], self.scale, self.ratio)
     resample = self.interpolation
@@ -242,7 +245,7 @@ class TrainTransform:
     img = img.resize((self.size, self.size), resample, box=(left, top, left + w, top + h))
     if self.hflip > 0 and rng.random() < self.hflip:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if self.randaugment is not None:
+    if randaugment and self.randaugment is not None:
       img = self.randaugment(img, rng)
     return img
 
@@ -253,16 +256,21 @@ class TrainTransform:
     return out
 
   def device_example(self, payload: Any, rng: np.random.Generator) -> dict[str, Any]:
-    """The host half of ``device_normalize``: the uint8 image (crop, flip,
-    RandAugment) and, where erasing is on, its boxes (:func:`erasing_boxes`) and a
-    uint32 seed for their fills. :func:`qlhs_jax.device_input.normalize_and_erase`
-    does the rest on the device."""
-    img = np.asarray(self.augment(payload, rng), np.uint8)
-    if self.reprob <= 0:
-      return {"image": img}
-    boxes = erasing_boxes(rng, img.shape[0], img.shape[1], self.reprob, 1, self.recount)
-    return {"image": img, "erase": boxes,
-            "erase_seed": rng.integers(0, 2**32, dtype=np.uint32)}
+    """The host half of ``device_normalize``: the uint8 image (crop, flip and, unless
+    ``device_randaugment``, RandAugment; with it, the ops drawn for the image,
+    :func:`qlhs_jax.data.randaugment.device_arrays`) and, where erasing is on, its
+    boxes (:func:`erasing_boxes`) and a uint32 seed for their fills. The generator
+    is drawn from in the same order either way. :mod:`qlhs_jax.device_input` does
+    the rest on the device."""
+    on_device = self.device_randaugment and self.randaugment is not None
+    example = {"image": np.asarray(self.augment(payload, rng, not on_device), np.uint8)}
+    if on_device:
+      example.update(ra.device_arrays(self.randaugment.draw(rng)))
+    if self.reprob > 0:
+      h, w = example["image"].shape[:2]
+      example["erase"] = erasing_boxes(rng, h, w, self.reprob, 1, self.recount)
+      example["erase_seed"] = rng.integers(0, 2**32, dtype=np.uint32)
+    return example
 
 
 @dataclasses.dataclass(frozen=True)

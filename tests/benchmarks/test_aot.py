@@ -76,23 +76,25 @@ def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
-def test_uint8_input_compiles_with_the_erasing_in_the_step(tmp_path):
-  """--input uint8: the step takes the pipeline's uint8 images, boxes and seeds, and
-  the record says so."""
+@pytest.mark.parametrize("input", ["uint8", "uint8_randaugment"])
+def test_uint8_input_compiles_with_the_erasing_in_the_step(tmp_path, input):
+  """--input uint8: the step takes the pipeline's uint8 images, boxes and seeds (and
+  with uint8_randaugment the ops), and the record says so."""
   record = tmp_path / "aot.jsonl"
   args = ["--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--record",
-          str(record), "--hlo-dir", str(tmp_path), "--input", "uint8"]
+          str(record), "--hlo-dir", str(tmp_path), "--input", input]
   for kv in TINY:
     args += ["--set", kv]
   p = _run(*args)
   assert p.returncode == 0, p.stderr[-3000:]
   (row,) = [json.loads(l) for l in record.read_text().splitlines()]
-  assert row["input"] == "uint8" and row["train_gbytes"] > 0
+  assert row["input"] == input and row["train_gbytes"] > 0
   (hlo,) = tmp_path.glob("*.aot.hlo.txt.gz")
   text = gzip.open(hlo, "rt").read()
   entry = text[text.index("ENTRY"):]
   params = entry[:entry.index("\n}")]
   assert "u8[8,16,16,3]" in params and "s32[8,3,4]" in params and "u32[8]" in params
+  assert ("f32[8,2]" in params) == (input == "uint8_randaugment")
 
 
 def test_records_get_their_own_table(tmp_path):

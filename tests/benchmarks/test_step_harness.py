@@ -64,11 +64,25 @@ def test_uint8_input_is_normalised_and_erased_in_the_step(tmp_path):
   assert "stem=small, widths=[8, 16], input=uint8 |" in table.table(str(path))
 
 
+def test_randaugment_input_applies_the_ops_in_the_step():
+  """--input uint8_randaugment: two op slots per image, about half of them skipped, every
+  device op among them; the step runs with them and the record says so."""
+  from qlhs_jax import device_augment
+  batch = step.synthetic_batch(256, 16, "uint8_randaugment")
+  assert batch["ra_op"].shape == batch["ra_arg"].shape == (256, 2)
+  assert 0.4 < (batch["ra_op"] == -1).mean() < 0.6
+  assert set(batch["ra_op"][batch["ra_op"] >= 0]) == set(range(len(device_augment.OPS)))
+  r = step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32",
+                   {"widths": [8, 16], "depths": [1, 1], "stem": "small"},
+                   input="uint8_randaugment")
+  assert r["input"] == "uint8_randaugment" and np.isfinite(r["final_loss"])
+
+
 def test_the_harness_erases_as_the_recipe():
   """The harness spells the recipe's input out (no grain on the GPU machine)."""
   from qlhs_jax import data
   c = data.default_config()
-  for key in ("mean", "std", "reprob", "remode", "recount"):
+  for key in ("mean", "std", "reprob", "remode", "recount", "randaugment"):
     assert tuple(np.atleast_1d(getattr(step.RECIPE_INPUT, key))) == tuple(
         np.atleast_1d(c[key])), key
 
