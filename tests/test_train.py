@@ -255,17 +255,24 @@ def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path):
     ckpt_lib.save_or_check_config(wd, c)
 
 
-def test_a_run_saved_before_device_normalize_resumes_with_host_normalisation(tmp_path):
-  """Such a run normalised its train images on the host: it resumes bit-exactly with
-  device_normalize=False, and the guard names the key when it is left True."""
+def _saved_before(key, tmp_path):
+  """A workdir whose config.json lacks ``key``, as written before the key existed, and
+  the tiny config it was saved from."""
   c = tiny_config()
-  assert c.data.device_normalize  # the training configs' default
   wd = str(tmp_path / "run")
   ckpt_lib.save_or_check_config(wd, c)
   path = os.path.join(wd, "config.json")
   saved = json.load(open(path))
-  del saved["data.device_normalize"]  # as written before the key existed
+  del saved[key]
   json.dump(saved, open(path, "w"))
+  return c, wd
+
+
+def test_a_run_saved_before_device_normalize_resumes_with_host_normalisation(tmp_path):
+  """Such a run normalised its train images on the host: it resumes bit-exactly with
+  device_normalize=False, and the guard names the key when it is left True."""
+  c, wd = _saved_before("data.device_normalize", tmp_path)
+  assert c.data.device_normalize  # the training configs' default
   with pytest.raises(ValueError, match="data.device_normalize: saved False, now True"):
     ckpt_lib.save_or_check_config(wd, c)
   assert ckpt_lib.load_config(wd).data.device_normalize is False
@@ -276,14 +283,8 @@ def test_a_run_saved_before_device_normalize_resumes_with_host_normalisation(tmp
 def test_a_run_saved_before_device_randaugment_resumes_as_it_was(tmp_path):
   """RandAugment ran on the host then, as it does with the key's default, False: such a
   run resumes unchanged, and the guard names the key when it is turned on."""
-  c = tiny_config()
+  c, wd = _saved_before("data.device_randaugment", tmp_path)
   assert c.data.device_randaugment is False
-  wd = str(tmp_path / "run")
-  ckpt_lib.save_or_check_config(wd, c)
-  path = os.path.join(wd, "config.json")
-  saved = json.load(open(path))
-  del saved["data.device_randaugment"]  # as written before the key existed
-  json.dump(saved, open(path, "w"))
   ckpt_lib.save_or_check_config(wd, c)
   assert ckpt_lib.load_config(wd).data.device_randaugment is False
   c.data.device_randaugment = True
