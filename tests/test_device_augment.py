@@ -1,8 +1,6 @@
 """``device_randaugment``: RandAugment's ops drawn on the host and applied in the train
 step, against Pillow (timm's RandAugment, ``qlhs_jax.data.randaugment``) itself."""
 
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,36 +13,12 @@ from qlhs_jax import device_input as D
 from qlhs_jax.data import config as data_config
 from qlhs_jax.data import pipeline
 from qlhs_jax.data import randaugment as ra
-from qlhs_jax.data import transforms as T
-from qlhs_jax.benchmarks.input import synthetic_jpeg
+from qlhs_jax.benchmarks import augment
 
-FILL = (124, 116, 104)
-RECIPE = "rand-m9-mstd0.5-inc1"
-
-
-def _images():
-  """Photo-like crops, uniform noise and a low-contrast image, 96x80."""
-  rng = np.random.default_rng(1)
-  out = [np.asarray(Image.open(io.BytesIO(synthetic_jpeg(rng))).convert("RGB")
-                    .resize((96, 80))) for _ in range(2)]
-  out.append(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8))
-  out.append(np.clip(rng.normal(128, 10, (80, 96, 3)), 0, 255).astype(np.uint8))
-  return out
-
-
-IMAGES = _images()
+FILL = augment.FILL
+RECIPE = "rand-m9-mstd0.5-inc1"  # the recipe's spec at a higher magnitude
+IMAGES = augment.test_images()
 _apply = jax.jit(DA.apply_op, static_argnums=4)
-
-# Each op's arguments, spanning what timm's level functions give (and its extremes).
-ARGS = {
-    "AutoContrast": [None], "Equalize": [None], "Invert": [None],
-    "Posterize": [0, 1, 2, 4, 8], "Solarize": [0, 64, 128, 200, 256],
-    "SolarizeAdd": [0, 40, 110],
-    **{name: [0.1, 0.55, 1.0, 1.63, 1.9]
-       for name in ("Color", "Contrast", "Brightness", "Sharpness")},
-    "Rotate": [-21.3, 0.0, 7.7, 30.0], "ShearX": [-0.3, 0.13], "ShearY": [-0.21, 0.3],
-    "TranslateXRel": [-0.45, 0.131], "TranslateYRel": [0.2, -0.317],
-}
 # Pillow's arithmetic done the same way: exact. AutoContrast: Pillow truncates a
 # float64 quotient the device forms exactly. Geometric: Pillow's coordinates are
 # float64, the device's float32, and the filters truncate, so a value that is an
@@ -53,19 +27,9 @@ ARGS = {
 TOLERATED_FRACTION = {"AutoContrast": 1e-3, **{n: 0.15 for n in ra.GEOMETRIC}}
 
 
-@pytest.mark.parametrize("name", list(ARGS))
+@pytest.mark.parametrize("name", list(augment.ARGS))
 def test_each_op_matches_pillow(name):
-  worst, fraction = 0, 0.0
-  for arg in ARGS[name]:
-    for resample in (0, 1):
-      for img in IMAGES:
-        op = ra.DrawnOp(name, arg, ra.DEVICE_RESAMPLES[resample])
-        ref = np.asarray(ra.RandAugment(ops=(name,), fill=FILL).apply(
-            Image.fromarray(img), [op]))
-        out = np.asarray(_apply(jnp.asarray(img), DA.op_code(name),
-                                0.0 if arg is None else arg, resample, FILL))
-        diff = np.abs(ref.astype(int) - out.astype(int))
-        worst, fraction = max(worst, diff.max()), max(fraction, (diff > 0).mean())
+  worst, fraction = augment.op_differences(IMAGES, name)
   assert worst <= (1 if name in TOLERATED_FRACTION else 0), (name, worst)
   assert fraction <= TOLERATED_FRACTION.get(name, 0.0), (name, fraction)
 
@@ -115,29 +79,10 @@ def test_device_arrays():
 
 
 def test_device_examples_draw_as_the_host_and_augment_alike():
-  """Same crops, ops, boxes and seeds from the same generator; the device's images are
-  the host's but for a few values off by one (or more, where a later op such as
-  Posterize moves an off-by-one across a step)."""
-  rng = np.random.default_rng(0)
-  payloads = [synthetic_jpeg(rng) for _ in range(4)]
-  aug = ra.parse(RECIPE, fill=FILL)
-  host = T.TrainTransform(96, randaugment=aug, reprob=0.5, recount=2)
-  dev = T.TrainTransform(96, randaugment=aug, reprob=0.5, recount=2,
-                         device_randaugment=True)
-  hs, ds = [], []
-  for seed in range(48):
-    h = host.device_example(payloads[seed % 4], np.random.default_rng(seed))
-    d = dev.device_example(payloads[seed % 4], np.random.default_rng(seed))
-    np.testing.assert_array_equal(h["erase"], d["erase"])
-    assert h["erase_seed"] == d["erase_seed"] and "ra_op" not in h
-    hs.append(h["image"])
-    ds.append(d)
-  batch = {k: np.stack([d[k] for d in ds]) for k in ("image", "ra_op", "ra_arg",
-                                                     "ra_resample")}
-  assert (batch["ra_op"] >= 0).mean() > 0.3  # Half the slots apply an op.
-  out = np.asarray(jax.jit(lambda *a: DA.randaugment(*a, FILL))(
-      batch["image"], batch["ra_op"], batch["ra_arg"], batch["ra_resample"]))
-  diff = np.abs(out.astype(int) - np.stack(hs).astype(int))
+  """Same crops, ops, boxes and seeds from the same generator (else it raises); the
+  device's images are the host's but for a few values off by one (or more, where a
+  later op such as Posterize moves an off-by-one across a step)."""
+  diff = augment.example_differences(48, 96, RECIPE)
   assert (diff > 0).mean() < 1e-3 and (diff > 1).mean() < 1e-4, diff.max()
 
 
