@@ -15,6 +15,7 @@ import ml_collections
 
 from qlhs_jax import data as data_lib
 from qlhs_jax.data import config as data_config
+from qlhs_jax.kernels import settings as kernel_settings
 from qlhs_jax.models import registry
 
 # Keys that may change when a run resumes in the same workdir: how it runs, not what it
@@ -24,6 +25,8 @@ RUNTIME_KEYS = frozenset({
     "allow_config_change", "distributed", "nan_max_retries", "data.workers",
     "data.read_threads", "data.prefetch", "data.data_dir", "data.folder",
     "data.resized_dir", "data.index_cache_dir", "checkpoint_async",
+    # The kernels' forms and tiles: the same values up to rounding, as on another device.
+    *(f"kernels.{key}" for key in kernel_settings.VARIABLES),
 })
 
 
@@ -44,6 +47,11 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
       depths=ph(tuple), stem=ph(str), stem_pool=ph(str), stem_pad_channels=ph(int),
       expansion=ph(int), weight_sharing=ph(bool), activation=ph(str),
       placement=ph(str), eq6_c_norm=ph(bool)))
+  # Which kernels compute D + BatchNorm + product and BatchNorm's sums, and their tiles
+  # (qlhs_jax.kernels.settings; benchmarks/NOTES.md has what each was measured at).
+  # Empty: the QLHS_* environment variable of the same meaning, else the default ("auto":
+  # the Pallas stencil kernels on NVIDIA GPUs, XLA's forms elsewhere).
+  c.kernels = ml_collections.ConfigDict(kernel_settings.default_config())
   c.dtype = "bfloat16"            # compute dtype; parameters and logits stay float32
   c.data = data_lib.default_config()
   # uint8 train batches, normalised and erased inside the train step: the host's share
@@ -142,6 +150,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0 < c.nan_lr_factor < 1:
     raise ValueError(f"config.nan_lr_factor={c.nan_lr_factor} must lie in (0, 1)")
   data_config.validate(c.data)
+  kernel_settings.check(c.kernels)
 
 
 def model_overrides(c) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from typing import Any, Callable
 
 import flax
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qlhs_jax.kernels import settings
 from qlhs_jax.kernels.d_bn_product import BATCH_AXIS, FORM_VARIABLES
 
 DATA_AXIS = BATCH_AXIS  # the kernels split the batch along it too (d_bn_product)
@@ -197,8 +197,8 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh,
                      f"has {mesh.size}. Use fuse_d_bn='xla' or 'auto' (any mesh) or run "
                      f"on one device")
   groups = mesh.size if bn_groups is None else bn_groups
-  asked = [f"{var}={os.environ[var]}" for var in FORM_VARIABLES
-           if os.environ.get(var, "").startswith("pallas")]
+  asked = [f"{settings.name(var)}={settings.get(var)}" for var in FORM_VARIABLES
+           if settings.get(var).startswith("pallas")]
   if fuse_d_bn == "pallas":
     asked.insert(0, "model_overrides.fuse_d_bn='pallas'")
   if asked and groups % mesh.size:
@@ -206,7 +206,7 @@ def check_fuse_fits_mesh(fuse_d_bn: str | None, mesh: Mesh,
                      f"the batch, but {groups} BatchNorm group(s) do not split over the "
                      f"{mesh.size} devices of this mesh. Use per-replica BatchNorm "
                      f"(config.sync_bn=False, the default), or XLA's forms (unset those "
-                     f"variables; fuse_d_bn='xla' or 'auto')")
+                     f"keys or variables; fuse_d_bn='xla' or 'auto')")
 
 
 @contextlib.contextmanager

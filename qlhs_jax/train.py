@@ -30,6 +30,7 @@ from qlhs_jax import config as config_lib
 from qlhs_jax import data as data_lib
 from qlhs_jax import steps as S
 from qlhs_jax import device_input
+from qlhs_jax.kernels import settings as kernel_settings
 from qlhs_jax.models import registry
 
 log = logging.getLogger("qlhs_jax")
@@ -220,7 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the last validation metrics
   with ``status`` ('finished', 'stopped' at stop_after_steps, or 'preempted')."""
   config_lib.validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  # Every trace below (the steps, the model) picks its kernels from config.kernels.
+  with kernel_settings.use(config.kernels):
+    return _train_and_evaluate(config, os.path.abspath(os.path.expanduser(workdir)))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = S.make_mesh()
   S.check_batch_divides(config.batch_size, mesh)
   S.check_batch_divides(config.eval_batch_size, mesh)

@@ -34,6 +34,26 @@ def test_each_op_matches_pillow(name):
   assert fraction <= TOLERATED_FRACTION.get(name, 0.0), (name, fraction)
 
 
+@pytest.mark.parametrize("resample", [Image.BILINEAR, Image.BICUBIC])
+@pytest.mark.parametrize("shift", [0.5, -0.5, 1.0])
+def test_affine_edges_as_pillow(shift, resample):
+  """A half-pixel shift puts the sample points of the last row and column exactly on
+  the image's far edge (Pillow fills there: x >= W is outside) and those of the first
+  on its near edge (inside); a whole one moves them past it. Exact coordinates, so the
+  device must equal Pillow everywhere."""
+  img = IMAGES[1][:9, :13]
+  matrix = (1.0, 0.0, shift, 0.0, 1.0, shift)
+  ours = jax.jit(DA._affine)(jnp.asarray(img), jnp.asarray(matrix, jnp.float32),
+                             resample == Image.BICUBIC, FILL)
+  theirs = Image.fromarray(img).transform((13, 9), Image.AFFINE, matrix, resample,
+                                          fillcolor=FILL)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  filled = np.all(np.asarray(ours) == FILL, -1)
+  assert not filled[:-1, :-1].any()
+  assert filled[-1].all() == filled[:, -1].all() == (shift > 0)
+  assert filled.any() == (shift > 0)
+
+
 def test_skipped_slot_and_increasing_ops_share_codes():
   img = jnp.asarray(IMAGES[0])
   np.testing.assert_array_equal(_apply(img, DA.SKIPPED, 3.0, 1, FILL), img)

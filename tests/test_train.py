@@ -84,6 +84,30 @@ def test_resume_refuse_and_init_from(tmp_path):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
+def test_config_kernels_reach_the_traced_model_and_may_change_on_resume(tmp_path,
+                                                                         monkeypatch):
+  """config.kernels is what the model reads while the steps are traced (not the
+  environment), config.json records it, and a resume may change it (runtime keys)."""
+  from qlhs_jax.kernels import settings
+  from qlhs_jax.models import common
+  monkeypatch.delenv("QLHS_BN_STATS", raising=False)
+  seen = []
+  read = common.bn_stats_form
+  monkeypatch.setattr(common, "bn_stats_form", lambda: seen.append(read()) or seen[-1])
+  wd = str(tmp_path / "run")
+  cfg = tiny_config(stop_after_steps=1)
+  cfg.kernels.bn_stats = "two"
+  assert train.train_and_evaluate(cfg, wd)["step"] == 1
+  assert seen and set(seen) == {"two"}
+  assert json.load(open(os.path.join(wd, "config.json")))["kernels.bn_stats"] == "two"
+  assert settings.get("QLHS_BN_STATS") == ""  # left as it was
+  seen.clear()
+  assert train.train_and_evaluate(tiny_config(stop_after_steps=2), wd)["step"] == 2
+  assert seen and set(seen) == {"one"}
+  # config.json keeps the first run's runtime keys, as it keeps its stop_after_steps.
+  assert json.load(open(os.path.join(wd, "config.json")))["stop_after_steps"] == 1
+
+
 def test_full_epochs_evaluate_and_keep_best(tmp_path):
   wd = str(tmp_path / "run")
   result = train.train_and_evaluate(tiny_config(epochs=2), wd)

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from qlhs_jax.kernels import settings
+
 try:
   from jax.experimental.pallas import triton as plt
 except ImportError:  # Pallas's Triton backend is deprecated since JAX 0.11.0
@@ -86,7 +88,7 @@ DEFAULT_TILING = (4, 8192, 4, 0, 1)
 def tiling() -> tuple[int, int, int, int, int]:
   """(rows, elems, warps, cols, stages) from QLHS_PALLAS_TILING, else
   :data:`DEFAULT_TILING` (cols 0 and stages 1 where the variable leaves them out)."""
-  raw = os.environ.get("QLHS_PALLAS_TILING", "")
+  raw = settings.get("QLHS_PALLAS_TILING")
   if not raw:
     return DEFAULT_TILING
   try:
@@ -98,9 +100,10 @@ def tiling() -> tuple[int, int, int, int, int]:
     rows = elems = warps = cols = stages = 0
   if (rows < 1 or elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16)
       or cols < 0 or cols & (cols - 1) or not 1 <= stages <= 4):
-    raise ValueError(f"QLHS_PALLAS_TILING={raw!r}: want 'rows,elems,warps[,cols[,stages]]'"
-                     f", e.g. '4,8192,4' or '4,8192,8,16,2' (rows >= 1, elems a power of "
-                     f"two, warps 1-16, cols 0 = whole rows or a power of two, stages 1-4)")
+    raise ValueError(f"{settings.name('QLHS_PALLAS_TILING')}={raw!r}: want "
+                     f"'rows,elems,warps[,cols[,stages]]', e.g. '4,8192,4' or "
+                     f"'4,8192,8,16,2' (rows >= 1, elems a power of two, warps 1-16, cols 0 "
+                     f"= whole rows or a power of two, stages 1-4)")
   return rows, elems, warps, cols, stages
 
 
@@ -189,11 +192,12 @@ def _nvidia_gpu() -> bool:
 
 def _form(var: str, forms: tuple, xla_form: str, n: int | None, groups: int,
           e: int) -> str:
-  form = os.environ.get(var, "") or FORM_DEFAULT
+  form = settings.get(var) or FORM_DEFAULT
   if form == "auto":
     return "pallas" if stencil_on_gpu(n, groups, e) else xla_form
   if form not in forms:
-    raise ValueError(f"{var}={form!r}: choose one of {forms + ('auto',)} (unset: auto)")
+    raise ValueError(f"{settings.name(var)}={form!r}: choose one of {forms + ('auto',)} "
+                     f"(unset: auto)")
   return form
 
 
@@ -230,10 +234,10 @@ def product_form(groups: int = 1) -> str:
   ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
   QLHS_DC_PASS says. Not yet timed, hence not the default (benchmarks/NOTES.md,
   experiment 14)."""
-  form = os.environ.get("QLHS_PRODUCT_FORM", "") or "xla"
+  form = settings.get("QLHS_PRODUCT_FORM") or "xla"
   if form not in PRODUCT_FORMS:
-    raise ValueError(f"QLHS_PRODUCT_FORM={form!r}: choose one of {PRODUCT_FORMS} "
-                     f"(unset: xla)")
+    raise ValueError(f"{settings.name('QLHS_PRODUCT_FORM')}={form!r}: choose one of "
+                     f"{PRODUCT_FORMS} (unset: xla)")
   if form == "pallas" and groups != 1:
     from qlhs_jax.kernels import stencil  # imports this module
     stencil.check(1, "QLHS_PRODUCT_FORM", groups)
@@ -247,9 +251,10 @@ def dc_pass() -> str:
   puts dc in pass 4's fusion either way, but "sums" hands it u twice: "dx" moves 0.80
   GB less per step (65.52 against 66.32 GB, 838 kernels against 840;
   benchmarks/NOTES.md, experiment 14). The same dc either way (tests/kernels)."""
-  where = os.environ.get("QLHS_DC_PASS", "") or "dx"
+  where = settings.get("QLHS_DC_PASS") or "dx"
   if where not in DC_PASSES:
-    raise ValueError(f"QLHS_DC_PASS={where!r}: choose one of {DC_PASSES} (unset: dx)")
+    raise ValueError(f"{settings.name('QLHS_DC_PASS')}={where!r}: choose one of "
+                     f"{DC_PASSES} (unset: dx)")
   return where
 
 
@@ -867,7 +872,8 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
     return False
   local = groups // shards if groups % shards == 0 else 0
   forms = (stats_form(n, groups), sums_form(n, groups, e), du_form(n, e), product_form())
-  asked = [f"{k}={v}" for k, v in zip(FORM_VARIABLES, forms) if v.startswith("pallas")]
+  asked = [f"{settings.name(k)}={v}" for k, v in zip(FORM_VARIABLES, forms)
+           if v.startswith("pallas")]
   if impl == "pallas":
     asked.insert(0, "fuse_d_bn='pallas'")
   if not asked:
@@ -877,7 +883,7 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
                      f"the batch, split over {shards} devices here, but the batch's "
                      f"{groups} BatchNorm group(s) do not split with it; use per-replica "
                      f"BatchNorm (config.sync_bn=False, the default: bn_groups = devices)"
-                     f", or XLA's forms (unset those variables; fuse_d_bn='xla')")
+                     f", or XLA's forms (unset those keys or variables; fuse_d_bn='xla')")
   return True
 
 

@@ -54,7 +54,6 @@ experiment 11).
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import jax
@@ -63,6 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qlhs_jax.kernels import d_bn_product as dbn
+from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 # (pixels per tile, warps): of (64, 4), (64, 8), (32, 4) and (128, 8), compiled for an
@@ -121,8 +121,8 @@ def parse_tiling(raw: str) -> dict[str, tuple[int, ...]]:
     if len(fields) == 3:  # the sums kernel's channels per slice
       fields_ok = fields_ok and pow2(fields[2]) and kernel in ("", "sums")
     if not (scope_ok and fields_ok) or scope in spec:
-      raise ValueError(f"QLHS_BLOCK_TILING={raw!r}: entry {entry!r} is not valid "
-                       f"(or repeats a scope); {_TILING_HELP}")
+      raise ValueError(f"{settings.name('QLHS_BLOCK_TILING')}={raw!r}: entry {entry!r} "
+                       f"is not valid (or repeats a scope); {_TILING_HELP}")
     spec[scope] = fields
   return spec
 
@@ -134,7 +134,7 @@ def tiling(kernel: str | None = None, key: str | None = None) -> tuple[int, ...]
   traffic, and the best tile differs by channel count (benchmarks.block_tune finds it
   on the GPU). ``channels`` sets the sums kernel's hidden channels per slice (each
   slice re-reads u and dy); without it, as many as SUMS_ACC_VALUES allows."""
-  spec = parse_tiling(os.environ.get("QLHS_BLOCK_TILING", ""))
+  spec = parse_tiling(settings.get("QLHS_BLOCK_TILING"))
   for scope in (f"{kernel}@{key}", key, kernel, ""):
     if scope is not None and scope in spec:
       return spec[scope]

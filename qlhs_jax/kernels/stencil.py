@@ -58,12 +58,13 @@ kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums", "product")
@@ -92,7 +93,7 @@ def tiling(kernel: str) -> tuple[int, ...]:
   :data:`DEFAULT_TILING`. "lags" (:func:`lag_sums`) takes the statistics' entry, "dx"
   (:func:`dx_dc`) the product's."""
   kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
-  raw = os.environ.get("QLHS_STENCIL_TILING", "")
+  raw = settings.get("QLHS_STENCIL_TILING")
   spec = {}
   pow2 = lambda v: v >= 1 and not v & (v - 1)
   for entry in raw.split():
@@ -106,8 +107,8 @@ def tiling(kernel: str) -> tuple[int, ...]:
           and pow2(fields[0]) and pow2(fields[1]) and fields[2] in (1, 2, 4, 8, 16)
           and (name != "stats" or 1 <= fields[3] <= 54))
     if not ok:
-      raise ValueError(f"QLHS_STENCIL_TILING={raw!r}: entry {entry!r} is not valid (or "
-                       f"repeats a kernel); {_HELP}")
+      raise ValueError(f"{settings.name('QLHS_STENCIL_TILING')}={raw!r}: entry {entry!r} "
+                       f"is not valid (or repeats a kernel); {_HELP}")
     spec[name] = fields
   return spec.get(kernel, DEFAULT_TILING[kernel])
 
@@ -124,10 +125,10 @@ def grid_order() -> str:
   at ~1.1 TB/s at every tiling tried. "channels": the channel blocks of the same tiles
   run side by side and read each row whole at about the same time, as XLA's loop
   fusions (1.5-1.8 TB/s) do. The same sums either way; "channels" is not yet timed."""
-  order = os.environ.get("QLHS_STENCIL_GRID", "") or "pixels"
+  order = settings.get("QLHS_STENCIL_GRID") or "pixels"
   if order not in GRID_ORDERS:
-    raise ValueError(f"QLHS_STENCIL_GRID={order!r}: choose one of {GRID_ORDERS} (unset: "
-                     f"pixels)")
+    raise ValueError(f"{settings.name('QLHS_STENCIL_GRID')}={order!r}: choose one of "
+                     f"{GRID_ORDERS} (unset: pixels)")
   return order
 
 
@@ -151,15 +152,18 @@ def _interpret(interpret: bool | None, form: str) -> bool:
   if interpret is not None:
     return interpret
   from qlhs_jax.kernels.d_bn_product import pallas_interpret
+  form = settings.name(form)
   return pallas_interpret(f"{form}=pallas", f"unset {form}")
 
 
 def check(n: int, form: str, groups: int = 1, interpret: bool = False, e: int = 1):
-  """Refuses what the kernels cannot do, naming the fix (``form``: the variable set).
+  """Refuses what the kernels cannot do, naming the fix (``form``: the variable that
+  asks for them; the message names its config.kernels key where that set it).
   Interpreted, any channel count works (one block of all channels where the tiling's
   does not divide it). ``e``: the expansion, for the kernels that load hidden channels
   (bj*e of them per program: a power of two too)."""
   from qlhs_jax.kernels.d_bn_product import plt
+  form = settings.name(form)
   if plt is None:
     raise ValueError(f"{form}=pallas needs Pallas's Triton backend "
                      f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does "

@@ -10,7 +10,6 @@ the data flow of both.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qlhs_jax.kernels import settings
 from qlhs_jax.models.layers import _taps
 
 Dtype = Any
@@ -45,9 +45,10 @@ def bn_stats_form() -> str:
   (:func:`sums_and_squares`, one reduction); "two" is two ``jnp.sum`` calls, the form
   before 2026-12-03, kept to time against it on the GPU (``gpu_h100.sh configs``). The
   same statistics either way (tests/models/test_common.py)."""
-  form = os.environ.get("QLHS_BN_STATS", "") or "one"
+  form = settings.get("QLHS_BN_STATS") or "one"
   if form not in BN_STATS_FORMS:
-    raise ValueError(f"QLHS_BN_STATS={form!r}: choose one of {BN_STATS_FORMS} (unset: one)")
+    raise ValueError(f"{settings.name('QLHS_BN_STATS')}={form!r}: choose one of "
+                     f"{BN_STATS_FORMS} (unset: one)")
   return form
 
 

@@ -204,12 +204,14 @@ def _shifted_t_bwd(stride, smaj, res, g):
   e_axis = -2 if smaj else -1
   j_axis = -1 if smaj else -2
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
-  from qlhs_jax.kernels import d_bn_product as dbn  # the kernels import this module
+  # The kernels import this module.
+  from qlhs_jax.kernels import d_bn_product as dbn, settings
   if sum_e and not smaj and dbn.du_form(x.shape[-2], g.shape[-1]) == "pallas":
     if dbn.batch_shards() > 1:  # auto is "gather" there; only QLHS_DU_FORM=pallas is
-      raise ValueError(f"QLHS_DU_FORM=pallas with d_impl='shifted_t' runs on one device; "
-                       f"this step splits the batch over {dbn.batch_shards()}. Unset "
-                       f"QLHS_DU_FORM (auto: XLA's gather here) or run on one device")
+      var = settings.name("QLHS_DU_FORM")
+      raise ValueError(f"{var}=pallas with d_impl='shifted_t' runs on one device; this "
+                       f"step splits the batch over {dbn.batch_shards()}. Unset {var} "
+                       f"(auto: XLA's gather here) or run on one device")
     # The gather as a Pallas kernel (kernels.stencil): XLA's loop fusion of it ran at
     # 136 GB/s on the H100 (benchmarks/NOTES.md, experiment 12). The kernel takes the
     # j-major layout with one input channel per group; other inputs keep XLA's gather.

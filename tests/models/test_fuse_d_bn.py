@@ -195,6 +195,14 @@ def test_config_and_errors(tmp_path, monkeypatch):
       train.train_and_evaluate(cfg, str(tmp_path / var))
     assert not (tmp_path / var).exists()
     monkeypatch.delenv(var)
+  # The same forms asked for by config.kernels are refused by their keys.
+  for key, form in [("sums_form", "pallas"), ("du_form", "pallas")]:
+    cfg.kernels[key] = form
+    with pytest.raises(ValueError, match=f"config.kernels.{key}={form} runs Pallas kernels "
+                                         "on each device's slice"):
+      train.train_and_evaluate(cfg, str(tmp_path / key))
+    assert not (tmp_path / key).exists()
+    cfg.kernels[key] = ""
 
 
 def test_training_run_with_xla_fused_passes_on_8_devices(tmp_path):

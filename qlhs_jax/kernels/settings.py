@@ -1,0 +1,101 @@
+"""Which kernel forms and tiles the traced code uses: ``config.kernels``, else QLHS_*.
+
+Every variant of the D + BatchNorm + product passes and of training BatchNorm's
+reduction (benchmarks/NOTES.md) has a key in ``config.kernels``. An empty key (the
+default) falls back on the environment variable of the same meaning, which the
+benchmark harnesses and ``benchmarks/gpu_h100.sh`` set, and an unset variable on the
+built-in default ("auto" for the stencil forms). The readers (``d_bn_product``,
+``stencil``, ``eq3_block``, ``models.common``) call :func:`get` at trace time;
+``train.train_and_evaluate`` traces under :func:`use` with the run's ``config.kernels``,
+and the run's config.json records them. The variants compute the same values up to
+rounding (each is tested against XLA's form), so the keys may change when a run
+resumes (``config.RUNTIME_KEYS``), as the device may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Mapping
+
+# config.kernels key -> the environment variable it stands for.
+VARIABLES = {
+    "stats_form": "QLHS_STATS_FORM",      # the statistics' tap sums and Gram matrix
+    "sums_form": "QLHS_SUMS_FORM",        # pass 3's sums of impl "xla"
+    "du_form": "QLHS_DU_FORM",            # du = D^T dx
+    "product_form": "QLHS_PRODUCT_FORM",  # the forward product and pass 4 (dx, dc)
+    "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
+    "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
+    "stencil_grid": "QLHS_STENCIL_GRID",  # the stencil kernels' grid order
+    "stencil_tiling": "QLHS_STENCIL_TILING",
+    "pallas_tiling": "QLHS_PALLAS_TILING",  # fuse_d_bn="pallas"
+    "block_tiling": "QLHS_BLOCK_TILING",    # fuse_d_bn="block"
+}
+_KEY = {var: key for key, var in VARIABLES.items()}
+
+# The values config.kernels sets, by variable, in the code being traced now.
+_FROM_CONFIG: contextvars.ContextVar[dict] = contextvars.ContextVar(
+    "qlhs_kernel_settings", default={})
+
+
+def default_config() -> dict:
+  """``config.kernels``: every key empty (the variable, else the built-in default)."""
+  return {key: "" for key in VARIABLES}
+
+
+def get(var: str) -> str:
+  """The value of ``var`` (one of :data:`VARIABLES`' variables) for the code being
+  traced: config.kernels' key inside :func:`use`, else the environment; "" if neither
+  sets it."""
+  if var not in _KEY:
+    raise KeyError(f"{var} is not a kernel setting; the settings are {sorted(_KEY)}")
+  return _FROM_CONFIG.get().get(var) or os.environ.get(var, "")
+
+
+def name(var: str) -> str:
+  """Where :func:`get`'s value of ``var`` comes from, for error messages:
+  ``config.kernels.KEY`` or the variable itself."""
+  return f"config.kernels.{_KEY[var]}" if _FROM_CONFIG.get().get(var) else var
+
+
+@contextlib.contextmanager
+def use(kernels: Mapping[str, str]) -> Iterator[None]:
+  """Traces the enclosed code with ``kernels`` (a config.kernels mapping; empty values
+  fall back on the environment). A key and its variable that disagree are refused:
+  one of the two would be silently ignored."""
+  unknown = sorted(set(kernels) - set(VARIABLES))
+  if unknown:
+    raise ValueError(f"config.kernels has no key(s) {unknown}; the keys are "
+                     f"{sorted(VARIABLES)}")
+  chosen = {VARIABLES[k]: str(v) for k, v in kernels.items() if v}
+  clashes = [f"config.kernels.{_KEY[var]}={value!r} but {var}={os.environ[var]!r}"
+             for var, value in chosen.items()
+             if (os.environ.get(var) or value) != value]  # set empty is unset, as in get
+  if clashes:
+    raise ValueError(f"{'; '.join(clashes)} in the environment: unset the variable, or "
+                     f"make it agree with the config")
+  token = _FROM_CONFIG.set(chosen)
+  try:
+    yield
+  finally:
+    _FROM_CONFIG.reset(token)
+
+
+def check(kernels: Mapping[str, str]) -> None:
+  """Raises ValueError, naming the key (or variable) and its choices, for any setting
+  that the readers would refuse at trace time."""
+  # Imported here: these modules import this one.
+  from qlhs_jax.kernels import d_bn_product, eq3_block, stencil
+  from qlhs_jax.models import common
+  with use(kernels):
+    d_bn_product.stats_form()
+    d_bn_product.sums_form()
+    d_bn_product.du_form()
+    d_bn_product.product_form()
+    d_bn_product.dc_pass()
+    d_bn_product.tiling()
+    common.bn_stats_form()
+    stencil.grid_order()
+    stencil.tiling("stats")
+    eq3_block.tiling()

@@ -1,0 +1,136 @@
+"""config.kernels: each key reaches its reader, falls back on its QLHS_* variable, and
+bad or clashing values are refused by name."""
+
+import pathlib
+import re
+
+import pytest
+
+from qlhs_jax import config as qconfig
+from qlhs_jax.kernels import d_bn_product, eq3_block, settings, stencil
+from qlhs_jax.models import common
+
+PACKAGE = pathlib.Path(qconfig.__file__).parent
+
+# key -> (a value other than the default, the reader, what it returns for that value,
+# what it returns with neither the key nor the variable set).
+READERS = {
+    "stats_form": ("pallas_gram", lambda: d_bn_product.stats_form(4), "pallas_gram",
+                   "xla"),
+    "sums_form": ("pallas", lambda: d_bn_product.sums_form(4), "pallas", "xla"),
+    "du_form": ("autodiff", lambda: d_bn_product.du_form(4), "autodiff", "gather"),
+    "product_form": ("pallas", d_bn_product.product_form, "pallas", "xla"),
+    "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
+    "bn_stats": ("two", common.bn_stats_form, "two", "one"),
+    "stencil_grid": ("channels", stencil.grid_order, "channels", "pixels"),
+    "stencil_tiling": ("du=16,8,2", lambda: stencil.tiling("du"), (16, 8, 2),
+                       stencil.DEFAULT_TILING["du"]),
+    "pallas_tiling": ("2,4096,8", d_bn_product.tiling, (2, 4096, 8, 0, 1),
+                      d_bn_product.DEFAULT_TILING),
+    "block_tiling": ("64,8", eq3_block.tiling, (64, 8), eq3_block.DEFAULT_TILING),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_variables(monkeypatch):
+  for var in settings.VARIABLES.values():
+    monkeypatch.delenv(var, raising=False)
+
+
+def test_the_table_covers_every_key():
+  assert set(READERS) == set(settings.VARIABLES) == set(qconfig.base_config().kernels)
+
+
+@pytest.mark.parametrize("key", sorted(READERS))
+def test_each_key_reaches_its_reader_inside_use_only(key, monkeypatch):
+  value, read, meant, default = READERS[key]
+  assert read() == default
+  with settings.use({key: value}):
+    assert read() == meant
+    assert settings.name(settings.VARIABLES[key]) == f"config.kernels.{key}"
+  assert read() == default  # the context is left as it was
+  # An empty key falls back on the variable, which names itself.
+  monkeypatch.setenv(settings.VARIABLES[key], value)
+  with settings.use({key: ""}):
+    assert read() == meant
+    assert settings.name(settings.VARIABLES[key]) == settings.VARIABLES[key]
+  with settings.use({key: value}):  # both, agreeing
+    assert read() == meant
+
+
+def test_a_key_and_its_variable_that_disagree_are_refused(monkeypatch):
+  monkeypatch.setenv("QLHS_STATS_FORM", "xla")
+  with pytest.raises(ValueError, match=r"config.kernels.stats_form='pallas' but "
+                                       r"QLHS_STATS_FORM='xla' in the environment: "
+                                       r"unset"):
+    with settings.use({"stats_form": "pallas"}):
+      pass
+  monkeypatch.setenv("QLHS_STATS_FORM", "")  # set but empty means unset
+  with settings.use({"stats_form": "pallas_gram"}):
+    assert d_bn_product.stats_form(4) == "pallas_gram"
+  with pytest.raises(ValueError, match=r"config.kernels has no key\(s\) \['stats'\]"):
+    with settings.use({"stats": "pallas"}):
+      pass
+
+
+def test_the_context_is_left_after_an_error():
+  with pytest.raises(RuntimeError):
+    with settings.use({"bn_stats": "two"}):
+      raise RuntimeError("inside")
+  assert common.bn_stats_form() == "one"
+  with pytest.raises(KeyError, match="QLHS_PALLAS_INTERPRET is not a kernel setting"):
+    settings.get("QLHS_PALLAS_INTERPRET")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("stats_form", "fast", r"config.kernels.stats_form='fast': choose one of \('xla', "
+                           r"'pallas', 'pallas_gram', 'auto'\)"),
+    ("du_form", "pallas_gram", r"config.kernels.du_form='pallas_gram': choose one of"),
+    ("product_form", "auto", r"config.kernels.product_form='auto': choose one of "
+                             r"\('xla', 'pallas'\)"),
+    ("dc_pass", "pass4", r"config.kernels.dc_pass='pass4'"),
+    ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
+                          r"'two'\)"),
+    ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
+    ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "
+                                    r"'du=15,8,2' is not valid"),
+    ("pallas_tiling", "4,8192", r"config.kernels.pallas_tiling='4,8192': want"),
+    ("block_tiling", "64", r"config.kernels.block_tiling='64': entry '64' is not valid"),
+])
+def test_validate_refuses_a_bad_value_by_its_key(key, value, message):
+  c = qconfig.base_config()
+  c.kernels[key] = value
+  with pytest.raises(ValueError, match=message):
+    qconfig.validate(c)
+  c.kernels[key] = ""
+  qconfig.validate(c)  # the default config passes
+
+
+def test_the_kernel_keys_may_change_on_resume_and_nothing_else_did():
+  saved = qconfig.flatten(qconfig.base_config())
+  current = qconfig.base_config()
+  current.kernels.product_form = "pallas"
+  current.kernels.stencil_tiling = "du=16,8,2"
+  assert qconfig.differences(saved, qconfig.flatten(current)) == []
+  current.momentum = 0.8  # what the run computes still counts
+  assert qconfig.differences(saved, qconfig.flatten(current)) == ["momentum"]
+  # A config.json written before config.kernels existed resumes too.
+  old = {k: v for k, v in saved.items() if not k.startswith("kernels.")}
+  assert qconfig.differences(old, qconfig.flatten(current)) == ["momentum"]
+
+
+def test_every_variable_is_read_through_settings():
+  """Each variable of the table is read by some module through ``settings.get``, and no
+  module reads one of them from os.environ directly (which config.kernels would miss)."""
+  sources = {p: p.read_text() for p in PACKAGE.rglob("*.py")
+             if p.name != "settings.py" and "benchmarks" not in p.parts}
+  read = set()
+  for path, text in sources.items():
+    read |= set(re.findall(r'settings\.get\("(QLHS_\w+)"\)', text))
+    for var in settings.VARIABLES.values():
+      assert not re.search(rf'environ(\.get\(|\[)"{var}"', text), (path, var)
+  # _form reads the three form variables through its argument.
+  dbn = sources[PACKAGE / "kernels" / "d_bn_product.py"]
+  read |= {"QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"} & set(
+      re.findall(r'_form\("(QLHS_\w+)"', dbn))
+  assert read == set(settings.VARIABLES.values())
