@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|input|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|input|host|all]
 # Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
 # session has room for one such call. "block", "variants" and "op" are for later
 # sessions (the machine stays warm between calls, but each is ~500 s).
@@ -61,6 +61,12 @@
 #   row of "ncu" (float32 images): what moving that work off the host costs the GPU.
 #   Then Eq.(3) with --input uint8_randaugment (config.data.device_randaugment, off by
 #   default): what RandAugment in the step costs, against the row before.
+# "host" (~200 s; README "Host throughput"; not part of "all"): the GPU machine's own 16
+#   cores, where the README's 16-core rows come from (float32 batches, 2026-11-27), now
+#   also with uint8 batches (device_normalize) and with device_randaugment:
+#   benchmarks.input --seconds 3 --workers 0,16, into $OUT/input.json. The machine has
+#   no grain or ml-collections: first, here, bash benchmarks/gpu_wheels.sh (into .whl/),
+#   and carry ".whl"; this part installs them into /tmp/site.
 # Records go to $OUT/results.jsonl (append them to benchmarks/results.jsonl), compiled
 # HLO to $OUT/hlo.tar, everything printed to $OUT/log.txt. "step" and "block" also
 # profile their first row's Eq.(3) step (3 traced steps of a second compile without XLA's command
@@ -85,7 +91,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|ncu|block|variants|configs|input|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|input|all]" >&2; exit 2;; esac
+case "$PART" in op|step|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -97,7 +103,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
   # that finished.
   if [ -d "$H" ]; then tar rf "$OUT/hlo.tar" -C "$OUT" hlo && rm -r "$H"; fi
   if [ -n "${BRING:-}" ]; then
-    for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar ncu.txt; do
+    for f in log.txt results.jsonl kernels.jsonl gpu.txt hlo.tar ncu.txt input.json; do
       [ -f "$OUT/$f" ] && cp "$OUT/$f" "$BRING/"
     done
   fi
@@ -262,6 +268,16 @@ fi
 if [ "$PART" = input ] || [ "$PART" = all ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_randaugment
+fi
+if [ "$PART" = host ]; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+  echo "== benchmarks.input on $(nproc) cores" | tee -a "$OUT/log.txt"
+  timeout 400 python3 -m qlhs_jax.benchmarks.input --seconds 3 --workers 0,16 \
+    --json "$OUT/input.json" 2>&1 | quiet | tee -a "$OUT/log.txt" | tail -n 40
+  bring
 fi
 echo "== table"
 python3 -m qlhs_jax.benchmarks.table "$R" | tee -a "$OUT/log.txt"

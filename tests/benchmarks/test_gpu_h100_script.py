@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qlhs_jax.benchmarks import block_check, block_tune, fused, stencil_times, step
+from qlhs_jax.benchmarks import block_check, block_tune, fused, input as input_bench
+from qlhs_jax.benchmarks import stencil_times, step
 from qlhs_jax.models import registry
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_h100.sh")
 MAINS = {"step": step.main, "block_tune": block_tune.main, "block_check": block_check.main,
-         "fused": fused.main, "stencil_times": stencil_times.main}
+         "fused": fused.main, "stencil_times": stencil_times.main,
+         "input": input_bench.main}
 # (benchmarks.table takes no flags: one results file)
 HELPERS = {"bench": "step", "fused_op": "fused"}  # shell functions: NAME SECONDS ARGS...
 # Values the script computes on the GPU; stand-ins of the right kind.
@@ -84,7 +86,7 @@ def test_the_script_is_valid_bash():
 
 def test_every_flag_the_script_passes_is_one_its_module_takes(capsys):
   commands = _commands()
-  # All six modules and both helpers are found: a parser that missed them would pass.
+  # All seven modules and both helpers are found: a parser that missed them would pass.
   assert {m for m, _ in commands} == {*MAINS, "table"}, commands
   assert sum(m == "step" for m, _ in commands) >= 9, commands
   for module, args in commands:
