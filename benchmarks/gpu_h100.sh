@@ -274,6 +274,11 @@ if [ "$PART" = host ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
+  if ! python3 -c "import grain, ml_collections" 2>/dev/null; then
+    echo "gpu_h100.sh host: grain or ml-collections is missing here; run bash" \
+      "benchmarks/gpu_wheels.sh where pip works and carry .whl" | tee -a "$OUT/log.txt" >&2
+    exit 2
+  fi
   echo "== benchmarks.input on $(nproc) cores" | tee -a "$OUT/log.txt"
   timeout 400 python3 -m qlhs_jax.benchmarks.input --seconds 3 --workers 0,16 \
     --json "$OUT/input.json" 2>&1 | quiet | tee -a "$OUT/log.txt" | tail -n 40

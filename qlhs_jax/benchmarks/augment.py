@@ -68,9 +68,12 @@ def op_differences(images, name: str) -> tuple[int, float]:
 
 
 def example_differences(examples: int = 48, size: int = 96,
-                        spec: str = "rand-m9-mstd0.5-inc1", seed: int = 0) -> np.ndarray:
-  """|device - host| of whole train examples (uint8, before normalising): the same
-  payloads and generators, RandAugment applied by Pillow or drawn for the device."""
+                        spec: str = "rand-m9-mstd0.5-inc1",
+                        seed: int = 0) -> tuple[np.ndarray, float]:
+  """(|device - host| of whole train examples (uint8, before normalising), the fraction
+  of op slots that apply an op): the same payloads and generators, RandAugment applied
+  by Pillow or drawn for the device. Raises where the two paths drew other boxes or
+  seeds, or where the host's examples carry ops."""
   import jax
   from qlhs_jax import device_augment
   from qlhs_jax.benchmarks.input import synthetic_jpeg
@@ -86,13 +89,17 @@ def example_differences(examples: int = 48, size: int = 96,
     d = dev.device_example(payloads[i % 4], np.random.default_rng(i))
     if not (np.array_equal(h["erase"], d["erase"]) and h["erase_seed"] == d["erase_seed"]):
       raise AssertionError(f"example {i}: the device path drew other boxes or seeds")
+    if "ra_op" in h:
+      raise AssertionError(f"example {i}: the host path, which applies RandAugment "
+                           f"itself, handed ops to the device too")
     want.append(h["image"])
     drawn.append(d)
   batch = {k: np.stack([d[k] for d in drawn])
            for k in ("image", "ra_op", "ra_arg", "ra_resample")}
   got = jax.jit(lambda *a: device_augment.randaugment(*a, FILL))(
       batch["image"], batch["ra_op"], batch["ra_arg"], batch["ra_resample"])
-  return np.abs(np.asarray(got).astype(int) - np.stack(want).astype(int))
+  diff = np.abs(np.asarray(got).astype(int) - np.stack(want).astype(int))
+  return diff, float((batch["ra_op"] >= 0).mean())
 
 
 def main(argv=None) -> None:
@@ -109,10 +116,11 @@ def main(argv=None) -> None:
   for name in ARGS:
     worst, fraction = op_differences(images, name)
     print(f"| {name} | {worst} | {100 * fraction:.3f}% |")
-  diff = example_differences(args.examples, args.size, args.spec)
-  print(f"\n{args.examples} train examples of {args.size} px ({args.spec}): "
-        f"{100 * (diff > 0).mean():.4f}% of values differ, {(diff > 1).sum()} of "
-        f"{diff.size} by more than 1, largest {diff.max()}")
+  diff, applied = example_differences(args.examples, args.size, args.spec)
+  print(f"\n{args.examples} train examples of {args.size} px ({args.spec}; "
+        f"{100 * applied:.0f}% of op slots apply an op): {100 * (diff > 0).mean():.4f}% "
+        f"of values differ, {(diff > 1).sum()} of {diff.size} by more than 1, largest "
+        f"{diff.max()}")
 
 
 if __name__ == "__main__":
