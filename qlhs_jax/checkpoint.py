@@ -4,7 +4,7 @@ small JSON record (epoch, metrics). Layout of a workdir::
 
   WORKDIR/config.json          the resolved config of the run (guards the workdir)
   WORKDIR/checkpoints/<step>/  orbax: items "state", "data", "meta"
-  WORKDIR/metrics.jsonl        one JSON record per log line and event
+  WORKDIR/metrics.jsonl        one JSON record per log line, event and launch
   WORKDIR/tb/                  TensorBoard event files
 
 The manager keeps the last ``keep_checkpoints`` saves and the best by validation top-1.

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,35 @@ def evaluate(config, logits_fn: Callable, split: str = "validation") -> dict:
 
 # ---------------------------------------------------------------------------------------
 # Logging
+
+
+# The packages whose versions a launch record names: what the traced program depends on.
+LAUNCH_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+def launch_record(config: ml_collections.ConfigDict, mesh) -> dict:
+  """What one launch of a run ran with: WORKDIR/metrics.jsonl's "launch" record.
+
+  config.json keeps the first launch's runtime keys (``config.RUNTIME_KEYS``), which a
+  resume may change; so every launch records its own, with the package versions, the
+  devices and the kernel settings in effect (``config.kernels``, else the ``QLHS_*``
+  variables; empty: the defaults): a run's img/s and its results' last digits depend
+  on them."""
+  def version(package):
+    try:
+      return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+  flat = config_lib.flatten(config)
+  kinds = sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()})
+  return {
+      "versions": {p: version(p) for p in LAUNCH_PACKAGES},
+      "devices": f"{jax.device_count()} x {', '.join(kinds)}",
+      "processes": jax.process_count(),
+      "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
+      "kernels": kernel_settings.chosen(),
+      "runtime": {k: flat[k] for k in sorted(config_lib.RUNTIME_KEYS) if k in flat},
+  }
 
 
 class MetricWriter:
@@ -248,6 +278,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                   async_save=config.checkpoint_async)
   writer = MetricWriter(workdir, enabled=(pidx == 0))
   try:
+    launch = launch_record(config, mesh)
+    writer.write(ckpts.latest_step() or 0, "launch", launch)
+    log.info("launch: %s on %s; kernel settings %s", launch["versions"],
+             launch["devices"], launch["kernels"] or "default")
     if config.eval_only:
       return _eval_only(config, ckpts, eval_input, mesh, writer)
     return _train(config, workdir, train_input, eval_input, ckpts, mesh, writer)

@@ -102,10 +102,29 @@ def test_config_kernels_reach_the_traced_model_and_may_change_on_resume(tmp_path
   assert json.load(open(os.path.join(wd, "config.json")))["kernels.bn_stats"] == "two"
   assert settings.get("QLHS_BN_STATS") == ""  # left as it was
   seen.clear()
+  # The resume takes BatchNorm's form from the variable (the key left empty).
+  monkeypatch.setenv("QLHS_BN_STATS", "one")
   assert train.train_and_evaluate(tiny_config(stop_after_steps=2), wd)["step"] == 2
   assert seen and set(seen) == {"one"}
-  # config.json keeps the first run's runtime keys, as it keeps its stop_after_steps.
+  # config.json keeps the first run's runtime keys, as it keeps its stop_after_steps;
+  # each launch records its own, with where its kernel settings came from.
   assert json.load(open(os.path.join(wd, "config.json")))["stop_after_steps"] == 1
+  recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  launches = [r for r in recs if r["split"] == "launch"]
+  assert [r["step"] for r in launches] == [0, 1]
+  first, second = launches
+  assert first["kernels"] == {"bn_stats": "two"}
+  assert second["kernels"] == {"bn_stats": "one"}
+  assert first["runtime"]["kernels.bn_stats"] == "two"
+  assert second["runtime"]["kernels.bn_stats"] == ""  # so "one" came from the variable
+  assert [r["runtime"]["stop_after_steps"] for r in launches] == [1, 2]
+  assert set(first["runtime"]) == qconfig.RUNTIME_KEYS
+  dev = jax.devices()[0]
+  assert first["devices"] == f"{jax.device_count()} x {dev.platform}:{dev.device_kind}"
+  assert first["mesh"] == {S.DATA_AXIS: jax.device_count()}
+  assert first["versions"]["jax"] == jax.__version__
+  import flax
+  assert first["versions"]["flax"] == flax.__version__
 
 
 def test_full_epochs_evaluate_and_keep_best(tmp_path):

@@ -53,6 +53,12 @@ def get(var: str) -> str:
   return _FROM_CONFIG.get().get(var) or os.environ.get(var, "")
 
 
+def chosen() -> dict[str, str]:
+  """Every setting :func:`get` gives a value now, by config.kernels key; a setting left
+  empty (the readers' built-in default) is left out."""
+  return {key: get(var) for key, var in VARIABLES.items() if get(var)}
+
+
 def name(var: str) -> str:
   """Where :func:`get`'s value of ``var`` comes from, for error messages:
   ``config.kernels.KEY`` or the variable itself."""

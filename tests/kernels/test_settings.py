@@ -73,6 +73,17 @@ def test_a_key_and_its_variable_that_disagree_are_refused(monkeypatch):
       pass
 
 
+def test_chosen_names_what_is_set_and_leaves_out_the_defaults(monkeypatch):
+  """The launch record's kernel settings (train.launch_record)."""
+  assert settings.chosen() == {}
+  monkeypatch.setenv("QLHS_DU_FORM", "autodiff")
+  monkeypatch.setenv("QLHS_DC_PASS", "")  # set but empty: unset, as for get
+  assert settings.chosen() == {"du_form": "autodiff"}
+  with settings.use({"bn_stats": "two", "du_form": "", "sums_form": ""}):
+    assert settings.chosen() == {"bn_stats": "two", "du_form": "autodiff"}
+  assert settings.chosen() == {"du_form": "autodiff"}
+
+
 def test_the_context_is_left_after_an_error():
   with pytest.raises(RuntimeError):
     with settings.use({"bn_stats": "two"}):
