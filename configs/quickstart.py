@@ -7,7 +7,7 @@ The argument picks any registered model, e.g. ``configs/quickstart.py:eq3w_softb
 (16, 32, 64, 128), one block per stage, small stem, float32, batch 64, 12 epochs with
 the recipe's optimizer and schedule (1 warmup epoch).
 
-Hardware: a 2-core CPU. Expected: 1.5-4 minutes (idle machine), validation top-1 0.939 for
+Hardware: a 2-core CPU. Expected: 1.5-4 minutes (idle machine), validation top-1 0.95 for
 the default model, within about 0.01 as rounding changes (README, Quickstart, gives the
 measured figures).
 """
