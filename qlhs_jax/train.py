@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from qlhs_jax import config as config_lib
 from qlhs_jax import data as data_lib
 from qlhs_jax import steps as S
 from qlhs_jax import device_input
+from qlhs_jax import provenance
 from qlhs_jax.kernels import settings as kernel_settings
 from qlhs_jax.models import registry
 
@@ -134,27 +134,19 @@ def evaluate(config, logits_fn: Callable, split: str = "validation") -> dict:
 # Logging
 
 
-# The packages whose versions a launch record names: what the traced program depends on.
-LAUNCH_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
-
-
 def launch_record(config: ml_collections.ConfigDict, mesh) -> dict:
   """What one launch of a run ran with: WORKDIR/metrics.jsonl's "launch" record.
 
   config.json keeps the first launch's runtime keys (``config.RUNTIME_KEYS``), which a
-  resume may change; so every launch records its own, with the package versions, the
-  devices and the kernel settings in effect (``config.kernels``, else the ``QLHS_*``
-  variables; empty: the defaults): a run's img/s and its results' last digits depend
-  on them."""
-  def version(package):
-    try:
-      return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      return None
+  resume may change; so every launch records its own, with the commit of this checkout
+  (None for an installed package), the package versions, the devices and the kernel
+  settings in effect (``config.kernels``, else the ``QLHS_*`` variables; empty: the
+  defaults): a run's img/s and its results' last digits depend on them."""
   flat = config_lib.flatten(config)
   kinds = sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()})
   return {
-      "versions": {p: version(p) for p in LAUNCH_PACKAGES},
+      "code": provenance.code_version(),
+      "versions": provenance.package_versions(),
       "devices": f"{jax.device_count()} x {', '.join(kinds)}",
       "processes": jax.process_count(),
       "mesh": {str(k): int(v) for k, v in mesh.shape.items()},

@@ -123,6 +123,8 @@ def test_config_kernels_reach_the_traced_model_and_may_change_on_resume(tmp_path
   assert first["devices"] == f"{jax.device_count()} x {dev.platform}:{dev.device_kind}"
   assert first["mesh"] == {S.DATA_AXIS: jax.device_count()}
   assert first["versions"]["jax"] == jax.__version__
+  from qlhs_jax import provenance
+  assert first["code"] == provenance.code_version()  # tests/test_provenance checks it
   import flax
   assert first["versions"]["flax"] == flax.__version__
 

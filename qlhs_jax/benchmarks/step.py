@@ -31,6 +31,8 @@ import sys
 import time
 import types
 
+from qlhs_jax.provenance import code_version  # each record's commit
+
 
 INPUTS = ("float32", "uint8", "uint8_randaugment")
 # The recipe's normalisation, erasing and RandAugment (qlhs_jax.data.default_config(); a
@@ -467,23 +469,9 @@ def _report(args, records):
     append_records(args.record, records)
 
 
-def code_version() -> str | None:
-  """The commit of this package's git checkout (short hash), with "+changes" when tracked
-  files differ from it; None outside a git checkout. Records carry it, so that two
-  measurements of the same model and overrides can be told apart when the code moved."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  try:
-    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True,
-                                    text=True, check=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + (
-        "+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def append_records(path: str, records) -> None:
   """Appends ``records`` to the JSON-lines file ``path`` (made with its folder if new),
-  each with the ``commit`` it was measured at (:func:`code_version`)."""
+  each with the ``commit`` it was measured at (``provenance.code_version``)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   commit = code_version()
   with open(path, "a") as f:
