@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|ncu|block|variants|configs|input|host|all]
-# Start with "step" (the candidates after NOTES.md experiment 12); a 15-minute device
-# session has room for one such call. "block", "variants" and "op" are for later
-# sessions (the machine stays warm between calls, but each is ~500 s).
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|ncu|block|variants|configs|input|host|all]
+# Start with "profile" (NOTES.md experiment 22); a 15-minute device session has room for
+# one such call (on 2026-12-04 a warm machine took a second, shorter one). "block",
+# "variants" and "op" are for later sessions (the machine stays warm between calls, but
+# each is ~500 s).
 # "step" (time limits add up to 560 s): benchmarks.stencil_times times the statistics,
 #   pass 3's sums of "xla" and du = D^T dx alone, the XLA forms (the statistics and du
 #   ran at 17 and 136 GB/s on the H100 in the "block" profile) against the Pallas
@@ -16,17 +17,22 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "ncu" (time limits add up to 540 s; NOTES.md experiments 13-17): first the step,
-#   fuse_d_bn="auto" (the default of configs/eq3.py: "xla" with the kernels) against
-#   ResNet50, to confirm it; ResNet50 with the stem of before 2026-12-04 (3 input
-#   channels, stem_pool="argmax_fused"), which times experiment 17's two stem changes
-#   (both models have them); then Eq.(3) with QLHS_STENCIL_GRID=channels (the grid's
-#   channel blocks fastest) and with QLHS_PRODUCT_FORM=pallas (the element-wise passes
-#   as Pallas kernels); then what bounds the stencil kernels, which ran at ~1.1 TB/s (the
-#   statistics at 0.2) at every tiling tried, with prefetching too: Nsight Compute
-#   (--clock-control none) reads throughput, memory, occupancy, warp-stall and
-#   scheduler sections for each kernel at stage 1 (the statistics, pass-3 sums and du,
-#   at the default tiles; benchmarks.stencil_times runs them), into $OUT/ncu.txt.
+# "profile" (time limits add up to 460 s; NOTES.md experiment 22), the next session's
+#   first call: where the default step's time goes on the device. Eq.(3)
+#   fuse_d_bn="auto" (the default of configs/eq3.py) against ResNet50, with the Eq.(3)
+#   step's HLO and a per-kernel profile (the last profile, experiment 13's, is of an
+#   older step on an H100); a second sample of QLHS_STENCIL_GRID=channels (+1.0% in
+#   experiment 22, one sample each); then Nsight Compute on pass 3's sums and du
+#   (ncu_kernel, below), which "ncu" could not reach on 2026-12-04.
+# "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
+#   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
+#   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
+#   reads throughput, memory, occupancy, warp-stall and scheduler sections for the first
+#   launch of each kernel at stage 1 (the statistics from lags, pass 3's sums and du, at
+#   the default tiles; benchmarks.stencil_times runs them), one process each, into
+#   $OUT/ncu.txt. Until 2026-12-04 this part also timed four steps (NOTES.md experiment
+#   22: "auto" against ResNet50, ResNet50 with the old stem, QLHS_STENCIL_GRID=channels,
+#   QLHS_PRODUCT_FORM=pallas).
 # "block" (490 s), the "step" of experiment 11: benchmarks.block_tune (NOTES.md
 #   experiment 9) times each of fuse_d_bn="block"'s three kernels alone at up to five
 #   tiles per block shape (six at widths >= 256: 16 warps too; the sums kernel also at
@@ -91,7 +97,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -177,38 +183,47 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   # timed on a GPU), du from QLHS_DU_FORM.
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
 fi
-if [ "$PART" = ncu ]; then
-  # The step first (a session cut short keeps these rows): fuse_d_bn="auto" (the default
-  # of configs/eq3.py: "xla" with the kernels; since experiment 16 the kernels' lean
-  # taps and du's parity classes, 0.73x and 0.43x du's instructions at stages 1 and 2)
-  # against ResNet50, to confirm it; then with the grid's channel blocks fastest
-  # (QLHS_STENCIL_GRID=channels, experiment 16's guess at the kernels' 1.1 TB/s); then
-  # with the forward product and pass 4 as Pallas kernels (NOTES.md experiment 14;
-  # XLA's loop fusions ran them at 1.5-1.8 TB/s).
-  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50
-  # The stem as it was (NOTES.md experiment 17): cuDNN took 3.0 ms for the 3-channel
-  # convolution and its weight gradient, and the stem BatchNorm's backward 2.8 ms with
-  # the pool's backward fused in. Against the row above's ResNet50.
-  bench 80 --model resnet50 --set 'stem_pool="argmax_fused"' --set stem_pad_channels=0
-  QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
-  QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-  SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
-    --section LaunchStats --section WarpStateStats --section SchedulerStats"
-  echo "== ncu ($NCU): the stencil kernels at stage 1" | tee -a "$OUT/log.txt"
-  # The first 16 launches of the Pallas kernels (XLA's forms run first, unprofiled): the
-  # statistics from lags and from all 54 products, the sums and du, each kernel's compile
-  # check and timed calls. Their names in a launch are not known
-  # yet (Pallas's, or XLA's custom call's): the pattern takes either.
-  timeout 150 "$NCU" --clock-control none --kernel-name regex:"qlhs|pallas|triton" \
-    --launch-count 16 $SECTIONS \
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
+  --section LaunchStats --section WarpStateStats --section SchedulerStats"
+ncu_kernel() {  # ncu_kernel SECONDS NAME: Nsight Compute on the first launch of the kernel
+  # named NAME (stencil.NAMES, which is also its name in a launch) at stage 1, appended
+  # to $OUT/ncu.txt. ncu saves the device memory before a kernel's ~18 replays and
+  # restores it between them. On 2026-12-04, with JAX holding ~75% of the device (its
+  # default preallocation), it warned "Backing up device memory in system memory. Kernel
+  # replay might be slow", and 150 s covered two launches. Without the preallocation
+  # JAX holds only what the shape's arrays need.
+  local limit=$1 name=$2
+  echo "== ncu ($NCU): $name at stage 1" | tee -a "$OUT/log.txt" "$OUT/ncu.txt"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" "$NCU" --clock-control none \
+    --kernel-name regex:"^$name" --launch-count 1 $NCU_SECTIONS \
     python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" --shapes stage1 \
       --calls 1 --repeats 1 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
-      --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu.txt"
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/ncu.txt"
-  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration" \
-    "$OUT/ncu.txt" | head -n 80
+      --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu1.txt"
+  echo "exit ${PIPESTATUS[0]}" >> "$OUT/ncu1.txt"
+  cat "$OUT/ncu1.txt" >> "$OUT/ncu.txt"
+  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|L1/TEX Cache|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration|^exit" \
+    "$OUT/ncu1.txt" | head -n 30
+  rm -f "$OUT/ncu1.txt"
   bring
+}
+if [ "$PART" = profile ]; then
+  # The default step against ResNet50 (7,188 against 7,106 img/s on the H200 on
+  # 2026-12-04), profiled: 35.6 ms a step, where 1.2x ResNet50 needs 30.0.
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --hlo-dir "$H" \
+    --profile-dir "$OUT"
+  # The grid's channel blocks fastest: 7,263 img/s in experiment 22, one sample; the
+  # default stays "pixels" until a second one agrees.
+  QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
+  ncu_kernel 90 qlhs_bn_sums
+  ncu_kernel 90 qlhs_d_transpose
+fi
+if [ "$PART" = ncu ]; then
+  # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's
+  # throughput, 10.5% of DRAM's), 96 registers a thread (31% occupancy at most).
+  ncu_kernel 100 qlhs_lag_sums
+  ncu_kernel 100 qlhs_bn_sums
+  ncu_kernel 100 qlhs_d_transpose
 fi
 if [ "$PART" = block ] || [ "$PART" = all ]; then
   # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the
