@@ -184,8 +184,11 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   bench 80 --model eq3_softball_ds --set 'd_impl="shifted_t"' --set pin_hidden_layout=true
 fi
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
-  --section LaunchStats --section WarpStateStats --section SchedulerStats"
+# MemoryWorkloadAnalysis_Tables: sectors and wavefronts per L1 request, for the question
+# experiment 22 left (L1 at 76% of its throughput, DRAM at 10%: requests or bytes?).
+NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis
+  --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats
+  --section WarpStateStats --section SchedulerStats"
 ncu_kernel() {  # ncu_kernel SECONDS NAME: Nsight Compute on the first launch of the kernel
   # named NAME (stencil.NAMES, which is also its name in a launch) at stage 1, appended
   # to $OUT/ncu.txt. ncu saves the device memory before a kernel's ~18 replays and
@@ -202,8 +205,8 @@ ncu_kernel() {  # ncu_kernel SECONDS NAME: Nsight Compute on the first launch of
       --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu1.txt"
   echo "exit ${PIPESTATUS[0]}" >> "$OUT/ncu1.txt"
   cat "$OUT/ncu1.txt" >> "$OUT/ncu.txt"
-  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|L1/TEX Cache|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration|^exit" \
-    "$OUT/ncu1.txt" | head -n 30
+  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|L1/TEX Cache|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration|xcessive|oalesc|^exit" \
+    "$OUT/ncu1.txt" | head -n 40
   rm -f "$OUT/ncu1.txt"
   bring
 }
