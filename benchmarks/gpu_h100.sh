@@ -212,10 +212,12 @@ ncu_kernel() {  # ncu_kernel SECONDS NAME: Nsight Compute on the first launch of
   bring
 }
 if [ "$PART" = profile ]; then
-  # The default step against ResNet50 (7,188 against 7,106 img/s on the H200 on
-  # 2026-12-04), profiled: 35.6 ms a step, where 1.2x ResNet50 needs 30.0.
-  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --hlo-dir "$H" \
-    --profile-dir "$OUT"
+  # The default step against ResNet50, profiled, on the uint8 batches that training
+  # feeds: 7,070 against 6,956 img/s on the H200 on 2026-12-04 (36.2 ms a step, where
+  # 1.2x ResNet50 needs 30.7). The profile also shows what the input kernel, 0.6 ms
+  # more than with float32 batches, spends its time on.
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8 \
+    --hlo-dir "$H" --profile-dir "$OUT"
   ncu_kernel 90 qlhs_bn_sums
   ncu_kernel 90 qlhs_d_transpose
   # Requests or bytes? The default tiles read 32-64 B of each 128 B row of u (stage 1:
