@@ -3,8 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import jax
-
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_drift.py"
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlhs_jax.models import QLHSBlock, QLHSNet, layers
+from qlhs_jax.models import QLHSBlock, QLHSNet
 from qlhs_jax.models.qlhs import FORMS
 
 TINY = dict(widths=(8, 16), depths=(1, 2), num_classes=5, stem="small")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlhs_jax.models import MobileNetV3Large, ResNet, registry
+from qlhs_jax.models import ResNet, registry
 from qlhs_jax.symmetry import measure
 from qlhs_jax.symmetry import group_for, sample
 
