@@ -19,8 +19,8 @@
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
 # "profile" (time limits add up to 530 s; NOTES.md experiment 22), the next session's
 #   first call: where the default step's time goes on the device. Eq.(3)
-#   fuse_d_bn="auto" (the default of configs/eq3.py) against ResNet50, with the Eq.(3)
-#   step's HLO and a per-kernel profile (the last profile, experiment 13's, is of an
+#   fuse_d_bn="auto" (the default of configs/eq3.py) against ResNet50 on uint8 batches
+#   (what training feeds), with the Eq.(3) step's HLO and a per-kernel profile (the last profile, experiment 13's, is of an
 #   older step on an H100); Nsight Compute on pass 3's sums and du (ncu_kernel, below),
 #   which "ncu" could not reach on 2026-12-04; the three stencil kernels alone at stage
 #   1 with tiles that read whole rows of u; a second sample of QLHS_STENCIL_GRID=channels
@@ -220,9 +220,10 @@ if [ "$PART" = profile ]; then
     --hlo-dir "$H" --profile-dir "$OUT"
   ncu_kernel 90 qlhs_bn_sums
   ncu_kernel 90 qlhs_d_transpose
-  # Requests or bytes? The default tiles read 32-64 B of each 128 B row of u (stage 1:
-  # 64 channels) per tap; these read whole rows (ptxas: 108-114, 168-218 and 114-157
-  # registers, no spills). Alone, so a hint only: a tile must be confirmed in the step.
+  # Requests or bytes? Per tap, the default tiles read 16-32 B of each 128 B row of u
+  # (stage 1: 64 channels; du 128 B of each 512 B row of dx); these read whole rows
+  # (ptxas: 108-114, 168-218 and 114-157 registers, no spills). Alone, so a hint only: a
+  # tile must be confirmed in the step.
   echo "== benchmarks.stencil_times: stage 1, whole rows" | tee -a "$OUT/log.txt"
   timeout 70 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --calls 10 --repeats 3 --stats-tilings 16,16,4,1 8,64,4,1 4,64,4,1 \
@@ -230,9 +231,10 @@ if [ "$PART" = profile ]; then
     --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
     | grep -E "^  (stats|sums|du) |rror"
   bring
-  # The grid's channel blocks fastest: 7,263 img/s in experiment 22, one sample; the
-  # default stays "pixels" until a second one agrees.
-  QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"'
+  # The grid's channel blocks fastest: +1.0% in experiment 22 (float32 batches), one
+  # sample; the default stays "pixels" until a second one agrees. Against the first row.
+  QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's
