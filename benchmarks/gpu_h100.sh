@@ -17,14 +17,15 @@
 #   experiment 11 unless QLHS_BLOCK_TILING is set; "pallas" (4,202 img/s at its old
 #   tiling and du form); d_impl="shifted_t" with pin_hidden_layout (83.6 GB, never timed
 #   on a GPU). (Bytes: benchmarks.aot, jax 0.11.2, --gemm triton.)
-# "profile" (time limits add up to 530 s; NOTES.md experiment 22), the next session's
+# "profile" (time limits add up to 560 s; NOTES.md experiment 22), the next session's
 #   first call: where the default step's time goes on the device. Eq.(3)
 #   fuse_d_bn="auto" (the default of configs/eq3.py) against ResNet50 on uint8 batches
-#   (what training feeds), with the Eq.(3) step's HLO and a per-kernel profile (the last profile, experiment 13's, is of an
-#   older step on an H100); Nsight Compute on pass 3's sums and du (ncu_kernel, below),
-#   which "ncu" could not reach on 2026-12-04; the three stencil kernels alone at stage
-#   1 with tiles that read whole rows of u; a second sample of QLHS_STENCIL_GRID=channels
-#   (+1.0% in experiment 22, one sample).
+#   (what training feeds), with the Eq.(3) step's HLO and a per-kernel profile (the last
+#   profile, experiment 13's, is of an older step on an H100); Nsight Compute on pass
+#   3's sums and du (ncu_kernel, below), which "ncu" could not reach on 2026-12-04, and
+#   on the statistics, changed since; the three stencil kernels alone at stage 1 with
+#   tiles that read whole rows of u; a second sample of QLHS_STENCIL_GRID=channels (+1.0%
+#   in experiment 22, one sample).
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -190,20 +191,21 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -
 NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis
   --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats
   --section WarpStateStats --section SchedulerStats"
-ncu_kernel() {  # ncu_kernel SECONDS NAME: Nsight Compute on the first launch of the kernel
-  # named NAME (stencil.NAMES, which is also its name in a launch) at stage 1, appended
-  # to $OUT/ncu.txt. ncu saves the device memory before a kernel's ~18 replays and
+ncu_kernel() {  # ncu_kernel SECONDS NAME KERNEL: Nsight Compute on the first launch of
+  # the kernel named NAME (stencil.NAMES, which is also its name in a launch) at stage 1,
+  # stencil_times running only KERNEL (stats, sums or du), appended to $OUT/ncu.txt. ncu saves the device memory before a kernel's ~18 replays and
   # restores it between them. On 2026-12-04, with JAX holding ~75% of the device (its
   # default preallocation), it warned "Backing up device memory in system memory. Kernel
   # replay might be slow", and 150 s covered two launches. Without the preallocation
   # JAX holds only what the shape's arrays need.
-  local limit=$1 name=$2
+  local limit=$1 name=$2 kernel=$3
   echo "== ncu ($NCU): $name at stage 1" | tee -a "$OUT/log.txt" "$OUT/ncu.txt"
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" "$NCU" --clock-control none \
     --kernel-name regex:"^$name" --launch-count 1 $NCU_SECTIONS \
     python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" --shapes stage1 \
       --calls 1 --repeats 1 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
-      --du-tilings 32,16,4 ${STENCIL_ARGS:-} 2>&1 | quiet > "$OUT/ncu1.txt"
+      --du-tilings 32,16,4 --kernels "$kernel" ${STENCIL_ARGS:-} 2>&1 \
+      | quiet > "$OUT/ncu1.txt"
   echo "exit ${PIPESTATUS[0]}" >> "$OUT/ncu1.txt"
   cat "$OUT/ncu1.txt" >> "$OUT/ncu.txt"
   grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|L1/TEX Cache|Achieved Occupancy|Registers Per|Stall|One or More Eligible|No Eligible|Duration|xcessive|oalesc|^exit" \
@@ -218,8 +220,11 @@ if [ "$PART" = profile ]; then
   # more than with float32 batches, spends its time on.
   bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8 \
     --hlo-dir "$H" --profile-dir "$OUT"
-  ncu_kernel 90 qlhs_bn_sums
-  ncu_kernel 90 qlhs_d_transpose
+  ncu_kernel 70 qlhs_bn_sums sums
+  ncu_kernel 70 qlhs_d_transpose du
+  # The statistics since experiment 22 (282 us then, at 96 registers and 5 programs per
+  # SM): each side of the border summed in pieces of m positions, 56 registers by ptxas.
+  ncu_kernel 70 qlhs_lag_sums stats
   # Requests or bytes? Per tap, the default tiles read 16-32 B of each 128 B row of u
   # (stage 1: 64 channels; du 128 B of each 512 B row of dx); these read whole rows
   # (ptxas: 108-114, 168-218 and 114-157 registers, no spills). Alone, so a hint only: a
@@ -239,9 +244,9 @@ fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's
   # throughput, 10.5% of DRAM's), 96 registers a thread (31% occupancy at most).
-  ncu_kernel 100 qlhs_lag_sums
-  ncu_kernel 100 qlhs_bn_sums
-  ncu_kernel 100 qlhs_d_transpose
+  ncu_kernel 100 qlhs_lag_sums stats
+  ncu_kernel 100 qlhs_bn_sums sums
+  ncu_kernel 100 qlhs_d_transpose du
 fi
 if [ "$PART" = block ] || [ "$PART" = all ]; then
   # The "step" of 2026-11-27 (NOTES.md experiment 11), for "block" alone: its tiles, the

@@ -2,6 +2,7 @@
 Pallas kernels of ``kernels.stencil``, each timed alone on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
+      [--kernels stats,sums,du]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
 width's largest shape first), on random bfloat16 inputs at ``--batch``:
@@ -37,6 +38,7 @@ import datetime
 import sys
 import time
 
+KERNELS = ("stats", "sums", "du")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
 SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
@@ -97,8 +99,9 @@ def _rel(a, b) -> float:
 
 
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
-               calls, repeats) -> dict:
-  """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form)."""
+               calls, repeats, kernels=KERNELS) -> dict:
+  """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
+  for the ``kernels`` named (each with its XLA form, the reference)."""
   import jax
 
   from qlhs_jax.benchmarks.block_tune import median_ms
@@ -114,6 +117,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
            for t in stats_tilings]
   todo += [("sums", "pallas", t) for t in sums_tilings]
   todo += [("du", "pallas", t) for t in du_tilings]
+  todo = [item for item in todo if item[0] in kernels]
   for kernel, form, tiling in todo:
     name = f"{kernel} {form}" + (f"@{tiling}" if tiling else "")
     try:
@@ -177,8 +181,14 @@ def main(argv=None) -> int:
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--kernels", default=",".join(KERNELS),
+                 help="comma-separated, of stats, sums, du (default all): the others are "
+                      "not run, e.g. under a profiler that follows one kernel")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   args = p.parse_args(argv)
+  kernels = tuple(filter(None, args.kernels.split(",")))
+  if not kernels or set(kernels) - set(KERNELS):
+    p.error(f"--kernels {args.kernels!r}: name some of {', '.join(KERNELS)}")
   import jax
 
   from qlhs_jax.benchmarks.block_tune import block_shapes
@@ -201,7 +211,7 @@ def main(argv=None) -> int:
       print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
       break
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
-                       args.du_tilings, interpret, args.calls, args.repeats)
+                       args.du_tilings, interpret, args.calls, args.repeats, kernels)
     results[name], blocks[name] = times, count
     print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):")
     for key, r in times.items():
@@ -211,7 +221,7 @@ def main(argv=None) -> int:
       else:
         print(f"  {key:24s} failed: {r['error']}")
     spec, forms = spec_and_forms(results, blocks)
-    for kernel in ("stats", "sums", "du"):
+    for kernel in kernels:
       choice, ms, totals = best(results, blocks, kernel)
       xla = totals.get(f"{kernel} {'gather' if kernel == 'du' else 'xla'}", float("inf"))
       print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")

@@ -354,28 +354,35 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
   # a second output. One loop over the images per side, with that side's 8 running
-  # channel vectors: 80 registers in all (ptxas), against 48 for the lags alone, 223
-  # with the four sides in one loop and 255 with spills for 32 running vectors. (Summing
-  # into the output as it goes would read back what other threads stored, with no
-  # barrier between.)
-  length = pl.next_power_of_2(max(h, w))
-  i = lax.broadcasted_iota(jnp.int32, (length,), 0)
+  # channel vectors (223 registers with the four sides in one loop, 255 with spills for
+  # 32 running vectors), and within it a loop over pieces of at most m positions: a
+  # kernel's registers are those of its largest live set, and whole sides of a stage-1
+  # image (64 positions) took 80 registers where the lags alone take 48; on the H200,
+  # 96, which left 5 programs per SM (NOTES.md, experiment 22). (Summing into the
+  # output as it goes would read back what other threads stored, with no barrier
+  # between.)
+  length = min(m, pl.next_power_of_2(max(h, w)))
+  at = lax.broadcasted_iota(jnp.int32, (length,), 0)
 
   def border(first, step, size):
-    def body(k, acc):
+    def image(k, acc):
       img = ch + k * plan["chunks"]
       base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
 
-      def strip(shift):  # u at strip positions i + shift, 0 past the strip (or batch)
-        ok = (i + shift < size) & (img < plan["b"])
-        row = base + jnp.minimum(i + shift, size - 1) * step + plan["guard"]
-        return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
-      v = strip(0)
-      head, tail = (jnp.where((i == at)[:, None], v, 0.0) for at in (0, size - 1))
-      terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
-      terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
-      return tuple(a + t for a, t in zip(acc, terms))
-    return lax.fori_loop(0, -(-plan["b"] // plan["chunks"]), body,
+      def piece(p, acc):
+        i = p * length + at  # positions along the side
+
+        def strip(shift):  # u at positions i + shift, 0 past the side (or the batch)
+          ok = (i + shift < size) & (img < plan["b"])
+          row = base + jnp.minimum(i + shift, size - 1) * step + plan["guard"]
+          return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
+        v = strip(0)
+        head, tail = (jnp.where((i == end)[:, None], v, 0.0) for end in (0, size - 1))
+        terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
+        terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
+        return tuple(a + t for a, t in zip(acc, terms))
+      return lax.fori_loop(0, -(-size // length), piece, acc)
+    return lax.fori_loop(0, -(-plan["b"] // plan["chunks"]), image,
                          tuple(jnp.zeros((bj,), F32) for _ in range(8)))
   # (first pixel, step, length) of each side within its image
   sides = {"top": (0, 1, w), "bottom": ((h - 1) * w, 1, w), "left": (0, w, h),

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from qlhs_jax.benchmarks import stencil_times, table
 
 
@@ -47,3 +49,20 @@ def test_cpu_smoke_run(tmp_path, capsys):
       "sums pallas@8,8,4", "du gather",
       "du autodiff", "du pallas@8,16,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
+
+
+def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
+  """--kernels sums: pass 3's sums and their XLA reference only (what gpu_h100.sh's
+  ncu_kernel runs under the profiler); a kernel it does not know is refused by name."""
+  rec = tmp_path / "r.jsonl"
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2_block0",
+                             "--sums-tilings", "8,8,4", "--kernels", "sums",
+                             "--record", str(rec)]) == 0
+  out = capsys.readouterr().out
+  assert "network so far, sums" in out and "network so far, du" not in out, out
+  r = json.loads(rec.read_text().splitlines()[-1])
+  assert set(r["shapes"]["stage2_block0"]) == {"sums xla", "sums pallas@8,8,4"}
+  with pytest.raises(SystemExit):
+    stencil_times.main(["--kernels", "sums,gram"])
+  assert "--kernels 'sums,gram': name some of stats, sums, du" in capsys.readouterr().err
