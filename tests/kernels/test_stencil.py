@@ -87,7 +87,8 @@ def numpy_lag_sums(u):
 
 # Border cases of the lag form: one row, one column, two of each, an image narrower
 # than the longest lag; tiles that straddle images; sides summed in pieces of m
-# positions (the tiling's pixels), the last one partial (5 = 4 + 1; 9 = 4 x 2 + 1).
+# positions (the tiling's pixels), the last one partial (m = 4: 5 = 4 + 1; m = 2:
+# 9 = 2 + 2 + 2 + 2 + 1).
 LAG_SHAPES = [((2, 1, 5, 4), "stats=4,4,1,1"), ((3, 4, 1, 2), "stats=2,2,1,1"),
               ((2, 2, 2, 4), "stats=8,2,2,1"), ((1, 3, 7, 8), ""),
               ((4, 5, 3, 4), "stats=16,4,4,1"), ((2, 9, 6, 4), "stats=2,4,1,1")]
