@@ -56,7 +56,7 @@ def get(var: str) -> str:
 def chosen() -> dict[str, str]:
   """Every setting :func:`get` gives a value now, by config.kernels key; a setting left
   empty (the readers' built-in default) is left out."""
-  return {key: get(var) for key, var in VARIABLES.items() if get(var)}
+  return {key: value for key, var in VARIABLES.items() if (value := get(var))}
 
 
 def name(var: str) -> str:
