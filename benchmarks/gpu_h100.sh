@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|ncu|block|variants|configs|input|host|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|ncu|block|variants|configs|input|host|all]
 # Start with "profile" (NOTES.md experiment 22); a 15-minute device session has room for
 # one such call (on 2026-12-04 a warm machine took a second, shorter one). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -26,6 +26,15 @@
 #   on the statistics, changed since; the three stencil kernels alone at stage 1 with
 #   tiles that read whole rows of u; a second sample of QLHS_STENCIL_GRID=channels (+1.0%
 #   in experiment 22, one sample).
+# "stem" (time limits add up to 440 s; NOTES.md experiment 23): the stem convolution
+#   computed on 2x2 blocks (stem_conv="space_to_depth": a 4x4 stride-1 convolution of 16
+#   channels, where cuDNN ran the 7x7/2 one at 17 TFLOP/s) in both models, Eq.(3)
+#   "auto" against ResNet50 on uint8 batches, the Eq.(3) step profiled; ResNet50 with
+#   the direct stem convolution, the same call's baseline; then QLHS_PRODUCT_FORM=pallas
+#   profiled (one step sample, -0.9% in experiment 22), for its kernels' times against
+#   XLA's loop fusions of the first row (the product at 1.6 TB/s, pass 4 at 2.4 TB/s).
+#   The two profiles' HLO share a name in hlo.tar: tar xf hlo.tar --occurrence=2 for
+#   the second.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -99,7 +108,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -240,6 +249,16 @@ if [ "$PART" = profile ]; then
   # sample; the default stays "pixels" until a second one agrees. Against the first row.
   QLHS_STENCIL_GRID=channels bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
+fi
+if [ "$PART" = stem ]; then
+  # Experiment 23's profile: the stem's convolution 1.74 ms and its kernel's gradient 1.10
+  # ms of the 35.8 ms step (ResNet50 has the same stem).
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --set 'stem_conv="space_to_depth"' --vs resnet50 --vs-set 'stem_conv="space_to_depth"' \
+    --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
+  bench 90 --model resnet50 --input uint8
+  QLHS_PRODUCT_FORM=pallas bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --set 'stem_conv="space_to_depth"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

@@ -36,8 +36,8 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model                 # a name from qlhs_jax.models.names()
   # Module fields of the model; None keeps the registry's value. ResNet50 and
-  # MobileNetV3 take only widths/depths/stem/stem_pool/stem_pad_channels (ResNet) or
-  # none of them.
+  # MobileNetV3 take only widths/depths/stem/stem_pool/stem_pad_channels/stem_conv
+  # (ResNet) or none of them.
   # Typed placeholders, so that the command line can set them
   # (--config.model_overrides.fuse_d_bn=xla); a plain None cannot be overridden.
   ph = ml_collections.config_dict.placeholder
@@ -45,8 +45,8 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
       d_impl=ph(str), remat=ph(str), hidden_layout=ph(str), fuse_d_bn=ph(str),
       block_max_width=ph(int), pin_hidden_layout=ph(bool), widths=ph(tuple),
       depths=ph(tuple), stem=ph(str), stem_pool=ph(str), stem_pad_channels=ph(int),
-      expansion=ph(int), weight_sharing=ph(bool), activation=ph(str),
-      placement=ph(str), eq6_c_norm=ph(bool)))
+      stem_conv=ph(str), expansion=ph(int), weight_sharing=ph(bool),
+      activation=ph(str), placement=ph(str), eq6_c_norm=ph(bool)))
   # Which kernels compute D + BatchNorm + product and BatchNorm's sums, and their tiles
   # (qlhs_jax.kernels.settings; benchmarks/NOTES.md has what each was measured at).
   # Empty: the QLHS_* environment variable of the same meaning, else the default ("auto":

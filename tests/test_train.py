@@ -232,7 +232,7 @@ def test_every_model_override_can_be_set_on_the_command_line():
             "fuse_d_bn": "xla", "block_max_width": 64, "pin_hidden_layout": True,
             "widths": [8, 16],
             "depths": [1, 1], "stem": "small", "stem_pool": "autodiff",
-            "stem_pad_channels": 0, "expansion": 6,
+            "stem_pad_channels": 0, "stem_conv": "direct", "expansion": 6,
             "weight_sharing": False, "activation": "relu", "placement": "all",
             "eq6_c_norm": False}
   assert set(values) == set(qconfig.base_config().model_overrides)

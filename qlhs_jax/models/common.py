@@ -150,6 +150,45 @@ def batchnorm_affine(bn_params, bn_stats):
   return a, b
 
 
+def space_to_depth_conv(x, kernel):
+  """The ``k`` x ``k`` convolution of stride 2 and padding ``k // 2`` on every side (odd
+  ``k``, NHWC, HWIO, ungrouped) as a stride-1 convolution of ``(k + 1) // 2`` squared
+  taps on the image's 2x2 blocks, each block's pixels as 4x the channels.
+
+  Output pixel ``o`` reads padded input ``2*o + d``, d = 0 .. k-1; with d = 2*q + r that
+  is block ``o + q``, pixel ``r`` of it. So the kernel, zero-padded to k + 1 taps, is
+  regrouped as ``K[q, (r, c)] = k[2*q + r, c]`` and the padded image as blocks ``X[a,
+  (r, c)] = x[2*a + r, c]`` (the same (row parity, column parity, channel) order); the
+  zero tap k meets only padding or the row past the last one read. The same sums as the
+  direct convolution, in another order; the kernel's gradient flows back through the
+  regrouping to ``kernel`` itself.
+
+  Why: cuDNN ran the stem's 7x7/2 convolution of 3 (or 4) channels at ~17 TFLOP/s on
+  the H100 and the H200 (1.7-1.8 ms forward and 1.1-1.2 ms for the kernel's gradient a
+  step at batch 256, benchmarks/NOTES.md experiments 13 and 23). Blocked, it is a 4x4
+  stride-1 convolution of 16 channels (with the stem's zero fourth channel), the shape
+  tensor cores take, at 256 multiply-adds an output value against the 147 that count.
+  MLPerf's TPU ResNet-50 computes its stem the same way ("space-to-depth").
+  """
+  b, h, w, c = x.shape
+  kh, kw, kc, o = kernel.shape
+  if kh % 2 == 0 or kw % 2 == 0 or kc != c:
+    raise ValueError(f"space_to_depth_conv: want an odd kernel over the input's {c} "
+                     f"channels, got kernel {kernel.shape}")
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # (h + 2*(k//2) - k) // 2 + 1
+  qh, qw = (kh + 1) // 2, (kw + 1) // 2
+  # Padding k//2 in front, and behind up to the 2*(ho + qh - 1) rows the taps reach.
+  rows, cols = 2 * (ho + qh - 1), 2 * (wo + qw - 1)
+  x = jnp.pad(x, ((0, 0), (kh // 2, rows - h - kh // 2), (kw // 2, cols - w - kw // 2),
+                  (0, 0)))
+  x = x.reshape(b, rows // 2, 2, cols // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, rows // 2, cols // 2, 4 * c)
+  k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  k = k.reshape(qh, 2, qw, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(qh, qw, 4 * c, o)
+  return lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class ConvNorm(nn.Module):
   """Convolution (bias-free) followed by BatchNorm; with ``folded`` a convolution with bias.
 
@@ -157,7 +196,8 @@ class ConvNorm(nn.Module):
   input's channels are zero-padded up to this many before the (ungrouped) convolution,
   and the kernel's input channels with zeros that are not parameters, so the values,
   parameters and gradients are those of the unpadded convolution (ResNet's stem, see
-  :func:`resnet_stem`).
+  :func:`resnet_stem`). ``space_to_depth``: a stride-2 convolution computed by
+  :func:`space_to_depth_conv` (the same parameters and sums).
   """
   features: int
   kernel_size: Sequence[int] = (1, 1)
@@ -168,6 +208,7 @@ class ConvNorm(nn.Module):
   train: bool = False
   bn_groups: int = 1
   pad_in_channels: int = 0
+  space_to_depth: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -188,7 +229,12 @@ class ConvNorm(nn.Module):
                          f"convolution (groups={self.groups})")
       x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
       kernel = jnp.pad(kernel, ((0, 0),) * (kernel.ndim - 2) + ((0, extra), (0, 0)))
-    if k == (1, 1):
+    if self.space_to_depth:
+      if self.strides != 2 or self.groups != 1:
+        raise ValueError(f"space_to_depth computes an ungrouped stride-2 convolution, got "
+                         f"strides={self.strides}, groups={self.groups}")
+      y = space_to_depth_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    elif k == (1, 1):
       if self.strides > 1:
         x = x[:, ::self.strides, ::self.strides, :]
       y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
@@ -205,10 +251,11 @@ class ConvNorm(nn.Module):
 
 
 STEM_POOLS = ("argmax", "argmax_fused", "autodiff")
+STEM_CONVS = ("direct", "space_to_depth")
 
 
 def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
-                pad_channels: int = 0):
+                pad_channels: int = 0, conv: str = "direct"):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
   a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
   :func:`relu_max_pool_3x3_s2` ("argmax"), as :func:`relu_max_pool_3x3_s2_fused` (its
@@ -223,12 +270,17 @@ def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
   channels in multiples of 4 or 8; NVIDIA's convolution guide says that for a first
   layer of stride 2, padding 3 channels to 4 is enough. On the H100 the unpadded stem
   convolution ran at 17 TFLOP/s, 1.8 ms forward and 1.2 ms for its weight gradient a
-  step (benchmarks/NOTES.md, experiments 13 and 17)."""
+  step (benchmarks/NOTES.md, experiments 13 and 17).
+
+  ``conv``: the 7x7/2 convolution as one ("direct") or by :func:`space_to_depth_conv`
+  (a 4x4 stride-1 convolution on 2x2 blocks; the same parameters and sums)."""
   if pool not in STEM_POOLS:
     raise ValueError(f"unknown stem_pool {pool!r}; choose one of {STEM_POOLS}")
+  if conv not in STEM_CONVS:
+    raise ValueError(f"unknown stem_conv {conv!r}; choose one of {STEM_CONVS}")
   if stem == "imagenet":
     y = ConvNorm(width, (7, 7), 2, name="stem", pad_in_channels=pad_channels,
-                 **common)(x)
+                 space_to_depth=conv == "space_to_depth", **common)(x)
     if pool == "autodiff":
       return max_pool_3x3_s2(nn.relu(y))
     return (relu_max_pool_3x3_s2 if pool == "argmax" else relu_max_pool_3x3_s2_fused)(y)

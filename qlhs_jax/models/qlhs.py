@@ -390,6 +390,7 @@ class QLHSNet(nn.Module):
   stem: str = "imagenet"
   stem_pool: str = "argmax"
   stem_pad_channels: int = 4
+  stem_conv: str = "space_to_depth"
   eq6_c_norm: bool = True
   d_impl: str = "shifted"
   remat: str = "none"
@@ -425,7 +426,7 @@ class QLHSNet(nn.Module):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
     x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common,
-                    self.stem_pool, self.stem_pad_channels)
+                    self.stem_pool, self.stem_pad_channels, self.stem_conv)
     layout = self.block_layout()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")

@@ -44,6 +44,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   stem_pool: str = "argmax"
   stem_pad_channels: int = 4
+  stem_conv: str = "space_to_depth"
   folded: bool = False
   bn_groups: int = 1
   dtype: Dtype = jnp.bfloat16
@@ -54,7 +55,7 @@ class ResNet(nn.Module):
     common = dict(folded=self.folded, train=train, bn_groups=self.bn_groups,
                   dtype=self.dtype, param_dtype=self.param_dtype)
     x = resnet_stem(x.astype(self.dtype), self.widths[0], self.stem, common,
-                    self.stem_pool, self.stem_pad_channels)
+                    self.stem_pool, self.stem_pad_channels, self.stem_conv)
     for k, (width, depth) in enumerate(zip(self.widths, self.depths)):
       for i in range(depth):
         x = Bottleneck(width, 2 if (k > 0 and i == 0) else 1,

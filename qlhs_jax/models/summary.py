@@ -44,12 +44,12 @@ def _jaxpr_macs(jaxpr) -> int:
 
 
 def count_macs(model, size: int = 224) -> int:
-  """Forward MACs of one ``size`` x ``size`` image (the stem's zero input channel, an
-  implementation detail, not counted)."""
+  """Forward MACs of one ``size`` x ``size`` image (the stem's zero input channel and
+  the zero taps of its space-to-depth form, implementation details, not counted)."""
   if hasattr(model, "d_impl"):
     model = model.clone(d_impl="grouped")
   if hasattr(model, "stem_pad_channels"):
-    model = model.clone(stem_pad_channels=0)
+    model = model.clone(stem_pad_channels=0, stem_conv="direct")
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)

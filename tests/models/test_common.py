@@ -1,13 +1,15 @@
 """The stem's ReLU + max-pool (``common.relu_max_pool_3x3_s2``, ``stem_pool="argmax"``,
 and its first backward, ``relu_max_pool_3x3_s2_fused``) against JAX's autodiff of
 ``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included; the ``stem_pool`` choices
-give the same network; the stem's padded input channels change nothing."""
+give the same network; the stem's padded input channels and its space-to-depth
+convolution change nothing."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from qlhs_jax.models import QLHSNet, ResNet
 from qlhs_jax.models.common import (STEM_POOLS, max_pool_3x3_s2, relu_max_pool_3x3_s2,
@@ -136,6 +138,7 @@ def test_stem_pad_channels_gives_the_same_network(model):
   loss, gradients and BatchNorm statistics as the unpadded stem (0), train and eval."""
   from qlhs_jax.models.common import ConvNorm
   assert model.stem_pad_channels == 4
+  model = model.clone(stem_conv="direct")  # the lowering below reads its input as given
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   labels = jnp.arange(4) % 5
   v = model.init(jax.random.PRNGKey(1), x)
@@ -161,6 +164,84 @@ def test_stem_pad_channels_gives_the_same_network(model):
   assert grad.shape == (7, 7, 3, model.widths[0]) and float(jnp.abs(grad).max()) > 0
   with pytest.raises(ValueError, match="pad_in_channels=4 needs an ungrouped"):
     ConvNorm(4, (3, 3), groups=3, pad_in_channels=4).init(jax.random.PRNGKey(0), x)
+
+
+def _conv_stride2_numpy(x, k):
+  """The stride-2 convolution with padding k//2 (NHWC, HWIO) in float64, tap by tap."""
+  kh, kw = k.shape[:2]
+  b, h, w, _ = x.shape
+  ho, wo = (h + 2 * (kh // 2) - kh) // 2 + 1, (w + 2 * (kw // 2) - kw) // 2 + 1
+  xp = np.pad(x, ((0, 0), (kh // 2,) * 2, (kw // 2,) * 2, (0, 0)))
+  out = np.zeros((b, ho, wo, k.shape[3]))
+  for dy in range(kh):
+    for dx in range(kw):
+      patch = xp[:, dy:dy + 2 * ho - 1:2, dx:dx + 2 * wo - 1:2, :]
+      out += np.einsum("bhwc,co->bhwo", patch, k[dy, dx])
+  return out
+
+
+@pytest.mark.parametrize("h,w,k,c", [(32, 32, 7, 4), (33, 17, 7, 3), (9, 10, 3, 2),
+                                     (11, 12, 5, 4), (2, 1, 7, 3)])
+def test_space_to_depth_conv_is_the_stride_2_convolution(h, w, k, c):
+  """common.space_to_depth_conv against the convolution summed tap by tap in NumPy
+  (float64), odd sizes and images smaller than the kernel included; its kernel gradient
+  against JAX's of the direct convolution."""
+  from qlhs_jax.models.common import space_to_depth_conv
+  rng = np.random.default_rng(h * 100 + w)
+  x, kern = rng.standard_normal((2, h, w, c)), rng.standard_normal((k, k, c, 5))
+  with jax.enable_x64(True):
+    got = space_to_depth_conv(jnp.asarray(x), jnp.asarray(kern))
+    np.testing.assert_allclose(got, _conv_stride2_numpy(x, kern), rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(got.shape)
+    direct = lambda kk: jnp.sum(g * lax.conv_general_dilated(
+        jnp.asarray(x), kk, (2, 2), [(k // 2, k // 2)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    blocked = lambda kk: jnp.sum(g * space_to_depth_conv(jnp.asarray(x), kk))
+    np.testing.assert_allclose(jax.grad(blocked)(jnp.asarray(kern)),
+                               jax.grad(direct)(jnp.asarray(kern)), rtol=1e-12, atol=1e-12)
+  with pytest.raises(ValueError, match="odd kernel"):
+    space_to_depth_conv(jnp.zeros((1, 8, 8, c)), jnp.zeros((4, 4, c, 5)))
+
+
+@pytest.mark.parametrize("model", [
+    ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, dtype=jnp.float32),
+    QLHSNet(widths=(4, 8), depths=(1, 1), num_classes=5, dtype=jnp.float32)])
+def test_stem_conv_space_to_depth_gives_the_same_network(model):
+  """stem_conv="space_to_depth" (the default) computes the 7x7/2 stem convolution as a
+  4x4 stride-1 convolution of 16 channels (the image's 3, the zero fourth, on 2x2
+  blocks) with the same (7, 7, 3, width) parameter: the same loss, gradients and
+  BatchNorm statistics as "direct", train, eval and BN-folded; odd image sizes too."""
+  from qlhs_jax.models.fold import apply_folded, fold_batchnorm
+  assert model.stem_conv == "space_to_depth"
+  s2d, direct = model, model.clone(stem_conv="direct")
+  for size in (32, 29):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
+    labels = jnp.arange(4) % 5
+    v = direct.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, s2d.init(jax.random.PRNGKey(1), x)) == \
+        jax.tree.map(jnp.shape, v)
+    out = {}
+    for m in (direct, s2d):
+      def loss_fn(params):
+        logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                              train=True, mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
+      folded = fold_batchnorm(m, v["params"], v["batch_stats"])
+      out[m.stem_conv] = (jax.value_and_grad(loss_fn, has_aux=True)(v["params"]),
+                          m.apply(v, x), apply_folded(m, folded, x))
+      text = jax.jit(lambda x: m.apply(v, x)).lower(x).as_text()
+      conv = [l for l in text.splitlines() if "stablehlo.convolution" in l][0]
+      half = (size + 1) // 2 + 3  # the blocks of the padded image
+      want = (f"tensor<4x{half}x{half}x16xf32>, tensor<4x4x16x{model.widths[0]}xf32>"
+              if m is s2d else f"tensor<4x{size}x{size}x4xf32>")
+      assert want in conv, conv
+    for a, b in zip(jax.tree.leaves(out["direct"]), jax.tree.leaves(out["space_to_depth"])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown stem_conv 'fft'"):
+    model.clone(stem_conv="fft").init(jax.random.PRNGKey(1), x)
+  with pytest.raises(ValueError, match="space_to_depth computes an ungrouped stride-2"):
+    from qlhs_jax.models.common import ConvNorm
+    ConvNorm(4, (3, 3), 1, space_to_depth=True).init(jax.random.PRNGKey(0), x)
 
 
 def test_argmax_pool_train_step_on_a_sharded_mesh():
