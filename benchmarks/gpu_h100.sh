@@ -2,8 +2,9 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|ncu|block|variants|configs|input|host|all]
-# Start with "profile" (NOTES.md experiment 22); a 15-minute device session has room for
-# one such call (on 2026-12-04 a warm machine took a second, shorter one). "block",
+# "profile" and "stem" ran on 2026-12-04 (NOTES.md experiment 23); next: "configs", then
+# "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+# (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
 # each is ~500 s).
 # "step" (time limits add up to 560 s): benchmarks.stencil_times times the statistics,

@@ -14,7 +14,8 @@ embedded-digits laptop version.
 
 Hardware: one H100 80GB, batch 256, bfloat16. Expected time: ImageNet-100 has ~126.7k
 training images, so 50 epochs are 6.3M images: ~18 minutes of GPU compute at the
-harness's 5.7k img/s for softball_ds (README, Speed; H100), if the host keeps up; one
+harness's 5.7k img/s for softball_ds (README, Speed; H100; ~14 minutes at the 7.6k
+of an H200), if the host keeps up; one
 16-core host decodes ~2k img/s with the recipe's augmentation (README, Data), which
 makes it ~55 minutes. Not yet run end to end here: expect the paper's top-1 above.
 

@@ -4,7 +4,7 @@ r"""ResNet50 baseline (timm resnet50), ImageNet-100, 50 epochs, 224 px.
 
 Paper (Table 1): top-1 84.52, 23.7M parameters. ``configs/resnet50.py:quickstart`` is
 the embedded-digits laptop version. Hardware: one H100 80GB, batch 256, bfloat16.
-Expected time: ~16 minutes of GPU compute at the harness's 6.6k img/s (README, Speed;
+Expected time: ~14 minutes of GPU compute at the harness's 7.4k img/s (README, Speed;
 H200), ~55 minutes when one 16-core host decodes the images. Not yet run end to end
 here: expect the paper's top-1 above.
 """
