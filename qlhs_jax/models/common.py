@@ -159,8 +159,8 @@ def space_to_depth_conv(x, kernel):
   is block ``o + q``, pixel ``r`` of it. So the kernel, zero-padded to k + 1 taps, is
   regrouped as ``K[q, (r, c)] = k[2*q + r, c]`` and the padded image as blocks ``X[a,
   (r, c)] = x[2*a + r, c]`` (the same (row parity, column parity, channel) order); the
-  zero tap k meets only padding or the row past the last one read. The same sums as the
-  direct convolution, in another order; the kernel's gradient flows back through the
+  added tap d = k has zero weights and adds nothing. The same sums as the direct
+  convolution, in another order; the kernel's gradient flows back through the
   regrouping to ``kernel`` itself.
 
   Why: cuDNN ran the stem's 7x7/2 convolution of 3 (or 4) channels at ~17 TFLOP/s on
