@@ -468,14 +468,13 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *, plan):
+def _bn_sums_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-  mean, rstd = mean_ref[cols][None, :], rstd_ref[cols][None, :]
   wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
 
   def body(i, acc):
@@ -486,13 +485,10 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, k_ref, mean_ref, rstd_ref, out_ref, *,
     live = (ti * m + iota < plan["rows"])[:, None]
     pix = pl.ds(p0, m)
     g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
-    taps = [wide(tile.tap(u_ref, t, j0, bj)) for t in range(9)]  # (m, bj*e) each
-    x = taps[0] * k_ref[0, cols][None, :]
-    for t in range(1, 9):
-      x += taps[t] * k_ref[t, cols][None, :]
-    return (acc[0] + g, acc[1] + g * ((x - mean) * rstd),
-            *(a + tap * g for a, tap in zip(acc[2:], taps)))
-  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(11)))
+    # Each tap widened, multiplied and dropped: no D u, no tap kept live.
+    return (acc[0] + g, *(acc[1 + t] + wide(tile.tap(u_ref, t, j0, bj)) * g
+                          for t in range(9)))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(10)))
   for k, a in enumerate(acc):
     out_ref[ch, k, cols] = a.sum(0)
 
@@ -503,7 +499,16 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
   ``d_bn_product._xla_backward_sums``'s. ``u`` (B, H, W, n), ``c5``/``dp5`` (B, Ho, Wo,
-  n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e)."""
+  n, e), ``k9`` (9, n, e), ``mean``/``rstd`` (1, n, e).
+
+  The kernel sums g and the nine tap_t * g, and no D u: since D u = sum_t k_t tap_t,
+  sum(g * xhat) = rstd * (sum_t k_t sum(tap_t g) - mean * sum(g)). Each pixel and
+  hidden channel takes 9 multiply-adds and 10 running sums instead of 18 and 11 (D u's
+  nine taps, then xhat); before 2026-12-04 it summed g * xhat itself (benchmarks/NOTES.md,
+  experiment 23). Float32 cancellation: like the statistics' k^T M k (and
+  ``d_bn_product._xla_kernel_grad``), large only where D u is much smaller than u's
+  taps; tests/kernels checks a zero-sum kernel on u offset by 100 standard deviations
+  against float64."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
@@ -516,13 +521,13 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
   kernel = functools.partial(_bn_sums_kernel, plan=plan)
   part = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((chunks, 11, n * e), F32),
+      kernel, out_shape=jax.ShapeDtypeStruct((chunks, 10, n * e), F32),
       grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums"],
-      **_params(warps, interpret))(
-          u2, flat(c5), flat(dp5), k9.astype(F32).reshape(9, n * e),
-          mean.astype(F32).reshape(n * e), rstd.astype(F32).reshape(n * e))
-  sums = part.sum(0).reshape(11, n, e)
-  return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
+      **_params(warps, interpret))(u2, flat(c5), flat(dp5))
+  sums = part.sum(0).reshape(10, n, e)
+  sg, tg = sums[0], sums[1:]  # (n, e), (9, n, e)
+  sgx = rstd[0] * (jnp.einsum("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
+  return sg[None], sgx[None], jnp.moveaxis(tg, 0, 1)[None]
 
 
 # ------------------------------------------------------------------------------------
