@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|ncu|block|variants|configs|input|host|all]
-# "profile" and "stem" ran on 2026-12-04 (NOTES.md experiment 23); next: "configs", then
-# "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all]
+# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums",
+# then "configs", then "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
 # each is ~500 s).
@@ -40,6 +40,11 @@
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
 #   experiment 23).
+# "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
+#   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
+#   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
+#   call, with ResNet50 and a second sample of the default: the step did not move
+#   between two calls, and this says whether that was noise.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -113,7 +118,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -268,6 +273,12 @@ fi
 if [ "$PART" = eq3 ]; then
   bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" \
     --profile-dir "$OUT"
+fi
+if [ "$PART" = sums ]; then
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  QLHS_SUMS_FORM=pallas_xhat bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

@@ -13,7 +13,8 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   ("pallas") and from all 54 products ("pallas_gram", experiment 13's kernel);
 - ``sums``: pass 3's sums of ``fuse_d_bn="xla"`` (g, g * xhat and the nine tap products
   of g), as ``d_bn_product._xla_backward_sums`` reduces them ("xla") and as
-  ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps);
+  ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps), from the
+  taps' products ("pallas") and from D u and xhat as before 2026-12-04 ("pallas_xhat");
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
@@ -79,6 +80,8 @@ def _functions(stride, side, interpret):
           u, dx, dx, k9, *moments(k9), *moments(k9), stride, 1)[1:],
       ("sums", "pallas"): lambda u, dx, k9: stencil.bn_sums(
           u, dx, dx, k9, *moments(k9), stride, interpret),
+      ("sums", "pallas_xhat"): lambda u, dx, k9: stencil.bn_sums(
+          u, dx, dx, k9, *moments(k9), stride, interpret, xhat=True),
       ("du", "gather"): lambda u, dx, k9: dbn._d_transpose(
           dx, k9, stride, hw, "gather").astype(u.dtype),
       ("du", "autodiff"): lambda u, dx, k9: dbn._d_transpose(
@@ -115,7 +118,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   # that each form's network total covers every shape.
   todo += [("stats", form, t) for form in ("pallas", "pallas_gram")
            for t in stats_tilings]
-  todo += [("sums", "pallas", t) for t in sums_tilings]
+  todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") for t in sums_tilings]
   todo += [("du", "pallas", t) for t in du_tilings]
   todo = [item for item in todo if item[0] in kernels]
   for kernel, form, tiling in todo:

@@ -124,7 +124,7 @@ def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
 
 DU_FORMS = ("gather", "autodiff", "pallas")
 STATS_FORMS = ("xla", "pallas", "pallas_gram")
-SUMS_FORMS = ("xla", "pallas")
+SUMS_FORMS = ("xla", "pallas", "pallas_xhat")
 # Unset, each form variable means "auto": stencil_on_gpu() picks.
 FORM_DEFAULT = "auto"
 
@@ -210,7 +210,8 @@ def du_form(n: int | None = None, e: int = 1) -> str:
 def sums_form(n: int | None = None, groups: int = 1, e: int = 1) -> str:
   """How pass 3 of impl "xla" sums g, g * xhat and the tap products of g:
   QLHS_SUMS_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.bn_sums``;
-  else "xla", one stacked reduction)."""
+  else "xla", one stacked reduction). "pallas_xhat" is that kernel as it was before
+  2026-12-04, summing g * xhat from D u itself, kept to time against it on the GPU."""
   return _form("QLHS_SUMS_FORM", SUMS_FORMS, "xla", n, groups, e)
 
 
@@ -395,11 +396,13 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
   from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
   # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
-  if sums_form(u.shape[-1], groups, c5.shape[-1]) == "pallas":
+  form = sums_form(u.shape[-1], groups, c5.shape[-1])
+  if form != "xla":
     from qlhs_jax.kernels import stencil  # imports this module
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
-    sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride)
+    sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride,
+                                  xhat=form == "pallas_xhat")
   else:
     g = dp5.astype(F32) * c5.astype(F32)
     xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))

@@ -35,8 +35,10 @@ at stage 1 from 0.326 to 0.237 ms and at stage 2's first block from 0.378 to 0.1
   (QLHS_STATS_FORM=pallas, auto's pick) they come instead from :func:`lag_sums`: 13
   lag products per pixel and u's border terms (:func:`stats_from_lags`);
   ``pallas_gram`` keeps the 54 products at every stride.
-- :func:`bn_sums`: pass 3's 2 + 9 sums over the pixels, per hidden channel, from u, c
-  and dp, with one running tile per sum like the statistics;
+- :func:`bn_sums`: pass 3's sums over the pixels, per hidden channel, from u, c and dp:
+  g and the nine tap_t * g, with one running tile per sum like the statistics; the sum
+  of g * xhat follows from them (``xhat=True``: summed from D u, the kernel before
+  2026-12-04);
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
   e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
   pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
@@ -468,7 +470,7 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _bn_sums_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
+def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
   ch, cb = _ids(plan)
@@ -476,6 +478,11 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
+  if xhat:  # the kernel before 2026-12-04 (QLHS_SUMS_FORM=pallas_xhat)
+    k_ref, mean_ref, rstd_ref, out_ref = refs
+    mean, rstd = mean_ref[cols][None, :], rstd_ref[cols][None, :]
+  else:
+    (out_ref,) = refs
 
   def body(i, acc):
     ti = ch * tpc + i
@@ -485,16 +492,26 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
     live = (ti * m + iota < plan["rows"])[:, None]
     pix = pl.ds(p0, m)
     g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
-    # Each tap widened, multiplied and dropped: no D u, no tap kept live.
-    return (acc[0] + g, *(acc[1 + t] + wide(tile.tap(u_ref, t, j0, bj)) * g
-                          for t in range(9)))
-  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(10)))
+    if not xhat:
+      # Each tap widened, multiplied and dropped: no D u, no tap kept live.
+      return (acc[0] + g, *(acc[1 + t] + wide(tile.tap(u_ref, t, j0, bj)) * g
+                            for t in range(9)))
+    # D u from the nine taps, then g * xhat: 11 running sums.
+    taps = [wide(tile.tap(u_ref, t, j0, bj)) for t in range(9)]  # (m, bj*e) each
+    x = taps[0] * k_ref[0, cols][None, :]
+    for t in range(1, 9):
+      x += taps[t] * k_ref[t, cols][None, :]
+    return (acc[0] + g, acc[1] + g * ((x - mean) * rstd),
+            *(a + tap * g for a, tap in zip(acc[2:], taps)))
+  sums = 11 if xhat else 10
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(sums)))
   for k, a in enumerate(acc):
     out_ref[ch, k, cols] = a.sum(0)
 
 
 def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
-            rstd: jax.Array, stride: int, interpret: bool | None = None):
+            rstd: jax.Array, stride: int, interpret: bool | None = None,
+            xhat: bool = False):
   """Pass 3's sums of ``d_bn_product``'s "xla" path with g = dp * c over the output
   pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
@@ -508,7 +525,8 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   experiment 23). Float32 cancellation: like the statistics' k^T M k (and
   ``d_bn_product._xla_kernel_grad``), large only where D u is much smaller than u's
   taps; tests/kernels checks a zero-sum kernel on u offset by 100 standard deviations
-  against float64."""
+  against float64. ``xhat``: the kernel as it was, summing g * xhat from D u
+  (QLHS_SUMS_FORM=pallas_xhat), kept to time against this one in one call."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
@@ -519,12 +537,17 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
   # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
   flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
-  kernel = functools.partial(_bn_sums_kernel, plan=plan)
+  vectors = ([k9.astype(F32).reshape(9, n * e), mean.astype(F32).reshape(n * e),
+              rstd.astype(F32).reshape(n * e)] if xhat else [])
+  count = 11 if xhat else 10
   part = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((chunks, 10, n * e), F32),
+      functools.partial(_bn_sums_kernel, plan=plan, xhat=xhat),
+      out_shape=jax.ShapeDtypeStruct((chunks, count, n * e), F32),
       grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums"],
-      **_params(warps, interpret))(u2, flat(c5), flat(dp5))
-  sums = part.sum(0).reshape(10, n, e)
+      **_params(warps, interpret))(u2, flat(c5), flat(dp5), *vectors)
+  sums = part.sum(0).reshape(count, n, e)
+  if xhat:
+    return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
   sg, tg = sums[0], sums[1:]  # (n, e), (9, n, e)
   sgx = rstd[0] * (jnp.einsum("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
   return sg[None], sgx[None], jnp.moveaxis(tg, 0, 1)[None]

@@ -46,7 +46,7 @@ def test_cpu_smoke_run(tmp_path, capsys):
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
       "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3", "sums xla",
-      "sums pallas@8,8,4", "du gather",
+      "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "du gather",
       "du autodiff", "du pallas@8,16,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
@@ -62,7 +62,8 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "network so far, sums" in out and "network so far, du" not in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
-  assert set(r["shapes"]["stage2_block0"]) == {"sums xla", "sums pallas@8,8,4"}
+  assert set(r["shapes"]["stage2_block0"]) == {"sums xla", "sums pallas@8,8,4",
+                                               "sums pallas_xhat@8,8,4"}
   with pytest.raises(SystemExit):
     stencil_times.main(["--kernels", "sums,gram"])
   assert "--kernels 'sums,gram': name some of stats, sums, du" in capsys.readouterr().err

@@ -126,9 +126,12 @@ SUMS_SHAPES = [  # (B, H, W, n), stride, e, tiling
 ]
 
 
+@pytest.mark.parametrize("xhat", [False, True])
 @pytest.mark.parametrize("shape,stride,e,spec", SUMS_SHAPES)
-def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec):
-  """Pass 3's three sums equal float64 NumPy sums, and what the XLA pass reduces."""
+def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec, xhat):
+  """Pass 3's three sums equal float64 NumPy sums, and what the XLA pass reduces: from
+  the taps' products with g (the default) and from D u and xhat (QLHS_SUMS_FORM=
+  pallas_xhat)."""
   monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
   b, h, w, n = shape
   ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
@@ -138,7 +141,7 @@ def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec):
           rng.normal(size=(1, n, e)), rng.uniform(0.5, 2.0, size=(1, n, e)))
   want = numpy_bn_sums(*args, stride)
   a32 = [jnp.asarray(a, jnp.float32) for a in args]
-  got = stencil.bn_sums(*a32, stride, interpret=True)
+  got = stencil.bn_sums(*a32, stride, interpret=True, xhat=xhat)
   zero = jnp.zeros((1, n, e))
   xla = dbn._xla_backward_sums(*a32[:4], zero, zero, *a32[4:], stride, 1)[1:]
   for g, x, w_ in zip(got, xla, want):
@@ -324,19 +327,27 @@ def d_bn_product_matches_float64(seed, stride):
   return a32
 
 
-@pytest.mark.parametrize("stats", ["pallas", "pallas_gram"])
+@pytest.mark.parametrize("stats,sums", [("pallas", "pallas"), ("pallas_gram", "pallas"),
+                                        ("pallas", "pallas_xhat")])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride,
-                                                                     stats):
+                                                                     stats, sums):
   """fuse_d_bn="xla" with the three Pallas forms (the statistics from lags at stride 1,
-  or from all products): outputs and all five gradients as float64 autodiff of the
-  plain formula."""
+  or from all products; pass 3's sums from the taps' products, or from D u and xhat):
+  outputs and all five gradients as float64 autodiff of the plain formula."""
   monkeypatch.setenv("QLHS_STATS_FORM", stats)
-  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_SUMS_FORM", sums)
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4")
   calls = spy_on_kernels(monkeypatch)
+  xhat, real = [], stencil.bn_sums
+
+  def bn_sums(*a, **k):
+    xhat.append(k.get("xhat", False))
+    return real(*a, **k)
+  monkeypatch.setattr(stencil, "bn_sums", bn_sums)
   d_bn_product_matches_float64(3, stride)
+  assert xhat and set(xhat) == {sums == "pallas_xhat"}, xhat
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
   assert bool(calls["lag_sums"]) == (stats == "pallas" and stride == 1), calls
   assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
