@@ -212,8 +212,9 @@ NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis
   --section WarpStateStats --section SchedulerStats"
 ncu_kernel() {  # ncu_kernel SECONDS NAME KERNEL: Nsight Compute on the first launch of
   # the kernel named NAME (stencil.NAMES, which is also its name in a launch) at stage 1,
-  # stencil_times running only KERNEL (stats, sums or du), appended to $OUT/ncu.txt. ncu saves the device memory before a kernel's ~18 replays and
-  # restores it between them. On 2026-12-04, with JAX holding ~75% of the device (its
+  # stencil_times running only KERNEL (stats, sums or du), appended to $OUT/ncu.txt.
+  # ncu saves the device memory before a kernel's ~18 replays and restores it between
+  # them. On 2026-12-04, with JAX holding ~75% of the device (its
   # default preallocation), it warned "Backing up device memory in system memory. Kernel
   # replay might be slow", and 150 s covered two launches. Without the preallocation
   # JAX holds only what the shape's arrays need.

@@ -503,8 +503,8 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
       x += taps[t] * k_ref[t, cols][None, :]
     return (acc[0] + g, acc[1] + g * ((x - mean) * rstd),
             *(a + tap * g for a, tap in zip(acc[2:], taps)))
-  sums = 11 if xhat else 10
-  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32) for _ in range(sums)))
+  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj * e), F32)
+                                          for _ in range(out_ref.shape[1])))
   for k, a in enumerate(acc):
     out_ref[ch, k, cols] = a.sum(0)
 

@@ -106,6 +106,16 @@ def test_argmax_pool_backwards_agree_bit_for_bit(shape, dtype):
   assert float(jnp.abs(dx.astype(jnp.float32)).max()) > 0
 
 
+def _train_loss_and_grads(m, v, x, labels):
+  """The cross-entropy of ``m`` in train mode at ``v``'s parameters, its gradients and
+  the new BatchNorm statistics: ``((loss, new), grads)``."""
+  def loss_fn(params):
+    logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                          train=True, mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]), new
+  return jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+
+
 @pytest.mark.parametrize("model", [
     ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, dtype=jnp.float32),
     QLHSNet(widths=(4, 8), depths=(1, 1), num_classes=5, dtype=jnp.float32)])
@@ -115,13 +125,7 @@ def test_stem_pools_give_the_same_network(model):
   v = model.init(jax.random.PRNGKey(1), x)
   out = {}
   for pool in STEM_POOLS:
-    m = model.clone(stem_pool=pool)
-
-    def loss_fn(params):
-      logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                            train=True, mutable=["batch_stats"])
-      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
-    out[pool] = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+    out[pool] = _train_loss_and_grads(model.clone(stem_pool=pool), v, x, labels)
   for pool in ("argmax_fused", "autodiff"):
     for a, b in zip(jax.tree.leaves(out["argmax"]), jax.tree.leaves(out[pool])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -148,12 +152,7 @@ def test_stem_pad_channels_gives_the_same_network(model):
   out = {}
   for pad in (4, 0):
     m = model.clone(stem_pad_channels=pad)
-
-    def loss_fn(params):
-      logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                            train=True, mutable=["batch_stats"])
-      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
-    out[pad] = (jax.value_and_grad(loss_fn, has_aux=True)(v["params"]), m.apply(v, x))
+    out[pad] = (_train_loss_and_grads(m, v, x, labels), m.apply(v, x))
     # What the convolution is handed: 4 input channels, or the image's 3.
     text = jax.jit(lambda x: m.apply(v, x)).lower(x).as_text()
     lhs = [l for l in text.splitlines() if "stablehlo.convolution" in l][0]
@@ -222,12 +221,8 @@ def test_stem_conv_space_to_depth_gives_the_same_network(model):
         jax.tree.map(jnp.shape, v)
     out = {}
     for m in (direct, s2d):
-      def loss_fn(params):
-        logits, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                              train=True, mutable=["batch_stats"])
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new
       folded = fold_batchnorm(m, v["params"], v["batch_stats"])
-      out[m.stem_conv] = (jax.value_and_grad(loss_fn, has_aux=True)(v["params"]),
+      out[m.stem_conv] = (_train_loss_and_grads(m, v, x, labels),
                           m.apply(v, x), apply_folded(m, folded, x))
       text = jax.jit(lambda x: m.apply(v, x)).lower(x).as_text()
       conv = [l for l in text.splitlines() if "stablehlo.convolution" in l][0]
