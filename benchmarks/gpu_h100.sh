@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all]
-# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums",
-# then "configs", then "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all]
+# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
+# (experiment 24), then "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
 # each is ~500 s).
@@ -40,6 +40,16 @@
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
 #   experiment 23).
+# "sweep" (time limits add up to 530 s; NOTES.md experiment 24): the stencil kernels'
+#   tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row of u or dx
+#   loaded at its three horizontal shifts, not at nine taps; du ran with L1 at 94% of
+#   its peak on the H200), in one call: the default step against ResNet50 (also the
+#   second sample that "sums" wants); du and the sums alone at four tilings, tiles and
+#   walks (stencil_times, whose earlier sweeps timed one or two kernels per form: see
+#   experiment 24); the step with the sweep's choice; the step with all four walks.
+#   Each row against the first. With the time left, a second call profiles the chosen
+#   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -118,7 +128,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -138,7 +148,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -156,6 +166,17 @@ fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagree
     | tail -n "${TAIL:-20}"
   echo "exit ${PIPESTATUS[0]}"
   bring
+}
+use_stencil_choice() {  # use_stencil_choice FALLBACK: export the forms and tiling of the
+  # last "stencil_forms:" and "stencil_tiling:" lines of $OUT/stencil.txt (the forms
+  # FALLBACK where none was printed)
+  local forms spec
+  forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
+  forms=${forms:-$1}
+  spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
+  export $forms
+  if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi
+  echo "$forms QLHS_STENCIL_TILING=${QLHS_STENCIL_TILING:-(default)}" | tee -a "$OUT/log.txt"
 }
 if [ "$PART" = op ] || [ "$PART" = all ]; then
   TAIL=80 fused_op 200 --passes
@@ -180,16 +201,11 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   echo "exit ${PIPESTATUS[0]}"
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
     | cut -c1-150
-  forms=$(sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1)
   # No choice printed (the run failed before its first shape ended): the XLA forms,
   # named (unset, each is "auto": the kernels), so that kernels never run on the device
   # cannot fail every row below.
-  forms=${forms:-QLHS_STATS_FORM=xla QLHS_SUMS_FORM=xla QLHS_DU_FORM=gather}
-  spec=$(sed -n 's/^stencil_tiling: //p' "$OUT/stencil.txt" | tail -n 1)
-  export $forms
-  if [ -n "$spec" ]; then export QLHS_STENCIL_TILING="$spec"; fi
+  use_stencil_choice "QLHS_STATS_FORM=xla QLHS_SUMS_FORM=xla QLHS_DU_FORM=gather"
   export QLHS_BLOCK_TILING="${QLHS_BLOCK_TILING:-$RUN1_BLOCK_TILING}"
-  echo "$forms QLHS_STENCIL_TILING=${QLHS_STENCIL_TILING:-(default)}" | tee -a "$OUT/log.txt"
   bring
   # "xla" (64.9 GB a step, the fewest bytes; 2,074 img/s with the XLA forms) against
   # ResNet50, profiled without command buffers: what is slow once the two are fixed.
@@ -274,6 +290,37 @@ fi
 if [ "$PART" = eq3 ]; then
   bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" \
     --profile-dir "$OUT"
+fi
+if [ "$PART" = sweep ]; then
+  # The default step against ResNet50 (also the second sample of the sums kernel that
+  # "sums" wants).
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  # du and pass 3's sums alone at stages 1-2, each at four tilings as tiles ("pallas"),
+  # walks loading a step ahead ("pallas_rows", QLHS_STENCIL_ROWS) and walks loading where
+  # used ("pallas_rows_now"). The first sweep in which every tiling is its own kernel
+  # (experiment 24: until then jax.jit reused an earlier tiling's trace, so the sweeps
+  # of experiments 13, 22 and 23 timed one or two kernels per form). ptxas at stage 1
+  # (benchmarks.triton_compile --op stencil): du's walk issues in 0.172 ms against the
+  # tiles' 0.237 (0.162 loading where used); registers, tiles / walk: du 136 / 128 at
+  # 32,16,4, 114 / 71 at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4.
+  echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
+  timeout 200 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1,stage2 --kernels du,sums --forms pallas,pallas_rows,pallas_rows_now \
+    --budget 110 --calls 10 --repeats 3 --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
+    --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+    | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
+  echo "exit ${PIPESTATUS[0]}"
+  grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
+    | cut -c1-150
+  bring
+  # The step with the sweep's choice (in a subshell: the rows after it keep the
+  # defaults); against the first row.
+  (use_stencil_choice "QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
+   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
+  # All four walks at their default tiles, the product's replacing XLA's loop fusions
+  # (QLHS_PRODUCT_FORM=pallas; the tiles' Pallas product timed as XLA's in experiment 23).
+  QLHS_STENCIL_ROWS=all QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = sums ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8

@@ -2,7 +2,7 @@
 Pallas kernels of ``kernels.stencil``, each timed alone on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
-      [--kernels stats,sums,du]
+      [--kernels stats,sums,du] [--forms pallas,pallas_rows]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
 width's largest shape first), on random bfloat16 inputs at ``--batch``:
@@ -18,6 +18,12 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
+- "pallas_rows" (sums and du): the same kernels walking rows at stride 1
+  (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
+  they are the tiles, timed under both names so that each form covers every shape.
+  "pallas_rows_now": the walks with each row loaded where it is used, not a step ahead
+  (``stencil.ROWS_AHEAD``, a constant, not a setting: where it wins, the forms line
+  names the walk, and the constant is for the next commit to change).
 
 Each time is the median of ``--repeats`` runs of ``--calls`` back-to-back calls. Each
 Pallas result is checked against the XLA form (relative max difference; above
@@ -26,7 +32,8 @@ each complete on its own, so that a run its time limit stops still leaves usable
 - ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
   shapes timed so far (times weighted by each shape's blocks);
 - ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
-  fastest form over those shapes, named (an XLA form too: unset, each is "auto").
+  fastest form over those shapes, named (an XLA form too: unset, each is "auto"), and
+  QLHS_STENCIL_ROWS where a walk is fastest.
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -35,6 +42,7 @@ interpreted: a smoke test, no timing worth reading.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import time
@@ -88,7 +96,23 @@ def _functions(stride, side, interpret):
           dx, k9, stride, hw, "autodiff").astype(u.dtype),
       ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
           dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
+      # The walks: the same calls under QLHS_STENCIL_ROWS (time_shape sets it).
+      ("sums", "pallas_rows"): lambda u, dx, k9: stencil.bn_sums(
+          u, dx, dx, k9, *moments(k9), stride, interpret),
+      ("du", "pallas_rows"): lambda u, dx, k9: stencil.d_transpose(
+          dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
   }
+
+
+@contextlib.contextmanager
+def _rows_ahead(ahead: bool):
+  """``stencil.ROWS_AHEAD`` while a walk is traced, restored after."""
+  from qlhs_jax.kernels import stencil
+  old, stencil.ROWS_AHEAD = stencil.ROWS_AHEAD, ahead
+  try:
+    yield
+  finally:
+    stencil.ROWS_AHEAD = old
 
 
 def _rel(a, b) -> float:
@@ -101,10 +125,15 @@ def _rel(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+# The Pallas forms a run may time (--forms); each kernel times those it has.
+PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_rows_now")
+
+
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
-               calls, repeats, kernels=KERNELS) -> dict:
+               calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
-  for the ``kernels`` named (each with its XLA form, the reference)."""
+  for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
+  ``forms``."""
   import jax
 
   from qlhs_jax.benchmarks.block_tune import median_ms
@@ -118,17 +147,28 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   # that each form's network total covers every shape.
   todo += [("stats", form, t) for form in ("pallas", "pallas_gram")
            for t in stats_tilings]
-  todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") for t in sums_tilings]
-  todo += [("du", "pallas", t) for t in du_tilings]
-  todo = [item for item in todo if item[0] in kernels]
+  walks = ("pallas_rows", "pallas_rows_now")
+  todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") + walks
+           for t in sums_tilings]
+  todo += [("du", form, t) for form in ("pallas",) + walks for t in du_tilings]
+  todo = [item for item in todo if item[0] in kernels
+          and (item[2] is None or item[1] in forms)]
   for kernel, form, tiling in todo:
     name = f"{kernel} {form}" + (f"@{tiling}" if tiling else "")
     try:
       # The XLA sums as XLA reduces them, whatever QLHS_SUMS_FORM the shell has (unset,
       # "auto" would take the Pallas kernel on the GPU).
+      walk = form.startswith("pallas_rows")
+      fn = fns[kernel, "pallas_rows" if walk else form]
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
-          kernel_env("QLHS_SUMS_FORM", "xla"):
-        run = jax.jit(fns[kernel, form]).lower(u, dx, k9).compile()
+          kernel_env("QLHS_SUMS_FORM", "xla"), \
+          kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \
+          _rows_ahead(form != "pallas_rows_now"):
+        # A new function object for every entry: jax.jit caches a function's trace by
+        # the object, so jitting the same one again under other settings would reuse
+        # the first trace, and every tiling of a form would time the first tiling's
+        # kernel. Before 2026-12-04 it did (benchmarks/NOTES.md, experiment 24).
+        run = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9).compile()
       got = run(u, dx, k9)
       if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
         ref[kernel] = got
@@ -158,17 +198,25 @@ def best(results: dict, blocks: dict, kernel: str):
 
 def spec_and_forms(results, blocks) -> tuple[str, str]:
   """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables, each
-  the fastest form, named explicitly (unset, a form is "auto": the kernels on a GPU)."""
-  spec, forms = [], []
-  for kernel, var, default in (("stats", "QLHS_STATS_FORM", "xla"),
-                               ("sums", "QLHS_SUMS_FORM", "xla"),
-                               ("du", "QLHS_DU_FORM", "gather")):
+  the fastest form, named explicitly (unset, a form is "auto": the kernels on a GPU),
+  with QLHS_STENCIL_ROWS naming the kernels whose walk was fastest. A kernel not timed
+  (--kernels) is left out: its variables stay as the environment has them."""
+  spec, forms, rows = [], [], []
+  for kernel, var in (("stats", "QLHS_STATS_FORM"), ("sums", "QLHS_SUMS_FORM"),
+                      ("du", "QLHS_DU_FORM")):
     name, _, totals = best(results, blocks, kernel)
+    if name is None:
+      continue
     pallas = {k: v for k, v in totals.items() if "@" in k}
     if pallas and min(pallas.values()) < float("inf"):
       spec.append(f"{kernel}={min(pallas, key=pallas.get).split('@')[1]}")
-    form = name.split()[1].split("@")[0] if name else default
+    form = name.split()[1].split("@")[0]
+    if form.startswith("pallas_rows"):  # the Pallas form, walking rows
+      form = "pallas"
+      rows.append(kernel)
     forms.append(f"{var}={form}")
+  if rows:
+    forms.append(f"QLHS_STENCIL_ROWS={','.join(rows)}")
   return " ".join(spec), " ".join(forms)
 
 
@@ -187,11 +235,17 @@ def main(argv=None) -> int:
   p.add_argument("--kernels", default=",".join(KERNELS),
                  help="comma-separated, of stats, sums, du (default all): the others are "
                       "not run, e.g. under a profiler that follows one kernel")
+  p.add_argument("--forms", default=",".join(PALLAS_FORMS),
+                 help="comma-separated Pallas forms to time (default all; the XLA forms "
+                      "always run, the reference)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   args = p.parse_args(argv)
   kernels = tuple(filter(None, args.kernels.split(",")))
   if not kernels or set(kernels) - set(KERNELS):
     p.error(f"--kernels {args.kernels!r}: name some of {', '.join(KERNELS)}")
+  forms = tuple(filter(None, args.forms.split(",")))
+  if not forms or set(forms) - set(PALLAS_FORMS):
+    p.error(f"--forms {args.forms!r}: name some of {', '.join(PALLAS_FORMS)}")
   import jax
 
   from qlhs_jax.benchmarks.block_tune import block_shapes
@@ -214,7 +268,8 @@ def main(argv=None) -> int:
       print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
       break
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
-                       args.du_tilings, interpret, args.calls, args.repeats, kernels)
+                       args.du_tilings, interpret, args.calls, args.repeats, kernels,
+                       forms)
     results[name], blocks[name] = times, count
     print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):")
     for key, r in times.items():

@@ -212,6 +212,7 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               "QLHS_DC_PASS": ("xla",), "QLHS_PRODUCT_FORM": ("xla",),
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STENCIL_GRID": ("shifted_t", "pallas", "xla", "block"),
+              "QLHS_STENCIL_ROWS": ("shifted_t", "pallas", "xla", "block"),
               # every model's training-mode BatchNorm (models/common.py)
               "QLHS_BN_STATS": ("none", "shifted_t", "pallas", "xla", "block")}
 

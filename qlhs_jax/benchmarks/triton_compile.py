@@ -258,9 +258,15 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
 
 def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> int:
   """How often a kernels.stencil kernel's main loop runs per program at this shape:
-  the summing kernels' tiles per chunk, 1 for the others (no loop)."""
+  the summing kernels' tiles per chunk, 1 for the others (no loop); in a row walk
+  (QLHS_STENCIL_ROWS), the rows of its chunk (two more for du)."""
   from qlhs_jax.kernels import stencil
   name = next(k for k, v in stencil.NAMES.items() if v == kernel)
+  walk = {"dx": "product"}.get(name, name)
+  if walk in stencil.ROWS_KERNELS and stencil._walks_rows(walk, stride):
+    m0, bj0 = stencil.tiling(name, rows=True)[:2]
+    plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
+    return plan["span"] + 2 * (walk == "du")
   if name not in ("stats", "lags", "sums"):
     return 1
   m0, bj0 = stencil.tiling(name)[:2]

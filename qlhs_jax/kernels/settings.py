@@ -28,6 +28,7 @@ VARIABLES = {
     "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stencil_grid": "QLHS_STENCIL_GRID",  # the stencil kernels' grid order
+    "stencil_rows": "QLHS_STENCIL_ROWS",  # the stencil kernels that walk rows
     "stencil_tiling": "QLHS_STENCIL_TILING",
     "pallas_tiling": "QLHS_PALLAS_TILING",  # fuse_d_bn="pallas"
     "block_tiling": "QLHS_BLOCK_TILING",    # fuse_d_bn="block"
@@ -103,5 +104,6 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.tiling()
     common.bn_stats_form()
     stencil.grid_order()
+    stencil.rows_kernels()
     stencil.tiling("stats")
     eq3_block.tiling()

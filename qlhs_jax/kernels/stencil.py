@@ -52,7 +52,11 @@ or unset ("auto", ``d_bn_product.stencil_on_gpu``: on NVIDIA GPUs; on a mesh, in
 and the default elsewhere. They need a power-of-two ``n`` and expansion (Triton block
 shapes) and, for the sums, one BatchNorm group (per device).
 Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
-(pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`. On a CPU the
+(pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`.
+``QLHS_STENCIL_ROWS`` (e.g. ``"du,sums"`` or ``"all"``; unset, none) makes du, pass 3's
+sums and the product and pass 4 (``"product"``) walk down strips of an image's columns
+at stride 1, loading each row of their input at three shifts instead of each tap at
+nine (:func:`rows_kernels`; the section "Row walks" below). On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 (NOTES.md experiment 13; ``benchmarks.stencil_times`` times them alone).
 """
@@ -82,6 +86,12 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # pass-3 sums at 16,8,8, timed as fast alone but made the step 11% slower.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (32, 16, 4)}  # product: du's shape of tile, never timed
+# The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
+# the kernel: ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0)
+# gives the product's and pass 4's walks 55 and 76 registers with 8 channels a program,
+# 77 and 130 with 16, for the same instructions; du's and the sums' walks are the tiles'
+# shapes (128 and 122 registers). Not yet timed.
+ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
@@ -90,10 +100,10 @@ _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entr
          "stats only)")
 
 
-def tiling(kernel: str) -> tuple[int, ...]:
+def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
   """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
-  :data:`DEFAULT_TILING`. "lags" (:func:`lag_sums`) takes the statistics' entry, "dx"
-  (:func:`dx_dc`) the product's."""
+  :data:`DEFAULT_TILING` (``rows``: a row walk's, :data:`ROWS_TILING`). "lags"
+  (:func:`lag_sums`) takes the statistics' entry, "dx" (:func:`dx_dc`) the product's."""
   kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
   raw = settings.get("QLHS_STENCIL_TILING")
   spec = {}
@@ -112,7 +122,7 @@ def tiling(kernel: str) -> tuple[int, ...]:
       raise ValueError(f"{settings.name('QLHS_STENCIL_TILING')}={raw!r}: entry {entry!r} "
                        f"is not valid (or repeats a kernel); {_HELP}")
     spec[name] = fields
-  return spec.get(kernel, DEFAULT_TILING[kernel])
+  return spec.get(kernel, (ROWS_TILING if rows else DEFAULT_TILING)[kernel])
 
 
 GRID_ORDERS = ("pixels", "channels")
@@ -530,7 +540,18 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
-  m0, bj0, warps = tiling("sums")
+  walk = not xhat and _walks_rows("sums", stride)
+  m0, bj0, warps = tiling("sums", walk)
+  if walk:
+    plan = _rows_plan(*u.shape[:3], n, e, m0, bj0, interpret)
+    flat = lambda v: _rows_pad(v.reshape(-1, v.shape[-2] * v.shape[-1]), plan)
+    part = pl.pallas_call(
+        functools.partial(_bn_sums_rows_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
+        grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
+        name=NAMES["sums"], **_params(warps, interpret))(
+            _rows_pad(u.reshape(-1, n), plan), flat(c5), flat(dp5))
+    return _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
   plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
                        u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
@@ -548,6 +569,11 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   sums = part.sum(0).reshape(count, n, e)
   if xhat:
     return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
+  return _sums_out(sums, k9, mean, rstd)
+
+
+def _sums_out(sums, k9, mean, rstd):
+  """:func:`bn_sums`' three sums from the kernel's (10, n, e): g's, then tap_t * g's."""
   sg, tg = sums[0], sums[1:]  # (n, e), (9, n, e)
   sgx = rstd[0] * (jnp.einsum("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
   return sg[None], sgx[None], jnp.moveaxis(tg, 0, 1)[None]
@@ -651,13 +677,17 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   b, ho, wo, n, e = dx.shape
   check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
   h, w = hw
-  m0, bj0, warps = tiling("du")
+  walk = _walks_rows("du", stride)
+  m0, bj0, warps = tiling("du", walk)
   g = _geometry(b, h, w, stride)
   if (g["ho"], g["wo"]) != (ho, wo):
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
                      f"an input of {hw}")
   dx2, k2 = dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)
   add = None if addend is None else addend.reshape(b * h * w, n)
+  if walk:
+    plan = _rows_plan(b, h, w, n, e, m0, bj0, interpret)
+    return _d_transpose_rows(dx2, k2, add, plan, out_dtype, interpret).reshape(b, h, w, n)
   if stride == 2:  # four parity classes of tiles of the output grid (_du_parity_kernel)
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
     plan.update(q=plan["rows"], ctiles=plan["tiles"])
@@ -737,6 +767,8 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
+  if _walks_rows("product", stride):
+    return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   m0, bj0, warps = tiling(name)
   g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
   plan, u2 = lean_plan(dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e),
@@ -755,6 +787,24 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   return tuple(o[:rows].reshape(shape5) for o in outs)
 
 
+def _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret):
+  """:func:`_elementwise` at stride 1 by the row walk of ``kernel``'s twin
+  (:data:`_ROWS_TWIN`)."""
+  n, e = u.shape[-1], k9.shape[-1]
+  m0, bj0, warps = tiling(name, rows=True)
+  plan = _rows_plan(*u.shape[:3], n, e, m0, bj0, interpret)
+  args = ([_rows_pad(u.reshape(-1, n), plan)]
+          + [_rows_pad(h.reshape(-1, n * e), plan) for h in hidden]
+          + [k9.astype(F32).reshape(9, n * e)]
+          + [v.astype(F32).reshape(n * e) for v in vectors])
+  outs = pl.pallas_call(
+      functools.partial(_ROWS_TWIN[kernel], plan=plan),
+      out_shape=tuple(_rows_out(plan, n * e, d) for d in out_dtypes),
+      grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
+      name=NAMES[name], **_params(warps, interpret))(*args)
+  return tuple(_rows_unpad(o, plan).reshape(hidden[0].shape) for o in outs)
+
+
 def product(u: jax.Array, c5: jax.Array, k9: jax.Array, mul: jax.Array, add: jax.Array,
             stride: int, interpret: bool | None = None) -> jax.Array:
   """The forward product of ``d_bn_product``'s "xla" path, p = (D u * mul + add) * c,
@@ -771,3 +821,284 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
   (one BatchNorm group: the vectors are (1, n, e))."""
   return _elementwise(_dx_dc_kernel, "dx", u, [c5, dp5], [mul, add, cx, c0, mean], k9,
                       stride, [dx_dtype, c5.dtype], "QLHS_PRODUCT_FORM", interpret)
+
+
+# ------------------------------------------------------------------------------------
+# Row walks (QLHS_STENCIL_ROWS): the stride-1 kernels with each row of their stencil's
+# input loaded three times, not nine.
+#
+# A tile of m flattened pixels loads each of its nine taps as m rows at a constant
+# offset: nine loads of nearly the same rows through L1. On the H200 du ran with L1 at
+# 94% of its peak and DRAM at 26% (benchmarks/NOTES.md, experiment 23), and the forward
+# product and pass 4 ran at the same rate in XLA's form and in Pallas's (nine taps a
+# pixel either way). Here a program walks down a strip of m columns of one image (or a
+# chunk of its rows), a row at a time, and keeps in registers what it needs of the rows
+# it has passed, so each row is loaded once per horizontal shift (-1, 0, +1):
+# - du (a scatter, :func:`_du_rows_kernel`): row r of dx feeds du's rows r-1, r and
+#   r+1; the program keeps two partial rows of du, summed over e ((m, bj) float32), and
+#   stores each row when its last contribution arrives;
+# - the forward product, pass 4 and pass 3's sums (a window, :func:`_rows_walk`):
+#   output row y reads u's rows y-1, y and y+1; the program keeps the two rows above
+#   (three shifts each, (m, bj) float32) and loads the row below.
+# The same sums as the tiles' kernels, in the same order per output: each kernel is
+# tested against them and against float64 NumPy. Other strides keep the tiles.
+
+ROWS_KERNELS = ("du", "sums", "product")
+# Whether a walk loads each step's rows one step ahead (its loads in flight during the
+# step before), or where they are used. ptxas adds register moves for the carried rows:
+# at stage 1 (batch 256, triton 3.9.0) the issue floors rise from 0.162 to 0.172 ms
+# (du), 0.171 -> 0.185 (product), 0.232 -> 0.244 (pass 4) and 0.177 -> 0.191 (sums),
+# against the tiles' 0.237, 0.181, 0.233 and 0.180; the tiles ran at 2-4x their floors
+# on the H200. Not yet timed: benchmarks.stencil_times times du and the sums both ways
+# ("pallas_rows_now" is this off).
+ROWS_AHEAD = True
+# Programs a row walk aims for (~8 per SM): an image's rows are split into chunks where
+# the batch's strips and channel blocks give fewer (each chunk reloads two rows).
+ROWS_PROGRAMS = 1056
+
+
+def rows_kernels() -> tuple[str, ...]:
+  """The kernels that walk rows at stride 1, QLHS_STENCIL_ROWS: a comma-separated
+  subset of :data:`ROWS_KERNELS` ("product" covers the forward product and pass 4), or
+  "all"; unset, none (the tiles: what the H100 and H200 have timed)."""
+  raw = settings.get("QLHS_STENCIL_ROWS")
+  names = tuple(raw.replace(",", " ").split())
+  if names == ("all",):
+    return ROWS_KERNELS
+  bad = [v for v in names if v not in ROWS_KERNELS]
+  if bad or len(set(names)) != len(names):
+    raise ValueError(f"{settings.name('QLHS_STENCIL_ROWS')}={raw!r}: want 'all' or a "
+                     f"comma-separated subset of {ROWS_KERNELS} without repeats "
+                     f"(unset: none, the tiles)")
+  return names
+
+
+def _walks_rows(kernel: str, stride: int) -> bool:
+  return stride == 1 and kernel in rows_kernels()
+
+
+def _rows_plan(b, h, w, n, e, m0, bj0, interpret) -> dict:
+  """Strips of ``m`` columns (at most W, rounded up to a power of two), ``bj`` channels
+  a program, ``chunks`` of ``span`` rows per image. Interpreted, a load is a
+  ``dynamic_slice``, which moves a start outside the array and shifts every row, so
+  the row-indexed arrays get ``guard`` rows in front and ``tail`` behind (a strip's
+  shift reaches one pixel before the image; the last strip up to m past it); on a GPU
+  a masked row is not read or written, and none are added."""
+  m = min(m0, pl.next_power_of_2(w))
+  bj = min(bj0, n) if n % min(bj0, n) == 0 else n
+  strips = -(-w // m)
+  chunks = min(h, max(1, -(-ROWS_PROGRAMS // (b * strips * (n // bj)))))
+  span = -(-h // chunks)
+  return dict(b=b, h=h, w=w, n=n, e=e, m=m, bj=bj, strips=strips, span=span,
+              chunks=-(-h // span), rows=b * h * w, order=grid_order(), ahead=ROWS_AHEAD,
+              guard=1 if interpret else 0, tail=m + 1 if interpret else 0)
+
+
+def _rows_pad(x2: jax.Array, plan: dict) -> jax.Array:
+  """A (pixels, channels) array with the plan's guard and tail rows (interpreted)."""
+  if plan["guard"] or plan["tail"]:
+    x2 = jnp.pad(x2, ((plan["guard"], plan["tail"]), (0, 0)))
+  return x2
+
+
+def _rows_out(plan: dict, channels: int, dtype) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((plan["guard"] + plan["rows"] + plan["tail"], channels),
+                              dtype)
+
+
+def _rows_unpad(x2: jax.Array, plan: dict) -> jax.Array:
+  return x2[plan["guard"]:plan["guard"] + plan["rows"]]
+
+
+def _rows_programs(plan: dict) -> int:
+  return plan["b"] * plan["chunks"] * plan["strips"]
+
+
+class _Strip:
+  """This program's strip: image ``img``, columns x0..x0+m-1 (``x``), rows r0..r0+span-1
+  (its chunk) and channel block ``j0``. The strips of one chunk of rows have
+  consecutive program ids, so programs started together read whole rows."""
+
+  def __init__(self, plan):
+    self.plan = plan
+    pid, cb = _ids(plan)
+    strips, chunks = plan["strips"], plan["chunks"]
+    self.img = lax.div(pid, strips * chunks)
+    self.r0 = lax.rem(lax.div(pid, strips), chunks) * plan["span"]
+    self.x0 = lax.rem(pid, strips) * plan["m"]
+    self.x = self.x0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
+    self.j0 = cb * plan["bj"]
+
+  def _at(self, r, s, extra=True):
+    """(first row, mask) of pixels (r, x + s) of the image: masked outside the image and
+    where ``extra`` (a scalar) is off."""
+    plan = self.plan
+    xs = self.x + s
+    ok = (xs >= 0) & (xs < plan["w"]) & (r >= 0) & (r < plan["h"]) & extra
+    start = self.img * (plan["h"] * plan["w"]) + r * plan["w"] + self.x0 + s
+    return start + plan["guard"], ok
+
+  def load(self, ref, r, s, cols, extra=True):
+    """``ref``'s channels ``cols`` at pixels (r, x + s), (m, channels) in ref's dtype, 0
+    outside the image and where ``extra`` (a scalar) is off."""
+    from qlhs_jax.kernels.d_bn_product import plt
+    start, ok = self._at(r, s, extra)
+    return plt.load(ref.at[pl.ds(start, self.plan["m"]), cols], mask=ok[:, None],
+                    other=0.0)
+
+  def store(self, ref, y, cols, value):
+    """``value`` (m, channels) into ``ref``'s row y of the strip, if y is in this
+    program's chunk and the image."""
+    from qlhs_jax.kernels.d_bn_product import plt
+    start, ok = self._at(y, 0, (y >= self.r0) & (y < self.r0 + self.plan["span"]))
+    plt.store(ref.at[pl.ds(start, self.plan["m"]), cols], value.astype(ref.dtype),
+              mask=ok[:, None])
+
+
+def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
+  """du = D^T dx at stride 1, walking down a strip. du(y, x) = sum over taps (dy, dx) of
+  k_t dx(y - dy, x - dx), so dx's row r, loaded at shifts s = -dx, gives du's row r + dy
+  the sum h_dy(r) = sum_dx k_t dx(r, x - dx); du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1)."""
+  if with_addend:
+    add_ref, du_ref = rest
+  else:
+    (du_ref,) = rest
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  st = _Strip(plan)
+  cols, out_cols = pl.ds(st.j0 * e, bj * e), pl.ds(st.j0, bj)
+
+  last = st.r0 + plan["span"]  # the last row of dx that this chunk's du reads
+  row = lambda r: tuple(st.load(dx_ref, r, s, cols, r <= last) for s in (-1, 0, 1))
+
+  def body(i, carry):
+    # above: du row r-1 less h_-1(r); here: du row r's h_+1(r-1); rows: dx's row r at
+    # shifts -1, 0, 1, loaded one step ahead (plan["ahead"]: the next row's loads are
+    # issued before this row's arithmetic, so that they are in flight while it runs)
+    above, here, rows = carry
+    r = st.r0 - 1 + i
+    if plan["ahead"]:
+      ahead = row(r + 1)
+    else:
+      rows, ahead = row(r), ()
+    h = []
+    for dy in (-1, 0, 1):
+      acc = None
+      for dx in (-1, 0, 1):
+        term = rows[1 - dx].astype(F32) * k_ref[3 * (dy + 1) + dx + 1, cols][None, :]
+        acc = term if acc is None else acc + term
+      h.append(acc.reshape(m, bj, e).sum(2))
+    du = above + h[0]
+    if with_addend:
+      du += st.load(add_ref, r - 1, 0, out_cols).astype(F32)
+    st.store(du_ref, r - 1, out_cols, du)  # outside the chunk (the first step): not
+    return here + h[1], h[2], ahead
+  zero = jnp.zeros((m, bj), F32)
+  lax.fori_loop(0, plan["span"] + 2, body,
+                (zero, zero, row(st.r0 - 1) if plan["ahead"] else ()))
+
+
+def _d_transpose_rows(dx2, k2, add, plan, out_dtype, interpret):
+  """:func:`d_transpose` at stride 1 by :func:`_du_rows_kernel`: (B*H*W, n)."""
+  n, bj = plan["n"], plan["bj"]
+  _, _, warps = tiling("du", rows=True)
+  args = [_rows_pad(dx2, plan), k2] + ([] if add is None else [_rows_pad(add, plan)])
+  du = pl.pallas_call(
+      functools.partial(_du_rows_kernel, plan=plan, with_addend=add is not None),
+      out_shape=_rows_out(plan, n, out_dtype),
+      grid=_grid(plan, _rows_programs(plan), n // bj), interpret=interpret,
+      name=NAMES["du"], **_params(warps, interpret))(*args)
+  return _rows_unpad(du, plan)
+
+
+def _rows_walk(st, u_ref, hidden_refs, body, carry):
+  """Walks output rows y = r0..r0+span-1 with u's nine taps at each: ``body(y, taps,
+  hidden, carry)`` returns the new carry; taps[t] is u at pixels (y + dy, x + dx), t =
+  3*(dy+1) + dx + 1, (m, bj) float32, and ``hidden`` the rows y of ``hidden_refs`` (c,
+  dp: (m, bj*e) float32, 0 outside the image). Each of u's rows is loaded at its three
+  shifts once; the two rows above the current one are carried. With plan["ahead"]
+  (:data:`ROWS_AHEAD`) everything a step uses is loaded one step ahead: the next
+  step's loads are issued before this step's arithmetic, so that they are in flight
+  while it runs."""
+  plan = st.plan
+  ucols, hcols = pl.ds(st.j0, plan["bj"]), pl.ds(st.j0 * plan["e"], plan["bj"] * plan["e"])
+  last = st.r0 + plan["span"] - 1  # this chunk's last output row
+  row = lambda r: tuple(st.load(u_ref, r, s, ucols, r <= last + 1) for s in (-1, 0, 1))
+  rows_of = lambda y: tuple(st.load(ref, y, 0, hcols, y <= last) for ref in hidden_refs)
+  f32 = lambda vs: [v.astype(F32) for v in vs]
+
+  def step(i, c):
+    above, here, below, hidden, inner = c
+    y = st.r0 + i
+    if plan["ahead"]:
+      ahead = row(y + 2), rows_of(y + 1)
+    else:  # loaded where used (the row below, and the hidden rows)
+      below, hidden, ahead = row(y + 1), rows_of(y), ((), ())
+    inner = body(y, f32(above + here + below), f32(hidden), inner)
+    return (here, below) + ahead + (inner,)
+  first = (row(st.r0 + 1), rows_of(st.r0)) if plan["ahead"] else ((), ())
+  init = (row(st.r0 - 1), row(st.r0)) + first + (carry,)
+  return lax.fori_loop(0, plan["span"], step, init)[4]
+
+
+def _d_of_taps(taps, k_ref, cols, m, bj, e):
+  """D u for hidden channels ``cols`` (the block's j*e + s) from u's nine taps:
+  (m, bj*e) float32, summed in tap order as :func:`_tile_d`."""
+  x = None
+  for t in range(9):
+    tap = jnp.broadcast_to(taps[t][:, :, None], (m, bj, e)).reshape(m, bj * e)
+    term = tap * k_ref[t, cols][None, :]
+    x = term if x is None else x + term
+  return x
+
+
+def _product_rows_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  st = _Strip(plan)
+  cols = pl.ds(st.j0 * e, bj * e)
+
+  def body(y, taps, hidden, carry):
+    x = _d_of_taps(taps, k_ref, cols, m, bj, e)
+    f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
+    st.store(p_ref, y, cols, f1 * hidden[0])
+    return carry
+  _rows_walk(st, u_ref, (c_ref,), body, jnp.int32(0))
+
+
+def _dx_dc_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
+                       mean_ref, dx_ref, dc_ref, *, plan):
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  st = _Strip(plan)
+  cols = pl.ds(st.j0 * e, bj * e)
+  vec = lambda ref: ref[cols][None, :]
+
+  def body(y, taps, hidden, carry):
+    x = _d_of_taps(taps, k_ref, cols, m, bj, e)
+    c, dp = hidden
+    mul, g = vec(mul_ref), dp * c
+    st.store(dx_ref, y, cols, g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref))
+    st.store(dc_ref, y, cols, dp * (x * mul + vec(add_ref)))
+    return carry
+  _rows_walk(st, u_ref, (c_ref, dp_ref), body, jnp.int32(0))
+
+
+def _bn_sums_rows_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
+  """Pass 3's sums (g and the nine tap_t * g, as :func:`_bn_sums_kernel` without xhat),
+  walking down a strip: one running (m, bj*e) tile per sum, summed over the pixels at
+  the end into this program's row of the output."""
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  st = _Strip(plan)
+  cols = pl.ds(st.j0 * e, bj * e)
+  wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
+
+  def body(y, taps, hidden, acc):
+    g = hidden[0] * hidden[1]  # 0 outside the image
+    return (acc[0] + g, *(acc[1 + t] + wide(taps[t]) * g for t in range(9)))
+  acc = _rows_walk(st, u_ref, (dp_ref, c_ref), body,
+                   tuple(jnp.zeros((m, bj * e), F32) for _ in range(10)))
+  pid = _ids(plan)[0]
+  for k, a in enumerate(acc):
+    out_ref[pid, k, cols] = a.sum(0)
+
+
+# The row walk that replaces each element-wise tile kernel at stride 1.
+_ROWS_TWIN = {_product_kernel: _product_rows_kernel, _dx_dc_kernel: _dx_dc_rows_kernel}

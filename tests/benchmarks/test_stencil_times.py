@@ -25,9 +25,21 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert (name, ms) == ("stats pallas@32,16,4,3", 5.0)  # 3*1 + 2 < xla's 3*4 + 1
   assert stencil_times.best(results, blocks, "du")[0] == "du gather"  # 4.0 < 9.1, 6.5
   spec, forms = stencil_times.spec_and_forms(results, blocks)
-  assert spec == "stats=32,16,4,3 du=32,16,4"  # no sums timed: no entry, the XLA form
-  # Named, XLA's forms too: unset, a form is "auto" (the kernels on a GPU).
-  assert forms == "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=xla QLHS_DU_FORM=gather"
+  assert spec == "stats=32,16,4,3 du=32,16,4"
+  # Named, XLA's forms too (unset, a form is "auto": the kernels on a GPU); the sums,
+  # not timed, left as the environment has them.
+  assert forms == "QLHS_STATS_FORM=pallas QLHS_DU_FORM=gather"
+  # A walk that wins is the Pallas form with its kernel in QLHS_STENCIL_ROWS.
+  results["a"]["du pallas_rows@16,32,4"] = ok(0.5)
+  results["b"]["du pallas_rows@16,32,4"] = ok(0.5)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert spec == "stats=32,16,4,3 du=16,32,4"
+  assert forms == "QLHS_STATS_FORM=pallas QLHS_DU_FORM=pallas QLHS_STENCIL_ROWS=du"
+  results["a"]["sums pallas_rows_now@8,8,4"] = ok(0.1)  # the walk, its rows loaded late
+  results["b"]["sums pallas_rows_now@8,8,4"] = ok(0.1)
+  assert stencil_times.spec_and_forms(results, blocks)[1] == (
+      "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas "
+      "QLHS_STENCIL_ROWS=sums,du")
 
 
 def test_cpu_smoke_run(tmp_path, capsys):
@@ -46,8 +58,9 @@ def test_cpu_smoke_run(tmp_path, capsys):
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
       "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3", "sums xla",
-      "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "du gather",
-      "du autodiff", "du pallas@8,16,4"}
+      "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "sums pallas_rows@8,8,4",
+      "sums pallas_rows_now@8,8,4", "du gather", "du autodiff", "du pallas@8,16,4",
+      "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
 
@@ -63,7 +76,47 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   assert "network so far, sums" in out and "network so far, du" not in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert set(r["shapes"]["stage2_block0"]) == {"sums xla", "sums pallas@8,8,4",
-                                               "sums pallas_xhat@8,8,4"}
+                                               "sums pallas_xhat@8,8,4",
+                                               "sums pallas_rows@8,8,4",
+                                               "sums pallas_rows_now@8,8,4"}
   with pytest.raises(SystemExit):
     stencil_times.main(["--kernels", "sums,gram"])
   assert "--kernels 'sums,gram': name some of stats, sums, du" in capsys.readouterr().err
+  # --forms: the Pallas forms named only (the XLA forms always: the reference)
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2", "--du-tilings",
+                             "8,16,4", "--kernels", "du", "--forms", "pallas_rows",
+                             "--record", str(rec)]) == 0
+  r = json.loads(rec.read_text().splitlines()[-1])
+  assert set(r["shapes"]["stage2"]) == {"du gather", "du autodiff",
+                                        "du pallas_rows@8,16,4"}
+  assert "stencil_forms: QLHS_DU_FORM=" in capsys.readouterr().out  # du alone
+  with pytest.raises(SystemExit):
+    stencil_times.main(["--forms", "pallas,rows"])
+  assert "--forms 'pallas,rows': name some of pallas, pallas_gram" in (
+      capsys.readouterr().err)
+
+
+def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
+  """Every tiling and form is its own trace: the grids the kernels are launched with
+  follow each entry's tiling, and the walk and its late-loading twin are different
+  programs. (jax.jit reuses a function object's first trace; the same lambda jitted
+  again timed the first tiling's kernel for every tiling until 2026-12-04.)"""
+  from qlhs_jax.kernels import stencil
+  launched, real = [], stencil.pl.pallas_call
+
+  def spy(kernel, *a, **k):
+    launched.append((kernel.func.__name__, k["grid"], kernel.keywords["plan"].get("ahead")))
+    return real(kernel, *a, **k)
+  monkeypatch.setattr(stencil.pl, "pallas_call", spy)
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), ("8,8,4", "4,4,2"), True, 1, 1,
+                                 kernels=("du",))
+  assert not any("error" in r for r in out.values()), out
+  grids = {}
+  for name, grid, ahead in launched:
+    grids.setdefault(name, []).append((grid, ahead))
+  # the tiles: 8 then 4 pixels a tile, 8 then 4 channels a block
+  assert grids["_du_kernel"] == [((16, 1), None), ((32, 2), None)], grids
+  # the walks: strips of 8 then 4 columns, loading ahead, then where used
+  assert [g for g, _ in grids["_du_rows_kernel"]] == [(16, 1), (32, 2), (16, 1), (32, 2)]
+  assert [a for _, a in grids["_du_rows_kernel"]] == [True, True, False, False], grids

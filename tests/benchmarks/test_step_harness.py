@@ -221,6 +221,10 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": "pallas"}
   assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": "pallas"}
   assert kernel_env_of({}) == {} and kernel_env_of({"d_impl": "grouped"}) == {}
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "du")  # the row walks: where the kernels run
+  assert kernel_env_of({"fuse_d_bn": "xla"}) == dict(both, QLHS_STENCIL_ROWS="du")
+  assert kernel_env_of({}) == {}
+  monkeypatch.delenv("QLHS_STENCIL_ROWS")
   # Left to "auto", on this CPU: XLA's forms, nothing to record (as in the records
   # before auto). Where auto picks the kernels (one NVIDIA GPU; benchmarks.aot compiling
   # for one: QLHS_PALLAS_INTERPRET=0), "auto:pallas", for the forms the model uses.

@@ -109,3 +109,19 @@ def test_stencil_kernels_compile_without_spills(capsys):
         for l in rows if "qlhs_d_transpose" in l}
   assert du["stage1"] <= 700 and du["stage2_block0"] <= 550, du
   assert all("issue floor" in l for l in rows), out
+
+
+@needs_triton
+def test_row_walks_compile_without_spills_and_issue_less(monkeypatch, capsys):
+  """QLHS_STENCIL_ROWS=all at stage 1: du's, the sums', the product's and pass 4's walks
+  compile without spills, each a loop over the strip's rows (the walk's trip count in
+  the issue floor), and du's issue floor is below the tiles' 0.237 ms (0.162 with
+  triton 3.9.0: three loads of each row of dx instead of nine taps)."""
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "all")
+  assert triton_compile.main(["--op", "stencil", "--shapes", "stage1"]) == 0
+  out = capsys.readouterr().out
+  rows = {l.split()[1]: l for l in out.splitlines() if "registers" in l}
+  assert "FAILED" not in out and all(" 0 B spilled" in l for l in rows.values()), out
+  for kernel in ("qlhs_bn_sums", "qlhs_d_transpose", "qlhs_product", "qlhs_dx_dc"):
+    assert int(rows[kernel].split("loop")[1].split()[0]) > 0, rows[kernel]
+  assert float(rows["qlhs_d_transpose"].split("issue floor")[1].split()[0]) < 0.2, out

@@ -23,6 +23,7 @@ READERS = {
     "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stencil_grid": ("channels", stencil.grid_order, "channels", "pixels"),
+    "stencil_rows": ("du,sums", stencil.rows_kernels, ("du", "sums"), ()),
     "stencil_tiling": ("du=16,8,2", lambda: stencil.tiling("du"), (16, 8, 2),
                        stencil.DEFAULT_TILING["du"]),
     "pallas_tiling": ("2,4096,8", d_bn_product.tiling, (2, 4096, 8, 0, 1),
@@ -103,6 +104,7 @@ def test_the_context_is_left_after_an_error():
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
+    ("stencil_rows", "stats", r"config.kernels.stencil_rows='stats': want 'all' or"),
     ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "
                                     r"'du=15,8,2' is not valid"),
     ("pallas_tiling", "4,8192", r"config.kernels.pallas_tiling='4,8192': want"),

@@ -526,3 +526,131 @@ def test_auto_reaches_the_kernels_where_it_picks_them(monkeypatch):
     err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
     assert err < 2e-5, err
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
+
+
+# (B, H, W, n), e, tiling, programs a walk aims for: partial strips (W below and past a
+# power of two), two channel blocks, chunks of rows (a high aim splits every image; the
+# last chunk runs past the image), one-row and one-column images.
+ROWS_CASES = [
+    ((2, 6, 5, 4), 4, "du=4,4,2 sums=4,4,2 product=4,4,2", None),
+    ((3, 7, 6, 8), 2, "du=8,4,2 sums=8,4,2 product=8,4,2", 10_000),
+    ((1, 9, 9, 16), 1, "", 10_000),
+    ((2, 1, 5, 4), 2, "du=2,4,2 sums=2,4,2 product=2,4,2", None),
+    ((2, 5, 1, 4), 2, "", 10_000),
+    ((2, 7, 6, 4), 2, "du=8,4,2 sums=8,4,2 product=8,4,2", 6),  # 3 chunks of 3 rows
+]
+
+
+def _row_walks(monkeypatch, kernels, spec, programs):
+  """Sets QLHS_STENCIL_ROWS; returns the list that each launch's kernel is appended to."""
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", kernels)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  if programs is not None:
+    monkeypatch.setattr(stencil, "ROWS_PROGRAMS", programs)
+  launched, real = [], stencil.pl.pallas_call
+
+  def spy(kernel, *a, **k):
+    launched.append(kernel.func.__name__)
+    return real(kernel, *a, **k)
+  monkeypatch.setattr(stencil.pl, "pallas_call", spy)
+  return launched
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES)
+def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, programs, ahead):
+  """QLHS_STENCIL_ROWS=all: du (with and without an addend, float32 and bfloat16 out)
+  and pass 3's sums equal float64 NumPy; the forward product and pass 4 equal the
+  tiles' kernels bit for bit (the same sums in the same order). Each launch is the
+  row walk; with each step's rows loaded a step ahead (the default) and where used."""
+  monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
+  b, h, w, n = shape
+  rng = np.random.default_rng(11)
+  f32 = lambda *size: jnp.asarray(rng.normal(size=size), jnp.float32)
+  u, c5, dp5, k9 = f32(b, h, w, n), f32(b, h, w, n, e), f32(b, h, w, n, e), f32(9, n, e)
+  add, mean = f32(b, h, w, n), f32(1, n, e)
+  rstd = jnp.asarray(rng.uniform(0.5, 2.0, size=(1, n, e)), jnp.float32)
+  f64 = lambda a: np.asarray(a, np.float64)
+
+  def elementwise():
+    return (stencil.product(u, c5, k9, mean, rstd, 1, interpret=True),
+            *stencil.dx_dc(u, c5, dp5, k9, mean, rstd, rstd, mean, mean, 1, jnp.float32,
+                           interpret=True))
+  tiles = elementwise()
+  launched = _row_walks(monkeypatch, "all", spec, programs)
+  got = stencil.d_transpose(dp5, k9, 1, (h, w), interpret=True)
+  assert got.shape == (b, h, w, n) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), numpy_d_transpose(f64(dp5), f64(k9), 1, h, w),
+                             rtol=1e-5, atol=1e-5)
+  dp16 = dp5.astype(jnp.bfloat16)
+  got = stencil.d_transpose(dp16, k9, 1, (h, w), addend=add, out_dtype=jnp.bfloat16,
+                            interpret=True)
+  want = numpy_d_transpose(f64(dp16), f64(k9), 1, h, w) + f64(add)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f64(got), want, rtol=1e-2, atol=2e-2)
+  got = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, 1, interpret=True)
+  for g, w_ in zip(got, numpy_bn_sums(*map(f64, (u, c5, dp5, k9, mean, rstd)), 1)):
+    assert g.shape == w_.shape
+    np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
+  for x, y in zip(elementwise(), tiles):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert launched == ["_du_rows_kernel"] * 2 + ["_bn_sums_rows_kernel",
+                                                "_product_rows_kernel", "_dx_dc_rows_kernel"]
+
+
+def test_row_walks_split_images_into_chunks_and_strips(monkeypatch):
+  """The plan: strips of at most m columns, chunks of rows only where the batch's strips
+  and channel blocks give fewer programs than ROWS_PROGRAMS, and the guard and tail rows
+  only interpreted."""
+  monkeypatch.setenv("QLHS_STENCIL_GRID", "pixels")
+  plan = stencil._rows_plan(256, 56, 56, 64, 4, 32, 16, interpret=False)
+  assert (plan["m"], plan["strips"], plan["chunks"], plan["span"]) == (32, 2, 1, 56)
+  assert (plan["guard"], plan["tail"]) == (0, 0)
+  plan = stencil._rows_plan(8, 56, 56, 64, 4, 32, 16, interpret=True)
+  # 1056 / (8 * 2 * 4) programs: 17 chunks of ceil(56 / 17) = 4 rows, so 14 of them
+  assert (plan["chunks"], plan["span"], plan["guard"], plan["tail"]) == (14, 4, 1, 33)
+  plan = stencil._rows_plan(256, 7, 7, 512, 4, 32, 16, interpret=False)
+  assert (plan["m"], plan["strips"], plan["chunks"]) == (8, 1, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_d_bn_product_with_row_walks_matches_float64_autodiff(monkeypatch, stride):
+  """fuse_d_bn="xla" with every Pallas form and QLHS_STENCIL_ROWS=all: outputs and all
+  five gradients as float64 autodiff. At stride 1 the four walks run (the product in
+  the forward alone and inside grad); at stride 2 the tiles do."""
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
+    monkeypatch.setenv(var, "pallas")
+  launched = _row_walks(monkeypatch, "all", "stats=16,4,4,2 sums=4,4,2 du=4,4,2 "
+                        "product=4,4,2", 10_000)
+  d_bn_product_matches_float64(7, stride)
+  walks = sorted(k for k in launched if "rows" in k)
+  if stride == 1:
+    assert walks == ["_bn_sums_rows_kernel", "_du_rows_kernel", "_dx_dc_rows_kernel",
+                     "_product_rows_kernel", "_product_rows_kernel"], launched
+  else:
+    assert not walks and "_du_parity_kernel" in launched, launched
+
+
+def test_row_walks_each_kernel_alone_and_bad_values(monkeypatch):
+  """QLHS_STENCIL_ROWS names the kernels that walk; the others keep their tiles. A bad
+  or repeated name is refused by name, with the choices."""
+  rng = np.random.default_rng(12)
+  dx, k9 = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 4, 4, 4, 2),
+                                                                   (9, 4, 2)))
+  u = jnp.asarray(rng.normal(size=(1, 4, 4, 4)), jnp.float32)
+  launched = _row_walks(monkeypatch, "sums", "", None)
+  stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
+  stencil.bn_sums(u, dx, dx, k9, k9[:1], k9[:1], 1, interpret=True)
+  stencil.bn_sums(u, dx, dx, k9, k9[:1], k9[:1], 1, interpret=True, xhat=True)
+  assert launched == ["_du_kernel", "_bn_sums_rows_kernel", "_bn_sums_kernel"]
+  assert stencil.rows_kernels() == ("sums",)
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "du, product")
+  assert stencil.rows_kernels() == ("du", "product")
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "")
+  assert stencil.rows_kernels() == ()
+  for bad in ("du,stats", "du,du", "all,du"):
+    monkeypatch.setenv("QLHS_STENCIL_ROWS", bad)
+    with pytest.raises(ValueError, match=r"QLHS_STENCIL_ROWS=.*want 'all' or a "
+                                         r"comma-separated subset of \('du', 'sums', "
+                                         r"'product'\)"):
+      stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
