@@ -46,7 +46,7 @@
 #   its peak on the H200), in one call: the default step against ResNet50 (also the
 #   second sample that "sums" wants); du and the sums alone at four tilings, tiles and
 #   walks (stencil_times, whose earlier sweeps timed one or two kernels per form: see
-#   experiment 24); the step with the sweep's choice; the step with all four walks.
+#   experiment 24); the step with the sweep's choice; the step with every walk.
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
@@ -295,18 +295,21 @@ if [ "$PART" = sweep ]; then
   # The default step against ResNet50 (also the second sample of the sums kernel that
   # "sums" wants).
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
-  # du and pass 3's sums alone at stages 1-2, each at four tilings as tiles ("pallas"),
-  # walks loading a step ahead ("pallas_rows", QLHS_STENCIL_ROWS) and walks loading where
-  # used ("pallas_rows_now"). The first sweep in which every tiling is its own kernel
-  # (experiment 24: until then jax.jit reused an earlier tiling's trace, so the sweeps
-  # of experiments 13, 22 and 23 timed one or two kernels per form). ptxas at stage 1
-  # (benchmarks.triton_compile --op stencil): du's walk issues in 0.172 ms against the
-  # tiles' 0.237 (0.162 loading where used); registers, tiles / walk: du 136 / 128 at
-  # 32,16,4, 114 / 71 at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4.
+  # The statistics, du and pass 3's sums alone at stages 1-2, each at four tilings as
+  # tiles ("pallas"), walks loading a step ahead ("pallas_rows", QLHS_STENCIL_ROWS) and
+  # walks loading where used ("pallas_rows_now"). The first sweep in which every tiling
+  # is its own kernel (experiment 24: until then jax.jit reused an earlier tiling's
+  # trace, so the sweeps of experiments 13, 22 and 23 timed one or two kernels per
+  # form). ptxas at stage 1 (benchmarks.triton_compile --op stencil): du's walk issues
+  # in 0.172 ms against the tiles' 0.237 (0.162 loading where used), the statistics'
+  # in 0.147 against 0.134; registers, tiles / walk: du 136 / 128 at 32,16,4, 114 / 71
+  # at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4; the statistics 56 / 80.
+  # Stops starting shapes after 110 s (stage 1 alone is ~50 entries).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
   timeout 200 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --shapes stage1,stage2 --kernels du,sums --forms pallas,pallas_rows,pallas_rows_now \
-    --budget 110 --calls 10 --repeats 3 --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
+    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 110 \
+    --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
+    --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
@@ -315,9 +318,9 @@ if [ "$PART" = sweep ]; then
   bring
   # The step with the sweep's choice (in a subshell: the rows after it keep the
   # defaults); against the first row.
-  (use_stencil_choice "QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
+  (use_stencil_choice "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
    bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
-  # All four walks at their default tiles, the product's replacing XLA's loop fusions
+  # Every walk at its default tiles, the product's replacing XLA's loop fusions
   # (QLHS_PRODUCT_FORM=pallas; the tiles' Pallas product timed as XLA's in experiment 23).
   QLHS_STENCIL_ROWS=all QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds \
     --set 'fuse_d_bn="auto"' --input uint8

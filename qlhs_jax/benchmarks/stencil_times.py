@@ -18,7 +18,7 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
-- "pallas_rows" (sums and du): the same kernels walking rows at stride 1
+- "pallas_rows" (stats, sums and du): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
   "pallas_rows_now": the walks with each row loaded where it is used, not a step ahead
@@ -97,6 +97,7 @@ def _functions(stride, side, interpret):
       ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
           dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
       # The walks: the same calls under QLHS_STENCIL_ROWS (time_shape sets it).
+      ("stats", "pallas_rows"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
       ("sums", "pallas_rows"): lambda u, dx, k9: stencil.bn_sums(
           u, dx, dx, k9, *moments(k9), stride, interpret),
       ("du", "pallas_rows"): lambda u, dx, k9: stencil.d_transpose(
@@ -145,9 +146,9 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
           ("du", "autodiff", None)]
   # At stride 2 "pallas" is the gram kernel too: timed under both names all the same, so
   # that each form's network total covers every shape.
-  todo += [("stats", form, t) for form in ("pallas", "pallas_gram")
-           for t in stats_tilings]
   walks = ("pallas_rows", "pallas_rows_now")
+  todo += [("stats", form, t) for form in ("pallas", "pallas_gram") + walks
+           for t in stats_tilings]
   todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") + walks
            for t in sums_tilings]
   todo += [("du", form, t) for form in ("pallas",) + walks for t in du_tilings]

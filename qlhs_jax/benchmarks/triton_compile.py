@@ -262,7 +262,7 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
   (QLHS_STENCIL_ROWS), the rows of its chunk (two more for du)."""
   from qlhs_jax.kernels import stencil
   name = next(k for k, v in stencil.NAMES.items() if v == kernel)
-  walk = {"dx": "product"}.get(name, name)
+  walk = {"dx": "product", "lags": "stats"}.get(name, name)
   if walk in stencil.ROWS_KERNELS and stencil._walks_rows(walk, stride):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)

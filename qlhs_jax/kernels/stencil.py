@@ -53,10 +53,11 @@ and the default elsewhere. They need a power-of-two ``n`` and expansion (Triton 
 shapes) and, for the sums, one BatchNorm group (per device).
 Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"``
 (pixels, channels, warps[, splits]); defaults :data:`DEFAULT_TILING`.
-``QLHS_STENCIL_ROWS`` (e.g. ``"du,sums"`` or ``"all"``; unset, none) makes du, pass 3's
-sums and the product and pass 4 (``"product"``) walk down strips of an image's columns
-at stride 1, loading each row of their input at three shifts instead of each tap at
-nine (:func:`rows_kernels`; the section "Row walks" below). On a CPU the
+``QLHS_STENCIL_ROWS`` (e.g. ``"du,sums"`` or ``"all"``; unset, none) makes the
+statistics' lags, du, pass 3's sums and the product and pass 4 (``"product"``) walk
+down strips of an image's columns at stride 1, loading each row of their input at three
+shifts (five for the lags) instead of each tap at nine (thirteen) (:func:`rows_kernels`;
+the section "Row walks" below). On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 (NOTES.md experiment 13; ``benchmarks.stencil_times`` times them alone).
 """
@@ -421,7 +422,17 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
-  m0, bj0, warps, _ = tiling("stats")
+  walk = _walks_rows("stats", 1)
+  m0, bj0, warps, _ = tiling("stats", walk)
+  if walk:
+    plan = _rows_plan(*u.shape[:3], n, 1, m0, bj0, interpret)
+    part = pl.pallas_call(
+        functools.partial(_lags_rows_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((_rows_programs(plan), 1 + len(LAGS) + BORDER_ROWS,
+                                        n), F32),
+        grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
+        name=NAMES["lags"], **_params(warps, interpret))(_rows_pad(u.reshape(-1, n), plan))
+    return part.sum(0)
   plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
   part, border = pl.pallas_call(
@@ -839,11 +850,13 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
 #   stores each row when its last contribution arrives;
 # - the forward product, pass 4 and pass 3's sums (a window, :func:`_rows_walk`):
 #   output row y reads u's rows y-1, y and y+1; the program keeps the two rows above
-#   (three shifts each, (m, bj) float32) and loads the row below.
+#   (three shifts each, (m, bj) float32) and loads the row below;
+# - the statistics' lags (:func:`_lags_rows_kernel`): row y pairs with rows y, y+1 and
+#   y+2 at shifts -2..2; the program keeps the two rows below and loads the next.
 # The same sums as the tiles' kernels, in the same order per output: each kernel is
 # tested against them and against float64 NumPy. Other strides keep the tiles.
 
-ROWS_KERNELS = ("du", "sums", "product")
+ROWS_KERNELS = ("stats", "du", "sums", "product")
 # Whether a walk loads each step's rows one step ahead (its loads in flight during the
 # step before), or where they are used. ptxas adds register moves for the carried rows:
 # at stage 1 (batch 256, triton 3.9.0) the issue floors rise from 0.162 to 0.172 ms
@@ -859,8 +872,9 @@ ROWS_PROGRAMS = 1056
 
 def rows_kernels() -> tuple[str, ...]:
   """The kernels that walk rows at stride 1, QLHS_STENCIL_ROWS: a comma-separated
-  subset of :data:`ROWS_KERNELS` ("product" covers the forward product and pass 4), or
-  "all"; unset, none (the tiles: what the H100 and H200 have timed)."""
+  subset of :data:`ROWS_KERNELS` ("stats": the lag sums of QLHS_STATS_FORM=pallas;
+  "product": the forward product and pass 4), or "all"; unset, none (the tiles: what
+  the H100 and H200 have timed)."""
   raw = settings.get("QLHS_STENCIL_ROWS")
   names = tuple(raw.replace(",", " ").split())
   if names == ("all",):
@@ -882,8 +896,9 @@ def _rows_plan(b, h, w, n, e, m0, bj0, interpret) -> dict:
   a program, ``chunks`` of ``span`` rows per image. Interpreted, a load is a
   ``dynamic_slice``, which moves a start outside the array and shifts every row, so
   the row-indexed arrays get ``guard`` rows in front and ``tail`` behind (a strip's
-  shift reaches one pixel before the image; the last strip up to m past it); on a GPU
-  a masked row is not read or written, and none are added."""
+  shift reaches two pixels before the image (the statistics' lags; one elsewhere), the
+  last strip up to m + 2 past it); on a GPU a masked row is not read or written, and
+  none are added."""
   m = min(m0, pl.next_power_of_2(w))
   bj = min(bj0, n) if n % min(bj0, n) == 0 else n
   strips = -(-w // m)
@@ -891,7 +906,7 @@ def _rows_plan(b, h, w, n, e, m0, bj0, interpret) -> dict:
   span = -(-h // chunks)
   return dict(b=b, h=h, w=w, n=n, e=e, m=m, bj=bj, strips=strips, span=span,
               chunks=-(-h // span), rows=b * h * w, order=grid_order(), ahead=ROWS_AHEAD,
-              guard=1 if interpret else 0, tail=m + 1 if interpret else 0)
+              guard=2 if interpret else 0, tail=m + 2 if interpret else 0)
 
 
 def _rows_pad(x2: jax.Array, plan: dict) -> jax.Array:
@@ -1102,3 +1117,64 @@ def _bn_sums_rows_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
 
 # The row walk that replaces each element-wise tile kernel at stride 1.
 _ROWS_TWIN = {_product_kernel: _product_rows_kernel, _dx_dc_kernel: _dx_dc_rows_kernel}
+
+
+def _lags_rows_kernel(u_ref, out_ref, *, plan):
+  """:func:`lag_sums` walking down a strip: the 14 sums of u and its lag products, then
+  the 32 border terms, into this program's row of ``out_ref``. Lag (dy, dx) pairs u at
+  row y with rows y + dy, dy = 0, 1, 2, at dx = -2..2: each row is loaded at its five
+  shifts once, and the two rows below the current one are carried (three, loaded a
+  step ahead, with plan["ahead"]). The columns' terms (sum, lag-0, 1, 2 products down
+  column 0 and column W-1) are the lanes x = 0 and x = W-1 of the sum of u and of the
+  lag (0, 0), (1, 0) and (2, 0) products: four running tiles, masked to those lanes,
+  shared by the two columns (each lane is one column), split at the end. The rows'
+  terms and the corners come from rows 0 and H-1, loaded again by the programs whose
+  chunk holds them."""
+  m, bj, h, w = plan["m"], plan["bj"], plan["h"], plan["w"]
+  st = _Strip(plan)
+  cols = pl.ds(st.j0, bj)
+  last = st.r0 + plan["span"] - 1  # this chunk's last row
+  row = lambda r: tuple(st.load(u_ref, r, s, cols, r <= last + 2) for s in range(-2, 3))
+  ahead = plan["ahead"]
+  side = ((st.x == 0) | (st.x == w - 1))[:, None]
+  on_side = [LAGS.index(d) for d in ((0, 0), (1, 0), (2, 0))]
+
+  def step(i, c):
+    here, below, below2, acc = c
+    if ahead:
+      nxt = row(st.r0 + i + 3)
+    else:  # loaded where used
+      below2, nxt = row(st.r0 + i + 2), ()
+    f = lambda r: [v.astype(F32) for v in r]
+    here_, below_, below2_ = f(here), f(below), f(below2)
+    u0 = here_[2]
+    lagged = here_[2:] + below_ + below2_  # LAGS' order: (0, 0..2), (1, -2..2), (2, -2..2)
+    prods = [u0 * v for v in lagged]
+    acc = ((acc[0] + u0,) + tuple(a + p for a, p in zip(acc[1:14], prods))
+           + tuple(a + jnp.where(side, v, 0.0)
+                   for a, v in zip(acc[14:], [u0] + [prods[k] for k in on_side])))
+    return (below, below2, nxt, acc) if ahead else (below, below2, (), acc)
+  init = (row(st.r0), row(st.r0 + 1), row(st.r0 + 2) if ahead else (),
+          tuple(jnp.zeros((m, bj), F32) for _ in range(18)))
+  acc = lax.fori_loop(0, plan["span"], step, init)[3]
+  pid = _ids(plan)[0]
+  for k in range(14):
+    out_ref[pid, k, cols] = acc[k].sum(0)
+  lane = lambda x0, v: jnp.where((st.x == x0)[:, None], v, 0.0).sum(0)
+
+  def row_terms(y, mine):  # row y's sum, lag-0, 1, 2 products, first and last value
+    v0, v1, v2 = (st.load(u_ref, y, s, cols, mine).astype(F32) for s in (0, 1, 2))
+    first, end = lane(0, v0), lane(w - 1, v0)
+    return [v0.sum(0), (v0 * v0).sum(0), (v0 * v1).sum(0), (v0 * v2).sum(0)], first, end
+  top, top_first, top_last = row_terms(0, st.r0 == 0)
+  # (no chunk starts past the image: the last chunk holds row H-1)
+  bottom, bottom_first, bottom_last = row_terms(h - 1, h - 1 <= last)
+  corners = {"top": (top_first, top_last), "bottom": (bottom_first, bottom_last),
+             "left": (top_first, bottom_first), "right": (top_last, bottom_last)}
+  terms = {"top": top, "bottom": bottom,
+           "left": [lane(0, a) for a in acc[14:]], "right": [lane(w - 1, a) for a in acc[14:]]}
+  for k, name in enumerate(BORDER_SIDES):
+    first, end = corners[name]
+    # The corners are counted by the programs whose chunk holds their row only.
+    for r, v in enumerate(terms[name] + [first, first * first, end, end * end]):
+      out_ref[pid, 14 + 8 * k + r, cols] = v

@@ -57,7 +57,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
-      "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3", "sums xla",
+      "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3",
+      "stats pallas_rows@8,16,4,3", "stats pallas_rows_now@8,16,4,3", "sums xla",
       "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "sums pallas_rows@8,8,4",
       "sums pallas_rows_now@8,8,4", "du gather", "du autodiff", "du pallas@8,16,4",
       "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4"}

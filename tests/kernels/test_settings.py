@@ -104,7 +104,7 @@ def test_the_context_is_left_after_an_error():
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
-    ("stencil_rows", "stats", r"config.kernels.stencil_rows='stats': want 'all' or"),
+    ("stencil_rows", "lags", r"config.kernels.stencil_rows='lags': want 'all' or"),
     ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "
                                     r"'du=15,8,2' is not valid"),
     ("pallas_tiling", "4,8192", r"config.kernels.pallas_tiling='4,8192': want"),

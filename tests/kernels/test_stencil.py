@@ -94,6 +94,20 @@ LAG_SHAPES = [((2, 1, 5, 4), "stats=4,4,1,1"), ((3, 4, 1, 2), "stats=2,2,1,1"),
               ((4, 5, 3, 4), "stats=16,4,4,1"), ((2, 9, 6, 4), "stats=2,4,1,1")]
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("shape,spec", LAG_SHAPES)
+def test_the_statistics_walk_matches_numpy(monkeypatch, shape, spec, ahead):
+  """QLHS_STENCIL_ROWS=stats: the lag sums and border terms of the walk (the strip's
+  width the tiling's pixels; every image in chunks of rows where the shape allows)
+  equal float64 loops, with rows loaded ahead and where used."""
+  monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
+  launched = _row_walks(monkeypatch, "stats", spec, 10_000 if shape[1] > 3 else None)
+  u = np.random.default_rng(4).normal(size=shape) - 0.7
+  full = stencil.lag_sums(jnp.asarray(u, jnp.float32), interpret=True)
+  np.testing.assert_allclose(np.asarray(full), numpy_lag_sums(u), rtol=2e-5, atol=2e-5)
+  assert launched == ["_lags_rows_kernel"]
+
+
 @pytest.mark.parametrize("shape,spec", LAG_SHAPES)
 def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec):
   """The lag kernel's 14 sums equal float64 loops, and with the border terms they give
@@ -594,8 +608,11 @@ def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, progra
     np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
   for x, y in zip(elementwise(), tiles):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  got = stencil.lag_sums(u, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), numpy_lag_sums(f64(u)), rtol=2e-5, atol=2e-5)
   assert launched == ["_du_rows_kernel"] * 2 + ["_bn_sums_rows_kernel",
-                                                "_product_rows_kernel", "_dx_dc_rows_kernel"]
+                                                "_product_rows_kernel", "_dx_dc_rows_kernel",
+                                                "_lags_rows_kernel"]
 
 
 def test_row_walks_split_images_into_chunks_and_strips(monkeypatch):
@@ -608,7 +625,7 @@ def test_row_walks_split_images_into_chunks_and_strips(monkeypatch):
   assert (plan["guard"], plan["tail"]) == (0, 0)
   plan = stencil._rows_plan(8, 56, 56, 64, 4, 32, 16, interpret=True)
   # 1056 / (8 * 2 * 4) programs: 17 chunks of ceil(56 / 17) = 4 rows, so 14 of them
-  assert (plan["chunks"], plan["span"], plan["guard"], plan["tail"]) == (14, 4, 1, 33)
+  assert (plan["chunks"], plan["span"], plan["guard"], plan["tail"]) == (14, 4, 2, 34)
   plan = stencil._rows_plan(256, 7, 7, 512, 4, 32, 16, interpret=False)
   assert (plan["m"], plan["strips"], plan["chunks"]) == (8, 1, 1)
 
@@ -624,9 +641,10 @@ def test_d_bn_product_with_row_walks_matches_float64_autodiff(monkeypatch, strid
                         "product=4,4,2", 10_000)
   d_bn_product_matches_float64(7, stride)
   walks = sorted(k for k in launched if "rows" in k)
-  if stride == 1:
+  if stride == 1:  # the statistics: in the forward alone and inside grad
     assert walks == ["_bn_sums_rows_kernel", "_du_rows_kernel", "_dx_dc_rows_kernel",
-                     "_product_rows_kernel", "_product_rows_kernel"], launched
+                     "_lags_rows_kernel", "_lags_rows_kernel", "_product_rows_kernel",
+                     "_product_rows_kernel"], launched
   else:
     assert not walks and "_du_parity_kernel" in launched, launched
 
@@ -648,9 +666,9 @@ def test_row_walks_each_kernel_alone_and_bad_values(monkeypatch):
   assert stencil.rows_kernels() == ("du", "product")
   monkeypatch.setenv("QLHS_STENCIL_ROWS", "")
   assert stencil.rows_kernels() == ()
-  for bad in ("du,stats", "du,du", "all,du"):
+  for bad in ("du,lags", "du,du", "all,du"):
     monkeypatch.setenv("QLHS_STENCIL_ROWS", bad)
     with pytest.raises(ValueError, match=r"QLHS_STENCIL_ROWS=.*want 'all' or a "
-                                         r"comma-separated subset of \('du', 'sums', "
-                                         r"'product'\)"):
+                                         r"comma-separated subset of \('stats', 'du', "
+                                         r"'sums', 'product'\)"):
       stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
