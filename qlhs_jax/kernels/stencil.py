@@ -81,10 +81,12 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
 # chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
 # experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
-# At stage 1 every tiling it tried ran within 3% of the others, and ptxas gives these 140,
-# 215 and 106 registers, no spills (benchmarks.triton_compile --op stencil). One launch of
-# the statistics (splits 1): u is read once; a second pick, with 3 launches and the
-# pass-3 sums at 16,8,8, timed as fast alone but made the step 11% slower.
+# That sweep, and every one until 2026-12-04, timed each form's first tiling's kernel
+# under every tiling's name (jax.jit reused the trace; NOTES.md, experiment 24): these
+# tiles are what the step ran, not the best of a sweep. One launch of the statistics
+# (splits 1): u is read once; a second pick, with 3 launches and the pass-3 sums at
+# 16,8,8 (never itself timed alone), made the step 11% slower. ptxas (triton 3.9.0):
+# 56 (the lags), 114 and 136 registers at stage 1, no spills.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (32, 16, 4)}  # product: du's shape of tile, never timed
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
@@ -843,8 +845,9 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
 # 94% of its peak and DRAM at 26% (benchmarks/NOTES.md, experiment 23), and the forward
 # product and pass 4 ran at the same rate in XLA's form and in Pallas's (nine taps a
 # pixel either way). Here a program walks down a strip of m columns of one image (or a
-# chunk of its rows), a row at a time, and keeps in registers what it needs of the rows
-# it has passed, so each row is loaded once per horizontal shift (-1, 0, +1):
+# chunk of its rows; narrow images go several to a strip, one row of each), a row at a
+# time, and keeps in registers what it needs of the rows it has passed, so each row is
+# loaded once per horizontal shift (-1, 0, +1):
 # - du (a scatter, :func:`_du_rows_kernel`): row r of dx feeds du's rows r-1, r and
 #   r+1; the program keeps two partial rows of du, summed over e ((m, bj) float32), and
 #   stores each row when its last contribution arrives;
@@ -892,21 +895,27 @@ def _walks_rows(kernel: str, stride: int) -> bool:
 
 
 def _rows_plan(b, h, w, n, e, m0, bj0, interpret) -> dict:
-  """Strips of ``m`` columns (at most W, rounded up to a power of two), ``bj`` channels
-  a program, ``chunks`` of ``span`` rows per image. Interpreted, a load is a
+  """Strips of ``m`` lanes: ``m`` columns of an image (at most W, rounded up to a power
+  of two), or, where W rounded up (``wp``) is narrower than the tiling's m0, ``per`` =
+  m0 / wp images side by side, one row of each (stages 3-4: 14 and 7 px). ``bj``
+  channels a program, ``chunks`` of ``span`` rows per image. Interpreted, a load is a
   ``dynamic_slice``, which moves a start outside the array and shifts every row, so
   the row-indexed arrays get ``guard`` rows in front and ``tail`` behind (a strip's
   shift reaches two pixels before the image (the statistics' lags; one elsewhere), the
   last strip up to m + 2 past it); on a GPU a masked row is not read or written, and
   none are added."""
-  m = min(m0, pl.next_power_of_2(w))
+  wp = pl.next_power_of_2(w)
+  per = max(1, m0 // wp)
+  m = min(m0, wp) * per
   bj = min(bj0, n) if n % min(bj0, n) == 0 else n
   strips = -(-w // m)
-  chunks = min(h, max(1, -(-ROWS_PROGRAMS // (b * strips * (n // bj)))))
+  groups = -(-b // per)
+  chunks = min(h, max(1, -(-ROWS_PROGRAMS // (groups * strips * (n // bj)))))
   span = -(-h // chunks)
-  return dict(b=b, h=h, w=w, n=n, e=e, m=m, bj=bj, strips=strips, span=span,
-              chunks=-(-h // span), rows=b * h * w, order=grid_order(), ahead=ROWS_AHEAD,
-              guard=2 if interpret else 0, tail=m + 2 if interpret else 0)
+  return dict(b=b, h=h, w=w, n=n, e=e, m=m, bj=bj, wp=wp, per=per, groups=groups,
+              strips=strips, span=span, chunks=-(-h // span), rows=b * h * w,
+              order=grid_order(), ahead=ROWS_AHEAD, guard=2 if interpret else 0,
+              tail=m + 2 if interpret else 0)
 
 
 def _rows_pad(x2: jax.Array, plan: dict) -> jax.Array:
@@ -926,48 +935,66 @@ def _rows_unpad(x2: jax.Array, plan: dict) -> jax.Array:
 
 
 def _rows_programs(plan: dict) -> int:
-  return plan["b"] * plan["chunks"] * plan["strips"]
+  return plan["groups"] * plan["chunks"] * plan["strips"]
 
 
 class _Strip:
-  """This program's strip: image ``img``, columns x0..x0+m-1 (``x``), rows r0..r0+span-1
-  (its chunk) and channel block ``j0``. The strips of one chunk of rows have
-  consecutive program ids, so programs started together read whole rows."""
+  """This program's strip: lanes of image ``img`` at columns ``x`` (x0..x0+m-1), or of
+  ``per`` images side by side (``img`` and ``x`` per lane), rows r0..r0+span-1 (its
+  chunk) and channel block ``j0``. The strips of one chunk of rows have consecutive
+  program ids, so programs started together read whole rows. One image a strip loads
+  m contiguous rows at a computed start; several load by a row index per lane."""
 
   def __init__(self, plan):
     self.plan = plan
     pid, cb = _ids(plan)
-    strips, chunks = plan["strips"], plan["chunks"]
-    self.img = lax.div(pid, strips * chunks)
+    strips, chunks, m, per = plan["strips"], plan["chunks"], plan["m"], plan["per"]
+    group = lax.div(pid, strips * chunks)
     self.r0 = lax.rem(lax.div(pid, strips), chunks) * plan["span"]
-    self.x0 = lax.rem(pid, strips) * plan["m"]
-    self.x = self.x0 + lax.broadcasted_iota(jnp.int32, (plan["m"],), 0)
+    lane = lax.broadcasted_iota(jnp.int32, (m,), 0)
+    if per == 1:
+      self.img, self.x0 = group, lax.rem(pid, strips) * m
+      self.x = self.x0 + lane
+      self.live = self.x < plan["w"]
+    else:
+      self.img = group * per + lax.div(lane, plan["wp"])
+      self.x = lax.rem(lane, plan["wp"])
+      self.live = (self.x < plan["w"]) & (self.img < plan["b"])
     self.j0 = cb * plan["bj"]
 
   def _at(self, r, s, extra=True):
-    """(first row, mask) of pixels (r, x + s) of the image: masked outside the image and
-    where ``extra`` (a scalar) is off."""
+    """(first row, or each lane's row; mask) of pixels (r, x + s): masked outside the
+    image, on lanes past it, and where ``extra`` (a scalar) is off."""
     plan = self.plan
     xs = self.x + s
-    ok = (xs >= 0) & (xs < plan["w"]) & (r >= 0) & (r < plan["h"]) & extra
-    start = self.img * (plan["h"] * plan["w"]) + r * plan["w"] + self.x0 + s
-    return start + plan["guard"], ok
+    ok = self.live & (xs >= 0) & (xs < plan["w"]) & (r >= 0) & (r < plan["h"]) & extra
+    at = self.img * (plan["h"] * plan["w"]) + r * plan["w"] + s + plan["guard"]
+    if plan["per"] == 1:
+      return at + self.x0, ok
+    # A masked lane's row is 0 (a guard row where interpreted): its index stays in the
+    # array, so that the interpreter's gather and scatter neither clip it onto a live
+    # row nor drop it.
+    return jnp.where(ok, at + self.x, 0), ok
+
+  def _ref(self, ref, at, cols):
+    if self.plan["per"] == 1:
+      return ref.at[pl.ds(at, self.plan["m"]), cols]
+    ids = cols.start + lax.broadcasted_iota(jnp.int32, (cols.size,), 0)
+    return ref.at[at[:, None], ids[None, :]]
 
   def load(self, ref, r, s, cols, extra=True):
-    """``ref``'s channels ``cols`` at pixels (r, x + s), (m, channels) in ref's dtype, 0
-    outside the image and where ``extra`` (a scalar) is off."""
+    """``ref``'s channels ``cols`` (a ``pl.ds``) at pixels (r, x + s), (m, channels) in
+    ref's dtype, 0 outside the image and where ``extra`` (a scalar) is off."""
     from qlhs_jax.kernels.d_bn_product import plt
-    start, ok = self._at(r, s, extra)
-    return plt.load(ref.at[pl.ds(start, self.plan["m"]), cols], mask=ok[:, None],
-                    other=0.0)
+    at, ok = self._at(r, s, extra)
+    return plt.load(self._ref(ref, at, cols), mask=ok[:, None], other=0.0)
 
   def store(self, ref, y, cols, value):
     """``value`` (m, channels) into ``ref``'s row y of the strip, if y is in this
     program's chunk and the image."""
     from qlhs_jax.kernels.d_bn_product import plt
-    start, ok = self._at(y, 0, (y >= self.r0) & (y < self.r0 + self.plan["span"]))
-    plt.store(ref.at[pl.ds(start, self.plan["m"]), cols], value.astype(ref.dtype),
-              mask=ok[:, None])
+    at, ok = self._at(y, 0, (y >= self.r0) & (y < self.r0 + self.plan["span"]))
+    plt.store(self._ref(ref, at, cols), value.astype(ref.dtype), mask=ok[:, None])
 
 
 def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
@@ -1162,13 +1189,16 @@ def _lags_rows_kernel(u_ref, out_ref, *, plan):
     out_ref[pid, k, cols] = acc[k].sum(0)
   lane = lambda x0, v: jnp.where((st.x == x0)[:, None], v, 0.0).sum(0)
 
-  def row_terms(y, mine):  # row y's sum, lag-0, 1, 2 products, first and last value
+  def row_terms(y, mine):
+    """Row y's sum and lag-0, 1, 2 products; its first and last pixel's value and
+    square (summed over the strip's images, each squared on its own lane)."""
     v0, v1, v2 = (st.load(u_ref, y, s, cols, mine).astype(F32) for s in (0, 1, 2))
-    first, end = lane(0, v0), lane(w - 1, v0)
-    return [v0.sum(0), (v0 * v0).sum(0), (v0 * v1).sum(0), (v0 * v2).sum(0)], first, end
-  top, top_first, top_last = row_terms(0, st.r0 == 0)
+    sq = v0 * v0
+    ends = [(lane(x0, v0), lane(x0, sq)) for x0 in (0, w - 1)]
+    return [v0.sum(0), sq.sum(0), (v0 * v1).sum(0), (v0 * v2).sum(0)], ends
+  top, (top_first, top_last) = row_terms(0, st.r0 == 0)
   # (no chunk starts past the image: the last chunk holds row H-1)
-  bottom, bottom_first, bottom_last = row_terms(h - 1, h - 1 <= last)
+  bottom, (bottom_first, bottom_last) = row_terms(h - 1, h - 1 <= last)
   corners = {"top": (top_first, top_last), "bottom": (bottom_first, bottom_last),
              "left": (top_first, bottom_first), "right": (top_last, bottom_last)}
   terms = {"top": top, "bottom": bottom,
@@ -1176,5 +1206,5 @@ def _lags_rows_kernel(u_ref, out_ref, *, plan):
   for k, name in enumerate(BORDER_SIDES):
     first, end = corners[name]
     # The corners are counted by the programs whose chunk holds their row only.
-    for r, v in enumerate(terms[name] + [first, first * first, end, end * end]):
+    for r, v in enumerate(terms[name] + [*first, *end]):
       out_ref[pid, 14 + 8 * k + r, cols] = v

@@ -544,7 +544,9 @@ def test_auto_reaches_the_kernels_where_it_picks_them(monkeypatch):
 
 # (B, H, W, n), e, tiling, programs a walk aims for: partial strips (W below and past a
 # power of two), two channel blocks, chunks of rows (a high aim splits every image; the
-# last chunk runs past the image), one-row and one-column images.
+# last chunk runs past the image), one-row and one-column images, and narrow images
+# side by side in a strip (W rounded up below the strip's width: 9 and 1 px at 32
+# lanes, 3 px at 16), with lanes past the batch.
 ROWS_CASES = [
     ((2, 6, 5, 4), 4, "du=4,4,2 sums=4,4,2 product=4,4,2", None),
     ((3, 7, 6, 8), 2, "du=8,4,2 sums=8,4,2 product=8,4,2", 10_000),
@@ -552,6 +554,8 @@ ROWS_CASES = [
     ((2, 1, 5, 4), 2, "du=2,4,2 sums=2,4,2 product=2,4,2", None),
     ((2, 5, 1, 4), 2, "", 10_000),
     ((2, 7, 6, 4), 2, "du=8,4,2 sums=8,4,2 product=8,4,2", 6),  # 3 chunks of 3 rows
+    # 4 images of 3 columns to a 16-lane strip, the second group one image short
+    ((5, 6, 3, 4), 2, "stats=16,4,4,1 du=16,4,4 sums=16,4,4 product=16,4,4", None),
 ]
 
 
@@ -626,8 +630,13 @@ def test_row_walks_split_images_into_chunks_and_strips(monkeypatch):
   plan = stencil._rows_plan(8, 56, 56, 64, 4, 32, 16, interpret=True)
   # 1056 / (8 * 2 * 4) programs: 17 chunks of ceil(56 / 17) = 4 rows, so 14 of them
   assert (plan["chunks"], plan["span"], plan["guard"], plan["tail"]) == (14, 4, 2, 34)
+  # Narrow images side by side: 4 of stage 4's 7-px rows in 8-lane slots of a 32-lane
+  # strip, 2 of stage 3's 14-px rows; 256 / 4 and 256 / 2 groups of images.
   plan = stencil._rows_plan(256, 7, 7, 512, 4, 32, 16, interpret=False)
-  assert (plan["m"], plan["strips"], plan["chunks"]) == (8, 1, 1)
+  assert (plan["m"], plan["per"], plan["groups"], plan["strips"], plan["chunks"]) == (
+      32, 4, 64, 1, 1)
+  plan = stencil._rows_plan(256, 14, 14, 256, 4, 32, 16, interpret=False)
+  assert (plan["m"], plan["per"], plan["groups"], plan["strips"]) == (32, 2, 128, 1)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -672,3 +681,51 @@ def test_row_walks_each_kernel_alone_and_bad_values(monkeypatch):
                                          r"comma-separated subset of \('stats', 'du', "
                                          r"'sums', 'product'\)"):
       stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
+
+
+@pytest.mark.parametrize("b,h,w,m0", [(5, 6, 3, 16), (2, 7, 6, 8), (1, 9, 9, 32), (2, 4, 10, 4),
+                                      (3, 5, 1, 4)])
+def test_walk_lanes_address_their_own_pixels_only(monkeypatch, b, h, w, m0):
+  """A walk's addressing, lane by lane, as the kernels compute it (interpreted): every
+  live lane's row is the pixel (image, r, x + s) it stands for, inside the batch and the
+  image; a lane is live exactly there (on a GPU, a lane past the batch or the image
+  would read or write another tensor's memory); a dead lane of a multi-image strip
+  points at row 0; and at s = 0 the programs' chunks cover every pixel once."""
+  monkeypatch.setenv("QLHS_STENCIL_GRID", "pixels")
+  monkeypatch.setattr(stencil, "ROWS_PROGRAMS", 3 * b)  # chunks of rows too
+  plan = stencil._rows_plan(b, h, w, 4, 1, m0, 4, interpret=True)
+  programs, m = stencil._rows_programs(plan), plan["m"]
+  rs, ss = range(-2, h + 3), range(-2, 3)
+  i32 = jnp.int32
+
+  def kernel(at_ref, ok_ref, lane_ref, r0_ref):
+    st = stencil._Strip(plan)
+    pid, lanes = stencil.pl.program_id(0), jax.lax.broadcasted_iota(i32, (m,), 0)
+    for i, r in enumerate(rs):
+      for j, s in enumerate(ss):
+        at, ok = st._at(i32(r), s)
+        at_ref[pid, i, j, :] = at + lanes if plan["per"] == 1 else at
+        ok_ref[pid, i, j, :] = ok.astype(i32)
+    lane_ref[pid, 0, :] = jnp.broadcast_to(st.img, (m,))
+    lane_ref[pid, 1, :] = st.x
+    r0_ref[pid, :] = jnp.broadcast_to(st.r0, (m,))
+  shapes = [(programs, len(rs), len(ss), m)] * 2 + [(programs, 2, m), (programs, m)]
+  at, ok, lane, r0 = (np.asarray(a) for a in stencil.pl.pallas_call(
+      kernel, out_shape=[jax.ShapeDtypeStruct(sh, i32) for sh in shapes],
+      grid=(programs, 1), interpret=True)())
+  img, x = lane[:, 0][:, None, None, :], lane[:, 1][:, None, None, :]
+  r = np.asarray(rs)[None, :, None, None]
+  xs = x + np.asarray(ss)[None, None, :, None]
+  want_ok = (img < b) & (x < w) & (r >= 0) & (r < h) & (xs >= 0) & (xs < w)
+  np.testing.assert_array_equal(ok.astype(bool), want_ok)
+  want_at = plan["guard"] + img * h * w + r * w + xs
+  np.testing.assert_array_equal(np.where(want_ok, at, -1), np.where(want_ok, want_at, -1))
+  if plan["per"] > 1:
+    assert (at[~want_ok] == 0).all()
+  seen = np.zeros((b, h, w), int)
+  for p in range(programs):
+    for i, row in enumerate(rs):
+      if r0[p, 0] <= row < r0[p, 0] + plan["span"]:
+        for k in np.nonzero(want_ok[p, i, 2])[0]:
+          seen[lane[p, 0, k], row, lane[p, 1, k]] += 1
+  assert (seen == 1).all(), seen
