@@ -44,9 +44,10 @@
 #   tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row of u or dx
 #   loaded at its three horizontal shifts, not at nine taps; du ran with L1 at 94% of
 #   its peak on the H200), in one call: the default step against ResNet50 (also the
-#   second sample that "sums" wants); du and the sums alone at four tilings, tiles and
-#   walks (stencil_times, whose earlier sweeps timed one or two kernels per form: see
-#   experiment 24); the step with the sweep's choice; the step with every walk.
+#   second sample that "sums" wants); the statistics, du and the sums alone at four
+#   tilings, tiles and walks (stencil_times, whose earlier sweeps timed one or two
+#   kernels per form: see experiment 24); the step with the sweep's choice; the step
+#   with every walk.
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
@@ -226,21 +227,23 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -
 NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis
   --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats
   --section WarpStateStats --section SchedulerStats"
-ncu_kernel() {  # ncu_kernel SECONDS NAME KERNEL: Nsight Compute on the first launch of
-  # the kernel named NAME (stencil.NAMES, which is also its name in a launch) at stage 1,
-  # stencil_times running only KERNEL (stats, sums or du), appended to $OUT/ncu.txt.
+ncu_kernel() {  # ncu_kernel SECONDS NAME KERNEL [FORM]: Nsight Compute on the first
+  # launch of the kernel named NAME (stencil.NAMES, which is also its name in a launch)
+  # at stage 1, stencil_times running only KERNEL (stats, sums or du) in its XLA forms
+  # and the Pallas FORM (default pallas, the tiles; pallas_rows: the walk), appended to
+  # $OUT/ncu.txt.
   # ncu saves the device memory before a kernel's ~18 replays and restores it between
   # them. On 2026-12-04, with JAX holding ~75% of the device (its
   # default preallocation), it warned "Backing up device memory in system memory. Kernel
   # replay might be slow", and 150 s covered two launches. Without the preallocation
   # JAX holds only what the shape's arrays need.
-  local limit=$1 name=$2 kernel=$3
-  echo "== ncu ($NCU): $name at stage 1" | tee -a "$OUT/log.txt" "$OUT/ncu.txt"
+  local limit=$1 name=$2 kernel=$3 form=${4:-pallas}
+  echo "== ncu ($NCU): $name ($form) at stage 1" | tee -a "$OUT/log.txt" "$OUT/ncu.txt"
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" "$NCU" --clock-control none \
     --kernel-name regex:"^$name" --launch-count 1 $NCU_SECTIONS \
     python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" --shapes stage1 \
       --calls 1 --repeats 1 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
-      --du-tilings 32,16,4 --kernels "$kernel" ${STENCIL_ARGS:-} 2>&1 \
+      --du-tilings 32,16,4 --kernels "$kernel" --forms "$form" ${STENCIL_ARGS:-} 2>&1 \
       | quiet > "$OUT/ncu1.txt"
   echo "exit ${PIPESTATUS[0]}" >> "$OUT/ncu1.txt"
   cat "$OUT/ncu1.txt" >> "$OUT/ncu.txt"

@@ -92,8 +92,9 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0)
 # gives the product's and pass 4's walks 55 and 76 registers with 8 channels a program,
-# 77 and 130 with 16, for the same instructions; du's and the sums' walks are the tiles'
-# shapes (128 and 122 registers). Not yet timed.
+# 77 and 130 with 16, for the same instructions (before their rows were loaded a step
+# ahead: 64 and 80 since); the statistics', du's and the sums' walks are the tiles'
+# shapes (80, 128 and 143 registers). Not yet timed.
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
@@ -1032,7 +1033,7 @@ def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
     du = above + h[0]
     if with_addend:
       du += st.load(add_ref, r - 1, 0, out_cols).astype(F32)
-    st.store(du_ref, r - 1, out_cols, du)  # outside the chunk (the first step): not
+    st.store(du_ref, r - 1, out_cols, du)  # not stored outside the chunk (first step)
     return here + h[1], h[2], ahead
   zero = jnp.zeros((m, bj), F32)
   lax.fori_loop(0, plan["span"] + 2, body,
@@ -1180,7 +1181,7 @@ def _lags_rows_kernel(u_ref, out_ref, *, plan):
     acc = ((acc[0] + u0,) + tuple(a + p for a, p in zip(acc[1:14], prods))
            + tuple(a + jnp.where(side, v, 0.0)
                    for a, v in zip(acc[14:], [u0] + [prods[k] for k in on_side])))
-    return (below, below2, nxt, acc) if ahead else (below, below2, (), acc)
+    return below, below2, nxt, acc
   init = (row(st.r0), row(st.r0 + 1), row(st.r0 + 2) if ahead else (),
           tuple(jnp.zeros((m, bj), F32) for _ in range(18)))
   acc = lax.fori_loop(0, plan["span"], step, init)[3]

@@ -577,10 +577,11 @@ def _row_walks(monkeypatch, kernels, spec, programs):
 @pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES)
 def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, programs, ahead):
-  """QLHS_STENCIL_ROWS=all: du (with and without an addend, float32 and bfloat16 out)
-  and pass 3's sums equal float64 NumPy; the forward product and pass 4 equal the
-  tiles' kernels bit for bit (the same sums in the same order). Each launch is the
-  row walk; with each step's rows loaded a step ahead (the default) and where used."""
+  """QLHS_STENCIL_ROWS=all: du (with and without an addend, float32 and bfloat16 out),
+  pass 3's sums and the statistics' lag sums equal float64 NumPy; the forward product
+  and pass 4 equal the tiles' kernels bit for bit (the same sums in the same order).
+  Each launch is the row walk; with each step's rows loaded a step ahead (the default)
+  and where used."""
   monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
   b, h, w, n = shape
   rng = np.random.default_rng(11)
