@@ -25,10 +25,11 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   (``stencil.ROWS_AHEAD``, a constant, not a setting: where it wins, the forms line
   names the walk, and the constant is for the next commit to change).
 
-Each time is the median of ``--repeats`` runs of ``--calls`` back-to-back calls. Each
-Pallas result is checked against the XLA form (relative max difference; above
-:data:`WRONG` it is marked WRONG and not chosen). After each shape it prints two lines,
-each complete on its own, so that a run its time limit stops still leaves usable values:
+Each time is the median of ``--repeats`` runs of ``--calls`` back-to-back calls, printed
+as soon as it is taken. Each Pallas result is checked against the XLA form (relative
+max difference; above :data:`WRONG` it is marked WRONG and not chosen). After each
+shape it prints two lines, each complete on its own, so that a run its time limit stops
+still leaves usable values:
 - ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
   shapes timed so far (times weighted by each shape's blocks);
 - ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
@@ -130,11 +131,21 @@ def _rel(a, b) -> float:
 PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_rows_now")
 
 
+def _print_entry(name: str, r: dict) -> None:
+  if "ms" in r:
+    flag = "  WRONG" if r["err"] > WRONG[name.split()[0]] else ""
+    print(f"  {name:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}){flag}",
+          flush=True)
+  else:
+    print(f"  {name:24s} failed: {r['error']}", flush=True)
+
+
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
-               calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS) -> dict:
+               calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
   for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
-  ``forms``."""
+  ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
+  prints it: a run that its time limit stops mid-shape keeps what it timed)."""
   import jax
 
   from qlhs_jax.benchmarks.block_tune import median_ms
@@ -177,6 +188,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err}
     except Exception as ex:  # a tiling that does not compile is reported, not fatal
       out[name] = {"error": f"{type(ex).__name__}: {ex}"[:300]}
+    if on_entry is not None:
+      on_entry(name, out[name])
   return out
 
 
@@ -244,8 +257,8 @@ def main(argv=None) -> int:
   kernels = tuple(filter(None, args.kernels.split(",")))
   if not kernels or set(kernels) - set(KERNELS):
     p.error(f"--kernels {args.kernels!r}: name some of {', '.join(KERNELS)}")
-  forms = tuple(filter(None, args.forms.split(",")))
-  if not forms or set(forms) - set(PALLAS_FORMS):
+  pallas_forms = tuple(filter(None, args.forms.split(",")))
+  if not pallas_forms or set(pallas_forms) - set(PALLAS_FORMS):
     p.error(f"--forms {args.forms!r}: name some of {', '.join(PALLAS_FORMS)}")
   import jax
 
@@ -268,17 +281,11 @@ def main(argv=None) -> int:
     if time.perf_counter() - start > args.budget:
       print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
       break
+    print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):", flush=True)
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
                        args.du_tilings, interpret, args.calls, args.repeats, kernels,
-                       forms)
+                       pallas_forms, on_entry=_print_entry)
     results[name], blocks[name] = times, count
-    print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):")
-    for key, r in times.items():
-      if "ms" in r:
-        flag = "  WRONG" if r["err"] > WRONG[key.split()[0]] else ""
-        print(f"  {key:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}){flag}")
-      else:
-        print(f"  {key:24s} failed: {r['error']}")
     spec, forms = spec_and_forms(results, blocks)
     for kernel in kernels:
       choice, ms, totals = best(results, blocks, kernel)

@@ -83,14 +83,17 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   with pytest.raises(SystemExit):
     stencil_times.main(["--kernels", "sums,gram"])
   assert "--kernels 'sums,gram': name some of stats, sums, du" in capsys.readouterr().err
-  # --forms: the Pallas forms named only (the XLA forms always: the reference)
+  # --forms: the Pallas forms named only (the XLA forms always: the reference), at every
+  # shape (the second shape's once timed the forms that the first one's choice named)
   assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
-                             "--repeats", "1", "--shapes", "stage2", "--du-tilings",
+                             "--repeats", "1", "--shapes", "stage2,stage3", "--du-tilings",
                              "8,16,4", "--kernels", "du", "--forms", "pallas_rows",
                              "--record", str(rec)]) == 0
   r = json.loads(rec.read_text().splitlines()[-1])
-  assert set(r["shapes"]["stage2"]) == {"du gather", "du autodiff",
-                                        "du pallas_rows@8,16,4"}
+  assert set(r["shapes"]) == {"stage2", "stage3"}
+  for shape in ("stage2", "stage3"):
+    assert set(r["shapes"][shape]) == {"du gather", "du autodiff",
+                                       "du pallas_rows@8,16,4"}, r["shapes"]
   assert "stencil_forms: QLHS_DU_FORM=" in capsys.readouterr().out  # du alone
   with pytest.raises(SystemExit):
     stencil_times.main(["--forms", "pallas,rows"])
