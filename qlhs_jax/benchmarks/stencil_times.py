@@ -97,12 +97,6 @@ def _functions(stride, side, interpret):
           dx, k9, stride, hw, "autodiff").astype(u.dtype),
       ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
           dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
-      # The walks: the same calls under QLHS_STENCIL_ROWS (time_shape sets it).
-      ("stats", "pallas_rows"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
-      ("sums", "pallas_rows"): lambda u, dx, k9: stencil.bn_sums(
-          u, dx, dx, k9, *moments(k9), stride, interpret),
-      ("du", "pallas_rows"): lambda u, dx, k9: stencil.d_transpose(
-          dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
   }
 
 
@@ -170,8 +164,9 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
     try:
       # The XLA sums as XLA reduces them, whatever QLHS_SUMS_FORM the shell has (unset,
       # "auto" would take the Pallas kernel on the GPU).
+      # The walks are the "pallas" calls under QLHS_STENCIL_ROWS.
       walk = form.startswith("pallas_rows")
-      fn = fns[kernel, "pallas_rows" if walk else form]
+      fn = fns[kernel, "pallas" if walk else form]
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
           kernel_env("QLHS_SUMS_FORM", "xla"), \
           kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \

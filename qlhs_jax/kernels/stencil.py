@@ -90,11 +90,11 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (32, 16, 4)}  # product: du's shape of tile, never timed
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
-# the kernel: ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0)
-# gives the product's and pass 4's walks 55 and 76 registers with 8 channels a program,
-# 77 and 130 with 16, for the same instructions (before their rows were loaded a step
-# ahead: 64 and 80 since); the statistics', du's and the sums' walks are the tiles'
-# shapes (80, 128 and 143 registers). Not yet timed.
+# the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
+# walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
+# loaded where used: those two at 55 and 76 registers with 8 channels, 77 and 130 with
+# 16, for the same instructions. Now (rows loaded ahead): the statistics', du's, the
+# sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
@@ -429,12 +429,10 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
   m0, bj0, warps, _ = tiling("stats", walk)
   if walk:
     plan = _rows_plan(*u.shape[:3], n, 1, m0, bj0, interpret)
-    part = pl.pallas_call(
-        functools.partial(_lags_rows_kernel, plan=plan),
-        out_shape=jax.ShapeDtypeStruct((_rows_programs(plan), 1 + len(LAGS) + BORDER_ROWS,
-                                        n), F32),
-        grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
-        name=NAMES["lags"], **_params(warps, interpret))(_rows_pad(u.reshape(-1, n), plan))
+    part = _rows_call(
+        _lags_rows_kernel, plan, "lags", warps, interpret,
+        jax.ShapeDtypeStruct((_rows_programs(plan), 1 + len(LAGS) + BORDER_ROWS, n), F32),
+        _rows_pad(u.reshape(-1, n), plan))
     return part.sum(0)
   plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
@@ -559,12 +557,10 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   if walk:
     plan = _rows_plan(*u.shape[:3], n, e, m0, bj0, interpret)
     flat = lambda v: _rows_pad(v.reshape(-1, v.shape[-2] * v.shape[-1]), plan)
-    part = pl.pallas_call(
-        functools.partial(_bn_sums_rows_kernel, plan=plan),
-        out_shape=jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
-        grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
-        name=NAMES["sums"], **_params(warps, interpret))(
-            _rows_pad(u.reshape(-1, n), plan), flat(c5), flat(dp5))
+    part = _rows_call(
+        _bn_sums_rows_kernel, plan, "sums", warps, interpret,
+        jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
+        _rows_pad(u.reshape(-1, n), plan), flat(c5), flat(dp5))
     return _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
   plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
                        u.reshape(-1, n), interpret)
@@ -701,7 +697,10 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   add = None if addend is None else addend.reshape(b * h * w, n)
   if walk:
     plan = _rows_plan(b, h, w, n, e, m0, bj0, interpret)
-    return _d_transpose_rows(dx2, k2, add, plan, out_dtype, interpret).reshape(b, h, w, n)
+    args = [_rows_pad(dx2, plan), k2] + ([] if add is None else [_rows_pad(add, plan)])
+    du = _rows_call(functools.partial(_du_rows_kernel, with_addend=add is not None), plan,
+                    "du", warps, interpret, _rows_out(plan, n, out_dtype), *args)
+    return _rows_unpad(du, plan).reshape(b, h, w, n)
   if stride == 2:  # four parity classes of tiles of the output grid (_du_parity_kernel)
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
     plan.update(q=plan["rows"], ctiles=plan["tiles"])
@@ -733,17 +732,24 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
 # taps per tile, one load of c (and dp) and one store per output. QLHS_PRODUCT_FORM
 # selects them (d_bn_product.product_form; not yet timed, so "xla" stays the default).
 
+def _d_of_taps(tap, k_ref, cols, m, bj, e):
+  """D u for hidden channels ``cols`` (the block's j*e + s) from u's nine taps, ``tap(t)``
+  (m, bj): (m, bj*e) float32, summed in tap order. Each tap is asked for where it is
+  added: a tile's, loaded there, is not live with the other eight (ptxas: the product
+  46 registers at stage 1 this way, 54 with the nine loaded first)."""
+  x = None
+  for t in range(9):
+    v = jnp.broadcast_to(tap(t)[:, :, None], (m, bj, e)).reshape(m, bj * e)
+    term = v * k_ref[t, cols][None, :]
+    x = term if x is None else x + term
+  return x
+
+
 def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
   """D u at the tile's pixels for hidden channels ``cols`` (the block's j*e + s):
   (m, bj*e) float32."""
-  m = tile.plan["m"]
-  x = None
-  for t in range(9):
-    tap = tile.tap(u_ref, t, j0, bj)
-    tap = jnp.broadcast_to(tap[:, :, None], (m, bj, e)).reshape(m, bj * e)
-    term = tap * k_ref[t, cols][None, :]
-    x = term if x is None else x + term
-  return x
+  return _d_of_taps(lambda t: tile.tap(u_ref, t, j0, bj), k_ref, cols, tile.plan["m"],
+                    bj, e)
 
 
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
@@ -811,11 +817,8 @@ def _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpre
           + [_rows_pad(h.reshape(-1, n * e), plan) for h in hidden]
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in vectors])
-  outs = pl.pallas_call(
-      functools.partial(_ROWS_TWIN[kernel], plan=plan),
-      out_shape=tuple(_rows_out(plan, n * e, d) for d in out_dtypes),
-      grid=_grid(plan, _rows_programs(plan), n // plan["bj"]), interpret=interpret,
-      name=NAMES[name], **_params(warps, interpret))(*args)
+  outs = _rows_call(_ROWS_TWIN[kernel], plan, name, warps, interpret,
+                    tuple(_rows_out(plan, n * e, d) for d in out_dtypes), *args)
   return tuple(_rows_unpad(o, plan).reshape(hidden[0].shape) for o in outs)
 
 
@@ -939,6 +942,15 @@ def _rows_programs(plan: dict) -> int:
   return plan["groups"] * plan["chunks"] * plan["strips"]
 
 
+def _rows_call(kernel, plan, name, warps, interpret, out_shape, *args):
+  """Launches a walk: ``kernel(*refs, plan=plan)``, one program per strip and chunk of
+  rows (:func:`_rows_programs`) and channel block, named ``NAMES[name]``."""
+  return pl.pallas_call(
+      functools.partial(kernel, plan=plan), out_shape=out_shape,
+      grid=_grid(plan, _rows_programs(plan), plan["n"] // plan["bj"]),
+      interpret=interpret, name=NAMES[name], **_params(warps, interpret))(*args)
+
+
 class _Strip:
   """This program's strip: lanes of image ``img`` at columns ``x`` (x0..x0+m-1), or of
   ``per`` images side by side (``img`` and ``x`` per lane), rows r0..r0+span-1 (its
@@ -1040,19 +1052,6 @@ def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
                 (zero, zero, row(st.r0 - 1) if plan["ahead"] else ()))
 
 
-def _d_transpose_rows(dx2, k2, add, plan, out_dtype, interpret):
-  """:func:`d_transpose` at stride 1 by :func:`_du_rows_kernel`: (B*H*W, n)."""
-  n, bj = plan["n"], plan["bj"]
-  _, _, warps = tiling("du", rows=True)
-  args = [_rows_pad(dx2, plan), k2] + ([] if add is None else [_rows_pad(add, plan)])
-  du = pl.pallas_call(
-      functools.partial(_du_rows_kernel, plan=plan, with_addend=add is not None),
-      out_shape=_rows_out(plan, n, out_dtype),
-      grid=_grid(plan, _rows_programs(plan), n // bj), interpret=interpret,
-      name=NAMES["du"], **_params(warps, interpret))(*args)
-  return _rows_unpad(du, plan)
-
-
 def _rows_walk(st, u_ref, hidden_refs, body, carry):
   """Walks output rows y = r0..r0+span-1 with u's nine taps at each: ``body(y, taps,
   hidden, carry)`` returns the new carry; taps[t] is u at pixels (y + dy, x + dx), t =
@@ -1083,24 +1082,13 @@ def _rows_walk(st, u_ref, hidden_refs, body, carry):
   return lax.fori_loop(0, plan["span"], step, init)[4]
 
 
-def _d_of_taps(taps, k_ref, cols, m, bj, e):
-  """D u for hidden channels ``cols`` (the block's j*e + s) from u's nine taps:
-  (m, bj*e) float32, summed in tap order as :func:`_tile_d`."""
-  x = None
-  for t in range(9):
-    tap = jnp.broadcast_to(taps[t][:, :, None], (m, bj, e)).reshape(m, bj * e)
-    term = tap * k_ref[t, cols][None, :]
-    x = term if x is None else x + term
-  return x
-
-
 def _product_rows_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   st = _Strip(plan)
   cols = pl.ds(st.j0 * e, bj * e)
 
   def body(y, taps, hidden, carry):
-    x = _d_of_taps(taps, k_ref, cols, m, bj, e)
+    x = _d_of_taps(taps.__getitem__, k_ref, cols, m, bj, e)
     f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
     st.store(p_ref, y, cols, f1 * hidden[0])
     return carry
@@ -1115,7 +1103,7 @@ def _dx_dc_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
   vec = lambda ref: ref[cols][None, :]
 
   def body(y, taps, hidden, carry):
-    x = _d_of_taps(taps, k_ref, cols, m, bj, e)
+    x = _d_of_taps(taps.__getitem__, k_ref, cols, m, bj, e)
     c, dp = hidden
     mul, g = vec(mul_ref), dp * c
     st.store(dx_ref, y, cols, g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref))
