@@ -40,14 +40,15 @@
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
 #   experiment 23).
-# "sweep" (time limits add up to 530 s; NOTES.md experiment 24): the stencil kernels'
-#   tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row of u or dx
-#   loaded at its three horizontal shifts, not at nine taps; du ran with L1 at 94% of
-#   its peak on the H200), in one call: the default step against ResNet50 (also the
-#   second sample that "sums" wants); the statistics, du and the sums alone at four
-#   tilings, tiles and walks (stencil_times, whose earlier sweeps timed one or two
-#   kernels per form: see experiment 24); the step with the sweep's choice; the step
-#   with every walk.
+# "sweep" (time limits add up to 540 s; NOTES.md experiments 24 and 25): the stencil
+#   kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row
+#   of u or dx loaded at its three horizontal shifts, not at nine taps; du ran with L1
+#   at 94% of its peak on the H200), in one call: the default step against ResNet50
+#   (also the second sample that "sums" wants); the statistics, du and the sums alone
+#   at four tilings, tiles and walks, and pass 4 with du as one walk (dx_du: dx never
+#   stored) against the two kernels (stencil_times, whose earlier sweeps timed one or
+#   two kernels per form: see experiment 24); the step with the sweep's choice; the
+#   step with dx_du alone.
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
@@ -307,13 +308,19 @@ if [ "$PART" = sweep ]; then
   # in 0.172 ms against the tiles' 0.237 (0.162 loading where used), the statistics'
   # in 0.147 against 0.134; registers, tiles / walk: du 136 / 128 at 32,16,4, 114 / 71
   # at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4; the statistics 56 / 80.
-  # Stops starting shapes after 110 s (stage 1 alone is ~50 entries).
+  # dx_du (experiment 25): pass 4 and du as one walk, dx never stored, against XLA's
+  # pass 4 then du's tiles (the default step's two kernels); ptxas at stage 1: 0.379 ms
+  # against 0.233 + 0.237, 192 registers at 32,8,4 (64 lanes by 4 channels there), 108
+  # at 32,4,4. Its entries check it against XLA's pass 4 and du: a race on dx's rows
+  # (the barrier, the two rows) would show as WRONG.
+  # Stops starting shapes after 120 s (stage 1 alone is ~60 entries).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
-  timeout 200 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 110 \
+  timeout 210 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
-    --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+    --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
+    --dx-du-tilings 32,8,4 32,4,4 64,8,8 64,4,4 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
@@ -323,10 +330,10 @@ if [ "$PART" = sweep ]; then
   # defaults); against the first row.
   (use_stencil_choice "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
    bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
-  # Every walk at its default tiles, the product's replacing XLA's loop fusions
-  # (QLHS_PRODUCT_FORM=pallas; the tiles' Pallas product timed as XLA's in experiment 23).
-  QLHS_STENCIL_ROWS=all QLHS_PRODUCT_FORM=pallas bench 80 --model eq3_softball_ds \
-    --set 'fuse_d_bn="auto"' --input uint8
+  # dx_du alone at its default tiles: the default step but for pass 4 and du (0.82 GB
+  # less a stage-1 block), against the first row.
+  QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
 fi
 if [ "$PART" = sums ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8

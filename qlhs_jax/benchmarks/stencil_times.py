@@ -2,7 +2,7 @@
 Pallas kernels of ``kernels.stencil``, each timed alone on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
-      [--kernels stats,sums,du] [--forms pallas,pallas_rows]
+      [--kernels stats,sums,du,dx_du] [--forms pallas,pallas_rows]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
 width's largest shape first), on random bfloat16 inputs at ``--batch``:
@@ -18,6 +18,11 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
+- ``dx_du``: pass 4 (dx and dc) then du, at stride 1, as the "xla" path runs them
+  without a GPU ("xla": XLA's loop fusion then the "gather" form of du, the reference),
+  as the default step runs them on one ("pallas": XLA's pass 4, then
+  ``stencil.d_transpose`` at its default tiles), and as one walk, ``stencil.dx_du``
+  ("pallas_rows" and "pallas_rows_now", at each ``--dx-du-tilings``), dx never stored.
 - "pallas_rows" (stats, sums and du): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
@@ -34,7 +39,8 @@ still leaves usable values:
   shapes timed so far (times weighted by each shape's blocks);
 - ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
   fastest form over those shapes, named (an XLA form too: unset, each is "auto"), and
-  QLHS_STENCIL_ROWS where a walk is fastest.
+  QLHS_STENCIL_ROWS where a walk is fastest (dx_du: where the one walk beats pass 4
+  then du).
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -48,13 +54,18 @@ import datetime
 import sys
 import time
 
-KERNELS = ("stats", "sums", "du")
+KERNELS = ("stats", "sums", "du", "dx_du")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
 SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
+# dx_du's strip is whole rows (the pixels are raised to W rounded up, the channels
+# lowered as much): at stage 1 these are 64 lanes by 4, 2, 8 and 4 channels.
+DX_DU_TILINGS = ("32,8,4", "32,4,4", "64,8,8", "64,4,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
-WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2}
+# dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
+# it to bfloat16 between them).
+WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2}
 
 
 def _inputs(batch, side, n, stride, e=4, seed=0):
@@ -80,6 +91,18 @@ def _functions(stride, side, interpret):
 
   def moments(k9):  # BatchNorm's mean and rstd as the model has them, (1, n, e)
     return jnp.full((1,) + k9.shape[1:], 0.1), jnp.full((1,) + k9.shape[1:], 2.0)
+
+  def pass4_vectors(k9):  # mul, add, cx, c0, mean: (1, n, e)
+    return [jnp.full((1,) + k9.shape[1:], v) for v in (2.0, 0.1, -0.3, 0.05, 0.1)]
+
+  def pass4_then_du(u, dx, k9, form):  # dx as c and dp; returns (dc, du)
+    mul, add, cx, c0, mean = pass4_vectors(k9)
+    d, dc = dbn._xla_backward_dx(u, dx, dx, k9, mul, cx, c0, mean, stride, 1, u.dtype,
+                                 add=add)
+    if form == "pallas":
+      return dc, stencil.d_transpose(d, k9, stride, hw, out_dtype=u.dtype,
+                                     interpret=interpret)
+    return dc, dbn._d_transpose(d, k9, stride, hw, "gather").astype(u.dtype)
   return {
       ("stats", "xla"): lambda u, dx, k9: dbn._xla_stats(u, k9, stride, 1)[2],
       ("stats", "pallas"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
@@ -97,6 +120,10 @@ def _functions(stride, side, interpret):
           dx, k9, stride, hw, "autodiff").astype(u.dtype),
       ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
           dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
+      ("dx_du", "xla"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "gather"),
+      ("dx_du", "pallas"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "pallas"),
+      ("dx_du", "pallas_rows"): lambda u, dx, k9: stencil.dx_du(
+          u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret),
   }
 
 
@@ -135,7 +162,8 @@ def _print_entry(name: str, r: dict) -> None:
 
 
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
-               calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None) -> dict:
+               calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
+               dx_du_tilings=DX_DU_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
   for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
   ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
@@ -157,6 +185,9 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") + walks
            for t in sums_tilings]
   todo += [("du", form, t) for form in ("pallas",) + walks for t in du_tilings]
+  if stride == 1:  # dx_du walks at stride 1 only; its "pallas" is the default's pair
+    todo += [("dx_du", "xla", None), ("dx_du", "pallas", None)]
+    todo += [("dx_du", form, t) for form in walks for t in dx_du_tilings]
   todo = [item for item in todo if item[0] in kernels
           and (item[2] is None or item[1] in forms)]
   for kernel, form, tiling in todo:
@@ -166,7 +197,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       # "auto" would take the Pallas kernel on the GPU).
       # The walks are the "pallas" calls under QLHS_STENCIL_ROWS.
       walk = form.startswith("pallas_rows")
-      fn = fns[kernel, "pallas" if walk else form]
+      fn = fns.get((kernel, "pallas_rows")) if walk else None  # dx_du: its own call
+      fn = fn or fns[kernel, "pallas" if walk else form]
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
           kernel_env("QLHS_SUMS_FORM", "xla"), \
           kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \
@@ -224,6 +256,12 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
       form = "pallas"
       rows.append(kernel)
     forms.append(f"{var}={form}")
+  # dx_du has no form variable: where its walk beats pass 4 then du, QLHS_STENCIL_ROWS
+  # names it, with its tiling.
+  name, _, _ = best(results, blocks, "dx_du")
+  if name is not None and name.split()[1].startswith("pallas_rows"):
+    spec.append(f"dx_du={name.split('@')[1]}")
+    rows.append("dx_du")
   if rows:
     forms.append(f"QLHS_STENCIL_ROWS={','.join(rows)}")
   return " ".join(spec), " ".join(forms)
@@ -237,13 +275,14 @@ def main(argv=None) -> int:
   p.add_argument("--stats-tilings", nargs="+", default=list(STATS_TILINGS))
   p.add_argument("--sums-tilings", nargs="+", default=list(SUMS_TILINGS))
   p.add_argument("--du-tilings", nargs="+", default=list(DU_TILINGS))
+  p.add_argument("--dx-du-tilings", nargs="+", default=list(DX_DU_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--kernels", default=",".join(KERNELS),
-                 help="comma-separated, of stats, sums, du (default all): the others are "
-                      "not run, e.g. under a profiler that follows one kernel")
+                 help="comma-separated, of stats, sums, du, dx_du (default all): the "
+                      "others are not run, e.g. under a profiler that follows one kernel")
   p.add_argument("--forms", default=",".join(PALLAS_FORMS),
                  help="comma-separated Pallas forms to time (default all; the XLA forms "
                       "always run, the reference)")
@@ -261,7 +300,7 @@ def main(argv=None) -> int:
   from qlhs_jax.benchmarks.step import kernel_env
   from qlhs_jax.kernels import stencil
   for kernel, items in (("stats", args.stats_tilings), ("sums", args.sums_tilings),
-                        ("du", args.du_tilings)):
+                        ("du", args.du_tilings), ("dx_du", args.dx_du_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -279,11 +318,17 @@ def main(argv=None) -> int:
     print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):", flush=True)
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
                        args.du_tilings, interpret, args.calls, args.repeats, kernels,
-                       pallas_forms, on_entry=_print_entry)
+                       pallas_forms, on_entry=_print_entry,
+                       dx_du_tilings=args.dx_du_tilings)
     results[name], blocks[name] = times, count
     spec, forms = spec_and_forms(results, blocks)
     for kernel in kernels:
       choice, ms, totals = best(results, blocks, kernel)
+      if kernel == "dx_du":  # against the default step's two kernels (stride-1 blocks)
+        base = totals.get("dx_du pallas", float("inf"))
+        print(f"  network so far, dx_du: {choice} {ms:.2f} ms (pass 4, then du's tiles: "
+              f"{base:.2f} ms)")
+        continue
       xla = totals.get(f"{kernel} {'gather' if kernel == 'du' else 'xla'}", float("inf"))
       print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")
     print(f"stencil_tiling: {spec}")

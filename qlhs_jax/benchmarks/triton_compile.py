@@ -99,8 +99,8 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
   """``stencil.tap_stats`` of u (the 54-product kernel, and at stride 1 the lag kernel),
   ``stencil.bn_sums``, ``stencil.d_transpose`` of dx (with an addend, as eq3_block
-  calls it), ``stencil.product`` and ``stencil.dx_dc`` in bfloat16, lowered for CUDA
-  here."""
+  calls it), ``stencil.product``, ``stencil.dx_dc`` and at stride 1 ``stencil.dx_du``
+  in bfloat16, lowered for CUDA here."""
   import jax
   import jax.numpy as jnp
 
@@ -110,14 +110,17 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
   ho = _out_size(side, stride)
 
   def kernels(u, dx, k9, add, vec):
+    # the kernels at stride 1 only: the lag sums, and pass 4 with du as one walk
     lags = (stencil.lag_sums(u, interpret=False),) if stride == 1 else ()
+    dx_du = (stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False)
+             if stride == 1 else ())
     return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
             stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
                                 interpret=False),
             stencil.product(u, dx, k9, vec, vec, stride, interpret=False),
             *stencil.dx_dc(u, dx, dx, k9, vec, vec, vec, vec, vec, stride, bf,
-                           interpret=False))
+                           interpret=False), *dx_du)
   return lower_on_cuda(kernels, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
                        s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32),
                        s((1, n, e), jnp.float32))
@@ -263,10 +266,11 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
   from qlhs_jax.kernels import stencil
   name = next(k for k, v in stencil.NAMES.items() if v == kernel)
   walk = {"dx": "product", "lags": "stats"}.get(name, name)
-  if walk in stencil.ROWS_KERNELS and stencil._walks_rows(walk, stride):
+  if walk == "dx_du" or (walk in stencil.ROWS_KERNELS
+                         and stencil._walks_rows(walk, stride)):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
-    return plan["span"] + 2 * (walk == "du")
+    return plan["span"] + 2 * (walk in ("du", "dx_du"))
   if name not in ("stats", "lags", "sums"):
     return 1
   m0, bj0 = stencil.tiling(name)[:2]

@@ -19,7 +19,8 @@ backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 =========  ==============================================  ===========================
 
 (``impl="xla"`` takes dL/dkernel's sums in pass 3 instead, see :func:`_xla_kernel_grad`,
-and writes dc in pass 4, next to dx, see :func:`dc_pass`.)
+and writes dc in pass 4, next to dx, see :func:`dc_pass`; with QLHS_STENCIL_ROWS naming
+"dx_du", passes 4 and 5 are one kernel that never stores dx, ``stencil.dx_du``.)
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
@@ -243,6 +244,15 @@ def product_form(groups: int = 1) -> str:
     from qlhs_jax.kernels import stencil  # imports this module
     stencil.check(1, "QLHS_PRODUCT_FORM", groups)
   return form
+
+
+def _dx_du_walks(stride: int, n: int, e: int, groups: int) -> bool:
+  """Whether impl "xla" runs pass 4 and du as one row walk (``stencil.dx_du``, dx never
+  stored): QLHS_STENCIL_ROWS names "dx_du", du runs as Pallas (:func:`du_form`), at
+  stride 1 with one BatchNorm group (elsewhere pass 4 and du run as they would)."""
+  from qlhs_jax.kernels import stencil  # imports this module
+  return (groups == 1 and stencil._walks_rows("dx_du", stride)
+          and du_form(n, e) == "pallas")
 
 
 def dc_pass() -> str:
@@ -811,19 +821,24 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # float32 tensor stored in the forward and read back twice.
     u_sums, dp5 = lax.optimization_barrier((u, dp5))
     pallas_dx = product_form(groups) == "pallas"
-    dc_with_dx = pallas_dx or dc_pass() == "dx"
+    fused_du = _dx_du_walks(stride, n, e, groups)
+    dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
                                           stride, groups, with_dc=not dc_with_dx)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
   cx, c0 = bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
+  du = None
   if impl == "pallas":
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))
-    if pallas_dx:
+    if fused_du:  # pass 4 and du in one walk: dx is not stored
+      from qlhs_jax.kernels import stencil  # imports this module
+      dc5, du = stencil.dx_du(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, u.dtype)
+    elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
       dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype)
     elif dc_with_dx:
@@ -833,10 +848,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                             dp.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  if du_form(u.shape[-1], e) == "pallas":  # stored in u's dtype by the kernel, not after
+  if du is None and du_form(u.shape[-1], e) == "pallas":  # in u's dtype by the kernel
     from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
-  else:
+  elif du is None:
     du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)

@@ -57,7 +57,8 @@ Tiling: ``QLHS_STENCIL_TILING``, e.g. ``"stats=32,16,4,3 sums=16,8,4 du=32,16,4"
 statistics' lags, du, pass 3's sums and the product and pass 4 (``"product"``) walk
 down strips of an image's columns at stride 1, loading each row of their input at three
 shifts (five for the lags) instead of each tap at nine (thirteen) (:func:`rows_kernels`;
-the section "Row walks" below). On a CPU the
+the section "Row walks" below); ``"dx_du"`` runs pass 4 and du as one walk
+(:func:`dx_du`), dx never stored. On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 (NOTES.md experiment 13; ``benchmarks.stencil_times`` times them alone).
 """
@@ -74,10 +75,11 @@ from jax.experimental import pallas as pl
 from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
-KERNELS = ("stats", "du", "sums", "product")
+KERNELS = ("stats", "du", "sums", "product", "dx_du")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
-         "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc"}
+         "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
+         "dx_du": "qlhs_dx_du"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
 # chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
 # experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
@@ -95,18 +97,19 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # loaded where used: those two at 55 and 76 registers with 8 channels, 77 and 130 with
 # 16, for the same instructions. Now (rows loaded ahead): the statistics', du's, the
 # sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
-ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4))
+# dx_du (pass 4 and du in one walk; no tiles): 8 channels a program, as the product's.
+ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums or product; "
-         "pixels and channels powers of two, warps 1-16; splits, the statistics' launches, 1-54, "
-         "stats only)")
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums, product or "
+         "dx_du; pixels and channels powers of two, warps 1-16; splits, the statistics' "
+         "launches, 1-54, stats only)")
 
 
 def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
   """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
-  :data:`DEFAULT_TILING` (``rows``: a row walk's, :data:`ROWS_TILING`). "lags"
+  :data:`DEFAULT_TILING` (``rows``, or dx_du, which only walks: :data:`ROWS_TILING`). "lags"
   (:func:`lag_sums`) takes the statistics' entry, "dx" (:func:`dx_dc`) the product's."""
   kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
   raw = settings.get("QLHS_STENCIL_TILING")
@@ -126,7 +129,8 @@ def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
       raise ValueError(f"{settings.name('QLHS_STENCIL_TILING')}={raw!r}: entry {entry!r} "
                        f"is not valid (or repeats a kernel); {_HELP}")
     spec[name] = fields
-  return spec.get(kernel, (ROWS_TILING if rows else DEFAULT_TILING)[kernel])
+  walk_only = kernel not in DEFAULT_TILING  # dx_du
+  return spec.get(kernel, (ROWS_TILING if rows or walk_only else DEFAULT_TILING)[kernel])
 
 
 GRID_ORDERS = ("pixels", "channels")
@@ -732,24 +736,31 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
 # taps per tile, one load of c (and dp) and one store per output. QLHS_PRODUCT_FORM
 # selects them (d_bn_product.product_form; not yet timed, so "xla" stays the default).
 
-def _d_of_taps(tap, k_ref, cols, m, bj, e):
-  """D u for hidden channels ``cols`` (the block's j*e + s) from u's nine taps, ``tap(t)``
-  (m, bj): (m, bj*e) float32, summed in tap order. Each tap is asked for where it is
-  added: a tile's, loaded there, is not live with the other eight (ptxas: the product
-  46 registers at stage 1 this way, 54 with the nine loaded first)."""
+def _d_of_taps(tap, k_tap, m, bj, e):
+  """D u for the block's hidden channels (j*e + s) from u's nine taps, ``tap(t)`` (m,
+  bj), and the kernel's, ``k_tap(t)`` (1, bj*e): (m, bj*e) float32, summed in tap
+  order. Each tap is asked for where it is added: a tile's, loaded there, is not live
+  with the other eight (ptxas: the product 46 registers at stage 1 this way, 54 with
+  the nine loaded first)."""
   x = None
   for t in range(9):
     v = jnp.broadcast_to(tap(t)[:, :, None], (m, bj, e)).reshape(m, bj * e)
-    term = v * k_ref[t, cols][None, :]
+    term = v * k_tap(t)
     x = term if x is None else x + term
   return x
+
+
+def _k_taps(k_ref, cols):
+  """``k_tap`` for :func:`_d_of_taps`: tap t of D's kernel for hidden channels ``cols``,
+  loaded where it is asked for."""
+  return lambda t: k_ref[t, cols][None, :]
 
 
 def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
   """D u at the tile's pixels for hidden channels ``cols`` (the block's j*e + s):
   (m, bj*e) float32."""
-  return _d_of_taps(lambda t: tile.tap(u_ref, t, j0, bj), k_ref, cols, tile.plan["m"],
-                    bj, e)
+  return _d_of_taps(lambda t: tile.tap(u_ref, t, j0, bj), _k_taps(k_ref, cols),
+                    tile.plan["m"], bj, e)
 
 
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
@@ -859,11 +870,13 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
 #   output row y reads u's rows y-1, y and y+1; the program keeps the two rows above
 #   (three shifts each, (m, bj) float32) and loads the row below;
 # - the statistics' lags (:func:`_lags_rows_kernel`): row y pairs with rows y, y+1 and
-#   y+2 at shifts -2..2; the program keeps the two rows below and loads the next.
+#   y+2 at shifts -2..2; the program keeps the two rows below and loads the next;
+# - pass 4 and du together (:func:`_dx_du_rows_kernel`): the product's window of u, and
+#   du's scatter of each row of dx, formed in registers instead of loaded.
 # The same sums as the tiles' kernels, in the same order per output: each kernel is
 # tested against them and against float64 NumPy. Other strides keep the tiles.
 
-ROWS_KERNELS = ("stats", "du", "sums", "product")
+ROWS_KERNELS = ("stats", "du", "sums", "product", "dx_du")
 # Whether a walk loads each step's rows one step ahead (its loads in flight during the
 # step before), or where they are used. ptxas adds register moves for the carried rows:
 # at stage 1 (batch 256, triton 3.9.0) the issue floors rise from 0.162 to 0.172 ms
@@ -880,8 +893,9 @@ ROWS_PROGRAMS = 1056
 def rows_kernels() -> tuple[str, ...]:
   """The kernels that walk rows at stride 1, QLHS_STENCIL_ROWS: a comma-separated
   subset of :data:`ROWS_KERNELS` ("stats": the lag sums of QLHS_STATS_FORM=pallas;
-  "product": the forward product and pass 4), or "all"; unset, none (the tiles: what
-  the H100 and H200 have timed)."""
+  "product": the forward product and pass 4; "dx_du": pass 4 and du as one walk,
+  :func:`dx_du`, where du runs as Pallas), or "all"; unset, none (the tiles: what the
+  H100 and H200 have timed)."""
   raw = settings.get("QLHS_STENCIL_ROWS")
   names = tuple(raw.replace(",", " ").split())
   if names == ("all",):
@@ -1088,7 +1102,7 @@ def _product_rows_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   cols = pl.ds(st.j0 * e, bj * e)
 
   def body(y, taps, hidden, carry):
-    x = _d_of_taps(taps.__getitem__, k_ref, cols, m, bj, e)
+    x = _d_of_taps(taps.__getitem__, _k_taps(k_ref, cols), m, bj, e)
     f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
     st.store(p_ref, y, cols, f1 * hidden[0])
     return carry
@@ -1103,7 +1117,7 @@ def _dx_dc_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
   vec = lambda ref: ref[cols][None, :]
 
   def body(y, taps, hidden, carry):
-    x = _d_of_taps(taps.__getitem__, k_ref, cols, m, bj, e)
+    x = _d_of_taps(taps.__getitem__, _k_taps(k_ref, cols), m, bj, e)
     c, dp = hidden
     mul, g = vec(mul_ref), dp * c
     st.store(dx_ref, y, cols, g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref))
@@ -1133,6 +1147,104 @@ def _bn_sums_rows_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
 
 # The row walk that replaces each element-wise tile kernel at stride 1.
 _ROWS_TWIN = {_product_kernel: _product_rows_kernel, _dx_dc_kernel: _dx_dc_rows_kernel}
+
+
+def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
+                       mean_ref, dc_ref, du_ref, dx_ref, *, plan):
+  """Pass 4 and du = D^T dx in one walk down whole rows (:func:`dx_du`). Step r forms
+  dx's row r in registers from u's rows r-1..r+1 (the product's window) and c's and
+  dp's row r, stores dc's row r, and feeds dx's row r to du's rows r-1, r and r+1 as
+  :func:`_du_rows_kernel` does: h_dy(r) = sum_s k_(dy, -s) dx(r, x + s), du(y) =
+  h_+1(y-1) + h_0(y) + h_-1(y+1). dx at x - 1 and x + 1 is another lane's: Triton
+  cannot shift a register tile, so the row goes through this program's own two rows of
+  ``dx_ref`` (float32, m + 2 lanes each, the row's parity picking one), read back at
+  the three shifts after a barrier. They stay in L2: dx is not written to memory and
+  read back, as :func:`dx_dc` then :func:`d_transpose` do. Two rows, so that one
+  barrier a step suffices: a lane writes a row again only after the barrier that
+  every lane reaches once done reading it. The strip is whole rows of its images, so
+  x + s is in this program's lanes wherever it is in the image."""
+  from qlhs_jax.kernels.d_bn_product import plt
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  st = _Strip(plan)
+  ucols, cols = pl.ds(st.j0, bj), pl.ds(st.j0 * e, bj * e)
+  # The kernel's taps and the vectors, loaded once: (1, bj*e) each
+  kt = [k_ref[t, cols][None, :] for t in range(9)]
+  mul, add, cx, c0, mean = (ref[cols][None, :] for ref in (mul_ref, add_ref, cx_ref,
+                                                          c0_ref, mean_ref))
+  pid, cb = _ids(plan)
+  own = (pid * (plan["n"] // bj) + cb) * 2 * (m + 2) + 1  # lane 0 of this program's rows
+  last = st.r0 + plan["span"]  # the last row of dx that this chunk's du reads
+  u_row = lambda r: tuple(st.load(u_ref, r, s, ucols, r <= last + 1) for s in (-1, 0, 1))
+  hidden_row = lambda r: tuple(st.load(ref, r, 0, cols, r <= last)
+                               for ref in (c_ref, dp_ref))
+
+  def step(i, carry):
+    # above: du row r-1 less h_-1(r); here: du row r's h_+1(r-1); u's rows r-1, r (and
+    # r+1, with c's and dp's row r, when loaded a step ahead) at shifts -1, 0, 1
+    above, here, u_above, u_here, u_below, hidden = carry
+    r = st.r0 - 1 + i
+    if plan["ahead"]:
+      ahead = u_row(r + 2), hidden_row(r + 1)
+    else:  # loaded where used
+      u_below, hidden, ahead = u_row(r + 1), hidden_row(r), ((), ())
+    taps = [v.astype(F32) for v in u_above + u_here + u_below]
+    x = _d_of_taps(taps.__getitem__, kt.__getitem__, m, bj, e)
+    c, dp = (v.astype(F32) for v in hidden)
+    st.store(dc_ref, r, cols, dp * (x * mul + add))
+    dx = dp * c * mul + (x - mean) * cx + c0
+    row = own + lax.rem(i, 2) * (m + 2)
+    dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = dx  # lanes outside the image: never read
+    if not plan["interpret"]:  # interpreted, a program runs alone, in order
+      plt.debug_barrier()
+    h = [None] * 3
+    for s in (-1, 0, 1):  # dx(r, x + s), 0 outside the image (and where r is)
+      v = plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
+                   mask=st._at(r, s)[1][:, None], other=0.0)
+      for k in range(3):  # reaches du(r + k - 1, x) by tap (k - 1, -s)
+        term = v * kt[3 * k + 1 - s]
+        h[k] = term if h[k] is None else h[k] + term
+    h = [a.reshape(m, bj, e).sum(2) for a in h]
+    st.store(du_ref, r - 1, ucols, above + h[0])  # not stored outside the chunk
+    return (here + h[1], h[2], u_here, u_below) + ahead
+  zero = jnp.zeros((m, bj), F32)
+  first = (u_row(st.r0), hidden_row(st.r0 - 1)) if plan["ahead"] else ((), ())
+  lax.fori_loop(0, plan["span"] + 2, step,
+                (zero, zero, u_row(st.r0 - 2), u_row(st.r0 - 1)) + first)
+
+
+def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype,
+          interpret: bool | None = None):
+  """Pass 4 of the "xla" path and du = D^T dx as one row walk at stride 1
+  (QLHS_STENCIL_ROWS names "dx_du"): dc = dp * (D u * mul + add) in c's dtype, (B, H,
+  W, n, e), and du (B, H, W, n) in ``out_dtype``, with dx = dp*c*mul + (D u - mean)*cx
+  + c0 formed in float32 and not written to memory (:func:`dx_dc` then
+  :func:`d_transpose` store dx in bfloat16 and read it back: two hidden tensors a
+  block). One BatchNorm group: the vectors are (1, n, e). A strip is whole rows: the
+  tiling's pixels are raised to W rounded up to a power of two where they are fewer,
+  and its channels lowered as much."""
+  interpret = _interpret(interpret, "QLHS_DU_FORM")
+  b, h, w, n = u.shape
+  e = k9.shape[-1]
+  check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
+  if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
+    raise ValueError(f"dx_du: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
+                     f"pixels with {n} x {e} hidden channels (stride 1 only)")
+  m0, bj0, warps = tiling("dx_du", rows=True)
+  wide = max(m0, pl.next_power_of_2(w))
+  plan = _rows_plan(b, h, w, n, e, wide, max(1, bj0 * m0 // wide), interpret)
+  plan["interpret"] = interpret
+  assert plan["strips"] == 1, plan
+  m, bj = plan["m"], plan["bj"]
+  args = ([_rows_pad(u.reshape(-1, n), plan)]
+          + [_rows_pad(x.reshape(-1, n * e), plan) for x in (c5, dp5)]
+          + [k9.astype(F32).reshape(9, n * e)]
+          + [v.astype(F32).reshape(n * e) for v in (mul, add, cx, c0, mean)])
+  dx_rows = _rows_programs(plan) * (n // bj) * 2 * (m + 2)  # two rows a program
+  dc, du, _ = _rows_call(_dx_du_rows_kernel, plan, "dx_du", warps, interpret,
+                         (_rows_out(plan, n * e, c5.dtype), _rows_out(plan, n, out_dtype),
+                          jax.ShapeDtypeStruct((dx_rows, bj * e), F32)), *args)
+  return (_rows_unpad(dc, plan).reshape(c5.shape),
+          _rows_unpad(du, plan).reshape(b, h, w, n))
 
 
 def _lags_rows_kernel(u_ref, out_ref, *, plan):

@@ -40,6 +40,19 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert stencil_times.spec_and_forms(results, blocks)[1] == (
       "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas "
       "QLHS_STENCIL_ROWS=sums,du")
+  # dx_du (pass 4 and du as one walk; no form variable): named in QLHS_STENCIL_ROWS,
+  # with its tiling, only where the walk beats the two kernels (shape a only: stride 2
+  # shapes have no dx_du entries).
+  results["a"].update({"dx_du xla": ok(3.0), "dx_du pallas": ok(1.0),
+                       "dx_du pallas_rows@32,8,4": ok(1.2)})
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "dx_du" not in spec and "dx_du" not in forms, (spec, forms)
+  results["a"]["dx_du pallas_rows_now@32,4,4"] = ok(0.6)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert spec == "stats=32,16,4,3 sums=8,8,4 du=16,32,4 dx_du=32,4,4", spec
+  assert forms.endswith("QLHS_STENCIL_ROWS=sums,du,dx_du"), forms
+  results["a"]["dx_du pallas_rows_now@32,4,4"] = {"ms": 0.1, "err": 0.5}  # WRONG
+  assert "dx_du" not in stencil_times.spec_and_forms(results, blocks)[1]
 
 
 def test_cpu_smoke_run(tmp_path, capsys):
@@ -95,6 +108,25 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
     assert set(r["shapes"][shape]) == {"du gather", "du autodiff",
                                        "du pallas_rows@8,16,4"}, r["shapes"]
   assert "stencil_forms: QLHS_DU_FORM=" in capsys.readouterr().out  # du alone
+  # dx_du at a stride-1 shape: XLA's pass 4 and du (the reference), XLA's pass 4 and
+  # du's tiles (the default step's), and the walk both ways, all agreeing
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2", "--kernels", "dx_du",
+                             "--dx-du-tilings", "8,4,4", "--record", str(rec)]) == 0
+  out = capsys.readouterr().out
+  assert "WRONG" not in out and "failed" not in out, out
+  assert "network so far, dx_du" in out and "network so far, du:" not in out, out
+  r = json.loads(rec.read_text().splitlines()[-1])
+  assert set(r["shapes"]["stage2"]) == {"dx_du xla", "dx_du pallas",
+                                        "dx_du pallas_rows@8,4,4",
+                                        "dx_du pallas_rows_now@8,4,4"}, r["shapes"]
+  # the table's last two times, over the blocks of that shape: the default step's two
+  # kernels, the fastest walk
+  row = table.table(str(rec)).splitlines()[-1].split(" | ")
+  times, blocks = r["shapes"]["stage2"], r["blocks"]["stage2"]
+  walk = min(times[f"dx_du {f}@8,4,4"]["ms"] for f in ("pallas_rows", "pallas_rows_now"))
+  assert row[-3:-1] == [f"{times['dx_du pallas']['ms'] * blocks:.2f}",
+                        f"{walk * blocks:.2f}"], row
   with pytest.raises(SystemExit):
     stencil_times.main(["--forms", "pallas,rows"])
   assert "--forms 'pallas,rows': name some of pallas, pallas_gram" in (
@@ -124,3 +156,11 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
   # the walks: strips of 8 then 4 columns, loading ahead, then where used
   assert [g for g, _ in grids["_du_rows_kernel"]] == [(16, 1), (32, 2), (16, 1), (32, 2)]
   assert [a for _, a in grids["_du_rows_kernel"]] == [True, True, False, False], grids
+  launched.clear()  # dx_du: whole rows of 8 lanes, then 8 then 4 channels a program
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), (), True, 1, 1, kernels=("dx_du",),
+                                 dx_du_tilings=("8,8,4", "8,4,2"))
+  assert not any("error" in r for r in out.values()), out
+  walks = [(g, a) for name, g, a in launched if name == "_dx_du_rows_kernel"]
+  # (each of 2 images in 8 chunks of a row: ROWS_PROGRAMS)
+  assert walks == [((16, 1), True), ((16, 2), True), ((16, 1), False),
+                   ((16, 2), False)], walks

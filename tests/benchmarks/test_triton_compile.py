@@ -91,14 +91,15 @@ def test_broken_ir_is_reported():
 @needs_triton
 def test_stencil_kernels_compile_without_spills(capsys):
   """kernels.stencil's statistics (one launch; from lags too at stride 1), pass-3 sums,
-  du, product and dx kernels compile at the default tiling without spills, strides 1
-  and 2 (batch 256). du's lean taps (stride 1) and parity classes (stride 2) keep its
-  instruction count per warp well below the 848 and 984 of per-row indices and nine
-  masked taps (616 and 424 with triton 3.9.0; benchmarks/NOTES.md experiment 16)."""
+  du, product and dx kernels, and at stride 1 pass 4 with du as one walk (dx_du),
+  compile at the default tiling without spills, strides 1 and 2 (batch 256). du's lean
+  taps (stride 1) and parity classes (stride 2) keep its instruction count per warp
+  well below the 848 and 984 of per-row indices and nine masked taps (616 and 424 with triton 3.9.0; benchmarks/NOTES.md experiment 16)."""
   assert triton_compile.main(["--op", "stencil", "--shapes", "stage1,stage2_block0"]) == 0
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if "registers" in l]
-  assert len(rows) == 11 and "FAILED" not in out, out
+  assert len(rows) == 12 and "FAILED" not in out, out
+  assert sum("qlhs_dx_du" in l for l in rows) == 1, out
   assert sum("qlhs_product" in l for l in rows) == 2, out
   assert sum("qlhs_dx_dc" in l for l in rows) == 2, out
   assert sum("qlhs_tap_stats" in l for l in rows) == 2, out
@@ -125,3 +126,24 @@ def test_row_walks_compile_without_spills_and_issue_less(monkeypatch, capsys):
   for kernel in ("qlhs_bn_sums", "qlhs_d_transpose", "qlhs_product", "qlhs_dx_dc"):
     assert int(rows[kernel].split("loop")[1].split()[0]) > 0, rows[kernel]
   assert float(rows["qlhs_d_transpose"].split("issue floor")[1].split()[0]) < 0.2, out
+
+
+@needs_triton
+def test_dx_du_walk_issues_less_than_pass_4_then_du():
+  """stencil.dx_du at stage 1 (batch 256): no spills; its issue floor below the 0.470
+  ms of the two kernels it replaces (pass 4's and du's tiles, 0.233 + 0.237 with triton
+  3.9.0; the walk 0.379); and the barrier between writing dx's row and reading it back
+  at three shifts is in the kernel (on the CPU the walk runs interpreted, one program
+  at a time, where no test can see a missing one)."""
+  import math
+  ir = {name: (text, grid) for name, text, grid in
+        triton_compile.triton_ir(256, 56, 64, 1, "stencil")}
+  text, grid = ir["qlhs_dx_du"]
+  assert text.count("gpu.barrier") == 1, text
+  r = triton_compile.compile_ir("qlhs_dx_du", text, "90a", 4)
+  assert r["ok"] and r["spill_bytes"] == 0 and r["loop"] > 0, r
+  trips = triton_compile.stencil_trips("qlhs_dx_du", 256, 56, 64, 1)
+  assert trips == 58, trips  # 56 rows and the two that border them
+  floor = triton_compile.issue_floor_ms(r["instructions"], r["loop"], trips, 4,
+                                        math.prod(grid))
+  assert floor < 0.45, floor

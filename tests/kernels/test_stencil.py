@@ -651,9 +651,10 @@ def test_d_bn_product_with_row_walks_matches_float64_autodiff(monkeypatch, strid
                         "product=4,4,2", 10_000)
   d_bn_product_matches_float64(7, stride)
   walks = sorted(k for k in launched if "rows" in k)
-  if stride == 1:  # the statistics: in the forward alone and inside grad
-    assert walks == ["_bn_sums_rows_kernel", "_du_rows_kernel", "_dx_dc_rows_kernel",
-                     "_lags_rows_kernel", "_lags_rows_kernel", "_product_rows_kernel",
+  if stride == 1:  # the statistics: in the forward alone and inside grad; pass 4 and du
+    # as one walk (dx_du)
+    assert walks == ["_bn_sums_rows_kernel", "_dx_du_rows_kernel", "_lags_rows_kernel",
+                     "_lags_rows_kernel", "_product_rows_kernel",
                      "_product_rows_kernel"], launched
   else:
     assert not walks and "_du_parity_kernel" in launched, launched
@@ -680,8 +681,99 @@ def test_row_walks_each_kernel_alone_and_bad_values(monkeypatch):
     monkeypatch.setenv("QLHS_STENCIL_ROWS", bad)
     with pytest.raises(ValueError, match=r"QLHS_STENCIL_ROWS=.*want 'all' or a "
                                          r"comma-separated subset of \('stats', 'du', "
-                                         r"'sums', 'product'\)"):
+                                         r"'sums', 'product', 'dx_du'\)"):
       stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
+
+
+def numpy_dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean):
+  """Pass 4 then du in float64: (dc, du) with dx = dp*c*mul + (D u - mean)*cx + c0."""
+  x = np.einsum("tbhwn,tne->bhwne", numpy_taps(u, 1), k9)
+  dx = dp5 * c5 * mul + (x - mean) * cx + c0
+  return dp5 * (x * mul + add), numpy_d_transpose(dx, k9, 1, *u.shape[1:3])
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES)
+def test_dx_du_walk_matches_numpy(monkeypatch, shape, e, spec, programs, ahead):
+  """stencil.dx_du, pass 4 and du = D^T dx as one walk (dx never stored): dc and du
+  equal float64 NumPy at every walk case (its tiling the product's), float32 and
+  bfloat16 (inputs and du), with rows loaded ahead and where used. The case with 4
+  lanes on 5-px rows runs at 8 lanes: a strip is whole rows."""
+  monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
+  b, h, w, n = shape
+  spec = " ".join(f"dx_du={t[len('product='):]}" for t in spec.split()
+                  if t.startswith("product="))
+  launched = _row_walks(monkeypatch, "", spec, programs)
+  rng = np.random.default_rng(13)
+  f64 = lambda *size: rng.normal(size=size)
+  args = [f64(b, h, w, n), f64(b, h, w, n, e), f64(b, h, w, n, e), f64(9, n, e)]
+  args += [f64(1, n, e) for _ in range(5)]  # mul, add, cx, c0, mean
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    a = [jnp.asarray(v, dtype if i < 3 else jnp.float32) for i, v in enumerate(args)]
+    dc, du = stencil.dx_du(*a, dtype, interpret=True)
+    want_dc, want_du = numpy_dx_du(*(np.asarray(v, np.float64) for v in a))
+    assert dc.shape == want_dc.shape and du.shape == want_du.shape
+    assert dc.dtype == du.dtype == dtype
+    for got, want in ((dc, want_dc), (du, want_du)):
+      scale = np.abs(want).max()
+      np.testing.assert_allclose(np.asarray(got, np.float64) / scale, want / scale,
+                                 atol=tol)
+  assert launched == ["_dx_du_rows_kernel"] * 2
+
+
+def test_dx_du_walks_whole_rows(monkeypatch):
+  """dx_du's strips are whole rows of their images (dx at x - 1 and x + 1 must be this
+  program's own lanes): the tiling's pixels raised to W rounded up, its channels lowered
+  as much; narrow images several to a strip. At stage 1 (56 px), 32 pixels and 8
+  channels become 64 and 4."""
+  plans = []
+
+  def launch(kernel, plan, name, warps, interpret, out_shape, *args):
+    plans.append(plan)
+    return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
+  monkeypatch.setattr(stencil, "_rows_call", launch)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "dx_du=32,8,4")
+  for b, side, n in ((256, 56, 64), (256, 28, 128), (256, 14, 256), (256, 7, 512)):
+    u = jax.ShapeDtypeStruct((b, side, side, n), jnp.bfloat16)
+    c = jax.ShapeDtypeStruct((b, side, side, n, 4), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1, n, 4), jnp.float32)
+    jax.eval_shape(lambda u, c, k, v: stencil.dx_du(u, c, c, k, v, v, v, v, v, u.dtype,
+                                                    interpret=False),
+                   u, c, jax.ShapeDtypeStruct((9, n, 4), jnp.float32), vec)
+  got = [(p["m"], p["per"], p["strips"], p["bj"]) for p in plans]
+  assert got == [(64, 1, 1, 4), (32, 1, 1, 8), (32, 2, 1, 8), (32, 4, 1, 8)], got
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_d_bn_product_with_dx_du_matches_float64_autodiff(monkeypatch, stride):
+  """fuse_d_bn="xla" with QLHS_STENCIL_ROWS=dx_du (du as Pallas, the rest XLA's forms):
+  outputs and all five gradients as float64 autodiff. At stride 1 pass 4 and du are
+  the one walk; at stride 2 XLA's pass 4 and du's parity tiles run."""
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  launched = _row_walks(monkeypatch, "dx_du", "dx_du=4,4,2 du=4,4,2", 10_000)
+  d_bn_product_matches_float64(8, stride)
+  if stride == 1:
+    assert launched == ["_dx_du_rows_kernel"], launched
+  else:
+    assert launched == ["_du_parity_kernel"], launched
+
+
+def test_dx_du_runs_where_it_applies(monkeypatch):
+  """QLHS_STENCIL_ROWS=dx_du fuses pass 4 and du at stride 1, with du as Pallas and one
+  BatchNorm group; at stride 2, with XLA's du, or with several groups, the two passes
+  run as before. Unset (or naming other walks), never."""
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "dx_du")
+  assert dbn._dx_du_walks(1, 8, 4, 1)
+  assert not dbn._dx_du_walks(2, 8, 4, 1) and not dbn._dx_du_walks(1, 8, 4, 2)
+  monkeypatch.setenv("QLHS_STENCIL_ROWS", "all")
+  assert dbn._dx_du_walks(1, 8, 4, 1)
+  monkeypatch.setenv("QLHS_DU_FORM", "gather")
+  assert not dbn._dx_du_walks(1, 8, 4, 1)
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  for rows in ("", "du,product"):
+    monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
+    assert not dbn._dx_du_walks(1, 8, 4, 1)
 
 
 @pytest.mark.parametrize("b,h,w,m0", [(5, 6, 3, 16), (2, 7, 6, 8), (1, 9, 9, 32), (2, 4, 10, 4),
