@@ -97,7 +97,8 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # loaded where used: those two at 55 and 76 registers with 8 channels, 77 and 130 with
 # 16, for the same instructions. Now (rows loaded ahead): the statistics', du's, the
 # sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
-# dx_du (pass 4 and du in one walk; no tiles): 8 channels a program, as the product's.
+# dx_du (pass 4 and du in one walk; no tiles): a strip is whole rows, so at stage 1 these
+# are 64 lanes by 4 channels (dx_du()); ptxas 192 registers, 108 at 32,4,4. Not timed.
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
@@ -1158,8 +1159,8 @@ def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
   h_+1(y-1) + h_0(y) + h_-1(y+1). dx at x - 1 and x + 1 is another lane's: Triton
   cannot shift a register tile, so the row goes through this program's own two rows of
   ``dx_ref`` (float32, m + 2 lanes each, the row's parity picking one), read back at
-  the three shifts after a barrier. They stay in L2: dx is not written to memory and
-  read back, as :func:`dx_dc` then :func:`d_transpose` do. Two rows, so that one
+  the three shifts after a barrier. They stay in L2: dx is not written to a hidden
+  tensor and read back, as :func:`dx_dc` then :func:`d_transpose` do. Two rows, so that one
   barrier a step suffices: a lane writes a row again only after the barrier that
   every lane reaches once done reading it. The strip is whole rows of its images, so
   x + s is in this program's lanes wherever it is in the image."""
