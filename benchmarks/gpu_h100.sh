@@ -311,8 +311,9 @@ if [ "$PART" = sweep ]; then
   # dx_du (experiment 25): pass 4 and du as one walk, dx never stored, against XLA's
   # pass 4 then du's tiles (the default step's two kernels); ptxas at stage 1: 0.379 ms
   # against 0.233 + 0.237, 192 registers at 32,8,4 (64 lanes by 4 channels there), 108
-  # at 32,4,4. Its entries check it against XLA's pass 4 and du: a race on dx's rows
-  # (the barrier, the two rows) would show as WRONG.
+  # at 32,4,4 and 32,8,8 (0.429 ms), 192 at 32,4,2 (0.366 ms, 2 warps). Its entries
+  # check it against XLA's pass 4 and du: a race on dx's rows (the barrier, the two
+  # rows) would show as WRONG.
   # Stops starting shapes after 120 s (stage 1 alone is ~60 entries).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
   timeout 210 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
@@ -320,7 +321,7 @@ if [ "$PART" = sweep ]; then
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
-    --dx-du-tilings 32,8,4 32,4,4 64,8,8 64,4,4 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+    --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \
