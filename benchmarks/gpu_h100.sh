@@ -40,15 +40,15 @@
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
 #   experiment 23).
-# "sweep" (time limits add up to 540 s; NOTES.md experiments 24 and 25): the stencil
+# "sweep" (time limits add up to 560 s; NOTES.md experiments 24 and 25): the stencil
 #   kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row
 #   of u or dx loaded at its three horizontal shifts, not at nine taps; du ran with L1
 #   at 94% of its peak on the H200), in one call: the default step against ResNet50
 #   (also the second sample that "sums" wants); the statistics, du and the sums alone
-#   at four tilings, tiles and walks, and pass 4 with du as one walk (dx_du: dx never
-#   stored) against the two kernels (stencil_times, whose earlier sweeps timed one or
-#   two kernels per form: see experiment 24); the step with the sweep's choice; the
-#   step with dx_du alone.
+#   at four tilings, tiles and walks, pass 4 with du as one walk (dx_du: dx never
+#   stored) against the two kernels, and the forward product (stencil_times, whose
+#   earlier sweeps timed one or two kernels per form: see experiment 24); the step with
+#   the sweep's choice; the step with dx_du alone.
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
@@ -314,14 +314,18 @@ if [ "$PART" = sweep ]; then
   # at 32,4,4 and 32,8,8 (0.429 ms), 192 at 32,4,2 (0.366 ms, 2 warps). Its entries
   # check it against XLA's pass 4 and du: a race on dx's rows (the barrier, the two
   # rows) would show as WRONG.
-  # Stops starting shapes after 120 s (stage 1 alone is ~60 entries).
+  # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
+  # ran as fast as XLA's fusion in experiment 23's step, both loading u's nine taps:
+  # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
+  # Stops starting shapes after 130 s (stage 1 alone is ~65 entries).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
-  timeout 210 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \
+  timeout 230 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 130 \
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
-    --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+    --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --product-tilings 32,16,4 32,8,4 \
+    --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
   grep -E "^[a-z0-9_]+ \(|network so far|WRONG|failed|^stencil_|rror" "$OUT/stencil.txt" \

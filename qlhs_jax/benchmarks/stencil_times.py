@@ -1,8 +1,9 @@
-"""The stencil's statistics, pass 3's sums and du = D^T dx, XLA's forms against the
-Pallas kernels of ``kernels.stencil``, each timed alone on the GPU.
+"""The stencil's statistics, pass 3's sums, du = D^T dx, pass 4 with du and the forward
+product, XLA's forms against the Pallas kernels of ``kernels.stencil``, each timed alone
+on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
-      [--kernels stats,sums,du,dx_du] [--forms pallas,pallas_rows]
+      [--kernels stats,sums,du,dx_du,product] [--forms pallas,pallas_rows]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
 width's largest shape first), on random bfloat16 inputs at ``--batch``:
@@ -23,7 +24,10 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   as the default step runs them on one ("pallas": XLA's pass 4, then
   ``stencil.d_transpose`` at its default tiles), and as one walk, ``stencil.dx_du``
   ("pallas_rows" and "pallas_rows_now", at each ``--dx-du-tilings``), dx never stored.
-- "pallas_rows" (stats, sums and du): the same kernels walking rows at stride 1
+- ``product``: the forward product p = (D u * mul + add) * c, as XLA's loop fusion
+  ("xla", the default) and as ``stencil.product`` at each ``--product-tilings``
+  ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too).
+- "pallas_rows" (stats, sums, du and product): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
   "pallas_rows_now": the walks with each row loaded where it is used, not a step ahead
@@ -37,10 +41,10 @@ shape it prints two lines, each complete on its own, so that a run its time limi
 still leaves usable values:
 - ``stencil_tiling: SPEC``: the QLHS_STENCIL_TILING of the fastest tilings over the
   shapes timed so far (times weighted by each shape's blocks);
-- ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM and QLHS_DU_FORM, each the
-  fastest form over those shapes, named (an XLA form too: unset, each is "auto"), and
-  QLHS_STENCIL_ROWS where a walk is fastest (dx_du: where the one walk beats pass 4
-  then du).
+- ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM, QLHS_DU_FORM and
+  QLHS_PRODUCT_FORM, each the fastest form over those shapes, named (an XLA form too:
+  unset, each is "auto", and the product "xla"), and QLHS_STENCIL_ROWS where a walk is
+  fastest (dx_du: where the one walk beats pass 4 then du).
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -54,7 +58,7 @@ import datetime
 import sys
 import time
 
-KERNELS = ("stats", "sums", "du", "dx_du")
+KERNELS = ("stats", "sums", "du", "dx_du", "product")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
 SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
@@ -64,11 +68,13 @@ DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
 # floors 0.379, 0.429, 0.429 and 0.366 ms (NOTES.md, experiment 25). Which matters
 # more, warps resident (8, 16, 16 and 10 an SM) or instructions, is the GPU's question.
 DX_DU_TILINGS = ("32,8,4", "32,4,4", "32,8,8", "32,4,2")
+# The product's tiles (the default, never timed alone on a GPU) and its walk's default.
+PRODUCT_TILINGS = ("32,16,4", "32,8,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
 # it to bfloat16 between them).
-WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2}
+WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2, "product": 1e-2}
 
 
 def _inputs(batch, side, n, stride, e=4, seed=0):
@@ -127,6 +133,10 @@ def _functions(stride, side, interpret):
       ("dx_du", "pallas"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "pallas"),
       ("dx_du", "pallas_rows"): lambda u, dx, k9: stencil.dx_du(
           u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret),
+      ("product", "xla"): lambda u, dx, k9: dbn._xla_apply(
+          u, dx, k9, *moments(k9), stride, 1),
+      ("product", "pallas"): lambda u, dx, k9: stencil.product(
+          u, dx, k9, *moments(k9), stride, interpret),
   }
 
 
@@ -166,7 +176,7 @@ def _print_entry(name: str, r: dict) -> None:
 
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
                calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
-               dx_du_tilings=DX_DU_TILINGS) -> dict:
+               dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
   for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
   ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
@@ -191,6 +201,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   if stride == 1:  # dx_du walks at stride 1 only; its "pallas" is the default's pair
     todo += [("dx_du", "xla", None), ("dx_du", "pallas", None)]
     todo += [("dx_du", form, t) for form in walks for t in dx_du_tilings]
+  todo += [("product", "xla", None)]
+  todo += [("product", form, t) for form in ("pallas",) + walks for t in product_tilings]
   todo = [item for item in todo if item[0] in kernels
           and (item[2] is None or item[1] in forms)]
   for kernel, form, tiling in todo:
@@ -247,7 +259,7 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
   (--kernels) is left out: its variables stay as the environment has them."""
   spec, forms, rows = [], [], []
   for kernel, var in (("stats", "QLHS_STATS_FORM"), ("sums", "QLHS_SUMS_FORM"),
-                      ("du", "QLHS_DU_FORM")):
+                      ("du", "QLHS_DU_FORM"), ("product", "QLHS_PRODUCT_FORM")):
     name, _, totals = best(results, blocks, kernel)
     if name is None:
       continue
@@ -265,6 +277,10 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
   if name is not None and name.split()[1].startswith("pallas_rows"):
     spec.append(f"dx_du={name.split('@')[1]}")
     rows.append("dx_du")
+    # It runs where du runs as Pallas (d_bn_product._dx_du_walks): a du choice of
+    # XLA's form would switch it off unseen.
+    forms = [f for f in forms if not f.startswith("QLHS_DU_FORM=")]
+    forms.append("QLHS_DU_FORM=pallas")
   if rows:
     forms.append(f"QLHS_STENCIL_ROWS={','.join(rows)}")
   return " ".join(spec), " ".join(forms)
@@ -279,13 +295,15 @@ def main(argv=None) -> int:
   p.add_argument("--sums-tilings", nargs="+", default=list(SUMS_TILINGS))
   p.add_argument("--du-tilings", nargs="+", default=list(DU_TILINGS))
   p.add_argument("--dx-du-tilings", nargs="+", default=list(DX_DU_TILINGS))
+  p.add_argument("--product-tilings", nargs="+", default=list(PRODUCT_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--kernels", default=",".join(KERNELS),
-                 help="comma-separated, of stats, sums, du, dx_du (default all): the "
-                      "others are not run, e.g. under a profiler that follows one kernel")
+                 help="comma-separated, of stats, sums, du, dx_du, product (default "
+                      "all): the others are not run, e.g. under a profiler that follows "
+                      "one kernel")
   p.add_argument("--forms", default=",".join(PALLAS_FORMS),
                  help="comma-separated Pallas forms to time (default all; the XLA forms "
                       "always run, the reference)")
@@ -303,7 +321,8 @@ def main(argv=None) -> int:
   from qlhs_jax.benchmarks.step import kernel_env
   from qlhs_jax.kernels import stencil
   for kernel, items in (("stats", args.stats_tilings), ("sums", args.sums_tilings),
-                        ("du", args.du_tilings), ("dx_du", args.dx_du_tilings)):
+                        ("du", args.du_tilings), ("dx_du", args.dx_du_tilings),
+                        ("product", args.product_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -322,7 +341,8 @@ def main(argv=None) -> int:
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
                        args.du_tilings, interpret, args.calls, args.repeats, kernels,
                        pallas_forms, on_entry=_print_entry,
-                       dx_du_tilings=args.dx_du_tilings)
+                       dx_du_tilings=args.dx_du_tilings,
+                       product_tilings=args.product_tilings)
     results[name], blocks[name] = times, count
     spec, forms = spec_and_forms(results, blocks)
     for kernel in kernels:

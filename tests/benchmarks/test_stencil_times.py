@@ -51,8 +51,25 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   spec, forms = stencil_times.spec_and_forms(results, blocks)
   assert spec == "stats=32,16,4,3 sums=8,8,4 du=16,32,4 dx_du=32,4,4", spec
   assert forms.endswith("QLHS_STENCIL_ROWS=sums,du,dx_du"), forms
+  # dx_du runs where du runs as Pallas: chosen, it keeps du's Pallas form
+  results["a"]["du gather"] = ok(0.01)
+  forms = stencil_times.spec_and_forms(results, blocks)[1]
+  assert "QLHS_DU_FORM=pallas" in forms and "QLHS_DU_FORM=gather" not in forms, forms
   results["a"]["dx_du pallas_rows_now@32,4,4"] = {"ms": 0.1, "err": 0.5}  # WRONG
-  assert "dx_du" not in stencil_times.spec_and_forms(results, blocks)[1]
+  forms = stencil_times.spec_and_forms(results, blocks)[1]
+  assert "dx_du" not in forms and "QLHS_DU_FORM=gather" in forms, forms
+  results["a"]["du gather"] = ok(1.0)
+  # The product: its form variable, XLA's named where it wins; a winning walk is
+  # QLHS_PRODUCT_FORM=pallas with the product in QLHS_STENCIL_ROWS.
+  for shape in "ab":
+    results[shape].update({"product xla": ok(1.0), "product pallas@32,16,4": ok(1.1)})
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "product=32,16,4" in spec and "QLHS_PRODUCT_FORM=xla" in forms, (spec, forms)
+  for shape in "ab":
+    results[shape]["product pallas_rows@32,8,4"] = ok(0.8)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "product=32,8,4" in spec and "QLHS_PRODUCT_FORM=pallas" in forms, (spec, forms)
+  assert forms.endswith("QLHS_STENCIL_ROWS=sums,du,product"), forms
 
 
 def test_cpu_smoke_run(tmp_path, capsys):
@@ -62,11 +79,11 @@ def test_cpu_smoke_run(tmp_path, capsys):
   assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
                              "--repeats", "1", "--shapes", "stage2_block0",
                              "--stats-tilings", "8,16,4,3", "--sums-tilings", "8,8,4",
-                             "--du-tilings", "8,16,4",
+                             "--du-tilings", "8,16,4", "--product-tilings", "8,8,4",
                              "--record", str(rec)]) == 0
   out = capsys.readouterr().out
   assert "WRONG" not in out and "failed" not in out, out
-  assert "stencil_tiling: stats=8,16,4,3 sums=8,8,4 du=8,16,4" in out, out
+  assert "stencil_tiling: stats=8,16,4,3 sums=8,8,4 du=8,16,4 product=8,8,4" in out, out
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
@@ -74,7 +91,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
       "stats pallas_rows@8,16,4,3", "stats pallas_rows_now@8,16,4,3", "sums xla",
       "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "sums pallas_rows@8,8,4",
       "sums pallas_rows_now@8,8,4", "du gather", "du autodiff", "du pallas@8,16,4",
-      "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4"}
+      "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4", "product xla",
+      "product pallas@8,8,4", "product pallas_rows@8,8,4", "product pallas_rows_now@8,8,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
 
