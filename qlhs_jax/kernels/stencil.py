@@ -1230,6 +1230,10 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype,
   if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
     raise ValueError(f"dx_du: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
                      f"pixels with {n} x {e} hidden channels (stride 1 only)")
+  shapes = [v.shape for v in (mul, add, cx, c0, mean)]
+  if any(s_ != (1, n, e) for s_ in shapes):
+    raise ValueError(f"dx_du: the vectors mul, add, cx, c0 and mean are {shapes}, not "
+                     f"(1, {n}, {e}) each: one BatchNorm group only")
   m0, bj0, warps = tiling("dx_du", rows=True)
   wide = max(m0, pl.next_power_of_2(w))
   plan = _rows_plan(b, h, w, n, e, wide, max(1, bj0 * m0 // wide), interpret)

@@ -758,6 +758,18 @@ def test_d_bn_product_with_dx_du_matches_float64_autodiff(monkeypatch, stride):
     assert launched == ["_du_parity_kernel"], launched
 
 
+def test_dx_du_refuses_other_shapes():
+  """dx_du is stride 1 and one BatchNorm group: a strided c or per-group vectors are
+  refused by name."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  u, c, k9, v = z(1, 4, 4, 4), z(1, 4, 4, 4, 2), z(9, 4, 2), z(1, 4, 2)
+  with pytest.raises(ValueError, match=r"dx_du: c \(1, 2, 2, 4, 2\).*stride 1 only"):
+    stencil.dx_du(u, z(1, 2, 2, 4, 2), z(1, 2, 2, 4, 2), k9, v, v, v, v, v, jnp.float32,
+                  interpret=True)
+  with pytest.raises(ValueError, match=r"not \(1, 4, 2\) each: one BatchNorm group"):
+    stencil.dx_du(u, c, c, k9, v, v, z(2, 4, 2), v, v, jnp.float32, interpret=True)
+
+
 def test_dx_du_runs_where_it_applies(monkeypatch):
   """QLHS_STENCIL_ROWS=dx_du fuses pass 4 and du at stride 1, with du as Pallas and one
   BatchNorm group; at stride 2, with XLA's du, or with several groups, the two passes
