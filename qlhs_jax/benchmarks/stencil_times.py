@@ -132,7 +132,7 @@ def _functions(stride, side, interpret):
       ("dx_du", "xla"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "gather"),
       ("dx_du", "pallas"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "pallas"),
       ("dx_du", "pallas_rows"): lambda u, dx, k9: stencil.dx_du(
-          u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret),
+          u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret=interpret),
       ("product", "xla"): lambda u, dx, k9: dbn._xla_apply(
           u, dx, k9, *moments(k9), stride, 1),
       ("product", "pallas"): lambda u, dx, k9: stencil.product(

@@ -837,7 +837,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     u_dx, _ = lax.optimization_barrier((u, sg))
     if fused_du:  # pass 4 and du in one walk: dx is not stored
       from qlhs_jax.kernels import stencil  # imports this module
-      dc5, du = stencil.dx_du(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, u.dtype)
+      dc5, du = stencil.dx_du(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, u.dtype,
+                              dp.dtype)
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
       dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype)

@@ -1158,8 +1158,8 @@ def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
   :func:`_du_rows_kernel` does: h_dy(r) = sum_s k_(dy, -s) dx(r, x + s), du(y) =
   h_+1(y-1) + h_0(y) + h_-1(y+1). dx at x - 1 and x + 1 is another lane's: Triton
   cannot shift a register tile, so the row goes through this program's own two rows of
-  ``dx_ref`` (float32, m + 2 lanes each, the row's parity picking one), read back at
-  the three shifts after a barrier. They stay in L2: dx is not written to a hidden
+  ``dx_ref`` (in dx's dtype, m + 2 lanes each, the row's parity picking one), read back
+  at the three shifts after a barrier. They stay in L2: dx is not written to a hidden
   tensor and read back, as :func:`dx_dc` then :func:`d_transpose` do. Two rows, so that one
   barrier a step suffices: a lane writes a row again only after the barrier that
   every lane reaches once done reading it. The strip is whole rows of its images, so
@@ -1194,13 +1194,14 @@ def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
     st.store(dc_ref, r, cols, dp * (x * mul + add))
     dx = dp * c * mul + (x - mean) * cx + c0
     row = own + lax.rem(i, 2) * (m + 2)
-    dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = dx  # lanes outside the image: never read
+    # rounded to dx's dtype, as pass 4 stores it (lanes outside the image: never read)
+    dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = dx.astype(dx_ref.dtype)
     if not plan["interpret"]:  # interpreted, a program runs alone, in order
       plt.debug_barrier()
     h = [None] * 3
     for s in (-1, 0, 1):  # dx(r, x + s), 0 outside the image (and where r is)
       v = plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
-                   mask=st._at(r, s)[1][:, None], other=0.0)
+                   mask=st._at(r, s)[1][:, None], other=0.0).astype(F32)
       for k in range(3):  # reaches du(r + k - 1, x) by tap (k - 1, -s)
         term = v * kt[3 * k + 1 - s]
         h[k] = term if h[k] is None else h[k] + term
@@ -1213,16 +1214,16 @@ def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
                 (zero, zero, u_row(st.r0 - 2), u_row(st.r0 - 1)) + first)
 
 
-def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype,
+def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
           interpret: bool | None = None):
   """Pass 4 of the "xla" path and du = D^T dx as one row walk at stride 1
   (QLHS_STENCIL_ROWS names "dx_du"): dc = dp * (D u * mul + add) in c's dtype, (B, H,
   W, n, e), and du (B, H, W, n) in ``out_dtype``, with dx = dp*c*mul + (D u - mean)*cx
-  + c0 formed in float32 and not written to memory (:func:`dx_dc` then
-  :func:`d_transpose` store dx in bfloat16 and read it back: two hidden tensors a
-  block). One BatchNorm group: the vectors are (1, n, e). A strip is whole rows: the
-  tiling's pixels are raised to W rounded up to a power of two where they are fewer,
-  and its channels lowered as much."""
+  + c0 formed in float32, rounded to ``dx_dtype`` (default dp's, as pass 4 stores it)
+  and not written to a hidden tensor (:func:`dx_dc` then :func:`d_transpose` store it
+  and read it back: two hidden tensors a block). One BatchNorm group: the vectors are
+  (1, n, e). A strip is whole rows: the tiling's pixels are raised to W rounded up to a
+  power of two where they are fewer, and its channels lowered as much."""
   interpret = _interpret(interpret, "QLHS_DU_FORM")
   b, h, w, n = u.shape
   e = k9.shape[-1]
@@ -1245,9 +1246,12 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype,
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in (mul, add, cx, c0, mean)])
   dx_rows = _rows_programs(plan) * (n // bj) * 2 * (m + 2)  # two rows a program
+  # dx's rows in its dtype: in bfloat16 half the L2 traffic of float32 (each row is
+  # written, then read at three shifts, the second and third mostly from L1)
+  dx_dtype = dp5.dtype if dx_dtype is None else dx_dtype
   dc, du, _ = _rows_call(_dx_du_rows_kernel, plan, "dx_du", warps, interpret,
                          (_rows_out(plan, n * e, c5.dtype), _rows_out(plan, n, out_dtype),
-                          jax.ShapeDtypeStruct((dx_rows, bj * e), F32)), *args)
+                          jax.ShapeDtypeStruct((dx_rows, bj * e), dx_dtype)), *args)
   return (_rows_unpad(dc, plan).reshape(c5.shape),
           _rows_unpad(du, plan).reshape(b, h, w, n))
 
