@@ -309,9 +309,9 @@ if [ "$PART" = sweep ]; then
   # in 0.147 against 0.134; registers, tiles / walk: du 136 / 128 at 32,16,4, 114 / 71
   # at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4; the statistics 56 / 80.
   # dx_du (experiment 25): pass 4 and du as one walk, dx never stored, against XLA's
-  # pass 4 then du's tiles (the default step's two kernels); ptxas at stage 1: 0.379 ms
-  # against 0.233 + 0.237, 192 registers at 32,8,4 (64 lanes by 4 channels there), 108
-  # at 32,4,4 and 32,8,8 (0.429 ms), 192 at 32,4,2 (0.366 ms, 2 warps). Its entries
+  # pass 4 then du's tiles (the default step's two kernels); ptxas at stage 1: 0.378 ms
+  # against 0.233 + 0.237, 197 registers at 32,8,4 (64 lanes by 4 channels there), 95
+  # at 32,4,4 (0.476 ms), 105 at 32,8,8 (0.456), 197 at 32,4,2 (2 warps). Its entries
   # check it against XLA's pass 4 and du: a race on dx's rows (the barrier, the two
   # rows) would show as WRONG.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles

@@ -98,7 +98,7 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # 16, for the same instructions. Now (rows loaded ahead): the statistics', du's, the
 # sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
 # dx_du (pass 4 and du in one walk; no tiles): a strip is whole rows, so at stage 1 these
-# are 64 lanes by 4 channels (dx_du()); ptxas 192 registers, 108 at 32,4,4. Not timed.
+# are 64 lanes by 4 channels (dx_du()); ptxas 197 registers, 95 at 32,4,4. Not timed.
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056

@@ -132,7 +132,7 @@ def test_row_walks_compile_without_spills_and_issue_less(monkeypatch, capsys):
 def test_dx_du_walk_issues_less_than_pass_4_then_du():
   """stencil.dx_du at stage 1 (batch 256): no spills; its issue floor below the 0.470
   ms of the two kernels it replaces (pass 4's and du's tiles, 0.233 + 0.237 with triton
-  3.9.0; the walk 0.379); and the barrier between writing dx's row and reading it back
+  3.9.0; the walk 0.378); and the barrier between writing dx's row and reading it back
   at three shifts is in the kernel (on the CPU the walk runs interpreted, one program
   at a time, where no test can see a missing one)."""
   import math
