@@ -310,8 +310,8 @@ if [ "$PART" = sweep ]; then
   # at 32,8,4; the sums 114 / 143 at 32,8,4, 70 / 74 at 16,8,4; the statistics 56 / 80.
   # dx_du (experiment 25): pass 4 and du as one walk, dx never stored, against XLA's
   # pass 4 then du's tiles (the default step's two kernels); ptxas at stage 1: 0.378 ms
-  # against 0.233 + 0.237, 197 registers at 32,8,4 (64 lanes by 4 channels there), 95
-  # at 32,4,4 (0.476 ms), 105 at 32,8,8 (0.456), 197 at 32,4,2 (2 warps). Its entries
+  # against 0.233 + 0.237, 191 registers at 32,8,4 (64 lanes by 4 channels there), 95
+  # at 32,4,4 (0.476 ms), 104 at 32,8,8 (0.456), 191 at 32,4,2 (2 warps). Its entries
   # check it against XLA's pass 4 and du: a race on dx's rows (the barrier, the two
   # rows) would show as WRONG.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles

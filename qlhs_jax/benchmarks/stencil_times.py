@@ -64,7 +64,7 @@ SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
 # dx_du's strip is whole rows (the pixels are raised to W rounded up, the channels
 # lowered as much): at stage 1 these are 64 lanes by 4, 2, 4 and 2 channels, 8, 4, 4 and
-# 8 values a thread; ptxas (triton 3.9.0): 197, 95, 105 and 197 registers, issue
+# 8 values a thread; ptxas (triton 3.9.0): 191, 95, 104 and 191 registers, issue
 # floors 0.378, 0.476, 0.456 and 0.378 ms (NOTES.md, experiment 25). Which matters
 # more, warps resident (8, 20, 16 and 10 an SM) or instructions, is the GPU's question.
 DX_DU_TILINGS = ("32,8,4", "32,4,4", "32,8,8", "32,4,2")

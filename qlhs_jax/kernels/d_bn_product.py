@@ -852,7 +852,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   if du is None and du_form(u.shape[-1], e) == "pallas":  # in u's dtype by the kernel
     from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
-  elif du is None:
+  elif du is None:  # (not None: dx_du gave it)
     du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)

@@ -98,7 +98,7 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # 16, for the same instructions. Now (rows loaded ahead): the statistics', du's, the
 # sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
 # dx_du (pass 4 and du in one walk; no tiles): a strip is whole rows, so at stage 1 these
-# are 64 lanes by 4 channels (dx_du()); ptxas 197 registers, 95 at 32,4,4. Not timed.
+# are 64 lanes by 4 channels (dx_du()); ptxas 191 registers, 95 at 32,4,4. Not timed.
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
@@ -819,18 +819,26 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   return tuple(o[:rows].reshape(shape5) for o in outs)
 
 
+def _rows_args(plan, u, hidden, k9, vectors):
+  """A walk's operands in the element-wise kernels' order: u and the ``hidden`` (B, H,
+  W, n, e) tensors as padded rows (:func:`_rows_pad`), D's kernel as (9, n*e) and the
+  (1, n, e) ``vectors`` as (n*e,) float32."""
+  n, e = u.shape[-1], k9.shape[-1]
+  return ([_rows_pad(u.reshape(-1, n), plan)]
+          + [_rows_pad(x.reshape(-1, n * e), plan) for x in hidden]
+          + [k9.astype(F32).reshape(9, n * e)]
+          + [v.astype(F32).reshape(n * e) for v in vectors])
+
+
 def _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret):
   """:func:`_elementwise` at stride 1 by the row walk of ``kernel``'s twin
   (:data:`_ROWS_TWIN`)."""
   n, e = u.shape[-1], k9.shape[-1]
   m0, bj0, warps = tiling(name, rows=True)
   plan = _rows_plan(*u.shape[:3], n, e, m0, bj0, interpret)
-  args = ([_rows_pad(u.reshape(-1, n), plan)]
-          + [_rows_pad(h.reshape(-1, n * e), plan) for h in hidden]
-          + [k9.astype(F32).reshape(9, n * e)]
-          + [v.astype(F32).reshape(n * e) for v in vectors])
   outs = _rows_call(_ROWS_TWIN[kernel], plan, name, warps, interpret,
-                    tuple(_rows_out(plan, n * e, d) for d in out_dtypes), *args)
+                    tuple(_rows_out(plan, n * e, d) for d in out_dtypes),
+                    *_rows_args(plan, u, hidden, k9, vectors))
   return tuple(_rows_unpad(o, plan).reshape(hidden[0].shape) for o in outs)
 
 
@@ -933,8 +941,8 @@ def _rows_plan(b, h, w, n, e, m0, bj0, interpret) -> dict:
   span = -(-h // chunks)
   return dict(b=b, h=h, w=w, n=n, e=e, m=m, bj=bj, wp=wp, per=per, groups=groups,
               strips=strips, span=span, chunks=-(-h // span), rows=b * h * w,
-              order=grid_order(), ahead=ROWS_AHEAD, guard=2 if interpret else 0,
-              tail=m + 2 if interpret else 0)
+              order=grid_order(), ahead=ROWS_AHEAD, interpret=interpret,
+              guard=2 if interpret else 0, tail=m + 2 if interpret else 0)
 
 
 def _rows_pad(x2: jax.Array, plan: dict) -> jax.Array:
@@ -1025,6 +1033,29 @@ class _Strip:
     plt.store(self._ref(ref, at, cols), value.astype(ref.dtype), mask=ok[:, None])
 
 
+def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addend=None):
+  """One step of du's scatter down a strip: dx's row r at shifts s = -1, 0, 1,
+  ``rows`` ((m, bj*e) float32 each), gives du's row r + dy the sum h_dy(r) = sum_dx k_t
+  dx(r, x - dx), summed over e; du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1). Stores du's row
+  r-1 = ``above`` + h_-1(r) (+ ``addend()``, loaded after the sums; not stored outside
+  the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
+  r+1's h_+1(r)."""
+  plan = st.plan
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  h = []
+  for dy in (-1, 0, 1):
+    acc = None
+    for dx in (-1, 0, 1):
+      term = rows[1 - dx] * k_tap(3 * (dy + 1) + dx + 1)
+      acc = term if acc is None else acc + term
+    h.append(acc.reshape(m, bj, e).sum(2))
+  du = above + h[0]
+  if addend is not None:
+    du += addend()
+  st.store(du_ref, r - 1, pl.ds(st.j0, bj), du)
+  return here + h[1], h[2]
+
+
 def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   """du = D^T dx at stride 1, walking down a strip. du(y, x) = sum over taps (dy, dx) of
   k_t dx(y - dy, x - dx), so dx's row r, loaded at shifts s = -dx, gives du's row r + dy
@@ -1050,18 +1081,10 @@ def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
       ahead = row(r + 1)
     else:
       rows, ahead = row(r), ()
-    h = []
-    for dy in (-1, 0, 1):
-      acc = None
-      for dx in (-1, 0, 1):
-        term = rows[1 - dx].astype(F32) * k_ref[3 * (dy + 1) + dx + 1, cols][None, :]
-        acc = term if acc is None else acc + term
-      h.append(acc.reshape(m, bj, e).sum(2))
-    du = above + h[0]
-    if with_addend:
-      du += st.load(add_ref, r - 1, 0, out_cols).astype(F32)
-    st.store(du_ref, r - 1, out_cols, du)  # not stored outside the chunk (first step)
-    return here + h[1], h[2], ahead
+    addend = ((lambda: st.load(add_ref, r - 1, 0, out_cols).astype(F32)) if with_addend
+              else None)
+    return _du_scatter(st, du_ref, r, [v.astype(F32) for v in rows],
+                       _k_taps(k_ref, cols), above, here, addend) + (ahead,)
   zero = jnp.zeros((m, bj), F32)
   lax.fori_loop(0, plan["span"] + 2, body,
                 (zero, zero, row(st.r0 - 1) if plan["ahead"] else ()))
@@ -1198,16 +1221,12 @@ def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0
     dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = dx.astype(dx_ref.dtype)
     if not plan["interpret"]:  # interpreted, a program runs alone, in order
       plt.debug_barrier()
-    h = [None] * 3
-    for s in (-1, 0, 1):  # dx(r, x + s), 0 outside the image (and where r is)
-      v = plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
-                   mask=st._at(r, s)[1][:, None], other=0.0).astype(F32)
-      for k in range(3):  # reaches du(r + k - 1, x) by tap (k - 1, -s)
-        term = v * kt[3 * k + 1 - s]
-        h[k] = term if h[k] is None else h[k] + term
-    h = [a.reshape(m, bj, e).sum(2) for a in h]
-    st.store(du_ref, r - 1, ucols, above + h[0])  # not stored outside the chunk
-    return (here + h[1], h[2], u_here, u_below) + ahead
+    # dx(r, x + s), 0 outside the image (and where r is)
+    shifted = [plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
+                        mask=st._at(r, s)[1][:, None], other=0.0).astype(F32)
+               for s in (-1, 0, 1)]
+    return (_du_scatter(st, du_ref, r, shifted, kt.__getitem__, above, here)
+            + (u_here, u_below) + ahead)
   zero = jnp.zeros((m, bj), F32)
   first = (u_row(st.r0), hidden_row(st.r0 - 1)) if plan["ahead"] else ((), ())
   lax.fori_loop(0, plan["span"] + 2, step,
@@ -1238,13 +1257,9 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
   m0, bj0, warps = tiling("dx_du", rows=True)
   wide = max(m0, pl.next_power_of_2(w))
   plan = _rows_plan(b, h, w, n, e, wide, max(1, bj0 * m0 // wide), interpret)
-  plan["interpret"] = interpret
   assert plan["strips"] == 1, plan
   m, bj = plan["m"], plan["bj"]
-  args = ([_rows_pad(u.reshape(-1, n), plan)]
-          + [_rows_pad(x.reshape(-1, n * e), plan) for x in (c5, dp5)]
-          + [k9.astype(F32).reshape(9, n * e)]
-          + [v.astype(F32).reshape(n * e) for v in (mul, add, cx, c0, mean)])
+  args = _rows_args(plan, u, (c5, dp5), k9, (mul, add, cx, c0, mean))
   dx_rows = _rows_programs(plan) * (n // bj) * 2 * (m + 2)  # two rows a program
   # dx's rows in its dtype: in bfloat16 half the L2 traffic of float32 (each row is
   # written, then read at three shifts, the second and third mostly from L1)
