@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
-# (experiment 24), then "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+# (experiments 24-25) and "pool" (experiment 26) in one session (560 + 190 s), then
+# "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
 # each is ~500 s).
@@ -52,6 +53,13 @@
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
+# "pool" (time limits add up to 190 s; NOTES.md experiment 26): the stem's BatchNorm,
+#   ReLU and max-pool as one operation (stem_pool="argmax_bn", the default of every
+#   ResNet-stem model since 2026-12-05: BatchNorm's backward sums on the pooled grid, the
+#   pool's dense gradient never stored; 1.08 GB less a step for Eq.(3), 1.18 for
+#   ResNet50, in the deviceless compile) against the form before it (stem_pool="argmax"),
+#   Eq.(3) "auto" on uint8 batches, in one call. Both models have this stem: it moves
+#   the rate, and the ratio only slightly.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -130,7 +138,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -338,6 +346,11 @@ if [ "$PART" = sweep ]; then
   # dx_du alone at its default tiles: the default step but for pass 4 and du (0.82 GB
   # less a stage-1 block), against the first row.
   QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
+fi
+if [ "$PART" = pool ]; then
+  bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
+  bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --set 'stem_pool="argmax"' \
     --input uint8
 fi
 if [ "$PART" = sums ]; then

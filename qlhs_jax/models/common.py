@@ -74,6 +74,37 @@ def _sums_and_squares_jvp(axes, primals, tangents):
   return sums_and_squares(x, axes), (jnp.sum(dx, axes), 2 * jnp.sum(x * dx, axes))
 
 
+def group_sums(x, groups: int, dtype):
+  """``x`` as (groups, B / groups, H, W, C) in ``dtype``, its sums and sums of squares
+  over each group's batch and pixels, (groups, C) each, and the count of values a sum
+  adds: BatchNorm's one pass over the data, from one reduction (:func:`sums_and_squares`;
+  two with QLHS_BN_STATS=two)."""
+  b, c = x.shape[0], x.shape[-1]
+  if b % groups:
+    raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
+  xg = x.reshape((groups, b // groups) + x.shape[1:]).astype(dtype)
+  axes = tuple(range(1, xg.ndim - 1))
+  if bn_stats_form() == "one":
+    s1, s2 = sums_and_squares(xg, axes)
+  else:
+    s1, s2 = jnp.sum(xg, axes), jnp.sum(xg * xg, axes)
+  return xg, s1, s2, xg.size // (groups * c)
+
+
+def _per_group(v, ndim: int = 5):
+  """Per-group vectors (groups, C) against (groups, B / groups, ..., C) of ``ndim`` axes."""
+  return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
+
+
+def _bn_moments(s1, s2, scale, bias, count: int):
+  """BatchNorm's per-channel arithmetic from the sums of x and x * x over ``count``
+  values, as :class:`BatchNorm` does it: ``(mul, add, mean, var)``, y = x * mul + add."""
+  mean = s1 / count
+  var = jnp.maximum(s2 / count - mean * mean, 0.0)
+  mul = lax.rsqrt(var + BN_EPS) * scale
+  return mul, bias - mean * mul, mean, var
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, PyTorch conventions (eps 1e-5, momentum 0.1,
   unbiased running variance).
@@ -89,11 +120,15 @@ class BatchNorm(nn.Module):
   use_running_average: bool
   groups: int = 1
   scale_init: Any = nn.initializers.ones
+  relu_max_pool: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    if self.relu_max_pool and x.dtype != self.dtype:
+      raise ValueError(f"BatchNorm(relu_max_pool=True) takes x in its dtype "
+                       f"{jnp.dtype(self.dtype).name}, got {x.dtype}")
     c = x.shape[-1]
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
@@ -104,32 +139,24 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
     else:
-      b = x.shape[0]
-      if b % self.groups:
-        raise ValueError(f"batch {b} does not split into {self.groups} BatchNorm groups")
-      xg = x.reshape((self.groups, b // self.groups) + x.shape[1:]).astype(stat_dtype)
-      axes = tuple(range(1, xg.ndim - 1))
-      # One pass over the data: E[x] and E[x^2] in float32, their sums from one
-      # reduction (two with QLHS_BN_STATS=two).
-      count = xg.size // (self.groups * c)
-      if bn_stats_form() == "one":
-        s1, s2 = sums_and_squares(xg, axes)
+      if self.relu_max_pool:
+        y, mean, var = bn_relu_max_pool_3x3_s2(x, scale, bias, self.groups)
+        count = x.size // (self.groups * c)
       else:
-        s1, s2 = jnp.sum(xg, axes), jnp.sum(xg * xg, axes)
-      mean = (s1 / count).reshape(self.groups, *(1,) * len(axes), c)
-      var = jnp.maximum(s2.reshape(mean.shape) / count - mean * mean, 0.0)
+        # One pass over the data: E[x] and E[x^2] in float32, their sums from one
+        # reduction (two with QLHS_BN_STATS=two).
+        xg, s1, s2, count = group_sums(x, self.groups, stat_dtype)
+        mul, add, mean, var = _bn_moments(s1, s2, scale.astype(stat_dtype),
+                                          bias.astype(stat_dtype), count)
+        y = xg * _per_group(mul, xg.ndim) + _per_group(add, xg.ndim)
+        y = y.reshape(x.shape).astype(self.dtype)
       if not self.is_initializing():
-        update_running_stats(ra_mean, ra_var, mean.reshape(self.groups, c),
-                             var.reshape(self.groups, c), count)
-      shape = (self.groups,) + (1,) * (x.ndim - 1) + (c,)
-      mean, var = mean.reshape(shape), var.reshape(shape)
-      mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
-      add = bias.astype(stat_dtype) - mean * mul
-      y = xg * mul + add
-      return y.reshape(x.shape).astype(self.dtype)
+        update_running_stats(ra_mean, ra_var, mean, var, count)
+      return y
     mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
     add = bias.astype(stat_dtype) - mean * mul
-    return (x.astype(stat_dtype) * mul + add).astype(self.dtype)
+    y = (x.astype(stat_dtype) * mul + add).astype(self.dtype)
+    return relu_max_pool_3x3_s2(y) if self.relu_max_pool else y
 
 
 def update_running_stats(ra_mean, ra_var, mean, var, count: int):
@@ -197,7 +224,9 @@ class ConvNorm(nn.Module):
   and the kernel's input channels with zeros that are not parameters, so the values,
   parameters and gradients are those of the unpadded convolution (ResNet's stem, see
   :func:`resnet_stem`). ``space_to_depth``: a stride-2 convolution computed by
-  :func:`space_to_depth_conv` (the same parameters and sums).
+  :func:`space_to_depth_conv` (the same parameters and sums). ``relu_max_pool``: then
+  ReLU and ResNet's stem max-pool, in training with the BatchNorm as one operation
+  (:func:`bn_relu_max_pool_3x3_s2`).
   """
   features: int
   kernel_size: Sequence[int] = (1, 1)
@@ -209,6 +238,7 @@ class ConvNorm(nn.Module):
   bn_groups: int = 1
   pad_in_channels: int = 0
   space_to_depth: bool = False
+  relu_max_pool: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -243,26 +273,30 @@ class ConvNorm(nn.Module):
           x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2, pad,
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
     if self.folded:
-      return y + self.param("bias", nn.initializers.zeros, (self.features,),
-                            self.param_dtype).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+      return relu_max_pool_3x3_s2(y) if self.relu_max_pool else y
     return BatchNorm(use_running_average=not self.train, groups=self.bn_groups,
-                     scale_init=self.bn_scale_init, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="bn")(y)
+                     scale_init=self.bn_scale_init, relu_max_pool=self.relu_max_pool,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(y)
 
 
-STEM_POOLS = ("argmax", "argmax_fused", "autodiff")
+STEM_POOLS = ("argmax_bn", "argmax", "argmax_fused", "autodiff")
 STEM_CONVS = ("direct", "space_to_depth")
 
 
-def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
+def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax_bn",
                 pad_channels: int = 0, conv: str = "direct"):
   """ResNet's stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or, for tiny images, "small":
   a 3x3 stride-1 conv, BN, ReLU and no pooling. ``pool`` computes ReLU + max-pool as
-  :func:`relu_max_pool_3x3_s2` ("argmax"), as :func:`relu_max_pool_3x3_s2_fused` (its
-  backward of before 2026-12-04, "argmax_fused") or as ``nn.relu`` + ``nn.max_pool``
-  differentiated by JAX ("autodiff"); the values and gradients are the same (in bfloat16,
-  to one rounding where an input is the maximum of several windows; the two "argmax"
-  forms bit for bit).
+  :func:`relu_max_pool_3x3_s2` ("argmax"), in training with the BatchNorm before it as
+  one operation (:func:`bn_relu_max_pool_3x3_s2`, "argmax_bn"), as
+  :func:`relu_max_pool_3x3_s2_fused` ("argmax" with its backward of before 2026-12-04,
+  "argmax_fused") or as ``nn.relu`` + ``nn.max_pool`` differentiated by JAX
+  ("autodiff"). The values and gradients are the same: in bfloat16, to one rounding
+  where an input is the maximum of several windows, and where "argmax_bn" does not
+  round the pool's gradient before BatchNorm's backward; "argmax" and "argmax_fused"
+  bit for bit.
 
   ``pad_channels``: the 7x7 convolution's input is zero-padded to this many channels
   (``ConvNorm.pad_in_channels``; the same values, parameters and gradients). Why: XLA
@@ -280,7 +314,10 @@ def resnet_stem(x, width: int, stem: str, common: dict, pool: str = "argmax",
     raise ValueError(f"unknown stem_conv {conv!r}; choose one of {STEM_CONVS}")
   if stem == "imagenet":
     y = ConvNorm(width, (7, 7), 2, name="stem", pad_in_channels=pad_channels,
-                 space_to_depth=conv == "space_to_depth", **common)(x)
+                 space_to_depth=conv == "space_to_depth",
+                 relu_max_pool=pool == "argmax_bn", **common)(x)
+    if pool == "argmax_bn":
+      return y
     if pool == "autodiff":
       return max_pool_3x3_s2(nn.relu(y))
     return (relu_max_pool_3x3_s2 if pool == "argmax" else relu_max_pool_3x3_s2_fused)(y)
@@ -337,34 +374,42 @@ def relu_max_pool_3x3_s2(x):
   return _relu_max_pool_fwd(x)[0]
 
 
-def _relu_max_pool_fwd(x):
+def _relu_argmax_pool(x, carried=None):
+  """The window maxima of relu(x), the tap each gradient goes to (int8; 9: none) and,
+  if ``carried`` (the shape of ``x``) is given, its value at that tap (0 at none)."""
   taps = _taps(x, 2, -jnp.inf)  # the window's nine inputs, -inf outside the image
   m, idx = jnp.zeros_like(taps[0]), jnp.full(taps[0].shape, 9, jnp.int8)
-  for t, tap in enumerate(taps):
+  at = None if carried is None else jnp.zeros(taps[0].shape, carried.dtype)
+  for t, (tap, c_tap) in enumerate(zip(taps, _taps(carried, 2) if at is not None
+                                       else [None] * 9)):
     take = (tap > m) | jnp.isnan(tap)
     m, idx = jnp.where(take, tap, m), jnp.where(take, jnp.int8(t), idx)
+    if at is not None:
+      at = jnp.where(take, c_tap, at)
+  return m, idx, at
+
+
+def _relu_max_pool_fwd(x):
+  m, idx, _ = _relu_argmax_pool(x)
   return m, (idx, x.shape)
 
 
-def _relu_max_pool_bwd(res, g):
-  """The input's gradient by parity class. Window a covers input rows 2a-1, 2a, 2a+1
-  (taps dy = 0, 1, 2), so an even row 2a takes tap dy=1 of window a alone and an odd
-  row 2a+1 takes dy=2 of window a and dy=0 of window a+1; columns likewise. Each of the
-  four classes (py, px) sums at most four masked gradients on the pooled grid, in
-  ascending tap order, in float32, rounded once; a stack and a reshape interleave them."""
-  idx, (_, h, w, _) = res
-  ho, wo = g.shape[1:3]
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  gf, zero = g.astype(acc), jnp.zeros((), acc)
+def _pool_grad_classes(idx, gf):
+  """The pool's input gradient by parity class: ``{(py, px): class}``, each on the
+  pooled grid, in ``gf``'s dtype. Window a covers input rows 2a-1, 2a, 2a+1 (taps dy = 0,
+  1, 2), so an even row 2a takes tap dy=1 of window a alone and an odd row 2a+1 takes
+  dy=2 of window a and dy=0 of window a+1; columns likewise. Class (py, px) holds input
+  pixel (2a + py, 2b + px) at (a, b): at most four masked gradients of the pooled grid,
+  summed in ascending tap order."""
+  zero = jnp.zeros((), gf.dtype)
 
   def next_window(x, axis):  # window a+1's value at a; zero past the last window
     pads = [(0, 0, 0)] * 4
     pads[axis] = (-1, 1, 0)
     return lax.pad(x, zero, pads)
   along = {0: ((1, False),), 1: ((0, True), (2, False))}  # parity: (tap, next window)
-  rows = []
+  classes = {}
   for py in (0, 1):
-    cols = []
     for px in (0, 1):
       out = None
       for dy, ny in along[py]:
@@ -373,11 +418,26 @@ def _relu_max_pool_bwd(res, g):
           part = next_window(part, 1) if ny else part
           part = next_window(part, 2) if nx else part
           out = part if out is None else out + part
-      # Rounded per class: a stack of float32 classes was stored in float32 (0.82 GB).
-      cols.append(out.astype(g.dtype))
-    rows.append(jnp.stack(cols, axis=3))
-  b, c = g.shape[0], g.shape[3]
-  return (jnp.stack(rows, axis=2).reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w],)
+      classes[py, px] = out
+  return classes
+
+
+def _interleave_classes(classes, h, w):
+  """The input grid (B, h, w, C) from the four parity classes of :func:`_pool_grad_classes`
+  (a stack and a reshape; the last row and column dropped where h or w is odd)."""
+  b, ho, wo, c = classes[0, 0].shape
+  rows = [jnp.stack([classes[py, 0], classes[py, 1]], axis=3) for py in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w]
+
+
+def _relu_max_pool_bwd(res, g):
+  """The input's gradient by parity class (:func:`_pool_grad_classes`), each class summed
+  in float32 and rounded once; a stack and a reshape interleave them."""
+  idx, (_, h, w, _) = res
+  gf = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  # Rounded per class: a stack of float32 classes was stored in float32 (0.82 GB).
+  classes = {k: v.astype(g.dtype) for k, v in _pool_grad_classes(idx, gf).items()}
+  return (_interleave_classes(classes, h, w),)
 
 
 def _relu_max_pool_bwd_nine(res, g):
@@ -412,3 +472,71 @@ def relu_max_pool_3x3_s2_fused(x):
 
 
 relu_max_pool_3x3_s2_fused.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd_nine)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bn_relu_max_pool_3x3_s2(y, scale, bias, groups: int = 1):
+  """Training-mode :class:`BatchNorm` of ``y`` (B, H, W, C), then
+  :func:`relu_max_pool_3x3_s2`, as one operation (``stem_pool="argmax_bn"``): returns
+  ``(pooled, mean, var)``, the batch statistics (groups, C) for the running averages.
+  The same float32 arithmetic as BatchNorm then the pool (the same values, to the
+  contractions XLA chooses).
+
+  Why: in the backward, the pool's input gradient is nonzero only at each window's
+  chosen tap, so BatchNorm's two sums over it, sum(g) and sum(g * y), are sums over the
+  pooled grid of the window's gradient and of ``y`` at its tap (kept by the forward,
+  int8 tap and bfloat16 value). The dense gradient then has one reader, the
+  element-wise dL/dy = g * mul + dL/ds1 + 2 y dL/ds2, computed by parity class from
+  the pooled gradient and never stored. Before, the pool's backward wrote it (0.41 GB
+  at batch 256, 224 px) and BatchNorm's reduction and element-wise kernel read it
+  (benchmarks/NOTES.md, experiment 26). The per-channel part is JAX's own derivative of
+  :func:`_bn_moments`. dL/dy sums a pixel's windows in float32 and rounds once, where
+  BatchNorm after :func:`relu_max_pool_3x3_s2` rounds the pool's gradient to ``y``'s
+  dtype first: in bfloat16 the two differ by that rounding.
+  """
+  return _bn_pool_fwd(y, scale, bias, groups)[0]
+
+
+def _bn_pool_fwd(y, scale, bias, groups):
+  yg, s1, s2, count = group_sums(y, groups, jnp.promote_types(y.dtype, jnp.float32))
+  sdt = yg.dtype
+  mul, add, mean, var = _bn_moments(s1, s2, scale.astype(sdt), bias.astype(sdt), count)
+  z = (yg * _per_group(mul) + _per_group(add)).reshape(y.shape).astype(y.dtype)
+  # The barrier keeps the tap and y there as the forward's outputs: without it XLA
+  # stored the nine taps' comparisons instead (0.46 GB) and re-read y in the backward.
+  pooled, idx, y_at = lax.optimization_barrier(_relu_argmax_pool(z, y))
+  return (pooled, mean, var), (idx, y_at, y, s1, s2, scale, bias)
+
+
+def _bn_pool_bwd(groups, res, cts):
+  g, g_mean, g_var = cts
+  idx, y_at, y, s1, s2, scale, bias = res
+  b, h, w, c = y.shape
+  sdt = s1.dtype
+  count = (b // groups) * h * w
+  # A window sends its gradient to one input (idx < 9) or nowhere: the dense gradient's
+  # sums are the pooled grid's, in one reduction with two outputs.
+  gf = jnp.where(idx < 9, g.astype(sdt), jnp.zeros((), sdt))
+  grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
+  gg = grouped(gf)
+  zero = jnp.zeros((), sdt)
+  d_add, d_mul = lax.reduce((gg, gg * grouped(y_at).astype(sdt)), (zero, zero),
+                            lambda p, q: (p[0] + q[0], p[1] + q[1]), (1, 2, 3))
+  (mul, _, _, _), moments_vjp = jax.vjp(
+      lambda *a: _bn_moments(*a, count), s1, s2, scale.astype(sdt), bias.astype(sdt))
+  d_s1, d_s2, d_scale, d_bias = moments_vjp((d_mul, d_add, g_mean, g_var))
+  # dL/dy by parity class: y's class (py, px) is y[:, py::2, px::2] on the pooled grid.
+  ho, wo = g.shape[1:3]
+  y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
+      b, ho, 2, wo, 2, c)
+  classes = {}
+  for (py, px), g_class in _pool_grad_classes(idx, gf).items():
+    y_class = grouped(y6[:, :, py, :, px, :]).astype(sdt)
+    dy = (grouped(g_class) * _per_group(mul) + _per_group(d_s1)
+          + 2 * y_class * _per_group(d_s2))
+    classes[py, px] = dy.reshape(g_class.shape).astype(y.dtype)
+  return (_interleave_classes(classes, h, w), d_scale.astype(scale.dtype),
+          d_bias.astype(bias.dtype))
+
+
+bn_relu_max_pool_3x3_s2.defvjp(_bn_pool_fwd, _bn_pool_bwd)

@@ -388,7 +388,7 @@ class QLHSNet(nn.Module):
   depths: Sequence[int] = (3, 4, 6, 3)
   num_classes: int = 100
   stem: str = "imagenet"
-  stem_pool: str = "argmax"
+  stem_pool: str = "argmax_bn"
   stem_pad_channels: int = 4
   stem_conv: str = "space_to_depth"
   eq6_c_norm: bool = True

@@ -1,6 +1,8 @@
 """The stem's ReLU + max-pool (``common.relu_max_pool_3x3_s2``, ``stem_pool="argmax"``,
 and its first backward, ``relu_max_pool_3x3_s2_fused``) against JAX's autodiff of
-``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included; the ``stem_pool`` choices
+``nn.max_pool(nn.relu(x))`` and a NumPy loop, ties included; BatchNorm, ReLU and the
+pool as one operation (``bn_relu_max_pool_3x3_s2``, ``stem_pool="argmax_bn"``) against
+the float64 formula; the ``stem_pool`` choices
 give the same network; the stem's padded input channels and its space-to-depth
 convolution change nothing."""
 
@@ -12,7 +14,8 @@ import pytest
 from jax import lax
 
 from qlhs_jax.models import QLHSNet, ResNet
-from qlhs_jax.models.common import (STEM_POOLS, max_pool_3x3_s2, relu_max_pool_3x3_s2,
+from qlhs_jax.models.common import (STEM_POOLS, BatchNorm, bn_relu_max_pool_3x3_s2,
+                                    max_pool_3x3_s2, relu_max_pool_3x3_s2,
                                     relu_max_pool_3x3_s2_fused)
 
 ARGMAX_POOLS = pytest.mark.parametrize("pool", [relu_max_pool_3x3_s2,
@@ -106,6 +109,84 @@ def test_argmax_pool_backwards_agree_bit_for_bit(shape, dtype):
   assert float(jnp.abs(dx.astype(jnp.float32)).max()) > 0
 
 
+@pytest.mark.parametrize("form", ["one", "two"])
+@pytest.mark.parametrize("groups,shape", [(1, (2, 8, 8, 3)), (2, (4, 7, 9, 2)),
+                                          (1, (1, 5, 4, 3)), (2, (2, 2, 1, 2))])
+def test_bn_relu_max_pool_matches_the_float64_formula(groups, shape, form, monkeypatch):
+  """stem_pool="argmax_bn": training-mode BatchNorm, ReLU and the max-pool as one
+  operation, against the textbook BatchNorm (two means) then flax's max-pool of
+  nn.relu, differentiated by JAX in float64: the pooled output and the batch
+  statistics, and the gradients of y, scale and offset from cotangents on all three
+  outputs. Many windows have ReLU's 0 as their maximum and send no gradient."""
+  monkeypatch.setenv("QLHS_BN_STATS", form)
+  rng = np.random.default_rng(3)
+  c = shape[-1]
+  y = rng.standard_normal(shape) * 2 + 0.5
+  scale, bias = rng.uniform(0.5, 1.5, c), rng.uniform(-2.5, 0.5, c)
+  pooled_shape = (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, c)
+  cts = (rng.standard_normal(pooled_shape), rng.standard_normal((groups, c)),
+         rng.standard_normal((groups, c)))
+
+  def formula(y, scale, bias):
+    yg = y.reshape((groups, -1) + y.shape[1:])
+    mean = jnp.mean(yg, (1, 2, 3))
+    var = jnp.mean((yg - mean[:, None, None, None]) ** 2, (1, 2, 3))
+    z = ((yg - mean[:, None, None, None]) / jnp.sqrt(var[:, None, None, None] + 1e-5)
+         * scale + bias).reshape(y.shape)
+    return max_pool_3x3_s2(nn.relu(z)), mean, var
+
+  with jax.enable_x64(True):
+    want, vjp = jax.vjp(formula, jnp.asarray(y), jnp.asarray(scale), jnp.asarray(bias))
+    want_grads = vjp(tuple(jnp.asarray(a) for a in cts))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got, vjp = jax.vjp(lambda *a: bn_relu_max_pool_3x3_s2(*a, groups), f32(y), f32(scale),
+                     f32(bias))
+  got_grads = jax.jit(vjp)(tuple(f32(a) for a in cts))
+  assert got[0].shape == pooled_shape and got[1].shape == (groups, c)
+  assert float(jnp.mean(got[0] == 0)) > 0.05  # windows whose maximum is ReLU's 0
+  for a, b in zip(got + got_grads, want + want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bn_relu_max_pool_in_bfloat16_is_batchnorm_then_the_pool(groups):
+  """In bfloat16: the same pooled values, bit for bit, as BatchNorm then
+  :func:`relu_max_pool_3x3_s2` (the same float32 arithmetic), running statistics to
+  float32 rounding; the
+  gradients within bfloat16 rounding of theirs (that path rounds the pool's gradient to
+  bfloat16 before BatchNorm's backward)."""
+  rng = np.random.default_rng(4)
+  y = jnp.asarray(rng.standard_normal((4, 16, 14, 8)) * 3 + 1, jnp.bfloat16)
+  g = jnp.asarray(rng.standard_normal((4, 8, 7, 8)), jnp.bfloat16)
+  fused = BatchNorm(use_running_average=False, groups=groups, relu_max_pool=True,
+                    dtype=jnp.bfloat16)
+  plain = fused.clone(relu_max_pool=False)
+  v = fused.init(jax.random.PRNGKey(0), y)
+  params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32),
+            "bias": jnp.asarray(rng.uniform(-1, 1, 8), jnp.float32)}
+
+  outs = {}
+  for name, module, then in (("fused", fused, lambda o: o),
+                             ("plain", plain, relu_max_pool_3x3_s2)):
+    def f(y, params, module=module, then=then):
+      out, new = module.apply({"params": params, "batch_stats": v["batch_stats"]}, y,
+                              mutable=["batch_stats"])
+      return then(out), new
+    out, vjp, new = jax.vjp(f, y, params, has_aux=True)
+    outs[name] = (out, new, vjp(g))
+  (out_f, new_f, (dy_f, dp_f)), (out_p, new_p, (dy_p, dp_p)) = outs["fused"], outs["plain"]
+  assert out_f.dtype == jnp.bfloat16 and dy_f.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out_f, np.float32), np.asarray(out_p, np.float32))
+  for a, b in zip(jax.tree.leaves(new_f), jax.tree.leaves(new_p)):  # XLA's contractions
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(np.asarray(dy_f, np.float32), np.asarray(dy_p, np.float32),
+                             rtol=2e-2, atol=2e-2)
+  for k in ("scale", "bias"):
+    np.testing.assert_allclose(dp_f[k], dp_p[k], rtol=1e-2, atol=1e-2)
+  with pytest.raises(ValueError, match="relu_max_pool=True.*takes x in its dtype bfloat16"):
+    fused.init(jax.random.PRNGKey(0), y.astype(jnp.float32))
+
+
 def _train_loss_and_grads(m, v, x, labels):
   """The cross-entropy of ``m`` in train mode at ``v``'s parameters, its gradients and
   the new BatchNorm statistics: ``((loss, new), grads)``."""
@@ -126,7 +207,7 @@ def test_stem_pools_give_the_same_network(model):
   out = {}
   for pool in STEM_POOLS:
     out[pool] = _train_loss_and_grads(model.clone(stem_pool=pool), v, x, labels)
-  for pool in ("argmax_fused", "autodiff"):
+  for pool in ("argmax_bn", "argmax_fused", "autodiff"):
     for a, b in zip(jax.tree.leaves(out["argmax"]), jax.tree.leaves(out[pool])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="stem_pool"):
@@ -240,18 +321,21 @@ def test_stem_conv_space_to_depth_gives_the_same_network(model):
 
 
 def test_argmax_pool_train_step_on_a_sharded_mesh():
-  """The stem pool partitions over the 8-device data mesh: two train steps of the
-  harness (per-replica BatchNorm) give the losses and parameters of JAX's own max-pool
-  gradient. (In float32: in bfloat16 the two sum an input's gradient from up to four
+  """The stem pool, and the stem's BatchNorm, ReLU and pool as one operation
+  ("argmax_bn", the default), partition over the 8-device data mesh: two train steps of
+  the harness (per-replica BatchNorm) give the losses, parameters and statistics of
+  JAX's own max-pool gradient. (In float32: in bfloat16 the two sum an input's gradient from up to four
   windows in different orders, and SGD at lr 0.3 amplifies that rounding.)"""
   from tests.models.test_hidden_layout import assert_trees_close, run_sharded_train_steps
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 32, 32, 3))
   base = ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, bn_groups=8,
                 dtype=jnp.float32)
   out = {pool: run_sharded_train_steps(base.clone(stem_pool=pool), x, np.arange(8) % 5)
-         for pool in ("argmax", "autodiff")}
-  np.testing.assert_allclose(out["argmax"][1], out["autodiff"][1], rtol=1e-5)
-  assert_trees_close(out["argmax"][0].params, out["autodiff"][0].params, 1e-4, 1e-5)
+         for pool in ("argmax_bn", "argmax", "autodiff")}
+  for pool in ("argmax_bn", "argmax"):
+    np.testing.assert_allclose(out[pool][1], out["autodiff"][1], rtol=1e-5)
+    assert_trees_close(out[pool][0].params, out["autodiff"][0].params, 1e-4, 1e-5)
+    assert_trees_close(out[pool][0].batch_stats, out["autodiff"][0].batch_stats, 1e-4, 1e-5)
 
 
 def test_sums_and_squares_is_one_reduction_with_the_formulas_derivatives():
