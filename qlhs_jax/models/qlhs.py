@@ -360,9 +360,15 @@ class QLHSBlock(nn.Module):
       raise ValueError(f"unknown block form {form!r}; choose one of {FORMS}")
     y = self._norm(y, "out", zero_init=True)
     if s != 1 or n_in != self.n_out:
-      shortcut = ConvNorm(self.n_out, (1, 1), s, folded=self.folded, train=self.train,
+      # The 1x1 shortcut at stride s, on the strided u that C reads too. XLA's dot
+      # merger computed the two as one matmul, and C's stencil kernels, which take C as
+      # an operand of its own, then copied it out of that matmul's output (0.45 GB a
+      # step at batch 256, deviceless). The barrier keeps the two matmuls apart
+      # (benchmarks/NOTES.md, experiment 26); it changes no value.
+      shortcut = ConvNorm(self.n_out, (1, 1), 1, folded=self.folded, train=self.train,
                           bn_groups=self.bn_groups, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="shortcut")(u)
+                          param_dtype=self.param_dtype, name="shortcut")(
+                              jax.lax.optimization_barrier(us))
     else:
       shortcut = u
     return layers.activation(y + shortcut.astype(y.dtype), self.post_activation)
