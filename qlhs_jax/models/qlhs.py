@@ -361,14 +361,16 @@ class QLHSBlock(nn.Module):
     y = self._norm(y, "out", zero_init=True)
     if s != 1 or n_in != self.n_out:
       # The 1x1 shortcut at stride s, on the strided u that C reads too. XLA's dot
-      # merger computed the two as one matmul, and C's stencil kernels, which take C as
-      # an operand of its own, then copied it out of that matmul's output (0.45 GB a
-      # step at batch 256, deviceless). The barrier keeps the two matmuls apart
-      # (benchmarks/NOTES.md, experiment 26); it changes no value.
+      # merger computes the two as one matmul; where C then goes to the fused D + BN +
+      # product, whose kernels take C as an operand of its own, C was copied out of
+      # that matmul's output. The barrier keeps the two matmuls apart there: 1.24 GB
+      # less a step at batch 256 (deviceless; the plain path gains from the merge, 3.1
+      # GB; benchmarks/NOTES.md, experiment 26). It changes no value.
+      fused = self._fuse(n_in) != "none" and self.train and not self.folded
       shortcut = ConvNorm(self.n_out, (1, 1), 1, folded=self.folded, train=self.train,
                           bn_groups=self.bn_groups, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="shortcut")(
-                              jax.lax.optimization_barrier(us))
+                              jax.lax.optimization_barrier(us) if fused else us)
     else:
       shortcut = u
     return layers.activation(y + shortcut.astype(y.dtype), self.post_activation)

@@ -4,6 +4,7 @@ tests that compile are skipped without it, the error paths run everywhere)."""
 import gzip
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,22 @@ def test_compiles_the_stencil_kernels_for_gpus_splitting_the_batch(tmp_path):
   assert r["gbytes_by_kind"].get("custom-call __gpu$xla.gpu.triton", 0) > 0, r
   text = gzip.open(next(tmp_path.glob("*.aot.hlo.txt.gz")), "rt").read()
   assert "all-reduce-start(" in text or "all-reduce(" in text
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_the_strided_shortcut_and_c_stay_two_matmuls(tmp_path):
+  """At the strided block (8 -> 16 channels, 32 hidden) the shortcut and C read the same
+  strided u. With the fused D + BN + product, whose kernels take C as an operand of its
+  own, they stay two matmuls (32 and 16 columns) forward and for their weights' gradient:
+  XLA's dot merger made them one of 48 columns, and C was copied out of it."""
+  p = _run("--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--gemm", "triton",
+           "--set", 'fuse_d_bn="auto"', *[a for kv in TINY for a in ("--set", kv)],
+           "--hlo-dir", str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  text = gzip.open(next(tmp_path.glob("*.aot.hlo.txt.gz")), "rt").read()
+  dots = set(re.findall(r"%gemm_fusion_dot[.\d]* = (bf16\[\d+,\d+\])", text))
+  assert {"bf16[512,32]", "bf16[512,16]"} <= dots, dots
+  assert not any(d.endswith(",48]") for d in dots), dots
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
