@@ -116,6 +116,9 @@ class BatchNorm(nn.Module):
   is linear, that equals keeping one running average per replica and averaging them
   across replicas (timm's ``--dist-bn reduce``), which the recipe does once per epoch.
   ``groups == 1`` over a sharded batch is cross-replica (sync) BN.
+
+  ``relu_max_pool``: then ReLU and ResNet's stem max-pool (3x3, stride 2); in training
+  the three as one operation, :func:`bn_relu_max_pool_3x3_s2`.
   """
   use_running_average: bool
   groups: int = 1
@@ -380,11 +383,11 @@ def _relu_argmax_pool(x, carried=None):
   taps = _taps(x, 2, -jnp.inf)  # the window's nine inputs, -inf outside the image
   m, idx = jnp.zeros_like(taps[0]), jnp.full(taps[0].shape, 9, jnp.int8)
   at = None if carried is None else jnp.zeros(taps[0].shape, carried.dtype)
-  for t, (tap, c_tap) in enumerate(zip(taps, _taps(carried, 2) if at is not None
-                                       else [None] * 9)):
+  carried_taps = [None] * 9 if carried is None else _taps(carried, 2)
+  for t, (tap, c_tap) in enumerate(zip(taps, carried_taps)):
     take = (tap > m) | jnp.isnan(tap)
     m, idx = jnp.where(take, tap, m), jnp.where(take, jnp.int8(t), idx)
-    if at is not None:
+    if carried is not None:
       at = jnp.where(take, c_tap, at)
   return m, idx, at
 
