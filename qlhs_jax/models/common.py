@@ -96,13 +96,18 @@ def _per_group(v, ndim: int = 5):
   return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
 
 
+def _bn_affine(mean, var, scale, bias):
+  """BatchNorm as y = x * mul + add: ``(mul, add)``."""
+  mul = lax.rsqrt(var + BN_EPS) * scale
+  return mul, bias - mean * mul
+
+
 def _bn_moments(s1, s2, scale, bias, count: int):
   """BatchNorm's per-channel arithmetic from the sums of x and x * x over ``count``
   values, as :class:`BatchNorm` does it: ``(mul, add, mean, var)``, y = x * mul + add."""
   mean = s1 / count
   var = jnp.maximum(s2 / count - mean * mean, 0.0)
-  mul = lax.rsqrt(var + BN_EPS) * scale
-  return mul, bias - mean * mul, mean, var
+  return (*_bn_affine(mean, var, scale, bias), mean, var)
 
 
 class BatchNorm(nn.Module):
@@ -156,8 +161,7 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         update_running_stats(ra_mean, ra_var, mean, var, count)
       return y
-    mul = lax.rsqrt(var + BN_EPS) * scale.astype(stat_dtype)
-    add = bias.astype(stat_dtype) - mean * mul
+    mul, add = _bn_affine(mean, var, scale.astype(stat_dtype), bias.astype(stat_dtype))
     y = (x.astype(stat_dtype) * mul + add).astype(self.dtype)
     return relu_max_pool_3x3_s2(y) if self.relu_max_pool else y
 

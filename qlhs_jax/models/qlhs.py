@@ -222,12 +222,18 @@ class QLHSBlock(nn.Module):
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
     order (and so the initial values) of the plain path."""
     fuse = self._fuse(x.shape[-1])
-    if fuse != "none" and self.train and not self.folded:
+    if self._fuses_hidden(x.shape[-1]):
       kernel = self._d_kernel(x.shape[-1])
       impl = "xla" if fuse == "block" else fuse
       return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
                              name="bn_d")(x, kernel, make_c())
     return self._norm(self._d(self._split(x), stride), "d") * make_c()
+
+  @nn.nowrap
+  def _fuses_hidden(self, n_in) -> bool:
+    """Whether the hidden path runs fused (``fuse_d_bn`` not "none", training, not
+    folded): D + BN + product, or "block"'s kernels."""
+    return self._fuse(n_in) != "none" and self.train and not self.folded
 
   @nn.nowrap
   def _fuse(self, n_in):
@@ -276,7 +282,7 @@ class QLHSBlock(nn.Module):
     """Whether this block's hidden path runs as eq3_block's kernels (fuse_d_bn="block",
     training, one BatchNorm group, input width within block_max_width); otherwise a
     "block" model's block takes "xla"."""
-    return (self.fuse_d_bn == "block" and self.train and not self.folded
+    return (self.fuse_d_bn == "block" and self._fuses_hidden(n_in)
             and self.bn_groups == 1
             and (self.block_max_width == 0 or n_in <= self.block_max_width))
 
@@ -366,11 +372,11 @@ class QLHSBlock(nn.Module):
       # that matmul's output. The barrier keeps the two matmuls apart there: 1.24 GB
       # less a step at batch 256 (deviceless; the plain path gains from the merge, 3.1
       # GB; benchmarks/NOTES.md, experiment 26). It changes no value.
-      fused = self._fuse(n_in) != "none" and self.train and not self.folded
       shortcut = ConvNorm(self.n_out, (1, 1), 1, folded=self.folded, train=self.train,
                           bn_groups=self.bn_groups, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="shortcut")(
-                              jax.lax.optimization_barrier(us) if fused else us)
+                              jax.lax.optimization_barrier(us) if self._fuses_hidden(n_in)
+                              else us)
     else:
       shortcut = u
     return layers.activation(y + shortcut.astype(y.dtype), self.post_activation)
