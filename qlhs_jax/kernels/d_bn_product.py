@@ -71,6 +71,16 @@ FUSE_IMPLS = ("none", "xla", "pallas")
 # one device only), interpreted on a CPU, lowered for the GPU by benchmarks.aot.
 PALLAS_FUSES = ("pallas", "block")
 F32 = jnp.float32
+
+
+def einsum_f32(spec: str, *operands) -> jax.Array:
+  """``jnp.einsum`` at float32's own precision on every backend. XLA computes a float32
+  dot at DEFAULT precision with TF32 inputs on NVIDIA GPUs since Ampere (10-bit
+  mantissas, relative error ~5e-4; bfloat16 passes on TPUs): the per-channel sums of
+  the BatchNorm statistics, the variance's k^T M k among them, would carry that error
+  on the GPU while the CPU tests see float32. These contractions are parameter-sized:
+  HIGHEST costs nothing."""
+  return jnp.einsum(spec, *operands, precision=lax.Precision.HIGHEST)
 # Pallas tiling: one program handles `rows` output rows of one image, `cols` columns
 # (0: all of them, padded to a power of two) and bj input channels (bj*e hidden channels,
 # as many as fit): `elems` bounds one (columns, bj, e) float32 tile. The default is the
@@ -380,9 +390,9 @@ def _stats(u, k9, stride, groups):
 
 def _stats_from_sums(sums, k9):
   """s1, s2 (G, n, e) of D u from the (54, G, n) tap sums and Gram entries."""
-  s1 = jnp.einsum("tgn,tne->gne", sums[:9], k9)
+  s1 = einsum_f32("tgn,tne->gne", sums[:9], k9)
   gram = sums[9:][jnp.asarray(_PAIR_OF)]  # (9, 9, G, n)
-  s2 = jnp.einsum("abgn,ane,bne->gne", gram, k9, k9)
+  s2 = einsum_f32("abgn,ane,bne->gne", gram, k9, k9)
   return s1, s2, sums
 
 
@@ -469,10 +479,10 @@ def _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0):
   tests/kernels checks dL/dkernel at an offset of 100 standard deviations against
   float64."""
   tsum, gram = tstats[:9], tstats[9:][jnp.asarray(_PAIR_OF)]  # (9, G, n), (9, 9, G, n)
-  tx = (jnp.einsum("abgn,bne->gnae", gram, k9)
-        - jnp.einsum("agn,gne->gnae", tsum, mean))
-  return (jnp.einsum("gnte,gne->tne", tg, mul) + jnp.einsum("gnte,gne->tne", tx, cx)
-          + jnp.einsum("tgn,gne->tne", tsum, c0))
+  tx = (einsum_f32("abgn,bne->gnae", gram, k9)
+        - einsum_f32("agn,gne->gnae", tsum, mean))
+  return (einsum_f32("gnte,gne->tne", tg, mul) + einsum_f32("gnte,gne->tne", tx, cx)
+          + einsum_f32("tgn,gne->tne", tsum, c0))
 
 
 def _pin(x):

@@ -589,8 +589,9 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
 
 def _sums_out(sums, k9, mean, rstd):
   """:func:`bn_sums`' three sums from the kernel's (10, n, e): g's, then tap_t * g's."""
+  from qlhs_jax.kernels.d_bn_product import einsum_f32  # imports this module
   sg, tg = sums[0], sums[1:]  # (n, e), (9, n, e)
-  sgx = rstd[0] * (jnp.einsum("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
+  sgx = rstd[0] * (einsum_f32("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
   return sg[None], sgx[None], jnp.moveaxis(tg, 0, 1)[None]
 
 

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from qlhs_jax.symmetry import groups as G
-from qlhs_jax.symmetry.elements import (Element, gather_index, inflate, monomial_parts,
-                                      _monomial_matrix)
+from qlhs_jax.symmetry.elements import (Element, float32_matmuls, gather_index, inflate,
+                                      monomial_parts, _monomial_matrix)
 
 
+@float32_matmuls
 def act(g: Element, folded):
   """Applies ``g`` to a folded parameter tree; returns a tree of the same structure
   and dtypes, computing the same function when ``g`` lies in ``g.group``."""

@@ -15,6 +15,7 @@ deadlocked now and then: two LU thunks waiting on one exhausted thread pool.)
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -24,6 +25,20 @@ import scipy.linalg
 from flax import struct
 
 from qlhs_jax.symmetry import groups as G
+
+
+def float32_matmuls(fn):
+  """``fn`` with its matmuls and convolutions at the precision of their operands'
+  dtype (``jax.default_matmul_precision("highest")`` while it is traced). At DEFAULT
+  precision XLA computes float32 dots and convolutions with TF32 inputs on NVIDIA GPUs
+  since Ampere (10-bit mantissas) and with bfloat16 passes on TPUs: an action, a
+  composition or a check would then carry ~1e-3 relative errors on those devices and
+  float32's ~1e-7 on a CPU. The symmetry tools promise the latter everywhere."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 @struct.dataclass
@@ -175,6 +190,7 @@ def identity(group: G.Group, dtype=None) -> Element:
   return Element(stream, stream, hidden, hidden_inv, group)
 
 
+@float32_matmuls
 def compose(g2: Element, g1: Element) -> Element:
   """The product ``g2 g1`` (first ``g1``, then ``g2``): ``act(g2, act(g1, p)) ==
   act(compose(g2, g1), p)``.

@@ -16,7 +16,7 @@ import numpy as np
 from qlhs_jax.models.fold import apply_folded, fold_batchnorm
 from qlhs_jax.symmetry.action import act
 from qlhs_jax.symmetry.groups import group_for
-from qlhs_jax.symmetry.elements import sample
+from qlhs_jax.symmetry.elements import float32_matmuls, sample
 
 
 def prepare(model, variables: Mapping, dtype):
@@ -29,6 +29,7 @@ def prepare(model, variables: Mapping, dtype):
   return m, fold_batchnorm(m, cast(variables["params"]), cast(variables["batch_stats"]))
 
 
+@float32_matmuls
 def deviation(model, folded, elements, x) -> jax.Array:
   """Relative logit deviation ``max|f(g.theta, x) - f(theta, x)| / max|f(theta, x)|``
   of every element of ``elements`` (stacked along a leading axis), as a vector.

@@ -26,7 +26,7 @@ from jax.scipy.linalg import expm
 from qlhs_jax.models.fold import apply_folded
 from qlhs_jax.symmetry import groups as G
 from qlhs_jax.symmetry.action import act
-from qlhs_jax.symmetry.elements import Element
+from qlhs_jax.symmetry.elements import Element, float32_matmuls
 from qlhs_jax.symmetry.sparsify import algebra_zeros, exp_element
 
 
@@ -52,6 +52,7 @@ def _generators(group, stages, direction, radius):
   return {k: radius * g / norm for k, g in gens.items()}
 
 
+@float32_matmuls
 def _element(group, stages, direction, free, radius, dtype):
   base = exp_element(group, free, dtype)
   gens = _generators(group, stages, direction, radius)
@@ -61,6 +62,7 @@ def _element(group, stages, direction, free, radius, dtype):
   return Element(stream, stream_inv, base.hidden, base.hidden_inv, group)
 
 
+@float32_matmuls
 def rel_error(model, folded, new, x):
   """``max|f_new - f| / max|f|`` on ``x`` and the fraction of equal top-1 predictions."""
   ref, out = apply_folded(model, folded, x), apply_folded(model, new, x)

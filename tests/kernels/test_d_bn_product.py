@@ -329,3 +329,32 @@ def test_xla_sums_reduce_one_stack_with_the_pieces_on_the_major_axis(groups):
   shape, axes = largest_reduction(
       lambda *a: dbn._xla_backward_sums(*a, 1, groups), u, c5, c5, k9, g, g, g, g)
   assert shape[:2] == (11, groups) and 0 not in axes and 1 not in axes
+
+
+PALLAS_SUMS = {"QLHS_STATS_FORM": "pallas", "QLHS_SUMS_FORM": "pallas"}  # one group
+
+
+@pytest.mark.parametrize("forms,stride,groups", [({}, 1, 1), ({}, 2, 2), (PALLAS_SUMS, 1, 1),
+                                                 (PALLAS_SUMS, 2, 1)])
+def test_float32_contractions_ask_for_float32_precision(monkeypatch, forms, stride, groups):
+  """The per-channel contractions of the statistics, pass 3's sum of g * xhat and
+  dL/dkernel are float32 einsums. At DEFAULT precision XLA runs a float32 dot with TF32
+  inputs on NVIDIA GPUs (the deviceless sm_90a compile showed ``inputPrecision = tf32``
+  in the variance's k^T M k), which no CPU test can see: XLA:CPU computes float32 either
+  way. So every float32 dot_general of the operation, forward and backward, must ask
+  for HIGHEST."""
+  for var, value in forms.items():
+    monkeypatch.setenv(var, value)
+  b, h, n, e = 4, 6, 4, 4
+  ho = (h - 1) // stride + 1
+  args = (jnp.zeros((b, h, h, n), jnp.bfloat16), jnp.zeros((b, ho, ho, n * e), jnp.bfloat16),
+          jnp.zeros((3, 3, 1, e)), jnp.ones(n * e), jnp.zeros(n * e))
+
+  def loss(*a):
+    p, mean, var = dbn.d_bn_product(*a, stride=stride, groups=groups, impl="xla")
+    return p.astype(jnp.float32).sum() + mean.sum() + var.sum()
+  text = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).as_text()
+  dots = [l for l in text.splitlines() if "stablehlo.dot_general" in l and "xf32>" in l]
+  assert len(dots) >= 4, "the statistics and dL/dkernel should be float32 contractions"
+  loose = [l.strip()[:160] for l in dots if "precision = [HIGHEST, HIGHEST]" not in l]
+  assert not loose, loose

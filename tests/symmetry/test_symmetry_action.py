@@ -162,3 +162,58 @@ def test_sample_respects_the_declared_kinds():
   np.testing.assert_allclose(o @ o.T, np.eye(8), atol=1e-6)
   batch = sample(group, 0, n=5)
   assert batch.stream[1].shape == (5, 8, 8)
+
+
+def _float32_ops(text):
+  """The float32 dot_general and convolution ops of lowered StableHLO, and those of them
+  that do not ask for HIGHEST precision."""
+  ops = [l for l in text.splitlines()
+         if ("stablehlo.dot_general" in l or "stablehlo.convolution" in l) and "xf32>" in l]
+  return ops, [l.strip()[:140] for l in ops if "precision = [HIGHEST, HIGHEST]" not in l
+          and "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision "
+              "HIGHEST>]" not in l]
+
+
+@pytest.mark.parametrize("name", ["eq3w_none", "resnet50"])
+def test_float32_tools_ask_for_float32_precision(name):
+  """A float32 action, composition, Lie-algebra exponential and check must not run at
+  DEFAULT precision, which XLA computes with TF32 inputs on NVIDIA GPUs (bfloat16
+  passes on TPUs): a float32 check there would measure ~1e-3, not the symmetry. The CPU
+  computes float32 at either precision, so the tests read the lowered ops."""
+  from qlhs_jax.symmetry.sparsify import algebra_zeros, exp_element
+  m, folded = measure.prepare(tiny(name), random_variables(tiny(name)), jnp.float32)
+  group = group_for(m)
+  g1, g2 = sample(group, 1), sample(group, 2)
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  theta = jax.tree.map(lambda a: a + 0.1, algebra_zeros(group))
+  checked = 0
+  for fn, args in ((act, (g1, folded)), (compose, (g2, g1)),
+                   (lambda t: exp_element(group, t).stream, (theta,)),
+                   (lambda f, g, x: measure.deviation(m, f, g, x),
+                    (folded, jax.tree.map(lambda a: a[None], g1), x))):
+    ops, loose = _float32_ops(jax.jit(fn).lower(*args).as_text())
+    assert not loose, loose
+    checked += len(ops)
+  assert checked > 10, checked
+
+
+def test_weak_symmetry_measures_ask_for_float32_precision():
+  """The weak-symmetry search's element (expm of its generators times the base) and its
+  logit error, as above: float32 at HIGHEST."""
+  from qlhs_jax.symmetry import weak
+  from qlhs_jax.symmetry.sparsify import algebra_zeros
+  m, folded = measure.prepare(tiny("eq3_softball_ds"),
+                              random_variables(tiny("eq3_softball_ds")), jnp.float32)
+  group = group_for(m)
+  stages = weak.gap_stages(group)
+  direction = {k: jnp.ones((group.stages[k].size,) * 2) for k in stages}
+  free = algebra_zeros(group)
+  element = lambda d, f: weak._element(group, stages, d, f, 0.1, jnp.float32)
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  checked = 0
+  for fn, args in ((element, (direction, free)),
+                   (lambda f, x: weak.rel_error(m, folded, f, x), (folded, x))):
+    ops, loose = _float32_ops(jax.jit(fn).lower(*args).as_text())
+    assert not loose, loose
+    checked += len(ops)
+  assert checked > 10, checked
