@@ -4,13 +4,15 @@
   python benchmarks/tf32_probe.py --compiled   # the sm_90a compile's float32 dots
 
 The statistics of D u (s1 = k . tap sums, s2 = k^T M k), pass 3's sum of g * xhat and
-dL/dkernel are float32 einsums of per-channel sums (`kernels.d_bn_product.einsum_f32`).
-At DEFAULT precision XLA compiles a float32 dot for an NVIDIA GPU with TF32 inputs
-(10-bit mantissas): `--compiled` compiles the operation's forward and backward for the
+dL/dkernel are float32 contractions of per-channel sums (`kernels.d_bn_product.
+_stats_from_sums`). Until 2026-12-05 they were einsums at DEFAULT precision, and XLA
+compiles a float32 dot for an NVIDIA GPU with TF32 inputs (10-bit mantissas); they are
+now sums of float32 products. `--compiled` compiles the operation's forward and backward for the
 H100 target of `qlhs_jax.benchmarks.aot` (no GPU needed; `pip install
 "jax[cuda12]==0.11.2"`) and counts the float32 `tt.dot`s of XLA's Triton fusions by
 their `inputPrecision`. On a CPU XLA computes float32 either way, so the table emulates
-TF32: the einsums' operands are rounded to 10 mantissa bits, then summed in float32,
+TF32: s2's einsum, the one XLA compiled to a dot, with its operands rounded to 10
+mantissa bits,
 and the operation's outputs and five gradients are compared with float64 autodiff of
 the textbook formula (`d_bn_product.reference`), as tests/kernels do.
 
@@ -20,15 +22,15 @@ the GPU computed before):
 
 | inputs | | mean | var | du | dc | dkernel | dscale |
 |---|---|---:|---:|---:|---:|---:|---:|
-| u ~ N(0.3, 1) | float32 | 1.8e-07 | 1.5e-07 | 1.5e-07 | 1.3e-07 | 1.6e-07 | 1.8e-07 |
+| u ~ N(0.3, 1) | float32 | 1.5e-07 | 1.5e-07 | 1.5e-07 | 1.6e-07 | 1.3e-07 | 1.3e-07 |
 | | tf32 | 1.8e-07 | 3.3e-04 | 2.0e-04 | 2.3e-04 | 9.3e-05 | 1.8e-04 |
-| u offset by 3 sd | float32 | 2.0e-07 | 1.2e-06 | 4.0e-07 | 6.9e-07 | 6.5e-07 | 7.8e-07 |
+| u offset by 3 sd | float32 | 1.9e-07 | 1.9e-06 | 6.9e-07 | 9.0e-07 | 9.8e-07 | 1.1e-06 |
 | | tf32 | 2.0e-07 | 4.8e-03 | 1.2e-03 | 2.0e-03 | 1.0e-03 | 1.2e-03 |
-| u offset by 100 sd, zero-sum k | float32 | 2.6e-06 | 2.3e-06 | 2.8e-07 | 1.3e-06 | 1.9e-06 | 1.4e-06 |
+| u offset by 100 sd, zero-sum k | float32 | 1.5e-06 | 2.7e-06 | 2.8e-07 | 3.3e-06 | 2.2e-06 | 1.7e-06 |
 | | tf32 | 2.6e-06 | 1.3e-02 | 3.2e-04 | 7.0e-03 | 1.5e-05 | 2.1e-03 |
 
-`--compiled` (jax[cuda12] 0.11.2): one float32 dot, `inputPrecision = tf32` at a532631,
-`ieee` since. In the whole Eq.(3) train step (`benchmarks.aot` with
+`--compiled` (jax[cuda12] 0.11.2): one float32 dot, `inputPrecision = tf32`, at a532631;
+none since. In the whole Eq.(3) train step (`benchmarks.aot` with
 `XLA_FLAGS=--xla_dump_emitter_re=triton-fusion`) the same s2 dot at each of the four
 stages' shapes, and in both models the classifier head's three float32 matmuls, which
 stay at DEFAULT (TF32 on the GPU: the common choice for a float32 head).
@@ -68,10 +70,13 @@ def error_table():
               + (var * weights[2]).sum()).astype(jnp.float32)
     return loss
 
-  exact = dbn.einsum_f32
-  # Only s2's einsum compiled to a dot (`--compiled`); XLA made the others reductions.
-  emulated = lambda spec, *ops: (jnp.einsum(spec, *(tf32(o) for o in ops))
-                                 if spec == "abgn,ane,bne->gne" else exact(spec, *ops))
+  exact = dbn._stats_from_sums
+
+  def emulated(sums, k9):  # the code before 2026-12-05, with s2's dot in TF32
+    s1 = jnp.einsum("tgn,tne->gne", sums[:9], k9)
+    gram = sums[9:][jnp.asarray(dbn._PAIR_OF)]
+    s2 = jnp.einsum("abgn,ane,bne->gne", tf32(gram), tf32(k9), tf32(k9))
+    return s1, s2, sums
   rel = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()
                            / np.abs(np.asarray(b)).max())
   rng = np.random.default_rng(5)
@@ -94,14 +99,14 @@ def error_table():
       g64 = jax.grad(loss_of(dbn.reference, [jnp.asarray(w) for w in weights]),
                      argnums=range(4))(*a64)
     a32 = [jnp.asarray(a, jnp.float32) for a in args]
-    for label, einsum in (("float32", exact), ("tf32", emulated)):
-      dbn.einsum_f32 = einsum
+    for label, stats in (("float32", exact), ("tf32", emulated)):
+      dbn._stats_from_sums = stats
       try:
         _, m, v = op(*a32)
         g = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
                      argnums=range(4))(*a32)
       finally:
-        dbn.einsum_f32 = exact
+        dbn._stats_from_sums = exact
       errs = [rel(m, m64), rel(v, v64)] + [rel(a, b) for a, b in zip(g, g64)]
       print(f"| {name if label == 'float32' else ''} | {label} | "
             + " | ".join(f"{e:.1e}" for e in errs) + " |")

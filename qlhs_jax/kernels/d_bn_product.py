@@ -71,16 +71,6 @@ FUSE_IMPLS = ("none", "xla", "pallas")
 # one device only), interpreted on a CPU, lowered for the GPU by benchmarks.aot.
 PALLAS_FUSES = ("pallas", "block")
 F32 = jnp.float32
-
-
-def einsum_f32(spec: str, *operands) -> jax.Array:
-  """``jnp.einsum`` at float32's own precision on every backend. XLA computes a float32
-  dot at DEFAULT precision with TF32 inputs on NVIDIA GPUs since Ampere (10-bit
-  mantissas, relative error ~5e-4; bfloat16 passes on TPUs): the per-channel sums of
-  the BatchNorm statistics, the variance's k^T M k among them, would carry that error
-  on the GPU while the CPU tests see float32. These contractions are parameter-sized:
-  HIGHEST costs nothing."""
-  return jnp.einsum(spec, *operands, precision=lax.Precision.HIGHEST)
 # Pallas tiling: one program handles `rows` output rows of one image, `cols` columns
 # (0: all of them, padded to a power of two) and bj input channels (bj*e hidden channels,
 # as many as fit): `elems` bounds one (columns, bj, e) float32 tile. The default is the
@@ -389,10 +379,19 @@ def _stats(u, k9, stride, groups):
 
 
 def _stats_from_sums(sums, k9):
-  """s1, s2 (G, n, e) of D u from the (54, G, n) tap sums and Gram entries."""
-  s1 = einsum_f32("tgn,tne->gne", sums[:9], k9)
-  gram = sums[9:][jnp.asarray(_PAIR_OF)]  # (9, 9, G, n)
-  s2 = einsum_f32("abgn,ane,bne->gne", gram, k9, k9)
+  """s1, s2 (G, n, e) of D u from the (54, G, n) tap sums and Gram entries.
+
+  These per-channel contractions, and dL/dkernel's (:func:`_xla_kernel_grad`) and pass
+  3's sum of g * xhat (``stencil.bn_sums``), are written as sums of float32 products,
+  not einsums. Why: XLA compiles a float32 einsum at DEFAULT precision for an NVIDIA GPU
+  with TF32 inputs (10-bit mantissas; bfloat16 passes on TPUs). Until 2026-12-05 s2 =
+  k^T M k was one, and every GPU run normalised with variances ~3e-4 off (more where u
+  has an offset; ``benchmarks/tf32_probe.py``, NOTES.md experiment 27), which no CPU
+  test could see. Written out, XLA also fuses them with BatchNorm's arithmetic into one
+  kernel where the einsums took ~7 (757 kernels a step against 849)."""
+  s1 = sum(sums[t][..., None] * k9[t] for t in range(9))
+  s2 = sum((2.0 if a != b else 1.0) * sums[9 + i][..., None] * (k9[a] * k9[b])
+           for i, (a, b) in enumerate(_PAIRS))
   return s1, s2, sums
 
 
@@ -478,11 +477,12 @@ def _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0):
   term cancels like the variance of :func:`_xla_stats` where u has a large offset;
   tests/kernels checks dL/dkernel at an offset of 100 standard deviations against
   float64."""
-  tsum, gram = tstats[:9], tstats[9:][jnp.asarray(_PAIR_OF)]  # (9, G, n), (9, 9, G, n)
-  tx = (einsum_f32("abgn,bne->gnae", gram, k9)
-        - einsum_f32("agn,gne->gnae", tsum, mean))
-  return (einsum_f32("gnte,gne->tne", tg, mul) + einsum_f32("gnte,gne->tne", tx, cx)
-          + einsum_f32("tgn,gne->tne", tsum, c0))
+  out = []
+  for t in range(9):  # per tap: sum_t' k_t' M[t, t'] - mean * sum(tap_t), (G, n, e)
+    tx = (sum(tstats[9 + _PAIR_OF[t][b]][..., None] * k9[b] for b in range(9))
+          - tstats[t][..., None] * mean)
+    out.append((tg[:, :, t] * mul + tx * cx + tstats[t][..., None] * c0).sum(0))
+  return jnp.stack(out)
 
 
 def _pin(x):

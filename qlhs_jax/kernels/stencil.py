@@ -346,7 +346,7 @@ def _offset(t):
   return t // 3 - 1, t % 3 - 1
 
 
-def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
+def _lags_kernel(u_ref, out_ref, *, plan):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   h, w = plan["h"], plan["w"]
@@ -374,7 +374,8 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
 
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
-  # a second output. One loop over the images per side, with that side's 8 running
+  # the rows after the lags' (one output: XLA then sums the chunks in one reduction,
+  # where a second output took a second; aot, 2026-12-05). One loop over the images per side, with that side's 8 running
   # channel vectors (223 registers with the four sides in one loop, 255 with spills for
   # 32 running vectors), and within it a loop over pieces of at most m positions: a
   # kernel's registers are those of its largest live set, and whole sides of a stage-1
@@ -410,7 +411,7 @@ def _lags_kernel(u_ref, out_ref, border_ref, *, plan):
            "right": (w - 1, w, h)}
   for s, side in enumerate(BORDER_SIDES):
     for r, a in enumerate(border(*sides[side])):
-      border_ref[ch, s * 8 + r, cols] = a
+      out_ref[ch, 1 + len(LAGS) + s * 8 + r, cols] = a
 
 
 # The border terms after lag_sums' 14 rows, 8 per side: u's sum and its lag-0, 1 and 2
@@ -441,13 +442,12 @@ def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
     return part.sum(0)
   plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
-  part, border = pl.pallas_call(
+  part = pl.pallas_call(
       functools.partial(_lags_kernel, plan=plan),
-      out_shape=(jax.ShapeDtypeStruct((chunks, 1 + len(LAGS), n), F32),
-                 jax.ShapeDtypeStruct((chunks, BORDER_ROWS, n), F32)),
+      out_shape=jax.ShapeDtypeStruct((chunks, 1 + len(LAGS) + BORDER_ROWS, n), F32),
       grid=_grid(plan, chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
       **_params(warps, interpret))(u2)
-  return jnp.concatenate([part.sum(0), border.sum(0)])
+  return part.sum(0)
 
 
 def stats_from_lags(full: jax.Array) -> jax.Array:
@@ -589,9 +589,11 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
 
 def _sums_out(sums, k9, mean, rstd):
   """:func:`bn_sums`' three sums from the kernel's (10, n, e): g's, then tap_t * g's."""
-  from qlhs_jax.kernels.d_bn_product import einsum_f32  # imports this module
   sg, tg = sums[0], sums[1:]  # (n, e), (9, n, e)
-  sgx = rstd[0] * (einsum_f32("tne,tne->ne", k9.astype(F32), tg) - mean[0] * sg)
+  # At HIGHEST: no TF32 dot on the GPU (d_bn_product._stats_from_sums). (Written as a sum
+  # of products instead, XLA fused the step's small kernels differently: 12 more.)
+  sgx = rstd[0] * (jnp.einsum("tne,tne->ne", k9.astype(F32), tg,
+                              precision=lax.Precision.HIGHEST) - mean[0] * sg)
   return sg[None], sgx[None], jnp.moveaxis(tg, 0, 1)[None]
 
 
