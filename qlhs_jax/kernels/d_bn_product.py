@@ -381,14 +381,15 @@ def _stats(u, k9, stride, groups):
 def _stats_from_sums(sums, k9):
   """s1, s2 (G, n, e) of D u from the (54, G, n) tap sums and Gram entries.
 
-  These per-channel contractions, and dL/dkernel's (:func:`_xla_kernel_grad`) and pass
-  3's sum of g * xhat (``stencil.bn_sums``), are written as sums of float32 products,
-  not einsums. Why: XLA compiles a float32 einsum at DEFAULT precision for an NVIDIA GPU
-  with TF32 inputs (10-bit mantissas; bfloat16 passes on TPUs). Until 2026-12-05 s2 =
-  k^T M k was one, and every GPU run normalised with variances ~3e-4 off (more where u
-  has an offset; ``benchmarks/tf32_probe.py``, NOTES.md experiment 27), which no CPU
-  test could see. Written out, XLA also fuses them with BatchNorm's arithmetic into one
-  kernel where the einsums took ~7 (757 kernels a step against 849)."""
+  These per-channel contractions, and dL/dkernel's (:func:`_xla_kernel_grad`), are
+  written as sums of float32 products, not einsums (pass 3's sum of g * xhat,
+  ``stencil._sums_out``, is an einsum at HIGHEST). Why: XLA compiles a float32 einsum at
+  DEFAULT precision for an NVIDIA GPU with TF32 inputs (10-bit mantissas; bfloat16
+  passes on TPUs). Until 2026-12-05 s2 = k^T M k was one, and every GPU run normalised
+  with variances ~3e-4 off (more where u has an offset; ``benchmarks/tf32_probe.py``,
+  NOTES.md experiment 27), which no CPU test could see. Written out, they also fuse
+  with BatchNorm's arithmetic: one kernel after the statistics' reduction where the
+  einsums took five (757 kernels a step against 849, deviceless)."""
   s1 = sum(sums[t][..., None] * k9[t] for t in range(9))
   s2 = sum((2.0 if a != b else 1.0) * sums[9 + i][..., None] * (k9[a] * k9[b])
            for i, (a, b) in enumerate(_PAIRS))

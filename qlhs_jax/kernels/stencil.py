@@ -374,15 +374,15 @@ def _lags_kernel(u_ref, out_ref, *, plan):
 
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
-  # the rows after the lags' (one output: XLA then sums the chunks in one reduction,
-  # where a second output took a second; aot, 2026-12-05). One loop over the images per side, with that side's 8 running
-  # channel vectors (223 registers with the four sides in one loop, 255 with spills for
-  # 32 running vectors), and within it a loop over pieces of at most m positions: a
-  # kernel's registers are those of its largest live set, and whole sides of a stage-1
-  # image (64 positions) took 80 registers where the lags alone take 48; on the H200,
-  # 96, which left 5 programs per SM (NOTES.md, experiment 22). (Summing into the
-  # output as it goes would read back what other threads stored, with no barrier
-  # between.)
+  # the rows after the lags' (one output: XLA sums the chunks in one reduction, where a
+  # second output took a second; aot, 2026-12-05). One loop over the images per side,
+  # with that side's 8 running channel vectors (223 registers with the four sides in one
+  # loop, 255 with spills for 32 running vectors), and within it a loop over pieces of
+  # at most m positions: a kernel's registers are those of its largest live set, and
+  # whole sides of a stage-1 image (64 positions) took 80 registers where the lags alone
+  # take 48; on the H200, 96, which left 5 programs per SM (NOTES.md, experiment 22).
+  # (Summing into the output as it goes would read back what other threads stored, with
+  # no barrier between.)
   length = min(m, pl.next_power_of_2(max(h, w)))
   at = lax.broadcasted_iota(jnp.int32, (length,), 0)
 
