@@ -331,6 +331,17 @@ def test_xla_sums_reduce_one_stack_with_the_pieces_on_the_major_axis(groups):
   assert shape[:2] == (11, groups) and 0 not in axes and 1 not in axes
 
 
+def float32_ops(text):
+  """The float32 dot_general and convolution ops of lowered StableHLO ``text``, and
+  those of them that do not ask for HIGHEST precision (XLA runs a DEFAULT one with TF32
+  inputs on NVIDIA GPUs; the CPU computes float32 either way, so tests read the ops)."""
+  ops = [l for l in text.splitlines()
+         if ("stablehlo.dot_general" in l or "stablehlo.convolution" in l) and "xf32>" in l]
+  return ops, [l.strip()[:160] for l in ops if "precision = [HIGHEST, HIGHEST]" not in l
+               and "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<"
+                   "precision HIGHEST>]" not in l]
+
+
 PALLAS_SUMS = {"QLHS_STATS_FORM": "pallas", "QLHS_SUMS_FORM": "pallas"}  # one group
 
 
@@ -355,7 +366,5 @@ def test_no_float32_contraction_runs_at_default_precision(monkeypatch, forms, st
     return p.astype(jnp.float32).sum() + mean.sum() + var.sum()
   text = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).as_text()
   assert "stablehlo.reduce" in text  # the operation's sums are there
-  loose = [l.strip()[:160] for l in text.splitlines()
-           if "stablehlo.dot_general" in l and "xf32>" in l
-           and "precision = [HIGHEST, HIGHEST]" not in l]
+  _, loose = float32_ops(text)
   assert not loose, loose

@@ -15,6 +15,7 @@ from qlhs_jax.models.qlhs import FORMS
 from qlhs_jax.symmetry import act, check, compose, group_for, identity, inverse, sample
 from qlhs_jax.symmetry import measure
 
+from tests.kernels.test_d_bn_product import float32_ops
 from tests.symmetry.symmetry_helpers import (SIZE, TINY, inside_and_outside,
                                              random_variables, tiny)
 
@@ -164,16 +165,6 @@ def test_sample_respects_the_declared_kinds():
   assert batch.stream[1].shape == (5, 8, 8)
 
 
-def _float32_ops(text):
-  """The float32 dot_general and convolution ops of lowered StableHLO, and those of them
-  that do not ask for HIGHEST precision."""
-  ops = [l for l in text.splitlines()
-         if ("stablehlo.dot_general" in l or "stablehlo.convolution" in l) and "xf32>" in l]
-  return ops, [l.strip()[:140] for l in ops if "precision = [HIGHEST, HIGHEST]" not in l
-          and "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision "
-              "HIGHEST>]" not in l]
-
-
 @pytest.mark.parametrize("name", ["eq3w_none", "resnet50"])
 def test_float32_tools_ask_for_float32_precision(name):
   """A float32 action, composition, Lie-algebra exponential and check must not run at
@@ -191,7 +182,7 @@ def test_float32_tools_ask_for_float32_precision(name):
                    (lambda t: exp_element(group, t).stream, (theta,)),
                    (lambda f, g, x: measure.deviation(m, f, g, x),
                     (folded, jax.tree.map(lambda a: a[None], g1), x))):
-    ops, loose = _float32_ops(jax.jit(fn).lower(*args).as_text())
+    ops, loose = float32_ops(jax.jit(fn).lower(*args).as_text())
     assert not loose, loose
     checked += len(ops)
   assert checked > 10, checked
@@ -213,7 +204,7 @@ def test_weak_symmetry_measures_ask_for_float32_precision():
   checked = 0
   for fn, args in ((element, (direction, free)),
                    (lambda f, x: weak.rel_error(m, folded, f, x), (folded, x))):
-    ops, loose = _float32_ops(jax.jit(fn).lower(*args).as_text())
+    ops, loose = float32_ops(jax.jit(fn).lower(*args).as_text())
     assert not loose, loose
     checked += len(ops)
   assert checked > 10, checked
