@@ -98,8 +98,22 @@ def create_train_state(model, tx, rng, image_shape) -> TrainState:
 # Steps
 
 
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _all_finite(tree) -> jax.Array:
+  """True where every element of every leaf of ``tree`` is finite.
+
+  One reduction per group of leaves with the same last dimension and dtype: the group's
+  leaves as rows, concatenated. XLA fuses each concatenation into its reduction, so the
+  guard costs ~15 kernels a step; one reduction per leaf compiled to ~100 kernels of a
+  few microseconds each, Eq.(3)'s and ResNet50's alike (NOTES.md experiment 28).
+  """
+  groups: dict = {}
+  for x in jax.tree.leaves(tree):
+    x = jnp.asarray(x)
+    if x.size:  # an empty leaf is finite; reshape(-1, 0) could not infer its rows
+      cols = x.shape[-1] if x.ndim else 1
+      groups.setdefault((cols, x.dtype), []).append(x.reshape(-1, cols))
+  flags = [jnp.all(jnp.isfinite(jnp.concatenate(rows))) for rows in groups.values()]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,

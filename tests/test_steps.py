@@ -119,6 +119,46 @@ def test_nonfinite_step_is_skipped_and_counted():
     np.testing.assert_array_equal(a, b)
 
 
+def _guard_tree():
+  """Leaves the guard groups differently: three share last dimension 8 in float32, one
+  shares it in bfloat16, a scalar, an odd width, an empty leaf."""
+  rng = np.random.default_rng(0)
+  return {"conv": rng.normal(size=(3, 3, 4, 8)).astype(np.float32),
+          "dense": {"kernel": rng.normal(size=(5, 8)).astype(np.float32),
+                    "bias": rng.normal(size=(8,)).astype(np.float32)},
+          "scale": rng.normal(size=(7,)).astype(np.float32),
+          "half": jnp.asarray(rng.normal(size=(2, 8)), jnp.bfloat16),
+          "scalar": np.float32(1.5),
+          "empty": np.zeros((0, 3), np.float32)}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_sees_every_element_of_every_leaf(bad):
+  """Against NumPy, leaf by leaf: one bad value anywhere (first, last, a random element)
+  makes the guard false; none makes it true."""
+  guard = jax.jit(S._all_finite)
+  tree = _guard_tree()
+  assert bool(guard(tree))
+  rng = np.random.default_rng(1)
+  leaves, treedef = jax.tree.flatten(tree)
+  for i, leaf in enumerate(leaves):
+    size = np.size(leaf)
+    for flat in sorted({0, size - 1, int(rng.integers(size))} if size else set()):
+      spoilt = [np.array(x) for x in leaves]  # copies in the leaves' dtypes
+      spoilt[i].reshape(-1)[flat] = bad
+      expected = all(np.isfinite(x.astype(np.float32)).all() for x in spoilt)
+      assert not expected
+      assert bool(guard(jax.tree.unflatten(treedef, spoilt))) == expected, (i, flat)
+
+
+def test_all_finite_reduces_each_group_of_leaves_once():
+  """One reduction per (last dimension, dtype) group and one over the groups' flags: the
+  compiled step's guard is then ~15 kernels, not one per leaf (NOTES.md experiment 28)."""
+  text = jax.jit(S._all_finite).lower(_guard_tree()).as_text()
+  # groups: (8, float32) conv + kernel + bias, (7, float32), (8, bfloat16), (1, float32)
+  assert text.count("stablehlo.reduce") == 4 + 1
+
+
 def test_batch_must_divide_by_devices():
   with pytest.raises(ValueError, match="does not divide by the 8 devices"):
     S.check_batch_divides(12, S.make_mesh())

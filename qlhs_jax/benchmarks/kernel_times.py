@@ -211,6 +211,18 @@ def report(record: dict, hlo_text: str, step_ms: float | None = None, top: int =
       g[key][1] += b
   table("by kind", by_kind)
   table("by model part", dict(sorted(by_part.items(), key=lambda kv: -kv[1][0])[:16]))
+  # Outside the blocks the op names say whose kernels they are: the guard's reduce_and,
+  # the optimizer's select_n, the input's and the loss's own.
+  names, by_op = hlo_bytes.op_names(hlo_text), collections.defaultdict(lambda: [0, 0.0, 0])
+  for name, (b, _, part) in rows.items():
+    if part == "other" and name in us:
+      g = by_op[names.get(name, "").split("train_step)/", 1)[-1] or name]
+      g[0], g[1], g[2] = g[0] + 1, g[1] + us[name], g[2] + b
+  if by_op:
+    lines.extend(["", f"{'outside the model, by operation':50s} {'kernels':>7s} "
+                  f"{'ms':>8s} {'GB':>8s}"])
+  for op, (n, t, b) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:8]:
+    lines.append(f"  {op[-48:]:48s} {n:7d} {t / 1e3:8.3f} {b / 1e9:8.3f}")
   lines.extend(["", f"slowest {top} kernels:"])
   for name, t in sorted(((k, v) for k, v in us.items() if k in rows),
                         key=lambda kv: -kv[1])[:top]:

@@ -99,6 +99,32 @@ def test_report_divides_bytes_by_time():
   assert "time above a copy" not in out  # no device named: no copy rate to compare with
 
 
+def test_kernels_outside_the_model_by_operation():
+  """The train step's own kernels (no block, stem or head in their op names) are summed
+  by operation: the guard's two reductions apart from the optimizer's update."""
+  hlo = textwrap.dedent("""\
+      HloModule m
+      ENTRY %main (a: f32[1000]) -> f32[1000] {
+        %a = f32[1000]{0} parameter(0)
+        %input_reduce_fusion.1 = pred[] fusion(f32[1000]{0} %a), kind=kInput, calls=%r, metadata={op_name="jit(train_step)/reduce_and"}
+        %input_reduce_fusion.2 = pred[] fusion(f32[1000]{0} %a), kind=kInput, calls=%r, metadata={op_name="jit(train_step)/reduce_and"}
+        %loop_add_fusion = f32[1000]{0} fusion(f32[1000]{0} %a), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/stage1_block0/add"}
+        ROOT %loop_select_fusion = f32[1000]{0} fusion(f32[1000]{0} %a), kind=kLoop, calls=%s, metadata={op_name="jit(train_step)/jit(_where)/select_n"}
+      }
+      """)
+  record = {"source": "gpu streams", "steps": 1,
+            "us_per_step": {"input_reduce_fusion.1": 3.0, "input_reduce_fusion.2": 4.0,
+                            "loop_add_fusion": 50.0, "loop_select_fusion": 2.0}}
+  out = kernel_times.report(record, hlo)
+  section = out.split("outside the model, by operation")[1].splitlines()
+  # 1000 float32 read (+1 byte written) by each reduction; read and written by the select
+  assert section[1].split() == ["reduce_and", "2", "0.007", "0.000"]
+  assert section[2].split() == ["jit(_where)/select_n", "1", "0.002", "0.000"]
+  assert not section[3].strip()  # the block's add is not outside the model
+  assert "outside the model" not in kernel_times.report(
+      {**record, "us_per_step": {"loop_add_fusion": 50.0}}, HLO)
+
+
 def test_time_above_a_copy_on_an_h100():
   """At the H100's 3.0 TB/s the loop's 2 GB take 0.667 ms (it ran 1 ms: 0.333 above) and
   the reduction's 1 GB 0.333 ms (it ran 2 ms: 1.667 above)."""
