@@ -99,8 +99,8 @@ def lower_block_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int 
 def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
   """``stencil.tap_stats`` of u (the 54-product kernel, and at stride 1 the lag kernel),
   ``stencil.bn_sums``, ``stencil.d_transpose`` of dx (with an addend, as eq3_block
-  calls it), ``stencil.product``, ``stencil.dx_dc`` and at stride 1 ``stencil.dx_du``
-  in bfloat16, lowered for CUDA here."""
+  calls it), ``stencil.product``, ``stencil.dx_dc`` and at stride 1 ``stencil.dx_du``,
+  ``stencil.bwd`` and ``stencil.du_bn`` in bfloat16, lowered for CUDA here."""
   import jax
   import jax.numpy as jnp
 
@@ -112,7 +112,9 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
   def kernels(u, dx, k9, add, vec):
     # the kernels at stride 1 only: the lag sums, and pass 4 with du as one walk
     lags = (stencil.lag_sums(u, interpret=False),) if stride == 1 else ()
-    dx_du = (stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False)
+    dx_du = ((stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False),
+              stencil.bwd(u, dx, dx, k9, vec, vec, vec, vec, interpret=False),
+              stencil.du_bn(u, k9, vec, vec, vec, add, bf, interpret=False))
              if stride == 1 else ())
     return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
@@ -266,11 +268,12 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
   from qlhs_jax.kernels import stencil
   name = next(k for k, v in stencil.NAMES.items() if v == kernel)
   walk = {"dx": "product", "lags": "stats"}.get(name, name)
-  if walk == "dx_du" or (walk in stencil.ROWS_KERNELS
-                         and stencil._walks_rows(walk, stride)):
+  if walk in ("dx_du", "bwd", "du_bn"):  # whole rows, two steps more than the chunk
+    return stencil._whole_rows_plan(name, batch, side, side, n, 4, False)[0]["span"] + 2
+  if walk in stencil.ROWS_KERNELS and stencil._walks_rows(walk, stride):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
-    return plan["span"] + 2 * (walk in ("du", "dx_du"))
+    return plan["span"] + 2 * (walk == "du")
   if name not in ("stats", "lags", "sums"):
     return 1
   m0, bj0 = stencil.tiling(name)[:2]

@@ -255,6 +255,17 @@ def _dx_du_walks(stride: int, n: int, e: int, groups: int) -> bool:
           and du_form(n, e) == "pallas")
 
 
+def _bwd_walks(stride: int, n: int, e: int, groups: int) -> bool:
+  """Whether impl "xla" runs its backward over the hidden tensors as one row walk
+  (``stencil.bwd``: pass 3's sums, dc and du's share from g; then ``stencil.du_bn``,
+  du's share from u): QLHS_STENCIL_ROWS names "bwd" (or "all"), pass 3's sums and du run
+  as Pallas (:func:`sums_form`, :func:`du_form`), at stride 1 with one BatchNorm group.
+  It takes the place of the sums' walk and of dx_du there."""
+  from qlhs_jax.kernels import stencil  # imports this module
+  return (groups == 1 and stencil._walks_rows("bwd", stride)
+          and sums_form(n, groups, e) == "pallas" and du_form(n, e) == "pallas")
+
+
 def dc_pass() -> str:
   """Where impl "xla" computes dc = dp * BN(D u): QLHS_DC_PASS, else "dx". "dx" (pass 4,
   in the function that writes dx, from the same D u) or "sums" (after pass 3, from its
@@ -823,9 +834,14 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
   dp5 = dp.reshape(c5.shape)
+  one_walk = impl != "pallas" and _bwd_walks(stride, n, e, groups)
   if impl == "pallas":
     dc5, sg, sgx = _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
                                          groups, interpret)
+  elif one_walk:  # c and dp read once: the sums, dc and D^T(g * mul) in one walk
+    from qlhs_jax.kernels import stencil  # imports this module
+    dc5, du_g, (sg, sgx, tg) = stencil.bwd(u, c5, dp5, k9, mul, add, mean, rstd,
+                                           dp.dtype)
   else:
     # Each XLA pass recomputes D u from u. The barriers give each pass its own copy of u,
     # so that XLA cannot merge the three D u (forward and two backward passes) into one
@@ -844,6 +860,9 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   if impl == "pallas":
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
+  elif one_walk:  # du's share from BatchNorm's mean and variance terms, from u alone
+    du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype, dp.dtype)
+    dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))
     if fused_du:  # pass 4 and du in one walk: dx is not stored

@@ -75,11 +75,11 @@ from jax.experimental import pallas as pl
 from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
-KERNELS = ("stats", "du", "sums", "product", "dx_du")
+KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
-         "dx_du": "qlhs_dx_du"}
+         "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
 # chose over the whole network on an H100 and the train step then ran (2026-11-27, NOTES.md
 # experiment 13: "xla" with the three Pallas forms at 5,771 and 5,725 img/s in two runs).
@@ -99,12 +99,16 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # sums', the product's and pass 4's walks at 80, 128, 143, 64 and 80. Not yet timed.
 # dx_du (pass 4 and du in one walk; no tiles): a strip is whole rows, so at stage 1 these
 # are 64 lanes by 4 channels (dx_du()); ptxas 191 registers, 95 at 32,4,4. Not timed.
-ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4))
+# bwd (pass 3's sums, dc and du's share from g in one walk) keeps ten running sums a
+# value besides dx_du's work: 4 channels (2 at stage 1), 4 values a thread; du_bn (u
+# alone) dx_du's shape. Not timed (NOTES.md, experiment 29).
+ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32, 4, 4),
+                   du_bn=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums, product or "
-         "dx_du; pixels and channels powers of two, warps 1-16; splits, the statistics' "
+         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums, product, "
+         "dx_du, bwd or du_bn; pixels and channels powers of two, warps 1-16; splits, the statistics' "
          "launches, 1-54, stats only)")
 
 
@@ -888,7 +892,7 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
 # The same sums as the tiles' kernels, in the same order per output: each kernel is
 # tested against them and against float64 NumPy. Other strides keep the tiles.
 
-ROWS_KERNELS = ("stats", "du", "sums", "product", "dx_du")
+ROWS_KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd")
 # Whether a walk loads each step's rows one step ahead (its loads in flight during the
 # step before), or where they are used. ptxas adds register moves for the carried rows:
 # at stage 1 (batch 256, triton 3.9.0) the issue floors rise from 0.162 to 0.172 ms
@@ -1176,64 +1180,116 @@ def _bn_sums_rows_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
 _ROWS_TWIN = {_product_kernel: _product_rows_kernel, _dx_dc_kernel: _dx_dc_rows_kernel}
 
 
-def _dx_du_rows_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
-                       mean_ref, dc_ref, du_ref, dx_ref, *, plan):
-  """Pass 4 and du = D^T dx in one walk down whole rows (:func:`dx_du`). Step r forms
-  dx's row r in registers from u's rows r-1..r+1 (the product's window) and c's and
-  dp's row r, stores dc's row r, and feeds dx's row r to du's rows r-1, r and r+1 as
-  :func:`_du_rows_kernel` does: h_dy(r) = sum_s k_(dy, -s) dx(r, x + s), du(y) =
-  h_+1(y-1) + h_0(y) + h_-1(y+1). dx at x - 1 and x + 1 is another lane's: Triton
-  cannot shift a register tile, so the row goes through this program's own two rows of
-  ``dx_ref`` (in dx's dtype, m + 2 lanes each, the row's parity picking one), read back
-  at the three shifts after a barrier. They stay in L2: dx is not written to a hidden
-  tensor and read back, as :func:`dx_dc` then :func:`d_transpose` do. Two rows, so that one
-  barrier a step suffices: a lane writes a row again only after the barrier that
-  every lane reaches once done reading it. The strip is whole rows of its images, so
-  x + s is in this program's lanes wherever it is in the image."""
+def _dt_walk(refs, plan, hidden, centred, sums, addend):
+  """A walk down whole rows that forms a hidden row z(r) in registers and feeds it to du
+  = D^T z as :func:`_du_rows_kernel` does: h_dy(r) = sum_s k_(dy, -s) z(r, x + s), du(y)
+  = h_+1(y-1) + h_0(y) + h_-1(y+1). Step r forms D u's row r from u's rows r-1..r+1
+  (the product's window); z(r) is the sum of
+  - ``hidden``: g * mul, g = dp * c (c's and dp's row r); dc = dp * (D u * mul + add)
+    is stored;
+  - ``centred``: (D u - mean) * cx + c0.
+  Both: pass 4's dx (:func:`dx_du`). ``sums``: also pass 3's running sums of g and the
+  nine tap_t * g over this chunk's rows (:func:`_bn_sums_rows_kernel`'s), into this
+  program's row of the sums output. ``addend``: a (pixels, n) tensor added to du.
+  z(r) at x - 1 and x + 1 is another lane's: Triton cannot shift a register tile, so
+  the row goes through this program's own two rows of the last output (in z's dtype, m
+  + 2 lanes each, the row's parity picking one), read back at the three shifts after a
+  barrier. They stay in L2: z is not written to a hidden tensor and read back. Two
+  rows, so that one barrier a step suffices: a lane writes a row again only after the
+  barrier that every lane reaches once done reading it. The strip is whole rows of its
+  images, so x + s is in this program's lanes wherever it is in the image.
+
+  refs: u, [c, dp], k, [mul, add], [cx, c0, mean], [addend] in; [dc], du, [sums], the
+  rows of z out."""
   from qlhs_jax.kernels.d_bn_product import plt
+  refs = list(refs)
+  take = lambda k: [refs.pop(0) for _ in range(k)]
+  u_ref = refs.pop(0)
+  c_ref, dp_ref = take(2) if hidden else (None, None)
+  k_ref = refs.pop(0)
+  mul_ref, add_ref = take(2) if hidden else (None, None)
+  cx_ref, c0_ref, mean_ref = take(3) if centred else (None, None, None)
+  add_du_ref = refs.pop(0) if addend else None
+  dc_ref = refs.pop(0) if hidden else None
+  du_ref = refs.pop(0)
+  sums_ref = refs.pop(0) if sums else None
+  (dx_ref,) = refs
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   st = _Strip(plan)
   ucols, cols = pl.ds(st.j0, bj), pl.ds(st.j0 * e, bj * e)
   # The kernel's taps and the vectors, loaded once: (1, bj*e) each
   kt = [k_ref[t, cols][None, :] for t in range(9)]
-  mul, add, cx, c0, mean = (ref[cols][None, :] for ref in (mul_ref, add_ref, cx_ref,
-                                                          c0_ref, mean_ref))
+  vec = lambda ref: ref[cols][None, :] if ref is not None else None
+  mul, add, cx, c0, mean = map(vec, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref))
   pid, cb = _ids(plan)
   own = (pid * (plan["n"] // bj) + cb) * 2 * (m + 2) + 1  # lane 0 of this program's rows
-  last = st.r0 + plan["span"]  # the last row of dx that this chunk's du reads
+  last = st.r0 + plan["span"]  # the last row of z that this chunk's du reads
   u_row = lambda r: tuple(st.load(u_ref, r, s, ucols, r <= last + 1) for s in (-1, 0, 1))
-  hidden_row = lambda r: tuple(st.load(ref, r, 0, cols, r <= last)
-                               for ref in (c_ref, dp_ref))
+  hidden_row = lambda r: (tuple(st.load(ref, r, 0, cols, r <= last)
+                                for ref in (c_ref, dp_ref)) if hidden else ())
+  wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
 
   def step(i, carry):
     # above: du row r-1 less h_-1(r); here: du row r's h_+1(r-1); u's rows r-1, r (and
-    # r+1, with c's and dp's row r, when loaded a step ahead) at shifts -1, 0, 1
-    above, here, u_above, u_here, u_below, hidden = carry
+    # r+1, with c's and dp's row r, when loaded a step ahead) at shifts -1, 0, 1; acc:
+    # the running sums
+    above, here, u_above, u_here, u_below, hid, acc = carry
     r = st.r0 - 1 + i
     if plan["ahead"]:
       ahead = u_row(r + 2), hidden_row(r + 1)
     else:  # loaded where used
-      u_below, hidden, ahead = u_row(r + 1), hidden_row(r), ((), ())
+      u_below, hid, ahead = u_row(r + 1), hidden_row(r), ((), ())
     taps = [v.astype(F32) for v in u_above + u_here + u_below]
     x = _d_of_taps(taps.__getitem__, kt.__getitem__, m, bj, e)
-    c, dp = (v.astype(F32) for v in hidden)
-    st.store(dc_ref, r, cols, dp * (x * mul + add))
-    dx = dp * c * mul + (x - mean) * cx + c0
+    z = None
+    if hidden:
+      c, dp = (v.astype(F32) for v in hid)
+      st.store(dc_ref, r, cols, dp * (x * mul + add))
+      g = dp * c  # 0 outside the image
+      z = g * mul
+      if sums:  # this chunk's rows only: the steps before and after are its neighbours'
+        g = jnp.where((i >= 1) & (i <= plan["span"]), g, 0.0)
+        acc = (acc[0] + g, *(acc[1 + t] + wide(taps[t]) * g for t in range(9)))
+    if centred:
+      zc = (x - mean) * cx + c0
+      z = zc if z is None else z + zc
     row = own + lax.rem(i, 2) * (m + 2)
-    # rounded to dx's dtype, as pass 4 stores it (lanes outside the image: never read)
-    dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = dx.astype(dx_ref.dtype)
+    # rounded to z's dtype, as pass 4 stores dx (lanes outside the image: never read)
+    dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = z.astype(dx_ref.dtype)
     if not plan["interpret"]:  # interpreted, a program runs alone, in order
       plt.debug_barrier()
-    # dx(r, x + s), 0 outside the image (and where r is)
+    # z(r, x + s), 0 outside the image (and where r is)
     shifted = [plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
                         mask=st._at(r, s)[1][:, None], other=0.0).astype(F32)
                for s in (-1, 0, 1)]
-    return (_du_scatter(st, du_ref, r, shifted, kt.__getitem__, above, here)
-            + (u_here, u_below) + ahead)
+    more = ((lambda: st.load(add_du_ref, r - 1, 0, ucols).astype(F32)) if addend
+            else None)
+    return (_du_scatter(st, du_ref, r, shifted, kt.__getitem__, above, here, more)
+            + (u_here, u_below) + ahead + (acc,))
   zero = jnp.zeros((m, bj), F32)
   first = (u_row(st.r0), hidden_row(st.r0 - 1)) if plan["ahead"] else ((), ())
-  lax.fori_loop(0, plan["span"] + 2, step,
-                (zero, zero, u_row(st.r0 - 2), u_row(st.r0 - 1)) + first)
+  acc = tuple(jnp.zeros((m, bj * e), F32) for _ in range(10)) if sums else ()
+  acc = lax.fori_loop(0, plan["span"] + 2, step,
+                      (zero, zero, u_row(st.r0 - 2), u_row(st.r0 - 1)) + first
+                      + (acc,))[-1]
+  for k, a in enumerate(acc):
+    sums_ref[pid, k, cols] = a.sum(0)
+
+
+def _dx_du_rows_kernel(*refs, plan):
+  """Pass 4 and du = D^T dx in one walk down whole rows (:func:`dx_du`): z is pass 4's
+  dx = dp*c*mul + (D u - mean)*cx + c0, dc stored on the way (:func:`_dt_walk`)."""
+  _dt_walk(refs, plan, hidden=True, centred=True, sums=False, addend=False)
+
+
+def _bwd_rows_kernel(*refs, plan):
+  """Pass 3's sums, dc and du's share from g in one walk (:func:`bwd`): z = g * mul."""
+  _dt_walk(refs, plan, hidden=True, centred=False, sums=True, addend=False)
+
+
+def _du_bn_rows_kernel(*refs, plan):
+  """du = du_g + D^T((D u - mean) * cx + c0), from u alone (:func:`du_bn`)."""
+  _dt_walk(refs, plan, hidden=False, centred=True, sums=False, addend=True)
 
 
 def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
@@ -1257,21 +1313,102 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
   if any(s_ != (1, n, e) for s_ in shapes):
     raise ValueError(f"dx_du: the vectors mul, add, cx, c0 and mean are {shapes}, not "
                      f"(1, {n}, {e}) each: one BatchNorm group only")
-  m0, bj0, warps = tiling("dx_du", rows=True)
-  wide = max(m0, pl.next_power_of_2(w))
-  plan = _rows_plan(b, h, w, n, e, wide, max(1, bj0 * m0 // wide), interpret)
-  assert plan["strips"] == 1, plan
-  m, bj = plan["m"], plan["bj"]
+  plan, warps = _whole_rows_plan("dx_du", b, h, w, n, e, interpret)
   args = _rows_args(plan, u, (c5, dp5), k9, (mul, add, cx, c0, mean))
-  dx_rows = _rows_programs(plan) * (n // bj) * 2 * (m + 2)  # two rows a program
   # dx's rows in its dtype: in bfloat16 half the L2 traffic of float32 (each row is
   # written, then read at three shifts, the second and third mostly from L1)
   dx_dtype = dp5.dtype if dx_dtype is None else dx_dtype
   dc, du, _ = _rows_call(_dx_du_rows_kernel, plan, "dx_du", warps, interpret,
                          (_rows_out(plan, n * e, c5.dtype), _rows_out(plan, n, out_dtype),
-                          jax.ShapeDtypeStruct((dx_rows, bj * e), dx_dtype)), *args)
+                          _z_rows(plan, n, dx_dtype)), *args)
   return (_rows_unpad(dc, plan).reshape(c5.shape),
           _rows_unpad(du, plan).reshape(b, h, w, n))
+
+
+def _whole_rows_plan(kernel, b, h, w, n, e, interpret):
+  """A walk's plan whose strips are whole rows of their images (:func:`_dt_walk`): the
+  tiling's pixels raised to W rounded up to a power of two where they are fewer, its
+  channels lowered as much; and its warps."""
+  m0, bj0, warps = tiling(kernel, rows=True)
+  wide = max(m0, pl.next_power_of_2(w))
+  plan = _rows_plan(b, h, w, n, e, wide, max(1, bj0 * m0 // wide), interpret)
+  assert plan["strips"] == 1, plan
+  return plan, warps
+
+
+def _z_rows(plan, n, dtype) -> jax.ShapeDtypeStruct:
+  """:func:`_dt_walk`'s rows of z: two of m + 2 lanes a program and channel block."""
+  return jax.ShapeDtypeStruct(
+      (_rows_programs(plan) * (n // plan["bj"]) * 2 * (plan["m"] + 2),
+       plan["bj"] * plan["e"]), dtype)
+
+
+def bwd(u, c5, dp5, k9, mul, add, mean, rstd, dx_dtype=None,
+        interpret: bool | None = None):
+  """The "xla" path's backward over its hidden tensors in one walk at stride 1
+  (QLHS_STENCIL_ROWS names "bwd"): pass 3's sums, dc, and du's share from g.
+
+  BatchNorm's backward, dx = g*mul + (D u - mean)*cx + c0 (g = dp * c), needs pass 3's
+  sums only through cx and c0, the per-channel coefficients of its second part; and D^T
+  of that part is a function of u alone. So du = D^T(g*mul) + D^T((D u - mean)*cx + c0)
+  splits into a share that needs no sums, formed here in the same walk that takes
+  them, and one that :func:`du_bn` adds from u afterwards. c and dp are read once for
+  the whole backward (pass 3, then pass 4 and du, read them twice, and dx once more).
+
+  Returns ``(dc, du_g, (sg, sgx, tg))``: dc = dp * (D u * mul + add) in c's dtype;
+  du_g = D^T(g * mul) (B, H, W, n) float32, with g * mul rounded to ``dx_dtype``
+  (default dp's) as pass 4 rounds dx; and :func:`bn_sums`' three sums. ``mean``,
+  ``rstd``, ``mul``, ``add`` (1, n, e): one BatchNorm group. The rounding differs from
+  pass 4's: the two shares of dx are rounded apart, not their sum (benchmarks/NOTES.md,
+  experiment 29)."""
+  interpret = _interpret(interpret, "QLHS_SUMS_FORM")
+  b, h, w, n = u.shape
+  e = k9.shape[-1]
+  check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
+  if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
+    raise ValueError(f"bwd: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
+                     f"pixels with {n} x {e} hidden channels (stride 1 only)")
+  shapes = [v.shape for v in (mul, add, mean, rstd)]
+  if any(s_ != (1, n, e) for s_ in shapes):
+    raise ValueError(f"bwd: the vectors mul, add, mean and rstd are {shapes}, not "
+                     f"(1, {n}, {e}) each: one BatchNorm group only")
+  plan, warps = _whole_rows_plan("bwd", b, h, w, n, e, interpret)
+  dx_dtype = dp5.dtype if dx_dtype is None else dx_dtype
+  dc, du_g, part, _ = _rows_call(
+      _bwd_rows_kernel, plan, "bwd", warps, interpret,
+      (_rows_out(plan, n * e, c5.dtype), _rows_out(plan, n, F32),
+       jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
+       _z_rows(plan, n, dx_dtype)),
+      *_rows_args(plan, u, (c5, dp5), k9, (mul, add)))
+  sums = _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
+  return (_rows_unpad(dc, plan).reshape(c5.shape),
+          _rows_unpad(du_g, plan).reshape(b, h, w, n), sums)
+
+
+def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, dx_dtype=None,
+          interpret: bool | None = None):
+  """du = du_g + D^T((D u - mean) * cx + c0) in ``out_dtype``, (B, H, W, n): the share of
+  du that BatchNorm's mean and variance terms give, from u alone, walking whole rows at
+  stride 1 (:func:`bwd` gives ``du_g``). The hidden row is rounded to ``dx_dtype``
+  (default u's) before D^T, as pass 4 rounds dx. One BatchNorm group: ``cx``, ``c0``,
+  ``mean`` (1, n, e)."""
+  interpret = _interpret(interpret, "QLHS_DU_FORM")
+  b, h, w, n = u.shape
+  e = k9.shape[-1]
+  check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
+  shapes = [v.shape for v in (cx, c0, mean)]
+  if any(s_ != (1, n, e) for s_ in shapes) or du_g.shape != u.shape:
+    raise ValueError(f"du_bn: the vectors cx, c0 and mean are {shapes}, not (1, {n}, "
+                     f"{e}) each (one BatchNorm group only), or du_g {du_g.shape} is not "
+                     f"u's {u.shape}")
+  plan, warps = _whole_rows_plan("du_bn", b, h, w, n, e, interpret)
+  dx_dtype = u.dtype if dx_dtype is None else dx_dtype
+  du, _ = _rows_call(
+      _du_bn_rows_kernel, plan, "du_bn", warps, interpret,
+      (_rows_out(plan, n, out_dtype), _z_rows(plan, n, dx_dtype)),
+      *_rows_args(plan, u, (), k9, (cx, c0, mean)),
+      _rows_pad(du_g.reshape(-1, n), plan))
+  return _rows_unpad(du, plan).reshape(b, h, w, n)
 
 
 def _lags_rows_kernel(u_ref, out_ref, *, plan):

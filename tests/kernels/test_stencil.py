@@ -651,9 +651,9 @@ def test_d_bn_product_with_row_walks_matches_float64_autodiff(monkeypatch, strid
                         "product=4,4,2", 10_000)
   d_bn_product_matches_float64(7, stride)
   walks = sorted(k for k in launched if "rows" in k)
-  if stride == 1:  # the statistics: in the forward alone and inside grad; pass 4 and du
-    # as one walk (dx_du)
-    assert walks == ["_bn_sums_rows_kernel", "_dx_du_rows_kernel", "_lags_rows_kernel",
+  if stride == 1:  # the statistics: in the forward alone and inside grad; the backward
+    # over the hidden tensors as one walk (bwd), then du's share from u
+    assert walks == ["_bwd_rows_kernel", "_du_bn_rows_kernel", "_lags_rows_kernel",
                      "_lags_rows_kernel", "_product_rows_kernel",
                      "_product_rows_kernel"], launched
   else:
@@ -681,7 +681,7 @@ def test_row_walks_each_kernel_alone_and_bad_values(monkeypatch):
     monkeypatch.setenv("QLHS_STENCIL_ROWS", bad)
     with pytest.raises(ValueError, match=r"QLHS_STENCIL_ROWS=.*want 'all' or a "
                                          r"comma-separated subset of \('stats', 'du', "
-                                         r"'sums', 'product', 'dx_du'\)"):
+                                         r"'sums', 'product', 'dx_du', 'bwd'\)"):
       stencil.d_transpose(dx, k9, 1, (4, 4), interpret=True)
 
 
@@ -721,6 +721,48 @@ def test_dx_du_walk_matches_numpy(monkeypatch, shape, e, spec, programs, ahead):
   assert launched == ["_dx_du_rows_kernel"] * 2
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES)
+def test_bwd_and_du_bn_walks_match_numpy(monkeypatch, shape, e, spec, programs, ahead):
+  """stencil.bwd (pass 3's sums, dc and du's share from g in one walk) and
+  stencil.du_bn (du's share from u) equal float64 NumPy at every walk case (their
+  tilings the product's), float32 and bfloat16, with rows loaded ahead and where used:
+  dc, du_g = D^T(dp*c*mul), the sums of g, g*xhat and tap_t*g, and du_g + D^T((D u -
+  mean)*cx + c0), which is pass 4's du (numpy_dx_du) where du_g is bwd's. Each chunk's
+  sums count its own rows once (the walk also forms its neighbours' edge rows)."""
+  monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
+  b, h, w, n = shape
+  tiles = [t[len("product="):] for t in spec.split() if t.startswith("product=")]
+  spec = " ".join(f"{k}={t}" for t in tiles for k in ("bwd", "du_bn"))
+  launched = _row_walks(monkeypatch, "", spec, programs)
+  rng = np.random.default_rng(17)
+  f64 = lambda *size: rng.normal(size=size)
+  args = [f64(b, h, w, n), f64(b, h, w, n, e), f64(b, h, w, n, e), f64(9, n, e)]
+  args += [f64(1, n, e) for _ in range(5)]  # mul, add, cx, c0, mean
+  rstd = rng.uniform(0.5, 2.0, size=(1, n, e))
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    a = [jnp.asarray(v, dtype if i < 3 else jnp.float32) for i, v in enumerate(args)]
+    u, c5, dp5, k9, mul, add, cx, c0, mean = a
+    dc, du_g, sums = stencil.bwd(u, c5, dp5, k9, mul, add, mean, jnp.asarray(rstd, jnp.float32),
+                                 interpret=True)
+    du = stencil.du_bn(u, k9, cx, c0, mean, du_g, dtype, interpret=True)
+    x = [np.asarray(v, np.float64) for v in a]
+    want_dc, want_du = numpy_dx_du(*x)
+    want_du_g = numpy_d_transpose(x[2] * x[1] * x[4], x[3], 1, h, w)
+    assert dc.dtype == du.dtype == dtype and du_g.dtype == jnp.float32
+    assert (dc.shape, du_g.shape, du.shape) == (want_dc.shape, u.shape, u.shape)
+    for got, want in ((dc, want_dc), (du_g, want_du_g), (du, want_du)):
+      scale = np.abs(want).max()
+      np.testing.assert_allclose(np.asarray(got, np.float64) / scale, want / scale,
+                                 atol=tol)
+    for got, want in zip(sums, numpy_bn_sums(*x[:4], x[8], rstd, 1)):
+      assert got.shape == want.shape
+      scale = np.abs(want).max()
+      np.testing.assert_allclose(np.asarray(got, np.float64) / scale, want / scale,
+                                 atol=1e-5)
+  assert launched == ["_bwd_rows_kernel", "_du_bn_rows_kernel"] * 2
+
+
 def test_dx_du_walks_whole_rows(monkeypatch):
   """dx_du's strips are whole rows of their images (dx at x - 1 and x + 1 must be this
   program's own lanes): the tiling's pixels raised to W rounded up, its channels lowered
@@ -756,6 +798,50 @@ def test_d_bn_product_with_dx_du_matches_float64_autodiff(monkeypatch, stride):
     assert launched == ["_dx_du_rows_kernel"], launched
   else:
     assert launched == ["_du_parity_kernel"], launched
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_d_bn_product_with_bwd_matches_float64_autodiff(monkeypatch, stride):
+  """fuse_d_bn="xla" with QLHS_STENCIL_ROWS=bwd (pass 3's sums and du as Pallas, the
+  rest XLA's forms): outputs and all five gradients as float64 autodiff. At stride 1
+  the backward over the hidden tensors is the one walk, then du's share from u; at
+  stride 2 pass 3's tiles, XLA's pass 4 and du's parity tiles run."""
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  launched = _row_walks(monkeypatch, "bwd", "bwd=4,4,2 du_bn=4,4,2 sums=4,4,2 du=4,4,2",
+                        10_000)
+  d_bn_product_matches_float64(9, stride)
+  if stride == 1:
+    assert launched == ["_bwd_rows_kernel", "_du_bn_rows_kernel"], launched
+  else:
+    assert launched == ["_bn_sums_kernel", "_du_parity_kernel"], launched
+
+
+def test_bwd_runs_where_it_applies(monkeypatch):
+  """QLHS_STENCIL_ROWS=bwd (or all) takes the backward's walk at stride 1, with pass 3's
+  sums and du as Pallas and one BatchNorm group; elsewhere the passes run as before.
+  bwd and du_bn refuse a strided c and per-group vectors by name."""
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  for rows in ("bwd", "all", "dx_du,bwd"):
+    monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
+    assert dbn._bwd_walks(1, 8, 4, 1)
+    assert not dbn._bwd_walks(2, 8, 4, 1) and not dbn._bwd_walks(1, 8, 4, 2)
+  for var, form in (("QLHS_SUMS_FORM", "xla"), ("QLHS_DU_FORM", "gather")):
+    monkeypatch.setenv(var, form)
+    assert not dbn._bwd_walks(1, 8, 4, 1)
+    monkeypatch.setenv(var, "pallas")
+  for rows in ("", "dx_du,sums"):
+    monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
+    assert not dbn._bwd_walks(1, 8, 4, 1)
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  u, c, k9, v = z(1, 4, 4, 4), z(1, 4, 4, 4, 2), z(9, 4, 2), z(1, 4, 2)
+  with pytest.raises(ValueError, match=r"bwd: c \(1, 2, 2, 4, 2\).*stride 1 only"):
+    stencil.bwd(u, z(1, 2, 2, 4, 2), z(1, 2, 2, 4, 2), k9, v, v, v, v, interpret=True)
+  with pytest.raises(ValueError, match=r"not \(1, 4, 2\) each: one BatchNorm group"):
+    stencil.bwd(u, c, c, k9, v, z(2, 4, 2), v, v, interpret=True)
+  with pytest.raises(ValueError, match=r"du_bn: .*one BatchNorm group only"):
+    stencil.du_bn(u, k9, v, z(2, 4, 2), v, u, jnp.float32, interpret=True)
 
 
 def test_dx_du_refuses_other_shapes():
