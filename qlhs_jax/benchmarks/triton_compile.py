@@ -114,7 +114,7 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
     lags = (stencil.lag_sums(u, interpret=False),) if stride == 1 else ()
     dx_du = ((stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False),
               stencil.bwd(u, dx, dx, k9, vec, vec, vec, vec, interpret=False),
-              stencil.du_bn(u, k9, vec, vec, vec, add, bf, interpret=False))
+              stencil.du_bn(u, k9, vec, vec, vec, add, bf, interpret=False),)
              if stride == 1 else ())
     return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
@@ -268,9 +268,10 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
   from qlhs_jax.kernels import stencil
   name = next(k for k, v in stencil.NAMES.items() if v == kernel)
   walk = {"dx": "product", "lags": "stats"}.get(name, name)
-  if walk in ("dx_du", "bwd", "du_bn"):  # whole rows, two steps more than the chunk
+  if walk in ("dx_du", "bwd"):  # whole rows, two steps more than the chunk
     return stencil._whole_rows_plan(name, batch, side, side, n, 4, False)[0]["span"] + 2
-  if walk in stencil.ROWS_KERNELS and stencil._walks_rows(walk, stride):
+  if walk == "du_bn" or (walk in stencil.ROWS_KERNELS
+                         and stencil._walks_rows(walk, stride)):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
     return plan["span"] + 2 * (walk == "du")

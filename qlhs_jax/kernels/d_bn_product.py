@@ -861,7 +861,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
   elif one_walk:  # du's share from BatchNorm's mean and variance terms, from u alone
-    du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype, dp.dtype)
+    du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   else:
     u_dx, _ = lax.optimization_barrier((u, sg))

@@ -100,8 +100,10 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # dx_du (pass 4 and du in one walk; no tiles): a strip is whole rows, so at stage 1 these
 # are 64 lanes by 4 channels (dx_du()); ptxas 191 registers, 95 at 32,4,4. Not timed.
 # bwd (pass 3's sums, dc and du's share from g in one walk) keeps ten running sums a
-# value besides dx_du's work: 4 channels (2 at stage 1), 4 values a thread; du_bn (u
-# alone) dx_du's shape. Not timed (NOTES.md, experiment 29).
+# value besides dx_du's work: 4 channels (2 at stage 1: 64 lanes), 4 values a thread,
+# 147 registers (at 32,8,4: 255, no spills); du_bn (u alone, a 5x5 stencil) carries
+# 20 shifted rows: 168 registers at 32,8,4, spills at 32,16,4. Not timed (NOTES.md,
+# experiment 29).
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32, 4, 4),
                    du_bn=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
@@ -1287,11 +1289,6 @@ def _bwd_rows_kernel(*refs, plan):
   _dt_walk(refs, plan, hidden=True, centred=False, sums=True, addend=False)
 
 
-def _du_bn_rows_kernel(*refs, plan):
-  """du = du_g + D^T((D u - mean) * cx + c0), from u alone (:func:`du_bn`)."""
-  _dt_walk(refs, plan, hidden=False, centred=True, sums=False, addend=True)
-
-
 def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
           interpret: bool | None = None):
   """Pass 4 of the "xla" path and du = D^T dx as one row walk at stride 1
@@ -1385,12 +1382,109 @@ def bwd(u, c5, dp5, k9, mul, add, mean, rstd, dx_dtype=None,
           _rows_unpad(du_g, plan).reshape(b, h, w, n), sums)
 
 
-def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, dx_dtype=None,
-          interpret: bool | None = None):
+# du_bn's coefficient rows (:func:`_du_bn_coefficients`): D^T D's 25 lags, the border
+# rows' and columns' 5 each, the corners' 4, then the constant's 9.
+_K5, _TOP, _BOTTOM, _LEFT, _RIGHT, _CORNER, _CONST = 0, 25, 30, 35, 40, 45, 49
+_COEF_ROWS = 58
+
+
+def _du_bn_coefficients(k9, cx, c0, mean):
+  """du_bn's (58, n) float32 coefficients. With z = cx * (D u - mean) + c0 = cx * D u + b
+  (b = c0 - cx * mean) and D u(q) = sum_t k_t u(q + t), D^T z(p) = sum_t [p - t in the
+  image] (sum_t' Q[t, t'] u(p - t + t') + beta_t), Q[t, t'] = sum_s cx_s k_(t,s) k_(t',s)
+  and beta_t = sum_s k_(t,s) b_s. Inside the image's border every tap counts: a 5x5
+  stencil of u, K[d] = sum over t' - t = d of Q[t, t'], plus sum_t beta_t. On a border
+  row or column the taps t that leave the image are taken off again, and on a corner
+  the one counted twice is put back (1 - my*mx = (1 - my) + (1 - mx) - (1 - my)(1 - mx)
+  per tap); u being 0 outside the image, what they take off reads u on the pixel's own
+  row (top, bottom: 5 shifts), own column (left, right: 5 rows) or the pixel itself
+  (corners). Rows: K[5 (dy + 2) + dx + 2]; top and bottom by dx, left and right by dy;
+  the corners' Q[t, t] (top-left, top-right, bottom-left, bottom-right); the constants:
+  all taps, top, bottom, left, right, the four corners' beta. Sums of float32 products
+  (no dot: no TF32 on a GPU)."""
+  e = k9.shape[-1]
+  k = k9.astype(F32)
+  cxs, b = cx.astype(F32)[0], (c0 - cx * mean).astype(F32)[0]  # (n, e)
+  q = (cxs[None, None] * k[:, None] * k[None, :]).sum(-1)  # (9, 9, n)
+  beta = (k * b[None]).sum(-1)  # (9, n)
+  del e
+  tap = lambda dy, dx: 3 * (dy + 1) + dx + 1
+  pairs = [(ty, tx, sy, sx) for ty in (-1, 0, 1) for tx in (-1, 0, 1)
+           for sy in (-1, 0, 1) for sx in (-1, 0, 1)]
+  k5 = [sum(q[tap(ty, tx), tap(sy, sx)] for ty, tx, sy, sx in pairs
+            if (sy - ty, sx - tx) == (dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)]
+  line = lambda fixed, row: [
+      sum(q[tap(*((fixed, a) if row else (a, fixed))), tap(*((fixed, c) if row else (c, fixed)))]
+          for a in (-1, 0, 1) for c in (-1, 0, 1) if c - a == d) for d in range(-2, 3)]
+  corners = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # top-left, top-right, bottom-left, -right
+  rows = (k5 + line(1, True) + line(-1, True) + line(1, False) + line(-1, False)
+          + [q[tap(*c), tap(*c)] for c in corners]
+          + [beta.sum(0)]
+          + [sum(beta[tap(fy, a)] for a in (-1, 0, 1)) for fy in (1, -1)]
+          + [sum(beta[tap(a, fx)] for a in (-1, 0, 1)) for fx in (1, -1)]
+          + [beta[tap(*c)] for c in corners])
+  return jnp.stack(rows)
+
+
+def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
+  """:func:`du_bn` walking down a strip: output row y from u's rows y-2..y+2 at shifts
+  -2..2 (four carried, one loaded a step), 25 multiply-adds a value inside the border,
+  the border's corrections (:func:`_du_bn_coefficients`) weighted by the row's and the
+  lane's 0/1 flags."""
+  m, bj = plan["m"], plan["bj"]
+  st = _Strip(plan)
+  cols = pl.ds(st.j0, bj)
+  co = lambda i: coef_ref[i, cols][None, :]  # (1, bj)
+  k5 = [co(_K5 + i) for i in range(25)]  # loaded once
+  last = st.r0 + plan["span"] - 1  # this chunk's last output row
+  row = lambda r: tuple(st.load(u_ref, r, s, cols, r <= last + 2) for s in range(-2, 3))
+  left = (st.x == 0).astype(F32)[:, None]
+  right = (st.x == plan["w"] - 1).astype(F32)[:, None]
+
+  def step(i, c):
+    win, ahead = c[:4], c[4]
+    y = st.r0 + i
+    if plan["ahead"]:
+      below2, nxt = ahead, row(y + 3)
+    else:
+      below2, nxt = row(y + 2), ()
+    rows = [[v.astype(F32) for v in r] for r in win + (below2,)]  # rows y-2..y+2
+    top = (y == 0).astype(F32)
+    bottom = (y == plan["h"] - 1).astype(F32)
+    acc = None
+    for dy in range(-2, 3):
+      for dx in range(-2, 3):
+        kd = k5[5 * (dy + 2) + dx + 2]
+        if dy == 0:  # the row's own taps: a border row takes its taps off here
+          kd = kd - top * co(_TOP + dx + 2) - bottom * co(_BOTTOM + dx + 2)
+        term = rows[dy + 2][dx + 2] * kd
+        acc = term if acc is None else acc + term
+    here = rows[2][2]
+    col_l = sum(rows[dy + 2][2] * co(_LEFT + dy + 2) for dy in range(-2, 3))
+    col_r = sum(rows[dy + 2][2] * co(_RIGHT + dy + 2) for dy in range(-2, 3))
+    corner_l = top * co(_CORNER) + bottom * co(_CORNER + 2)
+    corner_r = top * co(_CORNER + 1) + bottom * co(_CORNER + 3)
+    const_l = co(_CONST + 3) - top * co(_CONST + 5) - bottom * co(_CONST + 7)
+    const_r = co(_CONST + 4) - top * co(_CONST + 6) - bottom * co(_CONST + 8)
+    acc += co(_CONST) - top * co(_CONST + 1) - bottom * co(_CONST + 2)
+    acc -= left * (col_l + const_l - corner_l * here)
+    acc -= right * (col_r + const_r - corner_r * here)
+    acc += st.load(add_ref, y, 0, cols).astype(F32)
+    st.store(du_ref, y, cols, acc)
+    return win[1:] + (below2, nxt)
+  first = row(st.r0 + 2) if plan["ahead"] else ()
+  init = tuple(row(st.r0 + d) for d in (-2, -1, 0, 1)) + (first,)
+  lax.fori_loop(0, plan["span"], step, init)
+
+
+def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, interpret: bool | None = None):
   """du = du_g + D^T((D u - mean) * cx + c0) in ``out_dtype``, (B, H, W, n): the share of
-  du that BatchNorm's mean and variance terms give, from u alone, walking whole rows at
-  stride 1 (:func:`bwd` gives ``du_g``). The hidden row is rounded to ``dx_dtype``
-  (default u's) before D^T, as pass 4 rounds dx. One BatchNorm group: ``cx``, ``c0``,
+  du that BatchNorm's mean and variance terms give, from u alone (:func:`bwd` gives
+  ``du_g``), at stride 1. D^T of a per-channel affine function of D u is a 5x5 stencil
+  of u on n channels with corrections on the image's border
+  (:func:`_du_bn_coefficients`): 25 multiply-adds a value where D u's nine taps and
+  D^T's nine on n*e hidden channels take ~80, no hidden row formed or rounded. A walk
+  down strips (QLHS_STENCIL_TILING's ``du_bn``). One BatchNorm group: ``cx``, ``c0``,
   ``mean`` (1, n, e)."""
   interpret = _interpret(interpret, "QLHS_DU_FORM")
   b, h, w, n = u.shape
@@ -1401,13 +1495,12 @@ def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, dx_dtype=None,
     raise ValueError(f"du_bn: the vectors cx, c0 and mean are {shapes}, not (1, {n}, "
                      f"{e}) each (one BatchNorm group only), or du_g {du_g.shape} is not "
                      f"u's {u.shape}")
-  plan, warps = _whole_rows_plan("du_bn", b, h, w, n, e, interpret)
-  dx_dtype = u.dtype if dx_dtype is None else dx_dtype
-  du, _ = _rows_call(
-      _du_bn_rows_kernel, plan, "du_bn", warps, interpret,
-      (_rows_out(plan, n, out_dtype), _z_rows(plan, n, dx_dtype)),
-      *_rows_args(plan, u, (), k9, (cx, c0, mean)),
-      _rows_pad(du_g.reshape(-1, n), plan))
+  m0, bj0, warps = tiling("du_bn", rows=True)
+  plan = _rows_plan(b, h, w, n, 1, m0, bj0, interpret)
+  du = _rows_call(_du_bn_rows_kernel, plan, "du_bn", warps, interpret,
+                  _rows_out(plan, n, out_dtype), _rows_pad(u.reshape(-1, n), plan),
+                  _du_bn_coefficients(k9, cx, c0, mean),
+                  _rows_pad(du_g.reshape(-1, n), plan))
   return _rows_unpad(du, plan).reshape(b, h, w, n)
 
 
