@@ -47,9 +47,11 @@
 #   at 94% of its peak on the H200), in one call: the default step against ResNet50
 #   (also the second sample that "sums" wants); the statistics, du and the sums alone
 #   at four tilings, tiles and walks, pass 4 with du as one walk (dx_du: dx never
-#   stored) against the two kernels, and the forward product (stencil_times, whose
-#   earlier sweeps timed one or two kernels per form: see experiment 24); the step with
-#   the sweep's choice; the step with dx_du alone.
+#   stored) against the two kernels, the backward over the hidden tensors in one walk
+#   (bwd, experiment 29) against the default's three kernels, and the forward product
+#   (stencil_times, whose earlier sweeps timed one or two kernels per form: see
+#   experiment 24); the step with the sweep's choice; the step with whichever of dx_du
+#   and bwd the choice left out.
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
@@ -322,6 +324,11 @@ if [ "$PART" = sweep ]; then
   # at 32,4,4 (0.476 ms), 104 at 32,8,8 (0.456), 191 at 32,4,2 (2 warps). Its entries
   # check it against XLA's pass 4 and du: a race on dx's rows (the barrier, the two
   # rows) would show as WRONG.
+  # bwd (experiment 29): pass 3's sums, dc and du's share from g in one walk (c and dp
+  # read once for the whole backward), then du's share from u (a 5x5 stencil), against
+  # the default step's three kernels; ptxas at stage 1: 0.532 + 0.275 ms against 0.180 +
+  # (pass 4) + 0.237, 147 registers at 32,4,4, 255 at 32,8,4 (0.474 ms). Checked against
+  # XLA's forms on the device like dx_du.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
   # ran as fast as XLA's fusion in experiment 23's step, both loading u's nine taps:
   # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
@@ -332,7 +339,8 @@ if [ "$PART" = sweep ]; then
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
-    --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --product-tilings 32,16,4 32,8,4 \
+    --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --bwd-tilings 32,4,4 32,8,4 \
+    --product-tilings 32,16,4 32,8,4 \
     --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
@@ -343,10 +351,16 @@ if [ "$PART" = sweep ]; then
   # defaults); against the first row.
   (use_stencil_choice "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
    bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
-  # dx_du alone at its default tiles: the default step but for pass 4 and du (0.82 GB
-  # less a stage-1 block), against the first row.
-  QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
-    --input uint8
+  # The one of dx_du and bwd that the choice left out, alone at its default tiles: the
+  # default step but for pass 4 and du (dx_du: 0.82 GB less a stage-1 block) or but for
+  # the whole backward over the hidden tensors (bwd: 1.2 GB less), against the first row.
+  if grep -q "^stencil_forms: .*QLHS_STENCIL_ROWS=.*bwd" "$OUT/stencil.txt"; then
+    QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+      --input uint8
+  else
+    QLHS_STENCIL_ROWS=bwd bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+      --input uint8
+  fi
 fi
 if [ "$PART" = pool ]; then
   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8

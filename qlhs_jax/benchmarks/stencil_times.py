@@ -3,7 +3,7 @@ product, XLA's forms against the Pallas kernels of ``kernels.stencil``, each tim
 on the GPU.
 
   python -m qlhs_jax.benchmarks.stencil_times [--batch 256] [--budget 90] [--record FILE]
-      [--kernels stats,sums,du,dx_du,product] [--forms pallas,pallas_rows]
+      [--kernels stats,sums,du,dx_du,bwd,product] [--forms pallas,pallas_rows]
 
 For each block shape of Eq.(3) at 224 px (``benchmarks.block_tune.block_shapes``: each
 width's largest shape first), on random bfloat16 inputs at ``--batch``:
@@ -24,6 +24,12 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   as the default step runs them on one ("pallas": XLA's pass 4, then
   ``stencil.d_transpose`` at its default tiles), and as one walk, ``stencil.dx_du``
   ("pallas_rows" and "pallas_rows_now", at each ``--dx-du-tilings``), dx never stored.
+- ``bwd``: the whole backward over the hidden tensors at stride 1: pass 3's sums, dc
+  and du (outputs dc, du and the three sums), as XLA's forms ("xla", the reference), as
+  the default step runs them on a GPU ("pallas": ``stencil.bn_sums``' tiles, XLA's pass
+  4, ``stencil.d_transpose``'s tiles) and as ``stencil.bwd`` then ``stencil.du_bn``
+  ("pallas_rows", "pallas_rows_now", at each ``--bwd-tilings``, ``bwd``'s; du_bn at
+  its default): c and dp read once.
 - ``product``: the forward product p = (D u * mul + add) * c, as XLA's loop fusion
   ("xla", the default) and as ``stencil.product`` at each ``--product-tilings``
   ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too).
@@ -44,7 +50,8 @@ still leaves usable values:
 - ``stencil_forms: VARS``: QLHS_STATS_FORM, QLHS_SUMS_FORM, QLHS_DU_FORM and
   QLHS_PRODUCT_FORM, each the fastest form over those shapes, named (an XLA form too:
   unset, each is "auto", and the product "xla"), and QLHS_STENCIL_ROWS where a walk is
-  fastest (dx_du: where the one walk beats pass 4 then du).
+  fastest (dx_du: where the one walk beats pass 4 then du; bwd: where its two walks
+  beat the default's three kernels and the sums and pass 4 with du as chosen).
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
@@ -58,7 +65,7 @@ import datetime
 import sys
 import time
 
-KERNELS = ("stats", "sums", "du", "dx_du", "product")
+KERNELS = ("stats", "sums", "du", "dx_du", "bwd", "product")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
 SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
 DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
@@ -68,13 +75,18 @@ DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
 # floors 0.378, 0.476, 0.456 and 0.378 ms (NOTES.md, experiment 25). Which matters
 # more, warps resident (8, 20, 16 and 10 an SM) or instructions, is the GPU's question.
 DX_DU_TILINGS = ("32,8,4", "32,4,4", "32,8,8", "32,4,2")
+# bwd's (pass 3's sums, dc and du's share from g in one walk): at stage 1, 64 lanes by
+# 2 and 4 channels, 147 and 255 registers, no spills (NOTES.md, experiment 29).
+BWD_TILINGS = ("32,4,4", "32,8,4")
 # The product's tiles (the default, never timed alone on a GPU) and its walk's default.
 PRODUCT_TILINGS = ("32,16,4", "32,8,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
 # it to bfloat16 between them).
-WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2, "product": 1e-2}
+# bwd: dc and du in bfloat16, the sums float32 (the largest of all its outputs).
+WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2, "bwd": 1e-2,
+         "product": 1e-2}
 
 
 def _inputs(batch, side, n, stride, e=4, seed=0):
@@ -112,6 +124,30 @@ def _functions(stride, side, interpret):
       return dc, stencil.d_transpose(d, k9, stride, hw, out_dtype=u.dtype,
                                      interpret=interpret)
     return dc, dbn._d_transpose(d, k9, stride, hw, "gather").astype(u.dtype)
+
+  def backward(u, dx, k9, form):  # dx as c and dp; returns (dc, du, sg, sgx, tg)
+    mul, add, _, _, mean = pass4_vectors(k9)
+    rstd = moments(k9)[1]
+    dmean = dvar = jnp.full_like(mean, 0.01)
+    count = u.shape[0] * u.shape[1] * u.shape[2]
+    if form == "pallas_rows":
+      dc, du_g, sums = stencil.bwd(u, dx, dx, k9, mul, add, mean, rstd,
+                                   interpret=interpret)
+      cx, c0 = dbn.bn_backward_coeffs(mul, rstd, *sums[:2], dmean, dvar, count)
+      return (dc, stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype, interpret=interpret),
+              *sums)
+    if form == "pallas":
+      sums = stencil.bn_sums(u, dx, dx, k9, mean, rstd, stride, interpret)
+    else:
+      sums = dbn._xla_backward_sums(u, dx, dx, k9, mul, add, mean, rstd, stride, 1,
+                                    with_dc=False)[1:]
+    cx, c0 = dbn.bn_backward_coeffs(mul, rstd, *sums[:2], dmean, dvar, count)
+    d, dc = dbn._xla_backward_dx(u, dx, dx, k9, mul, cx, c0, mean, stride, 1, u.dtype,
+                                 add=add)
+    du = (stencil.d_transpose(d, k9, stride, hw, out_dtype=u.dtype, interpret=interpret)
+          if form == "pallas" else
+          dbn._d_transpose(d, k9, stride, hw, "gather").astype(u.dtype))
+    return (dc, du, *sums)
   return {
       ("stats", "xla"): lambda u, dx, k9: dbn._xla_stats(u, k9, stride, 1)[2],
       ("stats", "pallas"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
@@ -133,6 +169,9 @@ def _functions(stride, side, interpret):
       ("dx_du", "pallas"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "pallas"),
       ("dx_du", "pallas_rows"): lambda u, dx, k9: stencil.dx_du(
           u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret=interpret),
+      ("bwd", "xla"): lambda u, dx, k9: backward(u, dx, k9, "xla"),
+      ("bwd", "pallas"): lambda u, dx, k9: backward(u, dx, k9, "pallas"),
+      ("bwd", "pallas_rows"): lambda u, dx, k9: backward(u, dx, k9, "pallas_rows"),
       ("product", "xla"): lambda u, dx, k9: dbn._xla_apply(
           u, dx, k9, *moments(k9), stride, 1),
       ("product", "pallas"): lambda u, dx, k9: stencil.product(
@@ -176,7 +215,8 @@ def _print_entry(name: str, r: dict) -> None:
 
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
                calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
-               dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS) -> dict:
+               dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS,
+               bwd_tilings=BWD_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
   for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
   ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
@@ -201,6 +241,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   if stride == 1:  # dx_du walks at stride 1 only; its "pallas" is the default's pair
     todo += [("dx_du", "xla", None), ("dx_du", "pallas", None)]
     todo += [("dx_du", form, t) for form in walks for t in dx_du_tilings]
+    todo += [("bwd", "xla", None), ("bwd", "pallas", None)]
+    todo += [("bwd", form, t) for form in walks for t in bwd_tilings]
   todo += [("product", "xla", None)]
   todo += [("product", form, t) for form in ("pallas",) + walks for t in product_tilings]
   todo = [item for item in todo if item[0] in kernels
@@ -212,7 +254,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       # "auto" would take the Pallas kernel on the GPU).
       # The walks are the "pallas" calls under QLHS_STENCIL_ROWS.
       walk = form.startswith("pallas_rows")
-      fn = fns.get((kernel, "pallas_rows")) if walk else None  # dx_du: its own call
+      fn = fns.get((kernel, "pallas_rows")) if walk else None  # dx_du, bwd: their own
       fn = fn or fns[kernel, "pallas" if walk else form]
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
           kernel_env("QLHS_SUMS_FORM", "xla"), \
@@ -252,6 +294,30 @@ def best(results: dict, blocks: dict, kernel: str):
   return name, totals[name], totals
 
 
+def _bwd_wins(results, blocks, rows) -> bool:
+  """Whether bwd's two walks beat, over the stride-1 shapes timed, both the default
+  step's three kernels ("bwd pallas") and what the sweep chose for the same work: pass
+  3's sums at its chosen form and tiling, plus pass 4 and du as chosen (the dx_du walk
+  where ``rows`` names it, else XLA's pass 4 and du's tiles, "dx_du pallas"). Where the
+  chosen sums or dx_du entries were not timed at a shape, only the first counts."""
+  name, ms, totals = best(results, blocks, "bwd")
+  if name is None or not name.split()[1].startswith("pallas_rows") or ms == float("inf"):
+    return False
+  if ms >= totals.get("bwd pallas", float("inf")):
+    return False
+  sums = best(results, blocks, "sums")[0]
+  dx_du = best(results, blocks, "dx_du")[0] if "dx_du" in rows else "dx_du pallas"
+  other = 0.0
+  for shape, times in results.items():
+    if not any(k.startswith("bwd ") for k in times):
+      continue  # a strided shape: bwd does not run there
+    pair = [times.get(k, {}) for k in (sums, dx_du)]
+    if not all("ms" in r for r in pair):
+      return True  # not comparable: it beat the default's kernels
+    other += sum(r["ms"] for r in pair) * blocks[shape]
+  return ms < other
+
+
 def spec_and_forms(results, blocks) -> tuple[str, str]:
   """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables, each
   the fastest form, named explicitly (unset, a form is "auto": the kernels on a GPU),
@@ -281,6 +347,14 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
     # XLA's form would switch it off unseen.
     forms = [f for f in forms if not f.startswith("QLHS_DU_FORM=")]
     forms.append("QLHS_DU_FORM=pallas")
+  if _bwd_wins(results, blocks, rows):
+    name, _, _ = best(results, blocks, "bwd")
+    spec.append(f"bwd={name.split('@')[1]}")
+    rows.append("bwd")
+    # It runs where the sums and du run as Pallas (d_bn_product._bwd_walks), and takes
+    # the place of the sums' walk and dx_du at stride 1.
+    forms = [f for f in forms if not f.startswith(("QLHS_SUMS_FORM=", "QLHS_DU_FORM="))]
+    forms += ["QLHS_SUMS_FORM=pallas", "QLHS_DU_FORM=pallas"]
   if rows:
     forms.append(f"QLHS_STENCIL_ROWS={','.join(rows)}")
   return " ".join(spec), " ".join(forms)
@@ -295,13 +369,14 @@ def main(argv=None) -> int:
   p.add_argument("--sums-tilings", nargs="+", default=list(SUMS_TILINGS))
   p.add_argument("--du-tilings", nargs="+", default=list(DU_TILINGS))
   p.add_argument("--dx-du-tilings", nargs="+", default=list(DX_DU_TILINGS))
+  p.add_argument("--bwd-tilings", nargs="+", default=list(BWD_TILINGS))
   p.add_argument("--product-tilings", nargs="+", default=list(PRODUCT_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--kernels", default=",".join(KERNELS),
-                 help="comma-separated, of stats, sums, du, dx_du, product (default "
+                 help="comma-separated, of stats, sums, du, dx_du, bwd, product (default "
                       "all): the others are not run, e.g. under a profiler that follows "
                       "one kernel")
   p.add_argument("--forms", default=",".join(PALLAS_FORMS),
@@ -322,7 +397,7 @@ def main(argv=None) -> int:
   from qlhs_jax.kernels import stencil
   for kernel, items in (("stats", args.stats_tilings), ("sums", args.sums_tilings),
                         ("du", args.du_tilings), ("dx_du", args.dx_du_tilings),
-                        ("product", args.product_tilings)):
+                        ("bwd", args.bwd_tilings), ("product", args.product_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -342,7 +417,7 @@ def main(argv=None) -> int:
                        args.du_tilings, interpret, args.calls, args.repeats, kernels,
                        pallas_forms, on_entry=_print_entry,
                        dx_du_tilings=args.dx_du_tilings,
-                       product_tilings=args.product_tilings)
+                       product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings)
     results[name], blocks[name] = times, count
     spec, forms = spec_and_forms(results, blocks)
     for kernel in kernels:
@@ -351,6 +426,11 @@ def main(argv=None) -> int:
         base = totals.get("dx_du pallas", float("inf"))
         print(f"  network so far, dx_du: {choice} {ms:.2f} ms (pass 4, then du's tiles: "
               f"{base:.2f} ms)")
+        continue
+      if kernel == "bwd":  # against the default step's three kernels (stride-1 blocks)
+        base = totals.get("bwd pallas", float("inf"))
+        print(f"  network so far, bwd: {choice} {ms:.2f} ms (the sums' tiles, pass 4, "
+              f"du's tiles: {base:.2f} ms)")
         continue
       xla = totals.get(f"{kernel} {'gather' if kernel == 'du' else 'xla'}", float("inf"))
       print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")

@@ -7,7 +7,8 @@ when the code changes), then one per ``benchmarks.block_tune`` run (kind "block_
 fuse_d_bn="block"'s kernels alone, their current and their fastest tilings), then one per
 ``benchmarks.stencil_times`` run (kind "stencil_times": the statistics, pass 3's sums and
 du alone, the XLA forms against the fastest Pallas tilings; pass 4 and du as the default
-step runs them against their one walk, dx_du, "-" where not timed)."""
+step runs them against their one walk, dx_du, and the sums, pass 4 and du against
+bwd's two walks, "-" where not timed)."""
 
 import json
 import sys
@@ -28,8 +29,9 @@ def table(path: str) -> str:
           "|---|---|---|---:|---|---:|---:|---|---:|"]
   stencil = ["| date | device | jax | batch | shapes timed | stats: XLA ms | stats: Pallas "
              "ms | sums: XLA ms | sums: Pallas ms | du: gather ms | du: Pallas ms | pass 4, "
-             "du: two kernels ms | pass 4, du: one walk ms | chosen |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "du: two kernels ms | pass 4, du: one walk ms | backward: three kernels ms | "
+             "backward: bwd's walks ms | chosen |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records,
   # then the input where it is not float32 images.
@@ -65,11 +67,13 @@ def table(path: str) -> str:
           _, _, totals = best(r["shapes"], r["blocks"], kernel)
           pallas = min((v for k, v in totals.items() if "@" in k), default=float("inf"))
           cells += [f"{totals.get(xla, float('inf')):.2f}", f"{pallas:.2f}"]
-        # dx_du (stride-1 shapes): the default step's pass 4 and du, and the one walk
-        _, _, totals = best(r["shapes"], r["blocks"], "dx_du")
-        walk = min((v for k, v in totals.items() if "@" in k), default=None)
-        cells += ["-" if v is None else f"{v:.2f}" for v in (totals.get("dx_du pallas"),
-                                                              walk)]
+        # dx_du (stride-1 shapes): the default step's pass 4 and du, and the one walk;
+        # bwd: the default step's sums, pass 4 and du, and bwd's two walks
+        for kernel in ("dx_du", "bwd"):
+          _, _, totals = best(r["shapes"], r["blocks"], kernel)
+          walk = min((v for k, v in totals.items() if "@" in k), default=None)
+          cells += ["-" if v is None else f"{v:.2f}"
+                    for v in (totals.get(f"{kernel} pallas"), walk)]
         stencil.append(f"| {r['date']} | {r['device']} | {r['jax']} | {r['batch']} | "
                        f"{', '.join(r['shapes'])} | {' | '.join(cells)} | "
                        f"`{r['forms']} QLHS_STENCIL_TILING={r['spec']}` |")

@@ -195,18 +195,20 @@ _SASS_OP = re.compile(  # "/*0a30*/  [@!P0 ]OPCODE..." in nvdisasm's listing
 
 def sass_counts(sass: str) -> dict:
   """``{"instructions", "loop"}`` of a kernel's disassembly (nvdisasm's text): every
-  machine instruction, and those of its first loop, from a label to the first
-  conditional branch back to it (0 without a loop; the trap loop after EXIT is
-  unconditional)."""
+  machine instruction, and those of its first loop, from a label to the first branch
+  back to it (0 without a loop). ptxas ends a loop with a conditional branch back, or,
+  where the body holds a branch of its own (a ``lax.cond``), with an unconditional one;
+  the trap loop after EXIT, a label and a branch to itself, is not a loop. A branch
+  inside the body counts whole, taken or not."""
   lines = sass.splitlines()
   loop = 0
   for i, line in enumerate(lines):
     label = re.match(r"^(\.L_x_\d+):", line)
     if not label:
       continue
-    back = re.compile(r"@!?P[0-7] BRA `\(" + re.escape(label.group(1)) + r"\)")
+    back = re.compile(r"(?:@!?P[0-7] )?BRA `\(" + re.escape(label.group(1)) + r"\)")
     end = next((j for j in range(i + 1, len(lines)) if back.search(lines[j])), None)
-    if end is not None:
+    if end is not None and end > i + 1:
       loop = len(_SASS_OP.findall("\n".join(lines[i:end + 1])))
       break
   return {"instructions": len(_SASS_OP.findall(sass)), "loop": loop}
@@ -274,6 +276,9 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
                          and stencil._walks_rows(walk, stride)):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
+    if walk == "du_bn" and plan["per"] == 1:  # five rows a trip; the last span % 5
+      # rows after the loop (one more loop, counted once, where there are several)
+      return plan["span"] // 5
     return plan["span"] + 2 * (walk == "du")
   if name not in ("stats", "lags", "sums"):
     return 1

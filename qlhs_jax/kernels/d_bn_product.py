@@ -861,6 +861,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                   dp.dtype, interpret)
   elif one_walk:  # du's share from BatchNorm's mean and variance terms, from u alone
+    # cx and c0 as one small kernel's outputs: else XLA stores sgx for its many consumers
+    # (du_bn's table), and the update of each block's BatchNorm scale no longer shares
+    # an operand with its bias's, nor a kernel (16 more a step, deviceless).
+    cx, c0 = lax.optimization_barrier((cx, c0))
     du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   else:

@@ -1252,9 +1252,9 @@ def _dt_walk(refs, plan, hidden, centred, sums, addend):
       if sums:  # this chunk's rows only: the steps before and after are its neighbours'
         g = jnp.where((i >= 1) & (i <= plan["span"]), g, 0.0)
         acc = (acc[0] + g, *(acc[1 + t] + wide(taps[t]) * g for t in range(9)))
-    if centred:
-      zc = (x - mean) * cx + c0
-      z = zc if z is None else z + zc
+    if centred:  # summed in pass 4's order: (g * mul + (x - mean) * cx) + c0
+      zc = (x - mean) * cx
+      z = (zc if z is None else z + zc) + c0
     row = own + lax.rem(i, 2) * (m + 2)
     # rounded to z's dtype, as pass 4 stores dx (lanes outside the image: never read)
     dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = z.astype(dx_ref.dtype)
@@ -1402,12 +1402,13 @@ def _du_bn_coefficients(k9, cx, c0, mean):
   the corners' Q[t, t] (top-left, top-right, bottom-left, bottom-right); the constants:
   all taps, top, bottom, left, right, the four corners' beta. Sums of float32 products
   (no dot: no TF32 on a GPU)."""
-  e = k9.shape[-1]
   k = k9.astype(F32)
   cxs, b = cx.astype(F32)[0], (c0 - cx * mean).astype(F32)[0]  # (n, e)
-  q = (cxs[None, None] * k[:, None] * k[None, :]).sum(-1)  # (9, 9, n)
-  beta = (k * b[None]).sum(-1)  # (9, n)
-  del e
+  # The sums over e written out: element-wise, the whole table is one XLA fusion (as
+  # reductions, three more small kernels a block)
+  q = sum(cxs[None, None, :, s] * k[:, None, :, s] * k[None, :, :, s]
+          for s in range(k.shape[-1]))  # (9, 9, n)
+  beta = sum(k[..., s] * b[None, :, s] for s in range(k.shape[-1]))  # (9, n)
   tap = lambda dy, dx: 3 * (dy + 1) + dx + 1
   pairs = [(ty, tx, sy, sx) for ty in (-1, 0, 1) for tx in (-1, 0, 1)
            for sy in (-1, 0, 1) for sx in (-1, 0, 1)]
@@ -1428,18 +1429,41 @@ def _du_bn_coefficients(k9, cx, c0, mean):
 
 def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   """:func:`du_bn` walking down a strip: output row y from u's rows y-2..y+2 at shifts
-  -2..2 (four carried, one loaded a step), 25 multiply-adds a value inside the border,
-  the border's corrections (:func:`_du_bn_coefficients`) weighted by the row's and the
-  lane's 0/1 flags."""
+  -2..2 (four carried, one loaded a step), 25 multiply-adds a value for the 5x5
+  stencil, the border columns' corrections weighted by the lanes' 0/1 flags, and on
+  the image's first and last row (a branch taken on those rows alone) the border rows'
+  and the corners' (:func:`_du_bn_coefficients`)."""
   m, bj = plan["m"], plan["bj"]
   st = _Strip(plan)
   cols = pl.ds(st.j0, bj)
   co = lambda i: coef_ref[i, cols][None, :]  # (1, bj)
-  k5 = [co(_K5 + i) for i in range(25)]  # loaded once
+  # loaded once: the 5x5 stencil, the border columns' and the constants that every row
+  # takes
+  k5 = [co(_K5 + i) for i in range(25)]
+  col = [co(_LEFT + i) for i in range(5)], [co(_RIGHT + i) for i in range(5)]
+  const, const_l, const_r = co(_CONST), co(_CONST + 3), co(_CONST + 4)
   last = st.r0 + plan["span"] - 1  # this chunk's last output row
-  row = lambda r: tuple(st.load(u_ref, r, s, cols, r <= last + 2) for s in range(-2, 3))
+  # each row in float32 once, where loaded: the window is carried converted (ptxas at
+  # stage 1: 238 instructions a step on the common path with the bfloat16 rows
+  # converted at every step, 25 taps, against ... with each new row's 5)
+  row = lambda r: tuple(st.load(u_ref, r, s, cols, r <= last + 2).astype(F32)
+                        for s in range(-2, 3))
   left = (st.x == 0).astype(F32)[:, None]
   right = (st.x == plan["w"] - 1).astype(F32)[:, None]
+
+  def border_row(y, own, here):
+    """The first or last row's terms (own: the row's taps at shifts -2..2)."""
+    top = (y == 0).astype(F32)
+    bottom = (y == plan["h"] - 1).astype(F32)
+    out = None
+    for dx in range(5):
+      term = own[dx] * (top * co(_TOP + dx) + bottom * co(_BOTTOM + dx))
+      out = term if out is None else out + term
+    out = -(out + top * co(_CONST + 1) + bottom * co(_CONST + 2))
+    corner_l = (top * co(_CORNER) + bottom * co(_CORNER + 2)) * here
+    corner_r = (top * co(_CORNER + 1) + bottom * co(_CORNER + 3)) * here
+    out += left * (corner_l + top * co(_CONST + 5) + bottom * co(_CONST + 7))
+    return out + right * (corner_r + top * co(_CONST + 6) + bottom * co(_CONST + 8))
 
   def step(i, c):
     win, ahead = c[:4], c[4]
@@ -1448,33 +1472,35 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
       below2, nxt = ahead, row(y + 3)
     else:
       below2, nxt = row(y + 2), ()
-    rows = [[v.astype(F32) for v in r] for r in win + (below2,)]  # rows y-2..y+2
-    top = (y == 0).astype(F32)
-    bottom = (y == plan["h"] - 1).astype(F32)
+    rows = win + (below2,)  # rows y-2..y+2
     acc = None
-    for dy in range(-2, 3):
-      for dx in range(-2, 3):
-        kd = k5[5 * (dy + 2) + dx + 2]
-        if dy == 0:  # the row's own taps: a border row takes its taps off here
-          kd = kd - top * co(_TOP + dx + 2) - bottom * co(_BOTTOM + dx + 2)
-        term = rows[dy + 2][dx + 2] * kd
-        acc = term if acc is None else acc + term
-    here = rows[2][2]
-    col_l = sum(rows[dy + 2][2] * co(_LEFT + dy + 2) for dy in range(-2, 3))
-    col_r = sum(rows[dy + 2][2] * co(_RIGHT + dy + 2) for dy in range(-2, 3))
-    corner_l = top * co(_CORNER) + bottom * co(_CORNER + 2)
-    corner_r = top * co(_CORNER + 1) + bottom * co(_CORNER + 3)
-    const_l = co(_CONST + 3) - top * co(_CONST + 5) - bottom * co(_CONST + 7)
-    const_r = co(_CONST + 4) - top * co(_CONST + 6) - bottom * co(_CONST + 8)
-    acc += co(_CONST) - top * co(_CONST + 1) - bottom * co(_CONST + 2)
-    acc -= left * (col_l + const_l - corner_l * here)
-    acc -= right * (col_r + const_r - corner_r * here)
+    for t in range(25):
+      term = rows[t // 5][t % 5] * k5[t]
+      acc = term if acc is None else acc + term
+    at_x = [rows[dy][2] for dy in range(5)]  # the pixel's own column
+    acc += const - left * (sum(v * k for v, k in zip(at_x, col[0])) + const_l)
+    acc -= right * (sum(v * k for v, k in zip(at_x, col[1])) + const_r)
+    acc += lax.cond((y == 0) | (y == plan["h"] - 1),
+                    lambda: border_row(y, rows[2], rows[2][2]),
+                    lambda: jnp.zeros((m, bj), F32))
     acc += st.load(add_ref, y, 0, cols).astype(F32)
     st.store(du_ref, y, cols, acc)
     return win[1:] + (below2, nxt)
   first = row(st.r0 + 2) if plan["ahead"] else ()
   init = tuple(row(st.r0 + d) for d in (-2, -1, 0, 1)) + (first,)
-  lax.fori_loop(0, plan["span"], step, init)
+  # Five steps a trip, the window's period: inside a trip its rows are renamed, not
+  # moved between registers (one step a trip: 35 of the step's 205 instructions at
+  # stage 1 were moves); the last span % 5 steps one a trip. Strips of one image only:
+  # with several images side by side (stages 3-4; their loads gathers) Triton 3.9's
+  # TTGIR passes did not finish on the unrolled loop at stage 4 in 200 s.
+  unrolled = plan["span"] // 5 if plan["per"] == 1 else 0
+
+  def five(g, c):
+    for k in range(5):
+      c = step(5 * g + k, c)
+    return c
+  c = lax.fori_loop(0, unrolled, five, init) if unrolled else init  # (traced if empty)
+  lax.fori_loop(5 * unrolled, plan["span"], step, c)
 
 
 def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, interpret: bool | None = None):

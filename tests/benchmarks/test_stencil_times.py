@@ -72,6 +72,39 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert forms.endswith("QLHS_STENCIL_ROWS=sums,du,product"), forms
 
 
+def test_bwd_is_chosen_only_where_its_walks_beat_both_alternatives():
+  """bwd (pass 3's sums, dc and du's share from g in one walk, then du_bn) is named in
+  QLHS_STENCIL_ROWS, with its tiling, and the sums and du forced to Pallas (where it
+  runs), only where its walks beat, at the stride-1 shapes, both the default step's
+  three kernels and the sums plus pass 4 and du as the sweep chose them; a WRONG walk
+  never."""
+  ok = lambda ms: {"ms": ms, "err": 0.0}
+  results = {
+      "s1": {"sums xla": ok(5.0), "sums pallas@32,8,4": ok(1.0), "du gather": ok(0.5),
+             "du pallas@32,16,4": ok(1.0), "dx_du pallas": ok(2.0),
+             "bwd xla": ok(9.0), "bwd pallas": ok(3.0), "bwd pallas_rows@32,4,4": ok(3.5)},
+      "s2": {"sums xla": ok(5.0), "sums pallas@32,8,4": ok(1.0), "du gather": ok(0.1),
+             "du pallas@32,16,4": ok(1.0)},  # strided: no bwd or dx_du entries
+  }
+  blocks = {"s1": 2, "s2": 1}
+  forms = stencil_times.spec_and_forms(results, blocks)[1]
+  assert "bwd" not in forms and "QLHS_DU_FORM=gather" in forms, forms  # 3.5 > 3.0
+  results["s1"]["bwd pallas_rows_now@32,8,4"] = ok(2.5)  # beats 3.0, the sums + pass 4, du
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert spec == "sums=32,8,4 du=32,16,4 bwd=32,8,4", spec
+  assert forms == ("QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas "
+                   "QLHS_STENCIL_ROWS=bwd"), forms
+  # the dx_du walk chosen too (1.2 < 2.0): bwd must beat the sums plus that walk, 2.2
+  results["s1"]["dx_du pallas_rows@32,8,4"] = ok(1.2)
+  forms = stencil_times.spec_and_forms(results, blocks)[1]
+  assert forms.endswith("QLHS_STENCIL_ROWS=dx_du"), forms
+  results["s1"]["bwd pallas_rows_now@32,8,4"] = ok(2.1)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "bwd=32,8,4" in spec and forms.endswith("QLHS_STENCIL_ROWS=dx_du,bwd"), forms
+  results["s1"]["bwd pallas_rows_now@32,8,4"] = {"ms": 0.1, "err": 0.5}  # WRONG
+  assert "bwd" not in stencil_times.spec_and_forms(results, blocks)[1]
+
+
 def test_cpu_smoke_run(tmp_path, capsys):
   """Interpreted on the CPU at a small size: every form runs, agrees with the XLA form,
   the two lines gpu_h100.sh reads come out, and the record reaches the results table."""
@@ -138,12 +171,29 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   assert set(r["shapes"]["stage2"]) == {"dx_du xla", "dx_du pallas",
                                         "dx_du pallas_rows@8,4,4",
                                         "dx_du pallas_rows_now@8,4,4"}, r["shapes"]
-  # the table's last two times, over the blocks of that shape: the default step's two
-  # kernels, the fastest walk
+  # the table's dx_du times, over the blocks of that shape: the default step's two
+  # kernels, the fastest walk (then bwd's two)
   row = table.table(str(rec)).splitlines()[-1].split(" | ")
   times, blocks = r["shapes"]["stage2"], r["blocks"]["stage2"]
   walk = min(times[f"dx_du {f}@8,4,4"]["ms"] for f in ("pallas_rows", "pallas_rows_now"))
-  assert row[-3:-1] == [f"{times['dx_du pallas']['ms'] * blocks:.2f}",
+  assert row[-5:-3] == [f"{times['dx_du pallas']['ms'] * blocks:.2f}",
+                        f"{walk * blocks:.2f}"], row
+  # bwd at a stride-1 shape: XLA's sums, pass 4 and du (the reference), the default
+  # step's three kernels, and bwd's two walks both ways, all agreeing; the table's last
+  # two times are theirs
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2", "--kernels", "bwd",
+                             "--bwd-tilings", "8,4,4", "--record", str(rec)]) == 0
+  out = capsys.readouterr().out
+  assert "WRONG" not in out and "failed" not in out, out
+  assert "network so far, bwd" in out, out
+  r = json.loads(rec.read_text().splitlines()[-1])
+  times = r["shapes"]["stage2"]
+  assert set(times) == {"bwd xla", "bwd pallas", "bwd pallas_rows@8,4,4",
+                        "bwd pallas_rows_now@8,4,4"}, times
+  row = table.table(str(rec)).splitlines()[-1].split(" | ")
+  walk = min(times[f"bwd {f}@8,4,4"]["ms"] for f in ("pallas_rows", "pallas_rows_now"))
+  assert row[-3:-1] == [f"{times['bwd pallas']['ms'] * blocks:.2f}",
                         f"{walk * blocks:.2f}"], row
   with pytest.raises(SystemExit):
     stencil_times.main(["--forms", "pallas,rows"])

@@ -722,7 +722,9 @@ def test_dx_du_walk_matches_numpy(monkeypatch, shape, e, spec, programs, ahead):
 
 
 @pytest.mark.parametrize("ahead", [True, False])
-@pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES)
+@pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES + [
+    # one chunk of 12 rows: du_bn's walk five rows a trip (twice), then two
+    ((1, 12, 8, 4), 2, "product=8,4,2", 1)])
 def test_bwd_and_du_bn_walks_match_numpy(monkeypatch, shape, e, spec, programs, ahead):
   """stencil.bwd (pass 3's sums, dc and du's share from g in one walk) and
   stencil.du_bn (du's share from u) equal float64 NumPy at every walk case (their
