@@ -20,7 +20,10 @@ backward 5 du = D^T dx (XLA, see _d_transpose)            dx in
 
 (``impl="xla"`` takes dL/dkernel's sums in pass 3 instead, see :func:`_xla_kernel_grad`,
 and writes dc in pass 4, next to dx, see :func:`dc_pass`; with QLHS_STENCIL_ROWS naming
-"dx_du", passes 4 and 5 are one kernel that never stores dx, ``stencil.dx_du``.)
+"dx_du", passes 4 and 5 are one kernel that never stores dx, ``stencil.dx_du``; naming
+"bwd", passes 3-5 read c and dp once: ``stencil.bwd`` takes pass 3's sums, dc and
+D^T(g * mul), and ``stencil.du_bn`` adds D^T of dx's other part, a 5x5 stencil of u,
+see :func:`_bwd_walks`.)
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs

@@ -58,7 +58,9 @@ statistics' lags, du, pass 3's sums and the product and pass 4 (``"product"``) w
 down strips of an image's columns at stride 1, loading each row of their input at three
 shifts (five for the lags) instead of each tap at nine (thirteen) (:func:`rows_kernels`;
 the section "Row walks" below); ``"dx_du"`` runs pass 4 and du as one walk
-(:func:`dx_du`), dx never stored. On a CPU the
+(:func:`dx_du`), dx never stored; ``"bwd"`` runs pass 3's sums, dc and du's share from
+g as one walk (:func:`bwd`), then du's share from u as a 5x5 stencil (:func:`du_bn`):
+c and dp read once for the whole backward. On a CPU the
 kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 (NOTES.md experiment 13; ``benchmarks.stencil_times`` times them alone).
 """
@@ -890,7 +892,11 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
 # - the statistics' lags (:func:`_lags_rows_kernel`): row y pairs with rows y, y+1 and
 #   y+2 at shifts -2..2; the program keeps the two rows below and loads the next;
 # - pass 4 and du together (:func:`_dx_du_rows_kernel`): the product's window of u, and
-#   du's scatter of each row of dx, formed in registers instead of loaded.
+#   du's scatter of each row of dx, formed in registers instead of loaded;
+# - pass 3's sums, dc and du's share from g together (:func:`_bwd_rows_kernel`): the same
+#   walk with z = g * mul for dx, and the sums' running tiles;
+# - du's share from u (:func:`_du_bn_rows_kernel`): rows y-2..y+2 at shifts -2..2, a
+#   5x5 stencil; the program keeps four rows and loads the next.
 # The same sums as the tiles' kernels, in the same order per output: each kernel is
 # tested against them and against float64 NumPy. Other strides keep the tiles.
 
@@ -912,8 +918,9 @@ def rows_kernels() -> tuple[str, ...]:
   """The kernels that walk rows at stride 1, QLHS_STENCIL_ROWS: a comma-separated
   subset of :data:`ROWS_KERNELS` ("stats": the lag sums of QLHS_STATS_FORM=pallas;
   "product": the forward product and pass 4; "dx_du": pass 4 and du as one walk,
-  :func:`dx_du`, where du runs as Pallas), or "all"; unset, none (the tiles: what the
-  H100 and H200 have timed)."""
+  :func:`dx_du`, where du runs as Pallas; "bwd": :func:`bwd` then :func:`du_bn`, where
+  the sums and du run as Pallas, in place of the sums' walk and dx_du), or "all"; unset,
+  none (the tiles: what the H100 and H200 have timed)."""
   raw = settings.get("QLHS_STENCIL_ROWS")
   names = tuple(raw.replace(",", " ").split())
   if names == ("all",):
@@ -1443,9 +1450,8 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   col = [co(_LEFT + i) for i in range(5)], [co(_RIGHT + i) for i in range(5)]
   const, const_l, const_r = co(_CONST), co(_CONST + 3), co(_CONST + 4)
   last = st.r0 + plan["span"] - 1  # this chunk's last output row
-  # each row in float32 once, where loaded: the window is carried converted (ptxas at
-  # stage 1: 238 instructions a step on the common path with the bfloat16 rows
-  # converted at every step, 25 taps, against ... with each new row's 5)
+  # each row in float32 once, where loaded: the window is carried converted, not its
+  # 25 taps converted at every step
   row = lambda r: tuple(st.load(u_ref, r, s, cols, r <= last + 2).astype(F32)
                         for s in range(-2, 3))
   left = (st.x == 0).astype(F32)[:, None]
@@ -1489,8 +1495,9 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   first = row(st.r0 + 2) if plan["ahead"] else ()
   init = tuple(row(st.r0 + d) for d in (-2, -1, 0, 1)) + (first,)
   # Five steps a trip, the window's period: inside a trip its rows are renamed, not
-  # moved between registers (one step a trip: 35 of the step's 205 instructions at
-  # stage 1 were moves); the last span % 5 steps one a trip. Strips of one image only:
+  # moved between registers (ptxas at stage 1: 152 instructions a row, against 291 a
+  # row, the border branch included, one step a trip); the last span % 5 steps one a
+  # trip. Strips of one image only:
   # with several images side by side (stages 3-4; their loads gathers) Triton 3.9's
   # TTGIR passes did not finish on the unrolled loop at stage 4 in 200 s.
   unrolled = plan["span"] // 5 if plan["per"] == 1 else 0
