@@ -1306,17 +1306,10 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
   and read it back: two hidden tensors a block). One BatchNorm group: the vectors are
   (1, n, e). A strip is whole rows: the tiling's pixels are raised to W rounded up to a
   power of two where they are fewer, and its channels lowered as much."""
-  interpret = _interpret(interpret, "QLHS_DU_FORM")
+  interpret = _walk_operands("dx_du", "QLHS_DU_FORM", u, k9, c5, dp5,
+                             dict(mul=mul, add=add, cx=cx, c0=c0, mean=mean), interpret)
   b, h, w, n = u.shape
   e = k9.shape[-1]
-  check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
-  if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
-    raise ValueError(f"dx_du: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
-                     f"pixels with {n} x {e} hidden channels (stride 1 only)")
-  shapes = [v.shape for v in (mul, add, cx, c0, mean)]
-  if any(s_ != (1, n, e) for s_ in shapes):
-    raise ValueError(f"dx_du: the vectors mul, add, cx, c0 and mean are {shapes}, not "
-                     f"(1, {n}, {e}) each: one BatchNorm group only")
   plan, warps = _whole_rows_plan("dx_du", b, h, w, n, e, interpret)
   args = _rows_args(plan, u, (c5, dp5), k9, (mul, add, cx, c0, mean))
   # dx's rows in its dtype: in bfloat16 half the L2 traffic of float32 (each row is
@@ -1327,6 +1320,25 @@ def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
                           _z_rows(plan, n, dx_dtype)), *args)
   return (_rows_unpad(dc, plan).reshape(c5.shape),
           _rows_unpad(du, plan).reshape(b, h, w, n))
+
+
+def _walk_operands(name, form, u, k9, c5, dp5, vectors, interpret):
+  """Checks a whole-rows walk's operands (:func:`dx_du`, :func:`bwd`): c and dp u's pixels
+  with n x e hidden channels (stride 1), the ``vectors`` {name: array} (1, n, e) each
+  (one BatchNorm group); returns ``interpret`` resolved (:func:`_interpret`)."""
+  interpret = _interpret(interpret, form)
+  b, h, w, n = u.shape
+  e = k9.shape[-1]
+  check(n, form, interpret=interpret, e=e)
+  if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
+    raise ValueError(f"{name}: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
+                     f"pixels with {n} x {e} hidden channels (stride 1 only)")
+  shapes = [v.shape for v in vectors.values()]
+  if any(s_ != (1, n, e) for s_ in shapes):
+    names = ", ".join(list(vectors)[:-1]) + " and " + list(vectors)[-1]
+    raise ValueError(f"{name}: the vectors {names} are {shapes}, not (1, {n}, {e}) "
+                     f"each: one BatchNorm group only")
+  return interpret
 
 
 def _whole_rows_plan(kernel, b, h, w, n, e, interpret):
@@ -1363,19 +1375,12 @@ def bwd(u, c5, dp5, k9, mul, add, mean, rstd, dx_dtype=None,
   du_g = D^T(g * mul) (B, H, W, n) float32, with g * mul rounded to ``dx_dtype``
   (default dp's) as pass 4 rounds dx; and :func:`bn_sums`' three sums. ``mean``,
   ``rstd``, ``mul``, ``add`` (1, n, e): one BatchNorm group. The rounding differs from
-  pass 4's: the two shares of dx are rounded apart, not their sum (benchmarks/NOTES.md,
-  experiment 29)."""
-  interpret = _interpret(interpret, "QLHS_SUMS_FORM")
+  pass 4's: this share of dx is rounded, du_bn's not, where pass 4 rounds their sum
+  (benchmarks/NOTES.md, experiment 29)."""
+  interpret = _walk_operands("bwd", "QLHS_SUMS_FORM", u, k9, c5, dp5,
+                             dict(mul=mul, add=add, mean=mean, rstd=rstd), interpret)
   b, h, w, n = u.shape
   e = k9.shape[-1]
-  check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
-  if c5.shape != (b, h, w, n, e) or dp5.shape != c5.shape:
-    raise ValueError(f"bwd: c {c5.shape} and dp {dp5.shape} are not u's {u.shape} "
-                     f"pixels with {n} x {e} hidden channels (stride 1 only)")
-  shapes = [v.shape for v in (mul, add, mean, rstd)]
-  if any(s_ != (1, n, e) for s_ in shapes):
-    raise ValueError(f"bwd: the vectors mul, add, mean and rstd are {shapes}, not "
-                     f"(1, {n}, {e}) each: one BatchNorm group only")
   plan, warps = _whole_rows_plan("bwd", b, h, w, n, e, interpret)
   dx_dtype = dp5.dtype if dx_dtype is None else dx_dtype
   dc, du_g, part, _ = _rows_call(
