@@ -112,8 +112,8 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
 STATS_PROGRAMS = 1056
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
          "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums, product, "
-         "dx_du, bwd or du_bn; pixels and channels powers of two, warps 1-16; splits, the statistics' "
-         "launches, 1-54, stats only)")
+         "dx_du, bwd or du_bn; pixels and channels powers of two, warps 1-16; splits, the "
+         "statistics' launches, 1-54, stats only)")
 
 
 def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
@@ -1425,10 +1425,12 @@ def _du_bn_coefficients(k9, cx, c0, mean):
   pairs = [(ty, tx, sy, sx) for ty in (-1, 0, 1) for tx in (-1, 0, 1)
            for sy in (-1, 0, 1) for sx in (-1, 0, 1)]
   k5 = [sum(q[tap(ty, tx), tap(sy, sx)] for ty, tx, sy, sx in pairs
-            if (sy - ty, sx - tx) == (dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)]
-  line = lambda fixed, row: [
-      sum(q[tap(*((fixed, a) if row else (a, fixed))), tap(*((fixed, c) if row else (c, fixed)))]
-          for a in (-1, 0, 1) for c in (-1, 0, 1) if c - a == d) for d in range(-2, 3)]
+            if (sy - ty, sx - tx) == (dy, dx))
+        for dy in range(-2, 3) for dx in range(-2, 3)]
+  def line(fixed, row):  # the taps on one border row (row) or column, by offset
+    at = (lambda a: tap(fixed, a)) if row else (lambda a: tap(a, fixed))
+    return [sum(q[at(a), at(c)] for a in (-1, 0, 1) for c in (-1, 0, 1) if c - a == d)
+            for d in range(-2, 3)]
   corners = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # top-left, top-right, bottom-left, -right
   rows = (k5 + line(1, True) + line(-1, True) + line(1, False) + line(-1, False)
           + [q[tap(*c), tap(*c)] for c in corners]
@@ -1436,6 +1438,7 @@ def _du_bn_coefficients(k9, cx, c0, mean):
           + [sum(beta[tap(fy, a)] for a in (-1, 0, 1)) for fy in (1, -1)]
           + [sum(beta[tap(a, fx)] for a in (-1, 0, 1)) for fx in (1, -1)]
           + [beta[tap(*c)] for c in corners])
+  assert len(rows) == _COEF_ROWS, len(rows)
   return jnp.stack(rows)
 
 
