@@ -267,11 +267,12 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
 FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
 
 
-@pytest.mark.parametrize("fuse,rows", [("xla", ""), ("xla", "dx_du"), ("pallas", "")])
+@pytest.mark.parametrize("fuse,rows", [("xla", ""), ("xla", "dx_du"), ("xla", "bwd"),
+                                       ("pallas", "")])
 def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
-  and du as one walk) run on each device's slice of the batch under shard_map: the
+  and du as one walk, or the backward's walk and du_bn) run on each device's slice of the batch under shard_map: the
   plain path's losses and parameters after two steps, the gradients of D's kernel and
   of BN's scale and offset summed over the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
@@ -284,7 +285,7 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
     monkeypatch.setenv(var, "pallas")
   per_device = spy(monkeypatch, dbn, "_per_device_op")
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
-  kernels = (spy(monkeypatch, stencil, "dx_du") if rows
+  kernels = (spy(monkeypatch, stencil, rows) if rows
              else spy(monkeypatch, stencil, "tap_stats") if fuse == "xla"
              else spy(monkeypatch, dbn, "_pallas_stats"))
   out = run_sharded_train_steps(plain.clone(fuse_d_bn=fuse), x, np.arange(8) % 5,
