@@ -110,9 +110,10 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
   ho = _out_size(side, stride)
 
   def kernels(u, dx, k9, add, vec):
-    # the kernels at stride 1 only: the lag sums, and pass 4 with du as one walk
+    # the kernels at stride 1 only: the lag sums, pass 4 with du as one walk, and the
+    # backward's walk with du_bn
     lags = (stencil.lag_sums(u, interpret=False),) if stride == 1 else ()
-    dx_du = ((stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False),
+    walks = ((stencil.dx_du(u, dx, dx, k9, vec, vec, vec, vec, vec, bf, interpret=False),
               stencil.bwd(u, dx, dx, k9, vec, vec, vec, vec, interpret=False),
               stencil.du_bn(u, k9, vec, vec, vec, add, bf, interpret=False),)
              if stride == 1 else ())
@@ -122,7 +123,7 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
                                 interpret=False),
             stencil.product(u, dx, k9, vec, vec, stride, interpret=False),
             *stencil.dx_dc(u, dx, dx, k9, vec, vec, vec, vec, vec, stride, bf,
-                           interpret=False), *dx_du)
+                           interpret=False), *walks)
   return lower_on_cuda(kernels, s((batch, side, side, n), bf), s((batch, ho, ho, n, e), bf),
                        s((9, n, e), jnp.float32), s((batch, side, side, n), jnp.float32),
                        s((1, n, e), jnp.float32))
@@ -276,9 +277,9 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
                          and stencil._walks_rows(walk, stride)):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
-    if walk == "du_bn" and plan["per"] == 1:  # five rows a trip; the last span % 5
-      # rows after the loop (one more loop, counted once, where there are several)
-      return plan["span"] // 5
+    if walk == "du_bn" and stencil.du_bn_unrolled(plan):  # five rows a trip; the last
+      # span % 5 rows after the loop (one more loop, counted once, where there are several)
+      return stencil.du_bn_unrolled(plan)
     return plan["span"] + 2 * (walk == "du")
   if name not in ("stats", "lags", "sums"):
     return 1

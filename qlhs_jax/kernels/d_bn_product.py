@@ -868,6 +868,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # (du_bn's table), and the update of each block's BatchNorm scale no longer shares
     # an operand with its bias's, nor a kernel (16 more a step, deviceless).
     cx, c0 = lax.optimization_barrier((cx, c0))
+    from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   else:

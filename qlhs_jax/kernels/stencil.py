@@ -1189,17 +1189,15 @@ def _bn_sums_rows_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan):
 _ROWS_TWIN = {_product_kernel: _product_rows_kernel, _dx_dc_kernel: _dx_dc_rows_kernel}
 
 
-def _dt_walk(refs, plan, hidden, centred, sums, addend):
+def _dt_walk(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, *refs, plan, sums):
   """A walk down whole rows that forms a hidden row z(r) in registers and feeds it to du
   = D^T z as :func:`_du_rows_kernel` does: h_dy(r) = sum_s k_(dy, -s) z(r, x + s), du(y)
   = h_+1(y-1) + h_0(y) + h_-1(y+1). Step r forms D u's row r from u's rows r-1..r+1
-  (the product's window); z(r) is the sum of
-  - ``hidden``: g * mul, g = dp * c (c's and dp's row r); dc = dp * (D u * mul + add)
-    is stored;
-  - ``centred``: (D u - mean) * cx + c0.
-  Both: pass 4's dx (:func:`dx_du`). ``sums``: also pass 3's running sums of g and the
-  nine tap_t * g over this chunk's rows (:func:`_bn_sums_rows_kernel`'s), into this
-  program's row of the sums output. ``addend``: a (pixels, n) tensor added to du.
+  (the product's window) and c's and dp's row r, and stores dc = dp * (D u * mul + add).
+  z(r) is g * mul (g = dp * c) with ``sums`` (:func:`bwd`, which also keeps pass 3's
+  running sums of g and the nine tap_t * g over this chunk's rows, as
+  :func:`_bn_sums_rows_kernel` does, into this program's row of the sums output), else
+  pass 4's dx = g * mul + (D u - mean) * cx + c0 (:func:`dx_du`).
   z(r) at x - 1 and x + 1 is another lane's: Triton cannot shift a register tile, so
   the row goes through this program's own two rows of the last output (in z's dtype, m
   + 2 lanes each, the row's parity picking one), read back at the three shifts after a
@@ -1208,60 +1206,51 @@ def _dt_walk(refs, plan, hidden, centred, sums, addend):
   barrier that every lane reaches once done reading it. The strip is whole rows of its
   images, so x + s is in this program's lanes wherever it is in the image.
 
-  refs: u, [c, dp], k, [mul, add], [cx, c0, mean], [addend] in; [dc], du, [sums], the
-  rows of z out."""
+  refs after add: with ``sums``, dc, du, the sums, the rows of z; else cx, c0, mean in
+  and dc, du, the rows of z out."""
   from qlhs_jax.kernels.d_bn_product import plt
-  refs = list(refs)
-  take = lambda k: [refs.pop(0) for _ in range(k)]
-  u_ref = refs.pop(0)
-  c_ref, dp_ref = take(2) if hidden else (None, None)
-  k_ref = refs.pop(0)
-  mul_ref, add_ref = take(2) if hidden else (None, None)
-  cx_ref, c0_ref, mean_ref = take(3) if centred else (None, None, None)
-  add_du_ref = refs.pop(0) if addend else None
-  dc_ref = refs.pop(0) if hidden else None
-  du_ref = refs.pop(0)
-  sums_ref = refs.pop(0) if sums else None
-  (dx_ref,) = refs
+  if sums:
+    dc_ref, du_ref, sums_ref, dx_ref = refs
+  else:
+    cx_ref, c0_ref, mean_ref, dc_ref, du_ref, dx_ref = refs
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   st = _Strip(plan)
   ucols, cols = pl.ds(st.j0, bj), pl.ds(st.j0 * e, bj * e)
   # The kernel's taps and the vectors, loaded once: (1, bj*e) each
   kt = [k_ref[t, cols][None, :] for t in range(9)]
-  vec = lambda ref: ref[cols][None, :] if ref is not None else None
-  mul, add, cx, c0, mean = map(vec, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref))
+  vec = lambda ref: ref[cols][None, :]
+  mul, add = vec(mul_ref), vec(add_ref)
+  if not sums:
+    cx, c0, mean = vec(cx_ref), vec(c0_ref), vec(mean_ref)
   pid, cb = _ids(plan)
   own = (pid * (plan["n"] // bj) + cb) * 2 * (m + 2) + 1  # lane 0 of this program's rows
   last = st.r0 + plan["span"]  # the last row of z that this chunk's du reads
   u_row = lambda r: tuple(st.load(u_ref, r, s, ucols, r <= last + 1) for s in (-1, 0, 1))
-  hidden_row = lambda r: (tuple(st.load(ref, r, 0, cols, r <= last)
-                                for ref in (c_ref, dp_ref)) if hidden else ())
+  hidden_row = lambda r: tuple(st.load(ref, r, 0, cols, r <= last)
+                               for ref in (c_ref, dp_ref))
   wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
 
   def step(i, carry):
     # above: du row r-1 less h_-1(r); here: du row r's h_+1(r-1); u's rows r-1, r (and
     # r+1, with c's and dp's row r, when loaded a step ahead) at shifts -1, 0, 1; acc:
     # the running sums
-    above, here, u_above, u_here, u_below, hid, acc = carry
+    above, here, u_above, u_here, u_below, hidden, acc = carry
     r = st.r0 - 1 + i
     if plan["ahead"]:
       ahead = u_row(r + 2), hidden_row(r + 1)
     else:  # loaded where used
-      u_below, hid, ahead = u_row(r + 1), hidden_row(r), ((), ())
+      u_below, hidden, ahead = u_row(r + 1), hidden_row(r), ((), ())
     taps = [v.astype(F32) for v in u_above + u_here + u_below]
     x = _d_of_taps(taps.__getitem__, kt.__getitem__, m, bj, e)
-    z = None
-    if hidden:
-      c, dp = (v.astype(F32) for v in hid)
-      st.store(dc_ref, r, cols, dp * (x * mul + add))
-      g = dp * c  # 0 outside the image
-      z = g * mul
-      if sums:  # this chunk's rows only: the steps before and after are its neighbours'
-        g = jnp.where((i >= 1) & (i <= plan["span"]), g, 0.0)
-        acc = (acc[0] + g, *(acc[1 + t] + wide(taps[t]) * g for t in range(9)))
-    if centred:  # summed in pass 4's order: (g * mul + (x - mean) * cx) + c0
-      zc = (x - mean) * cx
-      z = (zc if z is None else z + zc) + c0
+    c, dp = (v.astype(F32) for v in hidden)
+    st.store(dc_ref, r, cols, dp * (x * mul + add))
+    g = dp * c  # 0 outside the image
+    z = g * mul
+    if sums:  # this chunk's rows only: the steps before and after are its neighbours'
+      g = jnp.where((i >= 1) & (i <= plan["span"]), g, 0.0)
+      acc = (acc[0] + g, *(acc[1 + t] + wide(taps[t]) * g for t in range(9)))
+    else:  # pass 4's dx, summed in its order: (g * mul + (x - mean) * cx) + c0
+      z = z + (x - mean) * cx + c0
     row = own + lax.rem(i, 2) * (m + 2)
     # rounded to z's dtype, as pass 4 stores dx (lanes outside the image: never read)
     dx_ref[pl.ds(row, m), pl.ds(0, bj * e)] = z.astype(dx_ref.dtype)
@@ -1271,9 +1260,7 @@ def _dt_walk(refs, plan, hidden, centred, sums, addend):
     shifted = [plt.load(dx_ref.at[pl.ds(row + s, m), pl.ds(0, bj * e)],
                         mask=st._at(r, s)[1][:, None], other=0.0).astype(F32)
                for s in (-1, 0, 1)]
-    more = ((lambda: st.load(add_du_ref, r - 1, 0, ucols).astype(F32)) if addend
-            else None)
-    return (_du_scatter(st, du_ref, r, shifted, kt.__getitem__, above, here, more)
+    return (_du_scatter(st, du_ref, r, shifted, kt.__getitem__, above, here)
             + (u_here, u_below) + ahead + (acc,))
   zero = jnp.zeros((m, bj), F32)
   first = (u_row(st.r0), hidden_row(st.r0 - 1)) if plan["ahead"] else ((), ())
@@ -1288,12 +1275,12 @@ def _dt_walk(refs, plan, hidden, centred, sums, addend):
 def _dx_du_rows_kernel(*refs, plan):
   """Pass 4 and du = D^T dx in one walk down whole rows (:func:`dx_du`): z is pass 4's
   dx = dp*c*mul + (D u - mean)*cx + c0, dc stored on the way (:func:`_dt_walk`)."""
-  _dt_walk(refs, plan, hidden=True, centred=True, sums=False, addend=False)
+  _dt_walk(*refs, plan=plan, sums=False)
 
 
 def _bwd_rows_kernel(*refs, plan):
   """Pass 3's sums, dc and du's share from g in one walk (:func:`bwd`): z = g * mul."""
-  _dt_walk(refs, plan, hidden=True, centred=False, sums=True, addend=False)
+  _dt_walk(*refs, plan=plan, sums=True)
 
 
 def dx_du(u, c5, dp5, k9, mul, add, cx, c0, mean, out_dtype, dx_dtype=None,
@@ -1442,6 +1429,17 @@ def _du_bn_coefficients(k9, cx, c0, mean):
   return jnp.stack(rows)
 
 
+def du_bn_unrolled(plan: dict) -> int:
+  """The trips of five steps that :func:`_du_bn_rows_kernel` makes down its chunk (the
+  last span % 5 steps then one a trip). Five, the window's period: inside a trip its
+  rows are renamed, not moved between registers (ptxas at stage 1: 152 instructions a
+  row, against 291 a row, the border branch included, one step a trip). Strips of one
+  image only (0 elsewhere): with several images side by side (stages 3-4; their loads
+  gathers) Triton 3.9's TTGIR passes did not finish on the unrolled loop at stage 4 in
+  200 s."""
+  return plan["span"] // 5 if plan["per"] == 1 else 0
+
+
 def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   """:func:`du_bn` walking down a strip: output row y from u's rows y-2..y+2 at shifts
   -2..2 (four carried, one loaded a step), 25 multiply-adds a value for the 5x5
@@ -1502,13 +1500,7 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
     return win[1:] + (below2, nxt)
   first = row(st.r0 + 2) if plan["ahead"] else ()
   init = tuple(row(st.r0 + d) for d in (-2, -1, 0, 1)) + (first,)
-  # Five steps a trip, the window's period: inside a trip its rows are renamed, not
-  # moved between registers (ptxas at stage 1: 152 instructions a row, against 291 a
-  # row, the border branch included, one step a trip); the last span % 5 steps one a
-  # trip. Strips of one image only:
-  # with several images side by side (stages 3-4; their loads gathers) Triton 3.9's
-  # TTGIR passes did not finish on the unrolled loop at stage 4 in 200 s.
-  unrolled = plan["span"] // 5 if plan["per"] == 1 else 0
+  unrolled = du_bn_unrolled(plan)
 
   def five(g, c):
     for k in range(5):
