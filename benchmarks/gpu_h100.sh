@@ -326,7 +326,7 @@ if [ "$PART" = sweep ]; then
   # rows) would show as WRONG.
   # bwd (experiment 29): pass 3's sums, dc and du's share from g in one walk (c and dp
   # read once for the whole backward), then du's share from u (a 5x5 stencil), against
-  # the default step's three kernels; ptxas at stage 1: 0.532 + 0.275 ms against 0.180 +
+  # the default step's three kernels; ptxas at stage 1: 0.532 + 0.137 ms against 0.180 +
   # (pass 4) + 0.237, 147 registers at 32,4,4, 255 at 32,8,4 (0.474 ms). Checked against
   # XLA's forms on the device like dx_du.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
@@ -354,7 +354,9 @@ if [ "$PART" = sweep ]; then
   # The one of dx_du and bwd that the choice left out, alone at its default tiles: the
   # default step but for pass 4 and du (dx_du: 0.82 GB less a stage-1 block) or but for
   # the whole backward over the hidden tensors (bwd: 1.2 GB less), against the first row.
-  if grep -q "^stencil_forms: .*QLHS_STENCIL_ROWS=.*bwd" "$OUT/stencil.txt"; then
+  # (the last "stencil_forms:" line, as use_stencil_choice reads it)
+  if sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1 \
+      | grep -q "QLHS_STENCIL_ROWS=.*bwd"; then
     QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
       --input uint8
   else
