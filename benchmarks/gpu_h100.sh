@@ -3,7 +3,7 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
-# (experiments 24-25) and "pool" (experiment 26) in one session (560 + 190 s), then
+# (experiments 24-25) and "pool" (experiment 26) in one session (590 + 190 s), then
 # "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -41,7 +41,7 @@
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
 #   experiment 23).
-# "sweep" (time limits add up to 560 s; NOTES.md experiments 24 and 25): the stencil
+# "sweep" (time limits add up to 590 s; NOTES.md experiments 24, 25 and 30): the stencil
 #   kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row
 #   of u or dx loaded at its three horizontal shifts, not at nine taps; du ran with L1
 #   at 94% of its peak on the H200), in one call: the default step against ResNet50
@@ -326,16 +326,19 @@ if [ "$PART" = sweep ]; then
   # rows) would show as WRONG.
   # bwd (experiment 29): pass 3's sums, dc and du's share from g in one walk (c and dp
   # read once for the whole backward), then du's share from u (a 5x5 stencil), against
-  # the default step's three kernels; ptxas at stage 1: 0.532 + 0.137 ms against 0.180 +
+  # the default step's three kernels; ptxas at stage 1: 0.532 + 0.120 ms against 0.180 +
   # (pass 4) + 0.237, 147 registers at 32,4,4, 255 at 32,8,4 (0.474 ms). Checked against
   # XLA's forms on the device like dx_du.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
   # ran as fast as XLA's fusion in experiment 23's step, both loading u's nine taps:
   # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
-  # Stops starting shapes after 130 s (stage 1 alone is ~65 entries).
+  # Stops starting shapes after 120 s (stage 1 alone is 63 entries). Compiling them is
+  # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 30),
+  # ~95 s at stage 1 and ~80 s at stage 2, bwd's four walks 40-60 s of each (du_bn's
+  # unrolled loop: 10-15 s a compile).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
-  timeout 230 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 130 \
+  timeout 220 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
@@ -348,19 +351,20 @@ if [ "$PART" = sweep ]; then
     | cut -c1-150
   bring
   # The step with the sweep's choice (in a subshell: the rows after it keep the
-  # defaults); against the first row.
+  # defaults); against the first row. A step with bwd compiles ~27 s longer (du_bn at
+  # four shapes; deviceless on 2 cores: 54 s against 27-36 s for the default step).
   (use_stencil_choice "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
-   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
+   bench 115 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
   # The one of dx_du and bwd that the choice left out, alone at its default tiles: the
   # default step but for pass 4 and du (dx_du: 0.82 GB less a stage-1 block) or but for
   # the whole backward over the hidden tensors (bwd: 1.2 GB less), against the first row.
   # (the last "stencil_forms:" line, as use_stencil_choice reads it)
   if sed -n 's/^stencil_forms: //p' "$OUT/stencil.txt" | tail -n 1 \
       | grep -q "QLHS_STENCIL_ROWS=.*bwd"; then
-    QLHS_STENCIL_ROWS=dx_du bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    QLHS_STENCIL_ROWS=dx_du bench 105 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
       --input uint8
   else
-    QLHS_STENCIL_ROWS=bwd bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    QLHS_STENCIL_ROWS=bwd bench 105 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
       --input uint8
   fi
 fi

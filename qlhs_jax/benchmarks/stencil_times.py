@@ -55,6 +55,10 @@ still leaves usable values:
 
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
+
+``--compile-only h100`` (with jax[cuda12], no GPU needed) compiles every entry for the
+GPU by the XLA and Triton that run there, and prints the seconds each took and its
+Pallas kernels: what a sweep spends before it times, and whether every entry compiles.
 """
 
 from __future__ import annotations
@@ -190,14 +194,36 @@ def _rows_ahead(ahead: bool):
     stencil.ROWS_AHEAD = old
 
 
-def _rel(a, b) -> float:
-  """Largest difference relative to b's largest value, over all arrays of a and b."""
+@contextlib.contextmanager
+def _lowering_for(device):
+  """Where ``device`` is a compile-only GPU: the Triton kernels, not their
+  interpretation, and the device's mesh, from which Pallas reads the GPU (as
+  ``benchmarks.aot`` lowers the train step)."""
+  if device is None:
+    yield
+    return
   import jax
-  import numpy as np
-  flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64))
-                                   for x in jax.tree.leaves(t)])
-  a, b = flat(a), flat(b)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+  from qlhs_jax.benchmarks import aot
+  with aot.pallas_for_gpu(), jax.set_mesh(aot.single_device_mesh(device)):
+    yield
+
+
+def _rel(a, b) -> float:
+  """Largest difference relative to b's largest value, over all arrays of a and b,
+  reduced where the arrays are (float32): on the GPU a few milliseconds, where NumPy's
+  float64 copy of a hidden-size output (dc at stage 1: 205M values) took ~25 s of host
+  time per entry (2 CPU cores), most of a sweep's time limit over its ~40 such entries."""
+  import jax
+  import jax.numpy as jnp
+  xs, ys = jax.tree.leaves(a), jax.tree.leaves(b)
+  if [x.shape for x in xs] != [y.shape for y in ys]:
+    raise ValueError(f"the outputs' shapes {[x.shape for x in xs]} are not the XLA "
+                     f"form's {[y.shape for y in ys]}")
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  diff = max(float(jnp.abs(f32(x) - f32(y)).max()) for x, y in zip(xs, ys))
+  scale = max(float(jnp.abs(f32(y)).max()) for y in ys)
+  return diff / max(scale, 1e-30)
 
 
 # The Pallas forms a run may time (--forms); each kernel times those it has.
@@ -205,7 +231,10 @@ PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_r
 
 
 def _print_entry(name: str, r: dict) -> None:
-  if "ms" in r:
+  if "compile_s" in r:
+    print(f"  {name:24s} compiled in {r['compile_s']:6.1f} s  ({r['pallas_calls']} Pallas "
+          f"kernels)", flush=True)
+  elif "ms" in r:
     flag = "  WRONG" if r["err"] > WRONG[name.split()[0]] else ""
     print(f"  {name:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}){flag}",
           flush=True)
@@ -216,16 +245,24 @@ def _print_entry(name: str, r: dict) -> None:
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
                calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
                dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS,
-               bwd_tilings=BWD_TILINGS) -> dict:
+               bwd_tilings=BWD_TILINGS, compile_on=None) -> dict:
   """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
   for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
   ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
-  prints it: a run that its time limit stops mid-shape keeps what it timed)."""
+  prints it: a run that its time limit stops mid-shape keeps what it timed).
+  ``compile_on``: a compile-only GPU device (``benchmarks.aot``; ``interpret`` False):
+  each entry is compiled for it, by the XLA and Triton that the GPU's jax runs, and not
+  run: {"compile_s", "pallas_calls"} (the Pallas kernels in the compiled program)."""
   import jax
 
   from qlhs_jax.benchmarks.block_tune import median_ms
   from qlhs_jax.benchmarks.step import kernel_env
-  u, dx, k9 = _inputs(batch, side, n, stride)
+  if compile_on is None:
+    u, dx, k9 = _inputs(batch, side, n, stride)
+  else:  # shapes on the device, no arrays
+    on = jax.sharding.SingleDeviceSharding(compile_on)
+    u, dx, k9 = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)
+                 for a in jax.eval_shape(lambda: _inputs(batch, side, n, stride)))
   out, ref = {}, {}
   fns = _functions(stride, side, interpret)
   todo = [("stats", "xla", None), ("sums", "xla", None), ("du", "gather", None),
@@ -256,6 +293,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       walk = form.startswith("pallas_rows")
       fn = fns.get((kernel, "pallas_rows")) if walk else None  # dx_du, bwd: their own
       fn = fn or fns[kernel, "pallas" if walk else form]
+      start = time.perf_counter()
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
           kernel_env("QLHS_SUMS_FORM", "xla"), \
           kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \
@@ -264,7 +302,15 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
         # the object, so jitting the same one again under other settings would reuse
         # the first trace, and every tiling of a form would time the first tiling's
         # kernel. Before 2026-12-04 it did (benchmarks/NOTES.md, experiment 24).
-        run = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9).compile()
+        with _lowering_for(compile_on):
+          lowered = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9)
+        run = lowered.compile()
+      if compile_on is not None:  # and the Pallas kernels that it launches
+        out[name] = {"compile_s": time.perf_counter() - start,
+                     "pallas_calls": run.as_text().count("__gpu$xla.gpu.triton")}
+        if on_entry is not None:
+          on_entry(name, out[name])
+        continue
       got = run(u, dx, k9)
       if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
         ref[kernel] = got
@@ -383,6 +429,10 @@ def main(argv=None) -> int:
                  help="comma-separated Pallas forms to time (default all; the XLA forms "
                       "always run, the reference)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
+  p.add_argument("--compile-only", default=None, metavar="TARGET",
+                 help="compile each entry for a GPU without one (a target of "
+                      "benchmarks.aot, e.g. h100; needs jax[cuda12]) and print the "
+                      "seconds each compile took: what a sweep spends before it times")
   args = p.parse_args(argv)
   kernels = tuple(filter(None, args.kernels.split(",")))
   if not kernels or set(kernels) - set(KERNELS):
@@ -403,6 +453,10 @@ def main(argv=None) -> int:
         stencil.tiling(kernel)
   wanted = set(filter(None, args.shapes.split(",")))
   shapes = [s for s in block_shapes(args.size_scale) if not wanted or s[0] in wanted]
+  if args.compile_only:
+    if args.record:  # compile times are no timing of the kernels
+      p.error("--compile-only records nothing: leave out --record")
+    return _compile_only(args, shapes, kernels, pallas_forms)
   dev = jax.devices()[0]
   interpret = dev.platform == "cpu"
   print(f"stencil kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
@@ -445,6 +499,43 @@ def main(argv=None) -> int:
         "batch": args.batch, "size_scale": args.size_scale, "blocks": blocks,
         "shapes": results, "spec": spec, "forms": forms}])
   return 0
+
+
+def _compile_only(args, shapes, kernels, pallas_forms) -> int:
+  """main's --compile-only: each entry compiled for ``args.compile_only``, not run (on
+  the GPU a sweep compiles every entry before it times it; its budget and time limit
+  count both). Exit status 1 where an entry did not compile."""
+  from qlhs_jax.benchmarks import aot
+  if args.compile_only not in aot.TARGETS:
+    raise SystemExit(f"--compile-only {args.compile_only!r}: the targets are "
+                     f"{', '.join(aot.TARGETS)}")
+  dev = aot.compile_only_device(args.compile_only)
+  import jax
+  print(f"stencil kernels compiled for {args.compile_only} (no device), jax "
+        f"{jax.__version__}, batch {args.batch}, bfloat16", flush=True)
+  start, failed = time.perf_counter(), 0
+  for name, side, n, _, stride, count in shapes:
+    if time.perf_counter() - start > args.budget:
+      print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not compiled")
+      break
+    print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):", flush=True)
+    entries = time_shape(
+        args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
+        args.du_tilings, False, args.calls, args.repeats, kernels, pallas_forms,
+        on_entry=_print_entry, dx_du_tilings=args.dx_du_tilings,
+        product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
+        compile_on=dev)
+    seconds = {}
+    for entry, r in entries.items():
+      kernel = entry.split()[0]
+      seconds[kernel] = seconds.get(kernel, 0.0) + r.get("compile_s", 0.0)
+    bad = sum("error" in r for r in entries.values())
+    failed += bad
+    print(f"  compiles at {name}: {sum(seconds.values()):.1f} s for {len(entries)} "
+          f"entries ({bad} failed); "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), flush=True)
+  print(f"all shapes: {time.perf_counter() - start:.1f} s")
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

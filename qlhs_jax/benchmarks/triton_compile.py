@@ -277,8 +277,9 @@ def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> in
                          and stencil._walks_rows(walk, stride)):
     m0, bj0 = stencil.tiling(name, rows=True)[:2]
     plan = stencil._rows_plan(batch, side, side, n, 4, m0, bj0, False)
-    if walk == "du_bn" and stencil.du_bn_unrolled(plan):  # five rows a trip; the last
-      # span % 5 rows after the loop (one more loop, counted once, where there are several)
+    if walk == "du_bn" and stencil.du_bn_unrolled(plan):  # five rows a trip; the first
+      # row and the last up to the bottom row's written out, counted once (as is the
+      # loop after them, where a chunk has rows past the bottom row's step)
       return stencil.du_bn_unrolled(plan)
     return plan["span"] + 2 * (walk == "du")
   if name not in ("stats", "lags", "sums"):

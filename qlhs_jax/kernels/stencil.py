@@ -1430,22 +1430,35 @@ def _du_bn_coefficients(k9, cx, c0, mean):
 
 
 def du_bn_unrolled(plan: dict) -> int:
-  """The trips of five steps that :func:`_du_bn_rows_kernel` makes down its chunk (the
-  last span % 5 steps then one a trip). Five, the window's period: inside a trip its
-  rows are renamed, not moved between registers (ptxas at stage 1: 152 instructions a
-  row, against 291 a row, the border branch included, one step a trip). Strips of one
-  image only (0 elsewhere): with several images side by side (stages 3-4; their loads
-  gathers) Triton 3.9's TTGIR passes did not finish on the unrolled loop at stage 4 in
-  200 s."""
-  return plan["span"] // 5 if plan["per"] == 1 else 0
+  """The trips of five steps that :func:`_du_bn_rows_kernel` makes down its chunk, 0 if
+  it walks one step a trip. Five, the window's period: inside a trip its rows are
+  renamed, not moved between registers (ptxas, triton 3.9, at stage 1: 132
+  instructions a row, against 291 a row, the border branch included, one step a trip).
+  The trips hold no border row and no branch. Step 0 and the steps from the trips' end
+  to the bottom row's (:func:`du_bn_bottom_step`) are written out, the border rows'
+  terms weighted by 0/1 flags on step 0 and the bottom row's step; the steps after it
+  (inner rows in the chunks above the last) loop without them. With the branch on every
+  step of a trip, XLA's Triton (jax 0.11.2) took 20 s to compile the kernel at stage 1
+  on 2 CPU cores; 13.5 s now. Triton 3.9's TTGIR passes did not finish in 200 s on the
+  unrolled loop at stage 4 (four 7-px images a strip, every load a gather), so strips
+  of several images walk one step a trip."""
+  return max(0, (du_bn_bottom_step(plan) - 1) // 5) if plan["per"] == 1 else 0
+
+
+def du_bn_bottom_step(plan: dict) -> int:
+  """The step at which a chunk walks the image's bottom row, in the chunk that holds it
+  (an inner row in the chunks above it, the same step)."""
+  return (plan["h"] - 1) % plan["span"]
 
 
 def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   """:func:`du_bn` walking down a strip: output row y from u's rows y-2..y+2 at shifts
   -2..2 (four carried, one loaded a step), 25 multiply-adds a value for the 5x5
   stencil, the border columns' corrections weighted by the lanes' 0/1 flags, and on
-  the image's first and last row (a branch taken on those rows alone) the border rows'
-  and the corners' (:func:`_du_bn_coefficients`)."""
+  the image's first and last row the border rows' and the corners'
+  (:func:`_du_bn_coefficients`): in a branch taken on those rows alone, or, where the
+  walk runs five rows a trip (:func:`du_bn_unrolled`), on the steps that can hold them,
+  written out of the loop."""
   m, bj = plan["m"], plan["bj"]
   st = _Strip(plan)
   cols = pl.ds(st.j0, bj)
@@ -1477,7 +1490,10 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
     out += left * (corner_l + top * co(_CONST + 5) + bottom * co(_CONST + 7))
     return out + right * (corner_r + top * co(_CONST + 6) + bottom * co(_CONST + 8))
 
-  def step(i, c):
+  def step(i, c, border=None):
+    """Output row r0 + i. border: None, a branch to the border rows' terms on the
+    image's first and last row; True, the terms weighted by the row's flags (zero on
+    an inner row); False, none (the row is an inner one)."""
     win, ahead = c[:4], c[4]
     y = st.r0 + i
     if plan["ahead"]:
@@ -1492,22 +1508,32 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
     at_x = [rows[dy][2] for dy in range(5)]  # the pixel's own column
     acc += const - left * (sum(v * k for v, k in zip(at_x, col[0])) + const_l)
     acc -= right * (sum(v * k for v, k in zip(at_x, col[1])) + const_r)
-    acc += lax.cond((y == 0) | (y == plan["h"] - 1),
-                    lambda: border_row(y, rows[2], rows[2][2]),
-                    lambda: jnp.zeros((m, bj), F32))
+    if border is None:
+      acc += lax.cond((y == 0) | (y == plan["h"] - 1),
+                      lambda: border_row(y, rows[2], rows[2][2]),
+                      lambda: jnp.zeros((m, bj), F32))
+    elif border:
+      acc += border_row(y, rows[2], rows[2][2])
     acc += st.load(add_ref, y, 0, cols).astype(F32)
     st.store(du_ref, y, cols, acc)
     return win[1:] + (below2, nxt)
   first = row(st.r0 + 2) if plan["ahead"] else ()
   init = tuple(row(st.r0 + d) for d in (-2, -1, 0, 1)) + (first,)
-  unrolled = du_bn_unrolled(plan)
+  trips = du_bn_unrolled(plan)
+  if not trips:
+    lax.fori_loop(0, plan["span"], step, init)
+    return
 
   def five(g, c):
     for k in range(5):
-      c = step(5 * g + k, c)
+      c = step(1 + 5 * g + k, c, border=False)
     return c
-  c = lax.fori_loop(0, unrolled, five, init) if unrolled else init  # (traced if empty)
-  lax.fori_loop(5 * unrolled, plan["span"], step, c)
+  bottom = du_bn_bottom_step(plan)
+  c = lax.fori_loop(0, trips, five, step(0, init, border=True))
+  for i in range(1 + 5 * trips, bottom + 1):  # at most five steps, written out
+    c = step(i, c, border=i == bottom)
+  if bottom + 1 < plan["span"]:  # (a loop without trips is compiled all the same)
+    lax.fori_loop(bottom + 1, plan["span"], functools.partial(step, border=False), c)
 
 
 def du_bn(u, k9, cx, c0, mean, du_g, out_dtype, interpret: bool | None = None):

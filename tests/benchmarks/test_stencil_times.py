@@ -1,6 +1,9 @@
 """benchmarks.stencil_times: its choice of forms and tilings, and a CPU smoke run."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -232,3 +235,60 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
   # (each of 2 images in 8 chunks of a row: ROWS_PROGRAMS)
   assert walks == [((16, 1), True), ((16, 2), True), ((16, 1), False),
                    ((16, 2), False)], walks
+
+
+def test_rel_is_the_largest_difference_over_the_largest_reference_value():
+  """_rel (reduced where the arrays are, in float32) against NumPy float64, over a
+  tuple of arrays of different sizes and dtypes: the largest difference of any array
+  over the largest magnitude of any reference array. Outputs of other shapes than the
+  reference's are refused, not broadcast."""
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(3)
+  ref = (rng.normal(size=(5, 7)), 40 * rng.normal(size=(3,)))
+  got = (ref[0] + 1e-3 * rng.normal(size=(5, 7)), 1.5 * ref[1])
+  cast = lambda t: (jnp.asarray(t[0], jnp.float32), jnp.asarray(t[1], jnp.bfloat16))
+  ref32, got32 = cast(ref), cast(got)
+  r64, g64 = ([np.asarray(x, np.float64) for x in t] for t in (ref32, got32))
+  want = (max(np.abs(g - r).max() for g, r in zip(g64, r64))
+          / max(np.abs(r).max() for r in r64))
+  assert want > 0.2  # the bfloat16 array's difference, over its largest value
+  assert stencil_times._rel(got32, ref32) == pytest.approx(want, rel=1e-6)
+  assert stencil_times._rel(ref32, ref32) == 0.0
+  with pytest.raises(ValueError, match="shapes"):
+    stencil_times._rel((ref32[0].T, ref32[1]), ref32)
+
+
+def test_compile_only_is_refused_with_record_and_for_unknown_targets(tmp_path):
+  with pytest.raises(SystemExit):
+    stencil_times.main(["--compile-only", "h100", "--record", str(tmp_path / "r.jsonl")])
+  with pytest.raises(SystemExit, match="targets are h100"):
+    stencil_times.main(["--compile-only", "a100", "--shapes", "none"])
+  assert not (tmp_path / "r.jsonl").exists()
+
+
+HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_compile_only_compiles_each_entry_for_the_gpu():
+  """--compile-only h100: every entry compiled for the GPU without one (its own
+  process: the compile-only device keeps JAX on the CPU), the walks as Triton kernels
+  (bwd: its walk and du_bn), the XLA forms as none; nothing run."""
+  p = subprocess.run(
+      [sys.executable, "-m", "qlhs_jax.benchmarks.stencil_times", "--compile-only",
+       "h100", "--batch", "2", "--size-scale", "8", "--shapes", "stage1",
+       "--kernels", "du,bwd", "--forms", "pallas,pallas_rows", "--du-tilings", "8,8,4",
+       "--bwd-tilings", "8,4,4"], capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr[-3000:]
+  lines = {l.split(" compiled in ")[0].strip(): l for l in p.stdout.splitlines()
+           if " compiled in " in l}
+  assert set(lines) == {"du gather", "du autodiff", "du pallas@8,8,4",
+                        "du pallas_rows@8,8,4", "bwd xla", "bwd pallas",
+                        "bwd pallas_rows@8,4,4"}, p.stdout
+  kernels = {k: int(l.split("(")[-1].split()[0]) for k, l in lines.items()}
+  assert kernels == {"du gather": 0, "du autodiff": 0, "du pallas@8,8,4": 1,
+                     "du pallas_rows@8,8,4": 1, "bwd xla": 0, "bwd pallas": 2,
+                     "bwd pallas_rows@8,4,4": 2}, kernels
+  assert "compiles at stage1:" in p.stdout and "(0 failed)" in p.stdout, p.stdout

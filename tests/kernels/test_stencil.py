@@ -723,8 +723,14 @@ def test_dx_du_walk_matches_numpy(monkeypatch, shape, e, spec, programs, ahead):
 
 @pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("shape,e,spec,programs", ROWS_CASES + [
-    # one chunk of 12 rows: du_bn's walk five rows a trip (twice), then two
-    ((1, 12, 8, 4), 2, "product=8,4,2", 1)])
+    # du_bn's walk (stencil.du_bn_unrolled): the top row's step, trips of five rows
+    # without a border row, then the steps to the bottom row's written out. One chunk of
+    # 12 rows: two trips, then the bottom row; of 16 rows: two trips, then five rows.
+    ((1, 12, 8, 4), 2, "product=8,4,2", 1),
+    ((1, 16, 8, 4), 2, "product=8,4,2", 1),
+    # two chunks of 9 rows: one trip, two steps to the bottom row's (step 7 of the
+    # second chunk), then a step that is an inner row in the first chunk
+    ((1, 17, 8, 4), 2, "product=8,4,2", 2)])
 def test_bwd_and_du_bn_walks_match_numpy(monkeypatch, shape, e, spec, programs, ahead):
   """stencil.bwd (pass 3's sums, dc and du's share from g in one walk) and
   stencil.du_bn (du's share from u) equal float64 NumPy at every walk case (their
