@@ -231,13 +231,13 @@ PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_r
 
 
 def _print_entry(name: str, r: dict) -> None:
-  if "compile_s" in r:
+  if "ms" in r:
+    flag = "  WRONG" if r["err"] > WRONG[name.split()[0]] else ""
+    print(f"  {name:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}; compiled in "
+          f"{r['compile_s']:.1f} s){flag}", flush=True)
+  elif "compile_s" in r:
     print(f"  {name:24s} compiled in {r['compile_s']:6.1f} s  ({r['pallas_calls']} Pallas "
           f"kernels)", flush=True)
-  elif "ms" in r:
-    flag = "  WRONG" if r["err"] > WRONG[name.split()[0]] else ""
-    print(f"  {name:24s} {r['ms']:8.3f} ms  (vs the XLA form {r['err']:.1e}){flag}",
-          flush=True)
   else:
     print(f"  {name:24s} failed: {r['error']}", flush=True)
 
@@ -246,10 +246,11 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
                calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
                dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS,
                bwd_tilings=BWD_TILINGS, compile_on=None) -> dict:
-  """{"kernel form[@tiling]": {"ms", "err"}} at one shape (err: against the XLA form),
-  for the ``kernels`` named (each with its XLA forms, the reference) and their Pallas
-  ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is timed (main
-  prints it: a run that its time limit stops mid-shape keeps what it timed).
+  """{"kernel form[@tiling]": {"ms", "err", "compile_s"}} at one shape (err: against the
+  XLA form), for the ``kernels`` named (each with its XLA forms, the reference) and
+  their Pallas ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is
+  timed (main prints it: a run that its time limit stops mid-shape keeps what it
+  timed).
   ``compile_on``: a compile-only GPU device (``benchmarks.aot``; ``interpret`` False):
   each entry is compiled for it, by the XLA and Triton that the GPU's jax runs, and not
   run: {"compile_s", "pallas_calls"} (the Pallas kernels in the compiled program)."""
@@ -305,8 +306,9 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
         with _lowering_for(compile_on):
           lowered = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9)
         run = lowered.compile()
+      compile_s = time.perf_counter() - start  # (what a sweep's time limit must allow)
       if compile_on is not None:  # and the Pallas kernels that it launches
-        out[name] = {"compile_s": time.perf_counter() - start,
+        out[name] = {"compile_s": compile_s,
                      "pallas_calls": run.as_text().count("__gpu$xla.gpu.triton")}
         if on_entry is not None:
           on_entry(name, out[name])
@@ -315,7 +317,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
         ref[kernel] = got
       err = _rel(got, ref[kernel])
-      out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err}
+      out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err,
+                   "compile_s": compile_s}
     except Exception as ex:  # a tiling that does not compile is reported, not fatal
       out[name] = {"error": f"{type(ex).__name__}: {ex}"[:300]}
     if on_entry is not None:
