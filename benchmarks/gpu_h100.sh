@@ -337,8 +337,8 @@ if [ "$PART" = sweep ]; then
   # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
   # Stops starting shapes after 120 s (stage 1 alone is 63 entries). Compiling them is
   # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 30),
-  # ~95 s at stage 1 and ~80 s at stage 2, bwd's four walks 40-60 s of each (du_bn's
-  # unrolled loop: 10-15 s a compile).
+  # ~95 s at stage 1 and ~80 s at stage 2, bwd's four walks 40-60 s of each (9-15 s a
+  # compile: bwd's walk and du_bn's unrolled loop).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
   timeout 220 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \

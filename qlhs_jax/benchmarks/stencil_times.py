@@ -211,9 +211,10 @@ def _lowering_for(device):
 
 def _rel(a, b) -> float:
   """Largest difference relative to b's largest value, over all arrays of a and b,
-  reduced where the arrays are (float32): on the GPU a few milliseconds. NumPy's
-  float64 copies of a hidden-size output (dc at stage 1: 205M values) took ~25 s of host
-  time per entry (2 CPU cores), and a sweep has 23 such entries a stride-1 shape."""
+  reduced where the arrays are (float32): on the GPU a few reductions. NumPy's float64
+  copies of a hidden-size output and its reference (dc at stage 1: 205M values, 1.6 GB
+  each) took seconds of host time per entry, and a sweep has 23 such entries a stride-1
+  shape (NOTES.md, experiment 30)."""
   import jax
   import jax.numpy as jnp
   xs, ys = jax.tree.leaves(a), jax.tree.leaves(b)

@@ -1438,8 +1438,9 @@ def du_bn_unrolled(plan: dict) -> int:
   to the bottom row's (:func:`du_bn_bottom_step`) are written out, the border rows'
   terms weighted by 0/1 flags on step 0 and the bottom row's step; the steps after it
   (inner rows in the chunks above the last) loop without them. With the branch on every
-  step of a trip, XLA's Triton (jax 0.11.2) took 20 s to compile the kernel at stage 1
-  on 2 CPU cores; 13.5 s now. Triton 3.9's TTGIR passes did not finish in 200 s on the
+  step of a trip, bwd's walk and du_bn took 18-22 s to compile at stage 1 for the H100
+  (``benchmarks.stencil_times --compile-only``, 2 CPU cores), 13-15 s now (NOTES.md,
+  experiment 30). Triton 3.9's TTGIR passes did not finish in 200 s on the
   unrolled loop at stage 4 (four 7-px images a strip, every load a gather), so strips
   of several images walk one step a trip."""
   return max(0, (du_bn_bottom_step(plan) - 1) // 5) if plan["per"] == 1 else 0
