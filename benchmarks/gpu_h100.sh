@@ -37,10 +37,12 @@
 #   XLA's loop fusions of the first row (the product at 1.6 TB/s, pass 4 at 2.4 TB/s).
 #   The two profiles' HLO share a name in hlo.tar: tar xf hlo.tar --occurrence=2 for
 #   the second.
-# "eq3" (170 s; for a device session's last minutes): the default Eq.(3) step alone on
+# "eq3" (200 s; for a device session's last minutes): the default Eq.(3) step alone on
 #   uint8 batches, profiled kernel by kernel; its ratio is to the ResNet50 of an earlier
 #   call (benchmarks/results.jsonl). First run for pass 3's sums without D u (NOTES.md
-#   experiment 23).
+#   experiment 23; 103 s then). With the sweep's QLHS_... settings it profiles the
+#   chosen step; with bwd among them each of its two compiles takes ~27 s longer
+#   (experiment 30).
 # "sweep" (time limits add up to 590 s; NOTES.md experiments 24, 25 and 30): the stencil
 #   kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row
 #   of u or dx loaded at its three horizontal shifts, not at nine taps; du ran with L1
@@ -305,7 +307,7 @@ if [ "$PART" = stem ]; then
     --set 'stem_conv="space_to_depth"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
 fi
 if [ "$PART" = eq3 ]; then
-  bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" \
+  bench 200 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" \
     --profile-dir "$OUT"
 fi
 if [ "$PART" = sweep ]; then
