@@ -356,8 +356,8 @@ if [ "$PART" = sweep ]; then
     | cut -c1-150
   bring
   # The step with the sweep's choice (in a subshell: the rows after it keep the
-  # defaults); against the first row. A step with bwd compiles ~27 s longer (du_bn at
-  # four shapes; deviceless on 2 cores: 54 s against 27-36 s for the default step).
+  # defaults); against the first row. A step with bwd compiles ~27 s longer (its walk and
+  # du_bn at four shapes; deviceless on 2 cores: 54 s against 27-36 s for the default step).
   (use_stencil_choice "QLHS_STATS_FORM=pallas QLHS_SUMS_FORM=pallas QLHS_DU_FORM=pallas"
    bench 115 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8)
   # The one of dx_du and bwd that the choice left out, alone at its default tiles: the

@@ -308,18 +308,16 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
           lowered = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9)
         run = lowered.compile()
       compile_s = time.perf_counter() - start  # (what a sweep's time limit must allow)
-      if compile_on is not None:  # and the Pallas kernels that it launches
+      if compile_on is not None:  # not run; the Pallas kernels that it would launch
         out[name] = {"compile_s": compile_s,
                      "pallas_calls": run.as_text().count("__gpu$xla.gpu.triton")}
-        if on_entry is not None:
-          on_entry(name, out[name])
-        continue
-      got = run(u, dx, k9)
-      if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
-        ref[kernel] = got
-      err = _rel(got, ref[kernel])
-      out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err,
-                   "compile_s": compile_s}
+      else:
+        got = run(u, dx, k9)
+        if form in ("xla", "gather"):  # first in `todo`: each kernel's reference
+          ref[kernel] = got
+        err = _rel(got, ref[kernel])
+        out[name] = {"ms": median_ms(run, (u, dx, k9), calls, repeats), "err": err,
+                     "compile_s": compile_s}
     except Exception as ex:  # a tiling that does not compile is reported, not fatal
       out[name] = {"error": f"{type(ex).__name__}: {ex}"[:300]}
     if on_entry is not None:
@@ -457,25 +455,38 @@ def main(argv=None) -> int:
         stencil.tiling(kernel)
   wanted = set(filter(None, args.shapes.split(",")))
   shapes = [s for s in block_shapes(args.size_scale) if not wanted or s[0] in wanted]
-  if args.compile_only:
+  compile_on = None
+  if args.compile_only:  # each entry compiled for the GPU, not run
     if args.record:  # compile times are no timing of the kernels
       p.error("--compile-only records nothing: leave out --record")
-    return _compile_only(args, shapes, kernels, pallas_forms)
-  dev = jax.devices()[0]
-  interpret = dev.platform == "cpu"
-  print(f"stencil kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
-        f"batch {args.batch}, bfloat16{' (interpreted)' if interpret else ''}")
-  start, results, blocks = time.perf_counter(), {}, {}
+    from qlhs_jax.benchmarks import aot
+    if args.compile_only not in aot.TARGETS:
+      raise SystemExit(f"--compile-only {args.compile_only!r}: the targets are "
+                       f"{', '.join(aot.TARGETS)}")
+    compile_on, interpret = aot.compile_only_device(args.compile_only), False
+    print(f"stencil kernels compiled for {args.compile_only} (no device), jax "
+          f"{jax.__version__}, batch {args.batch}, bfloat16")
+  else:
+    dev = jax.devices()[0]
+    interpret = dev.platform == "cpu"
+    print(f"stencil kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
+          f"batch {args.batch}, bfloat16{' (interpreted)' if interpret else ''}")
+  start, results, blocks, failed = time.perf_counter(), {}, {}, 0
   for name, side, n, _, stride, count in shapes:
     if time.perf_counter() - start > args.budget:
-      print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not timed")
+      print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not "
+            f"{'compiled' if compile_on else 'timed'}")
       break
     print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):", flush=True)
     times = time_shape(args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
                        args.du_tilings, interpret, args.calls, args.repeats, kernels,
                        pallas_forms, on_entry=_print_entry,
                        dx_du_tilings=args.dx_du_tilings,
-                       product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings)
+                       product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
+                       compile_on=compile_on)
+    if compile_on is not None:
+      failed += _print_compiles(name, times)
+      continue
     results[name], blocks[name] = times, count
     spec, forms = spec_and_forms(results, blocks)
     for kernel in kernels:
@@ -494,6 +505,9 @@ def main(argv=None) -> int:
       print(f"  network so far, {kernel}: {choice} {ms:.2f} ms (default form {xla:.2f} ms)")
     print(f"stencil_tiling: {spec}")
     print(f"stencil_forms: {forms}", flush=True)
+  if compile_on is not None:  # exit status 1 where an entry did not compile
+    print(f"all shapes: {time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0
   if args.record and results:
     from qlhs_jax.benchmarks.step import append_records
     spec, forms = spec_and_forms(results, blocks)
@@ -505,41 +519,19 @@ def main(argv=None) -> int:
   return 0
 
 
-def _compile_only(args, shapes, kernels, pallas_forms) -> int:
-  """main's --compile-only: each entry compiled for ``args.compile_only``, not run (on
+def _print_compiles(name: str, entries: dict) -> int:
+  """--compile-only's line after a shape: its compile seconds, in all and by kernel (on
   the GPU a sweep compiles every entry before it times it; its budget and time limit
-  count both). Exit status 1 where an entry did not compile."""
-  from qlhs_jax.benchmarks import aot
-  if args.compile_only not in aot.TARGETS:
-    raise SystemExit(f"--compile-only {args.compile_only!r}: the targets are "
-                     f"{', '.join(aot.TARGETS)}")
-  dev = aot.compile_only_device(args.compile_only)
-  import jax
-  print(f"stencil kernels compiled for {args.compile_only} (no device), jax "
-        f"{jax.__version__}, batch {args.batch}, bfloat16", flush=True)
-  start, failed = time.perf_counter(), 0
-  for name, side, n, _, stride, count in shapes:
-    if time.perf_counter() - start > args.budget:
-      print(f"budget of {args.budget:.0f} s spent: {name} and later shapes not compiled")
-      break
-    print(f"{name} ({side}x{side}x{n}, stride {stride}, {count} blocks):", flush=True)
-    entries = time_shape(
-        args.batch, side, n, stride, args.stats_tilings, args.sums_tilings,
-        args.du_tilings, False, args.calls, args.repeats, kernels, pallas_forms,
-        on_entry=_print_entry, dx_du_tilings=args.dx_du_tilings,
-        product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
-        compile_on=dev)
-    seconds = {}
-    for entry, r in entries.items():
-      kernel = entry.split()[0]
-      seconds[kernel] = seconds.get(kernel, 0.0) + r.get("compile_s", 0.0)
-    bad = sum("error" in r for r in entries.values())
-    failed += bad
-    print(f"  compiles at {name}: {sum(seconds.values()):.1f} s for {len(entries)} "
-          f"entries ({bad} failed); "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), flush=True)
-  print(f"all shapes: {time.perf_counter() - start:.1f} s")
-  return 1 if failed else 0
+  count both); returns how many entries did not compile."""
+  seconds = {}
+  for entry, r in entries.items():
+    kernel = entry.split()[0]
+    seconds[kernel] = seconds.get(kernel, 0.0) + r.get("compile_s", 0.0)
+  failed = sum("error" in r for r in entries.values())
+  print(f"  compiles at {name}: {sum(seconds.values()):.1f} s for {len(entries)} entries "
+        f"({failed} failed); " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+        flush=True)
+  return failed
 
 
 if __name__ == "__main__":

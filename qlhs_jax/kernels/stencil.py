@@ -1477,8 +1477,9 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
   left = (st.x == 0).astype(F32)[:, None]
   right = (st.x == plan["w"] - 1).astype(F32)[:, None]
 
-  def border_row(y, own, here):
-    """The first or last row's terms (own: the row's taps at shifts -2..2)."""
+  def border_row(y, own):
+    """The first or last row's terms (own: the row's taps at shifts -2..2; the corners'
+    read the pixel itself, own[2])."""
     top = (y == 0).astype(F32)
     bottom = (y == plan["h"] - 1).astype(F32)
     out = None
@@ -1486,8 +1487,8 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
       term = own[dx] * (top * co(_TOP + dx) + bottom * co(_BOTTOM + dx))
       out = term if out is None else out + term
     out = -(out + top * co(_CONST + 1) + bottom * co(_CONST + 2))
-    corner_l = (top * co(_CORNER) + bottom * co(_CORNER + 2)) * here
-    corner_r = (top * co(_CORNER + 1) + bottom * co(_CORNER + 3)) * here
+    corner_l = (top * co(_CORNER) + bottom * co(_CORNER + 2)) * own[2]
+    corner_r = (top * co(_CORNER + 1) + bottom * co(_CORNER + 3)) * own[2]
     out += left * (corner_l + top * co(_CONST + 5) + bottom * co(_CONST + 7))
     return out + right * (corner_r + top * co(_CONST + 6) + bottom * co(_CONST + 8))
 
@@ -1511,10 +1512,10 @@ def _du_bn_rows_kernel(u_ref, coef_ref, add_ref, du_ref, *, plan):
     acc -= right * (sum(v * k for v, k in zip(at_x, col[1])) + const_r)
     if border is None:
       acc += lax.cond((y == 0) | (y == plan["h"] - 1),
-                      lambda: border_row(y, rows[2], rows[2][2]),
+                      lambda: border_row(y, rows[2]),
                       lambda: jnp.zeros((m, bj), F32))
     elif border:
-      acc += border_row(y, rows[2], rows[2][2])
+      acc += border_row(y, rows[2])
     acc += st.load(add_ref, y, 0, cols).astype(F32)
     st.store(du_ref, y, cols, acc)
     return win[1:] + (below2, nxt)

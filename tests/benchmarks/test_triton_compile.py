@@ -164,7 +164,7 @@ def test_bwd_and_du_bn_compile_at_every_stride_1_shape(capsys):
   whole-row strips at stages 1-2, images side by side at 3-4, where du_bn's walk is
   not unrolled (unrolled, Triton's TTGIR passes did not finish at stage 4 in 200 s).
   bwd has the barrier between writing a row of g * mul and reading it back, du_bn none
-  (no hidden row: its border branch instead); du_bn's issue floor at stage 1 stays
+  (no hidden row, u's rows are its input); du_bn's issue floor at stage 1 stays
   below du's tiles' 0.237 ms (0.120 with triton 3.9.0: five rows a trip)."""
   import math
   assert triton_compile.main(["--op", "stencil", "--shapes", "stage2,stage3,stage4"]) == 0

@@ -272,9 +272,9 @@ FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_
 def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
-  and du as one walk, or the backward's walk and du_bn) run on each device's slice of the batch under shard_map: the
-  plain path's losses and parameters after two steps, the gradients of D's kernel and
-  of BN's scale and offset summed over the devices."""
+  and du as one walk, or the backward's walk and du_bn) run on each device's slice of
+  the batch under shard_map: the plain path's losses and parameters after two steps,
+  the gradients of D's kernel and of BN's scale and offset summed over the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
   from qlhs_jax.kernels import stencil
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
