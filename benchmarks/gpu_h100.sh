@@ -43,12 +43,12 @@
 #   experiment 23; 103 s then). With the sweep's QLHS_... settings it profiles the
 #   chosen step; with bwd among them each of its two compiles takes ~27 s longer
 #   (experiment 30).
-# "sweep" (time limits add up to 590 s; NOTES.md experiments 24, 25 and 30): the stencil
-#   kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS: each row
-#   of u or dx loaded at its three horizontal shifts, not at nine taps; du ran with L1
-#   at 94% of its peak on the H200), in one call: the default step against ResNet50
-#   (also the second sample that "sums" wants); the statistics, du and the sums alone
-#   at four tilings, tiles and walks, pass 4 with du as one walk (dx_du: dx never
+# "sweep" (time limits add up to 590 s; NOTES.md experiments 24, 25, 30 and 31): the
+#   stencil kernels' tilings, and the walks down rows at stride 1 (QLHS_STENCIL_ROWS:
+#   each row of u or dx loaded at its three horizontal shifts, not at nine taps; du ran
+#   with L1 at 94% of its peak on the H200), in one call: the default step against
+#   ResNet50 (also the second sample that "sums" wants); the statistics, du and the sums
+#   alone at four tilings, tiles and walks, pass 4 with du as one walk (dx_du: dx never
 #   stored) against the two kernels, the backward over the hidden tensors in one walk
 #   (bwd, experiment 29) against the default's three kernels, and the forward product
 #   (stencil_times, whose earlier sweeps timed one or two kernels per form: see
@@ -338,9 +338,9 @@ if [ "$PART" = sweep ]; then
   # ran as fast as XLA's fusion in experiment 23's step, both loading u's nine taps:
   # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
   # Stops starting shapes after 120 s (stage 1 alone is 63 entries). Compiling them is
-  # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 30),
-  # ~95 s at stage 1 and ~80 s at stage 2, bwd's four walks 40-60 s of each (9-15 s a
-  # compile: bwd's walk and du_bn's unrolled loop).
+  # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 31),
+  # ~63 s at stage 1 and ~56 s at stage 2 (88 and 73 s before du_bn was compiled once
+  # a shape and form: 12-15 s a compile, its unrolled loop; bwd's walk takes ~1 s).
   echo "== benchmarks.stencil_times: tilings and walks" | tee -a "$OUT/log.txt"
   timeout 220 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \

@@ -29,7 +29,8 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   the default step runs them on a GPU ("pallas": ``stencil.bn_sums``' tiles, XLA's pass
   4, ``stencil.d_transpose``'s tiles) and as ``stencil.bwd`` then ``stencil.du_bn``
   ("pallas_rows", "pallas_rows_now", at each ``--bwd-tilings``, ``bwd``'s; du_bn at
-  its default): c and dp read once.
+  its default): c and dp read once. The walk and du_bn run as two programs back to
+  back, du_bn's compiled once a shape and form (:class:`TwoPrograms`).
 - ``product``: the forward product p = (D u * mul + add) * c, as XLA's loop fusion
   ("xla", the default) and as ``stencil.product`` at each ``--product-tilings``
   ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too).
@@ -68,6 +69,7 @@ import contextlib
 import datetime
 import sys
 import time
+from typing import Callable, NamedTuple
 
 KERNELS = ("stats", "sums", "du", "dx_du", "bwd", "product")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
@@ -129,23 +131,30 @@ def _functions(stride, side, interpret):
                                      interpret=interpret)
     return dc, dbn._d_transpose(d, k9, stride, hw, "gather").astype(u.dtype)
 
+  def bwd_coefficients(u, k9, sums):  # BatchNorm's cx and c0 from pass 3's sums
+    mul, rstd = pass4_vectors(k9)[0], moments(k9)[1]
+    dmean = dvar = jnp.full_like(mul, 0.01)
+    count = u.shape[0] * u.shape[1] * u.shape[2]
+    return dbn.bn_backward_coeffs(mul, rstd, *sums[:2], dmean, dvar, count)
+
+  def bwd_walk(u, dx, k9):  # ((dc, sg, sgx, tg), du_bn's operands but u and k9)
+    mul, add, _, _, mean = pass4_vectors(k9)
+    dc, du_g, sums = stencil.bwd(u, dx, dx, k9, mul, add, mean, moments(k9)[1],
+                                 interpret=interpret)
+    return (dc, *sums), (*bwd_coefficients(u, k9, sums), mean, du_g)
+
+  def bwd_du(u, k9, cx, c0, mean, du_g):
+    return stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype, interpret=interpret)
+
   def backward(u, dx, k9, form):  # dx as c and dp; returns (dc, du, sg, sgx, tg)
     mul, add, _, _, mean = pass4_vectors(k9)
     rstd = moments(k9)[1]
-    dmean = dvar = jnp.full_like(mean, 0.01)
-    count = u.shape[0] * u.shape[1] * u.shape[2]
-    if form == "pallas_rows":
-      dc, du_g, sums = stencil.bwd(u, dx, dx, k9, mul, add, mean, rstd,
-                                   interpret=interpret)
-      cx, c0 = dbn.bn_backward_coeffs(mul, rstd, *sums[:2], dmean, dvar, count)
-      return (dc, stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype, interpret=interpret),
-              *sums)
     if form == "pallas":
       sums = stencil.bn_sums(u, dx, dx, k9, mean, rstd, stride, interpret)
     else:
       sums = dbn._xla_backward_sums(u, dx, dx, k9, mul, add, mean, rstd, stride, 1,
                                     with_dc=False)[1:]
-    cx, c0 = dbn.bn_backward_coeffs(mul, rstd, *sums[:2], dmean, dvar, count)
+    cx, c0 = bwd_coefficients(u, k9, sums)
     d, dc = dbn._xla_backward_dx(u, dx, dx, k9, mul, cx, c0, mean, stride, 1, u.dtype,
                                  add=add)
     du = (stencil.d_transpose(d, k9, stride, hw, out_dtype=u.dtype, interpret=interpret)
@@ -175,12 +184,56 @@ def _functions(stride, side, interpret):
           u, dx, dx, k9, *pass4_vectors(k9), u.dtype, interpret=interpret),
       ("bwd", "xla"): lambda u, dx, k9: backward(u, dx, k9, "xla"),
       ("bwd", "pallas"): lambda u, dx, k9: backward(u, dx, k9, "pallas"),
-      ("bwd", "pallas_rows"): lambda u, dx, k9: backward(u, dx, k9, "pallas_rows"),
+      # Two programs: du_bn's is the same for both of bwd's tilings (its own tiling is
+      # the default), so it is compiled once a shape and ROWS_AHEAD (12-15 s at stage 1).
+      ("bwd", "pallas_rows"): TwoPrograms(bwd_walk, bwd_du, place=1),
       ("product", "xla"): lambda u, dx, k9: dbn._xla_apply(
           u, dx, k9, *moments(k9), stride, 1),
       ("product", "pallas"): lambda u, dx, k9: stencil.product(
           u, dx, k9, *moments(k9), stride, interpret),
   }
+
+
+class TwoPrograms(NamedTuple):
+  """An entry run as two programs, compiled apart: ``first(u, dx, k9)`` gives
+  ``(outputs, operands)``, ``second(u, k9, *operands)`` one more output, put at
+  ``place`` among the first's. ``time_shape`` compiles ``second`` once a shape and form
+  (the entries of one form differ only in ``first``'s tiling) and times the two back to
+  back. bwd's walk then du_bn: compiled as one program, du_bn (12-15 s at stage 1 on 2
+  CPU cores, its unrolled trips; the walk ~1 s) was compiled again for each of bwd's
+  tilings, 17-25 s of the sweep's 73-88 s a stride-1 shape (NOTES.md, experiment
+  31)."""
+  first: Callable
+  second: Callable
+  place: int
+
+
+def _compile(fn, u, dx, k9, shared: dict, key):
+  """(run(u, dx, k9), the compiled programs' text) for one entry. A TwoPrograms'
+  second program comes from ``shared`` under ``key`` where an earlier entry compiled
+  it."""
+  import jax
+  if not isinstance(fn, TwoPrograms):
+    # A new function object for every entry: jax.jit caches a function's trace by the
+    # object, so jitting the same one again under other settings would reuse the first
+    # trace, and every tiling of a form would time the first tiling's kernel. Before
+    # 2026-12-04 it did (benchmarks/NOTES.md, experiment 24).
+    run = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9).compile()
+    return run, run.as_text()
+  first = jax.jit(lambda *a: fn.first(*a)).lower(u, dx, k9).compile()
+  if key not in shared:
+    on = u.sharding  # (an array's, or the compile-only device's ShapeDtypeStruct's)
+    operands = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on)
+                for s in jax.eval_shape(lambda *a: fn.first(*a), u, dx, k9)[1]]
+    shared[key] = jax.jit(lambda *a: fn.second(*a)).lower(u, k9, *operands).compile()
+  second = shared[key]
+
+  def run(u, dx, k9):
+    outputs, operands = first(u, dx, k9)
+    outputs = list(outputs)
+    outputs.insert(fn.place, second(u, k9, *operands))
+    return tuple(outputs)
+  return run, first.as_text() + second.as_text()
 
 
 @contextlib.contextmanager
@@ -265,7 +318,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
     on = jax.sharding.SingleDeviceSharding(compile_on)
     u, dx, k9 = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)
                  for a in jax.eval_shape(lambda: _inputs(batch, side, n, stride)))
-  out, ref = {}, {}
+  out, ref, shared = {}, {}, {}
   fns = _functions(stride, side, interpret)
   todo = [("stats", "xla", None), ("sums", "xla", None), ("du", "gather", None),
           ("du", "autodiff", None)]
@@ -300,17 +353,12 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
           kernel_env("QLHS_SUMS_FORM", "xla"), \
           kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \
           _rows_ahead(form != "pallas_rows_now"):
-        # A new function object for every entry: jax.jit caches a function's trace by
-        # the object, so jitting the same one again under other settings would reuse
-        # the first trace, and every tiling of a form would time the first tiling's
-        # kernel. Before 2026-12-04 it did (benchmarks/NOTES.md, experiment 24).
         with _lowering_for(compile_on):
-          lowered = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9)
-        run = lowered.compile()
+          run, text = _compile(fn, u, dx, k9, shared, (kernel, form))
       compile_s = time.perf_counter() - start  # (what a sweep's time limit must allow)
       if compile_on is not None:  # not run; the Pallas kernels that it would launch
         out[name] = {"compile_s": compile_s,
-                     "pallas_calls": run.as_text().count("__gpu$xla.gpu.triton")}
+                     "pallas_calls": text.count("__gpu$xla.gpu.triton")}
       else:
         got = run(u, dx, k9)
         if form in ("xla", "gather"):  # first in `todo`: each kernel's reference

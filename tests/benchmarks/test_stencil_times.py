@@ -237,6 +237,33 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
                    ((16, 2), False)], walks
 
 
+def test_du_bn_is_compiled_once_a_shape_and_form_for_all_of_bwds_tilings(monkeypatch):
+  """bwd's walks at two tilings each way: the walk is its own program at every entry,
+  du_bn's is compiled once for the walks loading ahead and once for those loading where
+  used (its own tiling is the default; ~13 s a compile at stage 1), and each entry
+  still gives XLA's dc, du and sums."""
+  from qlhs_jax.kernels import stencil
+  launched, real = [], stencil.pl.pallas_call
+
+  def spy(kernel, *a, **k):
+    launched.append((kernel.func.__name__, kernel.keywords["plan"].get("ahead")))
+    return real(kernel, *a, **k)
+  monkeypatch.setattr(stencil.pl, "pallas_call", spy)
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), (), True, 1, 1, kernels=("bwd",),
+                                 forms=("pallas_rows", "pallas_rows_now"),
+                                 bwd_tilings=("8,4,4", "8,8,4"))
+  assert set(out) == {"bwd xla", "bwd pallas", "bwd pallas_rows@8,4,4",
+                      "bwd pallas_rows@8,8,4", "bwd pallas_rows_now@8,4,4",
+                      "bwd pallas_rows_now@8,8,4"}, out
+  assert all(r["err"] < stencil_times.WRONG["bwd"] for r in out.values()), out
+  walks = [a for name, a in launched if name == "_bwd_rows_kernel"]
+  du_bn = [a for name, a in launched if name == "_du_bn_rows_kernel"]
+  # each walk traced to compile it (and once more for du_bn's operands' shapes, where
+  # du_bn is compiled)
+  assert walks == [True, True, True, False, False, False], walks
+  assert du_bn == [True, False], du_bn
+
+
 def test_rel_is_the_largest_difference_over_the_largest_reference_value():
   """_rel (reduced where the arrays are, in float32) against NumPy float64, over a
   tuple of arrays of different sizes and dtypes: the largest difference of any array
