@@ -1013,20 +1013,31 @@ class _Strip:
       self.x = lax.rem(lane, plan["wp"])
       self.live = (self.x < plan["w"]) & (self.img < plan["b"])
     self.j0 = cb * plan["bj"]
+    # Each shift's lane mask and, with several images a strip, each lane's row offset,
+    # formed once here, where the kernel starts: a load then adds only its row's scalar
+    # terms. Formed at every load, they added vector operations to each load in the
+    # Triton IR: the machine code was the same at stages 1-2 (at 3-4, 1-3 instructions
+    # more in some loops), and du_bn's compile for the H100 took ~3% longer (NOTES.md,
+    # experiment 31). (Here, not on first use: a value made inside a loop's body cannot
+    # leave it.)
+    w, hw = plan["w"], plan["h"] * plan["w"]
+    self._lanes_ok = {s: self.live & (self.x + s >= 0) & (self.x + s < w)
+                      for s in range(-2, 3)}
+    self._lane_at = ({s: self.img * hw + self.x + s + plan["guard"] for s in range(-2, 3)}
+                     if per > 1 else None)
 
   def _at(self, r, s, extra=True):
     """(first row, or each lane's row; mask) of pixels (r, x + s): masked outside the
     image, on lanes past it, and where ``extra`` (a scalar) is off."""
     plan = self.plan
-    xs = self.x + s
-    ok = self.live & (xs >= 0) & (xs < plan["w"]) & (r >= 0) & (r < plan["h"]) & extra
-    at = self.img * (plan["h"] * plan["w"]) + r * plan["w"] + s + plan["guard"]
-    if plan["per"] == 1:
-      return at + self.x0, ok
+    ok = self._lanes_ok[s] & ((r >= 0) & (r < plan["h"]) & extra)
+    if plan["per"] == 1:  # scalars
+      return self.img * (plan["h"] * plan["w"]) + r * plan["w"] + s + plan["guard"] + \
+          self.x0, ok
     # A masked lane's row is 0 (a guard row where interpreted): its index stays in the
     # array, so that the interpreter's gather and scatter neither clip it onto a live
     # row nor drop it.
-    return jnp.where(ok, at + self.x, 0), ok
+    return jnp.where(ok, self._lane_at[s] + r * plan["w"], 0), ok
 
   def _ref(self, ref, at, cols):
     if self.plan["per"] == 1:
