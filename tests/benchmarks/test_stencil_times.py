@@ -240,7 +240,7 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
 def test_du_bn_is_compiled_once_a_shape_and_form_for_all_of_bwds_tilings(monkeypatch):
   """bwd's walks at two tilings each way: the walk is its own program at every entry,
   du_bn's is compiled once for the walks loading ahead and once for those loading where
-  used (its own tiling is the default; ~13 s a compile at stage 1), and each entry
+  used (its own tiling is the default; 12-15 s a compile at stage 1), and each entry
   still gives XLA's dc, du and sums."""
   from qlhs_jax.kernels import stencil
   launched, real = [], stencil.pl.pallas_call
