@@ -221,10 +221,9 @@ def _compile(fn, u, dx, k9, shared: dict, key):
     run = jax.jit(lambda *a: fn(*a)).lower(u, dx, k9).compile()
     return run, run.as_text()
   first = jax.jit(lambda *a: fn.first(*a)).lower(u, dx, k9).compile()
-  if key not in shared:
-    on = u.sharding  # (an array's, or the compile-only device's ShapeDtypeStruct's)
-    operands = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on)
-                for s in jax.eval_shape(lambda *a: fn.first(*a), u, dx, k9)[1]]
+  if key not in shared:  # its operands as the first program gives them
+    operands = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
+                for s in first.out_info[1]]
     shared[key] = jax.jit(lambda *a: fn.second(*a)).lower(u, k9, *operands).compile()
   second = shared[key]
 
