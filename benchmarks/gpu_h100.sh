@@ -3,7 +3,7 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
-# (experiments 24-25) and "pool" (experiment 26) in one session (590 + 190 s), then
+# (experiments 24-25) and "pool" (experiments 26, 32) in one session (590 + 230 s), then
 # "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -57,13 +57,17 @@
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
-# "pool" (time limits add up to 190 s; NOTES.md experiment 26): the stem's BatchNorm,
+# "pool" (time limits add up to 230 s; NOTES.md experiments 26 and 32): the stem's BatchNorm,
 #   ReLU and max-pool as one operation (stem_pool="argmax_bn", the default of every
 #   ResNet-stem model since 2026-12-05: BatchNorm's backward sums on the pooled grid, the
 #   pool's dense gradient never stored; 1.08 GB less a step for Eq.(3), 1.18 for
 #   ResNet50, in the deviceless compile) against the form before it (stem_pool="argmax"),
 #   Eq.(3) "auto" on uint8 batches, in one call. Both models have this stem: it moves
-#   the rate, and the ratio only slightly.
+#   the rate, and the ratio only slightly. Then benchmarks.erase_fill: the step's input
+#   work alone (uint8 normalised, boxes erased, bfloat16 out) with each generator of the
+#   erased boxes' fills, the counter hash (config.data.erase_noise="hash", the default
+#   since 2026-12-05) and jax.random's threefry (before: ~130 integer operations a value
+#   inside the stem's first kernel, 0.25 ms of an H200 step), interleaved; ~15 s.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -106,12 +110,14 @@
 #   configs/eq3w.py, which set fuse_d_bn="auto" since 2026-12-03 on their deviceless
 #   bytes alone (0.73x and 0.72x the plain path's): each with "auto" and with the plain
 #   path, to confirm the default or take it back.
-# "input" (230 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
+# "input" (310 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
 #   --input uint8, the batches training feeds since 2026-12-04 (uint8 images normalised
 #   and randomly erased inside the step; both models pay the same). Against the first
 #   row of "ncu" (float32 images): what moving that work off the host costs the GPU.
 #   Then Eq.(3) with --input uint8_randaugment (config.data.device_randaugment, off by
-#   default): what RandAugment in the step costs, against the row before.
+#   default): what RandAugment in the step costs, against the row before; and Eq.(3)
+#   with --input uint8_threefry: the fills from jax.random as before 2026-12-05
+#   (NOTES.md experiment 32), against the first row.
 # "host" (~200 s; README "Host throughput"; not part of "all"): the GPU machine's own 16
 #   cores, where the README's 16-core rows come from (float32 batches, 2026-11-27), now
 #   also with uint8 batches (device_normalize) and with device_randaugment:
@@ -377,6 +383,10 @@ if [ "$PART" = pool ]; then
   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
   bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --set 'stem_pool="argmax"' \
     --input uint8
+  echo "== benchmarks.erase_fill" | tee -a "$OUT/log.txt"
+  timeout 40 python3 -m qlhs_jax.benchmarks.erase_fill --batch "${BATCH:-256}" \
+    --size "${SIZE:-224}" 2>&1 | quiet | tee -a "$OUT/log.txt" | tail -n 3
+  bring
 fi
 if [ "$PART" = sums ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
@@ -449,6 +459,7 @@ fi
 if [ "$PART" = input ] || [ "$PART" = all ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_randaugment
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_threefry
 fi
 if [ "$PART" = host ]; then
   if [ -d .whl ]; then

@@ -169,8 +169,10 @@ def _shapes(tree) -> dict[str, tuple]:
 # which config.differences assumes): such runs normalised their train images on the
 # host, so resuming one bit-exactly needs --config.data.device_normalize=False, which
 # the workdir guard then names. RandAugment ran on the host before
-# data.device_randaugment existed, as it does with the key False.
-_ABSENT_MEANT = {"data.device_normalize": False, "data.device_randaugment": False}
+# data.device_randaugment existed, as it does with the key False. Erased boxes' fills
+# on the device came from jax.random before data.erase_noise existed.
+_ABSENT_MEANT = {"data.device_normalize": False, "data.device_randaugment": False,
+                 "data.erase_noise": "threefry"}
 
 
 def _read_config_file(path: str) -> dict:

@@ -335,3 +335,15 @@ def test_a_run_saved_before_device_randaugment_resumes_as_it_was(tmp_path):
   c.data.device_randaugment = True
   with pytest.raises(ValueError, match="data.device_randaugment: saved False, now True"):
     ckpt_lib.save_or_check_config(wd, c)
+
+
+def test_a_run_saved_before_erase_noise_resumes_exactly_with_threefry(tmp_path):
+  """Its erased boxes' fills came from jax.random: the guard names the key against the
+  new default, and the run resumes with erase_noise='threefry'."""
+  c, wd = _saved_before("data.erase_noise", tmp_path)
+  assert c.data.erase_noise == "hash"
+  with pytest.raises(ValueError, match="data.erase_noise: saved 'threefry', now 'hash'"):
+    ckpt_lib.save_or_check_config(wd, c)
+  assert ckpt_lib.load_config(wd).data.erase_noise == "threefry"
+  c.data.erase_noise = "threefry"
+  ckpt_lib.save_or_check_config(wd, c)

@@ -260,7 +260,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--input", default="float32", choices=INPUTS,
                  help="uint8: the step normalises and erases uint8 batches (training's "
-                      "config.data.device_normalize); uint8_randaugment: and applies "
+                      "config.data.device_normalize); uint8_threefry: with the fills "
+                      "from jax.random; uint8_randaugment: and applies "
                       "RandAugment's ops first (config.data.device_randaugment)")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
   p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],

@@ -8,8 +8,9 @@ backward, label smoothing, masked weight decay, SGD-Nesterov update, non-finite 
 jitted over the device mesh) on synthetic inputs already on the device, and the eval
 forward pass of the BN-folded model. ``--input uint8`` feeds what training feeds since
 2026-12-04 (``config.data.device_normalize``): uint8 images and random erasing's boxes,
-normalised and erased inside the step (``qlhs_jax.device_input``); ``--input
-uint8_randaugment`` adds RandAugment's ops to the batch, applied in the step too
+normalised and erased inside the step (``qlhs_jax.device_input``; ``--input
+uint8_threefry`` draws the erased boxes' fills with ``jax.random`` as before 2026-12-05,
+``config.data.erase_noise="threefry"``); ``--input uint8_randaugment`` adds RandAugment's ops to the batch, applied in the step too
 (``config.data.device_randaugment``, ``qlhs_jax.device_augment``); the default, float32
 images, is what every record without an ``input`` field timed. Each step is timed to
 completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
@@ -34,13 +35,13 @@ import types
 from qlhs_jax.provenance import code_version  # each record's commit
 
 
-INPUTS = ("float32", "uint8", "uint8_randaugment")
+INPUTS = ("float32", "uint8", "uint8_threefry", "uint8_randaugment")
 # The recipe's normalisation, erasing and RandAugment (qlhs_jax.data.default_config(); a
 # test keeps them equal). Spelled out here: the GPU machine has no grain, which
 # qlhs_jax.data needs.
 RECIPE_INPUT = types.SimpleNamespace(device_normalize=True, mean=(0.485, 0.456, 0.406),
                                      std=(0.229, 0.224, 0.225), reprob=0.4,
-                                     remode="pixel", recount=3,
+                                     remode="pixel", recount=3, erase_noise="hash",
                                      randaugment="rand-m7-mstd0.5-inc1",
                                      device_randaugment=False)
 # RandAugment's two ops per image, each applied with probability 0.5, and a typical
@@ -54,6 +55,7 @@ def harness_train_step(model, mesh, input: str = "float32"):
   """The optimizer and the jitted train step the harness times (the recipe's: lr 0.3
   cosine over 50 epochs, 100 classes), also what ``benchmarks.aot`` compiles. ``input``
   "uint8": the step normalises and erases uint8 batches (:func:`synthetic_batch`);
+  "uint8_threefry": the fills from ``jax.random`` instead of the counter hash;
   "uint8_randaugment": it applies their RandAugment ops first."""
   from qlhs_jax import device_input
   from qlhs_jax import steps as S
@@ -64,7 +66,8 @@ def harness_train_step(model, mesh, input: str = "float32"):
   images_fn = None
   if input != "float32":
     images_fn = device_input.train_images_fn(types.SimpleNamespace(
-        **{**vars(RECIPE_INPUT), "device_randaugment": input == "uint8_randaugment"}))
+        **{**vars(RECIPE_INPUT), "device_randaugment": input == "uint8_randaugment",
+           "erase_noise": "threefry" if input == "uint8_threefry" else "hash"}))
   return tx, S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
                                                 steps_per_epoch=1000,
                                                 images_fn=images_fn), mesh)
@@ -398,7 +401,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--input", default="float32", choices=INPUTS,
                  help="uint8: the step normalises and erases uint8 batches, as training "
                       "with config.data.device_normalize does (both models); "
-                      "uint8_randaugment: and applies RandAugment's ops first "
+                      "uint8_threefry: with the erased boxes' fills from jax.random "
+                      "(config.data.erase_noise=threefry); uint8_randaugment: and applies RandAugment's ops first "
                       "(config.data.device_randaugment)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for --model, e.g. --set d_impl=grouped")

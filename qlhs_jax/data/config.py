@@ -50,8 +50,12 @@ def default_config() -> ml_collections.ConfigDict:
       seeds); the train step normalises and erases on the device
       (``qlhs_jax.device_input``). A quarter of the bytes per image through worker
       processes and to the device, and no float work on the host. The erased boxes'
-      noise then comes from JAX's generator: the same distribution, other values.
-      Validation batches are float32 either way. The training configs set it.
+      noise then comes from the device's generator: the same distribution, other
+      values. Validation batches are float32 either way. The training configs set it.
+    erase_noise: with device_normalize, the generator of 'pixel' fills: 'hash' (a
+      counter hash of seed and position, ~12 integer operations a value) or 'threefry'
+      (``jax.random.normal``, ~130; the only one before 2026-12-05: a run begun then
+      resumes exactly with it). ``qlhs_jax.device_input``.
     device_randaugment: with device_normalize, the host only draws each image's
       RandAugment ops (``ra_op``, ``ra_arg``, ``ra_resample``) and the train step
       applies them (``qlhs_jax.device_augment``): 1.25-1.67x the host's rate on
@@ -85,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
       std=transforms.IMAGENET_STD,
       jpeg_draft=False,
       device_normalize=False,
+      erase_noise="hash",
       device_randaugment=False,
       workers=0,
       read_threads=2,
@@ -115,6 +120,7 @@ def digits_config(image_size: int = 32) -> ml_collections.ConfigDict:
 _CHOICES = {
     "name": sources.SOURCES,
     "remode": ("pixel", "rand", "const"),
+    "erase_noise": ("hash", "threefry"),
 }
 
 

@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qlhs_jax.benchmarks import block_check, block_tune, fused, input as input_bench
+from qlhs_jax.benchmarks import block_check, block_tune, erase_fill, fused
+from qlhs_jax.benchmarks import input as input_bench
 from qlhs_jax.benchmarks import stencil_times, step
 from qlhs_jax.models import registry
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_h100.sh")
 MAINS = {"step": step.main, "block_tune": block_tune.main, "block_check": block_check.main,
          "fused": fused.main, "stencil_times": stencil_times.main,
-         "input": input_bench.main}
+         "input": input_bench.main, "erase_fill": erase_fill.main}
 # (benchmarks.table takes no flags: one results file)
 HELPERS = {"bench": "step", "fused_op": "fused"}  # shell functions: NAME SECONDS ARGS...
 # Values the script computes on the GPU; stand-ins of the right kind.

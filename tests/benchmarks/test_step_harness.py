@@ -82,7 +82,7 @@ def test_the_harness_erases_as_the_recipe():
   """The harness spells the recipe's input out (no grain on the GPU machine)."""
   from qlhs_jax import data
   c = data.default_config()
-  for key in ("mean", "std", "reprob", "remode", "recount", "randaugment"):
+  for key in ("mean", "std", "reprob", "remode", "recount", "randaugment", "erase_noise"):
     assert tuple(np.atleast_1d(getattr(step.RECIPE_INPUT, key))) == tuple(
         np.atleast_1d(c[key])), key
 
