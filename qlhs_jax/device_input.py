@@ -48,8 +48,9 @@ _SEED_SALT = 0x9E3779B9
 
 def _lowbias32(x: jax.Array) -> jax.Array:
   """Chris Wellons' "lowbias32" (public domain; https://nullprogram.com/blog/2018/07/31/):
-  a bijection of uint32 whose every input bit flips each output bit with probability
-  within ~0.2% of 1/2. Multiplications wrap modulo 2**32."""
+  a bijection of uint32, found by searching xor-shift-multiply hashes for the lowest
+  avalanche bias (an input bit's flip should flip each output bit half the time).
+  Multiplications wrap modulo 2**32."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
