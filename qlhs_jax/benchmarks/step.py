@@ -10,7 +10,8 @@ forward pass of the BN-folded model. ``--input uint8`` feeds what training feeds
 2026-12-04 (``config.data.device_normalize``): uint8 images and random erasing's boxes,
 normalised and erased inside the step (``qlhs_jax.device_input``; ``--input
 uint8_threefry`` draws the erased boxes' fills with ``jax.random`` as before 2026-12-05,
-``config.data.erase_noise="threefry"``); ``--input uint8_randaugment`` adds RandAugment's ops to the batch, applied in the step too
+``config.data.erase_noise="threefry"``); ``--input uint8_randaugment`` adds
+RandAugment's ops to the batch, applied in the step too
 (``config.data.device_randaugment``, ``qlhs_jax.device_augment``); the default, float32
 images, is what every record without an ``input`` field timed. Each step is timed to
 completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
@@ -402,8 +403,8 @@ def parser() -> argparse.ArgumentParser:
                  help="uint8: the step normalises and erases uint8 batches, as training "
                       "with config.data.device_normalize does (both models); "
                       "uint8_threefry: with the erased boxes' fills from jax.random "
-                      "(config.data.erase_noise=threefry); uint8_randaugment: and applies RandAugment's ops first "
-                      "(config.data.device_randaugment)")
+                      "(config.data.erase_noise=threefry); uint8_randaugment: and "
+                      "applies RandAugment's ops first (config.data.device_randaugment)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for --model, e.g. --set d_impl=grouped")
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",
