@@ -1,5 +1,5 @@
 """``python -m qlhs_jax.benchmarks.hlo_bytes STEP.hlo.txt[.gz] [--top 25] [--part
-stage1_block1] [--launch]``: where the bytes of a compiled step go.
+stage1_block1] [--launch] [--ops NAME]``: where the bytes of a compiled step go.
 
 Reads the optimized HLO that ``python -m qlhs_jax.benchmarks.step --hlo-dir DIR`` writes,
 and for every top-level instruction of the entry computation (each is one kernel launch
@@ -11,8 +11,9 @@ loops) and by model part (the block named in the op metadata), and the largest
 kernels; ``--part`` lists one block's kernels in program order with their op names
 (benchmarks/NOTES.md's per-block table); ``--launch``, on a file that XLA dumped
 (``XLA_FLAGS=--xla_dump_to=DIR``), adds each kernel's grid and block size and flags the
-kernels launched with fewer threads than an H100 keeps resident. It is the offline half
-of the speed analysis: it needs no GPU.
+kernels launched with fewer threads than an H100 keeps resident; ``--ops NAME`` counts
+the instructions of one fusion's computation by kind: how much a kernel computes for
+each value it writes. It is the offline half of the speed analysis: it needs no GPU.
 """
 
 from __future__ import annotations
@@ -183,6 +184,39 @@ def part_report(path: str, part: str, min_gb: float = 0.0) -> str:
   return "\n".join(lines)
 
 
+# Instructions that compute no value of their own: they name, index or relabel one.
+_INDEX_ONLY = frozenset({"parameter", "constant", "broadcast", "bitcast", "reshape"})
+
+
+def fusion_ops(text: str, name: str) -> collections.Counter:
+  """The instructions of top-level fusion ``name``'s computation, counted by kind: each
+  runs once for every value the kernel writes."""
+  call = re.search(r"^\s*(?:ROOT\s+)?%?" + re.escape(name) + r"\s*=.*?\bcalls=%?([\w.\-]+)",
+                   text, re.M)
+  if not call:
+    raise SystemExit(f"no fusion named {name!r} in the entry computation (the names "
+                     f"--part and the full report list)")
+  lines = text.splitlines()
+  head = re.compile(r"^%?" + re.escape(call.group(1)) + r"\s")
+  start = next(i for i, line in enumerate(lines) if head.match(line))
+  kinds = collections.Counter()
+  for line in lines[start + 1:]:
+    if line.startswith("}"):
+      break
+    m = _INSTR.match(line)
+    if m:
+      kinds[m.group(4)] += 1
+  return kinds
+
+
+def ops_report(path: str, name: str) -> str:
+  kinds = fusion_ops(read_hlo(path), name)
+  computing = sum(n for k, n in kinds.items() if k not in _INDEX_ONLY)
+  return (f"{path}, {name}: {sum(kinds.values())} instructions, {computing} computing "
+          f"({', '.join(sorted(_INDEX_ONLY))} left out)\n  "
+          + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+
+
 def totals(rows):
   """Bytes of ``analyse``'s rows summed by kind and by model part: two Counters."""
   by_kind, by_part = collections.Counter(), collections.Counter()
@@ -265,10 +299,15 @@ def main(argv=None):
   p.add_argument("--launch", action="store_true",
                  help="add each kernel's launch dimensions, from the thunk files XLA "
                       "dumps beside PATH (XLA_FLAGS=--xla_dump_to=DIR)")
+  p.add_argument("--ops", default=None, metavar="NAME",
+                 help="count the instructions of fusion NAME's computation instead")
   args = p.parse_args(argv)
   try:
-    print(part_report(args.path, args.part, args.min_gb) if args.part
-          else report(args.path, args.top, args.launch))
+    if args.ops:
+      print(ops_report(args.path, args.ops))
+    else:
+      print(part_report(args.path, args.part, args.min_gb) if args.part
+            else report(args.path, args.top, args.launch))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

@@ -134,3 +134,52 @@ def test_the_h100_steps_the_notes_quote(monkeypatch):
       m.setattr(hlo_bytes, "_WORKSPACE", re.compile(r"(?!)"))  # matches nothing
       everything = sum(r[0] for r in hlo_bytes.analyse(text))
     assert everything - counted == sum(workspaces)
+
+
+def test_ops_counts_one_fusions_instructions_by_kind(tmp_path, capsys):
+  """A fusion of 2 parameters, a constant and its broadcast (index-only) and 3 computing
+  instructions; another computation's instructions and the entry's are not counted."""
+  text = textwrap.dedent("""\
+      HloModule m
+      %fused_add.1 (p0: u32[4], p1: u32[4]) -> u32[4] {
+        %p0 = u32[4]{0} parameter(0)
+        %p1 = u32[4]{0} parameter(1)
+        %c = u32[] constant(9)
+        %b = u32[4]{0} broadcast(u32[] %c), dimensions={}
+        %s = u32[4]{0} shift-right-logical(u32[4]{0} %p0, u32[4]{0} %b)
+        %x = u32[4]{0} xor(u32[4]{0} %s, u32[4]{0} %p1)
+        ROOT %a = u32[4]{0} add(u32[4]{0} %x, u32[4]{0} %p1)
+      }
+      %fused_add (q: u32[4]) -> u32[4] {
+        %q = u32[4]{0} parameter(0)
+        ROOT %m = u32[4]{0} multiply(u32[4]{0} %q, u32[4]{0} %q)
+      }
+      ENTRY %main (a: u32[4], b: u32[4]) -> u32[4] {
+        %a = u32[4]{0} parameter(0)
+        %b = u32[4]{0} parameter(1)
+        %loop_add_fusion = u32[4]{0} fusion(%a), kind=kLoop, calls=%fused_add
+        ROOT %loop_add_fusion.1 = u32[4]{0} fusion(%loop_add_fusion, %b), kind=kLoop, calls=%fused_add.1
+      }
+      """)
+  assert hlo_bytes.fusion_ops(text, "loop_add_fusion.1") == {
+      "parameter": 2, "constant": 1, "broadcast": 1, "shift-right-logical": 1, "xor": 1,
+      "add": 1}
+  assert hlo_bytes.fusion_ops(text, "loop_add_fusion") == {"parameter": 1, "multiply": 1}
+  p = tmp_path / "m.hlo.txt"
+  p.write_text(text)
+  hlo_bytes.main([str(p), "--ops", "loop_add_fusion.1"])
+  assert "7 instructions, 3 computing" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="no fusion named 'gemm'"):
+    hlo_bytes.fusion_ops(text, "gemm")
+
+
+def test_the_input_kernels_instructions_the_notes_quote():
+  """NOTES.md experiment 32: the stem's input kernel of the H200 step of experiment 23,
+  with jax.random's threefry for the erased boxes' fills, computes 172 instructions a
+  value."""
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "device_hlo",
+                      "h200_6e0def0_eq3_softball_ds.train.hlo.txt.gz")
+  kinds = hlo_bytes.fusion_ops(hlo_bytes.read_hlo(path), "loop_transpose_fusion.1")
+  assert sum(n for k, n in kinds.items() if k not in hlo_bytes._INDEX_ONLY) == 172
+  assert kinds["xor"] == 21 and kinds["shift-left"] == 20  # threefry's 20 rounds
