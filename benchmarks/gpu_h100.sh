@@ -110,14 +110,17 @@
 #   configs/eq3w.py, which set fuse_d_bn="auto" since 2026-12-03 on their deviceless
 #   bytes alone (0.73x and 0.72x the plain path's): each with "auto" and with the plain
 #   path, to confirm the default or take it back.
-# "input" (310 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
+# "input" (390 s; README "Data", device_normalize): Eq.(3) "auto" against ResNet50 with
 #   --input uint8, the batches training feeds since 2026-12-04 (uint8 images normalised
 #   and randomly erased inside the step; both models pay the same). Against the first
 #   row of "ncu" (float32 images): what moving that work off the host costs the GPU.
 #   Then Eq.(3) with --input uint8_randaugment (config.data.device_randaugment, off by
 #   default): what RandAugment in the step costs, against the row before; and Eq.(3)
 #   with --input uint8_threefry: the fills from jax.random as before 2026-12-05
-#   (NOTES.md experiment 32), against the first row.
+#   (NOTES.md experiment 32), against the first row; and Eq.(3) with --state-writes
+#   per_leaf: the new state written leaf by leaf, the old donated, as before 2026-12-05
+#   (config.group_state_writes=False; NOTES.md experiment 33: 664 kernels, not 599),
+#   against the first row.
 # "host" (~200 s; README "Host throughput"; not part of "all"): the GPU machine's own 16
 #   cores, where the README's 16-core rows come from (float32 batches, 2026-11-27), now
 #   also with uint8 batches (device_normalize) and with device_randaugment:
@@ -460,6 +463,8 @@ if [ "$PART" = input ] || [ "$PART" = all ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_randaugment
   bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8_threefry
+  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 \
+    --state-writes per_leaf
 fi
 if [ "$PART" = host ]; then
   if [ -d .whl ]; then

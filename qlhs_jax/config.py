@@ -25,8 +25,9 @@ RUNTIME_KEYS = frozenset({
     "allow_config_change", "distributed", "nan_max_retries", "data.workers",
     "data.read_threads", "data.prefetch", "data.data_dir", "data.folder",
     "data.resized_dir", "data.index_cache_dir", "checkpoint_async",
-    # The kernels' forms and tiles: the same values up to rounding, as on another device.
-    *(f"kernels.{key}" for key in kernel_settings.VARIABLES),
+    # The kernels' forms and tiles, and how the step writes its state: the same values up
+    # to rounding, as on another device.
+    *(f"kernels.{key}" for key in kernel_settings.VARIABLES), "group_state_writes",
 })
 
 
@@ -53,6 +54,11 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   # the Pallas stencil kernels on NVIDIA GPUs, XLA's forms elsewhere).
   c.kernels = ml_collections.ConfigDict(kernel_settings.default_config())
   c.dtype = "bfloat16"            # compute dtype; parameters and logits stay float32
+  # The train step writes its new state in a few grouped kernels (~30 for Eq.(3)) and
+  # keeps the old state until then; False: a kernel per leaf (~95) and the old state
+  # donated, one copy of the state less in memory. The same values up to rounding
+  # (steps.keep_where; benchmarks/NOTES.md experiment 33).
+  c.group_state_writes = True
   c.data = data_lib.default_config()
   # uint8 train batches, normalised and erased inside the train step: the host's share
   # of the recipe's augmentation is smaller and a quarter of the bytes leave it.

@@ -116,9 +116,50 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+# At most this many leaves of one dtype and size share one select in keep_where. Kernels
+# of Eq.(3)'s step compiled for an H100 (benchmarks.aot, jax 0.11.2; per-leaf: 664) with
+# groups of at most 2, 3, 4, 5, 6, 8, 10, 12, 16 leaves: 625, 596, 599, 595, 622, 629,
+# 656, 704, 766. Past ~5, XLA writes a group's concatenation and slices each leaf out in
+# a kernel of its own (NOTES.md experiment 33).
+KEEP_GROUP_LEAVES = 4
+
+
+def keep_where(keep, new, old, *, grouped: bool = True):
+  """``jnp.where(keep, a, b)`` for each pair of leaves of ``new`` and ``old`` (trees of
+  one structure; ``keep`` a scalar bool).
+
+  ``grouped``: the leaves of one dtype and size, :data:`KEEP_GROUP_LEAVES` at a time, are
+  flattened, concatenated, selected once and sliced back: the same values. XLA's GPU
+  compiler merges no independent kernels (experiment 28), so a per-leaf select costs the
+  train step one small kernel per state leaf (~95 for Eq.(3)); a group's select with
+  the update math feeding it compiles to one kernel that writes each leaf (experiment
+  33). Donating the old state then makes XLA copy every leaf back into its old buffer,
+  which :func:`jit_train_step` avoids by not donating a grouped step's state.
+  """
+  if not grouped:
+    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+  new_leaves, treedef = jax.tree.flatten(new)
+  old_leaves = treedef.flatten_up_to(old)
+  groups: dict = {}
+  for i, (a, b) in enumerate(zip(new_leaves, old_leaves)):
+    groups.setdefault((jnp.result_type(a, b), np.size(b)), []).append(i)
+  out = list(new_leaves)
+  for members in groups.values():
+    for start in range(0, len(members), KEEP_GROUP_LEAVES):
+      chunk = members[start:start + KEEP_GROUP_LEAVES]
+      flat = lambda leaves: jnp.concatenate([jnp.ravel(leaves[i]) for i in chunk])
+      kept = jnp.where(keep, flat(new_leaves), flat(old_leaves))
+      offset = 0
+      for i in chunk:
+        size = np.size(old_leaves[i])
+        out[i] = kept[offset:offset + size].reshape(np.shape(old_leaves[i]))
+        offset += size
+  return jax.tree.unflatten(treedef, out)
+
+
 def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
                     label_smoothing: float = 0.1, steps_per_epoch: int = 1,
-                    images_fn: Callable | None = None):
+                    images_fn: Callable | None = None, group_state_writes: bool = True):
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   ``images_fn(batch)`` gives the model's input (default ``batch["image"]``); the
@@ -129,6 +170,12 @@ def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
   ``state.step``, so the schedule needs no host. Non-finite loss or gradients skip the
   update inside the step (params, BN statistics and momentum stay as they were) and
   count it in ``state.skipped``: no host synchronisation per step.
+
+  ``group_state_writes``: the new state's leaves are written by a few grouped kernels
+  (:func:`keep_where`) and the step's ``donate_state`` attribute is False, which
+  :func:`jit_train_step` follows. False: one kernel per leaf, the old state donated.
+  Both give the same values up to rounding (XLA fuses the update math around the
+  select differently); grouped holds one more copy of the state in memory.
   """
 
   def train_step(state: TrainState, batch):
@@ -148,16 +195,17 @@ def make_train_step(model, tx, lr_fn: Callable, *, num_classes: int,
     new_params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), state.params,
                               updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, batch_stats, opt_state = keep_where(
+        finite, (new_params, new_stats, new_opt),
+        (state.params, state.batch_stats, state.opt_state), grouped=group_state_writes)
     state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params),
-        batch_stats=keep(new_stats, state.batch_stats),
-        opt_state=keep(new_opt, state.opt_state),
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
                "lr": lr, "finite": finite.astype(jnp.float32)}
     return state, metrics
 
+  train_step.donate_state = not group_state_writes
   return train_step
 
 
@@ -247,7 +295,8 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def jit_train_step(train_step, mesh: Mesh):
-  """jit with the state replicated and the batch split over the data axis."""
+  """jit with the state replicated and the batch split over the data axis. The state
+  is donated where the step says so (``train_step.donate_state``, default True)."""
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P(DATA_AXIS))
 
@@ -256,7 +305,7 @@ def jit_train_step(train_step, mesh: Mesh):
     with batch_mesh(mesh):
       return train_step(state, batch)
   return jax.jit(on_mesh, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=0)
+                 donate_argnums=0 if getattr(train_step, "donate_state", True) else ())
 
 
 def jit_eval_step(eval_step, mesh: Mesh):

@@ -334,7 +334,8 @@ def _train(config, workdir, train_input, eval_input, ckpts, mesh, writer) -> dic
 
   train_step = S.jit_train_step(S.make_train_step(
       model, tx, lr_fn, num_classes=num_classes, label_smoothing=config.label_smoothing,
-      steps_per_epoch=spe, images_fn=device_input.train_images_fn(config.data)), mesh)
+      steps_per_epoch=spe, images_fn=device_input.train_images_fn(config.data),
+      group_state_writes=config.group_state_writes), mesh)
   eval_step = S.jit_eval_step(S.make_eval_step(
       model, num_classes=num_classes, label_smoothing=config.label_smoothing), mesh)
   progress = _Progress(config.progress_bar and jax.process_index() == 0,

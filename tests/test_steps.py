@@ -1,5 +1,6 @@
 """The recipe's pieces against independent formulas: schedule, optimizer, loss, sharding."""
 
+import functools
 import math
 
 import jax
@@ -74,7 +75,7 @@ def test_label_smoothing_loss():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
-def _tiny_setup(mesh, sync_bn):
+def _tiny_setup(mesh, sync_bn, group_state_writes=True):
   model = QLHSNet(widths=(4, 8), depths=(1, 1), stem="small", num_classes=10,
                   dtype=jnp.float32, bn_groups=1 if sync_bn else mesh.size)
   tx = S.make_optimizer()
@@ -82,7 +83,7 @@ def _tiny_setup(mesh, sync_bn):
                       mesh)
   step = S.jit_train_step(S.make_train_step(
       model, tx, lambda e: S.timm_cosine_lr(e, base_lr=0.1, epochs=2, warmup_epochs=0),
-      num_classes=10, steps_per_epoch=4), mesh)
+      num_classes=10, steps_per_epoch=4, group_state_writes=group_state_writes), mesh)
   return state, step
 
 
@@ -157,6 +158,83 @@ def test_all_finite_reduces_each_group_of_leaves_once():
   text = jax.jit(S._all_finite).lower(_guard_tree()).as_text()
   # groups: (8, float32) conv + kernel + bias, (7, float32), (8, bfloat16), (1, float32)
   assert text.count("stablehlo.reduce") == 4 + 1
+
+
+def _keep_trees():
+  """new and old: six float32 leaves of 8 values in six shapes (two groups of at most
+  KEEP_GROUP_LEAVES), 8 values in bfloat16 and in int32, a scalar, 7 values, an empty
+  leaf."""
+  rng = np.random.default_rng(2)
+
+  def tree():
+    f32 = lambda shape: rng.normal(size=shape).astype(np.float32)
+    return {"a": f32((8,)), "b": f32((2, 4)), "c": {"d": f32((4, 2)), "e": f32((1, 8))},
+            "f": f32((8, 1)), "g": f32((2, 2, 2)),
+            "half": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16),
+            "count": rng.integers(-9, 9, size=(2, 4)).astype(np.int32),
+            "scalar": np.float32(rng.normal()), "odd": f32((7,)),
+            "empty": np.zeros((0, 3), np.float32)}
+  return tree(), tree()
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_where_matches_numpy_leaf_by_leaf(keep, grouped):
+  """Each leaf is NumPy's where of its own pair, bit for bit, in its dtype and shape;
+  the grouped form's concatenations and slices must not move a value across leaves."""
+  new, old = _keep_trees()
+  assert S.KEEP_GROUP_LEAVES < 6  # the float32 leaves of 8 values make two groups
+  got = jax.jit(functools.partial(S.keep_where, grouped=grouped))(keep, new, old)
+  flat_got, treedef = jax.tree.flatten(got)
+  assert treedef == jax.tree.structure(new)
+  for g, a, b in zip(flat_got, jax.tree.leaves(new), jax.tree.leaves(old)):
+    want = np.where(keep, np.asarray(a), np.asarray(b))
+    assert g.dtype == want.dtype and g.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(g).reshape(-1).view(np.uint8),
+                                  want.reshape(-1).view(np.uint8))
+  # keep False returns the old tree: no leaf of new leaks in
+  if not keep:
+    assert all(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old)) if np.size(x))
+
+
+def test_keep_where_selects_once_per_group():
+  """Leaves of one dtype and size share a select, at most KEEP_GROUP_LEAVES of them; the
+  step's ~95 per-leaf writes become ~30 kernels (NOTES.md experiment 33)."""
+  new, old = _keep_trees()
+  count = lambda grouped: jax.jit(functools.partial(S.keep_where, grouped=grouped)).lower(
+      True, new, old).as_text().count("stablehlo.select")
+  # float32 x 8: ceil(6 / KEEP_GROUP_LEAVES) = 2; bfloat16 x 8, int32 x 8, the scalar,
+  # the 7 values: 1 each; the empty leaf: none (jnp.where selects nothing there)
+  assert count(True) == -(-6 // S.KEEP_GROUP_LEAVES) + 4 == 6
+  assert count(False) == 10
+
+
+def test_grouped_and_per_leaf_state_writes_train_alike():
+  """Three steps, the second with a non-finite batch (skipped): both forms give the same
+  state up to rounding. The per-leaf step donates the old state; the grouped one must
+  not (XLA would copy every leaf back into the donated buffers)."""
+  mesh = S.make_mesh(jax.devices()[:1])
+  rng = np.random.default_rng(3)
+  batches = [{"image": rng.standard_normal((8, 8, 8, 3)).astype(np.float32),
+              "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(3)]
+  batches[1]["image"][0, 0, 0, 0] = np.nan
+  finals = {}
+  for grouped in (True, False):
+    state, step = _tiny_setup(mesh, True, group_state_writes=grouped)
+    for i, batch in enumerate(batches):
+      before = state
+      state, m = step(state, S.shard_batch(batch, mesh))
+      assert float(m["finite"]) == (i != 1)
+      leaf = jax.tree.leaves(before.params)[0]
+      assert leaf.is_deleted() == (not grouped)
+    assert int(state.skipped) == 1
+    finals[grouped] = jax.device_get(state)
+  # keep_where is exact (the test above); around it XLA fuses the update math
+  # differently, so a few leaves differ in their last bits (on this CPU: momentum of BN
+  # scales, up to 5 ulp after three steps).
+  for a, b in zip(jax.tree.leaves(finals[True]), jax.tree.leaves(finals[False])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
 
 
 def test_batch_must_divide_by_devices():

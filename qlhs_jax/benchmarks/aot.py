@@ -155,7 +155,8 @@ def pallas_for_gpu():
 
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        size: int = 224, dtype: str = "bfloat16", target: str = "h100",
-                       gemm: str = "auto", devices: int = 1, input: str = "float32"):
+                       gemm: str = "auto", devices: int = 1, input: str = "float32",
+                       state_writes: str = "grouped"):
   """The compiled train step of ``benchmarks.step`` for ``target`` (a
   ``jax.stages.Compiled``), the compile time in seconds and the ``gemm`` mode used
   ("triton" or "cublas"; "auto" tries them in that order). ``devices`` > 1: the step of
@@ -186,7 +187,7 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
             or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
                    if k.endswith("_FORM")))
-  tx, step = harness_train_step(model, mesh, input)
+  tx, step = harness_train_step(model, mesh, input, state_writes)
   # Pallas kernels: the Triton kernels, not their interpretation on this CPU (qlhs.py),
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
   with (pallas_for_gpu() if pallas else contextlib.nullcontext(),
@@ -208,7 +209,8 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             target: str, hlo_dir: str | None = None, gemm: str = "auto",
-            devices: int = 1, input: str = "float32") -> dict:
+            devices: int = 1, input: str = "float32",
+            state_writes: str = "grouped") -> dict:
   """Compiles one model and returns a record of the bytes its train step moves (on
   one device of ``devices``)."""
   import jax
@@ -218,7 +220,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
   from qlhs_jax.models import create
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
-                                                 target, gemm, devices, input)
+                                                 target, gemm, devices, input,
+                                                 state_writes)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
@@ -234,7 +237,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             "gbytes_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
             "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s,
-            **({"input": input} if input != "float32" else {})}
+            **({"input": input} if input != "float32" else {}),
+            "state_writes": state_writes}
   # the tilings and forms as they resolve for the GPUs, as the step's records carry
   # (the model: its expansion)
   with pallas_for_gpu(), S.batch_mesh(S.make_mesh(compile_only_devices(target, devices))):
@@ -245,7 +249,8 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
 
 
 def main(argv=None):
-  from qlhs_jax.benchmarks.step import INPUTS, _parse_overrides, append_records
+  from qlhs_jax.benchmarks.step import (INPUTS, STATE_WRITES, _parse_overrides,
+                                        append_records)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", required=True)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -263,6 +268,10 @@ def main(argv=None):
                       "config.data.device_normalize); uint8_threefry: with the fills "
                       "from jax.random; uint8_randaugment: and applies "
                       "RandAugment's ops first (config.data.device_randaugment)")
+  p.add_argument("--state-writes", default="grouped", choices=STATE_WRITES,
+                 help="per_leaf: the step writes its new state leaf by leaf and donates "
+                      "the old (config.group_state_writes=False); records without this "
+                      "field compiled that step")
   p.add_argument("--target", default="h100", choices=sorted(TARGETS))
   p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],
                  help="matmuls as Triton GEMM fusions (XLA's default tilings) or all by "
@@ -277,7 +286,8 @@ def main(argv=None):
   if args.vs:
     runs.append((args.vs, _parse_overrides(args.vs_set)))
   records = [measure(m, o, args.batch, args.size, args.dtype, args.target, args.hlo_dir,
-                     args.gemm, args.devices, args.input) for m, o in runs]
+                     args.gemm, args.devices, args.input, args.state_writes)
+             for m, o in runs]
   print(f"{'model':28s} {'GB per step':>12s} {'kernels':>8s} {'peak GB':>8s} {'matmuls':>8s}"
         f"  (train step compiled for {args.devices} x {args.target}, batch {args.batch}, "
         f"{args.size}px, "

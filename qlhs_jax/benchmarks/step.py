@@ -13,7 +13,9 @@ uint8_threefry`` draws the erased boxes' fills with ``jax.random`` as before 202
 ``config.data.erase_noise="threefry"``); ``--input uint8_randaugment`` adds
 RandAugment's ops to the batch, applied in the step too
 (``config.data.device_randaugment``, ``qlhs_jax.device_augment``); the default, float32
-images, is what every record without an ``input`` field timed. Each step is timed to
+images, is what every record without an ``input`` field timed. ``--state-writes
+per_leaf`` times the step writing its new state leaf by leaf, as every record without a
+``state_writes`` field did (``config.group_state_writes=False``). Each step is timed to
 completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
 model runs in its own process so that the peak device memory belongs to it. On CPU only
 the ratio between models measured in the same run means anything.
@@ -52,16 +54,22 @@ RANDAUGMENT_SLOTS = 2
 _TYPICAL_ARG = (0, 0, 0, 2, 128, 70, 1.3, 1.3, 1.3, 1.3, 14.0, 0.14, 0.14, 0.2, 0.2)
 
 
-def harness_train_step(model, mesh, input: str = "float32"):
+STATE_WRITES = ("grouped", "per_leaf")
+
+
+def harness_train_step(model, mesh, input: str = "float32", state_writes: str = "grouped"):
   """The optimizer and the jitted train step the harness times (the recipe's: lr 0.3
   cosine over 50 epochs, 100 classes), also what ``benchmarks.aot`` compiles. ``input``
   "uint8": the step normalises and erases uint8 batches (:func:`synthetic_batch`);
   "uint8_threefry": the fills from ``jax.random`` instead of the counter hash;
-  "uint8_randaugment": it applies their RandAugment ops first."""
+  "uint8_randaugment": it applies their RandAugment ops first. ``state_writes``
+  "per_leaf": ``steps.make_train_step(group_state_writes=False)``."""
   from qlhs_jax import device_input
   from qlhs_jax import steps as S
   if input not in INPUTS:
     raise SystemExit(f"--input {input!r}: choose one of {INPUTS}")
+  if state_writes not in STATE_WRITES:
+    raise SystemExit(f"--state-writes {state_writes!r}: choose one of {STATE_WRITES}")
   tx = S.make_optimizer()
   lr_fn = lambda epoch: S.timm_cosine_lr(epoch, base_lr=0.3, epochs=50)
   images_fn = None
@@ -69,9 +77,10 @@ def harness_train_step(model, mesh, input: str = "float32"):
     images_fn = device_input.train_images_fn(types.SimpleNamespace(
         **{**vars(RECIPE_INPUT), "device_randaugment": input == "uint8_randaugment",
            "erase_noise": "threefry" if input == "uint8_threefry" else "hash"}))
-  return tx, S.jit_train_step(S.make_train_step(model, tx, lr_fn, num_classes=100,
-                                                steps_per_epoch=1000,
-                                                images_fn=images_fn), mesh)
+  train_step = S.make_train_step(model, tx, lr_fn, num_classes=100, steps_per_epoch=1000,
+                                 images_fn=images_fn,
+                                 group_state_writes=state_writes == "grouped")
+  return tx, S.jit_train_step(train_step, mesh)
 
 
 def synthetic_batch(batch: int, size: int, input: str = "float32", seed: int = 0) -> dict:
@@ -108,7 +117,7 @@ def synthetic_batch(batch: int, size: int, input: str = "float32", seed: int = 0
 def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
             dtype: str, overrides: dict, hlo_dir: str | None = None,
             profile_dir: str | None = None, profile_steps: int = 3,
-            on_record=None, input: str = "float32") -> dict:
+            on_record=None, input: str = "float32", state_writes: str = "grouped") -> dict:
   """Times one model in this process; returns a record. With ``profile_dir``, also traces
   ``profile_steps`` more train steps (of a second compile without XLA's command buffers,
   :data:`PROFILE_COMPILER_OPTIONS`), appends their per-kernel device times to
@@ -126,7 +135,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
   S.check_batch_divides(batch, mesh)
   S.check_fuse_fits_mesh(overrides.get("fuse_d_bn"), mesh)
   model = create(model_name, dtype=jnp.dtype(dtype), bn_groups=mesh.size, **overrides)
-  tx, step = harness_train_step(model, mesh, input)
+  tx, step = harness_train_step(model, mesh, input, state_writes)
   state = S.replicate(S.create_train_state(model, tx, jax.random.PRNGKey(0),
                                            (size, size, 3)), mesh)
   data = S.shard_batch(synthetic_batch(batch, size, input), mesh)
@@ -176,7 +185,7 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       "peak_mem_gb": (mem["peak_bytes_in_use"] / 2**30
                       if "peak_bytes_in_use" in mem else None),
       "compile_s": compile_s, "final_loss": loss,
-      **({"input": input} if input != "float32" else {}),
+      **({"input": input} if input != "float32" else {}), "state_writes": state_writes,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
   # The Pallas tilings and forms this run used, where they change this model's kernels:
@@ -366,7 +375,7 @@ def _child(args, model_name, overrides, profile: bool = False) -> dict:
   cmd = [sys.executable, "-m", "qlhs_jax.benchmarks.step", "--model", model_name,
          "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--dtype", args.dtype, "--input", args.input,
-         "--json-only"]
+         "--state-writes", args.state_writes, "--json-only"]
   if args.hlo_dir:
     cmd += ["--hlo-dir", args.hlo_dir]
   if profile and args.profile_dir:
@@ -405,6 +414,9 @@ def parser() -> argparse.ArgumentParser:
                       "uint8_threefry: with the erased boxes' fills from jax.random "
                       "(config.data.erase_noise=threefry); uint8_randaugment: and "
                       "applies RandAugment's ops first (config.data.device_randaugment)")
+  p.add_argument("--state-writes", default="grouped", choices=STATE_WRITES,
+                 help="per_leaf: the step writes its new state leaf by leaf and donates "
+                      "the old (config.group_state_writes=False)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="model field override for --model, e.g. --set d_impl=grouped")
   p.add_argument("--vs-set", action="append", default=[], metavar="KEY=VALUE",
@@ -428,7 +440,8 @@ def main(argv=None):
   if args.json_only:  # a child of --vs: the record goes out before any profile
     measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
             _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
-            on_record=lambda r: print(json.dumps(r), flush=True), input=args.input)
+            on_record=lambda r: print(json.dumps(r), flush=True), input=args.input,
+            state_writes=args.state_writes)
     return
   if args.vs:
     records = []
@@ -443,7 +456,8 @@ def main(argv=None):
   else:  # printed and recorded before the profile starts
     measure(args.model, args.batch, args.size, args.steps, args.warmup, args.dtype,
             _parse_overrides(args.set), args.hlo_dir, args.profile_dir,
-            on_record=lambda r: _report(args, [r]), input=args.input)
+            on_record=lambda r: _report(args, [r]), input=args.input,
+            state_writes=args.state_writes)
 
 
 def _announce(record):

@@ -34,11 +34,13 @@ def table(path: str) -> str:
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records,
-  # then the input where it is not float32 images.
+  # then the input where it is not float32 images, then the state's writes where they
+  # are grouped (records before 2026-12-05 have no field: per leaf).
   overrides = lambda r: ", ".join(
       [f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())]
       + [f"{k}={v}" for k, v in sorted(r.get("env", {}).items())]
-      + ([f"input={r['input']}"] if "input" in r else [])) or "-"
+      + ([f"input={r['input']}"] if "input" in r else [])
+      + (["grouped writes"] if r.get("state_writes") == "grouped" else [])) or "-"
   with open(path) as f:
     for line in f:
       r = json.loads(line)

@@ -156,6 +156,27 @@ def test_gemm_mode_decides_who_does_the_matmuls(tmp_path, gemm):
     assert "__triton" in text and "__cublas$" not in text
 
 
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+def test_grouped_state_writes_compile_to_fewer_kernels(tmp_path):
+  """The new state written by a few multi-output kernels (steps.keep_where) against one
+  kernel per leaf, and no leaf copied back: the grouped step's state is not donated
+  (NOTES.md experiment 33; at full size Eq.(3) compiles to 599 kernels, not 664)."""
+  record = tmp_path / "aot.jsonl"
+  for writes in ("per_leaf", "grouped"):
+    # four blocks a stage: leaves of one size to group (depths [1, 1]: 92 and 86)
+    p = _run("--model", "eq3_softball_ds", "--batch", "8", "--size", "16",
+             "--state-writes", writes, "--set", "widths=[8,16]", "--set", "depths=[4,4]",
+             "--set", 'stem="small"', "--record", str(record),
+             "--hlo-dir", str(tmp_path / writes))
+    assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(l) for l in record.read_text().splitlines()]
+  assert [r["state_writes"] for r in rows] == ["per_leaf", "grouped"]
+  # 2026-12-05, jax 0.11.2: 287 and 254
+  assert rows[1]["kernels"] < rows[0]["kernels"] - 20, [r["kernels"] for r in rows]
+  text = gzip.open(next((tmp_path / "grouped").glob("*.aot.hlo.txt.gz")), "rt").read()
+  assert not re.search(r"= f32\[[0-9,]*\]\{[0-9,]*\} copy\(", text)
+
+
 def test_unknown_gemm_mode_is_refused():
   with pytest.raises(SystemExit, match="--gemm 'magma': choose auto, triton or cublas"):
     aot.compile_train_step("eq3_softball_ds", {}, batch=2, size=16, gemm="magma")

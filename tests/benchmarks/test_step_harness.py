@@ -43,7 +43,8 @@ def test_measure_in_process_on_8_devices(tmp_path, monkeypatch):
   from qlhs_jax.benchmarks import table
   path = tmp_path / "r.jsonl"
   path.write_text(json.dumps(r) + "\n")
-  assert "stem=small, widths=[8, 16], QLHS_DU_FORM=gather |" in table.table(str(path))
+  assert ("stem=small, widths=[8, 16], QLHS_DU_FORM=gather, grouped writes |"
+          in table.table(str(path)))
 
 
 def test_uint8_input_is_normalised_and_erased_in_the_step(tmp_path):
@@ -61,7 +62,25 @@ def test_uint8_input_is_normalised_and_erased_in_the_step(tmp_path):
   from qlhs_jax.benchmarks import table
   path = tmp_path / "r.jsonl"
   path.write_text(json.dumps(r) + "\n")
-  assert "stem=small, widths=[8, 16], input=uint8 |" in table.table(str(path))
+  assert ("stem=small, widths=[8, 16], input=uint8, grouped writes |"
+          in table.table(str(path)))
+
+
+def test_state_writes_per_leaf_is_timed_and_recorded(tmp_path):
+  """--state-writes per_leaf times the step of config.group_state_writes=False (the old
+  state donated); the record says which, and the table marks the grouped default."""
+  tiny = {"widths": [8, 16], "depths": [1, 1], "stem": "small"}
+  rows = [step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32", tiny, state_writes=w)
+          for w in ("per_leaf", "grouped")]
+  assert [r["state_writes"] for r in rows] == ["per_leaf", "grouped"]
+  assert all(np.isfinite(r["final_loss"]) for r in rows)
+  from qlhs_jax.benchmarks import table
+  path = tmp_path / "r.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = [l for l in table.table(str(path)).splitlines() if "widths=[8, 16]" in l]
+  assert ["grouped writes" in l for l in lines] == [False, True]
+  with pytest.raises(SystemExit, match="--state-writes 'leaf'.*per_leaf"):
+    step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32", tiny, state_writes="leaf")
 
 
 def test_randaugment_input_applies_the_ops_in_the_step():
