@@ -230,19 +230,29 @@ def totals(rows):
 # leaves SMs idle however fast each thread streams.
 H100_RESIDENT_THREADS = 132 * 2048
 _THUNK_ID = re.compile(r'profile_annotation: "([^"]+)"\s*thunk_id: (\d+)')
-_THUNK_LAUNCH = re.compile(r"^\s*(\d+): kCustomKernel.*? grid: \[(\d+), (\d+), (\d+)\] "
+_THUNK_LAUNCH = re.compile(r"^\s*(\d+): kCustomKernel.*? (\S+) grid: \[(\d+), (\d+), (\d+)\] "
                            r"threads: \[(\d+), (\d+), (\d+)\]", re.M)
 
 
-def launch_dims(hlo_path: str) -> dict[str, tuple[int, int]]:
-  """``{instruction: (blocks, threads per block)}`` for the kernels of an HLO file that
-  XLA dumped (``XLA_FLAGS=--xla_dump_to=DIR``): read from the ``thunk_metadata.txt`` and
-  ``thunk_sequence.txt`` files it wrote beside ``...gpu_after_optimizations.txt``."""
+def dump_prefix(hlo_path: str) -> str:
+  """``DIR/module_0001.jit_train_step.`` for ``DIR/module_0001.jit_train_step.sm_9.0a_
+  gpu_after_optimizations.txt``: what the other files of that XLA dump start with."""
   prefix = re.sub(r"(sm_[\w.]+_)?gpu_after_optimizations\.txt(\.gz)?$", "", hlo_path)
   if prefix == hlo_path:
     raise SystemExit(f"--launch reads the thunk files XLA dumps beside "
                      f"*gpu_after_optimizations.txt; {hlo_path} is not such a file (dump "
                      f"with XLA_FLAGS=--xla_dump_to=DIR)")
+  return prefix
+
+
+def kernel_launches(hlo_path: str) -> dict[str, tuple[str, int, int]]:
+  """``{instruction: (kernel, blocks, threads per block)}`` for the kernels of an HLO file
+  that XLA dumped (``XLA_FLAGS=--xla_dump_to=DIR``), read from the ``thunk_metadata.txt``
+  and ``thunk_sequence.txt`` files it wrote beside ``...gpu_after_optimizations.txt``.
+  ``kernel`` is the name of the launched function (XLA launches one function for
+  identical fusions: three stage-1 blocks' ``loop_convert_fusion.1``, ``.3``, ``.5`` may
+  all run ``loop_convert_fusion_2``)."""
+  prefix = dump_prefix(hlo_path)
   try:
     meta = read_hlo(prefix + "thunk_metadata.txt")
     seq = read_hlo(prefix + "thunk_sequence.txt")
@@ -252,10 +262,17 @@ def launch_dims(hlo_path: str) -> dict[str, tuple[int, int]]:
   names = {int(i): name for name, i in _THUNK_ID.findall(meta)}
   out = {}
   for m in _THUNK_LAUNCH.finditer(seq):
-    i, g = int(m.group(1)), [int(x) for x in m.group(2, 3, 4, 5, 6, 7)]
+    i, g = int(m.group(1)), [int(x) for x in m.group(3, 4, 5, 6, 7, 8)]
     if i in names:
-      out[names[i]] = (g[0] * g[1] * g[2], g[3] * g[4] * g[5])
+      out[names[i]] = (m.group(2), g[0] * g[1] * g[2], g[3] * g[4] * g[5])
   return out
+
+
+def launch_dims(hlo_path: str) -> dict[str, tuple[int, int]]:
+  """``{instruction: (blocks, threads per block)}``: :func:`kernel_launches` without the
+  kernel names."""
+  return {k: (blocks, threads)
+          for k, (_, blocks, threads) in kernel_launches(hlo_path).items()}
 
 
 def report(path: str, top: int = 25, launch: bool = False) -> str:

@@ -170,21 +170,29 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   return captured
 
 
-def _ptxas_report(ptx: str, arch: str) -> str:
-  """Registers and spills from ptxas -v (the bundled ptxas that accepts this PTX)."""
+def assemble(ptx: str, arch: str) -> tuple[str, bytes]:
+  """``(report, cubin)``: ptxas -v's report (registers and spills of every kernel in the
+  PTX) and the cubin, from the first ptxas bundled with the ``triton`` package that
+  assembles this PTX."""
   import triton
   bins = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                        "nvidia", "bin", "ptxas*")), reverse=True)
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "k.ptx")
+    path, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
     with open(path, "w") as f:
       f.write(ptx)
     for ptxas in bins:
-      r = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", path, "-o", os.devnull],
+      r = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", path, "-o", out],
                          capture_output=True, text=True)
       if r.returncode == 0:
-        return r.stderr
+        with open(out, "rb") as f:
+          return r.stderr, f.read()
   raise RuntimeError(f"no ptxas in {bins} assembled the PTX: {r.stderr[-500:]}")
+
+
+def _ptxas_report(ptx: str, arch: str) -> str:
+  """Registers and spills from ptxas -v (the bundled ptxas that accepts this PTX)."""
+  return assemble(ptx, arch)[0]
 
 
 # One H100 SXM: 132 SMs of 4 schedulers, each issuing at most one warp instruction a

@@ -27,6 +27,7 @@ VARIABLES = {
     "product_form": "QLHS_PRODUCT_FORM",  # the forward product and pass 4 (dx, dc)
     "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
+    "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
     "stencil_grid": "QLHS_STENCIL_GRID",  # the stencil kernels' grid order
     "stencil_rows": "QLHS_STENCIL_ROWS",  # the stencil kernels that walk rows
     "stencil_tiling": "QLHS_STENCIL_TILING",
@@ -103,6 +104,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.dc_pass()
     d_bn_product.tiling()
     common.bn_stats_form()
+    common.stem_grad_form()
     stencil.grid_order()
     stencil.rows_kernels()
     stencil.tiling("stats")

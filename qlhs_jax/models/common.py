@@ -52,6 +52,22 @@ def bn_stats_form() -> str:
   return form
 
 
+STEM_GRAD_FORMS = ("pass", "classes")
+
+
+def stem_grad_form() -> str:
+  """How the backward of :func:`bn_relu_max_pool_3x3_s2` writes the stem's dL/dy:
+  QLHS_STEM_GRAD, else "pass" (:func:`_pool_bn_grad`, one element-wise pass); "classes"
+  is the form before 2026-12-05 (each parity class on the pooled grid, then a stack),
+  kept to time against it on the GPU (``gpu_h100.sh pool``). The same values, bit for
+  bit (tests/models/test_common.py)."""
+  form = settings.get("QLHS_STEM_GRAD") or "pass"
+  if form not in STEM_GRAD_FORMS:
+    raise ValueError(f"{settings.name('QLHS_STEM_GRAD')}={form!r}: choose one of "
+                     f"{STEM_GRAD_FORMS} (unset: pass)")
+  return form
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def sums_and_squares(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """``(sum(x), sum(x * x))`` over ``axes``, as one reduction with two outputs (a
@@ -493,13 +509,13 @@ def bn_relu_max_pool_3x3_s2(y, scale, bias, groups: int = 1):
   chosen tap, so BatchNorm's two sums over it, sum(g) and sum(g * y), are sums over the
   pooled grid of the window's gradient and of ``y`` at its tap (kept by the forward,
   int8 tap and bfloat16 value). The dense gradient then has one reader, the
-  element-wise dL/dy = g * mul + dL/ds1 + 2 y dL/ds2, computed by parity class from
-  the pooled gradient and never stored. Before, the pool's backward wrote it (0.41 GB
-  at batch 256, 224 px) and BatchNorm's reduction and element-wise kernel read it
-  (benchmarks/NOTES.md, experiment 26). The per-channel part is JAX's own derivative of
-  :func:`_bn_moments`. dL/dy sums a pixel's windows in float32 and rounds once, where
-  BatchNorm after :func:`relu_max_pool_3x3_s2` rounds the pool's gradient to ``y``'s
-  dtype first: in bfloat16 the two differ by that rounding.
+  element-wise dL/dy = g * mul + dL/ds1 + 2 y dL/ds2, computed from the pooled
+  gradient (:func:`_pool_bn_grad`) and never stored. Before, the pool's backward wrote
+  it (0.41 GB at batch 256, 224 px) and BatchNorm's reduction and element-wise kernel
+  read it (benchmarks/NOTES.md, experiment 26). The per-channel part is JAX's own
+  derivative of :func:`_bn_moments`. dL/dy sums a pixel's windows in float32 and rounds
+  once, where BatchNorm after :func:`relu_max_pool_3x3_s2` rounds the pool's gradient to
+  ``y``'s dtype first: in bfloat16 the two differ by that rounding.
   """
   return _bn_pool_fwd(y, scale, bias, groups)[0]
 
@@ -521,6 +537,14 @@ def _bn_pool_bwd(groups, res, cts):
   b, h, w, c = y.shape
   sdt = s1.dtype
   count = (b // groups) * h * w
+  classes = stem_grad_form() == "classes"
+  ho, wo = g.shape[1:3]
+  if not classes:
+    # g and the taps padded by one pooled row and column, for _pool_bn_grad; the sums
+    # read g from the padded copy too, so that g itself has no reader but the pad
+    # (which XLA then writes in the kernel that computes g).
+    gpad, ipad = _pad_next_window(g, idx)
+    g = gpad[:, :ho, :wo]
   # A window sends its gradient to one input (idx < 9) or nowhere: the dense gradient's
   # sums are the pooled grid's, in one reduction with two outputs.
   gf = jnp.where(idx < 9, g.astype(sdt), jnp.zeros((), sdt))
@@ -532,8 +556,22 @@ def _bn_pool_bwd(groups, res, cts):
   (mul, _, _, _), moments_vjp = jax.vjp(
       lambda *a: _bn_moments(*a, count), s1, s2, scale.astype(sdt), bias.astype(sdt))
   d_s1, d_s2, d_scale, d_bias = moments_vjp((d_mul, d_add, g_mean, g_var))
-  # dL/dy by parity class: y's class (py, px) is y[:, py::2, px::2] on the pooled grid.
-  ho, wo = g.shape[1:3]
+  if classes:
+    dy = _pool_classes_bn_grad(idx, gf, y, mul, d_s1, d_s2, groups)
+  else:
+    dy = _pool_bn_grad(ipad, gpad, y, mul, d_s1, d_s2, groups)
+  return dy, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+def _pool_classes_bn_grad(idx, gf, y, mul, d_s1, d_s2, groups):
+  """The stem's dL/dy by parity class (:func:`_pool_grad_classes`, ``gf`` the masked
+  float32 gradient), each on the pooled grid with y's class y[:, py::2, px::2], then
+  interleaved by a stack (:func:`_interleave_classes`): QLHS_STEM_GRAD=classes, the form
+  until 2026-12-05."""
+  b, h, w, c = y.shape
+  ho, wo = gf.shape[1:3]
+  sdt = gf.dtype
+  grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
   y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
       b, ho, 2, wo, 2, c)
   classes = {}
@@ -542,8 +580,63 @@ def _bn_pool_bwd(groups, res, cts):
     dy = (grouped(g_class) * _per_group(mul) + _per_group(d_s1)
           + 2 * y_class * _per_group(d_s2))
     classes[py, px] = dy.reshape(g_class.shape).astype(y.dtype)
-  return (_interleave_classes(classes, h, w), d_scale.astype(scale.dtype),
-          d_bias.astype(bias.dtype))
+  return _interleave_classes(classes, h, w)
+
+
+# For an input row (or column) of parity p, the tap of window a + i that reaches it: an
+# even row 2a takes tap 1 of window a alone, an odd row 2a + 1 tap 2 of window a and tap 0
+# of window a + 1 (:func:`_pool_grad_classes`); -1: none.
+_PARITY_TAPS = ((1, -1), (2, 0))
+
+
+def _pad_next_window(g, idx):
+  """``(g, idx)`` padded by one pooled row and column at the end (g with 0, the tap with
+  9, "none"), behind a barrier, for :func:`_pool_bn_grad`."""
+  pads = ((0, 0), (0, 1), (0, 1), (0, 0))
+  return lax.optimization_barrier(
+      (jnp.pad(g, pads), jnp.pad(idx, pads, constant_values=9)))
+
+
+def _pool_bn_grad(ipad, gpad, y, mul, d_s1, d_s2, groups):
+  """The stem's dL/dy = G * mul + dL/ds1 + 2 y dL/ds2 (per group), G the pool's input
+  gradient, as one element-wise pass over the input grid viewed as (B, Ho, 2, Wo, 2, C):
+  the same terms in the same order as :func:`_pool_grad_classes` sums them, each parity
+  class's taps as an int8 constant broadcast over (2, 2). ``ipad`` and ``gpad``: the
+  window's tap and gradient, padded by :func:`_pad_next_window`.
+
+  Why not the classes and a stack (QLHS_STEM_GRAD=classes, the form until
+  2026-12-05): XLA emits the stack as a concatenate kernel that branches per class and
+  stores one value at a time, two a thread. The pool backward of stem_pool="argmax",
+  the same kind of kernel, ran at 0.635 ms on the H200 for 0.77 GB (1.2 TB/s;
+  experiment 23), 2.5x the larger of its issue floor and its copy time. Here the g and
+  tap of window a + 1 are read from the padded copies (a pad inside this kernel made
+  every read a bounds-checked scalar load), and XLA compiles the pass as a loop fusion
+  without branches that writes four channels a thread in one 8-byte store: 229
+  instructions a thread, an issue floor of 0.35 ms against 0.33 to copy its bytes on an
+  H100 (``python -m qlhs_jax.benchmarks.xla_floors``; benchmarks/NOTES.md, experiment
+  34; not yet timed). The same values, bit for bit."""
+  b, h, w, c = y.shape
+  ho, wo = gpad.shape[1] - 1, gpad.shape[2] - 1
+  sdt = mul.dtype
+  zero = jnp.zeros((), sdt)
+  total = None
+  for i in (1, 0):  # ascending taps in every class: the next window's row taps come first
+    for j in (1, 0):
+      taps = [[3 * _PARITY_TAPS[py][i] + _PARITY_TAPS[px][j]
+               if _PARITY_TAPS[py][i] >= 0 and _PARITY_TAPS[px][j] >= 0 else -1
+               for px in (0, 1)] for py in (0, 1)]
+      t = jnp.asarray(taps, jnp.int8).reshape(1, 1, 2, 1, 2, 1)
+      gi = gpad[:, i:i + ho, j:j + wo].astype(sdt)[:, :, None, :, None, :]
+      ii = ipad[:, i:i + ho, j:j + wo][:, :, None, :, None, :]
+      part = jnp.where(ii == t, gi, zero)
+      total = part if total is None else total + part
+  y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
+      b, ho, 2, wo, 2, c)
+  grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
+  vec = lambda v: v.reshape(v.shape[:1] + (1,) * 5 + v.shape[1:])
+  dy = (grouped(total) * vec(mul) + vec(d_s1)
+        + 2 * grouped(y6).astype(sdt) * vec(d_s2))
+  return dy.reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w].astype(y.dtype)
 
 
 bn_relu_max_pool_3x3_s2.defvjp(_bn_pool_fwd, _bn_pool_bwd)

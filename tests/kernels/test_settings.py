@@ -22,6 +22,7 @@ READERS = {
     "product_form": ("pallas", d_bn_product.product_form, "pallas", "xla"),
     "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
+    "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
     "stencil_grid": ("channels", stencil.grid_order, "channels", "pixels"),
     "stencil_rows": ("du,sums", stencil.rows_kernels, ("du", "sums"), ()),
     "stencil_tiling": ("du=16,8,2", lambda: stencil.tiling("du"), (16, 8, 2),
@@ -103,6 +104,8 @@ def test_the_context_is_left_after_an_error():
     ("dc_pass", "pass4", r"config.kernels.dc_pass='pass4'"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
+    ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "
+                           r"'classes'\)"),
     ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
     ("stencil_rows", "lags", r"config.kernels.stencil_rows='lags': want 'all' or"),
     ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from qlhs_jax.models import QLHSNet, ResNet
+from qlhs_jax.models import QLHSNet, ResNet, common
 from qlhs_jax.models.common import (STEM_POOLS, BatchNorm, bn_relu_max_pool_3x3_s2,
                                     max_pool_3x3_s2, relu_max_pool_3x3_s2,
                                     relu_max_pool_3x3_s2_fused)
@@ -146,6 +146,73 @@ def test_bn_relu_max_pool_matches_the_float64_formula(groups, shape, form, monke
   assert float(jnp.mean(got[0] == 0)) > 0.05  # windows whose maximum is ReLU's 0
   for a, b in zip(got + got_grads, want + want_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+def _classes_then_stack(idx, g, y, mul, d_s1, d_s2, groups):
+  """The stem's dL/dy as ``_bn_pool_bwd`` formed it until 2026-12-05 (now
+  QLHS_STEM_GRAD=classes), written out here: each parity class on the pooled grid
+  (``_pool_grad_classes``), then a stack (``_interleave_classes``)."""
+  b, h, w, c = y.shape
+  ho, wo = g.shape[1:3]
+  gf = jnp.where(idx < 9, g.astype(jnp.float32), 0.0)
+  grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
+  y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
+      b, ho, 2, wo, 2, c)
+  classes = {}
+  for (py, px), g_class in common._pool_grad_classes(idx, gf).items():
+    dy = (grouped(g_class) * common._per_group(mul) + common._per_group(d_s1)
+          + 2 * grouped(y6[:, :, py, :, px, :]).astype(jnp.float32)
+          * common._per_group(d_s2))
+    classes[py, px] = dy.reshape(g_class.shape).astype(y.dtype)
+  return common._interleave_classes(classes, h, w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("groups,shape", [(2, (4, 9, 7, 3)), (1, (2, 8, 8, 5)),
+                                          (1, (2, 1, 2, 4)), (3, (6, 13, 10, 2))])
+def test_stem_dense_gradient_is_the_classes_bit_for_bit(groups, shape, dtype):
+  """``_pool_bn_grad`` (one element-wise pass over the input grid, the next window's g
+  and tap read from padded copies) gives the bits of the parity classes and their stack,
+  odd sizes, several groups and windows that send nowhere (tap 9) included: the same
+  float32 terms in the same order, rounded once."""
+  rng = np.random.default_rng(5)
+  b, h, w, c = shape
+  ho, wo = (h + 1) // 2, (w + 1) // 2
+  y = jnp.asarray(rng.normal(size=shape), dtype)
+  g = jnp.asarray(rng.normal(size=(b, ho, wo, c)), dtype)
+  idx = jnp.asarray(rng.integers(0, 10, size=(b, ho, wo, c)), jnp.int8)
+  mul, d_s1, d_s2 = (jnp.asarray(rng.normal(size=(groups, c)), jnp.float32)
+                     for _ in range(3))
+  got = jax.jit(lambda *a: common._pool_bn_grad(*common._pad_next_window(g, idx)[::-1],
+                                                *a, groups))(y, mul, d_s1, d_s2)
+  want = jax.jit(_classes_then_stack, static_argnums=6)(idx, g, y, mul, d_s1, d_s2, groups)
+  assert got.shape == y.shape and got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stem_grad_forms_give_the_same_bits(groups, monkeypatch):
+  """QLHS_STEM_GRAD: the operation's gradients of y, scale and offset in bfloat16, with
+  the default one pass and with the classes and their stack, bit for bit; a bad value
+  is refused by name."""
+  rng = np.random.default_rng(6)
+  y = jnp.asarray(rng.standard_normal((4, 13, 10, 3)) * 2 + 0.5, jnp.bfloat16)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 3), jnp.float32)
+  bias = jnp.asarray(rng.uniform(-1, 1, 3), jnp.float32)
+  cts = (jnp.asarray(rng.standard_normal((4, 7, 5, 3)), jnp.bfloat16),
+         jnp.asarray(rng.standard_normal((groups, 3)), jnp.float32),
+         jnp.asarray(rng.standard_normal((groups, 3)), jnp.float32))
+  grads = {}
+  for form in common.STEM_GRAD_FORMS:
+    monkeypatch.setenv("QLHS_STEM_GRAD", form)
+    vjp = jax.vjp(lambda *a: bn_relu_max_pool_3x3_s2(*a, groups), y, scale, bias)[1]
+    grads[form] = jax.jit(vjp)(cts)
+  for a, b in zip(grads["pass"], grads["classes"]):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  monkeypatch.setenv("QLHS_STEM_GRAD", "stack")
+  with pytest.raises(ValueError, match=r"QLHS_STEM_GRAD='stack': choose one of "
+                                       r"\('pass', 'classes'\)"):
+    jax.vjp(lambda *a: bn_relu_max_pool_3x3_s2(*a, groups), y, scale, bias)[1](cts)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

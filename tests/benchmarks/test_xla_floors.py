@@ -1,0 +1,170 @@
+"""``benchmarks.xla_floors``: registers, occupancy, machine instructions and issue floors
+of the kernels XLA dumped with a compiled step. The parsers run everywhere; assembling a
+PTX kernel needs the ``triton`` package's ptxas and nvdisasm (``pip install
+triton==3.9.0``; not a dependency, CI skips that test)."""
+
+import importlib.util
+
+import pytest
+
+from qlhs_jax.benchmarks import hlo_bytes, triton_compile, xla_floors
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="needs Triton's ptxas and nvdisasm: pip install triton==3.9.0")
+
+
+@pytest.mark.parametrize("registers,threads,warps", [
+    (56, 128, 36),   # 56 x 32 = 1,792 a warp; 65,536 / (1,792 x 4) = 9 blocks of 4 warps
+    (70, 128, 28),   # 2,240 a warp, rounded up to 2,304: 7 blocks
+    (32, 128, 64),   # 16 blocks of 4 warps: the 64-warp limit
+    (88, 128, 20),   # 2,816 a warp: 5 blocks
+    (33, 128, 48),   # 33 x 32 = 1,056, rounded up to 1,280 a warp: 12 blocks
+    (16, 32, 32),    # 32 blocks of one warp: the block limit, not the registers
+    (255, 1024, 0),  # 8,192 a warp x 32 warps: more than an SM has
+])
+def test_resident_warps_follow_the_h100_limits(registers, threads, warps):
+  """Worked by hand from an H100 SM's limits (65,536 registers handed out per warp in
+  units of 256, 64 warps, 32 blocks), as CUDA's occupancy calculator counts them."""
+  assert xla_floors.resident_warps(registers, threads) == warps
+
+
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+ptxas info    : Compile time = 54.523 ms
+ptxas info    : Compiling entry function 'input_reduce_fusion_1' for 'sm_90a'
+ptxas info    : Function properties for input_reduce_fusion_1
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 128 bytes smem
+"""
+
+# nvdisasm pads a section's name with spaces to a fixed width.
+SASS = """	.elftype	@"ET_EXEC"
+//--------------------- .text.loop_add_fusion     --------------------------
+loop_add_fusion:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   EXIT ;
+.L_x_0:
+        /*0030*/                   BRA `(.L_x_0);
+//--------------------- .text.input_reduce_fusion_1 --------------------------
+input_reduce_fusion_1:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_ptxas_and_nvdisasm_listings_are_split_by_function():
+  assert xla_floors.registers_by_entry(PTXAS) == {"loop_add_fusion": 40,
+                                                  "input_reduce_fusion_1": 32}
+  sections = xla_floors.sass_by_entry(SASS)
+  assert set(sections) == {"loop_add_fusion", "input_reduce_fusion_1"}
+  # The trap loop after EXIT is not a loop: 4 instructions, none in a loop.
+  assert triton_compile.sass_counts(sections["loop_add_fusion"]) == {
+      "instructions": 4, "loop": 0}
+  assert triton_compile.sass_counts(sections["input_reduce_fusion_1"])["instructions"] == 2
+
+
+BRANCHES = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/               @P0 BRA `(.L_x_0) ;
+        /*0020*/                   IADD3 R1, R0, 0x1, RZ ;
+        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0050*/                   BRA `(.L_x_1) ;
+.L_x_0:
+        /*0060*/                   IMAD R1, R0, 0x2, RZ ;
+.L_x_1:
+        /*0070*/                   STG.E desc[UR4][R2.64], R1 ;
+        /*0080*/                   EXIT ;
+.L_x_2:
+        /*0090*/                   BRA `(.L_x_2);
+        /*00a0*/                   NOP;
+"""
+
+
+def test_a_thread_issues_its_way_through_the_branches_not_the_listing():
+  """Two ways through an if/else: S2R, BRA, IMAD, STG, EXIT (5) and S2R, BRA, three
+  IADD3, BRA, STG, EXIT (8); the trap loop and the padding after EXIT are never issued.
+  A branch back (a loop) gives None."""
+  assert triton_compile.sass_counts(BRANCHES)["instructions"] == 11
+  assert xla_floors.path_lengths(BRANCHES) == (5, 8)
+  loop = BRANCHES.replace("BRA `(.L_x_1) ;", "BRA `(.L_x_0) ;").replace(
+      ".L_x_0:\n", "").replace("        /*0010*/               @P0 BRA `(.L_x_0) ;",
+                                ".L_x_0:\n        /*0010*/               @P0 BRA `(.L_x_1) ;")
+  assert xla_floors.path_lengths(loop) is None
+
+
+HLO = """HloModule jit_f
+
+ENTRY %main {
+  %p = f32[1048576]{0} parameter(0)
+  %q = f32[1048576]{0} parameter(1)
+  ROOT %loop_add_fusion.3 = f32[1048576]{0} fusion(%p, %q), kind=kLoop, calls=%f
+}
+"""
+
+PTX = """.version 8.0
+.target sm_90a
+.address_size 64
+
+.visible .entry loop_add_fusion_1(
+	.param .u64 loop_add_fusion_1_param_0
+)
+{
+	ret;
+}
+"""
+
+
+def _dump(tmp_path):
+  """A one-kernel XLA dump: the HLO, the thunk files and the kernel's PTX."""
+  prefix = "module_0001.jit_f."
+  hlo = tmp_path / (prefix + "sm_9.0a_gpu_after_optimizations.txt")
+  hlo.write_text(HLO)
+  (tmp_path / (prefix + "thunk_metadata.txt")).write_text(
+      'thunk_metadata {\n  thunk_info {\n    profile_annotation: "loop_add_fusion.3"\n'
+      '    thunk_id: 4\n  }\n  thunk_kind: "kCustomKernel"\n}\n')
+  (tmp_path / (prefix + "thunk_sequence.txt")).write_text(
+      "004: kCustomKernel [source | sink] loop_add_fusion_1 grid: [2048, 1, 1] "
+      "threads: [128, 1, 1]  shared_memory: 0 bytes\n")
+  (tmp_path / (prefix + "1.ptx")).write_text(PTX)
+  return str(hlo)
+
+
+def test_launches_name_the_function_they_run(tmp_path):
+  path = _dump(tmp_path)
+  assert hlo_bytes.kernel_launches(path) == {"loop_add_fusion.3": ("loop_add_fusion_1",
+                                                                   2048, 128)}
+  assert hlo_bytes.launch_dims(path) == {"loop_add_fusion.3": (2048, 128)}
+
+
+def test_no_ptx_beside_the_hlo_names_the_flags(tmp_path):
+  path = _dump(tmp_path)
+  (tmp_path / "module_0001.jit_f.1.ptx").unlink()
+  with pytest.raises(SystemExit, match="xla_dump_emitter_re"):
+    xla_floors.machine_code(path)
+
+
+@needs_triton
+def test_floor_and_copy_of_an_assembled_kernel(tmp_path):
+  """The kernel's PTX assembled for sm_90a: its row joins the HLO instruction, the launch
+  and the machine code; the floor is its instructions x 4 warps x 2,048 blocks over 528
+  schedulers at 1.98 GHz, the copy its 12 MiB at 3.0 TB/s."""
+  path = _dump(tmp_path)
+  (row,) = xla_floors.floors(path)
+  assert (row["name"], row["kernel"], row["blocks"], row["threads"]) == (
+      "loop_add_fusion.3", "loop_add_fusion_1", 2048, 128)
+  assert row["bytes"] == 3 * 4 * 1048576 and row["loop"] == 0
+  # A return; the listing adds the trap loop after it and the padding to 128 bytes.
+  assert 2 <= row["instructions"] <= 32 and row["path"][0] < row["instructions"]
+  warp_instructions = row["path"][0] * 4 * 2048
+  assert row["floor_ms"] == pytest.approx(warp_instructions / (528 * 1.98e9) * 1e3)
+  assert row["copy_ms"] == pytest.approx(3 * 4 * 1048576 / 3.0e12 * 1e3)
+  assert row["warps"] == xla_floors.resident_warps(row["registers"], 128)
+  out = xla_floors.report(path)
+  assert "1 launches with machine code" in out
+  assert "loop_add_fusion.3 (loop_add_fusion_1)" in out
