@@ -76,10 +76,11 @@ _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 def path_lengths(sass: str) -> tuple[int, int] | None:
   """``(shortest, longest)``: the machine instructions a thread issues on its shortest
-  and longest way from the entry to an EXIT, for a function without loops; None if it
-  has one (a branch back, other than the trap loop after the last EXIT). XLA's
+  and longest way from the entry to its last EXIT, for a function without loops; None if
+  it has one (a branch back, other than the trap loop after the last EXIT). XLA's
   concatenate kernels branch per operand: a thread runs one branch, not the whole
-  listing."""
+  listing. A predicated EXIT (the threads past the end of a launch that does not divide
+  the work) is taken as not taken: the threads that work go on."""
   ops, labels = [], {}
   for line in sass.splitlines():
     label = _LABEL.match(line.strip())
@@ -105,8 +106,9 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
       if t < i:
         return None  # a loop
       nexts = [t, i + 1] if conditional else [t]
-    lo = [1 + shortest[j] for j in nexts] + ([1] if op == "EXIT" else [])
-    hi = [1 + longest[j] for j in nexts] + ([1] if op == "EXIT" else [])
+    last = op == "EXIT" and not conditional
+    lo = [1 + shortest[j] for j in nexts] + ([1] if last else [])
+    hi = [1 + longest[j] for j in nexts] + ([1] if last else [])
     shortest[i], longest[i] = min(min(lo), big), max(max(hi), -big)
   if shortest[0] >= big:
     return None
@@ -114,8 +116,9 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
 
 
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
-  """``{function: {"registers", "instructions", "loop"}}`` for every function in the PTX
-  files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``)."""
+  """``{function: {"registers", "instructions", "loop", "path"}}`` for every function in
+  the PTX files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``,
+  :func:`path_lengths`)."""
   ptx_files = sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx"))
   if not ptx_files:
     raise SystemExit(f"no PTX beside {hlo_path}: dump with XLA_FLAGS=\"--xla_dump_to=DIR "

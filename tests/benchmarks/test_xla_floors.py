@@ -96,6 +96,12 @@ def test_a_thread_issues_its_way_through_the_branches_not_the_listing():
       ".L_x_0:\n", "").replace("        /*0010*/               @P0 BRA `(.L_x_0) ;",
                                 ".L_x_0:\n        /*0010*/               @P0 BRA `(.L_x_1) ;")
   assert xla_floors.path_lengths(loop) is None
+  # The threads past the end of a launch leave early (a predicated EXIT): the threads
+  # that work go on, and their way counts.
+  early = BRANCHES.replace("        /*0010*/               @P0 BRA",
+                           "        /*0008*/               @P1 EXIT ;\n"
+                           "        /*0010*/               @P0 BRA")
+  assert xla_floors.path_lengths(early) == (6, 9)
 
 
 HLO = """HloModule jit_f
