@@ -239,9 +239,9 @@ def dump_prefix(hlo_path: str) -> str:
   gpu_after_optimizations.txt``: what the other files of that XLA dump start with."""
   prefix = re.sub(r"(sm_[\w.]+_)?gpu_after_optimizations\.txt(\.gz)?$", "", hlo_path)
   if prefix == hlo_path:
-    raise SystemExit(f"--launch reads the thunk files XLA dumps beside "
-                     f"*gpu_after_optimizations.txt; {hlo_path} is not such a file (dump "
-                     f"with XLA_FLAGS=--xla_dump_to=DIR)")
+    raise SystemExit(f"launch dimensions and machine code come from the files XLA dumps "
+                     f"beside *gpu_after_optimizations.txt; {hlo_path} is not such a file "
+                     f"(dump with XLA_FLAGS=--xla_dump_to=DIR)")
   return prefix
 
 
@@ -257,8 +257,8 @@ def kernel_launches(hlo_path: str) -> dict[str, tuple[str, int, int]]:
     meta = read_hlo(prefix + "thunk_metadata.txt")
     seq = read_hlo(prefix + "thunk_sequence.txt")
   except FileNotFoundError as e:
-    raise SystemExit(f"--launch: {e.filename} is missing: XLA writes it with "
-                     f"--xla_dump_to (jax 0.11 or newer)") from e
+    raise SystemExit(f"{e.filename} is missing: XLA writes it with --xla_dump_to "
+                     f"(jax 0.11 or newer)") from e
   names = {int(i): name for name, i in _THUNK_ID.findall(meta)}
   out = {}
   for m in _THUNK_LAUNCH.finditer(seq):

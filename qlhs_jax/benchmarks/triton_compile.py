@@ -190,11 +190,6 @@ def assemble(ptx: str, arch: str) -> tuple[str, bytes]:
   raise RuntimeError(f"no ptxas in {bins} assembled the PTX: {r.stderr[-500:]}")
 
 
-def _ptxas_report(ptx: str, arch: str) -> str:
-  """Registers and spills from ptxas -v (the bundled ptxas that accepts this PTX)."""
-  return assemble(ptx, arch)[0]
-
-
 # One H100 SXM: 132 SMs of 4 schedulers, each issuing at most one warp instruction a
 # cycle, at the 1,980 MHz that nvidia-smi gives as its maximum SM clock.
 H100_SCHEDULERS, H100_CLOCK_HZ = 132 * 4, 1.98e9
@@ -262,7 +257,7 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
     try:
       k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages})
-      report = _ptxas_report(k.asm["ptx"], arch)
+      report = assemble(k.asm["ptx"], arch)[0]
       counts = sass_counts(_disassemble(k.asm["cubin"]))
     except Exception as ex:  # compile errors come from several layers
       return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}

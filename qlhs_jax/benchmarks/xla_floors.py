@@ -152,11 +152,10 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
       continue
     kernel, blocks, threads = launches[name]
     c = code[kernel]
-    # A thread issues its path's instructions, not every branch's (else the listing's,
-    # loops once).
+    # A thread issues its way's instructions, not every branch's; with a loop, the
+    # listing's (the loop in it once).
     issued = c["path"][0] if c["path"] else c["instructions"]
-    floor = triton_compile.issue_floor_ms(issued, 0 if c["path"] else c["loop"], 1,
-                                          math.ceil(threads / 32), blocks)
+    floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,
                  "registers": c["registers"],
@@ -171,7 +170,8 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
   rows = floors(hlo_path, arch, copy_bytes_per_s)
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   bound = lambda r: max(r["floor_ms"], r["copy_ms"])  # noqa: E731
-  plain = [r for r in rows if not r["loop"]]
+  plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
+  looped = [r for r in rows if not r["path"]]
   lines = [
       f"{hlo_path}: {len(rows)} launches with machine code (sm_{arch}); issue floor "
       f"(one warp instruction a cycle per scheduler, 528 at 1.98 GHz) and copy time "
@@ -179,9 +179,9 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
       f"  without a loop ({len(plain)}): floors {sum(r['floor_ms'] for r in plain):.3f}, "
       f"copies {sum(r['copy_ms'] for r in plain):.3f}, the larger of each "
       f"{sum(bound(r) for r in plain):.3f}",
-      f"  with a loop ({len(rows) - len(plain)}, counted once: floors at least): floors "
-      f"{sum(r['floor_ms'] for r in rows if r['loop']):.3f}, the larger of each "
-      f"{sum(bound(r) for r in rows if r['loop']):.3f}",
+      f"  with a loop ({len(looped)}, counted once: floors at least): floors "
+      f"{sum(r['floor_ms'] for r in looped):.3f}, the larger of each "
+      f"{sum(bound(r) for r in looped):.3f}",
       "",
       f"{'floor':>7s} {'copy':>7s}  {'GB':>6s}  {'regs':>4s} {'warps/SM':>8s} "
       f"{'instr':>8s}  {'blocks x threads':>16s}  instruction (function), part"]

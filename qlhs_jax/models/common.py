@@ -563,6 +563,14 @@ def _bn_pool_bwd(groups, res, cts):
   return dy, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
+def _by_parity(y, ho, wo):
+  """``y`` (B, H, W, C) as (B, Ho, 2, Wo, 2, C): input pixel (2a + py, 2b + px) at (a, py,
+  b, px), zero-padded up to 2 Ho x 2 Wo; its class (py, px) is ``[:, :, py, :, px]``."""
+  b, h, w, c = y.shape
+  return jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
+      b, ho, 2, wo, 2, c)
+
+
 def _pool_classes_bn_grad(idx, gf, y, mul, d_s1, d_s2, groups):
   """The stem's dL/dy by parity class (:func:`_pool_grad_classes`, ``gf`` the masked
   float32 gradient), each on the pooled grid with y's class y[:, py::2, px::2], then
@@ -572,8 +580,7 @@ def _pool_classes_bn_grad(idx, gf, y, mul, d_s1, d_s2, groups):
   ho, wo = gf.shape[1:3]
   sdt = gf.dtype
   grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
-  y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
-      b, ho, 2, wo, 2, c)
+  y6 = _by_parity(y, ho, wo)
   classes = {}
   for (py, px), g_class in _pool_grad_classes(idx, gf).items():
     y_class = grouped(y6[:, :, py, :, px, :]).astype(sdt)
@@ -630,8 +637,7 @@ def _pool_bn_grad(ipad, gpad, y, mul, d_s1, d_s2, groups):
       ii = ipad[:, i:i + ho, j:j + wo][:, :, None, :, None, :]
       part = jnp.where(ii == t, gi, zero)
       total = part if total is None else total + part
-  y6 = jnp.pad(y, ((0, 0), (0, 2 * ho - h), (0, 2 * wo - w), (0, 0))).reshape(
-      b, ho, 2, wo, 2, c)
+  y6 = _by_parity(y, ho, wo)
   grouped = lambda v: v.reshape((groups, b // groups) + v.shape[1:])
   vec = lambda v: v.reshape(v.shape[:1] + (1,) * 5 + v.shape[1:])
   dy = (grouped(total) * vec(mul) + vec(d_s1)
