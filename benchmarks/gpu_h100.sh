@@ -3,8 +3,8 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
-# (experiments 24-25) and "pool" (experiments 26, 32, 34) in one session (limits of 590 +
-# 310 s; the rows take less, and a session cut off loses pool's last rows first), then
+# (experiments 24-25) and "pool" (experiments 26, 32, 34, 35) in one session (limits of
+# 590 + 390 s; the rows take less, and a session cut off loses pool's last rows first), then
 # "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -58,15 +58,18 @@
 #   Each row against the first. With the time left, a second call profiles the chosen
 #   step: QLHS_...=... (the sweep's "stencil_forms:" and "stencil_tiling:") BRING=$OUT
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh eq3.
-# "pool" (time limits add up to 310 s; NOTES.md experiments 26, 32 and 34): the stem's
-#   BatchNorm, ReLU and max-pool as one operation (stem_pool="argmax_bn", the default of
-#   every ResNet-stem model since 2026-12-05: BatchNorm's backward sums on the pooled
-#   grid, the pool's dense gradient never stored; 1.08 GB less a step for Eq.(3), 1.18
-#   for ResNet50, in the deviceless compile), its dL/dy in one vectorised pass (since
-#   experiment 34) against the classes and their stack (QLHS_STEM_GRAD=classes,
-#   experiment 26's form: a kernel of scalar stores), and against the form before it
-#   (stem_pool="argmax"), Eq.(3) "auto" on uint8 batches, in one call. Both models have
-#   this stem: it moves the rate, and the ratio only slightly. Then
+# "pool" (time limits add up to 390 s; NOTES.md experiments 26, 32, 34 and 35): the
+#   stem's BatchNorm, ReLU and max-pool as one operation (stem_pool="argmax_bn", the
+#   default of every ResNet-stem model since 2026-12-05: BatchNorm's backward sums on the
+#   pooled grid, the pool's dense gradient never stored; 1.08 GB less a step for Eq.(3),
+#   1.18 for ResNet50, in the deviceless compile), its taps read from the convolution's
+#   output with a margin (since experiment 35) against the pool's -inf padding
+#   (QLHS_STEM_TAPS=pad: bounds-checked scalar loads, 939 instructions a thread against
+#   539), its dL/dy in one vectorised pass (since experiment 34) against the classes and
+#   their stack (QLHS_STEM_GRAD=classes, experiment 26's form: a kernel of scalar
+#   stores), and against the form before it all (stem_pool="argmax"), Eq.(3) "auto" on
+#   uint8 batches, in one call. Both models have this stem: it moves the rate, and the
+#   ratio only slightly. Then
 #   benchmarks.erase_fill: the step's input
 #   work alone (uint8 normalised, boxes erased, bfloat16 out) with each generator of the
 #   erased boxes' fills, the counter hash (config.data.erase_noise="hash", the default
@@ -175,7 +178,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -388,6 +391,9 @@ if [ "$PART" = sweep ]; then
 fi
 if [ "$PART" = pool ]; then
   bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
+  # The pool's taps from its -inf padding, as before experiment 35 (the same values).
+  QLHS_STEM_TAPS=pad bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
   # The stem's dL/dy as experiment 26 wrote it (the classes and a stack), against the row
   # above (one vectorised pass since experiment 34; the same values).
   QLHS_STEM_GRAD=classes bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \

@@ -229,7 +229,8 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               # every model's training-mode BatchNorm (models/common.py)
               "QLHS_BN_STATS": ("none", "shifted_t", "pallas", "xla", "block"),
               # every ResNet-stem model's stem (models/common.py)
-              "QLHS_STEM_GRAD": ("none", "shifted_t", "pallas", "xla", "block")}
+              "QLHS_STEM_GRAD": ("none", "shifted_t", "pallas", "xla", "block"),
+              "QLHS_STEM_TAPS": ("none", "shifted_t", "pallas", "xla", "block")}
 
 
 def _expansion(model) -> int:

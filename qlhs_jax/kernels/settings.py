@@ -28,6 +28,7 @@ VARIABLES = {
     "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
+    "stem_taps": "QLHS_STEM_TAPS",        # where the stem's pool reads its taps
     "stencil_grid": "QLHS_STENCIL_GRID",  # the stencil kernels' grid order
     "stencil_rows": "QLHS_STENCIL_ROWS",  # the stencil kernels that walk rows
     "stencil_tiling": "QLHS_STENCIL_TILING",
@@ -105,6 +106,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.tiling()
     common.bn_stats_form()
     common.stem_grad_form()
+    common.stem_taps_form()
     stencil.grid_order()
     stencil.rows_kernels()
     stencil.tiling("stats")

@@ -10,11 +10,13 @@ the data flow of both.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qlhs_jax.kernels import settings
@@ -65,6 +67,23 @@ def stem_grad_form() -> str:
   if form not in STEM_GRAD_FORMS:
     raise ValueError(f"{settings.name('QLHS_STEM_GRAD')}={form!r}: choose one of "
                      f"{STEM_GRAD_FORMS} (unset: pass)")
+  return form
+
+
+STEM_TAPS_FORMS = ("margin", "pad")
+
+
+def stem_taps_form() -> str:
+  """Where the training stem's max-pool reads its taps (ConvNorm with
+  ``relu_max_pool``): QLHS_STEM_TAPS, else "margin" (:func:`conv_bn_relu_max_pool_3x3_s2`:
+  the convolution writes one output row and column more on each side, so that every tap
+  is a plain strided slice); "pad" is the form before 2026-12-05 (the convolution, then
+  :func:`bn_relu_max_pool_3x3_s2`, which pads with -inf), kept to time against it on the
+  GPU (``gpu_h100.sh pool``). The same values (tests/models/test_common.py)."""
+  form = settings.get("QLHS_STEM_TAPS") or "margin"
+  if form not in STEM_TAPS_FORMS:
+    raise ValueError(f"{settings.name('QLHS_STEM_TAPS')}={form!r}: choose one of "
+                     f"{STEM_TAPS_FORMS} (unset: margin)")
   return form
 
 
@@ -149,11 +168,24 @@ class BatchNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    if self.relu_max_pool and x.dtype != self.dtype:
+  def __call__(self, x, conv=None):
+    """``conv``: with ``relu_max_pool`` in training, x may instead be given as ``(x,
+    kernel, strides, space_to_depth)``, the input of the :func:`stem_conv` whose output
+    this normalises (``x`` None): the layer computes it, by
+    :func:`conv_bn_relu_max_pool_3x3_s2`."""
+    if conv is not None:
+      if x is not None or not self.relu_max_pool or self.use_running_average:
+        raise ValueError("BatchNorm(conv=...) is for training with relu_max_pool=True, "
+                         "with x None")
+      x_in, kernel, strides, space_to_depth = conv
+      shape = (x_in.shape[0],) + _conv_out(x_in, kernel, strides) + kernel.shape[-1:]
+      dtype = jnp.result_type(x_in, kernel)
+    else:
+      shape, dtype = x.shape, x.dtype
+    if self.relu_max_pool and dtype != self.dtype:
       raise ValueError(f"BatchNorm(relu_max_pool=True) takes x in its dtype "
-                       f"{jnp.dtype(self.dtype).name}, got {x.dtype}")
-    c = x.shape[-1]
+                       f"{jnp.dtype(self.dtype).name}, got {dtype}")
+    c = shape[-1]
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     sdt = jnp.promote_types(self.param_dtype, jnp.float32)
@@ -163,7 +195,11 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
     else:
-      if self.relu_max_pool:
+      if conv is not None:
+        y, mean, var = conv_bn_relu_max_pool_3x3_s2(
+            x_in, kernel, scale, bias, strides, space_to_depth, self.groups)
+        count = math.prod(shape) // (self.groups * c)
+      elif self.relu_max_pool:
         y, mean, var = bn_relu_max_pool_3x3_s2(x, scale, bias, self.groups)
         count = x.size // (self.groups * c)
       else:
@@ -200,7 +236,7 @@ def batchnorm_affine(bn_params, bn_stats):
   return a, b
 
 
-def space_to_depth_conv(x, kernel):
+def space_to_depth_conv(x, kernel, margin=((0, 0), (0, 0))):
   """The ``k`` x ``k`` convolution of stride 2 and padding ``k // 2`` on every side (odd
   ``k``, NHWC, HWIO, ungrouped) as a stride-1 convolution of ``(k + 1) // 2`` squared
   taps on the image's 2x2 blocks, each block's pixels as 4x the channels.
@@ -219,6 +255,9 @@ def space_to_depth_conv(x, kernel):
   stride-1 convolution of 16 channels (with the stem's zero fourth channel), the shape
   tensor cores take, at 256 multiply-adds an output value against the 147 that count.
   MLPerf's TPU ResNet-50 computes its stem the same way ("space-to-depth").
+
+  ``margin``: ((top, bottom), (left, right)) output rows and columns more on each side,
+  the convolution's values at those positions (:func:`stem_conv`).
   """
   b, h, w, c = x.shape
   kh, kw, kc, o = kernel.shape
@@ -235,7 +274,23 @@ def space_to_depth_conv(x, kernel):
   x = x.reshape(b, rows // 2, cols // 2, 4 * c)
   k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
   k = k.reshape(qh, 2, qw, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(qh, qw, 4 * c, o)
-  return lax.conv_general_dilated(x, k, (1, 1), "VALID",
+  # A margin is the blocked convolution's own zero padding: the blocks stay those of
+  # the plain form, which the kernel's gradient reads (conv_bn_relu_max_pool_3x3_s2).
+  return lax.conv_general_dilated(x, k, (1, 1), [(m0, m1) for m0, m1 in margin],
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def stem_conv(x, kernel, strides: int, space_to_depth: bool,
+              margin=((0, 0), (0, 0))):
+  """:class:`ConvNorm`'s ungrouped ``k`` x ``k`` convolution (odd k, padding k // 2;
+  :func:`space_to_depth_conv` where ``space_to_depth``) with ``margin`` = ((top,
+  bottom), (left, right)) output positions more on each side: the convolution's values
+  there, the input's zero padding widened by ``strides`` a position."""
+  if space_to_depth:
+    return space_to_depth_conv(x, kernel, margin)
+  pad = [(k // 2 + strides * m0, k // 2 + strides * m1)
+         for k, (m0, m1) in zip(kernel.shape[:2], margin)]
+  return lax.conv_general_dilated(x, kernel, (strides,) * 2, pad,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -249,7 +304,8 @@ class ConvNorm(nn.Module):
   :func:`resnet_stem`). ``space_to_depth``: a stride-2 convolution computed by
   :func:`space_to_depth_conv` (the same parameters and sums). ``relu_max_pool``: then
   ReLU and ResNet's stem max-pool, in training with the BatchNorm as one operation
-  (:func:`bn_relu_max_pool_3x3_s2`).
+  (:func:`bn_relu_max_pool_3x3_s2`), and by default with the convolution too
+  (:func:`conv_bn_relu_max_pool_3x3_s2`, :func:`stem_taps_form`).
   """
   features: int
   kernel_size: Sequence[int] = (1, 1)
@@ -282,10 +338,23 @@ class ConvNorm(nn.Module):
                          f"convolution (groups={self.groups})")
       x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
       kernel = jnp.pad(kernel, ((0, 0),) * (kernel.ndim - 2) + ((0, extra), (0, 0)))
+    if self.space_to_depth and (self.strides != 2 or self.groups != 1):
+      raise ValueError(f"space_to_depth computes an ungrouped stride-2 convolution, got "
+                       f"strides={self.strides}, groups={self.groups}")
+    if (self.relu_max_pool and self.train and not self.folded
+        and stem_taps_form() == "margin"):
+      if self.groups != 1 or any(kk % 2 == 0 for kk in k):
+        raise ValueError(f"ConvNorm(relu_max_pool=True) in training wants an ungrouped "
+                         f"convolution of odd size, got {k}, groups={self.groups} (or "
+                         f"set kernels.stem_taps='pad')")
+      # The convolution, BatchNorm and the pool as one operation: the pool's taps read
+      # the convolution's output with a margin (conv_bn_relu_max_pool_3x3_s2).
+      return BatchNorm(use_running_average=False, groups=self.bn_groups,
+                       scale_init=self.bn_scale_init, relu_max_pool=True,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(
+          None, conv=(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                      self.space_to_depth))
     if self.space_to_depth:
-      if self.strides != 2 or self.groups != 1:
-        raise ValueError(f"space_to_depth computes an ungrouped stride-2 convolution, got "
-                         f"strides={self.strides}, groups={self.groups}")
       y = space_to_depth_conv(x.astype(self.dtype), kernel.astype(self.dtype))
     elif k == (1, 1):
       if self.strides > 1:
@@ -401,15 +470,51 @@ def _relu_argmax_pool(x, carried=None):
   """The window maxima of relu(x), the tap each gradient goes to (int8; 9: none) and,
   if ``carried`` (the shape of ``x``) is given, its value at that tap (0 at none)."""
   taps = _taps(x, 2, -jnp.inf)  # the window's nine inputs, -inf outside the image
+  return _argmax_taps(taps, None if carried is None else _taps(carried, 2))
+
+
+def _argmax_taps(taps, carried_taps=None, inside=None):
+  """:func:`_relu_argmax_pool` from the nine taps (and ``carried``'s), a tap taken only
+  where ``inside[t]`` (a mask, None: everywhere) says it lies in the image."""
   m, idx = jnp.zeros_like(taps[0]), jnp.full(taps[0].shape, 9, jnp.int8)
-  at = None if carried is None else jnp.zeros(taps[0].shape, carried.dtype)
-  carried_taps = [None] * 9 if carried is None else _taps(carried, 2)
-  for t, (tap, c_tap) in enumerate(zip(taps, carried_taps)):
+  at = None if carried_taps is None else jnp.zeros(taps[0].shape, carried_taps[0].dtype)
+  for t, tap in enumerate(taps):
     take = (tap > m) | jnp.isnan(tap)
+    if inside is not None and inside[t] is not None:
+      take = take & inside[t]
     m, idx = jnp.where(take, tap, m), jnp.where(take, jnp.int8(t), idx)
-    if carried is not None:
-      at = jnp.where(take, c_tap, at)
+    if carried_taps is not None:
+      at = jnp.where(take, carried_taps[t], at)
   return m, idx, at
+
+
+# The margin (stem_conv) around the stem convolution's output that holds every tap of the
+# 3x3/2 pool with padding 1: one row and column on each side. The pool needs the one in
+# front, and behind only where the size is odd; but cuDNN takes symmetric padding alone,
+# and for the front alone XLA wrote the blocked image again, padded (0.22 GB a step).
+_STEM_MARGIN = ((1, 1), (1, 1))
+
+
+def _relu_argmax_pool_in_margin(x, carried, h: int, w: int):
+  """:func:`_relu_argmax_pool` of the (h, w) image that ``x`` holds inside its margin
+  (:data:`_STEM_MARGIN`), ``carried`` alike: each tap a strided slice of ``x``, and the
+  margin's positions masked out (first row and column, the last where h or w is odd)."""
+  b, c = x.shape[0], x.shape[-1]
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  oy, ox = np.arange(ho).reshape(1, ho, 1, 1), np.arange(wo).reshape(1, 1, wo, 1)
+  # Tap d of output o reads margin position 2 * o + d: position 0 is the margin, and so
+  # is position 2 * Ho = h + 1 where h is odd. NumPy masks: constants in the program
+  # (from iotas, XLA launched two small kernels a step for them).
+  rows = (oy > 0, None, 2 * oy + 1 < h if h % 2 else None)
+  cols = (ox > 0, None, 2 * ox + 1 < w if w % 2 else None)
+  both = lambda r, q: r if q is None else q if r is None else r & q  # noqa: E731
+  inside = [None if (m := both(rows[dy], cols[dx])) is None else jnp.asarray(m)
+            for dy in range(3) for dx in range(3)]
+  tap = lambda a, dy, dx: lax.slice(  # noqa: E731
+      a, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c), (1, 2, 2, 1))
+  return _argmax_taps([tap(x, dy, dx) for dy in range(3) for dx in range(3)],
+                      [tap(carried, dy, dx) for dy in range(3) for dx in range(3)],
+                      inside)
 
 
 def _relu_max_pool_fwd(x):
@@ -561,6 +666,63 @@ def _bn_pool_bwd(groups, res, cts):
   else:
     dy = _pool_bn_grad(ipad, gpad, y, mul, d_s1, d_s2, groups)
   return dy, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def conv_bn_relu_max_pool_3x3_s2(x, kernel, scale, bias, strides: int = 2,
+                                 space_to_depth: bool = False, groups: int = 1):
+  """:func:`stem_conv` of ``x`` then :func:`bn_relu_max_pool_3x3_s2`, as one operation
+  (QLHS_STEM_TAPS=margin, the default): ``(pooled, mean, var)``. The convolution writes
+  its output with a margin (:data:`_STEM_MARGIN`: one row and column more on each side),
+  BatchNorm's statistics are those of the image inside it, and each of the pool's nine
+  taps is a strided slice of the normalised output, the margin's positions masked out.
+  The same values as the convolution then :func:`bn_relu_max_pool_3x3_s2`; the
+  kernel's gradient is the plain convolution's.
+
+  Why: the -inf padding of :func:`bn_relu_max_pool_3x3_s2` is a pad inside the pool's
+  kernel, and XLA loads every tap of a pad with a bounds check: 939 instructions a
+  thread, 72 registers and an issue floor of 0.36 ms on an H100 against 0.22 ms to copy
+  its bytes (the pool's forward ran 0.47 ms on the H200, 1.2 TB/s). From the margin:
+  545 instructions, 48 registers, a floor of 0.21 ms, under its copy time
+  (``python -m qlhs_jax.benchmarks.xla_floors``; benchmarks/NOTES.md, experiment 35;
+  not yet timed). The margin costs the convolution 3.6% more outputs at 224 px.
+  """
+  return _conv_bn_pool_fwd(x, kernel, scale, bias, strides, space_to_depth, groups)[0]
+
+
+def _conv_out(x, kernel, strides):
+  """The (h, w) of :func:`stem_conv`'s output without a margin."""
+  return tuple((n + 2 * (k // 2) - k) // strides + 1
+               for n, k in zip(x.shape[1:3], kernel.shape[:2]))
+
+
+def _conv_bn_pool_fwd(x, kernel, scale, bias, strides, space_to_depth, groups):
+  h, w = _conv_out(x, kernel, strides)
+  y_m = stem_conv(x, kernel, strides, space_to_depth, _STEM_MARGIN)
+  y = y_m[:, 1:h + 1, 1:w + 1]
+  yg, s1, s2, count = group_sums(y, groups, jnp.promote_types(y.dtype, jnp.float32))
+  sdt = yg.dtype
+  mul, add, mean, var = _bn_moments(s1, s2, scale.astype(sdt), bias.astype(sdt), count)
+  b = y.shape[0]
+  z = y_m.reshape((groups, b // groups) + y_m.shape[1:]).astype(sdt)
+  z = (z * _per_group(mul) + _per_group(add)).reshape(y_m.shape).astype(y.dtype)
+  # The barrier as in _bn_pool_fwd.
+  pooled, idx, y_at = lax.optimization_barrier(_relu_argmax_pool_in_margin(z, y_m, h, w))
+  return (pooled, mean, var), (x, kernel, idx, y_at, y_m, s1, s2, scale, bias)
+
+
+def _conv_bn_pool_bwd(strides, space_to_depth, groups, res, cts):
+  x, kernel, idx, y_at, y_m, s1, s2, scale, bias = res
+  h, w = _conv_out(x, kernel, strides)
+  dy, d_scale, d_bias = _bn_pool_bwd(
+      groups, (idx, y_at, y_m[:, 1:h + 1, 1:w + 1], s1, s2, scale, bias), cts)
+  # The margin's outputs take no gradient: the plain convolution's transpose.
+  _, conv_vjp = jax.vjp(lambda x, k: stem_conv(x, k, strides, space_to_depth), x, kernel)
+  dx, dk = conv_vjp(dy)
+  return dx, dk, d_scale, d_bias
+
+
+conv_bn_relu_max_pool_3x3_s2.defvjp(_conv_bn_pool_fwd, _conv_bn_pool_bwd)
 
 
 def _by_parity(y, ho, wo):

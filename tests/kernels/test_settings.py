@@ -23,6 +23,7 @@ READERS = {
     "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
+    "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),
     "stencil_grid": ("channels", stencil.grid_order, "channels", "pixels"),
     "stencil_rows": ("du,sums", stencil.rows_kernels, ("du", "sums"), ()),
     "stencil_tiling": ("du=16,8,2", lambda: stencil.tiling("du"), (16, 8, 2),
@@ -106,6 +107,8 @@ def test_the_context_is_left_after_an_error():
                           r"'two'\)"),
     ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "
                            r"'classes'\)"),
+    ("stem_taps", "edge", r"config.kernels.stem_taps='edge': choose one of \('margin', "
+                          r"'pad'\)"),
     ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
     ("stencil_rows", "lags", r"config.kernels.stencil_rows='lags': want 'all' or"),
     ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "

@@ -4,7 +4,9 @@ and its first backward, ``relu_max_pool_3x3_s2_fused``) against JAX's autodiff o
 pool as one operation (``bn_relu_max_pool_3x3_s2``, ``stem_pool="argmax_bn"``) against
 the float64 formula; the ``stem_pool`` choices
 give the same network; the stem's padded input channels and its space-to-depth
-convolution change nothing."""
+convolution change nothing; the convolution, BatchNorm and the pool as one operation
+(``conv_bn_relu_max_pool_3x3_s2``, QLHS_STEM_TAPS=margin) against the float64 formula
+and the padded form."""
 
 import flax.linen as nn
 import jax
@@ -213,6 +215,119 @@ def test_stem_grad_forms_give_the_same_bits(groups, monkeypatch):
   with pytest.raises(ValueError, match=r"QLHS_STEM_GRAD='stack': choose one of "
                                        r"\('pass', 'classes'\)"):
     jax.vjp(lambda *a: bn_relu_max_pool_3x3_s2(*a, groups), y, scale, bias)[1](cts)
+
+
+def _conv_float64(x, k, strides=2):
+  """The stem's convolution (padding k // 2) by lax in float64."""
+  kh, kw = k.shape[:2]
+  return lax.conv_general_dilated(x, k, (strides,) * 2, [(kh // 2,) * 2, (kw // 2,) * 2],
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("space_to_depth", [True, False])
+@pytest.mark.parametrize("groups,shape", [(1, (2, 16, 16, 4)), (2, (4, 13, 9, 3)),
+                                          (1, (1, 5, 4, 3)), (2, (2, 3, 2, 4))])
+def test_conv_bn_relu_max_pool_matches_the_float64_formula(groups, shape, space_to_depth):
+  """QLHS_STEM_TAPS=margin (the default): the stem's 7x7/2 convolution, training-mode
+  BatchNorm, ReLU and the max-pool as one operation, its convolution written with a
+  margin, against lax's convolution, the textbook BatchNorm (two means) and flax's
+  max-pool of nn.relu, differentiated by JAX in float64: the pooled output and the batch
+  statistics, and the gradients of x, the kernel, scale and offset. Odd sizes make the
+  margin's last row or column, which must never be taken."""
+  rng = np.random.default_rng(7)
+  c = 6
+  x = rng.standard_normal(shape)
+  kern = rng.standard_normal((7, 7, shape[-1], c)) * 0.3
+  scale, bias = rng.uniform(0.5, 1.5, c), rng.uniform(-2.5, 0.5, c)
+  h, w = (shape[1] + 1) // 2, (shape[2] + 1) // 2
+  pooled_shape = (shape[0], (h + 1) // 2, (w + 1) // 2, c)
+  cts = (rng.standard_normal(pooled_shape), rng.standard_normal((groups, c)),
+         rng.standard_normal((groups, c)))
+
+  def formula(x, kern, scale, bias):
+    y = _conv_float64(x, kern)
+    yg = y.reshape((groups, -1) + y.shape[1:])
+    mean = jnp.mean(yg, (1, 2, 3))
+    var = jnp.mean((yg - mean[:, None, None, None]) ** 2, (1, 2, 3))
+    z = ((yg - mean[:, None, None, None]) / jnp.sqrt(var[:, None, None, None] + 1e-5)
+         * scale + bias).reshape(y.shape)
+    return max_pool_3x3_s2(nn.relu(z)), mean, var
+
+  args = (x, kern, scale, bias)
+  with jax.enable_x64(True):
+    want, vjp = jax.vjp(formula, *(jnp.asarray(a) for a in args))
+    want_grads = vjp(tuple(jnp.asarray(a) for a in cts))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got, vjp = jax.vjp(lambda *a: common.conv_bn_relu_max_pool_3x3_s2(
+      *a, 2, space_to_depth, groups), *(f32(a) for a in args))
+  got_grads = jax.jit(vjp)(tuple(f32(a) for a in cts))
+  assert got[0].shape == pooled_shape and got[1].shape == (groups, c)
+  assert float(jnp.mean(got[0] == 0)) > 0.05  # windows whose maximum is ReLU's 0
+  for a, b in zip(got + got_grads, want + want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-4, atol=3e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("space_to_depth,groups,shape", [
+    (True, 1, (2, 32, 32, 4)), (True, 2, (4, 29, 17, 4)), (False, 1, (2, 29, 17, 3)),
+    (False, 2, (4, 9, 10, 4)), (True, 1, (1, 3, 2, 4))])
+def test_conv_bn_relu_max_pool_is_the_padded_form_bit_for_bit(space_to_depth, groups,
+                                                             shape, dtype):
+  """The margin form gives the bits of the convolution then
+  ``bn_relu_max_pool_3x3_s2`` (the pool's -inf padding; QLHS_STEM_TAPS=pad): outputs,
+  statistics and every gradient. The same convolution sums and the same float32
+  arithmetic (on this CPU; a GPU's convolution of another output size may pick another
+  algorithm)."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal(shape), dtype)
+  kern = jnp.asarray(rng.standard_normal((7, 7, shape[-1], 8)) * 0.2, dtype)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+  bias = jnp.asarray(rng.uniform(-1, 0.5, 8), jnp.float32)
+
+  def padded(x, kern, scale, bias):
+    y = common.stem_conv(x, kern, 2, space_to_depth)
+    return bn_relu_max_pool_3x3_s2(y, scale, bias, groups)
+
+  margin = lambda *a: common.conv_bn_relu_max_pool_3x3_s2(*a, 2, space_to_depth, groups)
+  outs = {}
+  for name, f in (("pad", padded), ("margin", margin)):
+    out, vjp = jax.vjp(f, x, kern, scale, bias)
+    cts = tuple(jnp.asarray(np.random.default_rng(9).standard_normal(a.shape), a.dtype)
+                for a in out)
+    outs[name] = out + jax.jit(vjp)(cts)
+  for a, b in zip(outs["margin"], outs["pad"]):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("model", [
+    ResNet(widths=(8, 16), depths=(1, 1), num_classes=5, dtype=jnp.float32),
+    QLHSNet(widths=(4, 8), depths=(1, 1), num_classes=5, dtype=jnp.float32)])
+def test_stem_taps_forms_give_the_same_network(model, monkeypatch):
+  """QLHS_STEM_TAPS: "margin" (the default) and "pad" give the same loss, gradients and
+  BatchNorm statistics, with both stem convolutions and an odd image size; the margin
+  form's convolution writes a row and a column more on each side (the lowering says so);
+  a bad value is refused by name."""
+  for conv in ("space_to_depth", "direct"):
+    m = model.clone(stem_conv=conv)
+    for size in (32, 29):
+      x = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
+      labels = jnp.arange(4) % 5
+      v = m.init(jax.random.PRNGKey(1), x)
+      out = {}
+      for form in common.STEM_TAPS_FORMS:
+        monkeypatch.setenv("QLHS_STEM_TAPS", form)
+        out[form] = _train_loss_and_grads(m, v, x, labels)
+        text = jax.jit(lambda x: _train_loss_and_grads(m, v, x, labels)).lower(x).as_text()
+        conv_out = (size + 1) // 2 + (2 if form == "margin" else 0)
+        first = [l for l in text.splitlines() if "stablehlo.convolution" in l][0]
+        assert f"-> tensor<4x{conv_out}x{conv_out}x{m.widths[0]}xf32>" in first, first
+      for a, b in zip(jax.tree.leaves(out["margin"]), jax.tree.leaves(out["pad"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  monkeypatch.setenv("QLHS_STEM_TAPS", "edge")
+  with pytest.raises(ValueError, match=r"QLHS_STEM_TAPS='edge': choose one of "
+                                       r"\('margin', 'pad'\)"):
+    _train_loss_and_grads(model, v, x, labels)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
