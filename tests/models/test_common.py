@@ -232,8 +232,9 @@ def test_conv_bn_relu_max_pool_matches_the_float64_formula(groups, shape, space_
   BatchNorm, ReLU and the max-pool as one operation, its convolution written with a
   margin, against lax's convolution, the textbook BatchNorm (two means) and flax's
   max-pool of nn.relu, differentiated by JAX in float64: the pooled output and the batch
-  statistics, and the gradients of x, the kernel, scale and offset. Odd sizes make the
-  margin's last row or column, which must never be taken."""
+  statistics, and the gradients of x, the kernel, scale and offset. At odd sizes the
+  margin's last row or column lies under the last windows' taps and must never be
+  taken."""
   rng = np.random.default_rng(7)
   c = 6
   x = rng.standard_normal(shape)
