@@ -65,7 +65,7 @@
 #   1.18 for ResNet50, in the deviceless compile), its taps read from the convolution's
 #   output with a margin (since experiment 35) against the pool's -inf padding
 #   (QLHS_STEM_TAPS=pad: bounds-checked scalar loads, 939 instructions a thread against
-#   539), its dL/dy in one vectorised pass (since experiment 34) against the classes and
+#   545), its dL/dy in one vectorised pass (since experiment 34) against the classes and
 #   their stack (QLHS_STEM_GRAD=classes, experiment 26's form: a kernel of scalar
 #   stores), and against the form before it all (stem_pool="argmax"), Eq.(3) "auto" on
 #   uint8 batches, in one call. Both models have this stem: it moves the rate, and the
