@@ -239,10 +239,7 @@ def product_form(groups: int = 1) -> str:
   ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
   QLHS_DC_PASS says. Not yet timed, hence not the default (benchmarks/NOTES.md,
   experiment 14)."""
-  form = settings.get("QLHS_PRODUCT_FORM") or "xla"
-  if form not in PRODUCT_FORMS:
-    raise ValueError(f"{settings.name('QLHS_PRODUCT_FORM')}={form!r}: choose one of "
-                     f"{PRODUCT_FORMS} (unset: xla)")
+  form = settings.choice("QLHS_PRODUCT_FORM", PRODUCT_FORMS)
   if form == "pallas" and groups != 1:
     from qlhs_jax.kernels import stencil  # imports this module
     stencil.check(1, "QLHS_PRODUCT_FORM", groups)
@@ -276,11 +273,7 @@ def dc_pass() -> str:
   puts dc in pass 4's fusion either way, but "sums" hands it u twice: "dx" moves 0.80
   GB less per step (65.52 against 66.32 GB, 838 kernels against 840;
   benchmarks/NOTES.md, experiment 14). The same dc either way (tests/kernels)."""
-  where = settings.get("QLHS_DC_PASS") or "dx"
-  if where not in DC_PASSES:
-    raise ValueError(f"{settings.name('QLHS_DC_PASS')}={where!r}: choose one of "
-                     f"{DC_PASSES} (unset: dx)")
-  return where
+  return settings.choice("QLHS_DC_PASS", DC_PASSES)
 
 
 def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],

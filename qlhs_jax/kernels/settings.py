@@ -56,6 +56,17 @@ def get(var: str) -> str:
   return _FROM_CONFIG.get().get(var) or os.environ.get(var, "")
 
 
+def choice(var: str, choices: tuple[str, ...]) -> str:
+  """:func:`get`'s value of ``var``, else ``choices[0]`` (the built-in default); a value
+  not in ``choices`` is refused, naming where it came from (:func:`name`) and the
+  choices."""
+  value = get(var) or choices[0]
+  if value not in choices:
+    raise ValueError(f"{name(var)}={value!r}: choose one of {choices} "
+                     f"(unset: {choices[0]})")
+  return value
+
+
 def chosen() -> dict[str, str]:
   """Every setting :func:`get` gives a value now, by config.kernels key; a setting left
   empty (the readers' built-in default) is left out."""

@@ -154,11 +154,7 @@ def grid_order() -> str:
   at ~1.1 TB/s at every tiling tried. "channels": the channel blocks of the same tiles
   run side by side and read each row whole at about the same time, as XLA's loop
   fusions (1.5-1.8 TB/s) do. The same sums either way; "channels" is not yet timed."""
-  order = settings.get("QLHS_STENCIL_GRID") or "pixels"
-  if order not in GRID_ORDERS:
-    raise ValueError(f"{settings.name('QLHS_STENCIL_GRID')}={order!r}: choose one of "
-                     f"{GRID_ORDERS} (unset: pixels)")
-  return order
+  return settings.choice("QLHS_STENCIL_GRID", GRID_ORDERS)
 
 
 def _grid(plan: dict, pixel_programs: int, channel_blocks: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from qlhs_jax.kernels import settings
-from qlhs_jax.models.layers import _taps
+from qlhs_jax.models.layers import _out_size, _taps
 
 Dtype = Any
 
@@ -47,11 +47,7 @@ def bn_stats_form() -> str:
   (:func:`sums_and_squares`, one reduction); "two" is two ``jnp.sum`` calls, the form
   before 2026-12-03, kept to time against it on the GPU (``gpu_h100.sh configs``). The
   same statistics either way (tests/models/test_common.py)."""
-  form = settings.get("QLHS_BN_STATS") or "one"
-  if form not in BN_STATS_FORMS:
-    raise ValueError(f"{settings.name('QLHS_BN_STATS')}={form!r}: choose one of "
-                     f"{BN_STATS_FORMS} (unset: one)")
-  return form
+  return settings.choice("QLHS_BN_STATS", BN_STATS_FORMS)
 
 
 STEM_GRAD_FORMS = ("pass", "classes")
@@ -63,11 +59,7 @@ def stem_grad_form() -> str:
   is the form before 2026-12-05 (each parity class on the pooled grid, then a stack),
   kept to time against it on the GPU (``gpu_h100.sh pool``). The same values, bit for
   bit (tests/models/test_common.py)."""
-  form = settings.get("QLHS_STEM_GRAD") or "pass"
-  if form not in STEM_GRAD_FORMS:
-    raise ValueError(f"{settings.name('QLHS_STEM_GRAD')}={form!r}: choose one of "
-                     f"{STEM_GRAD_FORMS} (unset: pass)")
-  return form
+  return settings.choice("QLHS_STEM_GRAD", STEM_GRAD_FORMS)
 
 
 STEM_TAPS_FORMS = ("margin", "pad")
@@ -80,11 +72,7 @@ def stem_taps_form() -> str:
   is a plain strided slice); "pad" is the form before 2026-12-05 (the convolution, then
   :func:`bn_relu_max_pool_3x3_s2`, which pads with -inf), kept to time against it on the
   GPU (``gpu_h100.sh pool``). The same values (tests/models/test_common.py)."""
-  form = settings.get("QLHS_STEM_TAPS") or "margin"
-  if form not in STEM_TAPS_FORMS:
-    raise ValueError(f"{settings.name('QLHS_STEM_TAPS')}={form!r}: choose one of "
-                     f"{STEM_TAPS_FORMS} (unset: margin)")
-  return form
+  return settings.choice("QLHS_STEM_TAPS", STEM_TAPS_FORMS)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -195,13 +183,12 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
     else:
-      if conv is not None:
-        y, mean, var = conv_bn_relu_max_pool_3x3_s2(
-            x_in, kernel, scale, bias, strides, space_to_depth, self.groups)
+      if self.relu_max_pool:
+        y, mean, var = (
+            bn_relu_max_pool_3x3_s2(x, scale, bias, self.groups) if conv is None else
+            conv_bn_relu_max_pool_3x3_s2(x_in, kernel, scale, bias, strides,
+                                         space_to_depth, self.groups))
         count = math.prod(shape) // (self.groups * c)
-      elif self.relu_max_pool:
-        y, mean, var = bn_relu_max_pool_3x3_s2(x, scale, bias, self.groups)
-        count = x.size // (self.groups * c)
       else:
         # One pass over the data: E[x] and E[x^2] in float32, their sums from one
         # reduction (two with QLHS_BN_STATS=two).
@@ -341,6 +328,9 @@ class ConvNorm(nn.Module):
     if self.space_to_depth and (self.strides != 2 or self.groups != 1):
       raise ValueError(f"space_to_depth computes an ungrouped stride-2 convolution, got "
                        f"strides={self.strides}, groups={self.groups}")
+    bn = BatchNorm(use_running_average=not self.train, groups=self.bn_groups,
+                   scale_init=self.bn_scale_init, relu_max_pool=self.relu_max_pool,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name="bn")
     if (self.relu_max_pool and self.train and not self.folded
         and stem_taps_form() == "margin"):
       if self.groups != 1 or any(kk % 2 == 0 for kk in k):
@@ -349,11 +339,8 @@ class ConvNorm(nn.Module):
                          f"set kernels.stem_taps='pad')")
       # The convolution, BatchNorm and the pool as one operation: the pool's taps read
       # the convolution's output with a margin (conv_bn_relu_max_pool_3x3_s2).
-      return BatchNorm(use_running_average=False, groups=self.bn_groups,
-                       scale_init=self.bn_scale_init, relu_max_pool=True,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(
-          None, conv=(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-                      self.space_to_depth))
+      return bn(None, conv=(x.astype(self.dtype), kernel.astype(self.dtype),
+                            self.strides, self.space_to_depth))
     if self.space_to_depth:
       y = space_to_depth_conv(x.astype(self.dtype), kernel.astype(self.dtype))
     elif k == (1, 1):
@@ -368,9 +355,7 @@ class ConvNorm(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
       return relu_max_pool_3x3_s2(y) if self.relu_max_pool else y
-    return BatchNorm(use_running_average=not self.train, groups=self.bn_groups,
-                     scale_init=self.bn_scale_init, relu_max_pool=self.relu_max_pool,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(y)
+    return bn(y)
 
 
 STEM_POOLS = ("argmax_bn", "argmax", "argmax_fused", "autodiff")
@@ -506,7 +491,7 @@ def _relu_argmax_pool_in_margin(x, carried, h: int, w: int):
   ms against 0.171 to copy on an H100), and the margin's would only add bytes
   (``python benchmarks/stem_pool_probe.py``)."""
   b, c = x.shape[0], x.shape[-1]
-  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  ho, wo = _out_size(h, 2), _out_size(w, 2)
   oy, ox = np.arange(ho).reshape(1, ho, 1, 1), np.arange(wo).reshape(1, 1, wo, 1)
   # Tap d of output o reads margin position 2 * o + d: position 0 is the margin, and so
   # is position 2 * Ho = h + 1 where h is odd. NumPy masks: constants in the program
@@ -632,14 +617,20 @@ def bn_relu_max_pool_3x3_s2(y, scale, bias, groups: int = 1):
   return _bn_pool_fwd(y, scale, bias, groups)[0]
 
 
-def _bn_pool_fwd(y, scale, bias, groups):
+def _bn_pool_fwd(y, scale, bias, groups, y_m=None):
+  """``y_m``: y with its margin (:func:`conv_bn_relu_max_pool_3x3_s2`), y the image
+  inside it; BatchNorm is then applied to y_m and the pool reads its taps there."""
   yg, s1, s2, count = group_sums(y, groups, jnp.promote_types(y.dtype, jnp.float32))
   sdt = yg.dtype
   mul, add, mean, var = _bn_moments(s1, s2, scale.astype(sdt), bias.astype(sdt), count)
-  z = (yg * _per_group(mul) + _per_group(add)).reshape(y.shape).astype(y.dtype)
+  src = y if y_m is None else y_m
+  z = src.reshape((groups, src.shape[0] // groups) + src.shape[1:]).astype(sdt)
+  z = (z * _per_group(mul) + _per_group(add)).reshape(src.shape).astype(y.dtype)
   # The barrier keeps the tap and y there as the forward's outputs: without it XLA
   # stored the nine taps' comparisons instead (0.46 GB) and re-read y in the backward.
-  pooled, idx, y_at = lax.optimization_barrier(_relu_argmax_pool(z, y))
+  pooled, idx, y_at = lax.optimization_barrier(
+      _relu_argmax_pool(z, y) if y_m is None else
+      _relu_argmax_pool_in_margin(z, y_m, *y.shape[1:3]))
   return (pooled, mean, var), (idx, y_at, y, s1, s2, scale, bias)
 
 
@@ -706,23 +697,13 @@ def _conv_out(x, kernel, strides):
 def _conv_bn_pool_fwd(x, kernel, scale, bias, strides, space_to_depth, groups):
   h, w = _conv_out(x, kernel, strides)
   y_m = stem_conv(x, kernel, strides, space_to_depth, _STEM_MARGIN)
-  y = y_m[:, 1:h + 1, 1:w + 1]
-  yg, s1, s2, count = group_sums(y, groups, jnp.promote_types(y.dtype, jnp.float32))
-  sdt = yg.dtype
-  mul, add, mean, var = _bn_moments(s1, s2, scale.astype(sdt), bias.astype(sdt), count)
-  b = y.shape[0]
-  z = y_m.reshape((groups, b // groups) + y_m.shape[1:]).astype(sdt)
-  z = (z * _per_group(mul) + _per_group(add)).reshape(y_m.shape).astype(y.dtype)
-  # The barrier as in _bn_pool_fwd.
-  pooled, idx, y_at = lax.optimization_barrier(_relu_argmax_pool_in_margin(z, y_m, h, w))
-  return (pooled, mean, var), (x, kernel, idx, y_at, y_m, s1, s2, scale, bias)
+  out, res = _bn_pool_fwd(y_m[:, 1:h + 1, 1:w + 1], scale, bias, groups, y_m)
+  return out, (x, kernel, res)
 
 
 def _conv_bn_pool_bwd(strides, space_to_depth, groups, res, cts):
-  x, kernel, idx, y_at, y_m, s1, s2, scale, bias = res
-  h, w = _conv_out(x, kernel, strides)
-  dy, d_scale, d_bias = _bn_pool_bwd(
-      groups, (idx, y_at, y_m[:, 1:h + 1, 1:w + 1], s1, s2, scale, bias), cts)
+  x, kernel, res = res
+  dy, d_scale, d_bias = _bn_pool_bwd(groups, res, cts)
   # The margin's outputs take no gradient: the plain convolution's transpose.
   _, conv_vjp = jax.vjp(lambda x, k: stem_conv(x, k, strides, space_to_depth), x, kernel)
   dx, dk = conv_vjp(dy)

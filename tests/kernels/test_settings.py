@@ -139,13 +139,14 @@ def test_the_kernel_keys_may_change_on_resume_and_nothing_else_did():
 
 
 def test_every_variable_is_read_through_settings():
-  """Each variable of the table is read by some module through ``settings.get``, and no
-  module reads one of them from os.environ directly (which config.kernels would miss)."""
+  """Each variable of the table is read by some module through ``settings.get`` (or
+  ``settings.choice``, which calls it), and no module reads one of them from os.environ
+  directly (which config.kernels would miss)."""
   sources = {p: p.read_text() for p in PACKAGE.rglob("*.py")
              if p.name != "settings.py" and "benchmarks" not in p.parts}
   read = set()
   for path, text in sources.items():
-    read |= set(re.findall(r'settings\.get\("(QLHS_\w+)"\)', text))
+    read |= set(re.findall(r'settings\.(?:get|choice)\("(QLHS_\w+)"', text))
     for var in settings.VARIABLES.values():
       assert not re.search(rf'environ(\.get\(|\[)"{var}"', text), (path, var)
   # _form reads the three form variables through its argument.
