@@ -118,14 +118,7 @@ def main(argv=None):
   for (part, form), path in compile_forms(args.batch, args.size).items():
     rows = xla_floors.floors(path)
     print(f"\n{part}, stem_taps={form}: {len(rows)} kernels with XLA's PTX")
-    print(f"  {'floor':>6s} {'copy':>6s} {'GB':>6s} {'regs':>4s} {'warps':>5s} "
-          f"{'instr':>9s}  kernel")
-    for r in sorted(rows, key=lambda r: -max(r["floor_ms"], r["copy_ms"])):
-      instr = (f"{r['path'][0]}" if r["path"] and r["path"][0] == r["path"][1] else
-               f"{r['path'][0]}-{r['path'][1]}" if r["path"] else
-               f"{r['instructions']}+{r['loop']}")
-      print(f"  {r['floor_ms']:6.3f} {r['copy_ms']:6.3f} {r['bytes'] / 1e9:6.3f} "
-            f"{r['registers']:4d} {r['warps']:5d} {instr:>9s}  {r['name']}")
+    print("\n".join(xla_floors.table(rows)))
 
 
 if __name__ == "__main__":

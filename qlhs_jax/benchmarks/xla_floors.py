@@ -165,27 +165,17 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
   return rows
 
 
-def report(hlo_path: str, top: int = 30, arch: str = "90a",
-           copy_bytes_per_s: float | None = None) -> str:
-  rows = floors(hlo_path, arch, copy_bytes_per_s)
-  rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
-  bound = lambda r: max(r["floor_ms"], r["copy_ms"])  # noqa: E731
-  plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
-  looped = [r for r in rows if not r["path"]]
-  lines = [
-      f"{hlo_path}: {len(rows)} launches with machine code (sm_{arch}); issue floor "
-      f"(one warp instruction a cycle per scheduler, 528 at 1.98 GHz) and copy time "
-      f"(bytes at {rate / 1e12:.1f} TB/s) in ms",
-      f"  without a loop ({len(plain)}): floors {sum(r['floor_ms'] for r in plain):.3f}, "
-      f"copies {sum(r['copy_ms'] for r in plain):.3f}, the larger of each "
-      f"{sum(bound(r) for r in plain):.3f}",
-      f"  with a loop ({len(looped)}, counted once: floors at least): floors "
-      f"{sum(r['floor_ms'] for r in looped):.3f}, the larger of each "
-      f"{sum(bound(r) for r in looped):.3f}",
-      "",
-      f"{'floor':>7s} {'copy':>7s}  {'GB':>6s}  {'regs':>4s} {'warps/SM':>8s} "
-      f"{'instr':>8s}  {'blocks x threads':>16s}  instruction (function), part"]
-  for r in sorted(rows, key=bound, reverse=True)[:top]:
+def _bound(row) -> float:
+  """The larger of a row's issue floor and copy time, ms."""
+  return max(row["floor_ms"], row["copy_ms"])
+
+
+def table(rows, top: int | None = None) -> list[str]:
+  """A header and a line per row of :func:`floors`, the largest bound (floor or copy)
+  first, ``top`` of them (None: all)."""
+  lines = [f"{'floor':>7s} {'copy':>7s}  {'GB':>6s}  {'regs':>4s} {'warps/SM':>8s} "
+           f"{'instr':>8s}  {'blocks x threads':>16s}  instruction (function), part"]
+  for r in sorted(rows, key=_bound, reverse=True)[:top]:
     if r["path"]:
       lo, hi = r["path"]
       instr = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -195,7 +185,26 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
         f"{r['floor_ms']:7.3f} {r['copy_ms']:7.3f}  {r['bytes'] / 1e9:6.3f}  "
         f"{r['registers']:4d} {r['warps']:8d} {instr:>8s}  "
         f"{r['blocks']:>8d} x {r['threads']:<5d}  {r['name']} ({r['kernel']}), {r['part']}")
-  lines.append("")
+  return lines
+
+
+def report(hlo_path: str, top: int = 30, arch: str = "90a",
+           copy_bytes_per_s: float | None = None) -> str:
+  rows = floors(hlo_path, arch, copy_bytes_per_s)
+  rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
+  plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
+  looped = [r for r in rows if not r["path"]]
+  lines = [
+      f"{hlo_path}: {len(rows)} launches with machine code (sm_{arch}); issue floor "
+      f"(one warp instruction a cycle per scheduler, 528 at 1.98 GHz) and copy time "
+      f"(bytes at {rate / 1e12:.1f} TB/s) in ms",
+      f"  without a loop ({len(plain)}): floors {sum(r['floor_ms'] for r in plain):.3f}, "
+      f"copies {sum(r['copy_ms'] for r in plain):.3f}, the larger of each "
+      f"{sum(_bound(r) for r in plain):.3f}",
+      f"  with a loop ({len(looped)}, counted once: floors at least): floors "
+      f"{sum(r['floor_ms'] for r in looped):.3f}, the larger of each "
+      f"{sum(_bound(r) for r in looped):.3f}",
+      "", *table(rows, top), ""]
   lines.append("instr: machine instructions a thread issues from entry to exit (a-b: "
                "its shortest and longest way; N+L: a kernel with a loop, its listing and "
                "the loop's, in the count once); warps/SM: what the registers allow (64 "
