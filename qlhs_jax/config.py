@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 
 import ml_collections
 
 from qlhs_jax import data as data_lib
+from qlhs_jax import xla_options
 from qlhs_jax.data import config as data_config
 from qlhs_jax.kernels import settings as kernel_settings
 from qlhs_jax.models import registry
@@ -28,6 +30,7 @@ RUNTIME_KEYS = frozenset({
     # The kernels' forms and tiles, and how the step writes its state: the same values up
     # to rounding, as on another device.
     *(f"kernels.{key}" for key in kernel_settings.VARIABLES), "group_state_writes",
+    "xla_fma",
 })
 
 
@@ -59,6 +62,12 @@ def base_config(model: str = "eq3_softball_ds") -> ml_collections.ConfigDict:
   # donated, one copy of the state less in memory. The same values up to rounding
   # (steps.keep_where; benchmarks/NOTES.md experiment 33).
   c.group_state_writes = True
+  # LLVM's multiply-add contraction in the kernels XLA compiles for NVIDIA GPUs (one
+  # instruction and one rounding for a * b + c, as nvcc and Triton do; XLA's default is
+  # a multiply and an add): XLA_FLAGS gets --xla_backend_extra_options=-nvptx-fma-level=1
+  # before JAX starts (qlhs_jax.xla_options; benchmarks/NOTES.md experiment 36). The
+  # same values up to rounding; no effect on CPUs and TPUs.
+  c.xla_fma = True
   c.data = data_lib.default_config()
   # uint8 train batches, normalised and erased inside the train step: the host's share
   # of the recipe's augmentation is smaller and a quarter of the bytes leave it.
@@ -157,6 +166,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nan_lr_factor={c.nan_lr_factor} must lie in (0, 1)")
   data_config.validate(c.data)
   kernel_settings.check(c.kernels)
+  if xla_options.ENV in os.environ and xla_options.env_setting() != c.xla_fma:
+    raise ValueError(f"config.xla_fma={c.xla_fma} but {xla_options.ENV}="
+                     f"{os.environ[xla_options.ENV]!r} in the environment: unset the "
+                     f"variable, or make it agree with the config")
 
 
 def model_overrides(c) -> dict:

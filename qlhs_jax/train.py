@@ -31,6 +31,7 @@ from qlhs_jax import data as data_lib
 from qlhs_jax import steps as S
 from qlhs_jax import device_input
 from qlhs_jax import provenance
+from qlhs_jax import xla_options
 from qlhs_jax.kernels import settings as kernel_settings
 from qlhs_jax.models import registry
 
@@ -151,6 +152,9 @@ def launch_record(config: ml_collections.ConfigDict, mesh) -> dict:
       "processes": jax.process_count(),
       "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
       "kernels": kernel_settings.chosen(),
+      # Whether the GPU kernels compile with multiply-add contraction (config.xla_fma).
+      "xla_fma": xla_options.fma_in_flags() and any(d.platform == "gpu"
+                                                      for d in jax.devices()),
       "runtime": {k: flat[k] for k in sorted(config_lib.RUNTIME_KEYS) if k in flat},
   }
 
@@ -243,6 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the last validation metrics
   with ``status`` ('finished', 'stopped' at stop_after_steps, or 'preempted')."""
   config_lib.validate(config)
+  # Before JAX starts its backends, which read XLA_FLAGS once (config.xla_fma).
+  xla_options.request_fma(config.xla_fma)
   # Every trace below (the steps, the model) picks its kernels from config.kernels.
   with kernel_settings.use(config.kernels):
     return _train_and_evaluate(config, os.path.abspath(os.path.expanduser(workdir)))

@@ -119,6 +119,8 @@ def test_config_kernels_reach_the_traced_model_and_may_change_on_resume(tmp_path
   assert second["runtime"]["kernels.bn_stats"] == ""  # so "one" came from the variable
   assert [r["runtime"]["stop_after_steps"] for r in launches] == [1, 2]
   assert set(first["runtime"]) == qconfig.RUNTIME_KEYS
+  # config.xla_fma is on; on this CPU nothing compiles for a GPU, so it is not in effect.
+  assert first["runtime"]["xla_fma"] is True and first["xla_fma"] is False
   dev = jax.devices()[0]
   assert first["devices"] == f"{jax.device_count()} x {dev.platform}:{dev.device_kind}"
   assert first["mesh"] == {S.DATA_AXIS: jax.device_count()}

@@ -44,6 +44,8 @@ import os
 import sys
 import time
 
+from qlhs_jax import xla_options
+
 # NVIDIA H100 SXM5 80GB (sm_90): 132 SMs, 50 MiB L2, 3.35 TB/s HBM3, 228 KiB shared
 # memory per SM (227 KiB per block opt-in), 64K registers per SM, 1.98 GHz boost.
 H100_SXM = """\
@@ -238,7 +240,9 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
             "gbytes_by_part": {k: v / 1e9 for k, v in by_part.most_common()},
             "peak_mem_gb_est": peak / 2**30 if peak else None, "compile_s": compile_s,
             **({"input": input} if input != "float32" else {}),
-            "state_writes": state_writes}
+            "state_writes": state_writes,
+            # multiply-add contraction (QLHS_XLA_FMA; records without it: none)
+            "xla_fma": xla_options.fma_in_flags()}
   # the tilings and forms as they resolve for the GPUs, as the step's records carry
   # (the model: its expansion)
   with pallas_for_gpu(), S.batch_mesh(S.make_mesh(compile_only_devices(target, devices))):
@@ -279,6 +283,7 @@ def main(argv=None):
   p.add_argument("--hlo-dir", default=None, help="write each compiled HLO here (gzip)")
   p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
   args = p.parse_args(argv)
+  xla_options.request_from_env()  # before JAX starts, as the GPU harness does
   from qlhs_jax.models import registry
   for name in filter(None, [args.model, args.vs]):
     registry.info(name)  # unknown names fail before the plugin loads

@@ -51,6 +51,8 @@ def main(argv=None) -> None:
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--repeats", type=int, default=20)
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   import jax
   ms = time_generators(args.batch, args.size, args.repeats)
   device = jax.devices()[0]

@@ -483,6 +483,8 @@ def main(argv=None) -> int:
                       "benchmarks.aot, e.g. h100; needs jax[cuda12]) and print the "
                       "seconds each compile took: what a sweep spends before it times")
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   kernels = tuple(filter(None, args.kernels.split(",")))
   if not kernels or set(kernels) - set(KERNELS):
     p.error(f"--kernels {args.kernels!r}: name some of {', '.join(KERNELS)}")
@@ -562,7 +564,8 @@ def main(argv=None) -> int:
         "kind": "stencil_times", "date": datetime.date.today().isoformat(),
         "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__,
         "batch": args.batch, "size_scale": args.size_scale, "blocks": blocks,
-        "shapes": results, "spec": spec, "forms": forms}])
+        "shapes": results, "spec": spec, "forms": forms,
+        "xla_fma": xla_options.fma_in_flags()}])
   return 0
 
 

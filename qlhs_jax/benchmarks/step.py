@@ -18,7 +18,10 @@ per_leaf`` times the step writing its new state leaf by leaf, as every record wi
 ``state_writes`` field did (``config.group_state_writes=False``). Each step is timed to
 completion; the figure is the median over ``--steps`` after ``--warmup`` steps. Every
 model runs in its own process so that the peak device memory belongs to it. On CPU only
-the ratio between models measured in the same run means anything.
+the ratio between models measured in the same run means anything. On NVIDIA GPUs both
+models compile with multiply-add contraction (``qlhs_jax.xla_options``, as training's
+``config.xla_fma``); ``QLHS_XLA_FMA=0`` times XLA's default, a multiply and an add. GPU
+records carry ``xla_fma``; those without it (before 2026-12-05) compiled without.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import sys
 import time
 import types
 
+from qlhs_jax import xla_options
 from qlhs_jax.provenance import code_version  # each record's commit
 
 
@@ -188,6 +192,8 @@ def measure(model_name: str, batch: int, size: int, steps: int, warmup: int,
       **({"input": input} if input != "float32" else {}), "state_writes": state_writes,
       **_cost(train_c, "train_xla_"), **_cost(fwd, "eval_xla_"),
   }
+  if dev.platform == "gpu":  # records without it compiled without contraction
+    record["xla_fma"] = xla_options.fma_in_flags()
   # The Pallas tilings and forms this run used, where they change this model's kernels:
   # rows of one model differ by them.
   with S.batch_mesh(mesh):  # as the step resolved "auto"
@@ -436,6 +442,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
   args = parser().parse_args(argv)
+  # Before JAX starts (QLHS_XLA_FMA; the --vs children inherit the variable).
+  xla_options.request_from_env()
   from qlhs_jax.models import registry
   for name in filter(None, [args.model, args.vs]):
     registry.info(name)  # unknown names fail before any compilation

@@ -1,0 +1,115 @@
+"""XLA options this project sets before JAX starts its backends: multiply-add contraction
+in the kernels XLA compiles for NVIDIA GPUs (``config.xla_fma``, ``QLHS_XLA_FMA``).
+
+XLA compiles its own fusions, and the Pallas (Triton) kernels of ``qlhs_jax.kernels``,
+with LLVM's NVPTX backend, and leaves floating-point contraction off there: each ``a * b
++ c`` becomes a multiply and an add, each rounded, written ``mul.rn.f32`` and
+``add.rn.f32`` so that ptxas may not fuse them either. LLVM's ``-nvptx-fma-level=1``
+lets NVPTX emit ``fma.rn.f32``: one instruction and one rounding, what nvcc does by
+default (``--fmad=true``) and what Triton's own compiler does (``enable_fp_fusion``).
+Compiled for an H100 without one (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
+36): du = D^T dx at stage 1 from 715 to 571 machine instructions a thread (its issue
+floor from 0.275 to 0.219 ms, above the 0.171 ms to copy its bytes), the forward
+product's XLA fusion at stage 2 from 257 to 218; over Eq.(3)'s step the sum of each
+kernel's larger bound (issue floor or copy time) from 22.54 to 22.06 ms, ResNet50's
+unchanged (30.13 and 30.12 ms: its kernels are bound by their bytes).
+
+The values change by rounding only, as on another GPU: a contracted multiply-add rounds
+once instead of twice. XLA reads ``XLA_FLAGS`` once, when JAX starts a backend, so
+:func:`request_fma` must run before the first computation: ``train.train_and_evaluate``
+calls it first thing, and the benchmark harnesses in their ``main``. Where a backend
+has already started (a notebook that ran JAX code first), it says so and changes
+nothing. It acts only where JAX may use an NVIDIA GPU (a CUDA plugin is installed and
+``JAX_PLATFORMS``, if set, names cuda or gpu): the option is NVPTX's, and other backends'
+LLVM would not know it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pkgutil
+import re
+
+FMA_OPTION = "-nvptx-fma-level=1"
+ENV = "QLHS_XLA_FMA"  # "1" (the default) or "0": the benchmark harnesses' setting
+_EXTRA = "--xla_backend_extra_options"
+_LEVEL = re.compile(r"-nvptx-fma-level=(\d+)")
+
+log = logging.getLogger(__name__)
+
+
+def with_fma(xla_flags: str) -> str:
+  """``xla_flags`` (an XLA_FLAGS value) with :data:`FMA_OPTION` among its LLVM options
+  (``--xla_backend_extra_options``, comma-separated), added to the user's own if they
+  set some; unchanged where they already set ``-nvptx-fma-level`` (their choice stands)."""
+  if _LEVEL.search(xla_flags):
+    return xla_flags
+  tokens = xla_flags.split()
+  for i, token in enumerate(tokens):
+    if token.startswith(_EXTRA + "="):
+      value = token[len(_EXTRA) + 1:]
+      tokens[i] = f"{_EXTRA}={value + ',' if value else ''}{FMA_OPTION}"
+      return " ".join(tokens)
+  return " ".join(tokens + [f"{_EXTRA}={FMA_OPTION}"])
+
+
+def fma_in_flags(xla_flags: str | None = None) -> bool:
+  """Whether ``xla_flags`` (default: the environment's XLA_FLAGS) turn contraction on."""
+  level = _LEVEL.search(os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags)
+  return bool(level) and int(level.group(1)) > 0
+
+
+def cuda_possible(environ=None) -> bool:
+  """Whether JAX may start an NVIDIA GPU backend in this process: a CUDA plugin is
+  installed and ``JAX_PLATFORMS``, if set, names cuda or gpu."""
+  environ = os.environ if environ is None else environ
+  platforms = environ.get("JAX_PLATFORMS", "").lower()
+  if platforms and not {"cuda", "gpu"} & set(re.split(r"[,\s]+", platforms)):
+    return False
+  if importlib.util.find_spec("jax_plugins") is None:
+    return False
+  import jax_plugins
+  return any(m.name.startswith("xla_cuda") for m in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def backends_started() -> bool:
+  """Whether JAX has started its backends (XLA_FLAGS is read then, and not after)."""
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized()
+
+
+def env_setting(environ=None) -> bool:
+  """``QLHS_XLA_FMA``: "1" or unset (on), "0" (off); anything else is refused by name."""
+  value = (os.environ if environ is None else environ).get(ENV, "1")
+  if value not in ("0", "1"):
+    raise ValueError(f"{ENV}={value!r}: set 1 (multiply-add contraction on NVIDIA GPUs, "
+                     f"the default) or 0 (XLA's own: a multiply and an add)")
+  return value == "1"
+
+
+def request_from_env() -> bool:
+  """:func:`request_fma` as ``QLHS_XLA_FMA`` says (on unless "0"): the benchmark
+  harnesses' call, first thing in their ``main``."""
+  return request_fma(env_setting())
+
+
+def request_fma(enabled: bool, environ=None) -> bool:
+  """Adds :data:`FMA_OPTION` to XLA_FLAGS where ``enabled``, JAX may use an NVIDIA GPU
+  and no backend has started yet. Returns whether the option is in XLA_FLAGS (so in
+  effect where a GPU compiles). With ``enabled`` false it changes nothing (a user's own
+  option stays). A backend already started without it: logs a warning with the fix."""
+  environ = os.environ if environ is None else environ
+  flags = environ.get("XLA_FLAGS", "")
+  if not enabled or fma_in_flags(flags) or not cuda_possible(environ):
+    return fma_in_flags(flags)
+  if backends_started():
+    log.warning("xla_fma: JAX started its backends before XLA_FLAGS held %s, so the GPU "
+                "kernels compile without multiply-add contraction (slower, the same "
+                "values up to rounding). Call qlhs_jax.xla_options.request_fma(True) "
+                "before any JAX computation, or start Python with XLA_FLAGS=\"%s\".",
+                FMA_OPTION, with_fma(flags))
+    return False
+  environ["XLA_FLAGS"] = with_fma(flags)
+  return True
