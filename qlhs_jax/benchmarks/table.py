@@ -35,12 +35,15 @@ def table(path: str) -> str:
   gb = lambda v: "-" if v is None else f"{v:.1f}"
   # Model overrides, then the kernels' environment settings (tilings) of step records,
   # then the input where it is not float32 images, then the state's writes where they
-  # are grouped (records before 2026-12-05 have no field: per leaf).
+  # are grouped (records before 2026-12-05 have no field: per leaf), then "fma" where the
+  # GPU kernels compiled with multiply-add contraction (config.xla_fma; records without
+  # the field: without).
   overrides = lambda r: ", ".join(
       [f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())]
       + [f"{k}={v}" for k, v in sorted(r.get("env", {}).items())]
       + ([f"input={r['input']}"] if "input" in r else [])
-      + (["grouped writes"] if r.get("state_writes") == "grouped" else [])) or "-"
+      + (["grouped writes"] if r.get("state_writes") == "grouped" else [])
+      + (["fma"] if r.get("xla_fma") else [])) or "-"
   with open(path) as f:
     for line in f:
       r = json.loads(line)

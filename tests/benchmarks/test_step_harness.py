@@ -79,6 +79,13 @@ def test_state_writes_per_leaf_is_timed_and_recorded(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   lines = [l for l in table.table(str(path)).splitlines() if "widths=[8, 16]" in l]
   assert ["grouped writes" in l for l in lines] == [False, True]
+  # A GPU record with multiply-add contraction (config.xla_fma) is marked; CPU records
+  # have no field.
+  assert "xla_fma" not in rows[1]
+  path.write_text("".join(json.dumps(dict(r, xla_fma=f)) + "\n"
+                          for r, f in zip(rows, (False, True))))
+  lines = [l for l in table.table(str(path)).splitlines() if "widths=[8, 16]" in l]
+  assert [l.count(", fma |") for l in lines] == [0, 1]
   with pytest.raises(SystemExit, match="--state-writes 'leaf'.*per_leaf"):
     step.measure("eq3_softball_ds", 8, 16, 1, 1, "float32", tiny, state_writes="leaf")
 
