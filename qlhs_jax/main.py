@@ -38,6 +38,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  # XLA_FLAGS before anything may start JAX's backends (train_and_evaluate asks again).
+  from qlhs_jax import xla_options
+  xla_options.request_fma(config.xla_fma)
   if config.distributed or os.environ.get("QLHS_DISTRIBUTED") == "1":
     initialize_distributed()
   # orbax and grain log every checkpoint step at INFO through absl; keep ours only.
