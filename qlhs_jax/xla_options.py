@@ -17,7 +17,8 @@ unchanged (30.13 and 30.12 ms: its kernels are bound by their bytes).
 The values change by rounding only, as on another GPU: a contracted multiply-add rounds
 once instead of twice. XLA reads ``XLA_FLAGS`` once, when JAX starts a backend, so
 :func:`request_fma` must run before the first computation: ``train.train_and_evaluate``
-calls it first thing, and the benchmark harnesses in their ``main``. Where a backend
+calls it first thing (``qlhs_jax.main`` too, before ``jax.distributed.initialize``), and
+the benchmark harnesses in their ``main``. Where a backend
 has already started (a notebook that ran JAX code first), it says so and changes
 nothing. It acts only where JAX may use an NVIDIA GPU (a CUDA plugin is installed and
 ``JAX_PLATFORMS``, if set, names cuda or gpu): the option is NVPTX's, and other backends'
@@ -98,12 +99,13 @@ def request_from_env() -> bool:
 def request_fma(enabled: bool, environ=None) -> bool:
   """Adds :data:`FMA_OPTION` to XLA_FLAGS where ``enabled``, JAX may use an NVIDIA GPU
   and no backend has started yet. Returns whether the option is in XLA_FLAGS (so in
-  effect where a GPU compiles). With ``enabled`` false it changes nothing (a user's own
-  option stays). A backend already started without it: logs a warning with the fix."""
+  effect where a GPU compiles). With ``enabled`` false, or a ``-nvptx-fma-level`` the
+  user set, it changes nothing. A backend already started without it: logs a warning
+  with the fix."""
   environ = os.environ if environ is None else environ
   flags = environ.get("XLA_FLAGS", "")
-  if not enabled or fma_in_flags(flags) or not cuda_possible(environ):
-    return fma_in_flags(flags)
+  if not enabled or _LEVEL.search(flags) or not cuda_possible(environ):
+    return fma_in_flags(flags)  # off, a level the user chose (0 too), or no GPU
   if backends_started():
     log.warning("xla_fma: JAX started its backends before XLA_FLAGS held %s, so the GPU "
                 "kernels compile without multiply-add contraction (slower, the same "

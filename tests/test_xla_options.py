@@ -82,6 +82,12 @@ def test_request_writes_xla_flags_before_jax_starts(monkeypatch, caplog):
     assert xo.request_fma(True, late) is False
   assert late == {}
   assert "before any JAX computation" in caplog.text and OPTION in caplog.text
+  # A level the user set, off included, stands, with no warning.
+  caplog.clear()
+  mine = {"XLA_FLAGS": "--xla_backend_extra_options=-nvptx-fma-level=0"}
+  with caplog.at_level(logging.WARNING, logger="qlhs_jax.xla_options"):
+    assert xo.request_fma(True, dict(mine)) is False
+  assert caplog.text == ""
   # No GPU backend possible: nothing changes.
   monkeypatch.setattr(xo, "cuda_possible", lambda environ=None: False)
   monkeypatch.setattr(xo, "backends_started", lambda: False)
