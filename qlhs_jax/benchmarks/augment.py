@@ -109,6 +109,8 @@ def main(argv=None) -> None:
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--spec", default="rand-m7-mstd0.5-inc1", help="the recipe's")
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   images = test_images()
   print(f"Pillow {Image.__version__}; ops on {len(images)} images of 96x80, both filters")
   print("| op | largest difference | values that differ (worst case) |")

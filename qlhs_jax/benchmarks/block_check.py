@@ -89,6 +89,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--shapes", default="", help="comma-separated names (default all)")
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   wanted = set(filter(None, args.shapes.split(",")))
   dev = jax.devices()[0]
   print(f"eq3_block kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "

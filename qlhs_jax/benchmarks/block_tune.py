@@ -471,6 +471,8 @@ def main(argv=None) -> int:
                       "estimate) at the current tiling; no timing, no GPU needed")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   import jax
 
   from qlhs_jax.kernels import eq3_block

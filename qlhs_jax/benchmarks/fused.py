@@ -299,6 +299,8 @@ def main(argv=None) -> int:
   p.add_argument("--best-of", default=None, metavar="FILE",
                  help="only print the fastest Pallas tiling recorded in FILE and exit")
   args = p.parse_args(argv)
+  from qlhs_jax import xla_options
+  xla_options.request_from_env()  # before JAX starts, as the step harness does
   if args.best_of:
     best = best_tiling(args.best_of)
     print(best or "")
