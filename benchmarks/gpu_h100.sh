@@ -2,9 +2,10 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]
-# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sweep"
-# (experiments 24-25) and "fma" (experiment 36) in one session (limits of 590 + 300 s;
-# the rows take less, and a session cut off loses fma's last row first), then "pool"
+# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "fma"
+# (experiments 36 and 37: the two defaults of 2026-12-05 that every later row carries)
+# and "sweep" (experiments 24-25) in one session (limits of 390 + 590 s; the rows take
+# less, and a session cut off loses the sweep's last row first), then "pool"
 # (experiments 26, 32, 34, 35), "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -75,13 +76,18 @@
 #   erased boxes' fills, the counter hash (config.data.erase_noise="hash", the default
 #   since 2026-12-05) and jax.random's threefry (before: ~130 integer operations a value
 #   inside the stem's first kernel, 0.25 ms of an H200 step), interleaved; ~15 s.
-# "fma" (time limits add up to 300 s; NOTES.md experiment 36): multiply-add contraction
-#   in the kernels XLA compiles (qlhs_jax.xla_options; the default since 2026-12-05: XLA
-#   left each a * b + c a multiply and an add, and du's tiles issued 715 machine
-#   instructions a thread, 571 contracted), Eq.(3) "auto" against ResNet50 on uint8
-#   batches, then both again with QLHS_XLA_FMA=0, in one call. The deviceless bounds
-#   favour Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06 ms; ResNet50's
-#   unchanged): the ratio of the two rows says whether the device agrees.
+# "fma" (time limits add up to 390 s; NOTES.md experiments 36 and 37): multiply-add
+#   contraction in the kernels XLA compiles (qlhs_jax.xla_options; the default since
+#   2026-12-05: XLA left each a * b + c a multiply and an add, and du's tiles issued 715
+#   machine instructions a thread, 571 contracted), Eq.(3) "auto" against ResNet50 on
+#   uint8 batches; then Eq.(3) with the XLA passes' taps padded inside each fusion
+#   (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a 2-byte load in
+#   a branch of its own, the forward product and pass 4 at 1.9x their bounds on the
+#   H200; the default reads them from a padded copy of u, 3.7 GB more a step); then both
+#   models with QLHS_XLA_FMA=0, in one call. The deviceless bounds favour contraction for
+#   Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06 ms; ResNet50's
+#   unchanged) and the taps in the fusion (the copy's bytes): the rows say whether the
+#   device agrees.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -185,7 +191,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -416,6 +422,11 @@ if [ "$PART" = fma ]; then
   # Both models with multiply-add contraction (the default since 2026-12-05), then both
   # without it (XLA's own: each a * b + c a multiply and an add), each row a ratio.
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  # The XLA passes' taps from a pad inside each fusion, as before experiment 37 (the
+  # same values), against the first row: each of eight taps a bounds-checked load in a
+  # branch of its own (the default since 2026-12-05 reads them from a padded copy of u).
+  QLHS_D_TAPS=pad bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
   QLHS_XLA_FMA=0 bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --vs resnet50 --input uint8
 fi

@@ -117,13 +117,74 @@ def _kernel9(kernel: jax.Array, n: int) -> jax.Array:
   return jnp.broadcast_to(kernel.astype(F32), (3, 3, n, e)).reshape(9, n, e)
 
 
-def _d_xla(u: jax.Array, k9: jax.Array, stride: int) -> jax.Array:
+def _d_xla(u: jax.Array, k9: jax.Array, stride: int, taps: str | None = None,
+           up: jax.Array | None = None) -> jax.Array:
   """D u in float32 as (B, Ho, Wo, n, e): ``layers.derivative`` (shifted form) on the
-  float32 stream with the (3, 3, n, e) kernel."""
+  float32 stream with the (3, 3, n, e) kernel, its taps read as :func:`d_taps` (or
+  ``taps``) says, from ``up`` where given (:func:`padded_copy`)."""
+  if up is not None or (taps or d_taps()) == "copy":
+    return _d_from_taps(_u_taps(u, stride, "copy", up), k9)
   from qlhs_jax.models.layers import derivative  # imported here: models imports us
   n, e = k9.shape[1:]
   x = derivative(u.astype(F32)[..., None], k9.reshape(3, 3, n, e), stride)
   return x.reshape(x.shape[:3] + (n, e))
+
+
+def _d_from_taps(taps, k9: jax.Array) -> jax.Array:
+  """D u (B, Ho, Wo, n, e) from u's nine float32 taps (B, Ho, Wo, n): the sum of
+  ``layers.derivative``'s shifted form, term by term in its order (the same values)."""
+  out = None
+  for t, tap in enumerate(taps):
+    term = tap[..., None] * k9[t]
+    out = term if out is None else out + term
+  return out
+
+
+D_TAPS_FORMS = ("auto", "copy", "pad")
+
+
+def d_taps() -> str:
+  """Where impl "xla"'s passes (the forward product, pass 4 with dc, and the XLA forms
+  of the statistics and of pass 3's sums) read u's nine taps: QLHS_D_TAPS, else "auto":
+  "copy" where the program is compiled for an NVIDIA GPU (as :func:`stencil_on_gpu`
+  tells one: the GPU itself, or QLHS_PALLAS_INTERPRET=0), "pad" elsewhere.
+
+  "pad" pads u by one pixel inside each pass's fusion (``layers._taps``). XLA's GPU
+  emitter loads every element of a pad behind a bounds check: in the H100 machine code
+  of pass 4 each of eight taps is a 2-byte load in a branch of its own, converted
+  before the next branch, so a thread waits for its loads one after the other; those
+  fusions ran at 1.9x the larger of their copy time and instruction floor on the H200,
+  where the branch-free element-wise kernels ran at theirs (benchmarks/NOTES.md,
+  experiments 34 and 37). "copy" writes u padded by one pixel (in u's dtype) in a kernel
+  of its own, behind a barrier so that XLA cannot fuse the pad back, and the pass reads
+  its taps as plain slices of it: no branch, nine loads in flight, for one more kernel
+  that reads u and writes it with its margin. The same values either way
+  (tests/kernels/test_d_bn_product.py)."""
+  form = settings.choice("QLHS_D_TAPS", D_TAPS_FORMS)
+  if form != "auto":
+    return form
+  gpu = os.environ.get("QLHS_PALLAS_INTERPRET") == "0" or _nvidia_gpu()
+  return "copy" if gpu else "pad"
+
+
+def padded_copy(u: jax.Array) -> jax.Array:
+  """u (B, H, W, n) padded by one zero pixel, in u's dtype, written by a kernel of its
+  own: the barrier keeps XLA from fusing the pad into the passes that read it."""
+  return lax.optimization_barrier(jnp.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+
+def _u_taps(u: jax.Array, stride: int, taps: str | None = None,
+            up: jax.Array | None = None) -> list[jax.Array]:
+  """u's nine taps (tap t = 3*dy + dx) in float32, 9 x (B, Ho, Wo, n), read as
+  :func:`d_taps` (or ``taps``) says: "copy" slices ``up`` (:func:`padded_copy` of u),
+  written here where not given."""
+  from qlhs_jax.models import layers  # models imports this module
+  if up is not None or (taps or d_taps()) == "copy":
+    h, w = u.shape[1:3]
+    up = padded_copy(u) if up is None else up
+    ho, wo = layers._out_size(h, stride), layers._out_size(w, stride)
+    return [t.astype(F32) for t in layers.tap_slices(up, stride, ho, wo)]
+  return [t[..., 0] for t in layers._taps(u.astype(F32)[..., None], stride)]
 
 
 DU_FORMS = ("gather", "autodiff", "pallas")
@@ -298,7 +359,8 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     return stencil.d_transpose(dx, k9, stride, hw)
   if form == "autodiff":
     u0 = jnp.zeros(dx.shape[:1] + (h, w) + dx.shape[3:4], F32)
-    return jax.vjp(lambda v: _d_xla(v, k9, stride), u0)[1](dx.astype(F32))[0]
+    # Its taps through the in-fusion pad: JAX's transpose of the pad, not of a barrier.
+    return jax.vjp(lambda v: _d_xla(v, k9, stride, "pad"), u0)[1](dx.astype(F32))[0]
   from qlhs_jax.models.layers import shifted_transpose  # models imports this module
   n, e = k9.shape[1:]
   return shifted_transpose(dx, k9.reshape(3, 3, n, e), stride, (h, w))[..., 0]
@@ -354,7 +416,7 @@ _PAIRS = [(t, t2) for t in range(9) for t2 in range(t, 9)]
 _PAIR_OF = [[_PAIRS.index((min(a, b), max(a, b))) for b in range(9)] for a in range(9)]
 
 
-def _xla_stats(u, k9, stride, groups):
+def _xla_stats(u, k9, stride, groups, up=None):
   """Per-group sums of D u and (D u)^2, (G, n, e), from u alone: D u = sum_t k_t tap_t,
   so sum(D u) = sum_t k_t sum(tap_t) and sum((D u)^2) = k^T M k with M the 9x9 Gram
   matrix of the taps of each input channel. One reduction over (9 + 45) products of the
@@ -366,19 +428,18 @@ def _xla_stats(u, k9, stride, groups):
   deviations gives the variance to 3.6e-6 (the bound there is 1e-4).
   Also returns the per-group tap sums and Gram entries, (9 + 45, G, n), that the
   backward's dL/dkernel reuses (:func:`_xla_kernel_grad`)."""
-  from qlhs_jax.models.layers import _taps  # models imports this module
-  taps = [t[..., 0] for t in _taps(u.astype(F32)[..., None], stride)]  # 9 x (B,Ho,Wo,n)
+  taps = _u_taps(u, stride, up=up)  # 9 x (B, Ho, Wo, n)
   sums = _stacked_group_sums(taps + [taps[a] * taps[b] for a, b in _PAIRS], groups, 1)
   return _stats_from_sums(sums, k9)
 
 
-def _stats(u, k9, stride, groups):
+def _stats(u, k9, stride, groups, up=None):
   """:func:`_xla_stats`, with its tap sums and Gram entries from ``stencil.tap_stats``
   where QLHS_STATS_FORM=pallas or pallas_gram (the same (54, G, n) sums; s1 and s2 from
   them alike)."""
   form = stats_form(u.shape[-1], groups)
   if form == "xla":
-    return _xla_stats(u, k9, stride, groups)
+    return _xla_stats(u, k9, stride, groups, up)
   from qlhs_jax.kernels import stencil  # imports this module
   if groups != 1:
     stencil.check(u.shape[-1], "QLHS_STATS_FORM", groups)
@@ -411,16 +472,15 @@ def _bn_times(x, v, mul, add, groups, dtype):
   return _pin((f1 * v.astype(F32)).astype(dtype))
 
 
-def _xla_apply(u, c5, k9, mul, add, stride, groups):
-  return _bn_times(_d_xla(u, k9, stride), c5, mul, add, groups, c5.dtype)
+def _xla_apply(u, c5, k9, mul, add, stride, groups, up=None):
+  return _bn_times(_d_xla(u, k9, stride, up=up), c5, mul, add, groups, c5.dtype)
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
-                       with_dc=True):
+                       with_dc=True, up=None):
   """Pass 3: dc (None unless ``with_dc``: :func:`dc_pass`), and per group the sums of
   g = dp*c and g*xhat (BatchNorm's backward) and of tap_t(u) * g, (G, n, 9, e)
   (dL/dkernel's share that needs g)."""
-  from qlhs_jax.models.layers import _taps  # models imports this module
   b = u.shape[0]
   # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
   form = sums_form(u.shape[-1], groups, c5.shape[-1])
@@ -432,14 +492,15 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
                                   xhat=form == "pallas_xhat")
   else:
     g = dp5.astype(F32) * c5.astype(F32)
-    xhat = ((_d_xla(u, k9, stride) - _per_group(mean, groups, b))
+    taps = _u_taps(u, stride, up=up)  # 9 x (B, Ho, Wo, n): D u's and the sums' alike
+    xhat = ((_d_from_taps(taps, k9) - _per_group(mean, groups, b))
             * _per_group(rstd, groups, b))
-    taps = _taps(u.astype(F32)[..., None], stride)  # 9 x (B, Ho, Wo, n, 1)
     # One reduction of one stack, so that XLA reads dp and c once (as nine sums of their
     # own, XLA split them over fusions that each read dp and c again). On the H100 its
     # PTX loads each piece's operands as scalars behind a branch per piece, like the
     # statistics' (benchmarks/NOTES.md, experiment 12).
-    sums = _stacked_group_sums([g, g * xhat] + [t * g for t in taps], groups, 2)
+    sums = _stacked_group_sums([g, g * xhat] + [t[..., None] * g for t in taps],
+                               groups, 2)
     sg, sgx = sums[0], sums[1]  # (G, n, e)
     tg = jnp.moveaxis(sums[2:], 0, 2)  # (G, n, 9, e)
   if not with_dc:
@@ -447,21 +508,22 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
   # dc in a fusion of its own, from its own copy of u: asked for in the same fusion as
   # the sums, XLA stores D u in float32 first (2.98 GB per stage-1 block instead of
   # 0.93 + 0.92).
-  u_dc, _ = lax.optimization_barrier((u, sg))
-  return _xla_dc(u_dc, dp5, k9, mul, add, stride, groups, c5.dtype), sg, sgx, tg
+  u_dc, up_dc, _ = lax.optimization_barrier((u, up, sg))
+  return (_xla_dc(u_dc, dp5, k9, mul, add, stride, groups, c5.dtype, up_dc), sg, sgx,
+          tg)
 
 
-def _xla_dc(u, dp5, k9, mul, add, stride, groups, dtype):
+def _xla_dc(u, dp5, k9, mul, add, stride, groups, dtype, up=None):
   """dc = dp * BN(D u), in ``dtype``."""
-  return _bn_times(_d_xla(u, k9, stride), dp5, mul, add, groups, dtype)
+  return _bn_times(_d_xla(u, k9, stride, up=up), dp5, mul, add, groups, dtype)
 
 
 def _xla_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dtype,
-                     add=None):
+                     add=None, up=None):
   """Pass 4: dx = dL/d(D u), stored in ``dx_dtype`` for du = D^T dx; with ``add`` (the
   forward's BatchNorm shift, :func:`dc_pass` "dx") also dc = dp * BN(D u), returned as
   ``(dx, dc)``: both from the same D u, read from the same c, dp and u."""
-  x = _d_xla(u, k9, stride)
+  x = _d_xla(u, k9, stride, up=up)
   b = u.shape[0]
   g = dp5.astype(F32) * c5.astype(F32)
   dx = _pin((g * _per_group(mul, groups, b)
@@ -800,10 +862,14 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
   c5 = c.reshape(c.shape[:3] + (n, e))
+  # One padded copy of u (d_taps "copy") for the forward's XLA passes and, kept as a
+  # residual, for the backward's: a copy a block, not one a pass (XLA drops it where no
+  # XLA pass reads it).
+  up = padded_copy(u) if impl != "pallas" and d_taps() == "copy" else None
   if impl == "pallas":
     (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
-    s1, s2, tstats = _stats(u, k9, stride, groups)
+    s1, s2, tstats = _stats(u, k9, stride, groups, up)
   count = (b // groups) * c.shape[1] * c.shape[2]
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
@@ -812,10 +878,10 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
     from qlhs_jax.kernels import stencil  # imports this module
     p5 = stencil.product(u, c5, k9, mul, add, stride)
   else:
-    p5 = _xla_apply(u, c5, k9, mul, add, stride, groups)
+    p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
   out = (p5.reshape(c.shape), mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats)
+  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, up)
 
 
 def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
@@ -824,7 +890,7 @@ def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
 
 def _bwd(stride, groups, eps, impl, interpret, res, cts):
   del eps
-  u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats = res
+  u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
   dp, dmean, dvar = cts
   b, _, _, n = u.shape
   e = kernel.shape[-1]
@@ -839,15 +905,17 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     dc5, du_g, (sg, sgx, tg) = stencil.bwd(u, c5, dp5, k9, mul, add, mean, rstd,
                                            dp.dtype)
   else:
-    # Each XLA pass recomputes D u from u. The barriers give each pass its own copy of u,
-    # so that XLA cannot merge the three D u (forward and two backward passes) into one
-    # float32 tensor stored in the forward and read back twice.
-    u_sums, dp5 = lax.optimization_barrier((u, dp5))
+    # Each XLA pass recomputes D u from u (or from its padded copy up). The barriers give
+    # each pass its own copy of u, so that XLA cannot merge the three D u (forward and
+    # two backward passes) into one float32 tensor stored in the forward and read back
+    # twice.
+    u_sums, up_sums, dp5 = lax.optimization_barrier((u, up, dp5))
     pallas_dx = product_form(groups) == "pallas"
     fused_du = _dx_du_walks(stride, n, e, groups)
     dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
-                                          stride, groups, with_dc=not dc_with_dx)
+                                          stride, groups, with_dc=not dc_with_dx,
+                                          up=up_sums)
   count = (b // groups) * c5.shape[1] * c5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
@@ -865,7 +933,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     du = stencil.du_bn(u, k9, cx, c0, mean, du_g, u.dtype)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   else:
-    u_dx, _ = lax.optimization_barrier((u, sg))
+    u_dx, up_dx, _ = lax.optimization_barrier((u, up, sg))
     if fused_du:  # pass 4 and du in one walk: dx is not stored
       from qlhs_jax.kernels import stencil  # imports this module
       dc5, du = stencil.dx_du(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, u.dtype,
@@ -875,10 +943,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
       dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype)
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                                 dp.dtype, add=add)
+                                 dp.dtype, add=add, up=up_dx)
     else:
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                            dp.dtype)
+                            dp.dtype, up=up_dx)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   if du is None and du_form(u.shape[-1], e) == "pallas":  # in u's dtype by the kernel
     from qlhs_jax.kernels import stencil  # imports this module

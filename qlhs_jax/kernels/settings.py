@@ -26,6 +26,7 @@ VARIABLES = {
     "du_form": "QLHS_DU_FORM",            # du = D^T dx
     "product_form": "QLHS_PRODUCT_FORM",  # the forward product and pass 4 (dx, dc)
     "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
+    "d_taps": "QLHS_D_TAPS",              # where the XLA passes read u's nine taps
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
     "stem_taps": "QLHS_STEM_TAPS",        # where the stem's pool reads its taps
@@ -114,6 +115,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.du_form()
     d_bn_product.product_form()
     d_bn_product.dc_pass()
+    choice("QLHS_D_TAPS", d_bn_product.D_TAPS_FORMS)  # d_taps() would start a backend
     d_bn_product.tiling()
     common.bn_stats_form()
     common.stem_grad_form()

@@ -114,13 +114,20 @@ def _taps(x: jax.Array, stride: int, pad_value: float = 0.0):
   """The nine strided slices of ``x`` (B, H, W, ...) padded by one pixel with
   ``pad_value`` (0 for D; -inf for the stem's max-pool), tap t = 3*dy + dx: tap t at
   output (oy, ox) is input (stride*oy + dy - 1, stride*ox + dx - 1)."""
-  b, h, w = x.shape[:3]
-  ho, wo = _out_size(h, stride), _out_size(w, stride)
+  h, w = x.shape[1:3]
   rest = x.ndim - 3
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * rest, constant_values=pad_value)
+  return tap_slices(xp, stride, _out_size(h, stride), _out_size(w, stride))
+
+
+def tap_slices(xp: jax.Array, stride: int, ho: int, wo: int):
+  """The nine strided slices of ``xp`` (B, H + 2, W + 2, ...), an input already padded
+  by one pixel, for an (ho, wo) output: :func:`_taps` without its pad (tap t = 3*dy +
+  dx at output (oy, ox) is xp[stride*oy + dy, stride*ox + dx])."""
+  b, rest = xp.shape[0], xp.ndim - 3
   return [lax.slice(xp, (0, dy, dx) + (0,) * rest,
                     (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1)
-                    + x.shape[3:], (1, stride, stride) + (1,) * rest)
+                    + xp.shape[3:], (1, stride, stride) + (1,) * rest)
           for dy in range(3) for dx in range(3)]
 
 

@@ -7,6 +7,13 @@ to Triton for a CUDA device is checked on this CPU too (the compile to PTX is no
 """
 
 import functools
+import glob
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +21,7 @@ import numpy as np
 import pytest
 
 from qlhs_jax.kernels import d_bn_product as dbn
+from qlhs_jax.kernels import settings
 
 EPS = 1e-5
 
@@ -368,3 +376,133 @@ def test_no_float32_contraction_runs_at_default_precision(monkeypatch, forms, st
   assert "stablehlo.reduce" in text  # the operation's sums are there
   _, loose = float32_ops(text)
   assert not loose, loose
+
+
+# --- where impl "xla"'s passes read u's taps (QLHS_D_TAPS) --------------------------
+
+HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def barriered_pads(text: str) -> int:
+  """How many optimization barriers of a lowered program take a pad's result alone:
+  the padded copies of u that "copy" writes (counted function by function, where the
+  SSA names live)."""
+  count = 0
+  for func in text.split("func.func")[1:]:
+    pads = set(re.findall(r"(%[\w#]+) = (?:stablehlo\.pad |call @_?pad\()", func))
+    count += sum(1 for arg in re.findall(r"= stablehlo\.optimization_barrier (%[\w#]+) :",
+                                         func) if arg in pads)
+  return count
+
+
+@pytest.mark.parametrize("taps", ["copy", "pad"])
+@pytest.mark.parametrize("where", dbn.DC_PASSES)
+@pytest.mark.parametrize("shape,stride,e,kj,groups", CASES[:3])
+def test_either_tap_source_matches_float64(monkeypatch, taps, where, shape, stride, e, kj,
+                                           groups):
+  """QLHS_D_TAPS: the XLA passes read u's taps from a padded copy of u ("copy") or pad u
+  inside each pass ("pad"); the outputs match NumPy and every gradient float64 autodiff
+  either way (on this CPU every pass is XLA's: the statistics, pass 3's sums, dc in
+  either pass), and "copy" writes one barriered copy, which every pass reads, "pad"
+  none."""
+  monkeypatch.setenv("QLHS_D_TAPS", taps)
+  monkeypatch.setenv("QLHS_DC_PASS", where)
+  test_forward_matches_numpy("xla", shape, stride, e, kj, groups)
+  test_gradients_match_float64_autodiff("xla", shape, stride, e, kj, groups)
+  args, weights = make_inputs(1, shape, stride, e, kj, groups, np.float32)
+  op = functools.partial(dbn.d_bn_product, stride=stride, groups=groups)
+  text = jax.jit(jax.grad(loss_of(op, weights), argnums=range(5))).lower(*args).as_text()
+  # one copy a block: the forward's, kept for pass 3 and pass 4 (and dc's own pass)
+  copies = barriered_pads(text)
+  assert copies == (1 if taps == "copy" else 0), copies
+
+
+def test_tap_sources_agree_in_bfloat16():
+  """In bfloat16 (the training dtype) the two sources give the same p, du and dc bit for
+  bit (the same float32 terms, added in the same order) and the same per-channel
+  gradients up to the order of float32 reductions."""
+  args, weights = make_inputs(3, (2, 9, 7, 8), 1, 4, 1, 1)
+  dtypes = (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32)
+  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
+  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  outs = {}
+  for taps in ("copy", "pad"):
+    with settings.use({"d_taps": taps}):
+      op = jax.jit(dbn.d_bn_product)
+      outs[taps] = (op(*args), jax.jit(jax.grad(loss_of(op, ws), argnums=range(5)))(*args))
+  (fc, gc), (fp, gp) = outs["copy"], outs["pad"]
+  for a, b in zip(list(fc) + list(gc[:2]), list(fp) + list(gp[:2])):  # p, mean, var, du, dc
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for a, b in zip(gc[2:], gp[2:]):  # dkernel, dscale, dbias: float32 sums
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_tap_source_default_and_bad_values(monkeypatch):
+  """"auto" (unset): "copy" where the program is compiled for an NVIDIA GPU
+  (QLHS_PALLAS_INTERPRET=0 stands for one, as for the stencil forms), "pad" on this CPU;
+  a value outside the forms is refused by name."""
+  monkeypatch.delenv("QLHS_D_TAPS", raising=False)
+  monkeypatch.delenv("QLHS_PALLAS_INTERPRET", raising=False)
+  assert dbn.d_taps() == "pad"
+  monkeypatch.setenv("QLHS_PALLAS_INTERPRET", "0")
+  assert dbn.d_taps() == "copy"
+  monkeypatch.setenv("QLHS_D_TAPS", "pad")
+  assert dbn.d_taps() == "pad"
+  monkeypatch.setenv("QLHS_D_TAPS", "margin")
+  with pytest.raises(ValueError, match=r"QLHS_D_TAPS='margin': choose one of \('auto', "
+                                       r"'copy', 'pad'\)"):
+    dbn.d_taps()
+
+
+_COMPILE_PRODUCT = textwrap.dedent("""
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import d_bn_product as dbn
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    fwd = jax.jit(lambda u, c, k, g, b: dbn.d_bn_product(u, c, k, g, b)[0])
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = fwd.lower(s((8, 16, 16, 8), jnp.bfloat16),
+                          s((8, 16, 16, 32), jnp.bfloat16), s((3, 3, 1, 4)), s((32,)),
+                          s((32,)))
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+@pytest.mark.parametrize("taps", ["copy", "pad"])
+def test_the_copy_takes_the_branches_out_of_the_h100_product(tmp_path, taps):
+  """Compiled for an H100 without one (the statistics as XLA's reduction, so that the
+  forward's only element-wise kernels are the product's and, with "copy", the pad's):
+  with "pad" the product's kernel loads its taps behind branches (XLA's emitter checks
+  the bounds of every element of a pad); with "copy" it has no branch at all, and a
+  kernel of its own writes the padded copy."""
+  env = dict(os.environ, QLHS_D_TAPS=taps, QLHS_STATS_FORM="xla", QLHS_XLA_FMA="1",
+             XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_emitter_re=.* "
+                       "--xla_gpu_dump_llvmir=true")
+  env.pop("JAX_PLATFORMS", None)
+  p = subprocess.run([sys.executable, "-c", _COMPILE_PRODUCT], capture_output=True,
+                     text=True, env=env, cwd=os.path.dirname(os.path.dirname(
+                         os.path.dirname(__file__))))
+  assert p.returncode == 0, p.stderr[-3000:]
+  kernels = {}
+  for f in glob.glob(str(tmp_path / "*.ptx")):
+    text = open(f).read()
+    kernels.update({name: text for name in re.findall(r"\.entry (\w+)\(", text)})
+  loops = {k: t for k, t in kernels.items() if k.startswith("loop_") and "pad" not in k}
+  # the product: the loop kernel that loads 2-byte taps
+  product = [t for t in loops.values() if "ld.global.nc.b16" in t]
+  assert len(product) == 1, sorted(kernels)
+  branches = len(re.findall(r"\bbra\b", product[0]))
+  if taps == "copy":
+    assert branches == 0 and any("pad" in k for k in kernels), (branches, sorted(kernels))
+  else:
+    assert branches >= 8 and not any("pad" in k for k in kernels), (branches,
+                                                                    sorted(kernels))
