@@ -281,11 +281,17 @@ def kernel_env_of(overrides: dict, model=None) -> dict:
   """The KERNEL_ENV variables set now that change the kernels of a model with these
   ``overrides``: what its record must carry besides them. A form left to its default
   that picks the Pallas kernels is recorded as "auto:pallas": records without it ran
-  XLA's forms (the default until 2026-11-27)."""
+  XLA's forms (the default until 2026-11-27). Likewise QLHS_D_TAPS, "auto:copy" where
+  its default reads the taps from a padded copy of u (records without it: "pad", the
+  form until 2026-12-05)."""
+  from qlhs_jax.kernels import d_bn_product as dbn
   fuse = _fuse_of(overrides, model)
   env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
          if os.environ.get(k, "") not in ("", "auto") and fuse in fuses}
   env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides, model)})
+  if (fuse in KERNEL_ENV["QLHS_D_TAPS"] and "QLHS_D_TAPS" not in env
+      and dbn.d_taps() == "copy"):
+    env["QLHS_D_TAPS"] = "auto:copy"
   return env
 
 

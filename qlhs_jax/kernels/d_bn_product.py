@@ -32,7 +32,9 @@ What it takes for XLA to fuse the passes as the table says (benchmarks/NOTES.md,
 experiment 4, from compiling for an H100 with ``benchmarks.aot``): the statistics come
 from the 9x9 Gram matrix of u's taps, not from D u (:func:`_xla_stats`); each pass
 recomputes D u from its own copy of u (optimization barriers, else XLA merges them into
-one float32 D u that it stores); dc is computed apart from the sums; dx is stored in
+one float32 D u that it stores), its taps read on an NVIDIA GPU as slices of one copy of
+u padded by one pixel, written once a block (:func:`d_taps`: a pad inside the fusion
+became a branch around each tap's load); dc is computed apart from the sums; dx is stored in
 the input dtype behind a barrier; the hidden outputs are pinned row-major; dL/dkernel
 comes from sums that pass 3 and the forward statistics take anyway
 (:func:`_xla_kernel_grad`), so nothing reads dx but du. Compiled so, a stage-1 block

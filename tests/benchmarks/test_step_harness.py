@@ -259,8 +259,10 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   assert kernel_env_of({"fuse_d_bn": "xla"}) == {}
   monkeypatch.setenv("QLHS_PALLAS_INTERPRET", "0")
   auto = "auto:pallas"
+  # and the taps from a padded copy of u (QLHS_D_TAPS), which only "xla" reads so
   assert kernel_env_of({"fuse_d_bn": "xla"}) == {
-      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto}
+      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto,
+      "QLHS_D_TAPS": "auto:copy"}
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
   monkeypatch.setenv("QLHS_DU_FORM", "auto")  # named: the same as unset
   assert kernel_env_of({"d_impl": "shifted_t"}) == {"QLHS_DU_FORM": auto}
@@ -275,6 +277,11 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   x6, x4 = create("eq3_nows_x6_softball_ds"), create("eq3_softball_ds")
   assert (x6.expansion, x4.expansion) == (6, 4)
   assert kernel_env_of({"fuse_d_bn": "auto"}, x6) == {}
-  assert kernel_env_of({"fuse_d_bn": "xla"}, x6) == {"QLHS_STATS_FORM": auto}
+  assert kernel_env_of({"fuse_d_bn": "xla"}, x6) == {"QLHS_STATS_FORM": auto,
+                                                      "QLHS_D_TAPS": "auto:copy"}
   assert kernel_env_of({"fuse_d_bn": "auto"}, x4) == {
-      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto}
+      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto,
+      "QLHS_D_TAPS": "auto:copy"}
+  monkeypatch.setenv("QLHS_D_TAPS", "pad")  # named: recorded as set
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x4)["QLHS_D_TAPS"] == "pad"
+  assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
