@@ -129,13 +129,19 @@ def test_dc_in_either_pass_matches_float64_autodiff(monkeypatch, where, shape, s
   assert bool(own) == (where == "sums")
 
 
+def bfloat16_inputs(seed, shape, stride):
+  """:func:`make_inputs` (e = 4, a shared kernel, one group) as training has them: u and
+  c in bfloat16, the rest and the loss weights in float32."""
+  args, weights = make_inputs(seed, shape, stride, 4, 1, 1)
+  dtypes = (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32)
+  return ([jnp.asarray(a, d) for a, d in zip(args, dtypes)],
+          [jnp.asarray(w, jnp.float32) for w in weights])
+
+
 def test_pallas_equals_xla_in_bfloat16():
   """The two implementations run the same float32 passes: in bfloat16 (the training
   dtype) they agree to bfloat16 rounding of the stored tensors."""
-  args, weights = make_inputs(2, (2, 8, 8, 8), 2, 4, 1, 1)
-  dtypes = (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32)
-  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
-  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  args, ws = bfloat16_inputs(2, (2, 8, 8, 8), 2)
   outs = {}
   for impl in ("xla", "pallas"):
     op = functools.partial(dbn.d_bn_product, stride=2, impl=impl, interpret=True)
@@ -423,10 +429,7 @@ def test_tap_sources_agree_in_bfloat16():
   """In bfloat16 (the training dtype) the two sources give the same p, du and dc bit for
   bit (the same float32 terms, added in the same order) and the same per-channel
   gradients up to the order of float32 reductions."""
-  args, weights = make_inputs(3, (2, 9, 7, 8), 1, 4, 1, 1)
-  dtypes = (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32)
-  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
-  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  args, ws = bfloat16_inputs(3, (2, 9, 7, 8), 1)
   outs = {}
   for taps in ("copy", "pad"):
     with settings.use({"d_taps": taps}):
