@@ -329,6 +329,18 @@ def _bwd_walks(stride: int, n: int, e: int, groups: int) -> bool:
           and sums_form(n, groups, e) == "pallas" and du_form(n, e) == "pallas")
 
 
+def _xla_reads_taps(stride: int, n: int, e: int, groups: int) -> tuple[bool, bool]:
+  """Whether impl "xla" runs a pass as XLA's, one that reads u's taps, in the forward
+  (the statistics, the product) and in the backward (pass 3's sums, dc's own pass, pass
+  4): where none does, no padded copy of u is written (:func:`d_taps`), or kept."""
+  forward = stats_form(n, groups) == "xla" or product_form(groups) == "xla"
+  if _bwd_walks(stride, n, e, groups):
+    return forward, False
+  kernels_dx = product_form(groups) == "pallas" or _dx_du_walks(stride, n, e, groups)
+  dc_own = not kernels_dx and dc_pass() != "dx"
+  return forward, sums_form(n, groups, e) == "xla" or dc_own or not kernels_dx
+
+
 def dc_pass() -> str:
   """Where impl "xla" computes dc = dp * BN(D u): QLHS_DC_PASS, else "dx". "dx" (pass 4,
   in the function that writes dx, from the same D u) or "sums" (after pass 3, from its
@@ -865,9 +877,15 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   k9 = _kernel9(kernel, n)
   c5 = c.reshape(c.shape[:3] + (n, e))
   # One padded copy of u (d_taps "copy") for the forward's XLA passes and, kept as a
-  # residual, for the backward's: a copy a block, not one a pass (XLA drops it where no
-  # XLA pass reads it).
-  up = padded_copy(u) if impl != "pallas" and d_taps() == "copy" else None
+  # residual, for the backward's: a copy a block, not one a pass, and none where no XLA
+  # pass reads u's taps (an unread copy would live on in the backward's barriers).
+  up = None
+  if impl != "pallas" and d_taps() == "copy":
+    reads = _xla_reads_taps(stride, n, e, groups)
+    up = padded_copy(u) if any(reads) else None
+    res_up = up if reads[1] else None
+  else:
+    res_up = None
   if impl == "pallas":
     (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
@@ -883,7 +901,7 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
   out = (p5.reshape(c.shape), mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, up)
+  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, res_up)
 
 
 def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):

@@ -425,6 +425,28 @@ def test_either_tap_source_matches_float64(monkeypatch, taps, where, shape, stri
   assert copies == (1 if taps == "copy" else 0), copies
 
 
+KERNEL_FORMS = {"QLHS_STATS_FORM": "pallas", "QLHS_SUMS_FORM": "pallas",
+                "QLHS_DU_FORM": "pallas"}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("forms,copies", [
+    (KERNEL_FORMS, 1),  # the GPU's default: the product and pass 4 read the copy
+    (dict(KERNEL_FORMS, QLHS_PRODUCT_FORM="pallas"), 0),  # no XLA pass reads u's taps
+])
+def test_a_copy_only_where_an_xla_pass_reads_it(monkeypatch, stride, forms, copies):
+  """With the Pallas kernels for some passes (interpreted here), "copy" writes the
+  padded copy where an XLA pass is left to read it, and none where every pass is a
+  kernel: an unread copy would still be written, held by the backward's barriers."""
+  monkeypatch.setenv("QLHS_D_TAPS", "copy")
+  for var, value in forms.items():
+    monkeypatch.setenv(var, value)
+  args, weights = make_inputs(4, (2, 8, 8, 8), stride, 4, 1, 1, np.float32)
+  op = functools.partial(dbn.d_bn_product, stride=stride)
+  text = jax.jit(jax.grad(loss_of(op, weights), argnums=range(5))).lower(*args).as_text()
+  assert barriered_pads(text) == copies
+
+
 def test_tap_sources_agree_in_bfloat16():
   """In bfloat16 (the training dtype) the two sources give the same p, du and dc bit for
   bit (the same float32 terms, added in the same order) and the same per-channel
