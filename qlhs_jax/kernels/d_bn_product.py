@@ -336,9 +336,9 @@ def _xla_reads_taps(stride: int, n: int, e: int, groups: int) -> tuple[bool, boo
   forward = stats_form(n, groups) == "xla" or product_form(groups) == "xla"
   if _bwd_walks(stride, n, e, groups):
     return forward, False
+  # pass 4 as XLA's (and dc's own pass, which comes only with it), or XLA's sums
   kernels_dx = product_form(groups) == "pallas" or _dx_du_walks(stride, n, e, groups)
-  dc_own = not kernels_dx and dc_pass() != "dx"
-  return forward, sums_form(n, groups, e) == "xla" or dc_own or not kernels_dx
+  return forward, not kernels_dx or sums_form(n, groups, e) == "xla"
 
 
 def dc_pass() -> str:
