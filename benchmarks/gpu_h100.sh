@@ -83,7 +83,7 @@
 #   uint8 batches; then Eq.(3) with the XLA passes' taps padded inside each fusion
 #   (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a 2-byte load in
 #   a branch of its own, the forward product and pass 4 at 1.9x their bounds on the
-#   H200; the default reads them from a padded copy of u, 3.7 GB more a step); then both
+#   H200; the default reads them from a padded copy of u, 1.96 GB more a step); then both
 #   models with QLHS_XLA_FMA=0, in one call. The deviceless bounds favour contraction for
 #   Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06 ms; ResNet50's
 #   unchanged) and the taps in the fusion (the copy's bytes): the rows say whether the

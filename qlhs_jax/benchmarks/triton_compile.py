@@ -21,7 +21,8 @@ them. Triton's own pipeline, used here, fuses multiply-adds; XLA's does so only 
 ``config.xla_fma`` (the default since 2026-12-05, ``qlhs_jax.xla_options``). Without
 it the GPU ran more instructions than these counts (du's tiles at stage 1: 715 a
 thread against 616; experiment 36), and other registers: ``benchmarks.xla_floors`` on
-a step compiled by ``benchmarks.aot`` reads what XLA's pipeline emits. Exit status 1 if a kernel fails to compile. Uses a private JAX function
+a step compiled by ``benchmarks.aot`` reads what XLA's pipeline emits. Exit status 1 if
+a kernel fails to compile. Uses a private JAX function
 (``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``) to see the IR.
 """
 

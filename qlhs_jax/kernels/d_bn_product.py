@@ -879,13 +879,11 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   # One padded copy of u (d_taps "copy") for the forward's XLA passes and, kept as a
   # residual, for the backward's: a copy a block, not one a pass, and none where no XLA
   # pass reads u's taps (an unread copy would live on in the backward's barriers).
-  up = None
-  if impl != "pallas" and d_taps() == "copy":
-    reads = _xla_reads_taps(stride, n, e, groups)
-    up = padded_copy(u) if any(reads) else None
-    res_up = up if reads[1] else None
-  else:
-    res_up = None
+  forward_reads, backward_reads = (
+      _xla_reads_taps(stride, n, e, groups) if impl != "pallas" and d_taps() == "copy"
+      else (False, False))
+  up = padded_copy(u) if forward_reads or backward_reads else None
+  res_up = up if backward_reads else None
   if impl == "pallas":
     (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
