@@ -3,8 +3,9 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "fma"
-# (experiments 36 and 37: the two defaults of 2026-12-05 that every later row carries)
-# and "sweep" (experiments 24-25) in one session (limits of 390 + 590 s; the rows take
+# (experiments 36-38: the two defaults of 2026-12-05 that every later row carries, and
+# the Pallas product at its tiles of 2026-12-06)
+# and "sweep" (experiments 24-25) in one session (limits of 480 + 590 s; the rows take
 # less, and a session cut off loses the sweep's last row first), then "pool"
 # (experiments 26, 32, 34, 35), "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
@@ -76,14 +77,17 @@
 #   erased boxes' fills, the counter hash (config.data.erase_noise="hash", the default
 #   since 2026-12-05) and jax.random's threefry (before: ~130 integer operations a value
 #   inside the stem's first kernel, 0.25 ms of an H200 step), interleaved; ~15 s.
-# "fma" (time limits add up to 390 s; NOTES.md experiments 36 and 37): multiply-add
+# "fma" (time limits add up to 480 s; NOTES.md experiments 36-38): multiply-add
 #   contraction in the kernels XLA compiles (qlhs_jax.xla_options; the default since
 #   2026-12-05: XLA left each a * b + c a multiply and an add, and du's tiles issued 715
 #   machine instructions a thread, 571 contracted), Eq.(3) "auto" against ResNet50 on
-#   uint8 batches; then Eq.(3) with the XLA passes' taps padded inside each fusion
-#   (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a 2-byte load in
-#   a branch of its own, the forward product and pass 4 at 1.9x their bounds on the
-#   H200; the default reads them from a padded copy of u, 1.96 GB more a step); then both
+#   uint8 batches; then Eq.(3) with the forward product and pass 4 as Pallas kernels
+#   (QLHS_PRODUCT_FORM=pallas, at experiment 38's tiles: no barrier, no branch, and no
+#   padded copy of u in the step); then Eq.(3) with the XLA passes' taps padded inside
+#   each fusion (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a
+#   2-byte load in a branch of its own, the forward product and pass 4 at 1.9x their
+#   bounds on the H200; the default reads them from a padded copy of u, 1.96 GB more a
+#   step); then both
 #   models with QLHS_XLA_FMA=0, in one call. The deviceless bounds favour contraction for
 #   Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06 ms; ResNet50's
 #   unchanged) and the taps in the fusion (the copy's bytes): the rows say whether the
@@ -422,6 +426,13 @@ if [ "$PART" = fma ]; then
   # Both models with multiply-add contraction (the default since 2026-12-05), then both
   # without it (XLA's own: each a * b + c a multiply and an add), each row a ratio.
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  # The forward product and pass 4 as Pallas kernels (stencil.product and dx_dc, the same
+  # values), against the first row: at their tiles since experiment 38 (32 pixels by 8
+  # channels) their PTX has no barrier and no branch, and with them no XLA pass reads
+  # u's taps, so the step writes no padded copy (1.96 GB less). Experiment 23 timed them
+  # at 16 channels, where each tap went through shared memory behind a barrier.
+  QLHS_PRODUCT_FORM=pallas bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
   # The XLA passes' taps from a pad inside each fusion, as before experiment 37 (the
   # same values), against the first row: each of eight taps a bounds-checked load in a
   # branch of its own (the default since 2026-12-05 reads them from a padded copy of u).

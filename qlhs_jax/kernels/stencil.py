@@ -91,8 +91,17 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (splits 1): u is read once; a second pick, with 3 launches and the pass-3 sums at
 # 16,8,8 (never itself timed alone), made the step 11% slower. ptxas (triton 3.9.0):
 # 56 (the lags), 114 and 136 registers at stage 1, no spills.
+# The product's and pass 4's tiles (QLHS_PRODUCT_FORM=pallas; dx_dc takes the product's):
+# 16 pixels by 32 input channels, 8 warps, since 2026-12-06. At 32,16,4 (du's shape, what
+# experiment 23 timed) a tap of u is four channels a thread, and the broadcast over the
+# expansion wants two: Triton then moves each tap through shared memory (a store, a
+# barrier, a load) before the next tap's load issues, nine round trips in a row. With
+# two elements of a tap a thread (pixels x channels = 2 x threads) the load is already in
+# the wanted layout and the kernels have no barrier (the deviceless PTX;
+# benchmarks/NOTES.md, experiment 38); of those shapes this one reads the widest strip
+# of a pixel's channels. Neither is timed alone.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
-                  "product": (32, 16, 4)}  # product: du's shape of tile, never timed
+                  "product": (16, 32, 8)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows

@@ -4,6 +4,12 @@ QLHS_STATS_FORM / QLHS_SUMS_FORM / QLHS_DU_FORM, against float64 autodiff of the
 formula."""
 
 import functools
+import glob
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +19,7 @@ import pytest
 from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.kernels import eq3_block, stencil
 from qlhs_jax.models import layers
-from tests.kernels.test_d_bn_product import numpy_d_transpose
+from tests.kernels.test_d_bn_product import HAS_CUDA_PLUGIN, HAS_TRITON, numpy_d_transpose
 
 pytestmark = pytest.mark.skipif(dbn.plt is None, reason="needs jax.experimental.pallas.triton")
 
@@ -367,15 +373,19 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
 
 
-@pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2"), (2, "product=16,8,4")])
+@pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2"), (2, "product=16,8,4"),
+                                         (1, None), (2, None)])
 def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec):
   """QLHS_PRODUCT_FORM=pallas: the forward product and pass 4 (dx and dc) as
   stencil.product and stencil.dx_dc, with the other Pallas forms: outputs and all five
-  gradients as float64 autodiff (partial last tiles, two channel blocks at stride 1);
-  a second BatchNorm group is refused by name."""
+  gradients as float64 autodiff (partial last tiles, two channel blocks at stride 1;
+  ``spec`` None: the default tiles); a second BatchNorm group is refused by name."""
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
     monkeypatch.setenv(var, "pallas")
-  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  if spec is None:
+    monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  else:
+    monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
   calls = spy_on_kernels(monkeypatch)
   a32 = d_bn_product_matches_float64(5, stride)
   # the forward alone and inside grad; pass 4 once
@@ -928,3 +938,59 @@ def test_walk_lanes_address_their_own_pixels_only(monkeypatch, b, h, w, m0):
         for k in np.nonzero(want_ok[p, i, 2])[0]:
           seen[lane[p, 0, k], row, lane[p, 1, k]] += 1
   assert (seen == 1).all(), seen
+
+
+_COMPILE_ELEMENTWISE = textwrap.dedent("""
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def kernels(u, c, k9, v):
+      p = stencil.product(u, c, k9, v, v, 1, interpret=False)
+      dx, dc = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, jnp.bfloat16,
+                             interpret=False)
+      return p, dx, dc
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(kernels).lower(
+          s((8, 16, 16, 16), jnp.bfloat16), s((8, 16, 16, 16, 4), jnp.bfloat16),
+          s((9, 16, 4)), s((1, 16, 4)))
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+@pytest.mark.parametrize("tiling", [None, "product=32,16,4"])
+def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tiling):
+  """Compiled for an H100 without one: at the default tiles (16 pixels by 32 channels,
+  8 warps: two elements of a tap a thread) the product's and pass 4's kernels load each
+  tap of u in the layout in which it multiplies the hidden channels, so their PTX has
+  no barrier; at 32,16,4 (the default until 2026-12-06: four a thread) Triton moves each
+  tap through shared memory, a store, a barrier and a load, before the next tap's load
+  can issue (benchmarks/NOTES.md, experiment 38)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_emitter_re=.* "
+                                    "--xla_gpu_dump_llvmir=true")
+  env.pop("JAX_PLATFORMS", None)
+  env.pop("QLHS_STENCIL_TILING", None)
+  if tiling:
+    env["QLHS_STENCIL_TILING"] = tiling
+  p = subprocess.run([sys.executable, "-c", _COMPILE_ELEMENTWISE], capture_output=True,
+                     text=True, env=env, cwd=os.path.dirname(os.path.dirname(
+                         os.path.dirname(__file__))))
+  assert p.returncode == 0, p.stderr[-3000:]
+  kernels = {}
+  for f in glob.glob(str(tmp_path / "*.ptx")):
+    text = open(f).read()
+    kernels.update({name: text for name in re.findall(r"\.entry (\w+)\(", text)})
+  barriers = {name: len(re.findall(r"\bbar\.sync\b", text))
+              for name, text in kernels.items() if name.startswith(("qlhs_product",
+                                                                     "qlhs_dx_dc"))}
+  assert len(barriers) == 2, sorted(kernels)
+  if tiling is None:
+    assert set(barriers.values()) == {0}, barriers
+  else:  # a store, a barrier and a load for each of the nine taps
+    assert min(barriers.values()) >= 9, barriers
