@@ -283,14 +283,17 @@ def kernel_env_of(overrides: dict, model=None) -> dict:
   that picks the Pallas kernels is recorded as "auto:pallas": records without it ran
   XLA's forms (the default until 2026-11-27). Likewise QLHS_D_TAPS, "auto:copy" where
   its default reads the taps from a padded copy of u (records without it: "pad", the
-  form until 2026-12-05)."""
+  form until 2026-12-05), and only where an XLA pass of a block reads them (with every
+  pass a Pallas kernel no copy is written)."""
   from qlhs_jax.kernels import d_bn_product as dbn
   fuse = _fuse_of(overrides, model)
   env = {k: os.environ[k] for k, fuses in KERNEL_ENV.items()
          if os.environ.get(k, "") not in ("", "auto") and fuse in fuses}
   env.update({k: "auto:pallas" for k in auto_pallas_forms(overrides, model)})
   if (fuse in KERNEL_ENV["QLHS_D_TAPS"] and "QLHS_D_TAPS" not in env
-      and dbn.d_taps() == "copy"):
+      and dbn.d_taps() == "copy"
+      and any(any(dbn._xla_reads_taps(stride, 64, _expansion(model), dbn.batch_shards()))
+              for stride in (1, 2))):  # a block of 64 channels, as _fuse_of resolves
     env["QLHS_D_TAPS"] = "auto:copy"
   return env
 

@@ -282,6 +282,15 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   assert kernel_env_of({"fuse_d_bn": "auto"}, x4) == {
       "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto,
       "QLHS_D_TAPS": "auto:copy"}
+  # the forward product and pass 4 as kernels too: no XLA pass reads u's taps, no copy
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas")
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x4) == {
+      "QLHS_STATS_FORM": auto, "QLHS_SUMS_FORM": auto, "QLHS_DU_FORM": auto,
+      "QLHS_PRODUCT_FORM": "pallas"}
+  monkeypatch.setenv("QLHS_SUMS_FORM", "xla")  # XLA's sums read them in the backward
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x4)["QLHS_D_TAPS"] == "auto:copy"
+  monkeypatch.delenv("QLHS_PRODUCT_FORM")
+  monkeypatch.delenv("QLHS_SUMS_FORM")
   monkeypatch.setenv("QLHS_D_TAPS", "pad")  # named: recorded as set
   assert kernel_env_of({"fuse_d_bn": "auto"}, x4)["QLHS_D_TAPS"] == "pad"
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
