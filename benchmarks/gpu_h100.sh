@@ -368,9 +368,10 @@ if [ "$PART" = sweep ]; then
   # (pass 4) + 0.237, 147 registers at 32,4,4, 255 at 32,8,4 (0.474 ms). Checked against
   # XLA's forms on the device like dx_du.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
-  # ran as fast as XLA's fusion in experiment 23's step, both loading u's nine taps:
-  # 2.25x c's bytes through L1 at e = 4; the walk loads u's rows at three shifts).
-  # Stops starting shapes after 120 s (stage 1 alone is 63 entries). Compiling them is
+  # ran as fast as XLA's fusion in experiment 23's step, at 32,16,4, where each tap went
+  # through shared memory behind a barrier; 16,32,8, the default since experiment 38,
+  # and 32,8,4 have none; the walk loads u's rows at three shifts).
+  # Stops starting shapes after 120 s (stage 1 alone is ~66 entries). Compiling them is
   # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 31),
   # ~63 s at stage 1 and ~56 s at stage 2 (88 and 73 s before du_bn was compiled once
   # a shape and form: 12-15 s a compile, its unrolled loop; bwd's walk takes ~1 s).
@@ -381,7 +382,7 @@ if [ "$PART" = sweep ]; then
     --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
     --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --bwd-tilings 32,4,4 32,8,4 \
-    --product-tilings 32,16,4 32,8,4 \
+    --product-tilings 16,32,8 32,8,4 32,16,4 \
     --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
