@@ -482,6 +482,24 @@ def test_tap_source_default_and_bad_values(monkeypatch):
     dbn.d_taps()
 
 
+def h100_ptx_by_entry(script: str, env: dict, dump_dir) -> dict[str, str]:
+  """Runs ``script`` (a compile for an H100 without one, ``benchmarks.aot``'s device) in
+  a process of its own, XLA dumping every kernel's PTX into ``dump_dir``: {entry
+  function: the PTX of its module}."""
+  env = dict(env, XLA_FLAGS=f"--xla_dump_to={dump_dir} --xla_dump_emitter_re=.* "
+                            "--xla_gpu_dump_llvmir=true")
+  env.pop("JAX_PLATFORMS", None)
+  p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                     env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                         os.path.abspath(__file__)))))
+  assert p.returncode == 0, p.stderr[-3000:]
+  kernels = {}
+  for f in glob.glob(os.path.join(str(dump_dir), "*.ptx")):
+    text = open(f).read()
+    kernels.update({name: text for name in re.findall(r"\.entry (\w+)\(", text)})
+  return kernels
+
+
 _COMPILE_PRODUCT = textwrap.dedent("""
     import numpy as np
     from qlhs_jax.benchmarks import aot
@@ -509,18 +527,8 @@ def test_the_copy_takes_the_branches_out_of_the_h100_product(tmp_path, taps):
   with "pad" the product's kernel loads its taps behind branches (XLA's emitter checks
   the bounds of every element of a pad); with "copy" it has no branch at all, and a
   kernel of its own writes the padded copy."""
-  env = dict(os.environ, QLHS_D_TAPS=taps, QLHS_STATS_FORM="xla", QLHS_XLA_FMA="1",
-             XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_emitter_re=.* "
-                       "--xla_gpu_dump_llvmir=true")
-  env.pop("JAX_PLATFORMS", None)
-  p = subprocess.run([sys.executable, "-c", _COMPILE_PRODUCT], capture_output=True,
-                     text=True, env=env, cwd=os.path.dirname(os.path.dirname(
-                         os.path.dirname(__file__))))
-  assert p.returncode == 0, p.stderr[-3000:]
-  kernels = {}
-  for f in glob.glob(str(tmp_path / "*.ptx")):
-    text = open(f).read()
-    kernels.update({name: text for name in re.findall(r"\.entry (\w+)\(", text)})
+  kernels = h100_ptx_by_entry(_COMPILE_PRODUCT, dict(
+      os.environ, QLHS_D_TAPS=taps, QLHS_STATS_FORM="xla", QLHS_XLA_FMA="1"), tmp_path)
   loops = {k: t for k, t in kernels.items() if k.startswith("loop_") and "pad" not in k}
   # the product: the loop kernel that loads 2-byte taps
   product = [t for t in loops.values() if "ld.global.nc.b16" in t]

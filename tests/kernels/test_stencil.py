@@ -4,11 +4,8 @@ QLHS_STATS_FORM / QLHS_SUMS_FORM / QLHS_DU_FORM, against float64 autodiff of the
 formula."""
 
 import functools
-import glob
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,7 +16,8 @@ import pytest
 from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.kernels import eq3_block, stencil
 from qlhs_jax.models import layers
-from tests.kernels.test_d_bn_product import HAS_CUDA_PLUGIN, HAS_TRITON, numpy_d_transpose
+from tests.kernels.test_d_bn_product import (HAS_CUDA_PLUGIN, HAS_TRITON,
+                                              h100_ptx_by_entry, numpy_d_transpose)
 
 pytestmark = pytest.mark.skipif(dbn.plt is None, reason="needs jax.experimental.pallas.triton")
 
@@ -972,20 +970,11 @@ def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tili
   no barrier; at 32,16,4 (the default until 2026-12-06: four a thread) Triton moves each
   tap through shared memory, a store, a barrier and a load, before the next tap's load
   can issue (benchmarks/NOTES.md, experiment 38)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_emitter_re=.* "
-                                    "--xla_gpu_dump_llvmir=true")
-  env.pop("JAX_PLATFORMS", None)
+  env = dict(os.environ)
   env.pop("QLHS_STENCIL_TILING", None)
   if tiling:
     env["QLHS_STENCIL_TILING"] = tiling
-  p = subprocess.run([sys.executable, "-c", _COMPILE_ELEMENTWISE], capture_output=True,
-                     text=True, env=env, cwd=os.path.dirname(os.path.dirname(
-                         os.path.dirname(__file__))))
-  assert p.returncode == 0, p.stderr[-3000:]
-  kernels = {}
-  for f in glob.glob(str(tmp_path / "*.ptx")):
-    text = open(f).read()
-    kernels.update({name: text for name in re.findall(r"\.entry (\w+)\(", text)})
+  kernels = h100_ptx_by_entry(_COMPILE_ELEMENTWISE, env, tmp_path)
   barriers = {name: len(re.findall(r"\bbar\.sync\b", text))
               for name, text in kernels.items() if name.startswith(("qlhs_product",
                                                                      "qlhs_dx_dc"))}
