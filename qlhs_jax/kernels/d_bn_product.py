@@ -121,15 +121,10 @@ def _kernel9(kernel: jax.Array, n: int) -> jax.Array:
 
 def _d_xla(u: jax.Array, k9: jax.Array, stride: int, taps: str | None = None,
            up: jax.Array | None = None) -> jax.Array:
-  """D u in float32 as (B, Ho, Wo, n, e): ``layers.derivative`` (shifted form) on the
-  float32 stream with the (3, 3, n, e) kernel, its taps read as :func:`d_taps` (or
-  ``taps``) says, from ``up`` where given (:func:`padded_copy`)."""
-  if up is not None or (taps or d_taps()) == "copy":
-    return _d_from_taps(_u_taps(u, stride, "copy", up), k9)
-  from qlhs_jax.models.layers import derivative  # imported here: models imports us
-  n, e = k9.shape[1:]
-  x = derivative(u.astype(F32)[..., None], k9.reshape(3, 3, n, e), stride)
-  return x.reshape(x.shape[:3] + (n, e))
+  """D u in float32 as (B, Ho, Wo, n, e) with the (9, n, e) kernel: ``layers.derivative``'s
+  shifted form, its taps read as :func:`_u_taps` reads them (:func:`d_taps` or ``taps``;
+  from ``up`` where given)."""
+  return _d_from_taps(_u_taps(u, stride, taps, up), k9)
 
 
 def _d_from_taps(taps, k9: jax.Array) -> jax.Array:
