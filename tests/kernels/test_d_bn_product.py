@@ -22,6 +22,7 @@ import pytest
 
 from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.kernels import settings
+from tests.benchmarks.test_aot import HAS_CUDA_PLUGIN
 
 EPS = 1e-5
 
@@ -386,8 +387,6 @@ def test_no_float32_contraction_runs_at_default_precision(monkeypatch, forms, st
 
 # --- where impl "xla"'s passes read u's taps (QLHS_D_TAPS) --------------------------
 
-HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
-                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
