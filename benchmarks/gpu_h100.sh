@@ -87,10 +87,10 @@
 #   each fusion (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a
 #   2-byte load in a branch of its own, the forward product and pass 4 at 1.9x their
 #   bounds on the H200; the default reads them from a padded copy of u, 1.96 GB more a
-#   step); then both
-#   models with QLHS_XLA_FMA=0, in one call. The deviceless bounds favour contraction for
-#   Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06 ms; ResNet50's
-#   unchanged) and the taps in the fusion (the copy's bytes): the rows say whether the
+#   step); then both models with QLHS_XLA_FMA=0, in one call. The deviceless bounds
+#   favour contraction for Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06
+#   ms; ResNet50's unchanged), the taps in the fusion over the copy (the copy's bytes),
+#   and the Pallas kernels over both (22.03 ms, no copy): the rows say whether the
 #   device agrees.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
@@ -428,10 +428,10 @@ if [ "$PART" = fma ]; then
   # without it (XLA's own: each a * b + c a multiply and an add), each row a ratio.
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   # The forward product and pass 4 as Pallas kernels (stencil.product and dx_dc, the same
-  # values), against the first row: at their tiles since experiment 38 (32 pixels by 8
-  # channels) their PTX has no barrier and no branch, and with them no XLA pass reads
-  # u's taps, so the step writes no padded copy (1.96 GB less). Experiment 23 timed them
-  # at 16 channels, where each tap went through shared memory behind a barrier.
+  # values), against the first row: at their tiles since experiment 38 (16 pixels by 32
+  # channels, 8 warps) their PTX has no barrier and no branch, and with them no XLA pass
+  # reads u's taps, so the step writes no padded copy (1.96 GB less). Experiment 23 timed
+  # them at 32,16,4, where each tap went through shared memory behind a barrier.
   QLHS_PRODUCT_FORM=pallas bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
   # The XLA passes' taps from a pad inside each fusion, as before experiment 37 (the
