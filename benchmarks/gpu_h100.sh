@@ -90,8 +90,10 @@
 #   step); then both models with QLHS_XLA_FMA=0, in one call. The deviceless bounds
 #   favour contraction for Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06
 #   ms; ResNet50's unchanged), the taps in the fusion over the copy (the copy's bytes),
-#   and the Pallas kernels over both (22.03 ms, no copy): the rows say whether the
-#   device agrees.
+#   and the Pallas kernels over both (22.03 ms, no copy). The machine code's waits for
+#   loads (experiment 39) favour XLA's fusions: a thread of the product and pass 4 waits
+#   3 and 2 times on the copy, 3 and 3 with the taps in the fusion, 8 and 6 as Pallas
+#   kernels. The rows say which the device agrees with.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -431,7 +433,8 @@ if [ "$PART" = fma ]; then
   # values), against the first row: at their tiles since experiment 38 (16 pixels by 32
   # channels, 8 warps) their PTX has no barrier and no branch, and with them no XLA pass
   # reads u's taps, so the step writes no padded copy (1.96 GB less). Experiment 23 timed
-  # them at 32,16,4, where each tap went through shared memory behind a barrier.
+  # them at 32,16,4, where each tap went through shared memory behind a barrier. ptxas
+  # still has a thread wait for the taps one after another (8 and 6 waits; experiment 39).
   QLHS_PRODUCT_FORM=pallas bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
   # The XLA passes' taps from a pad inside each fusion, as before experiment 37 (the

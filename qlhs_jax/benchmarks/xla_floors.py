@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import math
+import os
 import re
 
 from qlhs_jax.benchmarks import hlo_bytes, kernel_times, triton_compile
@@ -41,6 +43,7 @@ from qlhs_jax.benchmarks import hlo_bytes, kernel_times, triton_compile
 SM_REGISTERS, SM_WARPS, SM_BLOCKS, REGISTER_UNIT = 65536, 64, 32, 256
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(")
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_THREADS = re.compile(r"\.entry\s+(\w+)\s*\([^{]*?\.(?:req|max)ntid\s+(\d+)", re.S)
 _SASS_SECTION = re.compile(r"^//-+ \.text\.(\S+)\s+-+$", re.M)
 
 
@@ -74,13 +77,9 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 
-def path_lengths(sass: str) -> tuple[int, int] | None:
-  """``(shortest, longest)``: the machine instructions a thread issues on its shortest
-  and longest way from the entry to its last EXIT, for a function without loops; None if
-  it has one (a branch back, other than the trap loop after the last EXIT). XLA's
-  concatenate kernels branch per operand: a thread runs one branch, not the whole
-  listing. A predicated EXIT (the threads past the end of a launch that does not divide
-  the work) is taken as not taken: the threads that work go on."""
+def _listing(sass: str) -> tuple[list[tuple[str, bool, str | None, str]], dict[str, int]]:
+  """A disassembly's instructions, ``(opcode, predicated, branch target or None,
+  operands)`` each, and ``{label: index of the instruction after it}``."""
   ops, labels = [], {}
   for line in sass.splitlines():
     label = _LABEL.match(line.strip())
@@ -91,13 +90,25 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
     if m:
       pred = (m.group(2) or "").strip()
       target = _TARGET.search(m.group(4))
-      ops.append((m.group(3), pred not in ("", "@PT"), target.group(1) if target else None))
+      ops.append((m.group(3), pred not in ("", "@PT"), target.group(1) if target else None,
+                  m.group(4)))
+  return ops, labels
+
+
+def path_lengths(sass: str) -> tuple[int, int] | None:
+  """``(shortest, longest)``: the machine instructions a thread issues on its shortest
+  and longest way from the entry to its last EXIT, for a function without loops; None if
+  it has one (a branch back, other than the trap loop after the last EXIT). XLA's
+  concatenate kernels branch per operand: a thread runs one branch, not the whole
+  listing. A predicated EXIT (the threads past the end of a launch that does not divide
+  the work) is taken as not taken: the threads that work go on."""
+  ops, labels = _listing(sass)
   n = len(ops)
   big = 1 << 30
   # Instructions from i to an EXIT, over the branches forward: fewest and most.
   shortest, longest = [big] * (n + 1), [-big] * (n + 1)  # past the end: no EXIT
   for i in range(n - 1, -1, -1):
-    op, conditional, target = ops[i]
+    op, conditional, target, _ = ops[i]
     nexts = [] if op == "EXIT" and not conditional else [i + 1]
     if op == "BRA" and target is not None:
       t = labels.get(target, -1)
@@ -115,15 +126,129 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
   return shortest[0], longest[0]
 
 
+_REGISTER = re.compile(r"(?<![A-Za-z_])R(\d+)(\.64)?")
+# Opcodes without a register result: their first operand is read (an address, a value).
+_NO_RESULT = ("ST", "RED", "BRA", "EXIT", "BAR", "MEMBAR", "NOP", "RET", "CALL", "WARPSYNC",
+              "ISETP", "FSETP", "HSETP", "DSETP", "PLOP3", "VOTE", "ACQBULK", "ERRBAR")
+
+
+def _global_load(op: str) -> bool:
+  """A load from global (or generic) memory, whose result a thread waits for: LDG, LD."""
+  return op.startswith("LDG") and not op.startswith("LDGSTS") and not op.startswith(
+      "LDGDEPBAR") or op == "LD" or op.startswith("LD.")
+
+
+def _width(op: str) -> int:
+  """Registers an opcode's result (or a store's value) spans: .64 two, .128 four."""
+  if ".128" in op:
+    return 4
+  if ".64" in op or ".WIDE" in op or op == "CS2R":
+    return 2
+  return 1
+
+
+def _operands(op: str, rest: str) -> tuple[set[int], set[int]]:
+  """``(written, read)`` registers of one instruction (``rest``: its operands)."""
+  parts = [p.strip() for p in rest.split(";")[0].split(",")]
+  written, read = set(), set()
+  first_is_result = not op.startswith(_NO_RESULT) and not op.startswith("LDGSTS")
+  for i, part in enumerate(parts):
+    for m in _REGISTER.finditer(part):
+      r = int(m.group(1))
+      if i == 0 and first_is_result and m.start() == 0:
+        written.update(range(r, r + _width(op)))
+      elif m.group(2):  # an address of two registers
+        read.update((r, r + 1))
+      elif op.startswith("ST") and i == len(parts) - 1:  # the stored value
+        read.update(range(r, r + _width(op)))
+      else:
+        read.add(r)
+  return written, read
+
+
+def load_rounds(sass: str) -> tuple[int, int, int]:
+  """``(rounds, loads, loop_rounds)``: how often a thread waits for global loads in turn.
+
+  A warp issues in order: an instruction that reads (or overwrites) a register a global
+  load has not yet filled stalls it until the load returns. Each such wait is a round
+  trip to memory; the loads issued before it share it. Along the way a thread takes when
+  every bounds test passes (a conditional branch not taken, an unconditional one taken,
+  a predicated EXIT not taken), ``rounds`` counts the waits and ``loads`` the global
+  loads, the first loop's body once; ``loop_rounds`` counts the waits of one trip of the
+  first loop for loads of that same trip (its body swept twice, the second counted): a
+  loop that loads the next trip's operands before it computes on this trip's waits for
+  loads its previous trip issued, which that trip's work overlapped, and counts 0. 0
+  without a loop.
+
+  A kernel that loads each of nine taps after the last one returned has ~9 rounds; one
+  that issues its loads together and then uses them, 1. On the H200 (NOTES.md,
+  experiment 39) the step's kernels without a loop ran at 1.04x the larger of their
+  copy time and issue floor with one round, at 1.4-2.2x with more: latency, not bytes.
+  Registers decide it: ptxas sinks loads to their uses when it keeps a thread's
+  registers few, whatever order the PTX has."""
+  ops, labels = _listing(sass)
+
+  def sweep(start, stop, pending, trip=0):
+    """Walks ops[start:stop] along the bounds-passing way, ``pending`` {register: the
+    trip whose load fills it}; returns (waits, waits for this trip's loads, loads, back):
+    back is (loop start, loop end) at the first branch back, else None."""
+    waits = own = loads = 0
+    i = start
+    while i < stop:
+      op, conditional, target, rest = ops[i]
+      if op == "EXIT" and not conditional:
+        break
+      if op == "BRA" and target is not None:
+        t = labels.get(target, i + 1)
+        if t == i:  # the trap loop after the last EXIT
+          break
+        if t < i:
+          return waits, own, loads, (t, i)
+        if not conditional:
+          i = t
+          continue
+      written, read = _operands(op, rest)
+      waited = [pending[r] for r in written | read if r in pending]
+      if waited:  # the warp stalls; the loads issued with these have returned too
+        waits += 1
+        own += trip in waited
+        pending.clear()
+      if _global_load(op):
+        loads += 1
+        pending.update(dict.fromkeys(written, trip))
+      i += 1
+    return waits, own, loads, None
+
+  pending: dict[int, int] = {}
+  rounds, _, loads, back = sweep(0, len(ops), pending)
+  loop_rounds = 0
+  if back is not None:
+    start, stop = back
+    carried: dict[int, int] = {}
+    sweep(start, stop, carried, trip=1)
+    loop_rounds = sweep(start, stop, carried, trip=2)[1]
+    # Past the loop: the way on from its last branch back, not taken.
+    more, _, more_loads, _ = sweep(stop + 1, len(ops), pending)
+    rounds, loads = rounds + more, loads + more_loads
+  return rounds, loads, loop_rounds
+
+
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
-  """``{function: {"registers", "instructions", "loop", "path"}}`` for every function in
-  the PTX files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``,
-  :func:`path_lengths`)."""
-  ptx_files = sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx"))
+  """``{function: {"registers", "instructions", "loop", "path", "rounds", "loads",
+  "loop_rounds", "file"}}`` for every function in the PTX files XLA dumped beside
+  ``hlo_path`` (``triton_compile.sass_counts``, :func:`path_lengths`,
+  :func:`load_rounds`)."""
+  return {c["name"]: c for c in _functions(
+      sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx")), arch,
+      f"beside {hlo_path}")}
+
+
+def _functions(ptx_files, arch: str, where: str) -> list[dict]:
+  """One dict a function of the PTX files, in their order (see :func:`machine_code`)."""
   if not ptx_files:
-    raise SystemExit(f"no PTX beside {hlo_path}: dump with XLA_FLAGS=\"--xla_dump_to=DIR "
+    raise SystemExit(f"no PTX {where}: dump with XLA_FLAGS=\"--xla_dump_to=DIR "
                      f"--xla_dump_emitter_re=.* --xla_gpu_dump_llvmir=true\"")
-  out = {}
+  out = []
   for path in ptx_files:
     with open(path) as f:
       ptx = f.read()
@@ -131,10 +256,45 @@ def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
       continue
     report, cubin = triton_compile.assemble(ptx, arch)
     regs = registers_by_entry(report)
-    for name, code in sass_by_entry(triton_compile._disassemble(cubin)).items():
-      out[name] = {"registers": regs.get(name, 0), **triton_compile.sass_counts(code),
-                   "path": path_lengths(code)}
+    threads = dict(_THREADS.findall(ptx))
+    sass = sass_by_entry(triton_compile._disassemble(cubin))
+    order = _ENTRY.findall(ptx)  # nvdisasm lists them in another order
+    for name, code in sorted(sass.items(), key=lambda kv: (
+        order.index(kv[0]) if kv[0] in order else len(order))):
+      rounds, loads, loop_rounds = load_rounds(code)
+      out.append({"name": name, "registers": regs.get(name, 0), **triton_compile.sass_counts(code),
+                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
+                   "loop_rounds": loop_rounds, "file": path,
+                   "threads": int(threads[name]) if name in threads else None})
   return out
+
+
+def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
+  """Every function of every PTX file in ``dump_dir`` whose name matches ``match`` (a
+  regular expression): registers, the warps an SM holds at them, machine instructions
+  and load rounds. For dumps without one step's HLO, such as ``benchmarks.stencil_times
+  --compile-only``'s (a module an entry, in the order it prints them)."""
+  code = _functions(sorted(glob.glob(os.path.join(dump_dir, "*.ptx")),
+                           key=_module_number), arch, f"in {dump_dir}")
+  lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s}  "
+           f"function (file)"]
+  for c in code:
+    name = c["name"]
+    if not re.search(match, name):
+      continue
+    warps = resident_warps(c["registers"], c["threads"]) if c["threads"] else 0
+    instr = (f"{c['instructions']}+{c['loop']}" if c["loop"] else f"{c['instructions']}")
+    rounds = f"{c['rounds']}+{c['loop_rounds']}" if c["loop"] else f"{c['rounds']}"
+    lines.append(f"{c['registers']:4d} {warps:8d} {instr:>9s} {rounds:>6s} "
+                 f"{c['loads']:5d}  {name} ({os.path.basename(c['file'])})")
+  return "\n".join(lines)
+
+
+def _module_number(path: str) -> tuple:
+  """Sorts XLA's dump files by module number, then name (module_0001 before module_1988
+  before module_10597)."""
+  m = re.search(r"module_(\d+)", os.path.basename(path))
+  return (int(m.group(1)) if m else -1, path)
 
 
 def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None):
@@ -161,6 +321,8 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
                  "registers": c["registers"],
                  "warps": resident_warps(c["registers"], threads),
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
+                 "rounds": c["rounds"], "loads": c["loads"],
+                 "loop_rounds": c["loop_rounds"],
                  "floor_ms": floor, "copy_ms": nbytes / rate * 1e3})
   return rows
 
@@ -174,22 +336,44 @@ def table(rows, top: int | None = None) -> list[str]:
   """A header and a line per row of :func:`floors`, the largest bound (floor or copy)
   first, ``top`` of them (None: all)."""
   lines = [f"{'floor':>7s} {'copy':>7s}  {'GB':>6s}  {'regs':>4s} {'warps/SM':>8s} "
-           f"{'instr':>8s}  {'blocks x threads':>16s}  instruction (function), part"]
+           f"{'instr':>8s} {'rounds':>6s}  {'blocks x threads':>16s}  "
+           f"instruction (function), part"]
   for r in sorted(rows, key=_bound, reverse=True)[:top]:
     if r["path"]:
       lo, hi = r["path"]
       instr = f"{lo}" if lo == hi else f"{lo}-{hi}"
+      rounds = f"{r['rounds']}"
     else:
       instr = f"{r['instructions']}+{r['loop']}"
+      rounds = f"{r['rounds']}+{r['loop_rounds']}"
     lines.append(
         f"{r['floor_ms']:7.3f} {r['copy_ms']:7.3f}  {r['bytes'] / 1e9:6.3f}  "
-        f"{r['registers']:4d} {r['warps']:8d} {instr:>8s}  "
+        f"{r['registers']:4d} {r['warps']:8d} {instr:>8s} {rounds:>6s}  "
         f"{r['blocks']:>8d} x {r['threads']:<5d}  {r['name']} ({r['kernel']}), {r['part']}")
   return lines
 
 
+def by_rounds(rows, us_per_step: dict, least_us: float = 20.0) -> list[dict]:
+  """The measured kernels without a loop, grouped by their load rounds: ``{"rounds",
+  "kernels", "measured_ms", "bound_ms", "ratio"}`` per count (ratio: measured over the
+  larger of copy time and issue floor, summed), from a profile's ``us_per_step`` ({HLO
+  instruction: microseconds a step}, ``benchmarks.kernel_times``) of the same program.
+  Kernels under ``least_us`` are left out: launch overhead, not memory, sets them."""
+  groups = {}
+  for r in rows:
+    us = us_per_step.get(r["name"])
+    if us is None or not r["path"] or us < least_us:
+      continue
+    g = groups.setdefault(r["rounds"], [0, 0.0, 0.0])
+    g[0] += 1
+    g[1] += us / 1e3
+    g[2] += _bound(r)
+  return [{"rounds": k, "kernels": n, "measured_ms": t, "bound_ms": b, "ratio": t / b}
+          for k, (n, t, b) in sorted(groups.items())]
+
+
 def report(hlo_path: str, top: int = 30, arch: str = "90a",
-           copy_bytes_per_s: float | None = None) -> str:
+           copy_bytes_per_s: float | None = None, measured: dict | None = None) -> str:
   rows = floors(hlo_path, arch, copy_bytes_per_s)
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
@@ -208,22 +392,45 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
   lines.append("instr: machine instructions a thread issues from entry to exit (a-b: "
                "its shortest and longest way; N+L: a kernel with a loop, its listing and "
                "the loop's, in the count once); warps/SM: what the registers allow (64 "
-               "at most)")
+               "at most); rounds: the times a thread waits for global loads in turn "
+               "(load_rounds; N+L: a loop's, and L in each trip)")
+  if measured is not None:
+    lines += ["", f"measured ({measured.get('device', '?')}, {measured.get('tag', '?')}): "
+                  "kernels without a loop, 20 us a step or more, by load rounds",
+              f"{'rounds':>6s} {'kernels':>7s} {'measured ms':>11s} {'bound ms':>8s} "
+              f"{'ratio':>5s}"]
+    for g in by_rounds(rows, measured["us_per_step"]):
+      lines.append(f"{g['rounds']:6d} {g['kernels']:7d} {g['measured_ms']:11.3f} "
+                   f"{g['bound_ms']:8.3f} {g['ratio']:5.2f}")
   return "\n".join(lines)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("path", help="the ...sm_9.0a_gpu_after_optimizations.txt of an XLA dump "
-                              "with the PTX (see the module's docstring)")
+                              "with the PTX (see the module's docstring), or a dump's "
+                              "folder: every function of its PTX files (--match)")
+  p.add_argument("--match", default="", help="with a folder: functions whose name "
+                                             "matches this regular expression")
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--arch", default="90a", help="sm_ architecture (H100: 90a)")
   p.add_argument("--copy-tbps", type=float, default=None,
                  help="the copy rate for the copy column (default: H100, 3.0)")
+  p.add_argument("--measured", default=None,
+                 help="a kernels.jsonl of benchmarks.step --profile-dir, profiled from the "
+                      "same program: adds each kernel's measured time, grouped by rounds")
+  p.add_argument("--line", type=int, default=-1, help="which line of --measured (0-based)")
   args = p.parse_args(argv)
   rate = args.copy_tbps * 1e12 if args.copy_tbps else None
+  measured = None
+  if args.measured:
+    with open(args.measured) as f:
+      measured = [json.loads(line) for line in f if line.strip()][args.line]
   try:
-    print(report(args.path, args.top, args.arch, rate))
+    if os.path.isdir(args.path):
+      print(functions_report(args.path, args.match, args.arch))
+    else:
+      print(report(args.path, args.top, args.arch, rate, measured))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

@@ -174,3 +174,145 @@ def test_floor_and_copy_of_an_assembled_kernel(tmp_path):
   out = xla_floors.report(path)
   assert "1 launches with machine code" in out
   assert "loop_add_fusion.3 (loop_add_fusion_1)" in out
+
+
+def _sass(*lines: str) -> str:
+  """nvdisasm-style lines (labels as they are, instructions with an address)."""
+  out = []
+  for i, line in enumerate(lines):
+    out.append(line if line.endswith(":") else f"        /*{16 * i:04x}*/  {line} ;")
+  return "\n".join(out)
+
+
+# Counted by hand: each wait is an instruction that reads (or writes) a register that a
+# global load has not yet filled; every load issued before it returns with it.
+ROUNDS = [
+    ("together", _sass(
+        "LDG.E R4, desc[UR4][R2.64]", "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+        "FADD R5, R4, R11", "STG.E desc[UR4][R2.64], R5", "EXIT"), (1, 2, 0)),
+    ("one after the other", _sass(
+        "LDG.E R4, desc[UR4][R2.64]", "FADD R5, R4, R4",
+        "LDG.E R6, desc[UR4][R2.64+0x4]", "FADD R5, R5, R6",
+        "LDG.E.64 R6, desc[UR4][R2.64+0x8]", "STG.E desc[UR4][R2.64], R7", "EXIT"),
+     (3, 3, 0)),
+    # A pointer loaded, then loaded through: its address is the first load's value.
+    ("through a loaded pointer", _sass(
+        "LDG.E.64 R4, desc[UR4][R2.64]", "LDG.E R6, desc[UR4][R4.64]",
+        "STG.E desc[UR4][R2.64], R6", "EXIT"), (2, 2, 0)),
+    # A 128-bit load fills R8..R11; a 128-bit store reads R8..R11.
+    ("a wide load", _sass(
+        "LDG.E.128 R8, desc[UR4][R2.64]", "FADD R5, R10, R10", "EXIT"), (1, 1, 0)),
+    ("a wide store", _sass(
+        "LDG.E R11, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R2.64+0x10], R8", "EXIT"),
+     (1, 1, 0)),
+    # Overwriting a register a load has not filled waits for it too.
+    ("overwritten", _sass(
+        "LDG.E R4, desc[UR4][R2.64]", "MOV R4, RZ", "LDG.E R6, desc[UR4][R2.64+0x4]",
+        "STG.E desc[UR4][R2.64], R6", "EXIT"), (2, 2, 0)),
+    # XLA's bounds test around a tap: the way where every test passes loads both taps.
+    ("bounds tests", _sass(
+        "@!P0 BRA `(.L_x_0)", "LDG.E.U16 R4, desc[UR4][R2.64]", "SHF.L.U32 R4, R4, 0x10, RZ",
+        ".L_x_0:", "@!P1 BRA `(.L_x_1)", "LDG.E.U16 R6, desc[UR4][R2.64+0x2]",
+        "SHF.L.U32 R6, R6, 0x10, RZ", ".L_x_1:", "FADD R5, R4, R6",
+        "STG.E desc[UR4][R2.64], R5", "EXIT"), (2, 2, 0)),
+    # Past an unconditional branch nothing runs until its target.
+    ("a branch over code", _sass(
+        "LDG.E R4, desc[UR4][R2.64]", "BRA `(.L_x_0)", "FADD R5, R4, R4", ".L_x_0:",
+        "EXIT"), (0, 1, 0)),
+    # A loop loading and using in the same trip: one round a trip. On the way through
+    # (the body once) the load before the loop returns with the first trip's.
+    ("a loop", _sass(
+        "LDG.E R9, desc[UR4][R2.64]", ".L_x_0:", "LDG.E R4, desc[UR4][R2.64]",
+        "FFMA R5, R4, R9, R5", "ISETP.NE.AND P0, PT, R2, R3, PT", "@P0 BRA `(.L_x_0)",
+        "STG.E desc[UR4][R2.64], R5", "EXIT"), (1, 2, 1)),
+    # A loop that loads the next trip's value before using this trip's: the wait is for a
+    # load the previous trip issued, overlapped with that trip's work.
+    ("a loop a load ahead", _sass(
+        "LDG.E R4, desc[UR4][R2.64]", ".L_x_0:", "MOV R6, R4",
+        "LDG.E R4, desc[UR4][R2.64+0x4]", "FADD R5, R5, R6",
+        "@P0 BRA `(.L_x_0)", "STG.E desc[UR4][R2.64], R5", "EXIT"), (1, 2, 0)),
+]
+
+
+@pytest.mark.parametrize("sass,expected", [r[1:] for r in ROUNDS],
+                         ids=[r[0] for r in ROUNDS])
+def test_load_rounds_count_the_waits_for_global_loads(sass, expected):
+  assert xla_floors.load_rounds(sass) == expected
+
+
+def test_rounds_group_the_measured_kernels():
+  """Two loop-free kernels of one round, one of three and a loop: the loop and a kernel
+  under 20 us are left out; the ratio is the measured time over the summed bounds."""
+  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2)
+  rows = [dict(row, name="a", rounds=1), dict(row, name="b", rounds=1, copy_ms=0.3),
+          dict(row, name="c", rounds=3), dict(row, name="d", rounds=1, path=None),
+          dict(row, name="e", rounds=2)]
+  us = {"a": 210.0, "b": 290.0, "c": 400.0, "d": 900.0, "e": 19.0}
+  groups = xla_floors.by_rounds(rows, us)
+  assert [(g["rounds"], g["kernels"]) for g in groups] == [(1, 2), (3, 1)]
+  assert groups[0]["measured_ms"] == pytest.approx(0.5)
+  assert groups[0]["ratio"] == pytest.approx(0.5 / 0.5)
+  assert groups[1]["ratio"] == pytest.approx(0.4 / 0.2)
+
+
+CHASE_PTX = """.version 8.0
+.target sm_90a
+.address_size 64
+
+.visible .entry chase(.param .u64 chase_p, .param .u64 chase_q)
+{
+	.reg .b64 %rd<6>;
+	.reg .f32 %f<4>;
+	ld.param.u64 %rd1, [chase_p];
+	ld.param.u64 %rd2, [chase_q];
+	cvta.to.global.u64 %rd3, %rd1;
+	cvta.to.global.u64 %rd4, %rd2;
+	ld.global.u64 %rd5, [%rd3];
+	ld.global.f32 %f1, [%rd5];
+	ld.global.f32 %f2, [%rd3+8];
+	add.f32 %f3, %f1, %f2;
+	st.global.f32 [%rd4], %f3;
+	ret;
+}
+
+.visible .entry together(.param .u64 together_p, .param .u64 together_q)
+{
+	.reg .b64 %rd<5>;
+	.reg .f32 %f<4>;
+	ld.param.u64 %rd1, [together_p];
+	ld.param.u64 %rd2, [together_q];
+	cvta.to.global.u64 %rd3, %rd1;
+	cvta.to.global.u64 %rd4, %rd2;
+	ld.global.f32 %f1, [%rd3];
+	ld.global.f32 %f2, [%rd3+8];
+	add.f32 %f3, %f1, %f2;
+	st.global.f32 [%rd4], %f3;
+	ret;
+}
+"""
+
+
+@needs_triton
+def test_load_rounds_of_assembled_kernels():
+  """ptxas may reorder loads, not a load through a pointer another load returns: the
+  chase waits twice (for the pointer, then for the value through it, with the
+  independent load beside one of them); two independent loads share one wait."""
+  _, cubin = triton_compile.assemble(CHASE_PTX, "90a")
+  sass = xla_floors.sass_by_entry(triton_compile._disassemble(cubin))
+  assert xla_floors.load_rounds(sass["chase"]) == (2, 3, 0)
+  assert xla_floors.load_rounds(sass["together"]) == (1, 2, 0)
+
+
+@needs_triton
+def test_a_dump_folder_lists_its_functions(tmp_path):
+  """A folder instead of a step's HLO: a line per function of its PTX files, in module
+  order, with its rounds and loads; --match keeps the functions it names."""
+  (tmp_path / "module_0012.jit_f.1.ptx").write_text(CHASE_PTX)
+  (tmp_path / "module_0003.jit_g.1.ptx").write_text(PTX)
+  out = xla_floors.functions_report(str(tmp_path)).splitlines()
+  assert [line.split()[-2] for line in out[1:]] == ["loop_add_fusion_1", "chase",
+                                                    "together"]
+  chase = out[2].split()
+  assert (chase[3], chase[4]) == ("2", "3")
+  only = xla_floors.functions_report(str(tmp_path), match="^tog").splitlines()
+  assert len(only) == 2 and "together (module_0012.jit_f.1.ptx)" in only[1]
