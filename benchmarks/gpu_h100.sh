@@ -77,12 +77,12 @@
 #   erased boxes' fills, the counter hash (config.data.erase_noise="hash", the default
 #   since 2026-12-05) and jax.random's threefry (before: ~130 integer operations a value
 #   inside the stem's first kernel, 0.25 ms of an H200 step), interleaved; ~15 s.
-# "fma" (time limits add up to 480 s; NOTES.md experiments 36-38): multiply-add
+# "fma" (time limits add up to 480 s; NOTES.md experiments 36-39): multiply-add
 #   contraction in the kernels XLA compiles (qlhs_jax.xla_options; the default since
 #   2026-12-05: XLA left each a * b + c a multiply and an add, and du's tiles issued 715
 #   machine instructions a thread, 571 contracted), Eq.(3) "auto" against ResNet50 on
 #   uint8 batches; then Eq.(3) with the forward product and pass 4 as Pallas kernels
-#   (QLHS_PRODUCT_FORM=pallas, at experiment 38's tiles: no barrier, no branch, and no
+#   (QLHS_PRODUCT_FORM=pallas, at experiment 39's tiles: no barrier, no branch, and no
 #   padded copy of u in the step); then Eq.(3) with the XLA passes' taps padded inside
 #   each fusion (QLHS_D_TAPS=pad, the form before experiment 37: each of eight taps a
 #   2-byte load in a branch of its own, the forward product and pass 4 at 1.9x their
@@ -90,10 +90,11 @@
 #   step); then both models with QLHS_XLA_FMA=0, in one call. The deviceless bounds
 #   favour contraction for Eq.(3) (the sum of each kernel's larger bound 22.54 -> 22.06
 #   ms; ResNet50's unchanged), the taps in the fusion over the copy (the copy's bytes),
-#   and the Pallas kernels over both (22.03 ms, no copy). The machine code's waits for
-#   loads (experiment 39) favour XLA's fusions: a thread of the product and pass 4 waits
-#   3 and 2 times on the copy, 3 and 3 with the taps in the fusion, 8 and 6 as Pallas
-#   kernels. The rows say which the device agrees with.
+#   and the Pallas kernels over both (no copy). The machine code's waits for loads
+#   (experiment 39): a thread of the product and pass 4 waits 3 and 2 times on the copy
+#   (40 and 28 warps an SM), 3 and 3 with the taps in the fusion, 4 and 7 as Pallas
+#   kernels (64 warps an SM; at experiment 38's tiles 8 and 6, 48 and 32 warps). The
+#   rows say which the device agrees with.
 # "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
 #   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
 #   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
@@ -371,8 +372,9 @@ if [ "$PART" = sweep ]; then
   # XLA's forms on the device like dx_du.
   # The forward product as XLA's fusion, tiles and walks (QLHS_PRODUCT_FORM; the tiles
   # ran as fast as XLA's fusion in experiment 23's step, at 32,16,4, where each tap went
-  # through shared memory behind a barrier; 16,32,8, the default since experiment 38,
-  # and 32,8,4 have none; the walk loads u's rows at three shifts).
+  # through shared memory behind a barrier; 16,32,8 (experiment 38) has none, and 16,16,8,
+  # the default since experiment 39, waits for its loads half as often; the walk loads
+  # u's rows at three shifts). du at 16,8,4 waits 4 times, at its default 8.
   # Stops starting shapes after 120 s (stage 1 alone is ~66 entries). Compiling them is
   # most of the time: deviceless on 2 CPU cores (--compile-only h100, experiment 31),
   # ~63 s at stage 1 and ~56 s at stage 2 (88 and 73 s before du_bn was compiled once
@@ -381,10 +383,10 @@ if [ "$PART" = sweep ]; then
   timeout 220 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1,stage2 --forms pallas,pallas_rows,pallas_rows_now --budget 120 \
     --calls 10 --repeats 3 --stats-tilings 16,16,4,1 32,8,4,1 16,8,4,1 32,16,4,1 \
-    --du-tilings 32,16,4 32,8,4 64,8,4 64,16,8 \
+    --du-tilings 32,16,4 16,8,4 64,8,4 64,16,8 \
     --sums-tilings 32,8,4 16,8,4 32,4,4 16,16,4 \
     --dx-du-tilings 32,8,4 32,4,4 32,8,8 32,4,2 --bwd-tilings 32,4,4 32,8,4 \
-    --product-tilings 16,32,8 32,8,4 32,16,4 \
+    --product-tilings 16,16,8 16,32,8 32,16,4 \
     --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet | tee -a "$OUT/log.txt" > "$OUT/stencil.txt"
   echo "exit ${PIPESTATUS[0]}"
@@ -430,11 +432,11 @@ if [ "$PART" = fma ]; then
   # without it (XLA's own: each a * b + c a multiply and an add), each row a ratio.
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   # The forward product and pass 4 as Pallas kernels (stencil.product and dx_dc, the same
-  # values), against the first row: at their tiles since experiment 38 (16 pixels by 32
-  # channels, 8 warps) their PTX has no barrier and no branch, and with them no XLA pass
-  # reads u's taps, so the step writes no padded copy (1.96 GB less). Experiment 23 timed
-  # them at 32,16,4, where each tap went through shared memory behind a barrier. ptxas
-  # still has a thread wait for the taps one after another (8 and 6 waits; experiment 39).
+  # values), against the first row: at their tiles since experiment 39 (16 pixels by 16
+  # channels, 8 warps) their PTX has no barrier and no branch, a thread waits for its
+  # loads 4 and 7 times at 64 warps an SM, and with them no XLA pass reads u's taps, so
+  # the step writes no padded copy (1.96 GB less). Experiment 23 timed them at 32,16,4,
+  # where each tap went through shared memory behind a barrier.
   QLHS_PRODUCT_FORM=pallas bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
   # The XLA passes' taps from a pad inside each fusion, as before experiment 37 (the

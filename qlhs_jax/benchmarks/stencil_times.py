@@ -74,7 +74,9 @@ from typing import Callable, NamedTuple
 KERNELS = ("stats", "sums", "du", "dx_du", "bwd", "product")
 STATS_TILINGS = ("32,16,4,3", "16,16,4,1", "32,16,4,2", "64,16,8,3")
 SUMS_TILINGS = ("16,8,4", "32,8,8", "16,16,4", "32,8,4")
-DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "32,32,4")
+# du's: 16,8,4 (one input channel a thread) waits for its loads 4 times, the others 8-9,
+# for more instructions (NOTES.md, experiment 39).
+DU_TILINGS = ("32,16,4", "16,32,4", "64,16,8", "16,8,4")
 # dx_du's strip is whole rows (the pixels are raised to W rounded up, the channels
 # lowered as much): at stage 1 these are 64 lanes by 4, 2, 4 and 2 channels, 8, 4, 4 and
 # 8 values a thread; ptxas (triton 3.9.0): 191, 95, 104 and 191 registers, issue
@@ -84,10 +86,11 @@ DX_DU_TILINGS = ("32,8,4", "32,4,4", "32,8,8", "32,4,2")
 # bwd's (pass 3's sums, dc and du's share from g in one walk): at stage 1, 64 lanes by
 # 2 and 4 channels, 147 and 255 registers, no spills (NOTES.md, experiment 29).
 BWD_TILINGS = ("32,4,4", "32,8,4")
-# The product's tiles (pass 4's too): the default since 2026-12-06 and 32,8,4 (its walk's
-# default), neither with a barrier in its PTX, and the default before (each tap through
-# shared memory behind a barrier: experiment 38); none timed alone on a GPU.
-PRODUCT_TILINGS = ("16,32,8", "32,8,4", "32,16,4")
+# The product's tiles (pass 4's too): the default (one element of a tap a thread: 4 waits
+# for loads in the product's machine code, 7 in pass 4; experiment 39), 16,32,8 (two: no
+# barrier, 8 and 6 waits, fewer instructions; experiment 38) and 32,16,4, the default
+# before (each tap through shared memory behind a barrier); none timed alone on a GPU.
+PRODUCT_TILINGS = ("16,16,8", "16,32,8", "32,16,4")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round

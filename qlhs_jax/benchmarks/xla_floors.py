@@ -128,7 +128,7 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
 
 _REGISTER = re.compile(r"(?<![A-Za-z_])R(\d+)(\.64)?")
 # Opcodes without a register result: their first operand is read (an address, a value).
-_NO_RESULT = ("ST", "RED", "BRA", "EXIT", "BAR", "MEMBAR", "NOP", "RET", "CALL", "WARPSYNC",
+_NO_RESULT = ("ST", "RED.", "BRA", "EXIT", "BAR", "MEMBAR", "NOP", "RET", "CALL", "WARPSYNC",
               "ISETP", "FSETP", "HSETP", "DSETP", "PLOP3", "VOTE", "ACQBULK", "ERRBAR")
 
 
@@ -182,10 +182,11 @@ def load_rounds(sass: str) -> tuple[int, int, int]:
 
   A kernel that loads each of nine taps after the last one returned has ~9 rounds; one
   that issues its loads together and then uses them, 1. On the H200 (NOTES.md,
-  experiment 39) the step's kernels without a loop ran at 1.04x the larger of their
-  copy time and issue floor with one round, at 1.4-2.2x with more: latency, not bytes.
-  Registers decide it: ptxas sinks loads to their uses when it keeps a thread's
-  registers few, whatever order the PTX has."""
+  experiment 39), 19 of the step's 21 loop-free kernels with one round ran at
+  0.97-1.06x the larger of their copy time and issue floor, 49 of the 57 with more at
+  1.31-2.02x. ptxas decides it: it may move loads down to their uses to keep a
+  thread's registers few, whatever order the PTX has. A round on loads that hit L1
+  costs little, so the count is an upper bound on the trips to memory."""
   ops, labels = _listing(sass)
 
   def sweep(start, stop, pending, trip=0):
@@ -262,10 +263,11 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
     for name, code in sorted(sass.items(), key=lambda kv: (
         order.index(kv[0]) if kv[0] in order else len(order))):
       rounds, loads, loop_rounds = load_rounds(code)
-      out.append({"name": name, "registers": regs.get(name, 0), **triton_compile.sass_counts(code),
-                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
-                   "loop_rounds": loop_rounds, "file": path,
-                   "threads": int(threads[name]) if name in threads else None})
+      out.append({"name": name, "registers": regs.get(name, 0),
+                  **triton_compile.sass_counts(code),
+                  "path": path_lengths(code), "rounds": rounds, "loads": loads,
+                  "loop_rounds": loop_rounds, "file": path,
+                  "threads": int(threads[name]) if name in threads else None})
   return out
 
 

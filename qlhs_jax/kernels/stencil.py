@@ -92,16 +92,19 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 16,8,8 (never itself timed alone), made the step 11% slower. ptxas (triton 3.9.0):
 # 56 (the lags), 114 and 136 registers at stage 1, no spills.
 # The product's and pass 4's tiles (QLHS_PRODUCT_FORM=pallas; dx_dc takes the product's):
-# 16 pixels by 32 input channels, 8 warps, since 2026-12-06. At 32,16,4 (du's shape, what
-# experiment 23 timed) a tap of u is four channels a thread, and the broadcast over the
-# expansion wants two: Triton then moves each tap through shared memory (a store, a
-# barrier, a load) before the next tap's load issues, nine round trips in a row. With
-# two elements of a tap a thread (pixels x channels = 2 x threads) the load is already in
-# the wanted layout and the kernels have no barrier (the deviceless PTX;
-# benchmarks/NOTES.md, experiment 38); of those shapes this one reads the widest strip
-# of a pixel's channels. Neither is timed alone.
+# 16 pixels by 16 input channels, 8 warps: one element of each tap a thread. At 32,16,4
+# (du's shape, what experiment 23 timed) a tap of u is four channels a thread, and the
+# broadcast over the expansion wants two: Triton then moves each tap through shared
+# memory (a store, a barrier, a load) before the next tap's load issues (the deviceless
+# PTX; benchmarks/NOTES.md, experiment 38). At two elements a thread (16,32,8, the
+# default for one day) there is no barrier, but ptxas (38 registers) still has a thread
+# wait for its loads 8 times in the product, 6 in pass 4: it will not hold D's kernel
+# for two input channels, 72 floats, at once. At one element a thread a thread needs
+# 36, and ptxas keeps the loads in 4 waits (7 in pass 4) at 32 registers, 64 warps an
+# SM (machine code; experiment 39). More instructions, though: the product's issue
+# floor 0.187 -> 0.235 ms at stage 1 (its copy time 0.308). None is timed alone.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
-                  "product": (16, 32, 8)}
+                  "product": (16, 16, 8)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows

@@ -939,6 +939,7 @@ def test_walk_lanes_address_their_own_pixels_only(monkeypatch, b, h, w, m0):
 
 
 _COMPILE_ELEMENTWISE = textwrap.dedent("""
+    import os
     import numpy as np
     from qlhs_jax.benchmarks import aot
     from qlhs_jax.kernels import stencil
@@ -952,10 +953,11 @@ _COMPILE_ELEMENTWISE = textwrap.dedent("""
       dx, dc = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, jnp.bfloat16,
                              interpret=False)
       return p, dx, dc
+    n = int(os.environ.get("ELEMENTWISE_CHANNELS", "16"))
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(kernels).lower(
-          s((8, 16, 16, 16), jnp.bfloat16), s((8, 16, 16, 16, 4), jnp.bfloat16),
-          s((9, 16, 4)), s((1, 16, 4)))
+          s((8, 16, 16, n), jnp.bfloat16), s((8, 16, 16, n, 4), jnp.bfloat16),
+          s((9, n, 4)), s((1, n, 4)))
     lowered.compile(aot.GEMM_OPTIONS["triton"])
 """)
 
@@ -964,8 +966,8 @@ _COMPILE_ELEMENTWISE = textwrap.dedent("""
                     reason="needs jax[cuda12] (CUDA plugin) and triton")
 @pytest.mark.parametrize("tiling", [None, "product=32,16,4"])
 def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tiling):
-  """Compiled for an H100 without one: at the default tiles (16 pixels by 32 channels,
-  8 warps: two elements of a tap a thread) the product's and pass 4's kernels load each
+  """Compiled for an H100 without one: at the default tiles (16 pixels by 16 channels,
+  8 warps: one element of a tap a thread) the product's and pass 4's kernels load each
   tap of u in the layout in which it multiplies the hidden channels, so their PTX has
   no barrier; at 32,16,4 (the default until 2026-12-06: four a thread) Triton moves each
   tap through shared memory, a store, a barrier and a load, before the next tap's load
@@ -983,3 +985,31 @@ def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tili
     assert set(barriers.values()) == {0}, barriers
   else:  # a store, a barrier and a load for each of the nine taps
     assert min(barriers.values()) >= 9, barriers
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+def test_the_default_product_tiles_wait_less_often_for_their_loads(tmp_path):
+  """The same kernels at 64 channels (stage 1's), assembled by ptxas: at the default
+  tiles (one element of a tap a thread, D's kernel 36 floats a thread) a thread of the
+  product waits for its global loads fewer times, and an SM holds more warps, than at
+  16,32,8 (two elements, 72 floats, where ptxas has the taps wait one after another:
+  8 waits; benchmarks/NOTES.md, experiment 39)."""
+  from qlhs_jax.benchmarks import triton_compile, xla_floors
+  code = {}
+  for tiling in (None, "product=16,32,8"):
+    env = dict(os.environ, ELEMENTWISE_CHANNELS="64")
+    env.pop("QLHS_STENCIL_TILING", None)
+    if tiling:
+      env["QLHS_STENCIL_TILING"] = tiling
+    text = h100_ptx_by_entry(_COMPILE_ELEMENTWISE, env, tmp_path / str(tiling))
+    ptx = next(t for name, t in text.items() if name.startswith("qlhs_product"))
+    report, cubin = triton_compile.assemble(ptx, "90a")
+    (name, sass), = [(k, v) for k, v in xla_floors.sass_by_entry(
+        triton_compile._disassemble(cubin)).items() if k.startswith("qlhs_product")]
+    threads = int(re.search(r"\.(?:req|max)ntid\s+(\d+)", ptx).group(1))
+    code[tiling] = (xla_floors.load_rounds(sass)[0], xla_floors.resident_warps(
+        xla_floors.registers_by_entry(report)[name], threads))
+  (waits, warps), (waits_before, warps_before) = code[None], code["product=16,32,8"]
+  assert waits < waits_before, code
+  assert warps >= warps_before, code
