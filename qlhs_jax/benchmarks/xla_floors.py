@@ -129,13 +129,15 @@ def path_lengths(sass: str) -> tuple[int, int] | None:
 _REGISTER = re.compile(r"(?<![A-Za-z_])R(\d+)(\.64)?")
 # Opcodes without a register result: their first operand is read (an address, a value).
 _NO_RESULT = ("ST", "RED.", "BRA", "EXIT", "BAR", "MEMBAR", "NOP", "RET", "CALL", "WARPSYNC",
-              "ISETP", "FSETP", "HSETP", "DSETP", "PLOP3", "VOTE", "ACQBULK", "ERRBAR")
+              "ISETP", "FSETP", "HSETP", "DSETP", "PLOP3", "VOTE", "ACQBULK", "ERRBAR",
+              "LDGSTS")
 
 
 def _global_load(op: str) -> bool:
   """A load from global (or generic) memory, whose result a thread waits for: LDG, LD."""
-  return op.startswith("LDG") and not op.startswith("LDGSTS") and not op.startswith(
-      "LDGDEPBAR") or op == "LD" or op.startswith("LD.")
+  if op.startswith("LDG"):
+    return not op.startswith(("LDGSTS", "LDGDEPBAR"))  # copies to shared memory
+  return op.split(".")[0] == "LD"
 
 
 def _width(op: str) -> int:
@@ -151,7 +153,7 @@ def _operands(op: str, rest: str) -> tuple[set[int], set[int]]:
   """``(written, read)`` registers of one instruction (``rest``: its operands)."""
   parts = [p.strip() for p in rest.split(";")[0].split(",")]
   written, read = set(), set()
-  first_is_result = not op.startswith(_NO_RESULT) and not op.startswith("LDGSTS")
+  first_is_result = not op.startswith(_NO_RESULT)
   for i, part in enumerate(parts):
     for m in _REGISTER.finditer(part):
       r = int(m.group(1))
@@ -236,7 +238,7 @@ def load_rounds(sass: str) -> tuple[int, int, int]:
 
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
   """``{function: {"registers", "instructions", "loop", "path", "rounds", "loads",
-  "loop_rounds", "file"}}`` for every function in the PTX files XLA dumped beside
+  "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX files XLA dumped beside
   ``hlo_path`` (``triton_compile.sass_counts``, :func:`path_lengths`,
   :func:`load_rounds`)."""
   return {c["name"]: c for c in _functions(
@@ -271,13 +273,20 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
   return out
 
 
-def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
-  """Every function of every PTX file in ``dump_dir`` whose name matches ``match`` (a
-  regular expression): registers, the warps an SM holds at them, machine instructions
-  and load rounds. For dumps without one step's HLO, such as ``benchmarks.stencil_times
+def dump_functions(dump_dir: str, arch: str = "90a") -> list[dict]:
+  """Every function of every PTX file in ``dump_dir``, in module order: as
+  :func:`machine_code` describes them, with ``"name"`` and ``"threads"`` (its block's,
+  from the PTX). For dumps without one step's HLO, such as ``benchmarks.stencil_times
   --compile-only``'s (a module an entry, in the order it prints them)."""
-  code = _functions(sorted(glob.glob(os.path.join(dump_dir, "*.ptx")),
-                           key=_module_number), arch, f"in {dump_dir}")
+  return _functions(sorted(glob.glob(os.path.join(dump_dir, "*.ptx")), key=_module_number),
+                    arch, f"in {dump_dir}")
+
+
+def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
+  """:func:`dump_functions` whose name matches ``match`` (a regular expression), a line
+  each: registers, the warps an SM holds at them, machine instructions and load
+  rounds."""
+  code = dump_functions(dump_dir, arch)
   lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s}  "
            f"function (file)"]
   for c in code:

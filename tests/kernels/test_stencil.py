@@ -962,6 +962,16 @@ _COMPILE_ELEMENTWISE = textwrap.dedent("""
 """)
 
 
+def _tiling_env(tiling: str | None, **extra) -> dict:
+  """This process's environment for a compile at ``tiling`` (QLHS_STENCIL_TILING; None:
+  the default tiles), with ``extra`` variables."""
+  env = dict(os.environ, **extra)
+  env.pop("QLHS_STENCIL_TILING", None)
+  if tiling:
+    env["QLHS_STENCIL_TILING"] = tiling
+  return env
+
+
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
                     reason="needs jax[cuda12] (CUDA plugin) and triton")
 @pytest.mark.parametrize("tiling", [None, "product=32,16,4"])
@@ -972,11 +982,7 @@ def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tili
   no barrier; at 32,16,4 (the default until 2026-12-06: four a thread) Triton moves each
   tap through shared memory, a store, a barrier and a load, before the next tap's load
   can issue (benchmarks/NOTES.md, experiment 38)."""
-  env = dict(os.environ)
-  env.pop("QLHS_STENCIL_TILING", None)
-  if tiling:
-    env["QLHS_STENCIL_TILING"] = tiling
-  kernels = h100_ptx_by_entry(_COMPILE_ELEMENTWISE, env, tmp_path)
+  kernels = h100_ptx_by_entry(_COMPILE_ELEMENTWISE, _tiling_env(tiling), tmp_path)
   barriers = {name: len(re.findall(r"\bbar\.sync\b", text))
               for name, text in kernels.items() if name.startswith(("qlhs_product",
                                                                      "qlhs_dx_dc"))}
@@ -995,21 +1001,15 @@ def test_the_default_product_tiles_wait_less_often_for_their_loads(tmp_path):
   product waits for its global loads fewer times, and an SM holds more warps, than at
   16,32,8 (two elements, 72 floats, where ptxas has the taps wait one after another:
   8 waits; benchmarks/NOTES.md, experiment 39)."""
-  from qlhs_jax.benchmarks import triton_compile, xla_floors
+  from qlhs_jax.benchmarks import xla_floors
   code = {}
   for tiling in (None, "product=16,32,8"):
-    env = dict(os.environ, ELEMENTWISE_CHANNELS="64")
-    env.pop("QLHS_STENCIL_TILING", None)
-    if tiling:
-      env["QLHS_STENCIL_TILING"] = tiling
-    text = h100_ptx_by_entry(_COMPILE_ELEMENTWISE, env, tmp_path / str(tiling))
-    ptx = next(t for name, t in text.items() if name.startswith("qlhs_product"))
-    report, cubin = triton_compile.assemble(ptx, "90a")
-    (name, sass), = [(k, v) for k, v in xla_floors.sass_by_entry(
-        triton_compile._disassemble(cubin)).items() if k.startswith("qlhs_product")]
-    threads = int(re.search(r"\.(?:req|max)ntid\s+(\d+)", ptx).group(1))
-    code[tiling] = (xla_floors.load_rounds(sass)[0], xla_floors.resident_warps(
-        xla_floors.registers_by_entry(report)[name], threads))
+    dump = tmp_path / str(tiling)
+    h100_ptx_by_entry(_COMPILE_ELEMENTWISE,
+                      _tiling_env(tiling, ELEMENTWISE_CHANNELS="64"), dump)
+    (c,) = [c for c in xla_floors.dump_functions(str(dump))
+            if c["name"].startswith("qlhs_product")]
+    code[tiling] = (c["rounds"], xla_floors.resident_warps(c["registers"], c["threads"]))
   (waits, warps), (waits_before, warps_before) = code[None], code["product=16,32,8"]
   assert waits < waits_before, code
   assert warps >= warps_before, code
