@@ -2,11 +2,13 @@
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]
-# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "fma"
+# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums"
+# (experiment 40: pass 3's sums and the statistics as matrix products, the largest gap
+# between the profile and the bounds), then "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries, and
 # the Pallas product at its tiles of 2026-12-06)
-# and "sweep" (experiments 24-25) in one session (limits of 480 + 590 s; the rows take
-# less, and a session cut off loses the sweep's last row first), then "pool"
+# and "sweep" (experiments 24-25) in one session (limits of 540 + 480 + 590 s; the rows
+# take less, and a session cut off loses each part's last row first), then "pool"
 # (experiments 26, 32, 34, 35), "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
@@ -95,11 +97,17 @@
 #   (40 and 28 warps an SM), 3 and 3 with the taps in the fusion, 4 and 7 as Pallas
 #   kernels (64 warps an SM; at experiment 38's tiles 8 and 6, 48 and 32 warps). The
 #   rows say which the device agrees with.
-# "sums" (time limits add up to 310 s; NOTES.md experiment 23): pass 3's sums from the
-#   taps' products (the default since 2026-12-04: 16% faster in the profile, 4.56 against
-#   5.45 ms a step) against the kernel as it was (QLHS_SUMS_FORM=pallas_xhat) in one
-#   call, with ResNet50 and a second sample of the default: the step did not move
-#   between two calls, and this says whether that was noise.
+# "sums" (time limits add up to 540 s; NOTES.md experiments 23, 39 and 40): pass 3's
+#   sums and the statistics' lags as matrix products (QLHS_SUMS_FORM / QLHS_STATS_FORM=
+#   pallas_dot: Triton pipelines the loads that feed its dots, cp.async trips ahead,
+#   where the element-wise kernels wait for theirs each trip; in experiment 23's profile
+#   they took 4.35 and 2.0 ms a step above bounds of 1.37 and ~0.2), in one call:
+#   Eq.(3) "auto" against ResNet50 on uint8 batches; the two kernels alone at stage 1
+#   in both forms (benchmarks.stencil_times, checked against XLA's forms: a WRONG line
+#   means do not trust the rows after it); the step with both as products, then with
+#   the sums alone as products, each against the first row; last, the sums kernel
+#   as it was before 2026-12-04 (QLHS_SUMS_FORM=pallas_xhat), the A/B that experiment
+#   23 wanted in one call.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -449,9 +457,25 @@ if [ "$PART" = fma ]; then
 fi
 if [ "$PART" = sums ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  # The two kernels alone at stage 1, each form at its default tiles and the dot forms at
+  # 32 pixels too (compiles: ~75 s on 2 CPU cores, the lags' dots ~23 s each).
+  echo "== benchmarks.stencil_times: the dot forms" | tee -a "$OUT/log.txt"
+  timeout 130 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1 --kernels stats,sums --forms pallas,pallas_dot --calls 10 \
+    --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
+    --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 64,16,4,3 32,16,4,3 \
+    --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
+    | grep -E "^[a-z0-9_]+ \(|  (stats|sums) |network so far|WRONG|failed|rror" | cut -c1-150
+  echo "exit ${PIPESTATUS[0]}"
+  bring
+  # Both as products, then the sums alone (the difference is the lags'), each against
+  # the first row.
+  QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot bench 90 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8
+  QLHS_SUMS_FORM=pallas_dot bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
   QLHS_SUMS_FORM=pallas_xhat bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
-  bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

@@ -11,11 +11,14 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
 - ``stats``: the 9 tap sums and 45 Gram entries of u, as ``d_bn_product._xla_stats``
   reduces them ("xla", the default form) and as ``stencil.tap_stats`` at each of
   ``--stats-tilings`` (pixels, channels, warps, splits), from lag products at stride 1
-  ("pallas") and from all 54 products ("pallas_gram", experiment 13's kernel);
+  ("pallas") and from all 54 products ("pallas_gram", experiment 13's kernel), and the
+  lags as matrix products at each ``--stats-dot-tilings`` (pixels, channels, warps,
+  stages; "pallas_dot", Triton's pipelined loads; at stride 2 "pallas"'s kernel);
 - ``sums``: pass 3's sums of ``fuse_d_bn="xla"`` (g, g * xhat and the nine tap products
   of g), as ``d_bn_product._xla_backward_sums`` reduces them ("xla") and as
   ``stencil.bn_sums`` at each ``--sums-tilings`` (pixels, channels, warps), from the
-  taps' products ("pallas") and from D u and xhat as before 2026-12-04 ("pallas_xhat");
+  taps' products ("pallas") and from D u and xhat as before 2026-12-04 ("pallas_xhat"),
+  and as matrix products at each ``--sums-dot-tilings`` ("pallas_dot");
 - ``du``: D^T dx in u's dtype, as the "gather" (default) and "autodiff" forms of
   ``d_bn_product._d_transpose`` and as ``stencil.d_transpose`` at each ``--du-tilings``
   (pixels, channels, warps).
@@ -91,6 +94,10 @@ BWD_TILINGS = ("32,4,4", "32,8,4")
 # barrier, 8 and 6 waits, fewer instructions; experiment 38) and 32,16,4, the default
 # before (each tap through shared memory behind a barrier); none timed alone on a GPU.
 PRODUCT_TILINGS = ("16,16,8", "16,32,8", "32,16,4")
+# The dot forms' (pixels, channels, warps, stages): the defaults (64 pixels, the lowest
+# issue floors at stage 1) and 32 pixels (less shared memory; NOTES.md, experiment 40).
+SUMS_DOT_TILINGS = ("64,16,4,3", "32,16,4,3")
+STATS_DOT_TILINGS = ("64,16,4,3", "32,16,4,3")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
@@ -171,12 +178,16 @@ def _functions(stride, side, interpret):
       ("stats", "pallas"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret),
       ("stats", "pallas_gram"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret,
                                                                      lags=False),
+      ("stats", "pallas_dot"): lambda u, dx, k9: stencil.tap_stats(u, stride, interpret,
+                                                                    dot=True),
       ("sums", "xla"): lambda u, dx, k9: dbn._xla_backward_sums(
           u, dx, dx, k9, *moments(k9), *moments(k9), stride, 1)[1:],
       ("sums", "pallas"): lambda u, dx, k9: stencil.bn_sums(
           u, dx, dx, k9, *moments(k9), stride, interpret),
       ("sums", "pallas_xhat"): lambda u, dx, k9: stencil.bn_sums(
           u, dx, dx, k9, *moments(k9), stride, interpret, xhat=True),
+      ("sums", "pallas_dot"): lambda u, dx, k9: stencil.bn_sums(
+          u, dx, dx, k9, *moments(k9), stride, interpret, dot=True),
       ("du", "gather"): lambda u, dx, k9: dbn._d_transpose(
           dx, k9, stride, hw, "gather").astype(u.dtype),
       ("du", "autodiff"): lambda u, dx, k9: dbn._d_transpose(
@@ -285,7 +296,8 @@ def _rel(a, b) -> float:
 
 
 # The Pallas forms a run may time (--forms); each kernel times those it has.
-PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_rows_now")
+PALLAS_FORMS = ("pallas", "pallas_gram", "pallas_xhat", "pallas_rows", "pallas_rows_now",
+                "pallas_dot")
 
 
 def _print_entry(name: str, r: dict) -> None:
@@ -303,7 +315,9 @@ def _print_entry(name: str, r: dict) -> None:
 def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, interpret,
                calls, repeats, kernels=KERNELS, forms=PALLAS_FORMS, on_entry=None,
                dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS,
-               bwd_tilings=BWD_TILINGS, compile_on=None) -> dict:
+               bwd_tilings=BWD_TILINGS, compile_on=None,
+               sums_dot_tilings=SUMS_DOT_TILINGS,
+               stats_dot_tilings=STATS_DOT_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err", "compile_s"}} at one shape (err: against the
   XLA form), for the ``kernels`` named (each with its XLA forms, the reference) and
   their Pallas ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is
@@ -333,6 +347,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
            for t in stats_tilings]
   todo += [("sums", form, t) for form in ("pallas", "pallas_xhat") + walks
            for t in sums_tilings]
+  todo += [("stats", "pallas_dot", t) for t in stats_dot_tilings]
+  todo += [("sums", "pallas_dot", t) for t in sums_dot_tilings]
   todo += [("du", form, t) for form in ("pallas",) + walks for t in du_tilings]
   if stride == 1:  # dx_du walks at stride 1 only; its "pallas" is the default's pair
     todo += [("dx_du", "xla", None), ("dx_du", "pallas", None)]
@@ -353,7 +369,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
       fn = fns.get((kernel, "pallas_rows")) if walk else None  # dx_du, bwd: their own
       fn = fn or fns[kernel, "pallas" if walk else form]
       start = time.perf_counter()
-      with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={tiling}" if tiling else ""), \
+      with kernel_env("QLHS_STENCIL_TILING",
+                      f"{_tiling_key(kernel, form)}={tiling}" if tiling else ""), \
           kernel_env("QLHS_SUMS_FORM", "xla"), \
           kernel_env("QLHS_STENCIL_ROWS", kernel if walk else ""), \
           _rows_ahead(form != "pallas_rows_now"):
@@ -375,6 +392,12 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
     if on_entry is not None:
       on_entry(name, out[name])
   return out
+
+
+def _tiling_key(kernel: str, form: str) -> str:
+  """The QLHS_STENCIL_TILING entry that an entry's tiling sets: the dot forms have their
+  own (``sums_dot``, ``stats_dot``: stages where the others have splits or nothing)."""
+  return f"{kernel}_dot" if form == "pallas_dot" else kernel
 
 
 def best(results: dict, blocks: dict, kernel: str):
@@ -429,9 +452,12 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
     name, _, totals = best(results, blocks, kernel)
     if name is None:
       continue
-    pallas = {k: v for k, v in totals.items() if "@" in k}
-    if pallas and min(pallas.values()) < float("inf"):
-      spec.append(f"{kernel}={min(pallas, key=pallas.get).split('@')[1]}")
+    # The fastest tiling of each entry of QLHS_STENCIL_TILING: the dot forms' own.
+    for key in (kernel, f"{kernel}_dot"):
+      pallas = {k: v for k, v in totals.items()
+                if "@" in k and _tiling_key(kernel, k.split()[1].split("@")[0]) == key}
+      if pallas and min(pallas.values()) < float("inf"):
+        spec.append(f"{key}={min(pallas, key=pallas.get).split('@')[1]}")
     form = name.split()[1].split("@")[0]
     if form.startswith("pallas_rows"):  # the Pallas form, walking rows
       form = "pallas"
@@ -471,6 +497,8 @@ def main(argv=None) -> int:
   p.add_argument("--dx-du-tilings", nargs="+", default=list(DX_DU_TILINGS))
   p.add_argument("--bwd-tilings", nargs="+", default=list(BWD_TILINGS))
   p.add_argument("--product-tilings", nargs="+", default=list(PRODUCT_TILINGS))
+  p.add_argument("--sums-dot-tilings", nargs="+", default=list(SUMS_DOT_TILINGS))
+  p.add_argument("--stats-dot-tilings", nargs="+", default=list(STATS_DOT_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
@@ -503,7 +531,9 @@ def main(argv=None) -> int:
   from qlhs_jax.kernels import stencil
   for kernel, items in (("stats", args.stats_tilings), ("sums", args.sums_tilings),
                         ("du", args.du_tilings), ("dx_du", args.dx_du_tilings),
-                        ("bwd", args.bwd_tilings), ("product", args.product_tilings)):
+                        ("bwd", args.bwd_tilings), ("product", args.product_tilings),
+                        ("sums_dot", args.sums_dot_tilings),
+                        ("stats_dot", args.stats_dot_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -537,7 +567,8 @@ def main(argv=None) -> int:
                        pallas_forms, on_entry=_print_entry,
                        dx_du_tilings=args.dx_du_tilings,
                        product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
-                       compile_on=compile_on)
+                       compile_on=compile_on, sums_dot_tilings=args.sums_dot_tilings,
+                       stats_dot_tilings=args.stats_dot_tilings)
     if compile_on is not None:
       failed += _print_compiles(name, times)
       continue

@@ -383,6 +383,34 @@ def by_rounds(rows, us_per_step: dict, least_us: float = 20.0) -> list[dict]:
           for k, (n, t, b) in sorted(groups.items())]
 
 
+def function_family(kernel: str) -> str:
+  """The function a launch runs, one name for all its instances: the Pallas kernels
+  (``qlhs_...``) are one function at every block, which XLA names ``qlhs_bn_sums``,
+  ``qlhs_bn_sums_1``, ...; XLA's own fusions keep their names (each is its own code)."""
+  return re.sub(r"(_+\d+)+$", "", kernel) if kernel.startswith("qlhs_") else kernel
+
+
+def by_function(rows, us_per_step: dict) -> list[dict]:
+  """The measured launches grouped by :func:`function_family`, the most time above its
+  bounds first: ``{"function", "launches", "measured_ms", "bound_ms", "above_ms"}``
+  (bound: the larger of copy time and issue floor, summed; with a loop the floor counts
+  it once, so there the copy time is the bound that matters), from a profile's
+  ``us_per_step`` of the same program (:func:`by_rounds`). Where the step's time above
+  its bounds lies, by kernel."""
+  groups = {}
+  for r in rows:
+    us = us_per_step.get(r["name"])
+    if us is None:
+      continue
+    g = groups.setdefault(function_family(r["kernel"]), [0, 0.0, 0.0])
+    g[0] += 1
+    g[1] += us / 1e3
+    g[2] += _bound(r)
+  out = [{"function": k, "launches": n, "measured_ms": t, "bound_ms": b,
+          "above_ms": t - b} for k, (n, t, b) in groups.items()]
+  return sorted(out, key=lambda g: -g["above_ms"])
+
+
 def report(hlo_path: str, top: int = 30, arch: str = "90a",
            copy_bytes_per_s: float | None = None, measured: dict | None = None) -> str:
   rows = floors(hlo_path, arch, copy_bytes_per_s)
@@ -413,6 +441,16 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
     for g in by_rounds(rows, measured["us_per_step"]):
       lines.append(f"{g['rounds']:6d} {g['kernels']:7d} {g['measured_ms']:11.3f} "
                    f"{g['bound_ms']:8.3f} {g['ratio']:5.2f}")
+    functions = by_function(rows, measured["us_per_step"])
+    lines += ["", f"by function, the most time above its bounds first ({top} of "
+                  f"{len(functions)}; all launches: "
+                  f"{sum(g['measured_ms'] for g in functions):.3f} ms measured, "
+                  f"{sum(g['above_ms'] for g in functions):.3f} above the bounds)",
+              f"{'launches':>8s} {'measured ms':>11s} {'bound ms':>8s} {'above':>7s}  "
+              f"function"]
+    for g in functions[:top]:
+      lines.append(f"{g['launches']:8d} {g['measured_ms']:11.3f} {g['bound_ms']:8.3f} "
+                   f"{g['above_ms']:7.3f}  {g['function']}")
   return "\n".join(lines)
 
 

@@ -185,8 +185,8 @@ def _u_taps(u: jax.Array, stride: int, taps: str | None = None,
 
 
 DU_FORMS = ("gather", "autodiff", "pallas")
-STATS_FORMS = ("xla", "pallas", "pallas_gram")
-SUMS_FORMS = ("xla", "pallas", "pallas_xhat")
+STATS_FORMS = ("xla", "pallas", "pallas_gram", "pallas_dot")
+SUMS_FORMS = ("xla", "pallas", "pallas_xhat", "pallas_dot")
 # Unset, each form variable means "auto": stencil_on_gpu() picks.
 FORM_DEFAULT = "auto"
 
@@ -273,7 +273,9 @@ def sums_form(n: int | None = None, groups: int = 1, e: int = 1) -> str:
   """How pass 3 of impl "xla" sums g, g * xhat and the tap products of g:
   QLHS_SUMS_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.bn_sums``;
   else "xla", one stacked reduction). "pallas_xhat" is that kernel as it was before
-  2026-12-04, summing g * xhat from D u itself, kept to time against it on the GPU."""
+  2026-12-04, summing g * xhat from D u itself, kept to time against it on the GPU.
+  "pallas_dot": the same sums as matrix products over each tile's pixels, so that
+  Triton pipelines their loads (``stencil._bn_sums_dot_kernel``); not yet timed."""
   return _form("QLHS_SUMS_FORM", SUMS_FORMS, "xla", n, groups, e)
 
 
@@ -282,7 +284,9 @@ def stats_form(n: int | None = None, groups: int = 1) -> str:
   "auto" (:func:`stencil_on_gpu`: "pallas", ``stencil.tap_stats``, from 13 lag products
   at stride 1; else "xla", :func:`_xla_stats`'s one stacked reduction). "pallas_gram" is
   the kernel that forms all 54 products at every stride (experiment 13's), kept to time
-  against the lags on the GPU."""
+  against the lags on the GPU. "pallas_dot": the lags as matrix products, so that Triton
+  pipelines their loads (``stencil._lags_dot_loop``; at stride 2 "pallas"'s kernel); not
+  yet timed."""
   return _form("QLHS_STATS_FORM", STATS_FORMS, "xla", n, groups, 1)
 
 
@@ -452,7 +456,8 @@ def _stats(u, k9, stride, groups, up=None):
   from qlhs_jax.kernels import stencil  # imports this module
   if groups != 1:
     stencil.check(u.shape[-1], "QLHS_STATS_FORM", groups)
-  return _stats_from_sums(stencil.tap_stats(u, stride, lags=form == "pallas"), k9)
+  return _stats_from_sums(stencil.tap_stats(u, stride, lags=form != "pallas_gram",
+                                            dot=form == "pallas_dot"), k9)
 
 
 def _stats_from_sums(sums, k9):
@@ -498,7 +503,7 @@ def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
     sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride,
-                                  xhat=form == "pallas_xhat")
+                                  xhat=form == "pallas_xhat", dot=form == "pallas_dot")
   else:
     g = dp5.astype(F32) * c5.astype(F32)
     taps = _u_taps(u, stride, up=up)  # 9 x (B, Ho, Wo, n): D u's and the sums' alike

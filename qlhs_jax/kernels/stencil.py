@@ -39,6 +39,11 @@ at stage 1 from 0.326 to 0.237 ms and at stage 2's first block from 0.378 to 0.1
   g and the nine tap_t * g, with one running tile per sum like the statistics; the sum
   of g * xhat follows from them (``xhat=True``: summed from D u, the kernel before
   2026-12-04);
+- the dot forms (QLHS_STATS_FORM / QLHS_SUMS_FORM=pallas_dot): the statistics' lags and
+  pass 3's sums as matrix products over each tile's pixels, of which the kernel keeps
+  the entries of each channel with itself (:func:`_bn_sums_dot_kernel`,
+  :func:`_lags_dot_loop`): what the products buy is Triton's pipeliner, which issues the
+  loads that feed a dot trips ahead (benchmarks/NOTES.md, experiment 40);
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
   e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
   pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
@@ -77,9 +82,11 @@ from jax.experimental import pallas as pl
 from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
-KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn")
+KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot",
+           "stats_dot")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
+         "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -103,8 +110,17 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 36, and ptxas keeps the loads in 4 waits (7 in pass 4) at 32 registers, 64 warps an
 # SM (machine code; experiment 39). More instructions, though: the product's issue
 # floor 0.187 -> 0.235 ms at stage 1 (its copy time 0.308). None is timed alone.
+# The dot forms (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot): 64 pixels (the products'
+# depth) by 16 input channels (the sums: 64 hidden at e = 4, one warpgroup's wgmma
+# m64n16k16), 4 warps, 3 stages of Triton's pipelined loads (pixels, channels, warps,
+# stages). Deviceless at stage 1 (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
+# 40), a launch's issue floor: the sums 0.136 ms (168 registers, 78 KB of shared memory:
+# 2 programs an SM), against 0.167 for the tiles at 32,8,4; the lags 0.061 (188
+# registers, 54 KB), against 0.119 at 16,16,4. At 32 pixels: 0.193 and 0.088 ms, half
+# the shared memory. Not timed.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
-                  "product": (16, 16, 8)}
+                  "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
+                  "stats_dot": (64, 16, 4, 3)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
@@ -122,16 +138,19 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
                    du_bn=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
-_HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits]' entries, e.g. "
-         "'stats=32,16,4,3 du=32,16,4 sums=16,8,4' (KERNEL stats, du, sums, product, "
-         "dx_du, bwd or du_bn; pixels and channels powers of two, warps 1-16; splits, the "
-         "statistics' launches, 1-54, stats only)")
+_HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
+         "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
+         "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot or stats_dot; "
+         "pixels and channels powers of two, warps 1-16; splits, the statistics' "
+         "launches, 1-54, stats only; stages, the pipelined loads in flight, 1-4, "
+         "sums_dot and stats_dot only)")
 
 
 def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
-  """(pixels, channels, warps[, splits]) of ``kernel`` from QLHS_STENCIL_TILING, else
-  :data:`DEFAULT_TILING` (``rows``, or dx_du, which only walks: :data:`ROWS_TILING`). "lags"
-  (:func:`lag_sums`) takes the statistics' entry, "dx" (:func:`dx_dc`) the product's."""
+  """(pixels, channels, warps[, splits or stages]) of ``kernel`` from
+  QLHS_STENCIL_TILING, else :data:`DEFAULT_TILING` (``rows``, or dx_du, which only walks:
+  :data:`ROWS_TILING`). "lags" (:func:`lag_sums`) takes the statistics' entry, "dx"
+  (:func:`dx_dc`) the product's."""
   kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
   raw = settings.get("QLHS_STENCIL_TILING")
   spec = {}
@@ -142,10 +161,11 @@ def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
       fields = tuple(int(v) for v in value.split(","))
     except ValueError:
       fields = ()
-    want = 4 if name == "stats" else 3
+    want = 4 if name in ("stats", "sums_dot", "stats_dot") else 3
     ok = (name in KERNELS and name not in spec and len(fields) == want
           and pow2(fields[0]) and pow2(fields[1]) and fields[2] in (1, 2, 4, 8, 16)
-          and (name != "stats" or 1 <= fields[3] <= 54))
+          and (name != "stats" or 1 <= fields[3] <= 54)
+          and (name not in ("sums_dot", "stats_dot") or 1 <= fields[3] <= 4))
     if not ok:
       raise ValueError(f"{settings.name('QLHS_STENCIL_TILING')}={raw!r}: entry {entry!r} "
                        f"is not valid (or repeats a kernel); {_HELP}")
@@ -262,11 +282,26 @@ def lean_plan(plan: dict, x2: jax.Array, interpret: bool) -> tuple[dict, jax.Arr
   return dict(plan, lean=True, guard=guard), x2
 
 
-def _params(warps, interpret):
+# tl.dot's smallest block side: the dot forms' pixels and channels, and their column of
+# ones.
+DOT_MIN = 16
+
+
+def _dot_tiles(plan: dict, form: str, interpret: bool) -> None:
+  """Refuses a dot form's tiles under tl.dot's smallest block on a GPU (``form``: the
+  variable that asked for it)."""
+  if not interpret and min(plan["m"], plan["bj"]) < DOT_MIN:
+    raise ValueError(f"{settings.name(form)}=pallas_dot needs tiles of at least {DOT_MIN} "
+                     f"pixels and {DOT_MIN} channels (tl.dot's smallest block), got "
+                     f"{plan['m']} pixels and {plan['bj']} of {plan['n']} channels; set "
+                     f"{form}=pallas")
+
+
+def _params(warps, interpret, stages=1):
   from qlhs_jax.kernels.d_bn_product import plt
   if interpret:
     return {}
-  return {"compiler_params": plt.CompilerParams(num_warps=warps, num_stages=1)}
+  return {"compiler_params": plt.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
 # ------------------------------------------------------------------------------------
@@ -314,15 +349,16 @@ def _stats_kernel(u_ref, out_ref, *, plan, pieces):
 
 
 def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
-              lags: bool = True) -> jax.Array:
+              lags: bool = True, dot: bool = False) -> jax.Array:
   """``(54, 1, n)`` float32: over the output pixels of a stride-``stride`` 3x3 stencil
   on u (B, H, W, n) with zero padding, the sums of the nine taps and of the 45 tap
   products ``(a, b), a <= b`` (d_bn_product._PAIRS order), per input channel. At stride
   1 with ``lags`` (QLHS_STATS_FORM=pallas; "pallas_gram" turns it off) they come from
-  :func:`lag_sums` and the border terms (:func:`stats_from_lags`); otherwise each
-  product is formed per pixel (54 running sums)."""
+  :func:`lag_sums` and the border terms (:func:`stats_from_lags`), with ``dot`` as matrix
+  products (QLHS_STATS_FORM=pallas_dot); otherwise each product is formed per pixel (54
+  running sums)."""
   if lags and stride == 1:  # lag_sums checks u and the backend itself
-    return stats_from_lags(lag_sums(u, interpret))[:, None, :]
+    return stats_from_lags(lag_sums(u, interpret, dot))[:, None, :]
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
@@ -362,7 +398,43 @@ def _offset(t):
   return t // 3 - 1, t % 3 - 1
 
 
-def _lags_kernel(u_ref, out_ref, *, plan):
+def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
+  """:func:`_lags_kernel`'s main loop as matrix products over the tile's pixels
+  (QLHS_STATS_FORM=pallas_dot): per lag d, u^T (bj, m) @ u(q + d) (m, bj), of which the
+  diagonal is kept (1 in bj entries; the sum of u is u^T @ a column of ones), so that
+  Triton pipelines the loads that feed them (:func:`_bn_sums_dot_kernel`). ``low``:
+  bfloat16 for a bfloat16 u (its products exact, summed in float32), else float32 at
+  HIGHEST."""
+  from qlhs_jax.kernels.eq3_block import _Tile
+  m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
+  cols = pl.ds(j0, bj)
+  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  precision = None if low == jnp.bfloat16 else lax.Precision.HIGHEST
+  dot = lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                                     preferred_element_type=F32)
+  ones = jnp.ones((m, DOT_MIN), low)
+
+  def body(i, acc):
+    ti = ch * tpc + i
+    tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)  # lean: stride 1
+    u0 = tile.shifted(u_ref, 0, 0, cols, ti * m + iota < plan["rows"]).astype(low)
+    out = [acc[0] + dot(u0, ones)]
+    for k, (dy, dx) in enumerate(LAGS):
+      v = u0 if (dy, dx) == (0, 0) else tile.shifted(u_ref, dy, dx, cols,
+                                                      tile.inside(dy, dx)).astype(low)
+      out.append(acc[1 + k] + dot(u0, v))
+    return tuple(out)
+  acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj, DOT_MIN), F32),)
+                      + tuple(jnp.zeros((bj, bj), F32) for _ in LAGS))
+  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
+  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
+  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
+  diagonal = row(acc[1].shape) == col(acc[1].shape)
+  for k in range(len(LAGS)):
+    out_ref[ch, 1 + k, cols] = jnp.sum(jnp.where(diagonal, acc[1 + k], 0.0), axis=1)
+
+
+def _lags_kernel(u_ref, out_ref, *, plan, dot=None):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   h, w = plan["h"], plan["w"]
@@ -383,10 +455,13 @@ def _lags_kernel(u_ref, out_ref, *, plan):
                                                       tile.inside(dy, dx))
       out.append(acc[1 + k] + u0 * v)
     return tuple(out)
-  acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
-                                          for _ in range(1 + len(LAGS))))
-  for k, a in enumerate(acc):
-    out_ref[ch, k, cols] = a.sum(0)
+  if dot is not None:  # ``dot``: the products' operand type (QLHS_STATS_FORM=pallas_dot)
+    _lags_dot_loop(u_ref, out_ref, plan, ch, j0, dot)
+  else:
+    acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
+                                            for _ in range(1 + len(LAGS))))
+    for k, a in enumerate(acc):
+      out_ref[ch, k, cols] = a.sum(0)
 
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
@@ -437,16 +512,30 @@ BORDER_SIDES = ("top", "bottom", "left", "right")
 BORDER_ROWS = 8 * len(BORDER_SIDES)
 
 
-def lag_sums(u: jax.Array, interpret: bool | None = None) -> jax.Array:
+def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> jax.Array:
   """``(14 + 32, n)`` float32 over the whole image (B, H, W, n): the sum of u, then the
   sums of u(q) u(q + d) for d in :data:`LAGS` (zero outside the image), then the border
   terms (:data:`BORDER_SIDES`: along row 0, row H-1, column 0 and column W-1, u's sum,
   its lag-0, 1, 2 products, its first and last value and square), summed over the
   batch. One launch; its tiling is QLHS_STENCIL_TILING's
-  ``stats`` entry (its splits unused)."""
+  ``stats`` entry (its splits unused). ``dot``: the lag products as matrix products
+  (:func:`_lags_dot_loop`; no row walk), at the ``stats_dot`` entry (pixels, channels,
+  warps, stages)."""
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
+  if dot:
+    m0, bj0, warps, stages = tiling("stats_dot")
+    plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
+    _dot_tiles(plan, "QLHS_STATS_FORM", interpret)
+    low = jnp.bfloat16 if u.dtype == jnp.bfloat16 else F32
+    part = pl.pallas_call(
+        functools.partial(_lags_kernel, plan=plan, dot=low),
+        out_shape=jax.ShapeDtypeStruct((plan["chunks"], 1 + len(LAGS) + BORDER_ROWS, n),
+                                       F32),
+        grid=_grid(plan, plan["chunks"], n // plan["bj"]), interpret=interpret,
+        name=NAMES["lags_dot"], **_params(warps, interpret, stages))(u2)
+    return part.sum(0)
   walk = _walks_rows("stats", 1)
   m0, bj0, warps, _ = tiling("stats", walk)
   if walk:
@@ -513,13 +602,24 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
+def _sums_tile(plan, ti, cols, c_ref, dp_ref):
+  """Pass 3's tile ``ti`` (:class:`eq3_block._Tile`, its taps' loads) and g = dp * c
+  there, (m, hidden channels ``cols``) float32."""
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
-  m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
+  m = plan["m"]
+  p0 = jnp.minimum(ti, plan["tiles"] - 1) * m
+  # Rows past the last pixel (and tiles past the end) count nothing: g is 0 there.
+  live = (ti * m + lax.broadcasted_iota(jnp.int32, (m,), 0) < plan["rows"])[:, None]
+  pix = pl.ds(p0, m)
+  g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
+  return _Tile(p0, plan), g
+
+
+def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
+  m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
-  iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
   wide = lambda v: jnp.broadcast_to(v[:, :, None], (m, bj, e)).reshape(m, bj * e)
   if xhat:  # the kernel before 2026-12-04 (QLHS_SUMS_FORM=pallas_xhat)
     k_ref, mean_ref, rstd_ref, out_ref = refs
@@ -528,13 +628,7 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
     (out_ref,) = refs
 
   def body(i, acc):
-    ti = ch * tpc + i
-    p0 = jnp.minimum(ti, tiles - 1) * m
-    tile = _Tile(p0, plan)
-    # Rows past the last pixel (and tiles past the end) count nothing: g is 0 there.
-    live = (ti * m + iota < plan["rows"])[:, None]
-    pix = pl.ds(p0, m)
-    g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
+    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref)
     if not xhat:
       # Each tap widened, multiplied and dropped: no D u, no tap kept live.
       return (acc[0] + g, *(acc[1 + t] + wide(tile.tap(u_ref, t, j0, bj)) * g
@@ -552,9 +646,76 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
     out_ref[ch, k, cols] = a.sum(0)
 
 
+def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
+  """:func:`_bn_sums_kernel`'s ten sums as matrix products over the tile's pixels: per
+  tap, g^T (bj*e hidden channels, m) @ tap_t(u) (m, bj input channels), of which only
+  the entries where the hidden channel's own input channel is the column (1 in bj) are
+  kept, at the end; the sum of g is g^T @ a column of ones. The tensor cores have the
+  throughput to waste (at stage 1, ~0.13 ms of wgmma), and what the products buy is
+  Triton's pipeliner: loads that feed a dot are issued ``stages - 1`` trips ahead as
+  asynchronous copies to shared memory (cp.async), where the element-wise kernel waits
+  once a trip with 16 warps an SM to cover it (benchmarks/NOTES.md, experiments 39, 40).
+  ``split``: bfloat16 inputs, g = dp * c (16 significant bits, exact in float32) as the
+  sum of two bfloat16 halves, each product exact and summed in float32, as the
+  element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32)."""
+  m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
+  ch, cb = _ids(plan)
+  j0 = cb * bj
+  cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
+  low = jnp.bfloat16 if split else F32
+  ones = jnp.ones((m, DOT_MIN), low)
+
+  def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
+    for a in parts:
+      acc = acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                                  precision=None if split else lax.Precision.HIGHEST,
+                                  preferred_element_type=F32)
+    return acc
+
+  def body(i, acc):
+    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref)
+    if split:
+      hi = g.astype(low)
+      parts = (hi, (g - hi.astype(F32)).astype(low))
+    else:
+      parts = (g,)
+    return (add(acc[0], parts, ones),
+            *(add(acc[1 + t], parts, tile.tap(u_ref, t, j0, bj).astype(low))
+              for t in range(9)))
+  acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj * e, DOT_MIN), F32),)
+                      + tuple(jnp.zeros((bj * e, bj), F32) for _ in range(9)))
+  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
+  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
+  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
+  own = row(acc[1].shape) // e == col(acc[1].shape)  # hidden channel j*e + s, input j
+  for t in range(9):
+    out_ref[ch, 1 + t, cols] = jnp.sum(jnp.where(own, acc[1 + t], 0.0), axis=1)
+
+
+def _bn_sums_dot(u, c5, dp5, k9, mean, rstd, stride, interpret):
+  """:func:`bn_sums` as matrix products (:func:`_bn_sums_dot_kernel`), QLHS_SUMS_FORM=
+  pallas_dot; tiles from QLHS_STENCIL_TILING's ``sums_dot`` entry (pixels, channels,
+  warps, stages)."""
+  n, e = u.shape[-1], c5.shape[-1]
+  m0, bj0, warps, stages = tiling("sums_dot")
+  plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
+                       u.reshape(-1, n), interpret)
+  _dot_tiles(plan, "QLHS_SUMS_FORM", interpret)
+  from qlhs_jax.kernels.eq3_block import _pad_rows
+  rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
+  flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
+  split = all(a.dtype == jnp.bfloat16 for a in (u, c5, dp5))
+  part = pl.pallas_call(
+      functools.partial(_bn_sums_dot_kernel, plan=plan, split=split),
+      out_shape=jax.ShapeDtypeStruct((chunks, 10, n * e), F32),
+      grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums_dot"],
+      **_params(warps, interpret, stages))(u2, flat(c5), flat(dp5))
+  return _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
+
+
 def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
             rstd: jax.Array, stride: int, interpret: bool | None = None,
-            xhat: bool = False):
+            xhat: bool = False, dot: bool = False):
   """Pass 3's sums of ``d_bn_product``'s "xla" path with g = dp * c over the output
   pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
@@ -569,10 +730,14 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   ``d_bn_product._xla_kernel_grad``), large only where D u is much smaller than u's
   taps; tests/kernels checks a zero-sum kernel on u offset by 100 standard deviations
   against float64. ``xhat``: the kernel as it was, summing g * xhat from D u
-  (QLHS_SUMS_FORM=pallas_xhat), kept to time against this one in one call."""
+  (QLHS_SUMS_FORM=pallas_xhat), kept to time against this one in one call. ``dot``: the
+  same sums as matrix products (QLHS_SUMS_FORM=pallas_dot, :func:`_bn_sums_dot_kernel`;
+  it has no row walk)."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
+  if dot:
+    return _bn_sums_dot(u, c5, dp5, k9, mean, rstd, stride, interpret)
   walk = not xhat and _walks_rows("sums", stride)
   m0, bj0, warps = tiling("sums", walk)
   if walk:

@@ -73,6 +73,15 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   spec, forms = stencil_times.spec_and_forms(results, blocks)
   assert "product=32,8,4" in spec and "QLHS_PRODUCT_FORM=pallas" in forms, (spec, forms)
   assert forms.endswith("QLHS_STENCIL_ROWS=sums,du,product"), forms
+  # A dot form that wins is its form value, its tiling under its own entry (with the
+  # stages); the other forms' best tiling stays in the spec under theirs.
+  for shape in "ab":
+    results[shape]["sums pallas_dot@64,16,4,3"] = ok(0.05)
+    results[shape]["sums pallas_dot@32,16,4,3"] = ok(0.06)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "sums=8,8,4 sums_dot=64,16,4,3" in spec, spec
+  assert "QLHS_SUMS_FORM=pallas_dot" in forms and "rows=sums" not in forms, forms
+  assert forms.endswith("QLHS_STENCIL_ROWS=du,product"), forms
 
 
 def test_bwd_is_chosen_only_where_its_walks_beat_both_alternatives():
@@ -116,17 +125,20 @@ def test_cpu_smoke_run(tmp_path, capsys):
                              "--repeats", "1", "--shapes", "stage2_block0",
                              "--stats-tilings", "8,16,4,3", "--sums-tilings", "8,8,4",
                              "--du-tilings", "8,16,4", "--product-tilings", "8,8,4",
-                             "--record", str(rec)]) == 0
+                             "--sums-dot-tilings", "8,16,4,2", "--stats-dot-tilings",
+                             "8,16,4,3", "--record", str(rec)]) == 0
   out = capsys.readouterr().out
   assert "WRONG" not in out and "failed" not in out, out
-  assert "stencil_tiling: stats=8,16,4,3 sums=8,8,4 du=8,16,4 product=8,8,4" in out, out
+  assert ("stencil_tiling: stats=8,16,4,3 stats_dot=8,16,4,3 sums=8,8,4 sums_dot=8,16,4,2 "
+          "du=8,16,4 product=8,8,4") in out, out
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
       "stats xla", "stats pallas@8,16,4,3", "stats pallas_gram@8,16,4,3",
       "stats pallas_rows@8,16,4,3", "stats pallas_rows_now@8,16,4,3", "sums xla",
       "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "sums pallas_rows@8,8,4",
-      "sums pallas_rows_now@8,8,4", "du gather", "du autodiff", "du pallas@8,16,4",
+      "sums pallas_rows_now@8,8,4", "stats pallas_dot@8,16,4,3",
+      "sums pallas_dot@8,16,4,2", "du gather", "du autodiff", "du pallas@8,16,4",
       "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4", "product xla",
       "product pallas@8,8,4", "product pallas_rows@8,8,4", "product pallas_rows_now@8,8,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
@@ -146,7 +158,9 @@ def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   assert set(r["shapes"]["stage2_block0"]) == {"sums xla", "sums pallas@8,8,4",
                                                "sums pallas_xhat@8,8,4",
                                                "sums pallas_rows@8,8,4",
-                                               "sums pallas_rows_now@8,8,4"}
+                                               "sums pallas_rows_now@8,8,4",
+                                               "sums pallas_dot@64,16,4,3",
+                                               "sums pallas_dot@32,16,4,3"}
   with pytest.raises(SystemExit):
     stencil_times.main(["--kernels", "sums,gram"])
   assert "--kernels 'sums,gram': name some of stats, sums, du" in capsys.readouterr().err
@@ -235,6 +249,12 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
   # (each of 2 images in 8 chunks of a row: ROWS_PROGRAMS)
   assert walks == [((16, 1), True), ((16, 2), True), ((16, 1), False),
                    ((16, 2), False)], walks
+  launched.clear()  # the dot form's tilings: its own entry of QLHS_STENCIL_TILING
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), (), True, 1, 1, kernels=("sums",),
+                                 sums_dot_tilings=("8,8,4,2", "4,4,2,1"))
+  assert not any("error" in r for r in out.values()), out
+  dots = [g for name, g, _ in launched if name == "_bn_sums_dot_kernel"]
+  assert dots == [(16, 1), (32, 2)], dots
 
 
 def test_du_bn_is_compiled_once_a_shape_and_form_for_all_of_bwds_tilings(monkeypatch):

@@ -255,6 +255,30 @@ def test_rounds_group_the_measured_kernels():
   assert groups[1]["ratio"] == pytest.approx(0.4 / 0.2)
 
 
+def test_functions_group_a_pallas_kernels_instances_and_keep_xlas_fusions_apart():
+  """Launches of one Pallas kernel (qlhs_bn_sums, qlhs_bn_sums_1, ...) are one
+  function; XLA's fusions (loop_convert_fusion, loop_convert_fusion_3) each their own;
+  the most time above its bounds first, against hand sums."""
+  assert xla_floors.function_family("qlhs_bn_sums_12") == "qlhs_bn_sums"
+  assert xla_floors.function_family("qlhs_bn_sums_dot__6") == "qlhs_bn_sums_dot"
+  assert xla_floors.function_family("loop_convert_fusion_3") == "loop_convert_fusion_3"
+  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2)
+  rows = [dict(row, name="s0", kernel="qlhs_bn_sums"),
+          dict(row, name="s1", kernel="qlhs_bn_sums_1", copy_ms=0.3),
+          dict(row, name="f", kernel="loop_convert_fusion"),
+          dict(row, name="f3", kernel="loop_convert_fusion_3", floor_ms=0.5),
+          dict(row, name="gone", kernel="qlhs_bn_sums_2")]
+  us = {"s0": 600.0, "s1": 700.0, "f": 900.0, "f3": 600.0}
+  groups = xla_floors.by_function(rows, us)
+  assert [(g["function"], g["launches"]) for g in groups] == [
+      ("qlhs_bn_sums", 2), ("loop_convert_fusion", 1), ("loop_convert_fusion_3", 1)]
+  assert groups[0]["measured_ms"] == pytest.approx(1.3)
+  assert groups[0]["bound_ms"] == pytest.approx(0.5)
+  assert groups[0]["above_ms"] == pytest.approx(0.8)
+  assert groups[1]["above_ms"] == pytest.approx(0.7)
+  assert groups[2]["above_ms"] == pytest.approx(0.1)
+
+
 CHASE_PTX = """.version 8.0
 .target sm_90a
 .address_size 64

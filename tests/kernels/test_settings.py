@@ -99,7 +99,7 @@ def test_the_context_is_left_after_an_error():
 
 @pytest.mark.parametrize("key,value,message", [
     ("stats_form", "fast", r"config.kernels.stats_form='fast': choose one of \('xla', "
-                           r"'pallas', 'pallas_gram', 'auto'\)"),
+                           r"'pallas', 'pallas_gram', 'pallas_dot', 'auto'\)"),
     ("du_form", "pallas_gram", r"config.kernels.du_form='pallas_gram': choose one of"),
     ("product_form", "auto", r"config.kernels.product_form='auto': choose one of "
                              r"\('xla', 'pallas'\)"),

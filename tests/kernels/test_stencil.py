@@ -112,19 +112,34 @@ def test_the_statistics_walk_matches_numpy(monkeypatch, shape, spec, ahead):
   assert launched == ["_lags_rows_kernel"]
 
 
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("shape,spec", LAG_SHAPES)
-def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec):
+def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec, dot):
   """The lag kernel's 14 sums equal float64 loops, and with the border terms they give
   the 54 statistics of the direct float64 sums, at shapes whose border is most of the
-  image (the 7x7 of stage 4 is such a shape)."""
-  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  image (the 7x7 of stage 4 is such a shape); the lags also as matrix products
+  (QLHS_STATS_FORM=pallas_dot, float32 operands here)."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING",
+                     spec.replace("stats=", "stats_dot=") if dot else spec)
   u = np.random.default_rng(3).normal(size=shape) - 0.7
   u32 = jnp.asarray(u, jnp.float32)
-  full = stencil.lag_sums(u32, interpret=True)
+  full = stencil.lag_sums(u32, interpret=True, dot=dot)
   np.testing.assert_allclose(np.asarray(full), numpy_lag_sums(u), rtol=2e-5, atol=2e-5)
   got = stencil.stats_from_lags(full)
   np.testing.assert_allclose(np.asarray(got), numpy_stats(u, 1)[:, 0], rtol=2e-5,
                              atol=2e-5)
+
+
+@pytest.mark.parametrize("shape,spec", LAG_SHAPES)
+def test_the_dot_lags_of_bfloat16_u_are_exact_products(monkeypatch, shape, spec):
+  """QLHS_STATS_FORM=pallas_dot on a bfloat16 u (training's): its products are exact and
+  only the float32 sums round; to 1e-6 of the largest against float64 sums of the same
+  bfloat16 values."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec.replace("stats=", "stats_dot="))
+  u = jnp.asarray(np.random.default_rng(5).normal(size=shape) - 0.7, jnp.bfloat16)
+  full = np.asarray(stencil.lag_sums(u, interpret=True, dot=True))
+  want = numpy_lag_sums(np.asarray(u.astype(jnp.float32), np.float64))
+  assert np.abs(full - want).max() / np.abs(want).max() < 1e-6
 
 
 def numpy_bn_sums(u, c5, dp5, k9, mean, rstd, stride):
@@ -144,13 +159,20 @@ SUMS_SHAPES = [  # (B, H, W, n), stride, e, tiling
 ]
 
 
-@pytest.mark.parametrize("xhat", [False, True])
+def _dot_spec(spec: str, stages: int = 2) -> str:
+  """A ``sums=`` tiling as the dot form's entry (``sums_dot=``, with its stages)."""
+  return spec.replace("sums=", "sums_dot=") + f",{stages}" if spec else ""
+
+
+@pytest.mark.parametrize("form", ["pallas", "pallas_xhat", "pallas_dot"])
 @pytest.mark.parametrize("shape,stride,e,spec", SUMS_SHAPES)
-def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec, xhat):
+def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec, form):
   """Pass 3's three sums equal float64 NumPy sums, and what the XLA pass reduces: from
-  the taps' products with g (the default) and from D u and xhat (QLHS_SUMS_FORM=
-  pallas_xhat)."""
-  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  the taps' products with g (the default), from D u and xhat (QLHS_SUMS_FORM=
+  pallas_xhat), and as matrix products over the pixels (pallas_dot; float32 operands
+  here)."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING",
+                     _dot_spec(spec) if form == "pallas_dot" else spec)
   b, h, w, n = shape
   ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
   rng = np.random.default_rng(8)
@@ -159,13 +181,40 @@ def test_bn_sums_match_numpy(monkeypatch, shape, stride, e, spec, xhat):
           rng.normal(size=(1, n, e)), rng.uniform(0.5, 2.0, size=(1, n, e)))
   want = numpy_bn_sums(*args, stride)
   a32 = [jnp.asarray(a, jnp.float32) for a in args]
-  got = stencil.bn_sums(*a32, stride, interpret=True, xhat=xhat)
+  got = stencil.bn_sums(*a32, stride, interpret=True, xhat=form == "pallas_xhat",
+                        dot=form == "pallas_dot")
   zero = jnp.zeros((1, n, e))
   xla = dbn._xla_backward_sums(*a32[:4], zero, zero, *a32[4:], stride, 1)[1:]
   for g, x, w_ in zip(got, xla, want):
     assert g.shape == w_.shape == x.shape
     np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape,stride,e,spec", SUMS_SHAPES)
+def test_the_dot_sums_of_bfloat16_inputs_are_exact_products(monkeypatch, shape, stride, e,
+                                                            spec):
+  """QLHS_SUMS_FORM=pallas_dot with bfloat16 u, c and dp (training's): g = dp * c goes into
+  the products as two bfloat16 halves, so every product is exact and only the float32
+  sums round. Against float64 sums of the same bfloat16 values to 1e-6 of the largest:
+  g rounded to one bfloat16 (the low half dropped) misses by ~1e-3."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", _dot_spec(spec, 3))
+  b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(9)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  u, c5, dp5 = (bf(rng.normal(size=shape) + 0.3), bf(rng.normal(size=(b, ho, wo, n, e))),
+                bf(rng.normal(size=(b, ho, wo, n, e))))
+  rest = [jnp.asarray(a, jnp.float32) for a in (
+      rng.normal(size=(9, n, e)), rng.normal(size=(1, n, e)),
+      rng.uniform(0.5, 2.0, size=(1, n, e)))]
+  want = numpy_bn_sums(*[np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+                         for a in (u, c5, dp5, *rest)], stride)
+  got = stencil.bn_sums(u, c5, dp5, *rest, stride, interpret=True, dot=True)
+  for g, w_ in zip(got, want):
+    assert g.shape == w_.shape
+    err = np.abs(np.asarray(g) - w_).max() / np.abs(w_).max()
+    assert err < 1e-6, err
 
 
 @pytest.mark.parametrize("shape,stride,spec", SHAPES)
@@ -208,7 +257,8 @@ def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
 
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
-               "du=32,32,4 du=16,16,4", "sums=16,8,4,2"):
+               "du=32,32,4 du=16,16,4", "sums=16,8,4,2", "sums_dot=64,16,4",
+               "sums_dot=64,16,4,5"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -222,6 +272,12 @@ def test_bad_settings_are_refused(monkeypatch):
       numpy_stats(u, 1), rtol=2e-5, atol=2e-4)
   with pytest.raises(ValueError, match="one BatchNorm group"):
     stencil.check(4, "QLHS_STATS_FORM", groups=2)
+  # The dot form's tiles are tl.dot's blocks: 16 or more each way on a GPU.
+  with pytest.raises(ValueError, match="pallas_dot needs tiles of at least 16 pixels and "
+                                       "16 channels.*8 of 8 channels; set QLHS_SUMS_FORM"):
+    stencil.bn_sums(jnp.zeros((1, 8, 8, 8)), *[jnp.zeros((1, 8, 8, 8, 4))] * 2,
+                    jnp.zeros((9, 8, 4)), *[jnp.zeros((1, 8, 4))] * 2, 1,
+                    interpret=False, dot=True)
   # On a backend that runs neither Triton nor the interpreter: the variable named.
   with monkeypatch.context() as mp:
     mp.setattr(jax, "default_backend", lambda: "tpu")
@@ -346,7 +402,8 @@ def d_bn_product_matches_float64(seed, stride):
 
 
 @pytest.mark.parametrize("stats,sums", [("pallas", "pallas"), ("pallas_gram", "pallas"),
-                                        ("pallas", "pallas_xhat")])
+                                        ("pallas", "pallas_xhat"),
+                                        ("pallas_dot", "pallas_dot")])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride,
                                                                      stats, sums):
@@ -356,18 +413,19 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   monkeypatch.setenv("QLHS_STATS_FORM", stats)
   monkeypatch.setenv("QLHS_SUMS_FORM", sums)
   monkeypatch.setenv("QLHS_DU_FORM", "pallas")
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4 "
+                     "sums_dot=8,4,2,2 stats_dot=16,4,2,2")
   calls = spy_on_kernels(monkeypatch)
-  xhat, real = [], stencil.bn_sums
+  kinds, real = [], stencil.bn_sums
 
   def bn_sums(*a, **k):
-    xhat.append(k.get("xhat", False))
+    kinds.append((k.get("xhat", False), k.get("dot", False)))
     return real(*a, **k)
   monkeypatch.setattr(stencil, "bn_sums", bn_sums)
   d_bn_product_matches_float64(3, stride)
-  assert xhat and set(xhat) == {sums == "pallas_xhat"}, xhat
+  assert kinds and set(kinds) == {(sums == "pallas_xhat", sums == "pallas_dot")}, kinds
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
-  assert bool(calls["lag_sums"]) == (stats == "pallas" and stride == 1), calls
+  assert bool(calls["lag_sums"]) == (stats != "pallas_gram" and stride == 1), calls
   assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
 
 
@@ -1013,3 +1071,41 @@ def test_the_default_product_tiles_wait_less_often_for_their_loads(tmp_path):
   (waits, warps), (waits_before, warps_before) = code[None], code["product=16,32,8"]
   assert waits < waits_before, code
   assert warps >= warps_before, code
+
+
+_COMPILE_SUMS = textwrap.dedent("""
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def sums(u, c, k9, v):
+      return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
+               stencil.lag_sums(u, interpret=False, dot=dot)) for dot in (False, True)]
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(sums).lower(
+          s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
+          s((9, 64, 4)), s((1, 64, 4)))  # 4 tiles a program: a loop to pipeline
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
+  """Compiled for an H100 without one: pass 3's sums and the statistics' lags as matrix
+  products (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot) load their operands as
+  asynchronous copies into shared memory, issued trips ahead of the tensor-core products
+  that use them; the element-wise kernels ("pallas") have no such copy, whatever their
+  num_stages (benchmarks/NOTES.md, experiments 39 and 40)."""
+  kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
+  for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
+    (dot,) = [t for k, t in kernels.items() if k.startswith(name + "_dot")]
+    (plain,) = [t for k, t in kernels.items()
+                if k.startswith(name) and not k.startswith(name + "_dot")]
+    assert "cp.async.commit_group" in dot, name
+    assert re.search(r"\bwgmma\.mma_async|\bmma\.sync", dot), name
+    assert "cp.async" not in plain, name
