@@ -463,7 +463,7 @@ if [ "$PART" = sums ]; then
   timeout 130 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --kernels stats,sums --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 \
-    --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 64,16,4,3 32,16,4,3 \
+    --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 64,16,4,3 \
     --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums) |network so far|WRONG|failed|rror" | cut -c1-150
   echo "exit ${PIPESTATUS[0]}"

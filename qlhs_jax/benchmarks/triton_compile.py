@@ -202,15 +202,13 @@ _SASS_OP = re.compile(  # "/*0a30*/  [@!P0 ]OPCODE..." in nvdisasm's listing
     r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-7T] )?([A-Z][A-Z0-9_.]*)", re.M)
 
 
-def sass_counts(sass: str) -> dict:
-  """``{"instructions", "loop"}`` of a kernel's disassembly (nvdisasm's text): every
-  machine instruction, and those of its first loop, from a label to the first branch
-  back to it (0 without a loop). ptxas ends a loop with a conditional branch back, or,
-  where the body holds a branch of its own (a ``lax.cond``), with an unconditional one;
-  the trap loop after EXIT, a label and a branch to itself, is not a loop. A branch
-  inside the body counts whole, taken or not."""
+def first_loop(sass: str) -> str | None:
+  """The text of a kernel's first loop in its disassembly (nvdisasm's text), from a
+  label to the first branch back to it; None without a loop. ptxas ends a loop with a
+  conditional branch back, or, where the body holds a branch of its own (a
+  ``lax.cond``), with an unconditional one; the trap loop after EXIT, a label and a
+  branch to itself, is not a loop."""
   lines = sass.splitlines()
-  loop = 0
   for i, line in enumerate(lines):
     label = re.match(r"^(\.L_x_\d+):", line)
     if not label:
@@ -218,9 +216,17 @@ def sass_counts(sass: str) -> dict:
     back = re.compile(r"(?:@!?P[0-7] )?BRA `\(" + re.escape(label.group(1)) + r"\)")
     end = next((j for j in range(i + 1, len(lines)) if back.search(lines[j])), None)
     if end is not None and end > i + 1:
-      loop = len(_SASS_OP.findall("\n".join(lines[i:end + 1])))
-      break
-  return {"instructions": len(_SASS_OP.findall(sass)), "loop": loop}
+      return "\n".join(lines[i:end + 1])
+  return None
+
+
+def sass_counts(sass: str) -> dict:
+  """``{"instructions", "loop"}`` of a kernel's disassembly: every machine instruction,
+  and those of its first loop (:func:`first_loop`; 0 without one). A branch inside the
+  body counts whole, taken or not."""
+  body = first_loop(sass)
+  return {"instructions": len(_SASS_OP.findall(sass)),
+          "loop": len(_SASS_OP.findall(body)) if body else 0}
 
 
 def issue_floor_ms(instructions: int, loop: int, trips: int, warps: int,

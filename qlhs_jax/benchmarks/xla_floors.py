@@ -236,6 +236,20 @@ def load_rounds(sass: str) -> tuple[int, int, int]:
   return rounds, loads, loop_rounds
 
 
+def loop_ops(sass: str) -> dict[str, int]:
+  """What a trip of a kernel's first loop (``triton_compile.first_loop``) does besides
+  arithmetic: ``barriers`` (BAR.SYNC), ``copies`` (LDGSTS: cp.async, global to shared
+  memory, which Triton's pipeliner issues trips ahead), ``past_l1`` (those that bypass
+  L1: 16-byte copies, each a read from L2) and ``mma`` (tensor-core products, HMMA and
+  Hopper's HGMMA); all 0 without a loop."""
+  body = triton_compile.first_loop(sass) or ""
+  ops = re.findall(r"\b(BAR\.SYNC|LDGSTS\S*|H[G]?MMA)\b", body)
+  return {"barriers": sum(op == "BAR.SYNC" for op in ops),
+          "copies": sum(op.startswith("LDGSTS") for op in ops),
+          "past_l1": sum(op.startswith("LDGSTS") and "BYPASS" in op for op in ops),
+          "mma": sum(op in ("HMMA", "HGMMA") for op in ops)}
+
+
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
   """``{function: {"registers", "instructions", "loop", "path", "rounds", "loads",
   "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX files XLA dumped beside
@@ -266,7 +280,7 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
         order.index(kv[0]) if kv[0] in order else len(order))):
       rounds, loads, loop_rounds = load_rounds(code)
       out.append({"name": name, "registers": regs.get(name, 0),
-                  **triton_compile.sass_counts(code),
+                  **triton_compile.sass_counts(code), "loop_ops": loop_ops(code),
                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
                   "loop_rounds": loop_rounds, "file": path,
                   "threads": int(threads[name]) if name in threads else None})
@@ -284,11 +298,12 @@ def dump_functions(dump_dir: str, arch: str = "90a") -> list[dict]:
 
 def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
   """:func:`dump_functions` whose name matches ``match`` (a regular expression), a line
-  each: registers, the warps an SM holds at them, machine instructions and load
-  rounds."""
+  each: registers, the warps an SM holds at them, machine instructions and load rounds,
+  and in a trip of its loop (:func:`loop_ops`) barriers, asynchronous copies (those
+  past L1) and tensor-core products."""
   code = dump_functions(dump_dir, arch)
-  lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s}  "
-           f"function (file)"]
+  lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s} "
+           f"{'bar':>4s} {'copies':>7s} {'mma':>4s}  function (file)"]
   for c in code:
     name = c["name"]
     if not re.search(match, name):
@@ -296,8 +311,11 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
     warps = resident_warps(c["registers"], c["threads"]) if c["threads"] else 0
     instr = (f"{c['instructions']}+{c['loop']}" if c["loop"] else f"{c['instructions']}")
     rounds = f"{c['rounds']}+{c['loop_rounds']}" if c["loop"] else f"{c['rounds']}"
+    ops = c["loop_ops"]
+    copies = f"{ops['copies']}({ops['past_l1']})"
     lines.append(f"{c['registers']:4d} {warps:8d} {instr:>9s} {rounds:>6s} "
-                 f"{c['loads']:5d}  {name} ({os.path.basename(c['file'])})")
+                 f"{c['loads']:5d} {ops['barriers']:4d} {copies:>7s} {ops['mma']:4d}  "
+                 f"{name} ({os.path.basename(c['file'])})")
   return "\n".join(lines)
 
 

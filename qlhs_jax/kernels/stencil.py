@@ -110,17 +110,21 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 36, and ptxas keeps the loads in 4 waits (7 in pass 4) at 32 registers, 64 warps an
 # SM (machine code; experiment 39). More instructions, though: the product's issue
 # floor 0.187 -> 0.235 ms at stage 1 (its copy time 0.308). None is timed alone.
-# The dot forms (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot): 64 pixels (the products'
+# The dot forms (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot): pixels (the products'
 # depth) by 16 input channels (the sums: 64 hidden at e = 4, one warpgroup's wgmma
 # m64n16k16), 4 warps, 3 stages of Triton's pipelined loads (pixels, channels, warps,
 # stages). Deviceless at stage 1 (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
-# 40), a launch's issue floor: the sums 0.136 ms (168 registers, 78 KB of shared memory:
-# 2 programs an SM), against 0.167 for the tiles at 32,8,4; the lags 0.061 (188
-# registers, 54 KB), against 0.119 at 16,16,4. At 32 pixels: 0.193 and 0.088 ms, half
-# the shared memory. Not timed.
+# 40), a launch's issue floor: the sums at 64 pixels 0.136 ms (168 registers, 78 KB of
+# shared memory: 2 programs an SM), against 0.167 for the tiles at 32,8,4; the lags at
+# 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
+# thread copies 16 bytes of a tap, which the machine code copies past L1
+# (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
+# bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
+# 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
+# (0.193) nears the H200's copy time (0.215). Not timed.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
-                  "stats_dot": (64, 16, 4, 3)}
+                  "stats_dot": (32, 16, 4, 3)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows

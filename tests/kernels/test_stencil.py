@@ -1100,7 +1100,10 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   products (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot) load their operands as
   asynchronous copies into shared memory, issued trips ahead of the tensor-core products
   that use them; the element-wise kernels ("pallas") have no such copy, whatever their
-  num_stages (benchmarks/NOTES.md, experiments 39 and 40)."""
+  num_stages. In the machine code: the lags' copies, 8 bytes a thread at their default
+  32 pixels, go through L1, where the taps overlap (benchmarks/NOTES.md, experiments 39
+  and 40)."""
+  from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
   for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
     (dot,) = [t for k, t in kernels.items() if k.startswith(name + "_dot")]
@@ -1109,3 +1112,8 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
     assert "cp.async.commit_group" in dot, name
     assert re.search(r"\bwgmma\.mma_async|\bmma\.sync", dot), name
     assert "cp.async" not in plain, name
+  trips = {c["name"]: c["loop_ops"] for c in xla_floors.dump_functions(str(tmp_path))}
+  lags = trips["qlhs_lag_sums_dot"]
+  assert lags["copies"] == 13 and lags["past_l1"] == 0 and lags["mma"] > 0, lags
+  assert trips["qlhs_bn_sums_dot"]["copies"] > 0, trips
+  assert trips["qlhs_bn_sums"]["copies"] == 0 == trips["qlhs_lag_sums"]["copies"], trips
