@@ -104,10 +104,10 @@
 #   they took 4.35 and 2.0 ms a step above bounds of 1.37 and ~0.2), in one call:
 #   Eq.(3) "auto" against ResNet50 on uint8 batches; the two kernels alone at stage 1
 #   in both forms (benchmarks.stencil_times, checked against XLA's forms: a WRONG line
-#   means do not trust the rows after it); the step with both as products, then with
-#   the sums alone as products, each against the first row; last, the sums kernel
-#   as it was before 2026-12-04 (QLHS_SUMS_FORM=pallas_xhat), the A/B that experiment
-#   23 wanted in one call.
+#   means do not trust the rows after it); the step with both as products, profiled
+#   kernel by kernel, then with the sums alone as products, each against the first row.
+#   (Until 2026-12-06 this part timed the sums kernel as it was before 2026-12-04,
+#   QLHS_SUMS_FORM=pallas_xhat, against the default: never run.)
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -468,13 +468,12 @@ if [ "$PART" = sums ]; then
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums) |network so far|WRONG|failed|rror" | cut -c1-150
   echo "exit ${PIPESTATUS[0]}"
   bring
-  # Both as products, then the sums alone (the difference is the lags'), each against
-  # the first row.
-  QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot bench 90 --model eq3_softball_ds \
-    --set 'fuse_d_bn="auto"' --input uint8
+  # Both as products, profiled kernel by kernel (each dot kernel's time in the step,
+  # against its bound: xla_floors --measured on this HLO), then the sums alone (the
+  # difference is the lags'), each against the first row.
+  QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot bench 170 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
   QLHS_SUMS_FORM=pallas_dot bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
-    --input uint8
-  QLHS_SUMS_FORM=pallas_xhat bench 80 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
 fi
 if [ "$PART" = ncu ]; then

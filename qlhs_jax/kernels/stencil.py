@@ -438,7 +438,7 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
     out_ref[ch, 1 + k, cols] = jnp.sum(jnp.where(diagonal, acc[1 + k], 0.0), axis=1)
 
 
-def _lags_kernel(u_ref, out_ref, *, plan, dot=None):
+def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
   from qlhs_jax.kernels.eq3_block import _Tile  # the same pixel indexing as eq3_block's
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   h, w = plan["h"], plan["w"]
@@ -459,8 +459,8 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot=None):
                                                       tile.inside(dy, dx))
       out.append(acc[1 + k] + u0 * v)
     return tuple(out)
-  if dot is not None:  # ``dot``: the products' operand type (QLHS_STATS_FORM=pallas_dot)
-    _lags_dot_loop(u_ref, out_ref, plan, ch, j0, dot)
+  if dot_dtype is not None:  # the products' operand type (QLHS_STATS_FORM=pallas_dot)
+    _lags_dot_loop(u_ref, out_ref, plan, ch, j0, dot_dtype)
   else:
     acc = lax.fori_loop(0, tpc, body, tuple(jnp.zeros((m, bj), F32)
                                             for _ in range(1 + len(LAGS))))
@@ -534,7 +534,7 @@ def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> 
     _dot_tiles(plan, "QLHS_STATS_FORM", interpret)
     low = jnp.bfloat16 if u.dtype == jnp.bfloat16 else F32
     part = pl.pallas_call(
-        functools.partial(_lags_kernel, plan=plan, dot=low),
+        functools.partial(_lags_kernel, plan=plan, dot_dtype=low),
         out_shape=jax.ShapeDtypeStruct((plan["chunks"], 1 + len(LAGS) + BORDER_ROWS, n),
                                        F32),
         grid=_grid(plan, plan["chunks"], n // plan["bj"]), interpret=interpret,
