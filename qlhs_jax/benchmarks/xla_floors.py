@@ -243,7 +243,7 @@ def loop_ops(sass: str) -> dict[str, int]:
   L1: 16-byte copies, each a read from L2) and ``mma`` (tensor-core products, HMMA and
   Hopper's HGMMA); all 0 without a loop."""
   body = triton_compile.first_loop(sass) or ""
-  ops = re.findall(r"\b(BAR\.SYNC|LDGSTS\S*|H[G]?MMA)\b", body)
+  ops = re.findall(r"\b(BAR\.SYNC|LDGSTS\S*|HG?MMA)\b", body)
   return {"barriers": sum(op == "BAR.SYNC" for op in ops),
           "copies": sum(op.startswith("LDGSTS") for op in ops),
           "past_l1": sum(op.startswith("LDGSTS") and "BYPASS" in op for op in ops),

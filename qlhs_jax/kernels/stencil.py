@@ -142,6 +142,8 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
                    du_bn=(32, 8, 4))
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
+# The entries whose fourth field is the pipeline's stages (the dot forms').
+_STAGED = ("sums_dot", "stats_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
          "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot or stats_dot; "
@@ -165,11 +167,11 @@ def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
       fields = tuple(int(v) for v in value.split(","))
     except ValueError:
       fields = ()
-    want = 4 if name in ("stats", "sums_dot", "stats_dot") else 3
+    want = 4 if name == "stats" or name in _STAGED else 3
     ok = (name in KERNELS and name not in spec and len(fields) == want
           and pow2(fields[0]) and pow2(fields[1]) and fields[2] in (1, 2, 4, 8, 16)
           and (name != "stats" or 1 <= fields[3] <= 54)
-          and (name not in ("sums_dot", "stats_dot") or 1 <= fields[3] <= 4))
+          and (name not in _STAGED or 1 <= fields[3] <= 4))
     if not ok:
       raise ValueError(f"{settings.name('QLHS_STENCIL_TILING')}={raw!r}: entry {entry!r} "
                        f"is not valid (or repeats a kernel); {_HELP}")
@@ -301,6 +303,28 @@ def _dot_tiles(plan: dict, form: str, interpret: bool) -> None:
                      f"{form}=pallas")
 
 
+def _pixel_products(a, b, exact: bool):
+  """a^T @ b over a tile's pixels (the rows of both), float32: the dot forms' products.
+  ``exact``: bfloat16 operands, whose products are exact and summed in float32; else
+  float32 operands at HIGHEST (Triton: IEEE, not TF32)."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                          precision=None if exact else lax.Precision.HIGHEST,
+                          preferred_element_type=F32)
+
+
+def _store_own(out_ref, ch, cols, acc, e: int):
+  """The dot forms' outputs, summed over the products' columns into out_ref[ch, k, cols]:
+  ``acc[0]``'s first column (the product with a column of ones), then of each of
+  ``acc[1:]`` the entries where the row's input channel is the column (row // e: e
+  hidden channels an input channel; the lags' diagonal at e = 1)."""
+  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
+  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
+  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
+  own = row(acc[1].shape) // e == col(acc[1].shape)
+  for k in range(1, len(acc)):
+    out_ref[ch, k, cols] = jnp.sum(jnp.where(own, acc[k], 0.0), axis=1)
+
+
 def _params(warps, interpret, stages=1):
   from qlhs_jax.kernels.d_bn_product import plt
   if interpret:
@@ -413,9 +437,7 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   cols = pl.ds(j0, bj)
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-  precision = None if low == jnp.bfloat16 else lax.Precision.HIGHEST
-  dot = lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                                     preferred_element_type=F32)
+  dot = functools.partial(_pixel_products, exact=low == jnp.bfloat16)
   ones = jnp.ones((m, DOT_MIN), low)
 
   def body(i, acc):
@@ -430,12 +452,7 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
     return tuple(out)
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj, DOT_MIN), F32),)
                       + tuple(jnp.zeros((bj, bj), F32) for _ in LAGS))
-  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
-  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
-  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
-  diagonal = row(acc[1].shape) == col(acc[1].shape)
-  for k in range(len(LAGS)):
-    out_ref[ch, 1 + k, cols] = jnp.sum(jnp.where(diagonal, acc[1 + k], 0.0), axis=1)
+  _store_own(out_ref, ch, cols, acc, 1)
 
 
 def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
@@ -528,20 +545,11 @@ def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> 
   interpret = _interpret(interpret, "QLHS_STATS_FORM")
   n = u.shape[-1]
   check(n, "QLHS_STATS_FORM", interpret=interpret)
+  walk = not dot and _walks_rows("stats", 1)
   if dot:
     m0, bj0, warps, stages = tiling("stats_dot")
-    plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
-    _dot_tiles(plan, "QLHS_STATS_FORM", interpret)
-    low = jnp.bfloat16 if u.dtype == jnp.bfloat16 else F32
-    part = pl.pallas_call(
-        functools.partial(_lags_kernel, plan=plan, dot_dtype=low),
-        out_shape=jax.ShapeDtypeStruct((plan["chunks"], 1 + len(LAGS) + BORDER_ROWS, n),
-                                       F32),
-        grid=_grid(plan, plan["chunks"], n // plan["bj"]), interpret=interpret,
-        name=NAMES["lags_dot"], **_params(warps, interpret, stages))(u2)
-    return part.sum(0)
-  walk = _walks_rows("stats", 1)
-  m0, bj0, warps, _ = tiling("stats", walk)
+  else:
+    (m0, bj0, warps, _), stages = tiling("stats", walk), 1
   if walk:
     plan = _rows_plan(*u.shape[:3], n, 1, m0, bj0, interpret)
     part = _rows_call(
@@ -551,11 +559,16 @@ def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> 
     return part.sum(0)
   plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
+  dot_dtype = None
+  if dot:
+    _dot_tiles(plan, "QLHS_STATS_FORM", interpret)
+    dot_dtype = jnp.bfloat16 if u.dtype == jnp.bfloat16 else F32
   part = pl.pallas_call(
-      functools.partial(_lags_kernel, plan=plan),
+      functools.partial(_lags_kernel, plan=plan, dot_dtype=dot_dtype),
       out_shape=jax.ShapeDtypeStruct((chunks, 1 + len(LAGS) + BORDER_ROWS, n), F32),
-      grid=_grid(plan, chunks, n // plan["bj"]), interpret=interpret, name=NAMES["lags"],
-      **_params(warps, interpret))(u2)
+      grid=_grid(plan, chunks, n // plan["bj"]), interpret=interpret,
+      name=NAMES["lags_dot" if dot else "lags"],
+      **_params(warps, interpret, stages))(u2)
   return part.sum(0)
 
 
@@ -671,9 +684,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
 
   def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
     for a in parts:
-      acc = acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                                  precision=None if split else lax.Precision.HIGHEST,
-                                  preferred_element_type=F32)
+      acc = acc + _pixel_products(a, b, split)
     return acc
 
   def body(i, acc):
@@ -688,33 +699,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
               for t in range(9)))
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj * e, DOT_MIN), F32),)
                       + tuple(jnp.zeros((bj * e, bj), F32) for _ in range(9)))
-  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
-  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
-  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
-  own = row(acc[1].shape) // e == col(acc[1].shape)  # hidden channel j*e + s, input j
-  for t in range(9):
-    out_ref[ch, 1 + t, cols] = jnp.sum(jnp.where(own, acc[1 + t], 0.0), axis=1)
-
-
-def _bn_sums_dot(u, c5, dp5, k9, mean, rstd, stride, interpret):
-  """:func:`bn_sums` as matrix products (:func:`_bn_sums_dot_kernel`), QLHS_SUMS_FORM=
-  pallas_dot; tiles from QLHS_STENCIL_TILING's ``sums_dot`` entry (pixels, channels,
-  warps, stages)."""
-  n, e = u.shape[-1], c5.shape[-1]
-  m0, bj0, warps, stages = tiling("sums_dot")
-  plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
-                       u.reshape(-1, n), interpret)
-  _dot_tiles(plan, "QLHS_SUMS_FORM", interpret)
-  from qlhs_jax.kernels.eq3_block import _pad_rows
-  rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
-  flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
-  split = all(a.dtype == jnp.bfloat16 for a in (u, c5, dp5))
-  part = pl.pallas_call(
-      functools.partial(_bn_sums_dot_kernel, plan=plan, split=split),
-      out_shape=jax.ShapeDtypeStruct((chunks, 10, n * e), F32),
-      grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums_dot"],
-      **_params(warps, interpret, stages))(u2, flat(c5), flat(dp5))
-  return _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
+  _store_own(out_ref, ch, cols, acc, e)  # hidden channel j*e + s, input channel j
 
 
 def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
@@ -735,15 +720,18 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   taps; tests/kernels checks a zero-sum kernel on u offset by 100 standard deviations
   against float64. ``xhat``: the kernel as it was, summing g * xhat from D u
   (QLHS_SUMS_FORM=pallas_xhat), kept to time against this one in one call. ``dot``: the
-  same sums as matrix products (QLHS_SUMS_FORM=pallas_dot, :func:`_bn_sums_dot_kernel`;
-  it has no row walk)."""
+  same sums as matrix products (QLHS_SUMS_FORM=pallas_dot, :func:`_bn_sums_dot_kernel`,
+  tiles from QLHS_STENCIL_TILING's ``sums_dot`` entry: pixels, channels, warps, stages;
+  no row walk; ``xhat`` then unused)."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], c5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
+  xhat = xhat and not dot
+  walk = not (xhat or dot) and _walks_rows("sums", stride)
   if dot:
-    return _bn_sums_dot(u, c5, dp5, k9, mean, rstd, stride, interpret)
-  walk = not xhat and _walks_rows("sums", stride)
-  m0, bj0, warps = tiling("sums", walk)
+    m0, bj0, warps, stages = tiling("sums_dot")
+  else:
+    (m0, bj0, warps), stages = tiling("sums", walk), 1
   if walk:
     plan = _rows_plan(*u.shape[:3], n, e, m0, bj0, interpret)
     flat = lambda v: _rows_pad(v.reshape(-1, v.shape[-2] * v.shape[-1]), plan)
@@ -761,11 +749,17 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   vectors = ([k9.astype(F32).reshape(9, n * e), mean.astype(F32).reshape(n * e),
               rstd.astype(F32).reshape(n * e)] if xhat else [])
   count = 11 if xhat else 10
+  if dot:
+    _dot_tiles(plan, "QLHS_SUMS_FORM", interpret)
+    kernel = functools.partial(_bn_sums_dot_kernel, plan=plan, split=all(
+        a.dtype == jnp.bfloat16 for a in (u, c5, dp5)))
+  else:
+    kernel = functools.partial(_bn_sums_kernel, plan=plan, xhat=xhat)
   part = pl.pallas_call(
-      functools.partial(_bn_sums_kernel, plan=plan, xhat=xhat),
-      out_shape=jax.ShapeDtypeStruct((chunks, count, n * e), F32),
-      grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["sums"],
-      **_params(warps, interpret))(u2, flat(c5), flat(dp5), *vectors)
+      kernel, out_shape=jax.ShapeDtypeStruct((chunks, count, n * e), F32),
+      grid=_grid(plan, chunks, n // bj), interpret=interpret,
+      name=NAMES["sums_dot" if dot else "sums"],
+      **_params(warps, interpret, stages))(u2, flat(c5), flat(dp5), *vectors)
   sums = part.sum(0).reshape(count, n, e)
   if xhat:
     return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
