@@ -175,7 +175,6 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
 
   from qlhs_jax import steps as S
   from qlhs_jax.benchmarks.step import harness_train_step, kernel_env_of
-  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
   from qlhs_jax.models import create
 
   # Pallas kernels in the step: fuse_d_bn's, or kernels.stencil's where the model uses a
@@ -186,9 +185,7 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   S.check_fuse_fits_mesh(overrides.get("fuse_d_bn"), mesh)
   with pallas_for_gpu(), S.batch_mesh(mesh):
     forms = kernel_env_of(overrides, model)
-  pallas = (overrides.get("fuse_d_bn") in PALLAS_FUSES
-            or any(v in ("pallas", "auto:pallas") for k, v in forms.items()
-                   if k.endswith("_FORM")))
+  pallas = runs_pallas(overrides.get("fuse_d_bn"), forms)
   tx, step = harness_train_step(model, mesh, input, state_writes)
   # Pallas kernels: the Triton kernels, not their interpretation on this CPU (qlhs.py),
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
@@ -207,6 +204,19 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
       print(f"{model_name}: Triton GEMM fusions do not compile without a device on jax "
             f"{jax.__version__} ({first}); compiling with cuBLAS for every matmul "
             f"(--gemm cublas; jax 0.11.2 compiles them)", file=sys.stderr, flush=True)
+
+
+def runs_pallas(fuse: str | None, forms: dict) -> bool:
+  """Whether a step of ``fuse`` (fuse_d_bn) with these kernel settings
+  (``step.kernel_env_of``) runs Pallas kernels: fuse_d_bn's own, or a form variable's
+  Pallas form ("pallas", "pallas_gram", "pallas_xhat", "pallas_dot", or "auto:pallas",
+  a default that picks them). Until 2026-12-06 only "pallas" and "auto:pallas" counted:
+  a step with every form set to "pallas_dot" was lowered with its kernels interpreted,
+  as XLA's ops (98.89 GB a step instead of ~65; NOTES.md, experiment 41)."""
+  from qlhs_jax.kernels.d_bn_product import PALLAS_FUSES
+  return fuse in PALLAS_FUSES or any(
+      v.startswith(("pallas", "auto:pallas")) for k, v in forms.items()
+      if k.endswith("_FORM"))
 
 
 def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,

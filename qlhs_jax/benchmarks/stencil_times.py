@@ -99,6 +99,7 @@ PRODUCT_TILINGS = ("16,16,8", "16,32,8", "32,16,4")
 # bytes, through L1 (half the shared memory; NOTES.md, experiment 40).
 SUMS_DOT_TILINGS = ("64,16,4,3", "32,16,4,3")
 STATS_DOT_TILINGS = ("32,16,4,3", "64,16,4,3")
+DU_DOT_TILINGS = ("64,8,4,3", "64,16,4,3")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
@@ -195,6 +196,8 @@ def _functions(stride, side, interpret):
           dx, k9, stride, hw, "autodiff").astype(u.dtype),
       ("du", "pallas"): lambda u, dx, k9: stencil.d_transpose(
           dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret),
+      ("du", "pallas_dot"): lambda u, dx, k9: stencil.d_transpose(
+          dx, k9, stride, hw, out_dtype=jnp.bfloat16, interpret=interpret, dot=True),
       ("dx_du", "xla"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "gather"),
       ("dx_du", "pallas"): lambda u, dx, k9: pass4_then_du(u, dx, k9, "pallas"),
       ("dx_du", "pallas_rows"): lambda u, dx, k9: stencil.dx_du(
@@ -318,7 +321,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
                dx_du_tilings=DX_DU_TILINGS, product_tilings=PRODUCT_TILINGS,
                bwd_tilings=BWD_TILINGS, compile_on=None,
                sums_dot_tilings=SUMS_DOT_TILINGS,
-               stats_dot_tilings=STATS_DOT_TILINGS) -> dict:
+               stats_dot_tilings=STATS_DOT_TILINGS,
+               du_dot_tilings=DU_DOT_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err", "compile_s"}} at one shape (err: against the
   XLA form), for the ``kernels`` named (each with its XLA forms, the reference) and
   their Pallas ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is
@@ -351,6 +355,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   todo += [("stats", "pallas_dot", t) for t in stats_dot_tilings]
   todo += [("sums", "pallas_dot", t) for t in sums_dot_tilings]
   todo += [("du", form, t) for form in ("pallas",) + walks for t in du_tilings]
+  todo += [("du", "pallas_dot", t) for t in du_dot_tilings]
   if stride == 1:  # dx_du walks at stride 1 only; its "pallas" is the default's pair
     todo += [("dx_du", "xla", None), ("dx_du", "pallas", None)]
     todo += [("dx_du", form, t) for form in walks for t in dx_du_tilings]
@@ -500,6 +505,7 @@ def main(argv=None) -> int:
   p.add_argument("--product-tilings", nargs="+", default=list(PRODUCT_TILINGS))
   p.add_argument("--sums-dot-tilings", nargs="+", default=list(SUMS_DOT_TILINGS))
   p.add_argument("--stats-dot-tilings", nargs="+", default=list(STATS_DOT_TILINGS))
+  p.add_argument("--du-dot-tilings", nargs="+", default=list(DU_DOT_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
@@ -534,7 +540,8 @@ def main(argv=None) -> int:
                         ("du", args.du_tilings), ("dx_du", args.dx_du_tilings),
                         ("bwd", args.bwd_tilings), ("product", args.product_tilings),
                         ("sums_dot", args.sums_dot_tilings),
-                        ("stats_dot", args.stats_dot_tilings)):
+                        ("stats_dot", args.stats_dot_tilings),
+                        ("du_dot", args.du_dot_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -569,7 +576,8 @@ def main(argv=None) -> int:
                        dx_du_tilings=args.dx_du_tilings,
                        product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
                        compile_on=compile_on, sums_dot_tilings=args.sums_dot_tilings,
-                       stats_dot_tilings=args.stats_dot_tilings)
+                       stats_dot_tilings=args.stats_dot_tilings,
+                       du_dot_tilings=args.du_dot_tilings)
     if compile_on is not None:
       failed += _print_compiles(name, times)
       continue

@@ -184,7 +184,7 @@ def _u_taps(u: jax.Array, stride: int, taps: str | None = None,
   return [t[..., 0] for t in layers._taps(u.astype(F32)[..., None], stride)]
 
 
-DU_FORMS = ("gather", "autodiff", "pallas")
+DU_FORMS = ("gather", "autodiff", "pallas", "pallas_dot")
 STATS_FORMS = ("xla", "pallas", "pallas_gram", "pallas_dot")
 SUMS_FORMS = ("xla", "pallas", "pallas_xhat", "pallas_dot")
 # Unset, each form variable means "auto": stencil_on_gpu() picks.
@@ -265,8 +265,18 @@ def _form(var: str, forms: tuple, xla_form: str, n: int | None, groups: int,
 
 def du_form(n: int | None = None, e: int = 1) -> str:
   """How pass 5 computes du = D^T dx for ``n`` input channels and expansion ``e``:
-  QLHS_DU_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", else "gather")."""
+  QLHS_DU_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", else "gather").
+  "pallas_dot": at stride 1 the taps' sums as matrix products, so that Triton pipelines
+  their loads (``stencil._du_dot_kernel``; at stride 2 "pallas"'s kernel); not yet
+  timed. Both Pallas forms start with "pallas" (:func:`du_pallas`)."""
   return _form("QLHS_DU_FORM", DU_FORMS, "gather", n, 1, e)
+
+
+def du_pallas(n: int | None = None, e: int = 1) -> bool | None:
+  """Whether :func:`du_form` runs ``stencil.d_transpose`` as matrix products (True,
+  "pallas_dot") or element-wise (False, "pallas"); None for XLA's forms."""
+  form = du_form(n, e)
+  return form == "pallas_dot" if form.startswith("pallas") else None
 
 
 def sums_form(n: int | None = None, groups: int = 1, e: int = 1) -> str:
@@ -367,9 +377,9 @@ def _d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   """
   form = form or du_form(*dx.shape[-2:])
   h, w = hw
-  if form == "pallas":
+  if form.startswith("pallas"):
     from qlhs_jax.kernels import stencil  # imports this module
-    return stencil.d_transpose(dx, k9, stride, hw)
+    return stencil.d_transpose(dx, k9, stride, hw, dot=form == "pallas_dot")
   if form == "autodiff":
     u0 = jnp.zeros(dx.shape[:1] + (h, w) + dx.shape[3:4], F32)
     # Its taps through the in-fusion pad: JAX's transpose of the pad, not of a barrier.
@@ -966,9 +976,10 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                             dp.dtype, up=up_dx)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  if du is None and du_form(u.shape[-1], e) == "pallas":  # in u's dtype by the kernel
+  if du is None and du_pallas(u.shape[-1], e) is not None:  # in u's dtype by the kernel
     from qlhs_jax.kernels import stencil  # imports this module
-    du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype)
+    du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype,
+                             dot=du_pallas(u.shape[-1], e))
   elif du is None:  # (not None: dx_du gave it)
     du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   h = n * e

@@ -83,10 +83,11 @@ from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot",
-           "stats_dot")
+           "stats_dot", "du_dot")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
+         "du_dot": "qlhs_d_transpose_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -121,10 +122,16 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
-# (0.193) nears the H200's copy time (0.215). Not timed.
+# (0.193) nears the H200's copy time (0.215). Not timed. du as products
+# (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
+# columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (D's
+# kernel for the nine taps, 18 KB, and two trips' taps in flight), 2 programs an SM, 56
+# registers, 321 instructions a trip; at 16 channels 223 KB (1 program an SM). Its taps
+# are of the hidden dx, 16 bytes a thread, past L1: 9 reads of dx from L2 a launch
+# (experiment 41). Not timed.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
-                  "stats_dot": (32, 16, 4, 3)}
+                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
@@ -143,13 +150,13 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').
-_STAGED = ("sums_dot", "stats_dot")
+_STAGED = ("sums_dot", "stats_dot", "du_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
-         "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot or stats_dot; "
-         "pixels and channels powers of two, warps 1-16; splits, the statistics' "
-         "launches, 1-54, stats only; stages, the pipelined loads in flight, 1-4, "
-         "sums_dot and stats_dot only)")
+         "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot or "
+         "du_dot; pixels and channels powers of two, warps 1-16; splits, the "
+         "statistics' launches, 1-54, stats only; stages, the pipelined loads in "
+         "flight, 1-4, sums_dot, stats_dot and du_dot only)")
 
 
 def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
@@ -293,14 +300,15 @@ def lean_plan(plan: dict, x2: jax.Array, interpret: bool) -> tuple[dict, jax.Arr
 DOT_MIN = 16
 
 
-def _dot_tiles(plan: dict, form: str, interpret: bool) -> None:
+def _dot_tiles(plan: dict, form: str, interpret: bool, channels: int = DOT_MIN) -> None:
   """Refuses a dot form's tiles under tl.dot's smallest block on a GPU (``form``: the
-  variable that asked for it)."""
-  if not interpret and min(plan["m"], plan["bj"]) < DOT_MIN:
+  variable that asked for it; ``channels``: the fewest input channels a block that
+  keeps every side of its products at that)."""
+  if not interpret and (plan["m"] < DOT_MIN or plan["bj"] < channels):
     raise ValueError(f"{settings.name(form)}=pallas_dot needs tiles of at least {DOT_MIN} "
-                     f"pixels and {DOT_MIN} channels (tl.dot's smallest block), got "
-                     f"{plan['m']} pixels and {plan['bj']} of {plan['n']} channels; set "
-                     f"{form}=pallas")
+                     f"pixels and {channels} channels (tl.dot's smallest block is "
+                     f"{DOT_MIN}), got {plan['m']} pixels and {plan['bj']} of "
+                     f"{plan['n']} channels; set {form}=pallas")
 
 
 def _pixel_products(a, b, exact: bool):
@@ -821,6 +829,74 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = du.astype(du_ref.dtype)
 
 
+# D's kernel in du's products (QLHS_DU_FORM=pallas_dot) for bfloat16 dx: the parts of
+# each value, side by side as the columns of one product (the last zero).
+K_PARTS = 4
+
+
+def _k_block(k, e: int, bj: int, exact: bool):
+  """One tap of D's kernel, ``k`` (bj*e,) float32 over a block's hidden channels
+  (j*e + s), as the right operand of du's product (:func:`_du_dot_kernel`): (bj*e,
+  bj*P), column j*P + q holding part q of the hidden channels of input channel j, 0 in
+  the others' rows. ``exact`` (bfloat16 dx): P = :data:`K_PARTS`, the value as three
+  bfloat16 parts that add up to it exactly (8 significant bits each, 24 in all, so that
+  every product with a bfloat16 value is exact in float32) and a zero; else P = 1, the
+  value in float32 (at HIGHEST). One product of P columns a block, not P products:
+  compiled for the H100, three products a tap each waited for the last, and the
+  second and third took their left operand through shared memory again (a store, a
+  barrier, a load)."""
+  p = K_PARTS if exact else 1
+  shape = (bj * e, bj * p)
+  row = lax.broadcasted_iota(jnp.int32, shape, 0)
+  col = lax.broadcasted_iota(jnp.int32, shape, 1)
+  rest = jnp.broadcast_to(k[:, None], shape)
+  value = jnp.zeros(shape, F32)
+  for q in range(p - 1 if exact else 1):
+    part = rest.astype(jnp.bfloat16).astype(F32) if exact else rest
+    value = jnp.where(col % p == q, part, value)
+    rest = rest - part
+  return jnp.where(row // e == col // p, value, 0.0).astype(
+      jnp.bfloat16 if exact else F32)
+
+
+def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, exact):
+  """:func:`_du_kernel` at stride 1 as matrix products (QLHS_DU_FORM=pallas_dot): per
+  tap, dx at the shifted pixels (m, bj*e hidden channels) @ the tap's kernel as a
+  block-diagonal matrix (:func:`_k_block`: hidden channel j*e + s feeds input channel
+  j, so 1 in bj products is kept), summed over the taps and then over each input
+  channel's P columns, over ``tpc`` tiles a program. Like the sums'
+  (:func:`_bn_sums_dot_kernel`), what the products buy is Triton's pipeliner: the loop's
+  loads of dx are issued trips ahead as asynchronous copies, where the element-wise
+  kernel waits for its loads 8 times (benchmarks/NOTES.md, experiments 39, 41).
+  ``exact``: bfloat16 dx, every product exact and summed in float32, as in the
+  element-wise kernel (in another order); else float32 operands at HIGHEST."""
+  from qlhs_jax.kernels.eq3_block import _Tile, _dot
+  add_ref, du_ref = rest if with_addend else (None, *rest)
+  m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
+  ch, cb = _ids(plan)
+  j0 = cb * bj
+  cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
+  p = K_PARTS if exact else 1
+  blocks = [_k_block(k_ref[t, cols], e, bj, exact) for t in range(9)]
+
+  def body(i, carry):
+    ti = jnp.minimum(ch * tpc + i, tiles - 1)  # the last chunk's extra trips: its last tile
+    tile = _Tile(ti * m, plan)  # tiles of the input pixels, here also the output's
+    acc = jnp.zeros((m, bj * p), F32)
+    for t in range(9):
+      # Input pixel p receives tap (dy, dx) from output pixel p - (dy, dx).
+      dy, dx = _offset(t)
+      v = tile.shifted(dx_ref, -dy, -dx, cols, tile.inside(-dy, -dx))
+      acc = acc + _dot(v.astype(blocks[t].dtype), blocks[t])
+    du = acc.reshape(m, bj, p).sum(2) if p > 1 else acc
+    rows = pl.ds(ti * m, m)
+    if with_addend:
+      du = du + add_ref[rows, pl.ds(j0, bj)].astype(F32)
+    du_ref[rows, pl.ds(j0, bj)] = du.astype(du_ref.dtype)
+    return carry
+  lax.fori_loop(0, tpc, body, 0)
+
+
 def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   """du at stride 2 for one parity class (py, px) of the input pixels: (y, x) = (2a +
   py, 2b + px). Along an axis an even pixel receives one tap (d = 0, from output a), an
@@ -866,16 +942,24 @@ def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
 
 def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
                 addend: jax.Array | None = None, out_dtype=F32,
-                interpret: bool | None = None) -> jax.Array:
+                interpret: bool | None = None, dot: bool = False) -> jax.Array:
   """du = D^T dx (+ ``addend``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's kernel
   (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addend`` (B, H, W, n) or None. Returns
-  (B, H, W, n) in ``out_dtype``, summed in float32."""
+  (B, H, W, n) in ``out_dtype``, summed in float32. ``dot``: at stride 1, the taps'
+  sums as matrix products (QLHS_DU_FORM=pallas_dot, :func:`_du_dot_kernel`, tiles from
+  QLHS_STENCIL_TILING's ``du_dot`` entry: pixels, channels, warps, stages; no row
+  walk); at stride 2 the parity classes' kernel, as without."""
   interpret = _interpret(interpret, "QLHS_DU_FORM")
   b, ho, wo, n, e = dx.shape
   check(n, "QLHS_DU_FORM", interpret=interpret, e=e)
   h, w = hw
-  walk = _walks_rows("du", stride)
-  m0, bj0, warps = tiling("du", walk)
+  dot = dot and stride == 1
+  walk = not dot and _walks_rows("du", stride)
+  stages = 1
+  if dot:
+    m0, bj0, warps, stages = tiling("du_dot")
+  else:
+    m0, bj0, warps = tiling("du", walk)
   g = _geometry(b, h, w, stride)
   if (g["ho"], g["wo"]) != (ho, wo):
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
@@ -892,19 +976,29 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
     plan.update(q=plan["rows"], ctiles=plan["tiles"])
     body, programs, out_rows = _du_parity_kernel, 4 * plan["ctiles"], b * h * w
+  elif dot:  # chunks of tpc tiles a program, so that the loop's loads pipeline
+    plan, dx2 = lean_plan(dict(_chunked_plan((b, h, w, n), 1, m0, bj0), e=e), dx2,
+                          interpret)
+    exact = dx.dtype == jnp.bfloat16
+    # The products' sides: pixels, bj*e hidden and bj*P columns (_k_block).
+    _dot_tiles(plan, "QLHS_DU_FORM", interpret,
+               -(-DOT_MIN // min(e, K_PARTS if exact else 1)))
+    body = functools.partial(_du_dot_kernel, exact=exact)
+    programs, out_rows = plan["chunks"], plan["tiles"] * plan["m"]
   else:
     # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the
     # kernel likewise: each tap is one contiguous load of a block's bj*e channels.
     plan, dx2 = lean_plan(dict(g, **_tiles(b * h * w, n, m0, bj0), e=e), dx2, interpret)
     body, programs, out_rows = _du_kernel, plan["tiles"], plan["tiles"] * plan["m"]
-    if add is not None:
-      from qlhs_jax.kernels.eq3_block import _pad_rows
-      add = _pad_rows(add, plan)
+  if stride == 1 and add is not None:
+    from qlhs_jax.kernels.eq3_block import _pad_rows
+    add = _pad_rows(add, plan)
   du = pl.pallas_call(
       functools.partial(body, plan=plan, with_addend=add is not None),
       out_shape=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
-      grid=_grid(plan, programs, n // plan["bj"]), interpret=interpret, name=NAMES["du"],
-      **_params(warps, interpret))(dx2, k2, *([] if add is None else [add]))
+      grid=_grid(plan, programs, n // plan["bj"]), interpret=interpret,
+      name=NAMES["du_dot" if dot else "du"],
+      **_params(warps, interpret, stages))(dx2, k2, *([] if add is None else [add]))
   return du[:b * h * w].reshape(b, h, w, n)
 
 

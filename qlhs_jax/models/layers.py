@@ -213,10 +213,12 @@ def _shifted_t_bwd(stride, smaj, res, g):
   sum_e = x.shape[e_axis] == 1  # one input channel per D group (Eq.(3)-(6))
   # The kernels import this module.
   from qlhs_jax.kernels import d_bn_product as dbn, settings
-  if sum_e and not smaj and dbn.du_form(x.shape[-2], g.shape[-1]) == "pallas":
+  dot = dbn.du_pallas(x.shape[-2], g.shape[-1]) if sum_e and not smaj else None
+  if dot is not None:
     if dbn.batch_shards() > 1:  # auto is "gather" there; only QLHS_DU_FORM=pallas is
       var = settings.name("QLHS_DU_FORM")
-      raise ValueError(f"{var}=pallas with d_impl='shifted_t' runs on one device; this "
+      raise ValueError(f"{var}={dbn.du_form(x.shape[-2], g.shape[-1])} with "
+                       f"d_impl='shifted_t' runs on one device; this "
                        f"step splits the batch over {dbn.batch_shards()}. Unset {var} "
                        f"(auto: XLA's gather here) or run on one device")
     # The gather as a Pallas kernel (kernels.stencil): XLA's loop fusion of it ran at
@@ -224,7 +226,8 @@ def _shifted_t_bwd(stride, smaj, res, g):
     # j-major layout with one input channel per group; other inputs keep XLA's gather.
     from qlhs_jax.kernels import stencil
     k9 = dbn._kernel9(kernel, x.shape[-2])
-    dx = stencil.d_transpose(g, k9, stride, x.shape[1:3], out_dtype=x.dtype)[..., None]
+    dx = stencil.d_transpose(g, k9, stride, x.shape[1:3], out_dtype=x.dtype,
+                             dot=dot)[..., None]
   else:
     dx = shifted_transpose(g, kt, stride, x.shape[1:3], e_axis, sum_e).astype(x.dtype)
   # dL/dkernel[t] = sum over pixels of g * tap t; a shared kernel also sums over J.

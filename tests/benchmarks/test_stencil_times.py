@@ -82,6 +82,13 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert "sums=8,8,4 sums_dot=64,16,4,3" in spec, spec
   assert "QLHS_SUMS_FORM=pallas_dot" in forms and "rows=sums" not in forms, forms
   assert forms.endswith("QLHS_STENCIL_ROWS=du,product"), forms
+  # du's likewise, its walk then no longer named
+  for shape in "ab":
+    results[shape]["du pallas_dot@64,8,4,3"] = ok(0.01)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "du=16,32,4 du_dot=64,8,4,3" in spec, spec
+  assert "QLHS_DU_FORM=pallas_dot" in forms, forms
+  assert forms.endswith("QLHS_STENCIL_ROWS=product"), forms
 
 
 def test_bwd_is_chosen_only_where_its_walks_beat_both_alternatives():
@@ -126,11 +133,12 @@ def test_cpu_smoke_run(tmp_path, capsys):
                              "--stats-tilings", "8,16,4,3", "--sums-tilings", "8,8,4",
                              "--du-tilings", "8,16,4", "--product-tilings", "8,8,4",
                              "--sums-dot-tilings", "8,16,4,2", "--stats-dot-tilings",
-                             "8,16,4,3", "--record", str(rec)]) == 0
+                             "8,16,4,3", "--du-dot-tilings", "8,8,4,2", "--record",
+                             str(rec)]) == 0
   out = capsys.readouterr().out
   assert "WRONG" not in out and "failed" not in out, out
   assert ("stencil_tiling: stats=8,16,4,3 stats_dot=8,16,4,3 sums=8,8,4 sums_dot=8,16,4,2 "
-          "du=8,16,4 product=8,8,4") in out, out
+          "du=8,16,4 du_dot=8,8,4,2 product=8,8,4") in out, out
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
@@ -139,7 +147,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
       "sums pallas@8,8,4", "sums pallas_xhat@8,8,4", "sums pallas_rows@8,8,4",
       "sums pallas_rows_now@8,8,4", "stats pallas_dot@8,16,4,3",
       "sums pallas_dot@8,16,4,2", "du gather", "du autodiff", "du pallas@8,16,4",
-      "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4", "product xla",
+      "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4", "du pallas_dot@8,8,4,2",
+      "product xla",
       "product pallas@8,8,4", "product pallas_rows@8,8,4", "product pallas_rows_now@8,8,4"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
@@ -254,6 +263,12 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
                                  sums_dot_tilings=("8,8,4,2", "4,4,2,1"))
   assert not any("error" in r for r in out.values()), out
   dots = [g for name, g, _ in launched if name == "_bn_sums_dot_kernel"]
+  assert dots == [(16, 1), (32, 2)], dots
+  launched.clear()  # du's (16 then 32 tiles, one a program; 1 then 2 channel blocks)
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), (), True, 1, 1, kernels=("du",),
+                                 du_dot_tilings=("8,8,4,2", "4,4,2,1"))
+  assert not any("error" in r for r in out.values()), out
+  dots = [g for name, g, _ in launched if name == "_du_dot_kernel"]
   assert dots == [(16, 1), (32, 2)], dots
 
 

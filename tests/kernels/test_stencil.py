@@ -217,11 +217,20 @@ def test_the_dot_sums_of_bfloat16_inputs_are_exact_products(monkeypatch, shape, 
     assert err < 1e-6, err
 
 
+def _du_dot_spec(spec: str, stages: int = 2) -> str:
+  """A tiling's ``du=`` entry as the dot form's (``du_dot=``, with its stages)."""
+  return " ".join(f"du_dot={v[3:]},{stages}" if v.startswith("du=") else v
+                  for v in spec.split())
+
+
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("shape,stride,spec", SHAPES)
 @pytest.mark.parametrize("e", [1, 4])
-def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
-  """du = D^T dx (+ an addend) equals the float64 scatter, both strides, odd sizes."""
-  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e, dot):
+  """du = D^T dx (+ an addend) equals the float64 scatter, both strides, odd sizes;
+  also as matrix products (QLHS_DU_FORM=pallas_dot, float32 operands first; at stride 2
+  the same parity classes' kernel)."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", _du_dot_spec(spec) if dot else spec)
   b, h, w, n = shape
   ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
   rng = np.random.default_rng(1)
@@ -229,15 +238,44 @@ def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e):
                  rng.normal(size=shape))
   want = numpy_d_transpose(dx, k9, stride, h, w)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  got = stencil.d_transpose(f32(dx), f32(k9), stride, (h, w), interpret=True)
+  got = stencil.d_transpose(f32(dx), f32(k9), stride, (h, w), interpret=True, dot=dot)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   got = stencil.d_transpose(f32(dx).astype(jnp.bfloat16), f32(k9), stride, (h, w),
-                            addend=f32(add), out_dtype=jnp.bfloat16, interpret=True)
+                            addend=f32(add), out_dtype=jnp.bfloat16, interpret=True,
+                            dot=dot)
   want = numpy_d_transpose(np.asarray(f32(dx).astype(jnp.bfloat16), np.float64), k9,
                            stride, h, w) + add
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("programs", [1056, 3])
+@pytest.mark.parametrize("shape,e,spec", [((2, 6, 5, 4), 4, "du_dot=8,2,4,2"),
+                                          ((2, 9, 7, 16), 4, "du_dot=16,4,4,3"),
+                                          ((2, 5, 8, 8), 4, "du_dot=8,8,4,2"),
+                                          ((1, 5, 8, 8), 2, "")])
+def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec,
+                                                     programs):
+  """QLHS_DU_FORM=pallas_dot with a bfloat16 dx (training's): D's kernel goes into the
+  products as three bfloat16 parts that add up to it, so every product is exact and
+  only the float32 sums round. Against float64 of the same bfloat16 values (and a
+  float32 addend) to 1e-6 of the largest, with one tile a program and with chunks of
+  several (``programs`` 3: at 10 tiles of 8 pixels, the last chunk of 4 runs 2 trips
+  past the last tile). Two parts miss by 2-4e-6 here, one by ~2e-3."""
+  monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  b, h, w, n = shape
+  rng = np.random.default_rng(11)
+  dx = jnp.asarray(rng.normal(size=(b, h, w, n, e)), jnp.bfloat16)
+  k9 = jnp.asarray(rng.normal(size=(9, n, e)), jnp.float32)
+  add = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  want = numpy_d_transpose(np.asarray(dx.astype(jnp.float32), np.float64),
+                           np.asarray(k9, np.float64), 1, h, w) + np.asarray(add)
+  got = np.asarray(stencil.d_transpose(dx, k9, 1, (h, w), addend=add, interpret=True,
+                                       dot=True))
+  assert got.shape == want.shape
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
 
 
 @pytest.mark.parametrize("stride,hw", [(3, (7, 8)), (2, (8, 6)), (2, (1, 1))])
@@ -258,7 +296,7 @@ def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
                "du=32,32,4 du=16,16,4", "sums=16,8,4,2", "sums_dot=64,16,4",
-               "sums_dot=64,16,4,5"):
+               "sums_dot=64,16,4,5", "du_dot=64,8,4", "du_dot=64,8,4,0"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -278,6 +316,15 @@ def test_bad_settings_are_refused(monkeypatch):
     stencil.bn_sums(jnp.zeros((1, 8, 8, 8)), *[jnp.zeros((1, 8, 8, 8, 4))] * 2,
                     jnp.zeros((9, 8, 4)), *[jnp.zeros((1, 8, 4))] * 2, 1,
                     interpret=False, dot=True)
+  # du's products: pixels, bj*e hidden channels and bj*4 columns (bfloat16 dx), each 16
+  # or more: at e = 4, 4 input channels a block.
+  with monkeypatch.context() as mp:
+    mp.setenv("QLHS_STENCIL_TILING", "du_dot=16,2,4,3")
+    with pytest.raises(ValueError, match="pallas_dot needs tiles of at least 16 pixels "
+                                         "and 4 channels.*2 of 8 channels; set "
+                                         "QLHS_DU_FORM"):
+      stencil.d_transpose(jnp.zeros((1, 8, 8, 8, 4), jnp.bfloat16), jnp.zeros((9, 8, 4)),
+                          1, (8, 8), interpret=False, dot=True)
   # On a backend that runs neither Triton nor the interpreter: the variable named.
   with monkeypatch.context() as mp:
     mp.setattr(jax, "default_backend", lambda: "tpu")
@@ -412,18 +459,25 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   outputs and all five gradients as float64 autodiff of the plain formula."""
   monkeypatch.setenv("QLHS_STATS_FORM", stats)
   monkeypatch.setenv("QLHS_SUMS_FORM", sums)
-  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  du = "pallas_dot" if sums == "pallas_dot" else "pallas"
+  monkeypatch.setenv("QLHS_DU_FORM", du)
   monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,4,4,2 sums=8,4,2 du=16,4,4 "
-                     "sums_dot=8,4,2,2 stats_dot=16,4,2,2")
+                     "sums_dot=8,4,2,2 stats_dot=16,4,2,2 du_dot=8,4,2,2")
   calls = spy_on_kernels(monkeypatch)
-  kinds, real = [], stencil.bn_sums
+  kinds, du_dots, real, real_du = [], [], stencil.bn_sums, stencil.d_transpose
 
   def bn_sums(*a, **k):
     kinds.append((k.get("xhat", False), k.get("dot", False)))
     return real(*a, **k)
+
+  def d_transpose(*a, **k):
+    du_dots.append(k.get("dot", False))
+    return real_du(*a, **k)
   monkeypatch.setattr(stencil, "bn_sums", bn_sums)
+  monkeypatch.setattr(stencil, "d_transpose", d_transpose)
   d_bn_product_matches_float64(3, stride)
   assert kinds and set(kinds) == {(sums == "pallas_xhat", sums == "pallas_dot")}, kinds
+  assert du_dots and set(du_dots) == {du == "pallas_dot"}, du_dots
   assert calls["tap_stats"] and calls["bn_sums"] and calls["d_transpose"], calls
   assert bool(calls["lag_sums"]) == (stats != "pallas_gram" and stride == 1), calls
   assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
@@ -456,13 +510,15 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
     dbn.d_bn_product(*a32, stride=stride, impl="xla")
 
 
+@pytest.mark.parametrize("du", ["pallas", "pallas_dot"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride):
+def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, stride, du):
   """fuse_d_bn="block" with both Pallas forms (du with the 1x1 path's du1 as the
-  addend): y, the statistics and all six gradients as float64 autodiff."""
+  addend; du also as matrix products): y, the statistics and all six gradients as
+  float64 autodiff."""
   monkeypatch.setenv("QLHS_STATS_FORM", "pallas")
-  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,16,4,3 du=16,16,4")
+  monkeypatch.setenv("QLHS_DU_FORM", du)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats=16,16,4,3 du=16,16,4 du_dot=16,8,4,2")
   monkeypatch.setenv("QLHS_BLOCK_TILING", "16,4")
   rng = np.random.default_rng(4)
   b, h, n, e, n_out = 2, 6, 16, 2, 16
@@ -488,10 +544,13 @@ def test_eq3_block_with_the_pallas_forms_matches_float64_autodiff(monkeypatch, s
   assert calls["tap_stats"] and calls["d_transpose"], calls
 
 
+@pytest.mark.parametrize("form", ["pallas", "pallas_dot"])
 @pytest.mark.parametrize("stride,kj", [(1, 1), (2, 4)])
-def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stride, kj):
+def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stride, kj,
+                                                               form):
   """d_impl="shifted_t" (j-major, one input channel per group) takes its input gradient
-  from stencil.d_transpose under QLHS_DU_FORM=pallas: autodiff's in float64."""
+  from stencil.d_transpose under QLHS_DU_FORM=pallas (or pallas_dot): autodiff's in
+  float64."""
   rng = np.random.default_rng(7)
   j, e = 4, 4
   x = rng.standard_normal((2, 7, 6, j, 1))
@@ -502,11 +561,13 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
     return (layers.derivative(x, k, stride, impl) * w).sum()
   with jax.enable_x64(True):
     want = jax.grad(loss, (0, 1))(jnp.asarray(x), jnp.asarray(k), "shifted", jnp.asarray(w))
-  monkeypatch.setenv("QLHS_DU_FORM", "pallas")
+  monkeypatch.setenv("QLHS_DU_FORM", form)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  calls = spy_on_kernels(monkeypatch)
+  dots, real = [], stencil.d_transpose
+  monkeypatch.setattr(stencil, "d_transpose",
+                      lambda *a, **k: dots.append(k.get("dot")) or real(*a, **k))
   got = jax.grad(loss, (0, 1))(f32(x), f32(k), "shifted_t", f32(w))
-  assert calls["d_transpose"], "QLHS_DU_FORM=pallas did not reach stencil.d_transpose"
+  assert dots == [form == "pallas_dot"], f"QLHS_DU_FORM={form}: {dots}"
   for g, r in zip(got, want):
     assert g.shape == r.shape and g.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
@@ -1084,7 +1145,10 @@ _COMPILE_SUMS = textwrap.dedent("""
         shape, dt, sharding=SingleDeviceSharding(dev))
     def sums(u, c, k9, v):
       return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
-               stencil.lag_sums(u, interpret=False, dot=dot)) for dot in (False, True)]
+               stencil.lag_sums(u, interpret=False, dot=dot),
+               stencil.d_transpose(c, k9, 1, (32, 32), out_dtype=u.dtype,
+                                   interpret=False, dot=dot))
+              for dot in (False, True)]
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(sums).lower(
           s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
@@ -1105,7 +1169,7 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   and 40)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
-  for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
+  for name in ("qlhs_bn_sums", "qlhs_lag_sums", "qlhs_d_transpose"):
     (dot,) = [t for k, t in kernels.items() if k.startswith(name + "_dot")]
     (plain,) = [t for k, t in kernels.items()
                 if k.startswith(name) and not k.startswith(name + "_dot")]
@@ -1117,3 +1181,8 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   assert lags["copies"] == 13 and lags["past_l1"] == 0 and lags["mma"] > 0, lags
   assert trips["qlhs_bn_sums_dot"]["copies"] > 0, trips
   assert trips["qlhs_bn_sums"]["copies"] == 0 == trips["qlhs_lag_sums"]["copies"], trips
+  # du's nine taps, two 16-byte copies each at the default 64 pixels by 32 hidden
+  # channels, in one product (m64n32k16, two k-steps) a tap: D's kernel's parts side by
+  # side, not a product each (experiment 41).
+  assert trips["qlhs_d_transpose_dot"] == {"barriers": 2, "copies": 18, "past_l1": 18,
+                                           "mma": 18}, trips
