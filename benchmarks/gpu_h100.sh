@@ -460,14 +460,15 @@ if [ "$PART" = sums ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
   # The three kernels alone at stage 1, each form at its default tiles and the sums' dots
   # at 32 pixels too, whose copies go through L1 (compiles: ~70 s on 2 CPU cores, the
-  # lags' dots ~23 s, du's ~12 s). du's dots read 9 taps of the hidden dx past L1, from
-  # L2 (NOTES.md experiment 41): against the element-wise du, whether L2 keeps up.
+  # lags' dots ~23 s, du's ~13 s each). du's dots read their 9 taps of the hidden dx
+  # through L1, not ahead (1 stage, the default), or past L1, from L2, pipelined (3
+  # stages; NOTES.md experiment 41): against the element-wise du (through L1, 8 waits).
   echo "== benchmarks.stencil_times: the dot forms" | tee -a "$OUT/log.txt"
   timeout 130 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --kernels stats,sums,du --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 --du-tilings 32,16,4 \
     --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 \
-    --du-dot-tilings 64,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
+    --du-dot-tilings 64,8,4,1 64,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
     | tee -a "$OUT/log.txt" \
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums|du) |network so far|WRONG|failed|rror" \
     | cut -c1-150
