@@ -3,8 +3,8 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums"
-# (experiment 40: pass 3's sums and the statistics as matrix products, the largest gap
-# between the profile and the bounds), then "fma"
+# (experiments 40-41: pass 3's sums, the statistics and du as matrix products, the
+# largest gaps between the profile and the bounds), then "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries, and
 # the Pallas product at its tiles of 2026-12-06)
 # and "sweep" (experiments 24-25) in one session (limits of 540 + 480 + 590 s; the rows
@@ -99,10 +99,11 @@
 #   rows say which the device agrees with.
 # "sums" (time limits add up to 540 s; NOTES.md experiments 23, 39, 40 and 41): pass
 #   3's sums, the statistics' lags and du as matrix products (QLHS_SUMS_FORM /
-#   QLHS_STATS_FORM / QLHS_DU_FORM=pallas_dot: Triton pipelines the loads that feed its
-#   dots, cp.async trips ahead, where the element-wise kernels wait for theirs; in
-#   experiment 23's profile the three took 4.56, 2.0 and 2.9 ms a step, 3.1, 1.8 and 0.9
-#   above their bounds), in one call: Eq.(3) "auto" against ResNet50 on uint8 batches;
+#   QLHS_STATS_FORM / QLHS_DU_FORM=pallas_dot: for the first two Triton pipelines the
+#   loads that feed their dots, cp.async trips ahead, where the element-wise kernels
+#   wait for theirs; du's take half the element-wise instructions; in experiment 23's
+#   profile the three took 4.56, 2.0 and 2.9 ms a step, 3.1, 1.8 and 0.9 above their
+#   bounds), in one call: Eq.(3) "auto" against ResNet50 on uint8 batches;
 #   the three kernels alone at stage 1 in both forms (benchmarks.stencil_times, checked
 #   against XLA's forms: a WRONG line means do not trust the rows after it); the step
 #   with all three as products, profiled kernel by kernel, then with the sums alone as

@@ -266,9 +266,9 @@ def _form(var: str, forms: tuple, xla_form: str, n: int | None, groups: int,
 def du_form(n: int | None = None, e: int = 1) -> str:
   """How pass 5 computes du = D^T dx for ``n`` input channels and expansion ``e``:
   QLHS_DU_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", else "gather").
-  "pallas_dot": at stride 1 the taps' sums as matrix products, so that Triton pipelines
-  their loads (``stencil._du_dot_kernel``; at stride 2 "pallas"'s kernel); not yet
-  timed. Both Pallas forms start with "pallas" (:func:`du_pallas`)."""
+  "pallas_dot": at stride 1 the taps' sums as matrix products on the tensor cores
+  (``stencil._du_dot_kernel``; at stride 2 "pallas"'s kernel); not yet timed. Both
+  Pallas forms start with "pallas" (:func:`du_pallas`)."""
   return _form("QLHS_DU_FORM", DU_FORMS, "gather", n, 1, e)
 
 
@@ -976,10 +976,11 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                             dp.dtype, up=up_dx)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  if du is None and du_pallas(u.shape[-1], e) is not None:  # in u's dtype by the kernel
+  du_dot = du_pallas(u.shape[-1], e)
+  if du is None and du_dot is not None:  # in u's dtype by the kernel
     from qlhs_jax.kernels import stencil  # imports this module
     du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype,
-                             dot=du_pallas(u.shape[-1], e))
+                             dot=du_dot)
   elif du is None:  # (not None: dx_du gave it)
     du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   h = n * e

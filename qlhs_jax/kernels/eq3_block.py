@@ -490,10 +490,11 @@ def _bwd(stride, hw, eps, interpret, res, cts):
                   [(0, 0, 0), (0, h - (ho - 1) * stride - 1, stride - 1),
                    (0, w - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)])
   dx = dx[:rows].reshape(b, ho, wo, n, e)
-  if dbn.du_pallas(n, e) is not None:  # du1 added in the kernel, du stored in u's dtype
+  du_dot = dbn.du_pallas(n, e)
+  if du_dot is not None:  # du1 added in the kernel, du stored in u's dtype
     from qlhs_jax.kernels import stencil  # stencil imports d_bn_product, not us
     du = stencil.d_transpose(dx, k9, stride, (h, w), addend=du1, out_dtype=u2.dtype,
-                             interpret=interpret, dot=dbn.du_pallas(n, e))
+                             interpret=interpret, dot=du_dot)
   else:
     du = dbn._d_transpose(dx, k9, stride, (h, w)) + du1.astype(F32)
   dcw = dc.sum(0).transpose(1, 2, 0).reshape(n, n * e)  # C[i, j*e + s] = C_s[i, j]

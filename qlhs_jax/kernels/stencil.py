@@ -866,12 +866,13 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, exact):
   tap, dx at the shifted pixels (m, bj*e hidden channels) @ the tap's kernel as a
   block-diagonal matrix (:func:`_k_block`: hidden channel j*e + s feeds input channel
   j, so 1 in bj products is kept), summed over the taps and then over each input
-  channel's P columns, over ``tpc`` tiles a program. Like the sums'
-  (:func:`_bn_sums_dot_kernel`), what the products buy is Triton's pipeliner: the loop's
-  loads of dx are issued trips ahead as asynchronous copies, where the element-wise
-  kernel waits for its loads 8 times (benchmarks/NOTES.md, experiments 39, 41).
-  ``exact``: bfloat16 dx, every product exact and summed in float32, as in the
-  element-wise kernel (in another order); else float32 operands at HIGHEST."""
+  channel's P columns, over ``tpc`` tiles a program (the blocks built once). The
+  tensor cores take the multiply-adds, half the element-wise kernel's instructions at
+  stage 1; at more than one stage Triton's pipeliner also issues the loop's loads of
+  dx trips ahead, as asynchronous copies, though past L1 (benchmarks/NOTES.md,
+  experiment 41). ``exact``: bfloat16 dx, every product exact and summed in float32,
+  as in the element-wise kernel (in another order); else float32 operands at
+  HIGHEST."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot
   add_ref, du_ref = rest if with_addend else (None, *rest)
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
@@ -978,7 +979,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
     plan.update(q=plan["rows"], ctiles=plan["tiles"])
     body, programs, out_rows = _du_parity_kernel, 4 * plan["ctiles"], b * h * w
-  elif dot:  # chunks of tpc tiles a program, so that the loop's loads pipeline
+  elif dot:  # chunks of tpc tiles a program: the blocks built once, the loads pipelined
     plan, dx2 = lean_plan(dict(_chunked_plan((b, h, w, n), 1, m0, bj0), e=e), dx2,
                           interpret)
     exact = dx.dtype == jnp.bfloat16

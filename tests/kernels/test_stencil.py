@@ -1168,8 +1168,9 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   asynchronous copies into shared memory, issued trips ahead of the tensor-core products
   that use them; the element-wise kernels ("pallas") have no such copy, whatever their
   num_stages. In the machine code: the lags' copies, 8 bytes a thread at their default
-  32 pixels, go through L1, where the taps overlap (benchmarks/NOTES.md, experiments 39
-  and 40)."""
+  32 pixels, go through L1, where the taps overlap; du's products load their taps
+  through L1 at their default (one stage), as copies past L1 at 3 stages
+  (benchmarks/NOTES.md, experiments 39-41)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
   for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
@@ -1179,7 +1180,8 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
     assert "cp.async.commit_group" in dot, name
     assert re.search(r"\bwgmma\.mma_async|\bmma\.sync", dot), name
     assert "cp.async" not in plain, name
-  trips = {c["name"]: c["loop_ops"] for c in xla_floors.dump_functions(str(tmp_path))}
+  functions = xla_floors.dump_functions(str(tmp_path))
+  trips = {c["name"]: c["loop_ops"] for c in functions}
   lags = trips["qlhs_lag_sums_dot"]
   assert lags["copies"] == 13 and lags["past_l1"] == 0 and lags["mma"] > 0, lags
   assert trips["qlhs_bn_sums_dot"]["copies"] > 0, trips
@@ -1189,7 +1191,7 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   # tap, D's kernel's parts side by side, not a product each. At the default (1 stage)
   # its taps load through L1, a barrier before each product; at 3 stages they are 18
   # copies issued ahead, 16 bytes a thread, past L1 (experiment 41).
-  du = sorted([c["loop_ops"] for c in xla_floors.dump_functions(str(tmp_path))
+  du = sorted([c["loop_ops"] for c in functions
                if c["name"].startswith("qlhs_d_transpose_dot")],
               key=lambda ops: ops["copies"])
   assert du == [{"barriers": 19, "copies": 0, "past_l1": 0, "mma": 18},
