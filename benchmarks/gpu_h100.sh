@@ -99,15 +99,16 @@
 #   rows say which the device agrees with.
 # "sums" (time limits add up to 540 s; NOTES.md experiments 23, 39, 40 and 41): pass
 #   3's sums, the statistics' lags and du as matrix products (QLHS_SUMS_FORM /
-#   QLHS_STATS_FORM / QLHS_DU_FORM=pallas_dot: for the first two Triton pipelines the
-#   loads that feed their dots, cp.async trips ahead, where the element-wise kernels
-#   wait for theirs; du's take half the element-wise instructions; in experiment 23's
+#   QLHS_STATS_FORM / QLHS_DU_FORM=pallas_dot: Triton pipelines the loads that feed
+#   their dots, cp.async trips ahead, where the element-wise kernels wait for theirs;
+#   du's products also take half the element-wise instructions; in experiment 23's
 #   profile the three took 4.56, 2.0 and 2.9 ms a step, 3.1, 1.8 and 0.9 above their
 #   bounds), in one call: Eq.(3) "auto" against ResNet50 on uint8 batches;
 #   the three kernels alone at stage 1 in both forms (benchmarks.stencil_times, checked
 #   against XLA's forms: a WRONG line means do not trust the rows after it); the step
-#   with all three as products, profiled kernel by kernel, then with the sums alone as
-#   products, each against the first row.
+#   with the sums and the lags as products, profiled kernel by kernel, then with the
+#   sums alone as products, each against the first row (du's products, less likely to
+#   win, alone only).
 #   (Until 2026-12-06 this part timed the sums kernel as it was before 2026-12-04,
 #   QLHS_SUMS_FORM=pallas_xhat, against the default: never run.)
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
@@ -462,25 +463,25 @@ if [ "$PART" = sums ]; then
   # The three kernels alone at stage 1, each form at its default tiles and the sums' dots
   # at 32 pixels too, whose copies go through L1 (compiles: ~70 s on 2 CPU cores, the
   # lags' dots ~23 s, du's ~13 s each). du's dots read their 9 taps of the hidden dx
-  # through L1, not ahead (1 stage, the default), or past L1, from L2, pipelined (3
-  # stages; NOTES.md experiment 41): against the element-wise du (through L1, 8 waits).
+  # past L1, from L2, pipelined (3 stages, the default), or through L1, not ahead and
+  # waiting 9 times a trip (1 stage; NOTES.md experiment 41): against the element-wise
+  # du (through L1, 8 waits).
   echo "== benchmarks.stencil_times: the dot forms" | tee -a "$OUT/log.txt"
   timeout 130 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --kernels stats,sums,du --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 --du-tilings 32,16,4 \
     --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 \
-    --du-dot-tilings 64,8,4,1 64,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
+    --du-dot-tilings 64,8,4,3 64,8,4,1 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
     | tee -a "$OUT/log.txt" \
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums|du) |network so far|WRONG|failed|rror" \
     | cut -c1-150
   echo "exit ${PIPESTATUS[0]}"
   bring
-  # The three as products, profiled kernel by kernel (each dot kernel's time in the step,
-  # against its bound: xla_floors --measured on this HLO), then the sums alone, each
-  # against the first row.
-  QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot QLHS_DU_FORM=pallas_dot \
-    bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 \
-    --hlo-dir "$H" --profile-dir "$OUT"
+  # Both as products, profiled kernel by kernel (each dot kernel's time in the step,
+  # against its bound: xla_floors --measured on this HLO), then the sums alone (the
+  # difference is the lags'), each against the first row.
+  QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot bench 170 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
   QLHS_SUMS_FORM=pallas_dot bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
 fi

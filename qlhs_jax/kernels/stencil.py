@@ -124,16 +124,16 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
 # (0.193) nears the H200's copy time (0.215). Not timed. du as products
 # (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
-# columns, 4 an input channel, are 32), 4 warps, 1 stage: its taps are plain loads
-# through L1, where a row's three taps overlap, each stored to shared memory for its
-# product (70 registers, 22.5 KB: 7 programs an SM; 315 instructions and 9 waits a
-# trip, an issue floor of 0.126 ms at stage 1 against the element-wise kernel's 0.224).
-# At 3 stages Triton copies them ahead, but 16 bytes a thread, past L1: nine reads of
-# the hidden dx from L2 a launch, 3.7 GB at stage 1, more than L2 serves in the
-# element-wise kernel's time (experiment 41). Neither timed.
+# columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
+# programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
+# stage 1, against the element-wise kernel's 0.224), its taps copied 2 trips ahead but
+# 16 bytes a thread, past L1: nine reads of the hidden dx from L2 a launch, 3.7 GB at
+# stage 1. At 1 stage its taps load through L1, but a thread waits for them 9 times a
+# trip, at 7 programs an SM: by the element-wise kernel's measured time, more waits in
+# turn than it has (experiment 41). Neither timed.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
-                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 1)}
+                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows

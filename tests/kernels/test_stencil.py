@@ -1147,11 +1147,11 @@ _COMPILE_SUMS = textwrap.dedent("""
     def sums(u, c, k9, v):
       du = lambda dot: stencil.d_transpose(c, k9, 1, (32, 32), out_dtype=u.dtype,
                                            interpret=False, dot=dot)
-      with kernel_env("QLHS_STENCIL_TILING", "du_dot=64,8,4,3"):  # du's, pipelined
-        piped = du(True)
+      with kernel_env("QLHS_STENCIL_TILING", "du_dot=64,8,4,1"):  # du's, one stage
+        unpiped = du(True)
       return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
                stencil.lag_sums(u, interpret=False, dot=dot), du(dot))
-              for dot in (False, True)] + [piped]
+              for dot in (False, True)] + [unpiped]
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(sums).lower(
           s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
@@ -1168,8 +1168,8 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   asynchronous copies into shared memory, issued trips ahead of the tensor-core products
   that use them; the element-wise kernels ("pallas") have no such copy, whatever their
   num_stages. In the machine code: the lags' copies, 8 bytes a thread at their default
-  32 pixels, go through L1, where the taps overlap; du's products load their taps
-  through L1 at their default (one stage), as copies past L1 at 3 stages
+  32 pixels, go through L1, where the taps overlap; du's products copy their taps past
+  L1 at their default (3 stages) and load them through L1 at one stage
   (benchmarks/NOTES.md, experiments 39-41)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
@@ -1188,9 +1188,9 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   assert trips["qlhs_bn_sums"]["copies"] == 0 == trips["qlhs_lag_sums"]["copies"], trips
   assert "cp.async" not in kernels["qlhs_d_transpose"]
   # du's products at 64 pixels by 32 hidden channels: one (m64n32k16, two k-steps) a
-  # tap, D's kernel's parts side by side, not a product each. At the default (1 stage)
-  # its taps load through L1, a barrier before each product; at 3 stages they are 18
-  # copies issued ahead, 16 bytes a thread, past L1 (experiment 41).
+  # tap, D's kernel's parts side by side, not a product each. At the default (3 stages)
+  # its taps are 18 copies issued ahead, 16 bytes a thread, past L1; at 1 stage they
+  # load through L1, a barrier before each product (experiment 41).
   du = sorted([c["loop_ops"] for c in functions
                if c["name"].startswith("qlhs_d_transpose_dot")],
               key=lambda ops: ops["copies"])
