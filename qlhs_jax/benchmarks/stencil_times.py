@@ -405,7 +405,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
 
 def _tiling_key(kernel: str, form: str) -> str:
   """The QLHS_STENCIL_TILING entry that an entry's tiling sets: the dot forms have their
-  own (``sums_dot``, ``stats_dot``: stages where the others have splits or nothing)."""
+  own (``sums_dot``, ``stats_dot``, ``du_dot``: stages where the others have splits or
+  nothing)."""
   return f"{kernel}_dot" if form == "pallas_dot" else kernel
 
 

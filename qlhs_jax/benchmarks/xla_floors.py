@@ -388,17 +388,25 @@ def by_rounds(rows, us_per_step: dict, least_us: float = 20.0) -> list[dict]:
   larger of copy time and issue floor, summed), from a profile's ``us_per_step`` ({HLO
   instruction: microseconds a step}, ``benchmarks.kernel_times``) of the same program.
   Kernels under ``least_us`` are left out: launch overhead, not memory, sets them."""
+  groups = _measured_groups(rows, us_per_step, lambda r: r["rounds"],
+                            lambda r, us: r["path"] and us >= least_us)
+  return [{"rounds": k, "kernels": n, "measured_ms": t, "bound_ms": b, "ratio": t / b}
+          for k, (n, t, b) in sorted(groups.items())]
+
+
+def _measured_groups(rows, us_per_step: dict, key, keep=lambda r, us: True) -> dict:
+  """``{key(row): [launches, measured ms, bound ms]}`` over the rows measured in
+  ``us_per_step`` that ``keep(row, us)`` admits (bound: :func:`_bound`)."""
   groups = {}
   for r in rows:
     us = us_per_step.get(r["name"])
-    if us is None or not r["path"] or us < least_us:
+    if us is None or not keep(r, us):
       continue
-    g = groups.setdefault(r["rounds"], [0, 0.0, 0.0])
+    g = groups.setdefault(key(r), [0, 0.0, 0.0])
     g[0] += 1
     g[1] += us / 1e3
     g[2] += _bound(r)
-  return [{"rounds": k, "kernels": n, "measured_ms": t, "bound_ms": b, "ratio": t / b}
-          for k, (n, t, b) in sorted(groups.items())]
+  return groups
 
 
 def function_family(kernel: str) -> str:
@@ -415,15 +423,7 @@ def by_function(rows, us_per_step: dict) -> list[dict]:
   it once, so there the copy time is the bound that matters), from a profile's
   ``us_per_step`` of the same program (:func:`by_rounds`). Where the step's time above
   its bounds lies, by kernel."""
-  groups = {}
-  for r in rows:
-    us = us_per_step.get(r["name"])
-    if us is None:
-      continue
-    g = groups.setdefault(function_family(r["kernel"]), [0, 0.0, 0.0])
-    g[0] += 1
-    g[1] += us / 1e3
-    g[2] += _bound(r)
+  groups = _measured_groups(rows, us_per_step, lambda r: function_family(r["kernel"]))
   out = [{"function": k, "launches": n, "measured_ms": t, "bound_ms": b,
           "above_ms": t - b} for k, (n, t, b) in groups.items()]
   return sorted(out, key=lambda g: -g["above_ms"])
@@ -460,8 +460,8 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
       lines.append(f"{g['rounds']:6d} {g['kernels']:7d} {g['measured_ms']:11.3f} "
                    f"{g['bound_ms']:8.3f} {g['ratio']:5.2f}")
     functions = by_function(rows, measured["us_per_step"])
-    lines += ["", f"by function, the most time above its bounds first ({top} of "
-                  f"{len(functions)}; all launches: "
+    lines += ["", f"by function, the most time above its bounds first "
+                  f"({min(top, len(functions))} of {len(functions)}; all launches: "
                   f"{sum(g['measured_ms'] for g in functions):.3f} ms measured, "
                   f"{sum(g['above_ms'] for g in functions):.3f} above the bounds)",
               f"{'launches':>8s} {'measured ms':>11s} {'bound ms':>8s} {'above':>7s}  "

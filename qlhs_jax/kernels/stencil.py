@@ -313,15 +313,6 @@ def _dot_tiles(plan: dict, form: str, interpret: bool, channels: int = DOT_MIN) 
                      f"{plan['n']} channels; set {form}=pallas")
 
 
-def _pixel_products(a, b, exact: bool):
-  """a^T @ b over a tile's pixels (the rows of both), float32: the dot forms' products.
-  ``exact``: bfloat16 operands, whose products are exact and summed in float32; else
-  float32 operands at HIGHEST (Triton: IEEE, not TF32)."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                          precision=None if exact else lax.Precision.HIGHEST,
-                          preferred_element_type=F32)
-
-
 def _store_own(out_ref, ch, cols, acc, e: int):
   """The dot forms' outputs, summed over the products' columns into out_ref[ch, k, cols]:
   ``acc[0]``'s first column (the product with a column of ones), then of each of
@@ -443,11 +434,13 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
   Triton pipelines the loads that feed them (:func:`_bn_sums_dot_kernel`). ``low``:
   bfloat16 for a bfloat16 u (its products exact, summed in float32), else float32 at
   HIGHEST."""
-  from qlhs_jax.kernels.eq3_block import _Tile
+  from qlhs_jax.kernels.eq3_block import _Tile, _dot
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   cols = pl.ds(j0, bj)
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-  dot = functools.partial(_pixel_products, exact=low == jnp.bfloat16)
+  # u^T @ v over the tile's pixels: bfloat16 operands exact, summed in float32; float32
+  # operands at HIGHEST (Triton: IEEE, not TF32)
+  dot = functools.partial(_dot, ta=True)
   ones = jnp.ones((m, DOT_MIN), low)
 
   def body(i, acc):
@@ -685,6 +678,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   ``split``: bfloat16 inputs, g = dp * c (16 significant bits, exact in float32) as the
   sum of two bfloat16 halves, each product exact and summed in float32, as the
   element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32)."""
+  from qlhs_jax.kernels.eq3_block import _dot
   m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
@@ -694,7 +688,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
 
   def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
     for a in parts:
-      acc = acc + _pixel_products(a, b, split)
+      acc = acc + _dot(a, b, ta=True)
     return acc
 
   def body(i, acc):
@@ -851,12 +845,13 @@ def _k_block(k, e: int, bj: int, exact: bool):
   shape = (bj * e, bj * p)
   row = lax.broadcasted_iota(jnp.int32, shape, 0)
   col = lax.broadcasted_iota(jnp.int32, shape, 1)
-  rest = jnp.broadcast_to(k[:, None], shape)
-  value = jnp.zeros(shape, F32)
-  for q in range(p - 1 if exact else 1):
-    part = rest.astype(jnp.bfloat16).astype(F32) if exact else rest
-    value = jnp.where(col % p == q, part, value)
-    rest = rest - part
+  value = rest = jnp.broadcast_to(k[:, None], shape)
+  if exact:  # parts 0-2 in columns q = 0-2 of each input channel's P, the last zero
+    value = jnp.zeros(shape, F32)
+    for q in range(K_PARTS - 1):
+      part = rest.astype(jnp.bfloat16).astype(F32)
+      value = jnp.where(col % p == q, part, value)
+      rest = rest - part
   return jnp.where(row // e == col // p, value, 0.0).astype(
       jnp.bfloat16 if exact else F32)
 
@@ -958,11 +953,10 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   h, w = hw
   dot = dot and stride == 1
   walk = not dot and _walks_rows("du", stride)
-  stages = 1
   if dot:
     m0, bj0, warps, stages = tiling("du_dot")
   else:
-    m0, bj0, warps = tiling("du", walk)
+    (m0, bj0, warps), stages = tiling("du", walk), 1
   g = _geometry(b, h, w, stride)
   if (g["ho"], g["wo"]) != (ho, wo):
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
