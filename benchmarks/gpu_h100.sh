@@ -111,6 +111,18 @@
 #   win, alone only).
 #   (Until 2026-12-06 this part timed the sums kernel as it was before 2026-12-04,
 #   QLHS_SUMS_FORM=pallas_xhat, against the default: never run.)
+# "product" (time limits add up to 530 s; NOTES.md experiments 23, 39 and 42; run it
+#   first): the forward product and pass 4 with D u as matrix products
+#   (QLHS_PRODUCT_FORM=pallas_dot: per tap u's shifted rows times D's kernel in exact
+#   bfloat16 parts, c and dp times the identity, so that Triton copies every operand
+#   of a trip a trip ahead and a thread waits for none of them; in experiment 23's
+#   profile XLA's fusions took 3.81 and 4.70 ms a step, 2.7x and 1.8x their copy time
+#   at stage 1, latency-bound: 3 and 2 waits a thread), in one call: Eq.(3) "auto"
+#   against ResNet50 on uint8 batches; the product alone at stage 1 as XLA's fusion,
+#   the element-wise kernel and the products at two tilings (benchmarks.stencil_times,
+#   checked against XLA's form); the step with the products, profiled kernel by
+#   kernel; then with the sums and the lags as products too, each against the first
+#   row.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -189,7 +201,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -484,6 +496,28 @@ if [ "$PART" = sums ]; then
     --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
   QLHS_SUMS_FORM=pallas_dot bench 90 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
     --input uint8
+fi
+if [ "$PART" = product ]; then
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  # The product alone at stage 1: XLA's fusion (the default), the element-wise kernel
+  # (experiment 39's tiles) and the products at 64 pixels with 2 and 3 stages and at 128
+  # pixels (47, 67 and 87 KB of shared memory: 4, 3 and 2 programs an SM; compiles ~6 s
+  # each on 2 CPU cores).
+  echo "== benchmarks.stencil_times: the product as products" | tee -a "$OUT/log.txt"
+  timeout 90 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+    --shapes stage1 --kernels product --forms pallas,pallas_dot --calls 10 --repeats 3 \
+    --product-tilings 16,16,8 --product-dot-tilings 64,4,4,2 64,4,4,3 128,4,4,2 \
+    --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
+    | grep -E "^[a-z0-9_]+ \(|  product |network so far|WRONG|failed|rror" | cut -c1-150
+  echo "exit ${PIPESTATUS[0]}"
+  bring
+  # The step with the forward product and pass 4 as products, profiled (each kernel's
+  # time against its bound: xla_floors --measured on this HLO); then with every dot
+  # form but du's (the least likely to win, experiment 41).
+  QLHS_PRODUCT_FORM=pallas_dot bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
+  QLHS_PRODUCT_FORM=pallas_dot QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot \
+    bench 120 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

@@ -36,7 +36,9 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   back, du_bn's compiled once a shape and form (:class:`TwoPrograms`).
 - ``product``: the forward product p = (D u * mul + add) * c, as XLA's loop fusion
   ("xla", the default) and as ``stencil.product`` at each ``--product-tilings``
-  ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too).
+  ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too), and with D u
+  as matrix products at each ``--product-dot-tilings`` (pixels, channels, warps,
+  stages; "pallas_dot", Triton's pipelined loads; at stride 2 "pallas"'s kernel).
 - "pallas_rows" (stats, sums, du and product): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
@@ -103,6 +105,9 @@ STATS_DOT_TILINGS = ("32,16,4,3", "64,16,4,3")
 # the same with 1 stage, its taps loaded through L1, not ahead (7 programs an SM); and
 # 16 channels a block (one program an SM).
 DU_DOT_TILINGS = ("64,8,4,3", "64,8,4,1", "64,16,4,3")
+# The product's (experiment 42): the default (4 programs an SM by shared memory), the
+# same with 3 stages (2 trips of copies in flight, 3 programs) and 128 pixels (2).
+PRODUCT_DOT_TILINGS = ("64,4,4,2", "64,4,4,3", "128,4,4,2")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
@@ -214,6 +219,8 @@ def _functions(stride, side, interpret):
           u, dx, k9, *moments(k9), stride, 1),
       ("product", "pallas"): lambda u, dx, k9: stencil.product(
           u, dx, k9, *moments(k9), stride, interpret),
+      ("product", "pallas_dot"): lambda u, dx, k9: stencil.product(
+          u, dx, k9, *moments(k9), stride, interpret, dot=True),
   }
 
 
@@ -325,7 +332,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
                bwd_tilings=BWD_TILINGS, compile_on=None,
                sums_dot_tilings=SUMS_DOT_TILINGS,
                stats_dot_tilings=STATS_DOT_TILINGS,
-               du_dot_tilings=DU_DOT_TILINGS) -> dict:
+               du_dot_tilings=DU_DOT_TILINGS,
+               product_dot_tilings=PRODUCT_DOT_TILINGS) -> dict:
   """{"kernel form[@tiling]": {"ms", "err", "compile_s"}} at one shape (err: against the
   XLA form), for the ``kernels`` named (each with its XLA forms, the reference) and
   their Pallas ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is
@@ -366,6 +374,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
     todo += [("bwd", form, t) for form in walks for t in bwd_tilings]
   todo += [("product", "xla", None)]
   todo += [("product", form, t) for form in ("pallas",) + walks for t in product_tilings]
+  todo += [("product", "pallas_dot", t) for t in product_dot_tilings]
   todo = [item for item in todo if item[0] in kernels
           and (item[2] is None or item[1] in forms)]
   for kernel, form, tiling in todo:
@@ -405,7 +414,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
 
 def _tiling_key(kernel: str, form: str) -> str:
   """The QLHS_STENCIL_TILING entry that an entry's tiling sets: the dot forms have their
-  own (``sums_dot``, ``stats_dot``, ``du_dot``: stages where the others have splits or
+  own (``sums_dot``, ``stats_dot``, ``du_dot``, ``product_dot``: stages where the others have splits or
   nothing)."""
   return f"{kernel}_dot" if form == "pallas_dot" else kernel
 
@@ -510,6 +519,7 @@ def main(argv=None) -> int:
   p.add_argument("--sums-dot-tilings", nargs="+", default=list(SUMS_DOT_TILINGS))
   p.add_argument("--stats-dot-tilings", nargs="+", default=list(STATS_DOT_TILINGS))
   p.add_argument("--du-dot-tilings", nargs="+", default=list(DU_DOT_TILINGS))
+  p.add_argument("--product-dot-tilings", nargs="+", default=list(PRODUCT_DOT_TILINGS))
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
@@ -545,7 +555,8 @@ def main(argv=None) -> int:
                         ("bwd", args.bwd_tilings), ("product", args.product_tilings),
                         ("sums_dot", args.sums_dot_tilings),
                         ("stats_dot", args.stats_dot_tilings),
-                        ("du_dot", args.du_dot_tilings)):
+                        ("du_dot", args.du_dot_tilings),
+                        ("product_dot", args.product_dot_tilings)):
     for t in items:  # a malformed tiling fails here, before any timing
       with kernel_env("QLHS_STENCIL_TILING", f"{kernel}={t}"):
         stencil.tiling(kernel)
@@ -581,7 +592,8 @@ def main(argv=None) -> int:
                        product_tilings=args.product_tilings, bwd_tilings=args.bwd_tilings,
                        compile_on=compile_on, sums_dot_tilings=args.sums_dot_tilings,
                        stats_dot_tilings=args.stats_dot_tilings,
-                       du_dot_tilings=args.du_dot_tilings)
+                       du_dot_tilings=args.du_dot_tilings,
+                       product_dot_tilings=args.product_dot_tilings)
     if compile_on is not None:
       failed += _print_compiles(name, times)
       continue

@@ -301,7 +301,7 @@ def stats_form(n: int | None = None, groups: int = 1) -> str:
 
 
 DC_PASSES = ("dx", "sums")
-PRODUCT_FORMS = ("xla", "pallas")
+PRODUCT_FORMS = ("xla", "pallas", "pallas_dot")
 
 
 def product_form(groups: int = 1) -> str:
@@ -309,10 +309,12 @@ def product_form(groups: int = 1) -> str:
   and pass 4 (dx, with dc): QLHS_PRODUCT_FORM, else "xla" (XLA's loop fusions, 1.5-1.8
   TB/s on the H100 in experiment 13). "pallas": ``stencil.product`` and
   ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
-  QLHS_DC_PASS says. Not yet timed, hence not the default (benchmarks/NOTES.md,
+  QLHS_DC_PASS says. "pallas_dot": the same kernels with D u as matrix products at
+  stride 1 (``stencil._dot_d``), every load of a trip copied a trip ahead by Triton
+  (experiment 42). Not yet timed, hence not the default (benchmarks/NOTES.md,
   experiment 14)."""
   form = settings.choice("QLHS_PRODUCT_FORM", PRODUCT_FORMS)
-  if form == "pallas" and groups != 1:
+  if form.startswith("pallas") and groups != 1:
     from qlhs_jax.kernels import stencil  # imports this module
     stencil.check(1, "QLHS_PRODUCT_FORM", groups)
   return form
@@ -346,7 +348,7 @@ def _xla_reads_taps(stride: int, n: int, e: int, groups: int) -> tuple[bool, boo
   if _bwd_walks(stride, n, e, groups):
     return forward, False
   # pass 4 as XLA's (and dc's own pass, which comes only with it), or XLA's sums
-  kernels_dx = product_form(groups) == "pallas" or _dx_du_walks(stride, n, e, groups)
+  kernels_dx = product_form(groups).startswith("pallas") or _dx_du_walks(stride, n, e, groups)
   return forward, not kernels_dx or sums_form(n, groups, e) == "xla"
 
 
@@ -902,9 +904,10 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
-  elif product_form(groups) == "pallas":
+  elif product_form(groups).startswith("pallas"):
     from qlhs_jax.kernels import stencil  # imports this module
-    p5 = stencil.product(u, c5, k9, mul, add, stride)
+    p5 = stencil.product(u, c5, k9, mul, add, stride,
+                         dot=product_form(groups) == "pallas_dot")
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
@@ -938,7 +941,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # two backward passes) into one float32 tensor stored in the forward and read back
     # twice.
     u_sums, up_sums, dp5 = lax.optimization_barrier((u, up, dp5))
-    pallas_dx = product_form(groups) == "pallas"
+    pallas_dx = product_form(groups).startswith("pallas")
     fused_du = _dx_du_walks(stride, n, e, groups)
     dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
@@ -968,7 +971,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                               dp.dtype)
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
-      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype)
+      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype,
+                              dot=product_form(groups) == "pallas_dot")
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dp.dtype, add=add, up=up_dx)

@@ -83,11 +83,12 @@ from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot",
-           "stats_dot", "du_dot")
+           "stats_dot", "du_dot", "product_dot")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
-         "du_dot": "qlhs_d_transpose_dot",
+         "du_dot": "qlhs_d_transpose_dot", "product_dot": "qlhs_product_dot",
+         "dx_dot": "qlhs_dx_dc_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -130,10 +131,18 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # 16 bytes a thread, past L1: nine reads of the hidden dx from L2 a launch, 3.7 GB at
 # stage 1. At 1 stage its taps load through L1, but a thread waits for them 9 times a
 # trip, at 7 programs an SM: by the element-wise kernel's measured time, more waits in
-# turn than it has (experiment 41). Neither timed.
+# turn than it has (experiment 41). Neither timed. The forward product's and pass 4's
+# products (QLHS_PRODUCT_FORM=pallas_dot): 64 pixels by 4 input channels (the products
+# m64n16k16: 4 parts of D's kernel by 4 channels deep, 16 hidden channels wide), 4
+# warps, 2 stages: 47 and 51 KB of shared memory (4 programs an SM), 54 and 68
+# registers, 257 and 317 instructions a trip, no wait for a load in a trip; issue
+# floors 0.201 and 0.247 ms at stage 1, against XLA's fusions' 0.218 and 0.281 (copy
+# times 0.31 and 0.58 at an H100's 3.0 TB/s). A trip's taps copy 8 bytes a thread,
+# through L1; c and dp 16, past it (experiment 42). Not timed.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
-                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3)}
+                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3),
+                  "product_dot": (64, 4, 4, 2)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
@@ -152,13 +161,13 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').
-_STAGED = ("sums_dot", "stats_dot", "du_dot")
+_STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
-         "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot or "
-         "du_dot; pixels and channels powers of two, warps 1-16; splits, the "
-         "statistics' launches, 1-54, stats only; stages, the pipelined loads in "
-         "flight, 1-4, sums_dot, stats_dot and du_dot only)")
+         "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot, "
+         "du_dot or product_dot; pixels and channels powers of two, warps 1-16; splits, "
+         "the statistics' launches, 1-54, stats only; stages, the pipelined loads in "
+         "flight, 1-4, the dot forms' entries only)")
 
 
 def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
@@ -830,7 +839,7 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
 K_PARTS = 4
 
 
-def _k_block(k, e: int, bj: int, exact: bool):
+def _k_block(k, e: int, bj: int, exact: bool, forward: bool = False):
   """One tap of D's kernel, ``k`` (bj*e,) float32 over a block's hidden channels
   (j*e + s), as the right operand of du's product (:func:`_du_dot_kernel`): (bj*e,
   bj*P), column j*P + q holding part q of the hidden channels of input channel j, 0 in
@@ -840,20 +849,23 @@ def _k_block(k, e: int, bj: int, exact: bool):
   value in float32 (at HIGHEST). One product of P columns a block, not P products:
   compiled for the H100, three products a tap each waited for the last, and the
   second and third took their left operand through shared memory again (a store, a
-  barrier, a load)."""
+  barrier, a load). ``forward``: the right operand of D u's product instead
+  (:func:`_dot_d`), (P*bj, bj*e), row q*bj + j holding part q of input channel j's
+  hidden channels."""
   p = K_PARTS if exact else 1
-  shape = (bj * e, bj * p)
-  row = lax.broadcasted_iota(jnp.int32, shape, 0)
-  col = lax.broadcasted_iota(jnp.int32, shape, 1)
-  value = rest = jnp.broadcast_to(k[:, None], shape)
-  if exact:  # parts 0-2 in columns q = 0-2 of each input channel's P, the last zero
+  shape = (p * bj, bj * e) if forward else (bj * e, bj * p)
+  hidden_axis = 1 if forward else 0
+  hid = lax.broadcasted_iota(jnp.int32, shape, hidden_axis)
+  part = lax.broadcasted_iota(jnp.int32, shape, 1 - hidden_axis)
+  q, j = (part // bj, part % bj) if forward else (part % p, part // p)
+  value = rest = jnp.broadcast_to(k[None, :] if forward else k[:, None], shape)
+  if exact:  # parts 0-2 where q = 0-2, the last zero
     value = jnp.zeros(shape, F32)
-    for q in range(K_PARTS - 1):
-      part = rest.astype(jnp.bfloat16).astype(F32)
-      value = jnp.where(col % p == q, part, value)
-      rest = rest - part
-  return jnp.where(row // e == col // p, value, 0.0).astype(
-      jnp.bfloat16 if exact else F32)
+    for qi in range(K_PARTS - 1):
+      piece = rest.astype(jnp.bfloat16).astype(F32)
+      value = jnp.where(q == qi, piece, value)
+      rest = rest - piece
+  return jnp.where(hid // e == j, value, 0.0).astype(jnp.bfloat16 if exact else F32)
 
 
 def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, exact):
@@ -1009,6 +1021,14 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
 # block of bj input channels (bj*e contiguous hidden channels): nine vector loads of u's
 # taps per tile, one load of c (and dp) and one store per output. QLHS_PRODUCT_FORM
 # selects them (d_bn_product.product_form; not yet timed, so "xla" stays the default).
+#
+# Both forms (XLA's and these tiles) were latency-bound in experiment 23's profile on the
+# H200: a thread waits for its loads several times (experiment 39), and the product took
+# 2.7x its copy time at stage 1. QLHS_PRODUCT_FORM=pallas_dot takes D u from matrix
+# products instead (:func:`_dot_d`), over chunks of tiles a program, and c and dp as
+# products with the identity (exact): every load of a trip then feeds a product, which
+# is what Triton's pipeliner copies a trip ahead (cp.async), so a thread waits for none
+# of a trip's loads (experiment 42). Stride 2 keeps the tiles.
 
 def _d_of_taps(tap, k_tap, m, bj, e):
   """D u for the block's hidden channels (j*e + s) from u's nine taps, ``tap(t)`` (m,
@@ -1037,47 +1057,115 @@ def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
                     tile.plan["m"], bj, e)
 
 
-def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
-  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
+def _dot_d(tile, u_ref, blocks, j0, bj):
+  """D u at a lean tile's pixels as matrix products (QLHS_PRODUCT_FORM=pallas_dot): per
+  tap, u's shifted rows (m, P*bj) @ the tap's kernel (P*bj, bj*e) (``blocks``,
+  :func:`_k_block` with ``forward``), summed in float32: (m, bj*e). The left operand
+  is one gathered load: column q*bj + j reads channel j0 + j for every part q, so its
+  runs of bj contiguous channels are what a thread copies (8 bytes at bj = 4 in
+  bfloat16, which the machine code copies through L1, where the taps overlap)."""
+  from qlhs_jax.kernels.d_bn_product import plt
+  from qlhs_jax.kernels.eq3_block import _dot
+  plan = tile.plan
+  m, w, p = plan["m"], plan["w"], blocks[0].shape[0] // bj
+  rows = lax.broadcasted_iota(jnp.int32, (m, 1), 0)
+  cols = j0 + lax.rem(lax.broadcasted_iota(jnp.int32, (1, p * bj), 1), bj)
+  acc = None
+  for t in range(9):
+    dy, dx = _offset(t)
+    start = tile.p0 + dy * w + dx + plan["guard"]
+    v = plt.load(u_ref.at[start + rows, cols], mask=tile.inside(dy, dx)[:, None],
+                 other=0.0)
+    term = _dot(v.astype(blocks[t].dtype), blocks[t])
+    acc = term if acc is None else acc + term
+  return acc
+
+
+def _each_tile(u_ref, k_ref, vec_refs, plan, out):
+  """Runs ``out(x, pix, cols, vec, load)`` for this program's tiles: x = D u at the
+  tile's pixels ``pix`` for the block's hidden channels ``cols`` ((m, bj*e) float32),
+  ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
+  ``load(ref)`` a hidden tensor's tile in float32. One tile, its taps summed
+  element-wise (:func:`_tile_d`), each vector loaded where it is used; or with
+  ``plan["dot"]`` (True: bfloat16 u, D's kernel in exact parts; False: float32) a chunk
+  of ``tpc`` tiles, x as products (:func:`_dot_d`), D's kernel and the vectors loaded
+  once, and each hidden tile a product with the identity (exact): an operand of a
+  product is what Triton's pipeliner copies ahead, so no load of a trip is waited
+  for."""
+  from qlhs_jax.kernels.eq3_block import _Tile, _dot  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
-  ti, cb = _ids(plan)
-  p0, j0 = ti * m, cb * bj
-  cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
-  x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
-  f1 = x * mul_ref[cols][None, :] + add_ref[cols][None, :]
-  p_ref[pix, cols] = (f1 * c_ref[pix, cols].astype(F32)).astype(p_ref.dtype)
+  pid, cb = _ids(plan)
+  p0, j0 = pid * m, cb * bj  # (p0: the one tile's first pixel)
+  cols = pl.ds(j0 * e, bj * e)
+  row = lambda ref: ref[cols][None, :]
+  if plan.get("dot") is None:
+    pix = pl.ds(p0, m)
+    x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
+    out(x, pix, cols, row, lambda ref: ref[pix, cols].astype(F32))
+    return
+  blocks = [_k_block(k_ref[t, cols], e, bj, plan["dot"], forward=True) for t in range(9)]
+  rows = [(ref, row(ref)) for ref in vec_refs]
+  vec = lambda ref: next(v for r, v in rows if r is ref)
+  eye = lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 0)
+  eye = eye == lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 1)
+
+  def body(i, carry):
+    ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)  # the last chunk: its last tile
+    x = _dot_d(_Tile(ti * m, plan), u_ref, blocks, j0, bj)
+    pix = pl.ds(ti * m, m)
+
+    def load(ref):
+      v = ref[pix, cols]
+      return _dot(v, eye.astype(v.dtype))
+    out(x, pix, cols, vec, load)
+    return carry
+  lax.fori_loop(0, plan["tpc"], body, 0)
+
+
+def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
+  def out(x, pix, cols, vec, load):
+    f1 = x * vec(mul_ref) + vec(add_ref)
+    p_ref[pix, cols] = (f1 * load(c_ref)).astype(p_ref.dtype)
+  _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out)
 
 
 def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref,
                   dx_ref, dc_ref, *, plan):
-  from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
-  m, bj, e = plan["m"], plan["bj"], plan["e"]
-  ti, cb = _ids(plan)
-  p0, j0 = ti * m, cb * bj
-  cols, pix = pl.ds(j0 * e, bj * e), pl.ds(p0, m)
-  vec = lambda ref: ref[cols][None, :]
-  x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
-  mul, dp = vec(mul_ref), dp_ref[pix, cols].astype(F32)
-  g = dp * c_ref[pix, cols].astype(F32)
-  dx = g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
-  dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
-  dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
+  def out(x, pix, cols, vec, load):
+    mul, dp = vec(mul_ref), load(dp_ref)
+    g = dp * load(c_ref)
+    dx = g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
+    dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
+    dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
+  _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out)
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
-                 interpret):
+                 interpret, dot=False):
   """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
   tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
-  per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype."""
+  per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype.
+  ``dot``: at stride 1, D u as matrix products over chunks of tiles (:func:`_each_tile`;
+  QLHS_STENCIL_TILING's ``product_dot`` entry)."""
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
-  if _walks_rows("product", stride):
+  dot = dot and stride == 1
+  if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
-  m0, bj0, warps = tiling(name)
   g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
-  plan, u2 = lean_plan(dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e),
-                       u.reshape(-1, n), interpret)
+  if dot:
+    m0, bj0, warps, stages = tiling("product_dot")
+    plan = dict(_chunked_plan(u.shape, 1, m0, bj0), e=e)
+    exact = u.dtype == jnp.bfloat16
+    # The products' sides: pixels, P*bj (the parts' rows) and bj*e hidden channels.
+    _dot_tiles(plan, form, interpret, -(-DOT_MIN // min(e, K_PARTS if exact else 1)))
+    plan["dot"], programs = exact, plan["chunks"]
+  else:
+    (m0, bj0, warps), stages = tiling(name), 1
+    plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
+    programs = plan["tiles"]
+  plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
   shape5 = hidden[0].shape
@@ -1087,8 +1175,9 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   outs = pl.pallas_call(
       functools.partial(kernel, plan=plan),
       out_shape=tuple(jax.ShapeDtypeStruct((tiles * m, n * e), d) for d in out_dtypes),
-      grid=_grid(plan, tiles, n // bj), interpret=interpret, name=NAMES[name],
-      **_params(warps, interpret))(*args)
+      grid=_grid(plan, programs, n // bj), interpret=interpret,
+      name=NAMES[name + "_dot" if dot else name],
+      **_params(warps, interpret, stages))(*args)
   return tuple(o[:rows].reshape(shape5) for o in outs)
 
 
@@ -1116,21 +1205,22 @@ def _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpre
 
 
 def product(u: jax.Array, c5: jax.Array, k9: jax.Array, mul: jax.Array, add: jax.Array,
-            stride: int, interpret: bool | None = None) -> jax.Array:
+            stride: int, interpret: bool | None = None, dot: bool = False) -> jax.Array:
   """The forward product of ``d_bn_product``'s "xla" path, p = (D u * mul + add) * c,
   in c's dtype: ``u`` (B, H, W, n), ``c5`` (B, Ho, Wo, n, e), ``k9`` (9, n, e),
-  ``mul``/``add`` (1, n, e) (one BatchNorm group)."""
+  ``mul``/``add`` (1, n, e) (one BatchNorm group). ``dot``: at stride 1, D u as matrix
+  products (QLHS_PRODUCT_FORM=pallas_dot)."""
   return _elementwise(_product_kernel, "product", u, [c5], [mul, add], k9, stride,
-                      [c5.dtype], "QLHS_PRODUCT_FORM", interpret)[0]
+                      [c5.dtype], "QLHS_PRODUCT_FORM", interpret, dot)[0]
 
 
 def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
-          interpret: bool | None = None):
+          interpret: bool | None = None, dot: bool = False):
   """Pass 4 of the "xla" path with dc: dx = dp*c*mul + (D u - mean)*cx + c0 in
   ``dx_dtype`` and dc = dp * (D u * mul + add) in c's dtype, (B, Ho, Wo, n, e) each
-  (one BatchNorm group: the vectors are (1, n, e))."""
+  (one BatchNorm group: the vectors are (1, n, e)). ``dot``: as :func:`product`'s."""
   return _elementwise(_dx_dc_kernel, "dx", u, [c5, dp5], [mul, add, cx, c0, mean], k9,
-                      stride, [dx_dtype, c5.dtype], "QLHS_PRODUCT_FORM", interpret)
+                      stride, [dx_dtype, c5.dtype], "QLHS_PRODUCT_FORM", interpret, dot)
 
 
 # ------------------------------------------------------------------------------------

@@ -89,6 +89,12 @@ def test_the_choice_weights_blocks_and_skips_wrong_results():
   assert "du=16,32,4 du_dot=64,8,4,3" in spec, spec
   assert "QLHS_DU_FORM=pallas_dot" in forms, forms
   assert forms.endswith("QLHS_STENCIL_ROWS=product"), forms
+  # the product's: its walk no longer named either
+  for shape in "ab":
+    results[shape]["product pallas_dot@64,4,4,2"] = ok(0.5)
+  spec, forms = stencil_times.spec_and_forms(results, blocks)
+  assert "product=32,8,4 product_dot=64,4,4,2" in spec, spec
+  assert "QLHS_PRODUCT_FORM=pallas_dot" in forms and "ROWS" not in forms, forms
 
 
 def test_bwd_is_chosen_only_where_its_walks_beat_both_alternatives():
@@ -133,12 +139,13 @@ def test_cpu_smoke_run(tmp_path, capsys):
                              "--stats-tilings", "8,16,4,3", "--sums-tilings", "8,8,4",
                              "--du-tilings", "8,16,4", "--product-tilings", "8,8,4",
                              "--sums-dot-tilings", "8,16,4,2", "--stats-dot-tilings",
-                             "8,16,4,3", "--du-dot-tilings", "8,8,4,2", "--record",
+                             "8,16,4,3", "--du-dot-tilings", "8,8,4,2",
+                             "--product-dot-tilings", "8,4,4,2", "--record",
                              str(rec)]) == 0
   out = capsys.readouterr().out
   assert "WRONG" not in out and "failed" not in out, out
   assert ("stencil_tiling: stats=8,16,4,3 stats_dot=8,16,4,3 sums=8,8,4 sums_dot=8,16,4,2 "
-          "du=8,16,4 du_dot=8,8,4,2 product=8,8,4") in out, out
+          "du=8,16,4 du_dot=8,8,4,2 product=8,8,4 product_dot=8,4,4,2") in out, out
   assert "stencil_forms: QLHS_STATS_FORM=" in out, out
   r = json.loads(rec.read_text().splitlines()[-1])
   assert r["kind"] == "stencil_times" and set(r["shapes"]["stage2_block0"]) == {
@@ -149,7 +156,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
       "sums pallas_dot@8,16,4,2", "du gather", "du autodiff", "du pallas@8,16,4",
       "du pallas_rows@8,16,4", "du pallas_rows_now@8,16,4", "du pallas_dot@8,8,4,2",
       "product xla",
-      "product pallas@8,8,4", "product pallas_rows@8,8,4", "product pallas_rows_now@8,8,4"}
+      "product pallas@8,8,4", "product pallas_rows@8,8,4", "product pallas_rows_now@8,8,4",
+      "product pallas_dot@8,4,4,2"}
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
 
@@ -269,6 +277,13 @@ def test_each_entry_is_traced_with_its_own_settings(monkeypatch):
                                  du_dot_tilings=("8,8,4,2", "4,4,2,1"))
   assert not any("error" in r for r in out.values()), out
   dots = [g for name, g, _ in launched if name == "_du_dot_kernel"]
+  assert dots == [(16, 1), (32, 2)], dots
+  launched.clear()  # the product's: at stride 1 a program a chunk of tiles
+  out = stencil_times.time_shape(2, 8, 8, 1, (), (), (), True, 1, 1, kernels=("product",),
+                                 forms=("pallas_dot",),
+                                 product_dot_tilings=("8,8,4,2", "4,4,2,1"))
+  assert not any("error" in r for r in out.values()), out
+  dots = [g for name, g, _ in launched if name == "_product_kernel"]
   assert dots == [(16, 1), (32, 2)], dots
 
 

@@ -102,7 +102,7 @@ def test_the_context_is_left_after_an_error():
                            r"'pallas', 'pallas_gram', 'pallas_dot', 'auto'\)"),
     ("du_form", "pallas_gram", r"config.kernels.du_form='pallas_gram': choose one of"),
     ("product_form", "auto", r"config.kernels.product_form='auto': choose one of "
-                             r"\('xla', 'pallas'\)"),
+                             r"\('xla', 'pallas', 'pallas_dot'\)"),
     ("dc_pass", "pass4", r"config.kernels.dc_pass='pass4'"),
     ("d_taps", "margin", r"config.kernels.d_taps='margin': choose one of \('auto', "
                          r"'copy', 'pad'\)"),

@@ -278,6 +278,43 @@ def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
 
 
+@pytest.mark.parametrize("programs", [1056, 3])
+@pytest.mark.parametrize("shape,e,spec", [((2, 6, 5, 4), 4, "product_dot=8,2,4,2"),
+                                          ((2, 9, 7, 16), 4, "product_dot=16,4,4,3"),
+                                          ((2, 5, 8, 8), 2, "product_dot=8,8,4,1"),
+                                          ((1, 5, 8, 8), 4, "")])
+def test_the_dot_product_and_pass_4_match_numpy(monkeypatch, shape, e, spec, programs):
+  """QLHS_PRODUCT_FORM=pallas_dot: the forward product p and pass 4's dx and dc with D u
+  as matrix products and c and dp as products with the identity, against float64 of the
+  same values, with one tile a program and with chunks of several (``programs`` 3: the
+  last chunk runs past the last tile). Float32 (operands at HIGHEST) to 2e-6 of the
+  largest. Bfloat16 (training's): D's kernel in three bfloat16 parts, so every product
+  is exact and dx, kept in float32, is within 1e-6 (two parts miss by more); p and dc
+  are stored in bfloat16, one rounding."""
+  monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  b, h, w, n = shape
+  rng = np.random.default_rng(12)
+  u, c5, dp5 = (rng.normal(size=shape), rng.normal(size=(b, h, w, n, e)),
+                rng.normal(size=(b, h, w, n, e)))
+  k9 = jnp.asarray(rng.normal(size=(9, n, e)), jnp.float32)
+  vecs = [jnp.asarray(rng.normal(size=(1, n, e)), jnp.float32) for _ in range(5)]
+  mul, add, cx, c0, mean = [np.asarray(v, np.float64) for v in vecs]
+  for dtype, tol, stored in ((jnp.float32, 2e-6, 2e-6), (jnp.bfloat16, 1e-6, 8e-3)):
+    u_, c_, dp_ = (jnp.asarray(a, dtype) for a in (u, c5, dp5))
+    u64, c64, dp64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (u_, c_, dp_))
+    x = np.einsum("tbhwn,tne->bhwne", numpy_taps(u64, 1), np.asarray(k9, np.float64))
+    want = [(x * mul + add) * c64, dp64 * c64 * mul + (x - mean) * cx + c0,
+            dp64 * (x * mul + add)]
+    got = [stencil.product(u_, c_, k9, vecs[0], vecs[1], 1, interpret=True, dot=True),
+           *stencil.dx_dc(u_, c_, dp_, k9, *vecs, 1, jnp.float32, interpret=True,
+                          dot=True)]
+    for name, g, w_, bound in zip(("p", "dx", "dc"), got, want, (stored, tol, stored)):
+      assert g.shape == w_.shape and g.dtype == (jnp.float32 if name == "dx" else dtype)
+      err = np.abs(np.asarray(g.astype(jnp.float32), np.float64) - w_).max()
+      assert err / np.abs(w_).max() < bound, f"{dtype.__name__} {name}: {err:.1e}"
+
+
 @pytest.mark.parametrize("stride,hw", [(3, (7, 8)), (2, (8, 6)), (2, (1, 1))])
 def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
   """du's general path (strides above 2: per-row indices, nine masked taps) and the
@@ -296,7 +333,8 @@ def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
 def test_bad_settings_are_refused(monkeypatch):
   for spec in ("stats=32,32,4", "du=32,24,4", "dx=32,32,4", "stats=32,32,4,55",
                "du=32,32,4 du=16,16,4", "sums=16,8,4,2", "sums_dot=64,16,4",
-               "sums_dot=64,16,4,5", "du_dot=64,8,4", "du_dot=64,8,4,0"):
+               "sums_dot=64,16,4,5", "du_dot=64,8,4", "du_dot=64,8,4,0",
+               "product_dot=64,4,4", "product_dot=64,4,4,5"):
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     with pytest.raises(ValueError, match="QLHS_STENCIL_TILING"):
       stencil.tiling("du")
@@ -325,6 +363,16 @@ def test_bad_settings_are_refused(monkeypatch):
                                          "QLHS_DU_FORM"):
       stencil.d_transpose(jnp.zeros((1, 8, 8, 8, 4), jnp.bfloat16), jnp.zeros((9, 8, 4)),
                           1, (8, 8), interpret=False, dot=True)
+  # The forward's products: pixels, 4 parts by bj input channels (bfloat16 u) and bj*e
+  # hidden channels: at e = 4, 4 input channels a block.
+  with monkeypatch.context() as mp:
+    mp.setenv("QLHS_STENCIL_TILING", "product_dot=16,2,4,2")
+    with pytest.raises(ValueError, match="pallas_dot needs tiles of at least 16 pixels "
+                                         "and 4 channels.*2 of 8 channels; set "
+                                         "QLHS_PRODUCT_FORM"):
+      stencil.product(jnp.zeros((1, 8, 8, 8), jnp.bfloat16),
+                      jnp.zeros((1, 8, 8, 8, 4), jnp.bfloat16), jnp.zeros((9, 8, 4)),
+                      *[jnp.zeros((1, 8, 4))] * 2, 1, interpret=False, dot=True)
   # On a backend that runs neither Triton nor the interpreter: the variable named.
   with monkeypatch.context() as mp:
     mp.setattr(jax, "default_backend", lambda: "tpu")
@@ -392,6 +440,7 @@ def spy_on_kernels(monkeypatch):
 
     def spy(*a, _real=real, _name=name, **k):
       calls[_name] += 1
+      calls[_name + "_dot"] = calls.get(_name + "_dot", 0) + bool(k.get("dot"))
       return _real(*a, **k)
     monkeypatch.setattr(stencil, name, spy)
   return calls
@@ -483,15 +532,18 @@ def test_d_bn_product_with_the_pallas_forms_matches_float64_autodiff(monkeypatch
   assert not calls["product"] and not calls["dx_dc"], calls  # QLHS_PRODUCT_FORM unset
 
 
-@pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2"), (2, "product=16,8,4"),
-                                         (1, None), (2, None)])
-def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec):
+@pytest.mark.parametrize("form", ["pallas", "pallas_dot"])
+@pytest.mark.parametrize("stride,spec", [(1, "product=8,4,2 product_dot=8,4,2,2"),
+                                         (2, "product=16,8,4"), (1, None), (2, None)])
+def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec, form):
   """QLHS_PRODUCT_FORM=pallas: the forward product and pass 4 (dx and dc) as
   stencil.product and stencil.dx_dc, with the other Pallas forms: outputs and all five
   gradients as float64 autodiff (partial last tiles, two channel blocks at stride 1;
-  ``spec`` None: the default tiles); a second BatchNorm group is refused by name."""
-  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM"):
+  ``spec`` None: the default tiles); a second BatchNorm group is refused by name.
+  "pallas_dot": D u as matrix products (at stride 1)."""
+  for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
     monkeypatch.setenv(var, "pallas")
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", form)
   if spec is None:
     monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
   else:
@@ -500,6 +552,8 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
   a32 = d_bn_product_matches_float64(5, stride)
   # the forward alone and inside grad; pass 4 once
   assert (calls["product"], calls["dx_dc"]) == (2, 1), calls
+  assert (calls["product_dot"], calls["dx_dc_dot"]) == ((2, 1) if form == "pallas_dot"
+                                                        else (0, 0)), calls
   for var in ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"):
     monkeypatch.delenv(var)  # auto: XLA's forms on the CPU, which take any groups
   with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM=pallas sums over one BatchNorm "
@@ -1149,9 +1203,11 @@ _COMPILE_SUMS = textwrap.dedent("""
                                            interpret=False, dot=dot)
       with kernel_env("QLHS_STENCIL_TILING", "du_dot=64,8,4,1"):  # du's, one stage
         unpiped = du(True)
+      product = stencil.product(u, c, k9, v, v, 1, interpret=False, dot=True)
+      dx = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, u.dtype, interpret=False, dot=True)
       return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
                stencil.lag_sums(u, interpret=False, dot=dot), du(dot))
-              for dot in (False, True)] + [unpiped]
+              for dot in (False, True)] + [unpiped, product, dx]
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(sums).lower(
           s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
@@ -1196,3 +1252,13 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
               key=lambda ops: ops["copies"])
   assert du == [{"barriers": 19, "copies": 0, "past_l1": 0, "mma": 18},
                 {"barriers": 2, "copies": 18, "past_l1": 18, "mma": 18}], du
+  # The forward product and pass 4 as products at their default (64 pixels by 4 input
+  # channels, 2 stages): per trip the nine taps (8 bytes a thread, twice: the parts'
+  # columns repeat the channels; through L1) and c (and dp) times the identity (16
+  # bytes, past L1) are copies issued a trip ahead, so a thread waits for none of its
+  # loads in a trip (experiment 42).
+  funcs = {c["name"]: c for c in functions}
+  for name, hidden in (("qlhs_product_dot", 1), ("qlhs_dx_dc_dot", 2)):
+    ops = funcs[name]["loop_ops"]
+    assert ops["copies"] == 18 + hidden and ops["past_l1"] == hidden, (name, ops)
+    assert ops["mma"] >= 9 + hidden and funcs[name]["loop_rounds"] == 0, funcs[name]
