@@ -309,9 +309,9 @@ def product_form(groups: int = 1) -> str:
   and pass 4 (dx, with dc): QLHS_PRODUCT_FORM, else "xla" (XLA's loop fusions, 1.5-1.8
   TB/s on the H100 in experiment 13). "pallas": ``stencil.product`` and
   ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
-  QLHS_DC_PASS says. "pallas_dot": the same kernels with D u as matrix products at
-  stride 1 (``stencil._dot_d``), every load of a trip copied a trip ahead by Triton
-  (experiment 42). Not yet timed, hence not the default (benchmarks/NOTES.md,
+  QLHS_DC_PASS says. "pallas_dot": the same kernels with D u as matrix products
+  (``stencil._dot_d``), every load of a trip copied a trip ahead by Triton (experiment
+  42). Not yet timed, hence not the default (benchmarks/NOTES.md,
   experiment 14)."""
   form = settings.choice("QLHS_PRODUCT_FORM", PRODUCT_FORMS)
   if form.startswith("pallas") and groups != 1:

@@ -241,16 +241,22 @@ class _Tile:
     return plt.load(ref.at[pl.ds(start, plan["m"]), cols], mask=ok[:, None],
                     other=0.0).astype(F32)
 
-  def tap(self, u_ref, t, j0, bj):
-    """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
-    (m, bj) float32, 0 where the tap is outside the image."""
+  def tap_rows(self, dy, dx):
+    """Tiles that are not lean: u's row of each pixel's tap (dy, dx), clamped into u,
+    and whether the tap lies in the image, (m,) each."""
     plan = self.plan
-    dy, dx = t // 3 - 1, t % 3 - 1
-    if self.lean:
-      return self.shifted(u_ref, dy, dx, pl.ds(j0, bj), self.inside(dy, dx))
     yy, xx = plan["stride"] * self.y + dy, plan["stride"] * self.x + dx
     ok = (yy >= 0) & (yy < plan["h"]) & (xx >= 0) & (xx < plan["w"])
     row = jnp.clip(self.base + dy * plan["w"] + dx, 0, plan["b"] * plan["h"] * plan["w"] - 1)
+    return row, ok
+
+  def tap(self, u_ref, t, j0, bj):
+    """Tap t = 3*(dy+1) + (dx+1) of u at this tile's pixels, channels j0..j0+bj:
+    (m, bj) float32, 0 where the tap is outside the image."""
+    dy, dx = t // 3 - 1, t % 3 - 1
+    if self.lean:
+      return self.shifted(u_ref, dy, dx, pl.ds(j0, bj), self.inside(dy, dx))
+    row, ok = self.tap_rows(dy, dx)
     return jnp.where(ok[:, None], u_ref[row, pl.ds(j0, bj)].astype(F32), 0.0)
 
   def d(self, u_ref, k_ref, s, j0, bj, on_tap=None):

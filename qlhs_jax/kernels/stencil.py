@@ -1028,7 +1028,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
 # products instead (:func:`_dot_d`), over chunks of tiles a program, and c and dp as
 # products with the identity (exact): every load of a trip then feeds a product, which
 # is what Triton's pipeliner copies a trip ahead (cp.async), so a thread waits for none
-# of a trip's loads (experiment 42). Stride 2 keeps the tiles.
+# of a trip's loads (experiment 42).
 
 def _d_of_taps(tap, k_tap, m, bj, e):
   """D u for the block's hidden channels (j*e + s) from u's nine taps, ``tap(t)`` (m,
@@ -1058,12 +1058,14 @@ def _tile_d(tile, u_ref, k_ref, j0, bj, e, cols):
 
 
 def _dot_d(tile, u_ref, blocks, j0, bj):
-  """D u at a lean tile's pixels as matrix products (QLHS_PRODUCT_FORM=pallas_dot): per
-  tap, u's shifted rows (m, P*bj) @ the tap's kernel (P*bj, bj*e) (``blocks``,
+  """D u at a tile's pixels as matrix products (QLHS_PRODUCT_FORM=pallas_dot): per tap,
+  u's rows at the tap (m, P*bj) @ the tap's kernel (P*bj, bj*e) (``blocks``,
   :func:`_k_block` with ``forward``), summed in float32: (m, bj*e). The left operand
   is one gathered load: column q*bj + j reads channel j0 + j for every part q, so its
   runs of bj contiguous channels are what a thread copies (8 bytes at bj = 4 in
-  bfloat16, which the machine code copies through L1, where the taps overlap)."""
+  bfloat16, which the machine code copies through L1, where the taps overlap). Lean
+  tiles (stride 1) read m rows from a constant offset, others each pixel's own row
+  (``_Tile.tap_rows``)."""
   from qlhs_jax.kernels.d_bn_product import plt
   from qlhs_jax.kernels.eq3_block import _dot
   plan = tile.plan
@@ -1073,9 +1075,12 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   acc = None
   for t in range(9):
     dy, dx = _offset(t)
-    start = tile.p0 + dy * w + dx + plan["guard"]
-    v = plt.load(u_ref.at[start + rows, cols], mask=tile.inside(dy, dx)[:, None],
-                 other=0.0)
+    if tile.lean:
+      at, ok = tile.p0 + dy * w + dx + plan["guard"] + rows, tile.inside(dy, dx)
+    else:
+      at, ok = tile.tap_rows(dy, dx)
+      at = at[:, None]
+    v = plt.load(u_ref.at[at, cols], mask=ok[:, None], other=0.0)
     term = _dot(v.astype(blocks[t].dtype), blocks[t])
     acc = term if acc is None else acc + term
   return acc
@@ -1145,18 +1150,17 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
   tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
   per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype.
-  ``dot``: at stride 1, D u as matrix products over chunks of tiles (:func:`_each_tile`;
+  ``dot``: D u as matrix products over chunks of tiles (:func:`_each_tile`;
   QLHS_STENCIL_TILING's ``product_dot`` entry)."""
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
-  dot = dot and stride == 1
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
   if dot:
     m0, bj0, warps, stages = tiling("product_dot")
-    plan = dict(_chunked_plan(u.shape, 1, m0, bj0), e=e)
+    plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
     exact = u.dtype == jnp.bfloat16
     # The products' sides: pixels, P*bj (the parts' rows) and bj*e hidden channels.
     _dot_tiles(plan, form, interpret, -(-DOT_MIN // min(e, K_PARTS if exact else 1)))
@@ -1208,8 +1212,8 @@ def product(u: jax.Array, c5: jax.Array, k9: jax.Array, mul: jax.Array, add: jax
             stride: int, interpret: bool | None = None, dot: bool = False) -> jax.Array:
   """The forward product of ``d_bn_product``'s "xla" path, p = (D u * mul + add) * c,
   in c's dtype: ``u`` (B, H, W, n), ``c5`` (B, Ho, Wo, n, e), ``k9`` (9, n, e),
-  ``mul``/``add`` (1, n, e) (one BatchNorm group). ``dot``: at stride 1, D u as matrix
-  products (QLHS_PRODUCT_FORM=pallas_dot)."""
+  ``mul``/``add`` (1, n, e) (one BatchNorm group). ``dot``: D u as matrix products
+  (QLHS_PRODUCT_FORM=pallas_dot)."""
   return _elementwise(_product_kernel, "product", u, [c5], [mul, add], k9, stride,
                       [c5.dtype], "QLHS_PRODUCT_FORM", interpret, dot)[0]
 

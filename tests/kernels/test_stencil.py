@@ -279,40 +279,51 @@ def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec
 
 
 @pytest.mark.parametrize("programs", [1056, 3])
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("shape,e,spec", [((2, 6, 5, 4), 4, "product_dot=8,2,4,2"),
                                           ((2, 9, 7, 16), 4, "product_dot=16,4,4,3"),
                                           ((2, 5, 8, 8), 2, "product_dot=8,8,4,1"),
                                           ((1, 5, 8, 8), 4, "")])
-def test_the_dot_product_and_pass_4_match_numpy(monkeypatch, shape, e, spec, programs):
+def test_the_dot_product_and_pass_4_match_numpy(monkeypatch, shape, e, spec, stride,
+                                                programs):
   """QLHS_PRODUCT_FORM=pallas_dot: the forward product p and pass 4's dx and dc with D u
   as matrix products and c and dp as products with the identity, against float64 of the
-  same values, with one tile a program and with chunks of several (``programs`` 3: the
-  last chunk runs past the last tile). Float32 (operands at HIGHEST) to 2e-6 of the
-  largest. Bfloat16 (training's): D's kernel in three bfloat16 parts, so every product
-  is exact and dx, kept in float32, is within 1e-6 (two parts miss by more); p and dc
-  are stored in bfloat16, one rounding."""
+  same values, both strides, with one tile a program and with chunks of several
+  (``programs`` 3: the last chunk runs past the last tile). Float32 (operands at
+  HIGHEST) to 2e-6 of the largest. Bfloat16 (training's): D's kernel in three bfloat16
+  parts, so every product is exact and dx, kept in float32, is within 1e-6 (two parts
+  miss by more); p and dc are stored in bfloat16, one rounding."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
   monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+  names, real = [], stencil.pl.pallas_call
+
+  def spy(*a, **k):
+    names.append(k["name"])
+    return real(*a, **k)
+  monkeypatch.setattr(stencil.pl, "pallas_call", spy)
   b, h, w, n = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
   rng = np.random.default_rng(12)
-  u, c5, dp5 = (rng.normal(size=shape), rng.normal(size=(b, h, w, n, e)),
-                rng.normal(size=(b, h, w, n, e)))
+  u, c5, dp5 = (rng.normal(size=shape), rng.normal(size=(b, ho, wo, n, e)),
+                rng.normal(size=(b, ho, wo, n, e)))
   k9 = jnp.asarray(rng.normal(size=(9, n, e)), jnp.float32)
   vecs = [jnp.asarray(rng.normal(size=(1, n, e)), jnp.float32) for _ in range(5)]
   mul, add, cx, c0, mean = [np.asarray(v, np.float64) for v in vecs]
   for dtype, tol, stored in ((jnp.float32, 2e-6, 2e-6), (jnp.bfloat16, 1e-6, 8e-3)):
     u_, c_, dp_ = (jnp.asarray(a, dtype) for a in (u, c5, dp5))
     u64, c64, dp64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (u_, c_, dp_))
-    x = np.einsum("tbhwn,tne->bhwne", numpy_taps(u64, 1), np.asarray(k9, np.float64))
+    x = np.einsum("tbhwn,tne->bhwne", numpy_taps(u64, stride), np.asarray(k9, np.float64))
     want = [(x * mul + add) * c64, dp64 * c64 * mul + (x - mean) * cx + c0,
             dp64 * (x * mul + add)]
-    got = [stencil.product(u_, c_, k9, vecs[0], vecs[1], 1, interpret=True, dot=True),
-           *stencil.dx_dc(u_, c_, dp_, k9, *vecs, 1, jnp.float32, interpret=True,
+    got = [stencil.product(u_, c_, k9, vecs[0], vecs[1], stride, interpret=True,
+                           dot=True),
+           *stencil.dx_dc(u_, c_, dp_, k9, *vecs, stride, jnp.float32, interpret=True,
                           dot=True)]
     for name, g, w_, bound in zip(("p", "dx", "dc"), got, want, (stored, tol, stored)):
       assert g.shape == w_.shape and g.dtype == (jnp.float32 if name == "dx" else dtype)
       err = np.abs(np.asarray(g.astype(jnp.float32), np.float64) - w_).max()
       assert err / np.abs(w_).max() < bound, f"{dtype.__name__} {name}: {err:.1e}"
+  assert names == ["qlhs_product_dot", "qlhs_dx_dc_dot"] * 2, names
 
 
 @pytest.mark.parametrize("stride,hw", [(3, (7, 8)), (2, (8, 6)), (2, (1, 1))])
@@ -1198,12 +1209,13 @@ _COMPILE_SUMS = textwrap.dedent("""
     s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(
         shape, dt, sharding=SingleDeviceSharding(dev))
     from qlhs_jax.benchmarks.step import kernel_env
-    def sums(u, c, k9, v):
+    def sums(u, c, k9, v, u2):
       du = lambda dot: stencil.d_transpose(c, k9, 1, (32, 32), out_dtype=u.dtype,
                                            interpret=False, dot=dot)
       with kernel_env("QLHS_STENCIL_TILING", "du_dot=64,8,4,1"):  # du's, one stage
         unpiped = du(True)
-      product = stencil.product(u, c, k9, v, v, 1, interpret=False, dot=True)
+      product = [stencil.product(x, c, k9, v, v, stride, interpret=False, dot=True)
+                 for x, stride in ((u, 1), (u2, 2))]
       dx = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, u.dtype, interpret=False, dot=True)
       return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
                stencil.lag_sums(u, interpret=False, dot=dot), du(dot))
@@ -1211,7 +1223,8 @@ _COMPILE_SUMS = textwrap.dedent("""
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(sums).lower(
           s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
-          s((9, 64, 4)), s((1, 64, 4)))  # 4 tiles a program: a loop to pipeline
+          s((9, 64, 4)), s((1, 64, 4)),  # 4 tiles a program: a loop to pipeline
+          s((64, 64, 64, 64), jnp.bfloat16))  # c's pixels at stride 2
     lowered.compile(aot.GEMM_OPTIONS["triton"])
 """)
 
@@ -1257,9 +1270,12 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   # channels, 2 stages): per trip the nine taps (8 bytes a thread, twice: the parts'
   # columns repeat the channels; through L1) and c (and dp) times the identity (16
   # bytes, past L1) are copies issued a trip ahead, so a thread waits for none of its
-  # loads in a trip (experiment 42).
-  funcs = {c["name"]: c for c in functions}
-  for name, hidden in (("qlhs_product_dot", 1), ("qlhs_dx_dc_dot", 2)):
-    ops = funcs[name]["loop_ops"]
-    assert ops["copies"] == 18 + hidden and ops["past_l1"] == hidden, (name, ops)
-    assert ops["mma"] >= 9 + hidden and funcs[name]["loop_rounds"] == 0, funcs[name]
+  # loads in a trip (experiment 42); the product at stride 2 too, its taps at each
+  # pixel's own rows.
+  dots = [(c, 2 if c["name"].startswith("qlhs_dx_dc_dot") else 1) for c in functions
+          if c["name"].startswith(("qlhs_product_dot", "qlhs_dx_dc_dot"))]
+  assert sorted(hidden for _, hidden in dots) == [1, 1, 2], [c["name"] for c, _ in dots]
+  for c, hidden in dots:
+    ops = c["loop_ops"]
+    assert ops["copies"] == 18 + hidden and ops["past_l1"] == hidden, (c["name"], ops)
+    assert ops["mma"] >= 9 + hidden and c["loop_rounds"] == 0, c
