@@ -38,7 +38,7 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   ("xla", the default) and as ``stencil.product`` at each ``--product-tilings``
   ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too), and with D u
   as matrix products at each ``--product-dot-tilings`` (pixels, channels, warps,
-  stages; "pallas_dot", Triton's pipelined loads; at stride 2 "pallas"'s kernel).
+  stages; "pallas_dot", Triton's pipelined loads).
 - "pallas_rows" (stats, sums, du and product): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
@@ -414,8 +414,8 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
 
 def _tiling_key(kernel: str, form: str) -> str:
   """The QLHS_STENCIL_TILING entry that an entry's tiling sets: the dot forms have their
-  own (``sums_dot``, ``stats_dot``, ``du_dot``, ``product_dot``: stages where the others have splits or
-  nothing)."""
+  own (``sums_dot``, ``stats_dot``, ``du_dot``, ``product_dot``: stages where the
+  others have splits or nothing)."""
   return f"{kernel}_dot" if form == "pallas_dot" else kernel
 
 

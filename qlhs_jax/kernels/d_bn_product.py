@@ -311,8 +311,7 @@ def product_form(groups: int = 1) -> str:
   ``stencil.dx_dc``, one BatchNorm group per GPU; they write dc in pass 4 whatever
   QLHS_DC_PASS says. "pallas_dot": the same kernels with D u as matrix products
   (``stencil._dot_d``), every load of a trip copied a trip ahead by Triton (experiment
-  42). Not yet timed, hence not the default (benchmarks/NOTES.md,
-  experiment 14)."""
+  42). Not yet timed, hence not the default (benchmarks/NOTES.md, experiment 14)."""
   form = settings.choice("QLHS_PRODUCT_FORM", PRODUCT_FORMS)
   if form.startswith("pallas") and groups != 1:
     from qlhs_jax.kernels import stencil  # imports this module
@@ -348,7 +347,8 @@ def _xla_reads_taps(stride: int, n: int, e: int, groups: int) -> tuple[bool, boo
   if _bwd_walks(stride, n, e, groups):
     return forward, False
   # pass 4 as XLA's (and dc's own pass, which comes only with it), or XLA's sums
-  kernels_dx = product_form(groups).startswith("pallas") or _dx_du_walks(stride, n, e, groups)
+  kernels_dx = (product_form(groups).startswith("pallas")
+                or _dx_du_walks(stride, n, e, groups))
   return forward, not kernels_dx or sums_form(n, groups, e) == "xla"
 
 

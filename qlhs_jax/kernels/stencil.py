@@ -1114,8 +1114,8 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
   eye = lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 0)
   eye = eye == lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 1)
 
-  def body(i, carry):
-    ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)  # the last chunk: its last tile
+  def body(i, carry):  # (the last chunk's extra trips redo its last tile)
+    ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
     x = _dot_d(_Tile(ti * m, plan), u_ref, blocks, j0, bj)
     pix = pl.ds(ti * m, m)
 
