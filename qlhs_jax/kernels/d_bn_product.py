@@ -319,6 +319,14 @@ def product_form(groups: int = 1) -> str:
   return form
 
 
+def product_pallas(groups: int = 1) -> bool | None:
+  """Whether :func:`product_form` runs ``stencil.product`` and ``stencil.dx_dc`` with
+  D u as matrix products (True, "pallas_dot") or element-wise (False, "pallas"); None
+  for XLA's fusions (as :func:`du_pallas`)."""
+  form = product_form(groups)
+  return form == "pallas_dot" if form.startswith("pallas") else None
+
+
 def _dx_du_walks(stride: int, n: int, e: int, groups: int) -> bool:
   """Whether impl "xla" runs pass 4 and du as one row walk (``stencil.dx_du``, dx never
   stored): QLHS_STENCIL_ROWS names "dx_du", du runs as Pallas (:func:`du_form`), at
@@ -347,7 +355,7 @@ def _xla_reads_taps(stride: int, n: int, e: int, groups: int) -> tuple[bool, boo
   if _bwd_walks(stride, n, e, groups):
     return forward, False
   # pass 4 as XLA's (and dc's own pass, which comes only with it), or XLA's sums
-  kernels_dx = (product_form(groups).startswith("pallas")
+  kernels_dx = (product_pallas(groups) is not None
                 or _dx_du_walks(stride, n, e, groups))
   return forward, not kernels_dx or sums_form(n, groups, e) == "xla"
 
@@ -904,10 +912,9 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
-  elif product_form(groups).startswith("pallas"):
+  elif (product_dot := product_pallas(groups)) is not None:
     from qlhs_jax.kernels import stencil  # imports this module
-    p5 = stencil.product(u, c5, k9, mul, add, stride,
-                         dot=product_form(groups) == "pallas_dot")
+    p5 = stencil.product(u, c5, k9, mul, add, stride, dot=product_dot)
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
@@ -941,7 +948,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     # two backward passes) into one float32 tensor stored in the forward and read back
     # twice.
     u_sums, up_sums, dp5 = lax.optimization_barrier((u, up, dp5))
-    pallas_dx = product_form(groups).startswith("pallas")
+    product_dot = product_pallas(groups)
+    pallas_dx = product_dot is not None
     fused_du = _dx_du_walks(stride, n, e, groups)
     dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
@@ -972,7 +980,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
       dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype,
-                              dot=product_form(groups) == "pallas_dot")
+                              dot=product_dot)
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dp.dtype, add=add, up=up_dx)

@@ -834,9 +834,16 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = du.astype(du_ref.dtype)
 
 
-# D's kernel in du's products (QLHS_DU_FORM=pallas_dot) for bfloat16 dx: the parts of
-# each value, side by side as the columns of one product (the last zero).
+# D's kernel in the products of du and of D u (QLHS_DU_FORM / QLHS_PRODUCT_FORM=
+# pallas_dot) with bfloat16 operands: the parts of each value (the last zero), side by
+# side along one side of one product (:func:`_k_block`).
 K_PARTS = 4
+
+
+def _parts_channels(e: int, exact: bool) -> int:
+  """The fewest input channels a block of the parts' products (:func:`_k_block`) needs
+  for sides of at least tl.dot's smallest: bj*e hidden channels and bj*P parts."""
+  return -(-DOT_MIN // min(e, K_PARTS if exact else 1))
 
 
 def _k_block(k, e: int, bj: int, exact: bool, forward: bool = False):
@@ -989,9 +996,7 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     plan, dx2 = lean_plan(dict(_chunked_plan((b, h, w, n), 1, m0, bj0), e=e), dx2,
                           interpret)
     exact = dx.dtype == jnp.bfloat16
-    # The products' sides: pixels, bj*e hidden and bj*P columns (_k_block).
-    _dot_tiles(plan, "QLHS_DU_FORM", interpret,
-               -(-DOT_MIN // min(e, K_PARTS if exact else 1)))
+    _dot_tiles(plan, "QLHS_DU_FORM", interpret, _parts_channels(e, exact))
     body = functools.partial(_du_dot_kernel, exact=exact)
     programs, out_rows = plan["chunks"], plan["tiles"] * plan["m"]
   else:
@@ -1157,16 +1162,15 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   check(n, form, interpret=interpret, e=e)
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
-  g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
   if dot:
     m0, bj0, warps, stages = tiling("product_dot")
     plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
     exact = u.dtype == jnp.bfloat16
-    # The products' sides: pixels, P*bj (the parts' rows) and bj*e hidden channels.
-    _dot_tiles(plan, form, interpret, -(-DOT_MIN // min(e, K_PARTS if exact else 1)))
+    _dot_tiles(plan, form, interpret, _parts_channels(e, exact))
     plan["dot"], programs = exact, plan["chunks"]
   else:
     (m0, bj0, warps), stages = tiling(name), 1
+    g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
     plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
     programs = plan["tiles"]
   plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
