@@ -111,18 +111,20 @@
 #   win, alone only).
 #   (Until 2026-12-06 this part timed the sums kernel as it was before 2026-12-04,
 #   QLHS_SUMS_FORM=pallas_xhat, against the default: never run.)
-# "product" (time limits add up to 530 s; NOTES.md experiments 23, 39 and 42; run it
-#   first): the forward product and pass 4 with D u as matrix products
+# "product" (time limits add up to 560 s; NOTES.md experiments 23, 39, 42 and 43; run
+#   it first): the forward product and pass 4 with D u as matrix products
 #   (QLHS_PRODUCT_FORM=pallas_dot: per tap u's shifted rows times D's kernel in exact
 #   bfloat16 parts, c and dp times the identity, so that Triton copies every operand
 #   of a trip a trip ahead and a thread waits for none of them; in experiment 23's
 #   profile XLA's fusions took 3.81 and 4.70 ms a step, 2.7x and 1.8x their copy time
 #   at stage 1, latency-bound: 3 and 2 waits a thread), in one call: Eq.(3) "auto"
-#   against ResNet50 on uint8 batches; the product alone at stage 1 as XLA's fusion,
-#   the element-wise kernel and the products at two tilings (benchmarks.stencil_times,
-#   checked against XLA's form); the step with the products, profiled kernel by
-#   kernel; then with the sums and the lags as products too, each against the first
-#   row.
+#   against ResNet50 on uint8 batches; the product alone at stage 1 as XLA's fusion and
+#   as products, of three parts of the float32 kernel and of one part of the kernel
+#   rounded to bfloat16 (QLHS_D_KERNEL=compute, at three tilings;
+#   benchmarks.stencil_times, checked against XLA's form); the step with one part,
+#   profiled kernel by kernel; then with three parts, each against the first row.
+#   (Until experiment 43 it timed the element-wise kernel and three tilings of three
+#   parts alone, and the step with the sums and the lags as products too: never run.)
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -221,7 +223,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -499,25 +501,31 @@ if [ "$PART" = sums ]; then
 fi
 if [ "$PART" = product ]; then
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
-  # The product alone at stage 1: XLA's fusion (the default), the element-wise kernel
-  # (experiment 39's tiles) and the products at 64 pixels with 2 and 3 stages and at 128
-  # pixels (47, 67 and 87 KB of shared memory: 4, 3 and 2 programs an SM; compiles ~6 s
-  # each on 2 CPU cores).
-  echo "== benchmarks.stencil_times: the product as products" | tee -a "$OUT/log.txt"
-  timeout 90 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
-    --shapes stage1 --kernels product --forms pallas,pallas_dot --calls 10 --repeats 3 \
-    --product-tilings 16,16,8 --product-dot-tilings 64,4,4,2 64,4,4,3 128,4,4,2 \
-    --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet | tee -a "$OUT/log.txt" \
-    | grep -E "^[a-z0-9_]+ \(|  product |network so far|WRONG|failed|rror" | cut -c1-150
-  echo "exit ${PIPESTATUS[0]}"
-  bring
-  # The step with the forward product and pass 4 as products, profiled (each kernel's
-  # time against its bound: xla_floors --measured on this HLO); then with every dot
-  # form but du's (the least likely to win, experiment 41).
-  QLHS_PRODUCT_FORM=pallas_dot bench 170 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
-    --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
-  QLHS_PRODUCT_FORM=pallas_dot QLHS_SUMS_FORM=pallas_dot QLHS_STATS_FORM=pallas_dot \
-    bench 120 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
+  # The product alone at stage 1: XLA's fusion (the default) and the products with D's
+  # float32 kernel in three parts at their default tiles (47 KB of shared memory, 4
+  # programs an SM); then with the kernel in bfloat16, one part (QLHS_D_KERNEL=compute),
+  # at 32 pixels by 16 channels with 3 and 2 stages and at 64 pixels (54, 41 and 86 KB:
+  # 4, 5 and 2 programs an SM; experiment 43).
+  for d_kernel in float32 compute; do
+    echo "== benchmarks.stencil_times: the product as products, D's kernel $d_kernel" \
+      | tee -a "$OUT/log.txt"
+    tilings=()
+    [ "$d_kernel" = float32 ] && tilings=(--product-dot-tilings 64,4,4,2)
+    timeout 70 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+      --shapes stage1 --kernels product --forms pallas_dot --calls 10 --repeats 3 \
+      --d-kernel "$d_kernel" "${tilings[@]}" --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+      | quiet | tee -a "$OUT/log.txt" \
+      | grep -E "^[a-z0-9_]+ \(|  product |network so far|WRONG|failed|rror" | cut -c1-150
+    echo "exit ${PIPESTATUS[0]}"
+    bring
+  done
+  # The step with the forward product and pass 4 as products of one part of D's kernel
+  # rounded to bfloat16, profiled (each kernel's time against its bound: xla_floors
+  # --measured on this HLO); then with three parts of the float32 kernel.
+  QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute bench 170 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
+  QLHS_PRODUCT_FORM=pallas_dot bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
+    --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

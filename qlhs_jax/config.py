@@ -28,7 +28,8 @@ RUNTIME_KEYS = frozenset({
     "data.read_threads", "data.prefetch", "data.data_dir", "data.folder",
     "data.resized_dir", "data.index_cache_dir", "checkpoint_async",
     # The kernels' forms and tiles, and how the step writes its state: the same values up
-    # to rounding, as on another device.
+    # to rounding, as on another device (kernels.d_kernel: D's kernel rounded to the
+    # compute dtype, as the plain path rounds it).
     *(f"kernels.{key}" for key in kernel_settings.VARIABLES), "group_state_writes",
     "xla_fma",
 })

@@ -39,6 +39,9 @@ width's largest shape first), on random bfloat16 inputs at ``--batch``:
   ("pallas"; QLHS_PRODUCT_FORM=pallas, which takes pass 4 to Pallas too), and with D u
   as matrix products at each ``--product-dot-tilings`` (pixels, channels, warps,
   stages; "pallas_dot", Triton's pipelined loads).
+- ``--d-kernel compute``: every entry gets D's kernel in bfloat16, as
+  QLHS_D_KERNEL=compute gives it (the product's products then take one part of it, at
+  :data:`PRODUCT_DOT_ONE_PART_TILINGS` unless named); the forms line names the setting.
 - "pallas_rows" (stats, sums, du and product): the same kernels walking rows at stride 1
   (QLHS_STENCIL_ROWS; pixels is the strip's width), at the same tilings; at stride 2
   they are the tiles, timed under both names so that each form covers every shape.
@@ -108,6 +111,11 @@ DU_DOT_TILINGS = ("64,8,4,3", "64,8,4,1", "64,16,4,3")
 # The product's (experiment 42): the default (4 programs an SM by shared memory), the
 # same with 3 stages (2 trips of copies in flight, 3 programs) and 128 pixels (2).
 PRODUCT_DOT_TILINGS = ("64,4,4,2", "64,4,4,3", "128,4,4,2")
+# The product's with D's kernel in bfloat16 (--d-kernel compute), one part of it, 16
+# channels a block at e = 4 (experiment 43): the default (stencil.ONE_PART_TILING; 4
+# programs an SM, 2 trips of copies in flight each, the taps through L1), the same with
+# 2 stages (5 programs, 1 trip), and 64 pixels (2 programs, the taps past L1).
+PRODUCT_DOT_ONE_PART_TILINGS = ("32,16,4,3", "32,16,4,2", "64,16,4,2")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round
@@ -117,7 +125,7 @@ WRONG = {"stats": 1e-3, "sums": 1e-3, "du": 1e-2, "dx_du": 1e-2, "bwd": 1e-2,
          "product": 1e-2}
 
 
-def _inputs(batch, side, n, stride, e=4, seed=0):
+def _inputs(batch, side, n, stride, e=4, seed=0, d_kernel="float32"):
   import jax
   import jax.numpy as jnp
 
@@ -127,6 +135,8 @@ def _inputs(batch, side, n, stride, e=4, seed=0):
   u = (jax.random.normal(k1, (batch, side, side, n)) + 0.3).astype(jnp.bfloat16)
   dx = jax.random.normal(k2, (batch, ho, ho, n, e)).astype(jnp.bfloat16)
   k9 = jax.random.normal(k3, (9, n, e), jnp.float32)
+  if d_kernel == "compute":  # as d_bn_product gives it under QLHS_D_KERNEL=compute
+    k9 = k9.astype(jnp.bfloat16)
   return u, dx, k9
 
 
@@ -333,7 +343,7 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
                sums_dot_tilings=SUMS_DOT_TILINGS,
                stats_dot_tilings=STATS_DOT_TILINGS,
                du_dot_tilings=DU_DOT_TILINGS,
-               product_dot_tilings=PRODUCT_DOT_TILINGS) -> dict:
+               product_dot_tilings=PRODUCT_DOT_TILINGS, d_kernel="float32") -> dict:
   """{"kernel form[@tiling]": {"ms", "err", "compile_s"}} at one shape (err: against the
   XLA form), for the ``kernels`` named (each with its XLA forms, the reference) and
   their Pallas ``forms``. ``on_entry(name, result)`` sees each entry as soon as it is
@@ -341,17 +351,20 @@ def time_shape(batch, side, n, stride, stats_tilings, sums_tilings, du_tilings, 
   timed).
   ``compile_on``: a compile-only GPU device (``benchmarks.aot``; ``interpret`` False):
   each entry is compiled for it, by the XLA and Triton that the GPU's jax runs, and not
-  run: {"compile_s", "pallas_calls"} (the Pallas kernels in the compiled program)."""
+  run: {"compile_s", "pallas_calls"} (the Pallas kernels in the compiled program).
+  ``d_kernel`` "compute": D's kernel in bfloat16, as QLHS_D_KERNEL=compute gives it to
+  every entry (the parts' products then take one part)."""
   import jax
 
   from qlhs_jax.benchmarks.block_tune import median_ms
   from qlhs_jax.benchmarks.step import kernel_env
   if compile_on is None:
-    u, dx, k9 = _inputs(batch, side, n, stride)
+    u, dx, k9 = _inputs(batch, side, n, stride, d_kernel=d_kernel)
   else:  # shapes on the device, no arrays
     on = jax.sharding.SingleDeviceSharding(compile_on)
     u, dx, k9 = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)
-                 for a in jax.eval_shape(lambda: _inputs(batch, side, n, stride)))
+                 for a in jax.eval_shape(lambda: _inputs(batch, side, n, stride,
+                                                         d_kernel=d_kernel)))
   out, ref, shared = {}, {}, {}
   fns = _functions(stride, side, interpret)
   todo = [("stats", "xla", None), ("sums", "xla", None), ("du", "gather", None),
@@ -460,11 +473,12 @@ def _bwd_wins(results, blocks, rows) -> bool:
   return ms < other
 
 
-def spec_and_forms(results, blocks) -> tuple[str, str]:
+def spec_and_forms(results, blocks, d_kernel="float32") -> tuple[str, str]:
   """QLHS_STENCIL_TILING of the fastest Pallas tilings, and the form variables, each
   the fastest form, named explicitly (unset, a form is "auto": the kernels on a GPU),
-  with QLHS_STENCIL_ROWS naming the kernels whose walk was fastest. A kernel not timed
-  (--kernels) is left out: its variables stay as the environment has them."""
+  with QLHS_STENCIL_ROWS naming the kernels whose walk was fastest, and
+  QLHS_D_KERNEL=compute where the run gave D's kernel so (``d_kernel``). A kernel not
+  timed (--kernels) is left out: its variables stay as the environment has them."""
   spec, forms, rows = [], [], []
   for kernel, var in (("stats", "QLHS_STATS_FORM"), ("sums", "QLHS_SUMS_FORM"),
                       ("du", "QLHS_DU_FORM"), ("product", "QLHS_PRODUCT_FORM")):
@@ -502,6 +516,8 @@ def spec_and_forms(results, blocks) -> tuple[str, str]:
     forms += ["QLHS_SUMS_FORM=pallas", "QLHS_DU_FORM=pallas"]
   if rows:
     forms.append(f"QLHS_STENCIL_ROWS={','.join(rows)}")
+  if d_kernel == "compute":
+    forms.append("QLHS_D_KERNEL=compute")
   return " ".join(spec), " ".join(forms)
 
 
@@ -519,7 +535,12 @@ def main(argv=None) -> int:
   p.add_argument("--sums-dot-tilings", nargs="+", default=list(SUMS_DOT_TILINGS))
   p.add_argument("--stats-dot-tilings", nargs="+", default=list(STATS_DOT_TILINGS))
   p.add_argument("--du-dot-tilings", nargs="+", default=list(DU_DOT_TILINGS))
-  p.add_argument("--product-dot-tilings", nargs="+", default=list(PRODUCT_DOT_TILINGS))
+  p.add_argument("--product-dot-tilings", nargs="+", default=None,
+                 help=f"default {' '.join(PRODUCT_DOT_TILINGS)}; with --d-kernel "
+                      f"compute {' '.join(PRODUCT_DOT_ONE_PART_TILINGS)}")
+  p.add_argument("--d-kernel", default="float32", choices=("float32", "compute"),
+                 help="D's kernel as QLHS_D_KERNEL gives it to every entry: float32, or "
+                      "compute (bfloat16: the product's products take one part)")
   p.add_argument("--budget", type=float, default=float("inf"),
                  help="seconds after which no new shape is started")
   p.add_argument("--calls", type=int, default=10)
@@ -537,6 +558,9 @@ def main(argv=None) -> int:
                       "benchmarks.aot, e.g. h100; needs jax[cuda12]) and print the "
                       "seconds each compile took: what a sweep spends before it times")
   args = p.parse_args(argv)
+  if args.product_dot_tilings is None:
+    args.product_dot_tilings = list(PRODUCT_DOT_ONE_PART_TILINGS
+                                    if args.d_kernel == "compute" else PRODUCT_DOT_TILINGS)
   from qlhs_jax import xla_options
   xla_options.request_from_env()  # before JAX starts, as the step harness does
   kernels = tuple(filter(None, args.kernels.split(",")))
@@ -572,12 +596,14 @@ def main(argv=None) -> int:
                        f"{', '.join(aot.TARGETS)}")
     compile_on, interpret = aot.compile_only_device(args.compile_only), False
     print(f"stencil kernels compiled for {args.compile_only} (no device), jax "
-          f"{jax.__version__}, batch {args.batch}, bfloat16")
+          f"{jax.__version__}, batch {args.batch}, bfloat16, D's kernel "
+          f"{args.d_kernel}")
   else:
     dev = jax.devices()[0]
     interpret = dev.platform == "cpu"
     print(f"stencil kernels on {dev.platform}:{dev.device_kind}, jax {jax.__version__}, "
-          f"batch {args.batch}, bfloat16{' (interpreted)' if interpret else ''}")
+          f"batch {args.batch}, bfloat16, D's kernel {args.d_kernel}"
+          f"{' (interpreted)' if interpret else ''}")
   start, results, blocks, failed = time.perf_counter(), {}, {}, 0
   for name, side, n, _, stride, count in shapes:
     if time.perf_counter() - start > args.budget:
@@ -593,12 +619,13 @@ def main(argv=None) -> int:
                        compile_on=compile_on, sums_dot_tilings=args.sums_dot_tilings,
                        stats_dot_tilings=args.stats_dot_tilings,
                        du_dot_tilings=args.du_dot_tilings,
-                       product_dot_tilings=args.product_dot_tilings)
+                       product_dot_tilings=args.product_dot_tilings,
+                       d_kernel=args.d_kernel)
     if compile_on is not None:
       failed += _print_compiles(name, times)
       continue
     results[name], blocks[name] = times, count
-    spec, forms = spec_and_forms(results, blocks)
+    spec, forms = spec_and_forms(results, blocks, args.d_kernel)
     for kernel in kernels:
       choice, ms, totals = best(results, blocks, kernel)
       if kernel == "dx_du":  # against the default step's two kernels (stride-1 blocks)
@@ -620,11 +647,12 @@ def main(argv=None) -> int:
     return 1 if failed else 0
   if args.record and results:
     from qlhs_jax.benchmarks.step import append_records
-    spec, forms = spec_and_forms(results, blocks)
+    spec, forms = spec_and_forms(results, blocks, args.d_kernel)
     append_records(args.record, [{
         "kind": "stencil_times", "date": datetime.date.today().isoformat(),
         "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__,
         "batch": args.batch, "size_scale": args.size_scale, "blocks": blocks,
+        "d_kernel": args.d_kernel,
         "shapes": results, "spec": spec, "forms": forms,
         "xla_fma": xla_options.fma_in_flags()}])
   return 0

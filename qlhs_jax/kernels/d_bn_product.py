@@ -46,8 +46,9 @@ reference both are tested against (tests/kernels).
 Statistics follow :class:`qlhs_jax.models.common.BatchNorm`: float32, one pass
 (E[x^2] - E[x]^2, clipped at 0), biased variance returned (the caller keeps the running
 averages), ``groups`` equal slices of the batch with separate statistics. Unlike the
-plain path, D u is accumulated in float32 from the (bfloat16) ``u``; in float32 runs the
-two agree to rounding.
+plain path, D u is accumulated in float32 from the (bfloat16) ``u``, and D's kernel
+stays float32 unless QLHS_D_KERNEL=compute rounds it as the plain path does
+(:func:`d_kernel`); in float32 runs the two agree to rounding.
 
 Layouts: j-major hidden channels (``j*e + s``), one input channel per D group (S = 1),
 ``kernel`` (3, 3, 1, e) (shared, "ws") or (3, 3, n, e). Pallas needs ``e`` a power of
@@ -302,6 +303,37 @@ def stats_form(n: int | None = None, groups: int = 1) -> str:
 
 DC_PASSES = ("dx", "sums")
 PRODUCT_FORMS = ("xla", "pallas", "pallas_dot")
+D_KERNELS = ("float32", "compute")
+
+
+def d_kernel() -> str:
+  """QLHS_D_KERNEL: D's kernel in every pass in float32 (the default), or "compute":
+  rounded first to u's dtype (bfloat16 in training), as the plain path rounds it
+  (``layers.derivative`` casts it to its input's dtype); D u is still summed in float32,
+  and dL/dkernel, taken at the rounded kernel, reaches the float32 parameter unrounded
+  (the plain path rounds it too). The point: with a bfloat16 kernel, the products of
+  QLHS_PRODUCT_FORM=pallas_dot take one bfloat16 part of it, not three, which exact
+  products of a float32 kernel need (``stencil._k_parts``): a quarter of the columns, so
+  4x the channels a block for the same shared memory (benchmarks/NOTES.md, experiment
+  43). du's products (QLHS_DU_FORM=pallas_dot) keep three parts."""
+  return settings.choice("QLHS_D_KERNEL", D_KERNELS)
+
+
+def fused_kernel(kernel: jax.Array, dtype) -> jax.Array:
+  """D's ``kernel`` as the fused passes take it (:func:`d_kernel`): under "compute"
+  rounded to ``dtype`` (kept in its own dtype), its gradient passed through unrounded
+  (r - k is exact, r being k to fewer bits, so k + (r - k) is r); else as it is."""
+  if d_kernel() != "compute":
+    return kernel
+  rounded = kernel.astype(dtype).astype(kernel.dtype)
+  return kernel + lax.stop_gradient(rounded - kernel)
+
+
+def _parts_k9(k9: jax.Array, dtype) -> jax.Array:
+  """D's kernel for ``stencil.product`` and ``stencil.dx_dc``, whose products take it
+  in parts (``stencil._k_parts``): in the compute ``dtype`` where QLHS_D_KERNEL=compute
+  rounded it so (the cast then exact; one part), else as it is."""
+  return k9.astype(dtype) if d_kernel() == "compute" else k9
 
 
 def product_form(groups: int = 1) -> str:
@@ -914,7 +946,8 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
   elif (product_dot := product_pallas(groups)) is not None:
     from qlhs_jax.kernels import stencil  # imports this module
-    p5 = stencil.product(u, c5, k9, mul, add, stride, dot=product_dot)
+    p5 = stencil.product(u, c5, _parts_k9(k9, u.dtype), mul, add, stride,
+                         dot=product_dot)
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
@@ -979,8 +1012,8 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
                               dp.dtype)
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
-      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, stride, dp.dtype,
-                              dot=product_dot)
+      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, _parts_k9(k9, u.dtype), mul, add, cx, c0,
+                              mean, stride, dp.dtype, dot=product_dot)
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dp.dtype, add=add, up=up_dx)
@@ -1010,12 +1043,14 @@ def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array
   """``p = BN(D u) * c`` with training-mode batch statistics.
 
   ``u`` (B, H, W, n); ``c`` (B, Ho, Wo, n*e) in the hidden (j-major) order; ``kernel``
-  (3, 3, 1 or n, e); ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns
-  ``(p, mean, var)``: p like ``c``; mean and biased variance of D u per BatchNorm group,
-  (groups, n*e) float32. Differentiable in every array argument (the backward is the
-  hand-written passes of the module docstring).
+  (3, 3, 1 or n, e), in float32 or rounded to u's dtype (:func:`d_kernel`); ``scale``,
+  ``bias`` (n*e,) the BatchNorm parameters. Returns ``(p, mean, var)``: p like ``c``;
+  mean and biased variance of D u per BatchNorm group, (groups, n*e) float32.
+  Differentiable in every array argument (the backward is the hand-written passes of
+  the module docstring).
   """
   _check(u, c, kernel, scale, stride, groups, impl)
+  kernel = fused_kernel(kernel, u.dtype)
   if _kernels_per_device(u.shape[-1], kernel.shape[-1], groups, impl):
     return _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
   return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)

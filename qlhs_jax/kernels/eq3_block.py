@@ -522,13 +522,15 @@ def eq3_hidden(u: jax.Array, cw: jax.Array, aw: jax.Array, kernel: jax.Array,
 
   ``u`` (B, H, W, n) in the compute dtype; ``cw`` (n, n*e) and ``aw`` (n*e, n_out) the
   1x1 maps in the compute dtype (j-major hidden channels ``j*e + s``); ``kernel``
-  (3, 3, 1 or n, e); ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns
-  ``(y, mean, var)``: y (B, Ho, Wo, n_out) in u's dtype, mean and biased variance of
-  D u, (1, n*e) float32. Differentiable in every array argument.
+  (3, 3, 1 or n, e), in float32 or rounded to u's dtype (``d_bn_product.d_kernel``);
+  ``scale``, ``bias`` (n*e,) the BatchNorm parameters. Returns ``(y, mean, var)``: y
+  (B, Ho, Wo, n_out) in u's dtype, mean and biased variance of D u, (1, n*e) float32.
+  Differentiable in every array argument.
   """
   check(u.shape, cw.shape, aw.shape, kernel.shape)
   if stride < 1:
     raise ValueError(f"eq3_hidden: stride {stride} < 1")
+  kernel = dbn.fused_kernel(kernel, u.dtype)
   return _op(u, cw, aw, kernel, scale, bias, stride, tuple(u.shape[1:3]), eps, interpret)
 
 

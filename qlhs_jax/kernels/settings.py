@@ -8,8 +8,9 @@ built-in default ("auto" for the stencil forms). The readers (``d_bn_product``,
 ``stencil``, ``eq3_block``, ``models.common``) call :func:`get` at trace time;
 ``train.train_and_evaluate`` traces under :func:`use` with the run's ``config.kernels``,
 and the run's config.json records them. The variants compute the same values up to
-rounding (each is tested against XLA's form), so the keys may change when a run
-resumes (``config.RUNTIME_KEYS``), as the device may.
+rounding (each is tested against XLA's form; ``d_kernel="compute"`` rounds D's kernel to
+the compute dtype, as the plain path does), so the keys may change when a run resumes
+(``config.RUNTIME_KEYS``), as the device may.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ VARIABLES = {
     "du_form": "QLHS_DU_FORM",            # du = D^T dx
     "product_form": "QLHS_PRODUCT_FORM",  # the forward product and pass 4 (dx, dc)
     "dc_pass": "QLHS_DC_PASS",            # where dc = dp * BN(D u) is computed
+    "d_kernel": "QLHS_D_KERNEL",          # D's kernel in float32 or the compute dtype
     "d_taps": "QLHS_D_TAPS",              # where the XLA passes read u's nine taps
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
@@ -115,6 +117,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.du_form()
     d_bn_product.product_form()
     d_bn_product.dc_pass()
+    d_bn_product.d_kernel()
     choice("QLHS_D_TAPS", d_bn_product.D_TAPS_FORMS)  # d_taps() would start a backend
     d_bn_product.tiling()
     common.bn_stats_form()

@@ -158,6 +158,10 @@ DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4)
 # experiment 29).
 ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32, 4, 4),
                    du_bn=(32, 8, 4))
+# The product's products' default with one part of D's kernel (stencil._k_parts: a
+# float32 u, or QLHS_D_KERNEL=compute), whose sides of 16 then need 16 input channels a
+# block at e = 4 (4 with three parts).
+ONE_PART_TILING = {"product_dot": (32, 16, 4, 3)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').
@@ -170,11 +174,12 @@ _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages
          "flight, 1-4, the dot forms' entries only)")
 
 
-def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
+def tiling(kernel: str, rows: bool = False, defaults: dict | None = None
+           ) -> tuple[int, ...]:
   """(pixels, channels, warps[, splits or stages]) of ``kernel`` from
-  QLHS_STENCIL_TILING, else :data:`DEFAULT_TILING` (``rows``, or dx_du, which only walks:
-  :data:`ROWS_TILING`). "lags" (:func:`lag_sums`) takes the statistics' entry, "dx"
-  (:func:`dx_dc`) the product's."""
+  QLHS_STENCIL_TILING, else ``defaults``' or :data:`DEFAULT_TILING`'s (``rows``, or
+  dx_du, which only walks: :data:`ROWS_TILING`'s). "lags" (:func:`lag_sums`) takes the
+  statistics' entry, "dx" (:func:`dx_dc`) the product's."""
   kernel = {"lags": "stats", "dx": "product"}.get(kernel, kernel)
   raw = settings.get("QLHS_STENCIL_TILING")
   spec = {}
@@ -195,7 +200,9 @@ def tiling(kernel: str, rows: bool = False) -> tuple[int, ...]:
                        f"is not valid (or repeats a kernel); {_HELP}")
     spec[name] = fields
   walk_only = kernel not in DEFAULT_TILING  # dx_du
-  return spec.get(kernel, (ROWS_TILING if rows or walk_only else DEFAULT_TILING)[kernel])
+  if kernel in spec:
+    return spec[kernel]
+  return (defaults or (ROWS_TILING if rows or walk_only else DEFAULT_TILING))[kernel]
 
 
 GRID_ORDERS = ("pixels", "channels")
@@ -840,42 +847,50 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
 K_PARTS = 4
 
 
-def _parts_channels(e: int, exact: bool) -> int:
+def _k_parts(x_dtype, k_dtype) -> int:
+  """The parts of D's kernel in the products of an input (dx or u) in ``x_dtype``
+  (:func:`_k_block`): :data:`K_PARTS` for a bfloat16 input and a float32 kernel, so that
+  every product is exact; else 1: a float32 input (float32 operands at HIGHEST), or a
+  kernel given in bfloat16 (its own one part: QLHS_D_KERNEL=compute)."""
+  return K_PARTS if x_dtype == jnp.bfloat16 and k_dtype != jnp.bfloat16 else 1
+
+
+def _parts_channels(e: int, parts: int) -> int:
   """The fewest input channels a block of the parts' products (:func:`_k_block`) needs
   for sides of at least tl.dot's smallest: bj*e hidden channels and bj*P parts."""
-  return -(-DOT_MIN // min(e, K_PARTS if exact else 1))
+  return -(-DOT_MIN // min(e, parts))
 
 
-def _k_block(k, e: int, bj: int, exact: bool, forward: bool = False):
+def _k_block(k, e: int, bj: int, parts: int, dtype, forward: bool = False):
   """One tap of D's kernel, ``k`` (bj*e,) float32 over a block's hidden channels
   (j*e + s), as the right operand of du's product (:func:`_du_dot_kernel`): (bj*e,
-  bj*P), column j*P + q holding part q of the hidden channels of input channel j, 0 in
-  the others' rows. ``exact`` (bfloat16 dx): P = :data:`K_PARTS`, the value as three
-  bfloat16 parts that add up to it exactly (8 significant bits each, 24 in all, so that
-  every product with a bfloat16 value is exact in float32) and a zero; else P = 1, the
-  value in float32 (at HIGHEST). One product of P columns a block, not P products:
+  bj*P), P = ``parts`` (:func:`_k_parts`), column j*P + q holding part q of the hidden
+  channels of input channel j, 0 in the others' rows, in ``dtype`` (the input's).
+  P = :data:`K_PARTS`: the value as three bfloat16 parts that add up to it exactly (8
+  significant bits each, 24 in all, so that every product with a bfloat16 value is
+  exact in float32) and a zero; P = 1: the value itself (in float32 at HIGHEST, or a
+  kernel exact in bfloat16). One product of P columns a block, not P products:
   compiled for the H100, three products a tap each waited for the last, and the
   second and third took their left operand through shared memory again (a store, a
   barrier, a load). ``forward``: the right operand of D u's product instead
   (:func:`_dot_d`), (P*bj, bj*e), row q*bj + j holding part q of input channel j's
   hidden channels."""
-  p = K_PARTS if exact else 1
-  shape = (p * bj, bj * e) if forward else (bj * e, bj * p)
+  shape = (parts * bj, bj * e) if forward else (bj * e, bj * parts)
   hidden_axis = 1 if forward else 0
   hid = lax.broadcasted_iota(jnp.int32, shape, hidden_axis)
   part = lax.broadcasted_iota(jnp.int32, shape, 1 - hidden_axis)
-  q, j = (part // bj, part % bj) if forward else (part % p, part // p)
+  q, j = (part // bj, part % bj) if forward else (part % parts, part // parts)
   value = rest = jnp.broadcast_to(k[None, :] if forward else k[:, None], shape)
-  if exact:  # parts 0-2 where q = 0-2, the last zero
+  if parts > 1:  # parts 0-2 where q = 0-2, the last zero
     value = jnp.zeros(shape, F32)
     for qi in range(K_PARTS - 1):
       piece = rest.astype(jnp.bfloat16).astype(F32)
       value = jnp.where(q == qi, piece, value)
       rest = rest - piece
-  return jnp.where(hid // e == j, value, 0.0).astype(jnp.bfloat16 if exact else F32)
+  return jnp.where(hid // e == j, value, 0.0).astype(dtype)
 
 
-def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, exact):
+def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, parts):
   """:func:`_du_kernel` at stride 1 as matrix products (QLHS_DU_FORM=pallas_dot): per
   tap, dx at the shifted pixels (m, bj*e hidden channels) @ the tap's kernel as a
   block-diagonal matrix (:func:`_k_block`: hidden channel j*e + s feeds input channel
@@ -884,17 +899,17 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, exact):
   tensor cores take the multiply-adds, half the element-wise kernel's instructions at
   stage 1; at more than one stage Triton's pipeliner also issues the loop's loads of
   dx trips ahead, as asynchronous copies, though past L1 (benchmarks/NOTES.md,
-  experiment 41). ``exact``: bfloat16 dx, every product exact and summed in float32,
-  as in the element-wise kernel (in another order); else float32 operands at
-  HIGHEST."""
+  experiment 41). ``parts`` of D's kernel (:func:`_k_parts`): with bfloat16 dx every
+  product is exact and summed in float32, as in the element-wise kernel (in another
+  order); float32 dx: float32 operands at HIGHEST."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot
   add_ref, du_ref = rest if with_addend else (None, *rest)
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
-  p = K_PARTS if exact else 1
-  blocks = [_k_block(k_ref[t, cols], e, bj, exact) for t in range(9)]
+  p = parts
+  blocks = [_k_block(k_ref[t, cols], e, bj, p, dx_ref.dtype) for t in range(9)]
 
   def body(i, carry):
     ti = jnp.minimum(ch * tpc + i, tiles - 1)  # the last chunk's extra trips: its last tile
@@ -972,6 +987,10 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   h, w = hw
   dot = dot and stride == 1
   walk = not dot and _walks_rows("du", stride)
+  # Three parts of D's kernel for a bfloat16 dx whatever its dtype (one part of a
+  # bfloat16 kernel, exact too, needs 16 channels a block: 4x the left operand, dx's
+  # hidden channels, for no fewer instructions a value; experiment 43).
+  parts = _k_parts(dx.dtype, F32)
   if dot:
     m0, bj0, warps, stages = tiling("du_dot")
   else:
@@ -995,9 +1014,8 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   elif dot:  # chunks of tpc tiles a program: the blocks built once, the loads pipelined
     plan, dx2 = lean_plan(dict(_chunked_plan((b, h, w, n), 1, m0, bj0), e=e), dx2,
                           interpret)
-    exact = dx.dtype == jnp.bfloat16
-    _dot_tiles(plan, "QLHS_DU_FORM", interpret, _parts_channels(e, exact))
-    body = functools.partial(_du_dot_kernel, exact=exact)
+    _dot_tiles(plan, "QLHS_DU_FORM", interpret, _parts_channels(e, parts))
+    body = functools.partial(_du_dot_kernel, parts=parts)
     programs, out_rows = plan["chunks"], plan["tiles"] * plan["m"]
   else:
     # Tiles of the input pixels; dx as rows of n*e hidden channels (j*e + s) and the
@@ -1097,7 +1115,7 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
   ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
   ``load(ref)`` a hidden tensor's tile in float32. One tile, its taps summed
   element-wise (:func:`_tile_d`), each vector loaded where it is used; or with
-  ``plan["dot"]`` (True: bfloat16 u, D's kernel in exact parts; False: float32) a chunk
+  ``plan["dot"]`` (the parts of D's kernel, :func:`_k_parts`) a chunk
   of ``tpc`` tiles, x as products (:func:`_dot_d`), D's kernel and the vectors loaded
   once, and each hidden tile a product with the identity (exact): an operand of a
   product is what Triton's pipeliner copies ahead, so no load of a trip is waited
@@ -1113,7 +1131,8 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
     x = _tile_d(_Tile(p0, plan), u_ref, k_ref, j0, bj, e, cols)
     out(x, pix, cols, row, lambda ref: ref[pix, cols].astype(F32))
     return
-  blocks = [_k_block(k_ref[t, cols], e, bj, plan["dot"], forward=True) for t in range(9)]
+  blocks = [_k_block(k_ref[t, cols], e, bj, plan["dot"], u_ref.dtype, forward=True)
+            for t in range(9)]
   rows = [(ref, row(ref)) for ref in vec_refs]
   vec = lambda ref: next(v for r, v in rows if r is ref)
   eye = lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 0)
@@ -1163,11 +1182,12 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   if dot:
-    m0, bj0, warps, stages = tiling("product_dot")
+    parts = _k_parts(u.dtype, k9.dtype)
+    m0, bj0, warps, stages = tiling("product_dot",
+                                    defaults=ONE_PART_TILING if parts == 1 else None)
     plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
-    exact = u.dtype == jnp.bfloat16
-    _dot_tiles(plan, form, interpret, _parts_channels(e, exact))
-    plan["dot"], programs = exact, plan["chunks"]
+    _dot_tiles(plan, form, interpret, _parts_channels(e, parts))
+    plan["dot"], programs = parts, plan["chunks"]
   else:
     (m0, bj0, warps), stages = tiling(name), 1
     g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's

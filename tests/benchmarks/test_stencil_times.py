@@ -161,6 +161,33 @@ def test_cpu_smoke_run(tmp_path, capsys):
   assert "| stage2_block0 |" in table.table(str(rec)).split("benchmarks.stencil_times")[1]
 
 
+def test_d_kernel_compute_gives_every_entry_a_bfloat16_kernel(tmp_path, capsys,
+                                                              monkeypatch):
+  """--d-kernel compute: D's kernel in bfloat16 to every entry, so the product's
+  products take one part of it, at the one-part tilings unless named; the entries agree
+  with XLA's form, and the forms line and the record name the setting."""
+  from qlhs_jax.kernels import stencil
+  parts, real = [], stencil._k_block
+  monkeypatch.setattr(stencil, "_k_block",
+                      lambda k, e, bj, p, *a, **kw: parts.append(p) or real(k, e, bj, p,
+                                                                            *a, **kw))
+  rec = tmp_path / "r.jsonl"
+  assert stencil_times.main(["--batch", "1", "--size-scale", "8", "--calls", "1",
+                             "--repeats", "1", "--shapes", "stage2_block0", "--kernels",
+                             "product", "--forms", "pallas_dot", "--d-kernel", "compute",
+                             "--record", str(rec)]) == 0
+  out = capsys.readouterr().out
+  assert "WRONG" not in out and "failed" not in out, out
+  assert "D's kernel compute" in out and "QLHS_D_KERNEL=compute" in out, out
+  r = json.loads(rec.read_text().splitlines()[-1])
+  assert r["d_kernel"] == "compute"
+  assert set(r["shapes"]["stage2_block0"]) == {"product xla"} | {
+      f"product pallas_dot@{t}" for t in stencil_times.PRODUCT_DOT_ONE_PART_TILINGS}
+  assert parts and set(parts) == {1}, parts
+  with pytest.raises(SystemExit):
+    stencil_times.main(["--d-kernel", "bfloat16"])
+
+
 def test_kernels_runs_only_the_kernels_named(tmp_path, capsys):
   """--kernels sums: pass 3's sums and their XLA reference only (what gpu_h100.sh's
   ncu_kernel runs under the profiler); a kernel it does not know is refused by name."""

@@ -153,6 +153,31 @@ def test_pallas_equals_xla_in_bfloat16():
     assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_a_kernel_rounded_to_the_compute_dtype_is_the_rounded_kernels(monkeypatch, impl):
+  """QLHS_D_KERNEL=compute: with bfloat16 u and c, the outputs and all five gradients
+  are, bit for bit, those of the float32 default given the kernel already rounded to
+  bfloat16 (as the plain path's derivative rounds it); dL/dkernel stays float32, not
+  rounded; and they differ from the default's with the kernel as it is. With float32
+  inputs nothing is rounded."""
+  args, ws = bfloat16_inputs(4, (2, 7, 6, 8), 1)
+  op = functools.partial(dbn.d_bn_product, stride=1, impl=impl, interpret=True)
+  run = lambda a: jax.tree.leaves((op(*a), jax.grad(loss_of(op, ws), argnums=range(5))(*a)))
+  rounded = args[:2] + [args[2].astype(jnp.bfloat16).astype(jnp.float32)] + args[3:]
+  a32 = [a.astype(jnp.float32) for a in args]
+  want, as_is, want32 = run(rounded), run(args), run(a32)
+  monkeypatch.setenv("QLHS_D_KERNEL", "compute")
+  got, got32 = run(args), run(a32)
+  for g, w in zip(got + got32, want + want32):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  dk = np.asarray(got[3 + 2])  # (p, mean, var), then du, dc, dkernel, ...
+  assert dk.dtype == np.float32 and dk.shape == args[2].shape
+  assert (dk != np.asarray(jnp.asarray(dk).astype(jnp.bfloat16), np.float32)).any()
+  assert any((np.asarray(a, np.float32) != np.asarray(g, np.float32)).any()
+             for a, g in zip(as_is, got))
+
+
 def test_wrong_arguments_are_refused(monkeypatch):
   args, _ = make_inputs(0, (2, 6, 6, 4), 1, 4, 1, 1, np.float32)
   u, c, kernel, scale, bias = (jnp.asarray(a) for a in args)

@@ -116,6 +116,28 @@ def test_bfloat16_is_as_close_to_float64_as_the_plain_path():
     assert k <= max(1.5 * p, 1e-2), (name, k, p)
 
 
+def test_a_kernel_rounded_to_the_compute_dtype_is_the_rounded_kernels(monkeypatch):
+  """QLHS_D_KERNEL=compute reaches fuse_d_bn="block" too: with bfloat16 u and 1x1 maps,
+  y, the statistics and all six gradients are those of the float32 default given the
+  kernel already rounded to bfloat16, and dL/dkernel stays float32."""
+  args, weights = make_inputs(5, 2, 5, 6, 16, 4, 1, 16, np.float32)
+  dtypes = (jnp.bfloat16,) * 3 + (jnp.float32,) * 3
+  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes)]
+  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  op = functools.partial(eb.eq3_hidden, eps=EPS, interpret=True)
+  run = lambda a: jax.tree.leaves((op(*a), jax.grad(loss_of(op, ws), argnums=range(6))(*a)))
+  rounded = args[:3] + [args[3].astype(jnp.bfloat16).astype(jnp.float32)] + args[4:]
+  want, as_is = run(rounded), run(args)
+  monkeypatch.setenv("QLHS_D_KERNEL", "compute")
+  got = run(args)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  assert got[3 + 3].dtype == jnp.float32  # (y, mean, var), then du, dcw, daw, dkernel
+  assert any((np.asarray(a, np.float32) != np.asarray(g, np.float32)).any()
+             for a, g in zip(as_is, got))
+
+
 def test_wrong_arguments_are_refused(monkeypatch):
   args, _ = make_inputs(0, 2, 6, 6, 16, 4, 1, 16, np.float32)
   u, cw, aw, kernel, scale, bias = (jnp.asarray(a) for a in args)

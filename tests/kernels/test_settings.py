@@ -21,6 +21,7 @@ READERS = {
     "du_form": ("autodiff", lambda: d_bn_product.du_form(4), "autodiff", "gather"),
     "product_form": ("pallas", d_bn_product.product_form, "pallas", "xla"),
     "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
+    "d_kernel": ("compute", d_bn_product.d_kernel, "compute", "float32"),
     "d_taps": ("copy", d_bn_product.d_taps, "copy", "pad"),  # "auto": "pad" on a CPU
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
@@ -104,6 +105,8 @@ def test_the_context_is_left_after_an_error():
     ("product_form", "auto", r"config.kernels.product_form='auto': choose one of "
                              r"\('xla', 'pallas', 'pallas_dot'\)"),
     ("dc_pass", "pass4", r"config.kernels.dc_pass='pass4'"),
+    ("d_kernel", "bfloat16", r"config.kernels.d_kernel='bfloat16': choose one of "
+                             r"\('float32', 'compute'\)"),
     ("d_taps", "margin", r"config.kernels.d_taps='margin': choose one of \('auto', "
                          r"'copy', 'pad'\)"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "

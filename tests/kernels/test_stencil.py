@@ -17,7 +17,8 @@ from qlhs_jax.kernels import d_bn_product as dbn
 from qlhs_jax.kernels import eq3_block, stencil
 from qlhs_jax.models import layers
 from tests.kernels.test_d_bn_product import (HAS_CUDA_PLUGIN, HAS_TRITON,
-                                              h100_ptx_by_entry, numpy_d_transpose)
+                                              bfloat16_inputs, h100_ptx_by_entry,
+                                              numpy_d_transpose)
 
 pytestmark = pytest.mark.skipif(dbn.plt is None, reason="needs jax.experimental.pallas.triton")
 
@@ -326,6 +327,53 @@ def test_the_dot_product_and_pass_4_match_numpy(monkeypatch, shape, e, spec, str
   assert names == ["qlhs_product_dot", "qlhs_dx_dc_dot"] * 2, names
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_bfloat16_kernel_goes_into_the_products_as_one_part(monkeypatch, stride):
+  """D's kernel given in bfloat16 (as d_bn_product gives it under QLHS_D_KERNEL=compute)
+  with bfloat16 inputs: the forward product's and pass 4's products take it as one
+  part, one row an input channel and not four, at the one-part default (16 channels a
+  block) where QLHS_STENCIL_TILING is unset; du's (stride 1) keep three parts and their
+  default. p, dx, dc and du against float64 of the same values: every product exact,
+  so dx and du (kept in float32) to 1e-6; p and dc stored in bfloat16."""
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  shapes, real = [], stencil._k_block
+
+  def spy(*a, **k):
+    block = real(*a, **k)
+    shapes.append((block.shape, block.dtype))
+    return block
+  monkeypatch.setattr(stencil, "_k_block", spy)
+  b, h, w, n, e = 2, 9, 7, 32, 4
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(13)
+  bf = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)
+  u, c5, dp5, k9, dxin = (bf(b, h, w, n), bf(b, ho, wo, n, e), bf(b, ho, wo, n, e),
+                          bf(9, n, e), bf(b, h, w, n, e))
+  vecs = [jnp.asarray(rng.normal(size=(1, n, e)), jnp.float32) for _ in range(5)]
+  mul, add, cx, c0, mean = [np.asarray(v, np.float64) for v in vecs]
+  f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  x = np.einsum("tbhwn,tne->bhwne", numpy_taps(f64(u), stride), f64(k9))
+  c64, dp64 = f64(c5), f64(dp5)
+  want = [(x * mul + add) * c64, dp64 * c64 * mul + (x - mean) * cx + c0,
+          dp64 * (x * mul + add)]
+  got = [stencil.product(u, c5, k9, vecs[0], vecs[1], stride, interpret=True, dot=True),
+         *stencil.dx_dc(u, c5, dp5, k9, *vecs, stride, jnp.float32, interpret=True,
+                        dot=True)]
+  if stride == 1:
+    want.append(numpy_d_transpose(f64(dxin), f64(k9), 1, h, w))
+    got.append(stencil.d_transpose(dxin, k9, 1, (h, w), out_dtype=jnp.float32,
+                                   interpret=True, dot=True))
+  for name, g, w_ in zip(("p", "dx", "dc", "du"), got, want):
+    err = np.abs(f64(g) - w_).max() / np.abs(w_).max()
+    assert err < (8e-3 if name in ("p", "dc") else 1e-6), f"{name}: {err:.1e}"
+  # Nine taps a kernel (traced once for its channel blocks): (1 part x 16 channels, 16
+  # x e hidden) blocks for the product's and pass 4's products, (8 x e, 8 x 4 parts)
+  # for du's.
+  forward = [((16, 16 * e), jnp.bfloat16)] * 9
+  assert shapes == forward * 2 + ([((8 * e, 8 * 4), jnp.bfloat16)] * 9
+                                  if stride == 1 else []), shapes
+
+
 @pytest.mark.parametrize("stride,hw", [(3, (7, 8)), (2, (8, 6)), (2, (1, 1))])
 def test_d_transpose_other_strides_and_edges_match_numpy(stride, hw):
   """du's general path (strides above 2: per-row indices, nine masked taps) and the
@@ -573,6 +621,34 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
   monkeypatch.setenv("QLHS_PRODUCT_FORM", "triton")
   with pytest.raises(ValueError, match="QLHS_PRODUCT_FORM='triton': choose one of"):
     dbn.d_bn_product(*a32, stride=stride, impl="xla")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_products_take_a_kernel_rounded_to_the_compute_dtype_as_one_part(
+    monkeypatch, stride):
+  """QLHS_PRODUCT_FORM=pallas_dot with QLHS_D_KERNEL=compute, bfloat16 u and c: the
+  product's and pass 4's products take D's kernel as one part, and the outputs and all
+  five gradients are, bit for bit, those of three parts of the kernel rounded before
+  (its other two parts zero: the same products, summed in the same order)."""
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  parts, real = [], stencil._k_block
+  monkeypatch.setattr(stencil, "_k_block",
+                      lambda k, e, bj, p, *a, **kw: parts.append(p) or real(k, e, bj, p,
+                                                                            *a, **kw))
+  args, ws = bfloat16_inputs(6, (2, 7, 6, 16), stride)
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+  run = lambda a: jax.tree.leaves((op(*a), jax.grad(loss_of(op, ws), argnums=range(5))(*a)))
+  rounded = args[:2] + [args[2].astype(jnp.bfloat16).astype(jnp.float32)] + args[3:]
+  want = run(rounded)
+  assert parts and set(parts) == {stencil.K_PARTS}, parts
+  parts.clear()
+  monkeypatch.setenv("QLHS_D_KERNEL", "compute")
+  got = run(args)
+  assert parts and set(parts) == {1}, parts
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
 @pytest.mark.parametrize("du", ["pallas", "pallas_dot"])
@@ -1217,9 +1293,13 @@ _COMPILE_SUMS = textwrap.dedent("""
       product = [stencil.product(x, c, k9, v, v, stride, interpret=False, dot=True)
                  for x, stride in ((u, 1), (u2, 2))]
       dx = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, u.dtype, interpret=False, dot=True)
+      kb = k9.astype(jnp.bfloat16)  # QLHS_D_KERNEL=compute's: one part, 32,16,4,3
+      one_part = (stencil.product(u, c, kb, v, v, 1, interpret=False, dot=True),
+                  stencil.dx_dc(u, c, c, kb, v, v, v, v, v, 1, u.dtype, interpret=False,
+                                dot=True))
       return [(stencil.bn_sums(u, c, c, k9, v, v, 1, interpret=False, dot=dot),
                stencil.lag_sums(u, interpret=False, dot=dot), du(dot))
-              for dot in (False, True)] + [unpiped, product, dx]
+              for dot in (False, True)] + [unpiped, product, dx, one_part]
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(sums).lower(
           s((64, 32, 32, 64), jnp.bfloat16), s((64, 32, 32, 64, 4), jnp.bfloat16),
@@ -1271,11 +1351,18 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   # columns repeat the channels; through L1) and c (and dp) times the identity (16
   # bytes, past L1) are copies issued a trip ahead, so a thread waits for none of its
   # loads in a trip (experiment 42); the product at stride 2 too, its taps at each
-  # pixel's own rows.
+  # pixel's own rows. With D's kernel in bfloat16, one part, at its default (32 pixels
+  # by 16 channels, 3 stages): the nine taps once (8 bytes a thread, through L1), and
+  # each hidden tile two copies past L1, none waited for (experiment 43).
   dots = [(c, 2 if c["name"].startswith("qlhs_dx_dc_dot") else 1) for c in functions
           if c["name"].startswith(("qlhs_product_dot", "qlhs_dx_dc_dot"))]
-  assert sorted(hidden for _, hidden in dots) == [1, 1, 2], [c["name"] for c, _ in dots]
-  for c, hidden in dots:
+  assert sorted(hidden for _, hidden in dots) == [1, 1, 1, 2, 2], [c["name"]
+                                                                   for c, _ in dots]
+  three = [(c, h) for c, h in dots if c["loop_ops"]["copies"] == 18 + h]
+  one = [(c, h) for c, h in dots if c["loop_ops"]["copies"] == 9 + 2 * h]
+  assert sorted(h for _, h in three) == [1, 1, 2] and sorted(h for _, h in one) == [1, 2], [
+      (c["name"], c["loop_ops"]) for c, _ in dots]
+  for (c, hidden), past_l1 in [(d, d[1]) for d in three] + [(d, 2 * d[1]) for d in one]:
     ops = c["loop_ops"]
-    assert ops["copies"] == 18 + hidden and ops["past_l1"] == hidden, (c["name"], ops)
-    assert ops["mma"] >= 9 + hidden and c["loop_rounds"] == 0, c
+    assert ops["past_l1"] == past_l1 and c["loop_rounds"] == 0, (c["name"], ops)
+    assert ops["mma"] >= 9 + hidden, c
