@@ -509,11 +509,11 @@ if [ "$PART" = product ]; then
   for d_kernel in float32 compute; do
     echo "== benchmarks.stencil_times: the product as products, D's kernel $d_kernel" \
       | tee -a "$OUT/log.txt"
-    tilings=()
-    [ "$d_kernel" = float32 ] && tilings=(--product-dot-tilings 64,4,4,2)
+    tilings=""  # three parts: the default alone; one part: its three (stencil_times')
+    [ "$d_kernel" = float32 ] && tilings="--product-dot-tilings 64,4,4,2"
     timeout 70 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
       --shapes stage1 --kernels product --forms pallas_dot --calls 10 --repeats 3 \
-      --d-kernel "$d_kernel" "${tilings[@]}" --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+      --d-kernel "$d_kernel" $tilings --record "$R" ${STENCIL_ARGS:-} 2>&1 \
       | quiet | tee -a "$OUT/log.txt" \
       | grep -E "^[a-z0-9_]+ \(|  product |network so far|WRONG|failed|rror" | cut -c1-150
     echo "exit ${PIPESTATUS[0]}"

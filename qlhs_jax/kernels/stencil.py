@@ -160,7 +160,10 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
                    du_bn=(32, 8, 4))
 # The product's products' default with one part of D's kernel (stencil._k_parts: a
 # float32 u, or QLHS_D_KERNEL=compute), whose sides of 16 then need 16 input channels a
-# block at e = 4 (4 with three parts).
+# block at e = 4 (4 with three parts). At stage 1 the product and pass 4 have 96 and 128
+# registers and 54 KB of shared memory (4 programs an SM, each 2 trips of copies ahead:
+# ~40 and ~70 KB in flight an SM), 262 and 390 instructions a trip, no wait; issue
+# floors 0.104 and 0.154 ms (experiment 43). Not timed.
 ONE_PART_TILING = {"product_dot": (32, 16, 4, 3)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
@@ -908,19 +911,18 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, parts):
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
-  p = parts
-  blocks = [_k_block(k_ref[t, cols], e, bj, p, dx_ref.dtype) for t in range(9)]
+  blocks = [_k_block(k_ref[t, cols], e, bj, parts, dx_ref.dtype) for t in range(9)]
 
   def body(i, carry):
     ti = jnp.minimum(ch * tpc + i, tiles - 1)  # the last chunk's extra trips: its last tile
     tile = _Tile(ti * m, plan)  # tiles of the input pixels, here also the output's
-    acc = jnp.zeros((m, bj * p), F32)
+    acc = jnp.zeros((m, bj * parts), F32)
     for t in range(9):
       # Input pixel p receives tap (dy, dx) from output pixel p - (dy, dx).
       dy, dx = _offset(t)
       v = tile.shifted(dx_ref, -dy, -dx, cols, tile.inside(-dy, -dx))
       acc = acc + _dot(v.astype(blocks[t].dtype), blocks[t])
-    du = acc.reshape(m, bj, p).sum(2) if p > 1 else acc
+    du = acc.reshape(m, bj, parts).sum(2) if parts > 1 else acc
     rows = pl.ds(ti * m, m)
     if with_addend:
       du = du + add_ref[rows, pl.ds(j0, bj)].astype(F32)
@@ -987,10 +989,6 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   h, w = hw
   dot = dot and stride == 1
   walk = not dot and _walks_rows("du", stride)
-  # Three parts of D's kernel for a bfloat16 dx whatever its dtype (one part of a
-  # bfloat16 kernel, exact too, needs 16 channels a block: 4x the left operand, dx's
-  # hidden channels, for no fewer instructions a value; experiment 43).
-  parts = _k_parts(dx.dtype, F32)
   if dot:
     m0, bj0, warps, stages = tiling("du_dot")
   else:
@@ -1014,6 +1012,10 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   elif dot:  # chunks of tpc tiles a program: the blocks built once, the loads pipelined
     plan, dx2 = lean_plan(dict(_chunked_plan((b, h, w, n), 1, m0, bj0), e=e), dx2,
                           interpret)
+    # Three parts of D's kernel for a bfloat16 dx whatever its dtype (one part of a
+    # bfloat16 kernel, exact too, needs 16 channels a block: 4x the left operand, dx's
+    # hidden channels, for no fewer instructions a value; experiment 43).
+    parts = _k_parts(dx.dtype, F32)
     _dot_tiles(plan, "QLHS_DU_FORM", interpret, _parts_channels(e, parts))
     body = functools.partial(_du_dot_kernel, parts=parts)
     programs, out_rows = plan["chunks"], plan["tiles"] * plan["m"]
