@@ -538,6 +538,7 @@ def main(argv=None) -> int:
   p.add_argument("--product-dot-tilings", nargs="+", default=None,
                  help=f"default {' '.join(PRODUCT_DOT_TILINGS)}; with --d-kernel "
                       f"compute {' '.join(PRODUCT_DOT_ONE_PART_TILINGS)}")
+  # (d_bn_product.D_KERNELS, not imported here: main imports JAX after the XLA flags)
   p.add_argument("--d-kernel", default="float32", choices=("float32", "compute"),
                  help="D's kernel as QLHS_D_KERNEL gives it to every entry: float32, or "
                       "compute (bfloat16: the product's products take one part)")

@@ -230,15 +230,20 @@ class _Tile:
       ok = ok & ((self.x >= -dx) if dx < 0 else (self.x < w - dx))
     return ok
 
+  def lean_start(self, dy, dx):
+    """Lean tiles: the first of the m contiguous rows that hold pixel (y + dy, x + dx)
+    of each row. It may lie before the input's first row on a GPU (those rows are
+    masked, so not read); interpreted, the input carries ``plan["guard"]`` rows in
+    front (``stencil.lean_plan``)."""
+    return self.p0 + dy * self.plan["w"] + dx + self.plan["guard"]
+
   def shifted(self, ref, dy, dx, cols, ok):
     """Lean tiles: ``ref``'s channels ``cols`` (a ``pl.ds``) at pixel (y + dy, x + dx)
-    of each row, (m, channels) float32, 0 where ``ok`` (m,) is off. The start may lie
-    before ref's first row on a GPU (those rows are masked, so not read); interpreted,
-    ``ref`` carries ``plan["guard"]`` rows in front (``stencil.lean_plan``)."""
+    of each row (:meth:`lean_start`), (m, channels) float32, 0 where ``ok`` (m,) is
+    off."""
     from qlhs_jax.kernels.d_bn_product import plt
-    plan = self.plan
-    start = self.p0 + dy * plan["w"] + dx + plan["guard"]
-    return plt.load(ref.at[pl.ds(start, plan["m"]), cols], mask=ok[:, None],
+    start = self.lean_start(dy, dx)
+    return plt.load(ref.at[pl.ds(start, self.plan["m"]), cols], mask=ok[:, None],
                     other=0.0).astype(F32)
 
   def tap_rows(self, dy, dx):

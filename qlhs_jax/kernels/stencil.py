@@ -1094,14 +1094,14 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   from qlhs_jax.kernels.d_bn_product import plt
   from qlhs_jax.kernels.eq3_block import _dot
   plan = tile.plan
-  m, w, p = plan["m"], plan["w"], blocks[0].shape[0] // bj
+  m, p = plan["m"], blocks[0].shape[0] // bj
   rows = lax.broadcasted_iota(jnp.int32, (m, 1), 0)
   cols = j0 + lax.rem(lax.broadcasted_iota(jnp.int32, (1, p * bj), 1), bj)
   acc = None
   for t in range(9):
     dy, dx = _offset(t)
     if tile.lean:
-      at, ok = tile.p0 + dy * w + dx + plan["guard"] + rows, tile.inside(dy, dx)
+      at, ok = tile.lean_start(dy, dx) + rows, tile.inside(dy, dx)
     else:
       at, ok = tile.tap_rows(dy, dx)
       at = at[:, None]
