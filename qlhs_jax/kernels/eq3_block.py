@@ -246,6 +246,23 @@ class _Tile:
     return plt.load(ref.at[pl.ds(start, self.plan["m"]), cols], mask=ok[:, None],
                     other=0.0).astype(F32)
 
+  def operand(self, ref, dy, dx, cols):
+    """``ref``'s channels ``cols`` ((1, k) indices) at pixel (y + dy, x + dx) of each
+    row, (m, k) in ``ref``'s dtype, 0 outside the image: a tap as an operand of a
+    matrix product. One masked load with nothing after it, so that Triton's pipeliner
+    copies it straight into the shared memory that the tensor cores read. After a
+    select or a cast (even one undone, bfloat16 to float32 and back), the warps load it
+    from the pipeliner's buffer, convert it and store it again for the products, behind
+    two barriers a tap (benchmarks/NOTES.md, experiment 44)."""
+    from qlhs_jax.kernels.d_bn_product import plt
+    if self.lean:
+      at = self.lean_start(dy, dx) + lax.broadcasted_iota(jnp.int32, (self.plan["m"], 1), 0)
+      ok = self.inside(dy, dx)
+    else:
+      at, ok = self.tap_rows(dy, dx)
+      at = at[:, None]
+    return plt.load(ref.at[at, cols], mask=ok[:, None], other=0.0)
+
   def tap_rows(self, dy, dx):
     """Tiles that are not lean: u's row of each pixel's tap (dy, dx), clamped into u,
     and whether the tap lies in the image, (m,) each."""

@@ -116,14 +116,15 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # depth) by 16 input channels (the sums: 64 hidden at e = 4, one warpgroup's wgmma
 # m64n16k16), 4 warps, 3 stages of Triton's pipelined loads (pixels, channels, warps,
 # stages). Deviceless at stage 1 (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
-# 40), a launch's issue floor: the sums at 64 pixels 0.136 ms (168 registers, 78 KB of
-# shared memory: 2 programs an SM), against 0.167 for the tiles at 32,8,4; the lags at
+# 40), a launch's issue floor: the sums at 64 pixels 0.163 ms (214 registers, 96 KB of
+# shared memory: 2 programs an SM; 5 barriers a trip since experiment 44, 22 before,
+# at 0.136 ms), against 0.167 for the tiles at 32,8,4; the lags at
 # 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
 # thread copies 16 bytes of a tap, which the machine code copies past L1
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
-# (0.193) nears the H200's copy time (0.215). Not timed. du as products
+# (0.196) nears the H200's copy time (0.215). Not timed. du as products
 # (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
 # columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
 # programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
@@ -696,7 +697,10 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   once a trip with 16 warps an SM to cover it (benchmarks/NOTES.md, experiments 39, 40).
   ``split``: bfloat16 inputs, g = dp * c (16 significant bits, exact in float32) as the
   sum of two bfloat16 halves, each product exact and summed in float32, as the
-  element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32)."""
+  element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32).
+  The taps go into the products as loaded (``_Tile.operand``): from the pipeliner's
+  buffers, 5 barriers a trip; loaded in float32 and cast back, each went through the
+  warps into a second buffer first, 22 (experiment 44)."""
   from qlhs_jax.kernels.eq3_block import _dot
   m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
@@ -704,6 +708,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   low = jnp.bfloat16 if split else F32
   ones = jnp.ones((m, DOT_MIN), low)
+  taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
   def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
     for a in parts:
@@ -718,7 +723,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
     else:
       parts = (g,)
     return (add(acc[0], parts, ones),
-            *(add(acc[1 + t], parts, tile.tap(u_ref, t, j0, bj).astype(low))
+            *(add(acc[1 + t], parts, tile.operand(u_ref, *_offset(t), taps).astype(low))
               for t in range(9)))
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj * e, DOT_MIN), F32),)
                       + tuple(jnp.zeros((bj * e, bj), F32) for _ in range(9)))
@@ -1088,24 +1093,14 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   :func:`_k_block` with ``forward``), summed in float32: (m, bj*e). The left operand
   is one gathered load: column q*bj + j reads channel j0 + j for every part q, so its
   runs of bj contiguous channels are what a thread copies (8 bytes at bj = 4 in
-  bfloat16, which the machine code copies through L1, where the taps overlap). Lean
-  tiles (stride 1) read m rows from a constant offset, others each pixel's own row
-  (``_Tile.tap_rows``)."""
-  from qlhs_jax.kernels.d_bn_product import plt
+  bfloat16, which the machine code copies through L1, where the taps overlap), with
+  ``_Tile.operand``."""
   from qlhs_jax.kernels.eq3_block import _dot
-  plan = tile.plan
-  m, p = plan["m"], blocks[0].shape[0] // bj
-  rows = lax.broadcasted_iota(jnp.int32, (m, 1), 0)
+  p = blocks[0].shape[0] // bj
   cols = j0 + lax.rem(lax.broadcasted_iota(jnp.int32, (1, p * bj), 1), bj)
   acc = None
   for t in range(9):
-    dy, dx = _offset(t)
-    if tile.lean:
-      at, ok = tile.lean_start(dy, dx) + rows, tile.inside(dy, dx)
-    else:
-      at, ok = tile.tap_rows(dy, dx)
-      at = at[:, None]
-    v = plt.load(u_ref.at[at, cols], mask=ok[:, None], other=0.0)
+    v = tile.operand(u_ref, *_offset(t), cols)
     term = _dot(v.astype(blocks[t].dtype), blocks[t])
     acc = term if acc is None else acc + term
   return acc
