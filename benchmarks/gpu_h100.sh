@@ -122,9 +122,11 @@
 #   as products, of three parts of the float32 kernel and of one part of the kernel
 #   rounded to bfloat16 (QLHS_D_KERNEL=compute, at three tilings;
 #   benchmarks.stencil_times, checked against XLA's form); the step with one part,
-#   profiled kernel by kernel; then with three parts, each against the first row.
-#   (Until experiment 43 it timed the element-wise kernel and three tilings of three
-#   parts alone, and the step with the sums and the lags as products too: never run.)
+#   profiled kernel by kernel; then with pass 3's sums and the statistics' lags as
+#   products too (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot, experiments 40 and 44),
+#   each against the first row. (Until experiment 43 it timed the element-wise kernel
+#   and three tilings of three parts alone; until experiment 44 its last row was the
+#   step with three parts: never run.)
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -521,11 +523,14 @@ if [ "$PART" = product ]; then
   done
   # The step with the forward product and pass 4 as products of one part of D's kernel
   # rounded to bfloat16, profiled (each kernel's time against its bound: xla_floors
-  # --measured on this HLO); then with three parts of the float32 kernel.
+  # --measured on this HLO); then with pass 3's sums and the statistics' lags as
+  # products too (experiments 40 and 44): the difference is theirs. (Until experiment
+  # 44 the last row was the product with three parts, which the rows alone compare.)
   QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute bench 170 --model eq3_softball_ds \
     --set 'fuse_d_bn="auto"' --input uint8 --hlo-dir "$H" --profile-dir "$OUT"
-  QLHS_PRODUCT_FORM=pallas_dot bench 100 --model eq3_softball_ds --set 'fuse_d_bn="auto"' \
-    --input uint8
+  QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+    QLHS_STATS_FORM=pallas_dot bench 100 --model eq3_softball_ds \
+    --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's
