@@ -97,7 +97,7 @@
 #   (40 and 28 warps an SM), 3 and 3 with the taps in the fusion, 4 and 7 as Pallas
 #   kernels (64 warps an SM; at experiment 38's tiles 8 and 6, 48 and 32 warps). The
 #   rows say which the device agrees with.
-# "sums" (time limits add up to 540 s; NOTES.md experiments 23, 39, 40 and 41): pass
+# "sums" (time limits add up to 555 s; NOTES.md experiments 23, 39, 40, 41 and 44): pass
 #   3's sums, the statistics' lags and du as matrix products (QLHS_SUMS_FORM /
 #   QLHS_STATS_FORM / QLHS_DU_FORM=pallas_dot: Triton pipelines the loads that feed
 #   their dots, cp.async trips ahead, where the element-wise kernels wait for theirs;
@@ -481,13 +481,15 @@ if [ "$PART" = sums ]; then
   # lags' dots ~23 s, du's ~13 s each). du's dots read their 9 taps of the hidden dx
   # past L1, from L2, pipelined (3 stages, the default), or through L1, not ahead and
   # waiting 9 times a trip (1 stage; NOTES.md experiment 41): against the element-wise
-  # du (through L1, 8 waits).
+  # du (through L1, 8 waits). At 64 pixels each tap's product (wgmma) is waited for
+  # before the next; at 32 they are mma.sync, none waited for, for more instructions
+  # (issue floors 0.123 and 0.207 ms; experiment 44).
   echo "== benchmarks.stencil_times: the dot forms" | tee -a "$OUT/log.txt"
-  timeout 130 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
+  timeout 145 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --kernels stats,sums,du --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 --du-tilings 32,16,4 \
     --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 \
-    --du-dot-tilings 64,8,4,3 64,8,4,1 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
+    --du-dot-tilings 64,8,4,3 64,8,4,1 32,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
     | tee -a "$OUT/log.txt" \
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums|du) |network so far|WRONG|failed|rror" \
     | cut -c1-150
