@@ -1321,8 +1321,9 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   num_stages. In the machine code: the lags' copies, 8 bytes a thread at their default
   32 pixels, go through L1, where the taps overlap; du's products copy their taps past
   L1 at their default (3 stages) and load them through L1 at one stage; the forward
-  product's and pass 4's copy every load of a trip ahead, and wait for none
-  (benchmarks/NOTES.md, experiments 39-42)."""
+  product's and pass 4's copy every load of a trip ahead, and wait for none; the sums'
+  products read their taps where the copies land, at strides 1 and 2
+  (benchmarks/NOTES.md, experiments 39-44)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
   for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
