@@ -116,7 +116,7 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # depth) by 16 input channels (the sums: 64 hidden at e = 4, one warpgroup's wgmma
 # m64n16k16), 4 warps, 3 stages of Triton's pipelined loads (pixels, channels, warps,
 # stages). Deviceless at stage 1 (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
-# 40), a launch's issue floor: the sums at 64 pixels 0.163 ms (214 registers, 96 KB of
+# 40), a launch's issue floor: the sums at 64 pixels 0.157 ms (243 registers, 94 KB of
 # shared memory: 2 programs an SM; 5 barriers a trip since experiment 44, 22 before,
 # at 0.136 ms), against 0.167 for the tiles at 32,8,4; the lags at
 # 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
@@ -124,7 +124,7 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
-# (0.196) nears the H200's copy time (0.215). Not timed. du as products
+# (0.186) nears the H200's copy time (0.215). Not timed. du as products
 # (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
 # columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
 # programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
@@ -317,8 +317,8 @@ def lean_plan(plan: dict, x2: jax.Array, interpret: bool) -> tuple[dict, jax.Arr
   return dict(plan, lean=True, guard=guard), x2
 
 
-# tl.dot's smallest block side: the dot forms' pixels and channels, and their column of
-# ones.
+# tl.dot's smallest block side: the dot forms' pixels and channels, and the lags' column
+# of ones.
 DOT_MIN = 16
 
 
@@ -333,17 +333,17 @@ def _dot_tiles(plan: dict, form: str, interpret: bool, channels: int = DOT_MIN) 
                      f"{plan['n']} channels; set {form}=pallas")
 
 
-def _store_own(out_ref, ch, cols, acc, e: int):
-  """The dot forms' outputs, summed over the products' columns into out_ref[ch, k, cols]:
-  ``acc[0]``'s first column (the product with a column of ones), then of each of
-  ``acc[1:]`` the entries where the row's input channel is the column (row // e: e
-  hidden channels an input channel; the lags' diagonal at e = 1)."""
-  row = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 0)
-  col = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
-  out_ref[ch, 0, cols] = jnp.sum(jnp.where(col(acc[0].shape) == 0, acc[0], 0.0), axis=1)
-  own = row(acc[1].shape) // e == col(acc[1].shape)
-  for k in range(1, len(acc)):
-    out_ref[ch, k, cols] = jnp.sum(jnp.where(own, acc[k], 0.0), axis=1)
+def _store_own(out_ref, ch, cols, plain, products, e: int):
+  """The dot forms' outputs into out_ref[ch, k, cols]: the plain sums ``plain``
+  (channels,) at k = 0, then of each of ``products`` the entries where the row's input
+  channel is the column (row // e: e hidden channels an input channel; the lags'
+  diagonal at e = 1), summed over the columns."""
+  out_ref[ch, 0, cols] = plain
+  shape = products[0].shape
+  own = lax.broadcasted_iota(jnp.int32, shape, 0) // e == lax.broadcasted_iota(
+      jnp.int32, shape, 1)
+  for k, acc in enumerate(products, 1):
+    out_ref[ch, k, cols] = jnp.sum(jnp.where(own, acc, 0.0), axis=1)
 
 
 def _params(warps, interpret, stages=1):
@@ -475,7 +475,10 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
     return tuple(out)
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj, DOT_MIN), F32),)
                       + tuple(jnp.zeros((bj, bj), F32) for _ in LAGS))
-  _store_own(out_ref, ch, cols, acc, 1)
+  # (An element-wise sum of u, as the sums' of g, took more instructions here: 236 and
+  # 349 a trip at 32 and 64 pixels, against 230 and 317; experiment 44.)
+  first = lax.broadcasted_iota(jnp.int32, acc[0].shape, 1) == 0  # the column of ones'
+  _store_own(out_ref, ch, cols, jnp.sum(jnp.where(first, acc[0], 0.0), axis=1), acc[1:], 1)
 
 
 def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
@@ -690,7 +693,8 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   """:func:`_bn_sums_kernel`'s ten sums as matrix products over the tile's pixels: per
   tap, g^T (bj*e hidden channels, m) @ tap_t(u) (m, bj input channels), of which only
   the entries where the hidden channel's own input channel is the column (1 in bj) are
-  kept, at the end; the sum of g is g^T @ a column of ones. The tensor cores have the
+  kept, at the end; the sum of g is summed element-wise (as g^T @ a column of ones it
+  took 2 more products and a wait a trip; experiment 44). The tensor cores have the
   throughput to waste (at stage 1, ~0.13 ms of wgmma), and what the products buy is
   Triton's pipeliner: loads that feed a dot are issued ``stages - 1`` trips ahead as
   asynchronous copies to shared memory (cp.async), where the element-wise kernel waits
@@ -707,7 +711,6 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
   low = jnp.bfloat16 if split else F32
-  ones = jnp.ones((m, DOT_MIN), low)
   taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
   def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
@@ -722,12 +725,13 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
       parts = (hi, (g - hi.astype(F32)).astype(low))
     else:
       parts = (g,)
-    return (add(acc[0], parts, ones),
+    return (acc[0] + g,
             *(add(acc[1 + t], parts, tile.operand(u_ref, *_offset(t), taps).astype(low))
               for t in range(9)))
-  acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj * e, DOT_MIN), F32),)
+  acc = lax.fori_loop(0, tpc, body, (jnp.zeros((m, bj * e), F32),)
                       + tuple(jnp.zeros((bj * e, bj), F32) for _ in range(9)))
-  _store_own(out_ref, ch, cols, acc, e)  # hidden channel j*e + s, input channel j
+  # hidden channel j*e + s, input channel j
+  _store_own(out_ref, ch, cols, jnp.sum(acc[0], axis=0), acc[1:], e)
 
 
 def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
