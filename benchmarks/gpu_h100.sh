@@ -489,7 +489,8 @@ if [ "$PART" = sums ]; then
     --shapes stage1 --kernels stats,sums,du --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 --du-tilings 32,16,4 \
     --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 \
-    --du-dot-tilings 64,8,4,3 64,8,4,1 32,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 | quiet \
+    --du-dot-tilings 64,8,4,3 64,8,4,1 32,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
+    | quiet \
     | tee -a "$OUT/log.txt" \
     | grep -E "^[a-z0-9_]+ \(|  (stats|sums|du) |network so far|WRONG|failed|rror" \
     | cut -c1-150

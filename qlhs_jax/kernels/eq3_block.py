@@ -256,8 +256,8 @@ class _Tile:
     two barriers a tap (benchmarks/NOTES.md, experiment 44)."""
     from qlhs_jax.kernels.d_bn_product import plt
     if self.lean:
-      at = self.lean_start(dy, dx) + lax.broadcasted_iota(jnp.int32, (self.plan["m"], 1), 0)
-      ok = self.inside(dy, dx)
+      rows = lax.broadcasted_iota(jnp.int32, (self.plan["m"], 1), 0)
+      at, ok = self.lean_start(dy, dx) + rows, self.inside(dy, dx)
     else:
       at, ok = self.tap_rows(dy, dx)
       at = at[:, None]

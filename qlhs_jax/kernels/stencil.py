@@ -477,8 +477,9 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
                       + tuple(jnp.zeros((bj, bj), F32) for _ in LAGS))
   # (An element-wise sum of u, as the sums' of g, took more instructions here: 236 and
   # 349 a trip at 32 and 64 pixels, against 230 and 317; experiment 44.)
-  first = lax.broadcasted_iota(jnp.int32, acc[0].shape, 1) == 0  # the column of ones'
-  _store_own(out_ref, ch, cols, jnp.sum(jnp.where(first, acc[0], 0.0), axis=1), acc[1:], 1)
+  first = lax.broadcasted_iota(jnp.int32, acc[0].shape, 1) == 0  # u^T @ the ones
+  plain = jnp.sum(jnp.where(first, acc[0], 0.0), axis=1)
+  _store_own(out_ref, ch, cols, plain, acc[1:], 1)
 
 
 def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):

@@ -1326,12 +1326,15 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   (benchmarks/NOTES.md, experiments 39-44)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_SUMS, _tiling_env(None), tmp_path)
-  for name in ("qlhs_bn_sums", "qlhs_lag_sums"):
-    dot = "".join(t for k, t in kernels.items() if k.startswith(name + "_dot"))
+  # The sums' products at strides 1 and 2, the lags' at 1.
+  for name, count in (("qlhs_bn_sums", 2), ("qlhs_lag_sums", 1)):
+    dots = [t for k, t in kernels.items() if k.startswith(name + "_dot")]
     (plain,) = [t for k, t in kernels.items()
                 if k.startswith(name) and not k.startswith(name + "_dot")]
-    assert "cp.async.commit_group" in dot, name
-    assert re.search(r"\bwgmma\.mma_async|\bmma\.sync", dot), name
+    assert len(dots) == count, (name, len(dots))
+    for dot in dots:
+      assert "cp.async.commit_group" in dot, name
+      assert re.search(r"\bwgmma\.mma_async|\bmma\.sync", dot), name
     assert "cp.async" not in plain, name
   functions = xla_floors.dump_functions(str(tmp_path))
   trips = {c["name"]: c["loop_ops"] for c in functions}
