@@ -21,17 +21,24 @@ calls it first thing (``qlhs_jax.main`` too, before ``jax.distributed.initialize
 the benchmark harnesses in their ``main``. Where a backend
 has already started (a notebook that ran JAX code first), it says so and changes
 nothing. It acts only where JAX may use an NVIDIA GPU (a CUDA plugin is installed and
-``JAX_PLATFORMS``, if set, names cuda or gpu): the option is NVPTX's, and other backends'
-LLVM would not know it.
+``JAX_PLATFORMS``, if set, names cuda or gpu): the option is NVPTX's. And only where
+this JAX's CPU backend compiles with it (:func:`cpu_backend_accepts`): JAX starts its CPU
+backend beside the GPU's, and XLA hands the option to both compilers' LLVM. jaxlib
+0.11.2 and 0.12.0.1 accept it there; 0.12.1's CPU compiler exits at its first compile
+("Unknown command line argument"), so with it the GPU kernels compile without
+contraction, and a warning says so.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import pkgutil
 import re
+import subprocess
+import sys
 
 FMA_OPTION = "-nvptx-fma-level=1"
 ENV = "QLHS_XLA_FMA"  # "1" (the default) or "0": the benchmark harnesses' setting
@@ -75,6 +82,22 @@ def cuda_possible(environ=None) -> bool:
   return any(m.name.startswith("xla_cuda") for m in pkgutil.iter_modules(jax_plugins.__path__))
 
 
+@functools.cache
+def cpu_backend_accepts(option: str = FMA_OPTION) -> bool:
+  """Whether this JAX's CPU backend compiles and runs with ``option`` among XLA's LLVM
+  options, asked of a child Python on the CPU alone (once a process, about 2 s: only
+  where :func:`request_fma` would set the option). A CPU LLVM that does not know the
+  option exits the process at its first compile, so it cannot be asked in this one."""
+  code = "import jax.numpy as j; print(float((j.arange(3.0) * 2 + 1).sum()))"
+  env = dict(os.environ, XLA_FLAGS=f"{_EXTRA}={option}", JAX_PLATFORMS="cpu")
+  try:
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, timeout=300)
+  except subprocess.TimeoutExpired:
+    return False
+  return p.returncode == 0 and p.stdout.strip() == "9.0"
+
+
 def backends_started() -> bool:
   """Whether JAX has started its backends (XLA_FLAGS is read then, and not after)."""
   from jax._src import xla_bridge
@@ -97,11 +120,11 @@ def request_from_env() -> bool:
 
 
 def request_fma(enabled: bool, environ=None) -> bool:
-  """Adds :data:`FMA_OPTION` to XLA_FLAGS where ``enabled``, JAX may use an NVIDIA GPU
-  and no backend has started yet. Returns whether the option is in XLA_FLAGS (so in
-  effect where a GPU compiles). With ``enabled`` false, or a ``-nvptx-fma-level`` the
-  user set, it changes nothing. A backend already started without it: logs a warning
-  with the fix."""
+  """Adds :data:`FMA_OPTION` to XLA_FLAGS where ``enabled``, JAX may use an NVIDIA GPU,
+  no backend has started yet and the CPU backend accepts the option. Returns whether the
+  option is in XLA_FLAGS (so in effect where a GPU compiles). With ``enabled`` false, or
+  a ``-nvptx-fma-level`` the user set, it changes nothing. A backend already started
+  without it: logs a warning with the fix; a CPU backend that refuses it: a warning."""
   environ = os.environ if environ is None else environ
   flags = environ.get("XLA_FLAGS", "")
   if not enabled or _LEVEL.search(flags) or not cuda_possible(environ):
@@ -112,6 +135,14 @@ def request_fma(enabled: bool, environ=None) -> bool:
                 "values up to rounding). Call qlhs_jax.xla_options.request_fma(True) "
                 "before any JAX computation, or start Python with XLA_FLAGS=\"%s\".",
                 FMA_OPTION, with_fma(flags))
+    return False
+  if not cpu_backend_accepts():
+    log.warning("xla_fma: this jaxlib's CPU backend, which JAX starts beside the GPU's, "
+                "exits at its first compile with %s among XLA's LLVM options (jaxlib "
+                "0.12.1 does; 0.12.0.1 did not), so the GPU kernels compile without "
+                "multiply-add contraction (the same values up to rounding; slower, "
+                "benchmarks/NOTES.md experiment 36). config.xla_fma=False "
+                "(QLHS_XLA_FMA=0) skips this check.", FMA_OPTION)
     return False
   environ["XLA_FLAGS"] = with_fma(flags)
   return True

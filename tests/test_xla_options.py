@@ -68,6 +68,7 @@ def test_it_acts_only_where_jax_may_use_an_nvidia_gpu(tmp_path, monkeypatch):
 def test_request_writes_xla_flags_before_jax_starts(monkeypatch, caplog):
   monkeypatch.setattr(xo, "cuda_possible", lambda environ=None: True)
   monkeypatch.setattr(xo, "backends_started", lambda: False)
+  monkeypatch.setattr(xo, "cpu_backend_accepts", lambda option=xo.FMA_OPTION: True)
   env = {"XLA_FLAGS": "--xla_dump_to=D"}
   assert xo.request_fma(True, env) is True
   assert env["XLA_FLAGS"] == "--xla_dump_to=D " + OPTION
@@ -115,14 +116,30 @@ def test_config_key_is_a_runtime_bool_that_must_agree_with_the_variable(monkeypa
   qconfig.validate(c)
 
 
-def test_cpu_backends_accept_the_option():
-  """The option is NVPTX's; a CPU-only JAX given it anyway (the user's XLA_FLAGS) still
-  compiles and runs."""
-  code = "import jax.numpy as j; print(float((j.arange(3.0) * 2 + 1).sum()))"
+def test_the_option_is_set_only_where_the_cpu_backend_accepts_it(monkeypatch, caplog):
+  """The option is NVPTX's, and JAX starts its CPU backend beside the GPU's. Where this
+  JAX's CPU backend, given the option, still compiles and runs (jaxlib 0.11.2, 0.12.0.1),
+  request_fma sets it; where it exits instead (0.12.1: an unknown LLVM option), it
+  leaves XLA_FLAGS alone and says why."""
+  code = "import jax.numpy as j; print(float(j.dot(j.arange(4.0), j.arange(4.0) + 1)))"
   env = dict(os.environ, XLA_FLAGS=OPTION, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-  assert p.returncode == 0, p.stderr[-2000:]
-  assert p.stdout.strip() == "9.0"
+  accepts = p.returncode == 0 and p.stdout.strip() == "20.0"
+  if not accepts:
+    assert "Unknown command line argument '-nvptx-fma-level=1'" in p.stderr, p.stderr[-2000:]
+  xo.cpu_backend_accepts.cache_clear()
+  assert xo.cpu_backend_accepts() is accepts
+  monkeypatch.setattr(xo, "cuda_possible", lambda environ=None: True)
+  monkeypatch.setattr(xo, "backends_started", lambda: False)
+  env = {"XLA_FLAGS": "--xla_dump_to=D"}
+  with caplog.at_level(logging.WARNING, logger="qlhs_jax.xla_options"):
+    assert xo.request_fma(True, env) is accepts
+  assert env["XLA_FLAGS"] == ("--xla_dump_to=D " + OPTION if accepts else "--xla_dump_to=D")
+  assert ("CPU backend" in caplog.text) is not accepts
+  # Either way, a refusing backend leaves the flags alone.
+  monkeypatch.setattr(xo, "cpu_backend_accepts", lambda option=xo.FMA_OPTION: False)
+  env = {}
+  assert xo.request_fma(True, env) is False and env == {}
 
 
 _COMPILE = textwrap.dedent("""

@@ -847,7 +847,9 @@ def _row_walks(monkeypatch, kernels, spec, programs):
 def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, programs, ahead):
   """QLHS_STENCIL_ROWS=all: du (with and without an addend, float32 and bfloat16 out),
   pass 3's sums and the statistics' lag sums equal float64 NumPy; the forward product
-  and pass 4 equal the tiles' kernels bit for bit (the same sums in the same order).
+  and pass 4 equal the tiles' kernels (the same sums in the same order) to 2 units in
+  the last place of the largest value: bit for bit with jax 0.11.2; with 0.12.1, whose
+  CPU compiler runs both interpreted, a few values differ by up to one unit.
   Each launch is the row walk; with each step's rows loaded a step ahead (the default)
   and where used."""
   monkeypatch.setattr(stencil, "ROWS_AHEAD", ahead)
@@ -880,7 +882,9 @@ def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, progra
     assert g.shape == w_.shape
     np.testing.assert_allclose(np.asarray(g), w_, rtol=2e-5, atol=2e-4)
   for x, y in zip(elementwise(), tiles):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    y = np.asarray(y)
+    np.testing.assert_allclose(np.asarray(x), y, rtol=0,
+                               atol=2 * np.spacing(np.abs(y).max()))
   got = stencil.lag_sums(u, interpret=True)
   np.testing.assert_allclose(np.asarray(got), numpy_lag_sums(f64(u)), rtol=2e-5, atol=2e-5)
   assert launched == ["_du_rows_kernel"] * 2 + ["_bn_sums_rows_kernel",
