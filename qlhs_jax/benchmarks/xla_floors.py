@@ -240,14 +240,16 @@ def loop_ops(sass: str) -> dict[str, int]:
   """What a trip of a kernel's first loop (``triton_compile.first_loop``) does besides
   arithmetic: ``barriers`` (BAR.SYNC), ``copies`` (LDGSTS: cp.async, global to shared
   memory, which Triton's pipeliner issues trips ahead), ``past_l1`` (those that bypass
-  L1: 16-byte copies, each a read from L2) and ``mma`` (tensor-core products, HMMA and
-  Hopper's HGMMA); all 0 without a loop."""
+  L1: 16-byte copies, each a read from L2), ``mma`` (tensor-core products, HMMA and
+  Hopper's HGMMA) and ``mma_waits`` (WARPGROUP.DEPBAR: the warps wait for their
+  asynchronous HGMMA to finish; HMMA need none); all 0 without a loop."""
   body = triton_compile.first_loop(sass) or ""
-  ops = re.findall(r"\b(BAR\.SYNC|LDGSTS\S*|HG?MMA)\b", body)
+  ops = re.findall(r"\b(BAR\.SYNC|LDGSTS\S*|HG?MMA|WARPGROUP\.DEPBAR)\b", body)
   return {"barriers": sum(op == "BAR.SYNC" for op in ops),
           "copies": sum(op.startswith("LDGSTS") for op in ops),
           "past_l1": sum(op.startswith("LDGSTS") and "BYPASS" in op for op in ops),
-          "mma": sum(op in ("HMMA", "HGMMA") for op in ops)}
+          "mma": sum(op in ("HMMA", "HGMMA") for op in ops),
+          "mma_waits": sum(op == "WARPGROUP.DEPBAR" for op in ops)}
 
 
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
@@ -300,10 +302,10 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
   """:func:`dump_functions` whose name matches ``match`` (a regular expression), a line
   each: registers, the warps an SM holds at them, machine instructions and load rounds,
   and in a trip of its loop (:func:`loop_ops`) barriers, asynchronous copies (those
-  past L1) and tensor-core products."""
+  past L1), tensor-core products and the waits for them."""
   code = dump_functions(dump_dir, arch)
   lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s} "
-           f"{'bar':>4s} {'copies':>7s} {'mma':>4s}  function (file)"]
+           f"{'bar':>4s} {'copies':>7s} {'mma':>4s} {'waits':>5s}  function (file)"]
   for c in code:
     name = c["name"]
     if not re.search(match, name):
@@ -314,7 +316,8 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
     ops = c["loop_ops"]
     copies = f"{ops['copies']}({ops['past_l1']})"
     lines.append(f"{c['registers']:4d} {warps:8d} {instr:>9s} {rounds:>6s} "
-                 f"{c['loads']:5d} {ops['barriers']:4d} {copies:>7s} {ops['mma']:4d}  "
+                 f"{c['loads']:5d} {ops['barriers']:4d} {copies:>7s} {ops['mma']:4d} "
+                 f"{ops['mma_waits']:5d}  "
                  f"{name} ({os.path.basename(c['file'])})")
   return "\n".join(lines)
 

@@ -113,18 +113,19 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # SM (machine code; experiment 39). More instructions, though: the product's issue
 # floor 0.187 -> 0.235 ms at stage 1 (its copy time 0.308). None is timed alone.
 # The dot forms (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot): pixels (the products'
-# depth) by 16 input channels (the sums: 64 hidden at e = 4, one warpgroup's wgmma
-# m64n16k16), 4 warps, 3 stages of Triton's pipelined loads (pixels, channels, warps,
-# stages). Deviceless at stage 1 (jax[cuda12] 0.11.2; benchmarks/NOTES.md, experiment
-# 40), a launch's issue floor: the sums at 64 pixels 0.157 ms (243 registers, 94 KB of
-# shared memory: 2 programs an SM; 5 barriers a trip since experiment 44, 22 before,
-# at 0.136 ms), against 0.167 for the tiles at 32,8,4; the lags at
+# depth) by 16 input channels (the products' 16 rows: mma.sync, no wait for them; the
+# sums' columns are 64 hidden at e = 4), 4 warps, 3 stages of Triton's pipelined loads
+# (pixels, channels, warps, stages). Deviceless at stage 1 (jax[cuda12] 0.11.2;
+# benchmarks/NOTES.md, experiment 40), a launch's issue floor: the sums at 64 pixels
+# 0.128 ms (254 registers, 84 KB of shared memory: 2 programs an SM; 3 barriers a trip
+# since experiment 45; as wgmma 0.157 ms, 5 and 9 waits for products, and before
+# experiment 44 22 barriers at 0.136 ms), against 0.167 for the tiles at 32,8,4; the lags at
 # 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
 # thread copies 16 bytes of a tap, which the machine code copies past L1
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
-# (0.186) nears the H200's copy time (0.215). Not timed. du as products
+# (0.157; 0.186 as wgmma) nears the H200's copy time (0.215). Not timed. du as products
 # (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
 # columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
 # programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
@@ -335,15 +336,16 @@ def _dot_tiles(plan: dict, form: str, interpret: bool, channels: int = DOT_MIN) 
 
 def _store_own(out_ref, ch, cols, plain, products, e: int):
   """The dot forms' outputs into out_ref[ch, k, cols]: the plain sums ``plain``
-  (channels,) at k = 0, then of each of ``products`` the entries where the row's input
-  channel is the column (row // e: e hidden channels an input channel; the lags'
-  diagonal at e = 1), summed over the columns."""
+  (channels,) at k = 0, then of each of ``products`` (input channels, their hidden
+  channels) the entries where the row is the column's input channel (column // e: e
+  hidden channels an input channel; the lags' diagonal at e = 1), summed over the
+  rows."""
   out_ref[ch, 0, cols] = plain
   shape = products[0].shape
-  own = lax.broadcasted_iota(jnp.int32, shape, 0) // e == lax.broadcasted_iota(
-      jnp.int32, shape, 1)
+  own = lax.broadcasted_iota(jnp.int32, shape, 0) == lax.broadcasted_iota(
+      jnp.int32, shape, 1) // e
   for k, acc in enumerate(products, 1):
-    out_ref[ch, k, cols] = jnp.sum(jnp.where(own, acc, 0.0), axis=1)
+    out_ref[ch, k, cols] = jnp.sum(jnp.where(own, acc, 0.0), axis=0)
 
 
 def _params(warps, interpret, stages=1):
@@ -692,20 +694,26 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
 
 def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   """:func:`_bn_sums_kernel`'s ten sums as matrix products over the tile's pixels: per
-  tap, g^T (bj*e hidden channels, m) @ tap_t(u) (m, bj input channels), of which only
-  the entries where the hidden channel's own input channel is the column (1 in bj) are
+  tap, tap_t(u)^T (bj input channels, m) @ g (m, bj*e hidden channels), of which only
+  the entries where the row is the hidden channel's own input channel (1 in bj) are
   kept, at the end; the sum of g is summed element-wise (as g^T @ a column of ones it
   took 2 more products and a wait a trip; experiment 44). The tensor cores have the
-  throughput to waste (at stage 1, ~0.13 ms of wgmma), and what the products buy is
+  throughput to waste (at stage 1, 118 GFLOP a launch: 0.12 ms at an H100's dense
+  bfloat16 rate, of which mma.sync reaches a part; the copy time 0.31), and what the
+  products buy is
   Triton's pipeliner: loads that feed a dot are issued ``stages - 1`` trips ahead as
   asynchronous copies to shared memory (cp.async), where the element-wise kernel waits
   once a trip with 16 warps an SM to cover it (benchmarks/NOTES.md, experiments 39, 40).
+  With bj = 16 rows the products are mma.sync (HMMA), which need no wait; as g^T @ tap
+  (bj*e = 64 rows) they were Hopper's asynchronous wgmma, and a tap's product of more
+  than 16 pixels is several wgmma, chained through a register copy that ptxas made
+  wait for the one before: 9 waits a trip (experiment 45).
   ``split``: bfloat16 inputs, g = dp * c (16 significant bits, exact in float32) as the
   sum of two bfloat16 halves, each product exact and summed in float32, as the
   element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32).
   The taps go into the products as loaded (``_Tile.operand``): from the pipeliner's
-  buffers, 5 barriers a trip; loaded in float32 and cast back, each went through the
-  warps into a second buffer first, 22 (experiment 44)."""
+  buffers, 3 barriers a trip (5 as wgmma); loaded in float32 and cast back, each went
+  through the warps into a second buffer first, 22 (experiment 44)."""
   from qlhs_jax.kernels.eq3_block import _dot
   m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
@@ -714,8 +722,8 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   low = jnp.bfloat16 if split else F32
   taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
-  def add(acc, parts, b):  # acc + g^T @ b, over the tile's pixels
-    for a in parts:
+  def add(acc, a, parts):  # acc + a^T @ g, over the tile's pixels
+    for b in parts:
       acc = acc + _dot(a, b, ta=True)
     return acc
 
@@ -727,10 +735,10 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
     else:
       parts = (g,)
     return (acc[0] + g,
-            *(add(acc[1 + t], parts, tile.operand(u_ref, *_offset(t), taps).astype(low))
+            *(add(acc[1 + t], tile.operand(u_ref, *_offset(t), taps).astype(low), parts)
               for t in range(9)))
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((m, bj * e), F32),)
-                      + tuple(jnp.zeros((bj * e, bj), F32) for _ in range(9)))
+                      + tuple(jnp.zeros((bj, bj * e), F32) for _ in range(9)))
   # hidden channel j*e + s, input channel j
   _store_own(out_ref, ch, cols, jnp.sum(acc[0], axis=0), acc[1:], e)
 

@@ -241,19 +241,21 @@ def test_load_rounds_count_the_waits_for_global_loads(sass, expected):
 
 
 def test_loop_ops_count_a_trips_barriers_copies_and_products():
-  """In the first loop only: a barrier, two asynchronous copies (one past L1) and two
-  tensor-core products; the copy and barrier after the loop are not in a trip."""
+  """In the first loop only: a barrier, two asynchronous copies (one past L1), two
+  tensor-core products and a wait for the asynchronous one; the copy, barrier and wait
+  after the loop are not in a trip."""
   sass = _sass("LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]", ".L_x_0:",
                "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]",
                "LDGSTS.E.64 [R1+0x10], desc[UR4][R2.64+0x10]", "LDGDEPBAR",
                "DEPBAR.LE SB0, 0x1", "BAR.SYNC.DEFER_BLOCKING 0x0",
-               "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], R24",
+               "WARPGROUP.ARRIVE", "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], R24, gsb0",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x0",
                "HMMA.16816.F32.BF16 R4, R8, R12, R4", "@P0 BRA `(.L_x_0)",
-               "BAR.SYNC.DEFER_BLOCKING 0x0", "EXIT")
+               "BAR.SYNC.DEFER_BLOCKING 0x0", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT")
   assert xla_floors.loop_ops(sass) == {"barriers": 1, "copies": 2, "past_l1": 1,
-                                       "mma": 2}
+                                       "mma": 2, "mma_waits": 1}
   assert xla_floors.loop_ops(_sass("BAR.SYNC.DEFER_BLOCKING 0x0", "EXIT")) == {
-      "barriers": 0, "copies": 0, "past_l1": 0, "mma": 0}
+      "barriers": 0, "copies": 0, "past_l1": 0, "mma": 0, "mma_waits": 0}
 
 
 def test_rounds_group_the_measured_kernels():

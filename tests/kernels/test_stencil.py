@@ -1344,23 +1344,30 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   trips = {c["name"]: c["loop_ops"] for c in functions}
   lags = trips["qlhs_lag_sums_dot"]
   assert lags["copies"] == 13 and lags["past_l1"] == 0 and lags["mma"] > 0, lags
-  # The sums' products read the taps from the pipeliner's buffers: 5 barriers a trip
-  # at strides 1 and 2 (the taps loaded masked, in u's dtype). Loaded in float32 and
-  # cast back, or selected after a gathered load, each tap went from those buffers
-  # through the warps' registers into another buffer: 22 (experiment 44).
-  sums = [c["loop_ops"] for c in functions if c["name"].startswith("qlhs_bn_sums_dot")]
-  assert [(ops["barriers"], ops["copies"]) for ops in sums] == [(5, 17)] * 2, sums
+  # The sums' products read the taps from the pipeliner's buffers, at strides 1 and 2
+  # (the taps loaded masked, in u's dtype). Loaded in float32 and cast back, or
+  # selected after a gathered load, each tap went from those buffers through the
+  # warps' registers into another buffer: 22 barriers a trip, not 5 (experiment 44).
+  # As tap^T @ g (16 rows) they are mma.sync, which the warps need not wait for; as
+  # g^T @ tap (64 rows) they were wgmma, 5 barriers and 9 waits a trip (experiment 45).
+  sums = [c for c in functions if c["name"].startswith("qlhs_bn_sums_dot")]
+  assert [(c["loop_ops"]["barriers"], c["loop_ops"]["copies"], c["loop_ops"]["mma_waits"])
+          for c in sums] == [(3, 17, 0)] * 2, [c["loop_ops"] for c in sums]
+  for dot in (t for k, t in kernels.items() if k.startswith("qlhs_bn_sums_dot")):
+    assert "mma.sync" in dot and "wgmma" not in dot
   assert trips["qlhs_bn_sums"]["copies"] == 0 == trips["qlhs_lag_sums"]["copies"], trips
   assert "cp.async" not in kernels["qlhs_d_transpose"]
   # du's products at 64 pixels by 32 hidden channels: one (m64n32k16, two k-steps) a
   # tap, D's kernel's parts side by side, not a product each. At the default (3 stages)
   # its taps are 18 copies issued ahead, 16 bytes a thread, past L1; at 1 stage they
-  # load through L1, a barrier before each product (experiment 41).
+  # load through L1, a barrier before each product (experiment 41). Their products are
+  # wgmma (64 pixel rows), each waited for in the trip that uses it (experiment 44).
   du = sorted([c["loop_ops"] for c in functions
                if c["name"].startswith("qlhs_d_transpose_dot")],
               key=lambda ops: ops["copies"])
-  assert du == [{"barriers": 19, "copies": 0, "past_l1": 0, "mma": 18},
-                {"barriers": 2, "copies": 18, "past_l1": 18, "mma": 18}], du
+  assert du == [{"barriers": 19, "copies": 0, "past_l1": 0, "mma": 18, "mma_waits": 9},
+                {"barriers": 2, "copies": 18, "past_l1": 18, "mma": 18,
+                 "mma_waits": 9}], du
   # The forward product and pass 4 as products at their default (64 pixels by 4 input
   # channels, 2 stages): per trip the nine taps (8 bytes a thread, twice: the parts'
   # columns repeat the channels; through L1) and c (and dp) times the identity (16
