@@ -119,8 +119,8 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # benchmarks/NOTES.md, experiment 40), a launch's issue floor: the sums at 64 pixels
 # 0.128 ms (254 registers, 84 KB of shared memory: 2 programs an SM; 3 barriers a trip
 # since experiment 45; as wgmma 0.157 ms, 5 and 9 waits for products, and before
-# experiment 44 22 barriers at 0.136 ms), against 0.167 for the tiles at 32,8,4; the lags at
-# 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
+# experiment 44 22 barriers at 0.136 ms), against 0.167 for the tiles at 32,8,4; the
+# lags at 32 pixels 0.088 (184 registers, 27 KB), against 0.119 at 16,16,4. At 64 pixels a
 # thread copies 16 bytes of a tap, which the machine code copies past L1
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
@@ -700,10 +700,10 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   took 2 more products and a wait a trip; experiment 44). The tensor cores have the
   throughput to waste (at stage 1, 118 GFLOP a launch: 0.12 ms at an H100's dense
   bfloat16 rate, of which mma.sync reaches a part; the copy time 0.31), and what the
-  products buy is
-  Triton's pipeliner: loads that feed a dot are issued ``stages - 1`` trips ahead as
-  asynchronous copies to shared memory (cp.async), where the element-wise kernel waits
-  once a trip with 16 warps an SM to cover it (benchmarks/NOTES.md, experiments 39, 40).
+  products buy is Triton's pipeliner: loads that feed a dot are issued ``stages - 1``
+  trips ahead as asynchronous copies to shared memory (cp.async), where the
+  element-wise kernel waits once a trip with 16 warps an SM to cover it
+  (benchmarks/NOTES.md, experiments 39, 40).
   With bj = 16 rows the products are mma.sync (HMMA), which need no wait; as g^T @ tap
   (bj*e = 64 rows) they were Hopper's asynchronous wgmma, and a tap's product of more
   than 16 pixels is several wgmma, chained through a register copy that ptxas made
