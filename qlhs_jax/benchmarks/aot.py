@@ -1,6 +1,6 @@
 """Compile the real train step for an H100 on a machine without a GPU; count its bytes.
 
-  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
+  pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"
   python -m qlhs_jax.benchmarks.aot --model eq3_softball_ds --vs resnet50 \
       [--set pin_hidden_layout=true] [--hlo-dir DIR] [--record FILE]
 
@@ -95,8 +95,9 @@ def compile_only_devices(target: str = "h100", devices: int = 1):
   except (NotImplementedError, RuntimeError) as e:
     raise SystemExit(
         f"compiling for a GPU without one needs JAX's CUDA plugin ({e}); install it "
-        f"with: pip install \"jax[cuda12]=={jax.__version__}\" (it brings the CUDA "
-        f"libraries and ptxas; no GPU or driver is needed)") from e
+        f"with: pip install \"jax[cuda13]=={jax.__version__}\" (it brings the CUDA "
+        f"libraries and ptxas; no GPU or driver is needed; jax[cuda12] works too, up "
+        f"to jax 0.12.0.1)") from e
   return topo.devices
 
 

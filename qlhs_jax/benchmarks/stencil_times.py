@@ -65,7 +65,7 @@ still leaves usable values:
 ``benchmarks/gpu_h100.sh step`` passes both to its rows. On a CPU the kernels run
 interpreted: a smoke test, no timing worth reading.
 
-``--compile-only h100`` (with jax[cuda12], no GPU needed) compiles every entry for the
+``--compile-only h100`` (with JAX's CUDA plugin, no GPU needed) compiles every entry for the
 GPU by the XLA and Triton that run there, and prints the seconds each took and its
 Pallas kernels: what a sweep spends before it times, and whether every entry compiles.
 """
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   p.add_argument("--compile-only", default=None, metavar="TARGET",
                  help="compile each entry for a GPU without one (a target of "
-                      "benchmarks.aot, e.g. h100; needs jax[cuda12]) and print the "
+                      "benchmarks.aot, e.g. h100; needs JAX's CUDA plugin) and print the "
                       "seconds each compile took: what a sweep spends before it times")
   args = p.parse_args(argv)
   if args.product_dot_tilings is None:

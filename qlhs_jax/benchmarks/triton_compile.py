@@ -175,13 +175,28 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   return captured
 
 
-def assemble(ptx: str, arch: str) -> tuple[str, bytes]:
-  """``(report, cubin)``: ptxas -v's report (registers and spills of every kernel in the
-  PTX) and the cubin, from the first ptxas bundled with the ``triton`` package that
-  assembles this PTX."""
+def _ptxas_candidates() -> list[str]:
+  """ptxas binaries to try: those bundled with ``triton``, then those of the NVIDIA wheels
+  that JAX's CUDA plugin installs (``nvidia/cu13/bin``, ``nvidia/cuda_nvcc/bin``). Why the
+  second: XLA of jax 0.12.1 with the CUDA 13 plugin writes PTX 9.5, which triton 3.9.0's
+  ptxas (PTX 8.8) refuses."""
   import triton
   bins = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                        "nvidia", "bin", "ptxas*")), reverse=True)
+  try:
+    import nvidia
+    for root in nvidia.__path__:
+      bins += sorted(glob.glob(os.path.join(root, "*", "bin", "ptxas")))
+  except ImportError:
+    pass
+  return bins
+
+
+def assemble(ptx: str, arch: str) -> tuple[str, bytes]:
+  """``(report, cubin)``: ptxas -v's report (registers and spills of every kernel in the
+  PTX) and the cubin, from the first ptxas (:func:`_ptxas_candidates`) that assembles
+  this PTX."""
+  bins = _ptxas_candidates()
   with tempfile.TemporaryDirectory() as tmp:
     path, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
     with open(path, "w") as f:

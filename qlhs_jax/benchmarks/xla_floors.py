@@ -12,7 +12,9 @@ the PTX (``--xla_dump_emitter_re`` is what makes this XLA write it)::
   python -m qlhs_jax.benchmarks.xla_floors \\
     D/module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations.txt
 
-(jax[cuda12] for the compile, ``pip install triton==3.9.0`` for its ptxas and nvdisasm.)
+(jax[cuda13] or jax[cuda12] for the compile, ``pip install triton==3.9.0`` for its ptxas
+and nvdisasm; PTX newer than its ptxas knows, e.g. 9.5 from jax 0.12.1's CUDA 13 plugin,
+is assembled by the plugin's own ptxas.)
 For each launch of the step (``hlo_bytes.kernel_launches``) it assembles the launched
 function's PTX for sm_90a and prints its registers a thread, the warps an H100 SM can
 hold at that count, its machine instructions a thread, the issue floor of the launch

@@ -399,6 +399,17 @@ def _stats_kernel(u_ref, out_ref, *, plan, pieces):
     out_ref[ch, k, pl.ds(j0, bj)] = a.sum(0)
 
 
+def _total(part: jax.Array) -> jax.Array:
+  """The programs' partial sums ``part`` (programs, ...) added up in one reduction.
+
+  Why the barrier: XLA 0.12.1 pushes the slices that the callers take of the total
+  (:func:`stats_from_lags`, :func:`_sums_out`) into the reduction, one reduction of the
+  partials per slice: at each stride-1 block 15 kernels for the statistics and 2 for
+  pass 3's sums, where 0.11.2 launched one each (deviceless; benchmarks/NOTES.md,
+  experiment 46). The barrier keeps one kernel, the same sums."""
+  return lax.optimization_barrier(part.sum(0))
+
+
 def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
               lags: bool = True, dot: bool = False) -> jax.Array:
   """``(54, 1, n)`` float32: over the output pixels of a stride-``stride`` 3x3 stencil
@@ -424,7 +435,7 @@ def tap_stats(u: jax.Array, stride: int, interpret: bool | None = None,
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, len(group), n), F32),
         grid=_grid(plan, chunks, n // bj), interpret=interpret, name=NAMES["stats"],
         **_params(warps, interpret))(u2)
-    parts.append(part.sum(0))
+    parts.append(_total(part))
   return jnp.concatenate(parts, 0)[:, None, :]
 
 
@@ -585,7 +596,7 @@ def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> 
         _lags_rows_kernel, plan, "lags", warps, interpret,
         jax.ShapeDtypeStruct((_rows_programs(plan), 1 + len(LAGS) + BORDER_ROWS, n), F32),
         _rows_pad(u.reshape(-1, n), plan))
-    return part.sum(0)
+    return _total(part)
   plan, u2 = lean_plan(_chunked_plan(u.shape, 1, m0, bj0), u.reshape(-1, n), interpret)
   chunks = plan["chunks"]
   dot_dtype = None
@@ -598,7 +609,7 @@ def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> 
       grid=_grid(plan, chunks, n // plan["bj"]), interpret=interpret,
       name=NAMES["lags_dot" if dot else "lags"],
       **_params(warps, interpret, stages))(u2)
-  return part.sum(0)
+  return _total(part)
 
 
 def stats_from_lags(full: jax.Array) -> jax.Array:
@@ -780,7 +791,7 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
         _bn_sums_rows_kernel, plan, "sums", warps, interpret,
         jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
         _rows_pad(u.reshape(-1, n), plan), flat(c5), flat(dp5))
-    return _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
+    return _sums_out(_total(part).reshape(10, n, e), k9, mean, rstd)
   plan, u2 = lean_plan(dict(_chunked_plan(u.shape, stride, m0, bj0), e=e),
                        u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
@@ -801,7 +812,7 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
       grid=_grid(plan, chunks, n // bj), interpret=interpret,
       name=NAMES["sums_dot" if dot else "sums"],
       **_params(warps, interpret, stages))(u2, flat(c5), flat(dp5), *vectors)
-  sums = part.sum(0).reshape(count, n, e)
+  sums = _total(part).reshape(count, n, e)
   if xhat:
     return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
   return _sums_out(sums, k9, mean, rstd)
@@ -1777,7 +1788,7 @@ def bwd(u, c5, dp5, k9, mul, add, mean, rstd, dx_dtype=None,
        jax.ShapeDtypeStruct((_rows_programs(plan), 10, n * e), F32),
        _z_rows(plan, n, dx_dtype)),
       *_rows_args(plan, u, (c5, dp5), k9, (mul, add)))
-  sums = _sums_out(part.sum(0).reshape(10, n, e), k9, mean, rstd)
+  sums = _sums_out(_total(part).reshape(10, n, e), k9, mean, rstd)
   return (_rows_unpad(dc, plan).reshape(c5.shape),
           _rows_unpad(du_g, plan).reshape(b, h, w, n), sums)
 

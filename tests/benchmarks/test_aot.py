@@ -2,7 +2,6 @@
 tests that compile are skipped without it, the error paths run everywhere)."""
 
 import gzip
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from qlhs_jax import xla_options
 from qlhs_jax.benchmarks import aot
 
-HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
-                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+# JAX's CUDA plugin, of jax[cuda12] or jax[cuda13], whatever JAX_PLATFORMS says.
+HAS_CUDA_PLUGIN = xla_options.cuda_possible({})
 TINY = ["widths=[8,16]", "depths=[1,1]", "stem=\"small\""]
 
 
@@ -27,7 +27,7 @@ def _run(*args):
 def test_without_the_cuda_plugin_it_names_the_install_command():
   p = _run("--model", "eq3_softball_ds", "--batch", "2", "--size", "16")
   assert p.returncode != 0
-  assert 'pip install "jax[cuda12]==' in p.stderr, p.stderr[-2000:]
+  assert 'pip install "jax[cuda13]==' in p.stderr, p.stderr[-2000:]
 
 
 def test_unknown_models_are_refused_before_compiling():
@@ -65,7 +65,7 @@ def test_every_pallas_form_lowers_the_triton_kernels():
                                      "QLHS_D_TAPS": "auto:copy"})
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
   record = tmp_path / "aot.jsonl"
   args = ["--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--record",
@@ -90,7 +90,7 @@ def test_compiles_gpu_code_and_counts_its_bytes(tmp_path):
   assert "kind=kInput" in text
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 @pytest.mark.parametrize("input", ["uint8", "uint8_randaugment"])
 def test_uint8_input_compiles_with_the_erasing_in_the_step(tmp_path, input):
   """--input uint8: the step takes the pipeline's uint8 images, boxes and seeds (and
@@ -149,7 +149,7 @@ def test_records_carry_the_commit(tmp_path):
   assert f"| 2026-11-27 | {got[0] or '-'} | h100 (deviceless, cuBLAS) |" in table.table(str(path))
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
 def test_gemm_mode_decides_who_does_the_matmuls(tmp_path, gemm):
   args = ["--model", "eq3_softball_ds", "--batch", "8", "--size", "16", "--gemm", gemm,
@@ -170,7 +170,7 @@ def test_gemm_mode_decides_who_does_the_matmuls(tmp_path, gemm):
     assert "__triton" in text and "__cublas$" not in text
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_grouped_state_writes_compile_to_fewer_kernels(tmp_path):
   """The new state written by a few multi-output kernels (steps.keep_where) against one
   kernel per leaf, and no leaf copied back: the grouped step's state is not donated
@@ -196,7 +196,7 @@ def test_unknown_gemm_mode_is_refused():
     aot.compile_train_step("eq3_softball_ds", {}, batch=2, size=16, gemm="magma")
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_compiles_the_block_kernels_for_the_gpu(tmp_path):
   """fuse_d_bn="block": XLA compiles the Pallas kernels' Triton IR for the H100 (the
   model's widths of at least 16 are the kernels' smallest dot)."""
@@ -215,7 +215,7 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused():
   assert p.returncode != 0 and want in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_compiles_the_stencil_kernels_for_gpus_splitting_the_batch(tmp_path):
   """--devices 2: fuse_d_bn="auto" resolves to the stencil kernels on each GPU's half of
   the batch (d_bn_product's shard_map), XLA compiles their Triton IR, and the gradients
@@ -232,7 +232,7 @@ def test_compiles_the_stencil_kernels_for_gpus_splitting_the_batch(tmp_path):
   assert "all-reduce-start(" in text or "all-reduce(" in text
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_the_strided_shortcut_and_c_stay_two_matmuls(tmp_path):
   """At the strided block (8 -> 16 channels, 32 hidden) the shortcut and C read the same
   strided u. With the fused D + BN + product, whose kernels take C as an operand of its
@@ -248,7 +248,7 @@ def test_the_strided_shortcut_and_c_stay_two_matmuls(tmp_path):
   assert not any(d.endswith(",48]") for d in dots), dots
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_the_profile_options_compile_without_command_buffers(tmp_path):
   """For the H100, XLA puts a run of kernels into a command buffer (one CUDA graph: one
   event in a profile); benchmarks.step's PROFILE_COMPILER_OPTIONS compile the same

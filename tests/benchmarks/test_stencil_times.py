@@ -1,6 +1,5 @@
 """benchmarks.stencil_times: its choice of forms and tilings, and a CPU smoke run."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -370,11 +369,10 @@ def test_compile_only_is_refused_with_record_and_for_unknown_targets(tmp_path):
   assert not (tmp_path / "r.jsonl").exists()
 
 
-HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
-                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+from tests.benchmarks.test_aot import HAS_CUDA_PLUGIN
 
 
-@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (CUDA plugin)")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
 def test_compile_only_compiles_each_entry_for_the_gpu():
   """--compile-only h100: every entry compiled for the GPU without one (its own
   process: the compile-only device keeps JAX on the CPU), the walks as Triton kernels

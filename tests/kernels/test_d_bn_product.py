@@ -543,7 +543,7 @@ _COMPILE_PRODUCT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
-                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+                    reason="needs JAX's CUDA plugin and triton")
 @pytest.mark.parametrize("taps", ["copy", "pad"])
 def test_the_copy_takes_the_branches_out_of_the_h100_product(tmp_path, taps):
   """Compiled for an H100 without one (the statistics as XLA's reduction, so that the

@@ -6,6 +6,8 @@ formula."""
 import functools
 import os
 import re
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -1237,7 +1239,7 @@ def _tiling_env(tiling: str | None, **extra) -> dict:
 
 
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
-                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+                    reason="needs JAX's CUDA plugin and triton")
 @pytest.mark.parametrize("tiling", [None, "product=32,16,4"])
 def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tiling):
   """Compiled for an H100 without one: at the default tiles (16 pixels by 16 channels,
@@ -1258,7 +1260,7 @@ def test_the_elementwise_kernels_load_their_taps_without_barriers(tmp_path, tili
 
 
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
-                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+                    reason="needs JAX's CUDA plugin and triton")
 def test_the_default_product_tiles_wait_less_often_for_their_loads(tmp_path):
   """The same kernels at 64 channels (stage 1's), assembled by ptxas: at the default
   tiles (one element of a tap a thread, D's kernel 36 floats a thread) a thread of the
@@ -1315,8 +1317,55 @@ _COMPILE_SUMS = textwrap.dedent("""
 """)
 
 
+_COMPILE_PARTIALS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def sums(u, c5, dp5, k9, v):
+      stats = stencil.stats_from_lags(stencil.lag_sums(u, interpret=False))
+      return stats, stencil.bn_sums(u, c5, dp5, k9, v, v, 1, interpret=False)
+    n, hidden = 16, jnp.bfloat16
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(sums).lower(
+          s((8, 16, 16, n), jnp.bfloat16), s((8, 16, 16, n, 4), hidden),
+          s((8, 16, 16, n, 4), hidden), s((9, n, 4)), s((1, n, 4)))
+    with open(sys.argv[1], "w") as f:
+      f.write(lowered.compile(aot.GEMM_OPTIONS["triton"]).as_text())
+""")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
+def test_the_partial_sums_are_added_in_one_kernel_for_an_h100(tmp_path):
+  """Compiled for an H100 without one: the statistics' lags and pass 3's sums each
+  write one partial sum a program, and one kernel adds them up. XLA 0.12.1 pushed the
+  slices that the callers take of the total into the reduction: 15 kernels for the
+  lags and 2 for the sums, each reading the partials (benchmarks/NOTES.md, experiment
+  46). XLA 0.11.2 never did, so there this test cannot fail."""
+  hlo = tmp_path / "sums.hlo.txt"
+  env = dict(os.environ)
+  env.pop("JAX_PLATFORMS", None)
+  p = subprocess.run([sys.executable, "-c", _COMPILE_PARTIALS, str(hlo)],
+                     capture_output=True, text=True, env=env,
+                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert p.returncode == 0, p.stderr[-3000:]
+  text = hlo.read_text()
+  kernels = dict(re.findall(r"(%pallas_call[\w.]*) = .*?custom-call\(.*?"
+                            r"(qlhs_lag_sums|qlhs_bn_sums)/pallas_call", text))
+  assert sorted(kernels.values()) == ["qlhs_bn_sums", "qlhs_lag_sums"], kernels
+  for name, kernel in kernels.items():
+    readers = [line for line in text.splitlines()
+               if " = " in line and re.search(re.escape(name) + r"[,)]", line.split(" = ", 1)[1])]
+    assert len(readers) == 1, (kernel, readers)
+
+
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
-                    reason="needs jax[cuda12] (CUDA plugin) and triton")
+                    reason="needs JAX's CUDA plugin and triton")
 def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   """Compiled for an H100 without one: pass 3's sums and the statistics' lags as matrix
   products (QLHS_SUMS_FORM / QLHS_STATS_FORM=pallas_dot) load their operands as
