@@ -230,8 +230,12 @@ def totals(rows):
 # leaves SMs idle however fast each thread streams.
 H100_RESIDENT_THREADS = 132 * 2048
 _THUNK_ID = re.compile(r'profile_annotation: "([^"]+)"\s*thunk_id: (\d+)')
-_THUNK_LAUNCH = re.compile(r"^\s*(\d+): kCustomKernel.*? (\S+) grid: \[(\d+), (\d+), (\d+)\] "
-                           r"threads: \[(\d+), (\d+), (\d+)\]", re.M)
+# A kernel's line in thunk_sequence.txt: "NAME grid: [..] threads: [..]" (jax 0.11), or
+# "kernel=NAME, ..., launch dimensions=blocks: {..}, threads/block: {..}" (jax 0.12.1).
+_THUNK_LAUNCH = re.compile(
+    r"^\s*(\d+): kCustomKernel.*?(?: (\S+) grid: \[(\d+), (\d+), (\d+)\] "
+    r"threads: \[(\d+), (\d+), (\d+)\]| kernel=([^,\s]+),.*?blocks: \{(\d+), (\d+), "
+    r"(\d+)\}, threads/block: \{(\d+), (\d+), (\d+)\})", re.M)
 
 
 def dump_prefix(hlo_path: str) -> str:
@@ -262,9 +266,10 @@ def kernel_launches(hlo_path: str) -> dict[str, tuple[str, int, int]]:
   names = {int(i): name for name, i in _THUNK_ID.findall(meta)}
   out = {}
   for m in _THUNK_LAUNCH.finditer(seq):
-    i, g = int(m.group(1)), [int(x) for x in m.group(3, 4, 5, 6, 7, 8)]
+    fields = m.groups()[1:8] if m.group(2) else m.groups()[8:]
+    i, g = int(m.group(1)), [int(x) for x in fields[1:]]
     if i in names:
-      out[names[i]] = (m.group(2), g[0] * g[1] * g[2], g[3] * g[4] * g[5])
+      out[names[i]] = (fields[0], g[0] * g[1] * g[2], g[3] * g[4] * g[5])
   return out
 
 

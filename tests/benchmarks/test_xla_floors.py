@@ -148,6 +148,21 @@ def test_launches_name_the_function_they_run(tmp_path):
   assert hlo_bytes.launch_dims(path) == {"loop_add_fusion.3": (2048, 128)}
 
 
+def test_launches_are_read_from_jax_0_12_1_thunk_lines_too(tmp_path):
+  """jax 0.12.1's XLA writes a launch as "kernel=NAME, ..., launch dimensions=blocks:
+  {..}, threads/block: {..}" (its line, shortened), where 0.11.2 wrote "NAME grid: [..]
+  threads: [..]"; the same launch either way."""
+  path = _dump(tmp_path)
+  (tmp_path / "module_0001.jit_f.thunk_sequence.txt").write_text(
+      "003: kCustomKernel [source | sink] kernel=loop_x_1, profile_annotation=loop_x, "
+      "launch dimensions=blocks: {9, 9, 9}, threads/block: {1, 1, 1}, shmem_bytes=0\n"
+      "004: kCustomKernel [source        | next=584 (583)] kernel=loop_add_fusion_1, "
+      "profile_annotation=loop_add_fusion.3, launch dimensions=blocks: {1024, 2, 1}, "
+      "threads/block: {64, 2, 1}, cluster_dim=nullopt, shmem_bytes=0, use_pdl=true\n")
+  assert hlo_bytes.kernel_launches(path) == {"loop_add_fusion.3": ("loop_add_fusion_1",
+                                                                   2048, 128)}
+
+
 def test_no_ptx_beside_the_hlo_names_the_flags(tmp_path):
   path = _dump(tmp_path)
   (tmp_path / "module_0001.jit_f.1.ptx").unlink()
