@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from qlhs_jax.benchmarks import stencil_times, table
+from tests.benchmarks.test_aot import HAS_CUDA_PLUGIN
 
 
 def test_the_choice_weights_blocks_and_skips_wrong_results():
@@ -367,9 +368,6 @@ def test_compile_only_is_refused_with_record_and_for_unknown_targets(tmp_path):
   with pytest.raises(SystemExit, match="targets are h100"):
     stencil_times.main(["--compile-only", "a100", "--shapes", "none"])
   assert not (tmp_path / "r.jsonl").exists()
-
-
-from tests.benchmarks.test_aot import HAS_CUDA_PLUGIN
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")

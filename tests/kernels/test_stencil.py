@@ -6,8 +6,6 @@ formula."""
 import functools
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -1318,7 +1316,6 @@ _COMPILE_SUMS = textwrap.dedent("""
 
 
 _COMPILE_PARTIALS = textwrap.dedent("""
-    import sys
     import numpy as np
     from qlhs_jax.benchmarks import aot
     from qlhs_jax.kernels import stencil
@@ -1335,8 +1332,7 @@ _COMPILE_PARTIALS = textwrap.dedent("""
       lowered = jax.jit(sums).lower(
           s((8, 16, 16, n), jnp.bfloat16), s((8, 16, 16, n, 4), hidden),
           s((8, 16, 16, n, 4), hidden), s((9, n, 4)), s((1, n, 4)))
-    with open(sys.argv[1], "w") as f:
-      f.write(lowered.compile(aot.GEMM_OPTIONS["triton"]).as_text())
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
 """)
 
 
@@ -1347,13 +1343,8 @@ def test_the_partial_sums_are_added_in_one_kernel_for_an_h100(tmp_path):
   slices that the callers take of the total into the reduction: 15 kernels for the
   lags and 2 for the sums, each reading the partials (benchmarks/NOTES.md, experiment
   46). XLA 0.11.2 never did, so there this test cannot fail."""
-  hlo = tmp_path / "sums.hlo.txt"
-  env = dict(os.environ)
-  env.pop("JAX_PLATFORMS", None)
-  p = subprocess.run([sys.executable, "-c", _COMPILE_PARTIALS, str(hlo)],
-                     capture_output=True, text=True, env=env,
-                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-  assert p.returncode == 0, p.stderr[-3000:]
+  h100_ptx_by_entry(_COMPILE_PARTIALS, dict(os.environ), tmp_path)
+  (hlo,) = tmp_path.glob("*jit_sums*after_optimizations.txt")
   text = hlo.read_text()
   kernels = dict(re.findall(r"(%pallas_call[\w.]*) = .*?custom-call\(.*?"
                             r"(qlhs_lag_sums|qlhs_bn_sums)/pallas_call", text))
