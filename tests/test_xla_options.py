@@ -15,9 +15,9 @@ import pytest
 
 from qlhs_jax import config as qconfig
 from qlhs_jax import xla_options as xo
+from tests.benchmarks.test_aot import HAS_CUDA_PLUGIN
 
 OPTION = "--xla_backend_extra_options=-nvptx-fma-level=1"
-HAS_CUDA_PLUGIN = xo.cuda_possible({})  # jax[cuda12] or jax[cuda13]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 

@@ -1350,8 +1350,8 @@ def test_the_partial_sums_are_added_in_one_kernel_for_an_h100(tmp_path):
                             r"(qlhs_lag_sums|qlhs_bn_sums)/pallas_call", text))
   assert sorted(kernels.values()) == ["qlhs_bn_sums", "qlhs_lag_sums"], kernels
   for name, kernel in kernels.items():
-    readers = [line for line in text.splitlines()
-               if " = " in line and re.search(re.escape(name) + r"[,)]", line.split(" = ", 1)[1])]
+    operands = (line.split(" = ", 1)[1] for line in text.splitlines() if " = " in line)
+    readers = [rhs for rhs in operands if re.search(re.escape(name) + r"[,)]", rhs)]
     assert len(readers) == 1, (kernel, readers)
 
 
