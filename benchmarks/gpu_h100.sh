@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|ncu|block|variants|configs|input|host|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums"
 # (experiments 40-41: pass 3's sums, the statistics and du as matrix products, the
 # largest gaps between the profile and the bounds), then "fma"
@@ -127,6 +127,12 @@
 #   each against the first row. (Until experiment 43 it timed the element-wise kernel
 #   and three tilings of three parts alone; until experiment 44 its last row was the
 #   step with three parts: never run.)
+# "c_kernels" (time limits add up to 220 s; NOTES.md experiment 47; after "product"):
+#   c = C u made inside the dot forms' kernels and never stored (QLHS_C_FORM=kernels:
+#   the forward product, pass 4 and pass 3's sums make each tile of c from u's centre
+#   tap and C's columns; 8.5 GB a step less in the deviceless compile), Eq.(3) "auto"
+#   with every dot form of "product"'s last row, with the stored c and with c made, in
+#   one call.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -205,7 +211,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -225,7 +231,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}" \
+  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}${QLHS_C_FORM:+(c $QLHS_C_FORM)}" \
     | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
@@ -534,6 +540,17 @@ if [ "$PART" = product ]; then
   QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
     QLHS_STATS_FORM=pallas_dot bench 100 --model eq3_softball_ds \
     --set 'fuse_d_bn="auto"' --input uint8
+fi
+if [ "$PART" = c_kernels ]; then
+  # Every dot form with D's kernel in one bfloat16 part (product's last row), then the
+  # same with c made in their kernels: the difference is c's write and three reads
+  # against one more product a tile in three kernels (and, at the wider stages, u's
+  # centre tap read from L2 once per channel block; experiment 47).
+  for c_form in stored kernels; do
+    QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 110 --model eq3_softball_ds \
+      --set 'fuse_d_bn="auto"' --input uint8
+  done
 fi
 if [ "$PART" = ncu ]; then
   # Experiment 22 read the statistics (qlhs_lag_sums): L1-bound (76% of L1/TEX's

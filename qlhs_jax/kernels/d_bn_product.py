@@ -23,7 +23,9 @@ and writes dc in pass 4, next to dx, see :func:`dc_pass`; with QLHS_STENCIL_ROWS
 "dx_du", passes 4 and 5 are one kernel that never stores dx, ``stencil.dx_du``; naming
 "bwd", passes 3-5 read c and dp once: ``stencil.bwd`` takes pass 3's sums, dc and
 D^T(g * mul), and ``stencil.du_bn`` adds D^T of dx's other part, a 5x5 stencil of u,
-see :func:`_bwd_walks`.)
+see :func:`_bwd_walks`. With QLHS_C_FORM=kernels the operation takes C's weight instead
+of c, and the dot forms' kernels make c = C u themselves, so no pass moves c: see
+:func:`c_form`.)
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
@@ -359,6 +361,55 @@ def product_pallas(groups: int = 1) -> bool | None:
   return form == "pallas_dot" if form.startswith("pallas") else None
 
 
+C_FORMS = ("stored", "kernels")
+
+
+def c_form() -> str:
+  """QLHS_C_FORM: where impl "xla"'s passes get c = C u (eq3 and eq5, whose 1x1 map C
+  reads D's input u). "stored" (the default): the model's matmul writes c, and the
+  forward product, pass 3's sums and pass 4 read it. "kernels": the fused operation takes
+  C's weight instead, and the kernels of QLHS_PRODUCT_FORM=pallas_dot (the product,
+  pass 4) and of QLHS_SUMS_FORM=pallas_dot (pass 3's sums) make each tile of c from u's
+  centre tap as one more matrix product (``stencil._c_tile``), so c is never stored nor
+  read: one write and three reads of the hidden tensor less a block (benchmarks/NOTES.md,
+  experiment 47); a pass of another form gets c from XLA's matmul, redone in the
+  backward; blocks wider than :data:`C_KERNELS_MAX_N` channels keep the stored c. c is
+  rounded to the compute dtype as the stored c is, but its sums run in another order:
+  the same values up to one rounding of c. Refused unless QLHS_PRODUCT_FORM is
+  "pallas_dot". Not yet timed."""
+  form = settings.choice("QLHS_C_FORM", C_FORMS)
+  if form == "kernels" and (product := product_form()) != "pallas_dot":
+    raise ValueError(f"{settings.name('QLHS_C_FORM')}='kernels' makes c = C u inside the "
+                     f"matrix-product kernels of product_form 'pallas_dot', but "
+                     f"{settings.name('QLHS_PRODUCT_FORM')} gives {product!r}: set "
+                     f"product_form='pallas_dot' (and sums_form='pallas_dot' for pass 3), "
+                     f"or unset c_form")
+  return form
+
+
+# The widest blocks whose kernels make c (QLHS_C_FORM=kernels): stages 1 and 2. Each of
+# a kernel's n/16 channel blocks reads u's centre tap, all n channels, from L2, so the
+# extra L2 reads grow as n^2 while the DRAM bytes saved (c) grow as n: at 256 channels
+# (stage 3) ~6.5 GB more L2 reads a step for 2.3 GB less DRAM traffic, and the product's
+# and pass 3's sums' issue floors would rise above their copy times; at 512 (stage 4)
+# the sums would need 331 KB of shared memory, where an H100 has 227 KB
+# (benchmarks/NOTES.md, experiment 47).
+C_KERNELS_MAX_N = 128
+
+
+def _makes_c(n: int, groups: int, impl: str) -> bool:
+  """Whether the kernels make c for a block of ``n`` input channels when the operation
+  is given C's weight: the dot form's product (:func:`c_form`), at most
+  :data:`C_KERNELS_MAX_N` channels."""
+  return impl != "pallas" and product_pallas(groups) is True and n <= C_KERNELS_MAX_N
+
+
+def c_of(u: jax.Array, cw: jax.Array, stride: int) -> jax.Array:
+  """c = C u as the model's 1x1 map computes it: u subsampled at ``stride``
+  (``layers.subsample``) @ ``cw`` (n, h), in their dtype."""
+  return jnp.dot(u if stride == 1 else u[:, ::stride, ::stride, :], cw)
+
+
 def _dx_du_walks(stride: int, n: int, e: int, groups: int) -> bool:
   """Whether impl "xla" runs pass 4 and du as one row walk (``stencil.dx_du``, dx never
   stored): QLHS_STENCIL_ROWS names "dx_du", du runs as Pallas (:func:`du_form`), at
@@ -543,19 +594,21 @@ def _xla_apply(u, c5, k9, mul, add, stride, groups, up=None):
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
-                       with_dc=True, up=None):
+                       with_dc=True, up=None, cw=None):
   """Pass 3: dc (None unless ``with_dc``: :func:`dc_pass`), and per group the sums of
   g = dp*c and g*xhat (BatchNorm's backward) and of tap_t(u) * g, (G, n, 9, e)
-  (dL/dkernel's share that needs g)."""
+  (dL/dkernel's share that needs g). ``cw`` (C's weight) in place of ``c5`` (None):
+  the dot form's kernel makes c (:func:`c_form`)."""
   b = u.shape[0]
   # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
-  form = sums_form(u.shape[-1], groups, c5.shape[-1])
+  form = sums_form(u.shape[-1], groups, dp5.shape[-1])
   if form != "xla":
     from qlhs_jax.kernels import stencil  # imports this module
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
     sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride,
-                                  xhat=form == "pallas_xhat", dot=form == "pallas_dot")
+                                  xhat=form == "pallas_xhat", dot=form == "pallas_dot",
+                                  cw=cw)
   else:
     g = dp5.astype(F32) * c5.astype(F32)
     taps = _u_taps(u, stride, up=up)  # 9 x (B, Ho, Wo, n): D u's and the sums' alike
@@ -841,20 +894,28 @@ def _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups, dx_dt
 # ------------------------------------------------------------------------------------
 # The operation.
 
-def _check(u, c, kernel, scale, stride, groups, impl):
+def _hidden_shape(u_shape, stride: int, h: int) -> tuple[int, int, int, int]:
+  """c's and p's shape (B, Ho, Wo, h) for u of ``u_shape`` at ``stride``."""
   from qlhs_jax.models.layers import _out_size  # models imports this module
+  b, hh, w, _ = u_shape
+  return (b, _out_size(hh, stride), _out_size(w, stride), h)
+
+
+def _check(u, c, kernel, scale, stride, groups, impl, c_weights=False):
   if impl not in FUSE_IMPLS[1:]:
     raise ValueError(f"unknown d_bn_product impl {impl!r}; choose one of {FUSE_IMPLS[1:]} "
                      f"(the model's fuse_d_bn='none' is the plain autodiff path)")
-  if u.ndim != 4 or c.ndim != 4:
-    raise ValueError(f"d_bn_product expects u (B, H, W, n) and c (B, Ho, Wo, h), got "
-                     f"{u.shape} and {c.shape}")
+  if u.ndim != 4 or c.ndim != (2 if c_weights else 4):
+    raise ValueError(f"d_bn_product expects u (B, H, W, n) and "
+                     f"{'C (n, h)' if c_weights else 'c (B, Ho, Wo, h)'}, got {u.shape} "
+                     f"and {c.shape}")
   b, h, w, n = u.shape
   kh, kw, kj, e = kernel.shape
-  want = (b, _out_size(h, stride), _out_size(w, stride), n * e)
+  want = (n, n * e) if c_weights else _hidden_shape(u.shape, stride, n * e)
   if (kh, kw) != (3, 3) or kj not in (1, n) or c.shape != want or scale.shape != (n * e,):
-    raise ValueError(f"d_bn_product: kernel {kernel.shape}, c {c.shape}, scale "
-                     f"{scale.shape} do not fit u {u.shape} (want c {want})")
+    raise ValueError(f"d_bn_product: kernel {kernel.shape}, "
+                     f"{'C' if c_weights else 'c'} {c.shape}, scale "
+                     f"{scale.shape} do not fit u {u.shape} (want {want})")
   if b % groups:
     raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
   if impl == "pallas":
@@ -918,16 +979,23 @@ def kernel_grad_like(dk9, kernel):
   return dk.astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
-  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
+  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+                  c_weights)[0]
 
 
-def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
   b, _, _, n = u.shape
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
-  c5 = c.reshape(c.shape[:3] + (n, e))
+  shape = _hidden_shape(u.shape, stride, n * e)
+  # c_weights: c is C u, ``c`` C's weight (QLHS_C_FORM=kernels). The dot form's product
+  # makes c itself; elsewhere XLA's matmul does, as the model's would.
+  cw = c if c_weights else None
+  if c_weights and not _makes_c(n, groups, impl):
+    c = c_of(u, cw, stride)
+  c5 = None if c.ndim == 2 else c.reshape(shape[:3] + (n, e))
   # One padded copy of u (d_taps "copy") for the forward's XLA passes and, kept as a
   # residual, for the backward's: a copy a block, not one a pass, and none where no XLA
   # pass reads u's taps (an unread copy would live on in the backward's barriers).
@@ -940,34 +1008,44 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
     (s1, s2), tstats = _pallas_stats(u, k9, stride, groups, interpret), None
   else:
     s1, s2, tstats = _stats(u, k9, stride, groups, up)
-  count = (b // groups) * c.shape[1] * c.shape[2]
+  count = (b // groups) * shape[1] * shape[2]
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
   if impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
   elif (product_dot := product_pallas(groups)) is not None:
     from qlhs_jax.kernels import stencil  # imports this module
     p5 = stencil.product(u, c5, _parts_k9(k9, u.dtype), mul, add, stride,
-                         dot=product_dot)
+                         dot=product_dot, cw=cw if c5 is None else None)
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
-  out = (p5.reshape(c.shape), mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, res_up)
+  out = (p5.reshape(shape), mean.reshape(groups, h), var.reshape(groups, h))
+  return out, (u, c5, cw, kernel, scale, bias, mean, rstd, mul, add, tstats, res_up)
 
 
-def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
-  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
+def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
+  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+                  c_weights)
 
 
-def _bwd(stride, groups, eps, impl, interpret, res, cts):
-  del eps
-  u, c5, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
+def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
+  del eps, c_weights  # (cw is None unless c_weights)
+  u, c5, cw, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
   dp, dmean, dvar = cts
   b, _, _, n = u.shape
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
-  dp5 = dp.reshape(c5.shape)
+  dp5 = dp.reshape(dp.shape[:3] + (n, e))
   one_walk = impl != "pallas" and _bwd_walks(stride, n, e, groups)
+  fused_du = impl != "pallas" and _dx_du_walks(stride, n, e, groups)
+  # c made in the forward's kernel (QLHS_C_FORM=kernels): pass 4's dot form makes it
+  # again, and so do pass 3's sums as a dot form; a pass of another form reads it from
+  # XLA's matmul, made again here as the model's.
+  cw_dx = cw if c5 is None else None
+  if c5 is None and (one_walk or fused_du
+                     or sums_form(n, groups, e) != "pallas_dot"):
+    c5 = c_of(u, cw, stride).reshape(dp5.shape)
+  cw_sums = cw if c5 is None else None
   if impl == "pallas":
     dc5, sg, sgx = _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
                                          groups, interpret)
@@ -983,12 +1061,11 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     u_sums, up_sums, dp5 = lax.optimization_barrier((u, up, dp5))
     product_dot = product_pallas(groups)
     pallas_dx = product_dot is not None
-    fused_du = _dx_du_walks(stride, n, e, groups)
     dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
     dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
                                           stride, groups, with_dc=not dc_with_dx,
-                                          up=up_sums)
-  count = (b // groups) * c5.shape[1] * c5.shape[2]
+                                          up=up_sums, cw=cw_sums)
+  count = (b // groups) * dp5.shape[1] * dp5.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
   cx, c0 = bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
@@ -1013,7 +1090,7 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
       dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, _parts_k9(k9, u.dtype), mul, add, cx, c0,
-                              mean, stride, dp.dtype, dot=product_dot)
+                              mean, stride, dp.dtype, dot=product_dot, cw=cw_dx)
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dp.dtype, add=add, up=up_dx)
@@ -1031,7 +1108,12 @@ def _bwd(stride, groups, eps, impl, interpret, res, cts):
   h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)
-  return du, dc5.reshape(dp.shape), kernel_grad_like(dk9, kernel), dscale, dbias
+  dc = dc5.reshape(dp.shape)
+  if cw is not None:  # c = C u inside the operation: C's gradient and u's share, as
+    # autodiff of the model's matmul gives them
+    du_c, dc = jax.vjp(lambda u_, w_: c_of(u_, w_, stride), u, cw)[1](dc)
+    du = du + du_c
+  return du, dc, kernel_grad_like(dk9, kernel), dscale, dbias
 
 
 _op.defvjp(_fwd, _bwd)
@@ -1039,21 +1121,24 @@ _op.defvjp(_fwd, _bwd)
 
 def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array,
                  bias: jax.Array, *, stride: int = 1, groups: int = 1, eps: float = 1e-5,
-                 impl: str = "xla", interpret: bool = False):
+                 impl: str = "xla", interpret: bool = False, c_weights: bool = False):
   """``p = BN(D u) * c`` with training-mode batch statistics.
 
   ``u`` (B, H, W, n); ``c`` (B, Ho, Wo, n*e) in the hidden (j-major) order; ``kernel``
   (3, 3, 1 or n, e), in float32 or rounded to u's dtype (:func:`d_kernel`); ``scale``,
-  ``bias`` (n*e,) the BatchNorm parameters. Returns ``(p, mean, var)``: p like ``c``;
-  mean and biased variance of D u per BatchNorm group, (groups, n*e) float32.
+  ``bias`` (n*e,) the BatchNorm parameters. Returns ``(p, mean, var)``: p (B, Ho, Wo,
+  n*e); mean and biased variance of D u per BatchNorm group, (groups, n*e) float32.
+  ``c_weights``: ``c`` is instead C's weight (n, n*e) in the compute dtype and the
+  hidden tensor is c = C u (:func:`c_of`), made where :func:`c_form` says.
   Differentiable in every array argument (the backward is the hand-written passes of
   the module docstring).
   """
-  _check(u, c, kernel, scale, stride, groups, impl)
+  _check(u, c, kernel, scale, stride, groups, impl, c_weights)
   kernel = fused_kernel(kernel, u.dtype)
   if _kernels_per_device(u.shape[-1], kernel.shape[-1], groups, impl):
-    return _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
-  return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret)
+    return _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+                          c_weights)
+  return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights)
 
 
 def _kernels_per_device(n, e, groups, impl) -> bool:
@@ -1082,7 +1167,8 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
   return True
 
 
-def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret):
+def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+                   c_weights):
   """:func:`_op` on each device's slice of the batch: shard_map over the step's mesh,
   the batch (u, c, p and the per-group statistics) split along its "data" axis, the
   parameters whole. Each device's BatchNorm groups are its own, so the forward needs
@@ -1094,7 +1180,9 @@ def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpr
   split, whole = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
 
   def body(u, c, kernel, scale, bias):
-    return _op(u, c, kernel, scale, bias, stride, groups // shards, eps, impl, interpret)
+    return _op(u, c, kernel, scale, bias, stride, groups // shards, eps, impl, interpret,
+               c_weights)
 
-  return jax.shard_map(body, mesh=_context_mesh(), in_specs=(split, split) + (whole,) * 3,
+  return jax.shard_map(body, mesh=_context_mesh(),
+                       in_specs=(split, whole if c_weights else split) + (whole,) * 3,
                        out_specs=(split,) * 3, check_vma=False)(u, c, kernel, scale, bias)

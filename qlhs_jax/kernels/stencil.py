@@ -659,17 +659,20 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _sums_tile(plan, ti, cols, c_ref, dp_ref):
+def _sums_tile(plan, ti, cols, c_ref, dp_ref, u_ref=None, cwb=None):
   """Pass 3's tile ``ti`` (:class:`eq3_block._Tile`, its taps' loads) and g = dp * c
-  there, (m, hidden channels ``cols``) float32."""
+  there, (m, hidden channels ``cols``) float32; with ``cwb`` (C's columns ``cols``) c
+  made from u there (:func:`_c_tile`), not read."""
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m = plan["m"]
   p0 = jnp.minimum(ti, plan["tiles"] - 1) * m
+  tile = _Tile(p0, plan)
   # Rows past the last pixel (and tiles past the end) count nothing: g is 0 there.
   live = (ti * m + lax.broadcasted_iota(jnp.int32, (m,), 0) < plan["rows"])[:, None]
   pix = pl.ds(p0, m)
-  g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c_ref[pix, cols].astype(F32), 0.0)
-  return _Tile(p0, plan), g
+  c = (c_ref[pix, cols].astype(F32) if cwb is None else _c_tile(tile, u_ref, cwb))
+  g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c, 0.0)
+  return tile, g
 
 
 def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
@@ -724,12 +727,15 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   element-wise kernel's; else float32 operands at HIGHEST (Triton: IEEE, not TF32).
   The taps go into the products as loaded (``_Tile.operand``): from the pipeliner's
   buffers, 3 barriers a trip (5 as wgmma); loaded in float32 and cast back, each went
-  through the warps into a second buffer first, 22 (experiment 44)."""
+  through the warps into a second buffer first, 22 (experiment 44).
+  ``plan["c_in_kernel"]``: ``c_ref`` is C's weight and c is made from u at each tile
+  (:func:`_c_tile`; QLHS_C_FORM=kernels)."""
   from qlhs_jax.kernels.eq3_block import _dot
   m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
+  cwb = c_ref[:, cols] if plan.get("c_in_kernel") else None  # C's columns, loaded once
   low = jnp.bfloat16 if split else F32
   taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
@@ -739,7 +745,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
     return acc
 
   def body(i, acc):
-    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref)
+    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref, u_ref, cwb)
     if split:
       hi = g.astype(low)
       parts = (hi, (g - hi.astype(F32)).astype(low))
@@ -754,9 +760,9 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   _store_own(out_ref, ch, cols, jnp.sum(acc[0], axis=0), acc[1:], e)
 
 
-def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: jax.Array,
-            rstd: jax.Array, stride: int, interpret: bool | None = None,
-            xhat: bool = False, dot: bool = False):
+def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
+            mean: jax.Array, rstd: jax.Array, stride: int, interpret: bool | None = None,
+            xhat: bool = False, dot: bool = False, cw: jax.Array | None = None):
   """Pass 3's sums of ``d_bn_product``'s "xla" path with g = dp * c over the output
   pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
@@ -774,10 +780,14 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   (QLHS_SUMS_FORM=pallas_xhat), kept to time against this one in one call. ``dot``: the
   same sums as matrix products (QLHS_SUMS_FORM=pallas_dot, :func:`_bn_sums_dot_kernel`,
   tiles from QLHS_STENCIL_TILING's ``sums_dot`` entry: pixels, channels, warps, stages;
-  no row walk; ``xhat`` then unused)."""
+  no row walk; ``xhat`` then unused). ``cw`` (n, n*e) in place of ``c5`` (None), with
+  ``dot``: c = subsample(u) @ cw made in the kernel, never read (QLHS_C_FORM=kernels)."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
-  n, e = u.shape[-1], c5.shape[-1]
+  n, e = u.shape[-1], dp5.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
+  if cw is not None and not dot:
+    raise ValueError("c = C u inside pass 3's kernel (QLHS_C_FORM=kernels) needs its "
+                     "dot form: QLHS_SUMS_FORM=pallas_dot")
   xhat = xhat and not dot
   walk = not (xhat or dot) and _walks_rows("sums", stride)
   if dot:
@@ -803,15 +813,17 @@ def bn_sums(u: jax.Array, c5: jax.Array, dp5: jax.Array, k9: jax.Array, mean: ja
   count = 11 if xhat else 10
   if dot:
     _dot_tiles(plan, "QLHS_SUMS_FORM", interpret)
+    plan["c_in_kernel"] = cw is not None
     kernel = functools.partial(_bn_sums_dot_kernel, plan=plan, split=all(
-        a.dtype == jnp.bfloat16 for a in (u, c5, dp5)))
+        a.dtype == jnp.bfloat16 for a in (u, c5 if cw is None else cw, dp5)))
   else:
     kernel = functools.partial(_bn_sums_kernel, plan=plan, xhat=xhat)
   part = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, count, n * e), F32),
       grid=_grid(plan, chunks, n // bj), interpret=interpret,
       name=NAMES["sums_dot" if dot else "sums"],
-      **_params(warps, interpret, stages))(u2, flat(c5), flat(dp5), *vectors)
+      **_params(warps, interpret, stages))(u2, flat(c5) if cw is None else cw, flat(dp5),
+                                           *vectors)
   sums = _total(part).reshape(count, n, e)
   if xhat:
     return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
@@ -1130,7 +1142,7 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   return acc
 
 
-def _each_tile(u_ref, k_ref, vec_refs, plan, out):
+def _each_tile(u_ref, k_ref, vec_refs, plan, out, cw_ref=None):
   """Runs ``out(x, pix, cols, vec, load)`` for this program's tiles: x = D u at the
   tile's pixels ``pix`` for the block's hidden channels ``cols`` ((m, bj*e) float32),
   ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
@@ -1140,7 +1152,8 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
   of ``tpc`` tiles, x as products (:func:`_dot_d`), D's kernel and the vectors loaded
   once, and each hidden tile a product with the identity (exact): an operand of a
   product is what Triton's pipeliner copies ahead, so no load of a trip is waited
-  for."""
+  for. ``cw_ref`` (dot tiles only): C's weight (n, n*e), and ``load(cw_ref)`` is then
+  c = C u at the tile (:func:`_c_tile`), never read from memory."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   pid, cb = _ids(plan)
@@ -1159,12 +1172,17 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
   eye = lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 0)
   eye = eye == lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 1)
 
+  cwb = None if cw_ref is None else cw_ref[:, cols]  # C's columns, loaded once
+
   def body(i, carry):  # (the last chunk's extra trips redo its last tile)
     ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
-    x = _dot_d(_Tile(ti * m, plan), u_ref, blocks, j0, bj)
+    tile = _Tile(ti * m, plan)
+    x = _dot_d(tile, u_ref, blocks, j0, bj)
     pix = pl.ds(ti * m, m)
 
     def load(ref):
+      if ref is cw_ref:
+        return _c_tile(tile, u_ref, cwb)
       v = ref[pix, cols]
       return _dot(v, eye.astype(v.dtype))
     out(x, pix, cols, vec, load)
@@ -1172,11 +1190,24 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out):
   lax.fori_loop(0, plan["tpc"], body, 0)
 
 
+def _c_tile(tile, u_ref, cwb):
+  """c = C u at a tile's pixels for the block's hidden channels (QLHS_C_FORM=kernels):
+  u's centre tap, every input channel (m, n), @ C's columns ``cwb`` (n, bj*e), summed
+  in float32 and rounded to C's dtype as the stored c is (a matmul's output in the
+  compute dtype), (m, bj*e) float32. At stride s the centre tap is pixel (s*y, s*x), the
+  1x1 map's subsampled input (``layers.subsample``)."""
+  from qlhs_jax.kernels.eq3_block import _dot
+  n = u_ref.shape[-1]
+  every = lax.broadcasted_iota(jnp.int32, (1, n), 1)
+  return _dot(tile.operand(u_ref, 0, 0, every), cwb).astype(cwb.dtype).astype(F32)
+
+
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
+  # (c_ref: C's weight where plan["c_in_kernel"], QLHS_C_FORM=kernels)
   def out(x, pix, cols, vec, load):
     f1 = x * vec(mul_ref) + vec(add_ref)
     p_ref[pix, cols] = (f1 * load(c_ref)).astype(p_ref.dtype)
-  _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out)
+  _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out, _cw(plan, c_ref))
 
 
 def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref,
@@ -1187,19 +1218,29 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
     dx = g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
     dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
     dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
-  _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out)
+  _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out,
+             _cw(plan, c_ref))
+
+
+def _cw(plan, c_ref):
+  """``c_ref`` where it holds C's weight (plan["c_in_kernel"]), else None."""
+  return c_ref if plan.get("c_in_kernel") else None
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
-                 interpret, dot=False):
+                 interpret, dot=False, cw=None):
   """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
   tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
   per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype.
   ``dot``: D u as matrix products over chunks of tiles (:func:`_each_tile`;
-  QLHS_STENCIL_TILING's ``product_dot`` entry)."""
+  QLHS_STENCIL_TILING's ``product_dot`` entry). ``cw``: C's weight (n, n*e), which the
+  kernel takes in c's place and makes c from (:func:`_c_tile`; with ``dot`` only)."""
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
+  if cw is not None and not dot:
+    raise ValueError("c = C u inside the kernel (QLHS_C_FORM=kernels) needs the dot "
+                     "form's tiles: QLHS_PRODUCT_FORM=pallas_dot")
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   if dot:
@@ -1214,11 +1255,13 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
     g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
     plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
     programs = plan["tiles"]
+  plan["c_in_kernel"] = cw is not None
   plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
-  shape5 = hidden[0].shape
-  args = ([u2] + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
+  shape5 = (plan["b"], plan["ho"], plan["wo"], n, e)
+  args = ([u2] + ([] if cw is None else [cw])
+          + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in vectors])
   outs = pl.pallas_call(
@@ -1253,23 +1296,29 @@ def _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpre
   return tuple(_rows_unpad(o, plan).reshape(hidden[0].shape) for o in outs)
 
 
-def product(u: jax.Array, c5: jax.Array, k9: jax.Array, mul: jax.Array, add: jax.Array,
-            stride: int, interpret: bool | None = None, dot: bool = False) -> jax.Array:
+def product(u: jax.Array, c5: jax.Array | None, k9: jax.Array, mul: jax.Array,
+            add: jax.Array, stride: int, interpret: bool | None = None, dot: bool = False,
+            cw: jax.Array | None = None) -> jax.Array:
   """The forward product of ``d_bn_product``'s "xla" path, p = (D u * mul + add) * c,
   in c's dtype: ``u`` (B, H, W, n), ``c5`` (B, Ho, Wo, n, e), ``k9`` (9, n, e),
   ``mul``/``add`` (1, n, e) (one BatchNorm group). ``dot``: D u as matrix products
-  (QLHS_PRODUCT_FORM=pallas_dot)."""
-  return _elementwise(_product_kernel, "product", u, [c5], [mul, add], k9, stride,
-                      [c5.dtype], "QLHS_PRODUCT_FORM", interpret, dot)[0]
+  (QLHS_PRODUCT_FORM=pallas_dot). ``cw`` (n, n*e) in place of ``c5`` (None), with
+  ``dot``: c = subsample(u) @ cw, made in the kernel and never stored
+  (QLHS_C_FORM=kernels)."""
+  hidden, dtype = ([c5], c5.dtype) if cw is None else ([], cw.dtype)
+  return _elementwise(_product_kernel, "product", u, hidden, [mul, add], k9, stride,
+                      [dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw)[0]
 
 
 def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
-          interpret: bool | None = None, dot: bool = False):
+          interpret: bool | None = None, dot: bool = False, cw=None):
   """Pass 4 of the "xla" path with dc: dx = dp*c*mul + (D u - mean)*cx + c0 in
   ``dx_dtype`` and dc = dp * (D u * mul + add) in c's dtype, (B, Ho, Wo, n, e) each
-  (one BatchNorm group: the vectors are (1, n, e)). ``dot``: as :func:`product`'s."""
-  return _elementwise(_dx_dc_kernel, "dx", u, [c5, dp5], [mul, add, cx, c0, mean], k9,
-                      stride, [dx_dtype, c5.dtype], "QLHS_PRODUCT_FORM", interpret, dot)
+  (one BatchNorm group: the vectors are (1, n, e)). ``dot``, ``cw``: as
+  :func:`product`'s."""
+  hidden, dtype = ([c5, dp5], c5.dtype) if cw is None else ([dp5], cw.dtype)
+  return _elementwise(_dx_dc_kernel, "dx", u, hidden, [mul, add, cx, c0, mean], k9,
+                      stride, [dx_dtype, dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw)
 
 
 # ------------------------------------------------------------------------------------

@@ -116,11 +116,13 @@ def _pallas_interpret(impl: str) -> bool:
 
 class FusedDBNProduct(nn.Module):
   """Training-mode ``BN(D u) * c`` as one operation (qlhs_jax.kernels.d_bn_product),
-  with the variables of the plain path's ``bn_d``."""
+  with the variables of the plain path's ``bn_d``. ``c_weights``: ``c`` is C's weight
+  and the operation makes c = C u itself (``d_bn_product.c_form``)."""
   impl: str
   stride: int = 1
   groups: int = 1
   param_dtype: Dtype = jnp.float32
+  c_weights: bool = False
 
   @nn.compact
   def __call__(self, u, kernel, c):
@@ -128,9 +130,9 @@ class FusedDBNProduct(nn.Module):
     interpret = _pallas_interpret(self.impl) if self.impl == "pallas" else False
     p, mean, var = dbn.d_bn_product(
         u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
-        impl=self.impl, interpret=interpret)
+        impl=self.impl, interpret=interpret, c_weights=self.c_weights)
     if not self.is_initializing():
-      count = (u.shape[0] // self.groups) * c.shape[1] * c.shape[2]
+      count = (u.shape[0] // self.groups) * p.shape[1] * p.shape[2]
       update_running_stats(ra_mean, ra_var, mean, var, count)
     return p
 
@@ -217,14 +219,22 @@ class QLHSBlock(nn.Module):
                              pin=self.pin_hidden_layout)
 
   @nn.nowrap
-  def _d_bn_times(self, x, make_c, stride):
+  def _d_bn_times(self, x, make_c, stride, c_of_x=False):
     """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
-    order (and so the initial values) of the plain path."""
+    order (and so the initial values) of the plain path. ``c_of_x``: c is the 1x1 map
+    "c" of x subsampled at ``stride``, which the fused operation may make itself
+    (``d_bn_product.c_form``, QLHS_C_FORM=kernels), taking the map's weight instead."""
     fuse = self._fuse(x.shape[-1])
     if self._fuses_hidden(x.shape[-1]):
       kernel = self._d_kernel(x.shape[-1])
       impl = "xla" if fuse == "block" else fuse
+      if c_of_x and impl == "xla" and dbn.c_form() == "kernels":
+        n = x.shape[-1]  # the parameter _dense would create, in the same place
+        cw = self.param("c", conv_init, (n, self.expansion * n), self.param_dtype)
+        return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
+                               c_weights=True, name="bn_d")(x, kernel,
+                                                            cw.astype(self.dtype))
       return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
                              name="bn_d")(x, kernel, make_c())
     return self._norm(self._d(self._split(x), stride), "d") * make_c()
@@ -331,7 +341,7 @@ class QLHSBlock(nn.Module):
     if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
-      y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s), "a",
+      y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True), "a",
                       self.n_out)
     elif form == "eq3w":
       wu = self._dense(u, "w", n_in)
@@ -343,7 +353,7 @@ class QLHSBlock(nn.Module):
     elif form == "eq5":
       if h % self.n_out:
         raise ValueError(f"eq5 needs h = e*n_in = {h} to divide by n_out = {self.n_out}")
-      p = self._d_bn_times(u, lambda: self._dense(us, "c", h), s)
+      p = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True)
       # Group g of output o is hidden channel o*g + t (j-major), i.e. (j, s) with
       # j = o*g//e: the non-strided block sums exactly the e derivatives of u_o, as
       # Eq.(5) says. s_major sums the same (j, s) sets.

@@ -623,6 +623,109 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
     dbn.d_bn_product(*a32, stride=stride, impl="xla")
 
 
+def spy_on_c(monkeypatch):
+  """Counts, at trace time, the kernel calls that make c = C u themselves (``cw``
+  given) and those that read a stored c, by entry point; and XLA's c = C u
+  (``d_bn_product.c_of``)."""
+  calls = {}
+  for name in ("product", "dx_dc", "bn_sums"):
+    real = getattr(stencil, name)
+
+    def spy(*a, _real=real, _name=name, **k):
+      key = f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
+      calls[key] = calls.get(key, 0) + 1
+      return _real(*a, **k)
+    monkeypatch.setattr(stencil, name, spy)
+  real_c = dbn.c_of
+  monkeypatch.setattr(dbn, "c_of", lambda *a: calls.update(
+      xla=calls.get("xla", 0) + 1) or real_c(*a))
+  return calls
+
+
+@pytest.mark.parametrize("sums", ["pallas_dot", "pallas", "wide"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sums):
+  """QLHS_C_FORM=kernels: the operation takes C's weight, and the dot forms' kernels
+  (the forward product, pass 4; pass 3's sums where they are "pallas_dot") make c = C u
+  themselves. Outputs and the gradients of u, C, D's kernel and BatchNorm's scale and
+  bias as float64 autodiff of the plain formula with c = subsample(u) @ C (float32
+  operands, at HIGHEST in the kernels), both strides. Where pass 3 is not a dot form,
+  XLA's matmul makes c again in the backward for it, and only then; a block wider than
+  ``C_KERNELS_MAX_N`` ("wide": the limit lowered under its 8 channels) gets c from
+  XLA's matmul in the forward, and every pass reads it."""
+  if sums == "wide":
+    monkeypatch.setattr(dbn, "C_KERNELS_MAX_N", 4)
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
+  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.setenv(var, "pallas")
+  monkeypatch.setenv("QLHS_C_FORM", "kernels")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2")
+  (u, c, kernel, scale, bias), weights = make_inputs(7, (2, 7, 6, 8), stride, 4)
+  cw = np.random.default_rng(8).normal(size=(8, 32)) / 3
+
+  def ref(u, cw, kernel, scale, bias):
+    return dbn.reference(u, dbn.c_of(u, cw, stride), kernel, scale, bias, stride=stride)
+  want, grads = float64_reference(ref, (u, cw, kernel, scale, bias), weights)
+  calls = spy_on_c(monkeypatch)
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla", c_weights=True)
+  a32 = [jnp.asarray(a, jnp.float32) for a in (u, cw, kernel, scale, bias)]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  assert calls == ({"product_c": 1, "xla": 1} if sums == "wide"
+                   else {"product_cw": 1}), calls
+  calls.clear()
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(5))(*a32)
+  for name, g, r in zip(("u", "C", "kernel", "scale", "bias"), got, grads):
+    assert g.shape == r.shape
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  # the forward product; pass 4; pass 3's sums; XLA's c = C u for the gradients of u
+  # and C (its VJP), and for pass 3 where it is not a dot form (in the forward: wide)
+  want_calls = {"pallas_dot": {"product_cw": 1, "dx_dc_cw": 1, "bn_sums_cw": 1, "xla": 1},
+                "pallas": {"product_cw": 1, "dx_dc_cw": 1, "bn_sums_c": 1, "xla": 2},
+                "wide": {"product_c": 1, "dx_dc_c": 1, "bn_sums_c": 1, "xla": 2}}[sums]
+  assert calls == want_calls, calls
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_c_made_in_the_kernels_in_bfloat16_is_the_stored_c_to_a_rounding(monkeypatch,
+                                                                         stride):
+  """QLHS_C_FORM=kernels with training's dtypes (u and C in bfloat16): c is made in
+  float32 and rounded to bfloat16, as XLA's matmul stores it, so the outputs and
+  gradients are those of the stored c (QLHS_C_FORM unset, c = C u by XLA and the
+  gradients through it by autodiff): at most 1% of any output's values apart by more
+  than 1e-4 of its largest (on this CPU none), and none by more than 1e-2."""
+  for var, form in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
+                    ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas")):
+    monkeypatch.setenv(var, form)
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  rng = np.random.default_rng(9)
+  n, e = 16, 4
+  (u, _, kernel, scale, bias), weights = make_inputs(9, (2, 9, 7, n), stride, e)
+  cw = jnp.asarray(rng.normal(size=(n, n * e)) / 4, jnp.bfloat16)
+  u = jnp.asarray(u, jnp.bfloat16)
+  rest = [jnp.asarray(a, jnp.float32) for a in (kernel, scale, bias)]
+  ws = [jnp.asarray(w, jnp.float32) for w in weights]
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+  stored = lambda u, cw, *r: op(u, dbn.c_of(u, cw, stride), *r)
+  made = functools.partial(op, c_weights=True)
+  runs = {}
+  for name, fn, form in (("stored", stored, ""), ("made", made, "kernels")):
+    monkeypatch.setenv("QLHS_C_FORM", form)
+    grads = jax.grad(loss_of(fn, ws), argnums=range(5))(u, cw, *rest)
+    runs[name] = jax.tree.leaves((fn(u, cw, *rest), grads))
+  for g, w in zip(runs["made"], runs["stored"]):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    # (an order of c's sums that rounds a value of c the other way moves a few values
+    # by a rounding; c not rounded as the stored c is would move most of them)
+    far = np.abs(g - w) > 1e-4 * np.abs(w).max()
+    assert far.mean() <= 0.01 and np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), (
+        far.mean(), np.abs(g - w).max())
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_the_products_take_a_kernel_rounded_to_the_compute_dtype_as_one_part(
     monkeypatch, stride):
@@ -1334,6 +1437,59 @@ _COMPILE_PARTIALS = textwrap.dedent("""
           s((8, 16, 16, n, 4), hidden), s((9, n, 4)), s((1, n, 4)))
     lowered.compile(aot.GEMM_OPTIONS["triton"])
 """)
+
+
+_COMPILE_C_MADE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    n, kernels = int(sys.argv[1]), sys.argv[2].split(",")
+    def made(u, cw, dp, k9, v):  # QLHS_D_KERNEL=compute's one part, at the default tiles
+      calls = {"product": lambda: stencil.product(u, None, k9, v, v, 1, interpret=False,
+                                                 dot=True, cw=cw),
+               "dx_dc": lambda: stencil.dx_dc(u, None, dp, k9, v, v, v, v, v, 1, u.dtype,
+                                              interpret=False, dot=True, cw=cw),
+               "sums": lambda: stencil.bn_sums(u, None, dp, k9.astype(jnp.float32), v, v,
+                                               1, interpret=False, dot=True, cw=cw)}
+      return [calls[k]() for k in kernels]
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(made).lower(
+          s((16, 28, 28, n)), s((n, 4 * n)), s((16, 28, 28, n, 4)), s((9, n, 4)),
+          s((1, n, 4), jnp.float32))  # several tiles a program: a loop to pipeline
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs JAX's CUDA plugin and triton")
+def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_path):
+  """Compiled for an H100 without one, QLHS_C_FORM=kernels's three kernels at the widest
+  blocks that make c (``d_bn_product.C_KERNELS_MAX_N``, 128 channels): c's operands
+  are copied a trip ahead with the taps', so the product and pass 4 wait for none of a
+  trip's loads nor products, and pass 3's sums for one product a trip (c's, which g
+  needs). Pass 3's sums at 512 channels (stage 4) do not compile: u's centre tap over
+  512 channels and C's columns need more shared memory than an H100 has, which is why
+  wider blocks keep the stored c (benchmarks/NOTES.md, experiment 47)."""
+  from qlhs_jax.benchmarks import xla_floors
+  script = _COMPILE_C_MADE.replace("sys.argv[1]", str(dbn.C_KERNELS_MAX_N)).replace(
+      "sys.argv[2]", '"product,dx_dc,sums"')
+  kernels = h100_ptx_by_entry(script, _tiling_env(None), tmp_path / "made")
+  assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
+      "qlhs_product_dot", "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"}, sorted(kernels)
+  trips = {c["name"]: c for c in xla_floors.dump_functions(str(tmp_path / "made"))}
+  for name, waits in (("qlhs_product_dot", 0), ("qlhs_dx_dc_dot", 0),
+                      ("qlhs_bn_sums_dot", 1)):
+    c = trips[name]
+    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == waits, (name, c)
+  wide = _COMPILE_C_MADE.replace("sys.argv[1]", "512").replace("sys.argv[2]", '"sums"')
+  with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
+    h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")

@@ -231,6 +231,25 @@ def test_xla_train_step_on_a_sharded_mesh():
   assert_trees_close(out["xla"][0].params, out["none"][0].params, 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("form", ["eq3", "eq5", "eq3w"])
+def test_c_made_in_the_kernels_is_the_same_network(monkeypatch, form):
+  """QLHS_C_FORM=kernels (with the dot forms, interpreted): the blocks whose c = C u
+  reads D's input (eq3, eq5) hand C's weight to the fused operation, which makes c in
+  its kernels; eq3w's C reads u, not D's input w u, and keeps its stored c. The same
+  variables (C's weight created where the 1x1 map creates it), the plain path's
+  train-mode outputs and gradients."""
+  from tests.kernels.test_stencil import spy_on_c
+  for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
+                     ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
+                     ("QLHS_C_FORM", "kernels")):
+    monkeypatch.setenv(var, value)
+  calls = spy_on_c(monkeypatch)
+  plain = QLHSNet(form=form, activation="softball", dtype=jnp.float32, **TINY)
+  assert_same_network(plain, plain.clone(fuse_d_bn="xla"))
+  made = form != "eq3w"
+  assert bool(calls.get("product_cw")) == made and bool(calls.get("product_c")) != made, calls
+
+
 def spy(monkeypatch, module, name):
   """Counts the calls of ``module.name`` (at trace time)."""
   calls = []
@@ -268,13 +287,15 @@ FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_
 
 
 @pytest.mark.parametrize("fuse,rows", [("xla", ""), ("xla", "dx_du"), ("xla", "bwd"),
-                                       ("pallas", "")])
+                                       ("pallas", ""), ("xla", "c_kernels")])
 def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
-  and du as one walk, or the backward's walk and du_bn) run on each device's slice of
-  the batch under shard_map: the plain path's losses and parameters after two steps,
-  the gradients of D's kernel and of BN's scale and offset summed over the devices."""
+  and du as one walk, or the backward's walk and du_bn; "c_kernels": the dot forms
+  making c = C u from C's weight, given whole to each device) run on each device's
+  slice of the batch under shard_map: the plain path's losses and parameters after two
+  steps, the gradients of D's kernel, of BN's scale and offset (and of C) summed over
+  the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
   from qlhs_jax.kernels import stencil
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
@@ -284,6 +305,11 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   for var in FORM_VARS:
     monkeypatch.setenv(var, "pallas")
   per_device = spy(monkeypatch, dbn, "_per_device_op")
+  if rows == "c_kernels":
+    for var in ("QLHS_PRODUCT_FORM", "QLHS_SUMS_FORM"):
+      monkeypatch.setenv(var, "pallas_dot")
+    monkeypatch.setenv("QLHS_C_FORM", "kernels")
+    rows = ""
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
   kernels = (spy(monkeypatch, stencil, rows) if rows
              else spy(monkeypatch, stencil, "tap_stats") if fuse == "xla"
