@@ -232,6 +232,16 @@ def test_only_the_model_is_profiled_in_a_vs_row(monkeypatch):
   assert all("--hlo-dir" in c for c in cmds)
 
 
+def test_every_kernel_setting_can_reach_a_record():
+  """Each variable of ``config.kernels`` (``kernels.settings``) is one the records carry
+  where it changes the model's kernels: a new setting missing here would leave its
+  rows indistinguishable from the default's (QLHS_C_FORM was, for a first compile)."""
+  from qlhs_jax.benchmarks.step import KERNEL_ENV
+  from qlhs_jax.kernels import settings
+  assert set(settings.VARIABLES.values()) <= set(KERNEL_ENV), (
+      set(settings.VARIABLES.values()) - set(KERNEL_ENV))
+
+
 def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch):
   """A record names the tilings and forms that change its model's kernels, and no other:
   the statistics' form changes "xla" and "block", the du form also "pallas" and
@@ -293,4 +303,8 @@ def test_records_carry_the_kernel_variables_that_change_their_model(monkeypatch)
   monkeypatch.delenv("QLHS_SUMS_FORM")
   monkeypatch.setenv("QLHS_D_TAPS", "pad")  # named: recorded as set
   assert kernel_env_of({"fuse_d_bn": "auto"}, x4)["QLHS_D_TAPS"] == "pad"
+  monkeypatch.setenv("QLHS_C_FORM", "kernels")  # c made in the kernels: "xla"'s only
+  assert kernel_env_of({"fuse_d_bn": "auto"}, x4)["QLHS_C_FORM"] == "kernels"
+  assert "QLHS_C_FORM" not in kernel_env_of({"fuse_d_bn": "pallas"})
+  monkeypatch.delenv("QLHS_C_FORM")
   assert kernel_env_of({"fuse_d_bn": "pallas"}) == {"QLHS_DU_FORM": auto}
