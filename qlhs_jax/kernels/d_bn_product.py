@@ -991,11 +991,12 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_
   k9 = _kernel9(kernel, n)
   shape = _hidden_shape(u.shape, stride, n * e)
   # c_weights: c is C u, ``c`` C's weight (QLHS_C_FORM=kernels). The dot form's product
-  # makes c itself; elsewhere XLA's matmul does, as the model's would.
+  # makes c itself (``made``); elsewhere XLA's matmul does, as the model's would.
   cw = c if c_weights else None
-  if c_weights and not _makes_c(n, groups, impl):
+  made = c_weights and _makes_c(n, groups, impl)
+  if c_weights and not made:
     c = c_of(u, cw, stride)
-  c5 = None if c.ndim == 2 else c.reshape(shape[:3] + (n, e))
+  c5 = None if made else c.reshape(shape[:3] + (n, e))
   # One padded copy of u (d_taps "copy") for the forward's XLA passes and, kept as a
   # residual, for the backward's: a copy a block, not one a pass, and none where no XLA
   # pass reads u's taps (an unread copy would live on in the backward's barriers).
@@ -1015,7 +1016,7 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_
   elif (product_dot := product_pallas(groups)) is not None:
     from qlhs_jax.kernels import stencil  # imports this module
     p5 = stencil.product(u, c5, _parts_k9(k9, u.dtype), mul, add, stride,
-                         dot=product_dot, cw=cw if c5 is None else None)
+                         dot=product_dot, cw=cw if made else None)
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
