@@ -661,7 +661,7 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
     monkeypatch.setenv(var, "pallas")
   monkeypatch.setenv("QLHS_C_FORM", "kernels")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2")
-  (u, c, kernel, scale, bias), weights = make_inputs(7, (2, 7, 6, 8), stride, 4)
+  (u, _, kernel, scale, bias), weights = make_inputs(7, (2, 7, 6, 8), stride, 4)
   cw = np.random.default_rng(8).normal(size=(8, 32)) / 3
 
   def ref(u, cw, kernel, scale, bias):
