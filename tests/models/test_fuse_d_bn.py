@@ -12,7 +12,7 @@ from qlhs_jax.models import QLHSNet
 
 from tests.models.test_hidden_layout import (assert_trees_close, run_sharded_train_steps,
                                              run_train_steps)
-from tests.kernels.test_stencil import spy_on_kernels
+from tests.kernels.test_stencil import spy_on_c, spy_on_kernels
 from tests.models.test_qlhs import random_variables
 
 # Stage 1 keeps its width, stage 2 strides and doubles it (both Eq.(5) group shapes).
@@ -238,7 +238,6 @@ def test_c_made_in_the_kernels_is_the_same_network(monkeypatch, form):
   its kernels; eq3w's C reads u, not D's input w u, and keeps its stored c. The same
   variables (C's weight created where the 1x1 map creates it), the plain path's
   train-mode outputs and gradients."""
-  from tests.kernels.test_stencil import spy_on_c
   for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
                      ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
                      ("QLHS_C_FORM", "kernels")):
@@ -286,16 +285,17 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
 FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
 
 
-@pytest.mark.parametrize("fuse,rows", [("xla", ""), ("xla", "dx_du"), ("xla", "bwd"),
-                                       ("pallas", ""), ("xla", "c_kernels")])
-def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
+@pytest.mark.parametrize("fuse,rows,c_form", [
+    ("xla", "", "stored"), ("xla", "dx_du", "stored"), ("xla", "bwd", "stored"),
+    ("pallas", "", "stored"), ("xla", "", "kernels")])
+def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
-  and du as one walk, or the backward's walk and du_bn; "c_kernels": the dot forms
-  making c = C u from C's weight, given whole to each device) run on each device's
-  slice of the batch under shard_map: the plain path's losses and parameters after two
-  steps, the gradients of D's kernel, of BN's scale and offset (and of C) summed over
-  the devices."""
+  and du as one walk, or the backward's walk and du_bn; ``c_form`` "kernels": the dot
+  forms making c = C u from C's weight, given whole to each device) run on each
+  device's slice of the batch under shard_map: the plain path's losses and parameters
+  after two steps, the gradients of D's kernel, of BN's scale and offset (and of C)
+  summed over the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
   from qlhs_jax.kernels import stencil
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
@@ -305,11 +305,11 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   for var in FORM_VARS:
     monkeypatch.setenv(var, "pallas")
   per_device = spy(monkeypatch, dbn, "_per_device_op")
-  if rows == "c_kernels":
+  if c_form == "kernels":
     for var in ("QLHS_PRODUCT_FORM", "QLHS_SUMS_FORM"):
       monkeypatch.setenv(var, "pallas_dot")
-    monkeypatch.setenv("QLHS_C_FORM", "kernels")
-    rows = ""
+  monkeypatch.setenv("QLHS_C_FORM", c_form)
+  made = spy_on_c(monkeypatch)
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
   kernels = (spy(monkeypatch, stencil, rows) if rows
              else spy(monkeypatch, stencil, "tap_stats") if fuse == "xla"
@@ -317,6 +317,7 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, monkeypatch):
   out = run_sharded_train_steps(plain.clone(fuse_d_bn=fuse), x, np.arange(8) % 5,
                                 variables=v)
   assert per_device and kernels
+  assert bool(made.get("product_cw")) == (c_form == "kernels"), made
   np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
   assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)
   assert_trees_close(out[0].batch_stats, ref[0].batch_stats, 1e-4, 1e-5)
