@@ -127,12 +127,13 @@
 #   each against the first row. (Until experiment 43 it timed the element-wise kernel
 #   and three tilings of three parts alone; until experiment 44 its last row was the
 #   step with three parts: never run.)
-# "c_kernels" (time limits add up to 220 s; NOTES.md experiment 47; after "product"):
+# "c_kernels" (time limits add up to 330 s; NOTES.md experiment 47; after "product"):
 #   c = C u made inside the dot forms' kernels and never stored (QLHS_C_FORM=kernels:
 #   the forward product, pass 4 and pass 3's sums make each tile of c from u's centre
 #   tap and C's columns; 8.5 GB a step less in the deviceless compile), Eq.(3) "auto"
-#   with every dot form of "product"'s last row, with the stored c and with c made, in
-#   one call.
+#   with every dot form of "product"'s last row, with the stored c, with c made at
+#   stages 1-2 and at stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more
+#   L2 reads), in one call.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -544,9 +545,9 @@ fi
 if [ "$PART" = c_kernels ]; then
   # Every dot form with D's kernel in one bfloat16 part (product's last row), then the
   # same with c made in their kernels: the difference is c's write and three reads
-  # against one more product a tile in three kernels (and, at the wider stages, u's
-  # centre tap read from L2 once per channel block; experiment 47).
-  for c_form in stored kernels; do
+  # against one more product a tile in three kernels and u's centre tap read from L2
+  # once per channel block (experiment 47); then with stage 3 making c too.
+  for c_form in stored kernels kernels_wide; do
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 110 --model eq3_softball_ds \
       --set 'fuse_d_bn="auto"' --input uint8

@@ -361,7 +361,7 @@ def product_pallas(groups: int = 1) -> bool | None:
   return form == "pallas_dot" if form.startswith("pallas") else None
 
 
-C_FORMS = ("stored", "kernels")
+C_FORMS = ("stored", "kernels", "kernels_wide")
 
 
 def c_form() -> str:
@@ -373,13 +373,14 @@ def c_form() -> str:
   centre tap as one more matrix product (``stencil._c_tile``), so c is never stored nor
   read: one write and three reads of the hidden tensor less a block (benchmarks/NOTES.md,
   experiment 47); a pass of another form gets c from XLA's matmul, redone in the
-  backward; blocks wider than :data:`C_KERNELS_MAX_N` channels keep the stored c. c is
-  rounded to the compute dtype as the stored c is, but its sums run in another order:
-  the same values up to one rounding of c. Refused unless QLHS_PRODUCT_FORM is
-  "pallas_dot". Not yet timed."""
+  backward; blocks wider than :data:`C_KERNELS_MAX_N` channels keep the stored c (128;
+  "kernels_wide": 256, stage 3 too, to time against it). c is rounded to the compute
+  dtype as the stored c is, but its sums run in another order: the same values up to
+  one rounding of c. Refused unless QLHS_PRODUCT_FORM is "pallas_dot". Not yet
+  timed."""
   form = settings.choice("QLHS_C_FORM", C_FORMS)
-  if form == "kernels" and (product := product_form()) != "pallas_dot":
-    raise ValueError(f"{settings.name('QLHS_C_FORM')}='kernels' makes c = C u inside the "
+  if form != "stored" and (product := product_form()) != "pallas_dot":
+    raise ValueError(f"{settings.name('QLHS_C_FORM')}={form!r} makes c = C u inside the "
                      f"matrix-product kernels of product_form 'pallas_dot', but "
                      f"{settings.name('QLHS_PRODUCT_FORM')} gives {product!r}: set "
                      f"product_form='pallas_dot' (and sums_form='pallas_dot' for pass 3), "
@@ -387,21 +388,23 @@ def c_form() -> str:
   return form
 
 
-# The widest blocks whose kernels make c (QLHS_C_FORM=kernels): stages 1 and 2. Each of
+# The widest blocks whose kernels make c, by QLHS_C_FORM: stages 1 and 2 ("kernels");
+# stage 3 too ("kernels_wide"), for a GPU to say whether what follows costs. Each of
 # a kernel's n/16 channel blocks reads u's centre tap, all n channels, from L2, so the
 # extra L2 reads grow as n^2 while the DRAM bytes saved (c) grow as n: at 256 channels
 # (stage 3) ~6.5 GB more L2 reads a step for 2.3 GB less DRAM traffic, and the product's
 # and pass 3's sums' issue floors would rise above their copy times; at 512 (stage 4)
 # the sums would need 331 KB of shared memory, where an H100 has 227 KB
 # (benchmarks/NOTES.md, experiment 47).
-C_KERNELS_MAX_N = 128
+C_KERNELS_MAX_N = {"kernels": 128, "kernels_wide": 256}
 
 
 def _makes_c(n: int, groups: int, impl: str) -> bool:
   """Whether the kernels make c for a block of ``n`` input channels when the operation
   is given C's weight: the dot form's product (:func:`c_form`), at most
   :data:`C_KERNELS_MAX_N` channels."""
-  return impl != "pallas" and product_pallas(groups) is True and n <= C_KERNELS_MAX_N
+  return (impl != "pallas" and product_pallas(groups) is True
+          and n <= C_KERNELS_MAX_N.get(c_form(), 0))
 
 
 def c_of(u: jax.Array, cw: jax.Array, stride: int) -> jax.Array:

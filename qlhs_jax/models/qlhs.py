@@ -229,7 +229,7 @@ class QLHSBlock(nn.Module):
     if self._fuses_hidden(x.shape[-1]):
       kernel = self._d_kernel(x.shape[-1])
       impl = "xla" if fuse == "block" else fuse
-      if c_of_x and impl == "xla" and dbn.c_form() == "kernels":
+      if c_of_x and impl == "xla" and dbn.c_form() != "stored":
         n = x.shape[-1]  # the parameter _dense would create, in the same place
         cw = self.param("c", conv_init, (n, self.expansion * n), self.param_dtype)
         return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,

@@ -125,7 +125,7 @@ def test_the_context_is_left_after_an_error():
     ("d_taps", "margin", r"config.kernels.d_taps='margin': choose one of \('auto', "
                          r"'copy', 'pad'\)"),
     ("c_form", "recompute", r"config.kernels.c_form='recompute': choose one of "
-                            r"\('stored', 'kernels'\)"),
+                            r"\('stored', 'kernels', 'kernels_wide'\)"),
     ("c_form", "kernels", r"config.kernels.c_form='kernels' makes c = C u inside the "
                           r"matrix-product kernels of product_form 'pallas_dot', but "
                           r"QLHS_PRODUCT_FORM gives 'xla': set product_form='pallas_dot'"),

@@ -654,7 +654,7 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
   ``C_KERNELS_MAX_N`` ("wide": the limit lowered under its 8 channels) gets c from
   XLA's matmul in the forward, and every pass reads it."""
   if sums == "wide":
-    monkeypatch.setattr(dbn, "C_KERNELS_MAX_N", 4)
+    monkeypatch.setitem(dbn.C_KERNELS_MAX_N, "kernels", 4)
   monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
   monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
   for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
@@ -687,6 +687,24 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
                 "pallas": {"product_cw": 1, "dx_dc_cw": 1, "bn_sums_c": 1, "xla": 2},
                 "wide": {"product_c": 1, "dx_dc_c": 1, "bn_sums_c": 1, "xla": 2}}[sums]
   assert calls == want_calls, calls
+
+
+def test_the_c_form_sets_the_widest_block_that_makes_c(monkeypatch):
+  """"kernels" makes c in blocks of up to 128 input channels (stages 1 and 2),
+  "kernels_wide" up to 256 (stage 3 too); "stored" in none, and no form with the
+  element-wise product or fuse_d_bn="pallas" (which "kernels_wide" refuses, as
+  "kernels" does)."""
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  widths = (64, 128, 256, 512)
+  for form, want in (("stored", []), ("kernels", [64, 128]),
+                     ("kernels_wide", [64, 128, 256])):
+    monkeypatch.setenv("QLHS_C_FORM", form)
+    assert [n for n in widths if dbn._makes_c(n, 1, "xla")] == want, form
+    assert not any(dbn._makes_c(n, 1, "pallas") for n in widths), form
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas")
+  with pytest.raises(ValueError, match="QLHS_C_FORM='kernels_wide' makes c = C u inside "
+                                       "the matrix-product kernels"):
+    dbn.c_form()
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -1470,14 +1488,16 @@ _COMPILE_C_MADE = textwrap.dedent("""
                     reason="needs JAX's CUDA plugin and triton")
 def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_path):
   """Compiled for an H100 without one, QLHS_C_FORM=kernels's three kernels at the widest
-  blocks that make c (``d_bn_product.C_KERNELS_MAX_N``, 128 channels): c's operands
+  blocks that make c (``d_bn_product.C_KERNELS_MAX_N``: 256 channels, "kernels_wide"'s
+  stage 3; 128 under "kernels"): c's operands
   are copied a trip ahead with the taps', so the product and pass 4 wait for none of a
   trip's loads nor products, and pass 3's sums for one product a trip (c's, which g
   needs). Pass 3's sums at 512 channels (stage 4) do not compile: u's centre tap over
   512 channels and C's columns need more shared memory than an H100 has, which is why
   wider blocks keep the stored c (benchmarks/NOTES.md, experiment 47)."""
   from qlhs_jax.benchmarks import xla_floors
-  script = _COMPILE_C_MADE.replace("sys.argv[1]", str(dbn.C_KERNELS_MAX_N)).replace(
+  widest = max(dbn.C_KERNELS_MAX_N.values())
+  script = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
       "sys.argv[2]", '"product,dx_dc,sums"')
   kernels = h100_ptx_by_entry(script, _tiling_env(None), tmp_path / "made")
   assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
