@@ -735,7 +735,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
-  cwb = c_ref[:, cols] if plan.get("c_in_kernel") else None  # C's columns, loaded once
+  cwb = _c_columns(plan, c_ref, cols)
   low = jnp.bfloat16 if split else F32
   taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
@@ -1142,7 +1142,7 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   return acc
 
 
-def _each_tile(u_ref, k_ref, vec_refs, plan, out, cw_ref=None):
+def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None):
   """Runs ``out(x, pix, cols, vec, load)`` for this program's tiles: x = D u at the
   tile's pixels ``pix`` for the block's hidden channels ``cols`` ((m, bj*e) float32),
   ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
@@ -1152,8 +1152,9 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, cw_ref=None):
   of ``tpc`` tiles, x as products (:func:`_dot_d`), D's kernel and the vectors loaded
   once, and each hidden tile a product with the identity (exact): an operand of a
   product is what Triton's pipeliner copies ahead, so no load of a trip is waited
-  for. ``cw_ref`` (dot tiles only): C's weight (n, n*e), and ``load(cw_ref)`` is then
-  c = C u at the tile (:func:`_c_tile`), never read from memory."""
+  for. ``c_ref``: the kernel's c, or C's weight where ``plan["c_in_kernel"]`` (dot tiles
+  only), and ``load(c_ref)`` is then c = C u at the tile (:func:`_c_tile`), never read
+  from memory."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   pid, cb = _ids(plan)
@@ -1172,7 +1173,7 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, cw_ref=None):
   eye = lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 0)
   eye = eye == lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 1)
 
-  cwb = None if cw_ref is None else cw_ref[:, cols]  # C's columns, loaded once
+  cwb = _c_columns(plan, c_ref, cols)
 
   def body(i, carry):  # (the last chunk's extra trips redo its last tile)
     ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
@@ -1181,13 +1182,19 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, cw_ref=None):
     pix = pl.ds(ti * m, m)
 
     def load(ref):
-      if ref is cw_ref:
+      if cwb is not None and ref is c_ref:
         return _c_tile(tile, u_ref, cwb)
       v = ref[pix, cols]
       return _dot(v, eye.astype(v.dtype))
     out(x, pix, cols, vec, load)
     return carry
   lax.fori_loop(0, plan["tpc"], body, 0)
+
+
+def _c_columns(plan, c_ref, cols):
+  """C's columns ``cols`` (n, bj*e), loaded once a program, where ``c_ref`` holds C's
+  weight (``plan["c_in_kernel"]``, QLHS_C_FORM=kernels); else None (c_ref is c)."""
+  return c_ref[:, cols] if plan.get("c_in_kernel") else None
 
 
 def _c_tile(tile, u_ref, cwb):
@@ -1207,7 +1214,7 @@ def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   def out(x, pix, cols, vec, load):
     f1 = x * vec(mul_ref) + vec(add_ref)
     p_ref[pix, cols] = (f1 * load(c_ref)).astype(p_ref.dtype)
-  _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out, _cw(plan, c_ref))
+  _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out, c_ref)
 
 
 def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref,
@@ -1219,12 +1226,7 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
     dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
     dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
   _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out,
-             _cw(plan, c_ref))
-
-
-def _cw(plan, c_ref):
-  """``c_ref`` where it holds C's weight (plan["c_in_kernel"]), else None."""
-  return c_ref if plan.get("c_in_kernel") else None
+             c_ref)
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
