@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all]
-# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); next: "sums"
-# (experiments 40-41: pass 3's sums, the statistics and du as matrix products, the
-# largest gaps between the profile and the bounds), then "fma"
-# (experiments 36-38: the two defaults of 2026-12-05 that every later row carries, and
-# the Pallas product at its tiles of 2026-12-06)
-# and "sweep" (experiments 24-25) in one session (limits of 540 + 480 + 590 s; the rows
-# take less, and a session cut off loses each part's last row first), then "pool"
-# (experiments 26, 32, 34, 35), "configs" and "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all]
+# "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); nothing since.
+# Next: "dot_forms" (experiments 40-47: the default step against ResNet50 on the H100,
+# then every dot form with c stored and with c made in the kernels; limits of 540 s, the
+# one call that says whether the opt-in kernels of experiments 40-47 win), then, with
+# the device time left, "eq3" with the winner's QLHS_... settings (a profile of it,
+# 200 s). Later sessions: "product" and "sums" (each dot form alone, and the kernels
+# alone at stage 1), "fma" (experiments 36-38: the two defaults of 2026-12-05 that
+# every later row carries), "sweep" (experiments 24-25), "pool" (experiments 26, 32,
+# 34, 35), "configs" and "host". A 15-minute device session has room for one ~500 s
+# call, or two shorter ones
 # (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next). "block",
 # "variants" and "op" are for later sessions (the machine stays warm between calls, but
 # each is ~500 s).
@@ -134,6 +136,14 @@
 #   with every dot form of "product"'s last row, with the stored c, with c made at
 #   stages 1-2 and at stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more
 #   L2 reads), in one call.
+# "dot_forms" (time limits add up to 540 s; NOTES.md experiments 40-47; run it first):
+#   the default step (Eq.(3) "auto") against ResNet50 on uint8 batches, the ratio and
+#   the H100's rate that the goal names; then Eq.(3) with every dot form (the forward
+#   product, pass 4, pass 3's sums and the statistics' lags as matrix products, D's
+#   kernel in one bfloat16 part: "product"'s last row) with the stored c, with c made
+#   in the kernels at stages 1-2, profiled kernel by kernel, and at stages 1-3
+#   ("c_kernels"' three rows), each against the first row. Compile and time only, no
+#   kernel alone: "product" and "sums" split the rows' differences by kernel.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -212,7 +222,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -551,6 +561,23 @@ if [ "$PART" = c_kernels ]; then
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 110 --model eq3_softball_ds \
       --set 'fuse_d_bn="auto"' --input uint8
+  done
+fi
+if [ "$PART" = dot_forms ]; then
+  # The goal's two numbers first (a session cut off keeps them), then the opt-in dot
+  # forms stacked: c stored, made at stages 1-2 (profiled: each kernel's time against
+  # its bound, xla_floors --measured on this HLO), made at stages 1-3.
+  bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
+  for c_form in stored kernels kernels_wide; do
+    limit=110
+    profile=()
+    if [ "$c_form" = kernels ]; then
+      limit=170
+      profile=(--hlo-dir "$H" --profile-dir "$OUT")
+    fi
+    QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench "$limit" \
+      --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
   done
 fi
 if [ "$PART" = ncu ]; then
