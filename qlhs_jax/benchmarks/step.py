@@ -230,7 +230,7 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               "QLHS_STATS_FORM": ("xla", "block"), "QLHS_SUMS_FORM": ("xla",),
               "QLHS_DC_PASS": ("xla",), "QLHS_PRODUCT_FORM": ("xla",),
               "QLHS_D_TAPS": ("xla",), "QLHS_D_KERNEL": ("pallas", "xla", "block"),
-              "QLHS_C_FORM": ("xla",),
+              "QLHS_C_FORM": ("xla",), "QLHS_DP_FORM": ("xla",),
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STENCIL_GRID": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STENCIL_ROWS": ("shifted_t", "pallas", "xla", "block"),

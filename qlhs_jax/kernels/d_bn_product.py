@@ -25,7 +25,9 @@ and writes dc in pass 4, next to dx, see :func:`dc_pass`; with QLHS_STENCIL_ROWS
 D^T(g * mul), and ``stencil.du_bn`` adds D^T of dx's other part, a 5x5 stencil of u,
 see :func:`_bwd_walks`. With QLHS_C_FORM=kernels the operation takes C's weight instead
 of c, and the dot forms' kernels make c = C u themselves, so no pass moves c: see
-:func:`c_form`.)
+:func:`c_form`. Given the weight of the 1x1 map A that follows (``a``), it returns
+y = p @ A, and with QLHS_DP_FORM=kernels passes 3 and 4 make dp = dy A^T from dy, so
+no pass moves dp: see :func:`dp_form`.)
 
 ``impl="xla"`` writes the passes in jax.numpy (XLA fuses each one); ``impl="pallas"``
 runs passes 1-4 as Pallas kernels for the Triton GPU backend (``interpret=True`` runs
@@ -398,6 +400,41 @@ def c_form() -> str:
 # (benchmarks/NOTES.md, experiment 47).
 C_KERNELS_MAX_N = {"kernels": 128, "kernels_wide": 256}
 
+DP_FORMS = ("stored", "kernels")
+
+
+def dp_form() -> str:
+  """QLHS_DP_FORM: where the backward's passes get dp = dy A^T, the gradient of the
+  product p through the 1x1 map A that follows it (eq3 and eq3w: y = A(p), y = p @ A).
+  "stored" (the default): the model's matmul, differentiated by JAX, writes dp, and pass
+  3's sums and pass 4 read it. "kernels": the fused operation takes A's weight too and
+  returns y, and the kernels of QLHS_PRODUCT_FORM=pallas_dot (pass 4) and of
+  QLHS_SUMS_FORM=pallas_dot (pass 3's sums) make each tile of dp from dy and A's
+  columns as one more matrix product (``stencil._dp_tile``), so dp is never stored nor
+  read: one write and two reads of the hidden tensor less a block, for two reads of dy
+  (benchmarks/NOTES.md, experiment 48); a pass of another form reads dp from XLA's
+  matmul; blocks wider than :data:`DP_KERNELS_MAX_N` channels, in or out, keep the
+  stored dp. dp is rounded to the compute dtype as
+  the stored dp is, its sums in another order: the same values up to one rounding of
+  dp. Refused unless QLHS_PRODUCT_FORM is "pallas_dot". Not yet timed."""
+  form = settings.choice("QLHS_DP_FORM", DP_FORMS)
+  if form != "stored" and (product := product_form()) != "pallas_dot":
+    raise ValueError(f"{settings.name('QLHS_DP_FORM')}={form!r} makes dp = dy A^T inside "
+                     f"the matrix-product kernels of product_form 'pallas_dot', but "
+                     f"{settings.name('QLHS_PRODUCT_FORM')} gives {product!r}: set "
+                     f"product_form='pallas_dot' (and sums_form='pallas_dot' for pass 3), "
+                     f"or unset dp_form")
+  return form
+
+
+# The widest blocks whose kernels make dp, by QLHS_DP_FORM, in input or output channels
+# (stages 1 and 2; stage 3's first block maps 128 channels to 256): as for c
+# (C_KERNELS_MAX_N), each of a kernel's n/16 channel blocks reads dy's tile, all n_out
+# channels, from L2; and pass 3's sums hold dy's tiles in the pipeline's shared memory
+# next to u's taps (and centre tap, where c is made too): with c made, 250 KB at 128
+# channels in and 256 out, where an H100 has 227 KB (benchmarks/NOTES.md, experiment 48).
+DP_KERNELS_MAX_N = {"kernels": 128}
+
 
 def _makes_c(n: int, groups: int, impl: str) -> bool:
   """Whether the kernels make c for a block of ``n`` input channels when the operation
@@ -405,6 +442,21 @@ def _makes_c(n: int, groups: int, impl: str) -> bool:
   :data:`C_KERNELS_MAX_N` channels."""
   return (impl != "pallas" and product_pallas(groups) is True
           and n <= C_KERNELS_MAX_N.get(c_form(), 0))
+
+
+def _makes_dp(n: int, n_out: int, groups: int, impl: str) -> bool:
+  """Whether pass 4's kernel (and pass 3's, in its dot form) makes dp = dy A^T for a
+  block of ``n`` input and ``n_out`` output channels when the operation is given A's
+  weight: the dot form's pass 4 (:func:`dp_form`), at most :data:`DP_KERNELS_MAX_N`
+  channels either way."""
+  return (impl != "pallas" and product_pallas(groups) is True
+          and max(n, n_out) <= DP_KERNELS_MAX_N.get(dp_form(), 0))
+
+
+def a_of(p: jax.Array, aw: jax.Array) -> jax.Array:
+  """y = A p as the model's 1x1 map computes it: ``p`` @ ``aw`` (h, n_out), in their
+  dtype."""
+  return jnp.dot(p, aw)
 
 
 def c_of(u: jax.Array, cw: jax.Array, stride: int) -> jax.Array:
@@ -597,21 +649,22 @@ def _xla_apply(u, c5, k9, mul, add, stride, groups, up=None):
 
 
 def _xla_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride, groups,
-                       with_dc=True, up=None, cw=None):
+                       with_dc=True, up=None, cw=None, aw=None):
   """Pass 3: dc (None unless ``with_dc``: :func:`dc_pass`), and per group the sums of
   g = dp*c and g*xhat (BatchNorm's backward) and of tap_t(u) * g, (G, n, 9, e)
   (dL/dkernel's share that needs g). ``cw`` (C's weight) in place of ``c5`` (None):
-  the dot form's kernel makes c (:func:`c_form`)."""
+  the dot form's kernel makes c (:func:`c_form`); ``aw`` (A's weight), with ``dp5``
+  dy: the dot form's kernel makes dp (:func:`dp_form`)."""
   b = u.shape[0]
   # The same sums as one Pallas kernel (kernels.stencil), where the form picks it.
-  form = sums_form(u.shape[-1], groups, dp5.shape[-1])
+  form = sums_form(u.shape[-1], groups, k9.shape[-1])
   if form != "xla":
     from qlhs_jax.kernels import stencil  # imports this module
     if groups != 1:
       stencil.check(u.shape[-1], "QLHS_SUMS_FORM", groups)
     sg, sgx, tg = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, stride,
                                   xhat=form == "pallas_xhat", dot=form == "pallas_dot",
-                                  cw=cw)
+                                  cw=cw, aw=aw)
   else:
     g = dp5.astype(F32) * c5.astype(F32)
     taps = _u_taps(u, stride, up=up)  # 9 x (B, Ho, Wo, n): D u's and the sums' alike
@@ -904,7 +957,7 @@ def _hidden_shape(u_shape, stride: int, h: int) -> tuple[int, int, int, int]:
   return (b, _out_size(hh, stride), _out_size(w, stride), h)
 
 
-def _check(u, c, kernel, scale, stride, groups, impl, c_weights=False):
+def _check(u, c, kernel, scale, stride, groups, impl, c_weights=False, a=None):
   if impl not in FUSE_IMPLS[1:]:
     raise ValueError(f"unknown d_bn_product impl {impl!r}; choose one of {FUSE_IMPLS[1:]} "
                      f"(the model's fuse_d_bn='none' is the plain autodiff path)")
@@ -919,6 +972,10 @@ def _check(u, c, kernel, scale, stride, groups, impl, c_weights=False):
     raise ValueError(f"d_bn_product: kernel {kernel.shape}, "
                      f"{'C' if c_weights else 'c'} {c.shape}, scale "
                      f"{scale.shape} do not fit u {u.shape} (want {want})")
+  if a is not None and (a.ndim != 2 or a.shape[0] != n * e):
+    raise ValueError(f"d_bn_product: A's weight {a.shape} does not fit the hidden "
+                     f"channels of u {u.shape} and kernel {kernel.shape} (want "
+                     f"({n * e}, n_out))")
   if b % groups:
     raise ValueError(f"batch {b} does not split into {groups} BatchNorm groups")
   if impl == "pallas":
@@ -982,13 +1039,14 @@ def kernel_grad_like(dk9, kernel):
   return dk.astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
-  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights):
+  return _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
                   c_weights)[0]
 
 
-def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
+def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
+             c_weights):
   b, _, _, n = u.shape
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
@@ -1023,60 +1081,84 @@ def _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
-  out = (p5.reshape(shape), mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, cw, kernel, scale, bias, mean, rstd, mul, add, tstats, res_up)
+  p = p5.reshape(shape)
+  # a: the 1x1 map A that follows the product (y = p @ a), kept for its gradient, which
+  # needs p (as autodiff of the model's matmul keeps it), and for dp's.
+  y = p if a is None else a_of(p, a)
+  out = (y, mean.reshape(groups, h), var.reshape(groups, h))
+  return out, (u, c5, cw, a, None if a is None else p, kernel, scale, bias, mean, rstd,
+               mul, add, tstats, res_up)
 
 
-def _fwd(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights):
-  return _forward(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+def _fwd(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights):
+  return _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
                   c_weights)
 
 
 def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
   del eps, c_weights  # (cw is None unless c_weights)
-  u, c5, cw, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
-  dp, dmean, dvar = cts
+  u, c5, cw, a, p, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
+  dy, dmean, dvar = cts  # (dy: dp where no A follows)
   b, _, _, n = u.shape
   e = kernel.shape[-1]
+  h = n * e
   k9 = _kernel9(kernel, n)
-  dp5 = dp.reshape(dp.shape[:3] + (n, e))
+  dp_shape = dy.shape[:3] + (n, e)
+  # dp = dy A^T where A follows (QLHS_DP_FORM=kernels): pass 4's dot form makes it from
+  # dy and A (a_dx), and so does pass 3's sums as a dot form (a_sums); a pass of another
+  # form reads XLA's, the model's matmul differentiated (unused, XLA drops it). A's
+  # gradient is that matmul's, from p.
+  da, a_dx = None, None
+  if a is None:
+    dp5 = dy.reshape(dp_shape)
+  else:
+    dp_xla, da = jax.vjp(a_of, p, a)[1](dy)
+    a_dx = a if _makes_dp(n, a.shape[-1], groups, impl) else None
+    dp5 = None if a_dx is not None else dp_xla.reshape(dp_shape)
   one_walk = impl != "pallas" and _bwd_walks(stride, n, e, groups)
   fused_du = impl != "pallas" and _dx_du_walks(stride, n, e, groups)
   # c made in the forward's kernel (QLHS_C_FORM=kernels): pass 4's dot form makes it
   # again, and so do pass 3's sums as a dot form; a pass of another form reads it from
   # XLA's matmul, made again here as the model's.
+  # The same for dp where pass 4 makes it (a_dx).
   cw_dx = cw if c5 is None else None
-  if c5 is None and (one_walk or fused_du
-                     or sums_form(n, groups, e) != "pallas_dot"):
-    c5 = c_of(u, cw, stride).reshape(dp5.shape)
+  others = one_walk or fused_du or sums_form(n, groups, e) != "pallas_dot"
+  if c5 is None and others:
+    c5 = c_of(u, cw, stride).reshape(dp_shape)
+  if dp5 is None and others:
+    dp5 = dp_xla.reshape(dp_shape)
   cw_sums = cw if c5 is None else None
+  a_sums = a if dp5 is None else None
+  # What pass 3's and pass 4's kernels read in dp's place: dy where they make dp.
+  dp_sums = dp5 if a_sums is None else dy
+  dp_dx = dp5 if a_dx is None else dy
   if impl == "pallas":
     dc5, sg, sgx = _pallas_backward_sums(u, c5, dp5, k9, mul, add, mean, rstd, stride,
                                          groups, interpret)
   elif one_walk:  # c and dp read once: the sums, dc and D^T(g * mul) in one walk
     from qlhs_jax.kernels import stencil  # imports this module
     dc5, du_g, (sg, sgx, tg) = stencil.bwd(u, c5, dp5, k9, mul, add, mean, rstd,
-                                           dp.dtype)
+                                           dy.dtype)
   else:
     # Each XLA pass recomputes D u from u (or from its padded copy up). The barriers give
     # each pass its own copy of u, so that XLA cannot merge the three D u (forward and
     # two backward passes) into one float32 tensor stored in the forward and read back
     # twice.
-    u_sums, up_sums, dp5 = lax.optimization_barrier((u, up, dp5))
+    u_sums, up_sums, dp_sums = lax.optimization_barrier((u, up, dp_sums))
     product_dot = product_pallas(groups)
     pallas_dx = product_dot is not None
     dc_with_dx = pallas_dx or fused_du or dc_pass() == "dx"
-    dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp5, k9, mul, add, mean, rstd,
+    dc5, sg, sgx, tg = _xla_backward_sums(u_sums, c5, dp_sums, k9, mul, add, mean, rstd,
                                           stride, groups, with_dc=not dc_with_dx,
-                                          up=up_sums, cw=cw_sums)
-  count = (b // groups) * dp5.shape[1] * dp5.shape[2]
+                                          up=up_sums, cw=cw_sums, aw=a_sums)
+  count = (b // groups) * dy.shape[1] * dy.shape[2]
   dmean = dmean.astype(F32).reshape(groups, n, e)
   dvar = dvar.astype(F32).reshape(groups, n, e)
   cx, c0 = bn_backward_coeffs(mul, rstd, sg, sgx, dmean, dvar, count)
   du = None
   if impl == "pallas":
     dx, dk9 = _pallas_backward_dx(u, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                                  dp.dtype, interpret)
+                                  dy.dtype, interpret)
   elif one_walk:  # du's share from BatchNorm's mean and variance terms, from u alone
     # cx and c0 as one small kernel's outputs: else XLA stores sgx for its many consumers
     # (du_bn's table), and the update of each block's BatchNorm scale no longer shares
@@ -1090,17 +1172,18 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
     if fused_du:  # pass 4 and du in one walk: dx is not stored
       from qlhs_jax.kernels import stencil  # imports this module
       dc5, du = stencil.dx_du(u_dx, c5, dp5, k9, mul, add, cx, c0, mean, u.dtype,
-                              dp.dtype)
+                              dy.dtype)
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
-      dx, dc5 = stencil.dx_dc(u_dx, c5, dp5, _parts_k9(k9, u.dtype), mul, add, cx, c0,
-                              mean, stride, dp.dtype, dot=product_dot, cw=cw_dx)
+      dx, dc5 = stencil.dx_dc(u_dx, c5, dp_dx, _parts_k9(k9, u.dtype), mul, add, cx, c0,
+                              mean, stride, dy.dtype, dot=product_dot, cw=cw_dx,
+                              aw=a_dx)
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                                 dp.dtype, add=add, up=up_dx)
+                                 dy.dtype, add=add, up=up_dx)
     else:
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
-                            dp.dtype, up=up_dx)
+                            dy.dtype, up=up_dx)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
   du_dot = du_pallas(u.shape[-1], e)
   if du is None and du_dot is not None:  # in u's dtype by the kernel
@@ -1109,15 +1192,14 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
                              dot=du_dot)
   elif du is None:  # (not None: dx_du gave it)
     du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
-  h = n * e
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)
-  dc = dc5.reshape(dp.shape)
+  dc = dc5.reshape(dy.shape[:3] + (h,))
   if cw is not None:  # c = C u inside the operation: C's gradient and u's share, as
     # autodiff of the model's matmul gives them
     du_c, dc = jax.vjp(lambda u_, w_: c_of(u_, w_, stride), u, cw)[1](dc)
     du = du + du_c
-  return du, dc, kernel_grad_like(dk9, kernel), dscale, dbias
+  return du, dc, kernel_grad_like(dk9, kernel), dscale, dbias, da
 
 
 _op.defvjp(_fwd, _bwd)
@@ -1125,7 +1207,8 @@ _op.defvjp(_fwd, _bwd)
 
 def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array,
                  bias: jax.Array, *, stride: int = 1, groups: int = 1, eps: float = 1e-5,
-                 impl: str = "xla", interpret: bool = False, c_weights: bool = False):
+                 impl: str = "xla", interpret: bool = False, c_weights: bool = False,
+                 a: jax.Array | None = None):
   """``p = BN(D u) * c`` with training-mode batch statistics.
 
   ``u`` (B, H, W, n); ``c`` (B, Ho, Wo, n*e) in the hidden (j-major) order; ``kernel``
@@ -1134,15 +1217,19 @@ def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array
   n*e); mean and biased variance of D u per BatchNorm group, (groups, n*e) float32.
   ``c_weights``: ``c`` is instead C's weight (n, n*e) in the compute dtype and the
   hidden tensor is c = C u (:func:`c_of`), made where :func:`c_form` says.
+  ``a``: the weight (n*e, n_out) of the 1x1 map A that follows, in the compute dtype:
+  the operation returns y = p @ a (:func:`a_of`) in p's place, and its backward makes
+  dp = dy a^T where :func:`dp_form` says.
   Differentiable in every array argument (the backward is the hand-written passes of
   the module docstring).
   """
-  _check(u, c, kernel, scale, stride, groups, impl, c_weights)
+  _check(u, c, kernel, scale, stride, groups, impl, c_weights, a)
   kernel = fused_kernel(kernel, u.dtype)
   if _kernels_per_device(u.shape[-1], kernel.shape[-1], groups, impl):
-    return _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
-                          c_weights)
-  return _op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret, c_weights)
+    return _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl,
+                          interpret, c_weights)
+  return _op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
+             c_weights)
 
 
 def _kernels_per_device(n, e, groups, impl) -> bool:
@@ -1171,11 +1258,11 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
   return True
 
 
-def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpret,
+def _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
                    c_weights):
   """:func:`_op` on each device's slice of the batch: shard_map over the step's mesh,
-  the batch (u, c, p and the per-group statistics) split along its "data" axis, the
-  parameters whole. Each device's BatchNorm groups are its own, so the forward needs
+  the batch (u, c, p or y and the per-group statistics) split along its "data" axis,
+  the parameters whole. Each device's BatchNorm groups are its own, so the forward needs
   nothing from the other devices; shard_map's transpose sums the parameters' gradients
   over the devices (a psum, as the plain path's gradients get). check_vma=False: the
   Pallas calls and the custom VJP carry no replication types; unchecked, the transpose
@@ -1183,10 +1270,14 @@ def _per_device_op(u, c, kernel, scale, bias, stride, groups, eps, impl, interpr
   shards = batch_shards()
   split, whole = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
 
-  def body(u, c, kernel, scale, bias):
-    return _op(u, c, kernel, scale, bias, stride, groups // shards, eps, impl, interpret,
-               c_weights)
+  weights = () if a is None else (a,)  # A's weight, whole, where given
+
+  def body(u, c, kernel, scale, bias, *weights):
+    return _op(u, c, kernel, scale, bias, weights[0] if weights else None, stride,
+               groups // shards, eps, impl, interpret, c_weights)
 
   return jax.shard_map(body, mesh=_context_mesh(),
-                       in_specs=(split, whole if c_weights else split) + (whole,) * 3,
-                       out_specs=(split,) * 3, check_vma=False)(u, c, kernel, scale, bias)
+                       in_specs=((split, whole if c_weights else split) + (whole,) * 3
+                                 + (whole,) * len(weights)),
+                       out_specs=(split,) * 3, check_vma=False)(u, c, kernel, scale, bias,
+                                                                *weights)

@@ -659,10 +659,11 @@ def stats_from_lags(full: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------
 # Pass 3's sums of fuse_d_bn="xla": BatchNorm's backward and dL/dkernel's tap products.
 
-def _sums_tile(plan, ti, cols, c_ref, dp_ref, u_ref=None, cwb=None):
+def _sums_tile(plan, ti, cols, c_ref, dp_ref, u_ref=None, cwb=None, awb=None):
   """Pass 3's tile ``ti`` (:class:`eq3_block._Tile`, its taps' loads) and g = dp * c
   there, (m, hidden channels ``cols``) float32; with ``cwb`` (C's columns ``cols``) c
-  made from u there (:func:`_c_tile`), not read."""
+  made from u there (:func:`_c_tile`), not read; with ``awb`` (A's transpose at
+  ``cols``) dp made from dy, ``dp_ref`` (:func:`_dp_tile`)."""
   from qlhs_jax.kernels.eq3_block import _Tile  # the same tap loads as eq3_block's
   m = plan["m"]
   p0 = jnp.minimum(ti, plan["tiles"] - 1) * m
@@ -671,7 +672,8 @@ def _sums_tile(plan, ti, cols, c_ref, dp_ref, u_ref=None, cwb=None):
   live = (ti * m + lax.broadcasted_iota(jnp.int32, (m,), 0) < plan["rows"])[:, None]
   pix = pl.ds(p0, m)
   c = (c_ref[pix, cols].astype(F32) if cwb is None else _c_tile(tile, u_ref, cwb))
-  g = jnp.where(live, dp_ref[pix, cols].astype(F32) * c, 0.0)
+  dp = dp_ref[pix, cols].astype(F32) if awb is None else _dp_tile(pix, dp_ref, awb)
+  g = jnp.where(live, dp * c, 0.0)
   return tile, g
 
 
@@ -706,7 +708,7 @@ def _bn_sums_kernel(u_ref, c_ref, dp_ref, *refs, plan, xhat):
     out_ref[ch, k, cols] = a.sum(0)
 
 
-def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
+def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, *refs, plan, split):
   """:func:`_bn_sums_kernel`'s ten sums as matrix products over the tile's pixels: per
   tap, tap_t(u)^T (bj input channels, m) @ g (m, bj*e hidden channels), of which only
   the entries where the row is the hidden channel's own input channel (1 in bj) are
@@ -729,13 +731,16 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
   buffers, 3 barriers a trip (5 as wgmma); loaded in float32 and cast back, each went
   through the warps into a second buffer first, 22 (experiment 44).
   ``plan["c_in_kernel"]``: ``c_ref`` is C's weight and c is made from u at each tile
-  (:func:`_c_tile`; QLHS_C_FORM=kernels)."""
+  (:func:`_c_tile`; QLHS_C_FORM=kernels). ``plan["dp_in_kernel"]``: ``dp_ref`` is dy,
+  followed by A's transpose, and dp is made from them at each tile (:func:`_dp_tile`;
+  QLHS_DP_FORM=kernels)."""
   from qlhs_jax.kernels.eq3_block import _dot
   m, bj, e, tpc = plan["m"], plan["bj"], plan["e"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # the block's hidden channels j*e + s, contiguous
-  cwb = _c_columns(plan, c_ref, cols)
+  a_ref, (out_ref,) = (refs[0], refs[1:]) if plan.get("dp_in_kernel") else (None, refs)
+  cwb, awb = _c_columns(plan, c_ref, cols), _dp_columns(plan, a_ref, cols)
   low = jnp.bfloat16 if split else F32
   taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
 
@@ -745,7 +750,7 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
     return acc
 
   def body(i, acc):
-    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref, u_ref, cwb)
+    tile, g = _sums_tile(plan, ch * tpc + i, cols, c_ref, dp_ref, u_ref, cwb, awb)
     if split:
       hi = g.astype(low)
       parts = (hi, (g - hi.astype(F32)).astype(low))
@@ -762,7 +767,8 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, out_ref, *, plan, split):
 
 def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
             mean: jax.Array, rstd: jax.Array, stride: int, interpret: bool | None = None,
-            xhat: bool = False, dot: bool = False, cw: jax.Array | None = None):
+            xhat: bool = False, dot: bool = False, cw: jax.Array | None = None,
+            aw: jax.Array | None = None):
   """Pass 3's sums of ``d_bn_product``'s "xla" path with g = dp * c over the output
   pixels: ``(sg, sgx, tg)``, the sums of g, of g * xhat (xhat = (D u - mean) * rstd)
   and of tap_t(u) * g, shaped (1, n, e), (1, n, e) and (1, n, 9, e) float32 like
@@ -781,13 +787,17 @@ def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
   same sums as matrix products (QLHS_SUMS_FORM=pallas_dot, :func:`_bn_sums_dot_kernel`,
   tiles from QLHS_STENCIL_TILING's ``sums_dot`` entry: pixels, channels, warps, stages;
   no row walk; ``xhat`` then unused). ``cw`` (n, n*e) in place of ``c5`` (None), with
-  ``dot``: c = subsample(u) @ cw made in the kernel, never read (QLHS_C_FORM=kernels)."""
+  ``dot``: c = subsample(u) @ cw made in the kernel, never read (QLHS_C_FORM=kernels).
+  ``aw`` (n*e, n_out), with ``dot``: ``dp5`` is dy (B, Ho, Wo, n_out), the gradient of
+  y = p @ aw, and dp = dy @ aw^T is made in the kernel, never read
+  (QLHS_DP_FORM=kernels)."""
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
-  n, e = u.shape[-1], dp5.shape[-1]
+  n, e = u.shape[-1], k9.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
-  if cw is not None and not dot:
-    raise ValueError("c = C u inside pass 3's kernel (QLHS_C_FORM=kernels) needs its "
-                     "dot form: QLHS_SUMS_FORM=pallas_dot")
+  if (cw is not None or aw is not None) and not dot:
+    raise ValueError(f"{'c = C u' if cw is not None else 'dp = dy A^T'} inside pass 3's "
+                     f"kernel (QLHS_{'C' if cw is not None else 'DP'}_FORM=kernels) needs "
+                     f"its dot form: QLHS_SUMS_FORM=pallas_dot")
   xhat = xhat and not dot
   walk = not (xhat or dot) and _walks_rows("sums", stride)
   if dot:
@@ -806,16 +816,17 @@ def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
                        u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, chunks, bj = plan["rows"], plan["chunks"], plan["bj"]
-  # c and dp as rows of hidden channels, padded to the tiles' end (none at batch 256).
-  flat = lambda v: _pad_rows(v.reshape(rows, n * e), plan)
+  # c and dp (or dy) as rows of channels, padded to the tiles' end (none at batch 256).
+  flat = lambda v: _pad_rows(v.reshape(rows, -1), plan)
   vectors = ([k9.astype(F32).reshape(9, n * e), mean.astype(F32).reshape(n * e),
               rstd.astype(F32).reshape(n * e)] if xhat else [])
   count = 11 if xhat else 10
   if dot:
     _dot_tiles(plan, "QLHS_SUMS_FORM", interpret)
-    plan["c_in_kernel"] = cw is not None
+    plan["c_in_kernel"], plan["dp_in_kernel"] = cw is not None, aw is not None
     kernel = functools.partial(_bn_sums_dot_kernel, plan=plan, split=all(
-        a.dtype == jnp.bfloat16 for a in (u, c5 if cw is None else cw, dp5)))
+        a.dtype == jnp.bfloat16 for a in (u, c5 if cw is None else cw,
+                                          dp5 if aw is None else aw)))
   else:
     kernel = functools.partial(_bn_sums_kernel, plan=plan, xhat=xhat)
   part = pl.pallas_call(
@@ -823,7 +834,7 @@ def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
       grid=_grid(plan, chunks, n // bj), interpret=interpret,
       name=NAMES["sums_dot" if dot else "sums"],
       **_params(warps, interpret, stages))(u2, flat(c5) if cw is None else cw, flat(dp5),
-                                           *vectors)
+                                           *([] if aw is None else [aw.T]), *vectors)
   sums = _total(part).reshape(count, n, e)
   if xhat:
     return sums[0][None], sums[1][None], jnp.moveaxis(sums[2:], 0, 1)[None]
@@ -1142,7 +1153,7 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   return acc
 
 
-def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None):
+def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref=None):
   """Runs ``out(x, pix, cols, vec, load)`` for this program's tiles: x = D u at the
   tile's pixels ``pix`` for the block's hidden channels ``cols`` ((m, bj*e) float32),
   ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
@@ -1154,7 +1165,9 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None):
   product is what Triton's pipeliner copies ahead, so no load of a trip is waited
   for. ``c_ref``: the kernel's c, or C's weight where ``plan["c_in_kernel"]`` (dot tiles
   only), and ``load(c_ref)`` is then c = C u at the tile (:func:`_c_tile`), never read
-  from memory."""
+  from memory. Likewise ``dp_ref``, dy where ``plan["dp_in_kernel"]`` (dot tiles only),
+  with A's transpose ``a_ref``: ``load(dp_ref)`` is then dp = dy A^T at the tile
+  (:func:`_dp_tile`)."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   pid, cb = _ids(plan)
@@ -1174,6 +1187,7 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None):
   eye = eye == lax.broadcasted_iota(jnp.int32, (bj * e, bj * e), 1)
 
   cwb = _c_columns(plan, c_ref, cols)
+  awb = _dp_columns(plan, a_ref, cols)
 
   def body(i, carry):  # (the last chunk's extra trips redo its last tile)
     ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
@@ -1184,6 +1198,8 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None):
     def load(ref):
       if cwb is not None and ref is c_ref:
         return _c_tile(tile, u_ref, cwb)
+      if awb is not None and ref is dp_ref:
+        return _dp_tile(pix, dp_ref, awb)
       v = ref[pix, cols]
       return _dot(v, eye.astype(v.dtype))
     out(x, pix, cols, vec, load)
@@ -1209,6 +1225,23 @@ def _c_tile(tile, u_ref, cwb):
   return _dot(tile.operand(u_ref, 0, 0, every), cwb).astype(cwb.dtype).astype(F32)
 
 
+def _dp_columns(plan, a_ref, cols):
+  """A's transpose at columns ``cols`` (n_out, bj*e), loaded once a program, where
+  ``plan["dp_in_kernel"]`` (QLHS_DP_FORM=kernels); else None."""
+  return a_ref[:, cols] if plan.get("dp_in_kernel") else None
+
+
+def _dp_tile(pix, dy_ref, awb):
+  """dp = dy A^T at a tile's output pixels ``pix`` for the block's hidden channels
+  (QLHS_DP_FORM=kernels): dy's rows there, every output channel (m, n_out), @ A's
+  transpose at the block's columns ``awb`` (n_out, bj*e), summed in float32 and rounded
+  to A's dtype as the stored dp is (the matmul of the map's transpose, in the compute
+  dtype), (m, bj*e) float32. dy is read at the output pixels, where the hidden tensors
+  are: no tap, no stride."""
+  from qlhs_jax.kernels.eq3_block import _dot
+  return _dot(dy_ref[pix, :], awb).astype(awb.dtype).astype(F32)
+
+
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   # (c_ref: C's weight where plan["c_in_kernel"], QLHS_C_FORM=kernels)
   def out(x, pix, cols, vec, load):
@@ -1217,8 +1250,12 @@ def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
   _each_tile(u_ref, k_ref, (mul_ref, add_ref), plan, out, c_ref)
 
 
-def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref,
-                  dx_ref, dc_ref, *, plan):
+def _dx_dc_kernel(u_ref, c_ref, dp_ref, *refs, plan):
+  # (dp_ref: dy, followed by A's transpose, where plan["dp_in_kernel"],
+  # QLHS_DP_FORM=kernels)
+  a_ref, refs = (refs[0], refs[1:]) if plan.get("dp_in_kernel") else (None, refs)
+  k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref, dx_ref, dc_ref = refs
+
   def out(x, pix, cols, vec, load):
     mul, dp = vec(mul_ref), load(dp_ref)
     g = dp * load(c_ref)
@@ -1226,23 +1263,26 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, k_ref, mul_ref, add_ref, cx_ref, c0_ref,
     dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
     dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
   _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out,
-             c_ref)
+             c_ref, dp_ref, a_ref)
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
-                 interpret, dot=False, cw=None):
+                 interpret, dot=False, cw=None, aw=None):
   """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
   tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
   per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype.
   ``dot``: D u as matrix products over chunks of tiles (:func:`_each_tile`;
   QLHS_STENCIL_TILING's ``product_dot`` entry). ``cw``: C's weight (n, n*e), which the
-  kernel takes in c's place and makes c from (:func:`_c_tile`; with ``dot`` only)."""
+  kernel takes in c's place and makes c from (:func:`_c_tile`; with ``dot`` only).
+  ``aw``: A's weight (n*e, n_out), where the last of ``hidden`` is dy (B, Ho, Wo, n_out)
+  in dp's place: the kernel makes dp from them (:func:`_dp_tile`; with ``dot`` only)."""
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
-  if cw is not None and not dot:
-    raise ValueError("c = C u inside the kernel (QLHS_C_FORM=kernels) needs the dot "
-                     "form's tiles: QLHS_PRODUCT_FORM=pallas_dot")
+  if (cw is not None or aw is not None) and not dot:
+    raise ValueError(f"{'c = C u' if cw is not None else 'dp = dy A^T'} inside the kernel "
+                     f"(QLHS_{'C' if cw is not None else 'DP'}_FORM=kernels) needs the dot "
+                     f"form's tiles: QLHS_PRODUCT_FORM=pallas_dot")
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   if dot:
@@ -1257,13 +1297,14 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
     g = _geometry(*u.shape[:3], stride)  # tiles of the output pixels, as d_transpose's
     plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
     programs = plan["tiles"]
-  plan["c_in_kernel"] = cw is not None
+  plan["c_in_kernel"], plan["dp_in_kernel"] = cw is not None, aw is not None
   plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
   shape5 = (plan["b"], plan["ho"], plan["wo"], n, e)
   args = ([u2] + ([] if cw is None else [cw])
-          + [_pad_rows(h.reshape(rows, n * e), plan) for h in hidden]
+          + [_pad_rows(h.reshape(rows, -1), plan) for h in hidden]
+          + ([] if aw is None else [aw.T])
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in vectors])
   outs = pl.pallas_call(
@@ -1313,14 +1354,17 @@ def product(u: jax.Array, c5: jax.Array | None, k9: jax.Array, mul: jax.Array,
 
 
 def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
-          interpret: bool | None = None, dot: bool = False, cw=None):
+          interpret: bool | None = None, dot: bool = False, cw=None, aw=None):
   """Pass 4 of the "xla" path with dc: dx = dp*c*mul + (D u - mean)*cx + c0 in
   ``dx_dtype`` and dc = dp * (D u * mul + add) in c's dtype, (B, Ho, Wo, n, e) each
   (one BatchNorm group: the vectors are (1, n, e)). ``dot``, ``cw``: as
-  :func:`product`'s."""
+  :func:`product`'s. ``aw`` (n*e, n_out), with ``dot``: ``dp5`` is dy (B, Ho, Wo,
+  n_out), the gradient of y = p @ aw, and dp = dy @ aw^T is made in the kernel, never
+  stored (QLHS_DP_FORM=kernels)."""
   hidden, dtype = ([c5, dp5], c5.dtype) if cw is None else ([dp5], cw.dtype)
   return _elementwise(_dx_dc_kernel, "dx", u, hidden, [mul, add, cx, c0, mean], k9,
-                      stride, [dx_dtype, dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw)
+                      stride, [dx_dtype, dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw,
+                      aw)
 
 
 # ------------------------------------------------------------------------------------

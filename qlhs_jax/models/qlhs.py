@@ -117,7 +117,9 @@ def _pallas_interpret(impl: str) -> bool:
 class FusedDBNProduct(nn.Module):
   """Training-mode ``BN(D u) * c`` as one operation (qlhs_jax.kernels.d_bn_product),
   with the variables of the plain path's ``bn_d``. ``c_weights``: ``c`` is C's weight
-  and the operation makes c = C u itself (``d_bn_product.c_form``)."""
+  and the operation makes c = C u itself (``d_bn_product.c_form``). ``a``: the weight of
+  the 1x1 map A that follows, which the operation then applies, returning y = A p
+  (``d_bn_product.dp_form``)."""
   impl: str
   stride: int = 1
   groups: int = 1
@@ -125,16 +127,16 @@ class FusedDBNProduct(nn.Module):
   c_weights: bool = False
 
   @nn.compact
-  def __call__(self, u, kernel, c):
+  def __call__(self, u, kernel, c, a=None):
     scale, bias, ra_mean, ra_var = _bn_d_variables(self, c.shape[-1])
     interpret = _pallas_interpret(self.impl) if self.impl == "pallas" else False
-    p, mean, var = dbn.d_bn_product(
+    y, mean, var = dbn.d_bn_product(
         u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
-        impl=self.impl, interpret=interpret, c_weights=self.c_weights)
+        impl=self.impl, interpret=interpret, c_weights=self.c_weights, a=a)
     if not self.is_initializing():
-      count = (u.shape[0] // self.groups) * p.shape[1] * p.shape[2]
+      count = (u.shape[0] // self.groups) * y.shape[1] * y.shape[2]
       update_running_stats(ra_mean, ra_var, mean, var, count)
-    return p
+    return y
 
 
 class FusedEq3Hidden(nn.Module):
@@ -219,25 +221,33 @@ class QLHSBlock(nn.Module):
                              pin=self.pin_hidden_layout)
 
   @nn.nowrap
-  def _d_bn_times(self, x, make_c, stride, c_of_x=False):
+  def _d_bn_times(self, x, make_c, stride, c_of_x=False, then_a=False):
     """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
     order (and so the initial values) of the plain path. ``c_of_x``: c is the 1x1 map
     "c" of x subsampled at ``stride``, which the fused operation may make itself
-    (``d_bn_product.c_form``, QLHS_C_FORM=kernels), taking the map's weight instead."""
+    (``d_bn_product.c_form``, QLHS_C_FORM=kernels), taking the map's weight instead.
+    ``then_a``: the 1x1 map "a" (to n_out channels) follows, y = A(BN_d(D x) * c) is
+    returned, and the fused operation may apply it itself (``d_bn_product.dp_form``,
+    QLHS_DP_FORM=kernels: its backward then makes dp = dy A^T in its kernels)."""
     fuse = self._fuse(x.shape[-1])
-    if self._fuses_hidden(x.shape[-1]):
-      kernel = self._d_kernel(x.shape[-1])
-      impl = "xla" if fuse == "block" else fuse
-      if c_of_x and impl == "xla" and dbn.c_form() != "stored":
-        n = x.shape[-1]  # the parameter _dense would create, in the same place
-        cw = self.param("c", conv_init, (n, self.expansion * n), self.param_dtype)
-        return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
-                               c_weights=True, name="bn_d")(x, kernel,
-                                                            cw.astype(self.dtype))
-      return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
-                             name="bn_d")(x, kernel, make_c())
-    return self._norm(self._d(self._split(x), stride), "d") * make_c()
+    a_map = lambda p: self._dense(p, "a", self.n_out) if then_a else p
+    if not self._fuses_hidden(x.shape[-1]):
+      return a_map(self._norm(self._d(self._split(x), stride), "d") * make_c())
+    kernel = self._d_kernel(x.shape[-1])
+    impl = "xla" if fuse == "block" else fuse
+    n, h = x.shape[-1], self.expansion * x.shape[-1]
+    c_weights = c_of_x and impl == "xla" and dbn.c_form() != "stored"
+    # The parameters _dense would create, in the same order (c, then a).
+    c = (self.param("c", conv_init, (n, h), self.param_dtype).astype(self.dtype)
+         if c_weights else make_c())
+    if not (then_a and impl == "xla" and dbn.dp_form() != "stored"):
+      return a_map(FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
+                                   c_weights=c_weights, name="bn_d")(x, kernel, c))
+    aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
+    return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
+                           c_weights=c_weights, name="bn_d")(x, kernel, c,
+                                                             aw.astype(self.dtype))
 
   @nn.nowrap
   def _fuses_hidden(self, n_in) -> bool:
@@ -341,12 +351,10 @@ class QLHSBlock(nn.Module):
     if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
-      y = self._dense(self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True), "a",
-                      self.n_out)
+      y = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True, then_a=True)
     elif form == "eq3w":
       wu = self._dense(u, "w", n_in)
-      y = self._dense(self._d_bn_times(wu, lambda: self._dense(us, "c", h), s), "a",
-                      self.n_out)
+      y = self._d_bn_times(wu, lambda: self._dense(us, "c", h), s, then_a=True)
     elif form == "eq4":
       f1 = self._norm(self._d(self._split(u), s), "d")
       y = self._dense(us, "c", self.n_out) * self._dense(f1, "a", self.n_out)

@@ -13,17 +13,19 @@ from qlhs_jax.models import common
 
 PACKAGE = pathlib.Path(qconfig.__file__).parent
 
-def _c_form_with_dot_products():
-  """``d_bn_product.c_form`` where the product's dot form, which "kernels" needs, is
-  asked for (by its variable, set for the call)."""
-  saved = os.environ.get("QLHS_PRODUCT_FORM")
-  os.environ["QLHS_PRODUCT_FORM"] = "pallas_dot"
-  try:
-    return d_bn_product.c_form()
-  finally:
-    os.environ.pop("QLHS_PRODUCT_FORM")
-    if saved is not None:
-      os.environ["QLHS_PRODUCT_FORM"] = saved
+def _with_dot_products(reader):
+  """``reader`` (``d_bn_product.c_form`` or ``dp_form``) where the product's dot form,
+  which "kernels" needs, is asked for (by its variable, set for the call)."""
+  def read():
+    saved = os.environ.get("QLHS_PRODUCT_FORM")
+    os.environ["QLHS_PRODUCT_FORM"] = "pallas_dot"
+    try:
+      return reader()
+    finally:
+      os.environ.pop("QLHS_PRODUCT_FORM")
+      if saved is not None:
+        os.environ["QLHS_PRODUCT_FORM"] = saved
+  return read
 
 
 # key -> (a value other than the default, the reader, what it returns for that value,
@@ -37,7 +39,9 @@ READERS = {
     "dc_pass": ("sums", d_bn_product.dc_pass, "sums", "dx"),
     "d_kernel": ("compute", d_bn_product.d_kernel, "compute", "float32"),
     "d_taps": ("copy", d_bn_product.d_taps, "copy", "pad"),  # "auto": "pad" on a CPU
-    "c_form": ("kernels", _c_form_with_dot_products, "kernels", "stored"),
+    "c_form": ("kernels", _with_dot_products(d_bn_product.c_form), "kernels", "stored"),
+    "dp_form": ("kernels", _with_dot_products(d_bn_product.dp_form), "kernels",
+                "stored"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
     "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),
@@ -129,6 +133,12 @@ def test_the_context_is_left_after_an_error():
     ("c_form", "kernels", r"config.kernels.c_form='kernels' makes c = C u inside the "
                           r"matrix-product kernels of product_form 'pallas_dot', but "
                           r"QLHS_PRODUCT_FORM gives 'xla': set product_form='pallas_dot'"),
+    ("dp_form", "made", r"config.kernels.dp_form='made': choose one of "
+                        r"\('stored', 'kernels'\)"),
+    ("dp_form", "kernels", r"config.kernels.dp_form='kernels' makes dp = dy A\^T inside "
+                           r"the matrix-product kernels of product_form 'pallas_dot', "
+                           r"but QLHS_PRODUCT_FORM gives 'xla': set "
+                           r"product_form='pallas_dot'"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "

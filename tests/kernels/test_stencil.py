@@ -625,14 +625,16 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
 
 def spy_on_c(monkeypatch):
   """Counts, at trace time, the kernel calls that make c = C u themselves (``cw``
-  given) and those that read a stored c, by entry point; and XLA's c = C u
+  given) and those that read a stored c, by entry point, "_aw" added to the key where
+  the call makes dp = dy A^T too (``aw`` given); and XLA's c = C u
   (``d_bn_product.c_of``)."""
   calls = {}
   for name in ("product", "dx_dc", "bn_sums"):
     real = getattr(stencil, name)
 
     def spy(*a, _real=real, _name=name, **k):
-      key = f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
+      key = (f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
+             + ("_aw" if k.get("aw") is not None else ""))
       calls[key] = calls.get(key, 0) + 1
       return _real(*a, **k)
     monkeypatch.setattr(stencil, name, spy)
@@ -687,6 +689,129 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
                 "pallas": {"product_cw": 1, "dx_dc_cw": 1, "bn_sums_c": 1, "xla": 2},
                 "wide": {"product_c": 1, "dx_dc_c": 1, "bn_sums_c": 1, "xla": 2}}[sums]
   assert calls == want_calls, calls
+
+
+@pytest.mark.parametrize("c_made", [False, True])
+@pytest.mark.parametrize("sums", ["pallas_dot", "pallas", "wide"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sums,
+                                                         c_made):
+  """QLHS_DP_FORM=kernels: the operation takes A's weight too and returns y = p @ A,
+  and the dot forms' backward kernels (pass 4; pass 3's sums where they are
+  "pallas_dot") make dp = dy A^T themselves, with c stored or made (``c_made``).
+  Outputs and the gradients of u, C, A, D's kernel and BatchNorm's scale and bias as
+  float64 autodiff of the plain formula followed by the 1x1 map (float32 operands, A to
+  more channels than u has), both strides. Where pass 3 is not a dot form it reads
+  XLA's dp; a block wider than ``DP_KERNELS_MAX_N`` ("wide": the limit lowered under
+  its 8 channels) keeps the stored dp in every pass."""
+  if sums == "wide":
+    monkeypatch.setitem(dbn.DP_KERNELS_MAX_N, "kernels", 4)
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
+  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.setenv(var, "pallas")
+  monkeypatch.setenv("QLHS_C_FORM", "kernels" if c_made else "stored")
+  monkeypatch.setenv("QLHS_DP_FORM", "kernels")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2")
+  (u, _, kernel, scale, bias), (_, *weights) = make_inputs(11, (2, 7, 6, 8), stride, 4)
+  rng = np.random.default_rng(12)
+  cw, aw = rng.normal(size=(8, 32)) / 3, rng.normal(size=(32, 16)) / 4
+  ho, wo = (7 - 1) // stride + 1, (6 - 1) // stride + 1
+  weights = [rng.normal(size=(2, ho, wo, 16))] + weights  # y's: 16 channels
+
+  def ref(u, cw, aw, kernel, scale, bias):
+    p, mean, var = dbn.reference(u, dbn.c_of(u, cw, stride), kernel, scale, bias,
+                                 stride=stride)
+    return dbn.a_of(p, aw), mean, var
+  want, grads = float64_reference(ref, (u, cw, aw, kernel, scale, bias), weights)
+  calls = spy_on_c(monkeypatch)
+
+  def op(u, cw, aw, kernel, scale, bias):
+    c = cw if c_made else dbn.c_of(u, cw, stride)
+    return dbn.d_bn_product(u, c, kernel, scale, bias, stride=stride, impl="xla",
+                            c_weights=c_made, a=aw)
+  a32 = [jnp.asarray(a, jnp.float32) for a in (u, cw, aw, kernel, scale, bias)]
+  for g, r in zip(op(*a32), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  calls.clear()
+  got = jax.grad(loss_of(op, [jnp.asarray(w, jnp.float32) for w in weights]),
+                 argnums=range(6))(*a32)
+  for name, g, r in zip(("u", "C", "A", "kernel", "scale", "bias"), got, grads):
+    assert g.shape == r.shape
+    err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
+    assert err < 2e-5, f"d{name}: relative error {err:.1e}"
+  c = "cw" if c_made else "c"
+  made = {"product": f"product_{c}", "dx_dc": f"dx_dc_{c}_aw",
+          "bn_sums": f"bn_sums_{c}_aw"}
+  if sums == "pallas":  # pass 3 reads XLA's dp (and, where c is made, XLA's c)
+    made["bn_sums"] = "bn_sums_c"
+  if sums == "wide":  # every pass reads XLA's dp
+    made.update(dx_dc=f"dx_dc_{c}", bn_sums=f"bn_sums_{c}")
+  kernels = {k: v for k, v in calls.items() if k != "xla"}
+  assert kernels == {v: 1 for v in made.values()}, kernels
+
+
+def test_the_dp_form_sets_the_widest_block_that_makes_dp(monkeypatch):
+  """"kernels" makes dp in blocks of up to 128 channels in and out (stages 1 and 2, not
+  stage 3's first block, 128 -> 256); "stored" in none, and no form with
+  fuse_d_bn="pallas". Without the product's dot form it is refused, by name, with the
+  fix."""
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  blocks = ((64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512),
+            (512, 512))
+  for form, want in (("stored", 0), ("kernels", 3)):
+    monkeypatch.setenv("QLHS_DP_FORM", form)
+    assert [b for b in blocks if dbn._makes_dp(*b, 1, "xla")] == list(blocks[:want])
+    assert not any(dbn._makes_dp(*b, 1, "pallas") for b in blocks), form
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas")
+  with pytest.raises(ValueError, match="QLHS_DP_FORM='kernels' makes dp = dy A\\^T "
+                                       "inside the matrix-product kernels.*set "
+                                       "product_form='pallas_dot'"):
+    dbn.dp_form()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dp_made_in_the_kernels_in_bfloat16_is_the_stored_dp_to_a_rounding(monkeypatch,
+                                                                           stride):
+  """QLHS_DP_FORM=kernels with training's dtypes (u, c and A in bfloat16): dp is made
+  in float32 and rounded to bfloat16, as XLA's matmul stores it, so y and the
+  gradients are those of the stored dp (QLHS_DP_FORM unset: y = p @ A by the model's
+  matmul, differentiated by autodiff): at most 1% of any output's values apart by more
+  than 1e-4 of its largest (on this CPU none), and none by more than 1e-2."""
+  for var, form in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
+                    ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas")):
+    monkeypatch.setenv(var, form)
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  monkeypatch.delenv("QLHS_C_FORM", raising=False)
+  rng = np.random.default_rng(13)
+  n, e, n_out = 16, 4, 32
+  (u, c, kernel, scale, bias), (_, *weights) = make_inputs(13, (2, 9, 7, n), stride, e)
+  aw = jnp.asarray(rng.normal(size=(n * e, n_out)) / 8, jnp.bfloat16)
+  u, c = jnp.asarray(u, jnp.bfloat16), jnp.asarray(c, jnp.bfloat16)
+  rest = [jnp.asarray(a, jnp.float32) for a in (kernel, scale, bias)]
+  ws = [jnp.asarray(rng.normal(size=c.shape[:3] + (n_out,)), jnp.float32)] + [
+      jnp.asarray(w, jnp.float32) for w in weights]
+  op = functools.partial(dbn.d_bn_product, stride=stride, impl="xla")
+
+  def stored(u, c, aw, *r):
+    p, mean, var = op(u, c, *r)
+    return dbn.a_of(p, aw), mean, var
+  made = lambda u, c, aw, *r: op(u, c, *r, a=aw)
+  runs = {}
+  for name, fn, form in (("stored", stored, ""), ("made", made, "kernels")):
+    monkeypatch.setenv("QLHS_DP_FORM", form)
+    calls = spy_on_c(monkeypatch)
+    grads = jax.grad(loss_of(fn, ws), argnums=range(6))(u, c, aw, *rest)
+    runs[name] = jax.tree.leaves((fn(u, c, aw, *rest), grads))
+    assert bool(calls.get("dx_dc_c_aw")) == (name == "made"), calls
+  for g, w in zip(runs["made"], runs["stored"]):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    # (an order of dp's sums that rounds a value of dp the other way moves a few values
+    # by a rounding; dp not rounded as the stored dp is would move most of them)
+    far = np.abs(g - w) > 1e-4 * np.abs(w).max()
+    assert far.mean() <= 0.01 and np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), (
+        far.mean(), np.abs(g - w).max())
 
 
 def test_the_c_form_sets_the_widest_block_that_makes_c(monkeypatch):
@@ -1467,19 +1592,22 @@ _COMPILE_C_MADE = textwrap.dedent("""
     dev = aot.compile_only_device()
     s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
         shape, dt, sharding=SingleDeviceSharding(dev))
-    n, kernels = int(sys.argv[1]), sys.argv[2].split(",")
-    def made(u, cw, dp, k9, v):  # QLHS_D_KERNEL=compute's one part, at the default tiles
+    n, kernels, n_out = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
+    # n_out: 0, or dp = dy A^T made too (QLHS_DP_FORM=kernels) from dy of n_out channels
+    def made(u, cw, dp, k9, v, aw):  # D_KERNEL=compute's one part, at the default tiles
       calls = {"product": lambda: stencil.product(u, None, k9, v, v, 1, interpret=False,
                                                  dot=True, cw=cw),
                "dx_dc": lambda: stencil.dx_dc(u, None, dp, k9, v, v, v, v, v, 1, u.dtype,
-                                              interpret=False, dot=True, cw=cw),
+                                              interpret=False, dot=True, cw=cw, aw=aw),
                "sums": lambda: stencil.bn_sums(u, None, dp, k9.astype(jnp.float32), v, v,
-                                               1, interpret=False, dot=True, cw=cw)}
+                                               1, interpret=False, dot=True, cw=cw, aw=aw)}
       return [calls[k]() for k in kernels]
+    dp = (16, 28, 28) + ((n_out,) if n_out else (n, 4))
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
       lowered = jax.jit(made).lower(
-          s((16, 28, 28, n)), s((n, 4 * n)), s((16, 28, 28, n, 4)), s((9, n, 4)),
-          s((1, n, 4), jnp.float32))  # several tiles a program: a loop to pipeline
+          s((16, 28, 28, n)), s((n, 4 * n)), s(dp), s((9, n, 4)),
+          s((1, n, 4), jnp.float32),  # several tiles a program: a loop to pipeline
+          s((4 * n, n_out)) if n_out else None)
     lowered.compile(aot.GEMM_OPTIONS["triton"])
 """)
 
@@ -1498,7 +1626,7 @@ def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_pa
   from qlhs_jax.benchmarks import xla_floors
   widest = max(dbn.C_KERNELS_MAX_N.values())
   script = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
-      "sys.argv[2]", '"product,dx_dc,sums"')
+      "sys.argv[2]", '"product,dx_dc,sums"').replace("sys.argv[3]", "0")
   kernels = h100_ptx_by_entry(script, _tiling_env(None), tmp_path / "made")
   assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
       "qlhs_product_dot", "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"}, sorted(kernels)
@@ -1507,7 +1635,36 @@ def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_pa
                       ("qlhs_bn_sums_dot", 1)):
     c = trips[name]
     assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == waits, (name, c)
-  wide = _COMPILE_C_MADE.replace("sys.argv[1]", "512").replace("sys.argv[2]", '"sums"')
+  wide = _COMPILE_C_MADE.replace("sys.argv[1]", "512").replace(
+      "sys.argv[2]", '"sums"').replace("sys.argv[3]", "0")
+  with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
+    h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs JAX's CUDA plugin and triton")
+def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_path):
+  """Compiled for an H100 without one, QLHS_DP_FORM=kernels's two kernels, pass 4 and
+  pass 3's sums, with c made too, at the widest blocks that make dp
+  (``d_bn_product.DP_KERNELS_MAX_N``: 128 channels in and out): dy's tiles are copied a
+  trip ahead with the taps', so pass 4 waits for none of a trip's loads nor products,
+  and the sums for two products a trip (c's and dp's, which g needs). The sums of
+  stage 3's first block, 128 channels to 256, do not compile: dy's tiles over 256
+  channels, with u's taps and centre tap, need more shared memory than an H100 has,
+  which is why wider blocks keep the stored dp (benchmarks/NOTES.md, experiment 48)."""
+  from qlhs_jax.benchmarks import xla_floors
+  widest = dbn.DP_KERNELS_MAX_N["kernels"]
+  script = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
+      "sys.argv[2]", '"dx_dc,sums"').replace("sys.argv[3]", str(widest))
+  kernels = h100_ptx_by_entry(script, _tiling_env(None), tmp_path / "made")
+  assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
+      "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"}, sorted(kernels)
+  trips = {c["name"]: c for c in xla_floors.dump_functions(str(tmp_path / "made"))}
+  for name, waits in (("qlhs_dx_dc_dot", 0), ("qlhs_bn_sums_dot", 2)):
+    c = trips[name]
+    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == waits, (name, c)
+  wide = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
+      "sys.argv[2]", '"sums"').replace("sys.argv[3]", str(2 * widest))
   with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
     h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
 
