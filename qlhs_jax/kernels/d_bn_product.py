@@ -444,6 +444,41 @@ def _makes_c(n: int, groups: int, impl: str) -> bool:
           and n <= C_KERNELS_MAX_N.get(c_form(), 0))
 
 
+WEIGHT_GRADS = ("xla", "pass4")
+
+
+def weight_grads() -> str:
+  """QLHS_WEIGHT_GRADS: where the gradients of the 1x1 maps around the product, C's
+  (u^T dc) and A's (p^T dy), are summed in a block whose kernels make both c and dp
+  (:func:`c_form`, :func:`dp_form`). "xla" (the default): XLA's matmuls, reading dc and
+  u, and p (kept from the forward) and dy. "pass4": pass 4's kernel, which has u's
+  centre tap and dy's tile loaded for c's and dp's products and makes dc and p (= BN(D
+  u) * c, as the forward rounds it), sums both over its tiles as two more products a
+  trip (``stencil._dx_dc_kernel``, one partial sum a program, added up by XLA), at 8
+  warps (QLHS_STENCIL_TILING's ``grads_dot``: 4 warps hold 238 registers a thread at
+  stage 1); p is then not kept for the backward. About 1 GB a stage-1 block less
+  (benchmarks/NOTES.md, experiment 48). Refused unless c and dp are made in the
+  kernels. Not yet timed."""
+  form = settings.choice("QLHS_WEIGHT_GRADS", WEIGHT_GRADS)
+  if form != "xla" and (c_form() == "stored" or dp_form() == "stored"):
+    raise ValueError(f"{settings.name('QLHS_WEIGHT_GRADS')}={form!r} sums C's and A's "
+                     f"gradients in pass 4's kernel, which needs c and dp made there: "
+                     f"set c_form='kernels' and dp_form='kernels' (with "
+                     f"product_form='pallas_dot'), or unset weight_grads")
+  return form
+
+
+def _pass4_grads(stride: int, n: int, e: int, n_out: int, groups: int, impl: str
+                 ) -> bool:
+  """Whether pass 4's kernel sums C's and A's gradients (:func:`weight_grads`) for a
+  block of ``n`` input and ``n_out`` output channels given C's and A's weights: where
+  its kernel makes both c and dp, and pass 4 is that kernel (no row walk)."""
+  return (weight_grads() == "pass4" and _makes_c(n, groups, impl)
+          and _makes_dp(n, n_out, groups, impl)
+          and not _bwd_walks(stride, n, e, groups)
+          and not _dx_du_walks(stride, n, e, groups))
+
+
 def _makes_dp(n: int, n_out: int, groups: int, impl: str) -> bool:
   """Whether pass 4's kernel (and pass 3's, in its dot form) makes dp = dy A^T for a
   block of ``n`` input and ``n_out`` output channels when the operation is given A's
@@ -1086,7 +1121,9 @@ def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
   # needs p (as autodiff of the model's matmul keeps it), and for dp's.
   y = p if a is None else a_of(p, a)
   out = (y, mean.reshape(groups, h), var.reshape(groups, h))
-  return out, (u, c5, cw, a, None if a is None else p, kernel, scale, bias, mean, rstd,
+  keep_p = a is not None and not (
+      c_weights and _pass4_grads(stride, n, e, a.shape[-1], groups, impl))
+  return out, (u, c5, cw, a, p if keep_p else None, kernel, scale, bias, mean, rstd,
                mul, add, tstats, res_up)
 
 
@@ -1106,13 +1143,16 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
   dp_shape = dy.shape[:3] + (n, e)
   # dp = dy A^T where A follows (QLHS_DP_FORM=kernels): pass 4's dot form makes it from
   # dy and A (a_dx), and so does pass 3's sums as a dot form (a_sums); a pass of another
-  # form reads XLA's, the model's matmul differentiated (unused, XLA drops it). A's
-  # gradient is that matmul's, from p.
-  da, a_dx = None, None
+  # form reads XLA's, the model's matmul transposed (unused, XLA drops it). A's gradient
+  # is that matmul's, from p, or pass 4's sum (w_grads: :func:`weight_grads`, with C's).
+  da, a_dx, w_grads = None, None, p is None and a is not None
   if a is None:
     dp5 = dy.reshape(dp_shape)
   else:
-    dp_xla, da = jax.vjp(a_of, p, a)[1](dy)
+    dp_xla = jax.linear_transpose(lambda p_: a_of(p_, a), jax.ShapeDtypeStruct(
+        dy.shape[:3] + (h,), dy.dtype))(dy)[0]
+    if not w_grads:
+      da = jax.vjp(lambda a_: a_of(p, a_), a)[1](dy)[0]
     a_dx = a if _makes_dp(n, a.shape[-1], groups, impl) else None
     dp5 = None if a_dx is not None else dp_xla.reshape(dp_shape)
   one_walk = impl != "pallas" and _bwd_walks(stride, n, e, groups)
@@ -1175,9 +1215,11 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
                               dy.dtype)
     elif pallas_dx:
       from qlhs_jax.kernels import stencil  # imports this module
-      dx, dc5 = stencil.dx_dc(u_dx, c5, dp_dx, _parts_k9(k9, u.dtype), mul, add, cx, c0,
-                              mean, stride, dy.dtype, dot=product_dot, cw=cw_dx,
-                              aw=a_dx)
+      dx, dc5, *sums = stencil.dx_dc(u_dx, c5, dp_dx, _parts_k9(k9, u.dtype), mul, add,
+                                     cx, c0, mean, stride, dy.dtype, dot=product_dot,
+                                     cw=cw_dx, aw=a_dx, w_grads=w_grads)
+      if w_grads:  # C's and A's gradients, summed by pass 4
+        dcw, da = (g.astype(w.dtype) for g, w in zip(sums, (cw, a)))
     elif dc_with_dx:
       dx, dc5 = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                                  dy.dtype, add=add, up=up_dx)
@@ -1195,7 +1237,10 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)
   dc = dc5.reshape(dy.shape[:3] + (h,))
-  if cw is not None:  # c = C u inside the operation: C's gradient and u's share, as
+  if w_grads:  # u's share (C's gradient came from pass 4)
+    du = du + jax.vjp(lambda u_: c_of(u_, cw, stride), u)[1](dc)[0]
+    dc = dcw
+  elif cw is not None:  # c = C u inside the operation: C's gradient and u's share, as
     # autodiff of the model's matmul gives them
     du_c, dc = jax.vjp(lambda u_, w_: c_of(u_, w_, stride), u, cw)[1](dc)
     du = du + du_c

@@ -31,6 +31,7 @@ VARIABLES = {
     "d_taps": "QLHS_D_TAPS",              # where the XLA passes read u's nine taps
     "c_form": "QLHS_C_FORM",              # whether c = C u is stored or made in kernels
     "dp_form": "QLHS_DP_FORM",            # whether dp = dy A^T is stored or made in kernels
+    "weight_grads": "QLHS_WEIGHT_GRADS",  # where C's and A's gradients are summed
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
     "stem_taps": "QLHS_STEM_TAPS",        # where the stem's pool reads its taps
@@ -122,6 +123,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.d_kernel()
     d_bn_product.c_form()
     d_bn_product.dp_form()
+    d_bn_product.weight_grads()
     choice("QLHS_D_TAPS", d_bn_product.D_TAPS_FORMS)  # d_taps() would start a backend
     d_bn_product.tiling()
     common.bn_stats_form()

@@ -83,12 +83,12 @@ from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot",
-           "stats_dot", "du_dot", "product_dot")
+           "stats_dot", "du_dot", "product_dot", "grads_dot")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
          "du_dot": "qlhs_d_transpose_dot", "product_dot": "qlhs_product_dot",
-         "dx_dot": "qlhs_dx_dc_dot",
+         "dx_dot": "qlhs_dx_dc_dot", "dx_grads_dot": "qlhs_dx_dc_grads_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -144,7 +144,7 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
                   "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3),
-                  "product_dot": (64, 4, 4, 2)}
+                  "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 8, 3)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
@@ -170,11 +170,11 @@ ONE_PART_TILING = {"product_dot": (32, 16, 4, 3)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').
-_STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot")
+_STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot", "grads_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
          "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot, "
-         "du_dot or product_dot; pixels and channels powers of two, warps 1-16; splits, "
+         "du_dot, product_dot or grads_dot; pixels and channels powers of two, warps 1-16; splits, "
          "the statistics' launches, 1-54, stats only; stages, the pipelined loads in "
          "flight, 1-4, the dot forms' entries only)")
 
@@ -1153,7 +1153,8 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   return acc
 
 
-def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref=None):
+def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref=None,
+               sums=()):
   """Runs ``out(x, pix, cols, vec, load)`` for this program's tiles: x = D u at the
   tile's pixels ``pix`` for the block's hidden channels ``cols`` ((m, bj*e) float32),
   ``vec(ref)`` one of the per-channel rows ``vec_refs`` at ``cols`` (1, bj*e),
@@ -1167,7 +1168,11 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref
   only), and ``load(c_ref)`` is then c = C u at the tile (:func:`_c_tile`), never read
   from memory. Likewise ``dp_ref``, dy where ``plan["dp_in_kernel"]`` (dot tiles only),
   with A's transpose ``a_ref``: ``load(dp_ref)`` is then dp = dy A^T at the tile
-  (:func:`_dp_tile`)."""
+  (:func:`_dp_tile`).
+  ``sums``: the shapes of running sums over the program's tiles (dot tiles only), which
+  ``out`` then feeds: it returns one pair (a, b) a sum, each tile adding a^T @ b, and
+  is given ``made`` too, the operands of c's and dp's products (u's centre tap, dy's
+  tile; None where not made). Returns the sums (float32)."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot  # the same tap loads as eq3_block's
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   pid, cb = _ids(plan)
@@ -1189,22 +1194,30 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref
   cwb = _c_columns(plan, c_ref, cols)
   awb = _dp_columns(plan, a_ref, cols)
 
-  def body(i, carry):  # (the last chunk's extra trips redo its last tile)
+  def body(i, acc):  # (the last chunk's extra trips redo its last tile)
     ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
     tile = _Tile(ti * m, plan)
     x = _dot_d(tile, u_ref, blocks, j0, bj)
     pix = pl.ds(ti * m, m)
+    made = (None if cwb is None else _centre(tile, u_ref),
+            None if awb is None else dp_ref[pix, :])
 
     def load(ref):
       if cwb is not None and ref is c_ref:
-        return _c_tile(tile, u_ref, cwb)
+        return _rounded_dot(made[0], cwb)
       if awb is not None and ref is dp_ref:
-        return _dp_tile(pix, dp_ref, awb)
+        return _rounded_dot(made[1], awb)
       v = ref[pix, cols]
       return _dot(v, eye.astype(v.dtype))
-    out(x, pix, cols, vec, load)
-    return carry
-  lax.fori_loop(0, plan["tpc"], body, 0)
+    if not sums:
+      out(x, pix, cols, vec, load)
+      return acc
+    # a redone tile adds nothing
+    first = pid * plan["tpc"] + i < plan["tiles"]
+    return tuple(s + jnp.where(first, _dot(a, b, ta=True), 0.0)
+                 for s, (a, b) in zip(acc, out(x, pix, cols, vec, load, made)))
+  return lax.fori_loop(0, plan["tpc"], body,
+                       tuple(jnp.zeros(shape, F32) for shape in sums))
 
 
 def _c_columns(plan, c_ref, cols):
@@ -1213,16 +1226,27 @@ def _c_columns(plan, c_ref, cols):
   return c_ref[:, cols] if plan.get("c_in_kernel") else None
 
 
+def _centre(tile, u_ref):
+  """u's centre tap at a tile's pixels, every input channel (m, n), in u's dtype: one
+  masked load that feeds products."""
+  every = lax.broadcasted_iota(jnp.int32, (1, u_ref.shape[-1]), 1)
+  return tile.operand(u_ref, 0, 0, every)
+
+
+def _rounded_dot(a, b):
+  """a @ b summed in float32 and rounded to b's dtype, as a matmul's output is stored:
+  (m, columns) float32."""
+  from qlhs_jax.kernels.eq3_block import _dot
+  return _dot(a, b).astype(b.dtype).astype(F32)
+
+
 def _c_tile(tile, u_ref, cwb):
   """c = C u at a tile's pixels for the block's hidden channels (QLHS_C_FORM=kernels):
   u's centre tap, every input channel (m, n), @ C's columns ``cwb`` (n, bj*e), summed
   in float32 and rounded to C's dtype as the stored c is (a matmul's output in the
   compute dtype), (m, bj*e) float32. At stride s the centre tap is pixel (s*y, s*x), the
   1x1 map's subsampled input (``layers.subsample``)."""
-  from qlhs_jax.kernels.eq3_block import _dot
-  n = u_ref.shape[-1]
-  every = lax.broadcasted_iota(jnp.int32, (1, n), 1)
-  return _dot(tile.operand(u_ref, 0, 0, every), cwb).astype(cwb.dtype).astype(F32)
+  return _rounded_dot(_centre(tile, u_ref), cwb)
 
 
 def _dp_columns(plan, a_ref, cols):
@@ -1238,8 +1262,7 @@ def _dp_tile(pix, dy_ref, awb):
   to A's dtype as the stored dp is (the matmul of the map's transpose, in the compute
   dtype), (m, bj*e) float32. dy is read at the output pixels, where the hidden tensors
   are: no tap, no stride."""
-  from qlhs_jax.kernels.eq3_block import _dot
-  return _dot(dy_ref[pix, :], awb).astype(awb.dtype).astype(F32)
+  return _rounded_dot(dy_ref[pix, :], awb)
 
 
 def _product_kernel(u_ref, c_ref, k_ref, mul_ref, add_ref, p_ref, *, plan):
@@ -1254,20 +1277,35 @@ def _dx_dc_kernel(u_ref, c_ref, dp_ref, *refs, plan):
   # (dp_ref: dy, followed by A's transpose, where plan["dp_in_kernel"],
   # QLHS_DP_FORM=kernels)
   a_ref, refs = (refs[0], refs[1:]) if plan.get("dp_in_kernel") else (None, refs)
-  k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref, dx_ref, dc_ref = refs
+  k_ref, mul_ref, add_ref, cx_ref, c0_ref, mean_ref, dx_ref, dc_ref, *grad_refs = refs
+  # grad_refs (plan["w_grads"]): this program's sums of C's and A's gradients
 
-  def out(x, pix, cols, vec, load):
-    mul, dp = vec(mul_ref), load(dp_ref)
-    g = dp * load(c_ref)
+  def out(x, pix, cols, vec, load, made=None):
+    mul, dp, c = vec(mul_ref), load(dp_ref), load(c_ref)
+    g = dp * c
     dx = g * mul + (x - vec(mean_ref)) * vec(cx_ref) + vec(c0_ref)
     dx_ref[pix, cols] = dx.astype(dx_ref.dtype)
-    dc_ref[pix, cols] = (dp * (x * mul + vec(add_ref))).astype(dc_ref.dtype)
-  _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out,
-             c_ref, dp_ref, a_ref)
+    f1 = x * mul + vec(add_ref)
+    dc = (dp * f1).astype(dc_ref.dtype)
+    dc_ref[pix, cols] = dc
+    if made is not None:  # dC += u^T dc; dA += p^T dy, p = f1 * c as the forward's
+      return (made[0], dc), ((f1 * c).astype(dc.dtype), made[1])
+  if not plan.get("w_grads"):
+    _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan, out,
+               c_ref, dp_ref, a_ref)
+    return
+  n, n_out = u_ref.shape[-1], a_ref.shape[0]
+  bje = plan["bj"] * plan["e"]
+  dcw, daw = _each_tile(u_ref, k_ref, (mul_ref, add_ref, cx_ref, c0_ref, mean_ref), plan,
+                        out, c_ref, dp_ref, a_ref, sums=((n, bje), (bje, n_out)))
+  ch, cb = _ids(plan)
+  cols = pl.ds(cb * bje, bje)
+  grad_refs[0][ch, :, cols] = dcw
+  grad_refs[1][ch, cols, :] = daw
 
 
 def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
-                 interpret, dot=False, cw=None, aw=None):
+                 interpret, dot=False, cw=None, aw=None, w_grads=False):
   """Runs an element-wise kernel over the output pixels: ``hidden`` (B, Ho, Wo, n, e)
   tensors as rows of n*e channels (padded to the tiles' end), ``vectors`` (1, n, e)
   per-channel float32 rows; returns one (B, Ho, Wo, n, e) tensor per out dtype.
@@ -1275,7 +1313,10 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   QLHS_STENCIL_TILING's ``product_dot`` entry). ``cw``: C's weight (n, n*e), which the
   kernel takes in c's place and makes c from (:func:`_c_tile`; with ``dot`` only).
   ``aw``: A's weight (n*e, n_out), where the last of ``hidden`` is dy (B, Ho, Wo, n_out)
-  in dp's place: the kernel makes dp from them (:func:`_dp_tile`; with ``dot`` only)."""
+  in dp's place: the kernel makes dp from them (:func:`_dp_tile`; with ``dot`` only).
+  ``w_grads`` (with ``cw`` and ``aw``): the kernel's sums of C's and A's gradients too,
+  one per chunk of tiles, (chunks, n, n*e) and (chunks, n*e, n_out) float32, returned
+  after the hidden outputs."""
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
@@ -1287,8 +1328,9 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   if dot:
     parts = _k_parts(u.dtype, k9.dtype)
-    m0, bj0, warps, stages = tiling("product_dot",
-                                    defaults=ONE_PART_TILING if parts == 1 else None)
+    m0, bj0, warps, stages = (
+        tiling("grads_dot") if w_grads
+        else tiling("product_dot", defaults=ONE_PART_TILING if parts == 1 else None))
     plan = dict(_chunked_plan(u.shape, stride, m0, bj0), e=e)
     _dot_tiles(plan, form, interpret, _parts_channels(e, parts))
     plan["dot"], programs = parts, plan["chunks"]
@@ -1298,6 +1340,7 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
     plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e)
     programs = plan["tiles"]
   plan["c_in_kernel"], plan["dp_in_kernel"] = cw is not None, aw is not None
+  plan["w_grads"] = w_grads
   plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
   from qlhs_jax.kernels.eq3_block import _pad_rows
   rows, m, tiles, bj = plan["rows"], plan["m"], plan["tiles"], plan["bj"]
@@ -1307,13 +1350,17 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
           + ([] if aw is None else [aw.T])
           + [k9.astype(F32).reshape(9, n * e)]
           + [v.astype(F32).reshape(n * e) for v in vectors])
+  sums = ((jax.ShapeDtypeStruct((programs, n, n * e), F32),
+           jax.ShapeDtypeStruct((programs, n * e, aw.shape[-1]), F32)) if w_grads else ())
   outs = pl.pallas_call(
       functools.partial(kernel, plan=plan),
-      out_shape=tuple(jax.ShapeDtypeStruct((tiles * m, n * e), d) for d in out_dtypes),
+      out_shape=tuple(jax.ShapeDtypeStruct((tiles * m, n * e), d) for d in out_dtypes)
+      + sums,
       grid=_grid(plan, programs, n // bj), interpret=interpret,
-      name=NAMES[name + "_dot" if dot else name],
+      name=NAMES[name + ("_grads" if w_grads else "") + "_dot" if dot else name],
       **_params(warps, interpret, stages))(*args)
-  return tuple(o[:rows].reshape(shape5) for o in outs)
+  k = len(out_dtypes)
+  return tuple(o[:rows].reshape(shape5) for o in outs[:k]) + tuple(outs[k:])
 
 
 def _rows_args(plan, u, hidden, k9, vectors):
@@ -1354,17 +1401,21 @@ def product(u: jax.Array, c5: jax.Array | None, k9: jax.Array, mul: jax.Array,
 
 
 def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
-          interpret: bool | None = None, dot: bool = False, cw=None, aw=None):
+          interpret: bool | None = None, dot: bool = False, cw=None, aw=None,
+          w_grads: bool = False):
   """Pass 4 of the "xla" path with dc: dx = dp*c*mul + (D u - mean)*cx + c0 in
   ``dx_dtype`` and dc = dp * (D u * mul + add) in c's dtype, (B, Ho, Wo, n, e) each
   (one BatchNorm group: the vectors are (1, n, e)). ``dot``, ``cw``: as
   :func:`product`'s. ``aw`` (n*e, n_out), with ``dot``: ``dp5`` is dy (B, Ho, Wo,
   n_out), the gradient of y = p @ aw, and dp = dy @ aw^T is made in the kernel, never
-  stored (QLHS_DP_FORM=kernels)."""
+  stored (QLHS_DP_FORM=kernels). ``w_grads`` (with ``cw`` and ``aw``): also C's and A's
+  gradients, u^T dc and p^T dy, summed in the kernel, (n, n*e) and (n*e, n_out) float32
+  (p = BN(D u) * c made again, as the forward's product rounds it)."""
   hidden, dtype = ([c5, dp5], c5.dtype) if cw is None else ([dp5], cw.dtype)
-  return _elementwise(_dx_dc_kernel, "dx", u, hidden, [mul, add, cx, c0, mean], k9,
+  outs = _elementwise(_dx_dc_kernel, "dx", u, hidden, [mul, add, cx, c0, mean], k9,
                       stride, [dx_dtype, dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw,
-                      aw)
+                      aw, w_grads)
+  return outs[:2] + tuple(part.sum(0) for part in outs[2:])
 
 
 # ------------------------------------------------------------------------------------

@@ -13,18 +13,21 @@ from qlhs_jax.models import common
 
 PACKAGE = pathlib.Path(qconfig.__file__).parent
 
-def _with_dot_products(reader):
-  """``reader`` (``d_bn_product.c_form`` or ``dp_form``) where the product's dot form,
-  which "kernels" needs, is asked for (by its variable, set for the call)."""
+def _with_dot_products(reader, **needs):
+  """``reader`` (``d_bn_product.c_form``, ``dp_form`` or ``weight_grads``) where the
+  product's dot form, which "kernels" needs, is asked for, and ``needs``' variables set
+  (by their variables, set for the call)."""
   def read():
-    saved = os.environ.get("QLHS_PRODUCT_FORM")
-    os.environ["QLHS_PRODUCT_FORM"] = "pallas_dot"
+    env = dict(needs, QLHS_PRODUCT_FORM="pallas_dot")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
       return reader()
     finally:
-      os.environ.pop("QLHS_PRODUCT_FORM")
-      if saved is not None:
-        os.environ["QLHS_PRODUCT_FORM"] = saved
+      for k, v in saved.items():
+        os.environ.pop(k)
+        if v is not None:
+          os.environ[k] = v
   return read
 
 
@@ -42,6 +45,9 @@ READERS = {
     "c_form": ("kernels", _with_dot_products(d_bn_product.c_form), "kernels", "stored"),
     "dp_form": ("kernels", _with_dot_products(d_bn_product.dp_form), "kernels",
                 "stored"),
+    "weight_grads": ("pass4", _with_dot_products(d_bn_product.weight_grads,
+                                                 QLHS_C_FORM="kernels",
+                                                 QLHS_DP_FORM="kernels"), "pass4", "xla"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
     "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),
@@ -139,6 +145,11 @@ def test_the_context_is_left_after_an_error():
                            r"the matrix-product kernels of product_form 'pallas_dot', "
                            r"but QLHS_PRODUCT_FORM gives 'xla': set "
                            r"product_form='pallas_dot'"),
+    ("weight_grads", "matmuls", r"config.kernels.weight_grads='matmuls': choose one of "
+                                r"\('xla', 'pass4'\)"),
+    ("weight_grads", "pass4", r"config.kernels.weight_grads='pass4' sums C's and A's "
+                              r"gradients in pass 4's kernel, which needs c and dp made "
+                              r"there: set c_form='kernels' and dp_form='kernels'"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "

@@ -626,7 +626,8 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
 def spy_on_c(monkeypatch):
   """Counts, at trace time, the kernel calls that make c = C u themselves (``cw``
   given) and those that read a stored c, by entry point, "_aw" added to the key where
-  the call makes dp = dy A^T too (``aw`` given); and XLA's c = C u
+  the call makes dp = dy A^T too (``aw`` given), "_grads" where it sums C's and A's
+  gradients (``w_grads``); and XLA's c = C u
   (``d_bn_product.c_of``)."""
   calls = {}
   for name in ("product", "dx_dc", "bn_sums"):
@@ -634,7 +635,8 @@ def spy_on_c(monkeypatch):
 
     def spy(*a, _real=real, _name=name, **k):
       key = (f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
-             + ("_aw" if k.get("aw") is not None else ""))
+             + ("_aw" if k.get("aw") is not None else "")
+             + ("_grads" if k.get("w_grads") else ""))
       calls[key] = calls.get(key, 0) + 1
       return _real(*a, **k)
     monkeypatch.setattr(stencil, name, spy)
@@ -691,14 +693,16 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
   assert calls == want_calls, calls
 
 
-@pytest.mark.parametrize("c_made", [False, True])
+@pytest.mark.parametrize("c_made", [False, True, "grads"])
 @pytest.mark.parametrize("sums", ["pallas_dot", "pallas", "wide"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sums,
                                                          c_made):
   """QLHS_DP_FORM=kernels: the operation takes A's weight too and returns y = p @ A,
   and the dot forms' backward kernels (pass 4; pass 3's sums where they are
-  "pallas_dot") make dp = dy A^T themselves, with c stored or made (``c_made``).
+  "pallas_dot") make dp = dy A^T themselves, with c stored or made (``c_made``;
+  "grads": made, and C's and A's gradients summed by pass 4, QLHS_WEIGHT_GRADS=pass4,
+  where the block makes both c and dp).
   Outputs and the gradients of u, C, A, D's kernel and BatchNorm's scale and bias as
   float64 autodiff of the plain formula followed by the 1x1 map (float32 operands, A to
   more channels than u has), both strides. Where pass 3 is not a dot form it reads
@@ -712,7 +716,11 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
     monkeypatch.setenv(var, "pallas")
   monkeypatch.setenv("QLHS_C_FORM", "kernels" if c_made else "stored")
   monkeypatch.setenv("QLHS_DP_FORM", "kernels")
-  monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2")
+  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if c_made == "grads" else "xla")
+  if c_made == "grads":  # chunks of 3 tiles, the last redoing one: counted once
+    monkeypatch.setattr(stencil, "STATS_PROGRAMS", 8)
+  monkeypatch.setenv("QLHS_STENCIL_TILING",
+                     "product_dot=8,4,2,2 sums_dot=8,4,2,2 grads_dot=8,4,2,2")
   (u, _, kernel, scale, bias), (_, *weights) = make_inputs(11, (2, 7, 6, 8), stride, 4)
   rng = np.random.default_rng(12)
   cw, aw = rng.normal(size=(8, 32)) / 3, rng.normal(size=(32, 16)) / 4
@@ -741,7 +749,8 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
     err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
   c = "cw" if c_made else "c"
-  made = {"product": f"product_{c}", "dx_dc": f"dx_dc_{c}_aw",
+  made = {"product": f"product_{c}",
+          "dx_dc": f"dx_dc_{c}_aw" + ("_grads" if c_made == "grads" else ""),
           "bn_sums": f"bn_sums_{c}_aw"}
   if sums == "pallas":  # pass 3 reads XLA's dp (and, where c is made, XLA's c)
     made["bn_sums"] = "bn_sums_c"
@@ -1600,7 +1609,10 @@ _COMPILE_C_MADE = textwrap.dedent("""
                "dx_dc": lambda: stencil.dx_dc(u, None, dp, k9, v, v, v, v, v, 1, u.dtype,
                                               interpret=False, dot=True, cw=cw, aw=aw),
                "sums": lambda: stencil.bn_sums(u, None, dp, k9.astype(jnp.float32), v, v,
-                                               1, interpret=False, dot=True, cw=cw, aw=aw)}
+                                               1, interpret=False, dot=True, cw=cw, aw=aw),
+               "grads": lambda: stencil.dx_dc(u, None, dp, k9, v, v, v, v, v, 1, u.dtype,
+                                              interpret=False, dot=True, cw=cw, aw=aw,
+                                              w_grads=True)}
       return [calls[k]() for k in kernels]
     dp = (16, 28, 28) + ((n_out,) if n_out else (n, 4))
     with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
@@ -1667,6 +1679,17 @@ def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_p
       "sys.argv[2]", '"sums"').replace("sys.argv[3]", str(2 * widest))
   with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
     h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
+  # QLHS_WEIGHT_GRADS=pass4: pass 4 also sums u^T dc and p^T dy, at 8 warps (4 hold
+  # 238 registers a thread at stage 1): no spill, two waits a trip for those products
+  # (wgmma: 64 and more rows).
+  grads = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
+      "sys.argv[2]", '"grads"').replace("sys.argv[3]", str(widest))
+  h100_ptx_by_entry(grads, _tiling_env(None), tmp_path / "grads")
+  (c,) = [c for c in xla_floors.dump_functions(str(tmp_path / "grads"))
+          if c["name"].startswith("qlhs_")]
+  assert c["name"] == "qlhs_dx_dc_grads_dot" and c["threads"] == 256, c
+  assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == 2, c
+  assert c["registers"] <= 168, c
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")

@@ -249,25 +249,30 @@ def test_c_made_in_the_kernels_is_the_same_network(monkeypatch, form):
   assert bool(calls.get("product_cw")) == made and bool(calls.get("product_c")) != made, calls
 
 
-@pytest.mark.parametrize("c_form", ["stored", "kernels"])
+@pytest.mark.parametrize("c_form", ["stored", "kernels", "grads"])
 @pytest.mark.parametrize("form", ["eq3", "eq5", "eq3w"])
 def test_dp_made_in_the_kernels_is_the_same_network(monkeypatch, form, c_form):
-  """QLHS_DP_FORM=kernels (with the dot forms, interpreted; c stored or made): the
-  blocks whose product is followed by the 1x1 map A (eq3, eq3w) hand A's weight to the
-  fused operation, which applies it and makes dp = dy A^T in its backward kernels;
-  eq5's product is summed in groups, not mapped, and returns p. The same variables (A's
-  weight created where the 1x1 map creates it), the plain path's train-mode outputs
-  and gradients."""
+  """QLHS_DP_FORM=kernels (with the dot forms, interpreted; c stored or made; "grads":
+  made, with QLHS_WEIGHT_GRADS=pass4): the blocks whose product is followed by the 1x1
+  map A (eq3, eq3w) hand A's weight to the fused operation, which applies it and makes
+  dp = dy A^T in its backward kernels (eq3's pass 4 summing C's and A's gradients under
+  "grads"); eq5's product is summed in groups, not mapped, and returns p. The same
+  variables (A's weight created where the 1x1 map creates it), the plain path's
+  train-mode outputs and gradients."""
   for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
                      ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
-                     ("QLHS_C_FORM", c_form), ("QLHS_DP_FORM", "kernels")):
+                     ("QLHS_C_FORM", "stored" if c_form == "stored" else "kernels"),
+                     ("QLHS_DP_FORM", "kernels"),
+                     ("QLHS_WEIGHT_GRADS", "pass4" if c_form == "grads" else "xla")):
     monkeypatch.setenv(var, value)
   calls = spy_on_c(monkeypatch)
   plain = QLHSNet(form=form, activation="softball", dtype=jnp.float32, **TINY)
   assert_same_network(plain, plain.clone(fuse_d_bn="xla"))
-  with_a = {k for k in calls if k.endswith("_aw")}
-  c = "cw" if c_form == "kernels" and form != "eq3w" else "c"
-  assert with_a == ({f"dx_dc_{c}_aw", f"bn_sums_{c}_aw"} if form != "eq5" else set()), calls
+  with_a = {k for k in calls if "_aw" in k}
+  c = "cw" if c_form != "stored" and form != "eq3w" else "c"
+  grads = "_grads" if c == "cw" and c_form == "grads" else ""
+  assert with_a == ({f"dx_dc_{c}_aw{grads}", f"bn_sums_{c}_aw"} if form != "eq5"
+                    else set()), calls
 
 
 def spy(monkeypatch, module, name):
@@ -309,14 +314,16 @@ FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_
 @pytest.mark.parametrize("fuse,rows,c_form,dp_form", [
     ("xla", "", "stored", "stored"), ("xla", "dx_du", "stored", "stored"),
     ("xla", "bwd", "stored", "stored"), ("pallas", "", "stored", "stored"),
-    ("xla", "", "kernels", "stored"), ("xla", "", "kernels", "kernels")])
+    ("xla", "", "kernels", "stored"), ("xla", "", "kernels", "kernels"),
+    ("xla", "", "kernels", "grads")])
 def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_form,
                                                       monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
   and du as one walk, or the backward's walk and du_bn; ``c_form`` "kernels": the dot
   forms making c = C u from C's weight, given whole to each device; ``dp_form``
-  "kernels": making dp = dy A^T from A's weight, given whole too) run on each device's
+  "kernels": making dp = dy A^T from A's weight, given whole too; "grads": and pass 4
+  summing C's and A's gradients over each device's slice) run on each device's
   slice of the batch under shard_map: the plain path's losses and parameters after two
   steps, the gradients of D's kernel, of BN's scale and offset (and of C and A) summed
   over the devices."""
@@ -333,7 +340,8 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
     for var in ("QLHS_PRODUCT_FORM", "QLHS_SUMS_FORM"):
       monkeypatch.setenv(var, "pallas_dot")
   monkeypatch.setenv("QLHS_C_FORM", c_form)
-  monkeypatch.setenv("QLHS_DP_FORM", dp_form)
+  monkeypatch.setenv("QLHS_DP_FORM", "stored" if dp_form == "stored" else "kernels")
+  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if dp_form == "grads" else "xla")
   made = spy_on_c(monkeypatch)
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
   kernels = (spy(monkeypatch, stencil, rows) if rows
@@ -344,6 +352,7 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
   assert per_device and kernels
   assert bool(made.get("product_cw")) == (c_form == "kernels"), made
   assert bool(made.get("dx_dc_cw_aw")) == (dp_form == "kernels"), made
+  assert bool(made.get("dx_dc_cw_aw_grads")) == (dp_form == "grads"), made
   np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
   assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)
   assert_trees_close(out[0].batch_stats, ref[0].batch_stats, 1e-4, 1e-5)
