@@ -5,7 +5,7 @@
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); nothing since.
 # Next: "dot_forms" (experiments 40-48: the default step against ResNet50 on the H100,
 # then every dot form with c and dp stored, with both made in the kernels, and with C's
-# and A's gradients summed in pass 4 too; limits of 510 s, the one call that says
+# and A's gradients summed in pass 4 too; limits of 530 s, the one call that says
 # whether the opt-in kernels of experiments 40-48 win), then, with the device time left,
 # "c_kernels" (c made at stages 1-2 alone) or "eq3" with the winner's QLHS_... settings
 # (a profile of it, 200 s). Later sessions: "product" and "sums" (each dot form alone,
@@ -136,7 +136,7 @@
 #   with every dot form of "product"'s last row, with the stored c, with c made at
 #   stages 1-2 and at stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more
 #   L2 reads), in one call.
-# "dot_forms" (time limits add up to 510 s; NOTES.md experiments 40-48; run it first):
+# "dot_forms" (time limits add up to 530 s; NOTES.md experiments 40-48; run it first):
 #   the default step (Eq.(3) "auto") against ResNet50 on uint8 batches, the ratio and
 #   the H100's rate that the goal names; then Eq.(3) with every dot form (the forward
 #   product, pass 4, pass 3's sums and the statistics' lags as matrix products, D's
@@ -576,7 +576,7 @@ if [ "$PART" = dot_forms ]; then
     limit=100
     profile=()
     if [ "$forms" = kernels_wide,kernels,pass4 ]; then
-      limit=160
+      limit=180
       profile=(--hlo-dir "$H" --profile-dir "$OUT")
     fi
     IFS=, read -r c_form dp_form grads <<< "$forms"
