@@ -380,13 +380,19 @@ def c_form() -> str:
   dtype as the stored c is, but its sums run in another order: the same values up to
   one rounding of c. Refused unless QLHS_PRODUCT_FORM is "pallas_dot". Not yet
   timed."""
-  form = settings.choice("QLHS_C_FORM", C_FORMS)
+  return _made_in_dot_kernels("QLHS_C_FORM", C_FORMS, "c = C u")
+
+
+def _made_in_dot_kernels(var: str, forms: tuple[str, ...], what: str) -> str:
+  """The form ``var`` names (:func:`c_form`, :func:`dp_form`), refused, naming the fix,
+  where it makes ``what`` in the dot forms' kernels and QLHS_PRODUCT_FORM is not theirs."""
+  form = settings.choice(var, forms)
   if form != "stored" and (product := product_form()) != "pallas_dot":
-    raise ValueError(f"{settings.name('QLHS_C_FORM')}={form!r} makes c = C u inside the "
+    raise ValueError(f"{settings.name(var)}={form!r} makes {what} inside the "
                      f"matrix-product kernels of product_form 'pallas_dot', but "
                      f"{settings.name('QLHS_PRODUCT_FORM')} gives {product!r}: set "
                      f"product_form='pallas_dot' (and sums_form='pallas_dot' for pass 3), "
-                     f"or unset c_form")
+                     f"or unset {var[len('QLHS_'):].lower()}")
   return form
 
 
@@ -414,17 +420,10 @@ def dp_form() -> str:
   read: one write and two reads of the hidden tensor less a block, for two reads of dy
   (benchmarks/NOTES.md, experiment 48); a pass of another form reads dp from XLA's
   matmul; blocks wider than :data:`DP_KERNELS_MAX_N` channels, in or out, keep the
-  stored dp. dp is rounded to the compute dtype as
-  the stored dp is, its sums in another order: the same values up to one rounding of
-  dp. Refused unless QLHS_PRODUCT_FORM is "pallas_dot". Not yet timed."""
-  form = settings.choice("QLHS_DP_FORM", DP_FORMS)
-  if form != "stored" and (product := product_form()) != "pallas_dot":
-    raise ValueError(f"{settings.name('QLHS_DP_FORM')}={form!r} makes dp = dy A^T inside "
-                     f"the matrix-product kernels of product_form 'pallas_dot', but "
-                     f"{settings.name('QLHS_PRODUCT_FORM')} gives {product!r}: set "
-                     f"product_form='pallas_dot' (and sums_form='pallas_dot' for pass 3), "
-                     f"or unset dp_form")
-  return form
+  stored dp. dp is rounded to the compute dtype as the stored dp is, its sums in
+  another order: the same values up to one rounding of dp. Refused unless
+  QLHS_PRODUCT_FORM is "pallas_dot". Not yet timed."""
+  return _made_in_dot_kernels("QLHS_DP_FORM", DP_FORMS, "dp = dy A^T")
 
 
 # The widest blocks whose kernels make dp, by QLHS_DP_FORM, in input or output channels
@@ -1145,6 +1144,7 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
   # dy and A (a_dx), and so does pass 3's sums as a dot form (a_sums); a pass of another
   # form reads XLA's, the model's matmul transposed (unused, XLA drops it). A's gradient
   # is that matmul's, from p, or pass 4's sum (w_grads: :func:`weight_grads`, with C's).
+  # (The forward keeps p unless pass 4 sums A's gradient: _pass4_grads.)
   da, a_dx, w_grads = None, None, p is None and a is not None
   if a is None:
     dp5 = dy.reshape(dp_shape)

@@ -174,9 +174,9 @@ _STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot", "grads_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
          "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot, "
-         "du_dot, product_dot or grads_dot; pixels and channels powers of two, warps 1-16; splits, "
-         "the statistics' launches, 1-54, stats only; stages, the pipelined loads in "
-         "flight, 1-4, the dot forms' entries only)")
+         "du_dot, product_dot or grads_dot; pixels and channels powers of two, warps "
+         "1-16; splits, the statistics' launches, 1-54, stats only; stages, the "
+         "pipelined loads in flight, 1-4, the dot forms' entries only)")
 
 
 def tiling(kernel: str, rows: bool = False, defaults: dict | None = None

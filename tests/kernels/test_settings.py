@@ -196,8 +196,11 @@ def test_every_variable_is_read_through_settings():
     read |= set(re.findall(r'settings\.(?:get|choice)\("(QLHS_\w+)"', text))
     for var in settings.VARIABLES.values():
       assert not re.search(rf'environ(\.get\(|\[)"{var}"', text), (path, var)
-  # _form reads the three form variables through its argument.
+  # _form reads the three form variables through its argument, _made_in_dot_kernels
+  # the forms of the tensors made in the dot kernels.
   dbn = sources[PACKAGE / "kernels" / "d_bn_product.py"]
   read |= {"QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM"} & set(
       re.findall(r'_form\("(QLHS_\w+)"', dbn))
+  read |= {"QLHS_C_FORM", "QLHS_DP_FORM"} & set(
+      re.findall(r'_made_in_dot_kernels\("(QLHS_\w+)"', dbn))
   assert read == set(settings.VARIABLES.values())

@@ -813,14 +813,7 @@ def test_dp_made_in_the_kernels_in_bfloat16_is_the_stored_dp_to_a_rounding(monke
     grads = jax.grad(loss_of(fn, ws), argnums=range(6))(u, c, aw, *rest)
     runs[name] = jax.tree.leaves((fn(u, c, aw, *rest), grads))
     assert bool(calls.get("dx_dc_c_aw")) == (name == "made"), calls
-  for g, w in zip(runs["made"], runs["stored"]):
-    assert g.dtype == w.dtype and g.shape == w.shape
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    # (an order of dp's sums that rounds a value of dp the other way moves a few values
-    # by a rounding; dp not rounded as the stored dp is would move most of them)
-    far = np.abs(g - w) > 1e-4 * np.abs(w).max()
-    assert far.mean() <= 0.01 and np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), (
-        far.mean(), np.abs(g - w).max())
+  assert_one_rounding_apart(runs["made"], runs["stored"])
 
 
 def test_the_c_form_sets_the_widest_block_that_makes_c(monkeypatch):
@@ -868,11 +861,19 @@ def test_c_made_in_the_kernels_in_bfloat16_is_the_stored_c_to_a_rounding(monkeyp
     monkeypatch.setenv("QLHS_C_FORM", form)
     grads = jax.grad(loss_of(fn, ws), argnums=range(5))(u, cw, *rest)
     runs[name] = jax.tree.leaves((fn(u, cw, *rest), grads))
-  for g, w in zip(runs["made"], runs["stored"]):
+  assert_one_rounding_apart(runs["made"], runs["stored"])
+
+
+def assert_one_rounding_apart(made, stored):
+  """The outputs and gradients of a hidden tensor made in the kernels (``made``) are
+  those of the stored one (``stored``), in their dtypes and shapes, up to one bfloat16
+  rounding of it: at most 1% of any output's values apart by more than 1e-4 of its
+  largest, none by more than 1e-2. (An order of the tensor's sums that rounds one of
+  its values the other way moves a few values by a rounding; the tensor not rounded as
+  the stored one is would move most of them.)"""
+  for g, w in zip(made, stored, strict=True):
     assert g.dtype == w.dtype and g.shape == w.shape
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    # (an order of c's sums that rounds a value of c the other way moves a few values
-    # by a rounding; c not rounded as the stored c is would move most of them)
     far = np.abs(g - w) > 1e-4 * np.abs(w).max()
     assert far.mean() <= 0.01 and np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), (
         far.mean(), np.abs(g - w).max())
