@@ -7,14 +7,15 @@
 # then every dot form with c and dp stored, with both made in the kernels, and with C's
 # and A's gradients summed in pass 4 too; limits of 530 s, the one call that says
 # whether the opt-in kernels of experiments 40-48 win), then, with the device time left,
-# "c_kernels" (c made at stages 1-2 alone) or "eq3" with the winner's QLHS_... settings
-# (a profile of it, 200 s). Later sessions: "product" and "sums" (each dot form alone,
-# and the kernels alone at stage 1), "fma" (experiments 36-38: the two defaults of
-# 2026-12-05 that every later row carries), "sweep" (experiments 24-25), "pool"
-# (experiments 26, 32, 34, 35), "configs" and "host". A 15-minute device session has
-# room for one ~500 s call, or two shorter ones (each fresh machine takes ~35 s to
-# start; a warm one waits 30 s for the next). "block", "variants" and "op" are for later
-# sessions (the machine stays warm between calls, but each is ~500 s).
+# "c_kernels" (the made forms' values checked on the device, then c made alone) or "eq3"
+# with the winner's QLHS_... settings (a profile of it, 200 s). Later sessions:
+# "product" and "sums" (each dot form alone, and the kernels alone at stage 1), "fma"
+# (experiments 36-38: the two defaults of 2026-12-05 that every later row carries),
+# "sweep" (experiments 24-25), "pool" (experiments 26, 32, 34, 35), "configs" and
+# "host". A 15-minute device session has room for one ~500 s call, or two shorter ones
+# (each fresh machine takes ~35 s to start; a warm one waits 30 s for the next).
+# "block", "variants" and "op" are for later sessions (the machine stays warm between
+# calls, but each is ~500 s).
 # "step" (time limits add up to 560 s): benchmarks.stencil_times times the statistics,
 #   pass 3's sums of "xla" and du = D^T dx alone, the XLA forms (the statistics and du
 #   ran at 17 and 136 GB/s on the H100 in the "block" profile) against the Pallas
@@ -129,13 +130,18 @@
 #   each against the first row. (Until experiment 43 it timed the element-wise kernel
 #   and three tilings of three parts alone; until experiment 44 its last row was the
 #   step with three parts: never run.)
-# "c_kernels" (time limits add up to 330 s; NOTES.md experiment 47; after "product"):
-#   c = C u made inside the dot forms' kernels and never stored (QLHS_C_FORM=kernels:
-#   the forward product, pass 4 and pass 3's sums make each tile of c from u's centre
-#   tap and C's columns; 8.5 GB a step less in the deviceless compile), Eq.(3) "auto"
-#   with every dot form of "product"'s last row, with the stored c, with c made at
-#   stages 1-2 and at stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more
-#   L2 reads), in one call.
+# "c_kernels" (time limits add up to 420 s; NOTES.md experiments 47 and 48; after
+#   "dot_forms"): first benchmarks.fused --weights --check-only, the values on the
+#   device: the operation given C's and A's weights, with c, dp and the weight gradients
+#   made in the dot forms' kernels ("dot_forms"' last row), against float64 autodiff of
+#   the model's matmuls around the reference at every block shape (exit 1: do not trust
+#   those rows; until 2026-12-07 no device check knew these forms). Then c = C u made
+#   inside the dot forms' kernels and never stored (QLHS_C_FORM=kernels: the forward
+#   product, pass 4 and pass 3's sums make each tile of c from u's centre tap and C's
+#   columns; 8.5 GB a step less in the deviceless compile), Eq.(3) "auto" with every dot
+#   form of "product"'s last row, with the stored c, with c made at stages 1-2 and at
+#   stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more L2 reads), in one
+#   call.
 # "dot_forms" (time limits add up to 530 s; NOTES.md experiments 40-48; run it first):
 #   the default step (Eq.(3) "auto") against ResNet50 on uint8 batches, the ratio and
 #   the H100's rate that the goal names; then Eq.(3) with every dot form (the forward
@@ -555,13 +561,19 @@ if [ "$PART" = product ]; then
     --set 'fuse_d_bn="auto"' --input uint8
 fi
 if [ "$PART" = c_kernels ]; then
-  # Every dot form with D's kernel in one bfloat16 part (product's last row), then the
-  # same with c made in their kernels: the difference is c's write and three reads
-  # against one more product a tile in three kernels and u's centre tap read from L2
-  # once per channel block (experiment 47); then with stage 3 making c too.
+  # First the values, on the device: the operation given C's and A's weights, with c,
+  # dp and the weight gradients made in the dot forms' kernels (dot_forms' last row),
+  # against float64 at every block shape (exit 1: do not trust those rows). Then every
+  # dot form with D's kernel in one bfloat16 part (product's last row), then the same
+  # with c made in their kernels: the difference is c's write and three reads against
+  # one more product a tile in three kernels and u's centre tap read from L2 once per
+  # channel block (experiment 47); then with stage 3 making c too.
+  QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+    QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
+    QLHS_WEIGHT_GRADS=pass4 fused_op 120 --weights --check-only
   for c_form in stored kernels kernels_wide; do
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
-      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 110 --model eq3_softball_ds \
+      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 100 --model eq3_softball_ds \
       --set 'fuse_d_bn="auto"' --input uint8
   done
 fi

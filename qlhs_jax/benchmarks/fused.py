@@ -13,7 +13,12 @@ fusing changes. On a CPU the Pallas kernels run in interpret mode (implied there
 ``--size-scale`` of 8 or so; CPU times are meaningful only as ratios within one run).
 ``--passes`` also times each pass alone (the pad of u, statistics, apply, backward sums,
 dx, du = D^T dx in both forms) with the bytes it must move, to show which one misses the
-bandwidth.
+bandwidth. ``--weights`` checks the operation given C's and A's weights instead of c
+(``c_weights``, ``a``: y = (BN(D u) * C u) @ A and the gradients of u, C, D's kernel,
+BatchNorm's scale and bias and A), so that QLHS_C_FORM, QLHS_DP_FORM and
+QLHS_WEIGHT_GRADS make c, dp and the weight gradients in the kernels, against float64
+autodiff of the model's matmuls around the reference; ``--check-only`` stops after the
+check (the exit code says whether it passed).
 """
 
 from __future__ import annotations
@@ -57,27 +62,45 @@ def _tensor_bytes(batch, side, n, stride, e, itemsize):
           batch * plan["ho"] * plan["wo"] * n * e * itemsize)
 
 
-def _inputs(key, batch, side, n, stride, e, dtype):
+def _inputs(key, batch, side, n, stride, e, dtype, n_out=None):
+  """The operation's five inputs and the output's cotangent; with ``n_out``, C's weight
+  (n, n*e) in c's place, A's (n*e, n_out) sixth, and the cotangent of y (n_out
+  channels)."""
   import jax
 
   from qlhs_jax.models.layers import _out_size
   ho = _out_size(side, stride)
-  ks = jax.random.split(key, 6)
+  ks = jax.random.split(key, 7)
   u = jax.random.normal(ks[0], (batch, side, side, n), dtype) + 0.2
-  c = jax.random.normal(ks[1], (batch, ho, ho, n * e), dtype)
+  c = (jax.random.normal(ks[1], (batch, ho, ho, n * e), dtype) if n_out is None
+       else jax.random.normal(ks[1], (n, n * e), dtype) / n ** 0.5)
   kernel = jax.random.normal(ks[2], (3, 3, 1, e)) * (2 / (9 * e)) ** 0.5
   scale = jax.random.uniform(ks[3], (n * e,), minval=0.5, maxval=1.5)
   bias = jax.random.normal(ks[4], (n * e,)) * 0.1
-  dp = jax.random.normal(ks[5], c.shape, dtype)
-  return (u, c, kernel, scale, bias), dp
+  if n_out is None:
+    return (u, c, kernel, scale, bias), jax.random.normal(ks[5], c.shape, dtype)
+  a = jax.random.normal(ks[6], (n * e, n_out), dtype) / (n * e) ** 0.5
+  return (u, c, kernel, scale, bias, a), jax.random.normal(
+      ks[5], (batch, ho, ho, n_out), dtype)
 
 
-def _fwd_bwd(impl, stride, interpret):
-  """jit(args, dp) -> (p, gradients of <p, dp> w.r.t. the five inputs)."""
+def _fwd_bwd(impl, stride, interpret, weights=False):
+  """jit(args, dp) -> (p, gradients of <p, dp> w.r.t. the five inputs); ``weights``:
+  jit(args, dy) -> (y, gradients of <y, dy> w.r.t. the six inputs of :func:`_inputs`
+  with ``n_out``), "none" differentiating the model's matmuls around the reference."""
   import jax
   from qlhs_jax.kernels import d_bn_product as dbn
-  if impl == "none":
+  if impl == "none" and weights:
+    def op(u, cw, kernel, scale, bias, a):
+      p, mean, var = dbn.reference(u, dbn.c_of(u, cw, stride), kernel, scale, bias,
+                                   stride=stride)
+      return dbn.a_of(p, a), mean, var
+  elif impl == "none":
     op = functools.partial(dbn.reference, stride=stride)
+  elif weights:
+    def op(u, cw, kernel, scale, bias, a):
+      return dbn.d_bn_product(u, cw, kernel, scale, bias, stride=stride, impl=impl,
+                              interpret=interpret, c_weights=True, a=a)
   else:
     op = functools.partial(dbn.d_bn_product, stride=stride, impl=impl, interpret=interpret)
 
@@ -87,26 +110,28 @@ def _fwd_bwd(impl, stride, interpret):
   return jax.jit(run)
 
 
-def check(batch, size_scale, interpret, e=4) -> list[dict]:
+def check(batch, size_scale, interpret, e=4, weights=False) -> list[dict]:
   """Relative error of "xla" and "pallas" (float32) against "none" in float64, per
   shape: the largest over p and the five gradients, each relative to its largest
-  entry."""
+  entry. ``weights``: given C's and A's weights (:func:`_fwd_bwd`), over y and the six
+  gradients."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   out = []
   for name, side, n, stride, _ in EQ3_SHAPES:
     side = max(4, side // size_scale)
-    args, dp = _inputs(jax.random.PRNGKey(0), batch, side, max(1, n // size_scale),
-                       stride, e, jnp.float32)
+    n = max(1, n // size_scale)
+    args, dp = _inputs(jax.random.PRNGKey(0), batch, side, n, stride, e, jnp.float32,
+                       eq3_n_out(n, stride) if weights else None)
     with jax.enable_x64(True):
-      ref = _fwd_bwd("none", stride, interpret)(
+      ref = _fwd_bwd("none", stride, interpret, weights)(
           *jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), (args, dp)))
       ref = [np.asarray(r) for r in jax.tree.leaves(ref)]
     rec = {"shape": name}
     for impl in IMPLS[1:]:
       try:
-        got = jax.tree.leaves(_fwd_bwd(impl, stride, interpret)(args, dp))
+        got = jax.tree.leaves(_fwd_bwd(impl, stride, interpret, weights)(args, dp))
       except Exception as ex:  # e.g. a kernel that does not compile on this device
         rec[impl], rec[f"{impl}_error"] = float("inf"), f"{type(ex).__name__}: {ex}"[:500]
         continue
@@ -296,6 +321,12 @@ def main(argv=None) -> int:
   p.add_argument("--passes", action="store_true",
                  help="also time each pass alone (pad, stats, apply, sums, dx, du, du_ad)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
+  p.add_argument("--weights", action="store_true",
+                 help="check the operation given C's and A's weights (c, dp and the "
+                      "weight gradients made where QLHS_C_FORM, QLHS_DP_FORM and "
+                      "QLHS_WEIGHT_GRADS say)")
+  p.add_argument("--check-only", action="store_true",
+                 help="stop after the check (exit 1 where it fails)")
   p.add_argument("--best-of", default=None, metavar="FILE",
                  help="only print the fastest Pallas tiling recorded in FILE and exit")
   args = p.parse_args(argv)
@@ -314,10 +345,12 @@ def main(argv=None) -> int:
     print("CPU backend: the Pallas kernels run in interpret mode (slow; use --size-scale)")
     args.interpret = True
 
-  checks = check(args.check_batch, args.size_scale, args.interpret)
+  checks = check(args.check_batch, args.size_scale, args.interpret,
+                 weights=args.weights)
   ok = all(r[i] < 1e-4 for r in checks for i in IMPLS[1:])
   print("agreement with autodiff of the reference in float64 (max relative error, "
-        f"float32, batch {args.check_batch}):")
+        f"float32, batch {args.check_batch}"
+        + (", given C's and A's weights" if args.weights else "") + "):")
   for r in checks:
     print(f"  {r['shape']:14s} " + "  ".join(f"{i} {r[i]:.1e}" for i in IMPLS[1:]))
     for i in IMPLS[1:]:
@@ -325,6 +358,8 @@ def main(argv=None) -> int:
         print(f"    {i} failed: {r[f'{i}_error']}")
   if not ok:
     print("MISMATCH: an implementation disagrees with the reference", file=sys.stderr)
+  if args.check_only:
+    return 0 if ok else 1
   times = timing(args.batch, args.size_scale, args.steps, args.warmup, args.interpret,
                  impls)
   dev = jax.devices()[0]
