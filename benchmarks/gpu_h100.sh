@@ -248,10 +248,12 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
   fi
   return 0
 }
+settings() {  # the QLHS_... settings of this call, for the log
+  echo "${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}${QLHS_C_FORM:+(c $QLHS_C_FORM)}${QLHS_DP_FORM:+(dp $QLHS_DP_FORM)}${QLHS_WEIGHT_GRADS:+(weight grads $QLHS_WEIGHT_GRADS)}"
+}
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
-  echo "== $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}${QLHS_C_FORM:+(c $QLHS_C_FORM)}${QLHS_DP_FORM:+(dp $QLHS_DP_FORM)}${QLHS_WEIGHT_GRADS:+(weight grads $QLHS_WEIGHT_GRADS)}" \
-    | tee -a "$OUT/log.txt"
+  echo "== $* $(settings)" | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.step --batch "${BATCH:-256}" \
     --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3 --record "$R" "$@" 2>&1 \
     | quiet | tee -a "$OUT/log.txt" \
@@ -261,8 +263,7 @@ bench() {  # bench SECONDS ARGS...: one harness call under a time limit
 }
 fused_op() {  # fused_op SECONDS ARGS...: the operation alone (exit 1 = disagreement)
   local limit=$1; shift
-  echo "== benchmarks.fused $* ${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}" \
-    | tee -a "$OUT/log.txt"
+  echo "== benchmarks.fused $* $(settings)" | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m qlhs_jax.benchmarks.fused --batch "${BATCH:-256}" \
     --record "$R" ${FUSED_ARGS:-} "$@" 2>&1 | quiet | tee -a "$OUT/log.txt" \
     | tail -n "${TAIL:-20}"
