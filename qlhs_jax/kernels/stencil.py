@@ -794,10 +794,8 @@ def bn_sums(u: jax.Array, c5: jax.Array | None, dp5: jax.Array, k9: jax.Array,
   interpret = _interpret(interpret, "QLHS_SUMS_FORM")
   n, e = u.shape[-1], k9.shape[-1]
   check(n, "QLHS_SUMS_FORM", interpret=interpret, e=e)
-  if (cw is not None or aw is not None) and not dot:
-    raise ValueError(f"{'c = C u' if cw is not None else 'dp = dy A^T'} inside pass 3's "
-                     f"kernel (QLHS_{'C' if cw is not None else 'DP'}_FORM=kernels) needs "
-                     f"its dot form: QLHS_SUMS_FORM=pallas_dot")
+  if not dot:
+    _refuse_made(cw, aw, "pass 3's kernel", "its dot form: QLHS_SUMS_FORM=pallas_dot")
   xhat = xhat and not dot
   walk = not (xhat or dot) and _walks_rows("sums", stride)
   if dot:
@@ -1220,6 +1218,14 @@ def _each_tile(u_ref, k_ref, vec_refs, plan, out, c_ref=None, dp_ref=None, a_ref
                        tuple(jnp.zeros(shape, F32) for shape in sums))
 
 
+def _refuse_made(cw, aw, kernel: str, fix: str) -> None:
+  """Refuses C's weight ``cw`` or A's ``aw`` given to a ``kernel`` that cannot make c or
+  dp from them (not its dot form), naming the ``fix``."""
+  if cw is not None or aw is not None:
+    made, var = ("c = C u", "C") if cw is not None else ("dp = dy A^T", "DP")
+    raise ValueError(f"{made} inside {kernel} (QLHS_{var}_FORM=kernels) needs {fix}")
+
+
 def _c_columns(plan, c_ref, cols):
   """C's columns ``cols`` (n, bj*e), loaded once a program, where ``c_ref`` holds C's
   weight (``plan["c_in_kernel"]``, QLHS_C_FORM=kernels); else None (c_ref is c)."""
@@ -1320,10 +1326,9 @@ def _elementwise(kernel, name, u, hidden, vectors, k9, stride, out_dtypes, form,
   interpret = _interpret(interpret, form)
   n, e = u.shape[-1], k9.shape[-1]
   check(n, form, interpret=interpret, e=e)
-  if (cw is not None or aw is not None) and not dot:
-    raise ValueError(f"{'c = C u' if cw is not None else 'dp = dy A^T'} inside the kernel "
-                     f"(QLHS_{'C' if cw is not None else 'DP'}_FORM=kernels) needs the dot "
-                     f"form's tiles: QLHS_PRODUCT_FORM=pallas_dot")
+  if not dot:
+    _refuse_made(cw, aw, "the kernel",
+                 "the dot form's tiles: QLHS_PRODUCT_FORM=pallas_dot")
   if not dot and _walks_rows("product", stride):
     return _elementwise_rows(kernel, name, u, hidden, vectors, k9, out_dtypes, interpret)
   if dot:

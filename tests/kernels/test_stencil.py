@@ -623,6 +623,16 @@ def test_product_and_dx_kernels_match_float64_autodiff(monkeypatch, stride, spec
     dbn.d_bn_product(*a32, stride=stride, impl="xla")
 
 
+def set_dot_product_forms(monkeypatch, sums):
+  """The forward product and pass 4 as matrix products, pass 3's sums too unless
+  ``sums`` is "pallas" (its element-wise kernel), the statistics and du as Pallas
+  kernels: the forms that make c and dp in their kernels, or may not."""
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
+  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
+    monkeypatch.setenv(var, "pallas")
+
+
 def spy_on_c(monkeypatch):
   """Counts, at trace time, the kernel calls that make c = C u themselves (``cw``
   given) and those that read a stored c, by entry point, "_aw" added to the key where
@@ -659,10 +669,7 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
   XLA's matmul in the forward, and every pass reads it."""
   if sums == "wide":
     monkeypatch.setitem(dbn.C_KERNELS_MAX_N, "kernels", 4)
-  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
-  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
-  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
-    monkeypatch.setenv(var, "pallas")
+  set_dot_product_forms(monkeypatch, sums)
   monkeypatch.setenv("QLHS_C_FORM", "kernels")
   monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2")
   (u, _, kernel, scale, bias), weights = make_inputs(7, (2, 7, 6, 8), stride, 4)
@@ -710,10 +717,7 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
   its 8 channels) keeps the stored dp in every pass."""
   if sums == "wide":
     monkeypatch.setitem(dbn.DP_KERNELS_MAX_N, "kernels", 4)
-  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
-  monkeypatch.setenv("QLHS_SUMS_FORM", "pallas" if sums == "pallas" else "pallas_dot")
-  for var in ("QLHS_STATS_FORM", "QLHS_DU_FORM"):
-    monkeypatch.setenv(var, "pallas")
+  set_dot_product_forms(monkeypatch, sums)
   monkeypatch.setenv("QLHS_C_FORM", "kernels" if c_made else "stored")
   monkeypatch.setenv("QLHS_DP_FORM", "kernels")
   monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if c_made == "grads" else "xla")
@@ -777,6 +781,24 @@ def test_the_dp_form_sets_the_widest_block_that_makes_dp(monkeypatch):
                                        "inside the matrix-product kernels.*set "
                                        "product_form='pallas_dot'"):
     dbn.dp_form()
+
+
+def test_weights_given_to_a_kernel_that_cannot_make_c_or_dp_are_refused():
+  """C's or A's weight given to the element-wise forms (which read c and dp) is refused,
+  naming the tensor, its setting and the form that makes it."""
+  (u, c, kernel, _, _), _ = make_inputs(3, (2, 5, 5, 4), 1, 4)
+  u, c = jnp.asarray(u, jnp.float32), jnp.asarray(c, jnp.float32).reshape(2, 5, 5, 4, 4)
+  k9, v = jnp.ones((9, 4, 4)), jnp.ones((1, 4, 4))
+  cw, aw = jnp.ones((4, 16)), jnp.ones((16, 8))
+  with pytest.raises(ValueError, match="c = C u inside pass 3's kernel \\(QLHS_C_FORM="
+                                       "kernels\\) needs its dot form: QLHS_SUMS_FORM="
+                                       "pallas_dot"):
+    stencil.bn_sums(u, None, c, k9, v, v, 1, interpret=True, cw=cw)
+  with pytest.raises(ValueError, match="dp = dy A\\^T inside the kernel \\(QLHS_DP_FORM="
+                                       "kernels\\) needs the dot form's tiles: "
+                                       "QLHS_PRODUCT_FORM=pallas_dot"):
+    stencil.dx_dc(u, c, jnp.ones((2, 5, 5, 8)), k9, v, v, v, v, v, 1, jnp.float32,
+                  interpret=True, aw=aw)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
