@@ -20,7 +20,7 @@ from qlhs_jax import config as qconfig
 
 
 def get_config(arg=None):
-  cfg, quick = qconfig.parse_arg(arg, {"eq3_softball_ds": "eq3_softball_ds"},
-                                 "eq3_softball_ds")
+  cfg, options = qconfig.parse_arg(arg, {"eq3_softball_ds": "eq3_softball_ds"},
+                                   "eq3_softball_ds")
   c = qconfig.base_config(cfg)
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

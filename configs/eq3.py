@@ -10,7 +10,7 @@ VARIANT (default softball_ds) and the paper's top-1 (Table 1, 50 epochs):
   nows_softball_ds     84.24   8.73M   (per-channel 3x3 kernels)
   nows_x6_softball_ds  84.58   13.0M   (expansion 6)
 Append ``,quickstart`` (e.g. ``configs/eq3.py:hardball_ds,quickstart``) for the
-embedded-digits laptop version.
+embedded-digits laptop version, and ``,dot_forms`` (below) for the opt-in kernels.
 
 Hardware: one H100 80GB, batch 256, bfloat16. Expected time: ImageNet-100 has ~126.7k
 training images, so 50 epochs are 6.3M images: ~18 minutes of GPU compute at the
@@ -39,6 +39,18 @@ img/s on the H100 (NOTES.md experiments 8-13). Add
 (0.37x ResNet50's bytes). The kernels' on-chip weight re-reads grow as n^3, and
 ``python -m qlhs_jax.benchmarks.block_tune`` picks the width on the GPU (NOTES.md
 experiment 9).
+
+``configs/eq3.py:softball_ds,dot_forms`` (one NVIDIA GPU; not yet timed): the opt-in
+matrix-product kernels of NOTES.md experiments 40-48, stacked
+(``qlhs_jax.kernels.settings.DOT_FORMS`` in config.kernels): D u, BatchNorm's sums and
+the products on the tensor cores; c = C u and dp = dy A^T made inside the kernels,
+never stored; C's and A's gradients summed in pass 4. The same network and variables,
+up to rounding: D's kernel is rounded to bfloat16 as the plain path rounds it, and c
+and dp are rounded as the stored ones but summed in another order (README, Variants).
+Compiled for one H100 without one (benchmarks.aot): 42.7 GB a step against the
+default's 63.3, peak 3.3 GB against 7.5. ``benchmarks/gpu_h100.sh dot_forms`` times it
+against the default and ResNet50; whichever wins becomes the default. A run may switch
+between the two when it resumes (config.kernels are runtime keys).
 """
 
 from qlhs_jax import config as qconfig
@@ -49,8 +61,8 @@ VARIANTS = {v: f"eq3_{v}" for v in ("relu_all", "hardtanh_ds", "hardball_ds",
 
 
 def get_config(arg=None):
-  model, quick = qconfig.parse_arg(arg, VARIANTS, "softball_ds")
+  model, options = qconfig.parse_arg(arg, VARIANTS, "softball_ds", qconfig.FUSED_OPTIONS)
   c = qconfig.base_config(model)
   # The fastest path where it runs (NVIDIA GPUs), the plain path elsewhere: see above.
   c.model_overrides.fuse_d_bn = "auto"
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

@@ -15,6 +15,7 @@ from qlhs_jax import config as qconfig
 
 
 def get_config(arg=None):
-  model, quick = qconfig.parse_arg(arg, {"softball_ds": "eq4_softball_ds"}, "softball_ds")
+  model, options = qconfig.parse_arg(arg, {"softball_ds": "eq4_softball_ds"},
+                                     "softball_ds")
   c = qconfig.base_config(model)
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

@@ -15,6 +15,7 @@ from qlhs_jax import config as qconfig
 
 
 def get_config(arg=None):
-  model, quick = qconfig.parse_arg(arg, {"nows_x6_softball_ds": "eq7_nows_x6_softball_ds"}, "nows_x6_softball_ds")
+  model, options = qconfig.parse_arg(
+      arg, {"nows_x6_softball_ds": "eq7_nows_x6_softball_ds"}, "nows_x6_softball_ds")
   c = qconfig.base_config(model)
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

@@ -15,7 +15,7 @@ from qlhs_jax import config as qconfig
 
 
 def get_config(arg=None):
-  model, quick = qconfig.parse_arg(arg, {"mobilenetv3_large_100": "mobilenetv3_large_100"},
-                                   "mobilenetv3_large_100")
+  model, options = qconfig.parse_arg(
+      arg, {"mobilenetv3_large_100": "mobilenetv3_large_100"}, "mobilenetv3_large_100")
   c = qconfig.base_config(model)
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

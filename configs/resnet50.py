@@ -13,6 +13,6 @@ from qlhs_jax import config as qconfig
 
 
 def get_config(arg=None):
-  model, quick = qconfig.parse_arg(arg, {"resnet50": "resnet50"}, "resnet50")
+  model, options = qconfig.parse_arg(arg, {"resnet50": "resnet50"}, "resnet50")
   c = qconfig.base_config(model)
-  return qconfig.apply_quickstart(c) if quick else c
+  return qconfig.apply_options(c, options)

@@ -3,7 +3,8 @@
 ``base_config(model)`` holds the recipe (design/recipe.md); the files in ``configs/``
 pick the model and document the command, hardware, time and expected result.
 ``apply_quickstart(config)`` shrinks any of them to the embedded digits dataset and a
-tiny network that trains on a 2-core CPU in a few minutes.
+tiny network that trains on a 2-core CPU in a few minutes; a config argument's
+``,quickstart`` option applies it (``parse_arg``, ``apply_options``).
 """
 
 from __future__ import annotations
@@ -134,18 +135,45 @@ def apply_quickstart(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, variants: dict, default: str):
-  """``"variant[,quickstart]"`` -> (variant value, quickstart flag), with a clear error."""
+# The options a config argument may name after its variant: "quickstart"
+# (:func:`apply_quickstart`) in every config; "dot_forms" (config.kernels set to
+# ``kernel_settings.DOT_FORMS``) in those of the models with fused D + BatchNorm +
+# product blocks that take it (configs/eq3.py, eq3w.py, eq5.py).
+QUICKSTART = ("quickstart",)
+FUSED_OPTIONS = ("quickstart", "dot_forms")
+
+
+def parse_arg(arg: str | None, variants: dict, default: str,
+              options: tuple[str, ...] = QUICKSTART) -> tuple[str, frozenset[str]]:
+  """``"variant[,option...]"`` -> (variant value, the options named), with a clear
+  error; ``options`` are the ones this config takes."""
   parts = [p for p in (arg or "").split(",") if p]
-  quick = "quickstart" in parts
-  parts = [p for p in parts if p != "quickstart"]
+  named = frozenset(p for p in parts if p in options)
+  parts = [p for p in parts if p not in options]
+  if other := [p for p in parts if p in FUSED_OPTIONS]:
+    raise ValueError(f"config argument {arg!r}: this config takes no {other[0]!r} "
+                     f"(its options: {list(options)}); 'dot_forms' is for the models "
+                     f"with fused D + BatchNorm + product blocks: configs/eq3.py, "
+                     f"eq3w.py, eq5.py")
   if len(parts) > 1:
-    raise ValueError(f"config argument {arg!r}: one variant at most, plus 'quickstart'")
+    raise ValueError(f"config argument {arg!r}: one variant at most, plus options "
+                     f"{list(options)}; {parts[1]!r} is neither")
   name = parts[0] if parts else default
   if name not in variants:
     raise ValueError(f"unknown variant {name!r}; choose one of {sorted(variants)} "
-                     "(optionally followed by ',quickstart')")
-  return variants[name], quick
+                     f"(optionally followed by options {list(options)}, e.g. "
+                     f"',{options[-1]}')")
+  return variants[name], named
+
+
+def apply_options(c: ml_collections.ConfigDict, options: frozenset[str]
+                  ) -> ml_collections.ConfigDict:
+  """``c`` with the config argument's ``options`` (:func:`parse_arg`) applied:
+  "dot_forms" sets config.kernels to ``kernel_settings.DOT_FORMS``, "quickstart"
+  shrinks it (:func:`apply_quickstart`)."""
+  if "dot_forms" in options:
+    c.kernels.update(kernel_settings.DOT_FORMS)
+  return apply_quickstart(c) if "quickstart" in options else c
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

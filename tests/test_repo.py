@@ -62,6 +62,44 @@ def test_config_argument_errors():
   mod = _load(os.path.join(REPO, "configs", "eq3.py"))
   with pytest.raises(ValueError, match="unknown variant 'softbal_ds'"):
     mod.get_config("softbal_ds")
+  with pytest.raises(ValueError, match="one variant at most.*'hardball_ds' is neither"):
+    mod.get_config("softball_ds,hardball_ds")
+  eq4 = _load(os.path.join(REPO, "configs", "eq4.py"))
+  with pytest.raises(ValueError, match=r"takes no 'dot_forms' \(its options: "
+                     r"\['quickstart'\]\).*configs/eq3.py, eq3w.py, eq5.py"):
+    eq4.get_config("dot_forms")
   q = _load(os.path.join(REPO, "configs", "quickstart.py"))
   with pytest.raises(ValueError, match="unknown model"):
     q.get_config("eq9")
+
+
+FUSED_CONFIGS = ("eq3.py", "eq3w.py", "eq5.py")
+
+
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+def test_the_dot_forms_option_sets_the_stacked_kernels(name):
+  """``,dot_forms`` sets config.kernels to the stack gpu_h100.sh's dot_forms times, and
+  nothing else: the readers then give the stacked forms (the same keys under use() as
+  the benchmark's QLHS_... variables), with and without quickstart; the docstring says
+  how to ask for it."""
+  from qlhs_jax.kernels import d_bn_product, settings
+  mod = _load(os.path.join(REPO, "configs", name))
+  assert f"configs/{name}:softball_ds,dot_forms" in mod.__doc__
+  plain = mod.get_config("softball_ds")
+  assert not any(plain.kernels.values())  # the defaults: every key empty
+  for arg in ("softball_ds,dot_forms", "dot_forms,softball_ds,quickstart", "dot_forms"):
+    c = mod.get_config(arg)
+    qconfig.validate(c)
+    assert c.model == plain.model
+    assert {k: v for k, v in c.kernels.items() if v} == settings.DOT_FORMS
+    assert (c.data.name == "digits") == ("quickstart" in arg)
+    with settings.use(c.kernels):
+      assert d_bn_product.product_form() == "pallas_dot"
+      assert (d_bn_product.c_form(), d_bn_product.dp_form(),
+              d_bn_product.weight_grads()) == ("kernels_wide", "kernels", "pass4")
+  # Nothing but those keys differs from the plain config (and they may change when a
+  # run resumes, as the device may: runtime keys).
+  a, b = qconfig.flatten(plain), qconfig.flatten(mod.get_config("softball_ds,dot_forms"))
+  diff = {k for k in a if a[k] != b[k]}
+  assert diff == {f"kernels.{k}" for k in settings.DOT_FORMS} and set(a) == set(b)
+  assert diff <= qconfig.RUNTIME_KEYS

@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on the embedded digits, with a tiny Eq.(3) network."""
 
+import inspect
 import json
 import os
 import signal
@@ -349,3 +350,60 @@ def test_a_run_saved_before_erase_noise_resumes_exactly_with_threefry(tmp_path):
   assert ckpt_lib.load_config(wd).data.erase_noise == "threefry"
   c.data.erase_noise = "threefry"
   ckpt_lib.save_or_check_config(wd, c)
+
+
+def test_the_dot_forms_option_trains_the_plain_paths_network(tmp_path, monkeypatch):
+  """configs/eq3.py's ``,dot_forms`` trains through the stacked kernels (interpreted
+  here; fuse_d_bn="xla", since "auto" is the plain path on a CPU): pass 4 makes c and dp
+  and sums C's and A's gradients, the product makes c. Over three steps in float32 at
+  the peak learning rate, each weight's change is the plain autodiff path's (an
+  independent computation) to float32 order."""
+  from qlhs_jax.kernels import stencil
+  from qlhs_jax.models.qlhs import QLHSBlock
+  sys.path.insert(0, REPO)
+  try:
+    from configs import eq3
+  finally:
+    sys.path.remove(REPO)
+  seen = set()
+  elementwise = stencil._elementwise
+  signature = inspect.signature(elementwise)
+
+  def spy(*args, **kw):
+    a = signature.bind(*args, **kw)
+    a.apply_defaults()
+    a = a.arguments
+    seen.add((a["name"], a["dot"], a["cw"] is not None, a["aw"] is not None, a["w_grads"]))
+    return elementwise(*args, **kw)
+  monkeypatch.setattr(stencil, "_elementwise", spy)
+  # BN_out's scales start at 1, not 0 (the recipe's zero init), for both runs: at 0
+  # the hidden path gets gradients of the size of the first steps' scales, ~1e-3, and
+  # its weights move by a few float32 roundings, too little to tell a wrong gradient.
+  norm = QLHSBlock._norm
+  monkeypatch.setattr(QLHSBlock, "_norm",
+                      lambda self, x, name, zero_init=False: norm(self, x, name))
+
+  def run(arg, fuse):
+    c = eq3.get_config(arg)
+    c.model_overrides.fuse_d_bn = fuse
+    c.model_overrides.widths = (16, 32)  # the dot forms' blocks take 16 channels
+    c.model_overrides.depths = (1, 1)
+    c.data.image_size, c.batch_size, c.stop_after_steps = 16, 8, 3
+    c.warmup_epochs = 0  # the peak rate, not the warmup's 1e-5
+    c.progress_bar = False
+    wd = str(tmp_path / fuse)
+    assert train.train_and_evaluate(c, wd)["step"] == 3
+    return [ckpt_lib.load_run(wd, which=w).variables for w in ("0", "latest")]
+
+  stacked = run("softball_ds,dot_forms,quickstart", "xla")
+  assert seen == {("product", True, True, False, False), ("dx", True, True, True, True)}, seen
+  plain = run("softball_ds,quickstart", "none")
+  assert leaves_equal(stacked[0], plain[0])  # the same initial weights
+  paths = jax.tree_util.tree_leaves_with_path(plain[1])
+  for (path, b), a, a0 in zip(paths, jax.tree.leaves(stacked[1]), jax.tree.leaves(plain[0])):
+    moved_a = np.asarray(a, np.float64) - np.asarray(a0, np.float64)
+    moved_b = np.asarray(b, np.float64) - np.asarray(a0, np.float64)
+    scale = np.abs(moved_b).max()
+    assert scale > 1e-4, path  # every weight moved (BatchNorm's statistics too)
+    np.testing.assert_allclose(moved_a, moved_b, rtol=0, atol=1e-3 * scale,
+                               err_msg=jax.tree_util.keystr(path))

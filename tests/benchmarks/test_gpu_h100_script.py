@@ -131,3 +131,30 @@ def test_a_bad_override_fails_the_build_check():
   with pytest.raises(ValueError, match="blok"):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                       train=True))
+
+
+def _settings_before(line, helper):
+  """The ``QLHS_...=value`` words a call of ``helper`` in ``line`` sets."""
+  words = line.split()
+  return dict(w.split("=", 1) for w in words[:words.index(helper)] if w.startswith("QLHS_"))
+
+
+def test_the_stack_it_times_and_checks_is_the_configs_dot_forms_option():
+  """dot_forms' last row (the opt-in kernels stacked) and c_kernels' check of their
+  values on the device set what the configs' ``,dot_forms`` option sets
+  (settings.DOT_FORMS): a row timed for another stack would not say how that option
+  trains."""
+  from qlhs_jax.kernels import settings
+  want = {settings.VARIABLES[k]: v for k, v in settings.DOT_FORMS.items()}
+  text = _text().replace("\\\n", " ")
+  check = next(ln for ln in text.splitlines() if "fused_op 120 --weights --check-only" in ln)
+  assert _settings_before(check, "fused_op") == want
+  part = text[text.index('if [ "$PART" = dot_forms ]'):]
+  part = part[:part.index("\nfi\n")]
+  last = re.search(r"for forms in ([^;]*);", part).group(1).split()[-1]
+  row = next(ln for ln in part.splitlines() if " bench " in ln and "QLHS_C_FORM" in ln)
+  got = _settings_before(row, "bench")
+  names = ("QLHS_C_FORM", "QLHS_DP_FORM", "QLHS_WEIGHT_GRADS")
+  assert [got[n] for n in names] == ["$c_form", "$dp_form", "$grads"]
+  got.update(zip(names, last.split(",")))
+  assert got == want
