@@ -48,7 +48,7 @@ never stored; C's and A's gradients summed in pass 4. The same network and varia
 up to rounding: D's kernel is rounded to bfloat16 as the plain path rounds it, and c
 and dp are rounded as the stored ones but summed in another order (README, Variants).
 Compiled for one H100 without one (benchmarks.aot): 42.7 GB a step against the
-default's 63.3, peak 3.3 GB against 7.5. ``benchmarks/gpu_h100.sh dot_forms`` times it
+default's 65.2, peak 3.3 GB against 8.3. ``benchmarks/gpu_h100.sh dot_forms`` times it
 against the default and ResNet50; whichever wins becomes the default. A run may switch
 between the two when it resumes (config.kernels are runtime keys).
 """

@@ -48,7 +48,7 @@ _KEY = {var: key for key, var in VARIABLES.items()}
 # 4 as products, D's kernel rounded to the compute dtype (one part of it a product), c
 # made inside the kernels at stages 1-3, dp at stages 1-2, and C's and A's gradients
 # summed in pass 4. Deviceless (benchmarks.aot, jax 0.11.2, Eq.(3) at batch 256 for an
-# H100): 42.7 GB a step and a 3.3 GB peak estimate, against the default's 63.3 and 7.5.
+# H100): 42.7 GB a step and a 3.3 GB peak estimate, against the default's 65.2 and 8.3.
 # Not yet timed on a GPU (``benchmarks/gpu_h100.sh dot_forms`` times it; its last row
 # sets these). The configs' ``dot_forms`` option (configs/eq3.py) trains with them.
 DOT_FORMS = {"stats_form": "pallas_dot", "sums_form": "pallas_dot",
