@@ -182,8 +182,14 @@ class QLHSBlock(nn.Module):
   @nn.nowrap
   def _dense(self, x, name, n_out):
     """A bias-free 1x1 map ``x @ W``, ``W`` of shape (in, out)."""
-    w = self.param(name, conv_init, (x.shape[-1], n_out), self.param_dtype)
-    return jnp.dot(x, w.astype(self.dtype))
+    return jnp.dot(x, self._dense_weight(name, x.shape[-1], n_out))
+
+  @nn.nowrap
+  def _dense_weight(self, name, n_in, n_out):
+    """The weight ``W`` (n_in, n_out) of the 1x1 map ``name`` (:meth:`_dense`'s), in the
+    compute dtype: for the fused paths that take the weight instead of the map's
+    output, the same variable with the same initial value."""
+    return self.param(name, conv_init, (n_in, n_out), self.param_dtype).astype(self.dtype)
 
   @nn.nowrap
   def _norm(self, x, name, zero_init=False):
@@ -238,16 +244,13 @@ class QLHSBlock(nn.Module):
     impl = "xla" if fuse == "block" else fuse
     n, h = x.shape[-1], self.expansion * x.shape[-1]
     c_weights = c_of_x and impl == "xla" and dbn.c_form() != "stored"
+    applies_a = then_a and impl == "xla" and dbn.dp_form() != "stored"
     # The parameters _dense would create, in the same order (c, then a).
-    c = (self.param("c", conv_init, (n, h), self.param_dtype).astype(self.dtype)
-         if c_weights else make_c())
-    if not (then_a and impl == "xla" and dbn.dp_form() != "stored"):
-      return a_map(FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
-                                   c_weights=c_weights, name="bn_d")(x, kernel, c))
-    aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
-    return FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
-                           c_weights=c_weights, name="bn_d")(x, kernel, c,
-                                                             aw.astype(self.dtype))
+    c = self._dense_weight("c", n, h) if c_weights else make_c()
+    aw = self._dense_weight("a", h, self.n_out) if applies_a else None
+    y = FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
+                        c_weights=c_weights, name="bn_d")(x, kernel, c, aw)
+    return y if applies_a else a_map(y)
 
   @nn.nowrap
   def _fuses_hidden(self, n_in) -> bool:
@@ -312,10 +315,10 @@ class QLHSBlock(nn.Module):
     path's order (same initial values)."""
     n_in, h = u.shape[-1], self.expansion * u.shape[-1]
     kernel = self._d_kernel(n_in)
-    cw = self.param("c", conv_init, (n_in, h), self.param_dtype)
-    aw = self.param("a", conv_init, (h, self.n_out), self.param_dtype)
+    cw = self._dense_weight("c", n_in, h)
+    aw = self._dense_weight("a", h, self.n_out)
     return FusedEq3Hidden(self.stride, self.param_dtype, name="bn_d")(
-        u.astype(self.dtype), kernel, cw.astype(self.dtype), aw.astype(self.dtype))
+        u.astype(self.dtype), kernel, cw, aw)
 
   @nn.nowrap
   def _group_sum(self, p, n_in):
