@@ -14,9 +14,10 @@ fusing changes. On a CPU the Pallas kernels run in interpret mode (implied there
 ``--passes`` also times each pass alone (the pad of u, statistics, apply, backward sums,
 dx, du = D^T dx in both forms) with the bytes it must move, to show which one misses the
 bandwidth. ``--weights`` checks the operation given C's and A's weights instead of c
-(``c_weights``, ``a``: y = (BN(D u) * C u) @ A and the gradients of u, C, D's kernel,
-BatchNorm's scale and bias and A), so that QLHS_C_FORM, QLHS_DP_FORM and
-QLHS_WEIGHT_GRADS make c, dp and the weight gradients in the kernels, against float64
+(``c_weights``, ``a``: y = (BN(D u) * C u) @ A, plus u at stride 1 as the block's
+shortcut adds it, and the gradients of u, C, D's kernel, BatchNorm's scale and bias and
+A), so that QLHS_C_FORM, QLHS_DP_FORM and QLHS_WEIGHT_GRADS make c, dp and the weight
+gradients in the kernels, and QLHS_DU_SUM adds u's shares in du's kernel, against float64
 autodiff of the model's matmuls around the reference; ``--check-only`` stops after the
 check (the exit code says whether it passed).
 """
@@ -87,20 +88,29 @@ def _inputs(key, batch, side, n, stride, e, dtype, n_out=None):
 def _fwd_bwd(impl, stride, interpret, weights=False):
   """jit(args, dp) -> (p, gradients of <p, dp> w.r.t. the five inputs); ``weights``:
   jit(args, dy) -> (y, gradients of <y, dy> w.r.t. the six inputs of :func:`_inputs`
-  with ``n_out``), "none" differentiating the model's matmuls around the reference."""
+  with ``n_out``; y plus the shortcut u at stride 1), "none" differentiating the
+  model's matmuls around the reference."""
   import jax
   from qlhs_jax.kernels import d_bn_product as dbn
+  # At stride 1 the block's shortcut, u, is added to y (eq3_n_out: n_out = n there),
+  # through the u the operation hands back where QLHS_DU_SUM=kernel has du's kernel add
+  # its gradient.
+  shortcut = stride == 1
   if impl == "none" and weights:
     def op(u, cw, kernel, scale, bias, a):
       p, mean, var = dbn.reference(u, dbn.c_of(u, cw, stride), kernel, scale, bias,
                                    stride=stride)
-      return dbn.a_of(p, a), mean, var
+      y = dbn.a_of(p, a)
+      return (y + u if shortcut else y), mean, var
   elif impl == "none":
     op = functools.partial(dbn.reference, stride=stride)
   elif weights:
     def op(u, cw, kernel, scale, bias, a):
-      return dbn.d_bn_product(u, cw, kernel, scale, bias, stride=stride, impl=impl,
-                              interpret=interpret, c_weights=True, a=a)
+      through = shortcut and dbn.du_sum() == "kernel"
+      y, mean, var, *u_back = dbn.d_bn_product(
+          u, cw, kernel, scale, bias, stride=stride, impl=impl, interpret=interpret,
+          c_weights=True, a=a, through=through)
+      return (y + (u_back[0] if through else u) if shortcut else y), mean, var
   else:
     op = functools.partial(dbn.d_bn_product, stride=stride, impl=impl, interpret=interpret)
 

@@ -124,8 +124,8 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
              if stride == 1 else ())
     return (stencil.tap_stats(u, stride, interpret=False, lags=False), *lags,
             stencil.bn_sums(u, dx, dx, k9, vec, vec, stride, interpret=False),
-            stencil.d_transpose(dx, k9, stride, (side, side), addend=add, out_dtype=bf,
-                                interpret=False),
+            stencil.d_transpose(dx, k9, stride, (side, side), addends=(add, add),
+                                out_dtype=bf, interpret=False),
             stencil.product(u, dx, k9, vec, vec, stride, interpret=False),
             *stencil.dx_dc(u, dx, dx, k9, vec, vec, vec, vec, vec, stride, bf,
                            interpret=False), *walks)

@@ -478,6 +478,22 @@ def _pass4_grads(stride: int, n: int, e: int, n_out: int, groups: int, impl: str
           and not _dx_du_walks(stride, n, e, groups))
 
 
+DU_SUMS = ("xla", "kernel")
+
+
+def du_sum() -> str:
+  """QLHS_DU_SUM: where u's gradient adds up in a block whose shortcut is the identity
+  (eq3, eq5). "xla" (the default): du's kernel stores D^T dx, and an XLA add reads it
+  back with C's share (dc C^T, where the operation makes c) and the shortcut's
+  gradient. "kernel": the model routes its shortcut through the operation
+  (``d_bn_product(..., through=True)`` hands u back), so the shortcut's gradient comes
+  into the backward, and du's Pallas kernel adds both shares before its one store:
+  two reads and a write of u's size less a block where XLA's add stood alone, one
+  where XLA had merged it into the next reduction (benchmarks/NOTES.md, experiment 50).
+  The same sum in float32, rounded once. Not yet timed."""
+  return settings.choice("QLHS_DU_SUM", DU_SUMS)
+
+
 def _makes_dp(n: int, n_out: int, groups: int, impl: str) -> bool:
   """Whether pass 4's kernel (and pass 3's, in its dot form) makes dp = dy A^T for a
   block of ``n`` input and ``n_out`` output channels when the operation is given A's
@@ -1073,14 +1089,15 @@ def kernel_grad_like(dk9, kernel):
   return dk.astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights,
+        through):
   return _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
-                  c_weights)[0]
+                  c_weights, through)[0]
 
 
 def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
-             c_weights):
+             c_weights, through):
   b, _, _, n = u.shape
   e = kernel.shape[-1]
   k9 = _kernel9(kernel, n)
@@ -1119,22 +1136,24 @@ def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
   # a: the 1x1 map A that follows the product (y = p @ a), kept for its gradient, which
   # needs p (as autodiff of the model's matmul keeps it), and for dp's.
   y = p if a is None else a_of(p, a)
-  out = (y, mean.reshape(groups, h), var.reshape(groups, h))
+  out = (y, mean.reshape(groups, h), var.reshape(groups, h)) + ((u,) if through else ())
   keep_p = a is not None and not (
       c_weights and _pass4_grads(stride, n, e, a.shape[-1], groups, impl))
   return out, (u, c5, cw, a, p if keep_p else None, kernel, scale, bias, mean, rstd,
                mul, add, tstats, res_up)
 
 
-def _fwd(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights):
+def _fwd(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret, c_weights,
+         through):
   return _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
-                  c_weights)
+                  c_weights, through)
 
 
-def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
-  del eps, c_weights  # (cw is None unless c_weights)
+def _bwd(stride, groups, eps, impl, interpret, c_weights, through, res, cts):
+  del eps, c_weights, through  # (cw is None unless c_weights; cts has du_through)
   u, c5, cw, a, p, kernel, scale, bias, mean, rstd, mul, add, tstats, up = res
-  dy, dmean, dvar = cts  # (dy: dp where no A follows)
+  # (dy: dp where no A follows; du_through: the gradient of the u handed back)
+  dy, dmean, dvar, *du_through = cts
   b, _, _, n = u.shape
   e = kernel.shape[-1]
   h = n * e
@@ -1227,23 +1246,31 @@ def _bwd(stride, groups, eps, impl, interpret, c_weights, res, cts):
       dx = _xla_backward_dx(u_dx, c5, dp5, k9, mul, cx, c0, mean, stride, groups,
                             dy.dtype, up=up_dx)
     dk9 = _xla_kernel_grad(tg, tstats, k9, mean, mul, cx, c0)
-  du_dot = du_pallas(u.shape[-1], e)
-  if du is None and du_dot is not None:  # in u's dtype by the kernel
-    from qlhs_jax.kernels import stencil  # imports this module
-    du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], out_dtype=u.dtype,
-                             dot=du_dot)
-  elif du is None:  # (not None: dx_du gave it)
-    du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
   dscale = sgx.sum(0).reshape(h).astype(scale.dtype)
   dbias = sg.sum(0).reshape(h).astype(bias.dtype)
   dc = dc5.reshape(dy.shape[:3] + (h,))
-  if w_grads:  # u's share (C's gradient came from pass 4)
-    du = du + jax.vjp(lambda u_: c_of(u_, cw, stride), u)[1](dc)[0]
+  # u's other shares: C's where c = C u is made inside the operation (as autodiff of the
+  # model's matmul gives it, with C's gradient unless pass 4 summed that), and the
+  # shortcut's where u was handed back (``through``).
+  shares = list(du_through)
+  if w_grads:
+    shares.insert(0, jax.vjp(lambda u_: c_of(u_, cw, stride), u)[1](dc)[0])
     dc = dcw
-  elif cw is not None:  # c = C u inside the operation: C's gradient and u's share, as
-    # autodiff of the model's matmul gives them
+  elif cw is not None:
     du_c, dc = jax.vjp(lambda u_, w_: c_of(u_, w_, stride), u, cw)[1](dc)
-    du = du + du_c
+    shares.insert(0, du_c)
+  du_dot = du_pallas(u.shape[-1], e)
+  if du is None and du_dot is not None:  # in u's dtype by the kernel
+    from qlhs_jax.kernels import stencil  # imports this module
+    # With u handed back, the shares go into du's kernel: one store of du, where an XLA
+    # add would read it back (du_sum "kernel").
+    adds, shares = (shares, []) if du_through else ((), shares)
+    du = stencil.d_transpose(dx, k9, stride, u.shape[1:3], addends=adds,
+                             out_dtype=u.dtype, dot=du_dot)
+  elif du is None:  # (not None: dx_du gave it)
+    du = _d_transpose(dx, k9, stride, u.shape[1:3]).astype(u.dtype)
+  for share in shares:
+    du = du + share
   return du, dc, kernel_grad_like(dk9, kernel), dscale, dbias, da
 
 
@@ -1253,7 +1280,7 @@ _op.defvjp(_fwd, _bwd)
 def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array,
                  bias: jax.Array, *, stride: int = 1, groups: int = 1, eps: float = 1e-5,
                  impl: str = "xla", interpret: bool = False, c_weights: bool = False,
-                 a: jax.Array | None = None):
+                 a: jax.Array | None = None, through: bool = False):
   """``p = BN(D u) * c`` with training-mode batch statistics.
 
   ``u`` (B, H, W, n); ``c`` (B, Ho, Wo, n*e) in the hidden (j-major) order; ``kernel``
@@ -1265,6 +1292,9 @@ def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array
   ``a``: the weight (n*e, n_out) of the 1x1 map A that follows, in the compute dtype:
   the operation returns y = p @ a (:func:`a_of`) in p's place, and its backward makes
   dp = dy a^T where :func:`dp_form` says.
+  ``through``: return ``(p, mean, var, u)``, u itself for the caller's other uses of u
+  (the block's shortcut, :func:`du_sum`): their gradient comes back as that output's
+  cotangent, and du's Pallas kernel adds it (and C's share) before it stores du.
   Differentiable in every array argument (the backward is the hand-written passes of
   the module docstring).
   """
@@ -1272,9 +1302,9 @@ def d_bn_product(u: jax.Array, c: jax.Array, kernel: jax.Array, scale: jax.Array
   kernel = fused_kernel(kernel, u.dtype)
   if _kernels_per_device(u.shape[-1], kernel.shape[-1], groups, impl):
     return _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl,
-                          interpret, c_weights)
+                          interpret, c_weights, through)
   return _op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
-             c_weights)
+             c_weights, through)
 
 
 def _kernels_per_device(n, e, groups, impl) -> bool:
@@ -1304,7 +1334,7 @@ def _kernels_per_device(n, e, groups, impl) -> bool:
 
 
 def _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
-                   c_weights):
+                   c_weights, through):
   """:func:`_op` on each device's slice of the batch: shard_map over the step's mesh,
   the batch (u, c, p or y and the per-group statistics) split along its "data" axis,
   the parameters whole. Each device's BatchNorm groups are its own, so the forward needs
@@ -1319,10 +1349,10 @@ def _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, inte
 
   def body(u, c, kernel, scale, bias, *weights):
     return _op(u, c, kernel, scale, bias, weights[0] if weights else None, stride,
-               groups // shards, eps, impl, interpret, c_weights)
+               groups // shards, eps, impl, interpret, c_weights, through)
 
   return jax.shard_map(body, mesh=_context_mesh(),
                        in_specs=((split, whole if c_weights else split) + (whole,) * 3
                                  + (whole,) * len(weights)),
-                       out_specs=(split,) * 3, check_vma=False)(u, c, kernel, scale, bias,
+                       out_specs=(split,) * (4 if through else 3), check_vma=False)(u, c, kernel, scale, bias,
                                                                 *weights)

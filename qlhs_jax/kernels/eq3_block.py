@@ -521,7 +521,7 @@ def _bwd(stride, hw, eps, interpret, res, cts):
   du_dot = dbn.du_pallas(n, e)
   if du_dot is not None:  # du1 added in the kernel, du stored in u's dtype
     from qlhs_jax.kernels import stencil  # stencil imports d_bn_product, not us
-    du = stencil.d_transpose(dx, k9, stride, (h, w), addend=du1, out_dtype=u2.dtype,
+    du = stencil.d_transpose(dx, k9, stride, (h, w), addends=(du1,), out_dtype=u2.dtype,
                              interpret=interpret, dot=du_dot)
   else:
     du = dbn._d_transpose(dx, k9, stride, (h, w)) + du1.astype(F32)

@@ -45,7 +45,7 @@ at stage 1 from 0.326 to 0.237 ms and at stage 2's first block from 0.378 to 0.1
   :func:`_lags_dot_loop`): what the products buy is Triton's pipeliner, which issues the
   loads that feed a dot trips ahead (benchmarks/NOTES.md, experiment 40);
 - :func:`d_transpose`: du (B, H, W, n) float32 (or ``out_dtype``) from dx (B, Ho, Wo, n,
-  e) and D's kernel, plus an optional ``addend``: each input pixel gathers the output
+  e) and D's kernel, plus any ``addends``: each input pixel gathers the output
   pixels whose taps read it, as contiguous loads of the block's n*e hidden channels,
   summed over e once at the end.
 
@@ -73,6 +73,7 @@ kernels run interpreted (tests). On an H100 they made the "xla" step 2.8x faster
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -852,11 +853,8 @@ def _sums_out(sums, k9, mean, rstd):
 # ------------------------------------------------------------------------------------
 # du = D^T dx.
 
-def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
-  if with_addend:
-    add_ref, du_ref = rest
-  else:
-    (du_ref,) = rest
+def _du_kernel(dx_ref, k_ref, *rest, plan):
+  *add_refs, du_ref = rest  # (the addends' refs, then du's)
   m, bj, e, st = plan["m"], plan["bj"], plan["e"], plan["stride"]
   ti, cb = _ids(plan)
   p0, j0 = ti * m, cb * bj
@@ -889,7 +887,7 @@ def _du_kernel(dx_ref, k_ref, *rest, plan, with_addend):
       v = dx_ref[row, cols].astype(F32)
       acc += jnp.where(ok[:, None], v, 0.0) * k_ref[t, cols][None, :]
   du = acc.reshape(m, bj, e).sum(2)
-  if with_addend:
+  for add_ref in add_refs:
     du += add_ref[pl.ds(p0, m), pl.ds(j0, bj)].astype(F32)
   du_ref[pl.ds(p0, m), pl.ds(j0, bj)] = du.astype(du_ref.dtype)
 
@@ -943,7 +941,7 @@ def _k_block(k, e: int, bj: int, parts: int, dtype, forward: bool = False):
   return jnp.where(hid // e == j, value, 0.0).astype(dtype)
 
 
-def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, parts):
+def _du_dot_kernel(dx_ref, k_ref, *rest, plan, parts):
   """:func:`_du_kernel` at stride 1 as matrix products (QLHS_DU_FORM=pallas_dot): per
   tap, dx at the shifted pixels (m, bj*e hidden channels) @ the tap's kernel as a
   block-diagonal matrix (:func:`_k_block`: hidden channel j*e + s feeds input channel
@@ -956,7 +954,7 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, parts):
   product is exact and summed in float32, as in the element-wise kernel (in another
   order); float32 dx: float32 operands at HIGHEST."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot
-  add_ref, du_ref = rest if with_addend else (None, *rest)
+  *add_refs, du_ref = rest  # (the addends' refs, then du's)
   m, bj, e, tiles, tpc = plan["m"], plan["bj"], plan["e"], plan["tiles"], plan["tpc"]
   ch, cb = _ids(plan)
   j0 = cb * bj
@@ -974,14 +972,14 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, with_addend, parts):
       acc = acc + _dot(v.astype(blocks[t].dtype), blocks[t])
     du = acc.reshape(m, bj, parts).sum(2) if parts > 1 else acc
     rows = pl.ds(ti * m, m)
-    if with_addend:
+    for add_ref in add_refs:
       du = du + add_ref[rows, pl.ds(j0, bj)].astype(F32)
     du_ref[rows, pl.ds(j0, bj)] = du.astype(du_ref.dtype)
     return carry
   lax.fori_loop(0, tpc, body, 0)
 
 
-def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
+def _du_parity_kernel(dx_ref, k_ref, *rest, plan):
   """du at stride 2 for one parity class (py, px) of the input pixels: (y, x) = (2a +
   py, 2b + px). Along an axis an even pixel receives one tap (d = 0, from output a), an
   odd one two (d = -1 from output a + 1, d = +1 from output a), so a class needs at most
@@ -990,10 +988,7 @@ def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   are m contiguous rows at a per-program offset (a masked load, as in lean tiles); du is
   stored to the class's scattered rows, masked where 2a + py or 2b + px leaves the
   image (odd sizes)."""
-  if with_addend:
-    add_ref, du_ref = rest
-  else:
-    (du_ref,) = rest
+  *add_refs, du_ref = rest  # (the addends' refs, then du's)
   from qlhs_jax.kernels.d_bn_product import plt
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   h, w, ho, wo = plan["h"], plan["w"], plan["ho"], plan["wo"]
@@ -1019,17 +1014,18 @@ def _du_parity_kernel(dx_ref, k_ref, *rest, plan, with_addend):
   du = acc.reshape(m, bj, e).sum(2)
   rows = lax.div(q, ho * wo) * (h * w) + y * w + x
   at = (rows[:, None], (j0 + lax.broadcasted_iota(jnp.int32, (bj,), 0))[None, :])
-  if with_addend:
+  for add_ref in add_refs:
     du += plt.load(add_ref.at[at], mask=valid[:, None], other=0.0).astype(F32)
   plt.store(du_ref.at[at], du.astype(du_ref.dtype), mask=valid[:, None])
 
 
 def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
-                addend: jax.Array | None = None, out_dtype=F32,
+                addends: Sequence[jax.Array] = (), out_dtype=F32,
                 interpret: bool | None = None, dot: bool = False) -> jax.Array:
-  """du = D^T dx (+ ``addend``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's kernel
-  (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addend`` (B, H, W, n) or None. Returns
-  (B, H, W, n) in ``out_dtype``, summed in float32. ``dot``: at stride 1, the taps'
+  """du = D^T dx (+ each of ``addends``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's
+  kernel (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addends`` arrays (B, H, W, n), added
+  in the kernel (one store of du, not an XLA add that reads it back). Returns (B, H, W,
+  n) in ``out_dtype``, summed in float32. ``dot``: at stride 1, the taps'
   sums as matrix products (QLHS_DU_FORM=pallas_dot, :func:`_du_dot_kernel`, tiles from
   QLHS_STENCIL_TILING's ``du_dot`` entry: pixels, channels, warps, stages; no row
   walk); at stride 2 the parity classes' kernel, as without."""
@@ -1048,12 +1044,12 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     raise ValueError(f"d_transpose: dx {dx.shape} is not the stride-{stride} output of "
                      f"an input of {hw}")
   dx2, k2 = dx.reshape(b * ho * wo, n * e), k9.astype(F32).reshape(9, n * e)
-  add = None if addend is None else addend.reshape(b * h * w, n)
+  adds = [a.reshape(b * h * w, n) for a in addends]
   if walk:
     plan = _rows_plan(b, h, w, n, e, m0, bj0, interpret)
-    args = [_rows_pad(dx2, plan), k2] + ([] if add is None else [_rows_pad(add, plan)])
-    du = _rows_call(functools.partial(_du_rows_kernel, with_addend=add is not None), plan,
-                    "du", warps, interpret, _rows_out(plan, n, out_dtype), *args)
+    du = _rows_call(_du_rows_kernel, plan, "du", warps, interpret,
+                    _rows_out(plan, n, out_dtype), _rows_pad(dx2, plan), k2,
+                    *[_rows_pad(a, plan) for a in adds])
     return _rows_unpad(du, plan).reshape(b, h, w, n)
   if stride == 2:  # four parity classes of tiles of the output grid (_du_parity_kernel)
     plan = dict(g, **_tiles(b * ho * wo, n, m0, bj0), e=e)
@@ -1074,15 +1070,15 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
     # kernel likewise: each tap is one contiguous load of a block's bj*e channels.
     plan, dx2 = lean_plan(dict(g, **_tiles(b * h * w, n, m0, bj0), e=e), dx2, interpret)
     body, programs, out_rows = _du_kernel, plan["tiles"], plan["tiles"] * plan["m"]
-  if stride == 1 and add is not None:
+  if stride == 1 and adds:
     from qlhs_jax.kernels.eq3_block import _pad_rows
-    add = _pad_rows(add, plan)
+    adds = [_pad_rows(a, plan) for a in adds]
   du = pl.pallas_call(
-      functools.partial(body, plan=plan, with_addend=add is not None),
+      functools.partial(body, plan=plan),
       out_shape=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
       grid=_grid(plan, programs, n // plan["bj"]), interpret=interpret,
       name=NAMES["du_dot" if dot else "du"],
-      **_params(warps, interpret, stages))(dx2, k2, *([] if add is None else [add]))
+      **_params(warps, interpret, stages))(dx2, k2, *adds)
   return du[:b * h * w].reshape(b, h, w, n)
 
 
@@ -1612,12 +1608,12 @@ class _Strip:
     plt.store(self._ref(ref, at, cols), value.astype(ref.dtype), mask=ok[:, None])
 
 
-def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addend=None):
+def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addends=()):
   """One step of du's scatter down a strip: dx's row r at shifts s = -1, 0, 1,
   ``rows`` ((m, bj*e) float32 each), gives du's row r + dy the sum h_dy(r) = sum_dx k_t
   dx(r, x - dx), summed over e; du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1). Stores du's row
-  r-1 = ``above`` + h_-1(r) (+ ``addend()``, loaded after the sums; not stored outside
-  the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
+  r-1 = ``above`` + h_-1(r) (+ each of ``addends()``, loaded after the sums; not stored
+  outside the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
   r+1's h_+1(r)."""
   plan = st.plan
   m, bj, e = plan["m"], plan["bj"], plan["e"]
@@ -1629,20 +1625,17 @@ def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addend=None):
       acc = term if acc is None else acc + term
     h.append(acc.reshape(m, bj, e).sum(2))
   du = above + h[0]
-  if addend is not None:
+  for addend in addends:
     du += addend()
   st.store(du_ref, r - 1, pl.ds(st.j0, bj), du)
   return here + h[1], h[2]
 
 
-def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
+def _du_rows_kernel(dx_ref, k_ref, *rest, plan):
   """du = D^T dx at stride 1, walking down a strip. du(y, x) = sum over taps (dy, dx) of
   k_t dx(y - dy, x - dx), so dx's row r, loaded at shifts s = -dx, gives du's row r + dy
   the sum h_dy(r) = sum_dx k_t dx(r, x - dx); du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1)."""
-  if with_addend:
-    add_ref, du_ref = rest
-  else:
-    (du_ref,) = rest
+  *add_refs, du_ref = rest  # (the addends' refs, then du's)
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   st = _Strip(plan)
   cols, out_cols = pl.ds(st.j0 * e, bj * e), pl.ds(st.j0, bj)
@@ -1660,10 +1653,9 @@ def _du_rows_kernel(dx_ref, k_ref, *rest, plan, with_addend):
       ahead = row(r + 1)
     else:
       rows, ahead = row(r), ()
-    addend = ((lambda: st.load(add_ref, r - 1, 0, out_cols).astype(F32)) if with_addend
-              else None)
+    addends = [lambda a=a: st.load(a, r - 1, 0, out_cols).astype(F32) for a in add_refs]
     return _du_scatter(st, du_ref, r, [v.astype(F32) for v in rows],
-                       _k_taps(k_ref, cols), above, here, addend) + (ahead,)
+                       _k_taps(k_ref, cols), above, here, addends) + (ahead,)
   zero = jnp.zeros((m, bj), F32)
   lax.fori_loop(0, plan["span"] + 2, body,
                 (zero, zero, row(st.r0 - 1) if plan["ahead"] else ()))

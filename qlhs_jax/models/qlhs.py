@@ -119,24 +119,27 @@ class FusedDBNProduct(nn.Module):
   with the variables of the plain path's ``bn_d``. ``c_weights``: ``c`` is C's weight
   and the operation makes c = C u itself (``d_bn_product.c_form``). ``a``: the weight of
   the 1x1 map A that follows, which the operation then applies, returning y = A p
-  (``d_bn_product.dp_form``)."""
+  (``d_bn_product.dp_form``). ``through``: returns ``(y, u)``, u handed back by the
+  operation for the block's shortcut (``d_bn_product.du_sum``)."""
   impl: str
   stride: int = 1
   groups: int = 1
   param_dtype: Dtype = jnp.float32
   c_weights: bool = False
+  through: bool = False
 
   @nn.compact
   def __call__(self, u, kernel, c, a=None):
     scale, bias, ra_mean, ra_var = _bn_d_variables(self, c.shape[-1])
     interpret = _pallas_interpret(self.impl) if self.impl == "pallas" else False
-    y, mean, var = dbn.d_bn_product(
+    y, mean, var, *u_back = dbn.d_bn_product(
         u, c, kernel, scale, bias, stride=self.stride, groups=self.groups, eps=BN_EPS,
-        impl=self.impl, interpret=interpret, c_weights=self.c_weights, a=a)
+        impl=self.impl, interpret=interpret, c_weights=self.c_weights, a=a,
+        through=self.through)
     if not self.is_initializing():
       count = (u.shape[0] // self.groups) * y.shape[1] * y.shape[2]
       update_running_stats(ra_mean, ra_var, mean, var, count)
-    return y
+    return (y, *u_back) if self.through else y
 
 
 class FusedEq3Hidden(nn.Module):
@@ -227,19 +230,22 @@ class QLHSBlock(nn.Module):
                              pin=self.pin_hidden_layout)
 
   @nn.nowrap
-  def _d_bn_times(self, x, make_c, stride, c_of_x=False, then_a=False):
-    """``BN_d(D x) * c`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
+  def _d_bn_times(self, x, make_c, stride, c_of_x=False, then_a=False, through=False):
+    """``(BN_d(D x) * c, x)`` (x: (B, H, W, n) stream, c = make_c() hidden): fused when
     configured. ``make_c`` runs after D's kernel exists, keeping the parameter creation
     order (and so the initial values) of the plain path. ``c_of_x``: c is the 1x1 map
     "c" of x subsampled at ``stride``, which the fused operation may make itself
     (``d_bn_product.c_form``, QLHS_C_FORM=kernels), taking the map's weight instead.
     ``then_a``: the 1x1 map "a" (to n_out channels) follows, y = A(BN_d(D x) * c) is
     returned, and the fused operation may apply it itself (``d_bn_product.dp_form``,
-    QLHS_DP_FORM=kernels: its backward then makes dp = dy A^T in its kernels)."""
+    QLHS_DP_FORM=kernels: its backward then makes dp = dy A^T in its kernels).
+    ``through``: x is the block's shortcut too; the x returned is then the fused
+    operation's, where QLHS_DU_SUM=kernel has it hand x back (``d_bn_product.du_sum``),
+    so that the shortcut's gradient is added in du's kernel."""
     fuse = self._fuse(x.shape[-1])
     a_map = lambda p: self._dense(p, "a", self.n_out) if then_a else p
     if not self._fuses_hidden(x.shape[-1]):
-      return a_map(self._norm(self._d(self._split(x), stride), "d") * make_c())
+      return a_map(self._norm(self._d(self._split(x), stride), "d") * make_c()), x
     kernel = self._d_kernel(x.shape[-1])
     impl = "xla" if fuse == "block" else fuse
     n, h = x.shape[-1], self.expansion * x.shape[-1]
@@ -248,9 +254,12 @@ class QLHSBlock(nn.Module):
     # The parameters _dense would create, in the same order (c, then a).
     c = self._dense_weight("c", n, h) if c_weights else make_c()
     aw = self._dense_weight("a", h, self.n_out) if applies_a else None
-    y = FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
-                        c_weights=c_weights, name="bn_d")(x, kernel, c, aw)
-    return y if applies_a else a_map(y)
+    through = through and impl == "xla" and dbn.du_sum() == "kernel"
+    out = FusedDBNProduct(impl, stride, self.bn_groups, self.param_dtype,
+                          c_weights=c_weights, through=through, name="bn_d")(
+                              x, kernel, c, aw)
+    y, x = out if through else (out, x)
+    return (y if applies_a else a_map(y)), x
 
   @nn.nowrap
   def _fuses_hidden(self, n_in) -> bool:
@@ -351,20 +360,23 @@ class QLHSBlock(nn.Module):
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
     us = layers.subsample(u, s)
+    identity = s == 1 and n_in == self.n_out  # the shortcut is u itself
     if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
-      y = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True, then_a=True)
+      y, u = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True, then_a=True,
+                              through=identity)
     elif form == "eq3w":
       wu = self._dense(u, "w", n_in)
-      y = self._d_bn_times(wu, lambda: self._dense(us, "c", h), s, then_a=True)
+      y, _ = self._d_bn_times(wu, lambda: self._dense(us, "c", h), s, then_a=True)
     elif form == "eq4":
       f1 = self._norm(self._d(self._split(u), s), "d")
       y = self._dense(us, "c", self.n_out) * self._dense(f1, "a", self.n_out)
     elif form == "eq5":
       if h % self.n_out:
         raise ValueError(f"eq5 needs h = e*n_in = {h} to divide by n_out = {self.n_out}")
-      p = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True)
+      p, u = self._d_bn_times(u, lambda: self._dense(us, "c", h), s, True,
+                              through=identity)
       # Group g of output o is hidden channel o*g + t (j-major), i.e. (j, s) with
       # j = o*g//e: the non-strided block sums exactly the e derivatives of u_o, as
       # Eq.(5) says. s_major sums the same (j, s) sets.
@@ -386,7 +398,7 @@ class QLHSBlock(nn.Module):
     else:
       raise ValueError(f"unknown block form {form!r}; choose one of {FORMS}")
     y = self._norm(y, "out", zero_init=True)
-    if s != 1 or n_in != self.n_out:
+    if not identity:
       # The 1x1 shortcut at stride s, on the strided u that C reads too. XLA's dot
       # merger computes the two as one matmul; where C then goes to the fused D + BN +
       # product, whose kernels take C as an operand of its own, C was copied out of

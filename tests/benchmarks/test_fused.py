@@ -112,25 +112,37 @@ def test_best_tiling(tmp_path):
 
 def test_the_check_given_the_weights_covers_what_the_kernels_make(monkeypatch, capsys):
   """--weights --check-only: the operation given C's and A's weights, with c, dp and
-  the weight gradients made in the kernels (every dot form, interpreted), agrees with
-  float64 autodiff of the model's matmuls around the reference, and the run stops after
-  the check; pass 4 summed the weight gradients at both shapes. Planted: c and dp made
-  0.1% too large in the kernels (exit 1)."""
+  the weight gradients made in the kernels and u's shares added in du's kernel (every
+  dot form, interpreted), agrees with float64 autodiff of the model's matmuls and
+  shortcut around the reference, and the run stops after the check; pass 4 summed the
+  weight gradients at both shapes, and du's kernel added C's share and the shortcut's
+  at stride 1. Planted: c and dp made 0.1% too large in the kernels; the shortcut's
+  share left out of du's kernel (exit 1)."""
   from qlhs_jax.kernels import stencil
   monkeypatch.setattr(fused, "EQ3_SHAPES", SHAPES)
   for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
                      ("QLHS_STATS_FORM", "pallas_dot"), ("QLHS_C_FORM", "kernels"),
                      ("QLHS_DP_FORM", "kernels"), ("QLHS_WEIGHT_GRADS", "pass4"),
+                     ("QLHS_DU_FORM", "pallas"), ("QLHS_DU_SUM", "kernel"),
                      ("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2 "
                       "grads_dot=8,4,2,2 stats_dot=16,4,2,2")):
     monkeypatch.setenv(var, value)
   summed, real = [], stencil.dx_dc
   monkeypatch.setattr(stencil, "dx_dc", lambda *a, **k: summed.append(
       k.get("w_grads")) or real(*a, **k))
+  addends, real_du = [], stencil.d_transpose
+  monkeypatch.setattr(stencil, "d_transpose", lambda *a, **k: addends.append(
+      len(k["addends"])) or real_du(*a, **k))
   assert fused.main(ARGS + ["--weights", "--check-only"]) == 0
   out = capsys.readouterr().out
   assert "given C's and A's weights" in out and "forward + backward" not in out
   assert summed == [True, True], summed  # "xla" at both shapes ("pallas" has no dx_dc)
+  # stride 1, "xla" then "pallas": C's share and the shortcut's; stride 2: none
+  assert addends == [2, 2, 0, 0], addends
+  monkeypatch.setattr(stencil, "d_transpose", lambda *a, **k: real_du(
+      *a, **dict(k, addends=k["addends"][:1])))
+  assert fused.main(ARGS + ["--weights", "--check-only"]) == 1
+  monkeypatch.setattr(stencil, "d_transpose", real_du)
   rounded = stencil._rounded_dot
   monkeypatch.setattr(stencil, "_rounded_dot", lambda a, b: rounded(a, b) * 1.001)
   assert fused.main(ARGS + ["--weights", "--check-only"]) == 1

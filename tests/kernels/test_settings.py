@@ -48,6 +48,7 @@ READERS = {
     "weight_grads": ("pass4", _with_dot_products(d_bn_product.weight_grads,
                                                  QLHS_C_FORM="kernels",
                                                  QLHS_DP_FORM="kernels"), "pass4", "xla"),
+    "du_sum": ("kernel", d_bn_product.du_sum, "kernel", "xla"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
     "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),

@@ -228,25 +228,25 @@ def _du_dot_spec(spec: str, stages: int = 2) -> str:
 @pytest.mark.parametrize("shape,stride,spec", SHAPES)
 @pytest.mark.parametrize("e", [1, 4])
 def test_d_transpose_matches_numpy(monkeypatch, shape, stride, spec, e, dot):
-  """du = D^T dx (+ an addend) equals the float64 scatter, both strides, odd sizes;
+  """du = D^T dx (+ two addends) equals the float64 scatter, both strides, odd sizes;
   also as matrix products (QLHS_DU_FORM=pallas_dot, float32 operands first; at stride 2
   the same parity classes' kernel)."""
   monkeypatch.setenv("QLHS_STENCIL_TILING", _du_dot_spec(spec) if dot else spec)
   b, h, w, n = shape
   ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
   rng = np.random.default_rng(1)
-  dx, k9, add = (rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e)),
-                 rng.normal(size=shape))
+  dx, k9, add, add2 = (rng.normal(size=(b, ho, wo, n, e)), rng.normal(size=(9, n, e)),
+                       rng.normal(size=shape), rng.normal(size=shape))
   want = numpy_d_transpose(dx, k9, stride, h, w)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   got = stencil.d_transpose(f32(dx), f32(k9), stride, (h, w), interpret=True, dot=dot)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   got = stencil.d_transpose(f32(dx).astype(jnp.bfloat16), f32(k9), stride, (h, w),
-                            addend=f32(add), out_dtype=jnp.bfloat16, interpret=True,
-                            dot=dot)
+                            addends=(f32(add), f32(add2)), out_dtype=jnp.bfloat16,
+                            interpret=True, dot=dot)
   want = numpy_d_transpose(np.asarray(f32(dx).astype(jnp.bfloat16), np.float64), k9,
-                           stride, h, w) + add
+                           stride, h, w) + add + add2
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=2e-2)
 
@@ -260,8 +260,8 @@ def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec
                                                      programs):
   """QLHS_DU_FORM=pallas_dot with a bfloat16 dx (training's): D's kernel goes into the
   products as three bfloat16 parts that add up to it, so every product is exact and
-  only the float32 sums round. Against float64 of the same bfloat16 values (and a
-  float32 addend) to 1e-6 of the largest, with one tile a program and with chunks of
+  only the float32 sums round. Against float64 of the same bfloat16 values (and two
+  addends, float32 and bfloat16) to 1e-6 of the largest, with one tile a program and with chunks of
   several (``programs`` 3: at 10 tiles of 8 pixels, the last chunk of 4 runs 2 trips
   past the last tile). Two parts miss by 2-4e-6 here, one by ~2e-3."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
@@ -270,11 +270,12 @@ def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec
   rng = np.random.default_rng(11)
   dx = jnp.asarray(rng.normal(size=(b, h, w, n, e)), jnp.bfloat16)
   k9 = jnp.asarray(rng.normal(size=(9, n, e)), jnp.float32)
-  add = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  want = numpy_d_transpose(np.asarray(dx.astype(jnp.float32), np.float64),
-                           np.asarray(k9, np.float64), 1, h, w) + np.asarray(add)
-  got = np.asarray(stencil.d_transpose(dx, k9, 1, (h, w), addend=add, interpret=True,
-                                       dot=True))
+  add, add2 = (jnp.asarray(rng.normal(size=shape), t) for t in (jnp.float32, jnp.bfloat16))
+  want = (numpy_d_transpose(np.asarray(dx.astype(jnp.float32), np.float64),
+                            np.asarray(k9, np.float64), 1, h, w)
+          + np.asarray(add) + np.asarray(add2.astype(jnp.float32)))
+  got = np.asarray(stencil.d_transpose(dx, k9, 1, (h, w), addends=(add, add2),
+                                       interpret=True, dot=True))
   assert got.shape == want.shape
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
 
@@ -1150,9 +1151,9 @@ def test_row_walks_match_numpy_and_the_tiles(monkeypatch, shape, e, spec, progra
   np.testing.assert_allclose(np.asarray(got), numpy_d_transpose(f64(dp5), f64(k9), 1, h, w),
                              rtol=1e-5, atol=1e-5)
   dp16 = dp5.astype(jnp.bfloat16)
-  got = stencil.d_transpose(dp16, k9, 1, (h, w), addend=add, out_dtype=jnp.bfloat16,
-                            interpret=True)
-  want = numpy_d_transpose(f64(dp16), f64(k9), 1, h, w) + f64(add)
+  got = stencil.d_transpose(dp16, k9, 1, (h, w), addends=(add, 2 * add),
+                            out_dtype=jnp.bfloat16, interpret=True)
+  want = numpy_d_transpose(f64(dp16), f64(k9), 1, h, w) + 3 * f64(add)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(f64(got), want, rtol=1e-2, atol=2e-2)
   got = stencil.bn_sums(u, c5, dp5, k9, mean, rstd, 1, interpret=True)

@@ -275,6 +275,35 @@ def test_dp_made_in_the_kernels_is_the_same_network(monkeypatch, form, c_form):
                     else set()), calls
 
 
+@pytest.mark.parametrize("form,c_form,du_form", [
+    ("eq3", "grads", "pallas"), ("eq3", "grads", "pallas_dot"), ("eq3", "stored", "pallas"),
+    ("eq5", "kernels", "pallas"), ("eq3w", "grads", "pallas")])
+def test_du_summed_in_its_kernel_is_the_same_network(monkeypatch, form, c_form, du_form):
+  """QLHS_DU_SUM=kernel (with the dot forms, interpreted): the blocks whose shortcut is
+  their input u (eq3, eq5; here stage 1's) take it from the fused operation, which hands
+  u back, and du's kernel adds the shortcut's gradient, and C's share where the
+  operation makes c ("grads", "kernels"), before it stores du: two addends, or one with
+  c stored. Stage 2's block (stride 2, a 1x1 shortcut) and eq3w's (D reads w u, not u)
+  keep XLA's add: none. The same variables, the plain path's train-mode outputs and
+  gradients."""
+  from qlhs_jax.kernels import stencil
+  for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
+                     ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", du_form),
+                     ("QLHS_C_FORM", "stored" if c_form == "stored" else "kernels"),
+                     ("QLHS_DP_FORM", "kernels" if c_form == "grads" else "stored"),
+                     ("QLHS_WEIGHT_GRADS", "pass4" if c_form == "grads" else "xla"),
+                     ("QLHS_DU_SUM", "kernel")):
+    monkeypatch.setenv(var, value)
+  addends = []
+  real = stencil.d_transpose
+  monkeypatch.setattr(stencil, "d_transpose", lambda *a, **k: addends.append(
+      len(k.get("addends", ()))) or real(*a, **k))
+  plain = QLHSNet(form=form, activation="softball", dtype=jnp.float32, **TINY)
+  assert_same_network(plain, plain.clone(fuse_d_bn="xla"))
+  stage1 = 0 if form == "eq3w" else 1 if c_form == "stored" else 2
+  assert sorted(addends) == sorted([stage1, 0]), addends
+
+
 def spy(monkeypatch, module, name):
   """Counts the calls of ``module.name`` (at trace time)."""
   calls = []
@@ -311,20 +340,22 @@ def test_auto_is_xla_where_the_kernels_run_and_none_elsewhere(monkeypatch):
 FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_FORM")
 
 
-@pytest.mark.parametrize("fuse,rows,c_form,dp_form", [
-    ("xla", "", "stored", "stored"), ("xla", "dx_du", "stored", "stored"),
-    ("xla", "bwd", "stored", "stored"), ("pallas", "", "stored", "stored"),
-    ("xla", "", "kernels", "stored"), ("xla", "", "kernels", "kernels"),
-    ("xla", "", "kernels", "grads")])
-def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_form,
+@pytest.mark.parametrize("fuse,rows,c_form,dp_form,du_sum", [
+    ("xla", "", "stored", "stored", "xla"), ("xla", "dx_du", "stored", "stored", "xla"),
+    ("xla", "bwd", "stored", "stored", "xla"), ("pallas", "", "stored", "stored", "xla"),
+    ("xla", "", "kernels", "stored", "xla"), ("xla", "", "kernels", "kernels", "xla"),
+    ("xla", "", "kernels", "grads", "xla"), ("xla", "", "kernels", "grads", "kernel"),
+    ("xla", "bwd", "stored", "stored", "kernel")])
+def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_form, du_sum,
                                                       monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
   stencil form asked for, or fuse_d_bn="pallas"; interpreted; with ``rows``, pass 4
   and du as one walk, or the backward's walk and du_bn; ``c_form`` "kernels": the dot
   forms making c = C u from C's weight, given whole to each device; ``dp_form``
   "kernels": making dp = dy A^T from A's weight, given whole too; "grads": and pass 4
-  summing C's and A's gradients over each device's slice) run on each device's
-  slice of the batch under shard_map: the plain path's losses and parameters after two
+  summing C's and A's gradients over each device's slice; ``du_sum`` "kernel": u handed
+  back for the shortcut, its gradient added in du's kernel, or after the backward's
+  walk) run on each device's slice of the batch under shard_map: the plain path's losses and parameters after two
   steps, the gradients of D's kernel, of BN's scale and offset (and of C and A) summed
   over the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
@@ -342,6 +373,7 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
   monkeypatch.setenv("QLHS_C_FORM", c_form)
   monkeypatch.setenv("QLHS_DP_FORM", "stored" if dp_form == "stored" else "kernels")
   monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if dp_form == "grads" else "xla")
+  monkeypatch.setenv("QLHS_DU_SUM", du_sum)
   made = spy_on_c(monkeypatch)
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
   kernels = (spy(monkeypatch, stencil, rows) if rows
