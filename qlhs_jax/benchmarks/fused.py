@@ -110,7 +110,9 @@ def _fwd_bwd(impl, stride, interpret, weights=False):
       y, mean, var, *u_back = dbn.d_bn_product(
           u, cw, kernel, scale, bias, stride=stride, impl=impl, interpret=interpret,
           c_weights=True, a=a, through=through)
-      return (y + (u_back[0] if through else u) if shortcut else y), mean, var
+      if shortcut:
+        y = y + (u_back[0] if through else u)
+      return y, mean, var
   else:
     op = functools.partial(dbn.d_bn_product, stride=stride, impl=impl, interpret=interpret)
 

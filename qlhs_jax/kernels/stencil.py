@@ -1612,8 +1612,8 @@ def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addends=()):
   """One step of du's scatter down a strip: dx's row r at shifts s = -1, 0, 1,
   ``rows`` ((m, bj*e) float32 each), gives du's row r + dy the sum h_dy(r) = sum_dx k_t
   dx(r, x - dx), summed over e; du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1). Stores du's row
-  r-1 = ``above`` + h_-1(r) (+ each of ``addends()``, loaded after the sums; not stored
-  outside the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
+  r-1 = ``above`` + h_-1(r) (+ each of ``addends``' values, loaded after the sums; not
+  stored outside the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
   r+1's h_+1(r)."""
   plan = st.plan
   m, bj, e = plan["m"], plan["bj"], plan["e"]

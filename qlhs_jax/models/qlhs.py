@@ -360,7 +360,9 @@ class QLHSBlock(nn.Module):
                        f"choose one of {HIDDEN_LAYOUTS}")
     self._check_fuse()
     us = layers.subsample(u, s)
-    identity = s == 1 and n_in == self.n_out  # the shortcut is u itself
+    # The shortcut is u itself; _d_bn_times may then give u back as the fused
+    # operation hands it back (its ``through``), and the shortcut takes that.
+    identity = s == 1 and n_in == self.n_out
     if form == "eq3" and self._fuses_block(n_in):
       y = self._eq3_fused_hidden(u)
     elif form == "eq3":
