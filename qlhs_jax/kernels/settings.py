@@ -138,6 +138,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.c_form()
     d_bn_product.dp_form()
     d_bn_product.weight_grads()
+    d_bn_product.du_sum()
     choice("QLHS_D_TAPS", d_bn_product.D_TAPS_FORMS)  # d_taps() would start a backend
     d_bn_product.tiling()
     common.bn_stats_form()

@@ -124,9 +124,12 @@ def test_the_context_is_left_after_an_error():
     settings.get("QLHS_PALLAS_INTERPRET")
 
 
-@pytest.mark.parametrize("key,value,message", [
+# A bad value of every key, and the message that refuses it (by its key).
+BAD_VALUES = [
     ("stats_form", "fast", r"config.kernels.stats_form='fast': choose one of \('xla', "
                            r"'pallas', 'pallas_gram', 'pallas_dot', 'auto'\)"),
+    ("sums_form", "fast", r"config.kernels.sums_form='fast': choose one of \('xla', "
+                          r"'pallas', 'pallas_xhat', 'pallas_dot', 'auto'\)"),
     ("du_form", "pallas_gram", r"config.kernels.du_form='pallas_gram': choose one of"),
     ("product_form", "auto", r"config.kernels.product_form='auto': choose one of "
                              r"\('xla', 'pallas', 'pallas_dot'\)"),
@@ -151,6 +154,8 @@ def test_the_context_is_left_after_an_error():
     ("weight_grads", "pass4", r"config.kernels.weight_grads='pass4' sums C's and A's "
                               r"gradients in pass 4's kernel, which needs c and dp made "
                               r"there: set c_form='kernels' and dp_form='kernels'"),
+    ("du_sum", "shortcut", r"config.kernels.du_sum='shortcut': choose one of "
+                           r"\('xla', 'kernel'\)"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "
@@ -163,7 +168,16 @@ def test_the_context_is_left_after_an_error():
                                     r"'du=15,8,2' is not valid"),
     ("pallas_tiling", "4,8192", r"config.kernels.pallas_tiling='4,8192': want"),
     ("block_tiling", "64", r"config.kernels.block_tiling='64': entry '64' is not valid"),
-])
+]
+
+
+def test_every_key_has_a_bad_value_that_validate_refuses():
+  """A new key whose reader ``settings.check`` does not call would pass validate with
+  any value (QLHS_DU_SUM did, until it was added to both)."""
+  assert {key for key, _, _ in BAD_VALUES} == set(settings.VARIABLES)
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES)
 def test_validate_refuses_a_bad_value_by_its_key(key, value, message):
   c = qconfig.base_config()
   c.kernels[key] = value
