@@ -565,9 +565,8 @@ fi
 if [ "$PART" = c_kernels ]; then
   # First the values, on the device: the operation given C's and A's weights, with c,
   # dp and the weight gradients made in the dot forms' kernels and u's shares added in
-  # du's (dot_forms' last row),
-  # against float64 at every block shape (exit 1: do not trust those rows). Then every
-  # dot form with D's kernel in one bfloat16 part (product's last row), then the same
+  # du's (dot_forms' last row), against float64 at every block shape (exit 1: do not
+  # trust those rows). Then every dot form with D's kernel in one bfloat16 part (product's last row), then the same
   # with c made in their kernels: the difference is c's write and three reads against
   # one more product a tile in three kernels and u's centre tap read from L2 once per
   # channel block (experiment 47); then with stage 3 making c too.

@@ -334,9 +334,10 @@ def main(argv=None) -> int:
                  help="also time each pass alone (pad, stats, apply, sums, dx, du, du_ad)")
   p.add_argument("--record", default=None, help="append a record to this JSON-lines file")
   p.add_argument("--weights", action="store_true",
-                 help="check the operation given C's and A's weights (c, dp and the "
-                      "weight gradients made where QLHS_C_FORM, QLHS_DP_FORM and "
-                      "QLHS_WEIGHT_GRADS say)")
+                 help="check the operation given C's and A's weights, and the "
+                      "block's shortcut at stride 1 (c, dp and the weight gradients "
+                      "made, and u's shares summed, where QLHS_C_FORM, QLHS_DP_FORM, "
+                      "QLHS_WEIGHT_GRADS and QLHS_DU_SUM say)")
   p.add_argument("--check-only", action="store_true",
                  help="stop after the check (exit 1 where it fails)")
   p.add_argument("--best-of", default=None, metavar="FILE",

@@ -1354,5 +1354,5 @@ def _per_device_op(u, c, kernel, scale, bias, a, stride, groups, eps, impl, inte
   return jax.shard_map(body, mesh=_context_mesh(),
                        in_specs=((split, whole if c_weights else split) + (whole,) * 3
                                  + (whole,) * len(weights)),
-                       out_specs=(split,) * (4 if through else 3), check_vma=False)(u, c, kernel, scale, bias,
-                                                                *weights)
+                       out_specs=(split,) * (4 if through else 3),
+                       check_vma=False)(u, c, kernel, scale, bias, *weights)

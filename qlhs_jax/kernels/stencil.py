@@ -1025,8 +1025,8 @@ def d_transpose(dx: jax.Array, k9: jax.Array, stride: int, hw: tuple[int, int],
   """du = D^T dx (+ each of ``addends``): ``dx`` (B, Ho, Wo, n, e), ``k9`` (9, n, e) D's
   kernel (tap t = 3*dy + dx), ``hw`` u's (H, W), ``addends`` arrays (B, H, W, n), added
   in the kernel (one store of du, not an XLA add that reads it back). Returns (B, H, W,
-  n) in ``out_dtype``, summed in float32. ``dot``: at stride 1, the taps'
-  sums as matrix products (QLHS_DU_FORM=pallas_dot, :func:`_du_dot_kernel`, tiles from
+  n) in ``out_dtype``, summed in float32. ``dot``: at stride 1, the taps' sums as
+  matrix products (QLHS_DU_FORM=pallas_dot, :func:`_du_dot_kernel`, tiles from
   QLHS_STENCIL_TILING's ``du_dot`` entry: pixels, channels, warps, stages; no row
   walk); at stride 2 the parity classes' kernel, as without."""
   interpret = _interpret(interpret, "QLHS_DU_FORM")
@@ -1613,8 +1613,8 @@ def _du_scatter(st, du_ref, r, rows, k_tap, above, here, addends=()):
   ``rows`` ((m, bj*e) float32 each), gives du's row r + dy the sum h_dy(r) = sum_dx k_t
   dx(r, x - dx), summed over e; du(y) = h_+1(y-1) + h_0(y) + h_-1(y+1). Stores du's row
   r-1 = ``above`` + h_-1(r) (+ each of ``addends``' values, loaded after the sums; not
-  stored outside the chunk) and returns the new (above, here): du's row r less h_-1(r+1), and row
-  r+1's h_+1(r)."""
+  stored outside the chunk) and returns the new (above, here): du's row r less
+  h_-1(r+1), and row r+1's h_+1(r)."""
   plan = st.plan
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   h = []

@@ -261,9 +261,9 @@ def test_the_dot_du_of_bfloat16_dx_is_exact_products(monkeypatch, shape, e, spec
   """QLHS_DU_FORM=pallas_dot with a bfloat16 dx (training's): D's kernel goes into the
   products as three bfloat16 parts that add up to it, so every product is exact and
   only the float32 sums round. Against float64 of the same bfloat16 values (and two
-  addends, float32 and bfloat16) to 1e-6 of the largest, with one tile a program and with chunks of
-  several (``programs`` 3: at 10 tiles of 8 pixels, the last chunk of 4 runs 2 trips
-  past the last tile). Two parts miss by 2-4e-6 here, one by ~2e-3."""
+  addends, float32 and bfloat16) to 1e-6 of the largest, with one tile a program and
+  with chunks of several (``programs`` 3: at 10 tiles of 8 pixels, the last chunk of 4
+  runs 2 trips past the last tile). Two parts miss by 2-4e-6 here, one by ~2e-3."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
   monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
   b, h, w, n = shape

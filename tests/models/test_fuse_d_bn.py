@@ -355,9 +355,9 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
   "kernels": making dp = dy A^T from A's weight, given whole too; "grads": and pass 4
   summing C's and A's gradients over each device's slice; ``du_sum`` "kernel": u handed
   back for the shortcut, its gradient added in du's kernel, or after the backward's
-  walk) run on each device's slice of the batch under shard_map: the plain path's losses and parameters after two
-  steps, the gradients of D's kernel, of BN's scale and offset (and of C and A) summed
-  over the devices."""
+  walk) run on each device's slice of the batch under shard_map: the plain path's
+  losses and parameters after two steps, the gradients of D's kernel, of BN's scale and
+  offset (and of C and A) summed over the devices."""
   from qlhs_jax.kernels import d_bn_product as dbn
   from qlhs_jax.kernels import stencil
   x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 3))
