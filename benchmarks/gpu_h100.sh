@@ -142,17 +142,19 @@
 #   form of "product"'s last row, with the stored c, with c made at stages 1-2 and at
 #   stages 1-3 (kernels_wide: 2.3 GB less again, for ~6.5 GB more L2 reads), in one
 #   call.
-# "dot_forms" (time limits add up to 530 s; NOTES.md experiments 40-50; run it first):
+# "dot_forms" (time limits add up to 530 s; NOTES.md experiments 40-51; run it first):
 #   the default step (Eq.(3) "auto") against ResNet50 on uint8 batches, the ratio and
 #   the H100's rate that the goal names; then Eq.(3) with every dot form (the forward
 #   product, pass 4, pass 3's sums and the statistics' lags as matrix products, D's
 #   kernel in one bfloat16 part: "product"'s last row) with c and dp stored; with c made
 #   in the kernels at stages 1-3 (experiment 47) and dp = dy A^T made in the backward's
 #   kernels at stages 1-2 (QLHS_DP_FORM=kernels, experiment 48); then with C's and A's
-#   gradients summed in pass 4 and u's shares added in du's kernel too
-#   (QLHS_WEIGHT_GRADS=pass4, experiment 48; QLHS_DU_SUM=kernel, experiment 50: the
-#   configs' ",dot_forms"), profiled kernel by kernel; each against the first row. Compile and time only, no kernel
-#   alone: "product" and "sums" split the rows' differences by kernel.
+#   gradients summed in pass 4, u's shares added in du's kernel and A applied in the
+#   forward product's kernel too (QLHS_WEIGHT_GRADS=pass4, experiment 48;
+#   QLHS_DU_SUM=kernel, experiment 50; QLHS_P_FORM=kernels, experiment 51: the configs'
+#   ",dot_forms"), profiled kernel by kernel; each against the first row. Compile and
+#   time only, no kernel alone: "product" and "sums" split the rows' differences by
+#   kernel.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -250,7 +252,7 @@ bring() {  # pack the HLO dumped so far; with BRING, copy the files there. After
   return 0
 }
 settings() {  # the QLHS_... settings of this call, for the log
-  echo "${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}${QLHS_C_FORM:+(c $QLHS_C_FORM)}${QLHS_DP_FORM:+(dp $QLHS_DP_FORM)}${QLHS_WEIGHT_GRADS:+(weight grads $QLHS_WEIGHT_GRADS)}${QLHS_DU_SUM:+(du sum $QLHS_DU_SUM)}"
+  echo "${QLHS_PALLAS_TILING:+(tiling $QLHS_PALLAS_TILING)}${QLHS_BLOCK_TILING:+(block tiling $QLHS_BLOCK_TILING)}${QLHS_STATS_FORM:+(stats $QLHS_STATS_FORM)}${QLHS_SUMS_FORM:+(sums $QLHS_SUMS_FORM)}${QLHS_DU_FORM:+(du $QLHS_DU_FORM)}${QLHS_PRODUCT_FORM:+(product $QLHS_PRODUCT_FORM)}${QLHS_BN_STATS:+(bn stats $QLHS_BN_STATS)}${QLHS_STEM_GRAD:+(stem grad $QLHS_STEM_GRAD)}${QLHS_STEM_TAPS:+(stem taps $QLHS_STEM_TAPS)}${QLHS_STENCIL_TILING:+(stencil $QLHS_STENCIL_TILING)}${QLHS_STENCIL_GRID:+(grid $QLHS_STENCIL_GRID)}${QLHS_STENCIL_ROWS:+(rows $QLHS_STENCIL_ROWS)}${QLHS_XLA_FMA:+(xla fma $QLHS_XLA_FMA)}${QLHS_D_TAPS:+(d taps $QLHS_D_TAPS)}${QLHS_D_KERNEL:+(d kernel $QLHS_D_KERNEL)}${QLHS_C_FORM:+(c $QLHS_C_FORM)}${QLHS_DP_FORM:+(dp $QLHS_DP_FORM)}${QLHS_WEIGHT_GRADS:+(weight grads $QLHS_WEIGHT_GRADS)}${QLHS_DU_SUM:+(du sum $QLHS_DU_SUM)}${QLHS_P_FORM:+(p $QLHS_P_FORM)}"
 }
 bench() {  # bench SECONDS ARGS...: one harness call under a time limit
   local limit=$1; shift
@@ -564,15 +566,17 @@ if [ "$PART" = product ]; then
 fi
 if [ "$PART" = c_kernels ]; then
   # First the values, on the device: the operation given C's and A's weights, with c,
-  # dp and the weight gradients made in the dot forms' kernels and u's shares added in
-  # du's (dot_forms' last row), against float64 at every block shape (exit 1: do not
-  # trust those rows). Then every dot form with D's kernel in one bfloat16 part (product's last row), then the same
-  # with c made in their kernels: the difference is c's write and three reads against
+  # dp and the weight gradients made in the dot forms' kernels, u's shares added in
+  # du's and A applied in the product's (dot_forms' last row), against float64 at every
+  # block shape (exit 1: do not trust those rows). Then every dot form with D's kernel
+  # in one bfloat16 part (product's last row), then the same with c made in their
+  # kernels: the difference is c's write and three reads against
   # one more product a tile in three kernels and u's centre tap read from L2 once per
   # channel block (experiment 47); then with stage 3 making c too.
   QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
     QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
-    QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel fused_op 120 --weights --check-only
+    QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels \
+    fused_op 120 --weights --check-only
   for c_form in stored kernels kernels_wide; do
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 100 --model eq3_softball_ds \
@@ -581,23 +585,24 @@ if [ "$PART" = c_kernels ]; then
 fi
 if [ "$PART" = dot_forms ]; then
   # The goal's two numbers first (a session cut off keeps them), then the opt-in dot
-  # forms stacked (c,dp,weight grads,du sum): all stored; c made at stages 1-3 and dp
-  # at stages 1-2; and C's and A's gradients summed in pass 4 and u's shares added in
-  # du's kernel too (the configs' ",dot_forms"; profiled: each kernel's time against
-  # its bound, xla_floors --measured on this HLO). "c_kernels" has c made alone.
+  # forms stacked (c,dp,weight grads,du sum,p): all stored; c made at stages 1-3 and dp
+  # at stages 1-2; and C's and A's gradients summed in pass 4, u's shares added in
+  # du's kernel and p never stored too (the configs' ",dot_forms"; profiled: each
+  # kernel's time against its bound, xla_floors --measured on this HLO). "c_kernels"
+  # has c made alone.
   bench 150 --model eq3_softball_ds --set 'fuse_d_bn="auto"' --vs resnet50 --input uint8
-  for forms in stored,stored,xla,xla kernels_wide,kernels,xla,xla \
-      kernels_wide,kernels,pass4,kernel; do
+  for forms in stored,stored,xla,xla,stored kernels_wide,kernels,xla,xla,stored \
+      kernels_wide,kernels,pass4,kernel,kernels; do
     limit=100
     profile=()
-    if [ "$forms" = kernels_wide,kernels,pass4,kernel ]; then
+    if [ "$forms" = kernels_wide,kernels,pass4,kernel,kernels ]; then
       limit=180
       profile=(--hlo-dir "$H" --profile-dir "$OUT")
     fi
-    IFS=, read -r c_form dp_form grads du_sum <<< "$forms"
+    IFS=, read -r c_form dp_form grads du_sum p_form <<< "$forms"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form QLHS_DP_FORM=$dp_form \
-      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum bench "$limit" \
+      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench "$limit" \
       --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
   done
 fi

@@ -21,7 +21,8 @@ its step moves 59.3 GB against the plain path's 81.7, peak 5.5 GB against 10.4
 ``configs/eq5.py:softball_ds,dot_forms`` (one NVIDIA GPU; not yet timed): the opt-in
 kernels stacked, as in configs/eq3.py. Eq.(5) has no ``A``: of what they make inside
 the kernels only c = C u applies (never stored); there is no dp to make, and C's
-gradient stays XLA's matmul; u's gradient is summed in du's kernel. Compiled for one
+gradient stays XLA's matmul; u's gradient is summed in du's kernel; no A to apply in
+the product's kernel. Compiled for one
 H100 without one: 47.9 GB a step against the default's 54.2, peak 2.6 GB against 5.7
 (benchmarks.aot, jax 0.11.2).
 """

@@ -96,7 +96,8 @@ def test_the_dot_forms_option_sets_the_stacked_kernels(name):
     with settings.use(c.kernels):
       assert d_bn_product.product_form() == "pallas_dot"
       assert (d_bn_product.c_form(), d_bn_product.dp_form(), d_bn_product.weight_grads(),
-              d_bn_product.du_sum()) == ("kernels_wide", "kernels", "pass4", "kernel")
+              d_bn_product.du_sum(), d_bn_product.p_form()) == (
+                  "kernels_wide", "kernels", "pass4", "kernel", "kernels")
   # Nothing but those keys differs from the plain config (and they may change when a
   # run resumes, as the device may: runtime keys).
   a, b = qconfig.flatten(plain), qconfig.flatten(mod.get_config("softball_ds,dot_forms"))

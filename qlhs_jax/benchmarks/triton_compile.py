@@ -134,7 +134,38 @@ def lower_stencil_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: in
                        s((1, n, e), jnp.float32))
 
 
-OPS = ("d_bn_product", "eq3_block", "stencil")
+def lower_product_a_for_cuda(batch: int, side: int, n: int, stride: int = 1, e: int = 4):
+  """``stencil.product_a`` (QLHS_P_FORM=kernels: y = p @ A in the forward product's
+  kernel) in bfloat16 with D's kernel in one bfloat16 part (QLHS_D_KERNEL=compute), to
+  n_out = n, or 2n with a stride, as in Eq.(3), lowered for CUDA here."""
+  import jax
+  import jax.numpy as jnp
+
+  from qlhs_jax.benchmarks.fused import eq3_n_out
+  from qlhs_jax.kernels import stencil
+  s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+
+  def kernel(u, cw, aw, k9, vec):
+    return stencil.product_a(u, cw, aw, k9, vec, vec, stride, interpret=False)
+  return lower_on_cuda(kernel, s((batch, side, side, n), bf), s((n, n * e), bf),
+                       s((n * e, eq3_n_out(n, stride)), bf), s((9, n, e), bf),
+                       s((1, n, e), jnp.float32))
+
+
+def product_a_plan(batch: int, side: int, n: int, stride: int) -> dict:
+  """``stencil.product_a``'s ``{"blocks", "tpc", "programs"}`` at one shape: the inner
+  loop's trips (blocks of input channels) a tile, the outer loop's (tiles) a program,
+  and the programs."""
+  from qlhs_jax.kernels import stencil
+  from qlhs_jax.models.layers import _out_size
+  m0, bj0 = stencil.tiling("product_a_dot")[:2]
+  plan = stencil._tiles(batch * _out_size(side, stride) ** 2, n, m0, bj0)
+  tiles = plan["tiles"]
+  tpc = -(-tiles // min(tiles, stencil.STATS_PROGRAMS))
+  return {"blocks": n // plan["bj"], "tpc": tpc, "programs": -(-tiles // tpc)}
+
+
+OPS = ("d_bn_product", "eq3_block", "stencil", "product_a")
 
 
 def block_warps(kernel_name: str, side: int, n: int, stride: int) -> int:
@@ -166,6 +197,8 @@ def triton_ir(batch: int, side: int, n: int, stride: int,
   try:
     if op == "eq3_block":
       lower_block_for_cuda(batch, side, n, stride)
+    elif op == "product_a":
+      lower_product_a_for_cuda(batch, side, n, stride)
     elif op == "stencil":
       lower_stencil_for_cuda(batch, side, n, stride)
     else:
@@ -235,6 +268,13 @@ def first_loop(sass: str) -> str | None:
   return None
 
 
+def inner_loop(sass: str) -> str | None:
+  """The text of the first loop inside :func:`first_loop`'s body, a loop nested in it;
+  None without one."""
+  body = first_loop(sass)
+  return first_loop("\n".join(body.splitlines()[1:])) if body else None
+
+
 def sass_counts(sass: str) -> dict:
   """``{"instructions", "loop"}`` of a kernel's disassembly: every machine instruction,
   and those of its first loop (:func:`first_loop`; 0 without one). A branch inside the
@@ -271,8 +311,9 @@ def _disassemble(cubin: bytes) -> str:
 def compile_ir(name: str, text: str, arch: str, num_warps: int,
                num_stages: int = 1) -> dict:
   """Compiles one kernel's IR; ``{"kernel", "ok", "registers", "spill_bytes",
-  "shared_bytes", "instructions", "loop"}`` (:func:`sass_counts`) or ``{"kernel", "ok":
-  False, "error"}``."""
+  "shared_bytes", "instructions", "loop", "inner"}`` (:func:`sass_counts`; "inner": the
+  instructions of a loop nested in the first, :func:`inner_loop`, 0 without one) or
+  ``{"kernel", "ok": False, "error"}``."""
   import triton
   from triton.backends.compiler import GPUTarget
   cc = int(re.match(r"\d+", arch).group(0))
@@ -284,13 +325,16 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
       k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages})
       report = assemble(k.asm["ptx"], arch)[0]
-      counts = sass_counts(_disassemble(k.asm["cubin"]))
+      sass = _disassemble(k.asm["cubin"])
+      counts = sass_counts(sass)
+      inner = inner_loop(sass)
     except Exception as ex:  # compile errors come from several layers
       return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}
   regs = re.search(r"Used (\d+) registers", report)
   spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
   return {"kernel": name, "ok": True, "registers": int(regs.group(1)) if regs else None,
-          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared, **counts}
+          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared, **counts,
+          "inner": len(_SASS_OP.findall(inner)) if inner else 0}
 
 
 def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> int:
@@ -324,7 +368,8 @@ def main(argv=None) -> int:
   p.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
   p.add_argument("--op", default="d_bn_product", choices=OPS,
                  help="whose kernels: fuse_d_bn='pallas' (d_bn_product), 'block' "
-                      "(eq3_block), or QLHS_STATS_FORM/QLHS_DU_FORM=pallas (stencil)")
+                      "(eq3_block), QLHS_STATS_FORM/QLHS_DU_FORM=pallas (stencil), or "
+                      "QLHS_P_FORM=kernels's forward product (product_a)")
   args = p.parse_args(argv)
   try:
     import triton
@@ -335,11 +380,19 @@ def main(argv=None) -> int:
   # JAX on the CPU (read when jax is first imported): with the CUDA plugin installed and
   # no GPU, it would try CUDA first and log the failure.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from qlhs_jax.benchmarks.fused import EQ3_SHAPES
+  from qlhs_jax.benchmarks.fused import EQ3_SHAPES, eq3_n_out
   from qlhs_jax.kernels import eq3_block
+  from qlhs_jax.kernels.d_bn_product import DP_KERNELS_MAX_N
   from qlhs_jax.kernels.d_bn_product import tiling
-  if args.op == "stencil":
-    from qlhs_jax.kernels import stencil
+  from qlhs_jax.kernels import stencil
+  if args.op == "product_a":
+    warps, stages = stencil.tiling("product_a_dot")[2:]
+    print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, product_a "
+          f"tiling (pixels, channels, warps, stages) {stencil.tiling('product_a_dot')} "
+          f"(QLHS_STENCIL_TILING's product_a_dot), blocks of at most "
+          f"{DP_KERNELS_MAX_N['kernels']} channels in and out (where pass 4 sums A's "
+          f"gradient)")
+  elif args.op == "stencil":
     stages = 1
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, stencil "
           f"tilings (pixels, channels, warps[, splits]) stats {stencil.tiling('stats')}, "
@@ -359,6 +412,9 @@ def main(argv=None) -> int:
   for name, side, n, stride, _ in EQ3_SHAPES:
     if wanted and name not in wanted:
       continue
+    if args.op == "product_a" and max(n, eq3_n_out(n, stride)) > DP_KERNELS_MAX_N[
+        "kernels"]:
+      continue  # (wider blocks keep p: pass 4 does not sum A's gradient there)
     for kernel, text, grid in triton_ir(args.batch, side, n, stride, args.op):
       if args.op == "eq3_block":  # each kernel's own warps at this shape
         warps = block_warps(kernel, side, n, stride)
@@ -368,7 +424,14 @@ def main(argv=None) -> int:
       ok &= r["ok"]
       if r["ok"]:
         floor = ""
-        if args.op == "stencil" or not r["loop"]:  # trip counts known
+        if args.op == "product_a":  # per tile: the outer loop's body, which holds the
+          # inner loop's once, and the inner loop's other trips
+          a = product_a_plan(args.batch, side, n, stride)
+          tile = r["loop"] + (a["blocks"] - 1) * r["inner"]
+          ms = issue_floor_ms(r["instructions"], tile, a["tpc"], warps, a["programs"])
+          floor = (f"  inner loop {r['inner']} x {a['blocks']} a tile, issue floor "
+                   f"{ms:.3f} ms")
+        elif args.op == "stencil" or not r["loop"]:  # trip counts known
           trips = stencil_trips(kernel, args.batch, side, n, stride) if r["loop"] else 1
           ms = issue_floor_ms(r["instructions"], r["loop"], trips, warps, math.prod(grid))
           floor = f"  issue floor {ms:.3f} ms"

@@ -255,9 +255,10 @@ def loop_ops(sass: str) -> dict[str, int]:
 
 
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
-  """``{function: {"registers", "instructions", "loop", "path", "rounds", "loads",
-  "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX files XLA dumped beside
-  ``hlo_path`` (``triton_compile.sass_counts``, :func:`path_lengths`,
+  """``{function: {"registers", "instructions", "loop", "inner", "path", "rounds",
+  "loads", "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX
+  files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``; "inner": a loop
+  nested in the first, :func:`_inner_count`; :func:`path_lengths`,
   :func:`load_rounds`)."""
   return {c["name"]: c for c in _functions(
       sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx")), arch,
@@ -284,11 +285,19 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
         order.index(kv[0]) if kv[0] in order else len(order))):
       rounds, loads, loop_rounds = load_rounds(code)
       out.append({"name": name, "registers": regs.get(name, 0),
-                  **triton_compile.sass_counts(code), "loop_ops": loop_ops(code),
+                  **triton_compile.sass_counts(code), "inner": _inner_count(code),
+                  "loop_ops": loop_ops(code),
                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
                   "loop_rounds": loop_rounds, "file": path,
                   "threads": int(threads[name]) if name in threads else None})
   return out
+
+
+def _inner_count(sass: str) -> int:
+  """The instructions of a loop nested in a function's first loop
+  (``triton_compile.inner_loop``), 0 without one."""
+  inner = triton_compile.inner_loop(sass)
+  return triton_compile.sass_counts(inner)["instructions"] if inner else 0
 
 
 def dump_functions(dump_dir: str, arch: str = "90a") -> list[dict]:
@@ -306,7 +315,7 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
   and in a trip of its loop (:func:`loop_ops`) barriers, asynchronous copies (those
   past L1), tensor-core products and the waits for them."""
   code = dump_functions(dump_dir, arch)
-  lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>9s} {'rounds':>6s} {'loads':>5s} "
+  lines = [f"{'regs':>4s} {'warps/SM':>8s} {'instr':>15s} {'rounds':>6s} {'loads':>5s} "
            f"{'bar':>4s} {'copies':>7s} {'mma':>4s} {'waits':>5s}  function (file)"]
   for c in code:
     name = c["name"]
@@ -314,10 +323,12 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
       continue
     warps = resident_warps(c["registers"], c["threads"]) if c["threads"] else 0
     instr = (f"{c['instructions']}+{c['loop']}" if c["loop"] else f"{c['instructions']}")
+    if c["inner"]:  # a loop inside the loop (stencil.product_a's blocks in its tiles)
+      instr += f"({c['inner']})"
     rounds = f"{c['rounds']}+{c['loop_rounds']}" if c["loop"] else f"{c['rounds']}"
     ops = c["loop_ops"]
     copies = f"{ops['copies']}({ops['past_l1']})"
-    lines.append(f"{c['registers']:4d} {warps:8d} {instr:>9s} {rounds:>6s} "
+    lines.append(f"{c['registers']:4d} {warps:8d} {instr:>15s} {rounds:>6s} "
                  f"{c['loads']:5d} {ops['barriers']:4d} {copies:>7s} {ops['mma']:4d} "
                  f"{ops['mma_waits']:5d}  "
                  f"{name} ({os.path.basename(c['file'])})")

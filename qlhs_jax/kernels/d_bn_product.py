@@ -494,6 +494,29 @@ def du_sum() -> str:
   return settings.choice("QLHS_DU_SUM", DU_SUMS)
 
 
+P_FORMS = ("stored", "kernels")
+
+
+def p_form() -> str:
+  """QLHS_P_FORM: where the forward applies the 1x1 map A that follows the product (eq3
+  and eq3w: y = p @ A) in a block whose pass 4 sums A's gradient (:func:`weight_grads`,
+  so that p is not kept for the backward). "stored" (the default): the product's kernel
+  stores p and XLA's matmul reads it back. "kernels": one kernel makes D u, c, p and y =
+  p @ A tile by tile (``stencil.product_a``), so p is never stored nor read: a write
+  and a read of the hidden tensor less a block, 0.82 GB at stage 1 (benchmarks/NOTES.md,
+  experiment 51). p is rounded to the compute dtype as the stored p is; y is summed in
+  float32 in blocks of hidden channels, another order than the matmul's: the same
+  values up to float32 rounding. Refused unless weight_grads is "pass4" (which makes c
+  and dp in the kernels too). Not yet timed."""
+  form = settings.choice("QLHS_P_FORM", P_FORMS)
+  if form != "stored" and weight_grads() != "pass4":
+    raise ValueError(f"{settings.name('QLHS_P_FORM')}={form!r} applies A inside the "
+                     f"product's kernel, which needs A's gradient summed in pass 4 (p is "
+                     f"not kept for it): set weight_grads='pass4' (with c_form and "
+                     f"dp_form 'kernels', product_form 'pallas_dot'), or unset p_form")
+  return form
+
+
 def _makes_dp(n: int, n_out: int, groups: int, impl: str) -> bool:
   """Whether pass 4's kernel (and pass 3's, in its dot form) makes dp = dy A^T for a
   block of ``n`` input and ``n_out`` output channels when the operation is given A's
@@ -1123,7 +1146,14 @@ def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
     s1, s2, tstats = _stats(u, k9, stride, groups, up)
   count = (b // groups) * shape[1] * shape[2]
   mean, var, rstd, mul, add = bn_affine(s1, s2, count, scale, bias, eps)
-  if impl == "pallas":
+  # QLHS_P_FORM=kernels: A applied in the product's kernel, where pass 4 sums A's
+  # gradient (p is not kept for the backward), which makes c there too.
+  pass4 = a is not None and made and _pass4_grads(stride, n, e, a.shape[-1], groups, impl)
+  if pass4 and p_form() == "kernels":
+    from qlhs_jax.kernels import stencil  # imports this module
+    p5 = None
+    y = stencil.product_a(u, cw, a, _parts_k9(k9, u.dtype), mul, add, stride)
+  elif impl == "pallas":
     p5 = _pallas_apply(u, c5, k9, mul, add, stride, groups, interpret)
   elif (product_dot := product_pallas(groups)) is not None:
     from qlhs_jax.kernels import stencil  # imports this module
@@ -1132,13 +1162,14 @@ def _forward(u, c, kernel, scale, bias, a, stride, groups, eps, impl, interpret,
   else:
     p5 = _xla_apply(u, c5, k9, mul, add, stride, groups, up)
   h = n * e
-  p = p5.reshape(shape)
   # a: the 1x1 map A that follows the product (y = p @ a), kept for its gradient, which
-  # needs p (as autodiff of the model's matmul keeps it), and for dp's.
-  y = p if a is None else a_of(p, a)
+  # needs p (as autodiff of the model's matmul keeps it) unless pass 4 sums it, and for
+  # dp's.
+  if p5 is not None:
+    p = p5.reshape(shape)
+    y = p if a is None else a_of(p, a)
   out = (y, mean.reshape(groups, h), var.reshape(groups, h)) + ((u,) if through else ())
-  keep_p = a is not None and not (
-      c_weights and _pass4_grads(stride, n, e, a.shape[-1], groups, impl))
+  keep_p = a is not None and not pass4
   return out, (u, c5, cw, a, p if keep_p else None, kernel, scale, bias, mean, rstd,
                mul, add, tstats, res_up)
 

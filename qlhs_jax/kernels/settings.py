@@ -33,6 +33,7 @@ VARIABLES = {
     "dp_form": "QLHS_DP_FORM",            # whether dp = dy A^T is stored or made in kernels
     "weight_grads": "QLHS_WEIGHT_GRADS",  # where C's and A's gradients are summed
     "du_sum": "QLHS_DU_SUM",              # where du's shares (D^T dx, C's, shortcut's) add
+    "p_form": "QLHS_P_FORM",              # whether p is stored or A applied in its kernel
     "bn_stats": "QLHS_BN_STATS",          # training BatchNorm's sums of x and x * x
     "stem_grad": "QLHS_STEM_GRAD",        # the stem's dL/dy (stem_pool="argmax_bn")
     "stem_taps": "QLHS_STEM_TAPS",        # where the stem's pool reads its taps
@@ -44,18 +45,21 @@ VARIABLES = {
 }
 _KEY = {var: key for key, var in VARIABLES.items()}
 
-# The opt-in matrix-product kernels of benchmarks/NOTES.md experiments 40-50, stacked, as
+# The opt-in matrix-product kernels of benchmarks/NOTES.md experiments 40-51, stacked, as
 # config.kernels keys: the statistics' lags, pass 3's sums, the forward product and pass
 # 4 as products, D's kernel rounded to the compute dtype (one part of it a product), c
 # made inside the kernels at stages 1-3, dp at stages 1-2, C's and A's gradients summed
-# in pass 4, and u's gradient summed in du's kernel (C's share and the shortcut's).
-# Deviceless (benchmarks.aot, jax 0.11.2, Eq.(3) at batch 256 for an H100): 42.0 GB a
+# in pass 4, u's gradient summed in du's kernel (C's share and the shortcut's), and A
+# applied in the forward product's kernel where pass 4 sums its gradient (p never
+# stored).
+# Deviceless (benchmarks.aot, jax 0.11.2, Eq.(3) at batch 256 for an H100): 38.1 GB a
 # step and a 3.3 GB peak estimate, against the default's 65.2 and 8.3. Not yet timed
 # on a GPU (``benchmarks/gpu_h100.sh dot_forms`` times it; its last row sets these).
 # The configs' ``dot_forms`` option (configs/eq3.py) trains with them.
 DOT_FORMS = {"stats_form": "pallas_dot", "sums_form": "pallas_dot",
              "product_form": "pallas_dot", "d_kernel": "compute", "c_form": "kernels_wide",
-             "dp_form": "kernels", "weight_grads": "pass4", "du_sum": "kernel"}
+             "dp_form": "kernels", "weight_grads": "pass4", "du_sum": "kernel",
+             "p_form": "kernels"}
 
 # The values config.kernels sets, by variable, in the code being traced now.
 _FROM_CONFIG: contextvars.ContextVar[dict] = contextvars.ContextVar(
@@ -139,6 +143,7 @@ def check(kernels: Mapping[str, str]) -> None:
     d_bn_product.dp_form()
     d_bn_product.weight_grads()
     d_bn_product.du_sum()
+    d_bn_product.p_form()
     choice("QLHS_D_TAPS", d_bn_product.D_TAPS_FORMS)  # d_taps() would start a backend
     d_bn_product.tiling()
     common.bn_stats_form()

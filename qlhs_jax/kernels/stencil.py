@@ -84,12 +84,12 @@ from qlhs_jax.kernels import settings
 
 F32 = jnp.float32
 KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot",
-           "stats_dot", "du_dot", "product_dot", "grads_dot")
+           "stats_dot", "du_dot", "product_dot", "grads_dot", "product_a_dot")
 # Each kernel's name in the compiled program (and in benchmarks.triton_compile's report).
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
          "du_dot": "qlhs_d_transpose_dot", "product_dot": "qlhs_product_dot",
-         "dx_dot": "qlhs_dx_dc_dot", "dx_grads_dot": "qlhs_dx_dc_grads_dot",
+         "dx_dot": "qlhs_dx_dc_dot", "product_a_dot": "qlhs_product_a_dot", "dx_grads_dot": "qlhs_dx_dc_grads_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -145,7 +145,8 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
                   "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3),
-                  "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 8, 3)}
+                  "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 8, 3),
+                  "product_a_dot": (64, 16, 4, 2)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's
 # walks. ptxas at stage 1 (benchmarks.triton_compile --op stencil, triton 3.9.0), rows
@@ -171,12 +172,13 @@ ONE_PART_TILING = {"product_dot": (32, 16, 4, 3)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').
-_STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot", "grads_dot")
+_STAGED = ("sums_dot", "stats_dot", "du_dot", "product_dot", "grads_dot",
+           "product_a_dot")
 _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages]' "
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
          "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot, "
-         "du_dot, product_dot or grads_dot; pixels and channels powers of two, warps "
-         "1-16; splits, the statistics' launches, 1-54, stats only; stages, the "
+         "du_dot, product_dot, grads_dot or product_a_dot; pixels and channels powers "
+         "of two, warps 1-16; splits, the statistics' launches, 1-54, stats only; stages, the "
          "pipelined loads in flight, 1-4, the dot forms' entries only)")
 
 
@@ -1417,6 +1419,77 @@ def dx_dc(u, c5, dp5, k9, mul, add, cx, c0, mean, stride, dx_dtype,
                       stride, [dx_dtype, dtype], "QLHS_PRODUCT_FORM", interpret, dot, cw,
                       aw, w_grads)
   return outs[:2] + tuple(part.sum(0) for part in outs[2:])
+
+
+# ------------------------------------------------------------------------------------
+# The forward product with A applied in the kernel (QLHS_P_FORM=kernels): y = p @ A.
+
+def _product_a_kernel(u_ref, cw_ref, aw_ref, k_ref, mul_ref, add_ref, y_ref, *, plan):
+  """y = p @ A at each of the program's tiles, p = (D u * mul + add) * (C u) never
+  stored: for each tile an inner loop over the blocks of bj input channels makes the
+  block's D u (:func:`_dot_d`, D's kernel as the block's products, built a trip from its
+  taps), its c (:func:`_c_tile`) and p, rounded to A's dtype as the stored p is, and
+  adds p @ A's rows for the block to y's tile, (m, n_out) float32; the tile is stored
+  once, rounded to A's dtype. Why a loop and not unrolled: unrolled, every block's
+  operands are the outer loop's invariants, and Triton holds them all in shared memory
+  (240 KB at stage 1, 32 pixels; an H100 has 227 KB)."""
+  from qlhs_jax.kernels.eq3_block import _Tile, _dot
+  m, bj, e = plan["m"], plan["bj"], plan["e"]
+  pid = pl.program_id(0)
+
+  def each_tile(i, carry):  # (the last chunk's extra trips redo its last tile)
+    ti = jnp.minimum(pid * plan["tpc"] + i, plan["tiles"] - 1)
+    tile = _Tile(ti * m, plan)
+    centre = _centre(tile, u_ref)
+
+    def each_block(cb, y):
+      j0 = cb * bj
+      cols = pl.ds(pl.multiple_of(j0 * e, bj * e), bj * e)
+      blocks = [_k_block(k_ref[t, cols], e, bj, plan["dot"], u_ref.dtype, forward=True)
+                for t in range(9)]
+      f1 = (_dot_d(tile, u_ref, blocks, j0, bj) * mul_ref[cols][None, :]
+            + add_ref[cols][None, :])
+      p = (f1 * _rounded_dot(centre, cw_ref[:, cols])).astype(aw_ref.dtype)
+      return y + _dot(p, aw_ref[cols, :])
+    y = lax.fori_loop(0, plan["n"] // bj, each_block,
+                      jnp.zeros((m, aw_ref.shape[-1]), F32))
+    y_ref[pl.ds(ti * m, m), :] = y.astype(y_ref.dtype)
+    return carry
+  lax.fori_loop(0, plan["tpc"], each_tile, 0)
+
+
+def product_a(u: jax.Array, cw: jax.Array, aw: jax.Array, k9: jax.Array, mul: jax.Array,
+              add: jax.Array, stride: int, interpret: bool | None = None) -> jax.Array:
+  """y = p @ aw of the forward product p = (D u * mul + add) * c, c = subsample(u) @ cw,
+  with p never stored (QLHS_P_FORM=kernels; :func:`_product_a_kernel`): ``u`` (B, H, W,
+  n), ``cw`` (n, n*e) and ``aw`` (n*e, n_out) in the compute dtype, ``k9`` (9, n, e) (in
+  parts where it is float32 and u bfloat16, :func:`_k_parts`; compiled for the H100 in
+  one, QLHS_D_KERNEL=compute), ``mul``/``add`` (1, n, e) (one BatchNorm group). Returns y (B, Ho, Wo, n_out) in aw's dtype: p rounded to it
+  as the stored p is, then p @ aw summed in float32 over the hidden channels (in blocks,
+  another order than the matmul's) and rounded once. One program a chunk of tiles of
+  the output pixels (about STATS_PROGRAMS in all), every input channel; tiles from
+  QLHS_STENCIL_TILING's ``product_a_dot`` entry."""
+  interpret = _interpret(interpret, "QLHS_PRODUCT_FORM")
+  n, e = u.shape[-1], k9.shape[-1]
+  check(n, "QLHS_PRODUCT_FORM", interpret=interpret, e=e)
+  parts = _k_parts(u.dtype, k9.dtype)
+  m0, bj0, warps, stages = tiling("product_a_dot")
+  g = _geometry(*u.shape[:3], stride)
+  plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e, dot=parts)
+  _dot_tiles(plan, "QLHS_PRODUCT_FORM", interpret, _parts_channels(e, parts))
+  tiles = plan["tiles"]
+  tpc = -(-tiles // min(tiles, STATS_PROGRAMS))
+  plan = dict(plan, tpc=tpc, chunks=-(-tiles // tpc))
+  plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
+  n_out = aw.shape[-1]
+  y = pl.pallas_call(
+      functools.partial(_product_a_kernel, plan=plan),
+      out_shape=jax.ShapeDtypeStruct((tiles * plan["m"], n_out), aw.dtype),
+      grid=(plan["chunks"],), interpret=interpret, name=NAMES["product_a_dot"],
+      **_params(warps, interpret, stages))(
+          u2, cw, aw, k9.astype(F32).reshape(9, n * e), mul.astype(F32).reshape(n * e),
+          add.astype(F32).reshape(n * e))
+  return y[:plan["rows"]].reshape(g["b"], g["ho"], g["wo"], n_out)
 
 
 # ------------------------------------------------------------------------------------

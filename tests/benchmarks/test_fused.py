@@ -112,8 +112,8 @@ def test_best_tiling(tmp_path):
 
 def test_the_check_given_the_weights_covers_what_the_kernels_make(monkeypatch, capsys):
   """--weights --check-only: the operation given C's and A's weights, with c, dp and
-  the weight gradients made in the kernels and u's shares added in du's kernel (every
-  dot form, interpreted), agrees with float64 autodiff of the model's matmuls and
+  the weight gradients made in the kernels, u's shares added in du's kernel and A
+  applied in the product's (every dot form, interpreted), agrees with float64 autodiff of the model's matmuls and
   shortcut around the reference, and the run stops after the check; pass 4 summed the
   weight gradients at both shapes, and du's kernel added C's share and the shortcut's
   at stride 1. Planted: c and dp made 0.1% too large in the kernels; the shortcut's
@@ -124,9 +124,13 @@ def test_the_check_given_the_weights_covers_what_the_kernels_make(monkeypatch, c
                      ("QLHS_STATS_FORM", "pallas_dot"), ("QLHS_C_FORM", "kernels"),
                      ("QLHS_DP_FORM", "kernels"), ("QLHS_WEIGHT_GRADS", "pass4"),
                      ("QLHS_DU_FORM", "pallas"), ("QLHS_DU_SUM", "kernel"),
+                     ("QLHS_P_FORM", "kernels"),
                      ("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2 "
-                      "grads_dot=8,4,2,2 stats_dot=16,4,2,2")):
+                      "grads_dot=8,4,2,2 stats_dot=16,4,2,2 product_a_dot=8,4,2,2")):
     monkeypatch.setenv(var, value)
+  applied, real_a = [], stencil.product_a
+  monkeypatch.setattr(stencil, "product_a", lambda *a, **k: applied.append(1) or real_a(
+      *a, **k))
   summed, real = [], stencil.dx_dc
   monkeypatch.setattr(stencil, "dx_dc", lambda *a, **k: summed.append(
       k.get("w_grads")) or real(*a, **k))
@@ -137,6 +141,7 @@ def test_the_check_given_the_weights_covers_what_the_kernels_make(monkeypatch, c
   out = capsys.readouterr().out
   assert "given C's and A's weights" in out and "forward + backward" not in out
   assert summed == [True, True], summed  # "xla" at both shapes ("pallas" has no dx_dc)
+  assert len(applied) == 2, applied  # the product applied A at both shapes, p not kept
   # stride 1, "xla" then "pallas": C's share and the shortcut's; stride 2: none
   assert addends == [2, 2, 0, 0], addends
   monkeypatch.setattr(stencil, "d_transpose", lambda *a, **k: real_du(

@@ -154,7 +154,9 @@ def test_the_stack_it_times_and_checks_is_the_configs_dot_forms_option():
   last = re.search(r"for forms in ([^;]*);", part).group(1).split()[-1]
   row = next(ln for ln in part.splitlines() if " bench " in ln and "QLHS_C_FORM" in ln)
   got = _settings_before(row, "bench")
-  names = ("QLHS_C_FORM", "QLHS_DP_FORM", "QLHS_WEIGHT_GRADS", "QLHS_DU_SUM")
-  assert [got[n] for n in names] == ["$c_form", "$dp_form", "$grads", "$du_sum"]
+  names = ("QLHS_C_FORM", "QLHS_DP_FORM", "QLHS_WEIGHT_GRADS", "QLHS_DU_SUM",
+           "QLHS_P_FORM")
+  assert [got[n] for n in names] == ["$c_form", "$dp_form", "$grads", "$du_sum",
+                                     "$p_form"]
   got.update(zip(names, last.split(",")))
   assert got == want

@@ -5,6 +5,7 @@ triton==3.9.0``; it is not a dependency, CI skips them); benchmarks/NOTES.md rec
 full report. The instruction counting and the issue floor are checked everywhere."""
 
 import importlib.util
+import re
 
 import pytest
 
@@ -48,6 +49,27 @@ def test_sass_counts_count_instructions_and_the_loop_body():
   assert triton_compile.sass_counts(branchy) == {"instructions": 11, "loop": 5}
 
 
+def test_the_inner_loop_is_the_loop_nested_in_the_first():
+  """A loop inside the first loop (stencil.product_a's blocks inside its tiles): its
+  label to its branch back; the outer loop's count holds it once. None without one;
+  a forward branch's label inside the loop is not a loop."""
+  nested = SASS.replace(
+      "        /*0040*/                   FFMA R8, R4, R5, R8 ;\n",
+      ".L_x_5:\n"
+      "        /*0040*/                   FFMA R8, R4, R5, R8 ;\n"
+      "        /*0044*/                   FFMA R9, R4, R5, R9 ;\n"
+      "        /*0048*/               @P1 BRA `(.L_x_5) ;\n")
+  assert triton_compile.sass_counts(nested) == {"instructions": 12, "loop": 6}
+  inner = triton_compile.inner_loop(nested)
+  assert inner.splitlines()[0] == ".L_x_5:"
+  assert triton_compile.sass_counts(inner)["instructions"] == 3
+  assert triton_compile.inner_loop(SASS) is None
+  forward = SASS.replace(
+      "        /*0040*/                   FFMA R8, R4, R5, R8 ;\n",
+      "        /*0040*/               @P0 BRA `(.L_x_2) ;\n.L_x_2:\n")
+  assert triton_compile.inner_loop(forward) is None
+
+
 def test_issue_floor_counts_the_loop_once_per_trip():
   """(100 + 10 * (5 - 1)) instructions x 4 warps x 1,056 programs over 528 schedulers at
   1.98 GHz: 1,120 cycles, 565.66 ns."""
@@ -72,6 +94,24 @@ def test_stage1_kernels_compile(monkeypatch, capsys, tiling, spills):
   assert len(rows) == 8 and "FAILED" not in out, out
   if spills is not None:
     assert all(f" {spills} B spilled" in l for l in rows), out
+
+
+@needs_triton
+def test_the_product_with_a_compiles_where_it_applies(monkeypatch, capsys):
+  """--op product_a: QLHS_P_FORM=kernels's forward product at the blocks of at most 128
+  channels in and out (stages 1 and 2; wider blocks keep p, so stage 3 is left out),
+  each with its inner loop's count and an issue floor that counts the inner loop's
+  trips a tile: the stage-2 block (eight blocks of channels a tile) has a floor above
+  the stride-2 block's (four, on a quarter of stage 1's pixels)."""
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  assert triton_compile.main(["--op", "product_a"]) == 0
+  out = capsys.readouterr().out
+  rows = {l.split()[0]: l for l in out.splitlines() if "qlhs_product_a_dot" in l}
+  assert sorted(rows) == ["stage1", "stage2", "stage2_block0"], out
+  assert " x 4 a tile" in rows["stage1"] and " x 8 a tile" in rows["stage2"], out
+  floor = {k: float(re.search(r"issue floor ([\d.]+) ms", v).group(1))
+           for k, v in rows.items()}
+  assert floor["stage2"] > floor["stage2_block0"] > 0, floor
 
 
 @needs_triton

@@ -14,7 +14,8 @@ from qlhs_jax.models import common
 PACKAGE = pathlib.Path(qconfig.__file__).parent
 
 def _with_dot_products(reader, **needs):
-  """``reader`` (``d_bn_product.c_form``, ``dp_form`` or ``weight_grads``) where the
+  """``reader`` (``d_bn_product.c_form``, ``dp_form``, ``weight_grads`` or ``p_form``)
+  where the
   product's dot form, which "kernels" needs, is asked for, and ``needs``' variables set
   (by their variables, set for the call)."""
   def read():
@@ -49,6 +50,10 @@ READERS = {
                                                  QLHS_C_FORM="kernels",
                                                  QLHS_DP_FORM="kernels"), "pass4", "xla"),
     "du_sum": ("kernel", d_bn_product.du_sum, "kernel", "xla"),
+    "p_form": ("kernels", _with_dot_products(d_bn_product.p_form, QLHS_C_FORM="kernels",
+                                             QLHS_DP_FORM="kernels",
+                                             QLHS_WEIGHT_GRADS="pass4"), "kernels",
+               "stored"),
     "bn_stats": ("two", common.bn_stats_form, "two", "one"),
     "stem_grad": ("classes", common.stem_grad_form, "classes", "pass"),
     "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),
@@ -156,6 +161,10 @@ BAD_VALUES = [
                               r"there: set c_form='kernels' and dp_form='kernels'"),
     ("du_sum", "shortcut", r"config.kernels.du_sum='shortcut': choose one of "
                            r"\('xla', 'kernel'\)"),
+    ("p_form", "made", r"config.kernels.p_form='made': choose one of "
+                       r"\('stored', 'kernels'\)"),
+    ("p_form", "kernels", r"config.kernels.p_form='kernels' applies A inside the "
+                          r"product's kernel, which needs A's gradient summed in pass 4"),
     ("bn_stats", "three", r"config.kernels.bn_stats='three': choose one of \('one', "
                           r"'two'\)"),
     ("stem_grad", "stack", r"config.kernels.stem_grad='stack': choose one of \('pass', "

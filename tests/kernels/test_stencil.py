@@ -638,14 +638,16 @@ def spy_on_c(monkeypatch):
   """Counts, at trace time, the kernel calls that make c = C u themselves (``cw``
   given) and those that read a stored c, by entry point, "_aw" added to the key where
   the call makes dp = dy A^T too (``aw`` given), "_grads" where it sums C's and A's
-  gradients (``w_grads``); and XLA's c = C u
+  gradients (``w_grads``); "product_a" for the product that applies A itself
+  (``stencil.product_a``: c and y made, p never stored); and XLA's c = C u
   (``d_bn_product.c_of``)."""
   calls = {}
-  for name in ("product", "dx_dc", "bn_sums"):
+  for name in ("product", "dx_dc", "bn_sums", "product_a"):
     real = getattr(stencil, name)
 
     def spy(*a, _real=real, _name=name, **k):
-      key = (f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
+      key = (_name if _name == "product_a" else
+             f"{_name}_{'cw' if k.get('cw') is not None else 'c'}"
              + ("_aw" if k.get("aw") is not None else "")
              + ("_grads" if k.get("w_grads") else ""))
       calls[key] = calls.get(key, 0) + 1
@@ -701,7 +703,7 @@ def test_c_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sum
   assert calls == want_calls, calls
 
 
-@pytest.mark.parametrize("c_made", [False, True, "grads"])
+@pytest.mark.parametrize("c_made", [False, True, "grads", "p"])
 @pytest.mark.parametrize("sums", ["pallas_dot", "pallas", "wide"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, sums,
@@ -710,7 +712,8 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
   and the dot forms' backward kernels (pass 4; pass 3's sums where they are
   "pallas_dot") make dp = dy A^T themselves, with c stored or made (``c_made``;
   "grads": made, and C's and A's gradients summed by pass 4, QLHS_WEIGHT_GRADS=pass4,
-  where the block makes both c and dp).
+  where the block makes both c and dp; "p": and the forward's kernel applies A itself,
+  QLHS_P_FORM=kernels, ``stencil.product_a``, where pass 4 sums A's gradient).
   Outputs and the gradients of u, C, A, D's kernel and BatchNorm's scale and bias as
   float64 autodiff of the plain formula followed by the 1x1 map (float32 operands, A to
   more channels than u has), both strides. Where pass 3 is not a dot form it reads
@@ -721,11 +724,12 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
   set_dot_product_forms(monkeypatch, sums)
   monkeypatch.setenv("QLHS_C_FORM", "kernels" if c_made else "stored")
   monkeypatch.setenv("QLHS_DP_FORM", "kernels")
-  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if c_made == "grads" else "xla")
-  if c_made == "grads":  # chunks of 3 tiles, the last redoing one: counted once
+  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if c_made in ("grads", "p") else "xla")
+  monkeypatch.setenv("QLHS_P_FORM", "kernels" if c_made == "p" else "stored")
+  if c_made in ("grads", "p"):  # chunks of 3 tiles, the last redoing one: counted once
     monkeypatch.setattr(stencil, "STATS_PROGRAMS", 8)
-  monkeypatch.setenv("QLHS_STENCIL_TILING",
-                     "product_dot=8,4,2,2 sums_dot=8,4,2,2 grads_dot=8,4,2,2")
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "product_dot=8,4,2,2 sums_dot=8,4,2,2 "
+                     "grads_dot=8,4,2,2 product_a_dot=8,4,2,2")
   (u, _, kernel, scale, bias), (_, *weights) = make_inputs(11, (2, 7, 6, 8), stride, 4)
   rng = np.random.default_rng(12)
   cw, aw = rng.normal(size=(8, 32)) / 3, rng.normal(size=(32, 16)) / 4
@@ -754,13 +758,13 @@ def test_dp_made_in_the_kernels_matches_float64_autodiff(monkeypatch, stride, su
     err = np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max()
     assert err < 2e-5, f"d{name}: relative error {err:.1e}"
   c = "cw" if c_made else "c"
-  made = {"product": f"product_{c}",
-          "dx_dc": f"dx_dc_{c}_aw" + ("_grads" if c_made == "grads" else ""),
+  made = {"product": "product_a" if c_made == "p" else f"product_{c}",
+          "dx_dc": f"dx_dc_{c}_aw" + ("_grads" if c_made in ("grads", "p") else ""),
           "bn_sums": f"bn_sums_{c}_aw"}
   if sums == "pallas":  # pass 3 reads XLA's dp (and, where c is made, XLA's c)
     made["bn_sums"] = "bn_sums_c"
-  if sums == "wide":  # every pass reads XLA's dp
-    made.update(dx_dc=f"dx_dc_{c}", bn_sums=f"bn_sums_{c}")
+  if sums == "wide":  # every pass reads XLA's dp; p is stored for A's gradient
+    made.update(product=f"product_{c}", dx_dc=f"dx_dc_{c}", bn_sums=f"bn_sums_{c}")
   kernels = {k: v for k, v in calls.items() if k != "xla"}
   assert kernels == {v: 1 for v in made.values()}, kernels
 
@@ -837,6 +841,65 @@ def test_dp_made_in_the_kernels_in_bfloat16_is_the_stored_dp_to_a_rounding(monke
     runs[name] = jax.tree.leaves((fn(u, c, aw, *rest), grads))
     assert bool(calls.get("dx_dc_c_aw")) == (name == "made"), calls
   assert_one_rounding_apart(runs["made"], runs["stored"])
+
+
+@pytest.mark.parametrize("d_kernel", ["compute", "float32"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_p_made_in_the_kernel_in_bfloat16_is_the_stored_p_to_a_rounding(monkeypatch,
+                                                                        stride, d_kernel):
+  """QLHS_P_FORM=kernels with training's dtypes (u, C and A in bfloat16), c and dp made
+  and the weight gradients summed in pass 4: the forward's kernel rounds p to bfloat16
+  before its product with A, as the stored p is, so y and the gradients are those of
+  p stored (QLHS_P_FORM unset: the product's kernel writes p, XLA's matmul applies A):
+  at most 1% of any output's values apart by more than 1e-4 of its largest, and none
+  by more than 1e-2. D's kernel in the compute dtype (one part, as on the GPU) or in
+  float32 (three bfloat16 parts a product). Planted, p not rounded before A: this test
+  fails."""
+  for var, form in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
+                    ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
+                    ("QLHS_C_FORM", "kernels"), ("QLHS_DP_FORM", "kernels"),
+                    ("QLHS_WEIGHT_GRADS", "pass4"),
+                    ("QLHS_D_KERNEL", "compute" if d_kernel == "compute" else "")):
+    monkeypatch.setenv(var, form)
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "product_a_dot=16,8,4,2")  # two blocks
+  rng = np.random.default_rng(21)
+  n, e, n_out = 16, 4, 32
+  (u, _, kernel, scale, bias), (_, *weights) = make_inputs(21, (2, 9, 7, n), stride, e)
+  cw = jnp.asarray(rng.normal(size=(n, n * e)) / 4, jnp.bfloat16)
+  aw = jnp.asarray(rng.normal(size=(n * e, n_out)) / 8, jnp.bfloat16)
+  u = jnp.asarray(u, jnp.bfloat16)
+  rest = [jnp.asarray(a, jnp.float32) for a in (kernel, scale, bias)]
+  ho, wo = (9 - 1) // stride + 1, (7 - 1) // stride + 1
+  ws = [jnp.asarray(rng.normal(size=(2, ho, wo, n_out)), jnp.float32)] + [
+      jnp.asarray(w, jnp.float32) for w in weights]
+  op = lambda u, cw, aw, *r: dbn.d_bn_product(u, cw, *r, stride=stride, impl="xla",
+                                              c_weights=True, a=aw)
+  runs = {}
+  for form in ("stored", "kernels"):
+    monkeypatch.setenv("QLHS_P_FORM", form)
+    calls = spy_on_c(monkeypatch)
+    grads = jax.grad(loss_of(op, ws), argnums=range(6))(u, cw, aw, *rest)
+    runs[form] = jax.tree.leaves((op(u, cw, aw, *rest), grads))
+    assert bool(calls.get("product_a")) == (form == "kernels"), calls
+  assert_one_rounding_apart(runs["kernels"], runs["stored"])
+
+
+def test_the_p_form_needs_the_weight_gradients_in_pass_4(monkeypatch):
+  """QLHS_P_FORM=kernels without QLHS_WEIGHT_GRADS=pass4 (A's gradient would need p,
+  which the kernel does not store) is refused by name, with the fix; a bad value
+  too."""
+  monkeypatch.setenv("QLHS_PRODUCT_FORM", "pallas_dot")
+  monkeypatch.setenv("QLHS_P_FORM", "kernels")
+  with pytest.raises(ValueError, match="QLHS_P_FORM='kernels' applies A inside the "
+                                       "product's kernel.*set weight_grads='pass4'"):
+    dbn.p_form()
+  for var in ("QLHS_C_FORM", "QLHS_DP_FORM"):
+    monkeypatch.setenv(var, "kernels")
+  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4")
+  assert dbn.p_form() == "kernels"
+  monkeypatch.setenv("QLHS_P_FORM", "kernel")
+  with pytest.raises(ValueError, match="QLHS_P_FORM='kernel': choose one of"):
+    dbn.p_form()
 
 
 def test_the_c_form_sets_the_widest_block_that_makes_c(monkeypatch):
@@ -1714,6 +1777,50 @@ def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_p
   assert c["name"] == "qlhs_dx_dc_grads_dot" and c["threads"] == 256, c
   assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == 2, c
   assert c["registers"] <= 168, c
+
+
+_COMPILE_PRODUCT_A = textwrap.dedent("""
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def made(u, u2, cw, cw2, aw, aw2, k9, k92, v, v2):
+      # stage 1, stage 2's first block (stride 2, 64 -> 128) and stage 2, at the default
+      # tiles, D's kernel in one bfloat16 part (QLHS_D_KERNEL=compute)
+      return (stencil.product_a(u, cw, aw, k9, v, v, 1, interpret=False),
+              stencil.product_a(u, cw, aw2, k9, v, v, 2, interpret=False),
+              stencil.product_a(u2, cw2, aw2, k92, v2, v2, 1, interpret=False))
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(made).lower(  # 256 images: several tiles a program
+          s((256, 56, 56, 64)), s((256, 28, 28, 128)), s((64, 256)), s((128, 512)),
+          s((256, 64)), s((512, 128)), s((9, 64, 4)), s((9, 128, 4)),
+          s((1, 64, 4), jnp.float32), s((1, 128, 4), jnp.float32))
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs JAX's CUDA plugin and triton")
+def test_the_product_with_a_compiles_for_an_h100_where_pass_4_sums_its_gradient(
+    tmp_path):
+  """Compiled for an H100 without one, QLHS_P_FORM=kernels's forward product
+  (``stencil.product_a``) at the blocks where pass 4 sums A's gradient (stages 1 and 2,
+  at most 128 channels in and out): each compiles at 128 threads in at most 255
+  registers, its loop over the blocks of input channels nested in its loop over the
+  tiles (unrolled, every block's operands would be held at once: 240 KB of shared
+  memory at stage 1, benchmarks/NOTES.md experiment 51)."""
+  from qlhs_jax.benchmarks import xla_floors
+  kernels = h100_ptx_by_entry(_COMPILE_PRODUCT_A, _tiling_env(None), tmp_path / "a")
+  assert sorted(k.split("__")[0] for k in kernels if k.startswith("qlhs_")) == [
+      "qlhs_product_a_dot"] * 3, sorted(kernels)
+  for c in xla_floors.dump_functions(str(tmp_path / "a")):
+    if c["name"].startswith("qlhs_"):
+      assert c["threads"] == 128 and c["registers"] <= 255, c
+      assert c["loop"] > c["inner"] > 0, c
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")

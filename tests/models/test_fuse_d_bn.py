@@ -249,30 +249,33 @@ def test_c_made_in_the_kernels_is_the_same_network(monkeypatch, form):
   assert bool(calls.get("product_cw")) == made and bool(calls.get("product_c")) != made, calls
 
 
-@pytest.mark.parametrize("c_form", ["stored", "kernels", "grads"])
+@pytest.mark.parametrize("c_form", ["stored", "kernels", "grads", "p"])
 @pytest.mark.parametrize("form", ["eq3", "eq5", "eq3w"])
 def test_dp_made_in_the_kernels_is_the_same_network(monkeypatch, form, c_form):
   """QLHS_DP_FORM=kernels (with the dot forms, interpreted; c stored or made; "grads":
-  made, with QLHS_WEIGHT_GRADS=pass4): the blocks whose product is followed by the 1x1
-  map A (eq3, eq3w) hand A's weight to the fused operation, which applies it and makes
-  dp = dy A^T in its backward kernels (eq3's pass 4 summing C's and A's gradients under
-  "grads"); eq5's product is summed in groups, not mapped, and returns p. The same
-  variables (A's weight created where the 1x1 map creates it), the plain path's
-  train-mode outputs and gradients."""
+  made, with QLHS_WEIGHT_GRADS=pass4; "p": and QLHS_P_FORM=kernels): the blocks whose
+  product is followed by the 1x1 map A (eq3, eq3w) hand A's weight to the fused
+  operation, which applies it and makes dp = dy A^T in its backward kernels (eq3's pass
+  4 summing C's and A's gradients under "grads" and "p"; under "p" eq3's forward
+  product applies A in its kernel, ``stencil.product_a``); eq5's product is summed in
+  groups, not mapped, and returns p. The same variables (A's weight created where the
+  1x1 map creates it), the plain path's train-mode outputs and gradients."""
   for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),
                      ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
                      ("QLHS_C_FORM", "stored" if c_form == "stored" else "kernels"),
                      ("QLHS_DP_FORM", "kernels"),
-                     ("QLHS_WEIGHT_GRADS", "pass4" if c_form == "grads" else "xla")):
+                     ("QLHS_WEIGHT_GRADS", "pass4" if c_form in ("grads", "p") else "xla"),
+                     ("QLHS_P_FORM", "kernels" if c_form == "p" else "stored")):
     monkeypatch.setenv(var, value)
   calls = spy_on_c(monkeypatch)
   plain = QLHSNet(form=form, activation="softball", dtype=jnp.float32, **TINY)
   assert_same_network(plain, plain.clone(fuse_d_bn="xla"))
   with_a = {k for k in calls if "_aw" in k}
   c = "cw" if c_form != "stored" and form != "eq3w" else "c"
-  grads = "_grads" if c == "cw" and c_form == "grads" else ""
+  grads = "_grads" if c == "cw" and c_form in ("grads", "p") else ""
   assert with_a == ({f"dx_dc_{c}_aw{grads}", f"bn_sums_{c}_aw"} if form != "eq5"
                     else set()), calls
+  assert bool(calls.get("product_a")) == (c_form == "p" and form == "eq3"), calls
 
 
 @pytest.mark.parametrize("form,c_form,du_form", [
@@ -345,7 +348,7 @@ FORM_VARS = ("QLHS_STATS_FORM", "QLHS_SUMS_FORM", "QLHS_DU_FORM", "QLHS_PRODUCT_
     ("xla", "bwd", "stored", "stored", "xla"), ("pallas", "", "stored", "stored", "xla"),
     ("xla", "", "kernels", "stored", "xla"), ("xla", "", "kernels", "kernels", "xla"),
     ("xla", "", "kernels", "grads", "xla"), ("xla", "", "kernels", "grads", "kernel"),
-    ("xla", "bwd", "stored", "stored", "kernel")])
+    ("xla", "", "kernels", "p", "kernel"), ("xla", "bwd", "stored", "stored", "kernel")])
 def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_form, du_sum,
                                                       monkeypatch):
   """On the 8-device data mesh with per-replica BatchNorm, the Pallas kernels (every
@@ -353,7 +356,8 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
   and du as one walk, or the backward's walk and du_bn; ``c_form`` "kernels": the dot
   forms making c = C u from C's weight, given whole to each device; ``dp_form``
   "kernels": making dp = dy A^T from A's weight, given whole too; "grads": and pass 4
-  summing C's and A's gradients over each device's slice; ``du_sum`` "kernel": u handed
+  summing C's and A's gradients over each device's slice; "p": and the forward product
+  applying A in its kernel, p never stored; ``du_sum`` "kernel": u handed
   back for the shortcut, its gradient added in du's kernel, or after the backward's
   walk) run on each device's slice of the batch under shard_map: the plain path's
   losses and parameters after two steps, the gradients of D's kernel, of BN's scale and
@@ -372,7 +376,8 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
       monkeypatch.setenv(var, "pallas_dot")
   monkeypatch.setenv("QLHS_C_FORM", c_form)
   monkeypatch.setenv("QLHS_DP_FORM", "stored" if dp_form == "stored" else "kernels")
-  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if dp_form == "grads" else "xla")
+  monkeypatch.setenv("QLHS_WEIGHT_GRADS", "pass4" if dp_form in ("grads", "p") else "xla")
+  monkeypatch.setenv("QLHS_P_FORM", "kernels" if dp_form == "p" else "stored")
   monkeypatch.setenv("QLHS_DU_SUM", du_sum)
   made = spy_on_c(monkeypatch)
   monkeypatch.setenv("QLHS_STENCIL_ROWS", rows)
@@ -382,9 +387,10 @@ def test_kernels_run_on_each_device_of_a_sharded_mesh(fuse, rows, c_form, dp_for
   out = run_sharded_train_steps(plain.clone(fuse_d_bn=fuse), x, np.arange(8) % 5,
                                 variables=v)
   assert per_device and kernels
-  assert bool(made.get("product_cw")) == (c_form == "kernels"), made
+  assert bool(made.get("product_cw")) == (c_form == "kernels" and dp_form != "p"), made
   assert bool(made.get("dx_dc_cw_aw")) == (dp_form == "kernels"), made
-  assert bool(made.get("dx_dc_cw_aw_grads")) == (dp_form == "grads"), made
+  assert bool(made.get("dx_dc_cw_aw_grads")) == (dp_form in ("grads", "p")), made
+  assert bool(made.get("product_a")) == (dp_form == "p"), made
   np.testing.assert_allclose(out[1], ref[1], rtol=1e-5)
   assert_trees_close(out[0].params, ref[0].params, 1e-4, 1e-5)
   assert_trees_close(out[0].batch_stats, ref[0].batch_stats, 1e-4, 1e-5)
