@@ -20,8 +20,9 @@ step moves 75.4 GB against the plain path's 105.0, peak 8.8 GB against 11.0
 ``configs/eq3w.py:softball_ds,dot_forms`` (one NVIDIA GPU; not yet timed): the opt-in
 kernels stacked, as in configs/eq3.py. Here C reads u, not D's input W u, so c stays
 stored and C's and A's gradients XLA's (so p is kept, and A stays XLA's matmul), and
-u's gradient is XLA's sum; dp = dy A^T is made inside the kernels (never stored). Compiled for one H100 without one: 66.9 GB a
-step against the default's 74.8, peak 8.3 GB against 9.4 (benchmarks.aot, jax 0.11.2).
+u's gradient is XLA's sum; dp = dy A^T is made inside the kernels (never stored).
+Compiled for one H100 without one: 66.9 GB a step against the default's 74.8, peak 8.3
+GB against 9.4 (benchmarks.aot, jax 0.11.2).
 """
 
 from qlhs_jax import config as qconfig

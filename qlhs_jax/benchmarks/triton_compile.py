@@ -381,10 +381,8 @@ def main(argv=None) -> int:
   # no GPU, it would try CUDA first and log the failure.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from qlhs_jax.benchmarks.fused import EQ3_SHAPES, eq3_n_out
-  from qlhs_jax.kernels import eq3_block
-  from qlhs_jax.kernels.d_bn_product import DP_KERNELS_MAX_N
-  from qlhs_jax.kernels.d_bn_product import tiling
-  from qlhs_jax.kernels import stencil
+  from qlhs_jax.kernels import eq3_block, stencil
+  from qlhs_jax.kernels.d_bn_product import DP_KERNELS_MAX_N, tiling
   if args.op == "product_a":
     warps, stages = stencil.tiling("product_a_dot")[2:]
     print(f"triton {triton.__version__}, sm_{args.arch}, batch {args.batch}, product_a "

@@ -89,7 +89,8 @@ KERNELS = ("stats", "du", "sums", "product", "dx_du", "bwd", "du_bn", "sums_dot"
 NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transpose",
          "sums_dot": "qlhs_bn_sums_dot", "lags_dot": "qlhs_lag_sums_dot",
          "du_dot": "qlhs_d_transpose_dot", "product_dot": "qlhs_product_dot",
-         "dx_dot": "qlhs_dx_dc_dot", "product_a_dot": "qlhs_product_a_dot", "dx_grads_dot": "qlhs_dx_dc_grads_dot",
+         "dx_dot": "qlhs_dx_dc_dot", "dx_grads_dot": "qlhs_dx_dc_grads_dot",
+         "product_a_dot": "qlhs_product_a_dot",
          "lags": "qlhs_lag_sums", "product": "qlhs_product", "dx": "qlhs_dx_dc",
          "dx_du": "qlhs_dx_du", "bwd": "qlhs_bwd", "du_bn": "qlhs_du_bn"}
 # (pixels per tile, channels per program, warps[, splits]): what benchmarks.stencil_times
@@ -178,8 +179,8 @@ _HELP = ("want whitespace-separated 'KERNEL=pixels,channels,warps[,splits|stages
          "entries, e.g. 'stats=32,16,4,3 du=32,16,4 sums=16,8,4 sums_dot=64,16,4,3' "
          "(KERNEL stats, du, sums, product, dx_du, bwd, du_bn, sums_dot, stats_dot, "
          "du_dot, product_dot, grads_dot or product_a_dot; pixels and channels powers "
-         "of two, warps 1-16; splits, the statistics' launches, 1-54, stats only; stages, the "
-         "pipelined loads in flight, 1-4, the dot forms' entries only)")
+         "of two, warps 1-16; splits, the statistics' launches, 1-54, stats only; "
+         "stages, the pipelined loads in flight, 1-4, the dot forms' entries only)")
 
 
 def tiling(kernel: str, rows: bool = False, defaults: dict | None = None
@@ -1428,11 +1429,12 @@ def _product_a_kernel(u_ref, cw_ref, aw_ref, k_ref, mul_ref, add_ref, y_ref, *, 
   """y = p @ A at each of the program's tiles, p = (D u * mul + add) * (C u) never
   stored: for each tile an inner loop over the blocks of bj input channels makes the
   block's D u (:func:`_dot_d`, D's kernel as the block's products, built a trip from its
-  taps), its c (:func:`_c_tile`) and p, rounded to A's dtype as the stored p is, and
-  adds p @ A's rows for the block to y's tile, (m, n_out) float32; the tile is stored
-  once, rounded to A's dtype. Why a loop and not unrolled: unrolled, every block's
-  operands are the outer loop's invariants, and Triton holds them all in shared memory
-  (240 KB at stage 1, 32 pixels; an H100 has 227 KB)."""
+  taps), its c (u's centre tap, loaded once a tile, @ C's columns, as :func:`_c_tile`
+  makes it) and p, rounded to A's dtype as the stored p is, and adds p @ A's rows for
+  the block to y's tile, (m, n_out) float32; the tile is stored once, rounded to A's
+  dtype. Why a loop and not unrolled: unrolled, every block's operands are the outer
+  loop's invariants, and Triton holds them all in shared memory (234 KiB asked at stage
+  1 with 32 pixels a tile; an H100 has 227)."""
   from qlhs_jax.kernels.eq3_block import _Tile, _dot
   m, bj, e = plan["m"], plan["bj"], plan["e"]
   pid = pl.program_id(0)
@@ -1464,11 +1466,12 @@ def product_a(u: jax.Array, cw: jax.Array, aw: jax.Array, k9: jax.Array, mul: ja
   with p never stored (QLHS_P_FORM=kernels; :func:`_product_a_kernel`): ``u`` (B, H, W,
   n), ``cw`` (n, n*e) and ``aw`` (n*e, n_out) in the compute dtype, ``k9`` (9, n, e) (in
   parts where it is float32 and u bfloat16, :func:`_k_parts`; compiled for the H100 in
-  one, QLHS_D_KERNEL=compute), ``mul``/``add`` (1, n, e) (one BatchNorm group). Returns y (B, Ho, Wo, n_out) in aw's dtype: p rounded to it
-  as the stored p is, then p @ aw summed in float32 over the hidden channels (in blocks,
-  another order than the matmul's) and rounded once. One program a chunk of tiles of
-  the output pixels (about STATS_PROGRAMS in all), every input channel; tiles from
-  QLHS_STENCIL_TILING's ``product_a_dot`` entry."""
+  one, QLHS_D_KERNEL=compute), ``mul``/``add`` (1, n, e) (one BatchNorm group). Returns
+  y (B, Ho, Wo, n_out) in aw's dtype: p rounded to it as the stored p is, then p @ aw
+  summed in float32 over the hidden channels (in blocks, another order than the
+  matmul's) and rounded once. One program a chunk of tiles of the output pixels (about
+  STATS_PROGRAMS in all), every input channel; tiles from QLHS_STENCIL_TILING's
+  ``product_a_dot`` entry."""
   interpret = _interpret(interpret, "QLHS_PRODUCT_FORM")
   n, e = u.shape[-1], k9.shape[-1]
   check(n, "QLHS_PRODUCT_FORM", interpret=interpret, e=e)

@@ -113,11 +113,12 @@ def test_best_tiling(tmp_path):
 def test_the_check_given_the_weights_covers_what_the_kernels_make(monkeypatch, capsys):
   """--weights --check-only: the operation given C's and A's weights, with c, dp and
   the weight gradients made in the kernels, u's shares added in du's kernel and A
-  applied in the product's (every dot form, interpreted), agrees with float64 autodiff of the model's matmuls and
-  shortcut around the reference, and the run stops after the check; pass 4 summed the
-  weight gradients at both shapes, and du's kernel added C's share and the shortcut's
-  at stride 1. Planted: c and dp made 0.1% too large in the kernels; the shortcut's
-  share left out of du's kernel (exit 1)."""
+  applied in the product's (every dot form, interpreted), agrees with float64 autodiff
+  of the model's matmuls and shortcut around the reference, and the run stops after the
+  check; pass 4 summed the weight gradients at both shapes, the product applied A at
+  both, and du's kernel added C's share and the shortcut's at stride 1. Planted: c and
+  dp made 0.1% too large in the kernels; the shortcut's share left out of du's kernel
+  (exit 1)."""
   from qlhs_jax.kernels import stencil
   monkeypatch.setattr(fused, "EQ3_SHAPES", SHAPES)
   for var, value in (("QLHS_PRODUCT_FORM", "pallas_dot"), ("QLHS_SUMS_FORM", "pallas_dot"),

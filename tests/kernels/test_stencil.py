@@ -1811,7 +1811,7 @@ def test_the_product_with_a_compiles_for_an_h100_where_pass_4_sums_its_gradient(
   (``stencil.product_a``) at the blocks where pass 4 sums A's gradient (stages 1 and 2,
   at most 128 channels in and out): each compiles at 128 threads in at most 255
   registers, its loop over the blocks of input channels nested in its loop over the
-  tiles (unrolled, every block's operands would be held at once: 240 KB of shared
+  tiles (unrolled, every block's operands would be held at once: 234 KiB of shared
   memory at stage 1, benchmarks/NOTES.md experiment 51)."""
   from qlhs_jax.benchmarks import xla_floors
   kernels = h100_ptx_by_entry(_COMPILE_PRODUCT_A, _tiling_env(None), tmp_path / "a")

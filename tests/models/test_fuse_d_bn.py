@@ -264,7 +264,8 @@ def test_dp_made_in_the_kernels_is_the_same_network(monkeypatch, form, c_form):
                      ("QLHS_STATS_FORM", "pallas"), ("QLHS_DU_FORM", "pallas"),
                      ("QLHS_C_FORM", "stored" if c_form == "stored" else "kernels"),
                      ("QLHS_DP_FORM", "kernels"),
-                     ("QLHS_WEIGHT_GRADS", "pass4" if c_form in ("grads", "p") else "xla"),
+                     ("QLHS_WEIGHT_GRADS",
+                      "pass4" if c_form in ("grads", "p") else "xla"),
                      ("QLHS_P_FORM", "kernels" if c_form == "p" else "stored")):
     monkeypatch.setenv(var, value)
   calls = spy_on_c(monkeypatch)
