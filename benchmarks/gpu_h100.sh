@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); nothing since.
-# Next: "dot_forms" (experiments 40-50: the default step against ResNet50 on the H100,
+# Next: "dot_forms" (experiments 40-51: the default step against ResNet50 on the H100,
 # then every dot form with c and dp stored, with both made in the kernels, and with C's
-# and A's gradients summed in pass 4 and u's shares in du's kernel too; limits of 530 s, the one call that says
-# whether the opt-in kernels of experiments 40-50 win), then, with the device time left,
-# "c_kernels" (the made forms' values checked on the device, then c made alone) or "eq3"
-# with the winner's QLHS_... settings (a profile of it, 200 s). Later sessions:
+# and A's gradients summed in pass 4, u's shares in du's kernel and A applied in the
+# product's kernel too; limits of 530 s, the one call that says whether the opt-in
+# kernels of experiments 40-51 win), then, with the device time left, "c_kernels" (the
+# made forms' values checked on the device, then c made alone), "ablate" (the stack
+# without each of its last three pieces) or "eq3" with the winner's QLHS_... settings (a
+# profile of it, 200 s). Later sessions:
 # "product" and "sums" (each dot form alone, and the kernels alone at stage 1), "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries),
 # "sweep" (experiments 24-25), "pool" (experiments 26, 32, 34, 35), "configs" and
@@ -155,6 +157,12 @@
 #   ",dot_forms"), profiled kernel by kernel; each against the first row. Compile and
 #   time only, no kernel alone: "product" and "sums" split the rows' differences by
 #   kernel.
+# "ablate" (time limits add up to 400 s; NOTES.md experiments 48-51): which of the
+#   stack's last three pieces, never timed, pays: the configs' ",dot_forms" stack whole
+#   (dot_forms' last row, without its profile), then with A applied by XLA's matmul
+#   (QLHS_P_FORM=stored), with u's shares added by XLA (QLHS_DU_SUM=xla), and with C's
+#   and A's gradients by XLA's matmuls (QLHS_WEIGHT_GRADS=xla, which needs p stored);
+#   each against the first.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -233,7 +241,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -604,6 +612,17 @@ if [ "$PART" = dot_forms ]; then
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form QLHS_DP_FORM=$dp_form \
       QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench "$limit" \
       --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
+  done
+fi
+if [ "$PART" = ablate ]; then
+  # The stack whole, then without one piece a row (weight grads,du sum,p).
+  for forms in pass4,kernel,kernels pass4,kernel,stored pass4,xla,kernels \
+      xla,kernel,stored; do
+    IFS=, read -r grads du_sum p_form <<< "$forms"
+    QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
+      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench 100 \
+      --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
   done
 fi
 if [ "$PART" = ncu ]; then

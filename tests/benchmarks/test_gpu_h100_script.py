@@ -160,3 +160,28 @@ def test_the_stack_it_times_and_checks_is_the_configs_dot_forms_option():
                                      "$p_form"]
   got.update(zip(names, last.split(",")))
   assert got == want
+
+
+def test_the_ablation_drops_one_piece_of_the_stack_a_row():
+  """"ablate"'s first row is the configs' ``,dot_forms`` stack (settings.DOT_FORMS), and
+  each later row differs from it in its named piece alone (weight_grads also turns
+  p_form off, which needs it), each a setting that validate accepts: a row that silently
+  timed another stack, or one refused at trace time, would waste device time."""
+  from qlhs_jax.kernels import settings
+  want = {settings.VARIABLES[k]: v for k, v in settings.DOT_FORMS.items()}
+  text = _text().replace("\\\n", " ")
+  part = text[text.index('if [ "$PART" = ablate ]'):]
+  part = part[:part.index("\nfi\n")]
+  rows = re.search(r"for forms in ([^;]*);", part).group(1).split()
+  line = next(ln for ln in part.splitlines() if " bench " in ln)
+  got = _settings_before(line, "bench")
+  names = ("QLHS_WEIGHT_GRADS", "QLHS_DU_SUM", "QLHS_P_FORM")
+  assert [got[n] for n in names] == ["$grads", "$du_sum", "$p_form"]
+  stacks = [dict(got, **dict(zip(names, row.split(",")))) for row in rows]
+  assert stacks[0] == want
+  dropped = [{k for k in want if s[k] != want[k]} for s in stacks[1:]]
+  assert dropped == [{"QLHS_P_FORM"}, {"QLHS_DU_SUM"},
+                     {"QLHS_WEIGHT_GRADS", "QLHS_P_FORM"}], dropped
+  key = {v: k for k, v in settings.VARIABLES.items()}
+  for s in stacks:
+    settings.check({key[v]: value for v, value in s.items()})
