@@ -157,12 +157,9 @@ def product_a_plan(batch: int, side: int, n: int, stride: int) -> dict:
   loop's trips (blocks of input channels) a tile, the outer loop's (tiles) a program,
   and the programs."""
   from qlhs_jax.kernels import stencil
-  from qlhs_jax.models.layers import _out_size
   m0, bj0 = stencil.tiling("product_a_dot")[:2]
-  plan = stencil._tiles(batch * _out_size(side, stride) ** 2, n, m0, bj0)
-  tiles = plan["tiles"]
-  tpc = -(-tiles // min(tiles, stencil.STATS_PROGRAMS))
-  return {"blocks": n // plan["bj"], "tpc": tpc, "programs": -(-tiles // tpc)}
+  plan = stencil._chunked_plan((batch, side, side, n), stride, m0, bj0, every_block=True)
+  return {"blocks": n // plan["bj"], "tpc": plan["tpc"], "programs": plan["chunks"]}
 
 
 OPS = ("d_bn_product", "eq3_block", "stencil", "product_a")
@@ -275,6 +272,12 @@ def inner_loop(sass: str) -> str | None:
   return first_loop("\n".join(body.splitlines()[1:])) if body else None
 
 
+def inner_count(sass: str) -> int:
+  """The machine instructions of :func:`inner_loop`, 0 without one."""
+  inner = inner_loop(sass)
+  return len(_SASS_OP.findall(inner)) if inner else 0
+
+
 def sass_counts(sass: str) -> dict:
   """``{"instructions", "loop"}`` of a kernel's disassembly: every machine instruction,
   and those of its first loop (:func:`first_loop`; 0 without one). A branch inside the
@@ -312,7 +315,7 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
                num_stages: int = 1) -> dict:
   """Compiles one kernel's IR; ``{"kernel", "ok", "registers", "spill_bytes",
   "shared_bytes", "instructions", "loop", "inner"}`` (:func:`sass_counts`; "inner": the
-  instructions of a loop nested in the first, :func:`inner_loop`, 0 without one) or
+  instructions of a loop nested in the first, :func:`inner_count`) or
   ``{"kernel", "ok": False, "error"}``."""
   import triton
   from triton.backends.compiler import GPUTarget
@@ -326,15 +329,13 @@ def compile_ir(name: str, text: str, arch: str, num_warps: int,
                          options={"num_warps": num_warps, "num_stages": num_stages})
       report = assemble(k.asm["ptx"], arch)[0]
       sass = _disassemble(k.asm["cubin"])
-      counts = sass_counts(sass)
-      inner = inner_loop(sass)
+      counts = dict(sass_counts(sass), inner=inner_count(sass))
     except Exception as ex:  # compile errors come from several layers
       return {"kernel": name, "ok": False, "error": f"{type(ex).__name__}: {ex}"[:2000]}
   regs = re.search(r"Used (\d+) registers", report)
   spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
   return {"kernel": name, "ok": True, "registers": int(regs.group(1)) if regs else None,
-          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared, **counts,
-          "inner": len(_SASS_OP.findall(inner)) if inner else 0}
+          "spill_bytes": sum(spills), "shared_bytes": k.metadata.shared, **counts}
 
 
 def stencil_trips(kernel: str, batch: int, side: int, n: int, stride: int) -> int:

@@ -258,7 +258,7 @@ def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
   """``{function: {"registers", "instructions", "loop", "inner", "path", "rounds",
   "loads", "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX
   files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``; "inner": a loop
-  nested in the first, :func:`_inner_count`; :func:`path_lengths`,
+  nested in the first, ``triton_compile.inner_count``; :func:`path_lengths`,
   :func:`load_rounds`)."""
   return {c["name"]: c for c in _functions(
       sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx")), arch,
@@ -285,19 +285,13 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
         order.index(kv[0]) if kv[0] in order else len(order))):
       rounds, loads, loop_rounds = load_rounds(code)
       out.append({"name": name, "registers": regs.get(name, 0),
-                  **triton_compile.sass_counts(code), "inner": _inner_count(code),
+                  **triton_compile.sass_counts(code),
+                  "inner": triton_compile.inner_count(code),
                   "loop_ops": loop_ops(code),
                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
                   "loop_rounds": loop_rounds, "file": path,
                   "threads": int(threads[name]) if name in threads else None})
   return out
-
-
-def _inner_count(sass: str) -> int:
-  """The instructions of a loop nested in a function's first loop
-  (``triton_compile.inner_loop``), 0 without one."""
-  inner = triton_compile.inner_loop(sass)
-  return triton_compile.sass_counts(inner)["instructions"] if inner else 0
 
 
 def dump_functions(dump_dir: str, arch: str = "90a") -> list[dict]:

@@ -291,15 +291,17 @@ def _tiles(rows: int, n: int, m0: int, bj0: int) -> dict:
   return dict(n=n, m=m, bj=bj, rows=rows, tiles=-(-rows // m), order=grid_order())
 
 
-def _chunked_plan(u_shape, stride, m0, bj0) -> dict:
+def _chunked_plan(u_shape, stride, m0, bj0, every_block: bool = False) -> dict:
   """The geometry (what eq3_block._Tile reads), the tiles of the output pixels
   (:func:`_tiles`) and the chunks of a summing kernel: ``chunks`` of ``tpc`` tiles, one
-  program per (chunk, channel block), about STATS_PROGRAMS in all."""
+  program per (chunk, channel block), about STATS_PROGRAMS in all; ``every_block``: one
+  program a chunk, which loops over every channel block itself (:func:`product_a`)."""
   b, h, w, n = u_shape
   g = _geometry(b, h, w, stride)
   plan = dict(g, **_tiles(b * g["ho"] * g["wo"], n, m0, bj0))
   tiles = plan["tiles"]
-  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // (n // plan["bj"]))))
+  blocks = 1 if every_block else n // plan["bj"]
+  chunks = min(tiles, max(1, -(-STATS_PROGRAMS // blocks)))
   tpc = -(-tiles // chunks)
   return dict(plan, tpc=tpc, chunks=-(-tiles // tpc))
 
@@ -1477,22 +1479,18 @@ def product_a(u: jax.Array, cw: jax.Array, aw: jax.Array, k9: jax.Array, mul: ja
   check(n, "QLHS_PRODUCT_FORM", interpret=interpret, e=e)
   parts = _k_parts(u.dtype, k9.dtype)
   m0, bj0, warps, stages = tiling("product_a_dot")
-  g = _geometry(*u.shape[:3], stride)
-  plan = dict(g, **_tiles(g["b"] * g["ho"] * g["wo"], n, m0, bj0), e=e, dot=parts)
+  plan = dict(_chunked_plan(u.shape, stride, m0, bj0, every_block=True), e=e, dot=parts)
   _dot_tiles(plan, "QLHS_PRODUCT_FORM", interpret, _parts_channels(e, parts))
-  tiles = plan["tiles"]
-  tpc = -(-tiles // min(tiles, STATS_PROGRAMS))
-  plan = dict(plan, tpc=tpc, chunks=-(-tiles // tpc))
   plan, u2 = lean_plan(plan, u.reshape(-1, n), interpret)
   n_out = aw.shape[-1]
   y = pl.pallas_call(
       functools.partial(_product_a_kernel, plan=plan),
-      out_shape=jax.ShapeDtypeStruct((tiles * plan["m"], n_out), aw.dtype),
+      out_shape=jax.ShapeDtypeStruct((plan["tiles"] * plan["m"], n_out), aw.dtype),
       grid=(plan["chunks"],), interpret=interpret, name=NAMES["product_a_dot"],
       **_params(warps, interpret, stages))(
           u2, cw, aw, k9.astype(F32).reshape(9, n * e), mul.astype(F32).reshape(n * e),
           add.astype(F32).reshape(n * e))
-  return y[:plan["rows"]].reshape(g["b"], g["ho"], g["wo"], n_out)
+  return y[:plan["rows"]].reshape(plan["b"], plan["ho"], plan["wo"], n_out)
 
 
 # ------------------------------------------------------------------------------------

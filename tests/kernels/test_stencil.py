@@ -833,14 +833,9 @@ def test_dp_made_in_the_kernels_in_bfloat16_is_the_stored_dp_to_a_rounding(monke
     p, mean, var = op(u, c, *r)
     return dbn.a_of(p, aw), mean, var
   made = lambda u, c, aw, *r: op(u, c, *r, a=aw)
-  runs = {}
-  for name, fn, form in (("stored", stored, ""), ("made", made, "kernels")):
-    monkeypatch.setenv("QLHS_DP_FORM", form)
-    calls = spy_on_c(monkeypatch)
-    grads = jax.grad(loss_of(fn, ws), argnums=range(6))(u, c, aw, *rest)
-    runs[name] = jax.tree.leaves((fn(u, c, aw, *rest), grads))
-    assert bool(calls.get("dx_dc_c_aw")) == (name == "made"), calls
-  assert_one_rounding_apart(runs["made"], runs["stored"])
+  runs = outputs_by_form(monkeypatch, "QLHS_DP_FORM", {"": stored, "kernels": made},
+                         (u, c, aw, *rest), ws, "dx_dc_c_aw")
+  assert_one_rounding_apart(runs["kernels"], runs[""])
 
 
 @pytest.mark.parametrize("d_kernel", ["compute", "float32"])
@@ -874,13 +869,8 @@ def test_p_made_in_the_kernel_in_bfloat16_is_the_stored_p_to_a_rounding(monkeypa
       jnp.asarray(w, jnp.float32) for w in weights]
   op = lambda u, cw, aw, *r: dbn.d_bn_product(u, cw, *r, stride=stride, impl="xla",
                                               c_weights=True, a=aw)
-  runs = {}
-  for form in ("stored", "kernels"):
-    monkeypatch.setenv("QLHS_P_FORM", form)
-    calls = spy_on_c(monkeypatch)
-    grads = jax.grad(loss_of(op, ws), argnums=range(6))(u, cw, aw, *rest)
-    runs[form] = jax.tree.leaves((op(u, cw, aw, *rest), grads))
-    assert bool(calls.get("product_a")) == (form == "kernels"), calls
+  runs = outputs_by_form(monkeypatch, "QLHS_P_FORM", {"stored": op, "kernels": op},
+                         (u, cw, aw, *rest), ws, "product_a")
   assert_one_rounding_apart(runs["kernels"], runs["stored"])
 
 
@@ -948,6 +938,21 @@ def test_c_made_in_the_kernels_in_bfloat16_is_the_stored_c_to_a_rounding(monkeyp
     grads = jax.grad(loss_of(fn, ws), argnums=range(5))(u, cw, *rest)
     runs[name] = jax.tree.leaves((fn(u, cw, *rest), grads))
   assert_one_rounding_apart(runs["made"], runs["stored"])
+
+
+def outputs_by_form(monkeypatch, var, fns, args, ws, made_call):
+  """``{value: leaves}``: for each ``value: fn`` of ``fns`` (the stored form first, the
+  form that makes the tensor in the kernels last), with ``var`` set to the value, fn's
+  outputs at ``args`` and the gradients of ``loss_of(fn, ws)`` in every argument; the
+  kernel call ``made_call`` (a :func:`spy_on_c` key) is traced under the last alone."""
+  runs, last = {}, list(fns)[-1]
+  for value, fn in fns.items():
+    monkeypatch.setenv(var, value)
+    calls = spy_on_c(monkeypatch)
+    grads = jax.grad(loss_of(fn, ws), argnums=range(len(args)))(*args)
+    runs[value] = jax.tree.leaves((fn(*args), grads))
+    assert bool(calls.get(made_call)) == (value == last), calls
+  return runs
 
 
 def assert_one_rounding_apart(made, stored):
