@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import sys
 import time
@@ -159,12 +160,14 @@ def pallas_for_gpu():
 def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
                        size: int = 224, dtype: str = "bfloat16", target: str = "h100",
                        gemm: str = "auto", devices: int = 1, input: str = "float32",
-                       state_writes: str = "grouped"):
+                       state_writes: str = "grouped", trace_out: dict | None = None):
   """The compiled train step of ``benchmarks.step`` for ``target`` (a
   ``jax.stages.Compiled``), the compile time in seconds and the ``gemm`` mode used
   ("triton" or "cublas"; "auto" tries them in that order). ``devices`` > 1: the step of
   one host with that many GPUs, ``batch`` the global batch split over them, per-replica
-  BatchNorm as in training (the program XLA compiles is one device's)."""
+  BatchNorm as in training (the program XLA compiles is one device's). ``trace_out``:
+  given a dict, its "jaxpr" is set to the traced step's (``xla_floors.pallas_loops``
+  reads its Pallas kernels' trip counts there)."""
   if gemm not in ("auto", *GEMM_OPTIONS):
     raise SystemExit(f"--gemm {gemm!r}: choose auto, triton or cublas")
   if devices < 1 or batch % devices:
@@ -192,7 +195,10 @@ def compile_train_step(model_name: str, overrides: dict, batch: int = 256,
   # lowered under the compile-only device's mesh, from which Pallas reads the GPU.
   with (pallas_for_gpu() if pallas else contextlib.nullcontext(),
         jax.set_mesh(mesh) if pallas else contextlib.nullcontext()):
-    lowered = step.lower(*abstract_step_inputs(model, tx, mesh, batch, size, input))
+    traced = step.trace(*abstract_step_inputs(model, tx, mesh, batch, size, input))
+    lowered = traced.lower()
+  if trace_out is not None:
+    trace_out["jaxpr"] = traced.jaxpr
   modes = ["triton", "cublas"] if gemm == "auto" else [gemm]
   for i, mode in enumerate(modes):
     t0 = time.perf_counter()
@@ -229,12 +235,13 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   import jax
 
   from qlhs_jax import steps as S
-  from qlhs_jax.benchmarks import hlo_bytes
-  from qlhs_jax.benchmarks.step import kernel_env_of, write_hlo
+  from qlhs_jax.benchmarks import hlo_bytes, xla_floors
+  from qlhs_jax.benchmarks.step import hlo_tag, kernel_env_of, write_hlo
   from qlhs_jax.models import create
+  traced = {}
   compiled, compile_s, gemm = compile_train_step(model_name, overrides, batch, size, dtype,
                                                  target, gemm, devices, input,
-                                                 state_writes)
+                                                 state_writes, traced)
   text = compiled.as_text()
   rows = hlo_bytes.analyse(text)
   # XLA's buffer assignment: parameters, optimizer state, batch, temporaries.
@@ -242,6 +249,11 @@ def measure(model_name: str, overrides: dict, batch: int, size: int, dtype: str,
   by_kind, by_part = hlo_bytes.totals(rows)
   if hlo_dir:
     write_hlo(hlo_dir, model_name, overrides, "aot", text)
+    loops = xla_floors.pallas_loops(traced["jaxpr"])
+    if loops:  # the Pallas kernels' trip counts, for xla_floors and budget --floors
+      with open(os.path.join(hlo_dir, f"{hlo_tag(model_name, overrides)}.aot."
+                                      f"pallas_loops.json"), "w") as f:
+        json.dump(loops, f, indent=0)
   record = {"kind": "aot_bytes", "model": model_name, "overrides": overrides,
             "batch": batch, "size": size, "dtype": dtype, "target": target, "gemm": gemm,
             "devices": devices, "jax": jax.__version__,
@@ -291,7 +303,9 @@ def main(argv=None):
   p.add_argument("--gemm", default="auto", choices=["auto", *GEMM_OPTIONS],
                  help="matmuls as Triton GEMM fusions (XLA's default tilings) or all by "
                       "cuBLAS; auto: triton where it compiles")
-  p.add_argument("--hlo-dir", default=None, help="write each compiled HLO here (gzip)")
+  p.add_argument("--hlo-dir", default=None,
+                 help="write each compiled HLO here (gzip), and beside it its Pallas "
+                      "kernels' loop trips (.pallas_loops.json, for xla_floors --loops)")
   p.add_argument("--record", default=None, help="append the records to this JSON-lines file")
   args = p.parse_args(argv)
   xla_options.request_from_env()  # before JAX starts, as the GPU harness does

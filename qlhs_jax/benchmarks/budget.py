@@ -24,7 +24,11 @@ Defaults: the profile is ``benchmarks/device_hlo/h200_kernels.jsonl`` line 3 (th
 step of 6e0def0 on an H200, NOTES.md experiment 23) with that step's HLO, the baseline
 the fastest ResNet50 record of the profile's GPU in ``benchmarks/results.jsonl`` at
 batch 256, 224 px, and the ratio 1.2. A projection from bytes, which a GPU must confirm
-(NOTES.md experiment 52).
+(NOTES.md experiment 52). With ``--floors DUMP/...gpu_after_optimizations.txt --loops
+H/....pallas_loops.json`` (the same step dumped with its PTX and compiled by ``aot
+--hlo-dir H``; ``benchmarks.xla_floors``) it also divides the budget by the larger of
+each Pallas launch's issue floor and copy time: how far above their bounds the kernels
+may run.
 """
 
 from __future__ import annotations
@@ -195,8 +199,27 @@ def budget(rows, profile: dict, profile_rows, baseline_ms: float, ratio: float) 
   return out
 
 
+def pallas_bounds(floor_rows) -> dict | None:
+  """The Pallas launches of ``xla_floors.floors``' rows whose loops were counted every
+  trip: ``{"launches", "floor_ms", "copy_ms", "bound_ms"}`` (bound: the larger of each
+  launch's issue floor and copy time, summed); None without any. Raises if some Pallas
+  launch's trips are unknown (a floor that counts its loop once is no bound to divide
+  by)."""
+  pallas = [r for r in floor_rows if kernel_class(r["kind"]) == PALLAS]
+  unknown = [r["name"] for r in pallas if r["loop"] and not r["trips"]]
+  if unknown:
+    raise SystemExit(f"no trip counts for {len(unknown)} Pallas launches ({unknown[0]}, "
+                     f"...): give --loops the .pallas_loops.json that benchmarks.aot "
+                     f"--hlo-dir wrote for the same compile")
+  if not pallas:
+    return None
+  return {"launches": len(pallas), "floor_ms": sum(r["floor_ms"] for r in pallas),
+          "copy_ms": sum(r["copy_ms"] for r in pallas),
+          "bound_ms": sum(max(r["floor_ms"], r["copy_ms"]) for r in pallas)}
+
+
 def report(step_hlo: str, profile: dict, profile_hlo: str, base: dict,
-           ratio: float) -> str:
+           ratio: float, bounds: dict | None = None) -> str:
   rows = hlo_bytes.analyse(hlo_bytes.read_hlo(step_hlo))
   prows = hlo_bytes.analyse(hlo_bytes.read_hlo(profile_hlo))
   base_ms = base["train_step_ms"]
@@ -232,6 +255,11 @@ def report(step_hlo: str, profile: dict, profile_hlo: str, base: dict,
   else:
     lines.append(f"no Pallas budget: the other kernels alone exceed the target by "
                  f"{-b['pallas_ms']:.2f} ms")
+  if bounds and b["pallas_ms"] > 0:
+    lines.append(f"  = {b['pallas_ms'] / bounds['bound_ms']:.2f}x their bounds at most: "
+                 f"{bounds['launches']} launches, issue floors "
+                 f"{bounds['floor_ms']:.2f} ms (every loop trip counted), copies "
+                 f"{bounds['copy_ms']:.2f}, the larger of each {bounds['bound_ms']:.2f}")
   if b["at_profile"]:
     a = b["at_profile"]
     lines.append(f"with the profiled Pallas kernels' fit: {a['pallas_ms']:.2f} ms, a step "
@@ -255,6 +283,13 @@ def main(argv=None):
                       "in --results")
   p.add_argument("--results", default=RESULTS)
   p.add_argument("--ratio", type=float, default=1.2)
+  p.add_argument("--floors", default=None,
+                 help="the same step's ...gpu_after_optimizations.txt of an XLA dump with "
+                      "its PTX (see benchmarks.xla_floors; needs triton): the budget "
+                      "against the Pallas kernels' issue floors too")
+  p.add_argument("--loops", default=None,
+                 help="with --floors: the step's .pallas_loops.json (benchmarks.aot "
+                      "--hlo-dir)")
   args = p.parse_args(argv)
   with open(args.profile) as f:
     records = [json.loads(line) for line in f if line.strip()]
@@ -263,7 +298,13 @@ def main(argv=None):
   profile = records[args.line]
   base = ({"train_step_ms": args.baseline_ms, "commit": "given"}
           if args.baseline_ms else baseline(args.results, profile.get("device", "")))
-  print(report(args.step, profile, args.profile_hlo, base, args.ratio))
+  bounds = None
+  if args.floors:
+    from qlhs_jax.benchmarks import xla_floors
+    rate = kernel_times.copy_rate(profile.get("device", ""))
+    bounds = pallas_bounds(xla_floors.floors(args.floors, copy_bytes_per_s=rate,
+                                             loops=xla_floors.read_loops(args.loops)))
+  print(report(args.step, profile, args.profile_hlo, base, args.ratio, bounds))
 
 
 if __name__ == "__main__":

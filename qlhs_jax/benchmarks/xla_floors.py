@@ -26,7 +26,9 @@ hide it, or a cache. A thread issues the instructions on its way from the entry 
 EXIT, not the whole listing (XLA's concatenate kernels branch per operand): the floor
 counts the shortest way (:func:`path_lengths`). A kernel with a loop (reductions,
 matmuls, the stencil kernels) counts its listing and its loop once, so its floor is a
-lower bound: see ``triton_compile --op stencil`` for the stencil kernels' trip counts.
+lower bound; with ``--loops`` (the ``.pallas_loops.json`` that ``benchmarks.aot
+--hlo-dir`` writes for the same compile: each Pallas kernel's trip counts, from the
+traced step, :func:`pallas_loops`) the Pallas kernels' loops count as often as they run.
 """
 
 from __future__ import annotations
@@ -336,24 +338,121 @@ def _module_number(path: str) -> tuple:
   return (int(m.group(1)) if m else -1, path)
 
 
-def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None):
+def pallas_loops(jaxpr) -> list[dict]:
+  """Every Pallas call of a traced program (``jax.jit(f).trace(...).jaxpr``), in trace
+  order: ``{"scope", "name", "grid", "trips", "inner"}``. ``scope``: its name stack
+  (what its HLO custom call's op_name holds before "/pallas_call"); ``trips``: how often
+  its kernel's first loop runs (a ``fori_loop`` of static bounds, traced as a scan; 1
+  without one), ``inner``: the first loop nested in that one (1 without). The trip
+  counts the machine code does not show: with them :func:`floors` counts a Pallas
+  kernel's loop as often as it runs, not once."""
+  def subjaxprs(params):
+    for value in params.values():
+      for x in value if isinstance(value, (list, tuple)) else [value]:
+        x = getattr(x, "jaxpr", x)  # a ClosedJaxpr's
+        if hasattr(x, "eqns"):
+          yield x
+
+  def first_scan(j):
+    for e in j.eqns:
+      if e.primitive.name == "scan":
+        return e
+      found = next(filter(None, map(first_scan, subjaxprs(e.params))), None)
+      if found is not None:
+        return found
+    return None
+
+  out = []
+
+  def walk(j, outer: str):
+    for e in j.eqns:
+      scope = "/".join(filter(None, (outer, str(e.source_info.name_stack))))
+      if e.primitive.name == "pallas_call":
+        p = e.params
+        name = getattr(p.get("name_and_src_info"), "name", None) or p.get("name")
+        loop = first_scan(getattr(p["jaxpr"], "jaxpr", p["jaxpr"]))
+        inner = first_scan(getattr(loop.params["jaxpr"], "jaxpr", loop.params["jaxpr"])
+                           ) if loop is not None else None
+        out.append({"scope": scope, "name": name,
+                    "grid": [int(g) for g in p["grid_mapping"].grid],
+                    "trips": int(loop.params["length"]) if loop is not None else 1,
+                    "inner": int(inner.params["length"]) if inner is not None else 1})
+      else:
+        for sub in subjaxprs(e.params):
+          walk(sub, scope)
+
+  walk(getattr(jaxpr, "jaxpr", jaxpr), "")
+  return out
+
+
+def read_loops(path: str | None) -> list[dict] | None:
+  """:func:`pallas_loops`' list from the JSON file ``benchmarks.aot --hlo-dir`` writes
+  (None for None)."""
+  if path is None:
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _pallas_key(op_name: str) -> tuple[str, str, bool]:
+  """(kernel name, model part, backward?) of a Pallas call's scope or HLO op_name."""
+  path = op_name.removesuffix("/pallas_call")
+  part = re.search(r"(stage\d+_block\d+|stem|head)", path)
+  return (path.rsplit("/", 1)[-1], part.group(1) if part else "-", "transpose(" in path)
+
+
+def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
+  """``{HLO instruction: (trips, inner)}`` for the Pallas calls of ``hlo_text`` that
+  :func:`pallas_loops` of the same program describes, matched by kernel name, model
+  part and direction (the ``scope``); where a key repeats, in order."""
+  queue: dict[tuple, list] = {}
+  for loop in loops:
+    queue.setdefault(_pallas_key(loop["scope"] + "/" + loop["name"]), []).append(loop)
+  names = hlo_bytes.op_names(hlo_text)
+  out = {}
+  for name, op_name in names.items():
+    if op_name.endswith("/pallas_call"):
+      waiting = queue.get(_pallas_key(op_name))
+      if waiting:
+        loop = waiting.pop(0)
+        out[name] = (loop["trips"], loop["inner"])
+  return out
+
+
+def issued_a_warp(instructions: int, loop: int, inner: int, trips: int,
+                  inner_trips: int) -> int:
+  """The instructions a warp issues in a kernel whose listing has ``instructions``, a
+  loop of ``loop`` run ``trips`` times, and in it a loop of ``inner`` run
+  ``inner_trips`` times a trip; the listing holds each loop once."""
+  return (instructions + loop * max(trips - 1, 0)
+          + inner * max(inner_trips - 1, 0) * trips)
+
+
+def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None,
+           loops: list[dict] | None = None):
   """One row per launch of the step: ``{"name", "kind", "part", "bytes", "kernel",
-  "blocks", "threads", "registers", "warps", "instructions", "loop", "path",
+  "blocks", "threads", "registers", "warps", "instructions", "loop", "path", "trips",
   "floor_ms", "copy_ms"}``, launches whose function has no PTX in the dump (library
   calls) left out. ``path``: :func:`path_lengths` (None with a loop); the floor counts
-  the shortest path's instructions, or with a loop the listing's, the loop once."""
+  the shortest path's instructions, or with a loop the listing's, the loop once; with
+  ``loops`` (:func:`pallas_loops` of the same program) a Pallas kernel's loops as often
+  as they run (``trips``: (outer, inner), None where not known)."""
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   launches = hlo_bytes.kernel_launches(hlo_path)
   code = machine_code(hlo_path, arch)
+  text = hlo_bytes.read_hlo(hlo_path)
+  trips = loop_trips(text, loops) if loops else {}
   rows = []
-  for nbytes, kind, part, name in hlo_bytes.analyse(hlo_bytes.read_hlo(hlo_path)):
+  for nbytes, kind, part, name in hlo_bytes.analyse(text):
     if name not in launches or launches[name][0] not in code:
       continue
     kernel, blocks, threads = launches[name]
     c = code[kernel]
     # A thread issues its way's instructions, not every branch's; with a loop, the
-    # listing's (the loop in it once).
+    # listing's (the loop in it once), or where the trips are known, every trip's.
     issued = c["path"][0] if c["path"] else c["instructions"]
+    if name in trips and c["loop"]:
+      issued = issued_a_warp(c["instructions"], c["loop"], c["inner"], *trips[name])
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,
@@ -361,7 +460,7 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
                  "warps": resident_warps(c["registers"], threads),
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
-                 "loop_rounds": c["loop_rounds"],
+                 "loop_rounds": c["loop_rounds"], "trips": trips.get(name),
                  "floor_ms": floor, "copy_ms": nbytes / rate * 1e3})
   return rows
 
@@ -440,11 +539,13 @@ def by_function(rows, us_per_step: dict) -> list[dict]:
 
 
 def report(hlo_path: str, top: int = 30, arch: str = "90a",
-           copy_bytes_per_s: float | None = None, measured: dict | None = None) -> str:
-  rows = floors(hlo_path, arch, copy_bytes_per_s)
+           copy_bytes_per_s: float | None = None, measured: dict | None = None,
+           loops: list[dict] | None = None) -> str:
+  rows = floors(hlo_path, arch, copy_bytes_per_s, loops)
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
-  looped = [r for r in rows if not r["path"]]
+  tripped = [r for r in rows if not r["path"] and r["trips"]]  # every trip counted
+  looped = [r for r in rows if not r["path"] and not r["trips"]]
   lines = [
       f"{hlo_path}: {len(rows)} launches with machine code (sm_{arch}); issue floor "
       f"(one warp instruction a cycle per scheduler, 528 at 1.98 GHz) and copy time "
@@ -452,6 +553,10 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
       f"  without a loop ({len(plain)}): floors {sum(r['floor_ms'] for r in plain):.3f}, "
       f"copies {sum(r['copy_ms'] for r in plain):.3f}, the larger of each "
       f"{sum(_bound(r) for r in plain):.3f}",
+      *([f"  Pallas kernels, every trip of their loops counted ({len(tripped)}): "
+         f"floors {sum(r['floor_ms'] for r in tripped):.3f}, copies "
+         f"{sum(r['copy_ms'] for r in tripped):.3f}, the larger of each "
+         f"{sum(_bound(r) for r in tripped):.3f}"] if tripped else []),
       f"  with a loop ({len(looped)}, counted once: floors at least): floors "
       f"{sum(r['floor_ms'] for r in looped):.3f}, the larger of each "
       f"{sum(_bound(r) for r in looped):.3f}",
@@ -497,6 +602,9 @@ def main(argv=None):
                  help="a kernels.jsonl of benchmarks.step --profile-dir, profiled from the "
                       "same program: adds each kernel's measured time, grouped by rounds")
   p.add_argument("--line", type=int, default=-1, help="which line of --measured (0-based)")
+  p.add_argument("--loops", default=None,
+                 help="the step's .pallas_loops.json (benchmarks.aot --hlo-dir, the same "
+                      "compile): the Pallas kernels' loops counted as often as they run")
   args = p.parse_args(argv)
   rate = args.copy_tbps * 1e12 if args.copy_tbps else None
   measured = None
@@ -507,7 +615,7 @@ def main(argv=None):
     if os.path.isdir(args.path):
       print(functions_report(args.path, args.match, args.arch))
     else:
-      print(report(args.path, args.top, args.arch, rate, measured))
+      print(report(args.path, args.top, args.arch, rate, measured, read_loops(args.loops)))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

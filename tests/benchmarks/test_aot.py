@@ -230,6 +230,12 @@ def test_compiles_the_stencil_kernels_for_gpus_splitting_the_batch(tmp_path):
   assert r["gbytes_by_kind"].get("custom-call __gpu$xla.gpu.triton", 0) > 0, r
   text = gzip.open(next(tmp_path.glob("*.aot.hlo.txt.gz")), "rt").read()
   assert "all-reduce-start(" in text or "all-reduce(" in text
+  # beside the HLO, the Pallas kernels' loops, each joined to one of its custom calls
+  loops = json.loads(next(tmp_path.glob("*.aot.pallas_loops.json")).read_text())
+  assert {d["name"] for d in loops} >= {"qlhs_lag_sums", "qlhs_bn_sums"}, loops
+  assert all(d["trips"] >= 1 and d["inner"] >= 1 for d in loops)
+  from qlhs_jax.benchmarks import xla_floors
+  assert len(xla_floors.loop_trips(text, loops)) == len(loops)
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")

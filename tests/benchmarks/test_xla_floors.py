@@ -373,3 +373,105 @@ def test_a_dump_folder_lists_its_functions(tmp_path):
   assert (chase[3], chase[4]) == ("2", "3")
   only = xla_floors.functions_report(str(tmp_path), match="^tog").splitlines()
   assert len(only) == 2 and "together (module_0012.jit_f.1.ptx)" in only[1]
+
+
+def _looped_kernel(x_ref, o_ref):
+  """Five trips of a loop holding a loop of four (a tile's loop over channel blocks)."""
+  from jax import lax
+
+  def trip(i, acc):
+    return lax.fori_loop(0, 4, lambda j, a: a + x_ref[...] * j, acc) + i
+  o_ref[...] = lax.fori_loop(0, 5, trip, x_ref[...] * 0)
+
+
+def _plain_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[...] * 2
+
+
+def test_pallas_loops_reads_each_calls_trip_counts_and_scope():
+  """The traced program's Pallas calls, forward and backward: their names, grids, the
+  trips of the first loop and of the loop nested in it, and the scope their HLO
+  custom call's op_name holds."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import pallas as pl
+
+  def call(kernel, name, x):
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          grid=(3,), name=name, interpret=True)(x)
+
+  @jax.custom_vjp
+  def op(x):
+    return call(_looped_kernel, "qlhs_fwd", x)
+
+  def fwd(x):
+    return op(x), x
+
+  def bwd(x, g):
+    return (call(_plain_kernel, "qlhs_bwd", g),)
+  op.defvjp(fwd, bwd)
+
+  def loss(x):
+    with jax.named_scope("stage1_block0"):
+      return op(x).sum()
+  loops = xla_floors.pallas_loops(jax.jit(jax.grad(loss)).trace(
+      jnp.ones((8, 128), jnp.float32)).jaxpr)
+  assert [(d["name"], d["grid"], d["trips"], d["inner"]) for d in loops] == [
+      ("qlhs_fwd", [3], 5, 4), ("qlhs_bwd", [3], 1, 1)]
+  assert "stage1_block0" in loops[0]["scope"] and "stage1_block0" in loops[1]["scope"]
+  assert "transpose(" not in loops[0]["scope"] and "transpose(" in loops[1]["scope"]
+
+
+def test_loop_trips_join_the_hlo_calls_by_name_part_and_direction():
+  hlo = """HloModule m
+ENTRY %main {
+  %p = bf16[64,8]{1,0} parameter(0)
+  %pallas_call.3 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/transpose(jvp(Net))/stage1_block0/bn_d/qlhs_k/pallas_call"}
+  %pallas_call.1 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(Net)/stage1_block0/bn_d/qlhs_k/pallas_call"}
+  ROOT %pallas_call.2 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(Net)/stage2_block0/bn_d/qlhs_k/pallas_call"}
+}
+"""
+  loops = [{"scope": "jvp(Net)/stage1_block0/bn_d", "name": "qlhs_k", "trips": 96,
+            "inner": 1},
+           {"scope": "jvp(Net)/stage2_block0/bn_d", "name": "qlhs_k", "trips": 12,
+            "inner": 4},
+           {"scope": "transpose(jvp(Net))/stage1_block0/bn_d", "name": "qlhs_k",
+            "trips": 48, "inner": 1}]
+  assert xla_floors.loop_trips(hlo, loops) == {
+      "pallas_call.1": (96, 1), "pallas_call.2": (12, 4), "pallas_call.3": (48, 1)}
+  assert xla_floors.loop_trips(hlo, loops[:1]) == {"pallas_call.1": (96, 1)}
+
+
+def test_a_warp_issues_its_listing_and_every_other_trip():
+  """A listing of 100 instructions holding a loop of 30 that holds a loop of 8: run 5
+  and 4 times, the outer body 4 more times, the inner 3 more times in each of 5 trips."""
+  assert xla_floors.issued_a_warp(100, 30, 8, 5, 4) == 100 + 30 * 4 + 8 * 3 * 5
+  assert xla_floors.issued_a_warp(100, 30, 0, 1, 1) == 100
+
+
+def test_floors_count_a_pallas_kernels_loops_as_often_as_they_run(tmp_path, monkeypatch):
+  """With the step's loops a Pallas launch's floor counts every trip (5 of a 30-
+  instruction loop, 4 of an 8-instruction loop in it), at 4 warps x 100 programs;
+  without them its loop once."""
+  path = tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt"
+  path.write_text("""HloModule m
+ENTRY %main {
+  %p = bf16[64,8]{1,0} parameter(0)
+  ROOT %pallas_call.1 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp(Net)/stage1_block0/qlhs_k/pallas_call"}
+}
+""")
+  monkeypatch.setattr(hlo_bytes, "kernel_launches",
+                      lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
+  monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
+      "registers": 64, "instructions": 100, "loop": 30, "inner": 8, "path": None,
+      "rounds": 1, "loads": 2, "loop_rounds": 1}})
+  loops = [{"scope": "jvp(Net)/stage1_block0", "name": "qlhs_k", "grid": [100],
+            "trips": 5, "inner": 4}]
+  (row,) = xla_floors.floors(str(path), loops=loops)
+  assert row["trips"] == (5, 4)
+  assert row["floor_ms"] == pytest.approx(
+      triton_compile.issue_floor_ms(100 + 30 * 4 + 8 * 3 * 5, 0, 1, 4, 100))
+  (once,) = xla_floors.floors(str(path))
+  assert once["trips"] is None
+  assert once["floor_ms"] == pytest.approx(
+      triton_compile.issue_floor_ms(100, 0, 1, 4, 100))
