@@ -291,6 +291,11 @@ def main(argv=None):
                  help="with --floors: the step's .pallas_loops.json (benchmarks.aot "
                       "--hlo-dir)")
   args = p.parse_args(argv)
+  for path, flag in ((args.profile, "--profile"), (args.profile_hlo, "--profile-hlo"),
+                     (args.results, "--results")):
+    if not os.path.exists(path):
+      raise SystemExit(f"{path} not found: the defaults are the repository's "
+                       f"benchmarks/ files (run from a checkout), or give {flag}")
   with open(args.profile) as f:
     records = [json.loads(line) for line in f if line.strip()]
   if not -len(records) <= args.line < len(records):

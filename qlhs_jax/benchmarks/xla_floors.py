@@ -525,6 +525,30 @@ def function_family(kernel: str) -> str:
   return re.sub(r"(_+\d+)+$", "", kernel) if kernel.startswith("qlhs_") else kernel
 
 
+def pallas_by_function(rows) -> list[dict]:
+  """The Pallas launches of :func:`floors`' rows whose loops were counted every trip,
+  grouped by :func:`function_family` in order of first launch: ``{"function",
+  "launches", "floor_ms", "copy_ms", "bound_ms", "parts"}``, ``parts`` ``{part's first
+  six letters ("stage1"): (sorted registers, sorted warps an SM)}`` in the order met."""
+  groups: dict[str, dict] = {}
+  for r in rows:
+    if not (r["kernel"].startswith("qlhs_") and (r["trips"] or not r["loop"])):
+      continue
+    g = groups.setdefault(function_family(r["kernel"]), {
+        "function": function_family(r["kernel"]), "launches": 0, "floor_ms": 0.0,
+        "copy_ms": 0.0, "bound_ms": 0.0, "parts": {}})
+    g["launches"] += 1
+    g["floor_ms"] += r["floor_ms"]
+    g["copy_ms"] += r["copy_ms"]
+    g["bound_ms"] += _bound(r)
+    regs, warps = g["parts"].setdefault(r["part"][:6], (set(), set()))
+    regs.add(r["registers"])
+    warps.add(r["warps"])
+  for g in groups.values():
+    g["parts"] = {k: (sorted(a), sorted(b)) for k, (a, b) in g["parts"].items()}
+  return list(groups.values())
+
+
 def by_function(rows, us_per_step: dict) -> list[dict]:
   """The measured launches grouped by :func:`function_family`, the most time above its
   bounds first: ``{"function", "launches", "measured_ms", "bound_ms", "above_ms"}``
@@ -566,6 +590,16 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
                "the loop's, in the count once); warps/SM: what the registers allow (64 "
                "at most); rounds: the times a thread waits for global loads in turn "
                "(load_rounds; N+L: a loop's, and L in each trip)")
+  if tripped:
+    lines += ["", "Pallas kernels by function, every loop trip counted (ms; part: the "
+                  "model part's first six letters, stage1 ... stage4)",
+              f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s}  "
+              f"function: registers / warps an SM by part"]
+    for g in pallas_by_function(rows):
+      parts = ", ".join(f"{part} {'/'.join(map(str, regs))} / {'/'.join(map(str, warps))}"
+                        for part, (regs, warps) in g["parts"].items())
+      lines.append(f"{g['launches']:8d} {g['floor_ms']:7.3f} {g['copy_ms']:7.3f} "
+                   f"{g['bound_ms']:7.3f}  {g['function']}: {parts}")
   if measured is not None:
     lines += ["", f"measured ({measured.get('device', '?')}, {measured.get('tag', '?')}): "
                   "kernels without a loop, 20 us a step or more, by load rounds",

@@ -184,6 +184,8 @@ def test_the_command_line_on_the_committed_profile(tmp_path, capsys):
   assert "Pallas budget:" in out and "0.01 GB" in out
   with pytest.raises(SystemExit, match="--line 9: .* has 4 lines"):
     budget.main([str(step), "--line", "9"])
+  with pytest.raises(SystemExit, match="nowhere.jsonl not found: .* give --profile"):
+    budget.main([str(step), "--profile", str(tmp_path / "nowhere.jsonl")])
 
 
 def test_the_pallas_bounds_sum_each_launchs_larger_bound():

@@ -475,3 +475,21 @@ ENTRY %main {
   assert once["trips"] is None
   assert once["floor_ms"] == pytest.approx(
       triton_compile.issue_floor_ms(100, 0, 1, 4, 100))
+
+
+def test_pallas_kernels_are_summed_by_function_every_trip_counted():
+  def row(kernel, part, floor, copy, regs, warps, trips=(4, 1), loop=10):
+    return {"kernel": kernel, "part": part, "floor_ms": floor, "copy_ms": copy,
+            "registers": regs, "warps": warps, "trips": trips, "loop": loop}
+  rows = [row("qlhs_k", "stage1_block0", 0.3, 0.1, 128, 16),
+          row("qlhs_k__1", "stage2_block1", 0.1, 0.2, 168, 8),
+          row("qlhs_k__2", "stage2_block2", 0.1, 0.2, 170, 8),
+          row("qlhs_du", "stage1_block0", 0.2, 0.1, 56, 36, trips=None, loop=0),
+          row("qlhs_once", "stage1_block0", 9.0, 9.0, 64, 32, trips=None),  # not counted
+          row("loop_add_fusion", "stage1_block0", 9.0, 9.0, 20, 64, trips=None, loop=0)]
+  assert xla_floors.pallas_by_function(rows) == [
+      {"function": "qlhs_k", "launches": 3, "floor_ms": pytest.approx(0.5),
+       "copy_ms": pytest.approx(0.5), "bound_ms": pytest.approx(0.7),
+       "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
+      {"function": "qlhs_du", "launches": 1, "floor_ms": 0.2, "copy_ms": 0.1,
+       "bound_ms": 0.2, "parts": {"stage1": ([56], [36])}}]
