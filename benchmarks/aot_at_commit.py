@@ -20,6 +20,7 @@ eq3_softball_ds 103.7 GB in 1012 kernels, resnet50 102.6 GB in 1085; the H200's,
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -30,13 +31,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def _load(name):
+def today_module(name):
   """Today's module from this checkout, by file path (the worktree's own is older)."""
   spec = importlib.util.spec_from_file_location(
       f"today_{name}", os.path.join(REPO, "qlhs_jax", "benchmarks", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@contextlib.contextmanager
+def worktree(commit: str):
+  """A git worktree of ``commit`` in a temporary folder, its path; removed after."""
+  with tempfile.TemporaryDirectory() as d:
+    tree = os.path.join(d, commit)
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree, commit],
+                   check=True)
+    try:
+      yield tree
+    finally:
+      subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree],
+                     check=True)
 
 
 def compile_at(tree: str, model_name: str, gemm: str, aot, hlo_bytes, step) -> str:
@@ -66,16 +81,11 @@ def main(argv=None):
   p.add_argument("models", nargs="+")
   p.add_argument("--gemm", default="triton", choices=["triton", "cublas"])
   args = p.parse_args(argv)
-  aot, hlo_bytes, step = _load("aot"), _load("hlo_bytes"), _load("step")
-  with tempfile.TemporaryDirectory() as d:
-    tree = os.path.join(d, args.commit)
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree,
-                    args.commit], check=True)
-    try:
-      for m in args.models:  # one process: the worktree's modules stay imported
-        print(compile_at(tree, m, args.gemm, aot, hlo_bytes, step), flush=True)
-    finally:
-      subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], check=True)
+  aot, hlo_bytes = today_module("aot"), today_module("hlo_bytes")
+  step = today_module("step")
+  with worktree(args.commit) as tree:
+    for m in args.models:  # one process: the worktree's modules stay imported
+      print(compile_at(tree, m, args.gemm, aot, hlo_bytes, step), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,24 +16,11 @@ the GPU. Used for the H200's profiled step of 6e0def0 (NOTES.md, experiment 52).
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-
-
-def _today(name):
-  """Today's module from this checkout, by file path (the worktree's own is older)."""
-  spec = importlib.util.spec_from_file_location(
-      f"today_{name}", os.path.join(REPO, "qlhs_jax", "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from aot_at_commit import today_module, worktree  # this folder's: run as a script
 
 
 def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[dict]:
@@ -54,7 +41,7 @@ def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[di
   tx, step = harness_train_step(model, mesh, input)
   with aot.pallas_for_gpu(), jax.set_mesh(mesh):
     traced = step.trace(*aot.abstract_step_inputs(model, tx, mesh, 256, 224, input))
-  return _today("xla_floors").pallas_loops(traced.jaxpr)
+  return today_module("xla_floors").pallas_loops(traced.jaxpr)
 
 
 def main(argv=None):
@@ -73,15 +60,8 @@ def main(argv=None):
       overrides[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       overrides[key] = value
-  with tempfile.TemporaryDirectory() as d:
-    tree = os.path.join(d, args.commit)
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree,
-                    args.commit], check=True)
-    try:
-      loops = loops_at(tree, args.model, overrides, args.input)
-    finally:
-      subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree],
-                     check=True)
+  with worktree(args.commit) as tree:
+    loops = loops_at(tree, args.model, overrides, args.input)
   with open(args.out, "w") as f:
     json.dump(loops, f, indent=0)
   print(f"{args.out}: {len(loops)} Pallas calls of {args.model} at {args.commit}")
