@@ -157,8 +157,9 @@
 #   ",dot_forms"), profiled kernel by kernel; each against the first row. Compile and
 #   time only, no kernel alone: "product" and "sums" split the rows' differences by
 #   kernel.
-# "ablate" (time limits add up to 400 s; NOTES.md experiments 48-51): which of the
-#   stack's last three pieces, never timed, pays: the configs' ",dot_forms" stack whole
+# "ablate" (time limits add up to 400 s; NOTES.md experiments 48-52): which of the
+#   stack's last three pieces, never timed, pays (experiment 52's projection: the
+#   weight gradients in pass 4 only if the Pallas kernels run under 1.86x their bounds): the configs' ",dot_forms" stack whole
 #   (dot_forms' last row, without its profile), then with A applied by XLA's matmul
 #   (QLHS_P_FORM=stored), with u's shares added by XLA (QLHS_DU_SUM=xla), and with C's
 #   and A's gradients by XLA's matmuls (QLHS_WEIGHT_GRADS=xla, which needs p stored);
