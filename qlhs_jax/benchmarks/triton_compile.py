@@ -287,6 +287,15 @@ def sass_counts(sass: str) -> dict:
           "loop": len(_SASS_OP.findall(body)) if body else 0}
 
 
+def issued_a_warp(instructions: int, loop: int, inner: int, trips: int,
+                  inner_trips: int) -> int:
+  """The instructions a warp issues in a kernel whose listing has ``instructions``, a
+  loop of ``loop`` run ``trips`` times, and in it a loop of ``inner`` run
+  ``inner_trips`` times a trip; the listing holds each loop once."""
+  return (instructions + loop * max(trips - 1, 0)
+          + inner * max(inner_trips - 1, 0) * trips)
+
+
 def issue_floor_ms(instructions: int, loop: int, trips: int, warps: int,
                    programs: int) -> float:
   """The time in ms one H100 needs to issue a launch's warp instructions: per warp the
@@ -423,11 +432,11 @@ def main(argv=None) -> int:
       ok &= r["ok"]
       if r["ok"]:
         floor = ""
-        if args.op == "product_a":  # per tile: the outer loop's body, which holds the
-          # inner loop's once, and the inner loop's other trips
+        if args.op == "product_a":  # the tiles' loop, each with its blocks' loop
           a = product_a_plan(args.batch, side, n, stride)
-          tile = r["loop"] + (a["blocks"] - 1) * r["inner"]
-          ms = issue_floor_ms(r["instructions"], tile, a["tpc"], warps, a["programs"])
+          issued = issued_a_warp(r["instructions"], r["loop"], r["inner"], a["tpc"],
+                                 a["blocks"])
+          ms = issue_floor_ms(issued, 0, 1, warps, a["programs"])
           floor = (f"  inner loop {r['inner']} x {a['blocks']} a tile, issue floor "
                    f"{ms:.3f} ms")
         elif args.op == "stencil" or not r["loop"]:  # trip counts known

@@ -419,15 +419,6 @@ def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
   return out
 
 
-def issued_a_warp(instructions: int, loop: int, inner: int, trips: int,
-                  inner_trips: int) -> int:
-  """The instructions a warp issues in a kernel whose listing has ``instructions``, a
-  loop of ``loop`` run ``trips`` times, and in it a loop of ``inner`` run
-  ``inner_trips`` times a trip; the listing holds each loop once."""
-  return (instructions + loop * max(trips - 1, 0)
-          + inner * max(inner_trips - 1, 0) * trips)
-
-
 def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None,
            loops: list[dict] | None = None):
   """One row per launch of the step: ``{"name", "kind", "part", "bytes", "kernel",
@@ -452,7 +443,8 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
     # listing's (the loop in it once), or where the trips are known, every trip's.
     issued = c["path"][0] if c["path"] else c["instructions"]
     if name in trips and c["loop"]:
-      issued = issued_a_warp(c["instructions"], c["loop"], c["inner"], *trips[name])
+      issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
+                                            *trips[name])
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,

@@ -445,8 +445,8 @@ ENTRY %main {
 def test_a_warp_issues_its_listing_and_every_other_trip():
   """A listing of 100 instructions holding a loop of 30 that holds a loop of 8: run 5
   and 4 times, the outer body 4 more times, the inner 3 more times in each of 5 trips."""
-  assert xla_floors.issued_a_warp(100, 30, 8, 5, 4) == 100 + 30 * 4 + 8 * 3 * 5
-  assert xla_floors.issued_a_warp(100, 30, 0, 1, 1) == 100
+  assert triton_compile.issued_a_warp(100, 30, 8, 5, 4) == 100 + 30 * 4 + 8 * 3 * 5
+  assert triton_compile.issued_a_warp(100, 30, 0, 1, 1) == 100
 
 
 def test_floors_count_a_pallas_kernels_loops_as_often_as_they_run(tmp_path, monkeypatch):
