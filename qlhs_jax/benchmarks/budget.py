@@ -39,7 +39,7 @@ import os
 
 import numpy as np
 
-from qlhs_jax.benchmarks import hlo_bytes, kernel_times
+from qlhs_jax.benchmarks import hlo_bytes, kernel_times, xla_floors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(_HERE)), "benchmarks")
@@ -202,7 +202,8 @@ def budget(rows, profile: dict, profile_rows, baseline_ms: float, ratio: float) 
 def pallas_bounds(floor_rows) -> dict | None:
   """The Pallas launches of ``xla_floors.floors``' rows whose loops were counted every
   trip: ``{"launches", "floor_ms", "copy_ms", "bound_ms"}`` (bound: the larger of each
-  launch's issue floor and copy time, summed); None without any. Raises if some Pallas
+  launch's issue floor and copy time, summed; latency: ``warp_cycles``' floors; model:
+  the largest of the three, ``xla_floors.modelled``); None without any. Raises if some Pallas
   launch's trips are unknown (a floor that counts its loop once is no bound to divide
   by)."""
   pallas = [r for r in floor_rows if kernel_class(r["kind"]) == PALLAS]
@@ -215,7 +216,9 @@ def pallas_bounds(floor_rows) -> dict | None:
     return None
   return {"launches": len(pallas), "floor_ms": sum(r["floor_ms"] for r in pallas),
           "copy_ms": sum(r["copy_ms"] for r in pallas),
-          "bound_ms": sum(max(r["floor_ms"], r["copy_ms"]) for r in pallas)}
+          "bound_ms": sum(max(r["floor_ms"], r["copy_ms"]) for r in pallas),
+          "latency_ms": sum(r["latency_ms"] for r in pallas),
+          "model_ms": sum(xla_floors.modelled(r) for r in pallas)}
 
 
 def report(step_hlo: str, profile: dict, profile_hlo: str, base: dict,
@@ -260,6 +263,9 @@ def report(step_hlo: str, profile: dict, profile_hlo: str, base: dict,
                  f"{bounds['launches']} launches, issue floors "
                  f"{bounds['floor_ms']:.2f} ms (every loop trip counted), copies "
                  f"{bounds['copy_ms']:.2f}, the larger of each {bounds['bound_ms']:.2f}")
+    lines.append(f"  = {b['pallas_ms'] / bounds['model_ms']:.2f}x their latency model at "
+                 f"most: latency floors {bounds['latency_ms']:.2f} ms (benchmarks."
+                 f"warp_cycles), the largest of the three {bounds['model_ms']:.2f}")
   if b["at_profile"]:
     a = b["at_profile"]
     lines.append(f"with the profiled Pallas kernels' fit: {a['pallas_ms']:.2f} ms, a step "
@@ -305,7 +311,6 @@ def main(argv=None):
           if args.baseline_ms else baseline(args.results, profile.get("device", "")))
   bounds = None
   if args.floors:
-    from qlhs_jax.benchmarks import xla_floors
     rate = kernel_times.copy_rate(profile.get("device", ""))
     bounds = pallas_bounds(xla_floors.floors(args.floors, copy_bytes_per_s=rate,
                                              loops=xla_floors.read_loops(args.loops)))

@@ -306,7 +306,9 @@ def issue_floor_ms(instructions: int, loop: int, trips: int, warps: int,
   return per_warp * warps * programs / (H100_SCHEDULERS * H100_CLOCK_HZ) * 1e3
 
 
-def _disassemble(cubin: bytes) -> str:
+def _disassemble(cubin: bytes, encodings: bool = False) -> str:
+  """nvdisasm's listing of ``cubin``; with ``encodings``, each instruction's encoding
+  too (``-hex``: the control codes ``benchmarks.warp_cycles`` reads)."""
   import triton
   nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                           "nvdisasm")
@@ -314,7 +316,8 @@ def _disassemble(cubin: bytes) -> str:
     path = os.path.join(tmp, "k.cubin")
     with open(path, "wb") as f:
       f.write(cubin)
-    r = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    r = subprocess.run([nvdisasm, "-c", *(["-hex"] if encodings else []), path],
+                       capture_output=True, text=True)
   if r.returncode:
     raise RuntimeError(f"nvdisasm failed: {r.stderr[-500:]}")
   return r.stdout

@@ -29,6 +29,14 @@ matmuls, the stencil kernels) counts its listing and its loop once, so its floor
 lower bound; with ``--loops`` (the ``.pallas_loops.json`` that ``benchmarks.aot
 --hlo-dir`` writes for the same compile: each Pallas kernel's trip counts, from the
 traced step, :func:`pallas_loops`) the Pallas kernels' loops count as often as they run.
+
+A third bound, the latency floor (``benchmarks.warp_cycles``): one warp walked through
+its machine code by the control codes ptxas set (stalls, scoreboards, cp.async groups),
+a global load ``--mem`` cycles (default ``warp_cycles.MEM_CYCLES``, 800: fitted with
+``--fit-mem`` so that the H200's profiled loop-free kernels add up to their measured
+time), times the launch's waves. Where a kernel holds few warps an SM, a warp's own
+waits leave its scheduler idle: the floor counts them. :func:`modelled`, the largest
+of the three, is the latency model of a launch's time.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import math
 import os
 import re
 
-from qlhs_jax.benchmarks import hlo_bytes, kernel_times, triton_compile
+from qlhs_jax.benchmarks import hlo_bytes, kernel_times, triton_compile, warp_cycles
 
 # H100 SM: 65,536 registers, at most 64 warps and 32 blocks; registers are handed out per
 # warp in units of 256 (8 a thread).
@@ -281,10 +289,11 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
     report, cubin = triton_compile.assemble(ptx, arch)
     regs = registers_by_entry(report)
     threads = dict(_THREADS.findall(ptx))
-    sass = sass_by_entry(triton_compile._disassemble(cubin))
+    sass = sass_by_entry(triton_compile._disassemble(cubin, encodings=True))
     order = _ENTRY.findall(ptx)  # nvdisasm lists them in another order
-    for name, code in sorted(sass.items(), key=lambda kv: (
+    for name, encoded in sorted(sass.items(), key=lambda kv: (
         order.index(kv[0]) if kv[0] in order else len(order))):
+      code, controls = warp_cycles.split_hex(encoded)
       rounds, loads, loop_rounds = load_rounds(code)
       out.append({"name": name, "registers": regs.get(name, 0),
                   **triton_compile.sass_counts(code),
@@ -292,6 +301,7 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
                   "loop_ops": loop_ops(code),
                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
                   "loop_rounds": loop_rounds, "file": path,
+                  "listing": _listing(code), "controls": controls,
                   "threads": int(threads[name]) if name in threads else None})
   return out
 
@@ -420,20 +430,26 @@ def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None,
-           loops: list[dict] | None = None):
+           loops: list[dict] | None = None, mem: float | None = None,
+           code: dict | None = None):
   """One row per launch of the step: ``{"name", "kind", "part", "bytes", "kernel",
   "blocks", "threads", "registers", "warps", "instructions", "loop", "path", "trips",
-  "floor_ms", "copy_ms"}``, launches whose function has no PTX in the dump (library
-  calls) left out. ``path``: :func:`path_lengths` (None with a loop); the floor counts
-  the shortest path's instructions, or with a loop the listing's, the loop once; with
-  ``loops`` (:func:`pallas_loops` of the same program) a Pallas kernel's loops as often
-  as they run (``trips``: (outer, inner), None where not known)."""
+  "floor_ms", "copy_ms", "warp_cycles", "mem", "latency_ms"}``, launches whose function
+  has no PTX in the dump (library calls) left out. ``path``: :func:`path_lengths` (None
+  with a loop); the floor counts the shortest path's instructions, or with a loop the
+  listing's, the loop once; with ``loops`` (:func:`pallas_loops` of the same program)
+  a Pallas kernel's loops as often as they run (``trips``: (outer, inner), None where
+  not known). ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and
+  ``floor_ms``, with ``mem`` cycles a global load (default
+  ``warp_cycles.MEM_CYCLES``), the loops counted as the floor counts them. ``code``:
+  :func:`machine_code` of ``hlo_path``, where the caller has it already."""
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   launches = hlo_bytes.kernel_launches(hlo_path)
-  code = machine_code(hlo_path, arch)
+  code = code or machine_code(hlo_path, arch)
   text = hlo_bytes.read_hlo(hlo_path)
   trips = loop_trips(text, loops) if loops else {}
-  rows = []
+  mem = warp_cycles.MEM_CYCLES if mem is None else mem
+  rows, warp_times = [], {}
   for nbytes, kind, part, name in hlo_bytes.analyse(text):
     if name not in launches or launches[name][0] not in code:
       continue
@@ -446,10 +462,16 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
       issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
                                             *trips[name])
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
+    warps = resident_warps(c["registers"], threads)
+    key = (kernel, trips.get(name, (1, 1)) if c["loop"] else (1, 1))
+    if key not in warp_times:
+      warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,
                  "registers": c["registers"],
-                 "warps": resident_warps(c["registers"], threads),
+                 "warps": warps, "warp_cycles": warp_times[key]["cycles"], "mem": mem,
+                 "latency_ms": warp_cycles.floor_ms(warp_times[key], issued, blocks,
+                                                    threads, warps),
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
                  "loop_rounds": c["loop_rounds"], "trips": trips.get(name),
@@ -462,10 +484,17 @@ def _bound(row) -> float:
   return max(row["floor_ms"], row["copy_ms"])
 
 
+def modelled(row) -> float:
+  """The largest of a row's issue floor, copy time and latency floor
+  (``warp_cycles.floor_ms``), ms: the latency model of a launch's time."""
+  return max(row["floor_ms"], row["copy_ms"], row["latency_ms"])
+
+
 def table(rows, top: int | None = None) -> list[str]:
   """A header and a line per row of :func:`floors`, the largest bound (floor or copy)
   first, ``top`` of them (None: all)."""
-  lines = [f"{'floor':>7s} {'copy':>7s}  {'GB':>6s}  {'regs':>4s} {'warps/SM':>8s} "
+  lines = [f"{'floor':>7s} {'copy':>7s} {'latency':>7s}  {'GB':>6s}  {'regs':>4s} "
+           f"{'warps/SM':>8s} "
            f"{'instr':>8s} {'rounds':>6s}  {'blocks x threads':>16s}  "
            f"instruction (function), part"]
   for r in sorted(rows, key=_bound, reverse=True)[:top]:
@@ -477,7 +506,8 @@ def table(rows, top: int | None = None) -> list[str]:
       instr = f"{r['instructions']}+{r['loop']}"
       rounds = f"{r['rounds']}+{r['loop_rounds']}"
     lines.append(
-        f"{r['floor_ms']:7.3f} {r['copy_ms']:7.3f}  {r['bytes'] / 1e9:6.3f}  "
+        f"{r['floor_ms']:7.3f} {r['copy_ms']:7.3f} {r['latency_ms']:7.3f}  "
+        f"{r['bytes'] / 1e9:6.3f}  "
         f"{r['registers']:4d} {r['warps']:8d} {instr:>8s} {rounds:>6s}  "
         f"{r['blocks']:>8d} x {r['threads']:<5d}  {r['name']} ({r['kernel']}), {r['part']}")
   return lines
@@ -491,23 +521,71 @@ def by_rounds(rows, us_per_step: dict, least_us: float = 20.0) -> list[dict]:
   Kernels under ``least_us`` are left out: launch overhead, not memory, sets them."""
   groups = _measured_groups(rows, us_per_step, lambda r: r["rounds"],
                             lambda r, us: r["path"] and us >= least_us)
-  return [{"rounds": k, "kernels": n, "measured_ms": t, "bound_ms": b, "ratio": t / b}
-          for k, (n, t, b) in sorted(groups.items())]
+  return [{"rounds": k, "kernels": n, "measured_ms": t, "bound_ms": b, "ratio": t / b,
+           "model_ms": m, "model_ratio": t / m}
+          for k, (n, t, b, m) in sorted(groups.items())]
 
 
 def _measured_groups(rows, us_per_step: dict, key, keep=lambda r, us: True) -> dict:
-  """``{key(row): [launches, measured ms, bound ms]}`` over the rows measured in
-  ``us_per_step`` that ``keep(row, us)`` admits (bound: :func:`_bound`)."""
+  """``{key(row): [launches, measured ms, bound ms, model ms]}`` over the rows measured
+  in ``us_per_step`` that ``keep(row, us)`` admits (:func:`_bound`,
+  :func:`modelled`)."""
   groups = {}
   for r in rows:
     us = us_per_step.get(r["name"])
     if us is None or not keep(r, us):
       continue
-    g = groups.setdefault(key(r), [0, 0.0, 0.0])
+    g = groups.setdefault(key(r), [0, 0.0, 0.0, 0.0])
     g[0] += 1
     g[1] += us / 1e3
     g[2] += _bound(r)
+    g[3] += modelled(r)
   return groups
+
+
+def spread(rows, us_per_step: dict, least_us: float = 20.0) -> str:
+  """Measured over :func:`modelled`, and over :func:`_bound`, for the launches without
+  a loop of ``least_us`` or more (:func:`by_rounds`' kernels): the 10th, 25th, 50th,
+  75th and 90th percentiles of each, one launch a value."""
+  pairs = [(us_per_step[r["name"]] / 1e3, r) for r in rows
+           if r["path"] and us_per_step.get(r["name"], 0) >= least_us]
+  if not pairs:
+    return "no launch"
+
+  def tiles(values):
+    v = sorted(values)
+    return " ".join(f"{v[min(int(len(v) * q), len(v) - 1)]:.2f}"
+                    for q in (0.1, 0.25, 0.5, 0.75, 0.9))
+  return (f"{len(pairs)} launches; over the model {tiles(m / modelled(r) for m, r in pairs)}"
+          f"; over the bounds {tiles(m / _bound(r) for m, r in pairs)} (percentiles 10, "
+          f"25, 50, 75, 90)")
+
+
+MEM_GRID = tuple(range(400, 1700, 100))
+
+
+def fit_mem(hlo_path: str, us_per_step: dict, arch: str = "90a",
+            copy_bytes_per_s: float | None = None, loops: list[dict] | None = None,
+            grid=MEM_GRID, least_us: float = 20.0) -> list[dict]:
+  """How a global load's cycles (``mem``) set the latency model against a profile of
+  the same program: per value of ``grid``, ``{"mem", "launches", "measured_ms",
+  "model_ms", "bound_ms", "log_error"}`` over the launches without a loop of
+  ``least_us`` or more (:func:`spread`'s): their summed measured time, model
+  (:func:`modelled`) and bounds, and the mean of |log(measured / model)|.
+  ``warp_cycles.MEM_CYCLES`` is the value whose model sums to the measured time."""
+  code = machine_code(hlo_path, arch)
+  out = []
+  for mem in grid:
+    rows = floors(hlo_path, arch, copy_bytes_per_s, loops, mem, code)
+    pairs = [(us_per_step[r["name"]] / 1e3, r) for r in rows
+             if r["path"] and us_per_step.get(r["name"], 0) >= least_us]
+    out.append({"mem": mem, "launches": len(pairs),
+                "measured_ms": sum(m for m, _ in pairs),
+                "model_ms": sum(modelled(r) for _, r in pairs),
+                "bound_ms": sum(_bound(r) for _, r in pairs),
+                "log_error": sum(abs(math.log(m / modelled(r))) for m, r in pairs)
+                / max(len(pairs), 1)})
+  return out
 
 
 def function_family(kernel: str) -> str:
@@ -520,7 +598,8 @@ def function_family(kernel: str) -> str:
 def pallas_by_function(rows) -> list[dict]:
   """The Pallas launches of :func:`floors`' rows whose loops were counted every trip,
   grouped by :func:`function_family` in order of first launch: ``{"function",
-  "launches", "floor_ms", "copy_ms", "bound_ms", "parts"}``, ``parts`` ``{part's first
+  "launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms", "parts"}``
+  (:func:`modelled`), ``parts`` ``{part's first
   six letters ("stage1"): (sorted registers, sorted warps an SM)}`` in the order met."""
   groups: dict[str, dict] = {}
   for r in rows:
@@ -528,11 +607,14 @@ def pallas_by_function(rows) -> list[dict]:
       continue
     g = groups.setdefault(function_family(r["kernel"]), {
         "function": function_family(r["kernel"]), "launches": 0, "floor_ms": 0.0,
-        "copy_ms": 0.0, "bound_ms": 0.0, "parts": {}})
+        "copy_ms": 0.0, "bound_ms": 0.0, "latency_ms": 0.0, "model_ms": 0.0,
+        "parts": {}})
     g["launches"] += 1
     g["floor_ms"] += r["floor_ms"]
     g["copy_ms"] += r["copy_ms"]
     g["bound_ms"] += _bound(r)
+    g["latency_ms"] += r["latency_ms"]
+    g["model_ms"] += modelled(r)
     regs, warps = g["parts"].setdefault(r["part"][:6], (set(), set()))
     regs.add(r["registers"])
     warps.add(r["warps"])
@@ -543,21 +625,22 @@ def pallas_by_function(rows) -> list[dict]:
 
 def by_function(rows, us_per_step: dict) -> list[dict]:
   """The measured launches grouped by :func:`function_family`, the most time above its
-  bounds first: ``{"function", "launches", "measured_ms", "bound_ms", "above_ms"}``
+  bounds first: ``{"function", "launches", "measured_ms", "bound_ms", "above_ms",
+  "model_ms"}`` (:func:`modelled`)
   (bound: the larger of copy time and issue floor, summed; with a loop the floor counts
   it once, so there the copy time is the bound that matters), from a profile's
   ``us_per_step`` of the same program (:func:`by_rounds`). Where the step's time above
   its bounds lies, by kernel."""
   groups = _measured_groups(rows, us_per_step, lambda r: function_family(r["kernel"]))
   out = [{"function": k, "launches": n, "measured_ms": t, "bound_ms": b,
-          "above_ms": t - b} for k, (n, t, b) in groups.items()]
+          "above_ms": t - b, "model_ms": m} for k, (n, t, b, m) in groups.items()]
   return sorted(out, key=lambda g: -g["above_ms"])
 
 
 def report(hlo_path: str, top: int = 30, arch: str = "90a",
            copy_bytes_per_s: float | None = None, measured: dict | None = None,
-           loops: list[dict] | None = None) -> str:
-  rows = floors(hlo_path, arch, copy_bytes_per_s, loops)
+           loops: list[dict] | None = None, mem: float | None = None) -> str:
+  rows = floors(hlo_path, arch, copy_bytes_per_s, loops, mem)
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
   tripped = [r for r in rows if not r["path"] and r["trips"]]  # every trip counted
@@ -568,11 +651,15 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
       f"(bytes at {rate / 1e12:.1f} TB/s) in ms",
       f"  without a loop ({len(plain)}): floors {sum(r['floor_ms'] for r in plain):.3f}, "
       f"copies {sum(r['copy_ms'] for r in plain):.3f}, the larger of each "
-      f"{sum(_bound(r) for r in plain):.3f}",
+      f"{sum(_bound(r) for r in plain):.3f}; latency floors "
+      f"{sum(r['latency_ms'] for r in plain):.3f}, the largest of the three "
+      f"{sum(modelled(r) for r in plain):.3f}",
       *([f"  Pallas kernels, every trip of their loops counted ({len(tripped)}): "
          f"floors {sum(r['floor_ms'] for r in tripped):.3f}, copies "
          f"{sum(r['copy_ms'] for r in tripped):.3f}, the larger of each "
-         f"{sum(_bound(r) for r in tripped):.3f}"] if tripped else []),
+         f"{sum(_bound(r) for r in tripped):.3f}; latency floors "
+         f"{sum(r['latency_ms'] for r in tripped):.3f}, the largest of the three "
+         f"{sum(modelled(r) for r in tripped):.3f}"] if tripped else []),
       f"  with a loop ({len(looped)}, counted once: floors at least): floors "
       f"{sum(r['floor_ms'] for r in looped):.3f}, the larger of each "
       f"{sum(_bound(r) for r in looped):.3f}",
@@ -581,35 +668,49 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
                "its shortest and longest way; N+L: a kernel with a loop, its listing and "
                "the loop's, in the count once); warps/SM: what the registers allow (64 "
                "at most); rounds: the times a thread waits for global loads in turn "
-               "(load_rounds; N+L: a loop's, and L in each trip)")
+               "(load_rounds; N+L: a loop's, and L in each trip); latency: the "
+               "launch's latency floor (benchmarks.warp_cycles: one warp's cycles from "
+               f"its control codes, a global load {rows[0]['mem'] if rows else '-'} "
+               "cycles, over the warps an SM holds)")
   if tripped:
     lines += ["", "Pallas kernels by function, every loop trip counted (ms; part: the "
                   "model part's first six letters, stage1 ... stage4)",
-              f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s}  "
-              f"function: registers / warps an SM by part"]
+              f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s} "
+              f"{'latency':>7s} {'model':>7s}  function: registers / warps an SM by part"]
     for g in pallas_by_function(rows):
       parts = ", ".join(f"{part} {'/'.join(map(str, regs))} / {'/'.join(map(str, warps))}"
                         for part, (regs, warps) in g["parts"].items())
       lines.append(f"{g['launches']:8d} {g['floor_ms']:7.3f} {g['copy_ms']:7.3f} "
-                   f"{g['bound_ms']:7.3f}  {g['function']}: {parts}")
+                   f"{g['bound_ms']:7.3f} {g['latency_ms']:7.3f} {g['model_ms']:7.3f}  "
+                   f"{g['function']}: {parts}")
+    p = pallas_by_function(rows)
+    lines.append(f"{sum(g['launches'] for g in p):8d} "
+                 + " ".join(f"{sum(g[k] for g in p):7.3f}" for k in (
+                     "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms"))
+                 + "  all")
   if measured is not None:
     lines += ["", f"measured ({measured.get('device', '?')}, {measured.get('tag', '?')}): "
                   "kernels without a loop, 20 us a step or more, by load rounds",
               f"{'rounds':>6s} {'kernels':>7s} {'measured ms':>11s} {'bound ms':>8s} "
-              f"{'ratio':>5s}"]
-    for g in by_rounds(rows, measured["us_per_step"]):
-      lines.append(f"{g['rounds']:6d} {g['kernels']:7d} {g['measured_ms']:11.3f} "
-                   f"{g['bound_ms']:8.3f} {g['ratio']:5.2f}")
+              f"{'ratio':>5s} {'model ms':>8s} {'ratio':>5s}"]
+    groups = by_rounds(rows, measured["us_per_step"])
+    for g in groups + [{"rounds": "all", **{k: sum(x[k] for x in groups) for k in (
+        "kernels", "measured_ms", "bound_ms", "model_ms")}}]:
+      lines.append(f"{g['rounds']:>6} {g['kernels']:7d} {g['measured_ms']:11.3f} "
+                   f"{g['bound_ms']:8.3f} {g['measured_ms'] / g['bound_ms']:5.2f} "
+                   f"{g['model_ms']:8.3f} {g['measured_ms'] / g['model_ms']:5.2f}")
+    lines += [f"  measured / model, launch by launch: {spread(rows, measured['us_per_step'])}"
+              ]
     functions = by_function(rows, measured["us_per_step"])
     lines += ["", f"by function, the most time above its bounds first "
                   f"({min(top, len(functions))} of {len(functions)}; all launches: "
                   f"{sum(g['measured_ms'] for g in functions):.3f} ms measured, "
                   f"{sum(g['above_ms'] for g in functions):.3f} above the bounds)",
-              f"{'launches':>8s} {'measured ms':>11s} {'bound ms':>8s} {'above':>7s}  "
-              f"function"]
+              f"{'launches':>8s} {'measured ms':>11s} {'bound ms':>8s} {'above':>7s} "
+              f"{'model ms':>8s}  function"]
     for g in functions[:top]:
       lines.append(f"{g['launches']:8d} {g['measured_ms']:11.3f} {g['bound_ms']:8.3f} "
-                   f"{g['above_ms']:7.3f}  {g['function']}")
+                   f"{g['above_ms']:7.3f} {g['model_ms']:8.3f}  {g['function']}")
   return "\n".join(lines)
 
 
@@ -628,6 +729,12 @@ def main(argv=None):
                  help="a kernels.jsonl of benchmarks.step --profile-dir, profiled from the "
                       "same program: adds each kernel's measured time, grouped by rounds")
   p.add_argument("--line", type=int, default=-1, help="which line of --measured (0-based)")
+  p.add_argument("--mem", type=float, default=None,
+                 help="a global load's cycles in the latency floors (default: "
+                      "warp_cycles.MEM_CYCLES, fitted to the H200's profile)")
+  p.add_argument("--fit-mem", action="store_true",
+                 help="with --measured: the latency model at a global load's cycles "
+                      "from 400 to 1,600 against the profile (fit_mem), then exit")
   p.add_argument("--loops", default=None,
                  help="the step's .pallas_loops.json (benchmarks.aot --hlo-dir, the same "
                       "compile): the Pallas kernels' loops counted as often as they run")
@@ -637,11 +744,23 @@ def main(argv=None):
   if args.measured:
     with open(args.measured) as f:
       measured = [json.loads(line) for line in f if line.strip()][args.line]
+  if args.fit_mem:
+    if measured is None:
+      raise SystemExit("--fit-mem needs --measured (and --line): the profile to fit to")
+    print(f"{'mem':>5s} {'launches':>8s} {'measured ms':>11s} {'model ms':>8s} "
+          f"{'bounds ms':>9s} {'mean |log|':>10s}  (launches without a loop, 20 us or "
+          f"more)")
+    for f in fit_mem(args.path, measured["us_per_step"], args.arch, rate,
+                     read_loops(args.loops)):
+      print(f"{f['mem']:5.0f} {f['launches']:8d} {f['measured_ms']:11.3f} "
+            f"{f['model_ms']:8.3f} {f['bound_ms']:9.3f} {f['log_error']:10.3f}")
+    return
   try:
     if os.path.isdir(args.path):
       print(functions_report(args.path, args.match, args.arch))
     else:
-      print(report(args.path, args.top, args.arch, rate, measured, read_loops(args.loops)))
+      print(report(args.path, args.top, args.arch, rate, measured, read_loops(args.loops),
+                   args.mem))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

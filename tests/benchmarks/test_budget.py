@@ -191,14 +191,16 @@ def test_the_command_line_on_the_committed_profile(tmp_path, capsys):
 def test_the_pallas_bounds_sum_each_launchs_larger_bound():
   pallas = "custom-call __gpu$xla.gpu.triton"
   rows = [{"name": "a", "kind": pallas, "loop": 10, "trips": (5, 1), "floor_ms": 0.3,
-           "copy_ms": 0.1},
+           "copy_ms": 0.1, "latency_ms": 0.6},
           {"name": "b", "kind": pallas, "loop": 0, "trips": None, "floor_ms": 0.1,
-           "copy_ms": 0.2},
+           "copy_ms": 0.2, "latency_ms": 0.15},
           {"name": "c", "kind": "element-wise loop", "loop": 0, "trips": None,
-           "floor_ms": 5.0, "copy_ms": 5.0}]
+           "floor_ms": 5.0, "copy_ms": 5.0, "latency_ms": 5.0}]
   b = budget.pallas_bounds(rows)
+  # The model: the largest of each launch's three, 0.6 and 0.2.
   assert b == {"launches": 2, "floor_ms": pytest.approx(0.4),
-               "copy_ms": pytest.approx(0.3), "bound_ms": pytest.approx(0.5)}
+               "copy_ms": pytest.approx(0.3), "bound_ms": pytest.approx(0.5),
+               "latency_ms": pytest.approx(0.75), "model_ms": pytest.approx(0.8)}
   rows[0]["trips"] = None  # a loop counted once is no bound
   with pytest.raises(SystemExit, match="no trip counts for 1 Pallas launches .*--loops"):
     budget.pallas_bounds(rows)

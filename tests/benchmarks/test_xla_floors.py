@@ -276,16 +276,24 @@ def test_loop_ops_count_a_trips_barriers_copies_and_products():
 def test_rounds_group_the_measured_kernels():
   """Two loop-free kernels of one round, one of three and a loop: the loop and a kernel
   under 20 us are left out; the ratio is the measured time over the summed bounds."""
-  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2)
+  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2, latency_ms=0.05)
   rows = [dict(row, name="a", rounds=1), dict(row, name="b", rounds=1, copy_ms=0.3),
-          dict(row, name="c", rounds=3), dict(row, name="d", rounds=1, path=None),
-          dict(row, name="e", rounds=2)]
+          dict(row, name="c", rounds=3, latency_ms=0.8),
+          dict(row, name="d", rounds=1, path=None), dict(row, name="e", rounds=2)]
   us = {"a": 210.0, "b": 290.0, "c": 400.0, "d": 900.0, "e": 19.0}
   groups = xla_floors.by_rounds(rows, us)
   assert [(g["rounds"], g["kernels"]) for g in groups] == [(1, 2), (3, 1)]
   assert groups[0]["measured_ms"] == pytest.approx(0.5)
   assert groups[0]["ratio"] == pytest.approx(0.5 / 0.5)
   assert groups[1]["ratio"] == pytest.approx(0.4 / 0.2)
+  # The model takes the latency floor where it is the largest: c's 0.8.
+  assert groups[0]["model_ratio"] == pytest.approx(0.5 / 0.5)
+  assert groups[1]["model_ratio"] == pytest.approx(0.4 / 0.8)
+  # Launch by launch, a 1.05, b 0.97, c 0.5 over the model (1.05, 0.97, 2.0 over the
+  # bounds): the 10th percentile the smallest, the 50th the middle.
+  text = xla_floors.spread(rows, us)
+  assert text.startswith("3 launches; over the model 0.50 0.50 0.97 1.05 1.05; over "
+                         "the bounds 0.97 0.97 1.05 2.00 2.00")
 
 
 def test_functions_group_a_pallas_kernels_instances_and_keep_xlas_fusions_apart():
@@ -295,7 +303,7 @@ def test_functions_group_a_pallas_kernels_instances_and_keep_xlas_fusions_apart(
   assert xla_floors.function_family("qlhs_bn_sums_12") == "qlhs_bn_sums"
   assert xla_floors.function_family("qlhs_bn_sums_dot__6") == "qlhs_bn_sums_dot"
   assert xla_floors.function_family("loop_convert_fusion_3") == "loop_convert_fusion_3"
-  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2)
+  row = dict(path=(10, 10), floor_ms=0.1, copy_ms=0.2, latency_ms=0.0)
   rows = [dict(row, name="s0", kernel="qlhs_bn_sums"),
           dict(row, name="s1", kernel="qlhs_bn_sums_1", copy_ms=0.3),
           dict(row, name="f", kernel="loop_convert_fusion"),
@@ -308,6 +316,7 @@ def test_functions_group_a_pallas_kernels_instances_and_keep_xlas_fusions_apart(
   assert groups[0]["measured_ms"] == pytest.approx(1.3)
   assert groups[0]["bound_ms"] == pytest.approx(0.5)
   assert groups[0]["above_ms"] == pytest.approx(0.8)
+  assert groups[0]["model_ms"] == pytest.approx(0.5)
   assert groups[1]["above_ms"] == pytest.approx(0.7)
   assert groups[2]["above_ms"] == pytest.approx(0.1)
 
@@ -462,15 +471,24 @@ ENTRY %main {
 """)
   monkeypatch.setattr(hlo_bytes, "kernel_launches",
                       lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
+  listing = xla_floors._listing(_sass(".L_x_0:", "FFMA R1, R2, R3, R1",
+                                      "@P0 BRA `(.L_x_0)", "EXIT"))
+  stall_1 = {"stall": 1, "write": 7, "read": 7, "wait": 0}
   monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
       "registers": 64, "instructions": 100, "loop": 30, "inner": 8, "path": None,
-      "rounds": 1, "loads": 2, "loop_rounds": 1}})
+      "rounds": 1, "loads": 2, "loop_rounds": 1, "listing": listing,
+      "controls": [stall_1] * 3}})
   loops = [{"scope": "jvp(Net)/stage1_block0", "name": "qlhs_k", "grid": [100],
             "trips": 5, "inner": 4}]
   (row,) = xla_floors.floors(str(path), loops=loops)
   assert row["trips"] == (5, 4)
   assert row["floor_ms"] == pytest.approx(
       triton_compile.issue_floor_ms(100 + 30 * 4 + 8 * 3 * 5, 0, 1, 4, 100))
+  # The warp walks its loop 5 times (2 cycles a trip) and the EXIT: 11 cycles. At 64
+  # registers an SM holds 8 blocks, so the 100 blocks are one wave with one block an SM:
+  # its scheduler's warp issues 340 instructions, more than the 11 cycles it waits.
+  assert row["warp_cycles"] == 11
+  assert row["latency_ms"] == pytest.approx(340 / 1.98e9 * 1e3)
   (once,) = xla_floors.floors(str(path))
   assert once["trips"] is None
   assert once["floor_ms"] == pytest.approx(
@@ -478,10 +496,11 @@ ENTRY %main {
 
 
 def test_pallas_kernels_are_summed_by_function_every_trip_counted():
-  def row(kernel, part, floor, copy, regs, warps, trips=(4, 1), loop=10):
+  def row(kernel, part, floor, copy, regs, warps, trips=(4, 1), loop=10, latency=0.0):
     return {"kernel": kernel, "part": part, "floor_ms": floor, "copy_ms": copy,
-            "registers": regs, "warps": warps, "trips": trips, "loop": loop}
-  rows = [row("qlhs_k", "stage1_block0", 0.3, 0.1, 128, 16),
+            "registers": regs, "warps": warps, "trips": trips, "loop": loop,
+            "latency_ms": latency}
+  rows = [row("qlhs_k", "stage1_block0", 0.3, 0.1, 128, 16, latency=0.5),
           row("qlhs_k__1", "stage2_block1", 0.1, 0.2, 168, 8),
           row("qlhs_k__2", "stage2_block2", 0.1, 0.2, 170, 8),
           row("qlhs_du", "stage1_block0", 0.2, 0.1, 56, 36, trips=None, loop=0),
@@ -490,6 +509,8 @@ def test_pallas_kernels_are_summed_by_function_every_trip_counted():
   assert xla_floors.pallas_by_function(rows) == [
       {"function": "qlhs_k", "launches": 3, "floor_ms": pytest.approx(0.5),
        "copy_ms": pytest.approx(0.5), "bound_ms": pytest.approx(0.7),
+       "latency_ms": pytest.approx(0.5), "model_ms": pytest.approx(0.9),
        "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
       {"function": "qlhs_du", "launches": 1, "floor_ms": 0.2, "copy_ms": 0.1,
-       "bound_ms": 0.2, "parts": {"stage1": ([56], [36])}}]
+       "bound_ms": 0.2, "latency_ms": 0.0, "model_ms": 0.2,
+       "parts": {"stage1": ([56], [36])}}]

@@ -1,0 +1,195 @@
+"""How many cycles one warp of a kernel needs, from the control codes in its machine code:
+a launch's latency floor, where the issue floor (``triton_compile.issue_floor_ms``) and
+the copy time are the other two bounds (``benchmarks.xla_floors``).
+
+Why: the issue floor assumes a scheduler always has a warp ready. With few warps an SM
+(the stack's dot kernels hold 8, two a scheduler) a warp's own waits can leave the
+scheduler idle: for a stall the compiler set, for a shared-memory load, for memory.
+From Volta on, every 128-bit instruction carries its control code in bits 105-125
+(Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking", 2018;
+the same layout on Hopper): the stall, the cycles the warp waits before it issues its
+next instruction (ptxas covers fixed-latency dependencies with it: an FMA's, an
+HMMA's); a write scoreboard (0-5, 7 none) that a variable-latency instruction (a load,
+a conversion, S2R) releases when its result is written; a read scoreboard, released
+when its operands are read (a store's); and the scoreboards this instruction waits on.
+``nvdisasm -hex`` prints them.
+
+:func:`cycles` walks one warp along the way a thread takes when every bounds test
+passes (a conditional branch forward not taken, a predicated EXIT not taken, as
+``xla_floors.load_rounds``), each loop as often as it runs where the trips are known
+(``xla_floors.pallas_loops``; else once), and times it: an instruction issues after the
+previous one's stall and after the scoreboards it waits on are released; a cp.async
+group (LDGDEPBAR) is complete ``mem`` cycles after its last copy issued, and DEPBAR.LE
+SB0, N waits until at most N groups are not. Latencies: :data:`LATENCY`, rounded from
+published microbenchmarks of Ampere and Hopper (shared memory ~30 cycles, S2R ~25, a
+conversion ~15), except memory's, ``mem``, one figure for every global load whether it
+hits a cache or not, fitted to a measured profile (:func:`fit_mem`).
+
+A warp alone, so a lower bound: :func:`floor_ms` takes a launch's waves (blocks over
+what 132 SMs hold at once) times the larger of the warp's cycles and the instructions
+its scheduler must issue for the warps it holds. Not modelled: warps of one scheduler
+delaying each other (issue slots are counted, order is not), bank conflicts, a loaded
+memory's longer latency beyond ``mem``, and Hopper's asynchronous HGMMA and TMA (XLA's
+GEMM fusions: their waits count as stalls only).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+CLOCK_HZ, SMS, SCHEDULERS = 1.98e9, 132, 4
+_HEX_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+.*?/\* (0x[0-9a-f]{16}) \*/\s*$")
+_HEX_HIGH = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
+_HEX_COMMENT = re.compile(r"\s*/\* 0x[0-9a-f]{16} \*/")
+NONE = 7  # a scoreboard field's "none"
+
+# Cycles from issue to a variable-latency instruction's scoreboard release, by opcode
+# prefix (first match). MEM stands for the global loads' figure (``mem``).
+MEM = "mem"
+LATENCY = (("LDGSTS", MEM), ("LDG", MEM), ("LD.", MEM), ("ATOMG", MEM), ("ATOM.", MEM),
+           ("RED.", MEM), ("LDL", 35), ("LDSM", 30), ("LDS", 30), ("ATOMS", 30),
+           ("S2R", 25), ("S2UR", 25), ("SHFL", 25), ("REDUX", 25), ("MATCH", 25),
+           ("LDC", 15), ("MUFU", 15), ("F2F", 15), ("I2F", 15), ("F2I", 15),
+           ("FRND", 15), ("I2I", 15), ("POPC", 15), ("FLO", 15), ("BREV", 15))
+# A global load's cycles, the default of ``mem``: fitted so that the H200's profiled
+# kernels without a loop (78 of 20 us or more, experiment 23's step at 6e0def0) add up
+# to their measured time (14.46 ms modelled, 14.47 measured); 404 ns at 1.98 GHz.
+MEM_CYCLES = 800.0
+# An HMMA.16816 (2,048 multiply-adds) occupies its scheduler's tensor core this long:
+# the stall ptxas sets between two independent ones on sm_90a (the lags' and the sums'
+# loops), the interval it schedules one warp's products at. Two warps of one scheduler
+# share that tensor core, so their products queue: an assumption, not a measurement.
+MMA_CYCLES = 6
+OTHER_LATENCY = 20  # any other instruction that sets a write scoreboard
+READ_LATENCY = 10  # a read scoreboard: the operands of a store or copy are read
+
+
+def control(high: int) -> dict:
+  """The control code of one instruction from its encoding's high 64 bits: ``stall``
+  (cycles before the warp's next instruction), ``write`` and ``read`` (scoreboards it
+  releases, 7 none) and ``wait`` (a bit per scoreboard it waits on)."""
+  c = high >> 41  # bits 105-127 of the 128-bit instruction
+  return {"stall": c & 15, "write": (c >> 5) & 7, "read": (c >> 8) & 7,
+          "wait": (c >> 11) & 63}
+
+
+def split_hex(text: str) -> tuple[str, list[dict]]:
+  """``(listing, controls)`` from ``nvdisasm -hex``'s text: the listing as plain
+  ``nvdisasm -c`` prints it, and each instruction's :func:`control`, in order."""
+  lines = text.splitlines()
+  plain, controls = [], []
+  for i, line in enumerate(lines):
+    if _HEX_HIGH.match(line):
+      continue  # an instruction's second word, read with its first
+    if _HEX_LINE.match(line):
+      high = _HEX_HIGH.match(lines[i + 1]) if i + 1 < len(lines) else None
+      if high is None:
+        raise ValueError(f"no second word after instruction: {line.strip()}")
+      controls.append(control(int(high.group(1), 16)))
+    plain.append(_HEX_COMMENT.sub("", line))
+  return "\n".join(plain), controls
+
+
+def latency(op: str, mem: float) -> float:
+  """Cycles until a variable-latency instruction ``op`` releases its write scoreboard."""
+  for prefix, cycles in LATENCY:
+    if op.startswith(prefix):
+      return mem if cycles == MEM else cycles
+  return OTHER_LATENCY
+
+
+def loops(ops, labels) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+  """``(first, inner)``: a listing's first loop and the first loop nested in it, each
+  ``(start, index of its branch back)`` (None without), as ``triton_compile.first_loop``
+  and ``inner_loop`` find them: the first label with a branch back to it, its first."""
+  backs = []
+  for j, (op, _, target, _) in enumerate(ops):
+    t = labels.get(target, j) if op == "BRA" and target else j
+    if t < j:
+      backs.append((t, j))
+  if not backs:
+    return None, None
+  first = min(backs)
+  inner = [b for b in backs if first[0] < b[0] and b[1] < first[1]]
+  return first, (min(inner) if inner else None)
+
+
+def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1,
+         limit: int = 50_000_000) -> dict:
+  """One warp from entry to EXIT (see the module's docstring): ``{"cycles", "mma"}``,
+  its cycles and the tensor-core products (HMMA) it issues. ``ops`` and ``labels`` as
+  ``xla_floors._listing`` gives them, ``controls`` from :func:`split_hex`, the first
+  loop run ``trips`` times and the loop nested in it ``inner_trips`` times a trip
+  (other loops once)."""
+  if len(ops) != len(controls):
+    raise ValueError(f"{len(ops)} instructions but {len(controls)} control codes")
+  first, inner = loops(ops, labels)
+  runs = {}
+  if first:
+    runs[first[1]] = trips
+  if inner:
+    runs[inner[1]] = inner_trips
+  ready = [0.0] * 8  # when each scoreboard is released
+  groups: list[float] = []  # committed cp.async groups not yet waited for: when done
+  copies = -1.0  # the last cp.async issued since the last commit (-1: none)
+  taken: dict[int, int] = {}
+  t, i, steps, mma = 0.0, 0, 0, 0
+  while i < len(ops):
+    steps += 1
+    if steps > limit:
+      raise RuntimeError(f"more than {limit} instructions walked: a loop without an exit")
+    op, conditional, target, rest = ops[i]
+    c = controls[i]
+    mma += op.startswith("HMMA")
+    at = max([t] + [ready[b] for b in range(6) if c["wait"] >> b & 1])
+    if op.startswith("DEPBAR"):
+      m = re.search(r"SB0,\s*(0x[0-9a-f]+|\d+)", rest)
+      if m:
+        cut = max(len(groups) - int(m.group(1), 0), 0)  # all but the newest N are done
+        at = max([at] + groups[:cut])
+        groups = groups[cut:]
+    done = at + latency(op, mem)  # when its write scoreboard is released
+    if op.startswith("LDGSTS"):
+      copies = at
+    elif op == "LDGDEPBAR":  # its scoreboard counts the group's copies
+      done = copies + mem if copies >= 0 else at
+      groups.append(done)
+      copies = -1.0
+    if c["write"] != NONE:
+      ready[c["write"]] = max(ready[c["write"]], done)
+    if c["read"] != NONE:
+      ready[c["read"]] = max(ready[c["read"]], at + READ_LATENCY)
+    t = at + max(c["stall"], 1)
+    if op == "EXIT" and not conditional:
+      break
+    if op == "BRA" and target is not None:
+      to = labels.get(target, i + 1)
+      if to == i:  # the trap loop after the last EXIT
+        break
+      if to < i:  # a branch back: again, as often as the loop runs
+        taken[i] = taken.get(i, 0) + 1
+        if taken[i] < runs.get(i, 1):
+          i = to
+          continue
+        taken[i] = 0
+      elif not conditional:
+        i = to
+        continue
+    i += 1
+  return {"cycles": t, "mma": mma}
+
+
+def floor_ms(warp: dict, issued: float, blocks: int, threads: int,
+             resident: int) -> float:
+  """A launch's latency floor in ms: its waves (``blocks`` over the 132 SMs' blocks at
+  ``resident`` warps an SM) times the largest of one warp's cycles (``warp``, from
+  :func:`walk`), the instructions (``issued`` a warp) a scheduler issues for its share
+  of an SM's warps, and the cycles its tensor cores take for their products
+  (:data:`MMA_CYCLES` an HMMA), at 1.98 GHz."""
+  warps = math.ceil(threads / 32)
+  per_sm = max(resident // warps, 1)
+  waves = math.ceil(blocks / (SMS * per_sm))
+  busy = max(min(per_sm, math.ceil(blocks / SMS)) * warps / SCHEDULERS, 1.0)
+  wave = max(warp["cycles"], issued * busy, warp["mma"] * MMA_CYCLES * busy)
+  return waves * wave / CLOCK_HZ * 1e3
