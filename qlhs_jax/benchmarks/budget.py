@@ -265,7 +265,8 @@ def report(step_hlo: str, profile: dict, profile_hlo: str, base: dict,
                  f"{bounds['copy_ms']:.2f}, the larger of each {bounds['bound_ms']:.2f}")
     lines.append(f"  = {b['pallas_ms'] / bounds['model_ms']:.2f}x their latency model at "
                  f"most: latency floors {bounds['latency_ms']:.2f} ms (benchmarks."
-                 f"warp_cycles), the largest of the three {bounds['model_ms']:.2f}")
+                 f"warp_cycles), the largest of each launch's bounds "
+                 f"{bounds['model_ms']:.2f}")
   if b["at_profile"]:
     a = b["at_profile"]
     lines.append(f"with the profiled Pallas kernels' fit: {a['pallas_ms']:.2f} ms, a step "
@@ -296,6 +297,9 @@ def main(argv=None):
   p.add_argument("--loops", default=None,
                  help="with --floors: the step's .pallas_loops.json (benchmarks.aot "
                       "--hlo-dir)")
+  p.add_argument("--l2-tbps", type=float, default=None,
+                 help="with --floors: an L2 read rate, at which the copies past L1 join "
+                      "the latency model (xla_floors --l2-tbps)")
   args = p.parse_args(argv)
   for path, flag in ((args.profile, "--profile"), (args.profile_hlo, "--profile-hlo"),
                      (args.results, "--results")):
@@ -312,8 +316,10 @@ def main(argv=None):
   bounds = None
   if args.floors:
     rate = kernel_times.copy_rate(profile.get("device", ""))
+    l2 = args.l2_tbps * 1e12 if args.l2_tbps else None
     bounds = pallas_bounds(xla_floors.floors(args.floors, copy_bytes_per_s=rate,
-                                             loops=xla_floors.read_loops(args.loops)))
+                                             loops=xla_floors.read_loops(args.loops),
+                                             l2_bytes_per_s=l2))
   print(report(args.step, profile, args.profile_hlo, base, args.ratio, bounds))
 
 

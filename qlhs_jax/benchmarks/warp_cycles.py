@@ -99,6 +99,11 @@ def latency(op: str, mem: float) -> float:
   return OTHER_LATENCY
 
 
+def copy_bytes(op: str) -> int:
+  """The bytes a thread moves with one copy or load ``op``: .128 16, .64 8, else 4."""
+  return 16 if ".128" in op else 8 if ".64" in op else 4
+
+
 def loops(ops, labels) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
   """``(first, inner)``: a listing's first loop and the first loop nested in it, each
   ``(start, index of its branch back)`` (None without), as ``triton_compile.first_loop``
@@ -117,8 +122,10 @@ def loops(ops, labels) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
 
 def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1,
          limit: int = 50_000_000) -> dict:
-  """One warp from entry to EXIT (see the module's docstring): ``{"cycles", "mma"}``,
-  its cycles and the tensor-core products (HMMA) it issues. ``ops`` and ``labels`` as
+  """One warp from entry to EXIT (see the module's docstring): ``{"cycles", "mma",
+  "past_l1"}``, its cycles, the tensor-core products (HMMA) it issues and the bytes a
+  thread copies past L1 (16-byte cp.async, LDGSTS.BYPASS: each a read from L2, which
+  no floor here counts). ``ops`` and ``labels`` as
   ``xla_floors._listing`` gives them, ``controls`` from :func:`split_hex`, the first
   loop run ``trips`` times and the loop nested in it ``inner_trips`` times a trip
   (other loops once)."""
@@ -134,7 +141,7 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
   groups: list[float] = []  # committed cp.async groups not yet waited for: when done
   copies = -1.0  # the last cp.async issued since the last commit (-1: none)
   taken: dict[int, int] = {}
-  t, i, steps, mma = 0.0, 0, 0, 0
+  t, i, steps, mma, past_l1 = 0.0, 0, 0, 0, 0
   while i < len(ops):
     steps += 1
     if steps > limit:
@@ -152,6 +159,7 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
     done = at + latency(op, mem)  # when its write scoreboard is released
     if op.startswith("LDGSTS"):
       copies = at
+      past_l1 += copy_bytes(op) if "BYPASS" in op else 0
     elif op == "LDGDEPBAR":  # its scoreboard counts the group's copies
       done = copies + mem if copies >= 0 else at
       groups.append(done)
@@ -177,7 +185,7 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
         i = to
         continue
     i += 1
-  return {"cycles": t, "mma": mma}
+  return {"cycles": t, "mma": mma, "past_l1": past_l1}
 
 
 def floor_ms(warp: dict, issued: float, blocks: int, threads: int,

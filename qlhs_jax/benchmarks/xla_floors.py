@@ -431,10 +431,11 @@ def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
 
 def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = None,
            loops: list[dict] | None = None, mem: float | None = None,
-           code: dict | None = None):
+           code: dict | None = None, l2_bytes_per_s: float | None = None):
   """One row per launch of the step: ``{"name", "kind", "part", "bytes", "kernel",
   "blocks", "threads", "registers", "warps", "instructions", "loop", "path", "trips",
-  "floor_ms", "copy_ms", "warp_cycles", "mem", "latency_ms"}``, launches whose function
+  "floor_ms", "copy_ms", "warp_cycles", "mem", "latency_ms", "past_l1_bytes"}``
+  (the bytes its threads copy past L1, each a read from L2), launches whose function
   has no PTX in the dump (library calls) left out. ``path``: :func:`path_lengths` (None
   with a loop); the floor counts the shortest path's instructions, or with a loop the
   listing's, the loop once; with ``loops`` (:func:`pallas_loops` of the same program)
@@ -442,7 +443,8 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
   not known). ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and
   ``floor_ms``, with ``mem`` cycles a global load (default
   ``warp_cycles.MEM_CYCLES``), the loops counted as the floor counts them. ``code``:
-  :func:`machine_code` of ``hlo_path``, where the caller has it already."""
+  :func:`machine_code` of ``hlo_path``, where the caller has it already. ``l2_ms``:
+  the bytes copied past L1 at ``l2_bytes_per_s`` (0 without a rate: no L2 bound)."""
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   launches = hlo_bytes.kernel_launches(hlo_path)
   code = code or machine_code(hlo_path, arch)
@@ -472,6 +474,9 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
                  "warps": warps, "warp_cycles": warp_times[key]["cycles"], "mem": mem,
                  "latency_ms": warp_cycles.floor_ms(warp_times[key], issued, blocks,
                                                     threads, warps),
+                 "past_l1_bytes": warp_times[key]["past_l1"] * threads * blocks,
+                 "l2_ms": (warp_times[key]["past_l1"] * threads * blocks
+                           / l2_bytes_per_s * 1e3 if l2_bytes_per_s else 0.0),
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
                  "loop_rounds": c["loop_rounds"], "trips": trips.get(name),
@@ -485,9 +490,10 @@ def _bound(row) -> float:
 
 
 def modelled(row) -> float:
-  """The largest of a row's issue floor, copy time and latency floor
-  (``warp_cycles.floor_ms``), ms: the latency model of a launch's time."""
-  return max(row["floor_ms"], row["copy_ms"], row["latency_ms"])
+  """The largest of a row's issue floor, copy time, latency floor
+  (``warp_cycles.floor_ms``) and, where ``--l2-tbps`` gave a rate, the time its copies
+  past L1 take from L2, ms: the latency model of a launch's time."""
+  return max(row["floor_ms"], row["copy_ms"], row["latency_ms"], row.get("l2_ms", 0.0))
 
 
 def table(rows, top: int | None = None) -> list[str]:
@@ -598,8 +604,8 @@ def function_family(kernel: str) -> str:
 def pallas_by_function(rows) -> list[dict]:
   """The Pallas launches of :func:`floors`' rows whose loops were counted every trip,
   grouped by :func:`function_family` in order of first launch: ``{"function",
-  "launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms", "parts"}``
-  (:func:`modelled`), ``parts`` ``{part's first
+  "launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms",
+  "past_l1_gb", "parts"}`` (:func:`modelled`; GB copied past L1, read from L2), ``parts`` ``{part's first
   six letters ("stage1"): (sorted registers, sorted warps an SM)}`` in the order met."""
   groups: dict[str, dict] = {}
   for r in rows:
@@ -608,13 +614,14 @@ def pallas_by_function(rows) -> list[dict]:
     g = groups.setdefault(function_family(r["kernel"]), {
         "function": function_family(r["kernel"]), "launches": 0, "floor_ms": 0.0,
         "copy_ms": 0.0, "bound_ms": 0.0, "latency_ms": 0.0, "model_ms": 0.0,
-        "parts": {}})
+        "past_l1_gb": 0.0, "parts": {}})
     g["launches"] += 1
     g["floor_ms"] += r["floor_ms"]
     g["copy_ms"] += r["copy_ms"]
     g["bound_ms"] += _bound(r)
     g["latency_ms"] += r["latency_ms"]
     g["model_ms"] += modelled(r)
+    g["past_l1_gb"] += r.get("past_l1_bytes", 0) / 1e9
     regs, warps = g["parts"].setdefault(r["part"][:6], (set(), set()))
     regs.add(r["registers"])
     warps.add(r["warps"])
@@ -639,8 +646,10 @@ def by_function(rows, us_per_step: dict) -> list[dict]:
 
 def report(hlo_path: str, top: int = 30, arch: str = "90a",
            copy_bytes_per_s: float | None = None, measured: dict | None = None,
-           loops: list[dict] | None = None, mem: float | None = None) -> str:
-  rows = floors(hlo_path, arch, copy_bytes_per_s, loops, mem)
+           loops: list[dict] | None = None, mem: float | None = None,
+           l2_bytes_per_s: float | None = None) -> str:
+  rows = floors(hlo_path, arch, copy_bytes_per_s, loops, mem,
+                l2_bytes_per_s=l2_bytes_per_s)
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   plain = [r for r in rows if r["path"]]  # the floor counted a thread's way
   tripped = [r for r in rows if not r["path"] and r["trips"]]  # every trip counted
@@ -676,18 +685,23 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
     lines += ["", "Pallas kernels by function, every loop trip counted (ms; part: the "
                   "model part's first six letters, stage1 ... stage4)",
               f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s} "
-              f"{'latency':>7s} {'model':>7s}  function: registers / warps an SM by part"]
+              f"{'latency':>7s} {'model':>7s} {'L2 GB':>6s} {'TB/s':>5s}  function: "
+              f"registers / warps an SM by part"]
     for g in pallas_by_function(rows):
       parts = ", ".join(f"{part} {'/'.join(map(str, regs))} / {'/'.join(map(str, warps))}"
                         for part, (regs, warps) in g["parts"].items())
       lines.append(f"{g['launches']:8d} {g['floor_ms']:7.3f} {g['copy_ms']:7.3f} "
-                   f"{g['bound_ms']:7.3f} {g['latency_ms']:7.3f} {g['model_ms']:7.3f}  "
+                   f"{g['bound_ms']:7.3f} {g['latency_ms']:7.3f} {g['model_ms']:7.3f} "
+                   f"{g['past_l1_gb']:6.2f} {g['past_l1_gb'] / g['model_ms']:5.1f}  "
                    f"{g['function']}: {parts}")
     p = pallas_by_function(rows)
     lines.append(f"{sum(g['launches'] for g in p):8d} "
                  + " ".join(f"{sum(g[k] for g in p):7.3f}" for k in (
                      "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms"))
-                 + "  all")
+                 + f" {sum(g['past_l1_gb'] for g in p):6.2f}        all")
+    lines.append("(L2 GB: copied past L1, each byte a read from L2, which the model "
+                 "counts only at --l2-tbps; TB/s: the L2 rate at which those reads take "
+                 "the model's time)")
   if measured is not None:
     lines += ["", f"measured ({measured.get('device', '?')}, {measured.get('tag', '?')}): "
                   "kernels without a loop, 20 us a step or more, by load rounds",
@@ -729,6 +743,10 @@ def main(argv=None):
                  help="a kernels.jsonl of benchmarks.step --profile-dir, profiled from the "
                       "same program: adds each kernel's measured time, grouped by rounds")
   p.add_argument("--line", type=int, default=-1, help="which line of --measured (0-based)")
+  p.add_argument("--l2-tbps", type=float, default=None,
+                 help="an L2 read rate: the copies past L1 at it join the model (no "
+                      "default: no L2 rate of the H100 or H200 is measured here; "
+                      "published microbenchmarks give 5.5-12 TB/s)")
   p.add_argument("--mem", type=float, default=None,
                  help="a global load's cycles in the latency floors (default: "
                       "warp_cycles.MEM_CYCLES, fitted to the H200's profile)")
@@ -760,7 +778,7 @@ def main(argv=None):
       print(functions_report(args.path, args.match, args.arch))
     else:
       print(report(args.path, args.top, args.arch, rate, measured, read_loops(args.loops),
-                   args.mem))
+                   args.mem, args.l2_tbps * 1e12 if args.l2_tbps else None))
   except BrokenPipeError:  # `| head` closed the pipe
     pass
 

@@ -76,7 +76,8 @@ def test_a_warp_waits_its_stalls():
   """Issue times 0, 4, 6 and past the EXIT 7."""
   ops, labels, ctl = _listing(("FFMA R1, R2, R3, R1", dict(stall=4)),
                               ("FFMA R4, R2, R3, R4", dict(stall=2)), ("EXIT", {}))
-  assert warp_cycles.walk(ops, labels, ctl, mem=100) == {"cycles": 7, "mma": 0}
+  assert warp_cycles.walk(ops, labels, ctl, mem=100) == {"cycles": 7, "mma": 0,
+                                                         "past_l1": 0}
 
 
 def test_a_warp_waits_for_its_loads_scoreboard():
@@ -107,7 +108,7 @@ def test_loops_run_as_often_as_they_run_and_the_nested_one_each_trip():
   assert warp_cycles.loops(ops, labels) == ((0, 3), (1, 2))
   # A trip: the FFMA, 4 x (HMMA, branch), the branch back: 10 cycles; 3 trips, EXIT.
   assert warp_cycles.walk(ops, labels, ctl, 100, trips=3, inner_trips=4) == {
-      "cycles": 31, "mma": 12}
+      "cycles": 31, "mma": 12, "past_l1": 0}
 
 
 def test_a_cp_async_wait_lets_the_newest_groups_run_on():
@@ -138,6 +139,15 @@ def test_latencies_follow_the_table_by_opcode():
   assert warp_cycles.latency("LDSM.16.MT88.4", 800) == 30
   assert warp_cycles.latency("LDC.64", 800) == 15
   assert warp_cycles.latency("VOTEU.ANY", 800) == warp_cycles.OTHER_LATENCY
+
+
+def test_copies_past_l1_are_counted_every_trip():
+  """A 16-byte copy past L1 and an 8-byte one through it, 6 trips: 96 bytes from L2."""
+  ops, labels, ctl = _listing("L_x_0:", ("LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64]",
+                                         {}),
+                              ("LDGSTS.E.64 [R1+0x800], desc[UR4][R4.64]", {}),
+                              ("LDGDEPBAR", {}), ("@P0 BRA `(.L_x_0)", {}), ("EXIT", {}))
+  assert warp_cycles.walk(ops, labels, ctl, 100, trips=6)["past_l1"] == 6 * 16
 
 
 def test_a_loop_without_an_exit_is_refused():

@@ -472,35 +472,43 @@ ENTRY %main {
   monkeypatch.setattr(hlo_bytes, "kernel_launches",
                       lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
   listing = xla_floors._listing(_sass(".L_x_0:", "FFMA R1, R2, R3, R1",
+                                      "LDGSTS.E.BYPASS.LTC128B.128 [R4], desc[UR4][R2.64]",
                                       "@P0 BRA `(.L_x_0)", "EXIT"))
   stall_1 = {"stall": 1, "write": 7, "read": 7, "wait": 0}
   monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
       "registers": 64, "instructions": 100, "loop": 30, "inner": 8, "path": None,
       "rounds": 1, "loads": 2, "loop_rounds": 1, "listing": listing,
-      "controls": [stall_1] * 3}})
+      "controls": [stall_1] * 4}})
   loops = [{"scope": "jvp(Net)/stage1_block0", "name": "qlhs_k", "grid": [100],
             "trips": 5, "inner": 4}]
-  (row,) = xla_floors.floors(str(path), loops=loops)
+  (row,) = xla_floors.floors(str(path), loops=loops, l2_bytes_per_s=1e12)
   assert row["trips"] == (5, 4)
   assert row["floor_ms"] == pytest.approx(
       triton_compile.issue_floor_ms(100 + 30 * 4 + 8 * 3 * 5, 0, 1, 4, 100))
-  # The warp walks its loop 5 times (2 cycles a trip) and the EXIT: 11 cycles. At 64
+  # The warp walks its loop 5 times (3 cycles a trip) and the EXIT: 16 cycles. At 64
   # registers an SM holds 8 blocks, so the 100 blocks are one wave with one block an SM:
-  # its scheduler's warp issues 340 instructions, more than the 11 cycles it waits.
-  assert row["warp_cycles"] == 11
+  # its scheduler's warp issues 340 instructions, more than the 16 cycles it waits.
+  assert row["warp_cycles"] == 16
   assert row["latency_ms"] == pytest.approx(340 / 1.98e9 * 1e3)
+  # 16 bytes past L1 a trip, 5 trips, 128 threads x 100 blocks; at 1 TB/s from L2.
+  assert row["past_l1_bytes"] == 16 * 5 * 128 * 100
+  assert row["l2_ms"] == pytest.approx(16 * 5 * 128 * 100 / 1e12 * 1e3)
+  assert xla_floors.modelled(dict(row, l2_ms=0.5)) == 0.5
+  assert row["l2_ms"] > max(row["floor_ms"], row["copy_ms"], row["latency_ms"])
+  assert xla_floors.modelled(row) == pytest.approx(row["l2_ms"])  # the L2's, here
   (once,) = xla_floors.floors(str(path))
-  assert once["trips"] is None
+  assert once["trips"] is None and once["l2_ms"] == 0.0  # no rate, no L2 bound
   assert once["floor_ms"] == pytest.approx(
       triton_compile.issue_floor_ms(100, 0, 1, 4, 100))
 
 
 def test_pallas_kernels_are_summed_by_function_every_trip_counted():
-  def row(kernel, part, floor, copy, regs, warps, trips=(4, 1), loop=10, latency=0.0):
+  def row(kernel, part, floor, copy, regs, warps, trips=(4, 1), loop=10, latency=0.0,
+          past_l1=0):
     return {"kernel": kernel, "part": part, "floor_ms": floor, "copy_ms": copy,
             "registers": regs, "warps": warps, "trips": trips, "loop": loop,
-            "latency_ms": latency}
-  rows = [row("qlhs_k", "stage1_block0", 0.3, 0.1, 128, 16, latency=0.5),
+            "latency_ms": latency, "past_l1_bytes": past_l1}
+  rows = [row("qlhs_k", "stage1_block0", 0.3, 0.1, 128, 16, latency=0.5, past_l1=2e9),
           row("qlhs_k__1", "stage2_block1", 0.1, 0.2, 168, 8),
           row("qlhs_k__2", "stage2_block2", 0.1, 0.2, 170, 8),
           row("qlhs_du", "stage1_block0", 0.2, 0.1, 56, 36, trips=None, loop=0),
@@ -510,7 +518,7 @@ def test_pallas_kernels_are_summed_by_function_every_trip_counted():
       {"function": "qlhs_k", "launches": 3, "floor_ms": pytest.approx(0.5),
        "copy_ms": pytest.approx(0.5), "bound_ms": pytest.approx(0.7),
        "latency_ms": pytest.approx(0.5), "model_ms": pytest.approx(0.9),
-       "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
+       "past_l1_gb": pytest.approx(2.0), "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
       {"function": "qlhs_du", "launches": 1, "floor_ms": 0.2, "copy_ms": 0.1,
-       "bound_ms": 0.2, "latency_ms": 0.0, "model_ms": 0.2,
+       "bound_ms": 0.2, "latency_ms": 0.0, "model_ms": 0.2, "past_l1_gb": 0.0,
        "parts": {"stage1": ([56], [36])}}]
