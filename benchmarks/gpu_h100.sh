@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of README "Speed": one H100, batch 256, 224 px, bfloat16, the real
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
-#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all]
+#   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|tiles|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); nothing since.
 # Next: "dot_forms" (experiments 40-51: the default step against ResNet50 on the H100,
 # then every dot form with c and dp stored, with both made in the kernels, and with C's
@@ -9,7 +9,8 @@
 # product's kernel too; limits of 530 s, the one call that says whether the opt-in
 # kernels of experiments 40-51 win), then, with the device time left, "c_kernels" (the
 # made forms' values checked on the device, then c made alone), "ablate" (the stack
-# without each of its last three pieces) or "eq3" with the winner's QLHS_... settings (a
+# without each of its last three pieces), "tiles" (the stack at the latency model's
+# tiles against those before, 270 s) or "eq3" with the winner's QLHS_... settings (a
 # profile of it, 200 s). Later sessions:
 # "product" and "sums" (each dot form alone, and the kernels alone at stage 1), "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries),
@@ -164,6 +165,13 @@
 #   (QLHS_P_FORM=stored), with u's shares added by XLA (QLHS_DU_SUM=xla), and with C's
 #   and A's gradients by XLA's matmuls (QLHS_WEIGHT_GRADS=xla, which needs p stored);
 #   each against the first.
+# "tiles" (time limits add up to 270 s; NOTES.md experiment 53): the configs'
+#   ",dot_forms" stack at today's tiles against the tiles before the latency model
+#   (benchmarks.warp_cycles) chose the lags' 4 stages and pass 4's 4 warps (by the model
+#   0.85 ms a step less), then with pass 3's sums at 32 pixels, which read 7 GB a step
+#   less from L2 for 0.29 ms more of latency floor: it pays if the L2 serves less than
+#   ~9.6 TB/s, the rate at which the default's reads from L2 take its modelled time;
+#   each against the first.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -242,7 +250,7 @@ set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qlhs_bench}
 PART=${1:-step}
-case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
+case "$PART" in op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|tiles|ncu|block|variants|configs|input|host|all) ;; *) echo "usage: $0 [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|tiles|ncu|block|variants|configs|input|host|all]" >&2; exit 2;; esac
 mkdir -p "$OUT"
 R="$OUT/results.jsonl"
 H="$OUT/hlo"  # packed into $OUT/hlo.tar at the end: few files travel back
@@ -526,7 +534,7 @@ if [ "$PART" = sums ]; then
   timeout 145 python3 -m qlhs_jax.benchmarks.stencil_times --batch "${BATCH:-256}" \
     --shapes stage1 --kernels stats,sums,du --forms pallas,pallas_dot --calls 10 \
     --repeats 3 --stats-tilings 16,16,4,1 --sums-tilings 32,8,4 --du-tilings 32,16,4 \
-    --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,3 \
+    --sums-dot-tilings 64,16,4,3 32,16,4,3 --stats-dot-tilings 32,16,4,4 \
     --du-dot-tilings 64,8,4,3 64,8,4,1 32,8,4,3 --record "$R" ${STENCIL_ARGS:-} 2>&1 \
     | quiet \
     | tee -a "$OUT/log.txt" \
@@ -624,6 +632,18 @@ if [ "$PART" = ablate ]; then
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
       QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench 100 \
       --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
+  done
+fi
+if [ "$PART" = tiles ]; then
+  # The stack at today's tiles (the lags at 4 stages, pass 4 at 4 warps), at experiment
+  # 52's, and with pass 3's sums at 32 pixels (8-byte copies through L1: 8.8 GB a step
+  # from L2 instead of 15.9, for a latency floor of 1.95 ms against 1.65).
+  for spec in "" "stats_dot=32,16,4,3 grads_dot=32,16,8,3" "sums_dot=32,16,4,3"; do
+    QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
+      QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
+      QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels \
+      QLHS_STENCIL_TILING="$spec" bench 90 --model eq3_softball_ds \
+      --set 'fuse_d_bn="auto"' --input uint8
   done
 fi
 if [ "$PART" = ncu ]; then

@@ -103,7 +103,7 @@ PRODUCT_TILINGS = ("16,16,8", "16,32,8", "32,16,4")
 # thread copies 16 bytes of a tap, past L1 (the lower issue floor), at 32 pixels 8
 # bytes, through L1 (half the shared memory; NOTES.md, experiment 40).
 SUMS_DOT_TILINGS = ("64,16,4,3", "32,16,4,3")
-STATS_DOT_TILINGS = ("32,16,4,3", "64,16,4,3")
+STATS_DOT_TILINGS = ("32,16,4,4", "32,16,4,3", "64,16,4,3")  # 4 stages: experiment 53
 # du's (experiment 41): the default, its taps copied ahead past L1 (two programs an SM);
 # the same with 1 stage, its taps loaded through L1, not ahead (7 programs an SM); and
 # 16 channels a block (one program an SM).

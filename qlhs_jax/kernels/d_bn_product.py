@@ -453,9 +453,10 @@ def weight_grads() -> str:
   u, and p (kept from the forward) and dy. "pass4": pass 4's kernel, which has u's
   centre tap and dy's tile loaded for c's and dp's products and makes dc and p (= BN(D
   u) * c, as the forward rounds it), sums both over its tiles as two more products a
-  trip (``stencil._dx_dc_kernel``, one partial sum a program, added up by XLA), at 8
-  warps (QLHS_STENCIL_TILING's ``grads_dot``: 4 warps hold 238 registers a thread at
-  stage 1); p is then not kept for the backward. About 1 GB a stage-1 block less
+  trip (``stencil._dx_dc_kernel``, one partial sum a program, added up by XLA), at 4
+  warps (QLHS_STENCIL_TILING's ``grads_dot``: 255 registers a thread, fewer
+  instructions and a lower latency floor than 8 warps' 128-170; benchmarks/NOTES.md,
+  experiment 53); p is then not kept for the backward. About 1 GB a stage-1 block less
   (benchmarks/NOTES.md, experiment 48). Refused unless c and dp are made in the
   kernels. Not yet timed."""
   form = settings.choice("QLHS_WEIGHT_GRADS", WEIGHT_GRADS)

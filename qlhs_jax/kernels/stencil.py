@@ -143,10 +143,20 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # floors 0.201 and 0.247 ms at stage 1, against XLA's fusions' 0.218 and 0.281 (copy
 # times 0.31 and 0.58 at an H100's 3.0 TB/s). A trip's taps copy 8 bytes a thread,
 # through L1; c and dp 16, past it (experiment 42). Not timed.
+# The lags' (stats_dot) 4 stages and pass 4's with the weight gradients (grads_dot) 4
+# warps: by the latency model (benchmarks.warp_cycles: one warp's cycles from the
+# control codes ptxas set, every loop trip counted, over the warps an SM holds;
+# NOTES.md experiment 53) the step's lags take 1.54 ms at 4 stages against 1.66 at 3
+# (two trips of copies in flight instead of one, the same instructions, the same
+# copies through L1), and pass 4 1.83 at 4 warps against 2.56 at 8 (19% fewer
+# instructions; 255 registers, 8 warps an SM at stage 1 instead of 16, 20 bytes
+# spilled at one block shape). Until 2026-12-07 they were 32,16,4,3 and 32,16,8,3,
+# chosen by issue floors alone (experiments 40 and 48). Not timed; `gpu_h100.sh tiles`
+# times both against the old tiles.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
-                  "stats_dot": (32, 16, 4, 3), "du_dot": (64, 8, 4, 3),
-                  "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 8, 3),
+                  "stats_dot": (32, 16, 4, 4), "du_dot": (64, 8, 4, 3),
+                  "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 4, 3),
                   "product_a_dot": (64, 16, 4, 2)}
 # The row walks' (strip width, channels, warps) where QLHS_STENCIL_TILING does not name
 # the kernel: the tiles' shapes, but 8 channels a program for the product's and pass 4's

@@ -185,3 +185,28 @@ def test_the_ablation_drops_one_piece_of_the_stack_a_row():
   key = {v: k for k, v in settings.VARIABLES.items()}
   for s in stacks:
     settings.check({key[v]: value for v, value in s.items()})
+
+
+def test_the_tiles_part_times_the_stack_at_valid_tilings(monkeypatch):
+  """"tiles" times the configs' ``,dot_forms`` stack (settings.DOT_FORMS) in every row,
+  first at today's tiles (no QLHS_STENCIL_TILING), then at tilings the kernels accept,
+  each differing from today's defaults: a refused tiling would fail on the GPU, one
+  equal to the default would time the first row twice."""
+  from qlhs_jax.kernels import settings, stencil
+  want = {settings.VARIABLES[k]: v for k, v in settings.DOT_FORMS.items()}
+  text = _text().replace("\\\n", " ")
+  part = text[text.index('if [ "$PART" = tiles ]'):]
+  part = part[:part.index("\nfi\n")]
+  specs = re.findall(r'"([^"]*)"', re.search(r"for spec in ([^;]*);", part).group(1))
+  line = next(ln for ln in part.splitlines() if " bench " in ln)
+  got = _settings_before(line, "bench")
+  assert got.pop("QLHS_STENCIL_TILING") == '"$spec"'
+  assert got == want
+  assert specs[0] == "" and len(specs) == 3
+  for spec in specs[1:]:
+    monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
+    for entry in spec.split():
+      kernel, value = entry.split("=")
+      tiles = stencil.tiling(kernel)
+      assert tiles == tuple(int(v) for v in value.split(","))
+      assert tiles != stencil.DEFAULT_TILING[kernel], entry

@@ -1,18 +1,12 @@
 """``benchmarks.warp_cycles``: control codes decoded from nvdisasm's encodings, one warp
 walked through a listing, and a launch's latency floor. Expected values are worked by
 hand from the Volta-on control-code layout (bits 105-125 of an instruction) and the
-walk's rules; the assembled kernels need the ``triton`` package's ptxas and nvdisasm
-(CI skips them)."""
-
-import importlib.util
+walk's rules. Kernels assembled by ptxas are walked in test_xla_floors.py (beside the
+PTX they share)."""
 
 import pytest
 
-from qlhs_jax.benchmarks import triton_compile, warp_cycles, xla_floors
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None,
-    reason="needs Triton's ptxas and nvdisasm: pip install triton==3.9.0")
+from qlhs_jax.benchmarks import warp_cycles, xla_floors
 
 
 @pytest.mark.parametrize("high,stall,write,read,wait", [
@@ -170,61 +164,3 @@ def test_a_loop_without_an_exit_is_refused():
 def test_the_latency_floor_by_hand(warp, issued, blocks, resident, wave):
   assert warp_cycles.floor_ms(warp, issued, blocks, 128, resident) == pytest.approx(
       wave / 1.98e9 * 1e3)
-
-
-CHASE_PTX = """.version 8.0
-.target sm_90a
-.address_size 64
-
-.visible .entry chase(.param .u64 chase_p, .param .u64 chase_q)
-{
-	.reg .b64 %rd<6>;
-	.reg .f32 %f<4>;
-	ld.param.u64 %rd1, [chase_p];
-	ld.param.u64 %rd2, [chase_q];
-	cvta.to.global.u64 %rd3, %rd1;
-	cvta.to.global.u64 %rd4, %rd2;
-	ld.global.u64 %rd5, [%rd3];
-	ld.global.f32 %f1, [%rd5];
-	ld.global.f32 %f2, [%rd3+8];
-	add.f32 %f3, %f1, %f2;
-	st.global.f32 [%rd4], %f3;
-	ret;
-}
-
-.visible .entry together(.param .u64 together_p, .param .u64 together_q)
-{
-	.reg .b64 %rd<5>;
-	.reg .f32 %f<4>;
-	ld.param.u64 %rd1, [together_p];
-	ld.param.u64 %rd2, [together_q];
-	cvta.to.global.u64 %rd3, %rd1;
-	cvta.to.global.u64 %rd4, %rd2;
-	ld.global.f32 %f1, [%rd3];
-	ld.global.f32 %f2, [%rd3+8];
-	add.f32 %f3, %f1, %f2;
-	st.global.f32 [%rd4], %f3;
-	ret;
-}
-"""
-
-
-@needs_triton
-def test_assembled_kernels_wait_for_memory_as_their_loads_chain():
-  """ptxas's scoreboards: the pointer chase waits for memory twice in turn, the two
-  independent loads once; 500 more cycles a load add 1,000 and 500. The encoded
-  listing, its hex taken out, is nvdisasm's plain one."""
-  _, cubin = triton_compile.assemble(CHASE_PTX, "90a")
-  plain = xla_floors.sass_by_entry(triton_compile._disassemble(cubin))
-  encoded = xla_floors.sass_by_entry(triton_compile._disassemble(cubin, encodings=True))
-  for name in ("chase", "together"):
-    listing, controls = warp_cycles.split_hex(encoded[name])
-    assert listing.split() == plain[name].split()
-    ops, labels = xla_floors._listing(listing)
-    assert len(controls) == len(ops)
-
-  def cycles(name, mem):
-    listing, controls = warp_cycles.split_hex(encoded[name])
-    return warp_cycles.walk(*xla_floors._listing(listing), controls, mem)["cycles"]
-  assert cycles("chase", 1500) - cycles("chase", 1000) == 1000
-  assert cycles("together", 1500) - cycles("together", 1000) == 500

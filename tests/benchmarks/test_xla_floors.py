@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from qlhs_jax.benchmarks import hlo_bytes, triton_compile, xla_floors
+from qlhs_jax.benchmarks import hlo_bytes, triton_compile, warp_cycles, xla_floors
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
@@ -367,6 +367,27 @@ def test_load_rounds_of_assembled_kernels():
   sass = xla_floors.sass_by_entry(triton_compile._disassemble(cubin))
   assert xla_floors.load_rounds(sass["chase"]) == (2, 3, 0)
   assert xla_floors.load_rounds(sass["together"]) == (1, 2, 0)
+
+
+@needs_triton
+def test_assembled_kernels_wait_for_memory_as_their_loads_chain():
+  """ptxas's scoreboards: the pointer chase waits for memory twice in turn, the two
+  independent loads once; 500 more cycles a load add 1,000 and 500. The encoded
+  listing, its hex taken out, is nvdisasm's plain one."""
+  _, cubin = triton_compile.assemble(CHASE_PTX, "90a")
+  plain = xla_floors.sass_by_entry(triton_compile._disassemble(cubin))
+  encoded = xla_floors.sass_by_entry(triton_compile._disassemble(cubin, encodings=True))
+  for name in ("chase", "together"):
+    listing, controls = warp_cycles.split_hex(encoded[name])
+    assert listing.split() == plain[name].split()
+    ops, labels = xla_floors._listing(listing)
+    assert len(controls) == len(ops)
+
+  def cycles(name, mem):
+    listing, controls = warp_cycles.split_hex(encoded[name])
+    return warp_cycles.walk(*xla_floors._listing(listing), controls, mem)["cycles"]
+  assert cycles("chase", 1500) - cycles("chase", 1000) == 1000
+  assert cycles("together", 1500) - cycles("together", 1000) == 500
 
 
 @needs_triton

@@ -1771,17 +1771,17 @@ def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_p
       "sys.argv[2]", '"sums"').replace("sys.argv[3]", str(2 * widest))
   with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
     h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
-  # QLHS_WEIGHT_GRADS=pass4: pass 4 also sums u^T dc and p^T dy, at 8 warps (4 hold
-  # 238 registers a thread at stage 1): no spill, two waits a trip for those products
-  # (wgmma: 64 and more rows).
+  # QLHS_WEIGHT_GRADS=pass4: pass 4 also sums u^T dc and p^T dy, at 4 warps since
+  # experiment 53 (255 registers, fewer instructions and a lower latency floor than 8
+  # warps' 128-170): two waits a trip for those products (wgmma: 64 and more rows).
   grads = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
       "sys.argv[2]", '"grads"').replace("sys.argv[3]", str(widest))
   h100_ptx_by_entry(grads, _tiling_env(None), tmp_path / "grads")
   (c,) = [c for c in xla_floors.dump_functions(str(tmp_path / "grads"))
           if c["name"].startswith("qlhs_")]
-  assert c["name"] == "qlhs_dx_dc_grads_dot" and c["threads"] == 256, c
+  assert c["name"] == "qlhs_dx_dc_grads_dot" and c["threads"] == 128, c
   assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == 2, c
-  assert c["registers"] <= 168, c
+  assert c["registers"] <= 255, c
 
 
 _COMPILE_PRODUCT_A = textwrap.dedent("""
