@@ -28,7 +28,9 @@ batch 256, 224 px, and the ratio 1.2. A projection from bytes, which a GPU must 
 H/....pallas_loops.json`` (the same step dumped with its PTX and compiled by ``aot
 --hlo-dir H``; ``benchmarks.xla_floors``) it also divides the budget by the larger of
 each Pallas launch's issue floor and copy time: how far above their bounds the kernels
-may run.
+may run; and by the sum of each launch's latency model (``xla_floors.modelled``: the
+larger of those and its latency floor, ``benchmarks.warp_cycles``; NOTES.md
+experiment 53), with ``--l2-tbps R`` its copies past L1 at that L2 rate too.
 """
 
 from __future__ import annotations
@@ -201,11 +203,11 @@ def budget(rows, profile: dict, profile_rows, baseline_ms: float, ratio: float) 
 
 def pallas_bounds(floor_rows) -> dict | None:
   """The Pallas launches of ``xla_floors.floors``' rows whose loops were counted every
-  trip: ``{"launches", "floor_ms", "copy_ms", "bound_ms"}`` (bound: the larger of each
-  launch's issue floor and copy time, summed; latency: ``warp_cycles``' floors; model:
-  the largest of the three, ``xla_floors.modelled``); None without any. Raises if some Pallas
-  launch's trips are unknown (a floor that counts its loop once is no bound to divide
-  by)."""
+  trip: ``{"launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms"}``
+  (bound: the larger of each launch's issue floor and copy time, summed; latency:
+  ``warp_cycles``' floors; model: ``xla_floors.modelled``, the largest of each
+  launch's); None without any. Raises if some Pallas launch's trips are unknown (a
+  floor that counts its loop once is no bound to divide by)."""
   pallas = [r for r in floor_rows if kernel_class(r["kind"]) == PALLAS]
   unknown = [r["name"] for r in pallas if r["loop"] and not r["trips"]]
   if unknown:

@@ -562,7 +562,8 @@ def spread(rows, us_per_step: dict, least_us: float = 20.0) -> str:
     v = sorted(values)
     return " ".join(f"{v[min(int(len(v) * q), len(v) - 1)]:.2f}"
                     for q in (0.1, 0.25, 0.5, 0.75, 0.9))
-  return (f"{len(pairs)} launches; over the model {tiles(m / modelled(r) for m, r in pairs)}"
+  return (f"{len(pairs)} launches; over the model "
+          f"{tiles(m / modelled(r) for m, r in pairs)}"
           f"; over the bounds {tiles(m / _bound(r) for m, r in pairs)} (percentiles 10, "
           f"25, 50, 75, 90)")
 
@@ -605,8 +606,9 @@ def pallas_by_function(rows) -> list[dict]:
   """The Pallas launches of :func:`floors`' rows whose loops were counted every trip,
   grouped by :func:`function_family` in order of first launch: ``{"function",
   "launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms",
-  "past_l1_gb", "parts"}`` (:func:`modelled`; GB copied past L1, read from L2), ``parts`` ``{part's first
-  six letters ("stage1"): (sorted registers, sorted warps an SM)}`` in the order met."""
+  "past_l1_gb", "parts"}`` (:func:`modelled`; GB copied past L1, read from L2),
+  ``parts`` ``{part's first six letters ("stage1"): (sorted registers, sorted warps an
+  SM)}`` in the order met."""
   groups: dict[str, dict] = {}
   for r in rows:
     if not (r["kernel"].startswith("qlhs_") and (r["trips"] or not r["loop"])):
@@ -708,13 +710,14 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
               f"{'rounds':>6s} {'kernels':>7s} {'measured ms':>11s} {'bound ms':>8s} "
               f"{'ratio':>5s} {'model ms':>8s} {'ratio':>5s}"]
     groups = by_rounds(rows, measured["us_per_step"])
-    for g in groups + [{"rounds": "all", **{k: sum(x[k] for x in groups) for k in (
-        "kernels", "measured_ms", "bound_ms", "model_ms")}}]:
+    total = [{"rounds": "all", **{k: sum(x[k] for x in groups) for k in (
+        "kernels", "measured_ms", "bound_ms", "model_ms")}}] if groups else []
+    for g in groups + total:
       lines.append(f"{g['rounds']:>6} {g['kernels']:7d} {g['measured_ms']:11.3f} "
                    f"{g['bound_ms']:8.3f} {g['measured_ms'] / g['bound_ms']:5.2f} "
                    f"{g['model_ms']:8.3f} {g['measured_ms'] / g['model_ms']:5.2f}")
-    lines += [f"  measured / model, launch by launch: {spread(rows, measured['us_per_step'])}"
-              ]
+    lines.append("  measured / model, launch by launch: "
+                 + spread(rows, measured["us_per_step"]))
     functions = by_function(rows, measured["us_per_step"])
     lines += ["", f"by function, the most time above its bounds first "
                   f"({min(top, len(functions))} of {len(functions)}; all launches: "

@@ -53,7 +53,7 @@ def test_split_hex_gives_the_plain_listing_and_each_instructions_control():
       f"                                                        /* {_encoded(2, 0)} */",
       "        /*0010*/                   @P0 BRA `(.L_x_0) ;"
       "        /* 0x0000000000008947 */",
-      f"                                                        /* {_encoded(5, wait=1)} */",
+      f"                                               /* {_encoded(5, wait=1)} */",
   ])
   plain, controls = warp_cycles.split_hex(hex_text)
   assert plain.splitlines() == [
@@ -137,10 +137,10 @@ def test_latencies_follow_the_table_by_opcode():
 
 def test_copies_past_l1_are_counted_every_trip():
   """A 16-byte copy past L1 and an 8-byte one through it, 6 trips: 96 bytes from L2."""
-  ops, labels, ctl = _listing("L_x_0:", ("LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64]",
-                                         {}),
-                              ("LDGSTS.E.64 [R1+0x800], desc[UR4][R4.64]", {}),
-                              ("LDGDEPBAR", {}), ("@P0 BRA `(.L_x_0)", {}), ("EXIT", {}))
+  ops, labels, ctl = _listing(
+      "L_x_0:", ("LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64]", {}),
+      ("LDGSTS.E.64 [R1+0x800], desc[UR4][R4.64]", {}), ("LDGDEPBAR", {}),
+      ("@P0 BRA `(.L_x_0)", {}), ("EXIT", {}))
   assert warp_cycles.walk(ops, labels, ctl, 100, trips=6)["past_l1"] == 6 * 16
 
 

@@ -539,7 +539,8 @@ def test_pallas_kernels_are_summed_by_function_every_trip_counted():
       {"function": "qlhs_k", "launches": 3, "floor_ms": pytest.approx(0.5),
        "copy_ms": pytest.approx(0.5), "bound_ms": pytest.approx(0.7),
        "latency_ms": pytest.approx(0.5), "model_ms": pytest.approx(0.9),
-       "past_l1_gb": pytest.approx(2.0), "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
+       "past_l1_gb": pytest.approx(2.0),
+       "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
       {"function": "qlhs_du", "launches": 1, "floor_ms": 0.2, "copy_ms": 0.1,
        "bound_ms": 0.2, "latency_ms": 0.0, "model_ms": 0.2, "past_l1_gb": 0.0,
        "parts": {"stage1": ([56], [36])}}]
