@@ -14,20 +14,19 @@ a conversion, S2R) releases when its result is written; a read scoreboard, relea
 when its operands are read (a store's); and the scoreboards this instruction waits on.
 ``nvdisasm -hex`` prints them.
 
-:func:`cycles` walks one warp along the way a thread takes when every bounds test
-passes (a conditional branch forward not taken, a predicated EXIT not taken, as
-``xla_floors.load_rounds``), each loop as often as it runs where the trips are known
+:func:`walk` takes one warp along the way a thread takes when every bounds test
+passes (:func:`way`, which ``xla_floors.load_rounds`` follows too), each loop as often as it runs where the trips are known
 (``xla_floors.pallas_loops``; else once), and times it: an instruction issues after the
 previous one's stall and after the scoreboards it waits on are released; a cp.async
 group (LDGDEPBAR) is complete ``mem`` cycles after its last copy issued, and DEPBAR.LE
 SB0, N waits until at most N groups are not. Latencies: :data:`LATENCY`, rounded from
 published microbenchmarks of Ampere and Hopper (shared memory ~30 cycles, S2R ~25, a
 conversion ~15), except memory's, ``mem``, one figure for every global load whether it
-hits a cache or not, fitted to a measured profile (:func:`fit_mem`).
+hits a cache or not, fitted to a measured profile (``xla_floors.fit_mem``).
 
 A warp alone, so a lower bound: :func:`floor_ms` takes a launch's waves (blocks over
-what 132 SMs hold at once) times the larger of the warp's cycles and the instructions
-its scheduler must issue for the warps it holds. Not modelled: warps of one scheduler
+what 132 SMs hold at once) times the largest of the warp's cycles, the instructions its
+scheduler must issue for the warps it holds, and their tensor-core time. Not modelled: warps of one scheduler
 delaying each other (issue slots are counted, order is not), bank conflicts, a loaded
 memory's longer latency beyond ``mem``, and Hopper's asynchronous HGMMA and TMA (XLA's
 GEMM fusions: their waits count as stalls only).
@@ -38,7 +37,12 @@ from __future__ import annotations
 import math
 import re
 
-CLOCK_HZ, SMS, SCHEDULERS = 1.98e9, 132, 4
+from qlhs_jax.benchmarks import triton_compile
+
+# An H100's clock, SMs and schedulers an SM, as triton_compile's issue floor takes them.
+SCHEDULERS = 4
+CLOCK_HZ = triton_compile.H100_CLOCK_HZ
+SMS = triton_compile.H100_SCHEDULERS // SCHEDULERS
 _HEX_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+.*?/\* (0x[0-9a-f]{16}) \*/\s*$")
 _HEX_HIGH = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
 _HEX_COMMENT = re.compile(r"\s*/\* 0x[0-9a-f]{16} \*/")
@@ -104,15 +108,33 @@ def copy_bytes(op: str) -> int:
   return 16 if ".128" in op else 8 if ".64" in op else 4
 
 
+def way(ops, labels, i) -> tuple[str, int]:
+  """Where the way a thread takes when every bounds test passes goes after instruction
+  ``i`` of a listing (``xla_floors._listing``'s ``ops`` and ``labels``): ``("exit",
+  i)`` at an EXIT or the trap loop after the last one (a branch to itself), ``("back",
+  target)`` at a branch back (a loop), else ``("next", index)``: an unconditional
+  branch's target, or the next instruction (a conditional branch forward is taken as
+  not taken, a predicated EXIT too: the threads that work go on)."""
+  op, conditional, target, _ = ops[i]
+  if op == "EXIT" and not conditional:
+    return "exit", i
+  if op == "BRA" and target is not None:
+    to = labels.get(target, i + 1)
+    if to == i:
+      return "exit", i
+    if to < i:
+      return "back", to
+    if not conditional:
+      return "next", to
+  return "next", i + 1
+
+
 def loops(ops, labels) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
   """``(first, inner)``: a listing's first loop and the first loop nested in it, each
   ``(start, index of its branch back)`` (None without), as ``triton_compile.first_loop``
   and ``inner_loop`` find them: the first label with a branch back to it, its first."""
-  backs = []
-  for j, (op, _, target, _) in enumerate(ops):
-    t = labels.get(target, j) if op == "BRA" and target else j
-    if t < j:
-      backs.append((t, j))
+  backs = [(to, j) for j in range(len(ops)) for kind, to in [way(ops, labels, j)]
+           if kind == "back"]
   if not backs:
     return None, None
   first = min(backs)
@@ -146,7 +168,7 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
     steps += 1
     if steps > limit:
       raise RuntimeError(f"more than {limit} instructions walked: a loop without an exit")
-    op, conditional, target, rest = ops[i]
+    op, _, _, rest = ops[i]
     c = controls[i]
     mma += op.startswith("HMMA")
     at = max([t] + [ready[b] for b in range(6) if c["wait"] >> b & 1])
@@ -169,22 +191,16 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
     if c["read"] != NONE:
       ready[c["read"]] = max(ready[c["read"]], at + READ_LATENCY)
     t = at + max(c["stall"], 1)
-    if op == "EXIT" and not conditional:
+    kind, to = way(ops, labels, i)
+    if kind == "exit":
       break
-    if op == "BRA" and target is not None:
-      to = labels.get(target, i + 1)
-      if to == i:  # the trap loop after the last EXIT
-        break
-      if to < i:  # a branch back: again, as often as the loop runs
-        taken[i] = taken.get(i, 0) + 1
-        if taken[i] < runs.get(i, 1):
-          i = to
-          continue
-        taken[i] = 0
-      elif not conditional:
+    if kind == "back":  # again, as often as the loop runs
+      taken[i] = taken.get(i, 0) + 1
+      if taken[i] < runs.get(i, 1):
         i = to
         continue
-    i += 1
+      taken[i], to = 0, i + 1
+    i = to
   return {"cycles": t, "mma": mma, "past_l1": past_l1}
 
 

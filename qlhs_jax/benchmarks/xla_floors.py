@@ -210,19 +210,13 @@ def load_rounds(sass: str) -> tuple[int, int, int]:
     waits = own = loads = 0
     i = start
     while i < stop:
-      op, conditional, target, rest = ops[i]
-      if op == "EXIT" and not conditional:
+      op, _, _, rest = ops[i]
+      kind, to = warp_cycles.way(ops, labels, i)
+      if kind == "exit":
         break
-      if op == "BRA" and target is not None:
-        t = labels.get(target, i + 1)
-        if t == i:  # the trap loop after the last EXIT
-          break
-        if t < i:
-          return waits, own, loads, (t, i)
-        if not conditional:
-          i = t
-          continue
-      written, read = _operands(op, rest)
+      if kind == "back":
+        return waits, own, loads, (to, i)
+      written, read = _operands(op, rest)  # none for a branch
       waited = [pending[r] for r in written | read if r in pending]
       if waited:  # the warp stalls; the loads issued with these have returned too
         waits += 1
@@ -231,7 +225,7 @@ def load_rounds(sass: str) -> tuple[int, int, int]:
       if _global_load(op):
         loads += 1
         pending.update(dict.fromkeys(written, trip))
-      i += 1
+      i = to
     return waits, own, loads, None
 
   pending: dict[int, int] = {}
@@ -468,15 +462,15 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
     key = (kernel, trips.get(name, (1, 1)) if c["loop"] else (1, 1))
     if key not in warp_times:
       warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])
+    past_l1 = warp_times[key]["past_l1"] * threads * blocks  # bytes read from L2
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,
                  "registers": c["registers"],
                  "warps": warps, "warp_cycles": warp_times[key]["cycles"], "mem": mem,
                  "latency_ms": warp_cycles.floor_ms(warp_times[key], issued, blocks,
                                                     threads, warps),
-                 "past_l1_bytes": warp_times[key]["past_l1"] * threads * blocks,
-                 "l2_ms": (warp_times[key]["past_l1"] * threads * blocks
-                           / l2_bytes_per_s * 1e3 if l2_bytes_per_s else 0.0),
+                 "past_l1_bytes": past_l1,
+                 "l2_ms": past_l1 / l2_bytes_per_s * 1e3 if l2_bytes_per_s else 0.0,
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
                  "loop_rounds": c["loop_rounds"], "trips": trips.get(name),
@@ -549,12 +543,18 @@ def _measured_groups(rows, us_per_step: dict, key, keep=lambda r, us: True) -> d
   return groups
 
 
+def _measured_plain(rows, us_per_step: dict, least_us: float) -> list[tuple]:
+  """``(measured ms, row)`` for the launches without a loop measured at ``least_us`` or
+  more (:func:`by_rounds`' kernels)."""
+  return [(us_per_step[r["name"]] / 1e3, r) for r in rows
+          if r["path"] and us_per_step.get(r["name"], 0) >= least_us]
+
+
 def spread(rows, us_per_step: dict, least_us: float = 20.0) -> str:
   """Measured over :func:`modelled`, and over :func:`_bound`, for the launches without
-  a loop of ``least_us`` or more (:func:`by_rounds`' kernels): the 10th, 25th, 50th,
-  75th and 90th percentiles of each, one launch a value."""
-  pairs = [(us_per_step[r["name"]] / 1e3, r) for r in rows
-           if r["path"] and us_per_step.get(r["name"], 0) >= least_us]
+  a loop of ``least_us`` or more (:func:`_measured_plain`): the 10th, 25th, 50th, 75th
+  and 90th percentiles of each, one launch a value."""
+  pairs = _measured_plain(rows, us_per_step, least_us)
   if not pairs:
     return "no launch"
 
@@ -577,15 +577,14 @@ def fit_mem(hlo_path: str, us_per_step: dict, arch: str = "90a",
   """How a global load's cycles (``mem``) set the latency model against a profile of
   the same program: per value of ``grid``, ``{"mem", "launches", "measured_ms",
   "model_ms", "bound_ms", "log_error"}`` over the launches without a loop of
-  ``least_us`` or more (:func:`spread`'s): their summed measured time, model
+  ``least_us`` or more (:func:`_measured_plain`): their summed measured time, model
   (:func:`modelled`) and bounds, and the mean of |log(measured / model)|.
   ``warp_cycles.MEM_CYCLES`` is the value whose model sums to the measured time."""
   code = machine_code(hlo_path, arch)
   out = []
   for mem in grid:
-    rows = floors(hlo_path, arch, copy_bytes_per_s, loops, mem, code)
-    pairs = [(us_per_step[r["name"]] / 1e3, r) for r in rows
-             if r["path"] and us_per_step.get(r["name"], 0) >= least_us]
+    pairs = _measured_plain(floors(hlo_path, arch, copy_bytes_per_s, loops, mem, code),
+                            us_per_step, least_us)
     out.append({"mem": mem, "launches": len(pairs),
                 "measured_ms": sum(m for m, _ in pairs),
                 "model_ms": sum(modelled(r) for _, r in pairs),
@@ -689,18 +688,18 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
               f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s} "
               f"{'latency':>7s} {'model':>7s} {'L2 GB':>6s} {'TB/s':>5s}  function: "
               f"registers / warps an SM by part"]
-    for g in pallas_by_function(rows):
+    pallas = pallas_by_function(rows)
+    for g in pallas:
       parts = ", ".join(f"{part} {'/'.join(map(str, regs))} / {'/'.join(map(str, warps))}"
                         for part, (regs, warps) in g["parts"].items())
       lines.append(f"{g['launches']:8d} {g['floor_ms']:7.3f} {g['copy_ms']:7.3f} "
                    f"{g['bound_ms']:7.3f} {g['latency_ms']:7.3f} {g['model_ms']:7.3f} "
                    f"{g['past_l1_gb']:6.2f} {g['past_l1_gb'] / g['model_ms']:5.1f}  "
                    f"{g['function']}: {parts}")
-    p = pallas_by_function(rows)
-    lines.append(f"{sum(g['launches'] for g in p):8d} "
-                 + " ".join(f"{sum(g[k] for g in p):7.3f}" for k in (
+    lines.append(f"{sum(g['launches'] for g in pallas):8d} "
+                 + " ".join(f"{sum(g[k] for g in pallas):7.3f}" for k in (
                      "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms"))
-                 + f" {sum(g['past_l1_gb'] for g in p):6.2f}        all")
+                 + f" {sum(g['past_l1_gb'] for g in pallas):6.2f}        all")
     lines.append("(L2 GB: copied past L1, each byte a read from L2, which the model "
                  "counts only at --l2-tbps; TB/s: the L2 rate at which those reads take "
                  "the model's time)")

@@ -164,3 +164,15 @@ def test_a_loop_without_an_exit_is_refused():
 def test_the_latency_floor_by_hand(warp, issued, blocks, resident, wave):
   assert warp_cycles.floor_ms(warp, issued, blocks, 128, resident) == pytest.approx(
       wave / 1.98e9 * 1e3)
+
+
+def test_the_way_takes_branches_as_a_thread_whose_bounds_tests_pass():
+  """An unconditional branch forward is taken, a conditional one is not, a predicated
+  EXIT goes on, a branch back is a loop, a branch to itself (the trap loop) ends it."""
+  ops, labels, _ = _listing(("@P0 BRA `(.L_x_1)", {}), ("BRA `(.L_x_1)", {}),
+                            ("@P1 EXIT", {}), "L_x_1:", ("NOP", {}),
+                            ("@P2 BRA `(.L_x_1)", {}), ("EXIT", {}), "L_x_2:",
+                            ("BRA `(.L_x_2)", {}))
+  assert [warp_cycles.way(ops, labels, i) for i in range(len(ops))] == [
+      ("next", 1), ("next", 3), ("next", 3), ("next", 4), ("back", 3), ("exit", 5),
+      ("exit", 6)]
