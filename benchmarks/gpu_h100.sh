@@ -3,15 +3,15 @@
 # train step. Run from the repository root on the GPU machine (jax with CUDA, flax, optax):
 #   OUT=/tmp/qlhs_bench bash benchmarks/gpu_h100.sh [op|step|profile|stem|eq3|sweep|pool|fma|sums|product|c_kernels|dot_forms|ablate|tiles|ncu|block|variants|configs|input|host|all]
 # "profile", "stem" and "eq3" ran on 2026-12-04 (NOTES.md experiment 23); nothing since.
-# Next: "dot_forms" (experiments 40-51: the default step against ResNet50 on the H100,
+# Next: "dot_forms" (experiments 40-54: the default step against ResNet50 on the H100,
 # then every dot form with c and dp stored, with both made in the kernels, and with C's
 # and A's gradients summed in pass 4, u's shares in du's kernel and A applied in the
 # product's kernel too; limits of 530 s, the one call that says whether the opt-in
-# kernels of experiments 40-51 win), then, with the device time left, "c_kernels" (the
+# kernels of experiments 40-54 win), then, with the device time left, "c_kernels" (the
 # made forms' values checked on the device, then c made alone), "ablate" (the stack
 # without each of its last three pieces), "tiles" (the stack at the latency model's
-# tiles against those before, 270 s) or "eq3" with the winner's QLHS_... settings (a
-# profile of it, 200 s). Later sessions:
+# tiles against those before, and with its taps copied past L1, 270 s) or "eq3" with
+# the winner's QLHS_... settings (a profile of it, 200 s). Later sessions:
 # "product" and "sums" (each dot form alone, and the kernels alone at stage 1), "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries),
 # "sweep" (experiments 24-25), "pool" (experiments 26, 32, 34, 35), "configs" and
@@ -165,12 +165,13 @@
 #   (QLHS_P_FORM=stored), with u's shares added by XLA (QLHS_DU_SUM=xla), and with C's
 #   and A's gradients by XLA's matmuls (QLHS_WEIGHT_GRADS=xla, which needs p stored);
 #   each against the first.
-# "tiles" (time limits add up to 270 s; NOTES.md experiment 53): the configs'
-#   ",dot_forms" stack at today's tiles against the tiles before the latency model
-#   (benchmarks.warp_cycles) chose the lags' 4 stages and pass 4's 4 warps (by the model
-#   0.85 ms a step less), then with pass 3's sums at 32 pixels, which read 7 GB a step
-#   less from L2 for 0.29 ms more of latency floor: it pays if the L2 serves less than
-#   ~9.6 TB/s, the rate at which the default's reads from L2 take its modelled time;
+# "tiles" (time limits add up to 270 s; NOTES.md experiments 53-54): the configs'
+#   ",dot_forms" stack (its taps copied through L1, QLHS_TAP_COPY=l1) at today's tiles,
+#   then at the tiles before the latency model (benchmarks.warp_cycles) chose the lags'
+#   4 stages and pass 4's 4 warps (by the model 0.85 ms a step less), then with the
+#   widest tap copies (16 bytes past L1 in pass 3's sums, the product with A and du as
+#   products: ~62 GB a step read from L2 instead of 27.1, du's 23.4 included; without
+#   du, the same latency model: it pays only if the L2 serves more than ~9.6 TB/s);
 #   each against the first.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
@@ -592,8 +593,8 @@ if [ "$PART" = c_kernels ]; then
   # channel block (experiment 47); then with stage 3 making c too.
   QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
     QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
-    QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels \
-    fused_op 120 --weights --check-only
+    QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels QLHS_TAP_COPY=l1 \
+    QLHS_DU_FORM=pallas_dot fused_op 120 --weights --check-only
   for c_form in stored kernels kernels_wide; do
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 100 --model eq3_softball_ds \
@@ -602,7 +603,8 @@ if [ "$PART" = c_kernels ]; then
 fi
 if [ "$PART" = dot_forms ]; then
   # The goal's two numbers first (a session cut off keeps them), then the opt-in dot
-  # forms stacked (c,dp,weight grads,du sum,p): all stored; c made at stages 1-3 and dp
+  # forms stacked, du as products and every tap copied through L1 (experiment 54) in
+  # each row (c,dp,weight grads,du sum,p): all stored; c made at stages 1-3 and dp
   # at stages 1-2; and C's and A's gradients summed in pass 4, u's shares added in
   # du's kernel and p never stored too (the configs' ",dot_forms"; profiled: each
   # kernel's time against its bound, xla_floors --measured on this HLO). "c_kernels"
@@ -619,8 +621,9 @@ if [ "$PART" = dot_forms ]; then
     IFS=, read -r c_form dp_form grads du_sum p_form <<< "$forms"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form QLHS_DP_FORM=$dp_form \
-      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench "$limit" \
-      --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
+      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form QLHS_TAP_COPY=l1 \
+      QLHS_DU_FORM=pallas_dot bench "$limit" --model eq3_softball_ds \
+      --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
   done
 fi
 if [ "$PART" = ablate ]; then
@@ -630,20 +633,23 @@ if [ "$PART" = ablate ]; then
     IFS=, read -r grads du_sum p_form <<< "$forms"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
-      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form bench 100 \
-      --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
+      QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form QLHS_TAP_COPY=l1 \
+      QLHS_DU_FORM=pallas_dot bench 100 --model eq3_softball_ds \
+      --set 'fuse_d_bn="auto"' --input uint8
   done
 fi
 if [ "$PART" = tiles ]; then
-  # The stack at today's tiles (the lags at 4 stages, pass 4 at 4 warps), at experiment
-  # 52's, and with pass 3's sums at 32 pixels (8-byte copies through L1: 8.8 GB a step
-  # from L2 instead of 15.9, for a latency floor of 1.95 ms against 1.65).
-  for spec in "" "stats_dot=32,16,4,3 grads_dot=32,16,8,3" "sums_dot=32,16,4,3"; do
+  # The stack at today's tiles (the lags at 4 stages, pass 4 at 4 warps) with its taps
+  # copied through L1, at experiment 52's tiles, then with the widest tap copies (16
+  # bytes past L1 in pass 3's sums, the product with A and du: ~62 GB a step from L2
+  # instead of 27.06).
+  for row in "l1:" "l1:stats_dot=32,16,4,3 grads_dot=32,16,8,3" "widest:"; do
+    IFS=: read -r taps spec <<< "$row"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
-      QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels \
-      QLHS_STENCIL_TILING="$spec" bench 90 --model eq3_softball_ds \
-      --set 'fuse_d_bn="auto"' --input uint8
+      QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels QLHS_TAP_COPY=$taps \
+      QLHS_DU_FORM=pallas_dot QLHS_STENCIL_TILING="$spec" bench 90 \
+      --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
   done
 fi
 if [ "$PART" = ncu ]; then

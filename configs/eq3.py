@@ -41,18 +41,19 @@ img/s on the H100 (NOTES.md experiments 8-13). Add
 experiment 9).
 
 ``configs/eq3.py:softball_ds,dot_forms`` (one NVIDIA GPU; not yet timed): the opt-in
-matrix-product kernels of NOTES.md experiments 40-51, stacked
+matrix-product kernels of NOTES.md experiments 40-54, stacked
 (``qlhs_jax.kernels.settings.DOT_FORMS`` in config.kernels): D u, BatchNorm's sums and
 the products on the tensor cores; c = C u and dp = dy A^T made inside the kernels,
 never stored; C's and A's gradients summed in pass 4; u's gradient summed in du's
 kernel (the shortcut's share and C's); y = p @ A made in the forward product's kernel,
-p never stored (stages 1-2). The same network and variables, up to rounding: D's
-kernel is rounded to bfloat16 as the plain path rounds it, and c, dp and y are rounded
-as the stored ones but summed in another order (README, Variants). Compiled for one
-H100 without one (benchmarks.aot): 38.1 GB a step against the default's 65.2, peak 3.3
-GB against 8.3. ``benchmarks/gpu_h100.sh dot_forms`` times it
-against the default and ResNet50; whichever wins becomes the default. A run may switch
-between the two when it resumes (config.kernels are runtime keys).
+p never stored (stages 1-2); du as products; every tap copied through L1. The same
+network and variables, up to rounding: D's kernel is rounded to bfloat16 as the plain
+path rounds it, and c, dp and y are rounded as the stored ones but summed in another
+order (README, Variants). Compiled for one H100 without one (benchmarks.aot): 38.1 GB a
+step against the default's 65.2, peak 3.3 GB against 8.3.
+``benchmarks/gpu_h100.sh dot_forms`` times it against the default and ResNet50;
+whichever wins becomes the default. A run may switch between the two when it resumes
+(config.kernels are runtime keys).
 """
 
 from qlhs_jax import config as qconfig

@@ -233,6 +233,7 @@ KERNEL_ENV = {"QLHS_PALLAS_TILING": ("pallas",), "QLHS_BLOCK_TILING": ("block",)
               "QLHS_C_FORM": ("xla",), "QLHS_DP_FORM": ("xla",),
               "QLHS_WEIGHT_GRADS": ("xla",), "QLHS_DU_SUM": ("xla",),
               "QLHS_P_FORM": ("xla",),
+              "QLHS_TAP_COPY": ("xla",),
               "QLHS_STENCIL_TILING": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STENCIL_GRID": ("shifted_t", "pallas", "xla", "block"),
               "QLHS_STENCIL_ROWS": ("shifted_t", "pallas", "xla", "block"),

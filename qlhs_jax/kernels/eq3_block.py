@@ -246,9 +246,10 @@ class _Tile:
     return plt.load(ref.at[pl.ds(start, self.plan["m"]), cols], mask=ok[:, None],
                     other=0.0).astype(F32)
 
-  def operand(self, ref, dy, dx, cols):
+  def operand(self, ref, dy, dx, cols, ok=None):
     """``ref``'s channels ``cols`` ((1, k) indices) at pixel (y + dy, x + dx) of each
-    row, (m, k) in ``ref``'s dtype, 0 outside the image: a tap as an operand of a
+    row, (m, k) in ``ref``'s dtype, 0 outside the image (lean tiles: also where ``ok``
+    (m,), if given, is off): a tap as an operand of a
     matrix product. One masked load with nothing after it, so that Triton's pipeliner
     copies it straight into the shared memory that the tensor cores read. After a
     select or a cast (even one undone, bfloat16 to float32 and back), the warps load it
@@ -257,7 +258,8 @@ class _Tile:
     from qlhs_jax.kernels.d_bn_product import plt
     if self.lean:
       rows = lax.broadcasted_iota(jnp.int32, (self.plan["m"], 1), 0)
-      at, ok = self.lean_start(dy, dx) + rows, self.inside(dy, dx)
+      at = self.lean_start(dy, dx) + rows
+      ok = self.inside(dy, dx) if ok is None else ok
     else:
       at, ok = self.tap_rows(dy, dx)
       at = at[:, None]

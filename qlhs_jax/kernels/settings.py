@@ -39,27 +39,30 @@ VARIABLES = {
     "stem_taps": "QLHS_STEM_TAPS",        # where the stem's pool reads its taps
     "stencil_grid": "QLHS_STENCIL_GRID",  # the stencil kernels' grid order
     "stencil_rows": "QLHS_STENCIL_ROWS",  # the stencil kernels that walk rows
+    "tap_copy": "QLHS_TAP_COPY",          # the dot forms' tap copies: widest, or via L1
     "stencil_tiling": "QLHS_STENCIL_TILING",
     "pallas_tiling": "QLHS_PALLAS_TILING",  # fuse_d_bn="pallas"
     "block_tiling": "QLHS_BLOCK_TILING",    # fuse_d_bn="block"
 }
 _KEY = {var: key for key, var in VARIABLES.items()}
 
-# The opt-in matrix-product kernels of benchmarks/NOTES.md experiments 40-51, stacked, as
+# The opt-in matrix-product kernels of benchmarks/NOTES.md experiments 40-54, stacked, as
 # config.kernels keys: the statistics' lags, pass 3's sums, the forward product and pass
 # 4 as products, D's kernel rounded to the compute dtype (one part of it a product), c
 # made inside the kernels at stages 1-3, dp at stages 1-2, C's and A's gradients summed
-# in pass 4, u's gradient summed in du's kernel (C's share and the shortcut's), and A
+# in pass 4, u's gradient summed in du's kernel (C's share and the shortcut's), A
 # applied in the forward product's kernel where pass 4 sums its gradient (p never
-# stored).
+# stored), u's taps copied through L1 (27.1 GB a step read from L2, not 39.0), and du
+# as matrix products at stride 1, its taps of dx through L1 too (experiment 54).
 # Deviceless (benchmarks.aot, jax 0.11.2, Eq.(3) at batch 256 for an H100): 38.1 GB a
 # step and a 3.3 GB peak estimate, against the default's 65.2 and 8.3. Not yet timed
 # on a GPU (``benchmarks/gpu_h100.sh dot_forms`` times it; its last row sets these).
 # The configs' ``dot_forms`` option (configs/eq3.py) trains with them.
 DOT_FORMS = {"stats_form": "pallas_dot", "sums_form": "pallas_dot",
+             "du_form": "pallas_dot",
              "product_form": "pallas_dot", "d_kernel": "compute", "c_form": "kernels_wide",
              "dp_form": "kernels", "weight_grads": "pass4", "du_sum": "kernel",
-             "p_form": "kernels"}
+             "p_form": "kernels", "tap_copy": "l1"}
 
 # The values config.kernels sets, by variable, in the code being traced now.
 _FROM_CONFIG: contextvars.ContextVar[dict] = contextvars.ContextVar(
@@ -152,4 +155,5 @@ def check(kernels: Mapping[str, str]) -> None:
     stencil.grid_order()
     stencil.rows_kernels()
     stencil.tiling("stats")
+    stencil.tap_copy()
     eq3_block.tiling()

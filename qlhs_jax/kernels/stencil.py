@@ -239,6 +239,38 @@ def grid_order() -> str:
   return settings.choice("QLHS_STENCIL_GRID", GRID_ORDERS)
 
 
+TAP_COPIES = ("widest", "l1")
+
+
+def tap_copy() -> str:
+  """QLHS_TAP_COPY: how the dot forms' kernels copy u's taps into shared memory (the
+  pipeliner's cp.async). A thread copies its run of contiguous channels, up to 16
+  bytes, and Triton picks the caching by the copy's width: a 16-byte copy bypasses L1
+  (cp.async.cg), so each of a tile's nine taps is a read of u from L2; an 8- or 4-byte
+  one goes through L1 (cp.async.ca), where the taps overlap (the three shifts of a row
+  are the same rows but one pixel). "widest" (the default): the runs the tile gives,
+  16 bytes for pass 3's sums (sums_dot) and the forward product with A (product_a_dot)
+  at 64 pixels by 16 channels, what the model of experiment 53 priced at 15.9 and 11.6
+  GB a step from L2, and for du's taps of dx (du_dot) 23.4. "l1" (the configs'
+  ``,dot_forms``): runs of at most 8 bytes (4 bfloat16 channels), so that every tap
+  goes through L1, for twice the tap copies where the runs were 16 bytes (the lags'
+  gathered load has one barrier a trip less): by that model the same time, 27.1 GB a
+  step from L2 instead of 39.0, and du as products 0.76 ms under the element-wise du;
+  the same values (benchmarks/NOTES.md, experiment 54). Not yet timed."""
+  return settings.choice("QLHS_TAP_COPY", TAP_COPIES)
+
+
+def _tap_runs(i: jax.Array, bj: int, dtype) -> jax.Array:
+  """Channel offsets ``i`` (0..bj-1) of a gathered tap load as runs of at most 8 bytes
+  where :func:`tap_copy` is "l1", else ``i`` itself. The value is the same
+  (i // r * r + i % r); what changes is what Triton can prove of it: contiguous runs of
+  r, so it copies r channels a thread at a time, through L1."""
+  run = max(1, 8 // jnp.dtype(dtype).itemsize)
+  if tap_copy() != "l1" or bj <= run:
+    return i
+  return lax.div(i, run) * run + lax.rem(i, run)
+
+
 def _grid(plan: dict, pixel_programs: int, channel_blocks: int) -> tuple[int, int]:
   """The launch grid, its fastest axis first (:func:`grid_order`)."""
   if plan["order"] == "channels":
@@ -487,6 +519,15 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   cols = pl.ds(j0, bj)
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  runs = _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj), 1), bj, u_ref.dtype)
+  # QLHS_TAP_COPY=l1, where a thread's run is over 8 bytes: u's channels as a gathered
+  # load, in runs that Triton copies through L1 (:func:`tap_copy`)
+  gather = tap_copy() == "l1" and bj * jnp.dtype(u_ref.dtype).itemsize > 8
+
+  def load(tile, dy, dx, ok):
+    if gather:
+      return tile.operand(u_ref, dy, dx, j0 + runs, ok).astype(low)
+    return tile.shifted(u_ref, dy, dx, cols, ok).astype(low)
   # u^T @ v over the tile's pixels: bfloat16 operands exact, summed in float32; float32
   # operands at HIGHEST (Triton: IEEE, not TF32)
   dot = functools.partial(_dot, ta=True)
@@ -495,11 +536,10 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
   def body(i, acc):
     ti = ch * tpc + i
     tile = _Tile(jnp.minimum(ti, tiles - 1) * m, plan)  # lean: stride 1
-    u0 = tile.shifted(u_ref, 0, 0, cols, ti * m + iota < plan["rows"]).astype(low)
+    u0 = load(tile, 0, 0, ti * m + iota < plan["rows"])
     out = [acc[0] + dot(u0, ones)]
     for k, (dy, dx) in enumerate(LAGS):
-      v = u0 if (dy, dx) == (0, 0) else tile.shifted(u_ref, dy, dx, cols,
-                                                      tile.inside(dy, dx)).astype(low)
+      v = u0 if (dy, dx) == (0, 0) else load(tile, dy, dx, tile.inside(dy, dx))
       out.append(acc[1 + k] + dot(u0, v))
     return tuple(out)
   acc = lax.fori_loop(0, tpc, body, (jnp.zeros((bj, DOT_MIN), F32),)
@@ -758,7 +798,8 @@ def _bn_sums_dot_kernel(u_ref, c_ref, dp_ref, *refs, plan, split):
   a_ref, (out_ref,) = (refs[0], refs[1:]) if plan.get("dp_in_kernel") else (None, refs)
   cwb, awb = _c_columns(plan, c_ref, cols), _dp_columns(plan, a_ref, cols)
   low = jnp.bfloat16 if split else F32
-  taps = j0 + lax.broadcasted_iota(jnp.int32, (1, bj), 1)  # u's channels in the block
+  # u's channels in the block (in runs of 8 bytes with QLHS_TAP_COPY=l1)
+  taps = j0 + _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj), 1), bj, u_ref.dtype)
 
   def add(acc, a, parts):  # acc + a^T @ g, over the tile's pixels
     for b in parts:
@@ -975,6 +1016,10 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, parts):
   j0 = cb * bj
   cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
   blocks = [_k_block(k_ref[t, cols], e, bj, parts, dx_ref.dtype) for t in range(9)]
+  # QLHS_TAP_COPY=l1: dx's taps as a gathered load in runs of 8 bytes, through L1
+  gather = tap_copy() == "l1" and bj * e * jnp.dtype(dx_ref.dtype).itemsize > 8
+  runs = j0 * e + _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj * e), 1), bj * e,
+                            dx_ref.dtype)
 
   def body(i, carry):
     ti = jnp.minimum(ch * tpc + i, tiles - 1)  # the last chunk's extra trips: its last tile
@@ -983,7 +1028,8 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, parts):
     for t in range(9):
       # Input pixel p receives tap (dy, dx) from output pixel p - (dy, dx).
       dy, dx = _offset(t)
-      v = tile.shifted(dx_ref, -dy, -dx, cols, tile.inside(-dy, -dx))
+      v = (tile.operand(dx_ref, -dy, -dx, runs) if gather else
+           tile.shifted(dx_ref, -dy, -dx, cols, tile.inside(-dy, -dx)))
       acc = acc + _dot(v.astype(blocks[t].dtype), blocks[t])
     du = acc.reshape(m, bj, parts).sum(2) if parts > 1 else acc
     rows = pl.ds(ti * m, m)
@@ -1149,11 +1195,13 @@ def _dot_d(tile, u_ref, blocks, j0, bj):
   :func:`_k_block` with ``forward``), summed in float32: (m, bj*e). The left operand
   is one gathered load: column q*bj + j reads channel j0 + j for every part q, so its
   runs of bj contiguous channels are what a thread copies (8 bytes at bj = 4 in
-  bfloat16, which the machine code copies through L1, where the taps overlap), with
+  bfloat16, which the machine code copies through L1, where the taps overlap; runs of
+  at most 8 bytes at any bj with QLHS_TAP_COPY=l1, :func:`tap_copy`), with
   ``_Tile.operand``."""
   from qlhs_jax.kernels.eq3_block import _dot
   p = blocks[0].shape[0] // bj
-  cols = j0 + lax.rem(lax.broadcasted_iota(jnp.int32, (1, p * bj), 1), bj)
+  cols = j0 + _tap_runs(lax.rem(lax.broadcasted_iota(jnp.int32, (1, p * bj), 1), bj),
+                      bj, u_ref.dtype)
   acc = None
   for t in range(9):
     v = tile.operand(u_ref, *_offset(t), cols)

@@ -189,21 +189,28 @@ def test_the_ablation_drops_one_piece_of_the_stack_a_row():
 
 def test_the_tiles_part_times_the_stack_at_valid_tilings(monkeypatch):
   """"tiles" times the configs' ``,dot_forms`` stack (settings.DOT_FORMS) in every row,
-  first at today's tiles (no QLHS_STENCIL_TILING), then at tilings the kernels accept,
-  each differing from today's defaults: a refused tiling would fail on the GPU, one
-  equal to the default would time the first row twice."""
+  first as it is (its tap copies, no QLHS_STENCIL_TILING), then each row differing in
+  one thing: a tiling the kernels accept that differs from today's defaults, or the
+  other tap copy. A refused value would fail on the GPU, one equal to the default would
+  time the first row twice."""
   from qlhs_jax.kernels import settings, stencil
   want = {settings.VARIABLES[k]: v for k, v in settings.DOT_FORMS.items()}
   text = _text().replace("\\\n", " ")
   part = text[text.index('if [ "$PART" = tiles ]'):]
   part = part[:part.index("\nfi\n")]
-  specs = re.findall(r'"([^"]*)"', re.search(r"for spec in ([^;]*);", part).group(1))
+  rows = re.findall(r'"([^"]*)"', re.search(r"for row in ([^;]*);", part).group(1))
+  assert 'IFS=: read -r taps spec <<< "$row"' in part
   line = next(ln for ln in part.splitlines() if " bench " in ln)
   got = _settings_before(line, "bench")
   assert got.pop("QLHS_STENCIL_TILING") == '"$spec"'
-  assert got == want
-  assert specs[0] == "" and len(specs) == 3
-  for spec in specs[1:]:
+  assert got.pop("QLHS_TAP_COPY") == "$taps"
+  assert dict(got, QLHS_TAP_COPY=want["QLHS_TAP_COPY"]) == want
+  rows = [row.split(":") for row in rows]
+  assert rows[0] == [want["QLHS_TAP_COPY"], ""] and len(rows) == 3
+  for taps, spec in rows[1:]:
+    assert (taps != want["QLHS_TAP_COPY"]) != bool(spec), (taps, spec)  # one change
+    monkeypatch.setenv("QLHS_TAP_COPY", taps)
+    assert stencil.tap_copy() == taps
     monkeypatch.setenv("QLHS_STENCIL_TILING", spec)
     for entry in spec.split():
       kernel, value = entry.split("=")

@@ -59,6 +59,7 @@ READERS = {
     "stem_taps": ("pad", common.stem_taps_form, "pad", "margin"),
     "stencil_grid": ("channels", stencil.grid_order, "channels", "pixels"),
     "stencil_rows": ("du,sums", stencil.rows_kernels, ("du", "sums"), ()),
+    "tap_copy": ("l1", stencil.tap_copy, "l1", "widest"),
     "stencil_tiling": ("du=16,8,2", lambda: stencil.tiling("du"), (16, 8, 2),
                        stencil.DEFAULT_TILING["du"]),
     "pallas_tiling": ("2,4096,8", d_bn_product.tiling, (2, 4096, 8, 0, 1),
@@ -173,6 +174,8 @@ BAD_VALUES = [
                           r"'pad'\)"),
     ("stencil_grid", "rows", r"config.kernels.stencil_grid='rows'"),
     ("stencil_rows", "lags", r"config.kernels.stencil_rows='lags': want 'all' or"),
+    ("tap_copy", "l2", r"config.kernels.tap_copy='l2': choose one of \('widest', "
+                       r"'l1'\)"),
     ("stencil_tiling", "du=15,8,2", r"config.kernels.stencil_tiling='du=15,8,2': entry "
                                     r"'du=15,8,2' is not valid"),
     ("pallas_tiling", "4,8192", r"config.kernels.pallas_tiling='4,8192': want"),

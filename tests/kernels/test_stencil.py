@@ -1061,6 +1061,61 @@ def test_shifted_t_with_the_pallas_du_matches_float64_autodiff(monkeypatch, stri
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_taps_copied_through_l1_give_the_same_values(monkeypatch, stride):
+  """QLHS_TAP_COPY=l1 gathers each tap's channels in runs of 8 bytes (4 bfloat16
+  channels) so that Triton copies them through L1 (benchmarks/NOTES.md, experiment 54):
+  the same channels in the same order, so the dot forms' lags, pass 3's sums, forward
+  product, pass 4, product with A and du give the very same bits as with the widest
+  runs, in bfloat16 at 8 channels a block (two runs each). And it reaches the kernels: the
+  channel offsets are the runs' sum (a division and a remainder) there alone."""
+  monkeypatch.setenv("QLHS_STENCIL_TILING", "stats_dot=16,8,4,2 sums_dot=16,8,4,2 "
+                     "product_dot=16,8,4,2 product_a_dot=16,8,4,2 du_dot=16,2,4,2")
+  n, e, shape = 16, 4, (2, 9, 7, 16)
+  b, h, w, _ = shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  rng = np.random.default_rng(31)
+  bf = lambda *size: jnp.asarray(rng.normal(size=size), jnp.bfloat16)
+  u, c5, dp5 = bf(*shape), bf(b, ho, wo, n, e), bf(b, ho, wo, n, e)
+  cw, aw, k9b = bf(n, n * e), bf(n * e, 2 * n), bf(9, n, e)
+  k9, vecs = k9b.astype(jnp.float32), [jnp.asarray(rng.normal(size=(1, n, e)),
+                                                   jnp.float32) for _ in range(5)]
+
+  def run():
+    out = [stencil.bn_sums(u, c5, dp5, k9, vecs[0], vecs[1], stride, interpret=True,
+                           dot=True),
+           stencil.product(u, c5, k9, vecs[0], vecs[1], stride, interpret=True, dot=True),
+           stencil.dx_dc(u, c5, dp5, k9, *vecs, stride, jnp.float32, interpret=True,
+                         dot=True),
+           stencil.product_a(u, cw, aw, k9b, vecs[0], vecs[1], stride, interpret=True)]
+    if stride == 1:  # (du's dot form: 8 hidden channels a block, two runs)
+      out += [stencil.lag_sums(u, interpret=True, dot=True),
+              stencil.d_transpose(c5, k9, 1, (h, w), addends=(u,), out_dtype=jnp.bfloat16,
+                                  interpret=True, dot=True)]
+    return jax.tree.leaves(out)
+  monkeypatch.setenv("QLHS_TAP_COPY", "widest")
+  widest = run()
+  monkeypatch.setenv("QLHS_TAP_COPY", "l1")
+  l1 = run()
+  assert len(l1) == len(widest) == (9 if stride == 1 else 7)
+  for a, b_ in zip(widest, l1):
+    assert a.dtype == b_.dtype
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b_.astype(jnp.float32)))
+  i = jax.lax.broadcasted_iota(jnp.int32, (1, 16), 1)
+  for copy, runs in (("widest", False), ("l1", True)):
+    monkeypatch.setenv("QLHS_TAP_COPY", copy)
+    np.testing.assert_array_equal(stencil._tap_runs(i, 16, jnp.bfloat16),
+                                  np.arange(16)[None])
+    text = str(jax.make_jaxpr(lambda: stencil._tap_runs(i, 16, jnp.bfloat16))())
+    assert ("div" in text and "rem" in text) == runs, text
+    # a run of 8 bytes or fewer already (4 bfloat16 or 2 float32 channels): unchanged
+    assert "div" not in str(jax.make_jaxpr(lambda: stencil._tap_runs(i[:, :4], 4,
+                                                                     jnp.bfloat16))())
+    assert "div" not in str(jax.make_jaxpr(lambda: stencil._tap_runs(i[:, :2], 2,
+                                                                     jnp.float32))())
+
+
 def test_lean_taps_pad_only_the_interpreted_input():
   """At stride 1 a tap's rows start at a constant offset from the tile's first row, which
   can lie before the input's first row. On a GPU those rows are masked and nothing is
@@ -1919,3 +1974,59 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
     ops = c["loop_ops"]
     assert ops["past_l1"] == past_l1 and c["loop_rounds"] == 0, (c["name"], ops)
     assert ops["mma"] >= 9 + hidden, c
+
+
+_COMPILE_TAPS = textwrap.dedent("""
+    import numpy as np
+    from qlhs_jax.benchmarks import aot
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def taps(u, dy, cw, aw, k9, kb, v, dx):
+      # the stack's kernels whose taps are 16 bytes a thread: pass 3's sums (c and dp
+      # made), the forward product with A and du at their defaults, the lags at 64
+      # pixels
+      return (stencil.bn_sums(u, None, dy, k9, v, v, 1, interpret=False, dot=True,
+                              cw=cw, aw=aw),
+              stencil.product_a(u, cw, aw, kb, v, v, 1, interpret=False),
+              stencil.lag_sums(u, interpret=False, dot=True),
+              stencil.d_transpose(dx, k9, 1, (32, 32), out_dtype=u.dtype,
+                                  interpret=False, dot=True))
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      lowered = jax.jit(taps).lower(
+          s((64, 32, 32, 64)), s((64, 32, 32, 64)), s((64, 256)), s((256, 64)),
+          s((9, 64, 4), jnp.float32), s((9, 64, 4)), s((1, 64, 4), jnp.float32),
+          s((64, 32, 32, 64, 4)))
+    lowered.compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs JAX's CUDA plugin and triton")
+def test_taps_in_runs_of_8_bytes_are_copied_through_l1(tmp_path):
+  """Compiled for an H100 without one: at 64 pixels by 16 channels a thread copies 16
+  bytes of a tap, which Triton copies past L1 (cp.async.cg), each tap a read of u from
+  L2: pass 3's sums' and the forward product with A's nine a trip, the lags' 13; du's
+  (64 pixels by 32 hidden channels) 18, two a tap of dx. With QLHS_TAP_COPY=l1 each is
+  two 8-byte copies through L1 (cp.async.ca), the other copies (c's centre tap, dy)
+  unchanged, and so are the products (benchmarks/NOTES.md, experiment 54)."""
+  from qlhs_jax.benchmarks import xla_floors
+  ops = {}
+  for copy in ("widest", "l1"):
+    h100_ptx_by_entry(_COMPILE_TAPS, _tiling_env("stats_dot=64,16,4,3",
+                                                 QLHS_TAP_COPY=copy), tmp_path / copy)
+    ops[copy] = {c["name"].split("__")[0]: c["loop_ops"]
+                 for c in xla_floors.dump_functions(str(tmp_path / copy))
+                 if c["name"].startswith("qlhs_")}
+  widest, l1 = ops["widest"], ops["l1"]
+  assert sorted(widest) == sorted(l1) == ["qlhs_bn_sums_dot", "qlhs_d_transpose_dot",
+                                          "qlhs_lag_sums_dot", "qlhs_product_a_dot"], ops
+  for name, taps in (("qlhs_bn_sums_dot", 9), ("qlhs_product_a_dot", 9),
+                     ("qlhs_lag_sums_dot", 13), ("qlhs_d_transpose_dot", 18)):
+    w, o = widest[name], l1[name]
+    assert w["past_l1"] >= taps and o["past_l1"] == w["past_l1"] - taps, (name, w, o)
+    assert o["copies"] == w["copies"] + taps and o["mma"] == w["mma"], (name, w, o)
+  assert l1["qlhs_lag_sums_dot"]["past_l1"] == 0 == l1["qlhs_d_transpose_dot"]["past_l1"]
