@@ -248,19 +248,22 @@ class _Tile:
 
   def operand(self, ref, dy, dx, cols, ok=None):
     """``ref``'s channels ``cols`` ((1, k) indices) at pixel (y + dy, x + dx) of each
-    row, (m, k) in ``ref``'s dtype, 0 outside the image (lean tiles: also where ``ok``
-    (m,), if given, is off): a tap as an operand of a
-    matrix product. One masked load with nothing after it, so that Triton's pipeliner
-    copies it straight into the shared memory that the tensor cores read. After a
-    select or a cast (even one undone, bfloat16 to float32 and back), the warps load it
-    from the pipeliner's buffer, convert it and store it again for the products, behind
-    two barriers a tap (benchmarks/NOTES.md, experiment 44)."""
+    row, (m, k) in ``ref``'s dtype, 0 outside the image; ``ok`` (m,), lean tiles only:
+    the rows loaded, in place of those in the image (a subset of them, such as the
+    rows of a tile that is not a repeat). A tap as an operand of a matrix product: one
+    masked load with nothing after it, so that Triton's pipeliner copies it straight
+    into the shared memory that the tensor cores read. After a select or a cast (even
+    one undone, bfloat16 to float32 and back), the warps load it from the pipeliner's
+    buffer, convert it and store it again for the products, behind two barriers a tap
+    (benchmarks/NOTES.md, experiment 44)."""
     from qlhs_jax.kernels.d_bn_product import plt
     if self.lean:
       rows = lax.broadcasted_iota(jnp.int32, (self.plan["m"], 1), 0)
       at = self.lean_start(dy, dx) + rows
       ok = self.inside(dy, dx) if ok is None else ok
     else:
+      if ok is not None:
+        raise ValueError("_Tile.operand: ok is for lean tiles (stride 1) only")
       at, ok = self.tap_rows(dy, dx)
       at = at[:, None]
     return plt.load(ref.at[at, cols], mask=ok[:, None], other=0.0)

@@ -260,14 +260,20 @@ def tap_copy() -> str:
   return settings.choice("QLHS_TAP_COPY", TAP_COPIES)
 
 
+def _split_taps(width: int, dtype) -> bool:
+  """Whether :func:`tap_copy` splits a tap's ``width`` contiguous channels of ``dtype``
+  into runs: "l1", and more than 8 bytes."""
+  return tap_copy() == "l1" and width * jnp.dtype(dtype).itemsize > 8
+
+
 def _tap_runs(i: jax.Array, bj: int, dtype) -> jax.Array:
   """Channel offsets ``i`` (0..bj-1) of a gathered tap load as runs of at most 8 bytes
-  where :func:`tap_copy` is "l1", else ``i`` itself. The value is the same
-  (i // r * r + i % r); what changes is what Triton can prove of it: contiguous runs of
-  r, so it copies r channels a thread at a time, through L1."""
-  run = max(1, 8 // jnp.dtype(dtype).itemsize)
-  if tap_copy() != "l1" or bj <= run:
+  where :func:`_split_taps`, else ``i`` itself. The value is the same (i // r * r +
+  i % r); what changes is what Triton can prove of it: contiguous runs of r, so it
+  copies r channels a thread at a time, through L1."""
+  if not _split_taps(bj, dtype):
     return i
+  run = 8 // jnp.dtype(dtype).itemsize
   return lax.div(i, run) * run + lax.rem(i, run)
 
 
@@ -519,14 +525,14 @@ def _lags_dot_loop(u_ref, out_ref, plan, ch, j0, low):
   m, bj, tiles, tpc = plan["m"], plan["bj"], plan["tiles"], plan["tpc"]
   cols = pl.ds(j0, bj)
   iota = lax.broadcasted_iota(jnp.int32, (m,), 0)
-  runs = _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj), 1), bj, u_ref.dtype)
-  # QLHS_TAP_COPY=l1, where a thread's run is over 8 bytes: u's channels as a gathered
-  # load, in runs that Triton copies through L1 (:func:`tap_copy`)
-  gather = tap_copy() == "l1" and bj * jnp.dtype(u_ref.dtype).itemsize > 8
+  # QLHS_TAP_COPY=l1 (:func:`tap_copy`): u's channels as a gathered load, in runs that
+  # Triton copies through L1
+  gather = _split_taps(bj, u_ref.dtype)
+  runs = j0 + _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj), 1), bj, u_ref.dtype)
 
   def load(tile, dy, dx, ok):
     if gather:
-      return tile.operand(u_ref, dy, dx, j0 + runs, ok).astype(low)
+      return tile.operand(u_ref, dy, dx, runs, ok).astype(low)
     return tile.shifted(u_ref, dy, dx, cols, ok).astype(low)
   # u^T @ v over the tile's pixels: bfloat16 operands exact, summed in float32; float32
   # operands at HIGHEST (Triton: IEEE, not TF32)
@@ -1017,7 +1023,7 @@ def _du_dot_kernel(dx_ref, k_ref, *rest, plan, parts):
   cols = pl.ds(j0 * e, bj * e)  # hidden channels j*e + s of the block, contiguous
   blocks = [_k_block(k_ref[t, cols], e, bj, parts, dx_ref.dtype) for t in range(9)]
   # QLHS_TAP_COPY=l1: dx's taps as a gathered load in runs of 8 bytes, through L1
-  gather = tap_copy() == "l1" and bj * e * jnp.dtype(dx_ref.dtype).itemsize > 8
+  gather = _split_taps(bj * e, dx_ref.dtype)
   runs = j0 * e + _tap_runs(lax.broadcasted_iota(jnp.int32, (1, bj * e), 1), bj * e,
                             dx_ref.dtype)
 

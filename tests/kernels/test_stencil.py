@@ -1114,6 +1114,11 @@ def test_taps_copied_through_l1_give_the_same_values(monkeypatch, stride):
                                                                      jnp.bfloat16))())
     assert "div" not in str(jax.make_jaxpr(lambda: stencil._tap_runs(i[:, :2], 2,
                                                                      jnp.float32))())
+  # A mask in place of the tile's own is for lean tiles (stride 1), whose rows it names.
+  tile = eq3_block._Tile(0, {"stride": 2, "h": 4, "w": 4, "m": 8, "rows": 16, "ho": 2,
+                             "wo": 2, "b": 4})
+  with pytest.raises(ValueError, match="ok is for lean tiles"):
+    tile.operand(None, 0, 0, None, ok=jnp.ones(8, bool))
 
 
 def test_lean_taps_pad_only_the_interpreted_input():
