@@ -169,10 +169,9 @@
 #   ",dot_forms" stack (its taps copied through L1, QLHS_TAP_COPY=l1) at today's tiles,
 #   then at the tiles before the latency model (benchmarks.warp_cycles) chose the lags'
 #   4 stages and pass 4's 4 warps (by the model 0.85 ms a step less), then with the
-#   widest tap copies (16 bytes past L1 in pass 3's sums, the product with A and du as
-#   products: ~62 GB a step read from L2 instead of 27.1, du's 23.4 included; without
-#   du, the same latency model: it pays only if the L2 serves more than ~9.6 TB/s);
-#   each against the first.
+#   widest tap copies (16 bytes past L1 in pass 3's sums and the product with A: 39.0
+#   GB a step read from L2 instead of 27.1, for about the same latency model); each
+#   against the first.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -594,7 +593,7 @@ if [ "$PART" = c_kernels ]; then
   QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
     QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
     QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels QLHS_TAP_COPY=l1 \
-    QLHS_DU_FORM=pallas_dot fused_op 120 --weights --check-only
+    fused_op 120 --weights --check-only
   for c_form in stored kernels kernels_wide; do
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form bench 100 --model eq3_softball_ds \
@@ -603,8 +602,8 @@ if [ "$PART" = c_kernels ]; then
 fi
 if [ "$PART" = dot_forms ]; then
   # The goal's two numbers first (a session cut off keeps them), then the opt-in dot
-  # forms stacked, du as products and every tap copied through L1 (experiment 54) in
-  # each row (c,dp,weight grads,du sum,p): all stored; c made at stages 1-3 and dp
+  # forms stacked, every tap copied through L1 (experiment 54) in each row (c,dp,
+  # weight grads,du sum,p): all stored; c made at stages 1-3 and dp
   # at stages 1-2; and C's and A's gradients summed in pass 4, u's shares added in
   # du's kernel and p never stored too (the configs' ",dot_forms"; profiled: each
   # kernel's time against its bound, xla_floors --measured on this HLO). "c_kernels"
@@ -622,7 +621,7 @@ if [ "$PART" = dot_forms ]; then
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=$c_form QLHS_DP_FORM=$dp_form \
       QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form QLHS_TAP_COPY=l1 \
-      QLHS_DU_FORM=pallas_dot bench "$limit" --model eq3_softball_ds \
+      bench "$limit" --model eq3_softball_ds \
       --set 'fuse_d_bn="auto"' --input uint8 "${profile[@]}"
   done
 fi
@@ -634,21 +633,21 @@ if [ "$PART" = ablate ]; then
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
       QLHS_WEIGHT_GRADS=$grads QLHS_DU_SUM=$du_sum QLHS_P_FORM=$p_form QLHS_TAP_COPY=l1 \
-      QLHS_DU_FORM=pallas_dot bench 100 --model eq3_softball_ds \
+      bench 100 --model eq3_softball_ds \
       --set 'fuse_d_bn="auto"' --input uint8
   done
 fi
 if [ "$PART" = tiles ]; then
   # The stack at today's tiles (the lags at 4 stages, pass 4 at 4 warps) with its taps
   # copied through L1, at experiment 52's tiles, then with the widest tap copies (16
-  # bytes past L1 in pass 3's sums, the product with A and du: ~62 GB a step from L2
+  # bytes past L1 in pass 3's sums and the product with A: 38.98 GB a step from L2
   # instead of 27.06).
   for row in "l1:" "l1:stats_dot=32,16,4,3 grads_dot=32,16,8,3" "widest:"; do
     IFS=: read -r taps spec <<< "$row"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \
       QLHS_WEIGHT_GRADS=pass4 QLHS_DU_SUM=kernel QLHS_P_FORM=kernels QLHS_TAP_COPY=$taps \
-      QLHS_DU_FORM=pallas_dot QLHS_STENCIL_TILING="$spec" bench 90 \
+      QLHS_STENCIL_TILING="$spec" bench 90 \
       --model eq3_softball_ds --set 'fuse_d_bn="auto"' --input uint8
   done
 fi

@@ -46,7 +46,7 @@ matrix-product kernels of NOTES.md experiments 40-54, stacked
 the products on the tensor cores; c = C u and dp = dy A^T made inside the kernels,
 never stored; C's and A's gradients summed in pass 4; u's gradient summed in du's
 kernel (the shortcut's share and C's); y = p @ A made in the forward product's kernel,
-p never stored (stages 1-2); du as products; every tap copied through L1. The same
+p never stored (stages 1-2); every tap copied through L1. The same
 network and variables, up to rounding: D's kernel is rounded to bfloat16 as the plain
 path rounds it, and c, dp and y are rounded as the stored ones but summed in another
 order (README, Variants). Compiled for one H100 without one (benchmarks.aot): 38.1 GB a

@@ -53,19 +53,51 @@ from qlhs_jax.benchmarks import hlo_bytes, kernel_times, triton_compile, warp_cy
 # H100 SM: 65,536 registers, at most 64 warps and 32 blocks; registers are handed out per
 # warp in units of 256 (8 a thread).
 SM_REGISTERS, SM_WARPS, SM_BLOCKS, REGISTER_UNIT = 65536, 64, 32, 256
+# An H100 SM's shared memory (228 KiB at the largest carveout) and what the system
+# reserves of it for each resident block (1 KiB).
+SM_SHARED, BLOCK_SHARED_RESERVED = 228 * 1024, 1024
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(")
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _THREADS = re.compile(r"\.entry\s+(\w+)\s*\([^{]*?\.(?:req|max)ntid\s+(\d+)", re.S)
 _SASS_SECTION = re.compile(r"^//-+ \.text\.(\S+)\s+-+$", re.M)
 
 
-def resident_warps(registers: int, threads: int) -> int:
+def resident_warps(registers: int, threads: int, shared: int = 0) -> int:
   """Warps of blocks of ``threads`` that one H100 SM holds at ``registers`` a thread
-  (registers, warps and blocks are the limits; shared memory is not counted)."""
+  and ``shared`` bytes of shared memory a block: registers, warps, blocks and shared
+  memory are the limits. (Until 2026-12-07 shared memory was not counted, and the
+  latency model took the dot forms' kernels at up to 10x the warps an SM holds of
+  them: benchmarks/NOTES.md, experiment 54.)"""
   warps = math.ceil(threads / 32)
   per_warp = math.ceil(registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
   blocks = min(SM_REGISTERS // (per_warp * warps), SM_BLOCKS, SM_WARPS // warps)
+  if shared:
+    blocks = min(blocks, SM_SHARED // (shared + BLOCK_SHARED_RESERVED))
   return blocks * warps
+
+
+def shared_by_entry(report: str) -> dict[str, int]:
+  """``{function: bytes of static shared memory}`` from ptxas -v's report."""
+  out = {}
+  parts = _PTXAS_ENTRY.split(report)
+  for name, text in zip(parts[1::2], parts[2::2]):
+    used = re.search(r"(\d+) bytes smem", text)
+    out[name] = int(used.group(1)) if used else 0
+  return out
+
+
+def dynamic_shared(ptx_path: str, name: str) -> int:
+  """Bytes of dynamic shared memory that XLA launches the Triton kernel ``name`` with
+  (Pallas's kernels, whose PTX declares it extern): ``ttg.shared`` of the kernel's
+  Triton IR that XLA dumped beside ``ptx_path`` (``*.{name}.triton-to-llvm.txt``);
+  0 where there is none."""
+  for path in glob.glob(os.path.join(os.path.dirname(ptx_path),
+                                     f"*.{name}.triton-to-llvm.txt")):
+    with open(path) as f:
+      found = re.search(r"ttg\.shared = (\d+)", f.read())
+    if found:
+      return int(found.group(1))
+  return 0
 
 
 def registers_by_entry(report: str) -> dict[str, int]:
@@ -260,10 +292,11 @@ def loop_ops(sass: str) -> dict[str, int]:
 
 def machine_code(hlo_path: str, arch: str = "90a") -> dict[str, dict]:
   """``{function: {"registers", "instructions", "loop", "inner", "path", "rounds",
-  "loads", "loop_rounds", "file", "name", "threads"}}`` for every function in the PTX
-  files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``; "inner": a loop
-  nested in the first, ``triton_compile.inner_count``; :func:`path_lengths`,
-  :func:`load_rounds`)."""
+  "loads", "loop_rounds", "file", "name", "threads", "shared"}}`` for every function in
+  the PTX files XLA dumped beside ``hlo_path`` (``triton_compile.sass_counts``;
+  "inner": a loop nested in the first, ``triton_compile.inner_count``;
+  :func:`path_lengths`, :func:`load_rounds`; "shared": static and dynamic shared
+  memory a block, :func:`shared_by_entry`, :func:`dynamic_shared`)."""
   return {c["name"]: c for c in _functions(
       sorted(glob.glob(hlo_bytes.dump_prefix(hlo_path) + "*.ptx")), arch,
       f"beside {hlo_path}")}
@@ -281,7 +314,7 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
     if not _ENTRY.search(ptx):
       continue
     report, cubin = triton_compile.assemble(ptx, arch)
-    regs = registers_by_entry(report)
+    regs, static = registers_by_entry(report), shared_by_entry(report)
     threads = dict(_THREADS.findall(ptx))
     sass = sass_by_entry(triton_compile._disassemble(cubin, encodings=True))
     order = _ENTRY.findall(ptx)  # nvdisasm lists them in another order
@@ -296,7 +329,8 @@ def _functions(ptx_files, arch: str, where: str) -> list[dict]:
                   "path": path_lengths(code), "rounds": rounds, "loads": loads,
                   "loop_rounds": loop_rounds, "file": path,
                   "listing": _listing(code), "controls": controls,
-                  "threads": int(threads[name]) if name in threads else None})
+                  "threads": int(threads[name]) if name in threads else None,
+                  "shared": static.get(name, 0) + dynamic_shared(path, name)})
   return out
 
 
@@ -321,7 +355,8 @@ def functions_report(dump_dir: str, match: str = "", arch: str = "90a") -> str:
     name = c["name"]
     if not re.search(match, name):
       continue
-    warps = resident_warps(c["registers"], c["threads"]) if c["threads"] else 0
+    warps = (resident_warps(c["registers"], c["threads"], c["shared"]) if c["threads"]
+             else 0)
     instr = (f"{c['instructions']}+{c['loop']}" if c["loop"] else f"{c['instructions']}")
     if c["inner"]:  # a loop inside the loop (stencil.product_a's blocks in its tiles)
       instr += f"({c['inner']})"
@@ -458,7 +493,7 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
       issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
                                             *trips[name])
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
-    warps = resident_warps(c["registers"], threads)
+    warps = resident_warps(c["registers"], threads, c.get("shared", 0))
     key = (kernel, trips.get(name, (1, 1)) if c["loop"] else (1, 1))
     if key not in warp_times:
       warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])

@@ -272,10 +272,10 @@ def du_form(n: int | None = None, e: int = 1) -> str:
   """How pass 5 computes du = D^T dx for ``n`` input channels and expansion ``e``:
   QLHS_DU_FORM, else "auto" (:func:`stencil_on_gpu`: "pallas", else "gather").
   "pallas_dot": at stride 1 the taps' sums as matrix products on the tensor cores
-  (``stencil._du_dot_kernel``; at stride 2 "pallas"'s kernel), in the configs'
-  ``,dot_forms`` since its taps of dx go through L1 (``stencil.tap_copy``,
-  benchmarks/NOTES.md experiment 54); not yet timed. Both Pallas forms start with
-  "pallas" (:func:`du_pallas`)."""
+  (``stencil._du_dot_kernel``; at stride 2 "pallas"'s kernel); not yet timed. At its
+  tiles it holds 128 KB of shared memory, one program (4 warps) an SM: by the latency
+  model 5.3 ms a step against the element-wise kernel's 2.4 (benchmarks/NOTES.md,
+  experiment 54). Both Pallas forms start with "pallas" (:func:`du_pallas`)."""
   return _form("QLHS_DU_FORM", DU_FORMS, "gather", n, 1, e)
 
 

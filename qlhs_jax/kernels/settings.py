@@ -52,14 +52,13 @@ _KEY = {var: key for key, var in VARIABLES.items()}
 # made inside the kernels at stages 1-3, dp at stages 1-2, C's and A's gradients summed
 # in pass 4, u's gradient summed in du's kernel (C's share and the shortcut's), A
 # applied in the forward product's kernel where pass 4 sums its gradient (p never
-# stored), u's taps copied through L1 (27.1 GB a step read from L2, not 39.0), and du
-# as matrix products at stride 1, its taps of dx through L1 too (experiment 54).
+# stored), and u's taps copied through L1 (27.1 GB a step read from L2, not 39.0;
+# experiment 54).
 # Deviceless (benchmarks.aot, jax 0.11.2, Eq.(3) at batch 256 for an H100): 38.1 GB a
 # step and a 3.3 GB peak estimate, against the default's 65.2 and 8.3. Not yet timed
 # on a GPU (``benchmarks/gpu_h100.sh dot_forms`` times it; its last row sets these).
 # The configs' ``dot_forms`` option (configs/eq3.py) trains with them.
 DOT_FORMS = {"stats_form": "pallas_dot", "sums_form": "pallas_dot",
-             "du_form": "pallas_dot",
              "product_form": "pallas_dot", "d_kernel": "compute", "c_form": "kernels_wide",
              "dp_form": "kernels", "weight_grads": "pass4", "du_sum": "kernel",
              "p_form": "kernels", "tap_copy": "l1"}

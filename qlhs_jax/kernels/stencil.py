@@ -254,9 +254,9 @@ def tap_copy() -> str:
   GB a step from L2, and for du's taps of dx (du_dot) 23.4. "l1" (the configs'
   ``,dot_forms``): runs of at most 8 bytes (4 bfloat16 channels), so that every tap
   goes through L1, for twice the tap copies where the runs were 16 bytes (the lags'
-  gathered load has one barrier a trip less): by that model the same time, 27.1 GB a
-  step from L2 instead of 39.0, and du as products 0.76 ms under the element-wise du;
-  the same values (benchmarks/NOTES.md, experiment 54). Not yet timed."""
+  gathered load has one barrier a trip less): by that model about the same time (0.1
+  ms more with shared memory counted), 27.1 GB a step from L2 instead of 39.0; the
+  same values (benchmarks/NOTES.md, experiment 54). Not yet timed."""
   return settings.choice("QLHS_TAP_COPY", TAP_COPIES)
 
 

@@ -29,6 +29,34 @@ def test_resident_warps_follow_the_h100_limits(registers, threads, warps):
   assert xla_floors.resident_warps(registers, threads) == warps
 
 
+@pytest.mark.parametrize("registers,shared,warps", [
+    (47, 0, 40),             # registers alone: 10 blocks of 4 warps
+    (47, 131072, 4),         # du as products' 128 KiB: 233,472 // 132,096 = 1 block
+    (47, 54 * 1024, 16),     # 55 KiB a block with the reserve: 4 blocks
+    (254, 86016, 8),         # the sums at stage 1 (84 KiB): 2 blocks either way
+    (254, 200704, 4),        # the sums at stage 2 (196 KiB): 1 block
+])
+def test_resident_warps_count_shared_memory(registers, shared, warps):
+  """By hand: an SM's 228 KiB of shared memory over a block's bytes plus the 1 KiB the
+  system reserves for each block limits the blocks as registers do (blocks of 128
+  threads)."""
+  assert xla_floors.resident_warps(registers, 128, shared) == warps
+
+
+def test_shared_memory_is_read_from_ptxas_and_tritons_ir(tmp_path):
+  """Static shared memory from ptxas's report, dynamic (Triton's kernels: extern in the
+  PTX) from the ``ttg.shared`` of the Triton IR that XLA dumps beside the PTX; a kernel
+  with no such file has none."""
+  assert xla_floors.shared_by_entry(PTXAS) == {"loop_add_fusion": 0,
+                                               "input_reduce_fusion_1": 128}
+  ptx = tmp_path / "module_0001.jit_train_step.7.ptx"
+  ptx.write_text("")
+  (tmp_path / "jit_train_step.qlhs_bn_sums_dot__1.triton-to-llvm.txt").write_text(
+      'module attributes {"ttg.num-warps" = 4 : i32, ttg.shared = 200704 : i32} {')
+  assert xla_floors.dynamic_shared(str(ptx), "qlhs_bn_sums_dot__1") == 200704
+  assert xla_floors.dynamic_shared(str(ptx), "qlhs_bn_sums_dot") == 0  # not __1's
+
+
 PTXAS = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
 ptxas info    : Function properties for loop_add_fusion
