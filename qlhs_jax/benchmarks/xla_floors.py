@@ -76,14 +76,20 @@ def resident_warps(registers: int, threads: int, shared: int = 0) -> int:
   return blocks * warps
 
 
-def shared_by_entry(report: str) -> dict[str, int]:
-  """``{function: bytes of static shared memory}`` from ptxas -v's report."""
+def _by_entry(report: str, pattern: str) -> dict[str, int]:
+  """``{function: the number ``pattern`` captures in its part of ptxas -v's report}``,
+  0 where it does not match."""
   out = {}
-  parts = _PTXAS_ENTRY.split(report)
+  parts = _PTXAS_ENTRY.split(report)  # [head, name, text, name, text, ...]
   for name, text in zip(parts[1::2], parts[2::2]):
-    used = re.search(r"(\d+) bytes smem", text)
+    used = re.search(pattern, text)
     out[name] = int(used.group(1)) if used else 0
   return out
+
+
+def shared_by_entry(report: str) -> dict[str, int]:
+  """``{function: bytes of static shared memory}`` from ptxas -v's report."""
+  return _by_entry(report, r"(\d+) bytes smem")
 
 
 def dynamic_shared(ptx_path: str, name: str) -> int:
@@ -102,12 +108,7 @@ def dynamic_shared(ptx_path: str, name: str) -> int:
 
 def registers_by_entry(report: str) -> dict[str, int]:
   """``{function: registers a thread}`` from ptxas -v's report."""
-  out = {}
-  parts = _PTXAS_ENTRY.split(report)  # [head, name, text, name, text, ...]
-  for name, text in zip(parts[1::2], parts[2::2]):
-    used = re.search(r"Used (\d+) registers", text)
-    out[name] = int(used.group(1)) if used else 0
-  return out
+  return _by_entry(report, r"Used (\d+) registers")
 
 
 def sass_by_entry(sass: str) -> dict[str, str]:
