@@ -14,22 +14,23 @@ a conversion, S2R) releases when its result is written; a read scoreboard, relea
 when its operands are read (a store's); and the scoreboards this instruction waits on.
 ``nvdisasm -hex`` prints them.
 
-:func:`walk` takes one warp along the way a thread takes when every bounds test
-passes (:func:`way`, which ``xla_floors.load_rounds`` follows too), each loop as often as it runs where the trips are known
-(``xla_floors.pallas_loops``; else once), and times it: an instruction issues after the
-previous one's stall and after the scoreboards it waits on are released; a cp.async
-group (LDGDEPBAR) is complete ``mem`` cycles after its last copy issued, and DEPBAR.LE
-SB0, N waits until at most N groups are not. Latencies: :data:`LATENCY`, rounded from
-published microbenchmarks of Ampere and Hopper (shared memory ~30 cycles, S2R ~25, a
-conversion ~15), except memory's, ``mem``, one figure for every global load whether it
-hits a cache or not, fitted to a measured profile (``xla_floors.fit_mem``).
+:func:`walk` takes one warp along the way a thread takes when every bounds test passes
+(:func:`way`, which ``xla_floors.load_rounds`` follows too), each loop as often as it
+runs where the trips are known (``xla_floors.pallas_loops``; else once), and times it:
+an instruction issues after the previous one's stall and after the scoreboards it waits
+on are released; a cp.async group (LDGDEPBAR) is complete ``mem`` cycles after its last
+copy issued, and DEPBAR.LE SB0, N waits until at most N groups are not. Latencies:
+:data:`LATENCY`, rounded from published microbenchmarks of Ampere and Hopper (shared
+memory ~30 cycles, S2R ~25, a conversion ~15), except memory's, ``mem``, one figure for
+every global load whether it hits a cache or not, fitted to a measured profile
+(``xla_floors.fit_mem``).
 
 A warp alone, so a lower bound: :func:`floor_ms` takes a launch's waves (blocks over
 what 132 SMs hold at once) times the largest of the warp's cycles, the instructions its
-scheduler must issue for the warps it holds, and their tensor-core time. Not modelled: warps of one scheduler
-delaying each other (issue slots are counted, order is not), bank conflicts, a loaded
-memory's longer latency beyond ``mem``, and Hopper's asynchronous HGMMA and TMA (XLA's
-GEMM fusions: their waits count as stalls only).
+scheduler must issue for the warps it holds, and their tensor-core time. Not modelled:
+warps of one scheduler delaying each other (issue slots are counted, order is not), bank
+conflicts, a loaded memory's longer latency beyond ``mem``, and Hopper's asynchronous
+HGMMA and TMA (XLA's GEMM fusions: their waits count as stalls only).
 """
 
 from __future__ import annotations

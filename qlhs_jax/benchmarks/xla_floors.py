@@ -494,7 +494,7 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
       issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
                                             *trips[name])
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
-    warps = resident_warps(c["registers"], threads, c.get("shared", 0))
+    warps = resident_warps(c["registers"], threads, c["shared"])
     key = (kernel, trips.get(name, (1, 1)) if c["loop"] else (1, 1))
     if key not in warp_times:
       warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])

@@ -527,7 +527,7 @@ ENTRY %main {
   monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
       "registers": 64, "instructions": 100, "loop": 30, "inner": 8, "path": None,
       "rounds": 1, "loads": 2, "loop_rounds": 1, "listing": listing,
-      "controls": [stall_1] * 4}})
+      "controls": [stall_1] * 4, "shared": 0}})
   loops = [{"scope": "jvp(Net)/stage1_block0", "name": "qlhs_k", "grid": [100],
             "trips": 5, "inner": 4}]
   (row,) = xla_floors.floors(str(path), loops=loops, l2_bytes_per_s=1e12)

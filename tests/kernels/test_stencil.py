@@ -1680,7 +1680,8 @@ def test_the_default_product_tiles_wait_less_often_for_their_loads(tmp_path):
                       _tiling_env(tiling, ELEMENTWISE_CHANNELS="64"), dump)
     (c,) = [c for c in xla_floors.dump_functions(str(dump))
             if c["name"].startswith("qlhs_product")]
-    code[tiling] = (c["rounds"], xla_floors.resident_warps(c["registers"], c["threads"]))
+    code[tiling] = (c["rounds"], xla_floors.resident_warps(c["registers"], c["threads"],
+                                                           c["shared"]))
   (waits, warps), (waits_before, warps_before) = code[None], code["product=16,32,8"]
   assert waits < waits_before, code
   assert warps >= warps_before, code
