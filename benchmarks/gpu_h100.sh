@@ -10,7 +10,7 @@
 # kernels of experiments 40-54 win), then, with the device time left, "c_kernels" (the
 # made forms' values checked on the device, then c made alone), "ablate" (the stack
 # without each of its last three pieces), "tiles" (the stack at the latency model's
-# tiles against those before, and with its taps copied past L1, 270 s) or "eq3" with
+# tiles against those before, and with its taps copied past L1, 360 s) or "eq3" with
 # the winner's QLHS_... settings (a profile of it, 200 s). Later sessions:
 # "product" and "sums" (each dot form alone, and the kernels alone at stage 1), "fma"
 # (experiments 36-38: the two defaults of 2026-12-05 that every later row carries),
@@ -165,13 +165,14 @@
 #   (QLHS_P_FORM=stored), with u's shares added by XLA (QLHS_DU_SUM=xla), and with C's
 #   and A's gradients by XLA's matmuls (QLHS_WEIGHT_GRADS=xla, which needs p stored);
 #   each against the first.
-# "tiles" (time limits add up to 270 s; NOTES.md experiments 53-54): the configs'
+# "tiles" (time limits add up to 360 s; NOTES.md experiments 53-55): the configs'
 #   ",dot_forms" stack (its taps copied through L1, QLHS_TAP_COPY=l1) at today's tiles,
-#   then at the tiles before the latency model (benchmarks.warp_cycles) chose the lags'
-#   4 stages and pass 4's 4 warps (by the model 0.85 ms a step less), then with the
-#   widest tap copies (16 bytes past L1 in pass 3's sums and the product with A: 39.0
-#   GB a step read from L2 instead of 27.1, for about the same latency model); each
-#   against the first.
+#   then with pass 3's sums at 64 pixels and the product and pass 4 at 3 stages (the
+#   tiles before the model counted shared memory: by it 1.62 ms a step more), then at
+#   the tiles before the latency model (benchmarks.warp_cycles) chose the lags' 4
+#   stages and pass 4's 4 warps (by the model 0.85 ms a step more), then with the
+#   widest tap copies (16 bytes past L1 in pass 3's sums and the product with A: more
+#   read from L2, for about the same latency model); each against the first.
 # "ncu" (time limits add up to 300 s; NOTES.md experiments 13-17 and 22): what bounds
 #   the stencil kernels, which ran at ~1.1 TB/s (the statistics at 0.2) on the H100 at
 #   every tiling tried, with prefetching too: Nsight Compute (--clock-control none)
@@ -638,11 +639,12 @@ if [ "$PART" = ablate ]; then
   done
 fi
 if [ "$PART" = tiles ]; then
-  # The stack at today's tiles (the lags at 4 stages, pass 4 at 4 warps) with its taps
-  # copied through L1, at experiment 52's tiles, then with the widest tap copies (16
-  # bytes past L1 in pass 3's sums and the product with A: 38.98 GB a step from L2
-  # instead of 27.06).
-  for row in "l1:" "l1:stats_dot=32,16,4,3 grads_dot=32,16,8,3" "widest:"; do
+  # The stack at today's tiles (pass 3's sums at 32 pixels, the product and pass 4 at
+  # 2 stages, the lags at 4 stages, pass 4 with the gradients at 4 warps) with its taps
+  # copied through L1, at experiment 54's tiles, at experiment 52's, then with the
+  # widest tap copies (16 bytes past L1 in pass 3's sums and the product with A).
+  for row in "l1:" "l1:sums_dot=64,16,4,3 product_dot=32,16,4,3" \
+      "l1:stats_dot=32,16,4,3 grads_dot=32,16,8,3" "widest:"; do
     IFS=: read -r taps spec <<< "$row"
     QLHS_PRODUCT_FORM=pallas_dot QLHS_D_KERNEL=compute QLHS_SUMS_FORM=pallas_dot \
       QLHS_STATS_FORM=pallas_dot QLHS_C_FORM=kernels_wide QLHS_DP_FORM=kernels \

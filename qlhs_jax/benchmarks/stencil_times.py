@@ -99,10 +99,11 @@ BWD_TILINGS = ("32,4,4", "32,8,4")
 # barrier, 8 and 6 waits, fewer instructions; experiment 38) and 32,16,4, the default
 # before (each tap through shared memory behind a barrier); none timed alone on a GPU.
 PRODUCT_TILINGS = ("16,16,8", "16,32,8", "32,16,4")
-# The dot forms' (pixels, channels, warps, stages), the default first: at 64 pixels a
-# thread copies 16 bytes of a tap, past L1 (the lower issue floor), at 32 pixels 8
-# bytes, through L1 (half the shared memory; NOTES.md, experiment 40).
-SUMS_DOT_TILINGS = ("64,16,4,3", "32,16,4,3")
+# The dot forms' (pixels, channels, warps, stages), the default first: at 32 pixels a
+# thread copies 8 bytes of a tap, through L1, at 64 pixels 16 bytes, past L1 (the lower
+# issue floor; NOTES.md, experiment 40) with twice the shared memory (the default until
+# 2026-12-07; experiment 55).
+SUMS_DOT_TILINGS = ("32,16,4,3", "64,16,4,3")
 STATS_DOT_TILINGS = ("32,16,4,4", "32,16,4,3", "64,16,4,3")  # 4 stages: experiment 53
 # du's (experiment 41): the default, its taps copied ahead past L1 (two programs an SM);
 # the same with 1 stage, its taps loaded through L1, not ahead (7 programs an SM); and
@@ -112,10 +113,10 @@ DU_DOT_TILINGS = ("64,8,4,3", "64,8,4,1", "64,16,4,3")
 # same with 3 stages (2 trips of copies in flight, 3 programs) and 128 pixels (2).
 PRODUCT_DOT_TILINGS = ("64,4,4,2", "64,4,4,3", "128,4,4,2")
 # The product's with D's kernel in bfloat16 (--d-kernel compute), one part of it, 16
-# channels a block at e = 4 (experiment 43): the default (stencil.ONE_PART_TILING; 4
-# programs an SM, 2 trips of copies in flight each, the taps through L1), the same with
-# 2 stages (5 programs, 1 trip), and 64 pixels (2 programs, the taps past L1).
-PRODUCT_DOT_ONE_PART_TILINGS = ("32,16,4,3", "32,16,4,2", "64,16,4,2")
+# channels a block at e = 4 (experiment 43): the default (stencil.ONE_PART_TILING, 2
+# stages since 2026-12-07: 1 trip of copies in flight), the same with 3 stages (the
+# default before; experiment 55), and 64 pixels (2 programs, the taps past L1).
+PRODUCT_DOT_ONE_PART_TILINGS = ("32,16,4,2", "32,16,4,3", "64,16,4,2")
 # Largest relative difference to the XLA form that passes: the statistics are float32
 # sums (order differs); du is stored in bfloat16, where one rounding step is 2^-8.
 # dx_du: dc and du in bfloat16 (the one walk sums dx in float32, the two kernels round

@@ -126,8 +126,8 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # thread copies 16 bytes of a tap, which the machine code copies past L1
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
-# 64, stays far under the copy time either way); the sums keep 64, whose floor at 32
-# (0.157; 0.186 as wgmma) nears the H200's copy time (0.215). Not timed. du as products
+# 64, stays far under the copy time either way); the sums kept 64 (until 2026-12-07:
+# above), whose floor at 32 (0.157; 0.186 as wgmma) nears the H200's copy time (0.215). du as products
 # (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
 # columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
 # programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
@@ -153,8 +153,15 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # spilled at one block shape). Until 2026-12-07 they were 32,16,4,3 and 32,16,8,3,
 # chosen by issue floors alone (experiments 40 and 48). Not timed; `gpu_h100.sh tiles`
 # times both against the old tiles.
+# Pass 3's sums (sums_dot) at 32 pixels, and the products at one part of D's kernel
+# (ONE_PART_TILING) at 2 stages, since 2026-12-07 by the latency model with shared memory
+# counted (NOTES.md experiment 55): at 64 pixels the sums held 116-196 KB of shared
+# memory a program where they make c and dp (stages 1-3), one program of 4 warps an SM,
+# 3.47 ms a step; at 32 pixels 50-90 KB, two or three programs, 2.10 ms. The product
+# and pass 4 at 3 stages held up to 118 KB (pass 4 at stages 3-4: one program), 1.56 ms
+# the two; at 2 stages 1.30. Not timed; `gpu_h100.sh tiles` times both against the old.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
-                  "product": (16, 16, 8), "sums_dot": (64, 16, 4, 3),
+                  "product": (16, 16, 8), "sums_dot": (32, 16, 4, 3),
                   "stats_dot": (32, 16, 4, 4), "du_dot": (64, 8, 4, 3),
                   "product_dot": (64, 4, 4, 2), "grads_dot": (32, 16, 4, 3),
                   "product_a_dot": (64, 16, 4, 2)}
@@ -175,11 +182,12 @@ ROWS_TILING = dict(DEFAULT_TILING, product=(32, 8, 4), dx_du=(32, 8, 4), bwd=(32
                    du_bn=(32, 8, 4))
 # The product's products' default with one part of D's kernel (stencil._k_parts: a
 # float32 u, or QLHS_D_KERNEL=compute), whose sides of 16 then need 16 input channels a
-# block at e = 4 (4 with three parts). At stage 1 the product and pass 4 have 96 and 128
-# registers and 54 KB of shared memory (4 programs an SM, each 2 trips of copies ahead:
-# ~40 and ~70 KB in flight an SM), 262 and 390 instructions a trip, no wait; issue
-# floors 0.104 and 0.154 ms (experiment 43). Not timed.
-ONE_PART_TILING = {"product_dot": (32, 16, 4, 3)}
+# block at e = 4 (4 with three parts). At 3 stages (the default until 2026-12-07) and
+# stage 1's shapes the product and pass 4 have 96 and 128 registers and 54 KB of shared
+# memory (4 programs an SM, each 2 trips of copies ahead: ~40 and ~70 KB in flight an
+# SM), 262 and 390 instructions a trip, no wait; issue floors 0.104 and 0.154 ms
+# (experiment 43); at stages 3-4, where they run, 54-118 KB. Now 2 stages (above).
+ONE_PART_TILING = {"product_dot": (32, 16, 4, 2)}
 # Programs a summing launch (statistics, pass-3 sums) aims for: ~8 per SM of an H100.
 STATS_PROGRAMS = 1056
 # The entries whose fourth field is the pipeline's stages (the dot forms').

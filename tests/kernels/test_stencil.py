@@ -1705,7 +1705,7 @@ _COMPILE_SUMS = textwrap.dedent("""
       product = [stencil.product(x, c, k9, v, v, stride, interpret=False, dot=True)
                  for x, stride in ((u, 1), (u2, 2))]
       dx = stencil.dx_dc(u, c, c, k9, v, v, v, v, v, 1, u.dtype, interpret=False, dot=True)
-      kb = k9.astype(jnp.bfloat16)  # QLHS_D_KERNEL=compute's: one part, 32,16,4,3
+      kb = k9.astype(jnp.bfloat16)  # QLHS_D_KERNEL=compute's: one part, 32,16,4,2
       one_part = (stencil.product(u, c, kb, v, v, 1, interpret=False, dot=True),
                   stencil.dx_dc(u, c, c, kb, v, v, v, v, v, 1, u.dtype, interpret=False,
                                 dot=True))
@@ -1783,11 +1783,13 @@ def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_pa
   """Compiled for an H100 without one, QLHS_C_FORM=kernels's three kernels at the widest
   blocks that make c (``d_bn_product.C_KERNELS_MAX_N``: 256 channels, "kernels_wide"'s
   stage 3; 128 under "kernels"): c's operands
-  are copied a trip ahead with the taps', so the product and pass 4 wait for none of a
-  trip's loads nor products, and pass 3's sums for one product a trip (c's, which g
-  needs). Pass 3's sums at 512 channels (stage 4) do not compile: u's centre tap over
-  512 channels and C's columns need more shared memory than an H100 has, which is why
-  wider blocks keep the stored c (benchmarks/NOTES.md, experiment 47)."""
+  are copied a trip ahead with the taps', so the product, pass 4 and pass 3's sums wait
+  for none of a trip's loads nor products (the sums' c at their default 32 pixels is
+  mma.sync; at 64, until experiment 55, one wgmma a trip, waited for). Pass 3's sums at
+  512 channels (stage 4) at 64 pixels do not compile: u's centre tap over 512 channels
+  and C's columns need more shared memory than an H100 has, which is why wider blocks
+  keep the stored c (benchmarks/NOTES.md, experiment 47). At 32 pixels they compile, at
+  154 KB a program (one an SM); the limit stands (experiment 55)."""
   from qlhs_jax.benchmarks import xla_floors
   widest = max(dbn.C_KERNELS_MAX_N.values())
   script = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
@@ -1796,14 +1798,13 @@ def test_c_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_pa
   assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
       "qlhs_product_dot", "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"}, sorted(kernels)
   trips = {c["name"]: c for c in xla_floors.dump_functions(str(tmp_path / "made"))}
-  for name, waits in (("qlhs_product_dot", 0), ("qlhs_dx_dc_dot", 0),
-                      ("qlhs_bn_sums_dot", 1)):
+  for name in ("qlhs_product_dot", "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"):
     c = trips[name]
-    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == waits, (name, c)
+    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == 0, (name, c)
   wide = _COMPILE_C_MADE.replace("sys.argv[1]", "512").replace(
       "sys.argv[2]", '"sums"').replace("sys.argv[3]", "0")
   with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
-    h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
+    h100_ptx_by_entry(wide, _tiling_env("sums_dot=64,16,4,3"), tmp_path / "wide")
 
 
 @pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
@@ -1812,11 +1813,13 @@ def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_p
   """Compiled for an H100 without one, QLHS_DP_FORM=kernels's two kernels, pass 4 and
   pass 3's sums, with c made too, at the widest blocks that make dp
   (``d_bn_product.DP_KERNELS_MAX_N``: 128 channels in and out): dy's tiles are copied a
-  trip ahead with the taps', so pass 4 waits for none of a trip's loads nor products,
-  and the sums for two products a trip (c's and dp's, which g needs). The sums of
-  stage 3's first block, 128 channels to 256, do not compile: dy's tiles over 256
-  channels, with u's taps and centre tap, need more shared memory than an H100 has,
-  which is why wider blocks keep the stored dp (benchmarks/NOTES.md, experiment 48)."""
+  trip ahead with the taps', so pass 4 and the sums wait for none of a trip's loads nor
+  products (at the sums' 64 pixels, until experiment 55, two wgmma a trip, c's and
+  dp's, waited for). The sums of stage 3's first block, 128 channels to 256, at 64
+  pixels do not compile: dy's tiles over 256 channels, with u's taps and centre tap,
+  need more shared memory than an H100 has, which is why wider blocks keep the stored
+  dp (benchmarks/NOTES.md, experiment 48). At 32 pixels they compile, at 114 KB a
+  program (one an SM); the limit stands (experiment 55)."""
   from qlhs_jax.benchmarks import xla_floors
   widest = dbn.DP_KERNELS_MAX_N["kernels"]
   script = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
@@ -1825,13 +1828,13 @@ def test_dp_made_in_the_kernels_compiles_for_an_h100_up_to_the_width_limit(tmp_p
   assert {k.split("__")[0] for k in kernels if k.startswith("qlhs_")} == {
       "qlhs_dx_dc_dot", "qlhs_bn_sums_dot"}, sorted(kernels)
   trips = {c["name"]: c for c in xla_floors.dump_functions(str(tmp_path / "made"))}
-  for name, waits in (("qlhs_dx_dc_dot", 0), ("qlhs_bn_sums_dot", 2)):
+  for name in ("qlhs_dx_dc_dot", "qlhs_bn_sums_dot"):
     c = trips[name]
-    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == waits, (name, c)
+    assert c["loop_rounds"] == 0 and c["loop_ops"]["mma_waits"] == 0, (name, c)
   wide = _COMPILE_C_MADE.replace("sys.argv[1]", str(widest)).replace(
       "sys.argv[2]", '"sums"').replace("sys.argv[3]", str(2 * widest))
   with pytest.raises(AssertionError, match="Shared memory size limit exceeded"):
-    h100_ptx_by_entry(wide, _tiling_env(None), tmp_path / "wide")
+    h100_ptx_by_entry(wide, _tiling_env("sums_dot=64,16,4,3"), tmp_path / "wide")
   # QLHS_WEIGHT_GRADS=pass4: pass 4 also sums u^T dc and p^T dy, at 4 warps since
   # experiment 53 (255 registers, fewer instructions and a lower latency floor than 8
   # warps' 128-170): two waits a trip for those products (wgmma: 64 and more rows).
@@ -1943,10 +1946,12 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   # selected after a gathered load, each tap went from those buffers through the
   # warps' registers into another buffer: 22 barriers a trip, not 5 (experiment 44).
   # As tap^T @ g they wait for no product; as g^T @ tap (64 rows: wgmma) they had 5
-  # barriers and 9 waits a trip (experiment 45).
+  # barriers and 9 waits a trip (experiment 45). At their default 32 pixels a trip
+  # copies the nine taps and c's and dp's tiles, two copies each (17 at 64 pixels, four
+  # each, the default until experiment 55).
   sums = [c for c in functions if c["name"].startswith("qlhs_bn_sums_dot")]
   assert [(c["loop_ops"]["barriers"], c["loop_ops"]["copies"], c["loop_ops"]["mma_waits"])
-          for c in sums] == [(3, 17, 0)] * 2, [c["loop_ops"] for c in sums]
+          for c in sums] == [(3, 13, 0)] * 2, [c["loop_ops"] for c in sums]
   assert trips["qlhs_bn_sums"]["copies"] == 0 == trips["qlhs_lag_sums"]["copies"], trips
   assert "cp.async" not in kernels["qlhs_d_transpose"]
   # du's products at 64 pixels by 32 hidden channels: one (m64n32k16, two k-steps) a
@@ -1966,8 +1971,9 @@ def test_the_dot_sums_load_through_triton_pipeline(tmp_path):
   # bytes, past L1) are copies issued a trip ahead, so a thread waits for none of its
   # loads in a trip (experiment 42); the product at stride 2 too, its taps at each
   # pixel's own rows. With D's kernel in bfloat16, one part, at its default (32 pixels
-  # by 16 channels, 3 stages): the nine taps once (8 bytes a thread, through L1), and
-  # each hidden tile two copies past L1, none waited for (experiment 43).
+  # by 16 channels, 2 stages since experiment 55): the nine taps once (8 bytes a
+  # thread, through L1), and each hidden tile two copies past L1, none waited for
+  # (experiment 43).
   dots = [(c, 2 if c["name"].startswith("qlhs_dx_dc_dot") else 1) for c in functions
           if c["name"].startswith(("qlhs_product_dot", "qlhs_dx_dc_dot"))]
   assert sorted(hidden for _, hidden in dots) == [1, 1, 1, 2, 2], [c["name"]
@@ -1992,8 +1998,8 @@ _COMPILE_TAPS = textwrap.dedent("""
     s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
         shape, dt, sharding=SingleDeviceSharding(dev))
     def taps(u, dy, cw, aw, k9, kb, v, dx):
-      # the stack's kernels whose taps are 16 bytes a thread: pass 3's sums (c and dp
-      # made), the forward product with A and du at their defaults, the lags at 64
+      # the stack's kernels whose taps are 16 bytes a thread: the forward product with A
+      # and du at their defaults, pass 3's sums (c and dp made) and the lags at 64
       # pixels
       return (stencil.bn_sums(u, None, dy, k9, v, v, 1, interpret=False, dot=True,
                               cw=cw, aw=aw),
@@ -2022,7 +2028,7 @@ def test_taps_in_runs_of_8_bytes_are_copied_through_l1(tmp_path):
   from qlhs_jax.benchmarks import xla_floors
   ops = {}
   for copy in ("widest", "l1"):
-    h100_ptx_by_entry(_COMPILE_TAPS, _tiling_env("stats_dot=64,16,4,3",
+    h100_ptx_by_entry(_COMPILE_TAPS, _tiling_env("stats_dot=64,16,4,3 sums_dot=64,16,4,3",
                                                  QLHS_TAP_COPY=copy), tmp_path / copy)
     ops[copy] = {c["name"].split("__")[0]: c["loop_ops"]
                  for c in xla_floors.dump_functions(str(tmp_path / copy))
