@@ -127,22 +127,22 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums kept 64 (until 2026-12-07:
-# above), whose floor at 32 (0.157; 0.186 as wgmma) nears the H200's copy time (0.215). du as products
-# (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden; the products'
-# columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared memory (2
-# programs an SM), 56 registers, 321 instructions a trip (an issue floor of 0.130 ms at
-# stage 1, against the element-wise kernel's 0.224), its taps copied 2 trips ahead but
-# 16 bytes a thread, past L1: nine reads of the hidden dx from L2 a launch, 3.7 GB at
-# stage 1. At 1 stage its taps load through L1, but a thread waits for them 9 times a
-# trip, at 7 programs an SM: by the element-wise kernel's measured time, more waits in
-# turn than it has (experiment 41). Neither timed. The forward product's and pass 4's
-# products (QLHS_PRODUCT_FORM=pallas_dot): 64 pixels by 4 input channels (the products
-# m64n16k16: 4 parts of D's kernel by 4 channels deep, 16 hidden channels wide), 4
-# warps, 2 stages: 47 and 51 KB of shared memory (4 programs an SM), 54 and 68
-# registers, 257 and 317 instructions a trip, no wait for a load in a trip; issue
-# floors 0.201 and 0.247 ms at stage 1, against XLA's fusions' 0.218 and 0.281 (copy
-# times 0.31 and 0.58 at an H100's 3.0 TB/s). A trip's taps copy 8 bytes a thread,
-# through L1; c and dp 16, past it (experiment 42). Not timed.
+# above), whose floor at 32 (0.157; 0.186 as wgmma) nears the H200's copy time (0.215).
+# du as products (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden;
+# the products' columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared
+# memory (2 programs an SM), 56 registers, 321 instructions a trip (an issue floor of
+# 0.130 ms at stage 1, against the element-wise kernel's 0.224), its taps copied 2 trips
+# ahead but 16 bytes a thread, past L1: nine reads of the hidden dx from L2 a launch,
+# 3.7 GB at stage 1. At 1 stage its taps load through L1, but a thread waits for them 9
+# times a trip, at 7 programs an SM: by the element-wise kernel's measured time, more
+# waits in turn than it has (experiment 41). Neither timed. The forward product's and
+# pass 4's products (QLHS_PRODUCT_FORM=pallas_dot): 64 pixels by 4 input channels (the
+# products m64n16k16: 4 parts of D's kernel by 4 channels deep, 16 hidden channels
+# wide), 4 warps, 2 stages: 47 and 51 KB of shared memory (4 programs an SM), 54 and 68
+# registers, 257 and 317 instructions a trip, no wait for a load in a trip; issue floors
+# 0.201 and 0.247 ms at stage 1, against XLA's fusions' 0.218 and 0.281 (copy times 0.31
+# and 0.58 at an H100's 3.0 TB/s). A trip's taps copy 8 bytes a thread, through L1; c
+# and dp 16, past it (experiment 42). Not timed.
 # The lags' (stats_dot) 4 stages and pass 4's with the weight gradients (grads_dot) 4
 # warps: by the latency model (benchmarks.warp_cycles: one warp's cycles from the
 # control codes ptxas set, every loop trip counted, over the warps an SM holds;
@@ -154,12 +154,13 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # chosen by issue floors alone (experiments 40 and 48). Not timed; `gpu_h100.sh tiles`
 # times both against the old tiles.
 # Pass 3's sums (sums_dot) at 32 pixels, and the products at one part of D's kernel
-# (ONE_PART_TILING) at 2 stages, since 2026-12-07 by the latency model with shared memory
-# counted (NOTES.md experiment 55): at 64 pixels the sums held 116-196 KB of shared
-# memory a program where they make c and dp (stages 1-3), one program of 4 warps an SM,
-# 3.47 ms a step; at 32 pixels 50-90 KB, two or three programs, 2.10 ms. The product
-# and pass 4 at 3 stages held up to 118 KB (pass 4 at stages 3-4: one program), 1.56 ms
-# the two; at 2 stages 1.30. Not timed; `gpu_h100.sh tiles` times both against the old.
+# (ONE_PART_TILING) at 2 stages, since 2026-12-07 by the latency model with shared
+# memory counted (NOTES.md experiment 55): at 64 pixels the sums held 116-196 KB of
+# shared memory a program where they make c (stages 1-3 and stage 4's first block), one
+# program of 4 warps an SM, 3.47 ms a step; at 32 pixels 42-90 KB, two or three
+# programs, 2.10 ms. The product and pass 4 at 3 stages held up to 118 KB (pass 4 at
+# stages 3-4: one program), 1.56 ms the two; at 2 stages 1.30. Not timed; `gpu_h100.sh
+# tiles` times both against the old.
 DEFAULT_TILING = {"stats": (16, 16, 4, 1), "du": (32, 16, 4), "sums": (32, 8, 4),
                   "product": (16, 16, 8), "sums_dot": (32, 16, 4, 3),
                   "stats_dot": (32, 16, 4, 4), "du_dot": (64, 8, 4, 3),
