@@ -641,9 +641,11 @@ def pallas_by_function(rows) -> list[dict]:
   """The Pallas launches of :func:`floors`' rows whose loops were counted every trip,
   grouped by :func:`function_family` in order of first launch: ``{"function",
   "launches", "floor_ms", "copy_ms", "bound_ms", "latency_ms", "model_ms",
-  "past_l1_gb", "parts"}`` (:func:`modelled`; GB copied past L1, read from L2),
-  ``parts`` ``{part's first six letters ("stage1"): (sorted registers, sorted warps an
-  SM)}`` in the order met."""
+  "past_l1_gb", "parts", "part_model_ms"}`` (:func:`modelled`; GB copied past L1,
+  read from L2), ``parts`` ``{part's first six letters ("stage1"): (sorted registers,
+  sorted warps an SM)}`` in the order met, ``part_model_ms`` {the same: model ms}: where
+  a tiling's time goes, since the best tiles differ by the blocks' widths
+  (benchmarks/NOTES.md, experiment 55)."""
   groups: dict[str, dict] = {}
   for r in rows:
     if not (r["kernel"].startswith("qlhs_") and (r["trips"] or not r["loop"])):
@@ -651,7 +653,7 @@ def pallas_by_function(rows) -> list[dict]:
     g = groups.setdefault(function_family(r["kernel"]), {
         "function": function_family(r["kernel"]), "launches": 0, "floor_ms": 0.0,
         "copy_ms": 0.0, "bound_ms": 0.0, "latency_ms": 0.0, "model_ms": 0.0,
-        "past_l1_gb": 0.0, "parts": {}})
+        "past_l1_gb": 0.0, "parts": {}, "part_model_ms": {}})
     g["launches"] += 1
     g["floor_ms"] += r["floor_ms"]
     g["copy_ms"] += r["copy_ms"]
@@ -659,7 +661,9 @@ def pallas_by_function(rows) -> list[dict]:
     g["latency_ms"] += r["latency_ms"]
     g["model_ms"] += modelled(r)
     g["past_l1_gb"] += r.get("past_l1_bytes", 0) / 1e9
-    regs, warps = g["parts"].setdefault(r["part"][:6], (set(), set()))
+    part = r["part"][:6]
+    g["part_model_ms"][part] = g["part_model_ms"].get(part, 0.0) + modelled(r)
+    regs, warps = g["parts"].setdefault(part, (set(), set()))
     regs.add(r["registers"])
     warps.add(r["warps"])
   for g in groups.values():
@@ -723,10 +727,11 @@ def report(hlo_path: str, top: int = 30, arch: str = "90a",
                   "model part's first six letters, stage1 ... stage4)",
               f"{'launches':>8s} {'floors':>7s} {'copies':>7s} {'bounds':>7s} "
               f"{'latency':>7s} {'model':>7s} {'L2 GB':>6s} {'TB/s':>5s}  function: "
-              f"registers / warps an SM by part"]
+              f"registers / warps an SM / model ms by part"]
     pallas = pallas_by_function(rows)
     for g in pallas:
       parts = ", ".join(f"{part} {'/'.join(map(str, regs))} / {'/'.join(map(str, warps))}"
+                        f" / {g['part_model_ms'][part]:.3f}"
                         for part, (regs, warps) in g["parts"].items())
       lines.append(f"{g['launches']:8d} {g['floor_ms']:7.3f} {g['copy_ms']:7.3f} "
                    f"{g['bound_ms']:7.3f} {g['latency_ms']:7.3f} {g['model_ms']:7.3f} "

@@ -568,7 +568,9 @@ def test_pallas_kernels_are_summed_by_function_every_trip_counted():
        "copy_ms": pytest.approx(0.5), "bound_ms": pytest.approx(0.7),
        "latency_ms": pytest.approx(0.5), "model_ms": pytest.approx(0.9),
        "past_l1_gb": pytest.approx(2.0),
-       "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])}},
+       "parts": {"stage1": ([128], [16]), "stage2": ([168, 170], [8])},
+       # each launch's largest of floor, copy and latency, summed by part
+       "part_model_ms": {"stage1": pytest.approx(0.5), "stage2": pytest.approx(0.4)}},
       {"function": "qlhs_du", "launches": 1, "floor_ms": 0.2, "copy_ms": 0.1,
        "bound_ms": 0.2, "latency_ms": 0.0, "model_ms": 0.2, "past_l1_gb": 0.0,
-       "parts": {"stage1": ([56], [36])}}]
+       "parts": {"stage1": ([56], [36])}, "part_model_ms": {"stage1": 0.2}}]
