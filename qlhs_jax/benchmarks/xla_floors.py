@@ -659,10 +659,11 @@ def pallas_by_function(rows) -> list[dict]:
     g["copy_ms"] += r["copy_ms"]
     g["bound_ms"] += _bound(r)
     g["latency_ms"] += r["latency_ms"]
-    g["model_ms"] += modelled(r)
+    model = modelled(r)
+    g["model_ms"] += model
     g["past_l1_gb"] += r.get("past_l1_bytes", 0) / 1e9
     part = r["part"][:6]
-    g["part_model_ms"][part] = g["part_model_ms"].get(part, 0.0) + modelled(r)
+    g["part_model_ms"][part] = g["part_model_ms"].get(part, 0.0) + model
     regs, warps = g["parts"].setdefault(part, (set(), set()))
     regs.add(r["registers"])
     warps.add(r["warps"])

@@ -127,7 +127,7 @@ NAMES = {"stats": "qlhs_tap_stats", "sums": "qlhs_bn_sums", "du": "qlhs_d_transp
 # (LDGSTS.BYPASS): every tap a read from L2, 13 of u for the lags. At 32 pixels, 8
 # bytes, through L1, where the taps overlap: the lags take that (their floor, 0.061 at
 # 64, stays far under the copy time either way); the sums kept 64 (until 2026-12-07:
-# above), whose floor at 32 (0.157; 0.186 as wgmma) nears the H200's copy time (0.215).
+# below), whose floor at 32 (0.157; 0.186 as wgmma) nears the H200's copy time (0.215).
 # du as products (QLHS_DU_FORM=pallas_dot): 64 pixels by 8 input channels (32 hidden;
 # the products' columns, 4 an input channel, are 32), 4 warps, 3 stages: 93 KB of shared
 # memory (2 programs an SM), 56 registers, 321 instructions a trip (an issue floor of

@@ -2028,8 +2028,9 @@ def test_taps_in_runs_of_8_bytes_are_copied_through_l1(tmp_path):
   from qlhs_jax.benchmarks import xla_floors
   ops = {}
   for copy in ("widest", "l1"):
-    h100_ptx_by_entry(_COMPILE_TAPS, _tiling_env("stats_dot=64,16,4,3 sums_dot=64,16,4,3",
-                                                 QLHS_TAP_COPY=copy), tmp_path / copy)
+    h100_ptx_by_entry(_COMPILE_TAPS,
+                      _tiling_env("stats_dot=64,16,4,3 sums_dot=64,16,4,3",
+                                  QLHS_TAP_COPY=copy), tmp_path / copy)
     ops[copy] = {c["name"].split("__")[0]: c["loop_ops"]
                  for c in xla_floors.dump_functions(str(tmp_path / copy))
                  if c["name"].startswith("qlhs_")}
