@@ -296,6 +296,18 @@ def issued_a_warp(instructions: int, loop: int, inner: int, trips: int,
           + inner * max(inner_trips - 1, 0) * trips)
 
 
+def machine_trips(trips: int, inner_trips: int, nested: bool) -> tuple[int, int]:
+  """(trips of the machine code's first loop, of the loop nested in it) for a kernel
+  whose traced first loop runs ``trips`` times with a loop in it of ``inner_trips``;
+  ``nested``: whether the machine code has a loop inside its first. A loop of one trip
+  is no loop in the machine code (LLVM folds it away), so where the traced first loop
+  runs once and nothing is nested, the machine code's first loop is the traced inner
+  one (``stencil.product_a`` at one tile a chunk: its loop over the channel blocks)."""
+  if trips == 1 and inner_trips > 1 and not nested:
+    return inner_trips, 1
+  return trips, inner_trips
+
+
 def issue_floor_ms(instructions: int, loop: int, trips: int, warps: int,
                    programs: int) -> float:
   """The time in ms one H100 needs to issue a launch's warp instructions: per warp the
@@ -437,11 +449,12 @@ def main(argv=None) -> int:
         floor = ""
         if args.op == "product_a":  # the tiles' loop, each with its blocks' loop
           a = product_a_plan(args.batch, side, n, stride)
-          issued = issued_a_warp(r["instructions"], r["loop"], r["inner"], a["tpc"],
-                                 a["blocks"])
+          runs = machine_trips(a["tpc"], a["blocks"], r["inner"] > 0)
+          issued = issued_a_warp(r["instructions"], r["loop"], r["inner"], *runs)
           ms = issue_floor_ms(issued, 0, 1, warps, a["programs"])
-          floor = (f"  inner loop {r['inner']} x {a['blocks']} a tile, issue floor "
-                   f"{ms:.3f} ms")
+          floor = (f"  inner loop {r['inner']} x {a['blocks']} a tile" if r["inner"] else
+                   f"  one tile a program: the loop x {runs[0]}")
+          floor += f", issue floor {ms:.3f} ms"
         elif args.op == "stencil" or not r["loop"]:  # trip counts known
           trips = stencil_trips(kernel, args.batch, side, n, stride) if r["loop"] else 1
           ms = issue_floor_ms(r["instructions"], r["loop"], trips, warps, math.prod(grid))

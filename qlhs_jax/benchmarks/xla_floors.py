@@ -469,8 +469,8 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
   has no PTX in the dump (library calls) left out. ``path``: :func:`path_lengths` (None
   with a loop); the floor counts the shortest path's instructions, or with a loop the
   listing's, the loop once; with ``loops`` (:func:`pallas_loops` of the same program)
-  a Pallas kernel's loops as often as they run (``trips``: (outer, inner), None where
-  not known). ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and
+  a Pallas kernel's loops as often as they run (``trips``: (outer, inner) as the
+  machine code runs them, ``triton_compile.machine_trips``; None where not known). ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and
   ``floor_ms``, with ``mem`` cycles a global load (default
   ``warp_cycles.MEM_CYCLES``), the loops counted as the floor counts them. ``code``:
   :func:`machine_code` of ``hlo_path``, where the caller has it already. ``l2_ms``:
@@ -490,12 +490,14 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
     # A thread issues its way's instructions, not every branch's; with a loop, the
     # listing's (the loop in it once), or where the trips are known, every trip's.
     issued = c["path"][0] if c["path"] else c["instructions"]
+    runs = None  # the machine code's loops' trips, where known
     if name in trips and c["loop"]:
+      runs = triton_compile.machine_trips(*trips[name], nested=bool(c["inner"]))
       issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
-                                            *trips[name])
+                                            *runs)
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
     warps = resident_warps(c["registers"], threads, c["shared"])
-    key = (kernel, trips.get(name, (1, 1)) if c["loop"] else (1, 1))
+    key = (kernel, runs or (1, 1))
     if key not in warp_times:
       warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])
     past_l1 = warp_times[key]["past_l1"] * threads * blocks  # bytes read from L2
@@ -509,7 +511,7 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
                  "l2_ms": past_l1 / l2_bytes_per_s * 1e3 if l2_bytes_per_s else 0.0,
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
-                 "loop_rounds": c["loop_rounds"], "trips": trips.get(name),
+                 "loop_rounds": c["loop_rounds"], "trips": runs or trips.get(name),
                  "floor_ms": floor, "copy_ms": nbytes / rate * 1e3})
   return rows
 

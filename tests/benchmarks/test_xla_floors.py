@@ -507,6 +507,18 @@ def test_a_warp_issues_its_listing_and_every_other_trip():
   assert triton_compile.issued_a_warp(100, 30, 0, 1, 1) == 100
 
 
+@pytest.mark.parametrize("traced,nested,machine", [
+    ((1, 16), False, (16, 1)),  # the one-trip loop folded: the first loop is the inner
+    ((1, 16), True, (1, 16)),   # (a nested loop in the machine code: as traced)
+    ((5, 4), True, (5, 4)),
+    ((5, 1), False, (5, 1)),    # the inner loop of one trip folded
+    ((1, 1), False, (1, 1)),
+])
+def test_the_machine_codes_loops_run_as_traced_less_the_folded_ones(traced, nested,
+                                                                     machine):
+  assert triton_compile.machine_trips(*traced, nested) == machine
+
+
 def test_floors_count_a_pallas_kernels_loops_as_often_as_they_run(tmp_path, monkeypatch):
   """With the step's loops a Pallas launch's floor counts every trip (5 of a 30-
   instruction loop, 4 of an 8-instruction loop in it), at 4 warps x 100 programs;
@@ -549,6 +561,19 @@ ENTRY %main {
   assert once["trips"] is None and once["l2_ms"] == 0.0  # no rate, no L2 bound
   assert once["floor_ms"] == pytest.approx(
       triton_compile.issue_floor_ms(100, 0, 1, 4, 100))
+  # Traced, a loop of one trip holding a loop of 16 (stencil.product_a at one tile a
+  # chunk); the machine code has one loop and nothing in it: that loop is the inner
+  # one, run 16 times, not once.
+  monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
+      "registers": 64, "instructions": 100, "loop": 30, "inner": 0, "path": None,
+      "rounds": 1, "loads": 2, "loop_rounds": 1, "listing": listing,
+      "controls": [stall_1] * 4, "shared": 0}})
+  (folded,) = xla_floors.floors(str(path), loops=[dict(loops[0], trips=1, inner=16)])
+  assert folded["trips"] == (16, 1)
+  assert folded["floor_ms"] == pytest.approx(
+      triton_compile.issue_floor_ms(100 + 30 * 15, 0, 1, 4, 100))
+  assert folded["warp_cycles"] == 3 * 16 + 1
+  assert folded["past_l1_bytes"] == 16 * 16 * 128 * 100
 
 
 def test_pallas_kernels_are_summed_by_function_every_trip_counted():

@@ -4,6 +4,7 @@ QLHS_STATS_FORM / QLHS_SUMS_FORM / QLHS_DU_FORM, against float64 autodiff of the
 formula."""
 
 import functools
+import json
 import os
 import re
 import textwrap
@@ -1890,6 +1891,61 @@ def test_the_product_with_a_compiles_for_an_h100_where_pass_4_sums_its_gradient(
     if c["name"].startswith("qlhs_"):
       assert c["threads"] == 128 and c["registers"] <= 255, c
       assert c["loop"] > c["inner"] > 0, c
+
+
+_COMPILE_ONE_TILE_A = textwrap.dedent("""
+    import json, os
+    import numpy as np
+    from qlhs_jax.benchmarks import aot, xla_floors
+    from qlhs_jax.kernels import stencil
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, SingleDeviceSharding
+    dev = aot.compile_only_device()
+    s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
+        shape, dt, sharding=SingleDeviceSharding(dev))
+    def made(u, cw, aw, k9, v):
+      return stencil.product_a(u, cw, aw, k9, v, v, 1, interpret=False)
+    args = (s((4, 56, 56, 64)), s((64, 256)), s((256, 64)), s((9, 64, 4)),
+            s((1, 64, 4), jnp.float32))  # 4 images: one tile a chunk
+    with jax.set_mesh(Mesh(np.array([dev]), ("data",))):
+      jitted = jax.jit(made)
+      with open(os.environ["LOOPS_JSON"], "w") as f:
+        json.dump(xla_floors.pallas_loops(jitted.trace(*args).jaxpr), f)
+      jitted.lower(*args).compile(aot.GEMM_OPTIONS["triton"])
+""")
+
+
+@pytest.mark.skipif(not (HAS_CUDA_PLUGIN and HAS_TRITON),
+                    reason="needs JAX's CUDA plugin and triton")
+def test_the_product_with_a_at_one_tile_a_chunk_is_modelled_every_block(tmp_path,
+                                                                         monkeypatch):
+  """Compiled for an H100 without one, ``stencil.product_a`` where each program has
+  one tile: its loop over the tiles runs once and is gone from the machine code, whose
+  one loop is the loop over the channel blocks. ``xla_floors.floors`` runs that loop
+  once a block (4 at 64 channels), as the traced inner loop says, not once as the
+  traced outer loop does (which undercounted such launches until 2026-12-07,
+  benchmarks/NOTES.md experiment 57)."""
+  from qlhs_jax.benchmarks import triton_compile, xla_floors
+  monkeypatch.delenv("QLHS_STENCIL_TILING", raising=False)
+  plan = stencil._chunked_plan((4, 56, 56, 64), 1, *stencil.tiling("product_a_dot")[:2],
+                               every_block=True)
+  blocks = 64 // plan["bj"]
+  assert plan["tpc"] == 1 and blocks > 1, plan
+  loops_json = tmp_path / "loops.json"
+  h100_ptx_by_entry(_COMPILE_ONE_TILE_A, _tiling_env(None, LOOPS_JSON=str(loops_json)),
+                    tmp_path / "a")
+  loops = json.loads(loops_json.read_text())
+  assert [(d["trips"], d["inner"]) for d in loops] == [(1, blocks)], loops
+  (c,) = [c for c in xla_floors.dump_functions(str(tmp_path / "a"))
+          if c["name"].startswith("qlhs_product_a")]
+  assert c["loop"] > 0 and c["inner"] == 0, c  # one loop, nothing nested
+  (hlo,) = (tmp_path / "a").glob("*jit_made*after_optimizations.txt")
+  (row,) = [r for r in xla_floors.floors(str(hlo), loops=loops)
+            if r["kernel"].startswith("qlhs_product_a")]
+  assert row["trips"] == (blocks, 1)
+  assert row["floor_ms"] == pytest.approx(triton_compile.issue_floor_ms(
+      c["instructions"] + c["loop"] * (blocks - 1), 0, 1, c["threads"] // 32,
+      plan["chunks"]))
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin")
