@@ -300,9 +300,10 @@ def machine_trips(trips: int, inner_trips: int, nested: bool) -> tuple[int, int]
   """(trips of the machine code's first loop, of the loop nested in it) for a kernel
   whose traced first loop runs ``trips`` times with a loop in it of ``inner_trips``;
   ``nested``: whether the machine code has a loop inside its first. A loop of one trip
-  is no loop in the machine code (LLVM folds it away), so where the traced first loop
-  runs once and nothing is nested, the machine code's first loop is the traced inner
-  one (``stencil.product_a`` at one tile a chunk: its loop over the channel blocks)."""
+  is no loop in the machine code (the compiler folds it away), so where the traced
+  first loop runs once and nothing is nested, the machine code's first loop is the
+  traced inner one (``stencil.product_a`` at one tile a chunk: its loop over the
+  channel blocks)."""
   if trips == 1 and inner_trips > 1 and not nested:
     return inner_trips, 1
   return trips, inner_trips

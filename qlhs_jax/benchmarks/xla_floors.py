@@ -470,11 +470,12 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
   with a loop); the floor counts the shortest path's instructions, or with a loop the
   listing's, the loop once; with ``loops`` (:func:`pallas_loops` of the same program)
   a Pallas kernel's loops as often as they run (``trips``: (outer, inner) as the
-  machine code runs them, ``triton_compile.machine_trips``; None where not known). ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and
-  ``floor_ms``, with ``mem`` cycles a global load (default
-  ``warp_cycles.MEM_CYCLES``), the loops counted as the floor counts them. ``code``:
-  :func:`machine_code` of ``hlo_path``, where the caller has it already. ``l2_ms``:
-  the bytes copied past L1 at ``l2_bytes_per_s`` (0 without a rate: no L2 bound)."""
+  machine code runs them, ``triton_compile.machine_trips``; None where not known).
+  ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and ``floor_ms``, with
+  ``mem`` cycles a global load (default ``warp_cycles.MEM_CYCLES``), the loops counted
+  as the floor counts them. ``code``: :func:`machine_code` of ``hlo_path``, where the
+  caller has it already. ``l2_ms``: the bytes copied past L1 at ``l2_bytes_per_s`` (0
+  without a rate: no L2 bound)."""
   rate = copy_bytes_per_s or kernel_times.COPY_BYTES_PER_S["H100"]
   launches = hlo_bytes.kernel_launches(hlo_path)
   code = code or machine_code(hlo_path, arch)
