@@ -288,12 +288,14 @@ def sass_counts(sass: str) -> dict:
 
 
 def issued_a_warp(instructions: int, loop: int, inner: int, trips: int,
-                  inner_trips: int) -> int:
+                  inner_trips: int, later=()) -> int:
   """The instructions a warp issues in a kernel whose listing has ``instructions``, a
   loop of ``loop`` run ``trips`` times, and in it a loop of ``inner`` run
-  ``inner_trips`` times a trip; the listing holds each loop once."""
+  ``inner_trips`` times a trip, then ``later``: ``(instructions, trips)`` of each loop
+  after the first (``warp_cycles.later_loops``); the listing holds each loop once."""
   return (instructions + loop * max(trips - 1, 0)
-          + inner * max(inner_trips - 1, 0) * trips)
+          + inner * max(inner_trips - 1, 0) * trips
+          + sum(size * max(n - 1, 0) for size, n in later))
 
 
 def machine_trips(trips: int, inner_trips: int, nested: bool) -> tuple[int, int]:

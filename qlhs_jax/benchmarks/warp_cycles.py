@@ -143,15 +143,28 @@ def loops(ops, labels) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
   return first, (min(inner) if inner else None)
 
 
+def later_loops(ops, labels) -> list[tuple[int, int]]:
+  """The loops after :func:`loops`' first that no other loop holds, in the listing's
+  order, each ``(start, index of its branch back)``: a kernel's loops one after another
+  (``stencil._lags_kernel``'s four over the image sides, after its loop over tiles)."""
+  backs = sorted((to, j) for j in range(len(ops)) for kind, to in [way(ops, labels, j)]
+                 if kind == "back")
+  if not backs:
+    return []
+  first = min(backs)
+  return [b for b in backs if b[0] > first[1]
+          and not any(o != b and o[0] <= b[0] and b[1] < o[1] for o in backs)]
+
+
 def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1,
-         limit: int = 50_000_000) -> dict:
+         limit: int = 50_000_000, later: tuple[int, ...] = ()) -> dict:
   """One warp from entry to EXIT (see the module's docstring): ``{"cycles", "mma",
   "past_l1"}``, its cycles, the tensor-core products (HMMA) it issues and the bytes a
   thread copies past L1 (16-byte cp.async, LDGSTS.BYPASS: each a read from L2, which
   no floor here counts). ``ops`` and ``labels`` as
   ``xla_floors._listing`` gives them, ``controls`` from :func:`split_hex`, the first
-  loop run ``trips`` times and the loop nested in it ``inner_trips`` times a trip
-  (other loops once)."""
+  loop run ``trips`` times and the loop nested in it ``inner_trips`` times a trip;
+  ``later``: the trips of each of :func:`later_loops`, or () (other loops once)."""
   if len(ops) != len(controls):
     raise ValueError(f"{len(ops)} instructions but {len(controls)} control codes")
   first, inner = loops(ops, labels)
@@ -160,6 +173,12 @@ def walk(ops, labels, controls, mem: float, trips: int = 1, inner_trips: int = 1
     runs[first[1]] = trips
   if inner:
     runs[inner[1]] = inner_trips
+  if later:
+    after = later_loops(ops, labels)
+    if len(after) != len(later):
+      raise ValueError(f"trips for {len(later)} later loops, but the listing has "
+                       f"{len(after)}")
+    runs.update({back: n for (_, back), n in zip(after, later)})
   ready = [0.0] * 8  # when each scoreboard is released
   groups: list[float] = []  # committed cp.async groups not yet waited for: when done
   copies = -1.0  # the last cp.async issued since the last commit (-1: none)

@@ -380,12 +380,15 @@ def _module_number(path: str) -> tuple:
 
 def pallas_loops(jaxpr) -> list[dict]:
   """Every Pallas call of a traced program (``jax.jit(f).trace(...).jaxpr``), in trace
-  order: ``{"scope", "name", "grid", "trips", "inner"}``. ``scope``: its name stack
-  (what its HLO custom call's op_name holds before "/pallas_call"); ``trips``: how often
-  its kernel's first loop runs (a ``fori_loop`` of static bounds, traced as a scan; 1
-  without one), ``inner``: the first loop nested in that one (1 without). The trip
-  counts the machine code does not show: with them :func:`floors` counts a Pallas
-  kernel's loop as often as it runs, not once."""
+  order: ``{"scope", "name", "grid", "trips", "inner", "later"}``. ``scope``: its name
+  stack (what its HLO custom call's op_name holds before "/pallas_call"); ``trips``: how
+  often its kernel's first loop runs (a ``fori_loop`` of static bounds, traced as a
+  scan; 1 without one), ``inner``: the first loop nested in that one (1 without);
+  ``later``: the trips of the loops after the first that no loop holds, as the machine
+  code runs them (a loop of one trip folded, the loop it holds in its place; those of
+  one trip left out: ``triton_compile.machine_trips``' rule). The trip counts the
+  machine code does not show: with them :func:`floors` counts a Pallas kernel's loops
+  as often as they run, not once."""
   def subjaxprs(params):
     for value in params.values():
       for x in value if isinstance(value, (list, tuple)) else [value]:
@@ -393,14 +396,26 @@ def pallas_loops(jaxpr) -> list[dict]:
         if hasattr(x, "eqns"):
           yield x
 
-  def first_scan(j):
+  def scans(j):  # the scans no scan holds, in order
     for e in j.eqns:
       if e.primitive.name == "scan":
-        return e
-      found = next(filter(None, map(first_scan, subjaxprs(e.params))), None)
-      if found is not None:
-        return found
-    return None
+        yield e
+      else:
+        for sub in subjaxprs(e.params):
+          yield from scans(sub)
+
+  def first_scan(j):
+    return next(scans(j), None)
+
+  def length(e):
+    return int(e.params["length"]) if e is not None else 1
+
+  def body(e):
+    return getattr(e.params["jaxpr"], "jaxpr", e.params["jaxpr"])
+
+  def machine(e):  # the trips of the machine code's loop for scan e, 1: none
+    trips = length(e)
+    return trips if trips > 1 else length(first_scan(body(e)))
 
   out = []
 
@@ -410,13 +425,13 @@ def pallas_loops(jaxpr) -> list[dict]:
       if e.primitive.name == "pallas_call":
         p = e.params
         name = getattr(p.get("name_and_src_info"), "name", None) or p.get("name")
-        loop = first_scan(getattr(p["jaxpr"], "jaxpr", p["jaxpr"]))
-        inner = first_scan(getattr(loop.params["jaxpr"], "jaxpr", loop.params["jaxpr"])
-                           ) if loop is not None else None
+        loops = list(scans(getattr(p["jaxpr"], "jaxpr", p["jaxpr"])))
+        loop = loops[0] if loops else None
+        inner = first_scan(body(loop)) if loop is not None else None
         out.append({"scope": scope, "name": name,
                     "grid": [int(g) for g in p["grid_mapping"].grid],
-                    "trips": int(loop.params["length"]) if loop is not None else 1,
-                    "inner": int(inner.params["length"]) if inner is not None else 1})
+                    "trips": length(loop), "inner": length(inner),
+                    "later": [n for n in map(machine, loops[1:]) if n > 1]})
       else:
         for sub in subjaxprs(e.params):
           walk(sub, scope)
@@ -441,10 +456,11 @@ def _pallas_key(op_name: str) -> tuple[str, str, bool]:
   return (path.rsplit("/", 1)[-1], part.group(1) if part else "-", "transpose(" in path)
 
 
-def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
-  """``{HLO instruction: (trips, inner)}`` for the Pallas calls of ``hlo_text`` that
-  :func:`pallas_loops` of the same program describes, matched by kernel name, model
-  part and direction (the ``scope``); where a key repeats, in order."""
+def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int, tuple]]:
+  """``{HLO instruction: (trips, inner, later)}`` for the Pallas calls of ``hlo_text``
+  that :func:`pallas_loops` of the same program describes, matched by kernel name, model
+  part and direction (the ``scope``); where a key repeats, in order. ``later``: a tuple
+  (empty in files written before it was recorded)."""
   queue: dict[tuple, list] = {}
   for loop in loops:
     queue.setdefault(_pallas_key(loop["scope"] + "/" + loop["name"]), []).append(loop)
@@ -455,7 +471,7 @@ def loop_trips(hlo_text: str, loops: list[dict]) -> dict[str, tuple[int, int]]:
       waiting = queue.get(_pallas_key(op_name))
       if waiting:
         loop = waiting.pop(0)
-        out[name] = (loop["trips"], loop["inner"])
+        out[name] = (loop["trips"], loop["inner"], tuple(loop.get("later", ())))
   return out
 
 
@@ -470,7 +486,9 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
   with a loop); the floor counts the shortest path's instructions, or with a loop the
   listing's, the loop once; with ``loops`` (:func:`pallas_loops` of the same program)
   a Pallas kernel's loops as often as they run (``trips``: (outer, inner) as the
-  machine code runs them, ``triton_compile.machine_trips``; None where not known).
+  machine code runs them, ``triton_compile.machine_trips``; None where not known;
+  ``later``: ``(instructions, trips)`` of each loop after the first,
+  ``warp_cycles.later_loops``, () where not known).
   ``warp_cycles`` and ``latency_ms``: ``warp_cycles.walk`` and ``floor_ms``, with
   ``mem`` cycles a global load (default ``warp_cycles.MEM_CYCLES``), the loops counted
   as the floor counts them. ``code``: :func:`machine_code` of ``hlo_path``, where the
@@ -491,16 +509,25 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
     # A thread issues its way's instructions, not every branch's; with a loop, the
     # listing's (the loop in it once), or where the trips are known, every trip's.
     issued = c["path"][0] if c["path"] else c["instructions"]
-    runs = None  # the machine code's loops' trips, where known
+    runs, later = None, ()  # the machine code's loops' trips, where known
     if name in trips and c["loop"]:
-      runs = triton_compile.machine_trips(*trips[name], nested=bool(c["inner"]))
+      traced, inner, after = trips[name]
+      if traced == inner == 1 and after:  # no first loop: the first is a later one
+        traced, after = after[0], after[1:]
+      runs = triton_compile.machine_trips(traced, inner, nested=bool(c["inner"]))
+      loops = warp_cycles.later_loops(*c["listing"])
+      # Counted where the machine code has as many (else once: the compiler unrolled
+      # some, stencil._lags_kernel's sides at stage 4 before experiment 58)
+      if len(loops) == len(after):
+        later = tuple((back - start + 1, n) for (start, back), n in zip(loops, after))
       issued = triton_compile.issued_a_warp(c["instructions"], c["loop"], c["inner"],
-                                            *runs)
+                                            *runs, later)
     floor = triton_compile.issue_floor_ms(issued, 0, 1, math.ceil(threads / 32), blocks)
     warps = resident_warps(c["registers"], threads, c["shared"])
-    key = (kernel, runs or (1, 1))
+    key = (kernel, runs or (1, 1), tuple(n for _, n in later))
     if key not in warp_times:
-      warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1])
+      warp_times[key] = warp_cycles.walk(*c["listing"], c["controls"], mem, *key[1],
+                                         later=key[2])
     past_l1 = warp_times[key]["past_l1"] * threads * blocks  # bytes read from L2
     rows.append({"name": name, "kind": kind, "part": part, "bytes": nbytes,
                  "kernel": kernel, "blocks": blocks, "threads": threads,
@@ -512,7 +539,9 @@ def floors(hlo_path: str, arch: str = "90a", copy_bytes_per_s: float | None = No
                  "l2_ms": past_l1 / l2_bytes_per_s * 1e3 if l2_bytes_per_s else 0.0,
                  "instructions": c["instructions"], "loop": c["loop"], "path": c["path"],
                  "rounds": c["rounds"], "loads": c["loads"],
-                 "loop_rounds": c["loop_rounds"], "trips": runs or trips.get(name),
+                 "loop_rounds": c["loop_rounds"],
+                 "trips": runs or (trips[name][:2] if name in trips else None),
+                 "later": later,
                  "floor_ms": floor, "copy_ms": nbytes / rate * 1e3})
   return rows
 

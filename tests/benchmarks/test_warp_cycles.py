@@ -105,6 +105,29 @@ def test_loops_run_as_often_as_they_run_and_the_nested_one_each_trip():
       "cycles": 31, "mma": 12, "past_l1": 0}
 
 
+def test_loops_one_after_another_run_as_often_as_each_runs():
+  """A first loop holding a loop, then two loops in turn (stencil._lags_kernel's sides
+  after its tiles' loop): later_loops finds the two, not the nested one, and the walk
+  runs each as often as ``later`` says; without ``later`` once each."""
+  ops, labels, ctl = _listing("L_x_0:", ("FFMA R1, R2, R3, R1", {}), "L_x_1:",
+                              ("FFMA R4, R2, R3, R4", {}), ("@P1 BRA `(.L_x_1)", {}),
+                              ("@P0 BRA `(.L_x_0)", {}), "L_x_2:",
+                              ("FFMA R5, R2, R3, R5", dict(stall=3)),
+                              ("@P2 BRA `(.L_x_2)", {}), "L_x_3:",
+                              ("FFMA R6, R2, R3, R6", dict(stall=5)),
+                              ("@P3 BRA `(.L_x_3)", {}), ("EXIT", {}))
+  assert warp_cycles.loops(ops, labels) == ((0, 3), (1, 2))
+  assert warp_cycles.later_loops(ops, labels) == [(4, 5), (6, 7)]
+  # first loop: 2 trips of (FFMA, 3 x (FFMA, branch), branch) = 2 x 8; then 4 trips of
+  # 3 + 1 cycles, 2 trips of 5 + 1, the EXIT
+  assert warp_cycles.walk(ops, labels, ctl, 100, trips=2, inner_trips=3,
+                          later=(4, 2))["cycles"] == 2 * 8 + 4 * 4 + 2 * 6 + 1
+  assert warp_cycles.walk(ops, labels, ctl, 100, trips=2,
+                          inner_trips=3)["cycles"] == 2 * 8 + 4 + 6 + 1
+  with pytest.raises(ValueError, match="trips for 3 later loops, but the listing has 2"):
+    warp_cycles.walk(ops, labels, ctl, 100, later=(4, 2, 2))
+
+
 def test_a_cp_async_wait_lets_the_newest_groups_run_on():
   """Two groups committed at 1 and 3 (their copies issued at 0 and 2) are done at 100
   and 102: DEPBAR.LE SB0, 1 waits for the first only, SB0, 0 for both."""

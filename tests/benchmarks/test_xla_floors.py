@@ -446,6 +446,18 @@ def _plain_kernel(x_ref, o_ref):
   o_ref[...] = x_ref[...] * 2
 
 
+def _sided_kernel(x_ref, o_ref):
+  """After a loop of 5 trips, loops in turn (stencil._lags_kernel's sides): of 3 trips;
+  of 1 holding one of 6 (the machine code's loop: the 6); of 1 (no loop); of 2."""
+  from jax import lax
+  add = lambda i, a: a + x_ref[...] * i
+  acc = lax.fori_loop(0, 5, add, x_ref[...] * 0)
+  acc = lax.fori_loop(0, 3, add, acc)
+  acc = lax.fori_loop(0, 1, lambda i, a: lax.fori_loop(0, 6, add, a), acc)
+  acc = lax.fori_loop(0, 1, add, acc)
+  o_ref[...] = lax.fori_loop(0, 2, add, acc)
+
+
 def test_pallas_loops_reads_each_calls_trip_counts_and_scope():
   """The traced program's Pallas calls, forward and backward: their names, grids, the
   trips of the first loop and of the loop nested in it, and the scope their HLO
@@ -460,7 +472,7 @@ def test_pallas_loops_reads_each_calls_trip_counts_and_scope():
 
   @jax.custom_vjp
   def op(x):
-    return call(_looped_kernel, "qlhs_fwd", x)
+    return call(_sided_kernel, "qlhs_sides", call(_looped_kernel, "qlhs_fwd", x))
 
   def fwd(x):
     return op(x), x
@@ -474,10 +486,11 @@ def test_pallas_loops_reads_each_calls_trip_counts_and_scope():
       return op(x).sum()
   loops = xla_floors.pallas_loops(jax.jit(jax.grad(loss)).trace(
       jnp.ones((8, 128), jnp.float32)).jaxpr)
-  assert [(d["name"], d["grid"], d["trips"], d["inner"]) for d in loops] == [
-      ("qlhs_fwd", [3], 5, 4), ("qlhs_bwd", [3], 1, 1)]
-  assert "stage1_block0" in loops[0]["scope"] and "stage1_block0" in loops[1]["scope"]
-  assert "transpose(" not in loops[0]["scope"] and "transpose(" in loops[1]["scope"]
+  assert [(d["name"], d["grid"], d["trips"], d["inner"], d["later"]) for d in loops] == [
+      ("qlhs_fwd", [3], 5, 4, []), ("qlhs_sides", [3], 5, 1, [3, 6, 2]),
+      ("qlhs_bwd", [3], 1, 1, [])]
+  assert all("stage1_block0" in d["scope"] for d in loops)
+  assert ["transpose(" in d["scope"] for d in loops] == [False, False, True]
 
 
 def test_loop_trips_join_the_hlo_calls_by_name_part_and_direction():
@@ -494,10 +507,12 @@ ENTRY %main {
            {"scope": "jvp(Net)/stage2_block0/bn_d", "name": "qlhs_k", "trips": 12,
             "inner": 4},
            {"scope": "transpose(jvp(Net))/stage1_block0/bn_d", "name": "qlhs_k",
-            "trips": 48, "inner": 1}]
+            "trips": 48, "inner": 1, "later": [2, 2]}]
+  # (a file written before "later" was recorded: none)
   assert xla_floors.loop_trips(hlo, loops) == {
-      "pallas_call.1": (96, 1), "pallas_call.2": (12, 4), "pallas_call.3": (48, 1)}
-  assert xla_floors.loop_trips(hlo, loops[:1]) == {"pallas_call.1": (96, 1)}
+      "pallas_call.1": (96, 1, ()), "pallas_call.2": (12, 4, ()),
+      "pallas_call.3": (48, 1, (2, 2))}
+  assert xla_floors.loop_trips(hlo, loops[:1]) == {"pallas_call.1": (96, 1, ())}
 
 
 def test_a_warp_issues_its_listing_and_every_other_trip():
@@ -505,6 +520,9 @@ def test_a_warp_issues_its_listing_and_every_other_trip():
   and 4 times, the outer body 4 more times, the inner 3 more times in each of 5 trips."""
   assert triton_compile.issued_a_warp(100, 30, 8, 5, 4) == 100 + 30 * 4 + 8 * 3 * 5
   assert triton_compile.issued_a_warp(100, 30, 0, 1, 1) == 100
+  # then loops of 40 and 20 instructions, run 3 times and twice: 2 and 1 more
+  assert triton_compile.issued_a_warp(100, 30, 8, 5, 4, [(40, 3), (20, 2)]) == (
+      100 + 30 * 4 + 8 * 3 * 5 + 40 * 2 + 20)
 
 
 @pytest.mark.parametrize("traced,nested,machine", [
@@ -574,6 +592,50 @@ ENTRY %main {
       triton_compile.issue_floor_ms(100 + 30 * 15, 0, 1, 4, 100))
   assert folded["warp_cycles"] == 3 * 16 + 1
   assert folded["past_l1_bytes"] == 16 * 16 * 128 * 100
+
+
+def test_floors_count_the_loops_after_the_first_as_often_as_they_run(tmp_path,
+                                                                      monkeypatch):
+  """A listing of 100 instructions whose first loop (30) runs 5 times, then a loop of 2
+  instructions run 3 times (stencil._lags_kernel's sides after its tiles): 2 x 2 more
+  instructions a warp; where the traced program has more loops after the first than the
+  machine code (the compiler unrolled some), those run once; where the traced first
+  loop has no loop at all, the machine code's first loop is the next traced one."""
+  path = tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt"
+  path.write_text("""HloModule m
+ENTRY %main {
+  %p = bf16[64,8]{1,0} parameter(0)
+  ROOT %pallas_call.1 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp(Net)/stage1_block0/qlhs_k/pallas_call"}
+}
+""")
+  monkeypatch.setattr(hlo_bytes, "kernel_launches",
+                      lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
+  listing = xla_floors._listing(_sass(".L_x_0:", "FFMA R1, R2, R3, R1",
+                                      "@P0 BRA `(.L_x_0)", ".L_x_1:",
+                                      "FFMA R4, R2, R3, R4", "@P1 BRA `(.L_x_1)", "EXIT"))
+  stall_1 = {"stall": 1, "write": 7, "read": 7, "wait": 0}
+  monkeypatch.setattr(xla_floors, "machine_code", lambda *_: {"qlhs_k": {
+      "registers": 64, "instructions": 100, "loop": 30, "inner": 0, "path": None,
+      "rounds": 1, "loads": 2, "loop_rounds": 1, "listing": listing,
+      "controls": [stall_1] * 5, "shared": 0}})
+  loop = {"scope": "jvp(Net)/stage1_block0", "name": "qlhs_k", "grid": [100],
+          "trips": 5, "inner": 1}
+
+  def floor(instructions):
+    return pytest.approx(triton_compile.issue_floor_ms(instructions, 0, 1, 4, 100))
+  (row,) = xla_floors.floors(str(path), loops=[dict(loop, later=[3])])
+  assert row["trips"] == (5, 1) and row["later"] == ((2, 3),)
+  assert row["floor_ms"] == floor(100 + 30 * 4 + 2 * 2)
+  assert row["warp_cycles"] == 5 * 2 + 3 * 2 + 1  # 2 cycles a trip, then the EXIT
+  (unrolled,) = xla_floors.floors(str(path), loops=[dict(loop, later=[3, 4])])
+  assert unrolled["later"] == () and unrolled["floor_ms"] == floor(100 + 30 * 4)
+  assert unrolled["warp_cycles"] == 5 * 2 + 2 + 1
+  (old,) = xla_floors.floors(str(path), loops=[loop])  # a file without "later"
+  assert old["later"] == () and old["floor_ms"] == floor(100 + 30 * 4)
+  (first,) = xla_floors.floors(str(path), loops=[dict(loop, trips=1, later=[6, 3])])
+  assert first["trips"] == (6, 1) and first["later"] == ((2, 3),)
+  assert first["floor_ms"] == floor(100 + 30 * 5 + 2 * 2)
+  assert first["warp_cycles"] == 6 * 2 + 3 * 2 + 1
 
 
 def test_pallas_kernels_are_summed_by_function_every_trip_counted():
