@@ -598,36 +598,42 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
   # The border rows and columns of this program's images (ch, ch + chunks, ...), in the
   # same launch (as XLA slices and sums they were 12 more kernels per block: aot), into
   # the rows after the lags' (one output: XLA sums the chunks in one reduction, where a
-  # second output took a second; aot, 2026-12-05). One loop over the images per side,
-  # with that side's 8 running channel vectors (223 registers with the four sides in one
-  # loop, 255 with spills for 32 running vectors), and within it a loop over pieces of
-  # at most m positions: a kernel's registers are those of its largest live set, and
-  # whole sides of a stage-1 image (64 positions) took 80 registers where the lags alone
-  # take 48; on the H200, 96, which left 5 programs per SM (NOTES.md, experiment 22).
+  # second output took a second; aot, 2026-12-05). One loop per side, with that side's
+  # 8 running channel vectors (223 registers with the four sides in one loop, 255 with
+  # spills for 32 running vectors), over pieces of at most m positions of the program's
+  # images' sides laid end to end: a kernel's registers are those of its largest live
+  # set, and whole sides of a stage-1 image (64 positions) took 80 registers where the
+  # lags alone take 48; on the H200, 96, which left 5 programs per SM (NOTES.md,
+  # experiment 22). End to end, not a loop over the images: at stage 4 a program sums 8
+  # images' sides of 7 positions, one load round each in turn (96 rounds a thread, a
+  # launch 0.25 ms by the latency model where the lags take 0.06 at stage 3); laid end
+  # to end they are 2 pieces of 32 a side (experiment 58).
   # (Summing into the output as it goes would read back what other threads stored, with
   # no barrier between.)
-  length = min(m, pl.next_power_of_2(max(h, w)))
-  at = lax.broadcasted_iota(jnp.int32, (length,), 0)
+  per = -(-plan["b"] // plan["chunks"])  # images a program sums the sides of
 
   def border(first, step, size):
-    def image(k, acc):
-      img = ch + k * plan["chunks"]
+    span = per * size  # positions along the sides, image k's at k * size ...
+    length = min(m, pl.next_power_of_2(span))
+    at = lax.broadcasted_iota(jnp.int32, (length,), 0)
+
+    def piece(p, acc):
+      i = p * length + at
+      pos = i % size  # along image k's side
+      img = ch + (i // size) * plan["chunks"]
+      live = (i < span) & (img < plan["b"])
       base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
 
-      def piece(p, acc):
-        i = p * length + at  # positions along the side
-
-        def strip(shift):  # u at positions i + shift, 0 past the side (or the batch)
-          ok = (i + shift < size) & (img < plan["b"])
-          row = base + jnp.minimum(i + shift, size - 1) * step + plan["guard"]
-          return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
-        v = strip(0)
-        head, tail = (jnp.where((i == end)[:, None], v, 0.0) for end in (0, size - 1))
-        terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
-        terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
-        return tuple(a + t for a, t in zip(acc, terms))
-      return lax.fori_loop(0, -(-size // length), piece, acc)
-    return lax.fori_loop(0, -(-plan["b"] // plan["chunks"]), image,
+      def strip(shift):  # u at positions pos + shift, 0 past the side (or the batch)
+        ok = live & (pos + shift < size)
+        row = base + jnp.minimum(pos + shift, size - 1) * step + plan["guard"]
+        return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
+      v = strip(0)
+      head, tail = (jnp.where((pos == end)[:, None], v, 0.0) for end in (0, size - 1))
+      terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
+      terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
+      return tuple(a + t for a, t in zip(acc, terms))
+    return lax.fori_loop(0, -(-span // length), piece,
                          tuple(jnp.zeros((bj,), F32) for _ in range(8)))
   # (first pixel, step, length) of each side within its image
   sides = {"top": (0, 1, w), "bottom": ((h - 1) * w, 1, w), "left": (0, w, h),

@@ -114,13 +114,18 @@ def test_the_statistics_walk_matches_numpy(monkeypatch, shape, spec, ahead):
   assert launched == ["_lags_rows_kernel"]
 
 
+@pytest.mark.parametrize("programs", [1056, 2])
 @pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("shape,spec", LAG_SHAPES)
-def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec, dot):
+def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec, dot, programs):
   """The lag kernel's 14 sums equal float64 loops, and with the border terms they give
   the 54 statistics of the direct float64 sums, at shapes whose border is most of the
   image (the 7x7 of stage 4 is such a shape); the lags also as matrix products
-  (QLHS_STATS_FORM=pallas_dot, float32 operands here)."""
+  (QLHS_STATS_FORM=pallas_dot, float32 operands here). With one image a program or
+  none, and (``programs`` 2, as stage 4's 33 chunks of 256 images) with the sides of
+  two images laid end to end in a program's pieces, one of them past the batch where
+  the batch is odd."""
+  monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
   monkeypatch.setenv("QLHS_STENCIL_TILING",
                      spec.replace("stats=", "stats_dot=") if dot else spec)
   u = np.random.default_rng(3).normal(size=shape) - 0.7
