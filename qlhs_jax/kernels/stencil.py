@@ -600,21 +600,25 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
   # the rows after the lags' (one output: XLA sums the chunks in one reduction, where a
   # second output took a second; aot, 2026-12-05). One loop per side, with that side's
   # 8 running channel vectors (223 registers with the four sides in one loop, 255 with
-  # spills for 32 running vectors), over pieces of at most m positions of the program's
-  # images' sides laid end to end: a kernel's registers are those of its largest live
-  # set, and whole sides of a stage-1 image (64 positions) took 80 registers where the
-  # lags alone take 48; on the H200, 96, which left 5 programs per SM (NOTES.md,
-  # experiment 22). End to end, not a loop over the images: at stage 4 a program sums 8
-  # images' sides of 7 positions, one load round each in turn (96 rounds a thread, a
-  # launch 0.25 ms by the latency model where the lags take 0.06 at stage 3); laid end
-  # to end they are 2 pieces of 32 a side (experiment 58).
+  # spills for 32 running vectors), over pieces of the sides of the program's images
+  # laid end to end: a kernel's registers are those of its largest live set, and whole
+  # sides of a stage-1 image (64 positions) took the element-wise form 80 registers
+  # where its lags alone take 48; on the H200, 96, which left 5 programs per SM
+  # (NOTES.md, experiment 22). End to end, not a loop over the images (until experiment
+  # 58): at stage 4 a program sums 8 images' sides of 7 positions, and the compiler
+  # unrolled those loops into 96 load rounds a thread in turn: 0.25 ms a launch of the
+  # dot form by the latency model, 0.06 laid end to end.
   # (Summing into the output as it goes would read back what other threads stored, with
   # no barrier between.)
   per = -(-plan["b"] // plan["chunks"])  # images a program sums the sides of
+  # The dot form's pieces up to 64 positions: its registers are its products' (186 at
+  # 32 pixels), which a side of 64 does not raise; the element-wise form's would (56 ->
+  # 96 at its 16 pixels), so it keeps pieces of m.
+  most = m if dot_dtype is None else max(m, BORDER_DOT_PIECE)
 
   def border(first, step, size):
     span = per * size  # positions along the sides, image k's at k * size ...
-    length = min(m, pl.next_power_of_2(span))
+    length = min(most, pl.next_power_of_2(span))
     at = lax.broadcasted_iota(jnp.int32, (length,), 0)
 
     def piece(p, acc):
@@ -648,6 +652,9 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
 # corners; used for the columns only).
 BORDER_SIDES = ("top", "bottom", "left", "right")
 BORDER_ROWS = 8 * len(BORDER_SIDES)
+# The positions of a piece of the sides in the dot form's lag kernel, at least
+# (:func:`_lags_kernel`): the 56 of every stage's sides a program (experiment 58)
+BORDER_DOT_PIECE = 64
 
 
 def lag_sums(u: jax.Array, interpret: bool | None = None, dot: bool = False) -> jax.Array:
