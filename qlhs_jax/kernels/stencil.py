@@ -604,40 +604,47 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
   # laid end to end: a kernel's registers are those of its largest live set, and whole
   # sides of a stage-1 image (64 positions) took the element-wise form 80 registers
   # where its lags alone take 48; on the H200, 96, which left 5 programs per SM
-  # (NOTES.md, experiment 22). End to end, not a loop over the images (until experiment
-  # 58): at stage 4 a program sums 8 images' sides of 7 positions, and the compiler
-  # unrolled those loops into 96 load rounds a thread in turn: 0.25 ms a launch of the
-  # dot form by the latency model, 0.06 laid end to end.
+  # (NOTES.md, experiment 22). Laid end to end in the dot form (experiment 58): at stage
+  # 4 a program sums 8 images' sides of 7 positions, and the compiler unrolled a loop
+  # over them into 96 load rounds a thread in turn, 0.25 ms a launch by the latency
+  # model; laid end to end, 0.06.
   # (Summing into the output as it goes would read back what other threads stored, with
   # no barrier between.)
   per = -(-plan["b"] // plan["chunks"])  # images a program sums the sides of
-  # The dot form's pieces up to 64 positions: its registers are its products' (186 at
-  # 32 pixels), which a side of 64 does not raise; the element-wise form's would (56 ->
-  # 96 at its 16 pixels), so it keeps pieces of m.
-  most = m if dot_dtype is None else max(m, BORDER_DOT_PIECE)
+  # The dot form lays all of them end to end, in pieces of up to 64 positions: its
+  # registers are its products' (186 at 32 pixels), which a side of 64 does not raise.
+  # The element-wise form keeps a loop over the images, each side in pieces of m: laid
+  # end to end (the position's image and place by a division), ptxas scheduled its lags'
+  # loop with two more waits for loads a trip (56 registers either way; compiled with
+  # contraction, as the step is), and pieces of 64 took 96 registers.
+  group, most = (1, m) if dot_dtype is None else (per, max(m, BORDER_DOT_PIECE))
 
   def border(first, step, size):
-    span = per * size  # positions along the sides, image k's at k * size ...
+    span = group * size  # positions along the sides, image k's at k * size ...
     length = min(most, pl.next_power_of_2(span))
     at = lax.broadcasted_iota(jnp.int32, (length,), 0)
 
-    def piece(p, acc):
-      i = p * length + at
-      pos = i % size  # along image k's side
-      img = ch + (i // size) * plan["chunks"]
-      live = (i < span) & (img < plan["b"])
-      base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
+    def images(g, acc):  # the sides of images g * group ... (g + 1) * group - 1
+      def piece(p, acc):
+        i = p * length + at
+        pos, k = (i, 0) if group == 1 else (i % size, i // size)  # image k's, place
+        img = ch + (g * group + k) * plan["chunks"]
+        live = img < plan["b"]
+        if group > 1:  # (one image: pos + shift < size below says as much)
+          live = live & (i < span)
+        base = jnp.minimum(img, plan["b"] - 1) * (h * w) + first
 
-      def strip(shift):  # u at positions pos + shift, 0 past the side (or the batch)
-        ok = live & (pos + shift < size)
-        row = base + jnp.minimum(pos + shift, size - 1) * step + plan["guard"]
-        return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
-      v = strip(0)
-      head, tail = (jnp.where((pos == end)[:, None], v, 0.0) for end in (0, size - 1))
-      terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
-      terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
-      return tuple(a + t for a, t in zip(acc, terms))
-    return lax.fori_loop(0, -(-span // length), piece,
+        def strip(shift):  # u at positions pos + shift, 0 past the side (or the batch)
+          ok = live & (pos + shift < size)
+          row = base + jnp.minimum(pos + shift, size - 1) * step + plan["guard"]
+          return jnp.where(ok[:, None], u_ref[row, cols].astype(F32), 0.0)
+        v = strip(0)
+        head, tail = (jnp.where((pos == end)[:, None], v, 0.0) for end in (0, size - 1))
+        terms = [v.sum(0)] + [(v * (v if s == 0 else strip(s))).sum(0) for s in range(3)]
+        terms += [head.sum(0), (head * head).sum(0), tail.sum(0), (tail * tail).sum(0)]
+        return tuple(a + t for a, t in zip(acc, terms))
+      return lax.fori_loop(0, -(-span // length), piece, acc)
+    return lax.fori_loop(0, -(-per // group), images,
                          tuple(jnp.zeros((bj,), F32) for _ in range(8)))
   # (first pixel, step, length) of each side within its image
   sides = {"top": (0, 1, w), "bottom": ((h - 1) * w, 1, w), "left": (0, w, h),
@@ -653,7 +660,8 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
 BORDER_SIDES = ("top", "bottom", "left", "right")
 BORDER_ROWS = 8 * len(BORDER_SIDES)
 # The positions of a piece of the sides in the dot form's lag kernel, at least
-# (:func:`_lags_kernel`): the 56 of every stage's sides a program (experiment 58)
+# (:func:`_lags_kernel`): the 56 of every stage's sides a program at batch 256
+# (experiment 58)
 BORDER_DOT_PIECE = 64
 
 

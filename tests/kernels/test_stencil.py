@@ -115,17 +115,21 @@ def test_the_statistics_walk_matches_numpy(monkeypatch, shape, spec, ahead):
 
 
 @pytest.mark.parametrize("programs", [1056, 2])
-@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("dot,piece", [(False, None), (True, None), (True, 1)])
 @pytest.mark.parametrize("shape,spec", LAG_SHAPES)
-def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec, dot, programs):
+def test_lag_sums_and_border_terms_match_numpy(monkeypatch, shape, spec, dot, piece,
+                                               programs):
   """The lag kernel's 14 sums equal float64 loops, and with the border terms they give
   the 54 statistics of the direct float64 sums, at shapes whose border is most of the
   image (the 7x7 of stage 4 is such a shape); the lags also as matrix products
   (QLHS_STATS_FORM=pallas_dot, float32 operands here). With one image a program or
-  none, and (``programs`` 2, as stage 4's 33 chunks of 256 images) with the sides of
-  two images laid end to end in a program's pieces, one of them past the batch where
-  the batch is odd."""
+  none, and (``programs`` 2, as stage 4's 33 chunks of 256 images) two, one of them
+  past the batch where the batch is odd: the element-wise form loops over them, the
+  dot form lays their sides end to end, in one piece or (``piece`` 1: pieces of the
+  tiling's pixels) several."""
   monkeypatch.setattr(stencil, "STATS_PROGRAMS", programs)
+  if piece:
+    monkeypatch.setattr(stencil, "BORDER_DOT_PIECE", piece)
   monkeypatch.setenv("QLHS_STENCIL_TILING",
                      spec.replace("stats=", "stats_dot=") if dot else spec)
   u = np.random.default_rng(3).normal(size=shape) - 0.7
