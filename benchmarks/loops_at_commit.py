@@ -16,11 +16,29 @@ the GPU. Used for the H200's profiled step of 6e0def0 (NOTES.md, experiment 52).
 
 import argparse
 import ast
+import importlib
 import json
 import os
 import sys
 
-from aot_at_commit import today_module, worktree  # this folder's: run as a script
+from aot_at_commit import REPO, worktree  # this folder's: run as a script
+
+
+def today_reader():
+  """Today's ``xla_floors`` with today's package under it: loaded by file path alone
+  (``aot_at_commit.today_module``), its own imports would come from the worktree's
+  package, which before 2026-12-07 has no ``warp_cycles``. The worktree's modules are
+  set aside while it imports, and put back after."""
+  package = lambda k: k == "qlhs_jax" or k.startswith("qlhs_jax.")
+  theirs = {k: sys.modules.pop(k) for k in list(sys.modules) if package(k)}
+  sys.path.insert(0, REPO)
+  try:
+    return importlib.import_module("qlhs_jax.benchmarks.xla_floors")
+  finally:
+    sys.path.remove(REPO)
+    for k in [k for k in sys.modules if package(k)]:
+      del sys.modules[k]
+    sys.modules.update(theirs)
 
 
 def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[dict]:
@@ -41,7 +59,7 @@ def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[di
   tx, step = harness_train_step(model, mesh, input)
   with aot.pallas_for_gpu(), jax.set_mesh(mesh):
     traced = step.trace(*aot.abstract_step_inputs(model, tx, mesh, 256, 224, input))
-  return today_module("xla_floors").pallas_loops(traced.jaxpr)
+  return today_reader().pallas_loops(traced.jaxpr)
 
 
 def main(argv=None):
