@@ -537,10 +537,8 @@ def test_the_machine_codes_loops_run_as_traced_less_the_folded_ones(traced, nest
   assert triton_compile.machine_trips(*traced, nested) == machine
 
 
-def test_floors_count_a_pallas_kernels_loops_as_often_as_they_run(tmp_path, monkeypatch):
-  """With the step's loops a Pallas launch's floor counts every trip (5 of a 30-
-  instruction loop, 4 of an 8-instruction loop in it), at 4 warps x 100 programs;
-  without them its loop once."""
+def _one_pallas_launch(tmp_path, monkeypatch):
+  """A step's HLO of one Pallas launch, qlhs_k at 100 programs of 128 threads."""
   path = tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt"
   path.write_text("""HloModule m
 ENTRY %main {
@@ -550,6 +548,14 @@ ENTRY %main {
 """)
   monkeypatch.setattr(hlo_bytes, "kernel_launches",
                       lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
+  return path
+
+
+def test_floors_count_a_pallas_kernels_loops_as_often_as_they_run(tmp_path, monkeypatch):
+  """With the step's loops a Pallas launch's floor counts every trip (5 of a 30-
+  instruction loop, 4 of an 8-instruction loop in it), at 4 warps x 100 programs;
+  without them its loop once."""
+  path = _one_pallas_launch(tmp_path, monkeypatch)
   listing = xla_floors._listing(_sass(".L_x_0:", "FFMA R1, R2, R3, R1",
                                       "LDGSTS.E.BYPASS.LTC128B.128 [R4], desc[UR4][R2.64]",
                                       "@P0 BRA `(.L_x_0)", "EXIT"))
@@ -601,15 +607,7 @@ def test_floors_count_the_loops_after_the_first_as_often_as_they_run(tmp_path,
   instructions a warp; where the traced program has more loops after the first than the
   machine code (the compiler unrolled some), those run once; where the traced first
   loop has no loop at all, the machine code's first loop is the next traced one."""
-  path = tmp_path / "module_0001.jit_f.sm_9.0a_gpu_after_optimizations.txt"
-  path.write_text("""HloModule m
-ENTRY %main {
-  %p = bf16[64,8]{1,0} parameter(0)
-  ROOT %pallas_call.1 = bf16[64,8]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp(Net)/stage1_block0/qlhs_k/pallas_call"}
-}
-""")
-  monkeypatch.setattr(hlo_bytes, "kernel_launches",
-                      lambda _: {"pallas_call.1": ("qlhs_k", 100, 128)})
+  path = _one_pallas_launch(tmp_path, monkeypatch)
   listing = xla_floors._listing(_sass(".L_x_0:", "FFMA R1, R2, R3, R1",
                                       "@P0 BRA `(.L_x_0)", ".L_x_1:",
                                       "FFMA R4, R2, R3, R4", "@P1 BRA `(.L_x_1)", "EXIT"))
