@@ -600,11 +600,11 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
   # the rows after the lags' (one output: XLA sums the chunks in one reduction, where a
   # second output took a second; aot, 2026-12-05). One loop per side, with that side's
   # 8 running channel vectors (223 registers with the four sides in one loop, 255 with
-  # spills for 32 running vectors), over pieces of the sides of the program's images
-  # laid end to end: a kernel's registers are those of its largest live set, and whole
-  # sides of a stage-1 image (64 positions) took the element-wise form 80 registers
-  # where its lags alone take 48; on the H200, 96, which left 5 programs per SM
-  # (NOTES.md, experiment 22). Laid end to end in the dot form (experiment 58): at stage
+  # spills for 32 running vectors), over pieces of at most m positions (the dot form:
+  # 64): a kernel's registers are those of its largest live set, and whole sides of a
+  # stage-1 image (64 positions) took the element-wise form 80 registers where its lags
+  # alone take 48; on the H200, 96, which left 5 programs per SM (NOTES.md, experiment
+  # 22). The images' sides laid end to end in the dot form (experiment 58): at stage
   # 4 a program sums 8 images' sides of 7 positions, and the compiler unrolled a loop
   # over them into 96 load rounds a thread in turn, 0.25 ms a launch by the latency
   # model; laid end to end, 0.06.
@@ -659,9 +659,9 @@ def _lags_kernel(u_ref, out_ref, *, plan, dot_dtype=None):
 # corners; used for the columns only).
 BORDER_SIDES = ("top", "bottom", "left", "right")
 BORDER_ROWS = 8 * len(BORDER_SIDES)
-# The positions of a piece of the sides in the dot form's lag kernel, at least
-# (:func:`_lags_kernel`): the 56 of every stage's sides a program at batch 256
-# (experiment 58)
+# The dot form's lag kernel sums its images' sides in pieces of this many positions,
+# or of the tiling's pixels where more (:func:`_lags_kernel`): 64 holds a program's 56
+# at every stage of Eq.(3) at batch 256 (experiment 58).
 BORDER_DOT_PIECE = 64
 
 
