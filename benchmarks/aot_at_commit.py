@@ -21,7 +21,7 @@ eq3_softball_ds 103.7 GB in 1012 kernels, resnet50 102.6 GB in 1085; the H200's,
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -31,13 +31,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def today_module(name):
-  """Today's module from this checkout, by file path (the worktree's own is older)."""
-  spec = importlib.util.spec_from_file_location(
-      f"today_{name}", os.path.join(REPO, "qlhs_jax", "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def today_modules(*names):
+  """Today's ``qlhs_jax.benchmarks`` modules ``names`` from this checkout, imported with
+  today's package under them; then today's package leaves ``sys.modules``, so that the
+  worktree's ``qlhs_jax`` imports fresh (the modules keep what they bound). Call it
+  before the worktree goes on ``sys.path``. Loaded by file path alone, as until
+  2026-12-07, a module's own imports of the package (``aot``'s and ``step``'s
+  ``xla_options``, ``xla_floors``' ``warp_cycles``) put today's package in place of
+  the worktree's, or came from a worktree that lacks them."""
+  package = lambda k: k == "qlhs_jax" or k.startswith("qlhs_jax.")
+  if any(map(package, sys.modules)):
+    raise RuntimeError("qlhs_jax is imported already: call today_modules first")
+  sys.path.insert(0, REPO)
+  try:
+    return [importlib.import_module(f"qlhs_jax.benchmarks.{n}") for n in names]
+  finally:
+    sys.path.remove(REPO)
+    for k in [k for k in sys.modules if package(k)]:
+      del sys.modules[k]
 
 
 @contextlib.contextmanager
@@ -81,8 +92,7 @@ def main(argv=None):
   p.add_argument("models", nargs="+")
   p.add_argument("--gemm", default="triton", choices=["triton", "cublas"])
   args = p.parse_args(argv)
-  aot, hlo_bytes = today_module("aot"), today_module("hlo_bytes")
-  step = today_module("step")
+  aot, hlo_bytes, step = today_modules("aot", "hlo_bytes", "step")
   with worktree(args.commit) as tree:
     for m in args.models:  # one process: the worktree's modules stay imported
       print(compile_at(tree, m, args.gemm, aot, hlo_bytes, step), flush=True)

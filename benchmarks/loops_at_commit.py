@@ -16,32 +16,15 @@ the GPU. Used for the H200's profiled step of 6e0def0 (NOTES.md, experiment 52).
 
 import argparse
 import ast
-import importlib
 import json
 import os
 import sys
 
-from aot_at_commit import REPO, worktree  # this folder's: run as a script
+from aot_at_commit import today_modules, worktree  # this folder's: run as a script
 
 
-def today_reader():
-  """Today's ``xla_floors`` with today's package under it: loaded by file path alone
-  (``aot_at_commit.today_module``), its own imports would come from the worktree's
-  package, which before 2026-12-07 has no ``warp_cycles``. The worktree's modules are
-  set aside while it imports, and put back after."""
-  package = lambda k: k == "qlhs_jax" or k.startswith("qlhs_jax.")
-  theirs = {k: sys.modules.pop(k) for k in list(sys.modules) if package(k)}
-  sys.path.insert(0, REPO)
-  try:
-    return importlib.import_module("qlhs_jax.benchmarks.xla_floors")
-  finally:
-    sys.path.remove(REPO)
-    for k in [k for k in sys.modules if package(k)]:
-      del sys.modules[k]
-    sys.modules.update(theirs)
-
-
-def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[dict]:
+def loops_at(tree: str, model_name: str, overrides: dict, input: str,
+             reader) -> list[dict]:
   sys.path.insert(0, tree)
   import qlhs_jax
   if not os.path.abspath(qlhs_jax.__file__).startswith(os.path.abspath(tree)):
@@ -59,7 +42,7 @@ def loops_at(tree: str, model_name: str, overrides: dict, input: str) -> list[di
   tx, step = harness_train_step(model, mesh, input)
   with aot.pallas_for_gpu(), jax.set_mesh(mesh):
     traced = step.trace(*aot.abstract_step_inputs(model, tx, mesh, 256, 224, input))
-  return today_reader().pallas_loops(traced.jaxpr)
+  return reader.pallas_loops(traced.jaxpr)
 
 
 def main(argv=None):
@@ -78,8 +61,9 @@ def main(argv=None):
       overrides[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       overrides[key] = value
+  (reader,) = today_modules("xla_floors")  # today's, before the worktree's package
   with worktree(args.commit) as tree:
-    loops = loops_at(tree, args.model, overrides, args.input)
+    loops = loops_at(tree, args.model, overrides, args.input, reader)
   with open(args.out, "w") as f:
     json.dump(loops, f, indent=0)
   print(f"{args.out}: {len(loops)} Pallas calls of {args.model} at {args.commit}")
